@@ -1,0 +1,129 @@
+"""Reference INT8 numerics in plain torch.
+
+This file is the correctness oracle: every faster backend (Triton, bitsandbytes) is tested
+against these functions, and on CPU they are what actually runs. They favour exactness over
+speed: integer products are accumulated in int32 (``torch._int_mm``) or float64, both exact
+for any K a diffusion model uses, so a mismatch in a test is the kernel's fault, not ours.
+
+Conventions shared by every backend (see ``kernels/__init__.py``):
+  * symmetric INT8 in [-127, 127] (no -128, so negation is exact and the grid is symmetric);
+  * round half to even (``torch.round``), the same as CUDA's ``rint``;
+  * weight scales are per output channel, shape [N, 1], float32;
+  * activation scales are per token (row) for linear layers, per sample for convolutions
+    (a per-pixel scale would not factor out of the convolution sum), or one static value;
+  * ``smooth`` (SmoothQuant) is a per-input-channel divisor applied before quantization.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+QMAX = 127.0
+# Smallest scale we allow: an all-zero row then quantizes to zeros instead of NaN.
+MIN_SCALE = 1e-12
+
+
+def scale_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    return (absmax.float() / QMAX).clamp_min(MIN_SCALE)
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Round x / scale to the symmetric INT8 grid; scale broadcasts against x."""
+    return torch.round(x.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric INT8. Works for Linear [N, K] and Conv [O, C, kh, kw]."""
+    w = weight.detach().float()
+    absmax = w.reshape(w.shape[0], -1).abs().amax(dim=1, keepdim=True)
+    scale = scale_from_absmax(absmax)  # [N, 1]
+    view = scale.reshape((-1,) + (1,) * (w.dim() - 1))
+    return quantize_with_scale(w, view), scale
+
+
+def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    view = scale.float().reshape((-1,) + (1,) * (qweight.dim() - 1))
+    return (qweight.float() * view).to(dtype)
+
+
+def _smoothed(x: torch.Tensor, smooth: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+    x = x.float()
+    if smooth is None:
+        return x
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    return x / smooth.float().reshape(shape)
+
+
+def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
+                  static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations [M, K]: per-token dynamic scales [M, 1], or one static scale [1, 1]."""
+    xs = _smoothed(x2d, smooth, channel_dim=1)
+    if static_scale is None:
+        scale = scale_from_absmax(xs.abs().amax(dim=1, keepdim=True))
+    else:
+        scale = static_scale.float().reshape(1, 1).to(xs.device)
+    return quantize_with_scale(xs, scale), scale
+
+
+def quantize_per_sample(x: torch.Tensor, smooth: torch.Tensor | None = None,
+                        static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize NCHW activations with one scale per sample (dynamic) or one static scale."""
+    xs = _smoothed(x, smooth, channel_dim=1)
+    if static_scale is None:
+        scale = scale_from_absmax(xs.reshape(xs.shape[0], -1).abs().amax(dim=1))
+    else:
+        scale = static_scale.float().reshape(1).expand(xs.shape[0]).to(xs.device)
+    return quantize_with_scale(xs, scale.reshape(-1, 1, 1, 1)), scale
+
+
+def int_matmul(a_q: torch.Tensor, b_q_t: torch.Tensor) -> torch.Tensor:
+    """Exact int32 product of int8 [M, K] and int8 [N, K]^T."""
+    try:
+        return torch._int_mm(a_q.contiguous(), b_q_t.t().contiguous())
+    except RuntimeError:
+        # Some devices/shapes lack _int_mm; float64 holds 127*127*K exactly for K < 2^39.
+        return (a_q.double() @ b_q_t.double().t()).to(torch.int32)
+
+
+def gemm_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = acc * x_scale[m] * w_scale[n] (+ bias) in float32, then cast: what kernels fuse."""
+    y = acc.float() * x_scale.float().reshape(-1, 1) * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                smooth: torch.Tensor | None = None, static_scale: torch.Tensor | None = None) -> torch.Tensor:
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1])
+    xq, xs = quantize_rows(x2d, smooth, static_scale)
+    acc = int_matmul(xq, qweight)
+    y = gemm_epilogue(acc, xs.expand(x2d.shape[0], 1), w_scale, bias, x.dtype)
+    return y.reshape(*shape[:-1], qweight.shape[0])
+
+
+def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    w = dequantize_weight(qweight, w_scale, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                stride, padding, dilation, groups: int,
+                smooth: torch.Tensor | None = None, static_scale: torch.Tensor | None = None) -> torch.Tensor:
+    xq, xs = quantize_per_sample(x, smooth, static_scale)
+    # float64 convolution of integer values is exact (|sum| < 2^53), standing in for int32 accumulate.
+    acc = F.conv2d(xq.double(), qweight.double(), None, stride, padding, dilation, groups)
+    y = acc * xs.double().reshape(-1, 1, 1, 1) * w_scale.double().reshape(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.double().reshape(1, -1, 1, 1)
+    return y.to(x.dtype)
+
+
+def conv2d_w8a16(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 stride, padding, dilation, groups: int) -> torch.Tensor:
+    w = dequantize_weight(qweight, w_scale, x.dtype)
+    return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)

@@ -1,0 +1,175 @@
+"""ModelPatcher integration: the only place that knows how ComfyUI holds a model.
+
+Quantizing never touches the source MODEL: we clone the ModelPatcher and install the quantized
+layers as *object patches*, which ComfyUI swaps in when the clone is loaded and swaps back when
+it is unloaded. The source keeps its float layers and samples exactly as before; load, unload,
+lowvram offload and further clones keep working through the host's own machinery.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+
+from ..octet import checkpoint, quantize_
+from ..octet.api import OctetError
+from ..octet.fingerprint import module_fingerprint
+from ..octet.modules import QuantLayer
+
+log = logging.getLogger("octet")
+PREFIX = "diffusion_model."
+OPTIONS_KEY = "octet"  # model_options entry holding Octet's (JSON-able) description of the model
+
+
+def diffusion_model(patcher) -> torch.nn.Module:
+    model = getattr(patcher, "model", None)
+    dm = getattr(model, "diffusion_model", None)
+    if dm is None:
+        raise OctetError(f"Expected a diffusion MODEL (from Load Checkpoint / Load Diffusion Model), got "
+                         f"{type(patcher).__name__}. Connect the MODEL output, not CLIP or VAE.")
+    return dm
+
+
+def architecture(patcher) -> str:
+    return type(patcher.model.model_config).__name__
+
+
+def octet_info(patcher) -> dict:
+    return patcher.model_options.get(OPTIONS_KEY, {})
+
+
+def quantized_layers(patcher) -> dict[str, QuantLayer]:
+    """Quantized layers of a MODEL, whether installed as object patches or built in."""
+    found = {k[len(PREFIX):]: v for k, v in patcher.object_patches.items()
+             if k.startswith(PREFIX) and isinstance(v, QuantLayer)}
+    for name, m in diffusion_model(patcher).named_modules():
+        if isinstance(m, QuantLayer):
+            found.setdefault(name, m)
+    return found
+
+
+def quantize_model(patcher, config, policy=None, calibration=None, progress=None):
+    """Clone ``patcher`` and install quantized layers as object patches. Returns (clone, result)."""
+    dm = diffusion_model(patcher)
+    if quantized_layers(patcher):
+        raise OctetError("This MODEL is already quantized by Octet. Connect the float MODEL to Quantize Model.")
+    source_hash = module_fingerprint(dm)
+    with torch.no_grad():
+        result = quantize_(dm, config, policy=policy, calibration=calibration, inplace=False, progress=progress)
+    clone = patcher.clone()
+    for name, layer in result.replacements.items():
+        clone.add_object_patch(PREFIX + name, layer)
+    # ModelPatcher budgets VRAM with model_size(); the clone inherited the float size.
+    clone.size = patcher.model_size() - result.bytes_before + result.bytes_after
+    clone.model_options[OPTIONS_KEY] = {
+        "architecture": architecture(patcher),
+        "mode": config.mode,
+        "config": config.to_dict(),
+        "source_hash": source_hash,
+        "summary": result.summary(),
+        "policy": getattr(policy, "name", None),
+        "calibration": calibration.summary() if calibration is not None else None,
+    }
+    log.info("Octet: %s", result.summary())
+    return clone, result
+
+
+class _Overlay(torch.nn.Module):
+    """A read-only view of the diffusion model with the object-patched layers in place, for saving."""
+
+    def __init__(self, dm: torch.nn.Module, layers: dict[str, QuantLayer]):
+        super().__init__()
+        self._dm, self._layers = [dm], layers
+
+    def named_modules(self, *args, **kwargs):
+        yield from self._layers.items()
+
+    def state_dict(self, *args, **kwargs):
+        sd = {k: v for k, v in self._dm[0].state_dict().items() if k.rsplit(".", 1)[0] not in self._layers}
+        for name, layer in self._layers.items():
+            sd.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
+        return sd
+
+
+def save_model(patcher, path: str) -> dict:
+    layers = quantized_layers(patcher)
+    if not layers:
+        raise OctetError("This MODEL has no Octet-quantized layers: connect the output of Quantize Model "
+                         "(or Load Quantized) to Save Quantized.")
+    if patcher.patches:
+        raise OctetError("This MODEL carries weight patches (e.g. a LoRA). Save the quantized model before "
+                         "applying LoRAs, or merge them before Quantize Model.")
+    info = octet_info(patcher)
+    mc = patcher.model.model_config
+    meta = {
+        "architecture": architecture(patcher),
+        "unet_config": {k: v for k, v in mc.unet_config.items() if k not in ("dtype", "operations", "device")},
+        "model_type": patcher.model.model_type.name,
+        "dtype": str(patcher.model.get_dtype()).replace("torch.", ""),
+        "mode": info.get("mode"), "config": info.get("config"), "policy": info.get("policy"),
+        "calibration": info.get("calibration"), "source_hash": info.get("source_hash"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "octet_version": _version(),
+    }
+    return checkpoint.save(path, _Overlay(diffusion_model(patcher), layers), meta)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("comfyui-octet")
+    except Exception:
+        return "0.1.0"
+
+
+def _model_config(ckpt: checkpoint.LoadedCheckpoint):
+    import comfy.model_detection
+    import comfy.supported_models
+
+    arch = ckpt.octet.get("architecture")
+    if arch is None:  # a foreign comfy_quant file: let the host detect the architecture from shapes
+        config = comfy.model_detection.model_config_from_unet(ckpt.tensors, "")
+        if config is None:
+            raise OctetError("Could not detect the architecture of this checkpoint, and it has no Octet header. "
+                             "Re-save it with Octet's Save Quantized node.")
+        config.layer_quant_config = None
+        return config
+    cls = getattr(comfy.supported_models, arch, None)
+    if cls is None:
+        raise OctetError(f"The checkpoint is for architecture '{arch}', which this ComfyUI does not know. "
+                         f"Update ComfyUI, or load the checkpoint in the ComfyUI that made it.")
+    return cls(dict(ckpt.octet["unet_config"]))
+
+
+def load_model(path: str, backend: str = "auto"):
+    """Rebuild a quantized MODEL from a checkpoint, never allocating the float weights of quantized layers."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    ckpt = checkpoint.read(path)
+    config = _model_config(ckpt)
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    params = sum(t.numel() for t in ckpt.tensors.values())
+    dtype = mm.unet_dtype(model_params=params, supported_dtypes=list(config.supported_inference_dtypes))
+    config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes))
+    # Build on the meta device: quantized layers replace their float twins before any memory is used.
+    model = config.get_model({}, "", device=torch.device("meta"))
+    ckpt.tensors = {k: (v.to(dtype) if v.is_floating_point() and not _is_quant_param(k, ckpt.layers) else v)
+                    for k, v in ckpt.tensors.items()}
+    checkpoint.install(model.diffusion_model, ckpt, backend=backend)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if leftover:
+        raise OctetError(f"The checkpoint does not fit this architecture: {len(leftover)} tensors were not in the "
+                         f"file (e.g. {leftover[:3]}).")
+    model.to(offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher.model_options[OPTIONS_KEY] = {k: ckpt.octet.get(k) for k in
+                                          ("architecture", "mode", "config", "policy", "calibration", "source_hash")}
+    patcher.model_options[OPTIONS_KEY]["file"] = os.path.basename(path)
+    return patcher
+
+
+def _is_quant_param(key: str, layers: dict) -> bool:
+    return key.rsplit(".", 1)[0] in layers and key.rsplit(".", 1)[1] != "bias"

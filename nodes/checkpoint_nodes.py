@@ -1,0 +1,73 @@
+"""Save Quantized / Load Quantized: INT8 checkpoints as shareable safetensors."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..octet.api import OctetError
+from ..octet.config import BACKENDS
+from . import bridge
+
+FOLDER = "diffusion_models"
+
+
+def _checkpoints() -> list[str]:
+    return sorted(f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".safetensors"))
+
+
+class SaveQuantized(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OctetSaveQuantized",
+            display_name="Save Quantized (INT8)",
+            category="octet",
+            description="Save an Octet INT8 MODEL as a safetensors file in models/diffusion_models.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="A MODEL from Quantize Model or Load Quantized."),
+                io.String.Input("filename", default="octet/model_int8",
+                                tooltip="Path under models/diffusion_models, without extension."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing file of that name (written atomically)."),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+        )
+
+    @classmethod
+    def execute(cls, model, filename, overwrite):
+        root = folder_paths.get_folder_paths(FOLDER)[0]
+        path = os.path.abspath(os.path.join(root, filename.strip() + ".safetensors"))
+        if os.path.commonpath([path, os.path.abspath(root)]) != os.path.abspath(root):
+            raise OctetError(f"filename '{filename}' leaves the {FOLDER} folder; use a relative name like 'octet/x'.")
+        if os.path.exists(path) and not overwrite:
+            raise OctetError(f"'{path}' already exists. Choose another filename or enable overwrite.")
+        bridge.save_model(model, path)
+        return io.NodeOutput(path)
+
+
+class LoadQuantized(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OctetLoadQuantized",
+            display_name="Load Quantized (INT8)",
+            category="octet",
+            description="Load an INT8 checkpoint saved by Octet (or an int8_tensorwise comfy_quant file). "
+                        "Needs no float weights.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=_checkpoints(), tooltip="A file in models/diffusion_models."),
+                io.Combo.Input("backend", options=list(BACKENDS), default="auto",
+                               tooltip="INT8 kernels: auto picks the fastest available per layer."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, backend):
+        path = folder_paths.get_full_path(FOLDER, ckpt_name)
+        if path is None:
+            raise OctetError(f"'{ckpt_name}' is not in models/{FOLDER}. Refresh the node list or copy the file there.")
+        return io.NodeOutput(bridge.load_model(path, backend=backend))

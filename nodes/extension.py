@@ -1,0 +1,19 @@
+"""The ComfyExtension that lists Octet's nodes."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .checkpoint_nodes import LoadQuantized, SaveQuantized
+from .quantize_nodes import QuantizeModel
+from .reference_nodes import ReferenceConditioning, ReferenceModel
+
+NODES = [QuantizeModel, SaveQuantized, LoadQuantized, ReferenceModel, ReferenceConditioning]
+
+
+class OctetExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> OctetExtension:
+    return OctetExtension()

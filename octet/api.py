@@ -1,0 +1,115 @@
+"""quantize_: the one verb. Takes a torch module and a config (or a policy), returns a report.
+
+With ``inplace=False`` the model is left untouched and the report carries the replacement
+modules by name; ComfyUI integration uses that to install them as object patches on a cloned
+ModelPatcher, so the source MODEL keeps sampling exactly as before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import torch
+import torch.nn as nn
+
+from .config import QuantConfig
+from .modules import QUANT_TYPES, QuantConv2d, QuantLinear
+from .report import LayerRecord, QuantReport
+
+
+class OctetError(ValueError):
+    """Bad input with a message that says what is wrong and what to do."""
+
+
+class Policy(Protocol):
+    def decide(self, name: str, module: nn.Module, default: QuantConfig) -> tuple[Optional[QuantConfig], str]:
+        """Config for this layer (None = keep in float) and the reason, for the report."""
+
+
+@dataclass
+class QuantResult(QuantReport):
+    replacements: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def layer_kind(module: nn.Module) -> Optional[str]:
+    if isinstance(module, QUANT_TYPES):
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    return None
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _unsupported(module: nn.Module) -> Optional[str]:
+    w = getattr(module, "weight", None)
+    if w is None:
+        return "no weight"
+    if w.device.type == "meta":
+        return "weight not materialised (meta)"
+    if not w.dtype.is_floating_point:
+        return f"weight already {w.dtype}"
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r} not supported"
+    return None
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    return [(n, m, k) for n, m in model.named_modules() if (k := layer_kind(m)) is not None]
+
+
+def _build(module: nn.Module, kind: str, config: QuantConfig, name: str, calibration) -> nn.Module:
+    smooth = None
+    alpha = getattr(config, "smooth_alpha", None)
+    if config.act == "static" or alpha is not None:
+        if calibration is None:
+            raise OctetError(f"Mode '{config.mode}' needs a CALIBRATION for layer '{name}': run the Calibrate "
+                             f"node on this model first, or choose mode 'dynamic' or 'weight_only'.")
+        if alpha is not None:
+            smooth = calibration.smoothing_factors(name, module.weight, alpha)
+    cls = QuantLinear if kind == "linear" else QuantConv2d
+    q = cls.from_float(module, config.act, config.backend, smooth=smooth)
+    if config.act == "static":
+        q.set_static_scales(calibration.input_scales(name, config, smooth=smooth),
+                            calibration.selector if getattr(config, "timestep_groups", False) else None)
+    return q.to(module.weight.device)
+
+
+def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Policy] = None, calibration=None,
+              inplace: bool = True, progress: Optional[Callable[[int, int], None]] = None) -> QuantResult:
+    """Quantize every Linear/Conv2d of ``model`` that ``config`` (and ``policy``) select."""
+    candidates = quantizable_layers(model)
+    if not candidates:
+        kinds = sorted({type(m).__name__ for m in model.modules()})[:12]
+        raise OctetError(f"This model has no Linear or Conv2d layer to quantize (module types: {kinds}). "
+                         f"Connect a diffusion MODEL (UNet/DiT), not a VAE, CLIP or an already quantized model.")
+    result = QuantResult()
+    for i, (name, module, kind) in enumerate(candidates):
+        params = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+        before = _nbytes(module.weight, module.bias)
+        layer_config, reason = config, ""
+        if policy is not None:
+            layer_config, reason = policy.decide(name, module, config)
+        if layer_config is None:
+            skip = reason or "kept in float by policy"
+        elif kind not in layer_config.kinds:
+            skip = f"kind '{kind}' not selected"
+        else:
+            skip = _unsupported(module)
+        if skip:
+            result.layers.append(LayerRecord(name, kind, params, "skipped", skip, before, before))
+        else:
+            q = _build(module, kind, layer_config, name, calibration)
+            result.replacements[name] = q
+            after = sum(_nbytes(t) for t in q.state_dict().values())
+            result.layers.append(LayerRecord(name, kind, params, layer_config.mode, reason, before, after))
+        if progress is not None:
+            progress(i + 1, len(candidates))
+    if inplace:
+        for name, q in result.replacements.items():
+            model.set_submodule(name, q)
+    return result

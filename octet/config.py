@@ -1,0 +1,107 @@
+"""Quantization configs: what to do to a layer, as small frozen, validated records.
+
+Configs go into checkpoint metadata and workflow widgets, so each one round-trips through
+``to_dict`` / ``config_from_dict`` and rejects nonsense at construction time with a message
+that says which value is wrong and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+LAYER_KINDS = ("linear", "conv")
+BACKENDS = ("auto", "triton", "bitsandbytes", "torch")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
+
+
+@dataclass(frozen=True)
+class _BaseConfig:
+    """Fields every INT8 mode shares."""
+    kinds: tuple[str, ...] = LAYER_KINDS
+    backend: str = "auto"
+
+    mode: ClassVar[str] = ""
+    act: ClassVar[str] = ""  # activation mode the kernels see: none | dynamic | static
+
+    def __post_init__(self):
+        kinds = tuple(self.kinds)
+        object.__setattr__(self, "kinds", kinds)
+        if not kinds:
+            raise ValueError("kinds is empty: quantize at least one of 'linear', 'conv'.")
+        for k in kinds:
+            _check_choice("kind", k, LAYER_KINDS)
+        _check_choice("backend", self.backend, BACKENDS)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["kinds"] = list(self.kinds)
+        d["mode"] = self.mode
+        return d
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig(_BaseConfig):
+    """W8A16: int8 weights, float activations. Halves weight memory; no activation error."""
+    mode: ClassVar[str] = "weight_only"
+    act: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True)
+class DynamicW8A8Config(_BaseConfig):
+    """W8A8 with activation scales computed on the fly (per token for linear, per sample for conv)."""
+    mode: ClassVar[str] = "dynamic"
+    act: ClassVar[str] = "dynamic"
+
+
+@dataclass(frozen=True)
+class StaticW8A8Config(_BaseConfig):
+    """W8A8 with activation scales fixed by calibration, optionally one set per timestep group,
+    and optional SmoothQuant (alpha in [0, 1]; None disables smoothing)."""
+    observer: str = "minmax"
+    percentile: float = 99.99
+    timestep_groups: bool = True
+    smooth_alpha: float | None = None
+
+    mode: ClassVar[str] = "static"
+    act: ClassVar[str] = "static"
+    OBSERVERS: ClassVar[tuple[str, ...]] = ("minmax", "percentile", "mse")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("observer", self.observer, self.OBSERVERS)
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile={self.percentile} must be in (50, 100].")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha={self.smooth_alpha} must be in [0, 1] (or None to disable).")
+
+
+CONFIG_TYPES: dict[str, type[_BaseConfig]] = {
+    c.mode: c for c in (WeightOnlyConfig, DynamicW8A8Config, StaticW8A8Config)
+}
+MODES = tuple(CONFIG_TYPES)
+
+QuantConfig = _BaseConfig
+
+
+def config_from_dict(d: dict) -> _BaseConfig:
+    d = dict(d)
+    mode = d.pop("mode", None)
+    if mode not in CONFIG_TYPES:
+        raise ValueError(f"Unknown quantization mode {mode!r}; known modes: {list(CONFIG_TYPES)}.")
+    cls = CONFIG_TYPES[mode]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"Unknown fields {sorted(unknown)} for mode {mode!r}; expected {sorted(names)}.")
+    if "kinds" in d:
+        d["kinds"] = tuple(d["kinds"])
+    return cls(**d)
+
+
+def config_for_mode(mode: str, **kwargs) -> _BaseConfig:
+    return config_from_dict({"mode": mode, **kwargs})
