@@ -1,0 +1,210 @@
+"""Benchmark Octet's INT8 kernels against bf16 and the stock INT8 paths, on one GPU.
+
+Run from the repository root:  python3 bench/kernels.py [--out DIR] [--quick]
+Prints, per shape, milliseconds and the ratio to bf16 F.linear / F.conv2d (ratio > 1 = faster than
+bf16) for: our Triton GEMM with a pre-quantized input (GEMM + fused epilogue), the whole layer
+(activation quantization + GEMM), the weight-only W8A16 kernel, eager W8A8 (torch quantize +
+torch._int_mm + dequant), the float path (dequantize + F.linear), bitsandbytes (if importable) and
+whatever the AUTO dispatcher picks. All baselines run in the same process on the same card.
+Timing: triton.testing.do_bench medians (CUDA events) over fresh random data, never zeros.
+Writes kernels.json and kernels.md (a table for docs/BENCHMARKS.md) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_kernels():
+    """Import the repo as package comfyui_octet (like ComfyUI does) and return its kernels."""
+    if "comfyui_octet" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["comfyui_octet"] = module
+        spec.loader.exec_module(module)
+    from comfyui_octet import kernels
+    return kernels
+
+
+# (model, layer, tokens at batch 1, N, K): 1024x1024 images.
+LINEAR_SHAPES = [
+    ("flux-dev", "qkv 3072->9216", 4608, 9216, 3072),
+    ("flux-dev", "mlp up 3072->12288", 4608, 12288, 3072),
+    ("flux-dev", "mlp down 12288->3072", 4608, 3072, 12288),
+    ("flux-dev", "modulation 3072->18432", 1, 18432, 3072),
+    ("sd3-medium", "qkv 1536->4608", 4096, 4608, 1536),
+    ("sd3-medium", "attn out 1536->1536", 4096, 1536, 1536),
+    ("sd3-medium", "ff up 1536->6144", 4096, 6144, 1536),
+    ("sd3-medium", "ff down 6144->1536", 4096, 1536, 6144),
+    ("sdxl", "attn q/k/v/out 640 @64^2", 4096, 640, 640),
+    ("sdxl", "ff geglu 640->5120 @64^2", 4096, 5120, 640),
+    ("sdxl", "ff down 2560->640 @64^2", 4096, 640, 2560),
+    ("sdxl", "attn q/k/v/out 1280 @32^2", 1024, 1280, 1280),
+    ("sdxl", "ff geglu 1280->10240 @32^2", 1024, 10240, 1280),
+    ("sdxl", "ff down 5120->1280 @32^2", 1024, 1280, 5120),
+    ("sdxl", "cross-attn k/v 2048->1280", 77, 1280, 2048),
+]
+# (model, layer, channels in, channels out, latent side, kernel, stride)
+CONV_SHAPES = [
+    ("sdxl", "3x3 320 @128^2", 320, 320, 128, 3, 1),
+    ("sdxl", "3x3 640 @64^2", 640, 640, 64, 3, 1),
+    ("sdxl", "3x3 1280 @32^2", 1280, 1280, 32, 3, 1),
+    ("sdxl", "3x3 s2 320 @128^2", 320, 320, 128, 3, 2),
+    ("sdxl", "1x1 320->640 @64^2", 320, 640, 64, 1, 1),
+]
+
+
+def bench(fn, reps_ms: int) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=10, rep=reps_ms, return_mode="median")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def linear_row(kernels, model, layer, m, n, k, reps_ms):
+    from comfyui_octet.kernels import registry, torch_ref
+    from comfyui_octet.kernels.backends import bnb, triton_gemm, triton_quant
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    w = torch.randn(n, k, device=dev, dtype=dt) * 0.02
+    bias = torch.randn(n, device=dev, dtype=dt)
+    qw, ws = torch_ref.quantize_weight(w)
+    xq, xs = triton_quant.quantize_rows(x)
+    # Correctness on this shape first: integers equal to torch._int_mm's, output close to the reference.
+    ref = torch_ref.linear_w8a8(x, qw, ws, bias)
+    ours = kernels.linear(x, qw, ws, bias, backend="triton")
+    acc_ok = torch.equal(triton_gemm.w8a8_gemm(xq[:64], torch.ones(min(m, 64), device=dev), qw[:256],
+                                               torch.ones(min(n, 256), device=dev), None, torch.float32),
+                         torch._int_mm(xq[:64].contiguous(), qw[:256].t().contiguous()).float()) if m >= 17 else None
+    row = {"model": model, "layer": layer, "M": m, "N": n, "K": k,
+           "err_vs_ref": rel_err(ours, ref), "err_vs_bf16": rel_err(ours, F.linear(x, w, bias)), "int_exact": acc_ok}
+    t = {}
+    t["bf16"] = bench(lambda: F.linear(x, w, bias), reps_ms)
+    t["gemm"] = bench(lambda: triton_gemm.w8a8_gemm(xq, xs, qw, ws, bias, dt), reps_ms)
+    t["quant+gemm"] = bench(lambda: kernels.linear(x, qw, ws, bias, backend="triton"), reps_ms)
+    t["quant"] = bench(lambda: triton_quant.quantize_rows(x), reps_ms)
+    if m <= 1024:
+        t["w8a16"] = bench(lambda: kernels.linear(x, qw, ws, bias, act="none", backend="triton"), reps_ms)
+    t["int_mm eager"] = bench(lambda: torch_ref.linear_w8a8(x, qw, ws, bias), reps_ms)
+    t["float path"] = bench(lambda: kernels.linear(x, qw, ws, bias, backend="float"), reps_ms)
+    if bnb.IMPLEMENTATION.unavailable_reason() is None:
+        t["bnb"] = bench(lambda: bnb.linear(x, qw, ws, bias, "dynamic", None, None), reps_ms)
+    req = registry.Request("linear", "dynamic", "cuda", "bfloat16", m, n, k)
+    row["auto_picks"] = registry.select(req).name
+    t["auto"] = bench(lambda: kernels.linear(x, qw, ws, bias), reps_ms)
+    row["ms"] = t
+    return row
+
+
+def conv_row(kernels, model, layer, cin, cout, side, ksize, stride, batch, reps_ms):
+    from comfyui_octet.kernels import registry, torch_ref
+    from comfyui_octet.kernels.backends import triton_quant
+    dev, dt = "cuda", torch.bfloat16
+    pad = ksize // 2
+    x = torch.randn(batch, cin, side, side, device=dev, dtype=dt)
+    w = torch.randn(cout, cin, ksize, ksize, device=dev, dtype=dt) * 0.02
+    bias = torch.randn(cout, device=dev, dtype=dt)
+    qw, ws = torch_ref.quantize_weight(w)
+    ours = kernels.conv2d(x, qw, ws, bias, stride, pad, backend="triton")
+    # Reference on a slice (torch_ref's float64 conv is slow on big inputs): same integers.
+    ref = torch_ref.conv2d_w8a8(x[:1, :, :32, :32], qw, ws, bias, stride, pad, 1, 1)
+    mine = kernels.conv2d(x[:1, :, :32, :32].contiguous(), qw, ws, bias, stride, pad, backend="triton")
+    row = {"model": model, "layer": layer, "batch": batch, "C": cin, "OC": cout, "side": side, "k": ksize,
+           "stride": stride, "err_vs_ref": rel_err(mine, ref),
+           "err_vs_bf16": rel_err(ours, F.conv2d(x, w, bias, stride, pad))}
+    t = {}
+    t["bf16"] = bench(lambda: F.conv2d(x, w, bias, stride, pad), reps_ms)
+    x_cl, w_cl = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    t["bf16 channels_last"] = bench(lambda: F.conv2d(x_cl, w_cl, bias, stride, pad), reps_ms)
+    t["quant+conv"] = bench(lambda: kernels.conv2d(x, qw, ws, bias, stride, pad, backend="triton"), reps_ms)
+    t["quant"] = bench(lambda: triton_quant.quantize_per_sample_nhwc(x), reps_ms)
+    t["quant+conv channels_last"] = bench(lambda: kernels.conv2d(x_cl, qw, ws, bias, stride, pad, backend="triton"),
+                                          reps_ms)
+    t["float path"] = bench(lambda: kernels.conv2d(x, qw, ws, bias, stride, pad, backend="float"), reps_ms)
+    m = batch * side * side
+    row["auto_picks"] = registry.select(registry.Request("conv2d", "dynamic", "cuda", "bfloat16", m, cout,
+                                                         cin * ksize * ksize)).name
+    t["auto"] = bench(lambda: kernels.conv2d(x, qw, ws, bias, stride, pad), reps_ms)
+    row["ms"] = t
+    return row
+
+
+def _fmt(row, cols):
+    base = row["ms"]["bf16"]
+    cells = []
+    for c in cols:
+        v = row["ms"].get(c)
+        cells.append("n/a" if v is None else f"{v:.3f} ({base / v:.2f}x)")
+    return cells
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true", help="batch 1 only, shorter timing")
+    ap.add_argument("--reps-ms", type=int, default=60)
+    args = ap.parse_args()
+    kernels = _load_kernels()
+    import triton
+    from comfyui_octet.kernels.backends import bnb
+    card = torch.cuda.get_device_name()
+    header = {"card": card, "capability": torch.cuda.get_device_capability(), "torch": torch.__version__,
+              "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "bitsandbytes": bnb.IMPLEMENTATION.unavailable_reason() or "available"}
+    print(json.dumps(header), flush=True)
+    batches = [1] if args.quick else [1, 4]
+    rows = []
+    for batch in batches:
+        for model, layer, m, n, k in LINEAR_SHAPES:
+            m_b = m * batch if m > 1 or batch == 1 else batch
+            if layer.startswith("cross"):
+                m_b = 77 * batch
+            row = linear_row(kernels, model, layer, m_b, n, k, args.reps_ms)
+            row["batch"] = batch
+            rows.append(row)
+            print(card, json.dumps(row), flush=True)
+    conv_rows = []
+    for batch in batches:
+        for shape in CONV_SHAPES:
+            row = conv_row(kernels, *shape, batch, args.reps_ms)
+            conv_rows.append(row)
+            print(card, json.dumps(row), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump({"header": header, "linear": rows, "conv": conv_rows}, f, indent=1)
+    lin_cols = ["gemm", "quant+gemm", "w8a16", "int_mm eager", "float path", "bnb", "auto"]
+    conv_cols = ["bf16 channels_last", "quant+conv", "quant+conv channels_last", "float path", "auto"]
+    lines = [f"Card: **{card}** (sm{header['capability'][0]}{header['capability'][1]}), torch {header['torch']}, "
+             f"triton {header['triton']}, {header['date']}. bitsandbytes: {header['bitsandbytes']}.", "",
+             "Linear, bf16 activations; ms (ratio vs bf16 F.linear, >1 = faster):", "",
+             "| model | layer | batch | M | bf16 ms | " + " | ".join(lin_cols) + " | AUTO picks | rel.err vs bf16 |",
+             "|" + "---|" * (len(lin_cols) + 7)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['layer']} | {r['batch']} | {r['M']} | {r['ms']['bf16']:.3f} | "
+                     + " | ".join(_fmt(r, lin_cols)) + f" | {r['auto_picks']} | {r['err_vs_bf16']:.4f} |")
+    lines += ["", "Conv2d, bf16 NCHW activations; ms (ratio vs cuDNN bf16 NCHW):", "",
+              "| model | layer | batch | bf16 ms | " + " | ".join(conv_cols) + " | AUTO picks | rel.err vs bf16 |",
+              "|" + "---|" * (len(conv_cols) + 6)]
+    for r in conv_rows:
+        lines.append(f"| {r['model']} | {r['layer']} | {r['batch']} | {r['ms']['bf16']:.3f} | "
+                     + " | ".join(_fmt(r, conv_cols)) + f" | {r['auto_picks']} | {r['err_vs_bf16']:.4f} |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""INT8 Conv2d as an implicit GEMM in Triton (groups == 1).
+
+Layout: activations are quantized straight into NHWC int8 (``triton_quant``), so a GEMM row is
+one output pixel and a K step reads BLOCK_K consecutive input channels of one (kh, kw) tap:
+contiguous int8 loads, no im2col buffer. The weight is reordered once per call to
+[OC, KH, KW, C] (K-major, like a linear weight). GEMM sizes: M = N*OH*OW, N = OC, K = KH*KW*C.
+The K loop runs over (tap, channel block) pairs flattened into one loop, which Triton
+software-pipelines like a plain GEMM; pixels whose tap falls in the padding load zeros (exact:
+int8 zero is real zero for symmetric quantization). A 1x1/stride-1/no-padding conv skips all
+tap arithmetic and is a plain GEMM over the NHWC pixels.
+
+The epilogue is the linear one: acc * a_scale[sample] * w_scale[oc] (+ bias), written straight
+into the output's memory layout (NCHW contiguous, or channels_last when the input was).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_support
+from .triton_gemm import _grouped_tile, m_bucket
+from .triton_quant import quantize_per_sample_nhwc
+
+_MAX_INT32 = 2**31 - 1
+
+
+def _cfg(bm, bn, bk, stages, warps, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_stages=stages, num_warps=warps)
+
+
+def conv_configs() -> list:
+    """Tiles for the implicit GEMM; K steps of 64 suit C = 320/640/1280 (multiples of 64)."""
+    if triton_support.interpreting():
+        return [_cfg(32, 32, 32, 1, 4, group_m=2)]
+    if triton_support.capability()[0] >= 9:
+        return [
+            _cfg(128, 128, 64, 4, 8),
+            _cfg(128, 256, 64, 3, 8),
+            _cfg(256, 128, 64, 3, 8),
+            _cfg(128, 128, 128, 3, 8),
+            _cfg(128, 128, 64, 4, 4),
+            _cfg(64, 128, 64, 4, 4),
+            _cfg(128, 64, 64, 4, 4),
+            _cfg(64, 64, 64, 4, 4),
+        ]
+    return [
+        _cfg(128, 128, 64, 3, 8),
+        _cfg(128, 256, 64, 3, 8),
+        _cfg(128, 128, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(128, 64, 64, 4, 4),
+        _cfg(64, 64, 64, 4, 4),
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    m = named_args["M"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+@triton.autotune(configs=triton_support.tuned(conv_configs()),
+                 do_bench=triton_support.tuning_bench, key=["M_BUCKET", "OC", "C", "KH", "KW", "POINTWISE"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _conv_kernel(x_ptr, w_ptr, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+                 M, M_BUCKET, H, W, C, OH, OW, OC,
+                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                 y_stride_n, y_stride_c, y_stride_p, a_scale_stride,
+                 KH: tl.constexpr, KW: tl.constexpr, POINTWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(OC, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)     # output pixel (n, oh, ow) flattened
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)     # output channel
+    offs_k = tl.arange(0, BLOCK_K)
+    m_safe = offs_m % M
+    n_safe = offs_n % OC
+    ohw = OH * OW
+    sample = m_safe // ohw
+    pix = m_safe % ohw
+    k_total = KH * KW * C
+    w_rows = w_ptr + n_safe[None, :] * k_total
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if POINTWISE:
+        # 1x1, stride 1, no padding: pixel m of the output is pixel m of the input.
+        a_ptrs = x_ptr + m_safe[:, None] * C + offs_k[None, :]
+        b_ptrs = w_rows + offs_k[:, None]
+        for k0 in range(0, C, BLOCK_K):
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < C - k0, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < C - k0, other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+    else:
+        oh = pix // OW
+        ow = pix % OW
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        x_sample = x_ptr + sample * (H * W * C)
+        c_blocks = tl.cdiv(C, BLOCK_K)
+        for i in range(0, KH * KW * c_blocks):
+            tap = i // c_blocks
+            c0 = (i - tap * c_blocks) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            c_ok = offs_k < C - c0
+            a = tl.load(x_sample[:, None] + ((ih * W + iw) * C + c0)[:, None] + offs_k[None, :],
+                        mask=inside[:, None] & c_ok[None, :], other=0)
+            b = tl.load(w_rows + (tap * C + c0) + offs_k[:, None], mask=c_ok[:, None], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    mask_m = offs_m < M
+    mask_n = offs_n < OC
+    a_scale = tl.load(a_scale_ptr + sample * a_scale_stride)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + (sample * y_stride_n + pix * y_stride_p)[:, None] + (offs_n * y_stride_c)[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(e) for e in v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def output_size(h, w, kh, kw, stride, padding, dilation) -> tuple[int, int]:
+    return ((h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
+            (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
+
+
+def unsupported_reason(groups: int, padding) -> str | None:
+    if groups != 1:
+        return f"groups={groups} (the INT8 implicit-GEMM conv handles groups == 1 only)"
+    if isinstance(padding, str):
+        return f"padding={padding!r} (pass explicit integers)"
+    return None
+
+
+def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                stride, padding, dilation, groups: int, smooth: torch.Tensor | None,
+                static_scale: torch.Tensor | None) -> torch.Tensor:
+    """INT8 conv with per-sample dynamic (or static) activation scale; NCHW in, NCHW out."""
+    reason = unsupported_reason(groups, padding)
+    if reason is not None:
+        raise ValueError(f"triton conv2d: unsupported {reason}")
+    if x.dim() != 4 or qweight.dim() != 4 or qweight.dtype != torch.int8:
+        raise ValueError(f"conv2d wants x NCHW and int8 weight [OC, C, KH, KW], got {tuple(x.shape)} "
+                         f"and {qweight.dtype} {tuple(qweight.shape)}")
+    nb, c, h, w = x.shape
+    oc, wc, kh, kw = qweight.shape
+    if wc != c:
+        raise ValueError(f"weight expects {wc} input channels, x has {c}")
+    if w_scale.numel() != oc or (bias is not None and bias.numel() != oc):
+        raise ValueError(f"w_scale/bias must have OC={oc} entries")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    oh, ow = output_size(h, w, kh, kw, stride, padding, dilation)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {padding}")
+    if max(x.numel(), nb * oc * oh * ow, qweight.numel()) > _MAX_INT32:
+        raise ValueError("conv2d exceeds 32-bit indexing; split the batch")
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    xq, a_scale = quantize_per_sample_nhwc(x, smooth, static_scale)
+    wq = qweight.permute(0, 2, 3, 1).contiguous()     # [OC, KH, KW, C]: K-major rows
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.empty((nb, oc, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    m = nb * oh * ow
+    pointwise = kh == 1 and kw == 1 and stride == (1, 1) and padding == (0, 0)
+    ws = w_scale.reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(oc, meta["BLOCK_N"]),)  # noqa: E731
+    _conv_kernel[grid](xq, wq, y, a_scale, ws, bias if bias is not None else ws,
+                       m, m_bucket(m), h, w, c, oh, ow, oc,
+                       stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                       y.stride(0), y.stride(1), y.stride(3), 1 if a_scale.numel() > 1 else 0,
+                       KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=bias is not None)
+    return y

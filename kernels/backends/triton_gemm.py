@@ -1,0 +1,311 @@
+"""INT8 GEMMs in Triton, with the dequantization fused into the epilogue.
+
+``w8a8_gemm``:  int8 activations [M, K] x int8 weight [N, K] -> int32 accumulators ->
+                y = acc * a_scale[m] * w_scale[n] (+ bias[n]) in fp32, stored in the output dtype.
+``w8a16_gemm``: float activations x int8 weight dequantized inside the loop (weight-only INT8):
+                y = (x @ q^T) * w_scale[n] (+ bias). For small M the GEMM is bound by reading the
+                weight, and reading int8 instead of bf16 halves that.
+
+Both read the weight as stored, [N, K] with K contiguous: that is the K-major B operand that
+Hopper's int8 wgmma needs anyway, so no transpose is ever materialised.
+
+Tiles are visited in grouped order (GROUP_M row-tiles share each column sweep) so that the
+weight tiles a group needs stay in L2. Autotune keys on (M bucket, N, K): M varies with batch and
+resolution, and rounding it to a power of two keeps the number of tuning runs small. On Hopper
+the operands come through TMA descriptors (bulk copies into shared memory, out-of-range parts
+zero-filled by the hardware) whenever K's row pitch is 16-byte aligned; otherwise, and on
+Ampere/Ada, through masked pointer loads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import triton_support
+
+_MAX_INT32 = 2**31 - 1
+
+
+# ---- configurations ----------------------------------------------------------------------------
+
+def _cfg(bm, bn, bk, stages, warps, group_m=8, persistent=False, pre_hook=None):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
+                          "PERSISTENT": persistent},
+                         num_stages=stages, num_warps=warps, pre_hook=pre_hook)
+
+
+def _set_descriptor_blocks(nargs):
+    """Autotune pre-hook: the TMA descriptors' box size must match the config's tile."""
+    if isinstance(nargs["a"], TensorDescriptor):
+        nargs["a"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs["b"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def w8a8_configs() -> list:
+    """Candidate tiles for the int8 GEMM, chosen per GPU generation.
+
+    Hopper (sm90): wgmma wants 64-row warpgroup tiles and K=128 int8 steps (128 bytes = one
+    128B-swizzled smem row); 228 KB of shared memory allows 3-4 stages of 128x256x128.
+    Ampere/Ada (sm80/86/89): mma.sync with ~100-164 KB of shared memory: K=64 steps, more stages.
+    Under the CPU interpreter every config costs seconds of numpy, so there is exactly one.
+    """
+    hook = _set_descriptor_blocks
+    if triton_support.interpreting():
+        return [_cfg(32, 32, 64, 1, 4, group_m=2, pre_hook=hook)]
+    if triton_support.capability()[0] >= 9:
+        return [
+            _cfg(128, 256, 128, 3, 8, pre_hook=hook),
+            _cfg(256, 128, 128, 3, 8, pre_hook=hook),
+            _cfg(128, 256, 128, 4, 8, pre_hook=hook),
+            _cfg(128, 128, 128, 4, 8, pre_hook=hook),
+            _cfg(128, 128, 128, 4, 4, pre_hook=hook),
+            _cfg(128, 256, 64, 4, 8, pre_hook=hook),
+            _cfg(128, 256, 128, 3, 8, persistent=True, pre_hook=hook),
+            _cfg(128, 128, 128, 4, 8, persistent=True, pre_hook=hook),
+            _cfg(64, 128, 128, 4, 4, pre_hook=hook),
+            _cfg(128, 64, 128, 4, 4, pre_hook=hook),
+            _cfg(64, 64, 128, 4, 4, pre_hook=hook),
+            _cfg(64, 256, 128, 3, 4, pre_hook=hook),
+        ]
+    return [
+        _cfg(128, 256, 64, 3, 8),
+        _cfg(256, 128, 64, 3, 8),
+        _cfg(128, 128, 64, 4, 4),
+        _cfg(128, 128, 128, 3, 8),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(128, 64, 64, 4, 4),
+        _cfg(64, 64, 64, 5, 2),
+        _cfg(64, 64, 128, 4, 4),
+    ]
+
+
+def w8a16_configs() -> list:
+    """Weight-only tiles: small M, wide K steps so each program streams a long weight strip."""
+    if triton_support.interpreting():
+        return [_cfg(16, 32, 64, 1, 4, group_m=2)]
+    return [
+        _cfg(16, 64, 128, 4, 4),
+        _cfg(16, 128, 128, 4, 4),
+        _cfg(16, 32, 256, 4, 4),
+        _cfg(32, 64, 128, 4, 4),
+        _cfg(32, 128, 128, 3, 4),
+        _cfg(64, 64, 128, 3, 4),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(128, 128, 64, 3, 8),
+        _cfg(128, 256, 64, 3, 8),
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles far taller than M (wasted MMA rows); keep at least the smallest."""
+    m = named_args["M"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+def m_bucket(m: int) -> int:
+    """Tuning bucket for M: powers of two up to 8192, one bucket above."""
+    return min(triton.next_power_of_2(max(m, 1)), 16384)
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+
+@triton.jit
+def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # L2 swizzle: consecutive programs walk down GROUP_M row-tiles before moving to the next
+    # column-tile, so a group reuses the same weight tiles while they are still cached.
+    group_size = GROUP_M * num_pid_n
+    first_m = (tile_id // group_size) * GROUP_M
+    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % group_size) % rows
+    pid_n = (tile_id % group_size) // rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _w8a8_tile(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
+               stride_cm, stride_as, pid_m, pid_n, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if USE_TMA:
+        for k0 in range(0, K, BLOCK_K):
+            a_tile = a.load([pid_m * BLOCK_M, k0])
+            b_tile = b.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(a_tile, b_tile.T, acc, out_dtype=tl.int32)
+    else:
+        # Rows/cols past M/N wrap around (modulo) instead of being masked: they compute garbage
+        # that the masked store drops, and the loads stay unmasked on those axes.
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b + (offs_n % N)[None, :] * stride_bn + offs_k[:, None]
+        for k0 in range(0, K, BLOCK_K):
+            a_tile = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
+            b_tile = tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0)
+            acc = tl.dot(a_tile, b_tile, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+    # Epilogue, in the same order as torch_ref.gemm_epilogue: ((acc * sa) * sw) + bias, fp32.
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_scale = tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.autotune(configs=triton_support.tuned(w8a8_configs()),
+                 do_bench=triton_support.tuning_bench, key=["M_BUCKET", "N", "K", "USE_TMA"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, M_BUCKET,
+                 stride_am, stride_bn, stride_cm, stride_as,
+                 HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        # One program per SM walks the tiles: no tail wave, and launch cost paid once.
+        for tile_id in range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
+            pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+            _w8a8_tile(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
+                       stride_cm, stride_as, pid_m, pid_n, HAS_BIAS, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+        _w8a8_tile(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
+                   stride_cm, stride_as, pid_m, pid_n, HAS_BIAS, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.autotune(configs=triton_support.tuned(w8a16_configs()),
+                 do_bench=triton_support.tuning_bench, key=["M_BUCKET", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _w8a16_kernel(x_ptr, b_ptr, c_ptr, w_scale_ptr, bias_ptr, M, N, K, M_BUCKET,
+                  stride_xm, stride_bn, stride_cm,
+                  HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :]
+    b_ptrs = b_ptr + (offs_n % N)[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x_tile = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        b_tile = tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0)
+        if DOT_IN_FP32:
+            # The CPU interpreter converts and multiplies bf16 tiles wrongly (numpy has no bf16);
+            # bf16 x int8 products are exact in fp32, so upcasting computes the same sums.
+            x_tile = x_tile.to(tl.float32)
+            b_tile = b_tile.to(tl.float32)
+        else:
+            # int8 -> activation dtype is exact (|q| <= 127); the scale is applied once, after the sum.
+            b_tile = b_tile.to(x_ptr.dtype.element_ty)
+        acc = tl.dot(x_tile, b_tile, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    y = acc * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ---- wrappers ----------------------------------------------------------------------------------
+
+def _check_weight(qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int):
+    if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.shape[1] != k:
+        raise ValueError(f"qweight must be int8 [N, K={k}], got {qweight.dtype} {tuple(qweight.shape)}")
+    n = qweight.shape[0]
+    if w_scale.numel() != n:
+        raise ValueError(f"w_scale must have N={n} entries, got shape {tuple(w_scale.shape)}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"bias must have N={n} entries, got shape {tuple(bias.shape)}")
+
+
+def _vector(t: torch.Tensor, device) -> torch.Tensor:
+    return t.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
+
+
+def _use_tma(k: int) -> bool:
+    # TMA needs 16-byte aligned row pitches (int8: K % 16 == 0). The interpreter emulates
+    # descriptors, so CI covers this path too.
+    return k % 16 == 0 and (triton_support.is_hopper() or triton_support.interpreting())
+
+
+def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """int8 [M, K] x int8 [N, K]^T, dequantized: a_scale is [M] (per token) or [1] (static)."""
+    if a_q.dtype != torch.int8 or a_q.dim() != 2:
+        raise ValueError(f"a_q must be int8 [M, K], got {a_q.dtype} {tuple(a_q.shape)}")
+    m, k = a_q.shape
+    _check_weight(qweight, w_scale, bias, k)
+    n = qweight.shape[0]
+    if a_scale.numel() not in (1, m):
+        raise ValueError(f"a_scale must have 1 or M={m} entries, got {a_scale.numel()}")
+    if max(m * k, n * k, m * n) > _MAX_INT32:
+        raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
+    a_q = a_q.contiguous()
+    qweight = qweight.contiguous()
+    out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+    a_scale = _vector(a_scale, a_q.device)
+    w_scale = _vector(w_scale, a_q.device)
+    use_tma = _use_tma(k)
+    if use_tma:
+        # Placeholder boxes; the autotune pre-hook sets the config's tile before each launch.
+        a_arg = TensorDescriptor.from_tensor(a_q, [16, 16])
+        b_arg = TensorDescriptor.from_tensor(qweight, [16, 16])
+    else:
+        a_arg, b_arg = a_q, qweight
+    sms = triton_support.num_sms(a_q.device.index or 0) if a_q.is_cuda else 4
+
+    def grid(meta):
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+
+    _w8a8_kernel[grid](a_arg, b_arg, out, a_scale, w_scale, bias if bias is not None else w_scale,
+                       m, n, k, m_bucket(m), k, k, n, 0 if a_scale.numel() == 1 else 1,
+                       HAS_BIAS=bias is not None, USE_TMA=use_tma)
+    return out
+
+
+def w8a16_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """float [M, K] x int8 [N, K]^T * w_scale[n] (+ bias) -> [M, N] in x's dtype."""
+    if x2d.dim() != 2 or not x2d.is_floating_point():
+        raise ValueError(f"x must be float [M, K], got {x2d.dtype} {tuple(x2d.shape)}")
+    m, k = x2d.shape
+    _check_weight(qweight, w_scale, bias, k)
+    n = qweight.shape[0]
+    if max(m * k, n * k, m * n) > _MAX_INT32:
+        raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
+    x2d = x2d.contiguous()
+    qweight = qweight.contiguous()
+    out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+    w_scale = _vector(w_scale, x2d.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _w8a16_kernel[grid](x2d, qweight, out, w_scale, bias if bias is not None else w_scale,
+                        m, n, k, m_bucket(m), k, k, n,
+                        HAS_BIAS=bias is not None,
+                        DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32",
+                        DOT_IN_FP32=triton_support.interpreting())
+    return out

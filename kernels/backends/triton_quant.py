@@ -1,0 +1,180 @@
+"""Activation quantization kernels: float activations -> symmetric INT8 + fp32 scales.
+
+Numerics follow ``torch_ref`` bit for bit: smoothing and scaling use IEEE division
+(``tl.div_rn``; Triton's ``/`` on fp32 is an approximate division), scales are
+``max(absmax / 127, 1e-12)``, and rounding is half-to-even. The rounding uses the fp32 magic-number
+trick (adding and subtracting 1.5 * 2**23 rounds to the nearest even integer for |v| < 2**22),
+which we can apply because values are clamped to [-127, 127] first; clamping before rounding gives
+the same result as torch's round-then-clamp on that range. (libdevice.rint would do too on the
+GPU, but the CPU interpreter does not implement it, and CI must run these very kernels.)
+
+Two shapes of activation:
+  * rows [M, K] for linear layers: one program per row quantizes it in one pass when the row
+    fits a tile (every diffusion model we target has K <= 16384), else in two sweeps;
+  * NCHW for convolutions: one scale per sample (a per-pixel scale would not factor out of the
+    convolution sum), written out as NHWC int8, the layout the implicit-GEMM conv reads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+QMAX = 127.0
+MIN_SCALE = 1e-12
+# Rows up to this length are held in registers and read once.
+_ONE_TILE_MAX_K = 16384
+
+
+@triton.jit
+def _round_to_int8(v):
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, stride_xm,
+                          HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, ONE_TILE: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * K
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_TILE:
+        mask = offs < K
+        v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            v = tl.div_rn(v, tl.load(smooth_ptr + offs, mask=mask, other=1.0).to(tl.float32))
+        if STATIC:
+            scale = tl.load(static_ptr).to(tl.float32)
+        else:
+            scale = tl.maximum(tl.div_rn(tl.max(tl.abs(v), axis=0), 127.0), 1e-12)
+            tl.store(scale_ptr + row, scale)
+        tl.store(q_row + offs, _round_to_int8(tl.div_rn(v, scale)), mask=mask)
+    else:
+        if STATIC:
+            scale = tl.load(static_ptr).to(tl.float32)
+        else:
+            absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mask = k0 + offs < K
+                v = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SMOOTH:
+                    v = tl.div_rn(v, tl.load(smooth_ptr + k0 + offs, mask=mask, other=1.0).to(tl.float32))
+                absmax = tl.maximum(absmax, tl.abs(v))
+            scale = tl.maximum(tl.div_rn(tl.max(absmax, axis=0), 127.0), 1e-12)
+            tl.store(scale_ptr + row, scale)
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            v = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                v = tl.div_rn(v, tl.load(smooth_ptr + k0 + offs, mask=mask, other=1.0).to(tl.float32))
+            tl.store(q_row + k0 + offs, _round_to_int8(tl.div_rn(v, scale)), mask=mask)
+
+
+def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
+                  static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] float -> (int8 [M, K], fp32 scales [M] dynamic or [1] static). Same numbers as
+    ``torch_ref.quantize_rows`` (whose scales are shaped [M, 1] / [1, 1])."""
+    if x2d.dim() != 2 or x2d.stride(1) != 1:
+        raise ValueError(f"quantize_rows wants a 2-D tensor with contiguous rows, got {tuple(x2d.shape)} "
+                         f"strides {x2d.stride()}")
+    m, k = x2d.shape
+    if smooth is not None and smooth.numel() != k:
+        raise ValueError(f"smooth has {smooth.numel()} entries, activations have K={k}")
+    q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
+    static = static_scale is not None
+    if static:
+        # A fresh tensor, never a view of the caller's: custom ops may not return aliases of inputs.
+        scales = static_scale.reshape(1).to(device=x2d.device, dtype=torch.float32, copy=True)
+    else:
+        scales = torch.empty((m,), dtype=torch.float32, device=x2d.device)
+    if m == 0:
+        return q, scales
+    one_tile = k <= _ONE_TILE_MAX_K
+    block_k = triton.next_power_of_2(k) if one_tile else 4096
+    smooth_arg = smooth.contiguous() if smooth is not None else x2d
+    _quantize_rows_kernel[(m,)](
+        x2d, smooth_arg, scales, q, scales, k, x2d.stride(0),
+        HAS_SMOOTH=smooth is not None, STATIC=static, ONE_TILE=one_tile, BLOCK_K=block_k,
+        num_warps=max(1, min(16, block_k // 512)))
+    return q, scales
+
+
+# ---- per-sample NCHW -> NHWC --------------------------------------------------------------------
+
+@triton.jit
+def _sample_absmax_kernel(x_ptr, smooth_ptr, partial_ptr, C, HW, num_chunks,
+                          HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+    # Grid (N, num_chunks): each program reduces one contiguous chunk of one sample. Partial maxima
+    # go to [N, num_chunks] (no float atomics: deterministic, and the interpreter runs it too).
+    n = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < C * HW
+    v = tl.load(x_ptr + n * C * HW + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        v = tl.div_rn(v, tl.load(smooth_ptr + offs // HW, mask=mask, other=1.0).to(tl.float32))
+    tl.store(partial_ptr + n * num_chunks + chunk, tl.max(tl.abs(v), axis=0))
+
+
+@triton.jit
+def _quantize_nchw_to_nhwc_kernel(x_ptr, smooth_ptr, partial_ptr, static_ptr, q_ptr, scale_ptr,
+                                  C, HW, num_chunks,
+                                  HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr,
+                                  BLOCK_CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    pid_hw = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        chunks = tl.arange(0, BLOCK_CHUNKS)
+        part = tl.load(partial_ptr + n * num_chunks + chunks, mask=chunks < num_chunks, other=0.0)
+        scale = tl.maximum(tl.div_rn(tl.max(part, axis=0), 127.0), 1e-12)
+        if (pid_hw == 0) & (pid_c == 0):
+            tl.store(scale_ptr + n, scale)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_hw = pid_hw * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = (offs_c[:, None] < C) & (offs_hw[None, :] < HW)
+    # Read along HW (contiguous in NCHW), write along C (contiguous in NHWC).
+    v = tl.load(x_ptr + n * C * HW + offs_c[:, None] * HW + offs_hw[None, :], mask=mask, other=0.0)
+    v = v.to(tl.float32)
+    if HAS_SMOOTH:
+        v = tl.div_rn(v, tl.load(smooth_ptr + offs_c, mask=offs_c < C, other=1.0).to(tl.float32)[:, None])
+    q = _round_to_int8(tl.div_rn(v, scale))
+    tl.store(q_ptr + n * C * HW + offs_hw[None, :] * C + offs_c[:, None], q, mask=mask)
+
+
+def quantize_per_sample_nhwc(x: torch.Tensor, smooth: torch.Tensor | None = None,
+                             static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NCHW float -> (int8 [N, H, W, C] contiguous, fp32 scales [N]). Same numbers as
+    ``torch_ref.quantize_per_sample`` (there the int8 tensor stays NCHW)."""
+    if x.dim() != 4:
+        raise ValueError(f"quantize_per_sample_nhwc wants NCHW, got shape {tuple(x.shape)}")
+    x = x.contiguous()
+    n, c, h, w = x.shape
+    if smooth is not None and smooth.numel() != c:
+        raise ValueError(f"smooth has {smooth.numel()} entries, activations have C={c}")
+    hw = h * w
+    q = torch.empty((n, h, w, c), dtype=torch.int8, device=x.device)
+    smooth_arg = smooth.contiguous() if smooth is not None else x
+    static = static_scale is not None
+    if static:
+        scales = static_scale.reshape(1).to(device=x.device, dtype=torch.float32).expand(n).contiguous()
+        partial = scales
+        num_chunks = 1
+    else:
+        scales = torch.empty((n,), dtype=torch.float32, device=x.device)
+        block = 8192
+        num_chunks = triton.cdiv(c * hw, block)
+        partial = torch.empty((n, num_chunks), dtype=torch.float32, device=x.device)
+        _sample_absmax_kernel[(n, num_chunks)](x, smooth_arg, partial, c, hw, num_chunks,
+                                               HAS_SMOOTH=smooth is not None, BLOCK=block, num_warps=8)
+    block_c, block_hw = 64, 64
+    grid = (n, triton.cdiv(hw, block_hw), triton.cdiv(c, block_c))
+    _quantize_nchw_to_nhwc_kernel[grid](
+        x, smooth_arg, partial, scales, q, scales, c, hw, num_chunks,
+        HAS_SMOOTH=smooth is not None, STATIC=static, BLOCK_CHUNKS=triton.next_power_of_2(num_chunks),
+        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+    return q, scales

@@ -1,0 +1,71 @@
+"""Whether Triton can run here, and facts about the device its kernels are tuned for.
+
+Kept apart from the kernel modules so that asking "can Triton run?" never imports a kernel (and
+never fails when triton is missing). ``TRITON_INTERPRET=1`` makes Triton run its kernels on CPU
+tensors through numpy; we treat that as a supported, if slow, device so that CI exercises the
+very kernels that run on the GPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+try:
+    import triton  # noqa: F401
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # ImportError, or a broken install raising something else
+    triton = None
+    _IMPORT_ERROR = f"triton not importable ({type(exc).__name__}: {exc})"
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on CPU through its interpreter (read per call: tests set it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason() -> Optional[str]:
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if interpreting():
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU for testing)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def capability(device_index: int = 0) -> tuple[int, int]:
+    """(major, minor) SM version of a CUDA device; (0, 0) when there is none."""
+    if not torch.cuda.is_available():
+        return (0, 0)
+    return torch.cuda.get_device_capability(device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int = 0) -> int:
+    if not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def is_hopper() -> bool:
+    return not interpreting() and capability()[0] == 9
+
+
+def autotuning() -> bool:
+    """OCTET_TRITON_AUTOTUNE=0 keeps only each kernel's first config: for correctness runs on a
+    GPU, where compiling every config for every dtype/bias variant would dominate the run."""
+    return os.environ.get("OCTET_TRITON_AUTOTUNE", "1") != "0"
+
+
+def tuning_bench(kernel_call, quantiles):
+    """Autotune timing: median of ~25 ms of runs per config (Triton's default spends 125 ms)."""
+    from triton.testing import do_bench
+    return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def tuned(configs: list) -> list:
+    return configs if autotuning() else configs[:1]

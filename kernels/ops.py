@@ -1,0 +1,108 @@
+"""``torch.library`` custom ops for the Triton INT8 kernels.
+
+Each op is declared once with a schema and a fake (meta) implementation, so ``torch.compile``
+traces one opaque node per quantized layer instead of breaking the graph at a Triton launch,
+and ``torch.library.opcheck`` can verify the declaration against the real kernel.
+
+  octet::quantize_rows(x, smooth?, static_scale?) -> (int8 [M, K], fp32 scales [M] or [1])
+  octet::int8_linear(x, qweight, w_scale, bias?, act, smooth?, static_scale?) -> x.dtype [..., N]
+  octet::int8_conv2d(x, qweight, w_scale, bias?, stride, padding, dilation, act, smooth?,
+                     static_scale?) -> x.dtype NCHW
+
+The real implementations import the Triton kernel modules on first call, so this module imports
+(and the ops exist, for tracing) even where triton is missing; calling one there raises.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import torch_ref
+from .backends import triton_support
+
+Tensor = torch.Tensor
+
+
+def _kernels():
+    reason = triton_support.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"octet Triton kernels cannot run: {reason}")
+    from .backends import triton_conv, triton_gemm, triton_quant
+    return triton_quant, triton_gemm, triton_conv
+
+
+# ---- quantize_rows --------------------------------------------------------------------------------
+
+@torch.library.custom_op("octet::quantize_rows", mutates_args=())
+def quantize_rows(x: Tensor, smooth: Optional[Tensor], static_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    triton_quant, _, _ = _kernels()
+    return triton_quant.quantize_rows(x, smooth, static_scale)
+
+
+@quantize_rows.register_fake
+def _(x, smooth, static_scale):
+    scales = x.new_empty((1,) if static_scale is not None else (x.shape[0],), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=torch.int8), scales
+
+
+# ---- int8_linear ----------------------------------------------------------------------------------
+
+@torch.library.custom_op("octet::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], act: str,
+                smooth: Optional[Tensor], static_scale: Optional[Tensor]) -> Tensor:
+    triton_quant, triton_gemm, _ = _kernels()
+    x2d = x.reshape(-1, x.shape[-1])
+    if act == "none":
+        y = triton_gemm.w8a16_gemm(x2d, qweight, w_scale, bias)
+    elif act in ("dynamic", "static"):
+        if act == "static" and static_scale is None:
+            raise ValueError("act='static' needs static_scale")
+        xq, xs = triton_quant.quantize_rows(x2d.contiguous(), smooth, static_scale if act == "static" else None)
+        y = triton_gemm.w8a8_gemm(xq, xs, qweight, w_scale, bias, x.dtype)
+    else:
+        raise ValueError(f"act must be none|dynamic|static, got {act!r}")
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@int8_linear.register_fake
+def _(x, qweight, w_scale, bias, act, smooth, static_scale):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# ---- int8_conv2d ----------------------------------------------------------------------------------
+
+def _conv_out_format(x: Tensor) -> torch.memory_format:
+    # Like F.conv2d: a channels_last input gives a channels_last output.
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.library.custom_op("octet::int8_conv2d", mutates_args=())
+def int8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int], act: str, smooth: Optional[Tensor],
+                static_scale: Optional[Tensor]) -> Tensor:
+    _, _, triton_conv = _kernels()
+    if act == "none":
+        # Weight-only conv: cuDNN on the dequantized weight (see backends/float_fallback.py for why
+        # an INT8 kernel does not pay without INT8 activations).
+        w = torch_ref.dequantize_weight(qweight, w_scale, x.dtype)
+        y = F.conv2d(x, w, None if bias is None else bias.to(x.dtype), tuple(stride), tuple(padding),
+                     tuple(dilation))
+        return y.contiguous(memory_format=_conv_out_format(x))
+    if act not in ("dynamic", "static"):
+        raise ValueError(f"act must be none|dynamic|static, got {act!r}")
+    if act == "static" and static_scale is None:
+        raise ValueError("act='static' needs static_scale")
+    return triton_conv.conv2d_w8a8(x, qweight, w_scale, bias, tuple(stride), tuple(padding), tuple(dilation), 1,
+                                   smooth, static_scale if act == "static" else None)
+
+
+@int8_conv2d.register_fake
+def _(x, qweight, w_scale, bias, stride, padding, dilation, act, smooth, static_scale):
+    kh, kw = qweight.shape[2], qweight.shape[3]
+    oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((x.shape[0], qweight.shape[0], oh, ow), memory_format=_conv_out_format(x))
