@@ -47,8 +47,9 @@ registry.register(Implementation(
 from . import backends as _backends  # noqa: E402,F401
 
 
-def _request(op: str, act: str, x: torch.Tensor, n: int, k: int, m: int) -> Request:
-    return Request(op=op, act=act, device=x.device.type, dtype=str(x.dtype).replace("torch.", ""), m=m, n=n, k=k)
+def _request(op: str, act: str, x: torch.Tensor, n: int, k: int, m: int, groups: int = 1) -> Request:
+    return Request(op=op, act=act, device=x.device.type, dtype=str(x.dtype).replace("torch.", ""), m=m, n=n, k=k,
+                   groups=groups)
 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -70,5 +71,5 @@ def conv2d(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: 
         raise ValueError("act='static' needs static_scale (run Calibrate first, or use act='dynamic').")
     k = qweight[0].numel()
     m = x.shape[0] * x.shape[-1] * x.shape[-2]
-    impl = registry.select(_request("conv2d", act, x, qweight.shape[0], k, m), backend)
+    impl = registry.select(_request("conv2d", act, x, qweight.shape[0], k, m, groups), backend)
     return impl.conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale)

@@ -24,6 +24,7 @@ class Backend(str, enum.Enum):
     TRITON = "triton"
     BNB = "bitsandbytes"
     TORCH = "torch"
+    FLOAT = "float"    # dequantized weight + cuBLAS/cuDNN: AUTO's GPU fallback where INT8 loses
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Request:
     m: int = 0         # tokens (linear) or output pixels x batch (conv); 0 = unknown
     n: int = 0
     k: int = 0
+    groups: int = 1    # conv2d only: backends differ in which groupings they implement
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class Implementation:
     linear: Callable
     conv2d: Optional[Callable] = None
     priority: int = 0  # higher wins under AUTO
+    # AUTO only: returns a reason when the backend *could* run the request but should not be
+    # chosen unasked (e.g. measured slower than the float path). An explicit backend ignores it.
+    declines: Optional[Callable[[Request], Optional[str]]] = None
 
 
 _REGISTRY: dict[str, Implementation] = {}
@@ -110,6 +115,8 @@ def _auto(req: Request) -> Implementation:
     candidates = sorted(_REGISTRY.values(), key=lambda i: -i.priority)
     for impl in candidates:
         reason = _usable(impl, req)
+        if reason is None and impl.declines is not None:
+            reason = impl.declines(req)
         if reason is None:
             return impl
         if impl.name != Backend.TORCH.value:
