@@ -86,6 +86,25 @@ def int_matmul(a_q: torch.Tensor, b_q_t: torch.Tensor) -> torch.Tensor:
         return (a_q.double() @ b_q_t.double().t()).to(torch.int32)
 
 
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def int_conv2d(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """Exact integer convolution of int8 NCHW by int8 OIHW, as im2col + int32 GEMM."""
+    if groups != 1 or isinstance(padding, str):
+        # float64 holds every partial sum exactly (|sum| < 2^53): slower, but exact.
+        return F.conv2d(xq.double(), wq.double(), None, stride, padding, dilation, groups)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = wq.shape[2:], _pair(stride), _pair(padding), _pair(dilation)
+    b, _, h, w = xq.shape
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    # unfold needs floats; int8 values survive the float32 round trip exactly.
+    cols = F.unfold(xq.float(), (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
+    a = cols.transpose(1, 2).reshape(b * ho * wo, -1).to(torch.int8)
+    acc = int_matmul(a, wq.reshape(wq.shape[0], -1))
+    return acc.reshape(b, ho * wo, -1).transpose(1, 2).reshape(b, -1, ho, wo)
+
+
 def gemm_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """y = acc * x_scale[m] * w_scale[n] (+ bias) in float32, then cast: what kernels fuse."""
@@ -115,9 +134,8 @@ def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
                 stride, padding, dilation, groups: int,
                 smooth: torch.Tensor | None = None, static_scale: torch.Tensor | None = None) -> torch.Tensor:
     xq, xs = quantize_per_sample(x, smooth, static_scale)
-    # float64 convolution of integer values is exact (|sum| < 2^53), standing in for int32 accumulate.
-    acc = F.conv2d(xq.double(), qweight.double(), None, stride, padding, dilation, groups)
-    y = acc * xs.double().reshape(-1, 1, 1, 1) * w_scale.double().reshape(1, -1, 1, 1)
+    acc = int_conv2d(xq, qweight, stride, padding, dilation, groups)
+    y = acc.double() * xs.double().reshape(-1, 1, 1, 1) * w_scale.double().reshape(1, -1, 1, 1)
     if bias is not None:
         y = y + bias.double().reshape(1, -1, 1, 1)
     return y.to(x.dtype)

