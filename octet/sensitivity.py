@@ -1,0 +1,274 @@
+"""Sensitivity: quantize one layer (or block) at a time, measure how much the model output moves.
+
+The caller hands us ``run``: a callable that evaluates the denoiser on a few *fixed* inputs
+(latents at several noise levels, with their conditioning) and returns the outputs. We call it
+once in float for the reference, then once per layer with only that layer swapped for its INT8
+twin, and record the output MSE and PSNR against the reference. Layers are ranked most
+sensitive first, and ``select`` keeps the worst ones in float until a budget is met:
+
+- ``max_float_share``: at most this share of the candidate parameters stays in float;
+- ``min_psnr``: keep layers until the whole quantized model is expected to stay above this PSNR.
+
+Both budgets are filled greedily by *sensitivity per parameter* (output MSE a layer causes,
+divided by its parameter count): a small layer that causes a lot of error is the cheapest to
+keep. Errors of different layers are treated as additive (independent noise), which is what
+the ``min_psnr`` estimate rests on; ``verify`` measures the real PSNR of the chosen mix and keeps
+more layers if the estimate was optimistic.
+
+The result is deterministic for deterministic ``run`` inputs: nothing here draws random numbers.
+No ComfyUI import; the node adapter builds ``run`` from the host's sampler.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from .api import OctetError, quantizable_layers, quantize_
+from .config import QuantConfig
+from .policy import KEEP, Policy, Rule, decision_table
+
+BUDGETS = ("max_float_share", "min_psnr")
+
+
+def mse(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(torch.mean((out.detach().double() - ref.detach().double()) ** 2))
+
+
+def peak(ref: torch.Tensor) -> float:
+    """PSNR peak: the reference's value range (latents have no fixed 0..1 range like images)."""
+    return float(ref.detach().max() - ref.detach().min())
+
+
+def psnr_from_mse(err: float, peak_value: float) -> float:
+    if err <= 0:
+        return math.inf
+    return 10.0 * math.log10(peak_value ** 2 / err)
+
+
+def psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return psnr_from_mse(mse(ref, out), peak(ref))
+
+
+@dataclass
+class Unit:
+    """One measured unit: a layer, or a block of layers quantized together."""
+    name: str
+    layers: list[str]
+    kind: str
+    params: int
+    mse: float = 0.0
+    psnr: float = math.inf
+
+    @property
+    def per_param(self) -> float:
+        return self.mse / max(self.params, 1)
+
+
+@dataclass
+class SensitivityResult:
+    units: list[Unit]                 # most sensitive first
+    peak: float                       # PSNR peak of the reference output
+    mode: str
+    skipped: dict[str, str] = field(default_factory=dict)  # layers not measured -> why (kept by base policy)
+
+    @property
+    def total_params(self) -> int:
+        return sum(u.params for u in self.units)
+
+    def estimate_psnr(self, keep: Iterable[str]) -> float:
+        """PSNR of quantizing every unit except ``keep``, assuming the errors add up."""
+        keep = set(keep)
+        return psnr_from_mse(sum(u.mse for u in self.units if u.name not in keep), self.peak)
+
+    def to_text(self, keep: Iterable[str] = ()) -> str:
+        keep = set(keep)
+        rows = [(u.name, u.kind, u.params, u.psnr, "keep" if u.name in keep else self.mode,
+                 f"rank {i}/{len(self.units)}, mse {u.mse:.3g}" + (f", {len(u.layers)} layers" if len(u.layers) > 1 else ""))
+                for i, u in enumerate(self.units, 1)]
+        return decision_table(rows)
+
+
+def _params(module: nn.Module) -> int:
+    return module.weight.numel() + (module.bias.numel() if getattr(module, "bias", None) is not None else 0)
+
+
+def group_name(name: str, block_depth: Optional[int]) -> str:
+    if not block_depth:
+        return name
+    return ".".join(name.split(".")[:block_depth])
+
+
+class _Only:
+    """Single-unit policy: quantize the named layers with their base decision, keep all else."""
+
+    def __init__(self, names: set[str], configs: dict[str, QuantConfig]):
+        self.names, self.configs = names, configs
+
+    def decide(self, name, module, default):
+        return (self.configs.get(name, default), "") if name in self.names else (None, "not measured now")
+
+
+def measure(model: nn.Module, run: Callable[[], torch.Tensor], config: QuantConfig, *,
+            base: Optional[Policy] = None, calibration=None, block_depth: Optional[int] = None,
+            progress: Optional[Callable[[int, int], None]] = None) -> SensitivityResult:
+    """Rank the quantizable layers of ``model`` by the output error each causes alone.
+
+    ``base``: a policy (e.g. a preset) applied first; layers it keeps in float are not measured
+    (they stay in float anyway) and the others are measured in the mode it gives them.
+    ``block_depth``: measure blocks (names cut to this many dotted parts) instead of layers.
+    """
+    candidates = [(n, m, k) for n, m, k in quantizable_layers(model) if k in config.kinds]
+    if not candidates:
+        raise OctetError("No layer to measure: the model has no Linear/Conv2d of the selected kinds. "
+                         "Connect a float diffusion MODEL.")
+    skipped, configs, units = {}, {}, {}
+    for name, module, kind in candidates:
+        cfg, why = (config, "") if base is None else base.decide(name, module, config)
+        if cfg is None:
+            skipped[name] = why or "kept by base policy"
+            continue
+        configs[name] = cfg
+        key = group_name(name, block_depth)
+        u = units.setdefault(key, Unit(key, [], kind, 0))
+        u.layers.append(name)
+        u.params += _params(module)
+        if u.kind != kind:
+            u.kind = "mixed"
+    with torch.no_grad():
+        ref = run().detach().float()
+        pk = peak(ref)
+        if not math.isfinite(pk) or pk <= 0:
+            raise OctetError("The float model's output is constant or not finite; sensitivity needs a working "
+                             "model (check the latent and conditioning inputs).")
+        order = list(units.values())
+        for i, unit in enumerate(order):
+            q = quantize_(model, config, policy=_Only(set(unit.layers), configs), calibration=calibration,
+                          inplace=False)
+            originals = {n: model.get_submodule(n) for n in q.replacements}
+            try:
+                for n, layer in q.replacements.items():
+                    model.set_submodule(n, layer)
+                out = run().detach().float()
+            finally:  # the caller's model must come back exactly as it was, even on error
+                for n, layer in originals.items():
+                    model.set_submodule(n, layer)
+            unit.mse = mse(ref, out)
+            unit.psnr = psnr_from_mse(unit.mse, pk)
+            if progress is not None:
+                progress(i + 1, len(order))
+    # Stable sort on (-mse, name): ties break by name, so the ranking is reproducible.
+    ranked = sorted(order, key=lambda u: (-u.mse, u.name))
+    return SensitivityResult(ranked, pk, config.mode, skipped)
+
+
+def select(result: SensitivityResult, budget: str, value: float) -> list[str]:
+    """Units to keep in float, most cost-effective first."""
+    if budget not in BUDGETS:
+        raise OctetError(f"Unknown budget {budget!r}; choose one of {list(BUDGETS)}.")
+    by_value = sorted(result.units, key=lambda u: (-u.per_param, u.name))
+    keep: list[str] = []
+    if budget == "max_float_share":
+        if not 0.0 <= value <= 1.0:
+            raise OctetError(f"max_float_share={value} must be a share in [0, 1] (e.g. 0.05 for 5% of parameters).")
+        allowance = value * result.total_params
+        used = 0
+        for u in by_value:
+            if u.mse <= 0:
+                break
+            if used + u.params <= allowance:  # knapsack-greedy: skip a unit too big, try smaller ones
+                keep.append(u.name)
+                used += u.params
+        return keep
+    target_mse = result.peak ** 2 / 10 ** (value / 10.0)
+    remaining = sum(u.mse for u in result.units)
+    for u in by_value:
+        if remaining <= target_mse:
+            break
+        keep.append(u.name)
+        remaining -= u.mse
+    return keep
+
+
+def to_policy(result: SensitivityResult, keep: Iterable[str], *, base: Optional[Policy] = None,
+              name: str = "sensitivity", budget_note: str = "") -> Policy:
+    """A Policy that keeps ``keep`` units in float (and whatever ``base`` keeps), with scores as notes."""
+    keep = set(keep)
+    units = {u.name: (i, u) for i, u in enumerate(result.units, 1)}
+    overrides, notes, scores = {}, {}, {}
+    for uname, (rank, u) in units.items():
+        for layer in u.layers:
+            scores[layer] = u.psnr
+            notes[layer] = f"sensitivity rank {rank}/{len(units)}, {u.psnr:.1f} dB alone"
+            if uname in keep:
+                overrides[layer] = KEEP
+                notes[layer] += f", kept to meet {budget_note or 'the budget'}"
+    own = Policy(name=name, overrides=overrides, notes=notes, scores=scores)
+    if base is None:
+        return own
+    merged = own.merged(base, name=f"{name}+{base.name}")
+    return merged
+
+
+def verify(model: nn.Module, run: Callable[[], torch.Tensor], config: QuantConfig, policy: Policy,
+           calibration=None, reference: Optional[torch.Tensor] = None) -> float:
+    """Real PSNR of the whole model quantized with ``policy`` (the model is restored afterwards)."""
+    with torch.no_grad():
+        ref = run().detach().float() if reference is None else reference
+        q = quantize_(model, config, policy=policy, calibration=calibration, inplace=False)
+        originals = {n: model.get_submodule(n) for n in q.replacements}
+        try:
+            for n, layer in q.replacements.items():
+                model.set_submodule(n, layer)
+            out = run().detach().float()
+        finally:
+            for n, layer in originals.items():
+                model.set_submodule(n, layer)
+    return psnr(ref, out)
+
+
+def sensitivity_policy(model: nn.Module, run: Callable[[], torch.Tensor], config: QuantConfig, budget: str,
+                       value: float, *, base: Optional[Policy] = None, calibration=None,
+                       block_depth: Optional[int] = None, check: bool = True,
+                       progress: Optional[Callable[[int, int], None]] = None) -> tuple[Policy, SensitivityResult, dict]:
+    """Measure, select under the budget, and (for ``min_psnr``) check the real PSNR and keep more
+    layers while it falls short. Returns (policy, result, summary)."""
+    result = measure(model, run, config, base=base, calibration=calibration, block_depth=block_depth,
+                     progress=progress)
+    keep = select(result, budget, value)
+    note = f"{budget}={value:g}"
+    name = f"sensitivity:{config.mode}:{note}"
+    policy = to_policy(result, keep, base=base, name=name, budget_note=note)
+    summary = {"budget": budget, "value": value, "kept_units": len(keep), "units": len(result.units),
+               "estimated_psnr": result.estimate_psnr(keep)}
+    if check:
+        real = verify(model, run, config, policy, calibration)
+        if budget == "min_psnr":
+            # Errors of different layers can add up faster than independent noise; keep the next
+            # most cost-effective units until the real PSNR meets the target (or all are kept).
+            order = [u.name for u in sorted(result.units, key=lambda u: (-u.per_param, u.name)) if u.name not in keep]
+            step = 1
+            while real < value and order:
+                keep += order[:step]
+                order = order[step:]
+                step *= 2
+                policy = to_policy(result, keep, base=base, name=name, budget_note=note)
+                real = verify(model, run, config, policy, calibration)
+            summary["kept_units"] = len(keep)
+        summary["measured_psnr"] = real
+    kept_params = sum(u.params for u in result.units if u.name in set(keep))
+    summary["float_share"] = kept_params / max(result.total_params, 1)
+    return policy, result, summary
+
+
+def summary_text(result: SensitivityResult, summary: dict) -> str:
+    lines = [f"sensitivity ({result.mode}): {len(result.units)} units measured, "
+             f"{len(result.skipped)} layers kept by the base policy and not measured",
+             f"budget {summary['budget']}={summary['value']:g}: keep {summary['kept_units']} units in float "
+             f"({100 * summary['float_share']:.2f}% of measured parameters); estimated PSNR "
+             f"{summary['estimated_psnr']:.2f} dB" + (f", measured {summary['measured_psnr']:.2f} dB"
+                                                     if "measured_psnr" in summary else "")]
+    return "\n".join(lines)
