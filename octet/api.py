@@ -87,6 +87,9 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Policy]
         kinds = sorted({type(m).__name__ for m in model.modules()})[:12]
         raise OctetError(f"This model has no Linear or Conv2d layer to quantize (module types: {kinds}). "
                          f"Connect a diffusion MODEL (UNet/DiT), not a VAE, CLIP or an already quantized model.")
+    if calibration is not None:
+        # Activation ranges belong to the weights they were recorded with; refuse any other model.
+        calibration.check_model(model)
     result = QuantResult()
     for i, (name, module, kind) in enumerate(candidates):
         params = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
