@@ -65,8 +65,17 @@ CONV_SHAPES = [
 
 
 def bench(fn, reps_ms: int) -> float:
+    """Eager: what a Python caller sees, CPU launch overhead included (do_bench, CUDA events)."""
     from triton.testing import do_bench
     return do_bench(fn, warmup=10, rep=reps_ms, return_mode="median")
+
+
+def bench_graph(fn, reps_ms: int) -> float:
+    """GPU time alone: the calls are captured in a CUDA graph and replayed (no launch overhead)."""
+    from triton.testing import do_bench_cudagraph
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=reps_ms, return_mode="median")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,6 +113,13 @@ def linear_row(kernels, model, layer, m, n, k, reps_ms):
     req = registry.Request("linear", "dynamic", "cuda", "bfloat16", m, n, k)
     row["auto_picks"] = registry.select(req).name
     t["auto"] = bench(lambda: kernels.linear(x, qw, ws, bias), reps_ms)
+    t["graph bf16"] = bench_graph(lambda: F.linear(x, w, bias), reps_ms)
+    t["graph gemm"] = bench_graph(lambda: triton_gemm.w8a8_gemm(xq, xs, qw, ws, bias, dt), reps_ms)
+    t["graph quant+gemm"] = bench_graph(lambda: kernels.linear(x, qw, ws, bias, backend="triton"), reps_ms)
+    if m <= 1024:
+        t["graph w8a16"] = bench_graph(lambda: kernels.linear(x, qw, ws, bias, act="none", backend="triton"),
+                                       reps_ms)
+    t["graph float path"] = bench_graph(lambda: kernels.linear(x, qw, ws, bias, backend="float"), reps_ms)
     row["ms"] = t
     return row
 
@@ -137,14 +153,20 @@ def conv_row(kernels, model, layer, cin, cout, side, ksize, stride, batch, reps_
     row["auto_picks"] = registry.select(registry.Request("conv2d", "dynamic", "cuda", "bfloat16", m, cout,
                                                          cin * ksize * ksize)).name
     t["auto"] = bench(lambda: kernels.conv2d(x, qw, ws, bias, stride, pad), reps_ms)
+    t["graph bf16"] = bench_graph(lambda: F.conv2d(x, w, bias, stride, pad), reps_ms)
+    t["graph bf16 channels_last"] = bench_graph(lambda: F.conv2d(x_cl, w_cl, bias, stride, pad), reps_ms)
+    t["graph quant+conv"] = bench_graph(lambda: kernels.conv2d(x, qw, ws, bias, stride, pad, backend="triton"),
+                                        reps_ms)
+    t["graph float path"] = bench_graph(lambda: kernels.conv2d(x, qw, ws, bias, stride, pad, backend="float"),
+                                        reps_ms)
     row["ms"] = t
     return row
 
 
 def _fmt(row, cols):
-    base = row["ms"]["bf16"]
     cells = []
     for c in cols:
+        base = row["ms"]["graph bf16" if c.startswith("graph") else "bf16"]
         v = row["ms"].get(c)
         cells.append("n/a" if v is None else f"{v:.3f} ({base / v:.2f}x)")
     return cells
@@ -184,8 +206,10 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump({"header": header, "linear": rows, "conv": conv_rows}, f, indent=1)
-    lin_cols = ["gemm", "quant+gemm", "w8a16", "int_mm eager", "float path", "bnb", "auto"]
-    conv_cols = ["bf16 channels_last", "quant+conv", "quant+conv channels_last", "float path", "auto"]
+    lin_cols = ["gemm", "quant+gemm", "w8a16", "int_mm eager", "float path", "bnb", "auto",
+                "graph bf16", "graph gemm", "graph quant+gemm", "graph w8a16", "graph float path"]
+    conv_cols = ["bf16 channels_last", "quant+conv", "quant+conv channels_last", "float path", "auto",
+                 "graph bf16", "graph bf16 channels_last", "graph quant+conv", "graph float path"]
     lines = [f"Card: **{card}** (sm{header['capability'][0]}{header['capability'][1]}), torch {header['torch']}, "
              f"triton {header['triton']}, {header['date']}. bitsandbytes: {header['bitsandbytes']}.", "",
              "Linear, bf16 activations; ms (ratio vs bf16 F.linear, >1 = faster):", "",
@@ -200,10 +224,23 @@ def main():
     for r in conv_rows:
         lines.append(f"| {r['model']} | {r['layer']} | {r['batch']} | {r['ms']['bf16']:.3f} | "
                      + " | ".join(_fmt(r, conv_cols)) + f" | {r['auto_picks']} | {r['err_vs_bf16']:.4f} |")
+    lines += ["", "Columns without 'graph': eager calls timed with CUDA events (CPU launch overhead included),"
+              " ratio vs eager bf16. 'graph' columns: the same calls captured in a CUDA graph (GPU time only),"
+              " ratio vs graph bf16."]
     table = "\n".join(lines)
     with open(os.path.join(args.out, "kernels.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+    _print_tuned_configs()
+
+
+def _print_tuned_configs():
+    """Which tile each autotuned kernel chose per key (M bucket, N, K, ...): evidence for the configs."""
+    from comfyui_octet.kernels.backends import triton_conv, triton_gemm
+    for name, kern in (("w8a8", triton_gemm._w8a8_kernel), ("w8a16", triton_gemm._w8a16_kernel),
+                       ("conv", triton_conv._conv_kernel)):
+        for key, cfg in kern.cache.items():
+            print("tuned", name, key[:6], cfg.kwargs, f"warps={cfg.num_warps} stages={cfg.num_stages}")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def rejects(req: registry.Request) -> Optional[str]:
 
 
 def _linear(x, qweight, w_scale, bias, act, smooth, static_scale):
-    return ops.int8_linear(x, qweight, w_scale, bias, act, smooth, static_scale)
+    return ops.linear(x, qweight, w_scale, bias, act, smooth, static_scale)
 
 
 def _pair(v) -> list[int]:
@@ -105,7 +105,7 @@ def _explicit_padding(padding, qweight, dilation) -> list[int]:
 def _conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale):
     if groups != 1:
         raise ValueError(f"triton conv2d handles groups == 1, got {groups}")
-    return ops.int8_conv2d(x, qweight, w_scale, bias, _pair(stride), _explicit_padding(padding, qweight, dilation),
+    return ops.conv2d(x, qweight, w_scale, bias, _pair(stride), _explicit_padding(padding, qweight, dilation),
                            _pair(dilation), act, smooth, static_scale)
 
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from . import triton_support
 from .triton_gemm import _grouped_tile, m_bucket
 from .triton_quant import quantize_per_sample_nhwc
@@ -25,15 +27,21 @@ from .triton_quant import quantize_per_sample_nhwc
 _MAX_INT32 = 2**31 - 1
 
 
+def _set_weight_block(nargs):
+    """Autotune pre-hook: the weight's TMA box must match the config's tile."""
+    if isinstance(nargs["w_ptr"], TensorDescriptor):
+        nargs["w_ptr"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
 def _cfg(bm, bn, bk, stages, warps, group_m=8):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_stages=stages, num_warps=warps)
+                         num_stages=stages, num_warps=warps, pre_hook=_set_weight_block)
 
 
 def conv_configs() -> list:
     """Tiles for the implicit GEMM; K steps of 64 suit C = 320/640/1280 (multiples of 64)."""
     if triton_support.interpreting():
-        return [_cfg(32, 32, 32, 1, 4, group_m=2)]
+        return [_cfg(32, 32, 64, 1, 4, group_m=2)]
     if triton_support.capability()[0] >= 9:
         return [
             _cfg(128, 128, 64, 4, 8),
@@ -56,13 +64,17 @@ def conv_configs() -> list:
 
 
 def _prune(configs, named_args, **kwargs):
-    m = named_args["M"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
+    # Tiles no taller than M; with a TMA weight, K steps that never straddle two taps (C % BK == 0).
+    m, c = named_args["M"], named_args["C"]
+    tma = kwargs.get("W_TMA", named_args.get("W_TMA", False))
+    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
+            and (not tma or c % cfg.kwargs["BLOCK_K"] == 0)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
 @triton.autotune(configs=triton_support.tuned(conv_configs()),
-                 do_bench=triton_support.tuning_bench, key=["M_BUCKET", "OC", "C", "KH", "KW", "POINTWISE"],
+                 do_bench=triton_support.tuning_bench,
+                 key=["M_BUCKET", "OC", "C", "KH", "KW", "POINTWISE", "W_TMA"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
@@ -70,7 +82,7 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                  y_stride_n, y_stride_c, y_stride_p, a_scale_stride,
                  KH: tl.constexpr, KW: tl.constexpr, POINTWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 W_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(OC, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)     # output pixel (n, oh, ow) flattened
@@ -82,18 +94,20 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
     sample = m_safe // ohw
     pix = m_safe % ohw
     k_total = KH * KW * C
-    w_rows = w_ptr + n_safe[None, :] * k_total
+    if not W_TMA:
+        w_rows = w_ptr + n_safe[None, :] * k_total
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     if POINTWISE:
         # 1x1, stride 1, no padding: pixel m of the output is pixel m of the input.
         a_ptrs = x_ptr + m_safe[:, None] * C + offs_k[None, :]
-        b_ptrs = w_rows + offs_k[:, None]
         for k0 in range(0, C, BLOCK_K):
             a = tl.load(a_ptrs, mask=offs_k[None, :] < C - k0, other=0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < C - k0, other=0)
+            if W_TMA:
+                b = w_ptr.load([pid_n * BLOCK_N, k0]).T
+            else:
+                b = tl.load(w_rows + k0 + offs_k[:, None], mask=offs_k[:, None] < C - k0, other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
     else:
         oh = pix // OW
         ow = pix % OW
@@ -112,7 +126,10 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
             c_ok = offs_k < C - c0
             a = tl.load(x_sample[:, None] + ((ih * W + iw) * C + c0)[:, None] + offs_k[None, :],
                         mask=inside[:, None] & c_ok[None, :], other=0)
-            b = tl.load(w_rows + (tap * C + c0) + offs_k[:, None], mask=c_ok[:, None], other=0)
+            if W_TMA:
+                b = w_ptr.load([pid_n * BLOCK_N, tap * C + c0]).T
+            else:
+                b = tl.load(w_rows + (tap * C + c0) + offs_k[:, None], mask=c_ok[:, None], other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     mask_m = offs_m < M
     mask_n = offs_n < OC
@@ -175,10 +192,14 @@ def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
     m = nb * oh * ow
     pointwise = kh == 1 and kw == 1 and stride == (1, 1) and padding == (0, 0)
     ws = w_scale.reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
+    # The weight through TMA on Hopper (bulk copies, zero-filled past OC) when C is a multiple of 64,
+    # so a K step never straddles two taps; the activations are a gather, loaded by pointer.
+    w_tma = c % 64 == 0 and (triton_support.is_hopper() or triton_support.interpreting())
+    w_arg = TensorDescriptor.from_tensor(wq.view(oc, kh * kw * c), [16, 16]) if w_tma else wq
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(oc, meta["BLOCK_N"]),)  # noqa: E731
-    _conv_kernel[grid](xq, wq, y, a_scale, ws, bias if bias is not None else ws,
+    _conv_kernel[grid](xq, w_arg, y, a_scale, ws, bias if bias is not None else ws,
                        m, m_bucket(m), h, w, c, oh, ow, oc,
                        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                        y.stride(0), y.stride(1), y.stride(3), 1 if a_scale.numel() > 1 else 0,
-                       KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=bias is not None)
+                       KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=bias is not None, W_TMA=w_tma)
     return y

@@ -64,6 +64,9 @@ def w8a8_configs() -> list:
             _cfg(128, 256, 64, 4, 8, pre_hook=hook),
             _cfg(128, 256, 128, 3, 8, persistent=True, pre_hook=hook),
             _cfg(128, 128, 128, 4, 8, persistent=True, pre_hook=hook),
+            _cfg(128, 256, 128, 4, 8, persistent=True, pre_hook=hook),
+            _cfg(256, 128, 128, 3, 8, persistent=True, pre_hook=hook),
+            _cfg(128, 256, 64, 4, 8, persistent=True, pre_hook=hook),
             _cfg(64, 128, 128, 4, 4, pre_hook=hook),
             _cfg(128, 64, 128, 4, 4, pre_hook=hook),
             _cfg(64, 64, 128, 4, 4, pre_hook=hook),
@@ -99,9 +102,12 @@ def w8a16_configs() -> list:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles far taller than M (wasted MMA rows); keep at least the smallest."""
+    """Drop tiles far taller than M (wasted MMA rows), and persistent tiles without TMA operands;
+    keep at least the smallest."""
     m = named_args["M"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
+    tma = kwargs.get("USE_TMA", named_args.get("USE_TMA", False))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
+            and (tma or not c.kwargs["PERSISTENT"])]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
@@ -125,30 +131,11 @@ def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _w8a8_tile(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
-               stride_cm, stride_as, pid_m, pid_n, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_cm, stride_as, pid_m, pid_n,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Same order as torch_ref.gemm_epilogue: ((acc * sa) * sw) + bias in fp32, then one rounding.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    if USE_TMA:
-        for k0 in range(0, K, BLOCK_K):
-            a_tile = a.load([pid_m * BLOCK_M, k0])
-            b_tile = b.load([pid_n * BLOCK_N, k0])
-            acc = tl.dot(a_tile, b_tile.T, acc, out_dtype=tl.int32)
-    else:
-        # Rows/cols past M/N wrap around (modulo) instead of being masked: they compute garbage
-        # that the masked store drops, and the loads stay unmasked on those axes.
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
-        b_ptrs = b + (offs_n % N)[None, :] * stride_bn + offs_k[:, None]
-        for k0 in range(0, K, BLOCK_K):
-            a_tile = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
-            b_tile = tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0)
-            acc = tl.dot(a_tile, b_tile, acc, out_dtype=tl.int32)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-    # Epilogue, in the same order as torch_ref.gemm_epilogue: ((acc * sa) * sw) + bias, fp32.
     mask_m = offs_m < M
     mask_n = offs_n < N
     a_scale = tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0)
@@ -160,11 +147,37 @@ def _w8a8_tile(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, stride_
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _w8a8_mainloop(a, b, M, N, K, stride_am, stride_bn, pid_m, pid_n, USE_TMA: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if USE_TMA:
+        for k0 in range(0, K, BLOCK_K):
+            a_tile = a.load([pid_m * BLOCK_M, k0])
+            b_tile = b.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(a_tile, b_tile.T, acc, out_dtype=tl.int32)
+    else:
+        # Rows/cols past M/N wrap around (modulo) instead of being masked: they compute garbage
+        # that the masked store drops, and the loads stay unmasked on those axes.
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b + (offs_n % N)[None, :] * stride_bn + offs_k[:, None]
+        for k0 in range(0, K, BLOCK_K):
+            a_tile = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
+            b_tile = tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0)
+            acc = tl.dot(a_tile, b_tile, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+    return acc
+
+
 @triton.autotune(configs=triton_support.tuned(w8a8_configs()),
                  do_bench=triton_support.tuning_bench, key=["M_BUCKET", "N", "K", "USE_TMA"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, M_BUCKET,
+def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, M_BUCKET, NUM_SMS,
                  stride_am, stride_bn, stride_cm, stride_as,
                  HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -172,15 +185,28 @@ def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, M_BUC
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
-        # One program per SM walks the tiles: no tail wave, and launch cost paid once.
-        for tile_id in range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
+        # One program per SM walks the tiles (TMA operands only, see _prune). flatten=True lets
+        # Triton software-pipeline across tile boundaries, so the next tile's loads are in flight
+        # while this tile's epilogue runs. The epilogue recomputes its tile from a second counter,
+        # as Triton's persistent-matmul tutorial does, to keep the flattened loop simple.
+        tile_c = tl.program_id(0) - NUM_SMS
+        for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
             pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
-            _w8a8_tile(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
-                       stride_cm, stride_as, pid_m, pid_n, HAS_BIAS, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for k0 in range(0, K, BLOCK_K):
+                a_tile = a.load([pid_m * BLOCK_M, k0])
+                b_tile = b.load([pid_n * BLOCK_N, k0])
+                acc = tl.dot(a_tile, b_tile.T, acc, out_dtype=tl.int32)
+            tile_c += NUM_SMS
+            pid_m_c, pid_n_c = _grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
+            _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_cm, stride_as,
+                           pid_m_c, pid_n_c, HAS_BIAS, BLOCK_M, BLOCK_N)
     else:
         pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-        _w8a8_tile(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
-                   stride_cm, stride_as, pid_m, pid_n, HAS_BIAS, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _w8a8_mainloop(a, b, M, N, K, stride_am, stride_bn, pid_m, pid_n, USE_TMA,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
+        _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_cm, stride_as,
+                       pid_m, pid_n, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 @triton.autotune(configs=triton_support.tuned(w8a16_configs()),
@@ -279,7 +305,7 @@ def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w
         return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
 
     _w8a8_kernel[grid](a_arg, b_arg, out, a_scale, w_scale, bias if bias is not None else w_scale,
-                       m, n, k, m_bucket(m), k, k, n, 0 if a_scale.numel() == 1 else 1,
+                       m, n, k, m_bucket(m), sms, k, k, n, 0 if a_scale.numel() == 1 else 1,
                        HAS_BIAS=bias is not None, USE_TMA=use_tma)
     return out
 

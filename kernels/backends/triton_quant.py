@@ -2,7 +2,7 @@
 
 Numerics follow ``torch_ref`` bit for bit: smoothing and scaling use IEEE division
 (``tl.div_rn``; Triton's ``/`` on fp32 is an approximate division), scales are
-``max(absmax / 127, 1e-12)``, and rounding is half-to-even. The rounding uses the fp32 magic-number
+``max(absmax / 127, 1e-12)`` computed the way PyTorch does on the same device, and rounding is half-to-even. The rounding uses the fp32 magic-number
 trick (adding and subtracting 1.5 * 2**23 rounds to the nearest even integer for |v| < 2**22),
 which we can apply because values are clamped to [-127, 127] first; clamping before rounding gives
 the same result as torch's round-then-clamp on that range. (libdevice.rint would do too on the
@@ -33,9 +33,21 @@ def _round_to_int8(v):
 
 
 @triton.jit
+def _scale_from_absmax(absmax, SCALE_BY_RECIPROCAL: tl.constexpr):
+    # torch_ref computes absmax / 127. PyTorch's CUDA kernels divide by a scalar as a multiply by
+    # its fp32 reciprocal, its CPU kernels divide; we follow the device so that the scales, and
+    # hence the int8 values, are bit-identical to the reference wherever it runs.
+    if SCALE_BY_RECIPROCAL:
+        s = absmax * (1.0 / 127.0)
+    else:
+        s = tl.div_rn(absmax, 127.0)
+    return tl.maximum(s, 1e-12)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, stride_xm,
                           HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, ONE_TILE: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * K
@@ -48,7 +60,7 @@ def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, st
         if STATIC:
             scale = tl.load(static_ptr).to(tl.float32)
         else:
-            scale = tl.maximum(tl.div_rn(tl.max(tl.abs(v), axis=0), 127.0), 1e-12)
+            scale = _scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
             tl.store(scale_ptr + row, scale)
         tl.store(q_row + offs, _round_to_int8(tl.div_rn(v, scale)), mask=mask)
     else:
@@ -62,7 +74,7 @@ def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, st
                 if HAS_SMOOTH:
                     v = tl.div_rn(v, tl.load(smooth_ptr + k0 + offs, mask=mask, other=1.0).to(tl.float32))
                 absmax = tl.maximum(absmax, tl.abs(v))
-            scale = tl.maximum(tl.div_rn(tl.max(absmax, axis=0), 127.0), 1e-12)
+            scale = _scale_from_absmax(tl.max(absmax, axis=0), SCALE_BY_RECIPROCAL)
             tl.store(scale_ptr + row, scale)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
@@ -96,7 +108,8 @@ def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
     smooth_arg = smooth.contiguous() if smooth is not None else x2d
     _quantize_rows_kernel[(m,)](
         x2d, smooth_arg, scales, q, scales, k, x2d.stride(0),
-        HAS_SMOOTH=smooth is not None, STATIC=static, ONE_TILE=one_tile, BLOCK_K=block_k,
+        HAS_SMOOTH=smooth is not None, STATIC=static, ONE_TILE=one_tile, SCALE_BY_RECIPROCAL=x2d.is_cuda,
+        BLOCK_K=block_k,
         num_warps=max(1, min(16, block_k // 512)))
     return q, scales
 
@@ -122,7 +135,7 @@ def _sample_absmax_kernel(x_ptr, smooth_ptr, partial_ptr, C, HW, num_chunks,
 def _quantize_nchw_to_nhwc_kernel(x_ptr, smooth_ptr, partial_ptr, static_ptr, q_ptr, scale_ptr,
                                   C, HW, num_chunks,
                                   HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr,
-                                  BLOCK_CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                                  SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     pid_hw = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -131,7 +144,7 @@ def _quantize_nchw_to_nhwc_kernel(x_ptr, smooth_ptr, partial_ptr, static_ptr, q_
     else:
         chunks = tl.arange(0, BLOCK_CHUNKS)
         part = tl.load(partial_ptr + n * num_chunks + chunks, mask=chunks < num_chunks, other=0.0)
-        scale = tl.maximum(tl.div_rn(tl.max(part, axis=0), 127.0), 1e-12)
+        scale = _scale_from_absmax(tl.max(part, axis=0), SCALE_BY_RECIPROCAL)
         if (pid_hw == 0) & (pid_c == 0):
             tl.store(scale_ptr + n, scale)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -175,6 +188,6 @@ def quantize_per_sample_nhwc(x: torch.Tensor, smooth: torch.Tensor | None = None
     grid = (n, triton.cdiv(hw, block_hw), triton.cdiv(c, block_c))
     _quantize_nchw_to_nhwc_kernel[grid](
         x, smooth_arg, partial, scales, q, scales, c, hw, num_chunks,
-        HAS_SMOOTH=smooth is not None, STATIC=static, BLOCK_CHUNKS=triton.next_power_of_2(num_chunks),
+        HAS_SMOOTH=smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=x.is_cuda, BLOCK_CHUNKS=triton.next_power_of_2(num_chunks),
         BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
     return q, scales

@@ -17,6 +17,8 @@ CASES = [
     (1, 8, 9, 9, 12, 1, 2, 0, 1),     # 1x1 stride 2
     (1, 6, 12, 10, 7, 3, 1, 2, 2),    # dilation 2
     (1, 3, 8, 8, 5, 3, 1, 0, 1),      # no padding
+    (2, 64, 5, 6, 40, 3, 1, 1, 1),    # C % 64 == 0: weight through a TMA descriptor (Hopper path)
+    (1, 128, 4, 5, 24, 1, 1, 0, 1),   # 1x1 with the TMA weight
 ]
 
 

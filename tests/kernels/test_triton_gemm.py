@@ -87,3 +87,28 @@ def test_shape_mismatch_is_rejected(rng, device):
     b = torch.randint(-127, 128, (8, 16), generator=rng, dtype=torch.int8).to(device)
     with pytest.raises(ValueError, match="qweight"):
         triton_gemm.w8a8_gemm(a, torch.ones(4, device=device), b, torch.ones(8, device=device), None, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(70, 130, 48), (33, 64, 96)])
+def test_persistent_tma_variant_is_exact(shape, rng, device):
+    """The persistent (one program per SM, flattened tile loop) variant, launched directly: the
+    autotuner only reaches it on Hopper, so CI checks it here."""
+    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    from comfyui_octet.kernels.backends import triton_gemm
+    m, n, k = shape
+    a = torch.randint(-127, 128, (m, k), generator=rng, dtype=torch.int8).to(device)
+    b = torch.randint(-127, 128, (n, k), generator=rng, dtype=torch.int8).to(device)
+    a_scale, w_scale = positive(m, rng, device), positive(n, rng, device)
+    bias = randn(n, rng, device=device)
+    out = torch.full((m, n), float("nan"), device=device)
+    bm, bn, bk, programs = 32, 32, 32, 3   # fewer programs than tiles: each walks several
+    kernel = triton_gemm._w8a8_kernel.fn
+    kernel[(programs,)](TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
+                        out, a_scale, w_scale, bias, m, n, k, triton_gemm.m_bucket(m), programs, k, k, n, 1,
+                        HAS_BIAS=True, USE_TMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2,
+                        PERSISTENT=True)
+    acc = torch_ref.int_matmul(a.cpu(), b.cpu())
+    expected = torch_ref.gemm_epilogue(acc, a_scale.cpu(), w_scale.cpu(), bias.cpu(), torch.float32)
+    assert_epilogue_close(out.cpu(), expected)
+    assert triton.cdiv(m, bm) * triton.cdiv(n, bn) > programs
