@@ -17,6 +17,7 @@ from ..octet import checkpoint, quantize_
 from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from ..octet.modules import QuantLayer
+from ..octet.policy import write_report
 
 log = logging.getLogger("octet")
 PREFIX = "diffusion_model."
@@ -70,10 +71,18 @@ def quantize_model(patcher, config, policy=None, calibration=None, progress=None
         "source_hash": source_hash,
         "summary": result.summary(),
         "policy": getattr(policy, "name", None),
+        "policy_spec": _policy_dict(policy, compact=True),
         "calibration": calibration.summary() if calibration is not None else None,
+        # Not written into the checkpoint header (too big): save_model writes it beside the file.
+        "report": {"layers": result.to_dict()["layers"], "policy": _policy_dict(policy)},
     }
     log.info("Octet: %s", result.summary())
     return clone, result
+
+
+def _policy_dict(policy, compact=False):
+    to_dict = getattr(policy, "to_dict", None)
+    return to_dict(compact=compact) if to_dict is not None else None
 
 
 class _Overlay(torch.nn.Module):
@@ -109,11 +118,16 @@ def save_model(patcher, path: str) -> dict:
         "model_type": patcher.model.model_type.name,
         "dtype": str(patcher.model.get_dtype()).replace("torch.", ""),
         "mode": info.get("mode"), "config": info.get("config"), "policy": info.get("policy"),
+        "policy_spec": info.get("policy_spec"),
         "calibration": info.get("calibration"), "source_hash": info.get("source_hash"),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "octet_version": _version(),
     }
-    return checkpoint.save(path, _Overlay(diffusion_model(patcher), layers), meta)
+    written = checkpoint.save(path, _Overlay(diffusion_model(patcher), layers), meta)
+    report = info.get("report")
+    if report:  # the per-layer table (and sensitivity scores) as <name>.report.txt/.json beside the file
+        write_report(path, report["layers"], report["policy"], meta)
+    return written
 
 
 def _version() -> str:
@@ -166,7 +180,8 @@ def load_model(path: str, backend: str = "auto"):
     model.to(offload_device)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.model_options[OPTIONS_KEY] = {k: ckpt.octet.get(k) for k in
-                                          ("architecture", "mode", "config", "policy", "calibration", "source_hash")}
+                                          ("architecture", "mode", "config", "policy", "policy_spec", "calibration",
+                                           "source_hash")}
     patcher.model_options[OPTIONS_KEY]["file"] = os.path.basename(path)
     return patcher
 

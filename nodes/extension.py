@@ -4,10 +4,12 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .checkpoint_nodes import LoadQuantized, SaveQuantized
+from .policy_nodes import MixedPrecisionPolicy, SensitivityPolicy
 from .quantize_nodes import QuantizeModel
 from .reference_nodes import ReferenceConditioning, ReferenceModel
 
-NODES = [QuantizeModel, SaveQuantized, LoadQuantized, ReferenceModel, ReferenceConditioning]
+NODES = [QuantizeModel, SaveQuantized, LoadQuantized, ReferenceModel, ReferenceConditioning, MixedPrecisionPolicy,
+         SensitivityPolicy]
 
 
 class OctetExtension(ComfyExtension):
