@@ -197,6 +197,7 @@ def main():
             row["batch"] = batch
             rows.append(row)
             print(card, json.dumps(row), flush=True)
+    quant_rows = _quant_variants(args.reps_ms)
     conv_rows = []
     for batch in batches:
         for shape in CONV_SHAPES:
@@ -205,7 +206,7 @@ def main():
             print(card, json.dumps(row), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
-        json.dump({"header": header, "linear": rows, "conv": conv_rows}, f, indent=1)
+        json.dump({"header": header, "linear": rows, "conv": conv_rows, "quant_variants": quant_rows}, f, indent=1)
     lin_cols = ["gemm", "quant+gemm", "w8a16", "int_mm eager", "float path", "bnb", "auto",
                 "graph bf16", "graph gemm", "graph quant+gemm", "graph w8a16", "graph float path"]
     conv_cols = ["bf16 channels_last", "quant+conv", "quant+conv channels_last", "float path", "auto",
@@ -232,6 +233,34 @@ def main():
         f.write(table + "\n")
     print(table)
     _print_tuned_configs()
+
+
+def _quant_variants(reps_ms):
+    """Row quantization launch shapes compared on the GPU (GPU time; bytes moved / time = GB/s)."""
+    from comfyui_octet.kernels.backends import triton_quant
+    default = triton_quant.row_launch_config
+    variants = {"default": default,
+                "loop1024w4": lambda k: (False, 1024, 4), "loop2048w8": lambda k: (False, 2048, 8),
+                "loop4096w8": lambda k: (False, 4096, 8), "tile_w4": lambda k: (True, triton.next_power_of_2(k), 4),
+                "tile_w8": lambda k: (True, triton.next_power_of_2(k), 8)}
+    import triton
+    out = []
+    for m, k in [(4608, 3072), (4608, 12288), (16384, 2560), (16384, 6144)]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = triton_quant.quantize_rows(x)[0]
+        for name, fn in variants.items():
+            triton_quant.row_launch_config = fn
+            try:
+                assert torch.equal(triton_quant.quantize_rows(x)[0], ref)
+                ms = bench_graph(lambda: triton_quant.quantize_rows(x), reps_ms)
+                row = {"M": m, "K": k, "variant": name, "ms": ms, "GBps": 3 * m * k / ms / 1e6}
+            except Exception as exc:  # a variant that does not compile is a result too
+                row = {"M": m, "K": k, "variant": name, "error": repr(exc)[:200]}
+            finally:
+                triton_quant.row_launch_config = default
+            out.append(row)
+            print(torch.cuda.get_device_name(), "quant", json.dumps(row), flush=True)
+    return out
 
 
 def _print_tuned_configs():

@@ -13,8 +13,8 @@ Can run (``rejects``):
 Worth it (``declines``, AUTO only):
   * not on CPU: the interpreter is for tests, so AUTO keeps the torch reference there even with
     TRITON_INTERPRET=1 set (CI sets it for the whole suite);
-  * a measured shape table (``BREAK_EVEN_MNK``): below it, launch overhead and the extra
-    activation pass make INT8 slower than bf16 on the GPU, so the float path wins.
+  * a cost model fitted to measurements (``_COSTS``): where launch overhead and the extra
+    activation pass make the INT8 path slower than dequantize + cuBLAS/cuDNN, the float path wins.
 """
 from __future__ import annotations
 
@@ -28,12 +28,46 @@ from . import triton_support
 NAME = "triton"
 _DTYPES = ("float16", "bfloat16", "float32")
 
-# Smallest GEMM work (M*N*K multiply-adds) at which the INT8 path beat bf16 on the GPU, per op
-# and activation mode, measured by bench/kernels.py (see docs/BENCHMARKS.md, section Kernels).
-# Weight-only (act="none") is limited in M instead: dequantizing inside the GEMM pays while the
-# GEMM is bound by reading the weight, and loses to cuBLAS once it is compute-bound.
-BREAK_EVEN_MNK = {"linear": 2**27, "conv2d": 2**28}
-W8A16_MAX_M = 256
+# The dispatcher's cost model, fitted to bench/kernels.py on an H100 80GB HBM3 (torch 2.11,
+# Triton 3.6, 2026-11-26; docs/BENCHMARKS.md): a layer costs max(CPU launch cost, GPU time), where
+# GPU time = bytes of the extra passes / bandwidth + 2*M*N*K / achieved rate. Eager launch cost
+# dominates small layers (Python + Triton launch ~80 us for quantize + GEMM, against ~25 us for
+# the float path's dequantize + cuBLAS); the float path pays ~23 bytes per weight element to
+# dequantize (int8 -> fp32, scale, cast: three torch passes), the W8A8 path ~6 bytes per activation
+# element to quantize (our row kernel runs at about half of bandwidth).
+_BANDWIDTH = 3.0e12
+_COSTS = {
+    # path:        (launch s, bytes per weight elem, bytes per activation elem, MAC/s * 2)
+    "float":       (25e-6, 23.0, 0.0, 700e12),
+    "w8a8":        (80e-6, 0.0, 6.0, 1100e12),
+    "w8a16":       (40e-6, 1.0, 0.0, 400e12),
+    "float_conv":  (30e-6, 23.0, 0.0, 350e12),   # cuDNN bf16 NCHW at SDXL shapes
+    "w8a8_conv":   (140e-6, 0.0, 6.0, 700e12),   # quantize (2 kernels) + weight reorder + conv
+}
+# Weight-only through our kernel pays only while the GEMM is bound by reading the weight.
+W8A16_MAX_M = 1024
+
+
+def estimated_seconds(path: str, m: int, n: int, k: int, pixels_x_channels: int | None = None) -> float:
+    """Estimated time of one call on the GPU the constants were fitted on (see _COSTS)."""
+    launch, w_bytes, a_bytes, rate = _COSTS[path]
+    act_elems = pixels_x_channels if pixels_x_channels is not None else m * k
+    gpu = (w_bytes * n * k + a_bytes * act_elems) / _BANDWIDTH + 2.0 * m * n * k / rate
+    return max(launch, gpu)
+
+
+def int8_pays(req: registry.Request) -> bool:
+    """Whether the Triton INT8 path is estimated faster than the float path for this request.
+    Also useful to a quantization policy: where it is False, INT8 buys memory, not speed."""
+    m, n, k = max(req.m, 1), max(req.n, 1), max(req.k, 1)
+    if req.op == "conv2d":
+        if req.act == "none":
+            return False
+        # k = C*KH*KW; the activation pass touches M*C elements, about M*k/9 for 3x3 convs.
+        return estimated_seconds("w8a8_conv", m, n, k, m * max(k // 9, 1)) < estimated_seconds("float_conv", m, n, k)
+    if req.act == "none":
+        return m <= W8A16_MAX_M and estimated_seconds("w8a16", m, n, k) < estimated_seconds("float", m, n, k)
+    return estimated_seconds("w8a8", m, n, k) < estimated_seconds("float", m, n, k)
 
 
 def _device_reason(req: registry.Request) -> Optional[str]:
@@ -54,18 +88,12 @@ def declines(req: registry.Request) -> Optional[str]:
         return "Triton on CPU is the test interpreter; AUTO keeps the torch reference (ask for 'triton' explicitly)"
     if req.device != "cuda" or req.m == 0:
         return None
-    if req.act == "none":
-        if req.op == "linear" and req.m > W8A16_MAX_M:
-            return (f"weight-only GEMM with M > {W8A16_MAX_M} is compute-bound; cuBLAS on the "
-                    f"dequantized weight is faster")
-        if req.op == "conv2d":
-            return "weight-only conv: cuDNN on the dequantized weight is as fast and needs no INT8 kernel"
-        return None
-    work = req.m * req.n * req.k
-    floor = BREAK_EVEN_MNK[req.op]
-    if work < floor:
-        # Log per power-of-two bucket, not per shape: one line per size class.
-        return f"M*N*K ~2^{max(work, 1).bit_length() - 1} is below the measured INT8 break-even 2^{floor.bit_length() - 1}"
+    if not int8_pays(req):
+        # One log line per size class (power of two of M*N*K), not per shape.
+        work = max(req.m * req.n * req.k, 1).bit_length() - 1
+        mode = "weight-only" if req.act == "none" else "INT8"
+        return (f"{mode} {req.op} estimated slower than the float path at M*N*K ~2^{work} "
+                f"(cost model measured on H100, see docs/BENCHMARKS.md)")
     return None
 
 

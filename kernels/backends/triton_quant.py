@@ -84,6 +84,15 @@ def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, st
             tl.store(q_row + k0 + offs, _round_to_int8(tl.div_rn(v, scale)), mask=mask)
 
 
+def row_launch_config(k: int) -> tuple[bool, int, int]:
+    """(whole row in one tile?, tile width, warps) for rows of length k. A function so that
+    bench/kernels.py can time the alternatives on the GPU."""
+    if k <= _ONE_TILE_MAX_K:
+        block_k = triton.next_power_of_2(k)
+        return True, block_k, max(1, min(16, block_k // 512))
+    return False, 4096, 8
+
+
 def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
                   static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] float -> (int8 [M, K], fp32 scales [M] dynamic or [1] static). Same numbers as
@@ -103,14 +112,12 @@ def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
         scales = torch.empty((m,), dtype=torch.float32, device=x2d.device)
     if m == 0:
         return q, scales
-    one_tile = k <= _ONE_TILE_MAX_K
-    block_k = triton.next_power_of_2(k) if one_tile else 4096
+    one_tile, block_k, num_warps = row_launch_config(k)
     smooth_arg = smooth.contiguous() if smooth is not None else x2d
     _quantize_rows_kernel[(m,)](
         x2d, smooth_arg, scales, q, scales, k, x2d.stride(0),
         HAS_SMOOTH=smooth is not None, STATIC=static, ONE_TILE=one_tile, SCALE_BY_RECIPROCAL=x2d.is_cuda,
-        BLOCK_K=block_k,
-        num_warps=max(1, min(16, block_k // 512)))
+        BLOCK_K=block_k, num_warps=num_warps)
     return q, scales
 
 

@@ -1,0 +1,157 @@
+"""The dispatcher's choices, the float and bitsandbytes backends, and the torch.library ops."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comfyui_octet import kernels
+from comfyui_octet.kernels import ops, registry, torch_ref
+from comfyui_octet.kernels.backends import float_fallback, triton_backend, triton_support
+from kernel_testing import positive, randn, requires_triton, sqnr_db
+
+
+def _req(op="linear", act="dynamic", device="cuda", m=4608, n=9216, k=3072, groups=1, dtype="bfloat16"):
+    return registry.Request(op, act, device, dtype, m, n, k, groups)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend Triton can run on an sm90 GPU, so AUTO's rules can be checked without one."""
+    registry.select.cache_clear()
+    monkeypatch.setattr(triton_support, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(triton_backend.triton_support, "capability", lambda index=0: (9, 0))
+    yield
+    registry.select.cache_clear()
+
+
+def _with_capability(monkeypatch, cap):
+    monkeypatch.setattr(triton_backend.triton_support, "capability", lambda index=0: cap)
+    registry.select.cache_clear()
+
+
+def test_auto_on_cpu_picks_torch_even_under_the_interpreter(monkeypatch):
+    registry.select.cache_clear()
+    for interp in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interp)
+        registry.select.cache_clear()
+        assert registry.select(_req(device="cpu")).name == "torch"
+        assert registry.select(_req(op="conv2d", device="cpu")).name == "torch"
+    registry.select.cache_clear()
+
+
+def test_explicit_triton_on_plain_cpu_falls_back_loudly(monkeypatch, caplog):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    registry.select.cache_clear()
+    with caplog.at_level(logging.INFO, logger="octet.kernels"):
+        chosen = registry.select(_req(device="cpu", m=3, n=5, k=7), "triton")
+    assert chosen.name != "triton"
+    assert any("triton" in r.getMessage() for r in caplog.records)
+    registry.select.cache_clear()
+
+
+def test_auto_on_hopper_picks_triton_for_large_gemms(fake_gpu):
+    assert registry.select(_req()).name == "triton"
+    assert registry.select(_req(op="conv2d", m=16384, n=640, k=5760)).name == "triton"
+
+
+def test_auto_falls_back_to_float_where_int8_loses(fake_gpu, caplog):
+    with caplog.at_level(logging.INFO, logger="octet.kernels"):
+        assert registry.select(_req(m=77, n=640, k=640)).name == "float"
+    assert any("estimated slower than the float path" in r.getMessage() for r in caplog.records)
+    # Tiny M with a large weight: dequantizing the weight would cost more than the whole INT8 GEMM.
+    assert registry.select(_req(m=1, n=18432, k=3072)).name == "triton"
+    # ... but an explicit request for triton is honoured: the table is about speed, not ability.
+    assert registry.select(_req(m=77, n=640, k=640), "triton").name == "triton"
+
+
+def test_auto_rejects_old_gpus_and_grouped_convs(fake_gpu, monkeypatch):
+    _with_capability(monkeypatch, (7, 0))
+    assert registry.select(_req()).name == "float"
+    _with_capability(monkeypatch, (7, 5))
+    assert "sm80" in triton_backend.rejects(_req())
+    _with_capability(monkeypatch, (9, 0))
+    assert registry.select(_req(op="conv2d", m=16384, n=640, k=640, groups=2)).name == "float"
+    assert registry.select(_req(dtype="float64")).name == "float"
+
+
+def test_weight_only_uses_triton_only_while_memory_bound(fake_gpu):
+    assert registry.select(_req(act="none", m=1, n=18432, k=3072)).name == "triton"
+    assert registry.select(_req(act="none", m=4608)).name == "float"
+
+
+def test_unknown_backend_lists_the_registered_ones():
+    with pytest.raises(KeyError, match="Registered backends"):
+        registry.get("nope")
+    assert {"torch", "triton", "float", "bitsandbytes"} <= set(registry.registered())
+
+
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_float_path_undoes_smoothing_and_matches_float(rng, smoothed):
+    x = randn((6, 32), rng)
+    w = randn((12, 32), rng)
+    smooth = positive(32, rng) if smoothed else None
+    w_folded = w * smooth if smoothed else w          # what SmoothQuant stores
+    qweight, w_scale = torch_ref.quantize_weight(w_folded)
+    y = float_fallback.IMPLEMENTATION.linear(x, qweight, w_scale, None, "dynamic", smooth, None)
+    assert sqnr_db(y, F.linear(x, w)) > 35
+    xc = randn((1, 32, 5, 5), rng)
+    wc = randn((8, 32, 3, 3), rng)
+    wc_folded = wc * smooth.reshape(1, -1, 1, 1) if smoothed else wc
+    qc, sc = torch_ref.quantize_weight(wc_folded)
+    yc = float_fallback.IMPLEMENTATION.conv2d(xc, qc, sc, None, 1, 1, 1, 1, "dynamic", smooth, None)
+    assert sqnr_db(yc, F.conv2d(xc, wc, None, 1, 1)) > 35
+
+
+def test_bitsandbytes_backend(rng):
+    pytest.importorskip("bitsandbytes")
+    from comfyui_octet.kernels.backends import bnb
+    x = randn((8, 64), rng)
+    x[:, 3] *= 40.0                          # one outlier feature column, as in LLM.int8()
+    w = randn((16, 64), rng)
+    qweight, w_scale = torch_ref.quantize_weight(w)
+    plain = bnb.linear(x, qweight, w_scale, None, "dynamic", None, None, threshold=0.0)
+    # Without outliers held back it is W8A8 with per-token scales: the reference's numbers.
+    assert sqnr_db(plain, torch_ref.linear_w8a8(x, qweight, w_scale, None)) > 35
+    mixed = kernels.linear(x, qweight, w_scale, None, backend="bitsandbytes")
+    exact_w = torch_ref.dequantize_weight(qweight, w_scale)
+    # Holding the outlier column back in float must be closer to float math than plain W8A8.
+    assert sqnr_db(mixed, F.linear(x, exact_w)) > sqnr_db(plain, F.linear(x, exact_w)) + 3
+    assert bnb.IMPLEMENTATION.rejects(_req(act="static")) is not None
+
+
+def test_bitsandbytes_unavailable_reason_is_honest():
+    from comfyui_octet.kernels.backends import bnb
+    try:
+        import bitsandbytes  # noqa: F401
+        assert bnb.IMPLEMENTATION.unavailable_reason() is None
+    except Exception:
+        assert "bitsandbytes not importable" in bnb.IMPLEMENTATION.unavailable_reason()
+
+
+@requires_triton
+def test_opcheck_custom_ops(rng, device):
+    x = randn((5, 48), rng, torch.bfloat16, device)
+    qweight, w_scale = (t.to(device) for t in torch_ref.quantize_weight(randn((24, 48), rng)))
+    bias = randn(24, rng, torch.bfloat16, device)
+    static = positive(1, rng, device, 0.02, 0.05)
+    torch.library.opcheck(ops.quantize_rows, (x, None, None))
+    torch.library.opcheck(ops.quantize_rows, (x, positive(48, rng, device), static))
+    torch.library.opcheck(ops.int8_linear, (x, qweight, w_scale, bias, "dynamic", None, None))
+    torch.library.opcheck(ops.int8_linear, (x.reshape(1, 5, 48), qweight, w_scale, None, "static", None, static))
+    torch.library.opcheck(ops.int8_linear, (x, qweight, w_scale, None, "none", None, None))
+    xc = randn((1, 8, 5, 6), rng, torch.float16, device)
+    qc, sc = (t.to(device) for t in torch_ref.quantize_weight(randn((4, 8, 3, 3), rng)))
+    torch.library.opcheck(ops.int8_conv2d, (xc, qc, sc, None, [1, 1], [1, 1], [1, 1], "dynamic", None, None))
+
+
+@requires_triton
+def test_torch_compile_sees_one_op_without_graph_breaks(rng, device):
+    x = randn((4, 32), rng, torch.float32, device)
+    qweight, w_scale = (t.to(device) for t in torch_ref.quantize_weight(randn((16, 32), rng)))
+
+    def layer(inp):
+        return kernels.linear(inp, qweight, w_scale, None, backend="triton") * 2.0
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)   # fullgraph: a break raises
+    torch.testing.assert_close(compiled(x), layer(x))
