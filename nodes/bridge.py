@@ -17,11 +17,13 @@ from ..octet import checkpoint, quantize_
 from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from ..octet.modules import QuantLayer
+from ..octet.timestep import GroupSelector
 from ..octet.policy import write_report
 
 log = logging.getLogger("octet")
 PREFIX = "diffusion_model."
 OPTIONS_KEY = "octet"  # model_options entry holding Octet's (JSON-able) description of the model
+TIMESTEP_WRAPPER_KEY = "octet_timestep_groups"
 
 
 def diffusion_model(patcher) -> torch.nn.Module:
@@ -57,6 +59,8 @@ def quantize_model(patcher, config, policy=None, calibration=None, progress=None
     if quantized_layers(patcher):
         raise OctetError("This MODEL is already quantized by Octet. Connect the float MODEL to Quantize Model.")
     source_hash = module_fingerprint(dm)
+    if calibration is not None:
+        calibration.check_model(dm, architecture(patcher))
     with torch.no_grad():
         result = quantize_(dm, config, policy=policy, calibration=calibration, inplace=False, progress=progress)
     clone = patcher.clone()
@@ -75,7 +79,11 @@ def quantize_model(patcher, config, policy=None, calibration=None, progress=None
         "calibration": calibration.summary() if calibration is not None else None,
         # Not written into the checkpoint header (too big): save_model writes it beside the file.
         "report": {"layers": result.to_dict()["layers"], "policy": _policy_dict(policy)},
+        "timestep_groups": None,
     }
+    selector = _static_selector(result)
+    if selector is not None:
+        install_timestep_groups(clone, selector)
     log.info("Octet: %s", result.summary())
     return clone, result
 
@@ -120,6 +128,7 @@ def save_model(patcher, path: str) -> dict:
         "mode": info.get("mode"), "config": info.get("config"), "policy": info.get("policy"),
         "policy_spec": info.get("policy_spec"),
         "calibration": info.get("calibration"), "source_hash": info.get("source_hash"),
+        "timestep_groups": info.get("timestep_groups"),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "octet_version": _version(),
     }
@@ -172,7 +181,9 @@ def load_model(path: str, backend: str = "auto"):
     model = config.get_model({}, "", device=torch.device("meta"))
     ckpt.tensors = {k: (v.to(dtype) if v.is_floating_point() and not _is_quant_param(k, ckpt.layers) else v)
                     for k, v in ckpt.tensors.items()}
-    checkpoint.install(model.diffusion_model, ckpt, backend=backend)
+    groups = ckpt.octet.get("timestep_groups")
+    selector = GroupSelector.from_dict(groups) if groups else None
+    checkpoint.install(model.diffusion_model, ckpt, selector=selector, backend=backend)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise OctetError(f"The checkpoint does not fit this architecture: {len(leftover)} tensors were not in the "
@@ -183,8 +194,40 @@ def load_model(path: str, backend: str = "auto"):
                                           ("architecture", "mode", "config", "policy", "policy_spec", "calibration",
                                            "source_hash")}
     patcher.model_options[OPTIONS_KEY]["file"] = os.path.basename(path)
+    if selector is not None:
+        install_timestep_groups(patcher, selector)
     return patcher
 
 
 def _is_quant_param(key: str, layers: dict) -> bool:
     return key.rsplit(".", 1)[0] in layers and key.rsplit(".", 1)[1] != "bias"
+
+
+# -- timestep groups ------------------------------------------------------------------------------
+def _static_selector(result):
+    """The one GroupSelector the static layers of a quantization share (None if none uses groups)."""
+    selectors = {id(q.group_selector): q.group_selector for q in result.replacements.values()
+                 if getattr(q, "group_selector", None) is not None}
+    if len(selectors) > 1:
+        raise OctetError("Layers of one model use different timestep-group selectors; quantize with one CALIBRATION.")
+    return next(iter(selectors.values()), None)
+
+
+def install_timestep_groups(patcher, selector: GroupSelector) -> None:
+    """Make every diffusion-model call pick the static scales of the group holding its sigma.
+
+    ComfyUI's APPLY_MODEL wrappers receive the sigma of the call (``t``) before the model sees it,
+    with any sampler, including the stock KSampler; they are stacked by key, so other packs'
+    wrappers and set_model_unet_function_wrapper stay free. The wrapper is stored on this patcher
+    and copied into its clones; the header records ``selector.to_dict()`` so Load Quantized
+    rebuilds the same bands.
+    """
+    import comfy.patcher_extension
+
+    def select_group(executor, x, t, *args, **kwargs):
+        selector.select(t)
+        return executor(x, t, *args, **kwargs)
+
+    patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, TIMESTEP_WRAPPER_KEY)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, TIMESTEP_WRAPPER_KEY, select_group)
+    patcher.model_options.setdefault(OPTIONS_KEY, {})["timestep_groups"] = selector.to_dict()

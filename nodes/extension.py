@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .calibrate_nodes import Calibrate, CalibrationPrompts, LoadCalibration, SaveCalibration
 from .checkpoint_nodes import LoadQuantized, SaveQuantized
 from .policy_nodes import MixedPrecisionPolicy, SensitivityPolicy
 from .quantize_nodes import QuantizeModel
 from .reference_nodes import ReferenceConditioning, ReferenceModel
+from .sampler_nodes import Int8Sampler
 
 NODES = [QuantizeModel, SaveQuantized, LoadQuantized, ReferenceModel, ReferenceConditioning, MixedPrecisionPolicy,
-         SensitivityPolicy]
+         SensitivityPolicy, Calibrate, SaveCalibration, LoadCalibration, CalibrationPrompts, Int8Sampler]
 
 
 class OctetExtension(ComfyExtension):

@@ -41,7 +41,9 @@ class QuantizeModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, mode, quantize_linear, quantize_conv, backend, policy=None, calibration=None):
         kinds = tuple(k for k, on in (("linear", quantize_linear), ("conv", quantize_conv)) if on)
-        config = config_for_mode(mode, kinds=kinds, backend=backend)
+        # Static settings (observer, groups, SmoothQuant alpha) are chosen on Calibrate / Load Calibration.
+        static = calibration.static_settings() if mode == "static" and calibration is not None else {}
+        config = config_for_mode(mode, kinds=kinds, backend=backend, **static)
         bar = comfy.utils.ProgressBar(1)
         quantized, result = bridge.quantize_model(model, config, policy=policy, calibration=calibration,
                                                   progress=lambda i, n: bar.update_absolute(i, n))

@@ -1,0 +1,289 @@
+"""Calibrate, Save Calibration, Load Calibration, Calibration Prompts.
+
+Calibrate runs the host's own sampler (``nodes.common_ksampler``, the stock KSampler path) on a
+*clone* of the float MODEL that carries an APPLY_MODEL wrapper: before each diffusion-model call
+the wrapper puts the call's sigma into the timestep-group selector, and forward pre-hooks on
+every Linear/Conv2d file the layer's input under that group. Hooks and wrapper are gone when the
+node returns (also after an error); the source MODEL is untouched.
+
+Where files live: saved calibrations go to ``ComfyUI/models/octet_calibration/`` (user data
+belongs in the models folder, which survives updates of the node pack); Load Calibration lists
+that folder and the pack's ``calibration_data/``, which ships the prompt sets and may ship
+calibrations made for public models.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import comfy.samplers
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..octet.api import OctetError
+from ..octet.calibration import Calibration, record
+from ..octet.config import StaticW8A8Config
+from ..octet.observers import DEFAULT_SAMPLE_CAP
+from ..octet.timestep import GroupSelector
+from . import bridge
+from .host import PACK_ROOT
+from .types import Calibration as CalibrationType
+
+log = logging.getLogger("octet")
+FOLDER = "octet_calibration"
+PACK_DATA = os.path.join(PACK_ROOT, "calibration_data")
+
+
+def register_folder() -> None:
+    """models/octet_calibration (where Save writes) and the pack's calibration_data (shipped files)."""
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = (
+            [os.path.join(folder_paths.models_dir, FOLDER), PACK_DATA], {".safetensors"})
+
+
+register_folder()
+
+
+def _files(ext: str) -> list[str]:
+    return sorted(f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(ext))
+
+
+def _prompt_sets() -> list[str]:
+    return sorted(f for f in os.listdir(PACK_DATA) if f.endswith(".txt")) if os.path.isdir(PACK_DATA) else []
+
+
+def _settings_inputs(optional: bool = False) -> list:
+    """Widgets for how statistics become static scales; they ride on the CALIBRATION to Quantize Model."""
+    return [
+        io.Combo.Input("observer", options=list(StaticW8A8Config.OBSERVERS), default="mse", optional=optional,
+                       tooltip="How a static activation range is chosen: minmax (largest value seen; outliers "
+                               "cost resolution), percentile (clip the rarest values), mse (the clip with the "
+                               "least expected INT8 error, from the histogram)."),
+        io.Float.Input("percentile", default=99.99, min=50.01, max=100.0, step=0.001, optional=optional,
+                       tooltip="For observer 'percentile': the share of values kept unclipped."),
+        io.Boolean.Input("use_timestep_groups", default=True, optional=optional,
+                         tooltip="One activation scale per timestep group (follows sigma while sampling) "
+                                 "instead of one for the whole trajectory."),
+        io.Float.Input("smooth_alpha", default=0.5, min=0.0, max=1.0, step=0.05, optional=optional,
+                       tooltip="SmoothQuant migration strength alpha (used when smoothquant is on)."),
+        io.Boolean.Input("smoothquant", default=True, optional=optional,
+                         tooltip="Divide outlier input channels by s = max|X|^a / max|W|^(1-a) and fold s into "
+                                 "the weights (exact in float; less INT8 error on outlier channels)."),
+    ]
+
+
+def _settings(observer, percentile, use_timestep_groups, smooth_alpha, smoothquant) -> dict:
+    settings = {"observer": observer, "percentile": float(percentile), "timestep_groups": bool(use_timestep_groups),
+                "smooth_alpha": float(smooth_alpha) if smoothquant else None}
+    StaticW8A8Config(**settings)  # validate now, with the config's own messages
+    return settings
+
+
+def _batch(conditioning) -> int:
+    return max((c[0].shape[0] for c in conditioning), default=1)
+
+
+class Calibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OctetCalibrate",
+            display_name="Calibrate (INT8 static)",
+            category="octet",
+            description="Sample once with the float MODEL and record every Linear/Conv2d input per timestep "
+                        "group: the activation ranges static W8A8 needs. The MODEL is not changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="The float diffusion model you will quantize."),
+                io.Conditioning.Input("positive", tooltip="Prompts to calibrate on; a batch of several prompts "
+                                                          "(e.g. from Calibration Prompts) covers more ground."),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image", tooltip="Size of the calibration images; repeated to the "
+                                                        "prompt batch if smaller."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff),
+                io.Int.Input("steps", default=20, min=1, max=1000,
+                             tooltip="Use the steps/scheduler you will sample with: groups are cut on its sigmas."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                io.Int.Input("timestep_groups", default=4, min=1, max=16,
+                             tooltip="Noise-level bands with their own statistics (log-sigma, equal step counts)."),
+                *_settings_inputs(),
+            ],
+            outputs=[CalibrationType.Output(display_name="CALIBRATION"),
+                     io.String.Output(display_name="report", tooltip="Layers, groups and the time it took.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                timestep_groups, observer, percentile, use_timestep_groups, smooth_alpha, smoothquant):
+        calibration, seconds = calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
+                                         scheduler, timestep_groups,
+                                         _settings(observer, percentile, use_timestep_groups, smooth_alpha,
+                                                   smoothquant))
+        return io.NodeOutput(calibration, describe(calibration, seconds))
+
+
+def calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, groups,
+              settings: dict, sample_cap: int = DEFAULT_SAMPLE_CAP):
+    """Run real sampling with hooks on the float model; returns (Calibration, seconds)."""
+    import comfy.patcher_extension
+    import nodes
+
+    if bridge.quantized_layers(model):  # also unloads clones whose object patches sit in the shared model
+        raise OctetError("This MODEL is already quantized. Calibrate the float MODEL (before Quantize Model).")
+    dm = bridge.diffusion_model(model)
+    sigmas = comfy.samplers.KSampler(model, steps, model.load_device, sampler_name, scheduler, 1.0,
+                                     model_options=model.model_options).sigmas
+    selector = GroupSelector.from_sigmas(sigmas.tolist(), groups)
+    latent = dict(latent_image)
+    batch = max(_batch(positive), _batch(negative))
+    if latent["samples"].shape[0] < batch:  # one noise per prompt: ComfyUI draws it per batch index
+        reps = -(-batch // latent["samples"].shape[0])
+        latent["samples"] = latent["samples"].repeat(reps, 1, 1, 1)[:batch]
+    clone = model.clone()
+
+    def select_group(executor, x, t, *args, **kwargs):
+        selector.select(t)
+        return executor(x, t, *args, **kwargs)
+
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "octet_calibrate", select_group)
+    info = {"sampler": {"seed": int(seed), "steps": int(steps), "cfg": float(cfg), "sampler": sampler_name,
+                        "scheduler": scheduler, "batch": int(latent["samples"].shape[0]),
+                        "latent_shape": list(latent["samples"].shape)},
+            "conditioning": {"positive": _describe_cond(positive), "negative": _describe_cond(negative)},
+            "settings": settings}
+    start = time.perf_counter()
+    with record(dm, selector, sample_cap=sample_cap, architecture=bridge.architecture(model), info=info) as cal:
+        nodes.common_ksampler(clone, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent)
+    seconds = time.perf_counter() - start
+    cal.info["seconds"] = round(seconds, 3)
+    unseen = [n for n, s in cal.layers.items() if int(s.calls.sum()) == 0]
+    if unseen:
+        log.warning("Octet: %d layers never ran during calibration (e.g. %s); static mode will refuse them "
+                    "unless a policy keeps them in float.", len(unseen), unseen[:3])
+    return cal, seconds
+
+
+def _describe_cond(conditioning) -> dict:
+    """What we can say about CONDITIONING without its text: shapes and a short content hash."""
+    import hashlib
+    h = hashlib.sha256()
+    shapes = []
+    for c in conditioning:
+        shapes.append(list(c[0].shape))
+        h.update(c[0].detach().float().cpu().numpy().tobytes()[:1 << 16])
+    return {"entries": len(conditioning), "shapes": shapes, "hash": h.hexdigest()[:16]}
+
+
+def describe(cal: Calibration, seconds: float | None = None) -> str:
+    lines = [f"{len(cal.layers)} layers, {cal.groups} timestep group(s), sigma boundaries "
+             f"{[round(b, 4) for b in cal.selector.boundaries]}",
+             f"model {cal.architecture} fingerprint {cal.fingerprint}",
+             f"settings {cal.info.get('settings')}"]
+    if seconds is not None:
+        lines.append(f"calibration sampling took {seconds:.2f} s")
+    calls = [int(s.calls.sum()) for s in cal.layers.values()]
+    if calls:
+        lines.append(f"forward calls per layer: {min(calls)}..{max(calls)}")
+    return "\n".join(lines)
+
+
+class SaveCalibration(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OctetSaveCalibration",
+            display_name="Save Calibration",
+            category="octet",
+            description="Save a CALIBRATION to models/octet_calibration as safetensors (+ JSON header).",
+            is_output_node=True,
+            inputs=[CalibrationType.Input("calibration"),
+                    io.String.Input("filename", default="octet/calibration",
+                                    tooltip="Path under models/octet_calibration, without extension."),
+                    io.Boolean.Input("overwrite", default=False)],
+            outputs=[io.String.Output(display_name="path")],
+        )
+
+    @classmethod
+    def execute(cls, calibration, filename, overwrite):
+        root = folder_paths.get_folder_paths(FOLDER)[0]
+        path = os.path.abspath(os.path.join(root, filename.strip() + ".safetensors"))
+        if os.path.commonpath([path, os.path.abspath(root)]) != os.path.abspath(root):
+            raise OctetError(f"filename '{filename}' leaves the {FOLDER} folder; use a relative name like 'octet/x'.")
+        if os.path.exists(path) and not overwrite:
+            raise OctetError(f"'{path}' already exists. Choose another filename or enable overwrite.")
+        return io.NodeOutput(calibration.save(path))
+
+
+class LoadCalibration(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OctetLoadCalibration",
+            display_name="Load Calibration",
+            category="octet",
+            description="Load a saved CALIBRATION; the widgets set how Quantize Model turns it into static scales "
+                        "(change them freely: no re-sampling needed).",
+            inputs=[io.Combo.Input("calibration_name", options=_files(".safetensors"),
+                                   tooltip="A file in models/octet_calibration or the pack's calibration_data."),
+                    *_settings_inputs()],
+            outputs=[CalibrationType.Output(display_name="CALIBRATION"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, calibration_name, observer, percentile, use_timestep_groups, smooth_alpha, smoothquant):
+        path = folder_paths.get_full_path(FOLDER, calibration_name)
+        if path is None:
+            raise OctetError(f"'{calibration_name}' is not in models/{FOLDER} or calibration_data. Refresh the "
+                             f"node list or copy the file there.")
+        cal = Calibration.load(path)
+        cal.info["settings"] = _settings(observer, percentile, use_timestep_groups, smooth_alpha, smoothquant)
+        return io.NodeOutput(cal, describe(cal))
+
+
+class CalibrationPrompts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OctetCalibrationPrompts",
+            display_name="Calibration Prompts",
+            category="octet",
+            description="Encode a shipped prompt set (calibration_data/*.txt, one prompt a line) as one "
+                        "CONDITIONING batch for Calibrate.",
+            inputs=[io.Clip.Input("clip"),
+                    io.Combo.Input("prompt_set", options=_prompt_sets()),
+                    io.Int.Input("count", default=8, min=1, max=256, tooltip="How many prompts to use, from the top.")],
+            outputs=[io.Conditioning.Output(display_name="CONDITIONING")],
+        )
+
+    @classmethod
+    def execute(cls, clip, prompt_set, count):
+        import torch
+        prompts = read_prompt_set(prompt_set)[:count]
+        conds, pooled = [], []
+        for p in prompts:
+            tokens = clip.tokenize(p)
+            c, pool = clip.encode_from_tokens(tokens, return_pooled=True)
+            conds.append(c)
+            pooled.append(pool)
+        extra = {"pooled_output": torch.cat(pooled)} if all(p is not None for p in pooled) else {}
+        try:
+            batch = torch.cat(conds)
+        except RuntimeError as e:
+            raise OctetError(f"Prompts of '{prompt_set}' encode to different lengths ({e}); shorten the long ones "
+                             f"or use fewer prompts.") from e
+        return io.NodeOutput([[batch, extra]])
+
+
+def read_prompt_set(name: str) -> list[str]:
+    path = os.path.join(PACK_DATA, os.path.basename(name))
+    if not os.path.isfile(path):
+        raise OctetError(f"No prompt set '{name}' in {PACK_DATA}; pick one from the list.")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise OctetError(f"Prompt set '{name}' has no prompts (one per line; '#' starts a comment).")
+    return prompts
+
