@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import uuid
 
 import torch
 
@@ -17,13 +18,28 @@ from ..octet import checkpoint, quantize_
 from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from ..octet.modules import QuantLayer
-from ..octet.timestep import GroupSelector
 from ..octet.policy import write_report
+from ..octet.timestep import GroupSelector
 
 log = logging.getLogger("octet")
 PREFIX = "diffusion_model."
 OPTIONS_KEY = "octet"  # model_options entry holding Octet's (JSON-able) description of the model
 TIMESTEP_WRAPPER_KEY = "octet_timestep_groups"
+
+
+def release_clones(patcher) -> None:
+    """Unload every loaded clone that shares ``patcher``'s torch model, through the host.
+
+    Clones share one torch model, and a loaded clone's object patches (e.g. our quantized layers)
+    stay swapped into it until the host unloads that clone. Code that reads or hooks the model's
+    modules (quantize, save, calibrate) calls this first so it sees ``patcher``'s own view; the
+    host reloads the clones on their next use.
+    """
+    import comfy.model_management as mm
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        if loaded.model is not None and loaded.model.is_clone(patcher) and loaded.model_unload():
+            mm.current_loaded_models.pop(i)
 
 
 def diffusion_model(patcher) -> torch.nn.Module:
@@ -45,6 +61,7 @@ def octet_info(patcher) -> dict:
 
 def quantized_layers(patcher) -> dict[str, QuantLayer]:
     """Quantized layers of a MODEL, whether installed as object patches or built in."""
+    release_clones(patcher)
     found = {k[len(PREFIX):]: v for k, v in patcher.object_patches.items()
              if k.startswith(PREFIX) and isinstance(v, QuantLayer)}
     for name, m in diffusion_model(patcher).named_modules():
@@ -61,9 +78,16 @@ def quantize_model(patcher, config, policy=None, calibration=None, progress=None
     source_hash = module_fingerprint(dm)
     if calibration is not None:
         calibration.check_model(dm, architecture(patcher))
+    overrides = _weights_with_patches(patcher, dm)
     with torch.no_grad():
-        result = quantize_(dm, config, policy=policy, calibration=calibration, inplace=False, progress=progress)
+        result = quantize_(dm, config, policy=policy, calibration=calibration, inplace=False, progress=progress,
+                           weight_overrides=overrides)
     clone = patcher.clone()
+    merged = [PREFIX + n + ".weight" for n in result.replacements if n in overrides]
+    if merged:
+        # Those patches now live inside the int8 weights; applying them again at load would double them.
+        clone.patches = {k: v for k, v in clone.patches.items() if k not in merged}
+        clone.patches_uuid = uuid.uuid4()
     for name, layer in result.replacements.items():
         clone.add_object_patch(PREFIX + name, layer)
     # ModelPatcher budgets VRAM with model_size(); the clone inherited the float size.
@@ -91,6 +115,19 @@ def quantize_model(patcher, config, policy=None, calibration=None, progress=None
 def _policy_dict(policy, compact=False):
     to_dict = getattr(policy, "to_dict", None)
     return to_dict(compact=compact) if to_dict is not None else None
+
+
+def _weights_with_patches(patcher, dm) -> dict[str, torch.Tensor]:
+    """Float weights with the patcher's weight patches (LoRA before Quantize Model) applied, by layer."""
+    import comfy.lora
+    out = {}
+    for key, patches in patcher.patches.items():
+        if not (key.startswith(PREFIX) and key.endswith(".weight")):
+            continue
+        name = key[len(PREFIX):-len(".weight")]
+        weight = dm.get_submodule(name).weight
+        out[name] = comfy.lora.calculate_weight(patches, weight.detach().float().clone(), key)
+    return out
 
 
 class _Overlay(torch.nn.Module):

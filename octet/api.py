@@ -62,7 +62,8 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return [(n, m, k) for n, m in model.named_modules() if (k := layer_kind(m)) is not None]
 
 
-def _build(module: nn.Module, kind: str, config: QuantConfig, name: str, calibration) -> nn.Module:
+def _build(module: nn.Module, kind: str, config: QuantConfig, name: str, calibration,
+           weight: Optional[torch.Tensor] = None) -> nn.Module:
     smooth = None
     alpha = getattr(config, "smooth_alpha", None)
     if config.act == "static" or alpha is not None:
@@ -72,7 +73,7 @@ def _build(module: nn.Module, kind: str, config: QuantConfig, name: str, calibra
         if alpha is not None:
             smooth = calibration.smoothing_factors(name, module.weight, alpha)
     cls = QuantLinear if kind == "linear" else QuantConv2d
-    q = cls.from_float(module, config.act, config.backend, smooth=smooth)
+    q = cls.from_float(module, config.act, config.backend, smooth=smooth, weight=weight)
     if config.act == "static":
         q.set_static_scales(calibration.input_scales(name, config, smooth=smooth),
                             calibration.selector if getattr(config, "timestep_groups", False) else None)
@@ -80,8 +81,13 @@ def _build(module: nn.Module, kind: str, config: QuantConfig, name: str, calibra
 
 
 def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Policy] = None, calibration=None,
-              inplace: bool = True, progress: Optional[Callable[[int, int], None]] = None) -> QuantResult:
-    """Quantize every Linear/Conv2d of ``model`` that ``config`` (and ``policy``) select."""
+              inplace: bool = True, progress: Optional[Callable[[int, int], None]] = None,
+              weight_overrides: Optional[dict[str, torch.Tensor]] = None) -> QuantResult:
+    """Quantize every Linear/Conv2d of ``model`` that ``config`` (and ``policy``) select.
+
+    ``weight_overrides`` maps layer names to the float weight to quantize instead of the module's
+    own (e.g. with a LoRA merged in by the host).
+    """
     candidates = quantizable_layers(model)
     if not candidates:
         kinds = sorted({type(m).__name__ for m in model.modules()})[:12]
@@ -106,7 +112,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Policy]
         if skip:
             result.layers.append(LayerRecord(name, kind, params, "skipped", skip, before, before))
         else:
-            q = _build(module, kind, layer_config, name, calibration)
+            q = _build(module, kind, layer_config, name, calibration, (weight_overrides or {}).get(name))
             result.replacements[name] = q
             after = sum(_nbytes(t) for t in q.state_dict().values())
             result.layers.append(LayerRecord(name, kind, params, layer_config.mode, reason, before, after))

@@ -12,6 +12,7 @@ imports ComfyUI.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -52,6 +53,7 @@ class QuantLayer(nn.Module):
         self.group_selector: Optional[GroupSelector] = None
         self.weight_function = []
         self.bias_function = []
+        self._patched_scale = None  # (weakref to weight, its _version, scale) after a merged LoRA
 
     def set_smoothing(self, smooth: torch.Tensor) -> None:
         if self.act == "none":
@@ -75,20 +77,61 @@ class QuantLayer(nn.Module):
         return _on(self.input_scale[group:group + 1], device)
 
     # -- weights ---------------------------------------------------------------------------------
-    def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
-        w = kernels.dequantize_weight(_on(self.weight, device or self.weight.device),
-                                      _on(self.weight_scale, device or self.weight.device), dtype)
+    # ComfyUI patches weights (LoRA) through three hooks it looks up by name on the op:
+    #   convert_weight(raw)  -> the float weight the patch math works on;
+    #   set_weight(float)    -> store the patched weight (merged: re-quantized to int8), or with
+    #                           return_weight=True hand back the raw form for a per-call patch;
+    #   weight_function[...] -> per-call patches (lowvram), applied to the raw form.
+    # "Raw" is the int8 code as a float tensor: raw * scale / smooth is the float weight.
+    def _weight_view(self, t: torch.Tensor, device, dtype) -> torch.Tensor:
+        return _on(t, device).to(dtype).reshape([-1, 1] + [1] * (self.weight.dim() - 2))
+
+    def _smooth_view(self, device, dtype) -> torch.Tensor:
+        return _on(self.pre_quant_scale, device).to(dtype).reshape([1, -1] + [1] * (self.weight.dim() - 2))
+
+    def current_weight_scale(self) -> torch.Tensor:
+        """The scale of the int8 codes now in ``weight``: a merged LoRA re-quantizes with new scales,
+        which hold only while that exact tensor is in place (the host restores the original
+        weight by replacing or overwriting it, which retires them)."""
+        patched = self._patched_scale
+        if patched is not None:
+            ref, version, scale = patched
+            if ref() is self.weight and self.weight._version == version:
+                return scale
+            self._patched_scale = None
+        return self.weight_scale
+
+    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
+        w = weight * self._weight_view(self.current_weight_scale(), weight.device, weight.dtype)
         if self.pre_quant_scale is not None:
-            # Smoothing folded s into the weight's input channels; undo it for a float op.
-            shape = [1, -1] + [1] * (w.dim() - 2)
-            w = w / _on(self.pre_quant_scale, w.device).to(dtype).reshape(shape)
+            w = w / self._smooth_view(weight.device, weight.dtype)
         return w
 
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
+                   **kwargs):
+        w = weight.float()
+        if self.pre_quant_scale is not None:
+            w = w * self._smooth_view(w.device, w.dtype)
+        if return_weight:
+            return w / self._weight_view(self.current_weight_scale(), w.device, w.dtype)
+        q, scale = kernels.quantize_weight(w)
+        q = q.to(self.weight.device)
+        if inplace_update:
+            self.weight.data.copy_(q)
+        else:
+            self.weight = nn.Parameter(q, requires_grad=False)
+        self._patched_scale = (weakref.ref(self.weight), self.weight._version, scale.to(self.weight_scale.device))
+
+    def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
+        device = device or self.weight.device
+        return self.convert_weight(_on(self.weight, device).to(dtype))
+
     def _float_operands(self, x: torch.Tensor):
-        """Dequantized weight and bias with ComfyUI's weight/bias functions applied (LoRA etc.)."""
-        w = self.dequantized_weight(x.dtype, x.device)
+        """Float weight and bias with ComfyUI's weight/bias functions applied (LoRA under lowvram etc.)."""
+        w = _on(self.weight, x.device).to(x.dtype)
         for f in self.weight_function:
             w = f(w)
+        w = self.convert_weight(w)
         b = _on(self.bias, x.device)
         if b is not None:
             b = b.to(x.dtype)
@@ -97,7 +140,7 @@ class QuantLayer(nn.Module):
         return w, b
 
     def _int8_operands(self, x: torch.Tensor):
-        return (_on(self.weight, x.device), _on(self.weight_scale, x.device), _on(self.bias, x.device),
+        return (_on(self.weight, x.device), _on(self.current_weight_scale(), x.device), _on(self.bias, x.device),
                 _on(self.pre_quant_scale, x.device), self._static_scale(x.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +162,8 @@ class QuantLinear(QuantLayer):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, act: str, backend: str = "auto",
-                   smooth: Optional[torch.Tensor] = None) -> "QuantLinear":
-        w = linear.weight.detach().float()
+                   smooth: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> "QuantLinear":
+        w = (linear.weight if weight is None else weight).detach().float()
         if smooth is not None:
             w = w * smooth.float().reshape(1, -1)
         qweight, scale = kernels.quantize_weight(w)
@@ -148,8 +191,8 @@ class QuantConv2d(QuantLayer):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, act: str, backend: str = "auto",
-                   smooth: Optional[torch.Tensor] = None) -> "QuantConv2d":
-        w = conv.weight.detach().float()
+                   smooth: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> "QuantConv2d":
+        w = (conv.weight if weight is None else weight).detach().float()
         if smooth is not None:
             if conv.groups != 1:
                 raise ValueError("SmoothQuant is only defined here for convolutions with groups=1")
