@@ -5,13 +5,15 @@ from comfy_api.latest import ComfyExtension, io
 
 from .calibrate_nodes import Calibrate, CalibrationPrompts, LoadCalibration, SaveCalibration
 from .checkpoint_nodes import LoadQuantized, SaveQuantized
+from .eval_nodes import Evaluate, Profile
 from .policy_nodes import MixedPrecisionPolicy, SensitivityPolicy
 from .quantize_nodes import QuantizeModel
-from .reference_nodes import ReferenceConditioning, ReferenceModel
+from .reference_nodes import ReferenceConditioning, ReferenceDecode, ReferenceLatent, ReferenceModel
 from .sampler_nodes import Int8Sampler
 
 NODES = [QuantizeModel, SaveQuantized, LoadQuantized, ReferenceModel, ReferenceConditioning, MixedPrecisionPolicy,
-         SensitivityPolicy, Calibrate, SaveCalibration, LoadCalibration, CalibrationPrompts, Int8Sampler]
+         SensitivityPolicy, Calibrate, SaveCalibration, LoadCalibration, CalibrationPrompts, Int8Sampler,
+         ReferenceLatent, ReferenceDecode, Evaluate, Profile]
 
 
 class OctetExtension(ComfyExtension):

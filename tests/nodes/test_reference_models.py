@@ -1,0 +1,98 @@
+"""The shipped reference models, their twins, and the Evaluate / Profile nodes inside the real host."""
+import pytest
+import torch
+
+from comfyui_octet.nodes import evaluate, reference_model as rm, reference_twin
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {(k, v): rm.load_reference(k, v) for k in ("unet", "dit") for v in rm.VARIANTS}
+
+
+def _forward(patcher, kind, seed=0):
+    s = rm.spec(kind)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, s.latent_channels, s.latent_size, s.latent_size, generator=g)
+    c = rm.batch_conditioning(kind, [5, rm.NULL_CLASS])
+    kw = {"context": c[0][0]}
+    if kind == "dit":
+        kw["y"] = c[0][1]["pooled_output"]
+    t = torch.tensor([700.0, 100.0]) if kind == "unet" else torch.tensor([0.7, 0.1])
+    with torch.no_grad():
+        return patcher.model.diffusion_model(x, t, **kw)
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_twin_computes_the_same_float_function_with_outliers(models, kind):
+    plain, twin = models[(kind, "plain")], models[(kind, "twin")]
+    out = {}
+    # One forward each, hooked: the outputs are compared and the activations measured in the same pass.
+    r_plain = reference_twin.channel_outlier_ratios(plain.model.diffusion_model,
+                                                    lambda: out.setdefault("a", _forward(plain, kind)))
+    r_twin = reference_twin.channel_outlier_ratios(twin.model.diffusion_model,
+                                                   lambda: out.setdefault("b", _forward(twin, kind)))
+    a, b = out["a"], out["b"]
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    sites = twin.model_options["octet_reference"]["twin"]
+    consumers = [c for site in sites for c in site["consumers"]]
+    summary = reference_twin.summarize_ratios(r_plain, r_twin, consumers)
+    assert summary["median_ratio_consumers_twin"] > 15 > summary["median_ratio_consumers_plain"]
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_shipped_models_sample_finite_images_through_ksampler(models, kind):
+    import nodes
+    p = models[(kind, "plain")]
+    # The sampling object we trained against is the one the host's loaded model carries.
+    assert torch.allclose(rm.model_sampling(kind).sigmas, p.model.model_sampling.sigmas)
+    pos = rm.batch_conditioning(kind, [7, 1])
+    neg = rm.class_conditioning(kind, "unconditional", batch=2)
+    out = nodes.common_ksampler(p, 3, 2, 3.0, "euler", "normal", pos, neg, rm.empty_latent(kind, 2))[0]["samples"]
+    img = rm.decode(p, out)
+    assert img.shape == (2, 1, 32, 32) and torch.isfinite(img).all() and img.std() > 0.05
+
+
+def test_reference_nodes():
+    from comfyui_octet.nodes.reference_nodes import (ReferenceConditioning, ReferenceLatent, ReferenceModel)
+    m = ReferenceModel.execute(model="dit", variant="twin").result[0]
+    assert m.model_options["octet_reference"]["variant"] == "twin"
+    assert type(m.model.model_config).__name__ == "Flux"
+    cond = ReferenceConditioning.execute(model="unet", class_name="bag", batch=2).result[0]
+    assert cond[0][0].shape == (2, rm.COND_TOKENS, rm.COND_DIM)
+    assert ReferenceLatent.execute(model="dit", batch=3).result[0]["samples"].shape == (3, 16, 8, 8)
+    with pytest.raises(ValueError, match="no twin"):
+        ReferenceModel.execute(model="random-tiny", variant="twin")
+
+
+def test_evaluate_node_runs_inside_comfyui(models):
+    from comfyui_octet.nodes import bridge
+    from comfyui_octet.nodes.eval_nodes import Evaluate
+    from comfyui_octet.octet import DynamicW8A8Config
+    fp = models[("dit", "plain")]
+    q, _ = bridge.quantize_model(fp, DynamicW8A8Config())
+    pos = rm.batch_conditioning("dit", [0, 7])
+    neg = rm.class_conditioning("dit", "unconditional", batch=2)
+    report, grid, chart = Evaluate.execute(fp_model=fp, quant_model=q, positive=pos, negative=neg,
+                                           latent_image=rm.empty_latent("dit", 2), seed=1, steps=3, cfg=3.0,
+                                           sampler_name="euler", scheduler="normal").result
+    assert "PSNR vs FP" in report and "ms/step" in report and "FID vs FP   n/a" in report
+    assert grid.dim() == 4 and grid.shape[-1] == 3 and chart.shape[-1] == 3
+
+
+def test_compare_reports_fid_with_enough_images(rng):
+    a = torch.rand(evaluate.FID_MIN_SAMPLES, 1, 32, 32, generator=rng)
+    same = evaluate.compare(a, a, fid_features=True)
+    assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["ssim"] == pytest.approx(1.0)
+    noisy = evaluate.compare(a, (a + 0.2 * torch.randn(a.shape, generator=rng)).clamp(0, 1), fid_features=True)
+    assert noisy["fid"] > 0 and noisy["psnr"] < 20
+
+
+def test_profile_node_runs_inside_comfyui(tiny_model):
+    from comfyui_octet.nodes.eval_nodes import Profile
+    pos = rm.tiny_conditioning(seed=1)
+    table, chart = Profile.execute(model=tiny_model, positive=pos, negative=pos,
+                                   latent_image={"samples": torch.zeros(1, 4, 8, 8)}, cfg=1.0, top=10).result
+    lines = table.splitlines()
+    assert len(lines) == 12 and "self ms" in lines[1]
+    assert chart.dim() == 4 and chart.shape[-1] == 3
