@@ -1,0 +1,222 @@
+"""Mixed-precision policies on the embedded reference model: size vs quality, and the Pareto front.
+
+Run from the repository root:  /work/venv/bin/python bench/policy_quality.py [--quick]
+Writes docs/QUALITY_policy.md and docs/policy_pareto.png (and prints the table).
+
+Rows (all W8A8 dynamic, the mode where the choice of float layers matters most):
+  * no policy            - every Linear/Conv2d in INT8;
+  * preset / +conservative - the architecture preset (auto-detected: SD15), and its conservative variant;
+  * sensitivity share X  - preset layers kept, then the Sensitivity Policy keeps the most sensitive
+                           layers per parameter until X of the remaining parameters are in float.
+Size: the diffusion model's weights with INT8 layers as stored (int8 + scales) and everything else
+in bf16. Quality: PSNR of latents sampled by the host KSampler against the float model's latents
+from the same seed, averaged over held-out seeds and a held-out conditioning (sensitivity is
+measured with a different seed and conditioning).
+
+Two models: the embedded tiny SD15 (random weights) and a twin with planted outliers: in a few
+ResBlocks, one input channel of the output conv is silenced by its GroupNorm and that conv's
+column is made huge. The float model is unchanged; INT8's per-channel scales are not. This is
+the failure the policy exists for. Trained reference models come with issue 9.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import math
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLER = dict(steps=10, cfg=4.0, sampler_name="euler", scheduler="normal")
+EVAL_SEEDS = (1000, 1001, 1002)
+PLANTED = ("input_blocks.1.0", "middle_block.2", "output_blocks.2.0")
+
+
+def load_pack():
+    if "comfyui_octet" not in sys.modules:  # import the repo as a package, as ComfyUI does
+        spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["comfyui_octet"] = module
+        spec.loader.exec_module(module)
+    from comfyui_octet.nodes import host
+    host.ensure_comfy(cpu=True)
+    return sys.modules["comfyui_octet"]
+
+
+def plant_outliers(patcher):
+    dm = patcher.model.diffusion_model
+    with torch.no_grad():
+        for i, block in enumerate(PLANTED):
+            rb = dm.get_submodule(block)
+            norm, conv = rb.out_layers[0], rb.out_layers[3]
+            c = 5 + i
+            norm.weight[c], norm.bias[c] = 0.0, -20.0  # SiLU(-20) ~ 0: the channel carries nothing in float
+            conv.weight[:, c] = 300 * conv.weight.abs().max()
+    return patcher
+
+
+def sample(patcher, seed, size):
+    import nodes
+    from comfyui_octet.nodes import reference_model
+    latent = {"samples": torch.zeros(1, 4, size, size)}
+    pos = reference_model.tiny_conditioning(seed=101)  # held out: sensitivity uses seed 1
+    neg = reference_model.tiny_conditioning(seed=102)
+    return nodes.common_ksampler(patcher, seed, SAMPLER["steps"], SAMPLER["cfg"], SAMPLER["sampler_name"],
+                                 SAMPLER["scheduler"], pos, neg, latent)[0]["samples"]
+
+
+def psnr(ref, out):
+    err = float(((out.double() - ref.double()) ** 2).mean())
+    return math.inf if err == 0 else 10 * math.log10(float(ref.max() - ref.min()) ** 2 / err)
+
+
+def weights_mib(patcher, result) -> float:
+    """INT8 layers as stored, everything else in bf16."""
+    quantized = {r.name: r for r in result.quantized} if result is not None else {}
+    total = 0
+    for name, p in patcher.model.diffusion_model.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        if layer not in quantized:
+            total += 2 * p.numel()
+    total += sum(r.bytes_after for r in quantized.values())
+    return total / 2**20
+
+
+def rows_for(label, patcher, args):
+    from comfyui_octet.nodes import bridge, reference_model
+    from comfyui_octet.nodes.policy_nodes import MixedPrecisionPolicy, SensitivityPolicy
+    from comfyui_octet.octet import config_for_mode
+
+    config = config_for_mode("dynamic")
+    refs = {s: sample(patcher, s, args.size) for s in EVAL_SEEDS}
+    policies = [("no policy", None, 0.0)]
+    for conservative in (False, True):
+        t = time.time()
+        pol = MixedPrecisionPolicy.execute("auto", conservative, "default", "", "", patcher).result[0]
+        policies.append(("preset " + pol.name.split(":")[1], pol, time.time() - t))
+    pos = reference_model.tiny_conditioning(seed=1)
+    for share in args.shares:
+        t = time.time()
+        pol = SensitivityPolicy.execute(patcher, pos, {"samples": torch.zeros(1, 4, args.size, args.size)}, "dynamic",
+                                        "max_float_share", share, "auto", 0, args.sens_steps, 1.0, "normal",
+                                        0).result[0]
+        policies.append((f"sensitivity share {share:g}", pol, time.time() - t))
+    rows = [dict(model=label, policy="float (bf16)", mib=weights_mib(patcher, None), psnr=math.inf, float_share=1.0,
+                 seconds=0.0)]
+    for name, pol, seconds in policies:
+        quantized, result = bridge.quantize_model(patcher, config, policy=pol)
+        scores = [psnr(refs[s], sample(quantized, s, args.size)) for s in EVAL_SEEDS]
+        kept = sum(r.params for r in result.skipped)
+        rows.append(dict(model=label, policy=name, mib=weights_mib(patcher, result), psnr=sum(scores) / len(scores),
+                         float_share=kept / sum(r.params for r in result.layers), seconds=seconds))
+        del quantized
+        bridge.quantized_layers(patcher)  # unload the clone before the next one (they share the torch model)
+    return rows
+
+
+def pareto(rows):
+    """Rows no other row beats on both size and PSNR."""
+    return [r for r in rows if not any(o["mib"] <= r["mib"] and o["psnr"] >= r["psnr"] and
+                                       (o["mib"] < r["mib"] or o["psnr"] > r["psnr"]) for o in rows)]
+
+
+def draw(all_rows, path):
+    """Scatter + Pareto front per model, with PIL (no matplotlib in the project venv)."""
+    from PIL import Image, ImageDraw
+    W, H, M = 900, 560, 70
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    finite = [r for r in all_rows if math.isfinite(r["psnr"])]
+    xs = [r["mib"] for r in all_rows]
+    ys = [r["psnr"] for r in finite]
+    x0, x1 = min(xs) * 0.95, max(xs) * 1.02
+    y0, y1 = min(ys) - 2, max(ys) + 4
+    fx = lambda v: M + (v - x0) / (x1 - x0) * (W - 2 * M)
+    fy = lambda v: H - M - (min(v, y1) - y0) / (y1 - y0) * (H - 2 * M)
+    d.rectangle([M, M, W - M, H - M], outline="black")
+    for i in range(6):
+        xv, yv = x0 + i * (x1 - x0) / 5, y0 + i * (y1 - y0) / 5
+        d.text((fx(xv) - 15, H - M + 8), f"{xv:.2f}", fill="black")
+        d.text((8, fy(yv) - 6), f"{yv:.1f}", fill="black")
+    d.text((W // 2 - 120, H - 30), "weights (MiB; INT8 as stored, rest bf16)", fill="black")
+    d.text((8, M - 30), "PSNR of sampled latents vs float (dB; float = top edge)", fill="black")
+    colours = {}
+    for r in all_rows:
+        colours.setdefault(r["model"], ["#1f77b4", "#d62728", "#2ca02c"][len(colours) % 3])
+    for model, colour in colours.items():
+        rows = [r for r in all_rows if r["model"] == model]
+        front = sorted(pareto(rows), key=lambda r: r["mib"])
+        pts = [(fx(r["mib"]), fy(r["psnr"] if math.isfinite(r["psnr"]) else y1)) for r in front]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for r in rows:
+            x, y = fx(r["mib"]), fy(r["psnr"] if math.isfinite(r["psnr"]) else y1)
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+            d.text((x + 6, y - 12), r["policy"], fill=colour)
+        d.text((W - M - 260, M + 10 + 16 * list(colours).index(model)), f"- {model} (line: Pareto front)", fill=colour)
+    img.save(path)
+
+
+def table(rows):
+    lines = ["| model | policy | weights MiB | float params | PSNR dB (mean of 3 seeds) | policy time s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        p = "inf" if not math.isfinite(r["psnr"]) else f"{r['psnr']:.2f}"
+        lines.append(f"| {r['model']} | {r['policy']} | {r['mib']:.3f} | {100 * r['float_share']:.1f}% | {p} | "
+                     f"{r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=16, help="latent size (pixels / 8)")
+    ap.add_argument("--sens-steps", type=int, default=4, help="sampling steps the sensitivity is measured over")
+    ap.add_argument("--shares", type=float, nargs="+", default=[0.05, 0.2], help="max_float_share budgets")
+    ap.add_argument("--quick", action="store_true", help="plain model only, one budget")
+    args = ap.parse_args()
+    load_pack()
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # dozens of sampling runs: keep the output to the table
+    from comfyui_octet.nodes import reference_model
+    if args.quick:
+        args.shares = args.shares[:1]
+    t0 = time.time()
+    rows = rows_for("tiny SD15", reference_model.build_tiny_sd15(), args)
+    if not args.quick:
+        rows += rows_for("tiny SD15 + planted outliers", plant_outliers(reference_model.build_tiny_sd15()), args)
+    docs = os.path.join(ROOT, "docs")
+    os.makedirs(docs, exist_ok=True)
+    png = os.path.join(docs, "policy_pareto.png")
+    draw(rows, png)
+    md = [
+        "# Mixed-precision policy: size vs quality",
+        "",
+        f"Generated by `bench/policy_quality.py` on {datetime.date.today()} ({torch.get_num_threads()} CPU threads, "
+        f"{time.time() - t0:.0f} s). W8A8 dynamic; host KSampler {SAMPLER['sampler_name']}/{SAMPLER['scheduler']}, "
+        f"{SAMPLER['steps']} steps, cfg {SAMPLER['cfg']}, latent {args.size}x{args.size}; sensitivity over "
+        f"{args.sens_steps} steps at seed 0 with another conditioning than the evaluation.",
+        "",
+        table(rows),
+        "",
+        "![Pareto front](policy_pareto.png)",
+        "",
+        "Reading it: *float params* is the share of Linear/Conv2d parameters left in float; a sensitivity budget "
+        "counts only the parameters it measured (those the preset does not already keep), so share 0.05 lands at "
+        "the preset's share plus 5% of the rest. The planted outliers leave the float model unchanged and are "
+        "invisible to the name-based presets; only the measured policy finds them. The tiny models have "
+        "random weights, so absolute PSNRs say little about a trained model; the comparison between rows on the "
+        "same model is the point. Trained reference models (issue 9) will replace them.",
+    ]
+    with open(os.path.join(docs, "QUALITY_policy.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print(table(rows))
+    print(f"wrote docs/QUALITY_policy.md and {os.path.relpath(png, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
