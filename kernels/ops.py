@@ -122,7 +122,8 @@ def _(x, qweight, w_scale, bias, stride, padding, dilation, act, smooth, static_
     kh, kw = qweight.shape[2], qweight.shape[3]
     oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty((x.shape[0], qweight.shape[0], oh, ow), memory_format=_conv_out_format(x))
+    return torch.empty((x.shape[0], qweight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=_conv_out_format(x))
 
 
 # ---- entry points for the backend -----------------------------------------------------------------

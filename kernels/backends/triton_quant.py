@@ -9,8 +9,9 @@ the same result as torch's round-then-clamp on that range. (libdevice.rint would
 GPU, but the CPU interpreter does not implement it, and CI must run these very kernels.)
 
 Two shapes of activation:
-  * rows [M, K] for linear layers: one program per row quantizes it in one pass when the row
-    fits a tile (every diffusion model we target has K <= 16384), else in two sweeps;
+  * rows [M, K] for linear layers: one program per row; short rows in one tile, longer ones in
+    two sweeps (absmax, then quantize; the second re-reads the row from L2), which measured faster
+    than holding the whole row in registers (see ``row_launch_config``);
   * NCHW for convolutions: one scale per sample (a per-pixel scale would not factor out of the
     convolution sum), written out as NHWC int8, the layout the implicit-GEMM conv reads.
 """
@@ -22,8 +23,6 @@ import triton.language as tl
 
 QMAX = 127.0
 MIN_SCALE = 1e-12
-# Rows up to this length are held in registers and read once.
-_ONE_TILE_MAX_K = 16384
 
 
 @triton.jit
@@ -86,11 +85,19 @@ def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, st
 
 def row_launch_config(k: int) -> tuple[bool, int, int]:
     """(whole row in one tile?, tile width, warps) for rows of length k. A function so that
-    bench/kernels.py can time the alternatives on the GPU."""
-    if k <= _ONE_TILE_MAX_K:
+    bench/kernels.py can time the alternatives on the GPU.
+
+    Measured on H100 (bench/kernels.py quant variants, 2026-11-26, GPU time): two sweeps over
+    tiles of about a quarter of the row beat holding the whole row in registers, since smaller
+    programs keep more loads in flight (K=3072: 1024-wide/4 warps 2.29 TB/s vs whole row 1.73;
+    K=6144: 2048/8 warps 2.65 vs 1.88; K=12288: 4096/8 warps 2.62 vs 1.60). Short rows (K <= 1024)
+    still go in one tile, where one sweep is one load.
+    """
+    if k <= 1024:
         block_k = triton.next_power_of_2(k)
-        return True, block_k, max(1, min(16, block_k // 512))
-    return False, 4096, 8
+        return True, block_k, max(1, min(4, block_k // 256))
+    block_k = min(4096, max(1024, triton.next_power_of_2(k) // 4))
+    return False, block_k, 4 if block_k <= 1024 else 8
 
 
 def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
