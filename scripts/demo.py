@@ -1,8 +1,8 @@
-"""Headless demo: quantize the embedded reference model with Octet's nodes and sample it with
+"""Headless demo: quantize the trained reference model (ComfyUI's SD15 UNet class, Fashion-MNIST) with Octet's nodes and sample it with
 ComfyUI's real KSampler, save and reload the INT8 checkpoint, and print a report.
 
 Run it with `make demo` (sets up .venv first). Writes out/demo/: the checkpoint, a preview PNG
-(float vs INT8 latents through ComfyUI's SD1.5 latent-to-RGB factors) and report.txt.
+(float vs INT8 images, decoded exactly by pixel-shuffle) and report.txt.
 """
 from __future__ import annotations
 
@@ -32,14 +32,12 @@ def psnr(ref, x) -> float:
     return float(10 * torch.log10((ref.double().max() - ref.double().min()) ** 2 / mse))
 
 
-def preview(latents):
-    """Latents -> RGB uint8 with the host's SD1.5 latent preview factors (no VAE needed)."""
-    import comfy.latent_formats
+def preview(model, latents):
+    """Sampled latents -> [B, 32, 32, 3] uint8 (the reference models decode exactly, no VAE needed)."""
     import torch
-    f = torch.tensor(comfy.latent_formats.SD15().latent_rgb_factors)  # [4, 3]
-    rgb = torch.einsum("bchw,cr->bhwr", latents.float() * 0.18215, f)
-    rgb = (rgb - rgb.amin()) / (rgb.amax() - rgb.amin() + 1e-8)
-    return (rgb * 255).round().to(torch.uint8)
+    from comfyui_octet.nodes import reference_model
+    img = reference_model.decode(model, latents)  # [B, 1, 32, 32] in [0, 1]
+    return (img[:, 0, :, :, None].repeat(1, 1, 1, 3) * 255).round().to(torch.uint8)
 
 
 def main() -> int:
@@ -55,24 +53,26 @@ def main() -> int:
     from comfyui_octet.nodes.quantize_nodes import QuantizeModel
 
     os.makedirs(OUT, exist_ok=True)
-    seed, steps, cfg, size = 42, 20, 4.0, 32
+    seed, steps, cfg = 42, 20, 3.0
     print(f"Octet demo: ComfyUI at {host.find_comfyui()}; torch {torch.__version__}; device "
           f"{'cuda:' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-    model = reference_model.build_tiny_sd15()
+    model = reference_model.load_reference("unet")
     dm_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
-    print(f"Reference model: ComfyUI SD15 UNet class, {dm_params / 1e6:.2f} M parameters (embedded, seeded)")
-    pos, neg = reference_model.tiny_conditioning(seed=1), reference_model.tiny_conditioning(seed=2)
-    latent = {"samples": torch.zeros(2, 4, size, size)}
+    print(f"Reference model: ComfyUI SD15 UNet class trained on Fashion-MNIST, {dm_params / 1e6:.2f} M parameters "
+          f"(models/octet_fmnist_unet.safetensors)")
+    pos = reference_model.batch_conditioning("unet", [reference_model.CLASSES.index(c) for c in ("sneaker", "bag")])
+    neg = reference_model.class_conditioning("unet", "unconditional", batch=2)
+    latent = reference_model.empty_latent("unet", 2)
 
     def sample(m):
         t0 = time.perf_counter()
         out = nodes.common_ksampler(m, seed, steps, cfg, "euler", "normal", pos, neg, latent)[0]["samples"]
         return out, time.perf_counter() - t0
 
-    print(f"\n[1/4] Float sampling ({steps} steps, euler, cfg {cfg}, batch 2, latent {size}x{size})")
+    print(f"\n[1/4] Float sampling ({steps} steps, euler, cfg {cfg}, batch 2: sneaker, bag)")
     fp, t_fp = sample(model)
 
-    rows, images = [], [preview(fp)]
+    rows, images = [], [preview(model, fp)]
     for i, mode in enumerate(("weight_only", "dynamic")):
         print(f"\n[2/4] Quantize Model node, mode={mode}")
         t0 = time.perf_counter()
@@ -82,7 +82,7 @@ def main() -> int:
         print(report.splitlines()[-1])
         q, t_q = sample(qmodel)
         rows.append((mode, report.splitlines()[-1], psnr(fp, q), t_quant, t_q))
-        images.append(preview(q))
+        images.append(preview(model, q))
 
     print("\n[3/4] Save Quantized -> Load Quantized (dynamic W8A8)")
     path = os.path.join(OUT, "reference_sd15_int8.safetensors")
@@ -100,7 +100,7 @@ def main() -> int:
     png = os.path.join(OUT, "fp_vs_weight_only_vs_dynamic.png")
     Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(png)
 
-    lines = ["", "=" * 78, "Octet demo report (embedded SD15-architecture reference model, CPU)", "=" * 78,
+    lines = ["", "=" * 78, "Octet demo report (trained SD15-architecture reference model, CPU)", "=" * 78,
              f"float sampling time: {t_fp:.2f} s for {steps} steps"]
     for mode, summary, p, tq, ts in rows:
         lines.append(f"{mode:>12}: {summary}")
@@ -110,8 +110,8 @@ def main() -> int:
               f"= {file_bytes / bf16_bytes:.3f}x",
               f"  reloaded model samples identically: {identical}",
               f"preview (rows: samples; columns: FP | weight-only | dynamic W8A8): {png}",
-              "note: random-weight model; trained reference models come with issue 9. CPU uses the torch "
-              "reference kernels; the Triton kernels run on NVIDIA GPUs."]
+              "note: CPU uses the torch reference kernels; the Triton kernels run on NVIDIA GPUs. "
+              "Quality of every method on both reference models: bench/quality.py -> docs/QUALITY.md."]
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(OUT, "report.txt"), "w") as f:

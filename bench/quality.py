@@ -1,0 +1,256 @@
+"""Quality of every INT8 method on both trained reference models and their outlier twins; writes docs/QUALITY.md.
+
+    /work/venv/bin/python bench/quality.py [--samples 20] [--steps 8] [--models unet dit] [--methods ...]
+
+For each reference model (ComfyUI SD15 UNet, ComfyUI Flux DiT; Fashion-MNIST, class-conditional) and each
+variant (plain, twin = same float function with x20-60 activation outliers), the FP model samples one
+image per seed (classes cycle) through the host's KSampler; every method then samples the same seeds and
+is scored against those FP images: PSNR / SSIM (mean over images) and FID between the two sets in our
+classifier's feature space (octet/feature_net.py), plus the diffusion model's size.
+
+Methods are rows in a registry: add one with ``@method("label")`` and a function
+``(ctx) -> MODEL | None`` (None = n/a, with ``ctx.note``); SmoothQuant, timestep groups, policies and QAT
+go in as rows the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import importlib.util
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_pack():
+    if "comfyui_octet" not in sys.modules:  # the repo as a package, as ComfyUI imports it
+        spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["comfyui_octet"] = module
+        spec.loader.exec_module(module)
+
+
+_load_pack()
+from comfyui_octet.nodes import host  # noqa: E402
+
+host.ensure_comfy()
+import torch  # noqa: E402
+
+from comfyui_octet.nodes import bridge, evaluate, reference_model as rm, reference_twin  # noqa: E402
+from comfyui_octet.octet import DynamicW8A8Config, StaticW8A8Config, WeightOnlyConfig  # noqa: E402
+
+
+@dataclasses.dataclass
+class Context:
+    kind: str
+    variant: str
+    fp: object                 # the float MODEL (ModelPatcher)
+    args: argparse.Namespace
+    note: str = ""
+    _cal: dict = dataclasses.field(default_factory=dict)
+
+    def calibration(self, groups: int, settings: dict):
+        """A Calibration from a short run of the FP model on other seeds and classes (cached per groups)."""
+        from comfyui_octet.nodes import calibrate_nodes
+        key = (groups, tuple(sorted(settings.items())))
+        if key not in self._cal:
+            n = self.args.cal_batch
+            pos = rm.batch_conditioning(self.kind, [(3 * i + 1) % 10 for i in range(n)])
+            neg = rm.class_conditioning(self.kind, "unconditional", batch=n)
+            self._cal[key], _ = calibrate_nodes.calibrate(self.fp, pos, neg, rm.empty_latent(self.kind, n), 999,
+                                                          self.args.steps, self.args.cfg, "euler", "normal", groups,
+                                                          settings)
+        return self._cal[key]
+
+
+METHODS: dict[str, callable] = {}
+
+
+def method(label: str):
+    def register(fn):
+        METHODS[label] = fn
+        return fn
+    return register
+
+
+@method("FP (reference)")
+def _fp(ctx):
+    return ctx.fp
+
+
+@method("weight-only W8A16")
+def _weight_only(ctx):
+    return bridge.quantize_model(ctx.fp, WeightOnlyConfig())[0]
+
+
+@method("dynamic W8A8 per-token (= stock ComfyUI int8: per-row W, per-row dynamic A)")
+def _dynamic(ctx):
+    return bridge.quantize_model(ctx.fp, DynamicW8A8Config())[0]
+
+
+@method("naive static W8A8 per-tensor (minmax, 1 group)")
+def _naive_static(ctx):
+    cal = ctx.calibration(1, {})
+    return bridge.quantize_model(ctx.fp, StaticW8A8Config(observer="minmax", timestep_groups=False), calibration=cal)[0]
+
+
+@method("static W8A8 calibrated (mse, 4 timestep groups)")
+def _static_groups(ctx):
+    cal = ctx.calibration(4, {})
+    return bridge.quantize_model(ctx.fp, StaticW8A8Config(observer="mse", timestep_groups=True), calibration=cal)[0]
+
+
+@method("static W8A8 + SmoothQuant a=0.5 (mse, 4 groups)")
+def _smoothquant(ctx):
+    cal = ctx.calibration(4, {})
+    return bridge.quantize_model(ctx.fp, StaticW8A8Config(observer="mse", timestep_groups=True, smooth_alpha=0.5),
+                                 calibration=cal)[0]
+
+
+@method("bitsandbytes LLM.int8 (dynamic, threshold 6)")
+def _bnb(ctx):
+    try:
+        q = bridge.quantize_model(ctx.fp, DynamicW8A8Config(kinds=("linear",), backend="bitsandbytes"))[0]
+        evaluate.sample_run(q, *sampler_args(ctx.kind, 2, ctx.args))  # does it run here at all?
+        return q
+    except Exception as exc:  # reported in the table, not swallowed
+        ctx.note = f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
+        return None
+
+
+def sampler_args(kind, n, args):
+    labels = [i % 10 for i in range(n)]
+    pos = rm.batch_conditioning(kind, labels)
+    neg = rm.class_conditioning(kind, "unconditional", batch=n)
+    return pos, neg, rm.empty_latent(kind, n), args.seed, args.steps, args.cfg, "euler", "normal"
+
+
+def outlier_summary(kind, plain, twin):
+    s = rm.spec(kind)
+    x = torch.randn(4, s.latent_channels, s.latent_size, s.latent_size, generator=torch.Generator().manual_seed(0))
+    c = rm.batch_conditioning(kind, [0, 3, 6, 9])
+    kw = {"context": c[0][0], **({"y": c[0][1]["pooled_output"]} if kind == "dit" else {})}
+    t = torch.tensor([800.0, 500.0, 200.0, 50.0]) if kind == "unet" else torch.tensor([0.8, 0.5, 0.2, 0.05])
+    outs = {}
+    for p in (plain, twin):  # a loaded quantized clone's layers may still be swapped into the shared model
+        bridge.release_clones(p)
+
+    def run(p, key):
+        with torch.no_grad():
+            outs[key] = p.model.diffusion_model(x, t, **kw)
+    rp = reference_twin.channel_outlier_ratios(plain.model.diffusion_model, lambda: run(plain, "p"))
+    rt = reference_twin.channel_outlier_ratios(twin.model.diffusion_model, lambda: run(twin, "t"))
+    sites = twin.model_options["octet_reference"]["twin"]
+    summary = reference_twin.summarize_ratios(rp, rt, [c for site in sites for c in site["consumers"]])
+    summary["sites"] = len(sites)
+    summary["max_abs_output_diff"] = float((outs["p"] - outs["t"]).abs().max())
+    summary["per_layer"] = sorted(((k, rp[k], rt[k]) for k in rt), key=lambda r: -r[2])[:6]
+    return summary
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=20, help="images (seeds) per row; FID needs >= 16")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cal-batch", type=int, default=8)
+    ap.add_argument("--models", nargs="*", default=["unet", "dit"], choices=["unet", "dit"])
+    ap.add_argument("--methods", nargs="*", default=None, help="substrings of method labels to run (default all)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "QUALITY.md"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    methods = {k: v for k, v in METHODS.items()
+               if args.methods is None or k.startswith("FP") or any(m in k for m in args.methods)}
+    clf, clf_meta = evaluate.classifier()
+    rows, outliers, t_start = [], {}, time.time()
+    header = f"{'model':<5} {'variant':<6} {'method':<78} {'PSNR dB':>8} {'SSIM':>7} {'FID':>8} {'size MiB':>9} {'s':>6}"
+    print(header)
+    for kind in args.models:
+        plains = {}
+        for variant in rm.VARIANTS:
+            fp = rm.load_reference(kind, variant)
+            plains[variant] = fp
+            sargs = sampler_args(kind, args.samples, args)
+            ref = evaluate.sample_run(fp, *sargs)
+            ref_img, _ = evaluate.to_images(fp, ref.latents)
+            with torch.no_grad():  # how well the FP samples are recognised: the model is a real generator
+                class_acc = float((clf(ref_img).argmax(1) == torch.tensor([i % 10 for i in range(args.samples)]))
+                                  .float().mean())
+            for label, fn in methods.items():
+                ctx = Context(kind, variant, fp, args)
+                t0 = time.time()
+                q = fn(ctx)
+                if q is None:
+                    row = dict(model=kind, variant=variant, method=label, psnr=None, ssim=None, fid=None,
+                               size=None, seconds=time.time() - t0, note=ctx.note)
+                else:
+                    run = ref if q is fp else evaluate.sample_run(q, *sargs)
+                    img, _ = evaluate.to_images(fp, run.latents)
+                    cmp = evaluate.compare(ref_img, img, fid_features=True)
+                    row = dict(model=kind, variant=variant, method=label, psnr=cmp["psnr"], ssim=cmp["ssim"],
+                               fid=cmp["fid"], size=run.size_bytes / 2**20, seconds=time.time() - t0,
+                               note=f"FP class accuracy {class_acc:.2f}" if q is fp else ctx.note)
+                rows.append(row)
+                print(fmt_row(row), flush=True)
+        outliers[kind] = outlier_summary(kind, plains["plain"], plains["twin"])
+    write_markdown(args, rows, outliers, clf_meta, time.time() - t_start)
+    print(f"\nwrote {args.out} in {time.time() - t_start:.0f} s")
+
+
+def _f(v, spec):
+    return "n/a" if v is None else ("inf" if v == float("inf") else format(v, spec))
+
+
+def fmt_row(r):
+    return (f"{r['model']:<5} {r['variant']:<6} {r['method'][:78]:<78} {_f(r['psnr'], '.2f'):>8} {_f(r['ssim'], '.4f'):>7} "
+            f"{_f(r['fid'], '.3f'):>8} {_f(r['size'], '.2f'):>9} {r['seconds']:>6.0f}" + (f"  {r['note']}" if r['note'] else ""))
+
+
+def write_markdown(args, rows, outliers, clf_meta, seconds):
+    clf_hash = hashlib.sha256(open(evaluate.CLASSIFIER_PATH, "rb").read()).hexdigest()[:12]
+    lines = ["# Quality of INT8 methods on the reference models", "",
+             f"Generated by `bench/quality.py` ({datetime.date.today().isoformat()}, CPU, torch {torch.__version__}, "
+             f"{seconds:.0f} s): {args.samples} images per row (classes cycle 0-9), {args.steps} euler steps, "
+             f"cfg {args.cfg}, seed {args.seed}, through ComfyUI's KSampler. Every row is scored against the FP "
+             "model's images at the same seeds: PSNR / SSIM (mean over images, [0,1] pixels) and FID between the "
+             f"two sets in the features of Octet's Fashion-MNIST classifier (sha256 {clf_hash}, test accuracy "
+             f"{clf_meta.get('test_accuracy', float('nan')):.4f}). FID here is only comparable within this table; "
+             f"with {args.samples} samples it is noisy. Size is the diffusion model's bytes (float layers fp32 here).",
+             "", "Models: `unet` = ComfyUI SD15 UNet class (eps), `dit` = ComfyUI Flux class (flow matching); "
+             "`twin` = same float function with activation outliers (x20-60 channels at qkv/fc1 inputs).", "",
+             "| model | variant | method | PSNR dB | SSIM | FID | size MiB | note |", "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} | {r['method']} | {_f(r['psnr'], '.2f')} | {_f(r['ssim'], '.4f')} "
+                     f"| {_f(r['fid'], '.3f')} | {_f(r['size'], '.2f')} | {r['note']} |")
+    lines += ["", "Notes:",
+              "- *dynamic W8A8 per-token* is also the stock ComfyUI `int8_tensorwise` recipe (per-row weight scales, "
+              "per-row dynamic activation scales): one row for both.",
+              "- *naive static per-tensor*: one activation scale per layer from a short calibration run "
+              f"({args.cal_batch} images, other seeds/classes), minmax, no timestep groups "
+              "(octet.StaticW8A8Config + calibrate_nodes.calibrate).",
+              "- bitsandbytes rows run bitsandbytes' own int8 matmul where it runs; otherwise n/a with the reason.",
+              "", "## Outlier twins: activation channel ratios", "",
+              "Per Linear/Conv2d input: max over channels / median over channels of per-channel absmax, one forward "
+              "of 4 samples. The twin's float output equals the plain model's (max |diff| below).", "",
+              "| model | rescaled sites | median ratio, all layers (plain -> twin) | median ratio at rescaled consumers "
+              "(plain -> twin) | max ratio twin | max abs output diff |", "|---|---:|---|---|---:|---:|"]
+    for kind, s in outliers.items():
+        lines.append(f"| {kind} | {s['sites']} | {s['median_ratio_all_plain']:.1f} -> {s['median_ratio_all_twin']:.1f} | "
+                     f"{s['median_ratio_consumers_plain']:.1f} -> {s['median_ratio_consumers_twin']:.1f} | "
+                     f"{s['max_ratio_twin']:.1f} | {s['max_abs_output_diff']:.2e} |")
+    lines += ["", "Largest twin ratios per model (layer: plain -> twin):", ""]
+    for kind, s in outliers.items():
+        lines.append(f"- {kind}: " + "; ".join(f"`{k}` {a:.1f} -> {b:.1f}" for k, a, b in s["per_layer"]))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
