@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 
 import torch
@@ -17,7 +18,7 @@ from ..octet import metrics
 from . import reference_model
 
 FID_MIN_SAMPLES = 16
-CLASSIFIER_PATH = reference_model.os.path.join(reference_model.MODELS_DIR, "octet_fmnist_classifier.safetensors")
+CLASSIFIER_PATH = os.path.join(reference_model.MODELS_DIR, "octet_fmnist_classifier.safetensors")
 _classifier = None
 
 
