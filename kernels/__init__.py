@@ -7,6 +7,8 @@ let ``registry.select`` choose the backend.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import registry, torch_ref
@@ -52,15 +54,66 @@ def _request(op: str, act: str, x: torch.Tensor, n: int, k: int, m: int, groups:
                    groups=groups)
 
 
+def _dispatch_linear(x, qweight, w_scale, bias, act, smooth, static_scale, backend):
+    m = x.numel() // x.shape[-1] if x.dim() else 0
+    impl = registry.select(_request("linear", act, x, qweight.shape[0], qweight.shape[1], m), backend)
+    return impl.linear(x, qweight, w_scale, bias, act, smooth, static_scale)
+
+
+def _dispatch_conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale,
+                     backend):
+    k = qweight[0].numel()
+    m = x.shape[0] * x.shape[-1] * x.shape[-2]
+    impl = registry.select(_request("conv2d", act, x, qweight.shape[0], k, m, groups), backend)
+    return impl.conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale)
+
+
+# Under torch.compile every quantized layer is one opaque custom op whose body is the eager
+# dispatch above: the backend choice (cached, logged) stays out of the traced graph, so the
+# quantized layers cause no graph break, and CUDA graphs (mode="reduce-overhead") capture the
+# kernels the op launches.
+@torch.library.custom_op("octet::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+               act: str, smooth: Optional[torch.Tensor], static_scale: Optional[torch.Tensor],
+               backend: str) -> torch.Tensor:
+    return _dispatch_linear(x, qweight, w_scale, bias, act, smooth, static_scale, backend)
+
+
+@_linear_op.register_fake
+def _(x, qweight, w_scale, bias, act, smooth, static_scale, backend):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("octet::conv2d", mutates_args=())
+def _conv2d_op(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+               stride: list[int], padding: list[int], dilation: list[int], groups: int, act: str,
+               smooth: Optional[torch.Tensor], static_scale: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    # The fake below promises a contiguous NCHW result; backends may return other layouts.
+    return _dispatch_conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth,
+                            static_scale, backend).contiguous()
+
+
+@_conv2d_op.register_fake
+def _(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale, backend):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = qweight.shape[2:], stride, padding, dilation
+    oh = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return x.new_empty((x.shape[0], qweight.shape[0], oh, ow))
+
+
+def _ints(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
 def linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
            act: str = "dynamic", smooth: torch.Tensor | None = None, static_scale: torch.Tensor | None = None,
            backend: str = "auto") -> torch.Tensor:
     """y = x @ dequant(qweight).T + bias with INT8 weights (and INT8 activations unless act='none')."""
     if act == "static" and static_scale is None:
         raise ValueError("act='static' needs static_scale (run Calibrate first, or use act='dynamic').")
-    m = x.numel() // x.shape[-1] if x.dim() else 0
-    impl = registry.select(_request("linear", act, x, qweight.shape[0], qweight.shape[1], m), backend)
-    return impl.linear(x, qweight, w_scale, bias, act, smooth, static_scale)
+    if torch.compiler.is_compiling():
+        return _linear_op(x, qweight, w_scale, bias, act, smooth, static_scale, backend)
+    return _dispatch_linear(x, qweight, w_scale, bias, act, smooth, static_scale, backend)
 
 
 def conv2d(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -69,7 +122,8 @@ def conv2d(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: 
            backend: str = "auto") -> torch.Tensor:
     if act == "static" and static_scale is None:
         raise ValueError("act='static' needs static_scale (run Calibrate first, or use act='dynamic').")
-    k = qweight[0].numel()
-    m = x.shape[0] * x.shape[-1] * x.shape[-2]
-    impl = registry.select(_request("conv2d", act, x, qweight.shape[0], k, m, groups), backend)
-    return impl.conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale)
+    if torch.compiler.is_compiling() and not isinstance(padding, str):
+        return _conv2d_op(x, qweight, w_scale, bias, _ints(stride), _ints(padding), _ints(dilation), groups, act,
+                          smooth, static_scale, backend)
+    return _dispatch_conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth,
+                            static_scale, backend)

@@ -102,7 +102,7 @@ def int_conv2d(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, gr
     cols = F.unfold(xq.float(), (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
     a = cols.transpose(1, 2).reshape(b * ho * wo, -1).to(torch.int8)
     acc = int_matmul(a, wq.reshape(wq.shape[0], -1))
-    return acc.reshape(b, ho * wo, -1).transpose(1, 2).reshape(b, -1, ho, wo)
+    return acc.reshape(b, ho * wo, -1).transpose(1, 2).reshape(b, -1, ho, wo).contiguous()
 
 
 def gemm_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,

@@ -49,6 +49,8 @@ def _unsupported(module: nn.Module) -> Optional[str]:
     w = getattr(module, "weight", None)
     if w is None:
         return "no weight"
+    if w.numel() == 0:
+        return "empty weight"
     if w.device.type == "meta":
         return "weight not materialised (meta)"
     if not w.dtype.is_floating_point:

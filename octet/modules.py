@@ -94,11 +94,12 @@ class QuantLayer(nn.Module):
         which hold only while that exact tensor is in place (the host restores the original
         weight by replacing or overwriting it, which retires them)."""
         patched = self._patched_scale
-        if patched is not None:
-            ref, version, scale = patched
-            if ref() is self.weight and self.weight._version == version:
-                return scale
-            self._patched_scale = None
+        if patched is None:  # the common case, and the only one torch.compile needs to trace
+            return self.weight_scale
+        ref, version, scale = patched
+        if ref() is self.weight and self.weight._version == version:
+            return scale
+        self._patched_scale = None
         return self.weight_scale
 
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:

@@ -28,6 +28,10 @@ def _load_pack():
 
 _load_pack()
 
+# One thread: the models under test are tiny, and on a loaded 2-core machine torch's default
+# thread pool oversubscribes the cores (measured 15x slower); results do not depend on it.
+torch.set_num_threads(int(os.environ.get("OCTET_TEST_THREADS", "1")))
+
 
 @pytest.fixture
 def rng():

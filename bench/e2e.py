@@ -1,0 +1,263 @@
+"""End-to-end step latency and VRAM of full-size models in ComfyUI: bf16 vs the host's fp8 vs Octet.
+
+Builds ComfyUI's real model classes at full size from their supported-model configs (random
+weights: speed does not depend on the values), then per model and variant measures the median
+latency of one ``BaseModel.apply_model`` step, peak VRAM of that step, weight bytes, and the time
+Octet takes to quantize. Every ratio is against the bf16 baseline measured in the same process.
+
+    python bench/e2e.py                      # GPU: all models, eager
+    python bench/e2e.py --models flux-dev --compile
+    python bench/e2e.py --tiny               # CPU smoke test of the same code with shrunken configs
+
+Writes a JSON and a markdown table (to --out, default out/e2e) and prints the card's name.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FLUX_DEV = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
+            "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
+            "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+            "guidance_embed": True}
+SDXL = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+        "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+        "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_attention": False, "use_temporal_resblock": False}
+SD35_MEDIUM = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 24, "input_size": None,
+               "adm_in_channels": 2048, "pos_embed_max_size": 384, "num_patches": 384 * 384,
+               "context_embedder_config": {"target": "torch.nn.Linear",
+                                           "params": {"in_features": 4096, "out_features": 1536}},
+               "qk_norm": "rms", "pos_embed_scaling_factor": None, "x_block_self_attn_layers": list(range(13))}
+WAN21_13B = {"image_model": "wan2.1", "model_type": "t2v", "dim": 1536, "in_dim": 16, "out_dim": 16,
+             "ffn_dim": 8960, "freq_dim": 256, "num_heads": 12, "num_layers": 30, "patch_size": (1, 2, 2),
+             "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}
+
+# name -> (supported_models class, unet_config, latent shape, conditioning shapes)
+MODELS = {
+    "flux-dev": ("Flux", FLUX_DEV, (1, 16, 128, 128), {"c_crossattn": (1, 512, 4096), "y": (1, 768),
+                                                       "guidance": (1,)}),
+    "sdxl": ("SDXL", SDXL, (1, 4, 128, 128), {"c_crossattn": (1, 77, 2048), "y": (1, 2816)}),
+    "sd3.5-medium": ("SD3", SD35_MEDIUM, (1, 16, 128, 128), {"c_crossattn": (1, 333, 4096), "y": (1, 2048)}),
+    "wan2.1-1.3b": ("WAN21_T2V", WAN21_13B, (1, 16, 9, 60, 104), {"c_crossattn": (1, 512, 4096)}),
+}
+TINY = {  # same classes, shrunken, so --tiny checks every code path on a CPU in seconds
+    "flux-dev": {"hidden_size": 64, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12],
+                 "context_in_dim": 32, "vec_in_dim": 16},
+    "sdxl": {"model_channels": 32, "transformer_depth": [0, 0, 1, 1], "channel_mult": [1, 2],
+             "num_res_blocks": [1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1],
+             "context_dim": 32, "adm_in_channels": 64, "num_head_channels": 16},
+    "sd3.5-medium": {"depth": 2, "context_embedder_config": {"target": "torch.nn.Linear",
+                                                             "params": {"in_features": 32, "out_features": 128}},
+                     "adm_in_channels": 32, "pos_embed_max_size": 16, "num_patches": 256,
+                     "x_block_self_attn_layers": [0]},
+    "wan2.1-1.3b": {"dim": 128, "ffn_dim": 256, "num_heads": 2, "num_layers": 1, "text_dim": 32},
+}
+TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1, 16), "guidance": (1,)}),
+               "sdxl": ((1, 4, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1, 64)}),
+               "sd3.5-medium": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1, 32)}),
+               "wan2.1-1.3b": ((1, 16, 2, 8, 8), {"c_crossattn": (1, 8, 32)})}
+VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static")
+
+
+def load_pack():
+    spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["comfyui_octet"] = pack
+    spec.loader.exec_module(pack)
+
+
+def build(name: str, variant: str, device, tiny: bool):
+    """ComfyUI's model for ``name``, weights initialised on ``device`` (fp8 variant: host fp8 ops)."""
+    import torch
+    import comfy.supported_models
+
+    cls_name, unet, _, _ = MODELS[name]
+    unet = dict(unet, **(TINY[name] if tiny else {}))
+    config = getattr(comfy.supported_models, cls_name)(unet)
+    if variant == "host_fp8_e4m3fn_fast":
+        config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
+        config.optimizations["fp8"] = True
+    else:
+        config.set_inference_dtype(torch.bfloat16, None)
+    model = config.get_model({}, "", device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in list(model.diffusion_model.parameters()) + list(model.diffusion_model.buffers()):
+            if not p.is_floating_point():
+                continue
+            tmp = torch.empty(p.shape, device=device, dtype=torch.bfloat16)
+            if p.dim() >= 2:
+                tmp.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+            else:
+                tmp.normal_(0.0, 0.02, generator=g)
+            p.copy_(tmp)
+    model.to(device)
+    return model.eval()
+
+
+def inputs(name: str, device, tiny: bool):
+    import torch
+    g = torch.Generator(device=device).manual_seed(1)
+    latent, conds = TINY_SHAPES[name] if tiny else MODELS[name][2:]
+    x = torch.randn(latent, device=device, generator=g, dtype=torch.bfloat16)
+    kw = {k: torch.randn(s, device=device, generator=g, dtype=torch.bfloat16) for k, s in conds.items()}
+    if "guidance" in kw:
+        kw["guidance"] = torch.full_like(kw["guidance"], 3.5)
+    sigma = torch.tensor([0.6], device=device)
+    return x, sigma, kw
+
+
+def weight_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def quantize(model, variant: str, x, sigma, kw):
+    """Octet's one verb on the diffusion model, in place; static calibrates on one step first."""
+    import torch
+    from comfyui_octet import octet
+    from comfyui_octet.octet.calibration import record
+    from comfyui_octet.octet.timestep import GroupSelector
+
+    dm = model.diffusion_model
+    calibration = None
+    mode = variant[len("octet_"):]
+    if mode == "static":
+        with torch.no_grad(), record(dm, GroupSelector([]), sample_cap=4096) as calibration:
+            model.apply_model(x, sigma, **kw)
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        result = octet.quantize_(dm, octet.config_for_mode(mode), calibration=calibration)
+    sync()
+    return result, time.perf_counter() - t0
+
+
+def sync():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_steps(model, x, sigma, kw, warmup: int, iters: int) -> list[float]:
+    import torch
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + iters):
+            sync()
+            t0 = time.perf_counter()
+            model.apply_model(x, sigma, **kw)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_variant(name, variant, device, args):
+    import torch
+    row = {"model": name, "variant": variant + (f"+compile({args.compile_mode})" if args.compile else "")}
+    model = build(name, "host_fp8_e4m3fn_fast" if variant == "host_fp8_e4m3fn_fast" else "bf16", device, args.tiny)
+    x, sigma, kw = inputs(name, device, args.tiny)
+    if variant.startswith("octet_"):
+        result, row["quantize_s"] = quantize(model, variant, x, sigma, kw)
+        row["layers_quantized"] = len(result.quantized)
+    row["weight_bytes"] = weight_bytes(model.diffusion_model)
+    if args.compile:
+        t0 = time.perf_counter()
+        model.diffusion_model = torch.compile(model.diffusion_model, mode=args.compile_mode)
+        time_steps(model, x, sigma, kw, 1, 0)
+        row["compile_s"] = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = time_steps(model, x, sigma, kw, args.warmup, args.iters)
+    row["step_ms"] = statistics.median(times) * 1000
+    if device.type == "cuda":
+        row["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def markdown(rows, header) -> str:
+    lines = [header, "", "| model | variant | step ms | vs bf16 | weights GiB | vs bf16 | peak VRAM GiB | quantize s |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = {r["model"]: r for r in rows if r["variant"].startswith("bf16") and "step_ms" in r}
+    for r in rows:
+        b = base.get(r["model"])
+        if "step_ms" not in r:
+            lines.append(f"| {r['model']} | {r['variant']} | failed: {r.get('error', '?')[:80]} | | | | | |")
+            continue
+        speed = f"{b['step_ms'] / r['step_ms']:.2f}x" if b else "n/a"
+        size = f"{r['weight_bytes'] / b['weight_bytes']:.3f}x" if b else "n/a"
+        peak = f"{r['peak_vram_bytes'] / 2**30:.2f}" if "peak_vram_bytes" in r else "n/a"
+        quant = f"{r['quantize_s']:.1f}" if "quantize_s" in r else ""
+        lines.append(f"| {r['model']} | {r['variant']} | {r['step_ms']:.1f} | {speed} | "
+                     f"{r['weight_bytes'] / 2**30:.2f} | {size} | {peak} | {quant} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the diffusion model")
+    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                        help="torch.compile mode (e.g. default, max-autotune-no-cudagraphs, reduce-overhead)")
+    parser.add_argument("--tiny", action="store_true", help="shrunken configs on CPU (smoke test)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", default=os.path.join(ROOT, "out", "e2e"))
+    args = parser.parse_args()
+
+    load_pack()
+    from comfyui_octet.nodes import host
+    host.ensure_comfy(cpu=args.tiny)
+    import torch
+    import triton
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = (f"card: {card}; torch {torch.__version__}; triton {triton.__version__}; "
+              f"{'compiled' if args.compile else 'eager'}; {stamp}")
+    print(header, flush=True)
+    rows = []
+    for name in args.models:
+        for variant in args.variants:
+            if variant == "host_fp8_e4m3fn_fast" and device.type != "cuda":
+                continue
+            try:
+                row = run_variant(name, variant, device, args)
+            except Exception as e:  # one broken variant must not hide the others' numbers
+                traceback.print_exc()
+                row = {"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"}
+            rows.append(row)
+            print(f"[{card}] " + json.dumps(row), flush=True)
+    table = markdown(rows, header)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    suffix = ("tiny" if args.tiny else "full") + (f"_compile_{args.compile_mode}" if args.compile else "")
+    with open(os.path.join(args.out, f"e2e_{suffix}.json"), "w") as f:
+        json.dump({"header": header, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, f"e2e_{suffix}.md"), "w") as f:
+        f.write(table + "\n")
+    return 0 if all("step_ms" in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""torch.compile sees each quantized layer as one custom op: no graph break, same numbers."""
+import pytest
+import torch
+import torch._dynamo
+
+from comfyui_octet import kernels, octet
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 16, 3, padding=1)
+        self.proj = torch.nn.Linear(16, 32)
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.conv(x))
+        return self.proj(h.flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic"])
+def test_quantized_layers_compile_without_graph_breaks_and_match_eager(rng, mode):
+    model = Block().eval()
+    octet.quantize_(model, octet.config_for_mode(mode))
+    x = torch.randn(2, 4, 8, 8, generator=rng)
+    eager = model(x)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+
+
+def test_custom_ops_pass_opcheck(rng):
+    x = torch.randn(3, 5, 16, generator=rng)
+    qw, ws = kernels.quantize_weight(torch.randn(8, 16, generator=rng))
+    torch.library.opcheck(torch.ops.octet.linear.default, (x, qw, ws, None, "dynamic", None, None, "torch"))
+    xc = torch.randn(2, 4, 7, 9, generator=rng)
+    qc, sc = kernels.quantize_weight(torch.randn(6, 4, 3, 3, generator=rng))
+    torch.library.opcheck(torch.ops.octet.conv2d.default,
+                          (xc, qc, sc, None, [2, 2], [1, 1], [1, 1], 1, "dynamic", None, None, "torch"))
