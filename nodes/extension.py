@@ -7,12 +7,14 @@ from .calibrate_nodes import Calibrate, CalibrationPrompts, LoadCalibration, Sav
 from .checkpoint_nodes import LoadQuantized, SaveQuantized
 from .eval_nodes import Evaluate, Profile
 from .policy_nodes import MixedPrecisionPolicy, SensitivityPolicy
+from .qat_nodes import QATFineTune
 from .quantize_nodes import QuantizeModel
 from .reference_nodes import ReferenceConditioning, ReferenceDecode, ReferenceLatent, ReferenceModel
 from .sampler_nodes import Int8Sampler
 
 NODES = [QuantizeModel, SaveQuantized, LoadQuantized, ReferenceModel, ReferenceConditioning, MixedPrecisionPolicy,
          SensitivityPolicy, Calibrate, SaveCalibration, LoadCalibration, CalibrationPrompts, Int8Sampler,
+         QATFineTune,
          ReferenceLatent, ReferenceDecode, Evaluate, Profile]
 
 
