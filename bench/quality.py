@@ -234,7 +234,10 @@ def write_markdown(args, rows, outliers, clf_meta, seconds):
               "- *naive static per-tensor*: one activation scale per layer from a short calibration run "
               f"({args.cal_batch} images, other seeds/classes), minmax, no timestep groups "
               "(octet.StaticW8A8Config + calibrate_nodes.calibrate).",
-              "- bitsandbytes rows run bitsandbytes' own int8 matmul where it runs; otherwise n/a with the reason.",
+              "- bitsandbytes rows run bitsandbytes' own int8 matmul (LLM.int8 with outlier decomposition) on "
+              "Linear layers only (it has no conv): the UNet's convs stay float, hence its larger size.",
+              "- The default run of this file adds static calibrated (mse, 4 timestep groups) and SmoothQuant rows; "
+              "`--methods` picks a subset.",
               "", "## Outlier twins: activation channel ratios", "",
               "Per Linear/Conv2d input: max over channels / median over channels of per-channel absmax, one forward "
               "of 4 samples. The twin's float output equals the plain model's (max |diff| below).", "",
