@@ -38,7 +38,9 @@ class SaveQuantized(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, filename, overwrite):
-        root = folder_paths.get_folder_paths(FOLDER)[0]
+        # The host lists the legacy models/unet first for this folder type; write where the tooltip says.
+        roots = folder_paths.get_folder_paths(FOLDER)
+        root = next((r for r in roots if os.path.basename(os.path.normpath(r)) == FOLDER), roots[0])
         path = os.path.abspath(os.path.join(root, filename.strip() + ".safetensors"))
         if os.path.commonpath([path, os.path.abspath(root)]) != os.path.abspath(root):
             raise OctetError(f"filename '{filename}' leaves the {FOLDER} folder; use a relative name like 'octet/x'.")

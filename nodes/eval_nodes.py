@@ -10,10 +10,13 @@ from . import evaluate
 def _sampler_inputs():
     return [io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                          tooltip="Noise seed; both models get the same noise, one image per batch index."),
-            io.Int.Input("steps", default=20, min=1, max=1000),
-            io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1),
-            io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
-            io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal")]
+            io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampling steps for both models."),
+            io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1,
+                           tooltip="Classifier-free guidance scale for both models."),
+            io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                           tooltip="Sampling algorithm for both models."),
+            io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                           tooltip="Noise schedule for both models.")]
 
 
 class Evaluate(io.ComfyNode):
@@ -29,7 +32,8 @@ class Evaluate(io.ComfyNode):
                         "quality/speed/size chart from the measured numbers.",
             inputs=[io.Model.Input("fp_model", tooltip="The float MODEL (the reference)."),
                     io.Model.Input("quant_model", tooltip="The quantized MODEL (from Quantize Model / Load Quantized)."),
-                    io.Conditioning.Input("positive"), io.Conditioning.Input("negative"),
+                    io.Conditioning.Input("positive", tooltip="What to generate (both models)."),
+                    io.Conditioning.Input("negative", tooltip="Negative conditioning (both models)."),
                     io.Latent.Input("latent_image", tooltip="Its batch size is the number of images (seeds) compared."),
                     *_sampler_inputs(),
                     io.Vae.Input("vae", optional=True,
@@ -76,8 +80,10 @@ class Profile(io.ComfyNode):
             category="octet/eval",
             description="Time and memory of each layer of a MODEL during one sampling step (through KSampler): "
                         "which layers cost most. Self time per module, parameter and output bytes.",
-            inputs=[io.Model.Input("model"), io.Conditioning.Input("positive"), io.Conditioning.Input("negative"),
-                    io.Latent.Input("latent_image"),
+            inputs=[io.Model.Input("model", tooltip="The MODEL to profile (float or INT8)."),
+                    io.Conditioning.Input("positive", tooltip="Conditioning for the profiled step."),
+                    io.Conditioning.Input("negative", tooltip="Negative conditioning (used when cfg != 1)."),
+                    io.Latent.Input("latent_image", tooltip="Latent size and batch of the profiled step."),
                     io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1,
                                    tooltip="1.0 = one model call per step; otherwise two (CFG)."),
                     io.Int.Input("top", default=20, min=1, max=200, tooltip="Rows in the table and chart.")],

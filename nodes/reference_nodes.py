@@ -20,10 +20,12 @@ class ReferenceModel(io.ComfyNode):
             description="unet: ComfyUI's SD15 UNet class trained on Fashion-MNIST (eps); dit: ComfyUI's Flux class "
                         "trained on Fashion-MNIST (flow matching); random-tiny: a seeded random SD15 UNet. "
                         "variant 'twin' = same float function with activation outliers (stress test for INT8).",
-            inputs=[io.Combo.Input("model", options=list(MODELS), default="unet"),
+            inputs=[io.Combo.Input("model", options=list(MODELS), default="unet",
+                                   tooltip="unet: SD1.5-class UNet; dit: Flux-class DiT (both trained on Fashion-MNIST); "
+                                           "random-tiny: seeded random SD15 UNet (for tests)."),
                     io.Combo.Input("variant", options=list(reference_model.VARIANTS), default="plain",
                                    tooltip="twin: channels rescaled x20-60 into qkv/fc1 inputs, output unchanged."),
-                    io.Int.Input("seed", default=reference_model.DEFAULT_SEED, min=0, max=2**31 - 1,
+                    io.Int.Input("seed", default=reference_model.DEFAULT_SEED, min=0, max=2**31 - 1, control_after_generate=False,
                                  tooltip="Weights seed of random-tiny (ignored by the trained models).")],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
@@ -46,10 +48,13 @@ class ReferenceConditioning(io.ComfyNode):
             category="octet/reference",
             description="Conditioning for a reference model (they have no text encoder): the learned embedding of a "
                         "Fashion-MNIST class ('unconditional' for the negative), or a seeded tensor for random-tiny.",
-            inputs=[io.Combo.Input("model", options=list(MODELS), default="unet"),
-                    io.Combo.Input("class_name", options=CLASS_OPTIONS, default="sneaker"),
+            inputs=[io.Combo.Input("model", options=list(MODELS), default="unet",
+                                   tooltip="The reference model this conditioning is for (same as on Octet Reference Model)."),
+                    io.Combo.Input("class_name", options=CLASS_OPTIONS, default="sneaker",
+                                   tooltip="Fashion-MNIST class to generate; 'unconditional' for the negative."),
                     io.Int.Input("batch", default=1, min=1, max=64, tooltip="Batch size of the conditioning."),
-                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Which tensor, for random-tiny.")],
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                                 tooltip="Which tensor, for random-tiny.")],
             outputs=[io.Conditioning.Output(display_name="CONDITIONING")],
         )
 
@@ -69,8 +74,9 @@ class ReferenceLatent(io.ComfyNode):
             category="octet/reference",
             description="An empty LATENT of the right shape for a reference model (unet/random-tiny 4x16x16, "
                         "dit 16x8x8: 32x32 images).",
-            inputs=[io.Combo.Input("model", options=list(MODELS), default="unet"),
-                    io.Int.Input("batch", default=1, min=1, max=64)],
+            inputs=[io.Combo.Input("model", options=list(MODELS), default="unet",
+                                   tooltip="The reference model the latent is for (sets its shape)."),
+                    io.Int.Input("batch", default=1, min=1, max=64, tooltip="Number of images (one noise seed each).")],
             outputs=[io.Latent.Output(display_name="LATENT")],
         )
 
@@ -87,7 +93,8 @@ class ReferenceDecode(io.ComfyNode):
             display_name="Octet Reference Decode",
             category="octet/reference",
             description="Sampled LATENT of a trained reference model -> IMAGE (exact pixel-shuffle; no VAE).",
-            inputs=[io.Model.Input("model"), io.Latent.Input("samples")],
+            inputs=[io.Model.Input("model", tooltip="The reference MODEL (Octet Reference Model) the latent came from."),
+                    io.Latent.Input("samples", tooltip="The sampled LATENT.")],
             outputs=[io.Image.Output(display_name="IMAGE")],
         )
 
