@@ -167,6 +167,19 @@ def time_steps(model, x, sigma, kw, warmup: int, iters: int) -> list[float]:
     return times
 
 
+def profile_step(model, x, sigma, kw) -> str:
+    """Where one step's time goes: CPU-side (launch) vs GPU kernel time, top ops by GPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.apply_model(x, sigma, **kw)
+        sync()
+    events = prof.key_averages()
+    gpu_total = sum(e.self_device_time_total for e in events) / 1000
+    table = events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60)
+    return f"GPU kernel time in the step: {gpu_total:.1f} ms\n{table}"
+
+
 def run_variant(name, variant, device, args):
     import torch
     row = {"model": name, "variant": variant + (f"+compile({args.compile_mode})" if args.compile else "")}
@@ -185,6 +198,9 @@ def run_variant(name, variant, device, args):
         torch.cuda.reset_peak_memory_stats()
     times = time_steps(model, x, sigma, kw, args.warmup, args.iters)
     row["step_ms"] = statistics.median(times) * 1000
+    if args.profile and device.type == "cuda":
+        row["profile"] = profile_step(model, x, sigma, kw)
+        print(f"[{torch.cuda.get_device_name()}] profile {name} {row['variant']}\n{row['profile']}", flush=True)
     if device.type == "cuda":
         row["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
     del model
@@ -218,6 +234,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the diffusion model")
     parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                         help="torch.compile mode (e.g. default, max-autotune-no-cudagraphs, reduce-overhead)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per variant")
     parser.add_argument("--tiny", action="store_true", help="shrunken configs on CPU (smoke test)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
