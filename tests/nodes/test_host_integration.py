@@ -6,14 +6,13 @@ import os
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, reference_model
+from comfyui_octet.nodes import bridge, extension, reference_model
 from comfyui_octet.octet import config_for_mode
 from comfyui_octet.octet.api import OctetError
 from comfyui_octet.octet.modules import QuantLayer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OCTET_NODE_IDS = {"OctetQuantizeModel", "OctetSaveQuantized", "OctetLoadQuantized", "OctetReferenceModel",
-                  "OctetReferenceConditioning"}
+OCTET_NODE_IDS = {cls.GET_SCHEMA().node_id for cls in extension.NODES}
 
 
 def _psnr(a, b):
@@ -29,6 +28,8 @@ def loaded_pack():
 
 
 def test_comfyui_custom_node_loader_registers_every_node_with_a_valid_schema(loaded_pack):
+    assert {"OctetQuantizeModel", "OctetSaveQuantized", "OctetLoadQuantized"} <= OCTET_NODE_IDS
+    assert all(node_id.startswith("Octet") for node_id in OCTET_NODE_IDS)  # no clash with other packs
     assert set(loaded_pack) == OCTET_NODE_IDS
     for node_id, cls in loaded_pack.items():
         info = cls.GET_NODE_INFO_V1()
