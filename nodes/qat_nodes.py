@@ -77,12 +77,21 @@ def finetune(fp_model, quantized, positive, negative, latent_image, seed: int, s
     del twins
 
     out = quantized.clone()
-    for name, layer in folded.items():
-        out.add_object_patch(bridge.PREFIX + name, layer)
+    kept = not result.eval_after < result.eval_before
+    if kept:
+        # Fine-tuning must never hand back a worse model than it was given (e.g. a learning rate too
+        # high for an already near-lossless W8A8 model): keep the PTQ layers and say so.
+        result.log.append("QAT did not lower the distillation error on the scored calls: the quantized MODEL's "
+                          "own layers are kept. Try a lower learning_rate or more train_steps.")
+        log.warning("Octet QAT: no improvement (%.4g -> %.4g); returning the PTQ layers.", result.eval_before,
+                    result.eval_after)
+    else:
+        for name, layer in folded.items():
+            out.add_object_patch(bridge.PREFIX + name, layer)
     info = dict(bridge.octet_info(quantized))
     info["qat"] = {"steps": config.steps, "lr": config.lr, "lora_rank": config.lora_rank,
                    "weight_bits": config.weight_bits, "trajectories": trajectories, "sampler_steps": steps,
-                   "eval_mse_before": result.eval_before, "eval_mse_after": result.eval_after,
+                   "eval_mse_before": result.eval_before, "eval_mse_after": result.eval_after, "kept_ptq": kept,
                    "seconds": round(teacher_seconds + result.seconds, 2)}
     out.model_options[bridge.OPTIONS_KEY] = info
     text = "\n".join([f"teacher: {trajectories} trajectories x {steps} steps on the float MODEL, "

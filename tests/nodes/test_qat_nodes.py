@@ -95,3 +95,14 @@ def test_wrong_inputs_are_clear_errors(tiny_model, rng):
     other = reference_model.build_tiny_sd15(seed=7)
     with pytest.raises(OctetError, match="other float weights"):
         qat_nodes.finetune(other, quantized, *args)
+
+
+def test_a_run_that_makes_things_worse_hands_back_the_ptq_layers(tiny_model, rng):
+    quantized, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))
+    config = qat.QATConfig(steps=3, lr=0.5, lora_rank=4, eval_calls=2)  # a learning rate that wrecks W8A8
+    out, result, text = qat_nodes.finetune(tiny_model, quantized, *_conds(rng), _latent(), 0, 2, 4.0, "euler",
+                                           "normal", 1, config)
+    assert result.eval_after > result.eval_before and "are kept" in text
+    before = bridge.quantized_layers(quantized)
+    assert all(m is before[n] for n, m in bridge.quantized_layers(out).items())
+    assert out.model_options["octet"]["qat"]["kept_ptq"] is True
