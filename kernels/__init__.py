@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import registry, torch_ref
+from . import ops, registry, torch_ref
 from .registry import Backend, Implementation, Request
 
 __all__ = ["Backend", "Implementation", "Request", "registry", "torch_ref", "linear", "conv2d",
@@ -72,33 +72,31 @@ def _dispatch_conv2d(x, qweight, w_scale, bias, stride, padding, dilation, group
 # dispatch above: the backend choice (cached, logged) stays out of the traced graph, so the
 # quantized layers cause no graph break, and CUDA graphs (mode="reduce-overhead") capture the
 # kernels the op launches.
-@torch.library.custom_op("octet::linear", mutates_args=())
+def _linear_fake(x, qweight, w_scale, bias, act, smooth, static_scale, backend):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@ops.define_op("octet::linear", _linear_fake)
 def _linear_op(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                act: str, smooth: Optional[torch.Tensor], static_scale: Optional[torch.Tensor],
                backend: str) -> torch.Tensor:
     return _dispatch_linear(x, qweight, w_scale, bias, act, smooth, static_scale, backend)
 
 
-@_linear_op.register_fake
-def _(x, qweight, w_scale, bias, act, smooth, static_scale, backend):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
-
-
-@torch.library.custom_op("octet::conv2d", mutates_args=())
-def _conv2d_op(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-               stride: list[int], padding: list[int], dilation: list[int], groups: int, act: str,
-               smooth: Optional[torch.Tensor], static_scale: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    # The fake below promises a contiguous NCHW result; backends may return other layouts.
-    return _dispatch_conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth,
-                            static_scale, backend).contiguous()
-
-
-@_conv2d_op.register_fake
-def _(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale, backend):
+def _conv2d_fake(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale, backend):
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = qweight.shape[2:], stride, padding, dilation
     oh = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     return x.new_empty((x.shape[0], qweight.shape[0], oh, ow))
+
+
+@ops.define_op("octet::conv2d", _conv2d_fake)
+def _conv2d_op(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+               stride: list[int], padding: list[int], dilation: list[int], groups: int, act: str,
+               smooth: Optional[torch.Tensor], static_scale: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    # The fake promises a contiguous NCHW result; backends may return other layouts.
+    return _dispatch_conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth,
+                            static_scale, backend).contiguous()
 
 
 def _ints(v) -> list[int]:

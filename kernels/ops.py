@@ -29,6 +29,33 @@ from .backends import triton_support
 Tensor = torch.Tensor
 
 
+def _lookup(qualname: str):
+    ns, name = qualname.split("::")
+    try:
+        packet = getattr(getattr(torch.ops, ns), name)
+        packet.default  # noqa: B018 - raises if the op was never defined
+        return packet
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def define_op(qualname: str, fake):
+    """``torch.library.custom_op(qualname)`` with ``fake`` as its meta kernel, defined once per process.
+
+    ComfyUI may import this pack a second time under another module name (its loader keys
+    modules by folder path); redefining a live op swaps its kernels under references the first
+    copy holds, so a second copy reuses the op the first one defined (same code, same schema).
+    """
+    def wrap(fn):
+        existing = _lookup(qualname)
+        if existing is not None:
+            return existing
+        op = torch.library.custom_op(qualname, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+    return wrap
+
+
 def _kernels():
     reason = triton_support.unavailable_reason()
     if reason is not None:
@@ -39,16 +66,15 @@ def _kernels():
 
 # ---- quantize_rows --------------------------------------------------------------------------------
 
-@torch.library.custom_op("octet::quantize_rows", mutates_args=())
+def _quantize_rows_fake(x, smooth, static_scale):
+    scales = x.new_empty((1,) if static_scale is not None else (x.shape[0],), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=torch.int8), scales
+
+
+@define_op("octet::quantize_rows", _quantize_rows_fake)
 def quantize_rows(x: Tensor, smooth: Optional[Tensor], static_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     triton_quant, _, _ = _kernels()
     return triton_quant.quantize_rows(x, smooth, static_scale)
-
-
-@quantize_rows.register_fake
-def _(x, smooth, static_scale):
-    scales = x.new_empty((1,) if static_scale is not None else (x.shape[0],), dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=torch.int8), scales
 
 
 # ---- int8_linear ----------------------------------------------------------------------------------
@@ -70,15 +96,14 @@ def linear_impl(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
-@torch.library.custom_op("octet::int8_linear", mutates_args=())
+def _int8_linear_fake(x, qweight, w_scale, bias, act, smooth, static_scale):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@define_op("octet::int8_linear", _int8_linear_fake)
 def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], act: str,
                 smooth: Optional[Tensor], static_scale: Optional[Tensor]) -> Tensor:
     return linear_impl(x, qweight, w_scale, bias, act, smooth, static_scale)
-
-
-@int8_linear.register_fake
-def _(x, qweight, w_scale, bias, act, smooth, static_scale):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 # ---- int8_conv2d ----------------------------------------------------------------------------------
@@ -110,20 +135,19 @@ def conv2d_impl(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
                                    smooth, static_scale if act == "static" else None)
 
 
-@torch.library.custom_op("octet::int8_conv2d", mutates_args=())
-def int8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], stride: Sequence[int],
-                padding: Sequence[int], dilation: Sequence[int], act: str, smooth: Optional[Tensor],
-                static_scale: Optional[Tensor]) -> Tensor:
-    return conv2d_impl(x, qweight, w_scale, bias, stride, padding, dilation, act, smooth, static_scale)
-
-
-@int8_conv2d.register_fake
-def _(x, qweight, w_scale, bias, stride, padding, dilation, act, smooth, static_scale):
+def _int8_conv2d_fake(x, qweight, w_scale, bias, stride, padding, dilation, act, smooth, static_scale):
     kh, kw = qweight.shape[2], qweight.shape[3]
     oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return torch.empty((x.shape[0], qweight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
                        memory_format=_conv_out_format(x))
+
+
+@define_op("octet::int8_conv2d", _int8_conv2d_fake)
+def int8_conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int], act: str, smooth: Optional[Tensor],
+                static_scale: Optional[Tensor]) -> Tensor:
+    return conv2d_impl(x, qweight, w_scale, bias, stride, padding, dilation, act, smooth, static_scale)
 
 
 # ---- entry points for the backend -----------------------------------------------------------------

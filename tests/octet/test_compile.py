@@ -38,3 +38,21 @@ def test_custom_ops_pass_opcheck(rng):
     qc, sc = kernels.quantize_weight(torch.randn(6, 4, 3, 3, generator=rng))
     torch.library.opcheck(torch.ops.octet.conv2d.default,
                           (xc, qc, sc, None, [2, 2], [1, 1], [1, 1], 1, "dynamic", None, None, "torch"))
+
+
+def test_a_second_copy_of_the_pack_reuses_the_ops_instead_of_redefining_them(rng):
+    """ComfyUI's loader imports the pack under its folder path: the ops must not be defined twice."""
+    import importlib.util
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("octet_second_copy", os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
+    sys.modules["octet_second_copy"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["octet_second_copy"])
+    second = importlib.import_module("octet_second_copy.kernels")
+    assert second._linear_op is torch.ops.octet.linear and second._conv2d_op is torch.ops.octet.conv2d
+    x = torch.randn(4, 16, generator=rng)
+    qw, ws = kernels.quantize_weight(torch.randn(8, 16, generator=rng))
+    torch.testing.assert_close(second._linear_op(x, qw, ws, None, "dynamic", None, None, "torch"),
+                               kernels.linear(x, qw, ws, act="dynamic"), rtol=0, atol=0)
