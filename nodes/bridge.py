@@ -24,6 +24,8 @@ from ..octet.timestep import GroupSelector
 log = logging.getLogger("octet")
 PREFIX = "diffusion_model."
 OPTIONS_KEY = "octet"  # model_options entry holding Octet's (JSON-able) description of the model
+# What travels from that description into a checkpoint's header and back when it is loaded.
+CARRIED_KEYS = ("mode", "config", "policy", "policy_spec", "calibration", "source_hash", "timestep_groups", "qat")
 TIMESTEP_WRAPPER_KEY = "octet_timestep_groups"
 
 
@@ -162,10 +164,7 @@ def save_model(patcher, path: str) -> dict:
         "unet_config": {k: v for k, v in mc.unet_config.items() if k not in ("dtype", "operations", "device")},
         "model_type": patcher.model.model_type.name,
         "dtype": str(patcher.model.get_dtype()).replace("torch.", ""),
-        "mode": info.get("mode"), "config": info.get("config"), "policy": info.get("policy"),
-        "policy_spec": info.get("policy_spec"),
-        "calibration": info.get("calibration"), "source_hash": info.get("source_hash"),
-        "timestep_groups": info.get("timestep_groups"),
+        **{k: info.get(k) for k in CARRIED_KEYS},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "octet_version": _version(),
     }
@@ -227,9 +226,7 @@ def load_model(path: str, backend: str = "auto"):
                          f"file (e.g. {leftover[:3]}).")
     model.to(offload_device)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-    patcher.model_options[OPTIONS_KEY] = {k: ckpt.octet.get(k) for k in
-                                          ("architecture", "mode", "config", "policy", "policy_spec", "calibration",
-                                           "source_hash")}
+    patcher.model_options[OPTIONS_KEY] = {k: ckpt.octet.get(k) for k in ("architecture",) + CARRIED_KEYS}
     patcher.model_options[OPTIONS_KEY]["file"] = os.path.basename(path)
     if selector is not None:
         install_timestep_groups(patcher, selector)
