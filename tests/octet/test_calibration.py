@@ -174,18 +174,25 @@ def test_static_scale_equals_minmax_of_calibration_inputs(rng):
 
 
 def test_smoothquant_reduces_static_error_with_outlier_channels(rng):
-    net = _Net(rng)
-    loud = torch.randperm(64, generator=rng)[:3]
-    cal = _calibrate(net, [_data(rng, loud) for _ in range(4)])
-    x, t = _data(rng, loud)
-    ref = net.fc1(t)
-    errs = {}
-    for alpha in (None, 0.5):
-        q = quantize_(net, StaticW8A8Config(observer="minmax", timestep_groups=False, smooth_alpha=alpha,
-                                            kinds=("linear",)), calibration=cal, inplace=False)
-        with torch.no_grad():
-            errs[alpha] = _sqnr(q.replacements["fc1"](t), ref)
-    assert errs[0.5] > errs[None] + 6, errs  # at least 4x less error power
+    """alpha=0.5 is not a win on every draw (a loud channel meeting a small weight column moves the
+    difficulty into the weights), so the claim is about the average over many fresh layers."""
+    gains = []
+    for _ in range(24):
+        net = _Net(rng)
+        loud = torch.randperm(64, generator=rng)[:3]
+        cal = _calibrate(net, [_data(rng, loud) for _ in range(4)])
+        x, t = _data(rng, loud)
+        ref = net.fc1(t)
+        errs = {}
+        for alpha in (None, 0.5):
+            q = quantize_(net, StaticW8A8Config(observer="minmax", timestep_groups=False, smooth_alpha=alpha,
+                                                kinds=("linear",)), calibration=cal, inplace=False)
+            with torch.no_grad():
+                errs[alpha] = _sqnr(q.replacements["fc1"](t), ref)
+        gains.append(errs[0.5] - errs[None])
+    gains = torch.tensor(gains)
+    # measured: ~75% of draws gain 9-12 dB, the rest -5..+5 dB; mean ~8.7 dB
+    assert gains.mean() > 5, gains  # > 3x less error power on average (sd of this mean ~1 dB)
 
 
 def test_timestep_groups_record_and_apply_per_group_scales(rng):
