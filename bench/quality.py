@@ -112,6 +112,65 @@ def _smoothquant(ctx):
                                  calibration=cal)[0]
 
 
+def _sensitivity(ctx, mode: str, share: float, calibration=None):
+    """A Sensitivity Policy measured on seeds and classes the scored images do not use."""
+    from comfyui_octet.nodes.policy_nodes import SensitivityPolicy
+    n = 2
+    pos = rm.batch_conditioning(ctx.kind, [(7 * i + 2) % 10 for i in range(n)])
+    neg = rm.class_conditioning(ctx.kind, "unconditional", batch=n)
+    out = SensitivityPolicy.execute(model=ctx.fp, positive=pos, negative=neg, latent=rm.empty_latent(ctx.kind, n),
+                                    mode=mode, budget="max_float_share", value=share, base_preset="auto",
+                                    seed=4321, steps=ctx.args.steps, cfg=ctx.args.cfg, scheduler="normal",
+                                    block_depth=0, calibration=calibration)
+    return out.result[0]
+
+
+@method("dynamic W8A8 + policy preset (auto-detected)")
+def _policy_preset(ctx):
+    from comfyui_octet.nodes.policy_nodes import detect_preset
+    from comfyui_octet.octet.policy import preset
+    return bridge.quantize_model(ctx.fp, DynamicW8A8Config(), policy=preset(detect_preset(ctx.fp)))[0]
+
+
+@method("dynamic W8A8 + sensitivity policy (<= 10% params float)")
+def _policy_sensitivity(ctx):
+    return bridge.quantize_model(ctx.fp, DynamicW8A8Config(), policy=_sensitivity(ctx, "dynamic", 0.10))[0]
+
+
+@method("dynamic W8A8 + sensitivity policy (<= 25% params float)")
+def _policy_sensitivity_25(ctx):
+    return bridge.quantize_model(ctx.fp, DynamicW8A8Config(), policy=_sensitivity(ctx, "dynamic", 0.25))[0]
+
+
+@method("Octet recipe: static W8A8 + SmoothQuant + 4 groups + sensitivity (<= 10% float)")
+def _recipe(ctx):
+    cal = ctx.calibration(4, {})
+    config = StaticW8A8Config(observer="mse", timestep_groups=True, smooth_alpha=0.5)
+    policy = _sensitivity(ctx, "static", 0.10, calibration=cal)
+    return bridge.quantize_model(ctx.fp, config, policy=policy, calibration=cal)[0]
+
+
+class Scheduled:
+    """A method whose sampling is not a plain KSampler run: the INT8 Sampler's precision schedule."""
+
+    def __init__(self, model, float_model, float_first, float_last):
+        self.model, self.float_model, self.first, self.last = model, float_model, float_first, float_last
+
+    def sample_run(self, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler):
+        from comfyui_octet.nodes import sampler_nodes
+        t0 = time.perf_counter()
+        out, _ = sampler_nodes.sample(self.model, self.float_model, positive, negative, latent, seed, steps, cfg,
+                                      sampler_name, scheduler, float_first_steps=self.first,
+                                      float_last_steps=self.last)
+        seconds = time.perf_counter() - t0
+        return evaluate.SampleRun(out["samples"], seconds, steps, None, int(self.model.model_size()))
+
+
+@method("INT8 Sampler: dynamic W8A8, first 2 steps in float")
+def _int8_sampler(ctx):
+    return Scheduled(bridge.quantize_model(ctx.fp, DynamicW8A8Config())[0], ctx.fp, 2, 0)
+
+
 @method("bitsandbytes LLM.int8 (dynamic, threshold 6)")
 def _bnb(ctx):
     try:
@@ -163,6 +222,7 @@ def main():
     ap.add_argument("--models", nargs="*", default=["unet", "dit"], choices=["unet", "dit"])
     ap.add_argument("--methods", nargs="*", default=None, help="substrings of method labels to run (default all)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "QUALITY.md"))
+    ap.add_argument("--pareto", default=None, help="also draw size vs PSNR (Pareto front) to this PNG")
     args = ap.parse_args()
     torch.manual_seed(0)
     methods = {k: v for k, v in METHODS.items()
@@ -190,7 +250,8 @@ def main():
                     row = dict(model=kind, variant=variant, method=label, psnr=None, ssim=None, fid=None,
                                size=None, seconds=time.time() - t0, note=ctx.note)
                 else:
-                    run = ref if q is fp else evaluate.sample_run(q, *sargs)
+                    run = (ref if q is fp else q.sample_run(*sargs) if isinstance(q, Scheduled)
+                           else evaluate.sample_run(q, *sargs))
                     img, _ = evaluate.to_images(fp, run.latents)
                     cmp = evaluate.compare(ref_img, img, fid_features=True)
                     row = dict(model=kind, variant=variant, method=label, psnr=cmp["psnr"], ssim=cmp["ssim"],
@@ -200,7 +261,50 @@ def main():
                 print(fmt_row(row), flush=True)
         outliers[kind] = outlier_summary(kind, plains["plain"], plains["twin"])
     write_markdown(args, rows, outliers, clf_meta, time.time() - t_start)
+    if args.pareto:
+        draw_pareto(rows, args.pareto)
     print(f"\nwrote {args.out} in {time.time() - t_start:.0f} s")
+
+
+def draw_pareto(rows, path):
+    """Size vs PSNR per model/variant, the Pareto front (smaller and closer to FP) joined by a line."""
+    from PIL import Image, ImageDraw
+    panels = sorted({(r["model"], r["variant"]) for r in rows})
+    W, H, L, R, T, B = 620, 300, 56, 250, 28, 36
+    img = Image.new("RGB", (W, H * len(panels)), "white")
+    d = ImageDraw.Draw(img)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    for k, (model, variant) in enumerate(panels):
+        pts = [r for r in rows if (r["model"], r["variant"]) == (model, variant) and r["psnr"] is not None
+               and r["size"] is not None and r["psnr"] != float("inf")]
+        if not pts:
+            continue
+        top = k * H
+        x_lo, x_hi = min(p["size"] for p in pts) * 0.9, max(p["size"] for p in pts) * 1.05
+        y_lo, y_hi = min(p["psnr"] for p in pts) - 2, max(p["psnr"] for p in pts) + 2
+
+        def pos(x, y):
+            return (L + (x - x_lo) / (x_hi - x_lo + 1e-9) * (W - L - R),
+                    top + T + (1 - (y - y_lo) / (y_hi - y_lo + 1e-9)) * (H - T - B))
+        d.rectangle([L, top + T, W - R, top + H - B], outline="black")
+        d.text((L, top + 6), f"{model} / {variant}: PSNR vs FP (dB) against size (MiB)", fill="black")
+        for j in range(5):
+            xv, yv = x_lo + j * (x_hi - x_lo) / 4, y_lo + j * (y_hi - y_lo) / 4
+            px, _ = pos(xv, y_lo)
+            _, py = pos(x_lo, yv)
+            d.text((px - 12, top + H - B + 4), f"{xv:.1f}", fill="black")
+            d.text((4, py - 5), f"{yv:.1f}", fill="black")
+        front = sorted((p for p in pts if not any(q["size"] <= p["size"] and q["psnr"] > p["psnr"] or
+                                                   q["size"] < p["size"] and q["psnr"] >= p["psnr"] for q in pts)),
+                       key=lambda p: p["size"])
+        d.line([pos(p["size"], p["psnr"]) for p in front], fill="#888888", width=2)
+        for i, p in enumerate(pts):
+            px, py = pos(p["size"], p["psnr"])
+            c = palette[i % len(palette)]
+            d.ellipse([px - 5, py - 5, px + 5, py + 5], fill=c)
+            short = p["method"].split(" (= stock")[0].replace("dynamic W8A8 + ", "").replace("params float", "float")
+            d.text((W - R + 8, top + T + 16 * i), f"{p['psnr']:.1f} dB  {short[:38]}", fill=c)
+    img.save(path)
 
 
 def _f(v, spec):
@@ -236,8 +340,9 @@ def write_markdown(args, rows, outliers, clf_meta, seconds):
               "(octet.StaticW8A8Config + calibrate_nodes.calibrate).",
               "- bitsandbytes rows run bitsandbytes' own int8 matmul (LLM.int8 with outlier decomposition) on "
               "Linear layers only (it has no conv): the UNet's convs stay float, hence its larger size.",
-              "- The default run of this file adds static calibrated (mse, 4 timestep groups) and SmoothQuant rows; "
-              "`--methods` picks a subset.",
+              "- Sensitivity policies are measured on other seeds and classes than the scored images; the INT8 "
+              "Sampler row runs the first 2 of the steps with the float model (against error accumulation).",
+              "- `--methods` picks a subset of rows (substrings of the labels).",
               "", "## Outlier twins: activation channel ratios", "",
               "Per Linear/Conv2d input: max over channels / median over channels of per-channel absmax, one forward "
               "of 4 samples. The twin's float output equals the plain model's (max |diff| below).", "",
