@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -32,6 +31,7 @@ import torch.nn as nn
 from .api import OctetError, quantizable_layers
 from .fingerprint import module_fingerprint
 from .observers import BINS, BINS_PER_OCTAVE, MIN_LOG2, DEFAULT_SAMPLE_CAP, LayerStats, clip_value
+from .safefile import save_atomic
 from .smoothing import factors
 from .timestep import GroupSelector
 from ..kernels.torch_ref import scale_from_absmax
@@ -117,20 +117,8 @@ class Calibration:
                 "info": self.info}
 
     def save(self, path: str) -> str:
-        from safetensors.torch import save_file
-
         tensors = {f"{n}.{k}": v.contiguous() for n, s in self.layers.items() for k, v in s.tensors().items()}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".octet-", suffix=".safetensors.tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(self.header(), sort_keys=True)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        save_atomic(tensors, path, {HEADER_KEY: json.dumps(self.header(), sort_keys=True)})
         return path
 
     @classmethod

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,6 +27,7 @@ import torch.nn as nn
 
 from .api import OctetError
 from .modules import QuantConv2d, QuantLayer, QuantLinear
+from .safefile import save_atomic
 
 FORMAT_VERSION = 1
 HOST_FORMAT = "int8_tensorwise"
@@ -91,8 +91,6 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]
 
 def save(path: str, model: nn.Module, octet_meta: dict) -> dict:
     """Save a quantized model atomically; returns the header metadata written."""
-    from safetensors.torch import save_file
-
     tensors, layers = collect(model)
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     meta = {
@@ -100,17 +98,7 @@ def save(path: str, model: nn.Module, octet_meta: dict) -> dict:
                                               "layers": {n: {"format": s["format"]} for n, s in layers.items()}}),
         "octet": json.dumps({"format_version": FORMAT_VERSION, **octet_meta}, sort_keys=True),
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".octet-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_atomic(tensors, path, meta)
     return meta
 
 
