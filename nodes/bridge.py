@@ -38,6 +38,9 @@ def release_clones(patcher) -> None:
     host reloads the clones on their next use.
     """
     import comfy.model_management as mm
+    # ``patcher`` itself is unloaded too: the host hands over between clones without unpatching
+    # (detach(unpatch_all=False)) and clones share one object_patches_backup, so only a full
+    # unload of whichever clone is loaded restores the model to the float modules.
     for i in range(len(mm.current_loaded_models) - 1, -1, -1):
         loaded = mm.current_loaded_models[i]
         if loaded.model is not None and loaded.model.is_clone(patcher) and loaded.model_unload():
