@@ -150,6 +150,33 @@ def _recipe(ctx):
     return bridge.quantize_model(ctx.fp, config, policy=policy, calibration=cal)[0]
 
 
+def _qat(ctx, quantized):
+    """QAT Fine-tune node on teacher trajectories from other seeds and classes than the scored images."""
+    from comfyui_octet.nodes.qat_nodes import QATFineTune
+    n = 4
+    pos = rm.batch_conditioning(ctx.kind, [(7 * i + 5) % 10 for i in range(n)])
+    neg = rm.class_conditioning(ctx.kind, "unconditional", batch=n)
+    t0 = time.perf_counter()
+    out = QATFineTune.execute(model=ctx.fp, positive=pos, negative=neg, latent_image=rm.empty_latent(ctx.kind, n),
+                              seed=777, trajectories=2, steps=ctx.args.steps, cfg=ctx.args.cfg, sampler_name="euler",
+                              scheduler="normal", train_steps=ctx.args.qat_steps, learning_rate=5e-4, lora_rank=4,
+                              quantized_model=quantized)
+    ctx.note = f"QAT {ctx.args.qat_steps} steps, {time.perf_counter() - t0:.0f} s CPU"
+    return out.result[0]
+
+
+@method("QAT: dynamic W8A8 + distillation (LSQ scales, LoRA r4)")
+def _qat_dynamic(ctx):
+    return _qat(ctx, bridge.quantize_model(ctx.fp, DynamicW8A8Config())[0])
+
+
+@method("QAT: naive static W8A8 per-tensor + distillation")
+def _qat_static(ctx):
+    cal = ctx.calibration(1, {})
+    ptq = bridge.quantize_model(ctx.fp, StaticW8A8Config(observer="minmax", timestep_groups=False), calibration=cal)[0]
+    return _qat(ctx, ptq)
+
+
 class Scheduled:
     """A method whose sampling is not a plain KSampler run: the INT8 Sampler's precision schedule."""
 
@@ -222,6 +249,7 @@ def main():
     ap.add_argument("--models", nargs="*", default=["unet", "dit"], choices=["unet", "dit"])
     ap.add_argument("--methods", nargs="*", default=None, help="substrings of method labels to run (default all)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "QUALITY.md"))
+    ap.add_argument("--qat-steps", type=int, default=120, help="optimizer steps of the QAT rows")
     ap.add_argument("--pareto", default=None, help="also draw size vs PSNR (Pareto front) to this PNG")
     args = ap.parse_args()
     torch.manual_seed(0)

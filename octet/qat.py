@@ -328,6 +328,13 @@ class TeacherCall:
     sigma: Optional[float] = None
 
 
+def _snapshot_saved_tensors():
+    """Host models update residual streams in place (ComfyUI's Flux: ``img += ...``) after a norm has
+    saved that tensor for backward, which autograd refuses. Saving a copy instead makes any host
+    model trainable at the cost of the saved activations' memory (one call's graph at a time)."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+
 @dataclass
 class Teacher:
     calls: list[TeacherCall] = field(default_factory=list)
@@ -501,7 +508,8 @@ def distill(model: nn.Module, twins: dict[str, FakeQuantLayer], teacher: Teacher
                 for step, i in enumerate(order, 1):
                     call = teacher.calls[i]
                     select(call)
-                    loss = _loss(_call(model, call, device, dtype), call.target)
+                    with _snapshot_saved_tensors():
+                        loss = _loss(_call(model, call, device, dtype), call.target)
                     if not torch.isfinite(loss):
                         raise OctetError(f"QAT loss became {float(loss)} at step {step}: lower the learning rate.")
                     opt.zero_grad(set_to_none=True)

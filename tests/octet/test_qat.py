@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from comfyui_octet import octet
 from comfyui_octet.octet import qat
 from comfyui_octet.octet.api import OctetError
 from comfyui_octet.octet.modules import QuantConv2d, QuantLinear
@@ -203,3 +204,32 @@ def test_clear_errors():
         qat.distill(nn.Linear(2, 2), {"x": None}, qat.Teacher(), qat.QATConfig())
     with pytest.raises(OctetError, match="lora_rank"):
         qat.QATConfig(lora_rank=-1)
+
+
+class InPlaceResidual(nn.Module):
+    """The shape of ComfyUI's Flux blocks: a norm saves the stream, then the stream is updated in place."""
+
+    def __init__(self, rng):
+        super().__init__()
+        self.embed = nn.Linear(16, 16)  # trainable in QAT, so the stream below needs gradients
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 16)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(16, 16, generator=rng) / 4)
+            self.fc.weight.copy_(torch.randn(16, 16, generator=rng) / 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x += self.fc(self.norm(x))
+        return x
+
+
+def test_distillation_trains_through_in_place_residual_updates(rng):
+    net = InPlaceResidual(rng).eval()
+    ptq = octet.quantize_(net, octet.DynamicW8A8Config(), inplace=False).replacements
+    with qat.record_teacher(net) as teacher, torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(5, 16, generator=rng))
+    config = qat.QATConfig(steps=4, lora_rank=2)
+    result = qat.distill(net, qat.make_twins(ptq, net, config), teacher, config)
+    assert len(result.losses) == 4 and all(torch.isfinite(torch.tensor(result.losses)))
