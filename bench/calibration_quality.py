@@ -15,7 +15,6 @@ Run: python bench/calibration_quality.py [--steps 10] [--size 16] [--seeds 3]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -23,18 +22,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_pack():
-    spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_octet"] = module
-    spec.loader.exec_module(module)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import octet_pack  # noqa: E402
 
-
-_load_pack()
-from comfyui_octet.nodes import host  # noqa: E402
-
-host.ensure_comfy()
+octet_pack.load(comfy=True)
 import comfy.utils  # noqa: E402
 import nodes  # noqa: E402
 import torch  # noqa: E402

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -26,6 +25,8 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import octet_pack  # noqa: E402
 
 FLUX_DEV = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
             "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
@@ -71,14 +72,6 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
                "sd3.5-medium": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1, 32)}),
                "wan2.1-1.3b": ((1, 16, 2, 8, 8), {"c_crossattn": (1, 8, 32)})}
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static")
-
-
-def load_pack():
-    spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_octet"] = pack
-    spec.loader.exec_module(pack)
 
 
 def build(name: str, variant: str, device, tiny: bool):
@@ -241,9 +234,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "e2e"))
     args = parser.parse_args()
 
-    load_pack()
-    from comfyui_octet.nodes import host
-    host.ensure_comfy(cpu=args.tiny)
+    octet_pack.load(comfy=True, cpu=args.tiny)
     import torch
     import triton
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import sys
@@ -22,16 +21,13 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import octet_pack  # noqa: E402
 
 
 def _load_kernels():
     """Import the repo as package comfyui_octet (like ComfyUI does) and return its kernels."""
-    if "comfyui_octet" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["comfyui_octet"] = module
-        spec.loader.exec_module(module)
+    octet_pack.load()
     from comfyui_octet import kernels
     return kernels
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
 import os
 import sys
@@ -31,21 +30,15 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import octet_pack  # noqa: E402
 SAMPLER = dict(steps=10, cfg=4.0, sampler_name="euler", scheduler="normal")
 EVAL_SEEDS = (1000, 1001, 1002)
 PLANTED = ("input_blocks.1.0", "middle_block.2", "output_blocks.2.0")
 
 
 def load_pack():
-    if "comfyui_octet" not in sys.modules:  # import the repo as a package, as ComfyUI does
-        spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["comfyui_octet"] = module
-        spec.loader.exec_module(module)
-    from comfyui_octet.nodes import host
-    host.ensure_comfy(cpu=True)
-    return sys.modules["comfyui_octet"]
+    return octet_pack.load(comfy=True, cpu=True)
 
 
 def plant_outliers(patcher):

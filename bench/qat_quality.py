@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import sys
 import time
@@ -27,17 +26,12 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import octet_pack  # noqa: E402
 SAMPLER = dict(steps=10, cfg=4.0, sampler_name="euler", scheduler="normal")
 EVAL_SEEDS = (1000, 1001, 1002, 1003)
 
 
-def load_pack():
-    if "comfyui_octet" not in sys.modules:  # import the repo as a package, as ComfyUI does
-        spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["comfyui_octet"] = module
-        spec.loader.exec_module(module)
 
 
 def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -106,9 +100,7 @@ def main() -> int:
     if args.quick:
         args.train_steps, args.trajectories = 60, 2
 
-    load_pack()
-    from comfyui_octet.nodes import host
-    host.ensure_comfy()
+    octet_pack.load(comfy=True)
     from comfyui_octet.nodes import bridge, qat_nodes, reference_model
     from comfyui_octet.octet import config_for_mode, qat
 

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
-import importlib.util
 import os
 import sys
 import time
@@ -26,19 +25,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_pack():
-    if "comfyui_octet" not in sys.modules:  # the repo as a package, as ComfyUI imports it
-        spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["comfyui_octet"] = module
-        spec.loader.exec_module(module)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import octet_pack  # noqa: E402
 
-
-_load_pack()
-from comfyui_octet.nodes import host  # noqa: E402
-
-host.ensure_comfy()
+octet_pack.load(comfy=True)
 import torch  # noqa: E402
 
 from comfyui_octet.nodes import bridge, evaluate, reference_model as rm, reference_twin  # noqa: E402

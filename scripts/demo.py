@@ -6,24 +6,13 @@ Run it with `make demo` (sets up .venv first). Writes out/demo/: the checkpoint,
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "out", "demo")
-
-
-def load_pack():
-    # Import the repo as a package the way ComfyUI does (never put the root on sys.path:
-    # our nodes/ would shadow ComfyUI's own nodes module).
-    spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_octet"] = pack
-    spec.loader.exec_module(pack)
-    return pack
+import octet_pack  # noqa: E402  (this folder is on sys.path when the demo runs)
 
 
 def psnr(ref, x) -> float:
@@ -41,10 +30,8 @@ def preview(model, latents):
 
 
 def main() -> int:
-    load_pack()
+    octet_pack.load(comfy=True)
     from comfyui_octet.nodes import host
-    host.ensure_comfy()
-    import comfy.utils
     import nodes
     import torch
     from PIL import Image
