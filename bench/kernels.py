@@ -99,6 +99,10 @@ def linear_row(kernels, model, layer, m, n, k, reps_ms):
     t["bf16"] = bench(lambda: F.linear(x, w, bias), reps_ms)
     t["gemm"] = bench(lambda: triton_gemm.w8a8_gemm(xq, xs, qw, ws, bias, dt), reps_ms)
     t["quant+gemm"] = bench(lambda: kernels.linear(x, qw, ws, bias, backend="triton"), reps_ms)
+    # Static W8A8: one calibrated scale, so the quantizer skips the per-token absmax reduction.
+    static_scale = (x.abs().amax().float() / 127).reshape(1)
+    t["static quant+gemm"] = bench(lambda: kernels.linear(x, qw, ws, bias, act="static", static_scale=static_scale,
+                                                          backend="triton"), reps_ms)
     t["quant"] = bench(lambda: triton_quant.quantize_rows(x), reps_ms)
     if m <= 1024:
         t["w8a16"] = bench(lambda: kernels.linear(x, qw, ws, bias, act="none", backend="triton"), reps_ms)
@@ -112,6 +116,9 @@ def linear_row(kernels, model, layer, m, n, k, reps_ms):
     t["graph bf16"] = bench_graph(lambda: F.linear(x, w, bias), reps_ms)
     t["graph gemm"] = bench_graph(lambda: triton_gemm.w8a8_gemm(xq, xs, qw, ws, bias, dt), reps_ms)
     t["graph quant+gemm"] = bench_graph(lambda: kernels.linear(x, qw, ws, bias, backend="triton"), reps_ms)
+    t["graph static quant+gemm"] = bench_graph(lambda: kernels.linear(x, qw, ws, bias, act="static",
+                                                                      static_scale=static_scale, backend="triton"),
+                                               reps_ms)
     if m <= 1024:
         t["graph w8a16"] = bench_graph(lambda: kernels.linear(x, qw, ws, bias, act="none", backend="triton"),
                                        reps_ms)
@@ -203,8 +210,9 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump({"header": header, "linear": rows, "conv": conv_rows, "quant_variants": quant_rows}, f, indent=1)
-    lin_cols = ["gemm", "quant+gemm", "w8a16", "int_mm eager", "float path", "bnb", "auto",
-                "graph bf16", "graph gemm", "graph quant+gemm", "graph w8a16", "graph float path"]
+    lin_cols = ["gemm", "quant+gemm", "static quant+gemm", "w8a16", "int_mm eager", "float path", "bnb", "auto",
+                "graph bf16", "graph gemm", "graph quant+gemm", "graph static quant+gemm", "graph w8a16",
+                "graph float path"]
     conv_cols = ["bf16 channels_last", "quant+conv", "quant+conv channels_last", "float path", "auto",
                  "graph bf16", "graph bf16 channels_last", "graph quant+conv", "graph float path"]
     lines = [f"Card: **{card}** (sm{header['capability'][0]}{header['capability'][1]}), torch {header['torch']}, "
