@@ -19,7 +19,8 @@ def _direct_bins(absx: torch.Tensor) -> torch.Tensor:
 
 def _heavy(rng, *shape):
     """Laplace-ish activations with a few loud channels, like a UNet's."""
-    x = torch.randn(*shape, generator=rng) * torch.rand(*shape, generator=rng).log().neg()
+    # 1 - rand lies in (0, 1]: -log never hits inf (rand itself can return exactly 0)
+    x = torch.randn(*shape, generator=rng) * (1 - torch.rand(*shape, generator=rng)).log().neg()
     return x
 
 
