@@ -99,10 +99,6 @@ def _conv2d_op(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bi
                             static_scale, backend).contiguous()
 
 
-def _ints(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
-
-
 def linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
            act: str = "dynamic", smooth: torch.Tensor | None = None, static_scale: torch.Tensor | None = None,
            backend: str = "auto") -> torch.Tensor:
@@ -121,7 +117,8 @@ def conv2d(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: 
     if act == "static" and static_scale is None:
         raise ValueError("act='static' needs static_scale (run Calibrate first, or use act='dynamic').")
     if torch.compiler.is_compiling() and not isinstance(padding, str):
-        return _conv2d_op(x, qweight, w_scale, bias, _ints(stride), _ints(padding), _ints(dilation), groups, act,
-                          smooth, static_scale, backend)
+        stride, padding, dilation = (list(torch_ref.pair(v)) for v in (stride, padding, dilation))
+        return _conv2d_op(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale,
+                          backend)
     return _dispatch_conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth,
                             static_scale, backend)

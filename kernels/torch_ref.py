@@ -86,8 +86,12 @@ def int_matmul(a_q: torch.Tensor, b_q_t: torch.Tensor) -> torch.Tensor:
         return (a_q.double() @ b_q_t.double().t()).to(torch.int32)
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def pair(v) -> tuple[int, int]:
+    """A conv stride/padding/dilation as two ints: 3, (3,) and (3, 3) all give (3, 3)."""
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(e) for e in v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
 def int_conv2d(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
@@ -95,7 +99,7 @@ def int_conv2d(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, gr
     if groups != 1 or isinstance(padding, str):
         # float64 holds every partial sum exactly (|sum| < 2^53): slower, but exact.
         return F.conv2d(xq.double(), wq.double(), None, stride, padding, dilation, groups)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = wq.shape[2:], _pair(stride), _pair(padding), _pair(dilation)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = wq.shape[2:], pair(stride), pair(padding), pair(dilation)
     b, _, h, w = xq.shape
     ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     # unfold needs floats; int8 values survive the float32 round trip exactly.

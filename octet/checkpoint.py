@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..kernels.torch_ref import pair
 from .api import OctetError
 from .modules import QuantConv2d, QuantLayer, QuantLinear
 from .safefile import save_atomic
@@ -49,19 +50,15 @@ def layer_spec(module: QuantLayer) -> dict:
     spec = {"format": HOST_FORMAT if host_compatible else OCTET_FORMAT,
             "octet": {"kind": kind, "act": module.act}}
     if kind == "conv":
-        spec["octet"].update(stride=list(_pair(module.stride)), padding=_padding(module.padding),
-                             dilation=list(_pair(module.dilation)), groups=module.groups)
+        spec["octet"].update(stride=list(pair(module.stride)), padding=_padding(module.padding),
+                             dilation=list(pair(module.dilation)), groups=module.groups)
     if module.input_scale is not None:
         spec["octet"]["timestep_groups"] = module.group_selector is not None
     return spec
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def _padding(p):
-    return p if isinstance(p, str) else list(_pair(p))
+    return p if isinstance(p, str) else list(pair(p))
 
 
 def _json_tensor(obj: dict) -> torch.Tensor:

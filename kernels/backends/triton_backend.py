@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .. import ops, registry
+from ..torch_ref import pair
 from . import triton_support
 
 NAME = "triton"
@@ -111,10 +112,7 @@ def _linear(x, qweight, w_scale, bias, act, smooth, static_scale):
 
 
 def _pair(v) -> list[int]:
-    if isinstance(v, int):
-        return [v, v]
-    v = [int(e) for e in v]
-    return v * 2 if len(v) == 1 else v
+    return list(pair(v))
 
 
 def _explicit_padding(padding, qweight, dilation) -> list[int]:

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..torch_ref import pair
 from . import triton_support
 from .triton_gemm import _grouped_tile, m_bucket
 from .triton_quant import quantize_per_sample_nhwc
@@ -142,12 +143,6 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(e) for e in v)
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
-
 
 def output_size(h, w, kh, kw, stride, padding, dilation) -> tuple[int, int]:
     return ((h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
@@ -178,7 +173,7 @@ def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
         raise ValueError(f"weight expects {wc} input channels, x has {c}")
     if w_scale.numel() != oc or (bias is not None and bias.numel() != oc):
         raise ValueError(f"w_scale/bias must have OC={oc} entries")
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
     oh, ow = output_size(h, w, kh, kw, stride, padding, dilation)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {padding}")
