@@ -14,7 +14,7 @@ import torch
 from . import ops, registry, torch_ref
 from .registry import Backend, Implementation, Request
 
-__all__ = ["Backend", "Implementation", "Request", "registry", "torch_ref", "linear", "conv2d",
+__all__ = ["Backend", "Implementation", "Request", "registry", "torch_ref", "linear", "conv2d", "static_mlp",
            "quantize_weight", "dequantize_weight"]
 
 quantize_weight = torch_ref.quantize_weight
@@ -42,6 +42,7 @@ registry.register(Implementation(
     linear=_torch_linear,
     conv2d=_torch_conv2d,
     priority=0,
+    static_mlp=torch_ref.static_mlp,
 ))
 
 # Optional accelerated backends register themselves on import; a missing dependency is
@@ -66,6 +67,19 @@ def _dispatch_conv2d(x, qweight, w_scale, bias, stride, padding, dilation, group
     m = x.shape[0] * x.shape[-1] * x.shape[-2]
     impl = registry.select(_request("conv2d", act, x, qweight.shape[0], k, m, groups), backend)
     return impl.conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale)
+
+
+def _dispatch_static_mlp(x, fc1, fc2, backend):
+    m = x.numel() // x.shape[-1] if x.dim() else 0
+    impl1 = registry.select(_request("linear", "static", x, fc1[0].shape[0], fc1[0].shape[1], m), backend)
+    impl2 = registry.select(_request("linear", "static", x, fc2[0].shape[0], fc2[0].shape[1], m), backend)
+    if impl1 is impl2 and impl1.static_mlp is not None:
+        return impl1.static_mlp(x, fc1, fc2)
+    # The two layers are worth different backends (e.g. a small fc2 goes to the float path): no
+    # chain to fuse, each layer runs where the dispatcher puts it.
+    h = impl1.linear(x, fc1[0], fc1[1], fc1[2], "static", fc1[3], fc1[4])
+    h = torch.nn.functional.gelu(h, approximate="tanh")
+    return impl2.linear(h, fc2[0], fc2[1], fc2[2], "static", fc2[3], fc2[4])
 
 
 # Under torch.compile every quantized layer is one opaque custom op whose body is the eager
@@ -99,6 +113,18 @@ def _conv2d_op(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bi
                             static_scale, backend).contiguous()
 
 
+def _static_mlp_fake(x, q1, s1, b1, sm1, sc1, q2, s2, b2, sm2, sc2, backend):
+    return x.new_empty((*x.shape[:-1], q2.shape[0]))
+
+
+@ops.define_op("octet::static_mlp", _static_mlp_fake)
+def _static_mlp_op(x: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor, b1: Optional[torch.Tensor],
+                   sm1: Optional[torch.Tensor], sc1: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor,
+                   b2: Optional[torch.Tensor], sm2: Optional[torch.Tensor], sc2: torch.Tensor,
+                   backend: str) -> torch.Tensor:
+    return _dispatch_static_mlp(x, (q1, s1, b1, sm1, sc1), (q2, s2, b2, sm2, sc2), backend)
+
+
 def linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
            act: str = "dynamic", smooth: torch.Tensor | None = None, static_scale: torch.Tensor | None = None,
            backend: str = "auto") -> torch.Tensor:
@@ -108,6 +134,20 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: 
     if torch.compiler.is_compiling():
         return _linear_op(x, qweight, w_scale, bias, act, smooth, static_scale, backend)
     return _dispatch_linear(x, qweight, w_scale, bias, act, smooth, static_scale, backend)
+
+
+def static_mlp(x: torch.Tensor, fc1: tuple, fc2: tuple, *, backend: str = "auto") -> torch.Tensor:
+    """fc2(gelu_tanh(fc1(x))) for two static W8A8 linears, each given as
+    (qweight, w_scale, bias, smooth, static_scale). Where one backend takes both layers and has a
+    fused chain (Triton: GELU and fc2's input quantization in fc1's epilogue, int8 hidden tensor),
+    it runs fused; otherwise as two linear calls."""
+    for name, fc in (("fc1", fc1), ("fc2", fc2)):
+        if len(fc) != 5 or fc[4] is None:
+            raise ValueError(f"static_mlp: {name} must be (qweight, w_scale, bias, smooth, static_scale) "
+                             f"with a static scale (run Calibrate first)")
+    if torch.compiler.is_compiling():
+        return _static_mlp_op(x, *fc1, *fc2, backend)
+    return _dispatch_static_mlp(x, fc1, fc2, backend)
 
 
 def conv2d(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,

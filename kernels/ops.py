@@ -8,6 +8,7 @@ and ``torch.library.opcheck`` can verify the declaration against the real kernel
   octet::int8_linear(x, qweight, w_scale, bias?, act, smooth?, static_scale?) -> x.dtype [..., N]
   octet::int8_conv2d(x, qweight, w_scale, bias?, stride, padding, dilation, act, smooth?,
                      static_scale?) -> x.dtype NCHW
+  octet::int8_static_mlp(x, fc1 operands, fc2 operands) -> x.dtype [..., N2]: fc2(gelu_tanh(fc1(x)))
 
 ``linear``/``conv2d`` below go through the custom op only while ``torch.compile`` traces; in eager
 mode they call the same body directly, because a Python custom op costs tens of microseconds of
@@ -106,6 +107,30 @@ def int8_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
     return linear_impl(x, qweight, w_scale, bias, act, smooth, static_scale)
 
 
+# ---- int8_static_mlp -------------------------------------------------------------------------------
+
+def static_mlp_impl(x: Tensor, q1: Tensor, s1: Tensor, b1: Optional[Tensor], sm1: Optional[Tensor], sc1: Tensor,
+                    q2: Tensor, s2: Tensor, b2: Optional[Tensor], sm2: Optional[Tensor], sc2: Tensor) -> Tensor:
+    """fc2(gelu_tanh(fc1(x))), both static W8A8: three launches (quantize x; fc1 with GELU and
+    fc2's quantization in its epilogue; fc2) instead of six, and no float hidden tensor."""
+    triton_quant, triton_gemm, _ = _kernels()
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    xq, xs = triton_quant.quantize_rows(x2d, sm1, sc1)
+    hq = triton_gemm.w8a8_gemm(xq, xs, q1, s1, b1, x.dtype, gelu_quant=(sm2, sc2))
+    y = triton_gemm.w8a8_gemm(hq, sc2, q2, s2, b2, x.dtype)
+    return y.reshape(*x.shape[:-1], q2.shape[0])
+
+
+def _static_mlp_fake(x, q1, s1, b1, sm1, sc1, q2, s2, b2, sm2, sc2):
+    return x.new_empty((*x.shape[:-1], q2.shape[0]))
+
+
+@define_op("octet::int8_static_mlp", _static_mlp_fake)
+def int8_static_mlp(x: Tensor, q1: Tensor, s1: Tensor, b1: Optional[Tensor], sm1: Optional[Tensor], sc1: Tensor,
+                    q2: Tensor, s2: Tensor, b2: Optional[Tensor], sm2: Optional[Tensor], sc2: Tensor) -> Tensor:
+    return static_mlp_impl(x, q1, s1, b1, sm1, sc1, q2, s2, b2, sm2, sc2)
+
+
 # ---- int8_conv2d ----------------------------------------------------------------------------------
 
 def _conv_out_format(x: Tensor) -> torch.memory_format:
@@ -156,6 +181,13 @@ def linear(x, qweight, w_scale, bias, act, smooth, static_scale):
     if torch.compiler.is_compiling():
         return int8_linear(x, qweight, w_scale, bias, act, smooth, static_scale)
     return linear_impl(x, qweight, w_scale, bias, act, smooth, static_scale)
+
+
+def static_mlp(x, fc1, fc2):
+    """fc1/fc2: (qweight, w_scale, bias, smooth, static_scale) as torch_ref.static_mlp takes them."""
+    if torch.compiler.is_compiling():
+        return int8_static_mlp(x, *fc1, *fc2)
+    return static_mlp_impl(x, *fc1, *fc2)
 
 
 def conv2d(x, qweight, w_scale, bias, stride, padding, dilation, act, smooth, static_scale):

@@ -53,6 +53,9 @@ class Implementation:
     # AUTO only: returns a reason when the backend *could* run the request but should not be
     # chosen unasked (e.g. measured slower than the float path). An explicit backend ignores it.
     declines: Optional[Callable[[Request], Optional[str]]] = None
+    # Optional fused fc1 -> GELU(tanh) -> fc2 chain for two static W8A8 linears (torch_ref.static_mlp
+    # defines it); without one, the chain runs as two linear calls.
+    static_mlp: Optional[Callable] = None
 
 
 _REGISTRY: dict[str, Implementation] = {}

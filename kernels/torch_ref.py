@@ -149,3 +149,28 @@ def conv2d_w8a16(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
                  stride, padding, dilation, groups: int) -> torch.Tensor:
     w = dequantize_weight(qweight, w_scale, x.dtype)
     return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
+
+
+# ---- static MLP chain: fc1 -> GELU(tanh) -> fc2, the hidden activation kept in INT8 ----------------
+# With a static scale for fc2's input, quantizing the hidden activation needs no reduction over its
+# row, so fc1's epilogue can apply the GELU and write int8 codes for fc2 directly: the hidden tensor
+# (4x the model width in Flux, SD3, Wan) is never written in float, nor re-read to quantize it.
+
+def gelu_tanh_quantize(h: torch.Tensor, smooth: torch.Tensor | None, static_scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes of GELU(h) (tanh form) for the next layer: round(gelu(h) / smooth / scale)."""
+    return quantize_rows(F.gelu(h.float(), approximate="tanh"), smooth, static_scale)[0]
+
+
+def static_mlp(x: torch.Tensor, fc1: tuple, fc2: tuple) -> torch.Tensor:
+    """fc2(gelu_tanh(fc1(x))) with both layers static W8A8; each fc is
+    (qweight, w_scale, bias, smooth, static_scale). The hidden activation stays in fp32 between
+    fc1's epilogue and its quantization, as the fused kernel keeps it in registers."""
+    (q1, s1, b1, sm1, sc1), (q2, s2, b2, sm2, sc2) = fc1, fc2
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1])
+    xq, xs = quantize_rows(x2d, sm1, sc1)
+    h = gemm_epilogue(int_matmul(xq, q1), xs.expand(x2d.shape[0], 1), s1, b1, torch.float32)
+    hq = gelu_tanh_quantize(h, sm2, sc2)
+    hs = sc2.float().reshape(1, 1).to(x.device).expand(x2d.shape[0], 1)
+    y = gemm_epilogue(int_matmul(hq, q2), hs, s2, b2, x.dtype)
+    return y.reshape(*shape[:-1], q2.shape[0])

@@ -111,6 +111,10 @@ def _linear(x, qweight, w_scale, bias, act, smooth, static_scale):
     return ops.linear(x, qweight, w_scale, bias, act, smooth, static_scale)
 
 
+def _static_mlp(x, fc1, fc2):
+    return ops.static_mlp(x, fc1, fc2)
+
+
 def _pair(v) -> list[int]:
     return list(pair(v))
 
@@ -143,4 +147,5 @@ IMPLEMENTATION = registry.register(registry.Implementation(
     conv2d=_conv2d,
     priority=20,
     declines=declines,
+    static_mlp=_static_mlp,
 ))

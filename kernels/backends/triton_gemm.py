@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..torch_ref import gelu_tanh_quantize
 from . import triton_support
 
 _MAX_INT32 = 2**31 - 1
@@ -131,8 +132,17 @@ def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_cm, stride_as, pid_m, pid_n,
-                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gelu_tanh(y):
+    # 0.5 y (1 + tanh(u)) with tanh(u) = 1 - 2 / (1 + exp(2u)): needs only exp, which the CPU
+    # interpreter has too. tanh(15) is 1 in fp32; the clamp keeps exp finite.
+    u = tl.minimum(0.7978845608028654 * (y + 0.044715 * y * y * y), 15.0)
+    return 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
+
+
+@triton.jit
+def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr, M, N, stride_cm,
+                   stride_as, pid_m, pid_n, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr,
+                   HAS_Q_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Same order as torch_ref.gemm_epilogue: ((acc * sa) * sw) + bias in fp32, then one rounding.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -143,6 +153,16 @@ def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_
     y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GELU_QUANT:
+        # The next layer's static INT8 input, as torch_ref.gelu_tanh_quantize computes it: its
+        # scale is known before the call, so no reduction over the row (other programs' columns)
+        # is needed, and the hidden activation never goes to memory in float.
+        y = _gelu_tanh(y)
+        if HAS_Q_SMOOTH:
+            y = tl.div_rn(y, tl.load(q_smooth_ptr + offs_n, mask=mask_n, other=1.0)[None, :])
+        y = tl.div_rn(y, tl.load(q_scale_ptr))
+        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+        y = (y + 12582912.0) - 12582912.0  # round half to even (see triton_quant._round_to_int8)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -174,12 +194,13 @@ def _w8a8_mainloop(a, b, M, N, K, stride_am, stride_bn, pid_m, pid_n, USE_TMA: t
 
 
 @triton.autotune(configs=triton_support.tuned(w8a8_configs()),
-                 do_bench=triton_support.tuning_bench, key=["M_BUCKET", "N", "K", "USE_TMA"],
+                 do_bench=triton_support.tuning_bench, key=["M_BUCKET", "N", "K", "USE_TMA", "GELU_QUANT"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, M_BUCKET, NUM_SMS,
-                 stride_am, stride_bn, stride_cm, stride_as,
-                 HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr,
+                 M, N, K, M_BUCKET, NUM_SMS, stride_am, stride_bn, stride_cm, stride_as,
+                 HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, GELU_QUANT: tl.constexpr,
+                 HAS_Q_SMOOTH: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -199,14 +220,15 @@ def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, M_BUC
                 acc = tl.dot(a_tile, b_tile.T, acc, out_dtype=tl.int32)
             tile_c += NUM_SMS
             pid_m_c, pid_n_c = _grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
-            _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_cm, stride_as,
-                           pid_m_c, pid_n_c, HAS_BIAS, BLOCK_M, BLOCK_N)
+            _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr, M, N,
+                           stride_cm, stride_as, pid_m_c, pid_n_c, HAS_BIAS, GELU_QUANT, HAS_Q_SMOOTH,
+                           BLOCK_M, BLOCK_N)
     else:
         pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
         acc = _w8a8_mainloop(a, b, M, N, K, stride_am, stride_bn, pid_m, pid_n, USE_TMA,
                              BLOCK_M, BLOCK_N, BLOCK_K)
-        _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_cm, stride_as,
-                       pid_m, pid_n, HAS_BIAS, BLOCK_M, BLOCK_N)
+        _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr, M, N,
+                       stride_cm, stride_as, pid_m, pid_n, HAS_BIAS, GELU_QUANT, HAS_Q_SMOOTH, BLOCK_M, BLOCK_N)
 
 
 @triton.autotune(configs=triton_support.tuned(w8a16_configs()),
@@ -271,8 +293,14 @@ def _use_tma(k: int) -> bool:
 
 
 def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """int8 [M, K] x int8 [N, K]^T, dequantized: a_scale is [M] (per token) or [1] (static)."""
+              bias: torch.Tensor | None, out_dtype: torch.dtype,
+              gelu_quant: tuple[torch.Tensor | None, torch.Tensor] | None = None) -> torch.Tensor:
+    """int8 [M, K] x int8 [N, K]^T, dequantized: a_scale is [M] (per token) or [1] (static).
+
+    ``gelu_quant=(smooth, static_scale)`` of the *next* layer: the epilogue applies GELU (tanh)
+    and quantizes for that layer, returning int8 [M, N] codes (scale: static_scale) instead of
+    ``out_dtype`` values; torch_ref.gelu_tanh_quantize is the reference.
+    """
     if a_q.dtype != torch.int8 or a_q.dim() != 2:
         raise ValueError(f"a_q must be int8 [M, K], got {a_q.dtype} {tuple(a_q.shape)}")
     m, k = a_q.shape
@@ -282,15 +310,30 @@ def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w
         raise ValueError(f"a_scale must have 1 or M={m} entries, got {a_scale.numel()}")
     if max(m * k, n * k, m * n) > _MAX_INT32:
         raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
+    q_smooth = q_scale = None
+    if gelu_quant is not None:
+        q_smooth, q_scale = gelu_quant
+        if q_scale is None or q_scale.numel() != 1:
+            raise ValueError("gelu_quant needs the next layer's one static scale")
+        if q_smooth is not None and q_smooth.numel() != n:
+            raise ValueError(f"gelu_quant smoothing has {q_smooth.numel()} entries for N={n} channels")
+        out_dtype = torch.int8
     a_q = a_q.contiguous()
     qweight = qweight.contiguous()
     out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0 or n == 0:
         return out
     if k == 0:
+        if gelu_quant is not None:
+            zeros = torch.zeros((m, n), dtype=torch.float32, device=a_q.device)
+            h = zeros + bias.float() if bias is not None else zeros
+            return gelu_tanh_quantize(h, q_smooth, q_scale)
         return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
     a_scale = _vector(a_scale, a_q.device)
     w_scale = _vector(w_scale, a_q.device)
+    if gelu_quant is not None:
+        q_scale = _vector(q_scale, a_q.device)
+        q_smooth = _vector(q_smooth, a_q.device) if q_smooth is not None else None
     use_tma = _use_tma(k)
     if use_tma:
         # Placeholder boxes; the autotune pre-hook sets the config's tile before each launch.
@@ -305,8 +348,10 @@ def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w
         return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
 
     _w8a8_kernel[grid](a_arg, b_arg, out, a_scale, w_scale, bias if bias is not None else w_scale,
+                       q_smooth if q_smooth is not None else w_scale, q_scale if q_scale is not None else w_scale,
                        m, n, k, m_bucket(m), sms, k, k, n, 0 if a_scale.numel() == 1 else 1,
-                       HAS_BIAS=bias is not None, USE_TMA=use_tma)
+                       HAS_BIAS=bias is not None, USE_TMA=use_tma, GELU_QUANT=gelu_quant is not None,
+                       HAS_Q_SMOOTH=q_smooth is not None)
     return out
 
 

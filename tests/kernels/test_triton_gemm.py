@@ -90,25 +90,35 @@ def test_shape_mismatch_is_rejected(rng, device):
 
 
 @pytest.mark.parametrize("shape", [(70, 130, 48), (33, 64, 96)])
-def test_persistent_tma_variant_is_exact(shape, rng, device):
+@pytest.mark.parametrize("gelu_quant", [False, True])
+def test_persistent_tma_variant_is_exact(shape, gelu_quant, rng, device):
     """The persistent (one program per SM, flattened tile loop) variant, launched directly: the
-    autotuner only reaches it on Hopper, so CI checks it here."""
+    autotuner only reaches it on Hopper, so CI checks it here, with both epilogues."""
     import triton
+    import torch.nn.functional as F
     from triton.tools.tensor_descriptor import TensorDescriptor
     from comfyui_octet.kernels.backends import triton_gemm
     m, n, k = shape
     a = torch.randint(-127, 128, (m, k), generator=rng, dtype=torch.int8).to(device)
     b = torch.randint(-127, 128, (n, k), generator=rng, dtype=torch.int8).to(device)
-    a_scale, w_scale = positive(m, rng, device), positive(n, rng, device)
+    a_scale, w_scale = positive(m, rng, device, 0.005, 0.01), positive(n, rng, device, 0.005, 0.01)
     bias = randn(n, rng, device=device)
-    out = torch.full((m, n), float("nan"), device=device)
+    acc = torch_ref.int_matmul(a.cpu(), b.cpu())
+    expected = torch_ref.gemm_epilogue(acc, a_scale.cpu(), w_scale.cpu(), bias.cpu(), torch.float32)
+    q_smooth = positive(n, rng, device)
+    q_scale = (F.gelu(expected, approximate="tanh") / q_smooth.cpu()).abs().amax().reshape(1).to(device) / 120
+    out = torch.full((m, n), float("nan"), device=device) if not gelu_quant else \
+        torch.zeros((m, n), dtype=torch.int8, device=device)
     bm, bn, bk, programs = 32, 32, 32, 3   # fewer programs than tiles: each walks several
     kernel = triton_gemm._w8a8_kernel.fn
     kernel[(programs,)](TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
-                        out, a_scale, w_scale, bias, m, n, k, triton_gemm.m_bucket(m), programs, k, k, n, 1,
-                        HAS_BIAS=True, USE_TMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2,
-                        PERSISTENT=True)
-    acc = torch_ref.int_matmul(a.cpu(), b.cpu())
-    expected = torch_ref.gemm_epilogue(acc, a_scale.cpu(), w_scale.cpu(), bias.cpu(), torch.float32)
-    assert_epilogue_close(out.cpu(), expected)
+                        out, a_scale, w_scale, bias, q_smooth, q_scale, m, n, k, triton_gemm.m_bucket(m), programs,
+                        k, k, n, 1, HAS_BIAS=True, USE_TMA=True, GELU_QUANT=gelu_quant, HAS_Q_SMOOTH=gelu_quant,
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, PERSISTENT=True)
+    if gelu_quant:
+        codes = torch_ref.gelu_tanh_quantize(expected, q_smooth.cpu(), q_scale.cpu())
+        diff = (out.cpu().int() - codes.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 0.01 and codes.float().std() > 5
+    else:
+        assert_epilogue_close(out.cpu(), expected)
     assert triton.cdiv(m, bm) * triton.cdiv(n, bn) > programs
