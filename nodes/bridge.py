@@ -95,6 +95,9 @@ def quantize_model(patcher, config, policy=None, calibration=None, progress=None
         clone.patches_uuid = uuid.uuid4()
     for name, layer in result.replacements.items():
         clone.add_object_patch(PREFIX + name, layer)
+    for name, forward in result.forwards.items():
+        # The container stays the source model's; only its forward is patched (and restored).
+        clone.add_object_patch(PREFIX + name + ".forward", forward)
     # ModelPatcher budgets VRAM with model_size(); the clone inherited the float size.
     clone.size = patcher.model_size() - result.bytes_before + result.bytes_after
     clone.model_options[OPTIONS_KEY] = {

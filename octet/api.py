@@ -12,6 +12,7 @@ from typing import Callable, Optional, Protocol
 import torch
 import torch.nn as nn
 
+from . import fusion
 from .config import QuantConfig
 from .modules import QUANT_TYPES, QuantConv2d, QuantLinear
 from .report import LayerRecord, QuantReport
@@ -29,6 +30,13 @@ class Policy(Protocol):
 @dataclass
 class QuantResult(QuantReport):
     replacements: dict[str, nn.Module] = field(default_factory=dict)
+    # MLP containers whose fc1 -> GELU -> fc2 runs as one static INT8 chain (octet/fusion.py):
+    # name -> the container's new forward.
+    forwards: dict[str, Callable] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        chains = f"; {len(self.forwards)} MLPs run as static INT8 chains" if self.forwards else ""
+        return super().summary() + chains
 
 
 def layer_kind(module: nn.Module) -> Optional[str]:
@@ -120,7 +128,11 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Policy]
             result.layers.append(LayerRecord(name, kind, params, layer_config.mode, reason, before, after))
         if progress is not None:
             progress(i + 1, len(candidates))
+    for name in fusion.chain_sites(model, result.replacements):
+        result.forwards[name] = fusion.chain_forward(model.get_submodule(name))
     if inplace:
         for name, q in result.replacements.items():
             model.set_submodule(name, q)
+        for name, forward in result.forwards.items():
+            model.get_submodule(name).forward = forward
     return result

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.torch_ref import pair
+from . import fusion
 from .api import OctetError
 from .modules import QuantConv2d, QuantLayer, QuantLinear
 from .safefile import save_atomic
@@ -210,3 +211,4 @@ def install(model: nn.Module, ckpt: LoadedCheckpoint, selector=None, backend: st
             raise OctetError(f"The checkpoint does not fit this architecture: '{k}' has shape {tuple(v.shape)} in "
                              f"the file but {tuple(own[k].shape)} in the model.")
     model.load_state_dict(rest, strict=False, assign=True)
+    fusion.install_chains(model)

@@ -1,0 +1,93 @@
+"""Static MLP chains: fc1 -> GELU(tanh) -> fc2 run as one INT8 chain when both layers are static.
+
+Transformer MLPs (Flux's img_mlp/txt_mlp, Wan's ffn: ``nn.Sequential(Linear, GELU(tanh), Linear)``;
+SD3's ``Mlp``: fc1/act/fc2) spend as much memory traffic on the hidden activation (4x the model
+width) as on anything else: fc1 writes it in float, the GELU reads and writes it, fc2's
+quantization reads it again. With a *static* scale for fc2's input no reduction over the hidden row
+is needed, so fc1's epilogue applies the GELU and writes fc2's int8 codes directly
+(``kernels.static_mlp``). Dynamic per-token scales cannot do this: the row's absmax spans every
+program's columns. This is where static W8A8 is faster than dynamic, not in the per-layer kernel.
+
+The container keeps its children: only its ``forward`` is replaced, by one that looks its layers
+up at each call and falls back to the container's own forward whenever the chain does not apply
+(a layer swapped for a float or fake-quant module, a LoRA weight function attached, dynamic
+scales). That keeps it correct under everything else that swaps layers (QAT, sensitivity, the
+host's object patches), and it is installed the way the layers are: in place, or as a host
+object patch on ``<container>.forward``.
+"""
+from __future__ import annotations
+
+import os
+import types
+from typing import Optional
+
+import torch.nn as nn
+
+from .. import kernels
+from .modules import QuantLinear
+
+# OCTET_FUSED_MLP=0 runs static chains as separate layers (for comparisons; see bench/e2e.py).
+ENABLED = os.environ.get("OCTET_FUSED_MLP", "1") != "0"
+
+
+def _is_gelu_tanh(m) -> bool:
+    return isinstance(m, nn.GELU) and m.approximate == "tanh"
+
+
+def _is_identity(m) -> bool:
+    return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0 or not m.training))
+
+
+def chain_parts(module: nn.Module) -> Optional[tuple[nn.Module, nn.Module, nn.Module, str, str]]:
+    """(fc1, act, fc2, fc1 name, fc2 name) if ``module`` is an MLP of the two supported shapes."""
+    if isinstance(module, nn.Sequential) and len(module) == 3 and _is_gelu_tanh(module[1]):
+        return module[0], module[1], module[2], "0", "2"
+    if all(hasattr(module, a) for a in ("fc1", "act", "fc2")) and _is_gelu_tanh(module.act) and \
+            all(_is_identity(getattr(module, a, nn.Identity())) for a in ("drop1", "norm", "drop2")) and \
+            set(dict(module.named_children())) <= {"fc1", "act", "drop1", "norm", "fc2", "drop2"}:
+        return module.fc1, module.act, module.fc2, "fc1", "fc2"
+    return None
+
+
+def _chainable(layer) -> bool:
+    return (type(layer) is QuantLinear and layer.act == "static" and layer.input_scale is not None
+            and not layer.weight_function and not layer.bias_function)
+
+
+def _chain_forward(self, x):
+    parts = chain_parts(self)
+    if ENABLED and parts is not None:
+        fc1, _, fc2, _, _ = parts
+        if _chainable(fc1) and _chainable(fc2) and fc1.backend == fc2.backend:
+            return kernels.static_mlp(x, fc1._int8_operands(x), fc2._int8_operands(x), backend=fc1.backend)
+    return type(self).forward(self, x)
+
+
+def chain_forward(container: nn.Module):
+    """The replacement ``forward`` for one MLP container (a bound method of it)."""
+    return types.MethodType(_chain_forward, container)
+
+
+def chain_sites(model: nn.Module, replacements: dict[str, nn.Module]) -> list[str]:
+    """Names of MLP containers in ``model`` whose fc1 and fc2 are (or will be, per ``replacements``)
+    static W8A8 QuantLinears."""
+    sites = []
+    for name, module in model.named_modules():
+        parts = chain_parts(module)
+        if parts is None:
+            continue
+        prefix = f"{name}." if name else ""
+        fc1 = replacements.get(prefix + parts[3], parts[0])
+        fc2 = replacements.get(prefix + parts[4], parts[2])
+        if _chainable(fc1) and _chainable(fc2):
+            sites.append(name)
+    return sites
+
+
+def install_chains(model: nn.Module) -> list[str]:
+    """In place: give every static MLP container of ``model`` the chained forward."""
+    sites = chain_sites(model, {})
+    for name in sites:
+        container = model.get_submodule(name)
+        container.forward = chain_forward(container)
+    return sites

@@ -1,0 +1,155 @@
+"""Static MLP chains installed by quantize_: which containers, same numbers as the layers, fallbacks."""
+import pytest
+import torch
+import torch.nn as nn
+
+from comfyui_octet import octet
+from comfyui_octet.kernels import ops
+from comfyui_octet.kernels.backends import triton_support
+from comfyui_octet.octet import checkpoint, fusion
+from comfyui_octet.octet.calibration import record
+from comfyui_octet.octet.timestep import GroupSelector
+
+
+class Mlp(nn.Module):
+    """The shape of SD3's / timm's Mlp: fc1, act, drop1, norm, fc2, drop2."""
+
+    def __init__(self, d, h, act):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(d, h), act, nn.Dropout(0.0)
+        self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(h, d), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class Net(nn.Module):
+    def __init__(self, d=32, h=80):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.img_mlp = nn.Sequential(nn.Linear(d, h), nn.GELU(approximate="tanh"), nn.Linear(h, d))  # Flux / Wan
+        self.mlp = Mlp(d, h, nn.GELU(approximate="tanh"))                                               # SD3
+        self.erf_mlp = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))    # exact GELU: not a chain
+        self.geglu = nn.Sequential(nn.Linear(d, h), nn.SiLU(), nn.Linear(h, d))      # other activation: not one
+
+    def forward(self, x):
+        x = self.inp(x)
+        return self.geglu(self.erf_mlp(self.mlp(self.img_mlp(x) + x) + x)) + x
+
+
+def _calibrated(net, rng, groups=(1.0,)):
+    selector = GroupSelector(list(groups))
+    with torch.no_grad(), record(net, selector, architecture="test") as cal:
+        for sigma in (0.5, 2.0):
+            selector.select(sigma)
+            net(torch.randn(4, 9, 32, generator=rng))
+    return cal
+
+
+def _net(rng):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    return Net()
+
+
+def test_quantize_installs_chains_only_where_both_layers_are_static_and_gelu_tanh(rng):
+    net = _net(rng)
+    cal = _calibrated(net, rng)
+    result = octet.quantize_(net, octet.StaticW8A8Config(timestep_groups=True), calibration=cal, inplace=False)
+    assert sorted(result.forwards) == ["img_mlp", "mlp"]
+    assert "2 MLPs run as static INT8 chains" in result.summary()
+    assert "forward" not in vars(net.img_mlp)                 # inplace=False leaves the model alone
+    dyn = octet.quantize_(_net(rng), octet.DynamicW8A8Config(), inplace=False)
+    assert dyn.forwards == {}
+
+
+def test_policy_keeping_fc2_float_means_no_chain(rng):
+    net = _net(rng)
+    cal = _calibrated(net, rng)
+
+    class KeepFc2:
+        def decide(self, name, module, default):
+            return (None, "kept") if name == "img_mlp.2" else (default, "")
+
+    result = octet.quantize_(net, octet.StaticW8A8Config(), policy=KeepFc2(), calibration=cal, inplace=False)
+    assert sorted(result.forwards) == ["mlp"]
+
+
+@pytest.mark.parametrize("smooth_alpha", [None, 0.5])
+def test_chained_model_equals_layered_model_on_cpu(smooth_alpha, rng, monkeypatch):
+    """fp32 on CPU: the chain (torch reference) computes exactly what the separate layers compute,
+    in every timestep group, and the calls really go through the chain."""
+    net = _net(rng)
+    cal = _calibrated(net, rng)
+    config = octet.StaticW8A8Config(timestep_groups=True, smooth_alpha=smooth_alpha)
+    octet.quantize_(net, config, calibration=cal)
+    calls = []
+    real = octet.fusion.kernels.static_mlp
+    monkeypatch.setattr(octet.fusion.kernels, "static_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(3, 9, 32, generator=rng)
+    selector = net.inp.group_selector
+    for sigma in (0.3, 3.0):
+        selector.select(sigma)
+        with torch.no_grad():
+            chained = net(x)
+            monkeypatch.setattr(fusion, "ENABLED", False)
+            layered = net(x)
+            monkeypatch.setattr(fusion, "ENABLED", True)
+        assert torch.equal(chained, layered)
+    assert len(calls) == 4    # two chains, two groups
+
+
+@pytest.mark.skipif(triton_support.unavailable_reason() is not None, reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
+def test_triton_chain_runs_fused_kernel_and_matches_layers(rng, monkeypatch):
+    net = _net(rng)
+    cal = _calibrated(net, rng)
+    float_out = None
+    x = torch.randn(2, 9, 32, generator=rng)
+    with torch.no_grad():
+        float_out = net(x).double()
+    octet.quantize_(net, octet.StaticW8A8Config(backend="triton", smooth_alpha=0.5), calibration=cal)
+    fused = []
+    real = ops.static_mlp_impl
+    monkeypatch.setattr(ops, "static_mlp_impl", lambda *a: fused.append(1) or real(*a))
+    with torch.no_grad():
+        chained = net(x).double()
+        monkeypatch.setattr(fusion, "ENABLED", False)
+        layered = net(x).double()
+    assert len(fused) == 2
+    err = lambda a: float((a - float_out).norm() / float_out.norm())  # noqa: E731
+    assert err(chained) < 0.05 and err(layered) < 0.05
+    assert float((chained - layered).norm() / layered.norm()) < 0.01
+
+
+def test_swapped_or_patched_layer_falls_back_to_the_container(rng):
+    net = _net(rng)
+    cal = _calibrated(net, rng)
+    octet.quantize_(net, octet.StaticW8A8Config(), calibration=cal)
+    x = torch.randn(2, 5, 32, generator=rng)
+    fc2 = net.img_mlp[2]
+    fc2.weight_function.append(lambda w: w * 0)      # like a per-call LoRA patch: must not be bypassed
+    with torch.no_grad():
+        out = net.img_mlp(x)
+    expected_bias = fc2.bias.expand_as(out)
+    assert torch.allclose(out, expected_bias)
+    fc2.weight_function.clear()
+    float_fc2 = nn.Linear(80, 32)
+    net.img_mlp[2] = float_fc2                       # e.g. QAT's fake-quant twin, a restored float layer
+    with torch.no_grad():
+        h = net.img_mlp[1](net.img_mlp[0](x))
+        torch.testing.assert_close(net.img_mlp(x), float_fc2(h))
+
+
+def test_save_load_reinstalls_chains(tmp_path, rng):
+    net = _net(rng)
+    cal = _calibrated(net, rng)
+    octet.quantize_(net, octet.StaticW8A8Config(), calibration=cal)
+    path = str(tmp_path / "m.safetensors")
+    checkpoint.save(path, net, {"architecture": "test"})
+    fresh = Net()
+    checkpoint.install(fresh, checkpoint.read(path))
+    assert "forward" in vars(fresh.img_mlp) and "forward" in vars(fresh.mlp)
+    assert "forward" not in vars(fresh.erf_mlp)
+    x = torch.randn(2, 5, 32, generator=rng)
+    net.inp.group_selector.select(0.1)   # the loaded copy has no selector here: both in group 0
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net(x))
