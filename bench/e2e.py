@@ -71,7 +71,9 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
                "sdxl": ((1, 4, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1, 64)}),
                "sd3.5-medium": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1, 32)}),
                "wan2.1-1.3b": ((1, 16, 2, 8, 8), {"c_crossattn": (1, 8, 32)})}
-VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static")
+# octet_static_layers: static W8A8 with the MLP chains off (OCTET_FUSED_MLP=0), each layer on its own.
+VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
+            "octet_static_layers")
 
 
 def build(name: str, variant: str, device, tiny: bool):
@@ -128,7 +130,8 @@ def quantize(model, variant: str, x, sigma, kw):
 
     dm = model.diffusion_model
     calibration = None
-    mode = variant[len("octet_"):]
+    mode = variant[len("octet_"):].replace("_layers", "")
+    octet.fusion.ENABLED = not variant.endswith("_layers")
     if mode == "static":
         with torch.no_grad(), record(dm, GroupSelector([]), sample_cap=4096) as calibration:
             model.apply_model(x, sigma, **kw)
@@ -181,6 +184,7 @@ def run_variant(name, variant, device, args):
     if variant.startswith("octet_"):
         result, row["quantize_s"] = quantize(model, variant, x, sigma, kw)
         row["layers_quantized"] = len(result.quantized)
+        row["mlp_chains"] = len(result.forwards) if not variant.endswith("_layers") else 0
     row["weight_bytes"] = weight_bytes(model.diffusion_model)
     if args.compile:
         t0 = time.perf_counter()

@@ -50,6 +50,13 @@ LINEAR_SHAPES = [
     ("sdxl", "ff down 5120->1280 @32^2", 1024, 1280, 5120),
     ("sdxl", "cross-attn k/v 2048->1280", 77, 1280, 2048),
 ]
+# Transformer MLPs fc1 -> GELU(tanh) -> fc2 (model, block, tokens at batch 1, width, hidden):
+# Flux double-block img_mlp at 1024^2, SD3 at 1024^2, Wan 2.1 1.3B at 480x832x81 frames.
+MLP_SHAPES = [
+    ("flux-dev", "img_mlp 3072->12288->3072", 4096, 3072, 12288),
+    ("sd3-medium", "mlp 1536->6144->1536", 4096, 1536, 6144),
+    ("wan2.1-1.3b", "ffn 1536->8960->1536", 32760, 1536, 8960),
+]
 # (model, layer, channels in, channels out, latent side, kernel, stride)
 CONV_SHAPES = [
     ("sdxl", "3x3 320 @128^2", 320, 320, 128, 3, 1),
@@ -166,6 +173,48 @@ def conv_row(kernels, model, layer, cin, cout, side, ksize, stride, batch, reps_
     return row
 
 
+def mlp_row(kernels, model, block, m, width, hidden, reps_ms):
+    """The whole MLP three ways: bf16; two INT8 layers with dynamic or static scales and the GELU
+    between them in bf16; and the static chain, where fc1's epilogue applies the GELU and writes
+    fc2's int8 input (a static scale needs no reduction over the hidden row)."""
+    from comfyui_octet.kernels import torch_ref
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(m, width, device=dev, dtype=dt)
+    w1 = torch.randn(hidden, width, device=dev, dtype=dt) * width ** -0.5
+    w2 = torch.randn(width, hidden, device=dev, dtype=dt) * hidden ** -0.5
+    b1, b2 = (torch.randn(n, device=dev, dtype=dt) * 0.1 for n in (hidden, width))
+    (q1, s1), (q2, s2) = torch_ref.quantize_weight(w1), torch_ref.quantize_weight(w2)
+
+    def bf16():
+        return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+
+    ref = bf16()
+    sc1 = (x.float().abs().amax() / 127).reshape(1)
+    sc2 = (F.gelu(F.linear(x, w1, b1).float(), approximate="tanh").abs().amax() / 127).reshape(1)
+
+    def layers(act):
+        kw1 = {"static_scale": sc1} if act == "static" else {}
+        kw2 = {"static_scale": sc2} if act == "static" else {}
+        h = kernels.linear(x, q1, s1, b1, act=act, backend="triton", **kw1)
+        return kernels.linear(F.gelu(h, approximate="tanh"), q2, s2, b2, act=act, backend="triton", **kw2)
+
+    def chain():
+        return kernels.static_mlp(x, (q1, s1, b1, None, sc1), (q2, s2, b2, None, sc2), backend="triton")
+
+    paths = {"dynamic layers": lambda: layers("dynamic"), "static layers": lambda: layers("static"),
+             "static chain": chain}
+    row = {"model": model, "block": block, "M": m, "width": width, "hidden": hidden,
+           "err_vs_bf16": {name: rel_err(fn(), ref) for name, fn in paths.items()}}
+    t = {"bf16": bench(bf16, reps_ms)}
+    for name, fn in paths.items():
+        t[name] = bench(fn, reps_ms)
+    t["graph bf16"] = bench_graph(bf16, reps_ms)
+    for name, fn in paths.items():
+        t["graph " + name] = bench_graph(fn, reps_ms)
+    row["ms"] = t
+    return row
+
+
 def _fmt(row, cols):
     cells = []
     for c in cols:
@@ -180,7 +229,11 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="batch 1 only, shorter timing")
     ap.add_argument("--reps-ms", type=int, default=60)
+    ap.add_argument("--sections", default="linear,quant,conv,mlp",
+                    help="comma list of linear, quant, conv, mlp; a subset writes kernels_<sections>.json/md")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    suffix = "" if sections >= {"linear", "quant", "conv", "mlp"} else "_" + "_".join(sorted(sections))
     kernels = _load_kernels()
     import triton
     from comfyui_octet.kernels.backends import bnb
@@ -191,7 +244,7 @@ def main():
     print(json.dumps(header), flush=True)
     batches = [1] if args.quick else [1, 4]
     rows = []
-    for batch in batches:
+    for batch in batches if "linear" in sections else []:
         for model, layer, m, n, k in LINEAR_SHAPES:
             m_b = m * batch if m > 1 or batch == 1 else batch
             if layer.startswith("cross"):
@@ -200,16 +253,26 @@ def main():
             row["batch"] = batch
             rows.append(row)
             print(card, json.dumps(row), flush=True)
-    quant_rows = _quant_variants(args.reps_ms)
+    quant_rows = _quant_variants(args.reps_ms) if "quant" in sections else []
     conv_rows = []
-    for batch in batches:
+    for batch in batches if "conv" in sections else []:
         for shape in CONV_SHAPES:
             row = conv_row(kernels, *shape, batch, args.reps_ms)
             conv_rows.append(row)
             print(card, json.dumps(row), flush=True)
+    mlp_rows = []
+    for batch in batches if "mlp" in sections else []:
+        for model, block, m, width, hidden in MLP_SHAPES:
+            if batch > 1 and m * batch * hidden > 2**31 // 2:
+                continue  # Wan at batch 4 would need 2.3 GB per hidden tensor: batch 1 says enough
+            row = mlp_row(kernels, model, block, m * batch, width, hidden, args.reps_ms)
+            row["batch"] = batch
+            mlp_rows.append(row)
+            print(card, json.dumps(row), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels.json"), "w") as f:
-        json.dump({"header": header, "linear": rows, "conv": conv_rows, "quant_variants": quant_rows}, f, indent=1)
+    with open(os.path.join(args.out, f"kernels{suffix}.json"), "w") as f:
+        json.dump({"header": header, "linear": rows, "conv": conv_rows, "quant_variants": quant_rows,
+                   "mlp": mlp_rows}, f, indent=1)
     lin_cols = ["gemm", "quant+gemm", "static quant+gemm", "w8a16", "int_mm eager", "float path", "bnb", "auto",
                 "graph bf16", "graph gemm", "graph quant+gemm", "graph static quant+gemm", "graph w8a16",
                 "graph float path"]
@@ -229,11 +292,23 @@ def main():
     for r in conv_rows:
         lines.append(f"| {r['model']} | {r['layer']} | {r['batch']} | {r['ms']['bf16']:.3f} | "
                      + " | ".join(_fmt(r, conv_cols)) + f" | {r['auto_picks']} | {r['err_vs_bf16']:.4f} |")
+    mlp_cols = ["dynamic layers", "static layers", "static chain",
+                "graph bf16", "graph dynamic layers", "graph static layers", "graph static chain"]
+    lines += ["", "Transformer MLP fc1 -> GELU(tanh) -> fc2, bf16 activations; ms (ratio vs the bf16 MLP). "
+              "'layers': two INT8 linears (own activation quantization each) with the GELU between them in "
+              "bf16; 'static chain': fc1's epilogue applies the GELU and quantizes for fc2 (int8 hidden):", "",
+              "| model | block | batch | M | bf16 ms | " + " | ".join(mlp_cols) + " | rel.err dynamic / static / chain |",
+              "|" + "---|" * (len(mlp_cols) + 6)]
+    for r in mlp_rows:
+        e = r["err_vs_bf16"]
+        lines.append(f"| {r['model']} | {r['block']} | {r['batch']} | {r['M']} | {r['ms']['bf16']:.3f} | "
+                     + " | ".join(_fmt(r, mlp_cols)) + f" | {e['dynamic layers']:.4f} / {e['static layers']:.4f} / "
+                     f"{e['static chain']:.4f} |")
     lines += ["", "Columns without 'graph': eager calls timed with CUDA events (CPU launch overhead included),"
               " ratio vs eager bf16. 'graph' columns: the same calls captured in a CUDA graph (GPU time only),"
               " ratio vs graph bf16."]
     table = "\n".join(lines)
-    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+    with open(os.path.join(args.out, f"kernels{suffix}.md"), "w") as f:
         f.write(table + "\n")
     print(table)
     _print_tuned_configs()
