@@ -131,7 +131,7 @@ def quantize(model, variant: str, x, sigma, kw):
     dm = model.diffusion_model
     calibration = None
     mode = variant[len("octet_"):].replace("_layers", "")
-    octet.fusion.ENABLED = not variant.endswith("_layers")
+    os.environ["OCTET_FUSED_MLP"] = "0" if variant.endswith("_layers") else "1"
     if mode == "static":
         with torch.no_grad(), record(dm, GroupSelector([]), sample_cap=4096) as calibration:
             model.apply_model(x, sigma, **kw)

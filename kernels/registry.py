@@ -1,35 +1,47 @@
 """One registry of INT8 backends and the one place that picks among them.
 
-Every backend registers a frozen ``Implementation`` record. ``select`` chooses per call from the
-request (op, activation mode, device, shape) and the user's explicit wish; whenever the choice
+Every backend registers a frozen ``Implementation`` record. ``select`` chooses from the request
+(format, op, activation mode, device, shape, goal) and the user's explicit wish; whenever the choice
 differs from what was asked, or a faster path is unavailable, it logs that once per reason, so
 fallbacks are never silent and never spam the console.
+
+``select`` is not cached here: its answer depends on the environment (TRITON_INTERPRET, which
+backends imported) and callers already cache what they derive from it, per input signature, in a
+plan (``dispatch.plan``). So a changed environment takes effect for every plan made afterwards.
 """
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 log = logging.getLogger("octet.kernels")
 
+FORMATS = ("int8",)
 ACT_MODES = ("none", "dynamic", "static")
 OPS = ("linear", "conv2d")
+GOALS = ("speed", "memory")
 
 
 class Backend(str, enum.Enum):
     AUTO = "auto"
     TRITON = "triton"
     BNB = "bitsandbytes"
-    TORCH = "torch"
+    CPU = "cpu"        # fast CPU path (torch._int_mm / float conv on the int8 codes)
+    TORCH = "torch"    # the exact reference (kernels/torch_ref.py): the oracle
     FLOAT = "float"    # dequantized weight + cuBLAS/cuDNN: AUTO's GPU fallback where INT8 loses
+
+
+def m_bucket(m: int) -> int:
+    """Signature bucket for M (tokens, or pixels x batch): powers of two up to 16384. Plans and the
+    Triton autotuner are keyed on it, so a bucket shares one kernel choice."""
+    return min(1 << max(m - 1, 0).bit_length(), 16384)
 
 
 @dataclass(frozen=True)
 class Request:
-    """What one quantized layer asks for; hashable so selection can be cached."""
+    """What one quantized layer asks for at one input signature."""
     op: str            # "linear" | "conv2d"
     act: str           # "none" (weight-only) | "dynamic" | "static"
     device: str        # torch device type: "cpu", "cuda", ...
@@ -38,6 +50,13 @@ class Request:
     n: int = 0
     k: int = 0
     groups: int = 1    # conv2d only: backends differ in which groupings they implement
+    fmt: str = "int8"  # the weight format (a layout's name); every backend here reads int8
+    goal: str = "speed"  # where INT8 loses: keep a float weight (speed) or read int8 directly (memory)
+
+
+# prepare(request, operands) -> run(x, static_scale) -> y: everything that depends only on the weight
+# and the signature happens in prepare, once; run does the per-call work.
+Prepare = Callable[..., Callable]
 
 
 @dataclass(frozen=True)
@@ -47,15 +66,15 @@ class Implementation:
     unavailable_reason: Callable[[], Optional[str]]
     # Returns None if this request is supported (and worth it), else the reason it is not.
     rejects: Callable[[Request], Optional[str]]
-    linear: Callable
-    conv2d: Optional[Callable] = None
+    prepare: Prepare
     priority: int = 0  # higher wins under AUTO
     # AUTO only: returns a reason when the backend *could* run the request but should not be
     # chosen unasked (e.g. measured slower than the float path). An explicit backend ignores it.
     declines: Optional[Callable[[Request], Optional[str]]] = None
-    # Optional fused fc1 -> GELU(tanh) -> fc2 chain for two static W8A8 linears (torch_ref.static_mlp
-    # defines it); without one, the chain runs as two linear calls.
-    static_mlp: Optional[Callable] = None
+    # Optional fused fc1 -> GELU(tanh) -> fc2 chain for two static W8A8 linears:
+    # prepare_mlp(request, fc1 operands, fc2 operands) -> run(x, scale1, scale2).
+    prepare_mlp: Optional[Prepare] = None
+    ops: tuple[str, ...] = OPS
 
 
 _REGISTRY: dict[str, Implementation] = {}
@@ -70,7 +89,6 @@ def log_once(key: str, message: str, level: int = logging.INFO) -> None:
 
 def register(impl: Implementation) -> Implementation:
     _REGISTRY[impl.name] = impl
-    select.cache_clear()
     return impl
 
 
@@ -90,16 +108,16 @@ def _usable(impl: Implementation, req: Request) -> Optional[str]:
     reason = impl.unavailable_reason()
     if reason is None:
         reason = impl.rejects(req)
-    if reason is None and req.op == "conv2d" and impl.conv2d is None:
-        reason = "no conv2d kernel"
+    if reason is None and req.op not in impl.ops:
+        reason = f"no {req.op} kernel"
     return reason
 
 
-@functools.lru_cache(maxsize=4096)
 def select(req: Request, backend: str = Backend.AUTO.value) -> Implementation:
-    """Pick the implementation for one request. Cached: layers call this on every forward."""
-    if req.op not in OPS or req.act not in ACT_MODES:
-        raise ValueError(f"Unsupported request {req}: op must be one of {OPS}, act one of {ACT_MODES}")
+    """Pick the implementation for one request (callers cache the result in a plan)."""
+    if req.op not in OPS or req.act not in ACT_MODES or req.fmt not in FORMATS or req.goal not in GOALS:
+        raise ValueError(f"Unsupported request {req}: op must be one of {OPS}, act one of {ACT_MODES}, "
+                         f"fmt one of {FORMATS}, goal one of {GOALS}")
     backend = Backend(backend).value
     if backend != Backend.AUTO.value:
         impl = get(backend)
@@ -122,7 +140,7 @@ def _auto(req: Request) -> Implementation:
             reason = impl.declines(req)
         if reason is None:
             return impl
-        if impl.name != Backend.TORCH.value:
+        if impl.name not in (Backend.TORCH.value, Backend.CPU.value):
             log_once(f"auto:{impl.name}:{req.op}:{req.act}:{req.device}:{reason}",
                      f"Octet: {impl.name} not used for {req.op}/{req.act} on {req.device}: {reason}.")
     raise RuntimeError(f"No INT8 backend can run {req}; registered: {registered()}")

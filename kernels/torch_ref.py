@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .operands import ConvGeometry, pair  # noqa: F401  (pair: re-exported for older callers)
+
 QMAX = 127.0
 # Smallest scale we allow: an all-zero row then quantizes to zeros instead of NaN.
 MIN_SCALE = 1e-12
@@ -86,14 +88,6 @@ def int_matmul(a_q: torch.Tensor, b_q_t: torch.Tensor) -> torch.Tensor:
         return (a_q.double() @ b_q_t.double().t()).to(torch.int32)
 
 
-def pair(v) -> tuple[int, int]:
-    """A conv stride/padding/dilation as two ints: 3, (3,) and (3, 3) all give (3, 3)."""
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(e) for e in v)
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
-
-
 def int_conv2d(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
     """Exact integer convolution of int8 NCHW by int8 OIHW, as im2col + int32 GEMM."""
     if groups != 1 or isinstance(padding, str):
@@ -101,7 +95,7 @@ def int_conv2d(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, gr
         return F.conv2d(xq.double(), wq.double(), None, stride, padding, dilation, groups)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = wq.shape[2:], pair(stride), pair(padding), pair(dilation)
     b, _, h, w = xq.shape
-    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = ConvGeometry.of(stride, padding, dilation).output_size(h, w, kh, kw)
     # unfold needs floats; int8 values survive the float32 round trip exactly.
     cols = F.unfold(xq.float(), (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
     a = cols.transpose(1, 2).reshape(b * ho * wo, -1).to(torch.int8)

@@ -25,17 +25,17 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..kernels.torch_ref import pair
 from . import fusion
 from .api import OctetError
+from .layout import FILE_FORMATS, Int8Layout
 from .modules import QuantConv2d, QuantLayer, QuantLinear
 from .safefile import save_atomic
 
 FORMAT_VERSION = 1
-HOST_FORMAT = "int8_tensorwise"
-OCTET_FORMAT = "octet_int8"
-KNOWN_FORMATS = (HOST_FORMAT, OCTET_FORMAT)
-QUANT_SUFFIXES = ("weight", "weight_scale", "input_scale", "pre_quant_scale", "bias", "comfy_quant")
+HOST_FORMAT = Int8Layout.HOST_FORMAT
+OCTET_FORMAT = Int8Layout.OCTET_FORMAT
+KNOWN_FORMATS = tuple(FILE_FORMATS)
+QUANT_SUFFIXES = Int8Layout.TENSORS + ("bias", "comfy_quant")
 
 
 @dataclass
@@ -46,20 +46,7 @@ class LoadedCheckpoint:
 
 
 def layer_spec(module: QuantLayer) -> dict:
-    kind = "linear" if isinstance(module, QuantLinear) else "conv"
-    host_compatible = (kind == "linear" and module.act == "dynamic" and module.pre_quant_scale is None)
-    spec = {"format": HOST_FORMAT if host_compatible else OCTET_FORMAT,
-            "octet": {"kind": kind, "act": module.act}}
-    if kind == "conv":
-        spec["octet"].update(stride=list(pair(module.stride)), padding=_padding(module.padding),
-                             dilation=list(pair(module.dilation)), groups=module.groups)
-    if module.input_scale is not None:
-        spec["octet"]["timestep_groups"] = module.group_selector is not None
-    return spec
-
-
-def _padding(p):
-    return p if isinstance(p, str) else list(pair(p))
+    return module.layout.spec(module)
 
 
 def _json_tensor(obj: dict) -> torch.Tensor:
@@ -161,9 +148,9 @@ def build_layer(name: str, spec: dict, tensors: dict, like: Optional[nn.Module] 
     if scale.numel() == 1:  # a tensorwise scale from another tool: broadcast to per-channel
         scale = scale.reshape(1).expand(w.shape[0]).clone()
     bias = tensors.get(f"{name}.bias")
-    kind = extra.get("kind", "conv" if w.dim() == 4 else "linear")
-    act = extra.get("act", "dynamic")
-    if kind == "linear":
+    layout = FILE_FORMATS[spec["format"]].from_spec(spec, w)
+    act = layout.act
+    if layout.kind == "linear":
         layer = QuantLinear(w, scale, bias, act, backend)
     else:
         geom = {k: extra.get(k, getattr(like, k, None)) for k in ("stride", "padding", "dilation", "groups")}

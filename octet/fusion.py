@@ -26,8 +26,11 @@ import torch.nn as nn
 from .. import kernels
 from .modules import QuantLinear
 
-# OCTET_FUSED_MLP=0 runs static chains as separate layers (for comparisons; see bench/e2e.py).
-ENABLED = os.environ.get("OCTET_FUSED_MLP", "1") != "0"
+
+def enabled() -> bool:
+    """OCTET_FUSED_MLP=0 runs static chains as separate layers (for comparisons; see bench/e2e.py).
+    Read per call (a dict lookup), so a bench or test can switch it without reloading modules."""
+    return os.environ.get("OCTET_FUSED_MLP", "1") != "0"
 
 
 def _is_gelu_tanh(m) -> bool:
@@ -56,11 +59,20 @@ def _chainable(layer) -> bool:
 
 def _chain_forward(self, x):
     parts = chain_parts(self)
-    if ENABLED and parts is not None:
+    if parts is not None and enabled():
         fc1, _, fc2, _, _ = parts
         if _chainable(fc1) and _chainable(fc2) and fc1.backend == fc2.backend:
-            return kernels.static_mlp(x, fc1._int8_operands(x), fc2._int8_operands(x), backend=fc1.backend)
+            if kernels.ops.compiling():
+                return kernels.ops.static_mlp(x, *_op_args(fc1, x), *_op_args(fc2, x), fc1.backend)
+            if fc1.weight.device == x.device == fc2.weight.device:   # not under a lowvram per-call move
+                run, s1, s2 = fc1.chain_plan(fc2, x)
+                return run(x, s1, s2)
     return type(self).forward(self, x)
+
+
+def _op_args(layer: QuantLinear, x):
+    return (layer.weight, layer.current_weight_scale(), layer.bias, layer.pre_quant_scale,
+            layer._static_scale(x.device))
 
 
 def chain_forward(container: nn.Module):

@@ -1,8 +1,15 @@
-"""QuantLinear and QuantConv2d: INT8 weights with per-output-channel scales.
+"""QuantLinear and QuantConv2d: one INT8 layout, its tensors, and a kernel plan per input signature.
 
 The tensors are named as ComfyUI's quantized checkpoints name them (``weight`` int8,
 ``weight_scale`` fp32 [N, 1], ``input_scale``, ``pre_quant_scale``), so a state dict of these
-modules *is* the checkpoint format.
+modules *is* the checkpoint format; the format itself (math, comfy_quant record) is the layer's
+``layout`` (octet/layout.py).
+
+The hot path is the plan: the first call at an input signature (device, dtype, M bucket) selects a
+backend and lets it prepare the weight side once (``kernels.plan``); later calls are a dict lookup,
+a validity check and the backend's run function. Plans are dropped when the weight tensor is
+replaced or written in place (LoRA merge/unmerge by the host), when scales change, and when the
+module moves (``_apply``).
 
 They also carry the attributes ComfyUI's ModelPatcher looks for on its own ops
 (``comfy_cast_weights``, ``weight_function``, ``bias_function``): the patcher can then leave a
@@ -20,7 +27,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels.operands import ConvGeometry, Int8Operands
+from ..kernels.registry import m_bucket
+from .layout import Int8Layout
 from .timestep import GroupSelector
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place write counter; inference tensors (made under torch.inference_mode) have none, and
+    their in-place writes go through set_weight, which drops plans itself."""
+    return -1 if t.is_inference() else t._version
 
 
 def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
@@ -30,15 +46,15 @@ def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tenso
 
 
 class QuantLayer(nn.Module):
-    """Shared state and forward logic; subclasses supply the op."""
+    """Shared state and forward logic; subclasses supply the float op and their geometry."""
 
     comfy_cast_weights = False  # read by ModelPatcher; True means "weights may live off-device"
+    kind = ""
 
     def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                 act: str, backend: str = "auto"):
+                 act: str, backend: str = "auto", goal: str = "speed"):
         super().__init__()
-        if act not in kernels.registry.ACT_MODES:
-            raise ValueError(f"act={act!r}; expected one of {kernels.registry.ACT_MODES}")
+        self.layout = Int8Layout(self.kind, act, goal)
         if qweight.dtype != torch.int8:
             raise TypeError(f"qweight must be int8, got {qweight.dtype}")
         if weight_scale.numel() != qweight.shape[0]:
@@ -48,17 +64,40 @@ class QuantLayer(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.register_buffer("input_scale", None)       # static W8A8: [groups] fp32
         self.register_buffer("pre_quant_scale", None)   # SmoothQuant divisor: [in_channels] fp32
-        self.act = act
         self.backend = backend
         self.group_selector: Optional[GroupSelector] = None
         self.weight_function = []
         self.bias_function = []
         self._patched_scale = None  # (weakref to weight, its _version, scale) after a merged LoRA
+        self._plans: dict = {}
+
+    # -- format ------------------------------------------------------------------------------------
+    @property
+    def act(self) -> str:
+        return self.layout.act
+
+    @property
+    def goal(self) -> str:
+        return self.layout.goal
+
+    @goal.setter
+    def goal(self, goal: str) -> None:
+        self.layout = Int8Layout(self.layout.kind, self.layout.act, goal)
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Drop every kernel plan (and what backends prepared for it)."""
+        self._plans = {}
+
+    def _apply(self, fn, recurse=True):
+        self.invalidate()   # moved or cast: prepared weights belong to the old tensors
+        return super()._apply(fn, recurse)
 
     def set_smoothing(self, smooth: torch.Tensor) -> None:
         if self.act == "none":
             raise ValueError("SmoothQuant needs INT8 activations; it has no meaning for weight-only layers.")
         self.pre_quant_scale = smooth.detach().float().reshape(-1).clone()
+        self.invalidate()
 
     # -- static activation scales (timestep groups) -------------------------------------------
     def set_static_scales(self, input_scale: torch.Tensor, selector: Optional[GroupSelector] = None) -> None:
@@ -67,13 +106,19 @@ class QuantLayer(nn.Module):
             raise ValueError("static input scales must be finite and positive")
         self.input_scale = scales
         self.group_selector = selector
+        self.invalidate()
+
+    def _group(self) -> int:
+        if self.group_selector is None or self.input_scale.numel() == 1:
+            return 0
+        return self.group_selector.index
 
     def _static_scale(self, device: torch.device) -> Optional[torch.Tensor]:
         if self.act != "static":
             return None
         if self.input_scale is None:
             raise RuntimeError("This layer is static W8A8 but has no input_scale: quantize it with a CALIBRATION.")
-        group = 0 if self.group_selector is None or self.input_scale.numel() == 1 else self.group_selector.index
+        group = self._group()
         return _on(self.input_scale[group:group + 1], device)
 
     # -- weights ---------------------------------------------------------------------------------
@@ -83,12 +128,6 @@ class QuantLayer(nn.Module):
     #                           return_weight=True hand back the raw form for a per-call patch;
     #   weight_function[...] -> per-call patches (lowvram), applied to the raw form.
     # "Raw" is the int8 code as a float tensor: raw * scale / smooth is the float weight.
-    def _weight_view(self, t: torch.Tensor, device, dtype) -> torch.Tensor:
-        return _on(t, device).to(dtype).reshape([-1, 1] + [1] * (self.weight.dim() - 2))
-
-    def _smooth_view(self, device, dtype) -> torch.Tensor:
-        return _on(self.pre_quant_scale, device).to(dtype).reshape([1, -1] + [1] * (self.weight.dim() - 2))
-
     def current_weight_scale(self) -> torch.Tensor:
         """The scale of the int8 codes now in ``weight``: a merged LoRA re-quantizes with new scales,
         which hold only while that exact tensor is in place (the host restores the original
@@ -97,31 +136,28 @@ class QuantLayer(nn.Module):
         if patched is None:  # the common case, and the only one torch.compile needs to trace
             return self.weight_scale
         ref, version, scale = patched
-        if ref() is self.weight and self.weight._version == version:
+        if ref() is self.weight and _version(self.weight) == version:
             return scale
         self._patched_scale = None
         return self.weight_scale
 
     def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
-        w = weight * self._weight_view(self.current_weight_scale(), weight.device, weight.dtype)
-        if self.pre_quant_scale is not None:
-            w = w / self._smooth_view(weight.device, weight.dtype)
-        return w
+        return self.layout.unfold_smoothing(self.layout.scale_raw(weight, self.current_weight_scale()),
+                                            self.pre_quant_scale)
 
     def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
                    **kwargs):
-        w = weight.float()
-        if self.pre_quant_scale is not None:
-            w = w * self._smooth_view(w.device, w.dtype)
+        w = self.layout.fold_smoothing(weight.float(), self.pre_quant_scale)
         if return_weight:
-            return w / self._weight_view(self.current_weight_scale(), w.device, w.dtype)
+            return self.layout.scale_raw(w, 1.0 / self.current_weight_scale())
         q, scale = kernels.quantize_weight(w)
         q = q.to(self.weight.device)
         if inplace_update:
             self.weight.data.copy_(q)
         else:
             self.weight = nn.Parameter(q, requires_grad=False)
-        self._patched_scale = (weakref.ref(self.weight), self.weight._version, scale.to(self.weight_scale.device))
+        self._patched_scale = (weakref.ref(self.weight), _version(self.weight), scale.to(self.weight_scale.device))
+        self.invalidate()
 
     def dequantized_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
         device = device or self.weight.device
@@ -140,35 +176,68 @@ class QuantLayer(nn.Module):
                 b = f(b)
         return w, b
 
-    def _int8_operands(self, x: torch.Tensor):
-        return (_on(self.weight, x.device), _on(self.current_weight_scale(), x.device), _on(self.bias, x.device),
-                _on(self.pre_quant_scale, x.device), self._static_scale(x.device))
+    # -- kernels ---------------------------------------------------------------------------------
+    def operands(self, device: torch.device) -> Int8Operands:
+        """The weight side as kernels take it, on ``device``."""
+        return Int8Operands.of(self.weight, self.current_weight_scale(), self.bias, self.pre_quant_scale,
+                               self.geometry, device=device)
+
+    def _signature(self, x: torch.Tensor) -> tuple:
+        return x.device, x.dtype, m_bucket(x.numel() // x.shape[-1 if self.kind == "linear" else 1])
+
+    def plan(self, x: torch.Tensor):
+        """(implementation, run, static scales per group on x's device) for x's signature: cached."""
+        key = self._signature(x)
+        w = self.weight
+        entry = self._plans.get(key)
+        if entry is None or entry[0] is not w or entry[1] != _version(w):
+            ops = self.operands(x.device)
+            impl, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, self.backend, self.goal)
+            scales = None
+            if self.act == "static":
+                if self.input_scale is None:
+                    raise RuntimeError("This layer is static W8A8 but has no input_scale: quantize it with a "
+                                       "CALIBRATION.")
+                on_device = _on(self.input_scale, x.device)
+                scales = [on_device[g:g + 1] for g in range(on_device.numel())]
+            entry = self._plans[key] = (w, _version(w), run, scales, impl, ops)
+        return entry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_function or self.bias_function:
             # A patch (e.g. LoRA under lowvram) changes the float weight: compute in float.
             return self._float_forward(x, *self._float_operands(x))
-        return self._int8_forward(x, *self._int8_operands(x))
+        if kernels.ops.compiling():
+            return self._custom_op(x)
+        if self.weight.device != x.device:
+            # lowvram: the host keeps this layer's weights elsewhere and we move them per call, so
+            # nothing weight-side can be prepared once.
+            _, run = kernels.plan(self.layout.kernel_op, self.act, x, self.operands(x.device), self.backend,
+                                  self.goal)
+            return run(x, self._static_scale(x.device))
+        _, _, run, scales, _, _ = self.plan(x)
+        return run(x, None if scales is None else scales[self._group()])
 
     def extra_repr(self) -> str:
         groups = 0 if self.input_scale is None else self.input_scale.numel()
-        return (f"act={self.act}, backend={self.backend}, static_groups={groups}, "
+        return (f"act={self.act}, backend={self.backend}, goal={self.goal}, static_groups={groups}, "
                 f"smooth={self.pre_quant_scale is not None}")
 
 
 class QuantLinear(QuantLayer):
-    def __init__(self, qweight, weight_scale, bias, act, backend="auto"):
-        super().__init__(qweight, weight_scale, bias, act, backend)
+    kind = "linear"
+    geometry = None
+
+    def __init__(self, qweight, weight_scale, bias, act, backend="auto", goal="speed"):
+        super().__init__(qweight, weight_scale, bias, act, backend, goal)
         self.out_features, self.in_features = qweight.shape
 
     @classmethod
     def from_float(cls, linear: nn.Linear, act: str, backend: str = "auto",
-                   smooth: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> "QuantLinear":
-        w = (linear.weight if weight is None else weight).detach().float()
-        if smooth is not None:
-            w = w * smooth.float().reshape(1, -1)
-        qweight, scale = kernels.quantize_weight(w)
-        layer = cls(qweight, scale, linear.bias, act, backend)
+                   smooth: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                   goal: str = "speed") -> "QuantLinear":
+        qweight, scale = Int8Layout.quantize(linear.weight if weight is None else weight, smooth)
+        layer = cls(qweight, scale, linear.bias, act, backend, goal)
         if smooth is not None:
             layer.set_smoothing(smooth)
         return layer
@@ -176,44 +245,63 @@ class QuantLinear(QuantLayer):
     def _float_forward(self, x, w, b):
         return F.linear(x, w, b)
 
-    def _int8_forward(self, x, qweight, w_scale, bias, smooth, static_scale):
-        return kernels.linear(x, qweight, w_scale, bias, act=self.act, smooth=smooth,
-                              static_scale=static_scale, backend=self.backend)
+    def _custom_op(self, x):
+        return kernels.ops.linear(x, self.weight, self.current_weight_scale(), self.bias, self.pre_quant_scale,
+                                  self._static_scale(x.device), self.act, self.backend, self.goal)
+
+    def chain_plan(self, fc2: "QuantLinear", x: torch.Tensor):
+        """(run, scale1, scale2) for fc2(gelu_tanh(self(x))) with both layers static W8A8
+        (octet/fusion.py): cached per signature, and rebuilt whenever either layer's own plan is."""
+        p1, p2 = self.plan(x), fc2.plan(x)
+        key = ("chain", id(fc2)) + self._signature(x)
+        entry = self._plans.get(key)
+        if entry is None or entry[0] is not p1 or entry[1] is not p2:
+            entry = self._plans[key] = (p1, p2, kernels.plan_mlp(x, p1[5], p2[5], self.backend))
+        return entry[2], p1[3][self._group()], p2[3][fc2._group()]
 
 
 class QuantConv2d(QuantLayer):
-    def __init__(self, qweight, weight_scale, bias, act, backend="auto", *, stride=1, padding=0, dilation=1,
-                 groups=1):
-        super().__init__(qweight, weight_scale, bias, act, backend)
+    kind = "conv"
+
+    def __init__(self, qweight, weight_scale, bias, act, backend="auto", goal="speed", *, stride=1, padding=0,
+                 dilation=1, groups=1):
+        super().__init__(qweight, weight_scale, bias, act, backend, goal)
+        self.geometry = ConvGeometry.of(stride, padding, dilation, groups)
         self.out_channels = qweight.shape[0]
         self.in_channels = qweight.shape[1] * groups
         self.kernel_size = tuple(qweight.shape[2:])
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    # nn.Conv2d's attribute names, read by the host and by tools that inspect layers.
+    stride = property(lambda self: self.geometry.stride)
+    padding = property(lambda self: self.geometry.padding)
+    dilation = property(lambda self: self.geometry.dilation)
+    groups = property(lambda self: self.geometry.groups)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, act: str, backend: str = "auto",
-                   smooth: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> "QuantConv2d":
-        w = (conv.weight if weight is None else weight).detach().float()
-        if smooth is not None:
-            if conv.groups != 1:
-                raise ValueError("SmoothQuant is only defined here for convolutions with groups=1")
-            w = w * smooth.float().reshape(1, -1, 1, 1)
-        qweight, scale = kernels.quantize_weight(w)
-        layer = cls(qweight, scale, conv.bias, act, backend, stride=conv.stride, padding=conv.padding,
+                   smooth: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                   goal: str = "speed") -> "QuantConv2d":
+        if smooth is not None and conv.groups != 1:
+            raise ValueError("SmoothQuant is only defined here for convolutions with groups=1")
+        qweight, scale = Int8Layout.quantize(conv.weight if weight is None else weight, smooth)
+        layer = cls(qweight, scale, conv.bias, act, backend, goal, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, groups=conv.groups)
         if smooth is not None:
             layer.set_smoothing(smooth)
         return layer
 
-    def _conv_args(self):
-        return self.stride, self.padding, self.dilation, self.groups
-
     def _float_forward(self, x, w, b):
-        return F.conv2d(x, w, b, *self._conv_args())
+        return F.conv2d(x, w, b, *self.geometry.args())
 
-    def _int8_forward(self, x, qweight, w_scale, bias, smooth, static_scale):
-        return kernels.conv2d(x, qweight, w_scale, bias, *self._conv_args(), act=self.act, smooth=smooth,
-                              static_scale=static_scale, backend=self.backend)
+    def _custom_op(self, x):
+        g = self.geometry
+        if isinstance(g.padding, str):
+            padding = list(g.explicit_padding(*self.kernel_size))
+        else:
+            padding = list(g.padding)
+        return kernels.ops.conv2d(x, self.weight, self.current_weight_scale(), self.bias, self.pre_quant_scale,
+                                  self._static_scale(x.device), list(g.stride), padding, list(g.dilation), g.groups,
+                                  self.act, self.backend, self.goal)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -221,3 +309,22 @@ class QuantConv2d(QuantLayer):
 
 
 QUANT_TYPES = (QuantLinear, QuantConv2d)
+
+
+def plan_summary(model: nn.Module) -> dict:
+    """What the plans decided, per layer: backend per signature and the float copies the speed goal
+    kept (bytes of VRAM/RAM beyond the int8 weights). Filled in as the model runs."""
+    layers, kept = {}, 0
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLayer):
+            continue
+        backends = sorted({e[4].name for k, e in m._plans.items() if isinstance(k, tuple) and len(e) == 6})
+        extra = 0
+        seen = set()
+        for k, e in m._plans.items():
+            if isinstance(k, tuple) and len(e) == 6 and id(e[5]) not in seen:
+                seen.add(id(e[5]))
+                extra += sum(t.numel() * t.element_size() for t in e[5].memo.values() if torch.is_tensor(t))
+        kept += extra
+        layers[name] = {"backends": backends, "extra_bytes": extra}
+    return {"layers": layers, "extra_bytes": kept}

@@ -67,11 +67,15 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: 
     return out.to(x.dtype).reshape(*shape[:-1], qweight.shape[0])
 
 
+def prepare(req: registry.Request, w):
+    return lambda x, static: linear(x, w.qweight, w.scale, w.bias, req.act, w.smooth, static)
+
+
 IMPLEMENTATION = registry.register(registry.Implementation(
     name=NAME,
     unavailable_reason=_unavailable_reason,
     rejects=_rejects,
-    linear=linear,
-    conv2d=None,
+    prepare=prepare,
     priority=-10,
+    ops=("linear",),
 ))

@@ -1,19 +1,28 @@
-"""The float path: dequantize the INT8 weight once per call and run cuBLAS/cuDNN in x's dtype.
+"""The float path: cuBLAS/cuDNN in x's dtype on the dequantized weight.
 
 AUTO lands here on a GPU when the INT8 kernels would be slower than plain bf16 for a request
 (tiny GEMMs where launch overhead dominates, weight-only layers at large M, GPUs without the
-Triton configs): the dispatcher's promise is never to be slower than the float model.
+Triton configs): the dispatcher's promise is never to be slower than the float model. What it
+costs depends on the layer's goal (``Request.goal``):
+
+* ``speed``: the dequantized weight is made once per layer and dtype and kept (VRAM: a bf16 copy
+  of that layer, reported by ``octet.modules.plan_summary``); the call is then exactly a bf16 layer.
+  Before plans existed this path dequantized on every call (SDXL: 1472 copy_ + 786 mul launches
+  per step).
+* ``memory``: no float copy is kept; linear layers run the W8A16 kernel, which reads the int8
+  weight directly, where Triton can run; otherwise the weight is dequantized per call.
+
 The numbers are *more* accurate than W8A8 (activations stay in float), so this is a fallback for
 speed, not an emulation of INT8 error; ``backend="torch"`` is the bit-exact INT8 reference.
-On CPU the torch reference is used instead (this path is rejected there), so CPU numerics stay
-those of ``torch_ref``.
+On CPU the ``cpu`` backend is used instead (this path is rejected there).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .. import registry, torch_ref
+from .. import registry
+from . import triton_support
 
 NAME = registry.Backend.FLOAT.value
 
@@ -25,32 +34,43 @@ def _unsmoothed(x: torch.Tensor, smooth, channel_dim: int) -> torch.Tensor:
         return x
     shape = [1] * x.dim()
     shape[channel_dim] = -1
-    return (x.float() / smooth.float().reshape(shape)).to(x.dtype)
+    return (x.float() / smooth.reshape(shape)).to(x.dtype)
 
 
-def _linear(x, qweight, w_scale, bias, act, smooth, static_scale):
-    x = _unsmoothed(x, smooth, -1)
-    w = torch_ref.dequantize_weight(qweight, w_scale, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+def _weight(req, w, dtype):
+    if req.goal == "speed":
+        return w.remember(("float", dtype), lambda: w.float_weight(dtype))
+    return w.float_weight(dtype)
 
 
-def _conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale):
-    x = _unsmoothed(x, smooth, 1)
-    w = torch_ref.dequantize_weight(qweight, w_scale, x.dtype)
-    return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
+def prepare(req: registry.Request, w):
+    bias = w.bias
+    if req.op == "linear":
+        if req.goal == "memory" and triton_support.unavailable_reason() is None:
+            from . import triton_gemm
+
+            def run_w8a16(x, static):
+                x2d = _unsmoothed(x, w.smooth, -1).reshape(-1, w.k)
+                return triton_gemm.w8a16_gemm(x2d, w.qweight, w.scale, bias).reshape(*x.shape[:-1], w.n)
+            return run_w8a16
+
+        def run_linear(x, static):
+            b = None if bias is None else bias.to(x.dtype)
+            return F.linear(_unsmoothed(x, w.smooth, -1), _weight(req, w, x.dtype), b)
+        return run_linear
+    args = w.conv.args()
+
+    def run_conv(x, static):
+        b = None if bias is None else bias.to(x.dtype)
+        return F.conv2d(_unsmoothed(x, w.smooth, 1), _weight(req, w, x.dtype), b, *args)
+    return run_conv
 
 
 def _rejects(req: registry.Request):
     if req.device != "cuda":
-        return "the float path only pays on a GPU; the CPU uses the torch reference"
+        return "the float path only pays on a GPU; the CPU uses its own path"
     return None
 
 
 IMPLEMENTATION = registry.register(registry.Implementation(
-    name=NAME,
-    unavailable_reason=lambda: None,
-    rejects=_rejects,
-    linear=_linear,
-    conv2d=_conv2d,
-    priority=10,
-))
+    name=NAME, unavailable_reason=lambda: None, rejects=_rejects, prepare=prepare, priority=10))

@@ -22,8 +22,9 @@ from typing import Optional
 
 import torch
 
-from .. import ops, registry
-from ..torch_ref import pair
+import torch.nn.functional as F
+
+from .. import registry
 from . import triton_support
 
 NAME = "triton"
@@ -107,45 +108,80 @@ def rejects(req: registry.Request) -> Optional[str]:
     return reason
 
 
-def _linear(x, qweight, w_scale, bias, act, smooth, static_scale):
-    return ops.linear(x, qweight, w_scale, bias, act, smooth, static_scale)
+def _kernels():
+    """The Triton kernel modules, imported on first use (importing them needs triton)."""
+    reason = triton_support.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"octet Triton kernels cannot run: {reason}")
+    from . import triton_conv, triton_gemm, triton_quant
+    return triton_quant, triton_gemm, triton_conv
 
 
-def _static_mlp(x, fc1, fc2):
-    return ops.static_mlp(x, fc1, fc2)
+def _conv_out_format(x: torch.Tensor) -> torch.memory_format:
+    # Like F.conv2d: a channels_last input gives a channels_last output.
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
-def _pair(v) -> list[int]:
-    return list(pair(v))
+def _prepare_linear(req: registry.Request, w):
+    triton_quant, triton_gemm, _ = _kernels()
+    q, s, b, sm, n, k = w.qweight, w.scale, w.bias, w.smooth, w.n, w.k
+    if req.act == "none":
+        def run_w8a16(x, static):
+            return triton_gemm.w8a16_gemm(x.reshape(-1, k), q, s, b).reshape(*x.shape[:-1], n)
+        return run_w8a16
+
+    def run(x, static):
+        xq, xs = triton_quant.quantize_rows(x.reshape(-1, k).contiguous(), sm, static)
+        return triton_gemm.w8a8_gemm(xq, xs, q, s, b, x.dtype).reshape(*x.shape[:-1], n)
+    return run
 
 
-def _explicit_padding(padding, qweight, dilation) -> list[int]:
-    """F.conv2d's 'valid'/'same' as integers ('same' needs odd effective kernels: symmetric)."""
-    if padding == "valid":
-        return [0, 0]
-    if padding == "same":
-        dil = _pair(dilation)
-        total = [dil[0] * (qweight.shape[2] - 1), dil[1] * (qweight.shape[3] - 1)]
-        if total[0] % 2 or total[1] % 2:
-            raise ValueError("padding='same' with an even kernel is asymmetric; the INT8 conv needs explicit padding")
-        return [total[0] // 2, total[1] // 2]
-    return _pair(padding)
+def _prepare_conv(req: registry.Request, w):
+    _, _, triton_conv = _kernels()
+    q, s, b, sm = w.qweight, w.scale, w.bias, w.smooth
+    kh, kw = q.shape[2], q.shape[3]
+    stride, dilation = w.conv.stride, w.conv.dilation
+    padding = w.conv.explicit_padding(kh, kw)
+    if req.act == "none":
+        # Weight-only conv: cuDNN on the dequantized weight (see float_fallback.py for why an INT8
+        # kernel does not pay without INT8 activations).
+        def run_w8a16(x, static):
+            wf = w.remember(("float", x.dtype), lambda: w.float_weight(x.dtype)) if req.goal == "speed" \
+                else w.float_weight(x.dtype)
+            y = F.conv2d(x, wf, None if b is None else b.to(x.dtype), stride, padding, dilation)
+            return y.contiguous(memory_format=_conv_out_format(x))
+        return run_w8a16
+
+    def run(x, static):
+        return triton_conv.conv2d_w8a8(x, q, s, b, stride, padding, dilation, 1, sm, static)
+    return run
 
 
-def _conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act, smooth, static_scale):
-    if groups != 1:
-        raise ValueError(f"triton conv2d handles groups == 1, got {groups}")
-    return ops.conv2d(x, qweight, w_scale, bias, _pair(stride), _explicit_padding(padding, qweight, dilation),
-                           _pair(dilation), act, smooth, static_scale)
+def prepare(req: registry.Request, w):
+    return _prepare_linear(req, w) if req.op == "linear" else _prepare_conv(req, w)
+
+
+def prepare_mlp(req: registry.Request, w1, w2):
+    """fc2(gelu_tanh(fc1(x))), both static W8A8: three launches (quantize x; fc1 with GELU and fc2's
+    quantization in its epilogue; fc2) instead of six, and no float hidden tensor."""
+    triton_quant, triton_gemm, _ = _kernels()
+
+    def run(x, s1, s2):
+        xq, xs = triton_quant.quantize_rows(x.reshape(-1, w1.k).contiguous(), w1.smooth, s1)
+        hq = triton_gemm.w8a8_gemm(xq, xs, w1.qweight, w1.scale, w1.bias, x.dtype, gelu_quant=(w2.smooth, s2))
+        y = triton_gemm.w8a8_gemm(hq, s2, w2.qweight, w2.scale, w2.bias, x.dtype)
+        return y.reshape(*x.shape[:-1], w2.n)
+    return run
 
 
 IMPLEMENTATION = registry.register(registry.Implementation(
     name=NAME,
     unavailable_reason=triton_support.unavailable_reason,
     rejects=rejects,
-    linear=_linear,
-    conv2d=_conv2d,
+    prepare=prepare,
     priority=20,
     declines=declines,
-    static_mlp=_static_mlp,
+    prepare_mlp=prepare_mlp,
 ))

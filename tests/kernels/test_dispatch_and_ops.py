@@ -18,36 +18,30 @@ def _req(op="linear", act="dynamic", device="cuda", m=4608, n=9216, k=3072, grou
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Pretend Triton can run on an sm90 GPU, so AUTO's rules can be checked without one."""
-    registry.select.cache_clear()
     monkeypatch.setattr(triton_support, "unavailable_reason", lambda: None)
     monkeypatch.setattr(triton_backend.triton_support, "capability", lambda index=0: (9, 0))
     yield
-    registry.select.cache_clear()
 
 
 def _with_capability(monkeypatch, cap):
     monkeypatch.setattr(triton_backend.triton_support, "capability", lambda index=0: cap)
-    registry.select.cache_clear()
 
 
-def test_auto_on_cpu_picks_torch_even_under_the_interpreter(monkeypatch):
-    registry.select.cache_clear()
+def test_auto_on_cpu_picks_the_cpu_path_even_under_the_interpreter(monkeypatch):
+    # select is not cached: a changed environment takes effect at once, no cache to clear.
     for interp in ("0", "1"):
         monkeypatch.setenv("TRITON_INTERPRET", interp)
-        registry.select.cache_clear()
-        assert registry.select(_req(device="cpu")).name == "torch"
-        assert registry.select(_req(op="conv2d", device="cpu")).name == "torch"
-    registry.select.cache_clear()
+        assert registry.select(_req(device="cpu")).name == "cpu"
+        assert registry.select(_req(op="conv2d", device="cpu")).name == "cpu"
+    assert registry.select(_req(device="cpu"), "torch").name == "torch"   # the oracle, when asked
 
 
 def test_explicit_triton_on_plain_cpu_falls_back_loudly(monkeypatch, caplog):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    registry.select.cache_clear()
     with caplog.at_level(logging.INFO, logger="octet.kernels"):
         chosen = registry.select(_req(device="cpu", m=3, n=5, k=7), "triton")
     assert chosen.name != "triton"
     assert any("triton" in r.getMessage() for r in caplog.records)
-    registry.select.cache_clear()
 
 
 def test_auto_on_hopper_picks_triton_for_large_gemms(fake_gpu):
@@ -93,13 +87,14 @@ def test_float_path_undoes_smoothing_and_matches_float(rng, smoothed):
     smooth = positive(32, rng) if smoothed else None
     w_folded = w * smooth if smoothed else w          # what SmoothQuant stores
     qweight, w_scale = torch_ref.quantize_weight(w_folded)
-    y = float_fallback.IMPLEMENTATION.linear(x, qweight, w_scale, None, "dynamic", smooth, None)
+    y = float_fallback.prepare(_req(device="cuda"), kernels.Int8Operands.of(qweight, w_scale, None, smooth))(x, None)
     assert sqnr_db(y, F.linear(x, w)) > 35
     xc = randn((1, 32, 5, 5), rng)
     wc = randn((8, 32, 3, 3), rng)
     wc_folded = wc * smooth.reshape(1, -1, 1, 1) if smoothed else wc
     qc, sc = torch_ref.quantize_weight(wc_folded)
-    yc = float_fallback.IMPLEMENTATION.conv2d(xc, qc, sc, None, 1, 1, 1, 1, "dynamic", smooth, None)
+    conv = kernels.Int8Operands.of(qc, sc, None, smooth, kernels.ConvGeometry.of(1, 1, 1, 1))
+    yc = float_fallback.prepare(_req(op="conv2d", device="cuda"), conv)(xc, None)
     assert sqnr_db(yc, F.conv2d(xc, wc, None, 1, 1)) > 35
 
 
@@ -135,14 +130,15 @@ def test_opcheck_custom_ops(rng, device):
     qweight, w_scale = (t.to(device) for t in torch_ref.quantize_weight(randn((24, 48), rng)))
     bias = randn(24, rng, torch.bfloat16, device)
     static = positive(1, rng, device, 0.02, 0.05)
-    torch.library.opcheck(ops.quantize_rows, (x, None, None))
-    torch.library.opcheck(ops.quantize_rows, (x, positive(48, rng, device), static))
-    torch.library.opcheck(ops.int8_linear, (x, qweight, w_scale, bias, "dynamic", None, None))
-    torch.library.opcheck(ops.int8_linear, (x.reshape(1, 5, 48), qweight, w_scale, None, "static", None, static))
-    torch.library.opcheck(ops.int8_linear, (x, qweight, w_scale, None, "none", None, None))
+    for backend in ("triton", "torch"):
+        torch.library.opcheck(ops.linear, (x, qweight, w_scale, bias, None, None, "dynamic", backend, "speed"))
+        torch.library.opcheck(ops.linear, (x.reshape(1, 5, 48), qweight, w_scale, None, positive(48, rng, device),
+                                           static, "static", backend, "speed"))
+        torch.library.opcheck(ops.linear, (x, qweight, w_scale, None, None, None, "none", backend, "memory"))
     xc = randn((1, 8, 5, 6), rng, torch.float16, device)
     qc, sc = (t.to(device) for t in torch_ref.quantize_weight(randn((4, 8, 3, 3), rng)))
-    torch.library.opcheck(ops.int8_conv2d, (xc, qc, sc, None, [1, 1], [1, 1], [1, 1], "dynamic", None, None))
+    torch.library.opcheck(ops.conv2d, (xc, qc, sc, None, None, None, [1, 1], [1, 1], [1, 1], 1, "dynamic", "triton",
+                                       "speed"))
 
 
 @requires_triton

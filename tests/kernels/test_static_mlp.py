@@ -110,7 +110,7 @@ def test_opcheck_and_compile(rng, device):
     q2, s2, b2 = _fc(48, 24, rng, device)
     sc1, sc2 = positive(1, rng, device, 0.01, 0.03), positive(1, rng, device, 0.005, 0.01)
     sm2 = positive(24, rng, device)
-    torch.library.opcheck(ops.int8_static_mlp, (x, q1, s1, b1, None, sc1, q2, s2, b2, sm2, sc2))
+    torch.library.opcheck(ops.static_mlp, (x, q1, s1, b1, None, sc1, q2, s2, b2, sm2, sc2, "triton"))
     fc1, fc2 = (q1, s1, b1, None, sc1), (q2, s2, b2, sm2, sc2)
 
     def block(inp):

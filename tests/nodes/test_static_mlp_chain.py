@@ -40,7 +40,7 @@ def test_chains_are_object_patches_and_sample_like_the_layers(dit, static_dit, m
     assert mlps and sorted(result.forwards) == mlps
     assert all(f"diffusion_model.{n}.forward" in q.object_patches for n in mlps)
     chained = _sample(q)
-    monkeypatch.setattr(fusion, "ENABLED", False)
+    monkeypatch.setenv("OCTET_FUSED_MLP", "0")
     layered = _sample(q)
     # fp32 on CPU: the chain's reference computes exactly what the two layers and the GELU compute.
     assert torch.equal(chained, layered)

@@ -33,11 +33,13 @@ def test_quantized_layers_compile_without_graph_breaks_and_match_eager(rng, mode
 def test_custom_ops_pass_opcheck(rng):
     x = torch.randn(3, 5, 16, generator=rng)
     qw, ws = kernels.quantize_weight(torch.randn(8, 16, generator=rng))
-    torch.library.opcheck(torch.ops.octet.linear.default, (x, qw, ws, None, "dynamic", None, None, "torch"))
+    for backend in ("torch", "cpu"):
+        torch.library.opcheck(torch.ops.octet.linear.default,
+                              (x, qw, ws, None, None, None, "dynamic", backend, "speed"))
     xc = torch.randn(2, 4, 7, 9, generator=rng)
     qc, sc = kernels.quantize_weight(torch.randn(6, 4, 3, 3, generator=rng))
     torch.library.opcheck(torch.ops.octet.conv2d.default,
-                          (xc, qc, sc, None, [2, 2], [1, 1], [1, 1], 1, "dynamic", None, None, "torch"))
+                          (xc, qc, sc, None, None, None, [2, 2], [1, 1], [1, 1], 1, "dynamic", "torch", "speed"))
 
 
 def test_a_second_copy_of_the_pack_reuses_the_ops_instead_of_redefining_them(rng):
@@ -51,8 +53,9 @@ def test_a_second_copy_of_the_pack_reuses_the_ops_instead_of_redefining_them(rng
     sys.modules["octet_second_copy"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sys.modules["octet_second_copy"])
     second = importlib.import_module("octet_second_copy.kernels")
-    assert second._linear_op is torch.ops.octet.linear and second._conv2d_op is torch.ops.octet.conv2d
+    assert second.ops.linear is torch.ops.octet.linear and second.ops.conv2d is torch.ops.octet.conv2d
+    assert second.ops.static_mlp is torch.ops.octet.static_mlp
     x = torch.randn(4, 16, generator=rng)
     qw, ws = kernels.quantize_weight(torch.randn(8, 16, generator=rng))
-    torch.testing.assert_close(second._linear_op(x, qw, ws, None, "dynamic", None, None, "torch"),
+    torch.testing.assert_close(second.ops.linear(x, qw, ws, None, None, None, "dynamic", "torch", "speed"),
                                kernels.linear(x, qw, ws, act="dynamic"), rtol=0, atol=0)

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from comfyui_octet import octet
-from comfyui_octet.kernels import ops
+from comfyui_octet import kernels
 from comfyui_octet.kernels.backends import triton_support
 from comfyui_octet.octet import checkpoint, fusion
 from comfyui_octet.octet.calibration import record
@@ -83,17 +83,21 @@ def test_chained_model_equals_layered_model_on_cpu(smooth_alpha, rng, monkeypatc
     config = octet.StaticW8A8Config(timestep_groups=True, smooth_alpha=smooth_alpha)
     octet.quantize_(net, config, calibration=cal)
     calls = []
-    real = octet.fusion.kernels.static_mlp
-    monkeypatch.setattr(octet.fusion.kernels, "static_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernels.plan_mlp
+
+    def counting_plan(*a, **k):
+        run = real(*a, **k)
+        return lambda *args: calls.append(1) or run(*args)
+    monkeypatch.setattr(kernels, "plan_mlp", counting_plan)
     x = torch.randn(3, 9, 32, generator=rng)
     selector = net.inp.group_selector
     for sigma in (0.3, 3.0):
         selector.select(sigma)
         with torch.no_grad():
             chained = net(x)
-            monkeypatch.setattr(fusion, "ENABLED", False)
+            monkeypatch.setenv("OCTET_FUSED_MLP", "0")
             layered = net(x)
-            monkeypatch.setattr(fusion, "ENABLED", True)
+            monkeypatch.setenv("OCTET_FUSED_MLP", "1")
         assert torch.equal(chained, layered)
     assert len(calls) == 4    # two chains, two groups
 
@@ -107,12 +111,14 @@ def test_triton_chain_runs_fused_kernel_and_matches_layers(rng, monkeypatch):
     with torch.no_grad():
         float_out = net(x).double()
     octet.quantize_(net, octet.StaticW8A8Config(backend="triton", smooth_alpha=0.5), calibration=cal)
+    from comfyui_octet.kernels.backends import triton_gemm
     fused = []
-    real = ops.static_mlp_impl
-    monkeypatch.setattr(ops, "static_mlp_impl", lambda *a: fused.append(1) or real(*a))
+    real = triton_gemm.w8a8_gemm
+    monkeypatch.setattr(triton_gemm, "w8a8_gemm",
+                        lambda *a, **k: (k.get("gelu_quant") is not None and fused.append(1)) or real(*a, **k))
     with torch.no_grad():
         chained = net(x).double()
-        monkeypatch.setattr(fusion, "ENABLED", False)
+        monkeypatch.setenv("OCTET_FUSED_MLP", "0")
         layered = net(x).double()
     assert len(fused) == 2
     err = lambda a: float((a - float_out).norm() / float_out.norm())  # noqa: E731

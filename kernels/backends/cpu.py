@@ -1,0 +1,105 @@
+"""The fast CPU path: what AUTO runs on a CPU (the demo, CI, users without a GPU).
+
+The reference (torch_ref) favours exactness over speed: it transposes the weight, converts every
+intermediate and computes conv epilogues in float64 on every call, which made the demo's dynamic
+W8A8 9x slower than float. Here the weight side is prepared once per layer (``Int8Operands.memo``)
+and each call does only the activation work:
+
+* linear (dynamic/static): the oracle's own quantization, ``torch._int_mm`` on the cached
+  transposed int8 weight (oneDNN int8 GEMM: ~4x faster than fp32 matmul on this machine's CPU), and
+  the oracle's epilogue applied in place. Bit-identical to torch_ref.
+* conv2d (dynamic/static): the int8 codes are convolved as float32 by oneDNN against a cached
+  float32 copy of the weight codes (no int8 conv exists on CPU; im2col + int GEMM was 20 % of a
+  step). Integer sums are exact in fp32 up to 2^24; beyond that they round at ~6e-8 relative, far
+  below the quantization error itself (tests bound the difference to the oracle).
+* weight-only: F.linear / F.conv2d on a cached dequantized weight (goal "speed"), or dequantized
+  per call (goal "memory").
+The cost: a cached float copy of conv/weight-only weights in CPU RAM (the CPU path buys speed, not memory).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import registry, torch_ref
+
+NAME = registry.Backend.CPU.value
+
+
+def _rejects(req: registry.Request):
+    return None if req.device == "cpu" else "the CPU path runs CPU tensors only"
+
+
+def _float_weight(req, w, dtype):
+    if req.goal == "memory":
+        return w.float_weight(dtype)
+    return w.remember(("float", dtype), lambda: w.float_weight(dtype))
+
+
+def _linear(req, w):
+    bias = w.bias
+    if req.act == "none":
+        def run_w8a16(x, static):
+            return F.linear(x, _float_weight(req, w, x.dtype), None if bias is None else bias.to(x.dtype))
+        return run_w8a16
+    wt = w.remember("int8_t", lambda: w.qweight.t().contiguous())   # [K, N], what _int_mm reads
+    w_row = w.scale.reshape(1, -1)
+    b32 = None if bias is None else bias.float()
+
+    def run(x, static):
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        xq, xs = torch_ref.quantize_rows(x2d, w.smooth, static)
+        y = torch._int_mm(xq, wt).float()
+        y.mul_(xs).mul_(w_row)          # the oracle's gemm_epilogue, same order, in place
+        if b32 is not None:
+            y.add_(b32)
+        return y.to(x.dtype).reshape(*shape[:-1], w.n)
+    return run
+
+
+def _conv2d(req, w):
+    stride, padding, dilation, groups = w.conv.args()
+    bias = w.bias
+    if req.act == "none":
+        def run_w8a16(x, static):
+            return F.conv2d(x, _float_weight(req, w, x.dtype), None if bias is None else bias.to(x.dtype),
+                            stride, padding, dilation, groups)
+        return run_w8a16
+    codes = w.remember("codes_f32", lambda: w.qweight.float())
+    w_col = w.scale.reshape(1, -1, 1, 1)
+    b32 = None if bias is None else bias.float().reshape(1, -1, 1, 1)
+
+    def run(x, static):
+        xs = torch_ref._smoothed(x, w.smooth, channel_dim=1)
+        if static is None:
+            scale = torch_ref.scale_from_absmax(xs.reshape(xs.shape[0], -1).abs().amax(dim=1))
+        else:
+            scale = static.float().reshape(1).expand(xs.shape[0])
+        s4 = scale.reshape(-1, 1, 1, 1)
+        xq = torch.round(xs / s4).clamp_(-torch_ref.QMAX, torch_ref.QMAX)   # int8 codes, kept as float
+        y = F.conv2d(xq, codes, None, stride, padding, dilation, groups)
+        y.mul_(s4).mul_(w_col)
+        if b32 is not None:
+            y.add_(b32)
+        return y.to(x.dtype)
+    return run
+
+
+def prepare(req: registry.Request, w):
+    return _linear(req, w) if req.op == "linear" else _conv2d(req, w)
+
+
+def prepare_mlp(req: registry.Request, w1, w2):
+    fc1, fc2 = _linear(req, w1), _linear(req, w2)
+
+    def run(x, s1, s2):
+        # torch_ref.static_mlp keeps fc1's output in fp32 before the GELU; so do we.
+        h = fc1(x.float(), s1)
+        return fc2(F.gelu(h, approximate="tanh"), s2).to(x.dtype)
+    return run
+
+
+IMPLEMENTATION = registry.register(registry.Implementation(
+    name=NAME, unavailable_reason=lambda: None, rejects=_rejects, prepare=prepare, priority=5,
+    prepare_mlp=prepare_mlp))

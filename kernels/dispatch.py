@@ -1,0 +1,99 @@
+"""From a request to a run function: ``plan`` selects a backend once and lets it prepare.
+
+``plan(op, act, x, operands)`` is what a layer calls the first time it sees an input signature
+(device, dtype, M bucket); the returned function is all it calls afterwards. ``linear``,
+``conv2d`` and ``static_mlp`` are one-shot conveniences over the same path (tests, benches, the
+custom ops); they prepare on every call, so hot code keeps the plan instead.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from . import registry
+from .operands import ConvGeometry, Int8Operands
+
+Tensor = torch.Tensor
+
+
+def rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() else 0
+
+
+def request(op: str, act: str, x: Tensor, w: Int8Operands, goal: str = "speed") -> registry.Request:
+    if op == "linear":
+        m = rows(x)
+    else:
+        kh, kw = w.qweight.shape[2:]
+        oh, ow = w.conv.output_size(x.shape[-2], x.shape[-1], kh, kw)
+        m = x.shape[0] * max(oh, 0) * max(ow, 0)
+    return registry.Request(op=op, act=act, device=x.device.type, dtype=str(x.dtype).replace("torch.", ""),
+                            m=m, n=w.n, k=w.k, groups=w.conv.groups if w.conv else 1, goal=goal)
+
+
+def plan(op: str, act: str, x: Tensor, w: Int8Operands, backend: str = "auto",
+         goal: str = "speed") -> tuple[registry.Implementation, Callable[[Tensor, Optional[Tensor]], Tensor]]:
+    """(chosen implementation, run(x, static_scale)) for this signature."""
+    if act not in registry.ACT_MODES:
+        raise ValueError(f"act must be one of {registry.ACT_MODES}, got {act!r}")
+    impl = registry.select(request(op, act, x, w, goal), backend)
+    return impl, impl.prepare(request(op, act, x, w, goal), w)
+
+
+def plan_mlp(x: Tensor, w1: Int8Operands, w2: Int8Operands, backend: str = "auto"):
+    """run(x, scale1, scale2) for fc2(gelu_tanh(fc1(x))) with two static W8A8 linears: fused where
+    one backend takes both layers and has a chain, else the two layers' own plans."""
+    req1, req2 = request("linear", "static", x, w1), request("linear", "static", x, w2)
+    impl1, impl2 = registry.select(req1, backend), registry.select(req2, backend)
+    if impl1 is impl2 and impl1.prepare_mlp is not None:
+        return impl1.prepare_mlp(req1, w1, w2)
+    # The two layers are worth different backends (e.g. a small fc2 goes to the float path): no
+    # chain to fuse, each layer runs where the dispatcher puts it.
+    run1, run2 = impl1.prepare(req1, w1), impl2.prepare(req2, w2)
+    return lambda x, s1, s2: run2(torch.nn.functional.gelu(run1(x, s1), approximate="tanh"), s2)
+
+
+def check_static(act: str, static_scale) -> None:
+    if act == "static" and static_scale is None:
+        raise ValueError("act='static' needs static_scale (run Calibrate first, or use act='dynamic').")
+
+
+def linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None, *, act: str = "dynamic",
+           smooth: Optional[Tensor] = None, static_scale: Optional[Tensor] = None, backend: str = "auto",
+           goal: str = "speed") -> Tensor:
+    """y = x @ dequant(qweight).T + bias with INT8 weights (and INT8 activations unless act='none')."""
+    check_static(act, static_scale)
+    w = Int8Operands.of(qweight, w_scale, bias, smooth, device=x.device)
+    return plan("linear", act, x, w, backend, goal)[1](x, _scale_on(static_scale, act, x))
+
+
+def conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+           dilation=1, groups: int = 1, *, act: str = "dynamic", smooth: Optional[Tensor] = None,
+           static_scale: Optional[Tensor] = None, backend: str = "auto", goal: str = "speed") -> Tensor:
+    check_static(act, static_scale)
+    w = Int8Operands.of(qweight, w_scale, bias, smooth, ConvGeometry.of(stride, padding, dilation, groups),
+                        device=x.device)
+    return plan("conv2d", act, x, w, backend, goal)[1](x, _scale_on(static_scale, act, x))
+
+
+def static_mlp(x: Tensor, fc1: tuple, fc2: tuple, *, backend: str = "auto") -> Tensor:
+    """fc2(gelu_tanh(fc1(x))) for two static W8A8 linears, each given as
+    (qweight, w_scale, bias, smooth, static_scale)."""
+    check_mlp(fc1, fc2)
+    w1 = Int8Operands.of(*fc1[:4], device=x.device)
+    w2 = Int8Operands.of(*fc2[:4], device=x.device)
+    return plan_mlp(x, w1, w2, backend)(x, _scale_on(fc1[4], "static", x), _scale_on(fc2[4], "static", x))
+
+
+def check_mlp(fc1: tuple, fc2: tuple) -> None:
+    for name, fc in (("fc1", fc1), ("fc2", fc2)):
+        if len(fc) != 5 or fc[4] is None:
+            raise ValueError(f"static_mlp: {name} must be (qweight, w_scale, bias, smooth, static_scale) "
+                             f"with a static scale (run Calibrate first)")
+
+
+def _scale_on(static_scale: Optional[Tensor], act: str, x: Tensor) -> Optional[Tensor]:
+    if act != "static" or static_scale is None:
+        return None
+    return static_scale.reshape(1).to(device=x.device, dtype=torch.float32)

@@ -1,0 +1,103 @@
+"""The weight side of one INT8 layer, as every backend takes it.
+
+Before this record existed, ``(qweight, w_scale, bias, smooth, ...)`` travelled positionally from the
+modules through the dispatcher into each backend (the static MLP chain took eleven arguments). Now a
+layer hands over one ``Int8Operands`` and a backend's ``prepare`` turns it into a run function once
+per input signature; whatever a backend derives from the weight (a transposed copy, a float copy for
+the speed goal, a TMA descriptor) is kept in ``memo`` so all plans of the layer share it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def pair(v) -> tuple[int, int]:
+    """A conv stride/padding/dilation as two ints: 3, (3,) and (3, 3) all give (3, 3)."""
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(e) for e in v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)   # or F.conv2d's 'same' / 'valid'
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @staticmethod
+    def of(stride=1, padding=0, dilation=1, groups=1) -> "ConvGeometry":
+        return ConvGeometry(pair(stride), padding if isinstance(padding, str) else pair(padding), pair(dilation),
+                            int(groups))
+
+    def explicit_padding(self, kh: int, kw: int) -> tuple[int, int]:
+        """'valid'/'same' as integers ('same' needs an odd effective kernel to be symmetric)."""
+        if self.padding == "valid":
+            return (0, 0)
+        if self.padding == "same":
+            total = (self.dilation[0] * (kh - 1), self.dilation[1] * (kw - 1))
+            if total[0] % 2 or total[1] % 2:
+                raise ValueError("padding='same' with an even kernel is asymmetric; the INT8 conv needs explicit "
+                                 "padding")
+            return (total[0] // 2, total[1] // 2)
+        return self.padding
+
+    def output_size(self, h: int, w: int, kh: int, kw: int) -> tuple[int, int]:
+        """The one copy of the convolution output-size formula."""
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.explicit_padding(kh, kw), self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def args(self) -> tuple:
+        """(stride, padding, dilation, groups) as F.conv2d takes them."""
+        return self.stride, self.padding, self.dilation, self.groups
+
+
+@dataclass(eq=False)
+class Int8Operands:
+    """int8 weight [N, K] / [O, C/groups, kh, kw], fp32 per-output-channel scale [N], optional bias,
+    optional SmoothQuant divisor [K] (activations are divided by it; the weight was multiplied)."""
+    qweight: Tensor
+    scale: Tensor
+    bias: Optional[Tensor] = None
+    smooth: Optional[Tensor] = None
+    conv: Optional[ConvGeometry] = None
+    memo: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.qweight[0].numel() if self.qweight.dim() else 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @staticmethod
+    def of(qweight: Tensor, scale: Tensor, bias: Optional[Tensor] = None, smooth: Optional[Tensor] = None,
+           conv: Optional[ConvGeometry] = None, device=None) -> "Int8Operands":
+        """Normalised operands on ``device`` (default: the weight's): scale and smooth fp32 vectors."""
+        device = qweight.device if device is None else device
+        vec = lambda t: None if t is None else t.reshape(-1).to(device=device, dtype=torch.float32).contiguous()  # noqa: E731
+        return Int8Operands(qweight.to(device).contiguous(), vec(scale), None if bias is None else bias.to(device),
+                            vec(smooth), conv)
+
+    def remember(self, key, make):
+        """``make()`` once per operand set: backends keep derived weights here."""
+        value = self.memo.get(key)
+        if value is None:
+            value = self.memo[key] = make()
+        return value
+
+    def float_weight(self, dtype: torch.dtype) -> Tensor:
+        """The dequantized weight in ``dtype`` (SmoothQuant left folded in: callers divide x)."""
+        view = self.scale.reshape((-1,) + (1,) * (self.qweight.dim() - 1))
+        return (self.qweight.float() * view).to(dtype)
