@@ -5,7 +5,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..octet import config_for_mode
-from ..octet.config import BACKENDS, MODES
+from ..octet.config import BACKENDS, GOALS, MODES
 from . import bridge
 from .types import Calibration, Policy
 
@@ -29,6 +29,10 @@ class QuantizeModel(io.ComfyNode):
                 io.Boolean.Input("quantize_conv", default=True, tooltip="Quantize Conv2d layers (UNet ResBlocks)."),
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto",
                                tooltip="INT8 kernels: auto picks the fastest available per layer and logs fallbacks."),
+                io.Combo.Input("goal", options=list(GOALS), default="speed", optional=True,
+                               tooltip="Where INT8 is slower than bf16 at a layer's shapes (small GPU layers): 'speed' "
+                                       "keeps a bf16 copy of that layer's weight (costs VRAM, logged), 'memory' keeps "
+                                       "only int8 and reads it directly (or dequantizes per call)."),
                 Policy.Input("policy", optional=True,
                              tooltip="Mixed-precision policy: which layers stay in float and which mode each gets."),
                 Calibration.Input("calibration", optional=True,
@@ -39,11 +43,12 @@ class QuantizeModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, mode, quantize_linear, quantize_conv, backend, policy=None, calibration=None):
+    def execute(cls, model, mode, quantize_linear, quantize_conv, backend, policy=None, calibration=None,
+                goal="speed"):
         kinds = tuple(k for k, on in (("linear", quantize_linear), ("conv", quantize_conv)) if on)
         # Static settings (observer, groups, SmoothQuant alpha) are chosen on Calibrate / Load Calibration.
         static = calibration.static_settings() if mode == "static" and calibration is not None else {}
-        config = config_for_mode(mode, kinds=kinds, backend=backend, **static)
+        config = config_for_mode(mode, kinds=kinds, backend=backend, goal=goal or "speed", **static)
         bar = comfy.utils.ProgressBar(1)
         quantized, result = bridge.quantize_model(model, config, policy=policy, calibration=calibration,
                                                   progress=lambda i, n: bar.update_absolute(i, n))

@@ -33,10 +33,15 @@ class QuantResult(QuantReport):
     # MLP containers whose fc1 -> GELU -> fc2 runs as one static INT8 chain (octet/fusion.py):
     # name -> the container's new forward.
     forwards: dict[str, Callable] = field(default_factory=dict)
+    goal: str = "speed"
 
     def summary(self) -> str:
         chains = f"; {len(self.forwards)} MLPs run as static INT8 chains" if self.forwards else ""
-        return super().summary() + chains
+        goal = ("goal=speed: a layer whose INT8 kernel is slower than bf16 at the shapes it runs at keeps a "
+                "bf16 copy of its weight (chosen at its first call; VRAM cost in the log and plan_summary)"
+                if self.goal == "speed" else
+                "goal=memory: only int8 weights are kept; layers where INT8 loses read them through W8A16")
+        return super().summary() + chains + "\n" + goal
 
 
 def layer_kind(module: nn.Module) -> Optional[str]:
@@ -83,7 +88,7 @@ def _build(module: nn.Module, kind: str, config: QuantConfig, name: str, calibra
         if alpha is not None:
             smooth = calibration.smoothing_factors(name, module.weight, alpha)
     cls = QuantLinear if kind == "linear" else QuantConv2d
-    q = cls.from_float(module, config.act, config.backend, smooth=smooth, weight=weight)
+    q = cls.from_float(module, config.act, config.backend, smooth=smooth, weight=weight, goal=config.goal)
     if config.act == "static":
         q.set_static_scales(calibration.input_scales(name, config, smooth=smooth),
                             calibration.selector if getattr(config, "timestep_groups", False) else None)
@@ -106,7 +111,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Policy]
     if calibration is not None:
         # Activation ranges belong to the weights they were recorded with; refuse any other model.
         calibration.check_model(model)
-    result = QuantResult()
+    result = QuantResult(goal=config.goal)
     for i, (name, module, kind) in enumerate(candidates):
         params = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
         before = _nbytes(module.weight, module.bias)

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 LAYER_KINDS = ("linear", "conv")
-BACKENDS = ("auto", "triton", "bitsandbytes", "torch")
+# kernels.registry.Backend's values (kept literal: configs are plain data, no kernel import here).
+BACKENDS = ("auto", "triton", "bitsandbytes", "cpu", "float", "torch")
+# Where INT8 does not pay at a layer's shapes (kernels' cost model): "speed" keeps a float copy of that
+# layer's weight (VRAM, reported) so the call is a plain bf16 layer; "memory" never keeps one (fused
+# W8A16 kernel reading int8 where it exists, else dequantize per call).
+GOALS = ("speed", "memory")
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -24,6 +29,7 @@ class _BaseConfig:
     """Fields every INT8 mode shares."""
     kinds: tuple[str, ...] = LAYER_KINDS
     backend: str = "auto"
+    goal: str = "speed"
 
     mode: ClassVar[str] = ""
     act: ClassVar[str] = ""  # activation mode the kernels see: none | dynamic | static
@@ -36,6 +42,7 @@ class _BaseConfig:
         for k in kinds:
             _check_choice("kind", k, LAYER_KINDS)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("goal", self.goal, GOALS)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -201,6 +201,10 @@ class QuantLayer(nn.Module):
                 on_device = _on(self.input_scale, x.device)
                 scales = [on_device[g:g + 1] for g in range(on_device.numel())]
             entry = self._plans[key] = (w, _version(w), run, scales, impl, ops)
+            if impl.name == "float" and self.goal == "speed":
+                kernels.registry.log_once("speed-goal-float-copy", "Octet (goal=speed): layers whose INT8 kernel is "
+                                          "slower than bf16 at their shapes keep a float copy of their weight; "
+                                          "octet.modules.plan_summary(model) lists them and the bytes.")
         return entry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

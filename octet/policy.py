@@ -201,7 +201,7 @@ def _config_for(action: str, default: QuantConfig) -> Optional[QuantConfig]:
     if action == DEFAULT or action == default.mode:
         return default
     # Another mode than Quantize Model's: carry over what the user chose there (kinds, kernels).
-    return config_for_mode(action, kinds=default.kinds, backend=default.backend)
+    return config_for_mode(action, kinds=default.kinds, backend=default.backend, goal=default.goal)
 
 
 def decision_table(rows: Iterable[tuple]) -> str:

@@ -1,0 +1,103 @@
+"""Host cost per INT8 layer call: what the per-signature plan buys in an eager ComfyUI step.
+
+For bf16 ``nn.Linear`` and each Octet path (weight-only, dynamic, static; goal speed/memory) at
+Flux-dev and SDXL shapes, M=16 and M=4096, it measures
+  host us/call: CPU time to issue R calls back to back (no synchronisation inside the loop), and
+  wall us/call: the same loop including the final synchronisation (what a step pays),
+after a warm-up that builds the plan and autotunes. All numbers come from one process, with the
+card, torch and Triton versions printed next to them; writes JSON (default docs/bench/).
+
+    python3 bench/overhead.py [--reps 200] [--out docs/bench]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import octet_pack  # noqa: E402
+
+SHAPES = [  # (name, K, N)
+    ("flux attn qkv", 3072, 9216), ("flux mlp fc1", 3072, 12288), ("flux mlp fc2", 12288, 3072),
+    ("flux attn out", 3072, 3072), ("sdxl attn q 640", 640, 640), ("sdxl attn 1280", 1280, 1280),
+    ("sdxl ff 1280", 1280, 10240),
+]
+PATHS = [  # (label, act, backend, goal)
+    ("octet weight_only", "none", "auto", "speed"),
+    ("octet dynamic", "dynamic", "auto", "speed"),
+    ("octet dynamic triton", "dynamic", "triton", "speed"),
+    ("octet static triton", "static", "triton", "speed"),
+    ("octet dynamic memory", "dynamic", "auto", "memory"),
+]
+
+
+def measure(fn, reps: int) -> tuple[float, float]:
+    import torch
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) / reps * 1e6, (t2 - t0) / reps * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
+    args = parser.parse_args()
+    octet_pack.load()
+    import torch
+    import triton
+    from comfyui_octet.octet.modules import QuantLinear, plan_summary
+
+    if not torch.cuda.is_available():
+        print("bench/overhead.py measures GPU launch cost: it needs a CUDA device.")
+        return 1
+    card = torch.cuda.get_device_name()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = f"card: {card}; torch {torch.__version__}; triton {triton.__version__}; eager; {stamp}"
+    print(header, flush=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name, k, n in SHAPES:
+        lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+        for m in (16, 4096):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            with torch.no_grad():
+                host, wall = measure(lambda: lin(x), args.reps)
+                rows.append({"shape": name, "m": m, "k": k, "n": n, "path": "bf16 nn.Linear", "backend": "cublas",
+                             "host_us": host, "wall_us": wall})
+                for label, act, backend, goal in PATHS:
+                    q = QuantLinear.from_float(lin, act, backend, goal=goal)
+                    if act == "static":
+                        q.set_static_scales((x.abs().amax().float() / 127).reshape(1))
+                    model = torch.nn.Sequential(q)
+                    host, wall = measure(lambda: model(x), args.reps)
+                    chosen = plan_summary(model)["layers"]["0"]["backends"]
+                    rows.append({"shape": name, "m": m, "k": k, "n": n, "path": label, "backend": ",".join(chosen),
+                                 "host_us": host, "wall_us": wall,
+                                 "extra_bytes": plan_summary(model)["extra_bytes"]})
+            for r in rows[-(len(PATHS) + 1):]:
+                print(f"[{card}] {r['shape']:>16} M={m:<5} {r['path']:<22} {r['backend']:<8} "
+                      f"host {r['host_us']:7.1f} us  wall {r['wall_us']:8.1f} us", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    slug = card.lower().replace("nvidia ", "").split()[0]
+    path = os.path.join(args.out, f"overhead_{slug}_{stamp[:10]}.json")
+    with open(path, "w") as f:
+        json.dump({"header": header, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
