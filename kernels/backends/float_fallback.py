@@ -46,7 +46,7 @@ def _weight(req, w, dtype):
 def prepare(req: registry.Request, w):
     bias = w.bias
     if req.op == "linear":
-        if req.goal == "memory" and triton_support.unavailable_reason() is None:
+        if req.goal == "memory" and w.device.type == "cuda" and triton_support.unavailable_reason() is None:
             from . import triton_gemm
 
             def run_w8a16(x, static):
