@@ -154,8 +154,10 @@ def _prepare_conv(req: registry.Request, w):
             return y.contiguous(memory_format=_conv_out_format(x))
         return run_w8a16
 
+    khwc = w.remember("khwc", lambda: q.permute(0, 2, 3, 1).contiguous())   # the kernel's weight order, once
+
     def run(x, static):
-        return triton_conv.conv2d_w8a8(x, q, s, b, stride, padding, dilation, 1, sm, static)
+        return triton_conv.conv2d_w8a8(x, q, s, b, stride, padding, dilation, 1, sm, static, weight_khwc=khwc)
     return run
 
 

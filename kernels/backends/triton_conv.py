@@ -21,7 +21,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..operands import ConvGeometry, pair
-from . import triton_support
+from . import triton_launch, triton_support
 from .triton_gemm import _grouped_tile, m_bucket
 from .triton_quant import quantize_per_sample_nhwc
 
@@ -158,7 +158,7 @@ def unsupported_reason(groups: int, padding) -> str | None:
 
 def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 stride, padding, dilation, groups: int, smooth: torch.Tensor | None,
-                static_scale: torch.Tensor | None) -> torch.Tensor:
+                static_scale: torch.Tensor | None, weight_khwc: torch.Tensor | None = None) -> torch.Tensor:
     """INT8 conv with per-sample dynamic (or static) activation scale; NCHW in, NCHW out."""
     reason = unsupported_reason(groups, padding)
     if reason is not None:
@@ -180,7 +180,8 @@ def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
         raise ValueError("conv2d exceeds 32-bit indexing; split the batch")
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     xq, a_scale = quantize_per_sample_nhwc(x, smooth, static_scale)
-    wq = qweight.permute(0, 2, 3, 1).contiguous()     # [OC, KH, KW, C]: K-major rows
+    # [OC, KH, KW, C]: K-major rows. Plans pass it prepared once (weight_khwc); one-shot calls reorder here.
+    wq = qweight.permute(0, 2, 3, 1).contiguous() if weight_khwc is None else weight_khwc
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = torch.empty((nb, oc, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
     m = nb * oh * ow
@@ -191,9 +192,11 @@ def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
     w_tma = c % 64 == 0 and (triton_support.is_hopper() or triton_support.interpreting())
     w_arg = TensorDescriptor.from_tensor(wq.view(oc, kh * kw * c), [16, 16]) if w_tma else wq
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(oc, meta["BLOCK_N"]),)  # noqa: E731
-    _conv_kernel[grid](xq, w_arg, y, a_scale, ws, bias if bias is not None else ws,
-                       m, m_bucket(m), h, w, c, oh, ow, oc,
-                       stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                       y.stride(0), y.stride(1), y.stride(3), 1 if a_scale.numel() > 1 else 0,
-                       KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=bias is not None, W_TMA=w_tma)
+    triton_launch.launch(
+        _conv_kernel, grid,
+        (xq, w_arg, y, a_scale, ws, bias if bias is not None else ws, m, m_bucket(m), h, w, c, oh, ow, oc,
+         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+         y.stride(0), y.stride(1), y.stride(3), 1 if a_scale.numel() > 1 else 0),
+        dict(KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=bias is not None, W_TMA=w_tma),
+        outputs=(y,))
     return y
