@@ -58,10 +58,12 @@ def test_fast_prologue_is_its_mirror_and_within_one_code(shape, dtype, smoothed,
     assert diff.max() <= 1 and diff.float().mean() <= 0.01
 
 
-def test_fast_prologue_rounding_differences_are_rare_at_scale(rng):
+def test_fast_prologue_rounding_differences_are_rare_at_scale():
     """On 1M Gaussian activations with smoothing: how often x * (1/(smooth*scale)) rounds to another
-    code than x / smooth / scale. The documented bound is 1 code on < 0.1 % of elements."""
+    code than x / smooth / scale. Fixed seed (this one has a few such elements, so the test shows
+    the bound holds where differences exist): 1 code on < 0.01 % of elements (measured: 3 of 1M)."""
     from comfyui_octet.kernels.backends import triton_w8a8_static as st
+    rng = torch.Generator().manual_seed(0)
     x = torch.randn((1024, 1024), generator=rng, dtype=torch.float32).to(torch.bfloat16)
     smooth = torch.rand(1024, generator=rng) * 1.5 + 0.5
     sc = torch.tensor([0.021])
@@ -69,7 +71,7 @@ def test_fast_prologue_rounding_differences_are_rare_at_scale(rng):
     exact, _ = torch_ref.quantize_rows(x, smooth, sc)
     diff = (codes.int() - exact.int()).abs()
     assert diff.max() == 1  # there are some (else this test would not show the bound holds)
-    assert diff.float().mean() < 1e-3
+    assert diff.float().mean() < 1e-4
 
 
 def test_static_prologue_rejects_bad_operands(rng, device):
