@@ -234,7 +234,7 @@ CROSSOVER_SHAPES = [("flux-dev", 12288, 3072), ("flux-dev", 3072, 3072), ("sdxl"
 CROSSOVER_M = [16, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
-def fused_row(model, layer, m, n, k, reps_ms):
+def fused_row(model, layer, m, n, k, reps_ms, parts=frozenset({"static"})):
     """bf16 cuBLAS vs the old and new weight-only and static-W8A8 paths, eager and CUDA-graph."""
     from comfyui_octet.kernels import torch_ref
     from comfyui_octet.kernels.backends import triton_gemm, triton_quant, triton_w8a16, triton_w8a8_static
@@ -256,20 +256,27 @@ def fused_row(model, layer, m, n, k, reps_ms):
         "w8a16 float path": lambda: F.linear(x, torch_ref.dequantize_weight(qw, ws, dt), bias),
         "w8a16 old": lambda: triton_gemm.w8a16_gemm(x, qw, ws, bias),
         "w8a16 new": lambda: triton_w8a16.w8a16_gemm(x, qw, ws, bias),
+        "w8a16 dequant+cuBLAS": lambda: F.linear(x, triton_w8a16.dequantize_weight(qw, ws, dt), bias),
         "static old": static_old,
         "static fused exact": lambda: triton_w8a8_static.w8a8_static_gemm(x, qw, ws, bias, smooth, sc, exact=True),
         "static fused fast": lambda: triton_w8a8_static.w8a8_static_gemm(x, qw, ws, bias, smooth, sc, exact=False,
                                                                          multiplier=mult),
     }
+    if not parts & {"static"}:
+        paths = {k_: v for k_, v in paths.items() if not k_.startswith("static")}
     ref16 = torch_ref.linear_w8a16(x.float(), qw, ws, bias.float())
     ref8 = torch_ref.linear_w8a8(x, qw, ws, bias, smooth, sc)
     row = {"model": model, "layer": layer, "M": m, "N": n, "K": k,
            "w8a16_new_err_vs_ref": rel_err(paths["w8a16 new"](), ref16),
            "w8a16_old_err_vs_ref": rel_err(paths["w8a16 old"](), ref16),
+           "dequant_equals_ref": bool(torch.equal(triton_w8a16.dequantize_weight(qw, ws, dt),
+                                                  torch_ref.dequantize_weight(qw, ws, dt)))}
+    if "static" in parts:
+        row.update({
            "static_exact_maxdiff_vs_ref": float((paths["static fused exact"]().float() - ref8.float()).abs().max()),
            "static_old_maxdiff_vs_ref": float((static_old().float() - ref8.float()).abs().max()),
            "static_exact_err_vs_ref": rel_err(paths["static fused exact"](), ref8),
-           "static_fast_err_vs_ref": rel_err(paths["static fused fast"](), ref8)}
+           "static_fast_err_vs_ref": rel_err(paths["static fused fast"](), ref8)})
     t = {}
     for name, fn in paths.items():
         t[name] = bench(fn, reps_ms)
@@ -336,8 +343,9 @@ def crossover_rows(reps_ms):
             x = torch.randn(m, k, device=FUSED_DEVICE, dtype=torch.bfloat16)
             b = bench_graph(lambda: F.linear(x, w), reps_ms)
             q = bench_graph(lambda: triton_w8a16.w8a16_gemm(x, qw, ws, None), reps_ms)
+            d = bench_graph(lambda: F.linear(x, triton_w8a16.dequantize_weight(qw, ws, torch.bfloat16)), reps_ms)
             row = {"model": model, "M": m, "N": n, "K": k, "graph bf16": b, "graph w8a16 new": q,
-                   "ratio": b / q, "bf16_TFLOPs": 2 * m * n * k / b / 1e9, "w8a16_TFLOPs": 2 * m * n * k / q / 1e9}
+                   "graph dequant+cuBLAS": d, "ratio": b / q, "ratio_dequant_cublas": b / d, "bf16_TFLOPs": 2 * m * n * k / b / 1e9, "w8a16_TFLOPs": 2 * m * n * k / q / 1e9}
             out.append(row)
             print(torch.cuda.get_device_name(), "crossover", json.dumps(row), flush=True)
     return out
@@ -356,19 +364,21 @@ def fused_main(args, header):
         with open(out_json, "w") as f:
             json.dump(res, f, indent=1)
 
+    parts = set(args.fused_parts.split(","))
     for m in FUSED_M:
-        for model, layer, n, k in FUSED_SHAPES:
-            row = fused_row(model, layer, m, n, k, args.reps_ms)
+        for model, layer, n, k in FUSED_SHAPES if parts & {"w8a16", "static"} else []:
+            row = fused_row(model, layer, m, n, k, args.reps_ms, parts)
             res["fused"].append(row)
             print(card, json.dumps(row), f"t={time.time() - t0:.0f}s", flush=True)
             save()
-        row = flux_single_row(m, args.reps_ms)
-        res["flux_single"].append(row)
-        print(card, json.dumps(row), f"t={time.time() - t0:.0f}s", flush=True)
-        save()
-    res["crossover"] = crossover_rows(args.reps_ms)
+        if "single" in parts:
+            row = flux_single_row(m, args.reps_ms)
+            res["flux_single"].append(row)
+            print(card, json.dumps(row), f"t={time.time() - t0:.0f}s", flush=True)
+            save()
+    res["crossover"] = crossover_rows(args.reps_ms) if "crossover" in parts else []
     save()
-    cols = ["w8a16 float path", "w8a16 old", "w8a16 new", "static old", "static fused exact", "static fused fast"]
+    cols = ["w8a16 float path", "w8a16 old", "w8a16 new", "w8a16 dequant+cuBLAS", "static old", "static fused exact", "static fused fast"]
     lines = [f"Card: **{card}**, torch {header['torch']}, triton {header['triton']}, {header['date']}.", "",
              "ms (ratio vs bf16 cuBLAS in the same mode, >1 = faster); eager then CUDA graph:", "",
              "| model | layer | M | bf16 ms | " + " | ".join(cols) + " | graph bf16 ms | "
@@ -377,7 +387,8 @@ def fused_main(args, header):
     for r in res["fused"]:
         lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['ms']['bf16']:.4f} | "
                      + " | ".join(_fmt(r, cols)) + f" | {r['ms']['graph bf16']:.4f} | "
-                     + " | ".join(_fmt(r, ["graph " + c for c in cols])) + f" | {r['static_exact_maxdiff_vs_ref']:.2g} / {r['static_old_maxdiff_vs_ref']:.2g} |")
+                     + " | ".join(_fmt(r, ["graph " + c for c in cols])) + f" | {r.get('static_exact_maxdiff_vs_ref', float('nan')):.2g} / "
+                     f"{r.get('static_old_maxdiff_vs_ref', float('nan')):.2g} |")
     scols = ["quant old", "quant fused", "layer old", "layer fused"]
     lines += ["", "Flux single-block linear2 (input cat(attn, GELU(mlp))):", "",
               "| M | bf16 ms | " + " | ".join(scols) + " | " + " | ".join("graph " + c for c in scols)
@@ -385,12 +396,13 @@ def fused_main(args, header):
     for r in res["flux_single"]:
         lines.append(f"| {r['M']} | {r['ms']['bf16']:.4f} | " + " | ".join(_fmt(r, scols)) + " | "
                      + " | ".join(_fmt(r, ["graph " + c for c in scols])) + f" | {r['codes_frac_diff']:.2e} |")
-    lines += ["", "W8A16 crossover (graph): ratio vs bf16 per M", "",
+    lines += ["", "W8A16 crossover (graph): ratio vs bf16 per M, fused kernel / one-pass dequantize + cuBLAS", "",
               "| model | N | K | " + " | ".join(f"M={m}" for m in CROSSOVER_M) + " |",
               "|" + "---|" * (3 + len(CROSSOVER_M))]
     for model, n, k in CROSSOVER_SHAPES:
         rs = [r for r in res["crossover"] if (r["N"], r["K"]) == (n, k)]
-        lines.append(f"| {model} | {n} | {k} | " + " | ".join(f"{r['ratio']:.2f}x" for r in rs) + " |")
+        lines.append(f"| {model} | {n} | {k} | " + " | ".join(
+            f"{r['ratio']:.2f}x / {r['ratio_dequant_cublas']:.2f}x" for r in rs) + " |")
     table = "\n".join(lines)
     with open(os.path.join(args.out, "kernels_fused.md"), "w") as f:
         f.write(table + "\n")
@@ -412,6 +424,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="batch 1 only, shorter timing")
     ap.add_argument("--reps-ms", type=int, default=60)
+    ap.add_argument("--fused-parts", default="w8a16,static,single,crossover",
+                    help="with --sections fused: which of w8a16, static, single, crossover to run")
     ap.add_argument("--sections", default="linear,quant,conv,mlp",
                     help="comma list of linear, quant, conv, mlp (or fused alone: the issue-13 fused kernels); a subset writes kernels_<sections>.json/md")
     args = ap.parse_args()

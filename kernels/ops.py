@@ -84,18 +84,18 @@ def linear_impl(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
                 smooth: Optional[Tensor], static_scale: Optional[Tensor]) -> Tensor:
     """The body of octet::int8_linear, callable without the dispatcher (see ``eager``)."""
     triton_quant, triton_gemm, _ = _kernels()
-    from .backends import triton_w8a8_static, triton_w8a16
+    from .backends import triton_w8a16
     x2d = x.reshape(-1, x.shape[-1])
     if act == "none":
-        # One launch reading the int8 weight as stored (no float copy of the weight).
-        y = triton_w8a16.w8a16_gemm(x2d, qweight, w_scale, bias)
-    elif act == "static":
-        if static_scale is None:
+        # Small M: one launch reading the int8 weight as stored; large M: one-pass dequantize + cuBLAS.
+        y = triton_w8a16.w8a16_linear(x2d, qweight, w_scale, bias)
+    elif act in ("dynamic", "static"):
+        if act == "static" and static_scale is None:
             raise ValueError("act='static' needs static_scale")
-        # The activation is quantized in the GEMM's prologue: no quant kernel, no int8 round trip.
-        y = triton_w8a8_static.w8a8_static_gemm(x2d, qweight, w_scale, bias, smooth, static_scale, exact=True)
-    elif act == "dynamic":
-        xq, xs = triton_quant.quantize_rows(x2d.contiguous(), smooth, None)
+        # (triton_w8a8_static fuses the static quantization into the GEMM prologue, but in CUDA-graph
+        # timing on H200 it was slower than this separate pass at every benchmarked shape: see
+        # docs/BENCHMARKS.md, fused kernels.)
+        xq, xs = triton_quant.quantize_rows(x2d.contiguous(), smooth, static_scale if act == "static" else None)
         y = triton_gemm.w8a8_gemm(xq, xs, qweight, w_scale, bias, x.dtype)
     else:
         raise ValueError(f"act must be none|dynamic|static, got {act!r}")

@@ -62,7 +62,7 @@ def configs() -> list:
         _cfg(128, 256, 64, 3, 8, True), _cfg(256, 128, 64, 3, 8, True), _cfg(128, 128, 64, 4, 8, True),
         _cfg(128, 128, 64, 4, 4, True), _cfg(64, 256, 64, 4, 8, True),
         _cfg(128, 256, 64, 3, 8, False), _cfg(256, 128, 64, 3, 8, False), _cfg(128, 128, 64, 4, 4, False),
-        _cfg(128, 128, 64, 4, 8, False),
+        _cfg(128, 128, 64, 4, 8, False), _cfg(128, 256, 64, 4, 8, False), _cfg(128, 128, 32, 5, 4, False),
     ]
     return small + large
 
@@ -145,10 +145,17 @@ _tuned_kernel = triton.autotune(configs=triton_support.tuned(configs()), do_benc
                                 prune_configs_by={"early_config_prune": _prune})(_w8a16_kernel)
 
 
+# Below this M the operands come through pointer loads even on Hopper: measured on H200
+# (bench/kernels.py --sections fused, 2026-12-01) the TMA variant was 10-20 % slower at M=16 in a
+# CUDA graph (and building the descriptors costs host time per call), while at M=4096 it was the
+# faster one.
+TMA_MIN_M = 256
+
+
 def _use_tma(x2d: torch.Tensor, k: int) -> bool:
     # TMA wants 16-byte row pitches: int8 weight K % 16, 16-bit activations K % 8 (fp32 K % 4).
-    # The interpreter emulates descriptors, so CI covers this path too.
-    return (k % 16 == 0 and x2d.dtype != torch.float32
+    # The interpreter emulates descriptors, so CI covers this path too (tests force each path).
+    return (k % 16 == 0 and x2d.dtype != torch.float32 and x2d.shape[0] >= TMA_MIN_M
             and (triton_support.is_hopper() or triton_support.interpreting()))
 
 
@@ -198,6 +205,59 @@ def w8a16_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _w8a16_kernel[grid](*args, **flags, **meta)
     return out
+
+
+# ---- large M: dequantize in one pass, then cuBLAS ---------------------------------------------------
+# At large M weight-only is compute-bound at the bf16 rate, and the fused kernel above (int8 ->
+# bf16 conversion inside the main loop) measured 0.73-0.77x cuBLAS at M=4096 on H200. Converting
+# the weight once per call in one memory pass (int8 read, bf16 written: ~30 us for 12288x3072 at
+# ~4 TB/s) and handing it to cuBLAS costs less there. The bf16 weight is transient (one layer's,
+# returned to the caching allocator after the call), so the resident footprint stays int8.
+
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, out_ptr, K, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    q = tl.load(q_ptr + row * K + offs, mask=mask, other=0)
+    # fp32 product rounded once to the output dtype: torch_ref.dequantize_weight bit for bit.
+    w = q.to(tl.float32) * tl.load(s_ptr + row)
+    tl.store(out_ptr + row * K + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [N, K] * w_scale[n] -> dtype [N, K] in one launch (torch_ref.dequantize_weight's numbers)."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(f"qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
+    n, k = qweight.shape
+    if w_scale.numel() != n:
+        raise ValueError(f"w_scale must have N={n} entries, got shape {tuple(w_scale.shape)}")
+    qweight = qweight.contiguous()
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    if n == 0 or k == 0:
+        return out
+    w_scale = w_scale.reshape(-1).to(device=qweight.device, dtype=torch.float32).contiguous()
+    block_k = min(4096, triton.next_power_of_2(k))
+    _dequantize_kernel[(n, triton.cdiv(k, block_k))](qweight, w_scale, out, k, BLOCK_K=block_k,
+                                                     num_warps=4 if block_k <= 2048 else 8)
+    return out
+
+
+# M from which w8a16_linear dequantizes and calls cuBLAS instead of the fused kernel. Set from the
+# H200 crossover sweep in docs/BENCHMARKS.md (fused W8A16 section).
+DEQUANT_CUBLAS_MIN_M = 64
+
+
+def w8a16_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """Weight-only INT8 linear: the fused kernel where reading the weight bounds the GEMM (small
+    M), one-pass dequantization + cuBLAS where the bf16 tensor cores do (M >= DEQUANT_CUBLAS_MIN_M,
+    CUDA only)."""
+    if x2d.is_cuda and x2d.dim() == 2 and x2d.shape[0] >= DEQUANT_CUBLAS_MIN_M and qweight.dim() == 2 \
+            and qweight.shape[1] == x2d.shape[1]:
+        w = dequantize_weight(qweight, w_scale, x2d.dtype)
+        return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
+    return w8a16_gemm(x2d, qweight, w_scale, bias)
 
 
 def tuned_configs() -> dict:

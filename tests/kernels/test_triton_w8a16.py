@@ -64,3 +64,32 @@ def test_w8a16_rejects_bad_operands(rng, device):
         triton_w8a16.w8a16_gemm(x, q, torch.ones(8, device=device), None)
     with pytest.raises(ValueError, match="w_scale"):
         triton_w8a16.w8a16_gemm(x, torch.zeros((8, 32), dtype=torch.int8, device=device), torch.ones(3), None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(41, 341), (3, 5000), (1, 8)])
+def test_one_pass_dequantize_equals_reference(shape, dtype, rng, device):
+    """The large-M weight-only path dequantizes in one launch: bit for bit torch_ref's weight."""
+    from comfyui_octet.kernels.backends import triton_w8a16
+    qweight, w_scale = torch_ref.quantize_weight(randn(shape, rng) * positive((shape[0], 1), rng, low=0.2, high=3.0))
+    w = triton_w8a16.dequantize_weight(qweight.to(device), w_scale.to(device), dtype)
+    expected = torch_ref.dequantize_weight(qweight, w_scale, dtype)
+    assert w.dtype == dtype
+    if dtype == torch.bfloat16 and device == "cpu":
+        # The CPU interpreter (numpy has no bf16) does not round fp32 -> bf16 to nearest: one bf16 ulp.
+        torch.testing.assert_close(w.float(), expected.float(), rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(w.cpu(), expected)
+
+
+def test_w8a16_linear_matches_reference_on_both_sides_of_the_crossover(rng, device):
+    """w8a16_linear: the fused kernel below DEQUANT_CUBLAS_MIN_M (and always off CUDA), one-pass
+    dequantize + cuBLAS from it (on a GPU); either way the reference's numbers."""
+    from comfyui_octet.kernels.backends import triton_w8a16
+    qweight, w_scale = torch_ref.quantize_weight(randn((24, 64), rng))
+    bias = randn(24, rng, torch.bfloat16, device)
+    for m in (3, triton_w8a16.DEQUANT_CUBLAS_MIN_M + 5):
+        x = randn((m, 64), rng, torch.bfloat16, device)
+        y = triton_w8a16.w8a16_linear(x, qweight.to(device), w_scale.to(device), bias)
+        expected = torch_ref.linear_w8a16(x.float().cpu(), qweight, w_scale, bias.float().cpu())
+        assert_epilogue_close(y.cpu(), expected.to(torch.bfloat16))
