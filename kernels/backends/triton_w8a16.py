@@ -146,9 +146,9 @@ _tuned_kernel = triton.autotune(configs=triton_support.tuned(configs()), do_benc
 
 
 # Below this M the operands come through pointer loads even on Hopper: measured on H200
-# (bench/kernels.py --sections fused, 2026-12-01) the TMA variant was 10-20 % slower at M=16 in a
-# CUDA graph (and building the descriptors costs host time per call), while at M=4096 it was the
-# faster one.
+# (bench/kernels.py --sections fused, 2026-12-01, runs 1 and 2) the TMA variant was up to 20 %
+# slower at M=16 in a CUDA graph (Flux 3072->12288: 0.0149 ms vs 0.0126 with pointers), and
+# building descriptors costs host time per call; at M=4096 the TMA variant was the faster one.
 TMA_MIN_M = 256
 
 
@@ -209,7 +209,9 @@ def w8a16_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
 
 # ---- large M: dequantize in one pass, then cuBLAS ---------------------------------------------------
 # At large M weight-only is compute-bound at the bf16 rate, and the fused kernel above (int8 ->
-# bf16 conversion inside the main loop) measured 0.73-0.77x cuBLAS at M=4096 on H200. Converting
+# bf16 conversion inside the main loop) measured 0.54-0.76x cuBLAS at M=4096 on H200 (graph; the
+# autotuner picked the textbook operand order, 128x128x64 tiles: the swapped order did not win).
+# Converting
 # the weight once per call in one memory pass (int8 read, bf16 written: ~30 us for 12288x3072 at
 # ~4 TB/s) and handing it to cuBLAS costs less there. The bf16 weight is transient (one layer's,
 # returned to the caching allocator after the call), so the resident footprint stays int8.
@@ -243,18 +245,25 @@ def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch
     return out
 
 
-# M from which w8a16_linear dequantizes and calls cuBLAS instead of the fused kernel. Set from the
-# H200 crossover sweep in docs/BENCHMARKS.md (fused W8A16 section).
-DEQUANT_CUBLAS_MIN_M = 64
+def prefers_dequant_cublas(m: int, n: int) -> bool:
+    """Whether one-pass dequantize + cuBLAS beats the fused kernel at this shape.
+
+    From the H200 crossover sweep (docs/BENCHMARKS.md, fused kernels; graph timing, ratio vs bf16,
+    fused / dequant+cuBLAS): at M=16 the fused kernel wins everywhere (1.06-1.74x vs 0.42-0.68x);
+    from M=1024 dequant+cuBLAS wins everywhere (0.79-0.96x vs 0.39-0.81x); in between the fused
+    kernel keeps up only on wide layers (N=12288: 0.73-0.81x vs 0.43-0.72x) and loses on narrow
+    ones, which have too few output tiles to fill the GPU (N=3072 at M=256: 0.31x vs 0.57x).
+    Between M=64 and 1024 weight-only loses to bf16 either way (0.26-0.81x)."""
+    return m >= 1024 or (m >= 128 and n <= 4096)
 
 
 def w8a16_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """Weight-only INT8 linear: the fused kernel where reading the weight bounds the GEMM (small
-    M), one-pass dequantization + cuBLAS where the bf16 tensor cores do (M >= DEQUANT_CUBLAS_MIN_M,
-    CUDA only)."""
-    if x2d.is_cuda and x2d.dim() == 2 and x2d.shape[0] >= DEQUANT_CUBLAS_MIN_M and qweight.dim() == 2 \
-            and qweight.shape[1] == x2d.shape[1]:
+    M), one-pass dequantization + cuBLAS where the bf16 tensor cores do (CUDA only; see
+    prefers_dequant_cublas)."""
+    if x2d.is_cuda and x2d.dim() == 2 and qweight.dim() == 2 and qweight.shape[1] == x2d.shape[1] \
+            and prefers_dequant_cublas(x2d.shape[0], qweight.shape[0]):
         w = dequantize_weight(qweight, w_scale, x2d.dtype)
         return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
     return w8a16_gemm(x2d, qweight, w_scale, bias)

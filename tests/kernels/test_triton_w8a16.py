@@ -83,13 +83,14 @@ def test_one_pass_dequantize_equals_reference(shape, dtype, rng, device):
 
 
 def test_w8a16_linear_matches_reference_on_both_sides_of_the_crossover(rng, device):
-    """w8a16_linear: the fused kernel below DEQUANT_CUBLAS_MIN_M (and always off CUDA), one-pass
-    dequantize + cuBLAS from it (on a GPU); either way the reference's numbers."""
+    """w8a16_linear: the fused kernel at small M (and always off CUDA), one-pass dequantize + cuBLAS
+    at large M (on a GPU); either way the reference's numbers."""
     from comfyui_octet.kernels.backends import triton_w8a16
     qweight, w_scale = torch_ref.quantize_weight(randn((24, 64), rng))
     bias = randn(24, rng, torch.bfloat16, device)
-    for m in (3, triton_w8a16.DEQUANT_CUBLAS_MIN_M + 5):
+    for m in (3, 1030):
         x = randn((m, 64), rng, torch.bfloat16, device)
         y = triton_w8a16.w8a16_linear(x, qweight.to(device), w_scale.to(device), bias)
         expected = torch_ref.linear_w8a16(x.float().cpu(), qweight, w_scale, bias.float().cpu())
         assert_epilogue_close(y.cpu(), expected.to(torch.bfloat16))
+    assert triton_w8a16.prefers_dequant_cublas(1030, 24) and not triton_w8a16.prefers_dequant_cublas(3, 24)
