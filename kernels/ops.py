@@ -92,9 +92,9 @@ def linear_impl(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tens
     elif act in ("dynamic", "static"):
         if act == "static" and static_scale is None:
             raise ValueError("act='static' needs static_scale")
-        # (triton_w8a8_static fuses the static quantization into the GEMM prologue, but in CUDA-graph
-        # timing on H200 it was slower than this separate pass at every benchmarked shape: see
-        # docs/BENCHMARKS.md, fused kernels.)
+        # (triton_w8a8_static fuses the static quantization into the GEMM prologue, but on H200 it
+        # was slower than this separate pass in CUDA-graph timing at 11 of 12 shapes, 2-6x at the
+        # Flux shapes: see docs/BENCHMARKS.md, fused kernels.)
         xq, xs = triton_quant.quantize_rows(x2d.contiguous(), smooth, static_scale if act == "static" else None)
         y = triton_gemm.w8a8_gemm(xq, xs, qweight, w_scale, bias, x.dtype)
     else:

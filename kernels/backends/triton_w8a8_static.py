@@ -16,8 +16,10 @@ Two prologue numerics, a constexpr:
     ``torch_ref``-style mirror: ``quantize_by_multiplier`` below.
 
 Each column tile re-quantizes its rows' activation tiles (N / BLOCK_N times per element): CUDA-core
-work that runs beside the tensor-core dots. bench/kernels.py's "fused" section measures whether that
-beats the separate quantization pass at each shape.
+work beside the tensor-core dots. Measured on H200 (bench/kernels.py --sections fused, 2026-12-01,
+docs/BENCHMARKS.md) this loses to the separate quantization pass + W8A8 GEMM in CUDA-graph timing
+at 11 of 12 shapes (Flux M=4096: 0.63-0.64x bf16 fast / 0.23-0.24x exact vs 1.24-1.56x), so
+ops.linear does not use it; it is kept, tested, for a caller or GPU where it might pay.
 """
 from __future__ import annotations
 
