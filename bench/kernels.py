@@ -215,6 +215,201 @@ def mlp_row(kernels, model, block, m, width, hidden, reps_ms):
     return row
 
 
+# Fused kernels (issue 13 items 2-3): (model, layer, N, K) at M=16 (memory-bound: batch-1 modulation,
+# text tokens) and M=4096 (1024^2 image tokens: compute-bound).
+FUSED_SHAPES = [
+    ("flux-dev", "attn 3072->3072", 3072, 3072),
+    ("flux-dev", "mlp up 3072->12288", 12288, 3072),
+    ("flux-dev", "mlp down 12288->3072", 3072, 12288),
+    ("sdxl", "attn 640->640", 640, 640),
+    ("sdxl", "attn 1280->1280", 1280, 1280),
+    ("sdxl", "ff down 5120->1280", 1280, 5120),
+]
+FUSED_M = [16, 4096]
+FUSED_DEVICE = "cuda"  # a CPU dry run of the bench code (TRITON_INTERPRET=1) sets "cpu"
+# Flux single block linear2: input cat(attn 3072, GELU(mlp 12288)) -> 3072.
+FLUX_SINGLE = (3072, 12288, 3072)
+# Weight-only crossover sweep: where the fused W8A16 kernel stops keeping up with bf16 cuBLAS.
+CROSSOVER_SHAPES = [("flux-dev", 12288, 3072), ("flux-dev", 3072, 3072), ("sdxl", 1280, 1280)]
+CROSSOVER_M = [16, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def fused_row(model, layer, m, n, k, reps_ms, parts=frozenset({"static"})):
+    """bf16 cuBLAS vs the old and new weight-only and static-W8A8 paths, eager and CUDA-graph."""
+    from comfyui_octet.kernels import torch_ref
+    from comfyui_octet.kernels.backends import triton_gemm, triton_quant, triton_w8a16, triton_w8a8_static
+    dev, dt = FUSED_DEVICE, torch.bfloat16
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    w = torch.randn(n, k, device=dev, dtype=dt) * k ** -0.5
+    bias = torch.randn(n, device=dev, dtype=dt) * 0.1
+    qw, ws = torch_ref.quantize_weight(w)
+    smooth = torch.rand(k, device=dev) + 0.5
+    sc = ((x.float() / smooth).abs().amax() / 127 * 0.8).reshape(1)
+    mult = triton_w8a8_static.prologue_multiplier(smooth, sc, dev)
+
+    def static_old():
+        xq, xs = triton_quant.quantize_rows(x, smooth, sc)
+        return triton_gemm.w8a8_gemm(xq, xs, qw, ws, bias, dt)
+
+    paths = {
+        "bf16": lambda: F.linear(x, w, bias),
+        "w8a16 float path": lambda: F.linear(x, torch_ref.dequantize_weight(qw, ws, dt), bias),
+        "w8a16 old": lambda: triton_gemm.w8a16_gemm(x, qw, ws, bias),
+        "w8a16 new": lambda: triton_w8a16.w8a16_gemm(x, qw, ws, bias),
+        "w8a16 dequant+cuBLAS": lambda: F.linear(x, triton_w8a16.dequantize_weight(qw, ws, dt), bias),
+        "static old": static_old,
+        "static fused exact": lambda: triton_w8a8_static.w8a8_static_gemm(x, qw, ws, bias, smooth, sc, exact=True),
+        "static fused fast": lambda: triton_w8a8_static.w8a8_static_gemm(x, qw, ws, bias, smooth, sc, exact=False,
+                                                                         multiplier=mult),
+    }
+    if not parts & {"static"}:
+        paths = {k_: v for k_, v in paths.items() if not k_.startswith("static")}
+    ref16 = torch_ref.linear_w8a16(x.float(), qw, ws, bias.float())
+    ref8 = torch_ref.linear_w8a8(x, qw, ws, bias, smooth, sc)
+    row = {"model": model, "layer": layer, "M": m, "N": n, "K": k,
+           "w8a16_new_err_vs_ref": rel_err(paths["w8a16 new"](), ref16),
+           "w8a16_old_err_vs_ref": rel_err(paths["w8a16 old"](), ref16),
+           "dequant_equals_ref": bool(torch.equal(triton_w8a16.dequantize_weight(qw, ws, dt),
+                                                  torch_ref.dequantize_weight(qw, ws, dt)))}
+    if "static" in parts:
+        row.update({
+           "static_exact_maxdiff_vs_ref": float((paths["static fused exact"]().float() - ref8.float()).abs().max()),
+           "static_old_maxdiff_vs_ref": float((static_old().float() - ref8.float()).abs().max()),
+           "static_exact_err_vs_ref": rel_err(paths["static fused exact"](), ref8),
+           "static_fast_err_vs_ref": rel_err(paths["static fused fast"](), ref8)})
+    t = {}
+    for name, fn in paths.items():
+        t[name] = bench(fn, reps_ms)
+    for name, fn in paths.items():
+        t["graph " + name] = bench_graph(fn, reps_ms)
+    row["ms"] = t
+    return row
+
+
+def flux_single_row(m, reps_ms):
+    """linear2 of a Flux single block, input cat(attn, GELU(mlp)) with mlp a slice of linear1's output:
+    bf16; old INT8 (cat + GELU in bf16 + quantize_rows + GEMM); new (one quantization kernel reading
+    both halves, GELU in fp32 + GEMM)."""
+    from comfyui_octet.kernels import torch_ref
+    from comfyui_octet.kernels.backends import triton_gemm, triton_quant
+    k1, k2, n = FLUX_SINGLE
+    dev, dt = FUSED_DEVICE, torch.bfloat16
+    lin1 = torch.randn(m, 3 * k1 + k2, device=dev, dtype=dt)
+    attn, mlp = torch.randn(m, k1, device=dev, dtype=dt), lin1[:, 3 * k1:]
+    w = torch.randn(n, k1 + k2, device=dev, dtype=dt) * (k1 + k2) ** -0.5
+    bias = torch.randn(n, device=dev, dtype=dt) * 0.1
+    qw, ws = torch_ref.quantize_weight(w)
+
+    def cat_bf16():
+        return torch.cat((attn, F.gelu(mlp, approximate="tanh")), 1)
+
+    def quant_old():
+        return triton_quant.quantize_rows(cat_bf16())
+
+    def quant_new():
+        return triton_quant.quantize_rows_cat_gelu(attn, mlp)
+
+    paths = {
+        "bf16": lambda: F.linear(cat_bf16(), w, bias),
+        "quant old": quant_old, "quant fused": quant_new,
+        "layer old": lambda: triton_gemm.w8a8_gemm(*quant_old(), qw, ws, bias, dt),
+        "layer fused": lambda: triton_gemm.w8a8_gemm(*quant_new(), qw, ws, bias, dt),
+    }
+    q_new, s_new = quant_new()
+    q_ref, s_ref = torch_ref.cat_gelu_quantize_rows(attn, mlp)
+    diff = (q_new.int() - q_ref.int()).abs()
+    row = {"model": "flux-dev", "layer": "single linear2 cat(3072, GELU 12288)->3072", "M": m,
+           "codes_max_diff": int(diff.max()), "codes_frac_diff": float((diff > 0).float().mean()),
+           "err_vs_bf16_layer_old": rel_err(paths["layer old"](), paths["bf16"]()),
+           "err_vs_bf16_layer_fused": rel_err(paths["layer fused"](), paths["bf16"]())}
+    t = {}
+    for name, fn in paths.items():
+        t[name] = bench(fn, reps_ms)
+    for name, fn in paths.items():
+        t["graph " + name] = bench_graph(fn, reps_ms)
+    row["ms"] = t
+    return row
+
+
+def crossover_rows(reps_ms):
+    """Graph timing, bf16 cuBLAS vs the new W8A16 kernel over M: the crossover M per shape."""
+    from comfyui_octet.kernels import torch_ref
+    from comfyui_octet.kernels.backends import triton_w8a16
+    out = []
+    for model, n, k in CROSSOVER_SHAPES:
+        w = torch.randn(n, k, device=FUSED_DEVICE, dtype=torch.bfloat16) * k ** -0.5
+        qw, ws = torch_ref.quantize_weight(w)
+        for m in CROSSOVER_M:
+            x = torch.randn(m, k, device=FUSED_DEVICE, dtype=torch.bfloat16)
+            b = bench_graph(lambda: F.linear(x, w), reps_ms)
+            q = bench_graph(lambda: triton_w8a16.w8a16_gemm(x, qw, ws, None), reps_ms)
+            d = bench_graph(lambda: F.linear(x, triton_w8a16.dequantize_weight(qw, ws, torch.bfloat16)), reps_ms)
+            row = {"model": model, "M": m, "N": n, "K": k, "graph bf16": b, "graph w8a16 new": q,
+                   "graph dequant+cuBLAS": d, "ratio": b / q, "ratio_dequant_cublas": b / d, "bf16_TFLOPs": 2 * m * n * k / b / 1e9, "w8a16_TFLOPs": 2 * m * n * k / q / 1e9}
+            out.append(row)
+            print(torch.cuda.get_device_name(), "crossover", json.dumps(row), flush=True)
+    return out
+
+
+def fused_main(args, header):
+    import time
+    from comfyui_octet.kernels.backends import triton_w8a16, triton_w8a8_static
+    card, t0 = header["card"], time.time()
+    res = {"header": header, "fused": [], "flux_single": [], "crossover": []}
+    out_json = os.path.join(args.out, "kernels_fused.json")
+    os.makedirs(args.out, exist_ok=True)
+
+    def save():
+        res["tuned"] = {"w8a16": triton_w8a16.tuned_configs(), "static": triton_w8a8_static.tuned_configs()}
+        with open(out_json, "w") as f:
+            json.dump(res, f, indent=1)
+
+    parts = set(args.fused_parts.split(","))
+    for m in FUSED_M:
+        for model, layer, n, k in FUSED_SHAPES if parts & {"w8a16", "static"} else []:
+            row = fused_row(model, layer, m, n, k, args.reps_ms, parts)
+            res["fused"].append(row)
+            print(card, json.dumps(row), f"t={time.time() - t0:.0f}s", flush=True)
+            save()
+        if "single" in parts:
+            row = flux_single_row(m, args.reps_ms)
+            res["flux_single"].append(row)
+            print(card, json.dumps(row), f"t={time.time() - t0:.0f}s", flush=True)
+            save()
+    res["crossover"] = crossover_rows(args.reps_ms) if "crossover" in parts else []
+    save()
+    cols = ["w8a16 float path", "w8a16 old", "w8a16 new", "w8a16 dequant+cuBLAS", "static old", "static fused exact", "static fused fast"]
+    lines = [f"Card: **{card}**, torch {header['torch']}, triton {header['triton']}, {header['date']}.", "",
+             "ms (ratio vs bf16 cuBLAS in the same mode, >1 = faster); eager then CUDA graph:", "",
+             "| model | layer | M | bf16 ms | " + " | ".join(cols) + " | graph bf16 ms | "
+             + " | ".join("graph " + c for c in cols) + " | max abs diff vs torch_ref: static exact / old |",
+             "|" + "---|" * (2 * len(cols) + 6)]
+    for r in res["fused"]:
+        lines.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['ms']['bf16']:.4f} | "
+                     + " | ".join(_fmt(r, cols)) + f" | {r['ms']['graph bf16']:.4f} | "
+                     + " | ".join(_fmt(r, ["graph " + c for c in cols])) + f" | {r.get('static_exact_maxdiff_vs_ref', float('nan')):.2g} / "
+                     f"{r.get('static_old_maxdiff_vs_ref', float('nan')):.2g} |")
+    scols = ["quant old", "quant fused", "layer old", "layer fused"]
+    lines += ["", "Flux single-block linear2 (input cat(attn, GELU(mlp))):", "",
+              "| M | bf16 ms | " + " | ".join(scols) + " | " + " | ".join("graph " + c for c in scols)
+              + " | codes off by 1 |", "|" + "---|" * (2 * len(scols) + 3)]
+    for r in res["flux_single"]:
+        lines.append(f"| {r['M']} | {r['ms']['bf16']:.4f} | " + " | ".join(_fmt(r, scols)) + " | "
+                     + " | ".join(_fmt(r, ["graph " + c for c in scols])) + f" | {r['codes_frac_diff']:.2e} |")
+    lines += ["", "W8A16 crossover (graph): ratio vs bf16 per M, fused kernel / one-pass dequantize + cuBLAS", "",
+              "| model | N | K | " + " | ".join(f"M={m}" for m in CROSSOVER_M) + " |",
+              "|" + "---|" * (3 + len(CROSSOVER_M))]
+    for model, n, k in CROSSOVER_SHAPES:
+        rs = [r for r in res["crossover"] if (r["N"], r["K"]) == (n, k)]
+        lines.append(f"| {model} | {n} | {k} | " + " | ".join(
+            f"{r['ratio']:.2f}x / {r['ratio_dequant_cublas']:.2f}x" for r in rs) + " |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "kernels_fused.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print("tuned", json.dumps(res["tuned"]))
+
+
 def _fmt(row, cols):
     cells = []
     for c in cols:
@@ -229,8 +424,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="batch 1 only, shorter timing")
     ap.add_argument("--reps-ms", type=int, default=60)
+    ap.add_argument("--fused-parts", default="w8a16,static,single,crossover",
+                    help="with --sections fused: which of w8a16, static, single, crossover to run")
     ap.add_argument("--sections", default="linear,quant,conv,mlp",
-                    help="comma list of linear, quant, conv, mlp; a subset writes kernels_<sections>.json/md")
+                    help="comma list of linear, quant, conv, mlp (or fused alone: the issue-13 fused kernels); a subset writes kernels_<sections>.json/md")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     suffix = "" if sections >= {"linear", "quant", "conv", "mlp"} else "_" + "_".join(sorted(sections))
@@ -242,6 +439,8 @@ def main():
               "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "bitsandbytes": bnb.IMPLEMENTATION.unavailable_reason() or "available"}
     print(json.dumps(header), flush=True)
+    if sections == {"fused"}:
+        return fused_main(args, header)
     batches = [1] if args.quick else [1, 4]
     rows = []
     for batch in batches if "linear" in sections else []:

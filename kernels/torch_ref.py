@@ -168,3 +168,11 @@ def static_mlp(x: torch.Tensor, fc1: tuple, fc2: tuple) -> torch.Tensor:
     hs = sc2.float().reshape(1, 1).to(x.device).expand(x2d.shape[0], 1)
     y = gemm_epilogue(int_matmul(hq, q2), hs, s2, b2, x.dtype)
     return y.reshape(*shape[:-1], q2.shape[0])
+
+
+def cat_gelu_quantize_rows(attn: torch.Tensor, mlp: torch.Tensor,
+                           smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token INT8 of Flux's single-block linear2 input cat(attn, gelu_tanh(mlp)), the GELU in
+    fp32 (the fused kernel keeps it in registers; ComfyUI rounds it to the activation dtype)."""
+    row = torch.cat([attn.float(), F.gelu(mlp.float(), approximate="tanh")], dim=-1)
+    return quantize_rows(row, smooth)

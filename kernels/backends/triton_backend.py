@@ -46,8 +46,8 @@ _COSTS = {
     "float_conv":  (30e-6, 23.0, 0.0, 350e12),   # cuDNN bf16 NCHW at SDXL shapes
     "w8a8_conv":   (140e-6, 0.0, 6.0, 700e12),   # quantize (2 kernels) + weight reorder + conv
 }
-# Weight-only through our kernel pays only while the GEMM is bound by reading the weight.
-W8A16_MAX_M = 1024
+# Weight-only through the fused kernel pays only while the GEMM is bound by reading the weight.
+W8A16_SMALL_M = 16
 
 
 def estimated_seconds(path: str, m: int, n: int, k: int, pixels_x_channels: int | None = None) -> float:
@@ -68,7 +68,10 @@ def int8_pays(req: registry.Request) -> bool:
         # k = C*KH*KW; the activation pass touches M*C elements, about M*k/9 for 3x3 convs.
         return estimated_seconds("w8a8_conv", m, n, k, m * max(k // 9, 1)) < estimated_seconds("float_conv", m, n, k)
     if req.act == "none":
-        return m <= W8A16_MAX_M and estimated_seconds("w8a16", m, n, k) < estimated_seconds("float", m, n, k)
+        # Measured on an H200 (docs/BENCHMARKS.md, fused kernels): >= 0.9x bf16 at M <= 16 (fused kernel)
+        # and where one-pass dequantize + cuBLAS wins (prefers_dequant_cublas); between, weight-only
+        # loses either way (0.26-0.81x), so AUTO leaves those shapes to the float path (goal decides).
+        return m <= W8A16_SMALL_M or (m >= 1024 or (m >= 128 and n <= 4096))
     return estimated_seconds("w8a8", m, n, k) < estimated_seconds("float", m, n, k)
 
 
@@ -128,9 +131,17 @@ def _prepare_linear(req: registry.Request, w):
     triton_quant, triton_gemm, _ = _kernels()
     q, s, b, sm, n, k = w.qweight, w.scale, w.bias, w.smooth, w.n, w.k
     if req.act == "none":
+        from . import triton_w8a16
+
+        # Small M: one launch reading the int8 weight as stored; large M: one-pass dequantize + cuBLAS
+        # (triton_w8a16.prefers_dequant_cublas). Weight-only never keeps a float copy: it is for memory.
         def run_w8a16(x, static):
-            return triton_gemm.w8a16_gemm(x.reshape(-1, k), q, s, b).reshape(*x.shape[:-1], n)
+            return triton_w8a16.w8a16_linear(x.reshape(-1, k), q, s, b).reshape(*x.shape[:-1], n)
         return run_w8a16
+
+    # (triton_w8a8_static fuses the static quantization into the GEMM prologue, but on an H200 it was
+    # slower than the separate pass below in CUDA-graph timing at 11 of 12 shapes, 2-6x at the Flux
+    # shapes: docs/BENCHMARKS.md, fused kernels. So static keeps the separate quantization pass.)
 
     def run(x, static):
         xq, xs = triton_quant.quantize_rows(x.reshape(-1, k).contiguous(), sm, static)

@@ -208,3 +208,77 @@ def quantize_per_sample_nhwc(x: torch.Tensor, smooth: torch.Tensor | None = None
         HAS_SMOOTH=smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=x.is_cuda, BLOCK_CHUNKS=triton.next_power_of_2(num_chunks),
         BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
     return q, scales
+
+
+# ---- Flux single blocks: linear2's input cat(attention, GELU(mlp)) quantized without the cat ---------
+# Flux's single block computes linear2(cat(attn, gelu_tanh(mlp))) with mlp a column slice of
+# linear1's output. Quantizing that input per token needs the whole row's absmax, across both
+# halves, so the quantization cannot move into linear1's epilogue; instead this one kernel reads
+# attn and the pre-activation mlp in place (strided rows), applies the GELU in fp32, and writes the
+# int8 row and its scale: no float cat, no float GELU output, no separate quantization pass.
+
+@triton.jit
+def _gelu_tanh_f32(y):
+    # Same formula as triton_gemm._gelu_tanh (only exp, which the interpreter has too).
+    u = tl.minimum(0.7978845608028654 * (y + 0.044715 * y * y * y), 15.0)
+    return 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
+
+
+@triton.jit
+def _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH: tl.constexpr):
+    # Columns [0, K1) come from attn, [K1, K1 + K2) are GELU(mlp); one tile may straddle both.
+    cols = k0 + offs
+    in_a = cols < K1
+    in_g = (cols >= K1) & (cols < K1 + K2)
+    va = tl.load(a_row + cols, mask=in_a, other=0.0).to(tl.float32)
+    vg = tl.load(g_row + (cols - K1), mask=in_g, other=0.0).to(tl.float32)
+    v = tl.where(in_a, va, _gelu_tanh_f32(vg))
+    if HAS_SMOOTH:
+        v = tl.div_rn(v, tl.load(smooth_ptr + cols, mask=in_a | in_g, other=1.0).to(tl.float32))
+    return v, in_a | in_g
+
+
+@triton.jit
+def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, q_ptr, scale_ptr, K1, K2, stride_am, stride_gm,
+                              HAS_SMOOTH: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    a_row = a_ptr + row * stride_am
+    g_row = g_ptr + row * stride_gm
+    q_row = q_ptr + row * (K1 + K2)
+    offs = tl.arange(0, BLOCK_K)
+    absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K1 + K2, BLOCK_K):
+        v, _ = _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH)
+        absmax = tl.maximum(absmax, tl.abs(v))
+    scale = _scale_from_absmax(tl.max(absmax, axis=0), SCALE_BY_RECIPROCAL)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K1 + K2, BLOCK_K):
+        v, mask = _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH)
+        tl.store(q_row + k0 + offs, _round_to_int8(tl.div_rn(v, scale)), mask=mask)
+
+
+def quantize_rows_cat_gelu(attn: torch.Tensor, mlp: torch.Tensor,
+                           smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token INT8 of cat(attn, gelu_tanh(mlp)) along the last dim, without materialising it:
+    attn [M, K1], mlp [M, K2] (pre-activation; rows may be strided, e.g. a column slice of
+    linear1's output) -> (int8 [M, K1 + K2], fp32 scales [M]). Reference:
+    torch_ref.cat_gelu_quantize_rows (GELU in fp32; the kernel's fp32 GELU can differ from
+    torch's in the last bit, moving a code by one at a rounding tie)."""
+    if attn.dim() != 2 or mlp.dim() != 2 or attn.shape[0] != mlp.shape[0]:
+        raise ValueError(f"attn [M, K1] and mlp [M, K2] must share M, got {tuple(attn.shape)} and {tuple(mlp.shape)}")
+    if attn.stride(1) != 1 or mlp.stride(1) != 1:
+        raise ValueError(f"attn and mlp need contiguous rows, got strides {attn.stride()} and {mlp.stride()}")
+    m, k1 = attn.shape
+    k2 = mlp.shape[1]
+    if smooth is not None and smooth.numel() != k1 + k2:
+        raise ValueError(f"smooth has {smooth.numel()} entries, the concatenated row has K={k1 + k2}")
+    q = torch.empty((m, k1 + k2), dtype=torch.int8, device=attn.device)
+    scales = torch.empty((m,), dtype=torch.float32, device=attn.device)
+    if m == 0:
+        return q, scales
+    block_k = min(2048, max(256, triton.next_power_of_2(k1 + k2) // 4))
+    smooth_arg = smooth.reshape(-1).contiguous() if smooth is not None else scales
+    _quantize_cat_gelu_kernel[(m,)](attn, mlp, smooth_arg, q, scales, k1, k2, attn.stride(0), mlp.stride(0),
+                                    HAS_SMOOTH=smooth is not None, SCALE_BY_RECIPROCAL=attn.is_cuda,
+                                    BLOCK_K=block_k, num_warps=4 if block_k <= 1024 else 8)
+    return q, scales

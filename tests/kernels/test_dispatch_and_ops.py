@@ -71,7 +71,10 @@ def test_auto_rejects_old_gpus_and_grouped_convs(fake_gpu, monkeypatch):
 
 def test_weight_only_uses_triton_only_while_memory_bound(fake_gpu):
     assert registry.select(_req(act="none", m=1, n=18432, k=3072)).name == "triton"
-    assert registry.select(_req(act="none", m=4608)).name == "float"
+    # Large M: one-pass dequantize + cuBLAS (inside the Triton backend) reached 0.93-0.96x bf16.
+    assert registry.select(_req(act="none", m=4608)).name == "triton"
+    # Between, weight-only loses to bf16 either way: the float path (and the goal) decide.
+    assert registry.select(_req(act="none", m=256, n=12288)).name == "float"
 
 
 def test_unknown_backend_lists_the_registered_ones():

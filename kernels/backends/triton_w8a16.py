@@ -1,0 +1,275 @@
+"""Weight-only INT8 GEMM (W8A16) that reads the int8 weight as stored and never makes a float copy.
+
+y[m, n] = (sum_k x[m, k] * q[n, k]) * w_scale[n] (+ bias[n]), x in bf16/fp16/fp32, q int8 [N, K].
+
+Each K step loads an int8 weight tile, converts it to the activation dtype in registers (exact:
+|q| <= 127) and feeds a bf16/fp16 tensor-core dot with fp32 accumulation; the per-row scale and
+the bias are applied once, in the epilogue. Two operand orders, chosen by the autotuner:
+
+  * ``SWAP_AB=True`` computes the transposed tile, acc[n, m] = q[n, :] . x[m, :]. On Hopper a
+    wgmma takes its A operand from registers but its B operand only from shared memory, so the
+    converted weight goes in as A straight from registers, and the activation tile (already in
+    the dot's dtype) is B, loaded by TMA/cp.async into shared memory. Small M becomes the
+    wgmma's N dimension (8..256), which is why this order also suits decode-like small M.
+  * ``SWAP_AB=False`` is the textbook order: the converted weight must be written back to shared
+    memory to be a B operand. Kept as a candidate since it is the better shape for some tiles.
+
+Operands come through TMA descriptors on Hopper when the row pitches are 16-byte aligned (int8
+weight: K % 16 == 0; 16-bit activations: K % 8 == 0), otherwise through masked pointer loads.
+The configs are keyed on (M bucket, N, K): small M is bound by reading the weight (int8 reads half
+the bytes of bf16), large M by the tensor cores (bf16 rate, like cuBLAS: there the conversion
+must hide under the dots).
+
+``w8a16_gemm(..., config=...)`` launches one given configuration without the autotuner: for tests
+(the interpreter runs one config) and for a caller that plans its launch once per signature.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import triton_support
+
+_MAX_INT32 = 2**31 - 1
+
+
+def _cfg(bm, bn, bk, stages, warps, swap, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SWAP_AB": swap},
+                         num_stages=stages, num_warps=warps, pre_hook=_set_descriptor_blocks)
+
+
+def _set_descriptor_blocks(nargs):
+    """The TMA descriptors' box must match the config's tile (set before each launch)."""
+    if isinstance(nargs["x"], TensorDescriptor):
+        nargs["x"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs["w"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def configs() -> list:
+    """Candidates: small-M tiles that stream long weight strips (many stages of wide K steps, M as
+    the narrow dot dimension), and large-M tiles sized like a bf16 Hopper GEMM (128x256 / 256x128
+    output, K=64 steps of 16-bit data = one 128-byte swizzled row, 3-4 stages in 228 KB of smem)."""
+    if triton_support.interpreting():
+        return [_cfg(16, 32, 32, 1, 4, True, group_m=2)]
+    small = [
+        _cfg(16, 64, 128, 5, 4, True), _cfg(16, 64, 256, 4, 4, True), _cfg(16, 128, 128, 4, 4, True),
+        _cfg(32, 64, 128, 5, 4, True), _cfg(32, 128, 128, 4, 4, True), _cfg(64, 128, 128, 4, 4, True),
+        _cfg(16, 32, 256, 4, 4, False), _cfg(16, 64, 128, 4, 4, False), _cfg(32, 64, 128, 4, 4, False),
+    ]
+    large = [
+        _cfg(128, 256, 64, 3, 8, True), _cfg(256, 128, 64, 3, 8, True), _cfg(128, 128, 64, 4, 8, True),
+        _cfg(128, 128, 64, 4, 4, True), _cfg(64, 256, 64, 4, 8, True),
+        _cfg(128, 256, 64, 3, 8, False), _cfg(256, 128, 64, 3, 8, False), _cfg(128, 128, 64, 4, 4, False),
+        _cfg(128, 128, 64, 4, 8, False), _cfg(128, 256, 64, 4, 8, False), _cfg(128, 128, 32, 5, 4, False),
+    ]
+    return small + large
+
+
+def _prune(configs_, named_args, **kwargs):
+    """Small M keeps the short tiles (a 128-row tile at M=16 wastes 7/8 of each dot), large M the
+    large ones; at least one config always survives."""
+    m = named_args["M"]
+    cap = max(16, triton.next_power_of_2(m))
+    kept = [c for c in configs_ if c.kwargs["BLOCK_M"] <= cap and (m <= 256 or c.kwargs["BLOCK_M"] >= 64)]
+    return kept or [min(configs_, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+def m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 16384)
+
+
+@triton.jit
+def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # L2 swizzle: GROUP_M row-tiles share each column sweep, so their weight tiles stay cached.
+    group_size = GROUP_M * num_pid_n
+    first_m = (tile_id // group_size) * GROUP_M
+    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % group_size) % rows
+    pid_n = (tile_id % group_size) // rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _w8a16_kernel(x, w, c_ptr, w_scale_ptr, bias_ptr, M, N, K, M_BUCKET, stride_xm, stride_wn, stride_cm,
+                  HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not USE_TMA:
+        # Rows past M/N wrap (modulo) instead of being masked: their garbage is dropped by the
+        # masked store, and the loads stay unmasked on those axes.
+        x_ptrs = x + (offs_m % M)[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w + (offs_n % N)[:, None] * stride_wn + offs_k[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        if USE_TMA:
+            x_tile = x.load([pid_m * BLOCK_M, k0])          # [BM, BK], out of range -> 0
+            w_tile = w.load([pid_n * BLOCK_N, k0])          # [BN, BK] int8
+        else:
+            x_tile = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+            w_tile = tl.load(w_ptrs, mask=offs_k[None, :] < K - k0, other=0)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if DOT_IN_FP32:
+            # The CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16); bf16 x int8
+            # products are exact in fp32, so upcasting computes the same sums.
+            x_tile = x_tile.to(tl.float32)
+            w_tile = w_tile.to(tl.float32)
+        else:
+            w_tile = w_tile.to(x_tile.dtype)                # exact: |q| <= 127
+        if SWAP_AB:
+            acc = tl.dot(w_tile, tl.trans(x_tile), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=DOT_PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    y = acc * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_tuned_kernel = triton.autotune(configs=triton_support.tuned(configs()), do_bench=triton_support.tuning_bench,
+                                key=["M_BUCKET", "N", "K", "USE_TMA"],
+                                prune_configs_by={"early_config_prune": _prune})(_w8a16_kernel)
+
+
+# Below this M the operands come through pointer loads even on Hopper: measured on H200
+# (bench/kernels.py --sections fused, 2026-12-01, runs 1 and 2) the TMA variant was up to 20 %
+# slower at M=16 in a CUDA graph (Flux 3072->12288: 0.0149 ms vs 0.0126 with pointers), and
+# building descriptors costs host time per call; at M=4096 the TMA variant was the faster one.
+TMA_MIN_M = 256
+
+
+def _use_tma(x2d: torch.Tensor, k: int) -> bool:
+    # TMA wants 16-byte row pitches: int8 weight K % 16, 16-bit activations K % 8 (fp32 K % 4).
+    # The interpreter emulates descriptors, so CI covers this path too (tests force each path).
+    return (k % 16 == 0 and x2d.dtype != torch.float32 and x2d.shape[0] >= TMA_MIN_M
+            and (triton_support.is_hopper() or triton_support.interpreting()))
+
+
+def w8a16_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               config: dict | None = None, use_tma: bool | None = None) -> torch.Tensor:
+    """float [M, K] x int8 [N, K]^T * w_scale[n] (+ bias) -> [M, N] in x's dtype, one launch.
+
+    ``config``: {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SWAP_AB", "num_warps", "num_stages"}
+    to launch without autotuning; ``use_tma`` forces the operand path (None: TMA where it can)."""
+    if x2d.dim() != 2 or not x2d.is_floating_point():
+        raise ValueError(f"x must be float [M, K], got {x2d.dtype} {tuple(x2d.shape)}")
+    m, k = x2d.shape
+    if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.shape[1] != k:
+        raise ValueError(f"qweight must be int8 [N, K={k}], got {qweight.dtype} {tuple(qweight.shape)}")
+    n = qweight.shape[0]
+    if w_scale.numel() != n:
+        raise ValueError(f"w_scale must have N={n} entries, got shape {tuple(w_scale.shape)}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"bias must have N={n} entries, got shape {tuple(bias.shape)}")
+    if max(m * k, n * k, m * n) > _MAX_INT32:
+        raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
+    x2d = x2d.contiguous()
+    qweight = qweight.contiguous()
+    out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+    w_scale = w_scale.reshape(-1).to(device=x2d.device, dtype=torch.float32).contiguous()
+    tma = _use_tma(x2d, k) if use_tma is None else use_tma
+    if tma:
+        # Placeholder boxes; _set_descriptor_blocks sets the config's tile before the launch.
+        x_arg = TensorDescriptor.from_tensor(x2d, [16, 16])
+        w_arg = TensorDescriptor.from_tensor(qweight, [16, 16])
+    else:
+        x_arg, w_arg = x2d, qweight
+    args = (x_arg, w_arg, out, w_scale, bias if bias is not None else w_scale, m, n, k, m_bucket(m), k, k, n)
+    flags = dict(HAS_BIAS=bias is not None, USE_TMA=tma, DOT_IN_FP32=triton_support.interpreting(),
+                 DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32")
+    if config is None:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _tuned_kernel[grid](*args, **flags)
+    else:
+        meta = dict(config)
+        if tma:
+            _set_descriptor_blocks({"x": x_arg, "w": w_arg, **meta})
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _w8a16_kernel[grid](*args, **flags, **meta)
+    return out
+
+
+# ---- large M: dequantize in one pass, then cuBLAS ---------------------------------------------------
+# At large M weight-only is compute-bound at the bf16 rate, and the fused kernel above (int8 ->
+# bf16 conversion inside the main loop) measured 0.54-0.76x cuBLAS at M=4096 on H200 (graph; the
+# autotuner picked the textbook operand order, 128x128x64 tiles: the swapped order did not win).
+# Converting
+# the weight once per call in one memory pass (int8 read, bf16 written: ~30 us for 12288x3072 at
+# ~4 TB/s) and handing it to cuBLAS costs less there. The bf16 weight is transient (one layer's,
+# returned to the caching allocator after the call), so the resident footprint stays int8.
+
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, out_ptr, K, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    q = tl.load(q_ptr + row * K + offs, mask=mask, other=0)
+    # fp32 product rounded once to the output dtype: torch_ref.dequantize_weight bit for bit.
+    w = q.to(tl.float32) * tl.load(s_ptr + row)
+    tl.store(out_ptr + row * K + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [N, K] * w_scale[n] -> dtype [N, K] in one launch (torch_ref.dequantize_weight's numbers)."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(f"qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
+    n, k = qweight.shape
+    if w_scale.numel() != n:
+        raise ValueError(f"w_scale must have N={n} entries, got shape {tuple(w_scale.shape)}")
+    qweight = qweight.contiguous()
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    if n == 0 or k == 0:
+        return out
+    w_scale = w_scale.reshape(-1).to(device=qweight.device, dtype=torch.float32).contiguous()
+    block_k = min(4096, triton.next_power_of_2(k))
+    _dequantize_kernel[(n, triton.cdiv(k, block_k))](qweight, w_scale, out, k, BLOCK_K=block_k,
+                                                     num_warps=4 if block_k <= 2048 else 8)
+    return out
+
+
+def prefers_dequant_cublas(m: int, n: int) -> bool:
+    """Whether one-pass dequantize + cuBLAS beats the fused kernel at this shape.
+
+    From the H200 crossover sweep (docs/BENCHMARKS.md, fused kernels; graph timing, ratio vs bf16,
+    fused / dequant+cuBLAS): at M=16 the fused kernel wins everywhere (1.06-1.74x vs 0.42-0.68x);
+    from M=1024 dequant+cuBLAS wins everywhere (0.79-0.96x vs 0.39-0.81x); in between the fused
+    kernel keeps up only on wide layers (N=12288: 0.73-0.81x vs 0.43-0.72x) and loses on narrow
+    ones, which have too few output tiles to fill the GPU (N=3072 at M=256: 0.31x vs 0.57x).
+    Between M=64 and 1024 weight-only loses to bf16 either way (0.26-0.81x)."""
+    return m >= 1024 or (m >= 128 and n <= 4096)
+
+
+def w8a16_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """Weight-only INT8 linear: the fused kernel where reading the weight bounds the GEMM (small
+    M), one-pass dequantization + cuBLAS where the bf16 tensor cores do (CUDA only; see
+    prefers_dequant_cublas)."""
+    if x2d.is_cuda and x2d.dim() == 2 and qweight.dim() == 2 and qweight.shape[1] == x2d.shape[1] \
+            and prefers_dequant_cublas(x2d.shape[0], qweight.shape[0]):
+        w = dequantize_weight(qweight, w_scale, x2d.dtype)
+        return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
+    return w8a16_gemm(x2d, qweight, w_scale, bias)
+
+
+def tuned_configs() -> dict:
+    """The autotuner's choice per key (M bucket, N, K, USE_TMA, ...), for bench reports."""
+    return {str(key): {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            for key, cfg in _tuned_kernel.cache.items()}
