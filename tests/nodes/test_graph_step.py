@@ -333,6 +333,7 @@ def test_gpu_graph_sampling_is_bit_identical_to_eager(variant):
     cuda = torch.device("cuda")
     model.load_device = cuda
     model.patch_model(device_to=cuda)
+    model.model.to(cuda)  # the object-patched INT8 layers too, whatever the host's load policy
     try:
         g = torch.Generator().manual_seed(0)
         sigmas = comfy.samplers.calculate_sigmas(model.model.model_sampling, "normal", 8).to(cuda)
