@@ -7,6 +7,9 @@ output tensors. So a replay only equals eager if every call's inputs really were
 static buffers; what the stand-in cannot show (stale weight addresses, a group index baked into a
 graph) is asserted through the bookkeeping. The bit-identity of real graphs is the GPU test at
 the end (skipped without CUDA).
+
+Passes on ComfyUI 0.3.75 (the venv's host) and 0.29 (COMFYUI_PATH=<unpacked comfyui-0.29.0.tgz>,
+with comfy-aimdo==0.4.10 importable).
 """
 import logging
 
