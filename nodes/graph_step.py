@@ -195,8 +195,9 @@ class GraphStep:
         try:
             graph = capture(run, leaves, spec, device, self.backend, self.warmup)
         except Exception as e:  # noqa: BLE001 - any capture failure: eager for this key, said once
-            self.cache.failed[key] = (f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                                      f"this input signature stays eager")
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            # A warm-up error is a model error: the eager call that follows raises it again.
+            self.cache.failed[key] = f"capture failed ({type(e).__name__}: {first}); this input signature stays eager"
             _end_broken_capture()
             return None
         evicted = self.cache.put(key, graph)
