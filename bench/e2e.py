@@ -7,6 +7,7 @@ Octet takes to quantize. Every ratio is against the bf16 baseline measured in th
 
     python bench/e2e.py                      # GPU: all models, eager
     python bench/e2e.py --models flux-dev --compile
+    python bench/e2e.py --graph --models sdxl --variants bf16 octet_dynamic   # + CUDA Graph Step rows
     python bench/e2e.py --tiny               # CPU smoke test of the same code with shrunken configs
 
 Writes a JSON and a markdown table (to --out, default out/e2e) and prints the card's name.
@@ -149,10 +150,47 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_steps(model, x, sigma, kw, warmup: int, iters: int) -> list[float]:
+def graph_rows(model, row, x, sigma, kw, device, args) -> dict:
+    """The same step through CUDA Graph Step (nodes/graph_step.py), as a sampler would call it.
+
+    A ModelPatcher drives the model (the wrapper reads its load state); the first call warms up
+    and captures, the timed calls replay.
+    """
+    import torch
+    import comfy.model_patcher
+    import comfy.patcher_extension as pe
+    from comfyui_octet.nodes import graph_step
+
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    clone, step = graph_step.install(patcher)
+    model.current_patcher = clone
+    options = {"wrappers": pe.copy_nested_dicts(clone.wrappers), "cond_or_uncond": [0], "sigmas": sigma}
+    graph_kw = dict(kw, transformer_options=options)
+    out = dict(row, mode="graph")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with torch.inference_mode():  # as ComfyUI's executor runs a prompt
+        model.apply_model(x, sigma, **graph_kw)
+    sync()
+    out["capture_s"] = time.perf_counter() - t0
+    times = time_steps(model, x, sigma, graph_kw, args.warmup, args.iters, inference=True)
+    out["step_ms"] = statistics.median(times) * 1000
+    out["graph_bytes"] = step.cache.bytes
+    out["graph_stats"] = dict(step.stats)
+    if device.type == "cuda":
+        out["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+    out.pop("compile_s", None)
+    print(step.report(), flush=True)
+    model.current_patcher = None
+    step.cache.clear()
+    return out
+
+
+def time_steps(model, x, sigma, kw, warmup: int, iters: int, inference: bool = False) -> list[float]:
     import torch
     times = []
-    with torch.no_grad():
+    with torch.inference_mode() if inference else torch.no_grad():
         for i in range(warmup + iters):
             sync()
             t0 = time.perf_counter()
@@ -176,9 +214,10 @@ def profile_step(model, x, sigma, kw) -> str:
     return f"GPU kernel time in the step: {gpu_total:.1f} ms\n{table}"
 
 
-def run_variant(name, variant, device, args):
+def run_variant(name, variant, device, args) -> list[dict]:
     import torch
-    row = {"model": name, "variant": variant + (f"+compile({args.compile_mode})" if args.compile else "")}
+    row = {"model": name, "variant": variant + (f"+compile({args.compile_mode})" if args.compile else ""),
+           "mode": "compile" if args.compile else "eager", "card": args.card, "versions": args.versions}
     model = build(name, "host_fp8_e4m3fn_fast" if variant == "host_fp8_e4m3fn_fast" else "bf16", device, args.tiny)
     x, sigma, kw = inputs(name, device, args.tiny)
     if variant.startswith("octet_"):
@@ -200,28 +239,47 @@ def run_variant(name, variant, device, args):
         print(f"[{torch.cuda.get_device_name()}] profile {name} {row['variant']}\n{row['profile']}", flush=True)
     if device.type == "cuda":
         row["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+    rows = [row]
+    if args.graph:
+        rows.append(graph_rows(model, row, x, sigma, kw, device, args))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row
+    return rows
 
 
 def markdown(rows, header) -> str:
-    lines = [header, "", "| model | variant | step ms | vs bf16 | weights GiB | vs bf16 | peak VRAM GiB | quantize s |",
-             "|---|---|---|---|---|---|---|---|"]
-    base = {r["model"]: r for r in rows if r["variant"].startswith("bf16") and "step_ms" in r}
+    """vs bf16: against bf16 eager (compiled bf16 for compiled rows); vs bf16 graph: against the
+    bf16 row of the same graph step, so the ratio holds only what Octet changes."""
+    lines = [header, "", "| model | variant | mode | step ms | vs bf16 | vs bf16 graph | weights GiB | vs bf16 | "
+             "peak VRAM GiB | quantize s | capture s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["model"], r.get("mode", "eager")): r for r in rows
+            if r["variant"].startswith("bf16") and "step_ms" in r}
     for r in rows:
-        b = base.get(r["model"])
+        mode = r.get("mode", "eager")
+        b = base.get((r["model"], "eager" if mode == "graph" else mode))
+        g = base.get((r["model"], "graph")) if mode == "graph" else None
         if "step_ms" not in r:
-            lines.append(f"| {r['model']} | {r['variant']} | failed: {r.get('error', '?')[:80]} | | | | | |")
+            lines.append(f"| {r['model']} | {r['variant']} | {mode} | failed: {r.get('error', '?')[:80]} "
+                         f"| | | | | | | |")
             continue
         speed = f"{b['step_ms'] / r['step_ms']:.2f}x" if b else "n/a"
+        same = f"{g['step_ms'] / r['step_ms']:.2f}x" if g else ""
         size = f"{r['weight_bytes'] / b['weight_bytes']:.3f}x" if b else "n/a"
         peak = f"{r['peak_vram_bytes'] / 2**30:.2f}" if "peak_vram_bytes" in r else "n/a"
         quant = f"{r['quantize_s']:.1f}" if "quantize_s" in r else ""
-        lines.append(f"| {r['model']} | {r['variant']} | {r['step_ms']:.1f} | {speed} | "
-                     f"{r['weight_bytes'] / 2**30:.2f} | {size} | {peak} | {quant} |")
+        capture = f"{r['capture_s']:.2f}" if "capture_s" in r else ""
+        lines.append(f"| {r['model']} | {r['variant']} | {mode} | {r['step_ms']:.1f} | {speed} | {same} | "
+                     f"{r['weight_bytes'] / 2**30:.2f} | {size} | {peak} | {quant} | {capture} |")
     return "\n".join(lines)
+
+
+def comfy_version() -> str:
+    try:
+        import comfyui_version
+        return comfyui_version.__version__
+    except Exception:  # noqa: BLE001 - older hosts have no version module
+        return "unknown"
 
 
 def main() -> int:
@@ -231,6 +289,8 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the diffusion model")
     parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                         help="torch.compile mode (e.g. default, max-autotune-no-cudagraphs, reduce-overhead)")
+    parser.add_argument("--graph", action="store_true",
+                        help="also time each variant through CUDA Graph Step (rows with mode 'graph')")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per variant")
     parser.add_argument("--tiny", action="store_true", help="shrunken configs on CPU (smoke test)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -245,8 +305,11 @@ def main() -> int:
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    args.card = card
+    args.versions = {"torch": torch.__version__, "triton": triton.__version__, "comfyui": comfy_version(),
+                     "python": platform.python_version()}
     header = (f"card: {card}; torch {torch.__version__}; triton {triton.__version__}; "
-              f"{'compiled' if args.compile else 'eager'}; {stamp}")
+              f"{'compiled' if args.compile else 'eager' + (' + graph' if args.graph else '')}; {stamp}")
     print(header, flush=True)
     rows = []
     for name in args.models:
@@ -254,16 +317,18 @@ def main() -> int:
             if variant == "host_fp8_e4m3fn_fast" and device.type != "cuda":
                 continue
             try:
-                row = run_variant(name, variant, device, args)
+                new = run_variant(name, variant, device, args)
             except Exception as e:  # one broken variant must not hide the others' numbers
                 traceback.print_exc()
-                row = {"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"}
-            rows.append(row)
-            print(f"[{card}] " + json.dumps(row), flush=True)
+                new = [{"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"}]
+            rows += new
+            for row in new:
+                print(f"[{card}] " + json.dumps(row), flush=True)
     table = markdown(rows, header)
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    suffix = ("tiny" if args.tiny else "full") + (f"_compile_{args.compile_mode}" if args.compile else "")
+    suffix = (("tiny" if args.tiny else "full") + (f"_compile_{args.compile_mode}" if args.compile else "")
+              + ("_graph" if args.graph else ""))
     with open(os.path.join(args.out, f"e2e_{suffix}.json"), "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, f"e2e_{suffix}.md"), "w") as f:

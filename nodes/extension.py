@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from .calibrate_nodes import Calibrate, CalibrationPrompts, LoadCalibration, SaveCalibration
 from .checkpoint_nodes import LoadQuantized, SaveQuantized
 from .eval_nodes import Evaluate, Profile
+from .graph_step_nodes import CudaGraphStep
 from .policy_nodes import MixedPrecisionPolicy, SensitivityPolicy
 from .qat_nodes import QATFineTune
 from .quantize_nodes import QuantizeModel
@@ -15,7 +16,7 @@ from .sampler_nodes import Int8Sampler
 NODES = [QuantizeModel, SaveQuantized, LoadQuantized, ReferenceModel, ReferenceConditioning, MixedPrecisionPolicy,
          SensitivityPolicy, Calibrate, SaveCalibration, LoadCalibration, CalibrationPrompts, Int8Sampler,
          QATFineTune,
-         ReferenceLatent, ReferenceDecode, Evaluate, Profile]
+         ReferenceLatent, ReferenceDecode, Evaluate, Profile, CudaGraphStep]
 
 
 class OctetExtension(ComfyExtension):

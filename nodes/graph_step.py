@@ -1,0 +1,277 @@
+"""CUDA Graph Step: replay each diffusion-model call of a MODEL from a captured CUDA graph.
+
+Installed as an APPLY_MODEL wrapper (ComfyUI 0.3.75 and 0.29 both have it, and it wraps every
+model family; the DIFFUSION_MODEL wrapper misses SD3's MMDiT), so the stock KSampler, INT8
+Sampler and any other sampler use it unchanged. The captured region is ``BaseModel._apply_model``:
+input scaling, dtype casts, the diffusion model and the denoised output.
+
+Other APPLY_MODEL wrappers (Octet's timestep groups, INT8 Sampler's step timer, other packs')
+always run in Python around the replay, whatever their order: we call the ones stacked inside us
+ourselves, around the graph. They see every call exactly as in eager mode.
+
+A graph is reused only for a call that would launch the same work on the same memory. The key
+holds: every input tensor's shape/dtype/device and every plain input value (conditioning keys
+c_crossattn, y, guidance, control... and their shapes), cond/uncond batching, tensor shapes and
+plain values in transformer_options, each timestep-group index of Octet's static layers (the
+group picks which static scale tensor a layer reads, so a group change is a different graph),
+grad/inference/autocast mode. Whenever the weights may have moved (another patcher, LoRA on or off,
+load/unload), every graph is dropped. Anything we cannot vouch for runs eager, logged once with why.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..octet.cuda_graph import GraphBackend, GraphCache, Unkeyable, capture, flatten, signature
+from ..octet.modules import QuantLayer
+
+log = logging.getLogger("octet")
+WRAPPER_KEY = "octet_cuda_graph_step"
+PACKAGE = __name__.rsplit(".nodes.", 1)[0]
+# APPLY_MODEL wrappers run outside the graph (see above); DIFFUSION_MODEL wrappers would be inside.
+SAFE_DIFFUSION_WRAPPERS: frozenset = frozenset()
+SAFE_OBJECT_PATCHES = ("model_sampling",)  # ModelSampling* nodes: sigma arithmetic on tensors
+# transformer_options entries that do not reach the captured work or change per run only.
+IGNORED_OPTIONS = ("wrappers", "callbacks", "uuids")
+INSIDE_PATCHES = ("patches", "patches_replace")  # attention/block patches: code inside the graph
+
+
+class Eager(Exception):
+    """Why this call runs eager (the message is logged once per GraphStep)."""
+
+
+@dataclass
+class GraphStep:
+    """The wrapper: one per CUDA Graph Step node output, shared by the clones made from it."""
+    capacity: int = 4
+    warmup: int = 2
+    backend: GraphBackend = field(default_factory=GraphBackend)
+    cache: GraphCache = None
+    stats: dict = field(default_factory=lambda: {"replays": 0, "captures": 0, "eager": 0, "invalidations": 0})
+    _said: set = field(default_factory=set)
+    _weights: tuple = None            # (patcher, patches uuids) the graphs were captured under
+    _tensors: list = field(default_factory=list)   # the diffusion model's parameters and buffers
+    _pointers: tuple = ()             # their data_ptr at capture: a move or reload changes them
+    _selectors: list = field(default_factory=list)  # Octet GroupSelectors of static layers
+    _thrash: bool = False
+
+    def __post_init__(self):
+        if self.cache is None:
+            self.cache = GraphCache(self.capacity)
+
+    # -- the wrapper --------------------------------------------------------------------------
+    def __call__(self, executor, *args, **kwargs):
+        import comfy.patcher_extension as pe
+        inner = executor.wrappers[executor.idx + 1:]
+
+        def step(*a, **k):
+            return self.step(executor.original, executor.class_obj, a, k)
+        if inner:
+            return pe.WrapperExecutor.new_class_executor(step, executor.class_obj, inner).execute(*args, **kwargs)
+        return step(*args, **kwargs)
+
+    def step(self, original, base_model, args: tuple, kwargs: dict):
+        try:
+            device, options = self._check(base_model, args, kwargs)
+            key, leaves, spec = self._key(args, kwargs, options, device)
+        except Eager as why:
+            return self._eager(original, args, kwargs, str(why))
+        graph = self.cache.get(key)
+        if graph is None:
+            if key in self.cache.failed:
+                return self._eager(original, args, kwargs, self.cache.failed[key])
+            graph = self._capture(original, key, leaves, spec, options, device)
+            if graph is None:
+                return self._eager(original, args, kwargs, self.cache.failed[key])
+        self.stats["replays"] += 1
+        return graph.run(leaves)
+
+    # -- safety ------------------------------------------------------------------------------
+    def _check(self, base_model, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        if not isinstance(x, torch.Tensor):
+            raise Eager("the model was called without a latent tensor")
+        if not self.backend.supports(x.device):
+            raise Eager(f"the model runs on {x.device.type}: CUDA graphs need a CUDA device")
+        if torch.is_grad_enabled():
+            raise Eager("autograd is on (training or a gradient-based sampler): graphs are captured for inference")
+        if self._thrash:
+            raise Eager(f"graph keys changed on almost every call ({self.cache.captures} captures): "
+                        f"an input that varies per step is part of the key")
+        patcher = getattr(base_model, "current_patcher", None)
+        if patcher is None:
+            raise Eager("no ModelPatcher is driving this model (sample through a sampler node)")
+        model = patcher.model
+        if getattr(model, "model_lowvram", False) or getattr(model, "lowvram_patch_counter", 0):
+            raise Eager("the model is partially loaded (lowvram / offload): weights move during the step")
+        is_dynamic = getattr(patcher, "is_dynamic", None)
+        if is_dynamic is not None and is_dynamic():
+            raise Eager("the model uses dynamic VRAM (weights streamed per step)")
+        if getattr(patcher, "hook_patches", None) or getattr(patcher, "current_hooks", None):
+            raise Eager("the model has hooks (scheduled LoRA / keyframes): weights change between steps")
+        for name, patch in patcher.object_patches.items():
+            if not _safe_object_patch(name, patch):
+                raise Eager(f"object patch '{name}' ({type(patch).__name__}) is not known to be graph-safe")
+        options = _transformer_options(args, kwargs)
+        wrappers = options.get("wrappers", {})
+        unsafe = [k for k, fns in wrappers.get("diffusion_model", {}).items()
+                  if fns and k not in SAFE_DIFFUSION_WRAPPERS]
+        if unsafe:
+            raise Eager(f"diffusion_model wrapper(s) {unsafe} would run inside the graph and are not known "
+                        f"to be graph-safe")
+        for name in INSIDE_PATCHES:
+            if options.get(name):
+                raise Eager(f"transformer_options['{name}'] {sorted(options[name])} would run inside the graph "
+                            f"and is not known to be graph-safe")
+        self._check_weights(patcher)
+        return x.device, options
+
+    def _check_weights(self, patcher):
+        state = (id(patcher), getattr(patcher, "patches_uuid", None),
+                 getattr(patcher.model, "current_weight_patches_uuid", None))
+        # Every call: a reload or .to() moves parameters without touching uuids, and a graph would
+        # then read freed memory. ~0.5 ms for SDXL's ~2500 tensors on a loaded CPU; in the step times.
+        if state == self._weights and tuple(map(torch.Tensor.data_ptr, self._tensors)) == self._pointers:
+            return
+        dropped = self.cache.clear()
+        if self._weights is not None:
+            self.stats["invalidations"] += 1
+            self._say(f"weights changed (another MODEL clone, LoRA on/off, or a reload): "
+                      f"{dropped} graph(s) dropped, recapturing", level=logging.INFO, once=False)
+        dm = patcher.model.diffusion_model
+        self._tensors = list(dm.parameters()) + list(dm.buffers())
+        self._pointers = tuple(map(torch.Tensor.data_ptr, self._tensors))
+        self._selectors = list({id(s): s for m in dm.modules()
+                                if (s := getattr(m, "group_selector", None)) is not None}.values())
+        self._weights = state
+        off = next((t.device for t in self._tensors if not self.backend.supports(t.device)), None)
+        if off is not None:
+            self._weights = None  # check again next call: the host may still be loading
+            raise Eager(f"part of the model's weights are on {off}: it is not fully loaded on the GPU")
+
+    # -- key ---------------------------------------------------------------------------------
+    def _key(self, args, kwargs, options, device):
+        tensors, plain = {}, []
+        for name, value in sorted(options.items()):
+            if name in IGNORED_OPTIONS or name in INSIDE_PATCHES:
+                continue
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value
+                continue
+            try:
+                plain.append((name, signature(flatten(value)[0])))
+            except Unkeyable as e:
+                raise Eager(f"transformer_options['{name}'] holds a {e}, neither a tensor nor a plain value; "
+                            f"what it does inside the model cannot be keyed")
+        # transformer_options leaves the flat inputs (its callables cannot be keyed); its tensors
+        # join them, and ``_capture`` puts it back in its place.
+        call = ([a for a in args if a is not options], {k: v for k, v in kwargs.items() if v is not options}, tensors)
+        leaves, spec = flatten(call)
+        try:
+            sig = signature(leaves, device)
+        except Unkeyable as e:
+            raise Eager(f"a model input is a {e}, neither a tensor on the model's device nor a plain value; "
+                        f"it cannot be keyed")
+        modes = (torch.is_inference_mode_enabled(), torch.is_autocast_enabled())
+        groups = tuple(s.index for s in self._selectors)
+        where = _options_position(args, kwargs, options)
+        return (sig, tuple(plain), spec, groups, modes, where), leaves, spec
+
+    # -- capture / eager -----------------------------------------------------------------------
+    def _capture(self, original, key, leaves, spec, options, device):
+        where = key[-1]
+
+        def run(call):
+            a, k, tensors = call
+            opts = dict(options, **tensors)  # transformer_options with its tensors in static buffers
+            a = list(a)
+            if where == "kw":
+                k = dict(k, transformer_options=opts)
+            elif where is not None:
+                a.insert(where, opts)
+            return original(*a, **k)
+        try:
+            graph = capture(run, leaves, spec, device, self.backend, self.warmup)
+        except Exception as e:  # noqa: BLE001 - any capture failure: eager for this key, said once
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            # A warm-up error is a model error: the eager call that follows raises it again.
+            self.cache.failed[key] = f"capture failed ({type(e).__name__}: {first}); this input signature stays eager"
+            _end_broken_capture()
+            return None
+        evicted = self.cache.put(key, graph)
+        self.stats["captures"] += 1
+        # Fewer than two replays per capture over many captures: a per-call value is in the key.
+        if self.cache.captures > 4 * self.cache.capacity and 2 * self.cache.captures > self.stats["replays"]:
+            self._thrash = True
+        log.info("Octet CUDA Graph Step: captured graph %d (cache %d/%d) in %.2f s, memory %.1f MiB%s; "
+                 "cached graphs hold %.1f MiB", self.cache.captures, len(self.cache.graphs), self.cache.capacity,
+                 graph.capture_s, graph.bytes / 2**20, f", evicted {len(evicted)}" if evicted else "",
+                 self.cache.bytes / 2**20)
+        return graph
+
+    def _eager(self, original, args, kwargs, why: str):
+        self.stats["eager"] += 1
+        self._say(f"running eager: {why}")
+        return original(*args, **kwargs)
+
+    def _say(self, message: str, level=logging.WARNING, once=True):
+        if once and message in self._said:
+            return
+        self._said.add(message)
+        log.log(level, "Octet CUDA Graph Step: %s", message)
+
+    def report(self) -> str:
+        s = self.stats
+        lines = [f"CUDA Graph Step: {s['replays']} replays, {s['captures']} captures, {s['eager']} eager calls, "
+                 f"{s['invalidations']} invalidations; {len(self.cache.graphs)}/{self.cache.capacity} graphs cached, "
+                 f"{self.cache.bytes / 2**20:.1f} MiB"]
+        lines += [f"  graph {i}: {g.bytes / 2**20:.1f} MiB, captured in {g.capture_s:.2f} s, {g.replays} replays"
+                  for i, g in enumerate(self.cache.graphs.values())]
+        lines += [f"  eager: {m}" for m in sorted(self._said)]
+        return "\n".join(lines)
+
+
+def _transformer_options(args, kwargs) -> dict:
+    if "transformer_options" in kwargs:
+        return kwargs["transformer_options"] or {}
+    return args[5] if len(args) > 5 and isinstance(args[5], dict) else {}
+
+
+def _options_position(args, kwargs, options):
+    if "transformer_options" in kwargs:
+        return "kw"
+    return next((i for i, a in enumerate(args) if a is options), None)
+
+
+def _safe_object_patch(name: str, patch) -> bool:
+    if name in SAFE_OBJECT_PATCHES or isinstance(patch, QuantLayer):
+        return True
+    # Octet's own forwards (static MLP chains) are graph-safe by construction.
+    return getattr(patch, "__module__", "").startswith(PACKAGE + ".octet")
+
+
+def _end_broken_capture() -> None:
+    """A failed capture can leave the stream in an error state; sync so the eager run starts clean."""
+    if torch.cuda.is_available():
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - the eager call will raise the real error if any
+            pass
+
+
+def install(patcher, capacity: int = 4, warmup: int = 2, backend: GraphBackend | None = None):
+    """A clone of ``patcher`` whose diffusion-model calls replay CUDA graphs. Returns (clone, GraphStep)."""
+    import comfy.patcher_extension as pe
+    step = GraphStep(capacity=capacity, warmup=warmup, backend=backend or GraphBackend())
+    clone = patcher.clone()
+    clone.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    clone.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, step)
+    return clone, step
+
+
+def graph_step_of(patcher) -> GraphStep | None:
+    import comfy.patcher_extension as pe
+    found = patcher.get_wrappers(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    return found[-1] if found else None

@@ -1,0 +1,367 @@
+"""CUDA Graph Step on the real host: keys, LRU bound, invalidation, every eager fallback and its log line.
+
+On a CPU, graph capture is replaced by ``CpuGraphs``, a stand-in for torch.cuda's graph API behind
+the one seam (octet.cuda_graph.GraphBackend): 'capture' keeps the function and its output
+tensors, 'replay' runs the function again on the static input buffers and writes into those same
+output tensors. So a replay only equals eager if every call's inputs really were copied into the
+static buffers; what the stand-in cannot show (stale weight addresses, a group index baked into a
+graph) is asserted through the bookkeeping. The bit-identity of real graphs is the GPU test at
+the end (skipped without CUDA).
+
+Passes on ComfyUI 0.3.75 (the venv's host) and 0.29 (COMFYUI_PATH=<unpacked comfyui-0.29.0.tgz>,
+with comfy-aimdo==0.4.10 importable).
+"""
+import logging
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+from comfyui_octet.nodes import bridge, graph_step, reference_model
+from comfyui_octet.octet import StaticW8A8Config, config_for_mode
+from comfyui_octet.octet.cuda_graph import GraphBackend, GraphCache
+
+STEPS = 4
+SIZE = 8
+
+
+class CpuGraphs(GraphBackend):
+    def __init__(self, fail: bool = False):
+        self.fail, self.captured, self.warmups, self.reserved = fail, 0, 0, 0
+
+    def supports(self, device):
+        return True
+
+    def warmup(self, fn, device, runs):
+        for _ in range(runs):
+            self.warmups += 1
+            fn()
+
+    def capture(self, fn, device):
+        self.captured += 1
+        if self.fail:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        out = fn()
+        self.reserved += 3 << 20
+        return _Replay(fn, out), out
+
+    def memory(self, device):
+        return self.reserved
+
+
+class _Replay:
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        for dst, src in zip(pytree.tree_leaves(self.out), pytree.tree_leaves(self.fn())):
+            dst.copy_(src)
+
+
+def _records(caplog, text):
+    return [r for r in caplog.records if "CUDA Graph Step" in r.getMessage() and text in r.getMessage()]
+
+
+@pytest.fixture
+def graphs():
+    return CpuGraphs()
+
+
+@pytest.fixture
+def cpu_sample(sample):
+    def run(model, **kw):
+        kw.setdefault("steps", STEPS)
+        kw.setdefault("size", SIZE)
+        return sample(model, **kw)
+    return run
+
+
+def test_on_cpu_sampling_equals_eager_and_says_why_once(tiny_model, cpu_sample, caplog):
+    """The node as a user gets it on a CPU: no graphs, the same samples, one line saying why."""
+    from comfyui_octet.nodes.graph_step_nodes import CudaGraphStep
+    out = CudaGraphStep.execute(tiny_model, 4, 2)
+    model, report = out.args
+    assert "sampling will run eager" in report
+    step = graph_step.graph_step_of(model)
+    with caplog.at_level(logging.INFO, logger="octet"):
+        torch.testing.assert_close(cpu_sample(model), cpu_sample(tiny_model), rtol=0, atol=0)
+        cpu_sample(model, seed=3)
+    assert len(_records(caplog, "runs on cpu: CUDA graphs need a CUDA device")) == 1
+    assert step.stats["eager"] == 2 * STEPS and step.stats["captures"] == 0 and not step.cache.graphs
+
+
+def test_replays_equal_eager_one_graph_per_signature(tiny_model, cpu_sample, graphs, caplog):
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    eager = cpu_sample(tiny_model, seed=5)
+    with caplog.at_level(logging.INFO, logger="octet"):
+        torch.testing.assert_close(cpu_sample(model, seed=5), eager, rtol=0, atol=0)
+    # cond and uncond go through as one batch every step: one signature, captured once.
+    assert step.stats == {"replays": STEPS, "captures": 1, "eager": 0, "invalidations": 0}
+    assert graphs.warmups == 2
+    assert len(_records(caplog, "captured graph 1 (cache 1/4)")) == 1 and "memory 3.0 MiB" in caplog.text
+
+    cpu_sample(model, seed=6)                        # same shapes, other values: reused
+    assert step.stats["captures"] == 1 and step.stats["replays"] == 2 * STEPS
+    torch.testing.assert_close(cpu_sample(model, size=SIZE + 4), cpu_sample(tiny_model, size=SIZE + 4), rtol=0, atol=0)
+    assert step.stats["captures"] == 2               # another latent size: another graph
+    cpu_sample(model, cfg=1.0)                       # cfg 1: no uncond batch -> cond_or_uncond [0]
+    assert step.stats["captures"] == 3
+    keys = list(step.cache.graphs)
+    assert len(set(keys)) == 3
+    # memory per graph: the stand-in's 3 MiB "pool" plus the static input buffers
+    assert all(3 << 20 < g.bytes < 4 << 20 for g in step.cache.graphs.values())
+    assert "3/4 graphs cached" in step.report()
+
+
+def test_conditioning_shape_is_part_of_the_key(tiny_model, cpu_sample, graphs):
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    import nodes
+    latent = {"samples": torch.zeros(1, 4, SIZE, SIZE)}
+    for tokens in (8, 8, 12):
+        pos = reference_model.tiny_conditioning(tokens=tokens, seed=1)
+        neg = reference_model.tiny_conditioning(tokens=tokens, seed=2)
+        nodes.common_ksampler(model, 1, STEPS, 4.0, "euler", "normal", pos, neg, latent)
+    assert step.stats["captures"] == 2 and step.stats["replays"] == 3 * STEPS
+
+
+def test_cache_is_bounded_lru(tiny_model, cpu_sample, graphs):
+    model, step = graph_step.install(tiny_model, capacity=2, backend=graphs)
+    for size in (SIZE, SIZE + 4, SIZE, SIZE + 8):   # SIZE is used again, so SIZE+4 is the oldest
+        cpu_sample(model, size=size)
+    assert step.stats["captures"] == 3 and step.cache.evictions == 1 and len(step.cache.graphs) == 2
+    shapes = [k[0][0][1] for k in step.cache.graphs]  # first leaf: the latent's shape
+    assert [s[-1] for s in shapes] == [SIZE, SIZE + 8]
+    with pytest.raises(ValueError, match="capacity"):
+        GraphCache(0)
+
+
+def test_lora_on_and_off_drops_the_graphs(tiny_model, cpu_sample, graphs, caplog):
+    from test_lora import _apply, _lora
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    lora = _lora(tiny_model)
+    plain = cpu_sample(tiny_model)
+    with_lora = cpu_sample(_apply(tiny_model, lora))
+    with caplog.at_level(logging.INFO, logger="octet"):
+        torch.testing.assert_close(cpu_sample(model), plain, rtol=0, atol=0)
+        torch.testing.assert_close(cpu_sample(_apply(model, lora)), with_lora, rtol=0, atol=0)  # LoRA on
+        torch.testing.assert_close(cpu_sample(model), plain, rtol=0, atol=0)                    # and off
+    assert step.stats["invalidations"] == 2 and step.stats["captures"] == 3
+    assert len(_records(caplog, "weights changed")) == 2
+
+
+def test_moved_weights_drop_the_graphs(tiny_model, graphs):
+    """Same patcher, same patches, but the weights were reloaded elsewhere: the data pointers tell."""
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    x, t, ctx = _inputs()
+    _call(model, x, t, ctx)
+    dm = model.model.diffusion_model
+    param = dm.out[2].weight
+    old = param.data
+    try:
+        param.data = old.clone()
+        _call(model, x, t, ctx)
+    finally:
+        param.data = old
+    assert step.stats["invalidations"] == 1 and step.stats["captures"] == 2
+
+
+def test_static_timestep_groups_are_graph_keys(tiny_model, graphs):
+    """Each static layer reads the scale of the current sigma group; a graph would bake one in."""
+    from test_calibration_nodes import SETTINGS, _conds
+    from comfyui_octet.nodes import calibrate_nodes
+    import nodes
+    pos, neg = _conds()
+    latent = {"samples": torch.zeros(1, 4, SIZE, SIZE)}
+    cal, _ = calibrate_nodes.calibrate(tiny_model, pos, neg, latent, 7, 6, 4.0, "euler", "normal", 3, dict(SETTINGS))
+    static, _ = bridge.quantize_model(tiny_model, StaticW8A8Config(**SETTINGS), calibration=cal)
+    model, step = graph_step.install(static, backend=graphs)
+    eager = nodes.common_ksampler(static, 7, 6, 4.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+    out = nodes.common_ksampler(model, 7, 6, 4.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert step.stats["captures"] == 3 and step.stats["replays"] == 6   # 3 groups, 2 steps each
+    assert sorted(k[3] for k in step.cache.graphs) == [(0,), (1,), (2,)]
+
+
+def test_quantized_model_and_int8_sampler_timer_run_around_the_graph(tiny_model, graphs):
+    """INT8 Sampler stacks its timer wrapper after ours; it still runs once per call, outside the graph."""
+    from comfyui_octet.nodes import sampler_nodes
+    q, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))
+    model, step = graph_step.install(q, backend=graphs)
+    timer = sampler_nodes._StepTimer()
+    timed = timer.wrap(model, "int8")
+    pos, neg = reference_model.tiny_conditioning(seed=1), reference_model.tiny_conditioning(seed=2)
+    import nodes
+    latent = {"samples": torch.zeros(1, 4, SIZE, SIZE)}
+    out = nodes.common_ksampler(timed, 2, STEPS, 4.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+    eager = nodes.common_ksampler(q, 2, STEPS, 4.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert len(timer.calls) == STEPS and step.stats["replays"] == STEPS and step.stats["captures"] == 1
+
+
+# -- eager fallbacks through the sampler ---------------------------------------------------------
+def _fallback_case(tiny_model, cpu_sample, caplog, graphs, change, expected):
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    model = change(model)
+    with caplog.at_level(logging.INFO, logger="octet"):
+        out = cpu_sample(model)
+        cpu_sample(model)
+    assert len(_records(caplog, expected)) == 1, caplog.text
+    assert step.stats["captures"] == 0 and step.stats["eager"] == 2 * STEPS
+    return out
+
+
+def test_unknown_diffusion_model_wrapper_runs_eager(tiny_model, cpu_sample, caplog, graphs):
+    def add(m):
+        m = m.clone()
+        m.add_wrapper_with_key("diffusion_model", "other_pack", lambda executor, *a, **k: executor(*a, **k))
+        return m
+    out = _fallback_case(tiny_model, cpu_sample, caplog, graphs, add, "diffusion_model wrapper(s) ['other_pack']")
+    torch.testing.assert_close(out, cpu_sample(tiny_model), rtol=0, atol=0)
+
+
+def test_attention_patch_runs_eager(tiny_model, cpu_sample, caplog, graphs):
+    def add(m):
+        m = m.clone()
+        m.set_model_attn1_patch(lambda q, k, v, extra_options: (q, k, v))
+        return m
+    _fallback_case(tiny_model, cpu_sample, caplog, graphs, add, "transformer_options['patches'] ['attn1_patch']")
+
+
+def test_unknown_object_patch_runs_eager(tiny_model, cpu_sample, caplog, graphs):
+    def add(m):
+        m = m.clone()
+        conv = m.model.diffusion_model.out[2]
+        twin = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+        twin.load_state_dict(conv.state_dict())
+        m.add_object_patch("diffusion_model.out.2", twin)
+        return m
+    _fallback_case(tiny_model, cpu_sample, caplog, graphs, add, "object patch 'diffusion_model.out.2' (Conv2d)")
+
+
+def test_capture_error_runs_that_key_eager_for_good(tiny_model, cpu_sample, caplog):
+    failing = CpuGraphs(fail=True)
+    model, step = graph_step.install(tiny_model, backend=failing)
+    with caplog.at_level(logging.INFO, logger="octet"):
+        torch.testing.assert_close(cpu_sample(model), cpu_sample(tiny_model), rtol=0, atol=0)
+        cpu_sample(model)
+    assert failing.captured == 1 and step.stats["eager"] == 2 * STEPS
+    assert len(_records(caplog, "capture failed (RuntimeError: CUDA error: operation not permitted")) == 1
+
+
+# -- eager fallbacks on direct calls (host states a CPU run cannot reach through the sampler) -----
+def _inputs(batch=1):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 4, SIZE, SIZE, generator=g), torch.full((batch,), 2.0),
+            torch.randn(batch, 8, reference_model.CONTEXT_DIM, generator=g))
+
+
+def _call(patcher, x, t, ctx, more_options=None, **extra):
+    """BaseModel.apply_model as the sampler calls it, with ``patcher`` driving the model."""
+    import comfy.patcher_extension as pe
+    patcher.model.current_patcher = patcher
+    options = {"wrappers": pe.copy_nested_dicts(patcher.wrappers), "cond_or_uncond": [0], "sigmas": t,
+               **(more_options or {})}
+    with torch.no_grad():
+        return patcher.model.apply_model(x, t, c_crossattn=ctx, transformer_options=options, **extra)
+
+
+@pytest.mark.parametrize("state,expected", [
+    ("lowvram", "partially loaded (lowvram / offload)"),
+    ("hooks", "has hooks (scheduled LoRA / keyframes)"),
+    ("grad", "autograd is on"),
+    ("unkeyable", "transformer_options['other_pack_state'] holds a object, neither a tensor nor a plain value"),
+])
+def test_unsafe_host_states_run_eager(tiny_model, graphs, caplog, monkeypatch, state, expected):
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    x, t, ctx = _inputs()
+    with torch.no_grad():
+        eager = tiny_model.model.apply_model(x, t, c_crossattn=ctx)
+    extra = {}
+    if state == "lowvram":
+        monkeypatch.setattr(model.model, "model_lowvram", True)
+    elif state == "hooks":
+        monkeypatch.setattr(model, "hook_patches", {"a_hook": {}})
+    elif state == "unkeyable":
+        extra = {"more_options": {"other_pack_state": object()}}
+    with caplog.at_level(logging.INFO, logger="octet"):
+        for _ in range(2):
+            if state == "grad":
+                model.model.current_patcher = model
+                import comfy.patcher_extension as pe
+                with torch.enable_grad():
+                    out = model.model.apply_model(x, t, c_crossattn=ctx, transformer_options={
+                        "wrappers": pe.copy_nested_dicts(model.wrappers)}).detach()
+            else:
+                out = _call(model, x, t, ctx, **extra)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert len(_records(caplog, expected)) == 1, caplog.text
+    assert step.stats["captures"] == 0 and step.stats["eager"] == 2
+
+
+def test_keys_that_change_every_call_give_up_on_graphs(tiny_model, graphs, caplog):
+    model, step = graph_step.install(tiny_model, capacity=1, backend=graphs)
+    with caplog.at_level(logging.INFO, logger="octet"):
+        for size in range(8, 8 + 8 * 8, 8):  # a new latent size every call: every call a capture
+            x = torch.randn(1, 4, size, size)
+            _call(model, x, torch.full((1,), 2.0), _inputs()[2])
+    assert step.stats["captures"] == 5 and step.stats["eager"] == 3
+    assert len(_records(caplog, "graph keys changed on almost every call")) == 1
+
+
+def test_dynamic_vram_runs_eager(tiny_model, graphs, caplog, monkeypatch):
+    """ComfyUI 0.29's dynamic VRAM (weights streamed per step) is a kind of offload."""
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    monkeypatch.setattr(model, "is_dynamic", lambda: True, raising=False)
+    x, t, ctx = _inputs()
+    with caplog.at_level(logging.INFO, logger="octet"):
+        _call(model, x, t, ctx)
+    assert len(_records(caplog, "dynamic VRAM")) == 1 and step.stats["eager"] == 1
+
+
+def test_node_is_listed():
+    from comfyui_octet.nodes import extension
+    assert "OctetCudaGraphStep" in {cls.GET_SCHEMA().node_id for cls in extension.NODES}
+
+
+# -- GPU: real graphs are bit-identical to eager ---------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("variant", ["float", "dynamic"])
+def test_gpu_graph_sampling_is_bit_identical_to_eager(variant):
+    """An euler loop over apply_model (cond+uncond batch, cfg) with and without CUDA Graph Step."""
+    import comfy.patcher_extension as pe
+    import comfy.samplers
+    source = reference_model.build_tiny_sd15()
+    base = source if variant == "float" else bridge.quantize_model(source, config_for_mode(variant))[0]
+    model, step = graph_step.install(base)
+    cuda = torch.device("cuda")
+    model.load_device = cuda
+    model.patch_model(device_to=cuda)
+    model.model.to(cuda)  # the object-patched INT8 layers too, whatever the host's load policy
+    try:
+        g = torch.Generator().manual_seed(0)
+        sigmas = comfy.samplers.calculate_sigmas(model.model.model_sampling, "normal", 8).to(cuda)
+        noise = torch.randn(1, 4, 32, 32, generator=g).to(cuda)
+        ctx = torch.cat([reference_model.tiny_conditioning(seed=1)[0][0],
+                         reference_model.tiny_conditioning(seed=2)[0][0]]).to(cuda)
+
+        def euler(wrappers):
+            model.model.current_patcher = model
+            x = noise * sigmas[0]
+            for i in range(len(sigmas) - 1):
+                options = {"wrappers": pe.copy_nested_dicts(wrappers), "cond_or_uncond": [0, 1],
+                           "sigmas": sigmas[i:i + 1], "sample_sigmas": sigmas}
+                with torch.inference_mode():
+                    den = model.model.apply_model(torch.cat([x, x]), sigmas[i].expand(2), c_crossattn=ctx,
+                                                  transformer_options=options)
+                cond, uncond = den.chunk(2)
+                den = uncond + 4.0 * (cond - uncond)
+                x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+            return x
+        eager = euler(base.wrappers)
+        graphed = euler(model.wrappers)
+        again = euler(model.wrappers)
+    finally:
+        model.unpatch_model(device_to=torch.device("cpu"))
+    assert step.stats["captures"] == 1 and step.stats["replays"] == 16 and step.stats["eager"] == 0
+    assert torch.equal(graphed, eager) and torch.equal(again, eager)
+    assert next(iter(step.cache.graphs.values())).bytes > 0
