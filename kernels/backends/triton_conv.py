@@ -21,7 +21,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..operands import ConvGeometry, pair
-from . import triton_launch, triton_support
+from . import triton_support
 from .triton_gemm import _grouped_tile, m_bucket
 from .triton_quant import quantize_per_sample_nhwc
 
@@ -192,11 +192,9 @@ def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
     w_tma = c % 64 == 0 and (triton_support.is_hopper() or triton_support.interpreting())
     w_arg = TensorDescriptor.from_tensor(wq.view(oc, kh * kw * c), [16, 16]) if w_tma else wq
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(oc, meta["BLOCK_N"]),)  # noqa: E731
-    triton_launch.launch(
-        _conv_kernel, grid,
-        (xq, w_arg, y, a_scale, ws, bias if bias is not None else ws, m, m_bucket(m), h, w, c, oh, ow, oc,
-         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-         y.stride(0), y.stride(1), y.stride(3), 1 if a_scale.numel() > 1 else 0),
-        dict(KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=bias is not None, W_TMA=w_tma),
-        outputs=(y,))
+    _conv_kernel[grid](xq, w_arg, y, a_scale, ws, bias if bias is not None else ws,
+                       m, m_bucket(m), h, w, c, oh, ow, oc,
+                       stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                       y.stride(0), y.stride(1), y.stride(3), 1 if a_scale.numel() > 1 else 0,
+                       KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=bias is not None, W_TMA=w_tma)
     return y

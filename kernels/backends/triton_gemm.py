@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..torch_ref import gelu_tanh_quantize
-from . import triton_launch, triton_support
+from . import triton_support
 
 _MAX_INT32 = 2**31 - 1
 
@@ -347,14 +347,11 @@ def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
 
-    triton_launch.launch(
-        _w8a8_kernel, grid,
-        (a_arg, b_arg, out, a_scale, w_scale, bias if bias is not None else w_scale,
-         q_smooth if q_smooth is not None else w_scale, q_scale if q_scale is not None else w_scale,
-         m, n, k, m_bucket(m), sms, k, k, n, 0 if a_scale.numel() == 1 else 1),
-        dict(HAS_BIAS=bias is not None, USE_TMA=use_tma, GELU_QUANT=gelu_quant is not None,
-             HAS_Q_SMOOTH=q_smooth is not None),
-        outputs=(out,))
+    _w8a8_kernel[grid](a_arg, b_arg, out, a_scale, w_scale, bias if bias is not None else w_scale,
+                       q_smooth if q_smooth is not None else w_scale, q_scale if q_scale is not None else w_scale,
+                       m, n, k, m_bucket(m), sms, k, k, n, 0 if a_scale.numel() == 1 else 1,
+                       HAS_BIAS=bias is not None, USE_TMA=use_tma, GELU_QUANT=gelu_quant is not None,
+                       HAS_Q_SMOOTH=q_smooth is not None)
     return out
 
 
@@ -377,10 +374,9 @@ def w8a16_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
         return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
     w_scale = _vector(w_scale, x2d.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    triton_launch.launch(
-        _w8a16_kernel, grid,
-        (x2d, qweight, out, w_scale, bias if bias is not None else w_scale, m, n, k, m_bucket(m), k, k, n),
-        dict(HAS_BIAS=bias is not None, DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32",
-             DOT_IN_FP32=triton_support.interpreting()),
-        outputs=(out,))
+    _w8a16_kernel[grid](x2d, qweight, out, w_scale, bias if bias is not None else w_scale,
+                        m, n, k, m_bucket(m), k, k, n,
+                        HAS_BIAS=bias is not None,
+                        DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32",
+                        DOT_IN_FP32=triton_support.interpreting())
     return out

@@ -21,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_launch
-
 QMAX = 127.0
 MIN_SCALE = 1e-12
 
@@ -123,11 +121,10 @@ def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
         return q, scales
     one_tile, block_k, num_warps = row_launch_config(k)
     smooth_arg = smooth.contiguous() if smooth is not None else x2d
-    triton_launch.launch(
-        _quantize_rows_kernel, (m,), (x2d, smooth_arg, scales, q, scales, k, x2d.stride(0)),
-        dict(HAS_SMOOTH=smooth is not None, STATIC=static, ONE_TILE=one_tile, SCALE_BY_RECIPROCAL=x2d.is_cuda,
-             BLOCK_K=block_k, num_warps=num_warps),
-        outputs=(q,) if static else (q, scales))
+    _quantize_rows_kernel[(m,)](
+        x2d, smooth_arg, scales, q, scales, k, x2d.stride(0),
+        HAS_SMOOTH=smooth is not None, STATIC=static, ONE_TILE=one_tile, SCALE_BY_RECIPROCAL=x2d.is_cuda,
+        BLOCK_K=block_k, num_warps=num_warps)
     return q, scales
 
 
