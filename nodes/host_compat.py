@@ -86,8 +86,10 @@ def unet_config_for_host(config: dict, where: str) -> dict:
 def clear_host_quantization(model_config) -> None:
     """Make the host build float ops: Octet installs its own int8 layers (0.3.75: layer_quant_config, 0.29:
     quant_config)."""
+    declared = {name for cls in type(model_config).__mro__ for name in vars(cls)}
     for attr in ("quant_config", "layer_quant_config"):
-        if hasattr(model_config, attr):
+        # Looked up on the class: 0.29's __getattr__ logs a warning for the old name.
+        if attr in declared:
             setattr(model_config, attr, None)
 
 
