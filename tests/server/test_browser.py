@@ -60,7 +60,13 @@ def test_node_error_shows_octets_message_in_the_ui(browser, artifacts):
         return s.id; }""")
     browser.click_run()
     message = browser.page.get_by_text("is not quantized", exact=False).first
-    message.wait_for(state="visible", timeout=120_000)
+    # Frontend 1.32 (ComfyUI 0.3.75) opens a dialog with the message; 1.47 (0.29) first shows an "errors found"
+    # toast whose "View details" opens the panel with it.
+    details = browser.page.get_by_role("button", name="View details").first
+    message.or_(details).first.wait_for(state="visible", timeout=120_000)
+    if not message.is_visible():
+        details.click()
+    message.wait_for(state="visible", timeout=30_000)
     assert "Quantize Model" in message.inner_text()
     errors = browser.js("() => window.app.lastExecutionError && window.app.lastExecutionError.node_id")
     assert str(errors) == str(sampler)
