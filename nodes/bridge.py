@@ -20,6 +20,7 @@ from ..octet.fingerprint import module_fingerprint
 from ..octet.modules import QuantLayer
 from ..octet.policy import write_report
 from ..octet.timestep import GroupSelector
+from . import host_compat
 
 log = logging.getLogger("octet")
 PREFIX = "diffusion_model."
@@ -77,6 +78,7 @@ def quantized_layers(patcher) -> dict[str, QuantLayer]:
 
 def quantize_model(patcher, config, policy=None, calibration=None, progress=None):
     """Clone ``patcher`` and install quantized layers as object patches. Returns (clone, result)."""
+    host_compat.sync_core()
     dm = diffusion_model(patcher)
     if quantized_layers(patcher):
         raise OctetError("This MODEL is already quantized by Octet. Connect the float MODEL to Quantize Model.")
@@ -141,9 +143,9 @@ def _weights_with_patches(patcher, dm) -> dict[str, torch.Tensor]:
 class _Overlay(torch.nn.Module):
     """A read-only view of the diffusion model with the object-patched layers in place, for saving."""
 
-    def __init__(self, dm: torch.nn.Module, layers: dict[str, QuantLayer]):
+    def __init__(self, dm: torch.nn.Module, layers: dict[str, QuantLayer], unet_config: dict):
         super().__init__()
-        self._dm, self._layers = [dm], layers
+        self._dm, self._layers, self._unet_config = [dm], layers, unet_config
 
     def named_modules(self, *args, **kwargs):
         yield from self._layers.items()
@@ -152,7 +154,7 @@ class _Overlay(torch.nn.Module):
         sd = {k: v for k, v in self._dm[0].state_dict().items() if k.rsplit(".", 1)[0] not in self._layers}
         for name, layer in self._layers.items():
             sd.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
-        return sd
+        return host_compat.keys_for_file(self._unet_config, sd)
 
 
 def save_model(patcher, path: str) -> dict:
@@ -174,7 +176,7 @@ def save_model(patcher, path: str) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "octet_version": _version(),
     }
-    written = checkpoint.save(path, _Overlay(diffusion_model(patcher), layers), meta)
+    written = checkpoint.save(path, _Overlay(diffusion_model(patcher), layers, mc.unet_config), meta)
     report = info.get("report")
     if report:  # the per-layer table (and sensitivity scores) as <name>.report.txt/.json beside the file
         write_report(path, report["layers"], report["policy"], meta)
@@ -189,23 +191,9 @@ def _version() -> str:
         return "0.1.0"
 
 
-def _model_config(ckpt: checkpoint.LoadedCheckpoint):
-    import comfy.model_detection
-    import comfy.supported_models
-
-    arch = ckpt.octet.get("architecture")
-    if arch is None:  # a foreign comfy_quant file: let the host detect the architecture from shapes
-        config = comfy.model_detection.model_config_from_unet(ckpt.tensors, "")
-        if config is None:
-            raise OctetError("Could not detect the architecture of this checkpoint, and it has no Octet header. "
-                             "Re-save it with Octet's Save Quantized node.")
-        config.layer_quant_config = None
-        return config
-    cls = getattr(comfy.supported_models, arch, None)
-    if cls is None:
-        raise OctetError(f"The checkpoint is for architecture '{arch}', which this ComfyUI does not know. "
-                         f"Update ComfyUI, or load the checkpoint in the ComfyUI that made it.")
-    return cls(dict(ckpt.octet["unet_config"]))
+def _model_config(ckpt: checkpoint.LoadedCheckpoint, path: str):
+    """The architecture, rebuilt through the running host's detection (see host_compat)."""
+    return host_compat.model_config_from_checkpoint(ckpt.tensors, ckpt.octet, os.path.basename(path))
 
 
 def load_model(path: str, backend: str = "auto"):
@@ -213,8 +201,10 @@ def load_model(path: str, backend: str = "auto"):
     import comfy.model_management as mm
     import comfy.model_patcher
 
+    host_compat.sync_core()
     ckpt = checkpoint.read(path)
-    config = _model_config(ckpt)
+    config = _model_config(ckpt, path)
+    ckpt.tensors, ckpt.layers = host_compat.keys_for_host(config, ckpt.tensors, ckpt.layers, os.path.basename(path))
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     params = sum(t.numel() for t in ckpt.tensors.values())
     dtype = mm.unet_dtype(model_params=params, supported_dtypes=list(config.supported_inference_dtypes))

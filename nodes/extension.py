@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import host_compat
 from .calibrate_nodes import Calibrate, CalibrationPrompts, LoadCalibration, SaveCalibration
 from .checkpoint_nodes import LoadQuantized, SaveQuantized
 from .eval_nodes import Evaluate, Profile
@@ -25,4 +26,5 @@ class OctetExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> OctetExtension:
+    host_compat.sync_core()
     return OctetExtension()

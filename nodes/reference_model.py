@@ -233,10 +233,12 @@ def load_reference(kind: str = "unet", variant: str = "plain", path: str | None 
         raise FileNotFoundError(f"Reference model weights not found at {path}. They ship in the repo's models/ "
                                 f"folder; re-create them with `python models/train_reference.py`.")
     tensors, info = read_file(path)
-    config = getattr(comfy.supported_models, s.architecture)(dict(s.unet_config))
+    from .host_compat import unet_config_for_host  # package-relative: load_reference runs inside the pack only
+    config = getattr(comfy.supported_models, s.architecture)(unet_config_for_host(s.unet_config, f"reference {kind}"))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, "")
-    sd = {k: v.to(dtype) for k, v in tensors.items() if not k.startswith("octet.")}
+    # The host's own file-key mapping (0.29 reads Flux's QK-norm `.scale` as `.weight`).
+    sd = config.process_unet_state_dict({k: v.to(dtype) for k, v in tensors.items() if not k.startswith("octet.")})
     missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not match the {kind} reference architecture: missing {missing[:5]}, "

@@ -33,6 +33,13 @@ from .layout import Int8Layout
 from .timestep import GroupSelector
 
 
+# -- host hook (set by nodes/host_compat.py; the core never imports ComfyUI) ----------------------
+# What the host's ``weight_function`` patches (LoRA under lowvram) take: ComfyUI 0.3.75's
+# LowVramPatch takes the stored form and converts it itself (through our convert_weight/set_weight);
+# 0.29's takes the float weight (its ops dequantize before applying them) and ignores those hooks.
+WEIGHT_FUNCTIONS_TAKE_FLOAT = False
+
+
 def _version(t: torch.Tensor) -> int:
     """In-place write counter; inference tensors (made under torch.inference_mode) have none, and
     their in-place writes go through set_weight, which drops plans itself."""
@@ -166,9 +173,12 @@ class QuantLayer(nn.Module):
     def _float_operands(self, x: torch.Tensor):
         """Float weight and bias with ComfyUI's weight/bias functions applied (LoRA under lowvram etc.)."""
         w = _on(self.weight, x.device).to(x.dtype)
+        if WEIGHT_FUNCTIONS_TAKE_FLOAT:
+            w = self.convert_weight(w)
         for f in self.weight_function:
             w = f(w)
-        w = self.convert_weight(w)
+        if not WEIGHT_FUNCTIONS_TAKE_FLOAT:
+            w = self.convert_weight(w)
         b = _on(self.bias, x.device)
         if b is not None:
             b = b.to(x.dtype)

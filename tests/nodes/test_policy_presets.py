@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import comfy.supported_models as sm
-from comfyui_octet.nodes import policy_nodes
+from comfyui_octet.nodes import host_compat, policy_nodes
 from comfyui_octet.nodes.reference_model import TINY_SD15_UNET
 from comfyui_octet.octet import config_for_mode, quantize_
 from comfyui_octet.octet.policy import FAMILIES, build_policy, family_for, preset
@@ -76,7 +76,7 @@ class _Patcher:
 
 
 def build(arch):
-    config = getattr(sm, arch)(dict(TINY[arch]))
+    config = getattr(sm, arch)(host_compat.unet_config_for_host(TINY[arch], arch))  # e.g. 0.29's txt_ids_dims
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "")
     init_weights(model.diffusion_model)

@@ -125,6 +125,121 @@ SPECS = {
     },
 }
 
+# Workflows on the user's real models, with ComfyUI's stock loaders. They cannot run here (no model files):
+# the tests validate them against /object_info of both hosts (test_server.py). Their files, which the
+# user puts in ComfyUI's models/ folders (README, "Example workflows"):
+REAL_MODEL_FILES = {
+    "checkpoints": ["sd_xl_base_1.0.safetensors"],
+    "diffusion_models": ["flux1-dev.safetensors", "octet/flux1-dev_int8.safetensors"],
+    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+    "vae": ["ae.safetensors"],
+}
+REAL_SAMPLING = {"seed": 0, "control_after_generate": "fixed", "sampler_name": "euler"}
+PROMPT = "a red fox in fresh snow at sunrise, detailed fur, photograph"
+SPECS.update({
+    "octet_sdxl_quantize_sample_save": {
+        "real_models": True,
+        "note": "Octet on SDXL: quantize the UNet to INT8, sample, save.\n\n"
+                "Needs models/checkpoints/sd_xl_base_1.0.safetensors (Stability AI's SDXL base 1.0).\n\n"
+                "Quantize Model (dynamic W8A8) makes the INT8 UNet; INT8 Sampler runs the first step with the "
+                "float UNet, the rest in INT8; Save Quantized writes models/diffusion_models/octet/"
+                "sdxl_base_int8.safetensors. CLIP and VAE stay the checkpoint's own.",
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", 0, {"ckpt_name": "sd_xl_base_1.0.safetensors"}, None),
+            ("pos", "CLIPTextEncode", 1, {"text": PROMPT}, "positive"),
+            ("neg", "CLIPTextEncode", 1, {"text": "blurry, low quality, watermark"}, "negative"),
+            ("latent", "EmptyLatentImage", 1, {"width": 1024, "height": 1024, "batch_size": 1}, None),
+            ("quant", "OctetQuantizeModel", 2, {"mode": "dynamic"}, None),
+            ("save", "OctetSaveQuantized", 2, {"filename": "octet/sdxl_base_int8", "overwrite": False}, None),
+            ("report", "PreviewAny", 2, {}, "quantize report"),
+            ("sampler", "OctetInt8Sampler", 3, dict(REAL_SAMPLING, steps=30, cfg=6.0, scheduler="karras",
+                                                   float_first_steps=1, float_last_steps=0), None),
+            ("timing", "PreviewAny", 3, {}, "sampler timing"),
+            ("decode", "VAEDecode", 4, {}, None),
+            ("image", "SaveImage", 4, {"filename_prefix": "octet/sdxl_int8"}, None),
+        ],
+        "links": [
+            ("ckpt", "MODEL", "quant", "model"), ("ckpt", "CLIP", "pos", "clip"), ("ckpt", "CLIP", "neg", "clip"),
+            ("quant", "MODEL", "save", "model"), ("quant", "report", "report", "source"),
+            ("quant", "MODEL", "sampler", "model"), ("ckpt", "MODEL", "sampler", "float_model"),
+            ("pos", "CONDITIONING", "sampler", "positive"), ("neg", "CONDITIONING", "sampler", "negative"),
+            ("latent", "LATENT", "sampler", "latent_image"), ("sampler", "timing", "timing", "source"),
+            ("sampler", "LATENT", "decode", "samples"), ("ckpt", "VAE", "decode", "vae"),
+            ("decode", "IMAGE", "image", "images"),
+        ],
+    },
+    "octet_flux_quantize_sample_save": {
+        "real_models": True,
+        "note": "Octet on Flux.1-dev: quantize the DiT to INT8, sample, save.\n\n"
+                "Needs models/diffusion_models/flux1-dev.safetensors, models/text_encoders/clip_l.safetensors and "
+                "t5xxl_fp16.safetensors, models/vae/ae.safetensors (the files of ComfyUI's Flux examples).\n\n"
+                "Quantize Model (dynamic W8A8) halves the DiT's weight memory; INT8 Sampler (cfg 1, Flux Guidance "
+                "3.5) runs the first step in float; Save Quantized writes models/diffusion_models/octet/"
+                "flux1-dev_int8.safetensors for the Load Quantized workflow.",
+        "nodes": [
+            ("unet", "UNETLoader", 0, {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}, None),
+            ("clip", "DualCLIPLoader", 0, {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                           "type": "flux"}, None),
+            ("vae", "VAELoader", 0, {"vae_name": "ae.safetensors"}, None),
+            ("pos", "CLIPTextEncode", 1, {"text": PROMPT}, "positive"),
+            ("guid", "FluxGuidance", 1, {"guidance": 3.5}, None),
+            ("neg", "ConditioningZeroOut", 1, {}, "negative (unused at cfg 1)"),
+            ("latent", "EmptySD3LatentImage", 1, {"width": 1024, "height": 1024, "batch_size": 1}, None),
+            ("quant", "OctetQuantizeModel", 2, {"mode": "dynamic"}, None),
+            ("save", "OctetSaveQuantized", 2, {"filename": "octet/flux1-dev_int8", "overwrite": False}, None),
+            ("report", "PreviewAny", 2, {}, "quantize report"),
+            ("sampler", "OctetInt8Sampler", 3, dict(REAL_SAMPLING, steps=20, cfg=1.0, scheduler="simple",
+                                                   float_first_steps=1, float_last_steps=0), None),
+            ("timing", "PreviewAny", 3, {}, "sampler timing"),
+            ("decode", "VAEDecode", 4, {}, None),
+            ("image", "SaveImage", 4, {"filename_prefix": "octet/flux_int8"}, None),
+        ],
+        "links": [
+            ("unet", "MODEL", "quant", "model"), ("clip", "CLIP", "pos", "clip"),
+            ("pos", "CONDITIONING", "guid", "conditioning"), ("pos", "CONDITIONING", "neg", "conditioning"),
+            ("quant", "MODEL", "save", "model"), ("quant", "report", "report", "source"),
+            ("quant", "MODEL", "sampler", "model"), ("unet", "MODEL", "sampler", "float_model"),
+            ("guid", "CONDITIONING", "sampler", "positive"), ("neg", "CONDITIONING", "sampler", "negative"),
+            ("latent", "LATENT", "sampler", "latent_image"), ("sampler", "timing", "timing", "source"),
+            ("sampler", "LATENT", "decode", "samples"), ("vae", "VAE", "decode", "vae"),
+            ("decode", "IMAGE", "image", "images"),
+        ],
+    },
+    "octet_flux_load_quantized_sample": {
+        "real_models": True,
+        "note": "Octet on Flux.1-dev: load the INT8 file and sample it; no float DiT is loaded.\n\n"
+                "Needs models/diffusion_models/octet/flux1-dev_int8.safetensors (written by the Flux quantize "
+                "workflow), models/text_encoders/clip_l.safetensors and t5xxl_fp16.safetensors, "
+                "models/vae/ae.safetensors.",
+        "nodes": [
+            ("load", "OctetLoadQuantized", 0, {"ckpt_name": "octet/flux1-dev_int8.safetensors", "backend": "auto"},
+             None),
+            ("clip", "DualCLIPLoader", 0, {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                           "type": "flux"}, None),
+            ("vae", "VAELoader", 0, {"vae_name": "ae.safetensors"}, None),
+            ("pos", "CLIPTextEncode", 1, {"text": PROMPT}, "positive"),
+            ("guid", "FluxGuidance", 1, {"guidance": 3.5}, None),
+            ("neg", "ConditioningZeroOut", 1, {}, "negative (unused at cfg 1)"),
+            ("latent", "EmptySD3LatentImage", 1, {"width": 1024, "height": 1024, "batch_size": 1}, None),
+            ("sampler", "OctetInt8Sampler", 2, dict(REAL_SAMPLING, steps=20, cfg=1.0, scheduler="simple",
+                                                   float_first_steps=0, float_last_steps=0), None),
+            ("timing", "PreviewAny", 2, {}, "sampler timing"),
+            ("decode", "VAEDecode", 3, {}, None),
+            ("image", "SaveImage", 3, {"filename_prefix": "octet/flux_int8_loaded"}, None),
+        ],
+        "links": [
+            ("clip", "CLIP", "pos", "clip"),
+            ("pos", "CONDITIONING", "guid", "conditioning"), ("pos", "CONDITIONING", "neg", "conditioning"),
+            ("load", "MODEL", "sampler", "model"),
+            ("guid", "CONDITIONING", "sampler", "positive"), ("neg", "CONDITIONING", "sampler", "negative"),
+            ("latent", "LATENT", "sampler", "latent_image"), ("sampler", "timing", "timing", "source"),
+            ("sampler", "LATENT", "decode", "samples"), ("vae", "VAE", "decode", "vae"),
+            ("decode", "IMAGE", "image", "images"),
+        ],
+    },
+})
+REFERENCE = [name for name, spec in SPECS.items() if not spec.get("real_models")]  # run on a CPU in CI
+
 # Runs in the page: builds one spec with the frontend's LiteGraph and returns the serialized graph.
 BUILD_JS = """
 async (spec) => {
@@ -179,11 +294,13 @@ async (spec) => {
 """
 
 
-def build(server: ComfyServer, screenshots: bool) -> None:
+def build(server: ComfyServer, screenshots: bool, only: list[str] | None = None) -> None:
     os.makedirs(WORKFLOWS, exist_ok=True)
     os.makedirs(API_WORKFLOWS, exist_ok=True)
     with Browser(server) as b:
         for name, spec in SPECS.items():
+            if only and name not in only:
+                continue
             workflow = b.js(BUILD_JS, {"nodes": [list(n) for n in spec["nodes"]],
                                        "links": [list(l) for l in spec["links"]], "note": spec["note"]})
             workflow.pop("id", None)  # a fresh id per export; templates do not need one
@@ -198,7 +315,7 @@ def build(server: ComfyServer, screenshots: bool) -> None:
             print(f"wrote {name}: {len(workflow['nodes'])} nodes, {len(workflow['links'])} links, "
                   f"{len(prompt)} API nodes")
         if screenshots:  # each file loaded back and run with the Run button, in order (b loads what a saves)
-            for name in SPECS:
+            for name in REFERENCE:
                 b.load_workflow(load_json(os.path.join(WORKFLOWS, name + ".json")), name)
                 b.run_and_wait_for_images()
                 path = os.path.join(ROOT, "docs", f"workflow_{name}.png")
@@ -209,12 +326,16 @@ def build(server: ComfyServer, screenshots: bool) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--screenshots", action="store_true", help="also write docs/workflow_<name>.png")
+    ap.add_argument("--only", nargs="+", choices=list(SPECS), help="build only these workflows")
     args = ap.parse_args()
     with ComfyServer() as server:
-        # Load Quantized lists files in models/diffusion_models: give it the name example (a) saves.
-        os.makedirs(server.path("models", "diffusion_models", "octet"), exist_ok=True)
-        open(server.path("models", "diffusion_models", CKPT + ".safetensors"), "wb").close()
-        build(server, args.screenshots)
+        # The loaders list files in models/: give them the names the workflows use (empty placeholders).
+        for folder, names in dict(REAL_MODEL_FILES, diffusion_models=REAL_MODEL_FILES["diffusion_models"] +
+                                  [CKPT + ".safetensors"]).items():
+            for name in names:
+                os.makedirs(os.path.dirname(server.path("models", folder, name)), exist_ok=True)
+                open(server.path("models", folder, name), "wb").close()
+        build(server, args.screenshots, args.only)
 
 
 if __name__ == "__main__":

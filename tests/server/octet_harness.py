@@ -73,9 +73,16 @@ class ComfyServer:
 
     def prepare(self) -> None:
         src = find_comfyui()
-        shutil.copytree(src, self.comfy, symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "tests", "tests-unit", ".git", "output", "input",
-                                                      "user", "temp"))
+        everywhere = shutil.ignore_patterns("__pycache__", ".git")
+        top_level = {"tests", "tests-unit", "output", "input", "user", "temp"}  # the host's data folders, not
+        # packages of the same name (0.29 has comfy_api/input)
+
+        def ignore(folder, names):
+            skipped = set(everywhere(folder, names))
+            if os.path.abspath(folder) == os.path.abspath(src):
+                skipped |= top_level & set(names)
+            return skipped
+        shutil.copytree(src, self.comfy, symlinks=True, ignore=ignore)
         extra = self.path("extra_model_paths.yaml")
         if os.path.exists(extra):
             os.remove(extra)

