@@ -59,8 +59,8 @@ def plant_outliers(patcher, gain=OUTLIER_GAIN, channels=3, seed=0):
 
 
 def psnr(x, ref) -> float:
-    mse = (x - ref).pow(2).mean().clamp_min(1e-20)
-    return float(10 * torch.log10(ref.abs().max() ** 2 / mse))
+    from comfyui_octet.octet.metrics import tensor_psnr
+    return tensor_psnr(ref, x, peak="absmax")
 
 
 def run(model_name, model, args):

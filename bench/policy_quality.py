@@ -64,8 +64,8 @@ def sample(patcher, seed, size):
 
 
 def psnr(ref, out):
-    err = float(((out.double() - ref.double()) ** 2).mean())
-    return math.inf if err == 0 else 10 * math.log10(float(ref.max() - ref.min()) ** 2 / err)
+    from comfyui_octet.octet.metrics import tensor_psnr
+    return tensor_psnr(ref, out)
 
 
 def weights_mib(patcher, result) -> float:

@@ -35,8 +35,8 @@ EVAL_SEEDS = (1000, 1001, 1002, 1003)
 
 
 def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    mse = ((ref.double() - x.double()) ** 2).mean()
-    return float(10 * torch.log10((ref.double().max() - ref.double().min()) ** 2 / mse))
+    from comfyui_octet.octet.metrics import tensor_psnr
+    return tensor_psnr(ref, x)
 
 
 def sample(model, seed, positive, negative, size):

@@ -33,6 +33,17 @@ def psnr(ref: torch.Tensor, x: torch.Tensor, data_range: float = 1.0) -> torch.T
     return 10 * torch.log10(data_range ** 2 / mse)
 
 
+def tensor_psnr(ref: torch.Tensor, x: torch.Tensor, peak: str = "range") -> float:
+    """PSNR in dB of a whole tensor (latents, model outputs), float: +inf when identical.
+    ``peak``: "range" uses max - min of ``ref`` (latents have no fixed data range), "absmax" its |max|."""
+    ref, x = ref.double(), x.double()
+    mse = float(((ref - x) ** 2).mean())
+    top = float(ref.max() - ref.min()) if peak == "range" else float(ref.abs().max())
+    if peak not in ("range", "absmax"):
+        raise ValueError(f"peak={peak!r}; expected 'range' or 'absmax'")
+    return math.inf if mse == 0 else 10 * math.log10(top ** 2 / mse)
+
+
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-coords ** 2 / (2 * sigma ** 2))

@@ -28,11 +28,12 @@ import math
 
 import torch
 
+from ..kernels.torch_ref import QMAX  # one definition of the int8 grid
+
 BINS_PER_OCTAVE = 16
 MIN_LOG2 = -24
 MAX_LOG2 = 24
 BINS = (MAX_LOG2 - MIN_LOG2) * BINS_PER_OCTAVE
-QMAX = 127.0
 DEFAULT_SAMPLE_CAP = 1 << 16
 
 

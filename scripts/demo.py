@@ -16,9 +16,8 @@ import octet_pack  # noqa: E402  (this folder is on sys.path when the demo runs)
 
 
 def psnr(ref, x) -> float:
-    import torch
-    mse = ((ref.double() - x.double()) ** 2).mean()
-    return float(10 * torch.log10((ref.double().max() - ref.double().min()) ** 2 / mse))
+    from comfyui_octet.octet.metrics import tensor_psnr
+    return tensor_psnr(ref, x)
 
 
 def preview(model, latents):

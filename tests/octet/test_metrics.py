@@ -68,3 +68,13 @@ def test_timing_and_memory_helpers():
     assert metrics.time_call(lambda: sum(range(1000)), repeat=3) >= 0
     out, peak = metrics.peak_memory(lambda: torch.ones(4096, 4096).sum())
     assert out.item() == 4096 * 4096 and peak.kind == "cpu_rss_sampled" and peak.bytes >= 0
+
+
+def test_tensor_psnr_peaks_and_identity():
+    from comfyui_octet.octet.metrics import tensor_psnr
+    ref = torch.tensor([0.0, 2.0, -2.0, 1.0])
+    x = ref + torch.tensor([0.1, -0.1, 0.1, -0.1])
+    # mse = 0.01: range peak 4 -> 10*log10(16/0.01) = 32.04 dB; absmax peak 2 -> 26.02 dB
+    assert abs(tensor_psnr(ref, x) - 32.0412) < 1e-3
+    assert abs(tensor_psnr(ref, x, peak="absmax") - 26.0206) < 1e-3
+    assert tensor_psnr(ref, ref.clone()) == float("inf")
