@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import fusion
-from .config import QuantConfig
+from .config import DynamicW8A8Config, QuantConfig, StaticW8A8Config, WeightOnlyConfig
 from .modules import QUANT_TYPES, QuantConv2d, QuantLinear
 from .report import LayerRecord, QuantReport
 
@@ -44,13 +44,17 @@ class QuantResult(QuantReport):
         return super().summary() + chains + "\n" + goal
 
 
+# Float layer type -> (layer kind, the quantized module that replaces it): the one table of layer kinds.
+LAYER_TYPES: dict[type, tuple[str, type]] = {nn.Linear: ("linear", QuantLinear), nn.Conv2d: ("conv", QuantConv2d)}
+QUANT_CLASS = {kind: cls for kind, cls in LAYER_TYPES.values()}
+
+
 def layer_kind(module: nn.Module) -> Optional[str]:
     if isinstance(module, QUANT_TYPES):
         return None
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv"
+    for base, (kind, _) in LAYER_TYPES.items():
+        if isinstance(module, base):
+            return kind
     return None
 
 
@@ -77,22 +81,46 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return [(n, m, k) for n, m in model.named_modules() if (k := layer_kind(m)) is not None]
 
 
+# Config type -> the function that turns one float layer into its quantized module (as torchao's
+# quantize_ registers a transform per config type): a new mode is a new config class and one handler.
+_HANDLERS: dict[type, Callable] = {}
+
+
+def handler(*config_types: type):
+    def register(fn):
+        for t in config_types:
+            _HANDLERS[t] = fn
+        return fn
+    return register
+
+
+@handler(WeightOnlyConfig, DynamicW8A8Config)
+def _quantize_plain(module, kind, config, name, calibration, weight):
+    return QUANT_CLASS[kind].from_float(module, config.act, config.backend, weight=weight, goal=config.goal)
+
+
+@handler(StaticW8A8Config)
+def _quantize_static(module, kind, config, name, calibration, weight):
+    if calibration is None:
+        raise OctetError(f"Mode '{config.mode}' needs a CALIBRATION for layer '{name}': run the Calibrate "
+                         f"node on this model first, or choose mode 'dynamic' or 'weight_only'.")
+    smooth = None
+    if config.smooth_alpha is not None:
+        smooth = calibration.smoothing_factors(name, module.weight, config.smooth_alpha)
+    q = QUANT_CLASS[kind].from_float(module, config.act, config.backend, smooth=smooth, weight=weight,
+                                     goal=config.goal)
+    q.set_static_scales(calibration.input_scales(name, config, smooth=smooth),
+                        calibration.selector if config.timestep_groups else None)
+    return q
+
+
 def _build(module: nn.Module, kind: str, config: QuantConfig, name: str, calibration,
            weight: Optional[torch.Tensor] = None) -> nn.Module:
-    smooth = None
-    alpha = getattr(config, "smooth_alpha", None)
-    if config.act == "static" or alpha is not None:
-        if calibration is None:
-            raise OctetError(f"Mode '{config.mode}' needs a CALIBRATION for layer '{name}': run the Calibrate "
-                             f"node on this model first, or choose mode 'dynamic' or 'weight_only'.")
-        if alpha is not None:
-            smooth = calibration.smoothing_factors(name, module.weight, alpha)
-    cls = QuantLinear if kind == "linear" else QuantConv2d
-    q = cls.from_float(module, config.act, config.backend, smooth=smooth, weight=weight, goal=config.goal)
-    if config.act == "static":
-        q.set_static_scales(calibration.input_scales(name, config, smooth=smooth),
-                            calibration.selector if getattr(config, "timestep_groups", False) else None)
-    return q.to(module.weight.device)
+    build = _HANDLERS.get(type(config))
+    if build is None:
+        raise OctetError(f"No quantization handler for {type(config).__name__}; known: "
+                         f"{sorted(t.__name__ for t in _HANDLERS)}.")
+    return build(module, kind, config, name, calibration, weight).to(module.weight.device)
 
 
 def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Policy] = None, calibration=None,
