@@ -14,7 +14,7 @@ import uuid
 
 import torch
 
-from ..octet import checkpoint, quantize_
+from ..octet import checkpoint, filecheck, quantize_
 from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from ..octet.modules import QuantLayer
@@ -205,7 +205,7 @@ def _model_config(ckpt: checkpoint.LoadedCheckpoint):
     if cls is None:
         raise OctetError(f"The checkpoint is for architecture '{arch}', which this ComfyUI does not know. "
                          f"Update ComfyUI, or load the checkpoint in the ComfyUI that made it.")
-    return cls(dict(ckpt.octet["unet_config"]))
+    return cls(filecheck.unet_config(ckpt.file, ckpt.octet))
 
 
 def load_model(path: str, backend: str = "auto"):
