@@ -22,6 +22,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..octet import safefile
 from ..octet.api import OctetError
 from ..octet.calibration import Calibration, record
 from ..octet.config import StaticW8A8Config
@@ -44,6 +45,7 @@ def register_folder() -> None:
 
 
 register_folder()
+safefile.sweep_tree(folder_paths.get_folder_paths(FOLDER)[0])  # partial saves of a killed earlier run
 
 
 def _files(ext: str) -> list[str]:
@@ -214,9 +216,7 @@ class SaveCalibration(io.ComfyNode):
     @classmethod
     def execute(cls, calibration, filename, overwrite):
         root = folder_paths.get_folder_paths(FOLDER)[0]
-        path = os.path.abspath(os.path.join(root, filename.strip() + ".safetensors"))
-        if os.path.commonpath([path, os.path.abspath(root)]) != os.path.abspath(root):
-            raise OctetError(f"filename '{filename}' leaves the {FOLDER} folder; use a relative name like 'octet/x'.")
+        path = safefile.output_path(root, filename, what="calibration")
         if os.path.exists(path) and not overwrite:
             raise OctetError(f"'{path}' already exists. Choose another filename or enable overwrite.")
         return io.NodeOutput(calibration.save(path))
