@@ -31,6 +31,7 @@ from ..octet.timestep import GroupSelector
 from . import bridge
 from .host import PACK_ROOT
 from .types import Calibration as CalibrationType
+from .widgets import require_finite
 
 log = logging.getLogger("octet")
 FOLDER = "octet_calibration"
@@ -124,6 +125,7 @@ class Calibrate(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 timestep_groups, observer, percentile, use_timestep_groups, smooth_alpha, smoothquant):
+        require_finite("Calibrate", cfg=cfg, percentile=percentile, smooth_alpha=smooth_alpha)
         calibration, seconds = calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                                          scheduler, timestep_groups,
                                          _settings(observer, percentile, use_timestep_groups, smooth_alpha,
@@ -239,6 +241,7 @@ class LoadCalibration(io.ComfyNode):
 
     @classmethod
     def execute(cls, calibration_name, observer, percentile, use_timestep_groups, smooth_alpha, smoothquant):
+        require_finite("Load Calibration", percentile=percentile, smooth_alpha=smooth_alpha)
         path = folder_paths.get_full_path(FOLDER, calibration_name)
         if path is None:
             raise OctetError(f"'{calibration_name}' is not in models/{FOLDER} or calibration_data. Refresh the "

@@ -20,6 +20,7 @@ from ..octet.sensitivity import BUDGETS, sensitivity_policy, summary_text
 from . import bridge
 from .types import Calibration
 from .types import Policy as PolicyType
+from .widgets import require_finite
 
 log = logging.getLogger("octet")
 PRESET_CHOICES = ["auto", "none", *PRESET_NAMES]
@@ -187,6 +188,7 @@ class SensitivityPolicy(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent, mode, budget, value, base_preset, seed, steps, cfg, scheduler,
                 block_depth, negative=None, calibration=None):
+        require_finite("Sensitivity Policy", value=value, cfg=cfg)
         if bridge.quantized_layers(model):
             raise OctetError("This MODEL is already quantized; connect the float MODEL to Sensitivity Policy.")
         import comfy.utils
