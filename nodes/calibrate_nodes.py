@@ -30,6 +30,7 @@ from ..octet.observers import DEFAULT_SAMPLE_CAP
 from ..octet.timestep import GroupSelector
 from . import bridge
 from .host import PACK_ROOT
+from .progress import check_interrupt
 from .types import Calibration as CalibrationType
 from .widgets import require_finite
 
@@ -153,6 +154,7 @@ def calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler
     clone = model.clone()
 
     def select_group(executor, x, t, *args, **kwargs):
+        check_interrupt()  # Cancel stops calibration between two model calls
         selector.select(t)
         return executor(x, t, *args, **kwargs)
 
