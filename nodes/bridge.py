@@ -192,6 +192,7 @@ def _version() -> str:
 def _model_config(ckpt: checkpoint.LoadedCheckpoint):
     import comfy.model_detection
     import comfy.supported_models
+    import comfy.supported_models_base
 
     arch = ckpt.octet.get("architecture")
     if arch is None:  # a foreign comfy_quant file: let the host detect the architecture from shapes
@@ -202,7 +203,7 @@ def _model_config(ckpt: checkpoint.LoadedCheckpoint):
         config.layer_quant_config = None
         return config
     cls = getattr(comfy.supported_models, arch, None)
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, comfy.supported_models_base.BASE)):
         raise OctetError(f"The checkpoint is for architecture '{arch}', which this ComfyUI does not know. "
                          f"Update ComfyUI, or load the checkpoint in the ComfyUI that made it.")
     return cls(filecheck.unet_config(ckpt.file, ckpt.octet))
@@ -210,6 +211,11 @@ def _model_config(ckpt: checkpoint.LoadedCheckpoint):
 
 def load_model(path: str, backend: str = "auto"):
     """Rebuild a quantized MODEL from a checkpoint, never allocating the float weights of quantized layers."""
+    with filecheck.about_file(path):  # every refusal names the file
+        return _load_model(path, backend)
+
+
+def _load_model(path: str, backend: str):
     import comfy.model_management as mm
     import comfy.model_patcher
 
@@ -220,7 +226,7 @@ def load_model(path: str, backend: str = "auto"):
     dtype = mm.unet_dtype(model_params=params, supported_dtypes=list(config.supported_inference_dtypes))
     config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes))
     # Build on the meta device: quantized layers replace their float twins before any memory is used.
-    model = config.get_model({}, "", device=torch.device("meta"))
+    model = filecheck.guarded_build(ckpt.file, lambda: config.get_model({}, "", device=torch.device("meta")))
     ckpt.tensors = {k: (v.to(dtype) if v.is_floating_point() and not _is_quant_param(k, ckpt.layers) else v)
                     for k, v in ckpt.tensors.items()}
     groups = ckpt.octet.get("timestep_groups")

@@ -56,6 +56,8 @@ def layer_spec(module: QuantLayer) -> dict:
                              dilation=list(pair(module.dilation)), groups=module.groups)
     if module.input_scale is not None:
         spec["octet"]["timestep_groups"] = module.group_selector is not None
+    if module.pre_quant_scale is not None:  # lets the loader refuse a file whose smoothing divisor went missing
+        spec["octet"]["smoothed"] = True
     return spec
 
 

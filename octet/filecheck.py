@@ -19,9 +19,11 @@ need it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 from typing import Iterable, Optional
 
 import torch
@@ -33,7 +35,7 @@ HASH_KEY = "content_hash"
 HASH_ALGO = "blake2b-256"
 # An int8 grid: scale = absmax / 127. Weights or activations whose absmax is outside ~1e-8..1e6
 # do not occur in a working model; values outside these ranges are corruption (1e30, 1e-30, int bits).
-SCALE_RANGE = (1e-10, 1e4)          # weight_scale
+SCALE_RANGE = (1e-10, 1e3)          # weight_scale: |w| up to ~1e5, even after SmoothQuant folding
 INPUT_SCALE_RANGE = (1e-10, 1e6)    # input_scale (activations can be large, e.g. SDXL's outliers)
 SMOOTH_RANGE = (1e-8, 1e8)          # pre_quant_scale (SmoothQuant divisors)
 ABSMAX_LIMIT = 1e10                 # calibration statistics: an activation above this is corruption
@@ -45,6 +47,18 @@ COUNT_KEYS = ("num_res_blocks", "transformer_depth", "transformer_depth_output",
 # unet_config keys that are not sizes (rope base, image size in pixels, ...)
 NOT_SIZES = ("theta", "max_period", "image_size", "patch_size", "seed")
 SIZE_LIMIT = 1 << 20                # no channel count or head count anywhere near a million
+
+
+@contextlib.contextmanager
+def about_file(path: str):
+    """Prefix the file's name to an OctetError raised inside that does not name it already."""
+    try:
+        yield
+    except OctetError as e:
+        name = os.path.basename(path)
+        if name in str(e):
+            raise
+        raise OctetError(f"'{name}': {e}") from e
 
 
 # -- content hash --------------------------------------------------------------------------------
@@ -125,6 +139,20 @@ def unet_config(fname: str, octet: dict) -> dict:
                          f"unet_config (got {_show(config)}), so the model cannot be rebuilt. The header is "
                          f"damaged: save the model again.")
     return dict(config)
+
+
+def guarded_build(fname: str, build):
+    """Build the model the header describes; sizes were bounded by ``check_architecture``, but a forged
+    combination (an empty channel_mult, heads that do not divide the width) still fails inside the
+    host's constructors: that is the header's fault, said as such."""
+    try:
+        return build()
+    except OctetError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, ZeroDivisionError,
+            AssertionError) as e:
+        raise OctetError(f"'{fname}': the Octet header's architecture record does not build a model "
+                         f"({type(e).__name__}: {e}). The header is damaged or forged: save the model again.") from e
 
 
 def check_timestep_groups(fname: str, groups) -> int:
