@@ -20,6 +20,7 @@ from ..octet.fingerprint import module_fingerprint
 from ..octet.modules import QuantLayer
 from ..octet.policy import write_report
 from ..octet.timestep import GroupSelector
+from .widgets import install_cfg_guard
 
 log = logging.getLogger("octet")
 PREFIX = "diffusion_model."
@@ -113,6 +114,7 @@ def quantize_model(patcher, config, policy=None, calibration=None, progress=None
         "report": {"layers": result.to_dict()["layers"], "policy": _policy_dict(policy)},
         "timestep_groups": None,
     }
+    install_cfg_guard(clone)
     selector = _static_selector(result)
     if selector is not None:
         install_timestep_groups(clone, selector)
@@ -240,6 +242,7 @@ def _load_model(path: str, backend: str):
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.model_options[OPTIONS_KEY] = {k: ckpt.octet.get(k) for k in ("architecture",) + CARRIED_KEYS}
     patcher.model_options[OPTIONS_KEY]["file"] = os.path.basename(path)
+    install_cfg_guard(patcher)
     if selector is not None:
         install_timestep_groups(patcher, selector)
     return patcher

@@ -22,3 +22,26 @@ def require_finite(node: str, **values) -> None:
         if not math.isfinite(value):
             raise OctetError(f"{node}: '{name}' is {value!r}; it must be a finite number. Set it in the widget "
                              f"(the host's range check lets NaN through).")
+
+
+CFG_GUARD_KEY = "octet_finite_cfg"
+
+
+def install_cfg_guard(patcher) -> None:
+    """Refuse a NaN/inf cfg on any sampler (the stock KSampler included) that samples this MODEL.
+
+    The host's KSampler checks its cfg widget with min/max only, and a NaN cfg turns every step into
+    NaN: a black image and no error. An OUTER_SAMPLE wrapper sees the guider (``executor.class_obj``)
+    before the first step; it is stored on the patcher and copied into its clones.
+    """
+    import comfy.patcher_extension
+
+    def finite_cfg(executor, *args, **kwargs):
+        cfg = getattr(executor.class_obj, "cfg", None)
+        if isinstance(cfg, (int, float)) and not isinstance(cfg, bool):
+            require_finite("Sampling an Octet INT8 MODEL", cfg=cfg)
+        return executor(*args, **kwargs)
+
+    kind = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    patcher.remove_wrappers_with_key(kind, CFG_GUARD_KEY)
+    patcher.add_wrapper_with_key(kind, CFG_GUARD_KEY, finite_cfg)

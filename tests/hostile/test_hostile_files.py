@@ -213,3 +213,13 @@ def test_calibrate_refuses_nan_cfg(valid_files):
     with pytest.raises(OctetError, match="Calibrate: 'cfg'"):
         calibrate_nodes.Calibrate.execute(valid_files["model"], pos, neg, {"samples": torch.zeros(1, 4, 8, 8)}, 1, 2,
                                           math.nan, "euler", "normal", 2, "mse", 99.9, True, 0.5, True)
+
+
+@pytest.mark.parametrize("source", ["loaded", "quantized"])
+def test_stock_ksampler_refuses_nan_cfg_on_an_int8_model(source, valid_files):
+    import nodes
+    model = bridge.load_model(valid_files["checkpoint"]) if source == "loaded" else valid_files["quantized"]
+    pos, neg = valid_files["conds"]
+    with pytest.raises(OctetError, match="'cfg' is nan"):
+        nodes.common_ksampler(model, 3, 2, math.nan, "euler", "normal", pos, neg, {"samples": torch.zeros(1, 4, 8, 8)})
+    assert torch.isfinite(_sample(model, valid_files["conds"])).all()   # a finite cfg still samples
