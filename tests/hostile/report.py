@@ -35,7 +35,7 @@ def _load(name: str, path: str):
 
 
 _load("octet_tests_conftest", os.path.join(ROOT, "tests", "conftest.py"))  # loads the pack as comfyui_octet
-hostile = _load("hostile_conftest", os.path.join(HERE, "conftest.py"))
+_load("hostile_conftest", os.path.join(HERE, "conftest.py"))  # the host, as the tests see it
 
 import torch  # noqa: E402
 
@@ -261,7 +261,7 @@ def main() -> int:
     torch.set_num_threads(1)
     work = tempfile.mkdtemp(prefix="octet-hostile-")
     try:
-        valid = hostile.build_valid_files(os.path.join(work, "valid"))
+        valid = make_files.build_valid_files(os.path.join(work, "valid"))
         rows = file_rows(valid, work) + other_rows(valid, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
