@@ -2,8 +2,9 @@
 
 * The file is written to ``.octet-partial-<pid>-<random>.tmp`` beside the target and renamed into
   place (atomic on one filesystem), so a failure never clobbers the old file.
-* The partial file is removed on every exit path Python sees (exceptions, KeyboardInterrupt, and
-  SIGTERM while saving on the main thread, turned into an exception for that time). What no
+* The partial file is removed on every exit path Python sees (exceptions, KeyboardInterrupt,
+  SIGTERM while saving on the main thread, turned into an exception for that time, and interpreter
+  exit while another thread is saving, through atexit). What no
   process can clean (SIGKILL, power loss) carries the writer's pid in its name: ``sweep`` removes
   partial files of dead processes, and runs before every save and when the nodes load.
 * We write the safetensors format ourselves, in chunks from Python: an interrupt arrives between
@@ -16,6 +17,7 @@
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -117,6 +119,18 @@ def sweep_tree(root: str) -> list[str]:
     return removed
 
 
+# Partial files being written now. When the interpreter exits while another thread is still saving
+# (Ctrl+C in ComfyUI ends the main thread; the executor thread is a daemon and never unwinds), atexit
+# runs before daemon threads stop, and removes them.
+_ACTIVE: set[str] = set()
+
+
+@atexit.register
+def _remove_active() -> None:
+    for path in list(_ACTIVE):
+        _remove(path)
+
+
 class Terminated(BaseException):
     """SIGTERM arrived while a save was writing (raised on the main thread, after the file is removed
     the process exits with the signal's default status)."""
@@ -178,6 +192,7 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
     os.makedirs(folder, exist_ok=True)
     sweep(folder)
     tmp = os.path.join(folder, f"{PARTIAL_PREFIX}{os.getpid()}-{secrets.token_hex(6)}.tmp")
+    _ACTIVE.add(tmp)
     try:
         with _sigterm_as_exception():
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -194,6 +209,8 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        _ACTIVE.discard(tmp)
 
 
 def _remove(path: str) -> None:

@@ -190,22 +190,29 @@ def other_rows(valid: dict, work: str) -> list[dict]:
     add("interrupt: Ctrl+C during save", "KeyboardInterrupt mid-write", interrupted, folder)
 
     from test_hostile_files import SLOW_WRITER
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in (signal.SIGTERM, signal.SIGKILL, "exit"):
         folder = tempfile.mkdtemp(dir=work)
 
         def killed(sig=sig, folder=folder):
-            proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, ROOT, os.path.join(folder, "m.safetensors")],
-                                    stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, ROOT, os.path.join(folder, "m.safetensors"),
+                                     "thread" if sig == "exit" else "main"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             try:
                 proc.stdout.readline()
-                proc.send_signal(sig)
+                if sig == "exit":
+                    proc.stdin.write("\n")
+                    proc.stdin.flush()
+                else:
+                    proc.send_signal(sig)
                 proc.wait(timeout=60)
             finally:
                 proc.kill()
                 proc.wait()
             swept = safefile.sweep(folder)  # what the next save / start does
-            return ("cleaned up", f"writer ended by {sig.name}; the next save/start swept: {swept or 'nothing left'}")
-        add(f"kill: {sig.name} during save", "writer killed mid-write", killed, folder)
+            how = "main thread exited while a daemon thread saved" if sig == "exit" else f"writer ended by {sig.name}"
+            return ("cleaned up", f"{how}; the next save/start swept: {swept or 'nothing left'}")
+        label = "main thread exits (Ctrl+C in ComfyUI)" if sig == "exit" else sig.name
+        add(f"kill: {label} during save", "writer stopped mid-write", killed, folder)
 
     folder = tempfile.mkdtemp(dir=work)
     add("policy: 2 MB, 100k rules", "Mixed-Precision Policy rules text", lambda: policy.build_policy(

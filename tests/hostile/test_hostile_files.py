@@ -140,24 +140,36 @@ SLOW_WRITER = textwrap.dedent("""
     def slow(f, data):
         print("writing", flush=True); f.write(data[:1]); time.sleep(60)
     safefile.write_chunks = slow
+    if sys.argv[3] == "thread":   # like ComfyUI: the executor thread saves, the main thread leaves (Ctrl+C)
+        import threading
+        threading.Thread(target=safefile.save_atomic, args=({"w": torch.zeros(4)}, sys.argv[2], {}),
+                         daemon=True).start()
+        sys.stdin.readline()
+        sys.exit(0)
     safefile.save_atomic({"w": torch.zeros(4)}, sys.argv[2], {})
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, "exit"])
 def test_killed_save_leaves_nothing_after_cleanup(sig, tmp_path):
     target = str(tmp_path / "m.safetensors")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, ROOT, target], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, ROOT, target, "thread" if sig == "exit" else "main"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "writing"
         partial = [f for f in os.listdir(tmp_path) if f.startswith(safefile.PARTIAL_PREFIX)]
         assert len(partial) == 1 and str(proc.pid) in partial[0]
-        proc.send_signal(sig)
-        assert proc.wait(timeout=60) == -sig
+        if sig == "exit":
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            assert proc.wait(timeout=60) == 0
+        else:
+            proc.send_signal(sig)
+            assert proc.wait(timeout=60) == -sig
     finally:
         proc.kill()
         proc.wait()
-    if sig == signal.SIGTERM:       # handled while saving: the writer removed its own file
+    if sig != signal.SIGKILL:       # handled while saving / at exit: the writer removed its own file
         assert os.listdir(tmp_path) == []
     else:                           # nothing runs after SIGKILL: the next save or start sweeps it
         assert len(os.listdir(tmp_path)) == 1
