@@ -45,8 +45,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # unet_config keys that count blocks/layers: each block holds at least one tensor in the file.
 COUNT_KEYS = ("num_res_blocks", "transformer_depth", "transformer_depth_output", "transformer_depth_middle",
               "depth", "depth_single_blocks", "num_layers", "num_blocks", "layers")
-# unet_config keys that are not sizes (rope base, image size in pixels, ...)
-NOT_SIZES = ("theta", "max_period", "image_size", "patch_size", "seed")
+# unet_config keys (by substring) that are not sizes: rope bases, periods, pixel sizes, epsilons, ratios
+NOT_SIZES = ("theta", "period", "image_size", "patch_size", "seed", "eps", "scale", "ratio", "shift")
 SIZE_LIMIT = 1 << 20                # no channel count or head count anywhere near a million
 
 
@@ -312,7 +312,7 @@ def check_architecture(fname: str, unet_config: dict, shapes: dict[str, tuple]) 
                 raise OctetError(f"'{fname}': unet_config['{key}'] = {_show(value)} is not a number. The header is "
                                  f"damaged: save the model again.")
             nums.append(v)
-        if key in NOT_SIZES:
+        if any(part in key for part in NOT_SIZES):
             continue
         if any(v < -1 for v in nums):
             raise OctetError(f"'{fname}': unet_config['{key}'] = {_show(value)} is negative. The header is damaged: "

@@ -49,7 +49,7 @@ def run_seed() -> int:
         raise pytest.UsageError(f"{SEED_ENV}={value!r} is not an integer") from None
 
 
-def test_seed(nodeid: str) -> int:
+def seed_for(nodeid: str) -> int:
     digest = hashlib.blake2b(f"{run_seed()}:{nodeid}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -64,12 +64,12 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.failed and "rng" in getattr(item, "fixturenames", ()):
         report.sections.append(("octet test seed", f"{SEED_ENV}={run_seed()} (this test's generator seed: "
-                                                   f"{test_seed(item.nodeid)}); rerun with it to reproduce"))
+                                                   f"{seed_for(item.nodeid)}); rerun with it to reproduce"))
 
 
 @pytest.fixture
 def rng(request):
     """A generator seeded from the run seed and this test's id (see ``run_seed``)."""
     g = torch.Generator()
-    g.manual_seed(test_seed(request.node.nodeid))
+    g.manual_seed(seed_for(request.node.nodeid))
     return g
