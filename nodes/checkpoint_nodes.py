@@ -6,8 +6,8 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..octet.api import OctetError
 from ..octet import safefile
+from ..octet.api import OctetError
 from ..octet.config import BACKENDS
 from . import bridge
 
