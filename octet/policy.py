@@ -48,8 +48,35 @@ MAX_TEXT = 64 * 1024       # characters in the rules (or overrides) box
 MAX_RULES = 1000           # rules (or overrides)
 MAX_LINE = 500             # characters per line
 MAX_PATTERN = 200          # characters per glob or regex
-# A quantified group that itself holds a quantifier ("(a+)+", "(\w*\.)*x"): exponential backtracking.
-_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,)")
+
+
+def _nested_repetition(pattern: str) -> bool:
+    """True if a repeated group (``(...)+``, ``*``, ``{n,}``) holds a repetition or an alternation,
+    at any depth ("(a+)+", "(a|aa)*", "((a+)b)+"): the shapes whose backtracking can grow
+    exponentially with the length of the name. Conservative: some such regexes are harmless."""
+    stack, i = [[False]], 0  # per open group: does its body repeat or alternate?
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":  # a character class: skip to its end
+            j = pattern.find("]", i + 2)
+            i = len(pattern) if j < 0 else j + 1
+            continue
+        if c == "(":
+            stack.append([False])
+        elif c == ")" and len(stack) > 1:
+            risky = stack.pop()[0]
+            nxt = pattern[i + 1:i + 2]
+            repeated = nxt in ("+", "*") or (nxt == "{" and re.match(r"\{\d*,", pattern[i + 1:]) is not None)
+            if risky and repeated:
+                return True
+            stack[-1][0] |= risky or repeated
+        elif c in "+*|" or (c == "{" and re.match(r"\{\d*,", pattern[i:])):
+            stack[-1][0] = True
+        i += 1
+    return False
 
 
 def normalize_action(action: str) -> str:
@@ -81,9 +108,10 @@ class Rule:
         if not isinstance(self.pattern, str) or len(self.pattern) > MAX_PATTERN:
             raise OctetError(f"A policy rule's pattern has {len(str(self.pattern))} characters; keep patterns under "
                              f"{MAX_PATTERN} (layer names are short: match a distinctive part).")
-        if self.regex and _NESTED_QUANTIFIER.search(self.pattern):
-            raise OctetError(f"Rule regex {self.pattern!r} repeats a group that itself repeats (like '(a+)+'), which "
-                             f"can take exponential time; rewrite it without the nested repetition, or use a glob.")
+        if self.regex and _nested_repetition(self.pattern):
+            raise OctetError(f"Rule regex {self.pattern!r} repeats a group that itself repeats or alternates (like "
+                             f"'(a+)+' or '(a|aa)*'), which can take exponential time; rewrite it without the nested "
+                             f"repetition, or use a glob.")
         if self.regex:
             try:
                 re.compile(self.pattern)
