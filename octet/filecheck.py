@@ -253,6 +253,8 @@ def check_layer(fname: str, name: str, spec: dict, tensors: dict, known_formats:
     elif iscale is not None and fmt == octet_format:
         raise OctetError(f"{where} has an input_scale but its record says act={act!r}; a static layer must say "
                          f"'static'. The file is damaged: save it again.")
+    elif iscale is not None:  # another tool's int8_tensorwise layer: unused by dynamic math, but not garbage
+        _check_scale(where, "input_scale", iscale, tuple(range(1, MAX_GROUPS)), INPUT_SCALE_RANGE)
     smooth = tensors.get(f"{name}.pre_quant_scale")
     if smooth is not None:
         if act == "none":
