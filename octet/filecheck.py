@@ -214,7 +214,7 @@ def check_layer(fname: str, name: str, spec: dict, tensors: dict, known_formats:
     extra = spec.get("octet")
     extended = any(f"{name}.{k}" in tensors for k in ("input_scale", "pre_quant_scale"))
     if extra is None and (fmt == octet_format or (octet_file and extended)):
-        raise OctetError(f"{where}: format '{octet_format}' but no Octet record (kind, act) in its comfy_quant; "
+        raise OctetError(f"{where}: format '{fmt}' but no Octet record (kind, act) in its comfy_quant; "
                          f"Octet will not guess (a static layer would silently run dynamic). Save the model again.")
     extra = extra or {}
     w, s = tensors.get(f"{name}.weight"), tensors.get(f"{name}.weight_scale")
@@ -230,6 +230,8 @@ def check_layer(fname: str, name: str, spec: dict, tensors: dict, known_formats:
     act = extra.get("act", "dynamic")
     if act not in ACT_MODES:
         raise OctetError(f"{where}: act {act!r}; expected one of {list(ACT_MODES)}. The file is damaged.")
+    if kind == "conv":
+        _check_conv_geometry(where, extra)
     n, k = w.shape[0], w.shape[1]
     _check_scale(where, "weight_scale", s, (1, n), SCALE_RANGE)
     bias = tensors.get(f"{name}.bias")
@@ -389,6 +391,21 @@ def check_layer_stats(fname: str, name: str, t: dict[str, torch.Tensor]) -> None
             raise OctetError(f"{where}, timestep group {g}: absmax {float(absmax[g]):.4g} but the channels' largest "
                              f"is {float(chan[g].max()):.4g} (a layer that ran has a positive range, equal to its "
                              f"largest channel's). The file is damaged: calibrate and save again.")
+
+
+def _check_conv_geometry(where: str, extra: dict) -> None:
+    def pair(v, low):
+        return isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                           and low <= x <= 4096 for x in v)
+    bad = [k for k, ok in (("stride", pair(extra.get("stride", [1, 1]), 1)),
+                           ("dilation", pair(extra.get("dilation", [1, 1]), 1)),
+                           ("padding", extra.get("padding", [0, 0]) in ("same", "valid")
+                            or pair(extra.get("padding", [0, 0]), 0)),
+                           ("groups", isinstance(extra.get("groups", 1), int) and 1 <= extra.get("groups", 1) <= 1 << 16))
+           if not ok]
+    if bad:
+        raise OctetError(f"{where}: conv {bad[0]} is {_show(extra.get(bad[0]))}; expected two small integers "
+                         f"(padding may also be 'same'/'valid'; groups one positive integer). The file is damaged.")
 
 
 # -- helpers ----------------------------------------------------------------------------------------
