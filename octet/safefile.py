@@ -138,18 +138,22 @@ class Terminated(BaseException):
 
 @contextlib.contextmanager
 def _sigterm_as_exception() -> Iterator[None]:
-    """While saving on the main thread, turn SIGTERM into an exception so the partial file is removed;
-    other threads cannot set handlers (ComfyUI's executor): ``sweep`` cleans after them."""
-    if threading.current_thread() is not threading.main_thread():
+    """While saving on the main thread with SIGTERM at its default action (terminate, no cleanup), turn it
+    into an exception so the partial file is removed first. A handler someone else installed is left to
+    do its job (an exception it raises cleans up like any other); other threads cannot set handlers
+    (ComfyUI's executor): ``sweep`` cleans after them."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
+
     def handler(signum, frame):
         raise Terminated(signum)
-    previous = signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # -- writing -------------------------------------------------------------------------------------------
@@ -203,8 +207,7 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
             os.replace(tmp, path)
     except Terminated:
         _remove(tmp)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)  # die as the sender meant, the partial file gone
+        signal.raise_signal(signal.SIGTERM)  # default action again: die as the sender meant, file gone
         raise
     except BaseException:
         _remove(tmp)
