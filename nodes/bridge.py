@@ -14,13 +14,14 @@ import uuid
 
 import torch
 
-from ..octet import checkpoint, quantize_
+from ..octet import checkpoint, filecheck, quantize_
 from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from ..octet.modules import QuantLayer
 from ..octet.policy import write_report
 from ..octet.timestep import GroupSelector
 from . import host_compat
+from .widgets import install_cfg_guard
 
 log = logging.getLogger("octet")
 PREFIX = "diffusion_model."
@@ -115,6 +116,7 @@ def quantize_model(patcher, config, policy=None, calibration=None, progress=None
         "report": {"layers": result.to_dict()["layers"], "policy": _policy_dict(policy)},
         "timestep_groups": None,
     }
+    install_cfg_guard(clone)
     selector = _static_selector(result)
     if selector is not None:
         install_timestep_groups(clone, selector)
@@ -198,6 +200,11 @@ def _model_config(ckpt: checkpoint.LoadedCheckpoint, path: str):
 
 def load_model(path: str, backend: str = "auto"):
     """Rebuild a quantized MODEL from a checkpoint, never allocating the float weights of quantized layers."""
+    with filecheck.about_file(path):  # every refusal names the file
+        return _load_model(path, backend)
+
+
+def _load_model(path: str, backend: str):
     import comfy.model_management as mm
     import comfy.model_patcher
 
@@ -210,7 +217,7 @@ def load_model(path: str, backend: str = "auto"):
     dtype = mm.unet_dtype(model_params=params, supported_dtypes=list(config.supported_inference_dtypes))
     config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes))
     # Build on the meta device: quantized layers replace their float twins before any memory is used.
-    model = config.get_model({}, "", device=torch.device("meta"))
+    model = filecheck.guarded_build(ckpt.file, lambda: config.get_model({}, "", device=torch.device("meta")))
     ckpt.tensors = {k: (v.to(dtype) if v.is_floating_point() and not _is_quant_param(k, ckpt.layers) else v)
                     for k, v in ckpt.tensors.items()}
     groups = ckpt.octet.get("timestep_groups")
@@ -224,6 +231,7 @@ def load_model(path: str, backend: str = "auto"):
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.model_options[OPTIONS_KEY] = {k: ckpt.octet.get(k) for k in ("architecture",) + CARRIED_KEYS}
     patcher.model_options[OPTIONS_KEY]["file"] = os.path.basename(path)
+    install_cfg_guard(patcher)
     if selector is not None:
         install_timestep_groups(patcher, selector)
     return patcher

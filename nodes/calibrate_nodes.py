@@ -22,6 +22,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..octet import safefile
 from ..octet.api import OctetError
 from ..octet.calibration import Calibration, record
 from ..octet.config import StaticW8A8Config
@@ -29,7 +30,9 @@ from ..octet.observers import DEFAULT_SAMPLE_CAP
 from ..octet.timestep import GroupSelector
 from . import bridge
 from .host import PACK_ROOT
+from .progress import check_interrupt
 from .types import Calibration as CalibrationType
+from .widgets import require_finite
 
 log = logging.getLogger("octet")
 FOLDER = "octet_calibration"
@@ -44,6 +47,7 @@ def register_folder() -> None:
 
 
 register_folder()
+safefile.sweep_tree(folder_paths.get_folder_paths(FOLDER)[0])  # partial saves of a killed earlier run
 
 
 def _files(ext: str) -> list[str]:
@@ -122,6 +126,7 @@ class Calibrate(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 timestep_groups, observer, percentile, use_timestep_groups, smooth_alpha, smoothquant):
+        require_finite("Calibrate", cfg=cfg, percentile=percentile, smooth_alpha=smooth_alpha)
         calibration, seconds = calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                                          scheduler, timestep_groups,
                                          _settings(observer, percentile, use_timestep_groups, smooth_alpha,
@@ -149,6 +154,7 @@ def calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler
     clone = model.clone()
 
     def select_group(executor, x, t, *args, **kwargs):
+        check_interrupt()  # Cancel stops calibration between two model calls
         selector.select(t)
         return executor(x, t, *args, **kwargs)
 
@@ -214,9 +220,7 @@ class SaveCalibration(io.ComfyNode):
     @classmethod
     def execute(cls, calibration, filename, overwrite):
         root = folder_paths.get_folder_paths(FOLDER)[0]
-        path = os.path.abspath(os.path.join(root, filename.strip() + ".safetensors"))
-        if os.path.commonpath([path, os.path.abspath(root)]) != os.path.abspath(root):
-            raise OctetError(f"filename '{filename}' leaves the {FOLDER} folder; use a relative name like 'octet/x'.")
+        path = safefile.output_path(root, filename, what="calibration")
         if os.path.exists(path) and not overwrite:
             raise OctetError(f"'{path}' already exists. Choose another filename or enable overwrite.")
         return io.NodeOutput(calibration.save(path))
@@ -239,6 +243,7 @@ class LoadCalibration(io.ComfyNode):
 
     @classmethod
     def execute(cls, calibration_name, observer, percentile, use_timestep_groups, smooth_alpha, smoothquant):
+        require_finite("Load Calibration", percentile=percentile, smooth_alpha=smooth_alpha)
         path = folder_paths.get_full_path(FOLDER, calibration_name)
         if path is None:
             raise OctetError(f"'{calibration_name}' is not in models/{FOLDER} or calibration_data. Refresh the "

@@ -6,11 +6,21 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from ..octet import safefile
 from ..octet.api import OctetError
 from ..octet.config import BACKENDS
 from . import bridge
 
 FOLDER = "diffusion_models"
+
+
+def _sweep_partial_saves() -> None:
+    """Partial files that a killed earlier run left (octet/safefile.py names them with its pid)."""
+    for root in folder_paths.get_folder_paths(FOLDER):
+        safefile.sweep_tree(root)
+
+
+_sweep_partial_saves()
 
 
 def _checkpoints() -> list[str]:
@@ -41,9 +51,7 @@ class SaveQuantized(io.ComfyNode):
         # The host lists the legacy models/unet first for this folder type; write where the tooltip says.
         roots = folder_paths.get_folder_paths(FOLDER)
         root = next((r for r in roots if os.path.basename(os.path.normpath(r)) == FOLDER), roots[0])
-        path = os.path.abspath(os.path.join(root, filename.strip() + ".safetensors"))
-        if os.path.commonpath([path, os.path.abspath(root)]) != os.path.abspath(root):
-            raise OctetError(f"filename '{filename}' leaves the {FOLDER} folder; use a relative name like 'octet/x'.")
+        path = safefile.output_path(root, filename, what="model")
         if os.path.exists(path) and not overwrite:
             raise OctetError(f"'{path}' already exists. Choose another filename or enable overwrite.")
         bridge.save_model(model, path)

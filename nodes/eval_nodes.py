@@ -5,6 +5,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from . import evaluate
+from .widgets import require_finite
 
 
 def _sampler_inputs():
@@ -45,6 +46,7 @@ class Evaluate(io.ComfyNode):
     @classmethod
     def execute(cls, fp_model, quant_model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                 scheduler, vae=None):
+        require_finite("Evaluate INT8 vs FP", cfg=cfg)
         args = (positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler)
         fp = evaluate.sample_run(fp_model, *args)
         q = evaluate.sample_run(quant_model, *args)
@@ -92,5 +94,6 @@ class Profile(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, cfg, top):
+        require_finite("Profile Model", cfg=cfg)
         _, table, chart = evaluate.profile_step(model, positive, negative, latent_image, cfg=cfg, top=top)
         return io.NodeOutput(table, chart)

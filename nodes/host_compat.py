@@ -113,6 +113,7 @@ def model_config_from_checkpoint(tensors: dict, header: dict, fname: str):
     """
     import comfy.model_detection
     import comfy.supported_models
+    import comfy.supported_models_base
 
     detected = comfy.model_detection.detect_unet_config(tensors, "")
     if detected is None:
@@ -128,7 +129,7 @@ def model_config_from_checkpoint(tensors: dict, header: dict, fname: str):
         clear_host_quantization(config)
         return config
     cls = getattr(comfy.supported_models, arch, None)
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, comfy.supported_models_base.BASE)):  # e.g. a forged 'torch'
         raise OctetError(f"'{fname}' is for architecture '{arch}', which ComfyUI {host_version()} does not know. "
                          f"Update ComfyUI, or load the checkpoint in the ComfyUI that made it.")
     recorded = header.get("unet_config") or {}

@@ -18,8 +18,10 @@ from ..octet.config import MODES
 from ..octet.policy import ACTIONS, DEFAULT, PRESET_NAMES, build_policy, family_for, preset
 from ..octet.sensitivity import BUDGETS, sensitivity_policy, summary_text
 from . import bridge
+from .progress import interruptible
 from .types import Calibration
 from .types import Policy as PolicyType
+from .widgets import require_finite
 
 log = logging.getLogger("octet")
 PRESET_CHOICES = ["auto", "none", *PRESET_NAMES]
@@ -187,6 +189,7 @@ class SensitivityPolicy(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent, mode, budget, value, base_preset, seed, steps, cfg, scheduler,
                 block_depth, negative=None, calibration=None):
+        require_finite("Sensitivity Policy", value=value, cfg=cfg)
         if bridge.quantized_layers(model):
             raise OctetError("This MODEL is already quantized; connect the float MODEL to Sensitivity Policy.")
         import comfy.utils
@@ -199,7 +202,7 @@ class SensitivityPolicy(io.ComfyNode):
         def body(run):
             return sensitivity_policy(dm, run, config, budget, value, base=base, calibration=calibration,
                                       block_depth=block_depth or None,
-                                      progress=lambda i, n: bar.update_absolute(i, n))
+                                      progress=interruptible(bar))
 
         policy, result, summary = _run_in_sampler(model, positive, negative, latent, seed, steps, cfg, scheduler,
                                                   body)

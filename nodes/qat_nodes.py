@@ -20,6 +20,7 @@ from ..octet import config_for_mode, qat
 from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from . import bridge
+from .widgets import require_finite
 
 log = logging.getLogger("octet")
 FALLBACK_MODES = ("dynamic", "weight_only")
@@ -150,6 +151,7 @@ class QATFineTune(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, trajectories, steps, cfg, sampler_name,
                 scheduler, train_steps, learning_rate, lora_rank, quantized_model=None, mode="dynamic"):
+        require_finite("QAT Fine-tune", cfg=cfg, learning_rate=learning_rate)
         import comfy.model_management as mm
 
         if quantized_model is None:

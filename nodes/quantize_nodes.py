@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..octet import config_for_mode
 from ..octet.config import BACKENDS, GOALS, MODES
 from . import bridge
+from .progress import interruptible
 from .types import Calibration, Policy
 
 MODE_TIPS = ("weight_only: int8 weights, float activations (W8A16), the safest. "
@@ -51,5 +52,5 @@ class QuantizeModel(io.ComfyNode):
         config = config_for_mode(mode, kinds=kinds, backend=backend, goal=goal or "speed", **static)
         bar = comfy.utils.ProgressBar(1)
         quantized, result = bridge.quantize_model(model, config, policy=policy, calibration=calibration,
-                                                  progress=lambda i, n: bar.update_absolute(i, n))
+                                                  progress=interruptible(bar))
         return io.NodeOutput(quantized, result.to_text())

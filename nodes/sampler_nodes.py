@@ -23,6 +23,7 @@ from comfy_api.latest import io
 from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from . import bridge
+from .widgets import require_finite
 
 TIMER_KEY = "octet_step_timer"
 
@@ -166,6 +167,7 @@ class Int8Sampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
                 float_first_steps, float_last_steps, float_model=None):
+        require_finite("INT8 Sampler", cfg=cfg, denoise=denoise)
         latent, text = sample(model, float_model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                               scheduler, denoise, float_first_steps, float_last_steps)
         return io.NodeOutput(latent, text)

@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from . import filecheck
 from .api import OctetError, quantizable_layers
 from .fingerprint import module_fingerprint
 from .observers import BINS, BINS_PER_OCTAVE, MIN_LOG2, DEFAULT_SAMPLE_CAP, LayerStats, clip_value
@@ -118,6 +119,7 @@ class Calibration:
 
     def save(self, path: str) -> str:
         tensors = {f"{n}.{k}": v.contiguous() for n, s in self.layers.items() for k, v in s.tensors().items()}
+        filecheck.check_finite_for_save(tensors, f"calibration '{os.path.basename(path)}'")
         save_atomic(tensors, path, {HEADER_KEY: json.dumps(self.header(), sort_keys=True)})
         return path
 
@@ -142,9 +144,12 @@ class Calibration:
             h = json.loads(header)
         except json.JSONDecodeError as e:
             raise OctetError(f"'{fname}' has a damaged calibration header ({e}). Calibrate and save again.") from e
+        if not isinstance(h, dict):
+            filecheck.check_calibration_header(fname, h)  # raises: names what the header is
         if not isinstance(h.get("format_version"), int) or h["format_version"] > FORMAT_VERSION:
             raise OctetError(f"'{fname}' uses calibration format {h.get('format_version')!r}; this Octet reads up "
                              f"to {FORMAT_VERSION}. Update the Octet node pack.")
+        filecheck.check_calibration_header(fname, h)
         hist = h.get("histogram", {})
         if (hist.get("bins"), hist.get("bins_per_octave"), hist.get("min_log2")) != (BINS, BINS_PER_OCTAVE, MIN_LOG2):
             raise OctetError(f"'{fname}' was made with another histogram layout ({hist}); re-run Calibrate.")
@@ -153,7 +158,10 @@ class Calibration:
             try:
                 t = {k: tensors[f"{name}.{k}"] for k in ("absmax", "channel_absmax", "hist", "shape_hist",
                                                          "count", "calls")}
+                filecheck.check_layer_stats(fname, name, t)
                 layers[name] = LayerStats.from_tensors(kind, t, h.get("sample_cap", DEFAULT_SAMPLE_CAP))
+            except OctetError:
+                raise
             except (KeyError, ValueError) as e:
                 raise OctetError(f"'{fname}': statistics of layer '{name}' are missing or malformed ({e}). "
                                  f"The file is damaged: calibrate and save again.") from e

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import fusion
+from . import filecheck, fusion
 from .api import OctetError
 from .layout import FILE_FORMATS, Int8Layout
 from .modules import QuantConv2d, QuantLayer, QuantLinear
@@ -43,6 +43,7 @@ class LoadedCheckpoint:
     tensors: dict[str, torch.Tensor]
     layers: dict[str, dict]              # layer name -> comfy_quant JSON
     octet: dict = field(default_factory=dict)  # Octet header (empty for foreign comfy_quant files)
+    file: str = "checkpoint"                   # the file's name, for messages
 
 
 def layer_spec(module: QuantLayer) -> dict:
@@ -78,6 +79,8 @@ def save(path: str, model: nn.Module, octet_meta: dict) -> dict:
     """Save a quantized model atomically; returns the header metadata written."""
     tensors, layers = collect(model)
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+    filecheck.check_finite_for_save(tensors, f"'{os.path.basename(path)}'")
+    octet_meta = {**octet_meta, filecheck.HASH_KEY: filecheck.content_hash(tensors)}
     meta = {
         "_quantization_metadata": json.dumps({"format_version": "1.0",
                                               "layers": {n: {"format": s["format"]} for n, s in layers.items()}}),
@@ -102,41 +105,30 @@ def read(path: str) -> LoadedCheckpoint:
         raise OctetError(f"'{os.path.basename(path)}' is not a readable safetensors file ({type(e).__name__}: "
                          f"{e}). It is corrupted or truncated: download or save it again.") from e
 
-    octet = {}
-    if "octet" in header:
-        try:
-            octet = json.loads(header["octet"])
-        except json.JSONDecodeError as e:
-            raise OctetError(f"'{os.path.basename(path)}' has a damaged Octet header ({e}). Save it again.") from e
-        version = octet.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise OctetError(f"'{os.path.basename(path)}' uses Octet format version {version!r}; this Octet reads "
-                             f"up to {FORMAT_VERSION}. Update the Octet node pack.")
-
-    layers = {k[: -len(".comfy_quant")]: _tensor_json(v, k) for k, v in tensors.items()
-              if k.endswith(".comfy_quant")}
+    fname = os.path.basename(path)
+    octet = filecheck.parse_octet_header(fname, header)
+    version = octet.get("format_version")
+    if octet and version > FORMAT_VERSION:
+        raise OctetError(f"'{fname}' uses Octet format version {version!r}; this Octet reads up to "
+                         f"{FORMAT_VERSION}. Update the Octet node pack.")
+    layers = filecheck.parse_layer_specs(fname, tensors, _tensor_json)
     if not layers:
-        raise OctetError(f"'{os.path.basename(path)}' holds no quantized layers (no '.comfy_quant' entries): it is "
+        raise OctetError(f"'{fname}' holds no quantized layers (no '.comfy_quant' entries): it is "
                          f"not an Octet/comfy_quant INT8 checkpoint. Load a float model with ComfyUI's 'Load "
                          f"Diffusion Model' node, then use Octet's Quantize Model.")
+    validate(fname, octet, layers, tensors)
+    return LoadedCheckpoint(tensors, layers, octet, fname)
+
+
+def validate(fname: str, octet: dict, layers: dict, tensors: dict) -> None:
+    """The one validation pass (octet/filecheck.py) over header and tensors, before anything is built."""
+    groups = filecheck.check_timestep_groups(fname, octet["timestep_groups"]) if octet.get("timestep_groups") else None
     for name, spec in layers.items():
-        _validate_layer(name, spec, tensors, os.path.basename(path))
-    return LoadedCheckpoint(tensors, layers, octet)
-
-
-def _validate_layer(name: str, spec: dict, tensors: dict, fname: str) -> None:
-    fmt = spec.get("format")
-    if fmt not in KNOWN_FORMATS:
-        raise OctetError(f"Layer '{name}' in '{fname}' uses format {fmt!r}; Octet reads {list(KNOWN_FORMATS)}. "
-                         f"Load this file with the node pack that made it.")
-    w, s = tensors.get(f"{name}.weight"), tensors.get(f"{name}.weight_scale")
-    if w is None or s is None:
-        raise OctetError(f"Layer '{name}' in '{fname}' lacks its weight or weight_scale: the file is incomplete.")
-    if w.dtype != torch.int8:
-        raise OctetError(f"Layer '{name}' in '{fname}': weight is {w.dtype}, expected int8.")
-    if s.numel() not in (1, w.shape[0]) or not torch.isfinite(s).all() or (s <= 0).any():
-        raise OctetError(f"Layer '{name}' in '{fname}': weight_scale has shape {tuple(s.shape)} or non-positive/"
-                         f"non-finite values; expected {w.shape[0]} positive scales. The file is damaged.")
+        filecheck.check_layer(fname, name, spec, tensors, KNOWN_FORMATS, OCTET_FORMAT, groups, bool(octet))
+    filecheck.check_plain_tensors(fname, tensors, {f"{n}.{s}" for n in layers for s in QUANT_SUFFIXES if s != "bias"})
+    if isinstance(octet.get("unet_config"), dict):
+        filecheck.check_architecture(fname, octet["unet_config"], {k: tuple(v.shape) for k, v in tensors.items()})
+    filecheck.check_hash(fname, octet, tensors)
 
 
 def build_layer(name: str, spec: dict, tensors: dict, like: Optional[nn.Module] = None,
@@ -178,6 +170,7 @@ def install(model: nn.Module, ckpt: LoadedCheckpoint, selector=None, backend: st
         raise OctetError(f"The checkpoint does not fit this architecture: it quantizes layers this model does "
                          f"not have (e.g. {missing_layers[:3]}). It was made for another model type.")
     for name, spec in ckpt.layers.items():
+        filecheck.check_layer_fits(ckpt.file, name, modules[name], ckpt.tensors)
         layer = build_layer(name, spec, ckpt.tensors, modules[name], selector, backend)
         old_w = getattr(modules[name], "weight", None)
         if old_w is not None and tuple(old_w.shape) != tuple(layer.weight.shape):

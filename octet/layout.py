@@ -108,6 +108,8 @@ class Int8Layout:
                                  dilation=list(g.dilation), groups=g.groups)
         if layer.input_scale is not None:
             spec["octet"]["timestep_groups"] = layer.group_selector is not None
+        if layer.pre_quant_scale is not None:  # lets the loader refuse a file whose smoothing divisor went missing
+            spec["octet"]["smoothed"] = True
         return spec
 
     @classmethod

@@ -41,6 +41,42 @@ ACTION_ALIASES = {"keep": KEEP, "float": KEEP, "bf16": KEEP, "fp16": KEEP, "fp32
                   "dynamic": "dynamic", "w8a8": "dynamic", "static": "static"}
 ACTIONS = (KEEP, DEFAULT) + tuple(MODES)
 REGEX_PREFIX = "re:"
+# Bounded work for text typed into a widget or read from a file: a policy is a handful of rules, and
+# every rule is tried against every layer name, so the limits keep Mixed-Precision Policy under a
+# second even at the maximum, and a 2 MB paste is refused before any parsing.
+MAX_TEXT = 64 * 1024       # characters in the rules (or overrides) box
+MAX_RULES = 1000           # rules (or overrides)
+MAX_LINE = 500             # characters per line
+MAX_PATTERN = 200          # characters per glob or regex
+
+
+def _nested_repetition(pattern: str) -> bool:
+    """True if a repeated group (``(...)+``, ``*``, ``{n,}``) holds a repetition or an alternation,
+    at any depth ("(a+)+", "(a|aa)*", "((a+)b)+"): the shapes whose backtracking can grow
+    exponentially with the length of the name. Conservative: some such regexes are harmless."""
+    stack, i = [[False]], 0  # per open group: does its body repeat or alternate?
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":  # a character class: skip to its end
+            j = pattern.find("]", i + 2)
+            i = len(pattern) if j < 0 else j + 1
+            continue
+        if c == "(":
+            stack.append([False])
+        elif c == ")" and len(stack) > 1:
+            risky = stack.pop()[0]
+            nxt = pattern[i + 1:i + 2]
+            repeated = nxt in ("+", "*") or (nxt == "{" and re.match(r"\{\d*,", pattern[i + 1:]) is not None)
+            if risky and repeated:
+                return True
+            stack[-1][0] |= risky or repeated
+        elif c in "+*|" or (c == "{" and re.match(r"\{\d*,", pattern[i:])):
+            stack[-1][0] = True
+        i += 1
+    return False
 
 
 def normalize_action(action: str) -> str:
@@ -69,6 +105,13 @@ class Rule:
         object.__setattr__(self, "action", normalize_action(self.action))
         if not self.pattern:
             raise OctetError("A policy rule has an empty pattern; write e.g. '*.attn2.to_k: keep'.")
+        if not isinstance(self.pattern, str) or len(self.pattern) > MAX_PATTERN:
+            raise OctetError(f"A policy rule's pattern has {len(str(self.pattern))} characters; keep patterns under "
+                             f"{MAX_PATTERN} (layer names are short: match a distinctive part).")
+        if self.regex and _nested_repetition(self.pattern):
+            raise OctetError(f"Rule regex {self.pattern!r} repeats a group that itself repeats or alternates (like "
+                             f"'(a+)+' or '(a|aa)*'), which can take exponential time; rewrite it without the nested "
+                             f"repetition, or use a glob.")
         if self.regex:
             try:
                 re.compile(self.pattern)
@@ -244,10 +287,30 @@ def write_report(checkpoint_path: str, layers: list[dict], policy: Optional[dict
 
 # --- rules as text (workflow widgets) ----------------------------------------------------------
 
+def _bounded_lines(text: str, what: str) -> list[str]:
+    """The lines of a rules/overrides box, refused (before any parsing) when beyond the limits."""
+    text = text or ""
+    if not isinstance(text, str):
+        raise OctetError(f"The policy {what} must be text, got {type(text).__name__}.")
+    if len(text) > MAX_TEXT:
+        raise OctetError(f"The policy {what} text has {len(text)} characters; the limit is {MAX_TEXT}. A policy is "
+                         f"a few rules: use globs that cover many layers (e.g. '*.attn2.*: keep').")
+    lines = text.splitlines()
+    meaningful = sum(1 for line in lines if line.strip() and not line.strip().startswith("#"))
+    if meaningful > MAX_RULES:
+        raise OctetError(f"The policy {what} has {meaningful} lines; the limit is {MAX_RULES}. Use globs that "
+                         f"cover many layers instead of one line per layer.")
+    for lineno, line in enumerate(lines, 1):
+        if len(line) > MAX_LINE:
+            raise OctetError(f"Line {lineno} of the policy {what} has {len(line)} characters; the limit is "
+                             f"{MAX_LINE}.")
+    return lines
+
+
 def parse_rules(text: str, source: str = "rule") -> list[Rule]:
     """One rule per line: ``pattern: action``; ``re:`` prefixes a regex; ``#`` starts a comment."""
     rules = []
-    for lineno, raw in enumerate((text or "").splitlines(), 1):
+    for lineno, raw in enumerate(_bounded_lines(text, "rules"), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -268,7 +331,7 @@ def parse_rules(text: str, source: str = "rule") -> list[Rule]:
 def parse_overrides(text: str) -> dict[str, str]:
     """One override per line: ``exact.layer.name: action``."""
     out = {}
-    for lineno, raw in enumerate((text or "").splitlines(), 1):
+    for lineno, raw in enumerate(_bounded_lines(text, "overrides"), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

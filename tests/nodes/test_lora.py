@@ -11,9 +11,8 @@ def _psnr(a, b):
     return float(10 * torch.log10((a.double().max() - a.double().min()) ** 2 / mse))
 
 
-def _lora(model, rank=4, strength=0.5):
+def _lora(model, g, rank=4, strength=0.5):
     """A LoRA in the diffusers-style key format ComfyUI's loader maps, on every attention projection."""
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
     sd = {}
     for name, m in model.model.diffusion_model.named_modules():
         if name.endswith(("attn1.to_q", "attn1.to_v", "attn2.to_k", "ff.net.2")):
@@ -32,8 +31,8 @@ def _apply(model, lora_sd):
 
 
 @pytest.fixture
-def lora_case(tiny_model, sample):
-    lora = _lora(tiny_model)
+def lora_case(tiny_model, sample, rng):
+    lora = _lora(tiny_model, rng)
     fp_lora = sample(_apply(tiny_model, lora))
     fp = sample(tiny_model)
     assert _psnr(fp_lora, fp) < 45  # the LoRA visibly changes the samples
@@ -58,11 +57,11 @@ def test_lora_before_quantize_is_merged_into_the_int8_weights(tiny_model, sample
     assert _psnr(fp_lora, sample(quantized)) > 35
 
 
-def test_lora_reaches_int8_layers_exactly_merged_and_per_call(tiny_model):
+def test_lora_reaches_int8_layers_exactly_merged_and_per_call(tiny_model, rng):
     """Full load merges the LoRA and re-quantizes; lowvram applies it per call to the dequantized
     weight. Checked on one layer against the LoRA delta computed by hand."""
     from comfyui_octet import kernels
-    lora = _lora(tiny_model)
+    lora = _lora(tiny_model, rng)
     name = next(k for k in lora if k.endswith("lora_up.weight"))[len("diffusion_model."):-len(".lora_up.weight")]
     delta = lora[f"diffusion_model.{name}.lora_up.weight"] @ lora[f"diffusion_model.{name}.lora_down.weight"]
     quantized, _ = bridge.quantize_model(tiny_model, config_for_mode("weight_only"))

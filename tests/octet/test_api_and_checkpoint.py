@@ -8,7 +8,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from comfyui_octet import octet
-from comfyui_octet.octet import checkpoint
+from comfyui_octet.octet import checkpoint, safefile
 from comfyui_octet.octet.api import OctetError
 
 
@@ -176,10 +176,10 @@ def test_failed_save_leaves_the_existing_file_and_no_temp_file(tmp_path, rng, mo
     model, path = _saved(tmp_path, rng)
     original = open(path, "rb").read()
 
-    def broken_save(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"partial")
+    def broken_write(f, data):
+        f.write(data[:7])
         raise OSError("disk full")
-    monkeypatch.setattr("safetensors.torch.save_file", broken_save)
+    monkeypatch.setattr(safefile, "write_chunks", broken_write)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save(path, model, {})
     assert open(path, "rb").read() == original

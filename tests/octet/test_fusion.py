@@ -37,12 +37,15 @@ class Net(nn.Module):
         return self.geglu(self.erf_mlp(self.mlp(self.img_mlp(x) + x) + x)) + x
 
 
-def _calibrated(net, rng, groups=(1.0,)):
+def _calibrated(net, rng, groups=(1.0,), also=None):
+    """Statistics of two random batches (and of ``also``, the input a test will evaluate, if given)."""
     selector = GroupSelector(list(groups))
     with torch.no_grad(), record(net, selector, architecture="test") as cal:
         for sigma in (0.5, 2.0):
             selector.select(sigma)
             net(torch.randn(4, 9, 32, generator=rng))
+        if also is not None:
+            net(also)
     return cal
 
 
@@ -104,10 +107,13 @@ def test_chained_model_equals_layered_model_on_cpu(smooth_alpha, rng, monkeypatc
 
 @pytest.mark.skipif(triton_support.unavailable_reason() is not None, reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
 def test_triton_chain_runs_fused_kernel_and_matches_layers(rng, monkeypatch):
+    """Within INT8 error of float on inputs the calibration covered: static scales clip values beyond
+    the calibrated range, so on a fresh draw the error measures the calibration's coverage (0.10 at
+    worst over 300 seeds), not the kernel; covered, it is below 0.01 over 150 seeds (tests/seed_sweep.py)."""
     net = _net(rng)
-    cal = _calibrated(net, rng)
-    float_out = None
     x = torch.randn(2, 9, 32, generator=rng)
+    cal = _calibrated(net, rng, also=x)
+    float_out = None
     with torch.no_grad():
         float_out = net(x).double()
     octet.quantize_(net, octet.StaticW8A8Config(backend="triton", smooth_alpha=0.5), calibration=cal)

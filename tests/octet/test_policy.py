@@ -123,3 +123,29 @@ def test_write_report_beside_a_checkpoint(tmp_path):
     text = open(txt).read()
     assert txt.endswith("m.report.txt") and "keep" in text and "42.0" in text and "50.00% of parameters" in text
     assert json.load(open(js))["policy"]["scores"] == {"1": 42.0}
+
+
+@pytest.mark.parametrize("regex, refused", [
+    ("(a+)+$", True), ("(a|aa)*b", True), ("((a+)b)+", True), ("(a{2,})+", True), (r"(\w*\.)*x", True),
+    (r"^(input|output)_blocks\.", False), ("(ab){2,}", False), (r"(attn1|attn2)\.to_k$", False),
+    ("[(+]+x", False), (r"^input_blocks\.(1|2)\.", False),
+])
+def test_regexes_that_can_backtrack_exponentially_are_refused(regex, refused):
+    if refused:
+        with pytest.raises(OctetError, match="exponential"):
+            parse_rules(f"re:{regex}: keep")
+    else:
+        assert parse_rules(f"re:{regex}: keep")[0].pattern == regex
+
+
+def test_policy_text_limits():
+    from comfyui_octet.octet import policy
+    with pytest.raises(OctetError, match="limit is 65536"):
+        parse_rules("a: keep\n" * 10000)
+    with pytest.raises(OctetError, match=f"limit is {policy.MAX_RULES}"):
+        parse_rules("*.a: keep\n" * (policy.MAX_RULES + 1))
+    with pytest.raises(OctetError, match="Line 2 .* limit is"):
+        parse_rules("a: keep\n" + "b" * 600 + ": keep")
+    with pytest.raises(OctetError, match="keep patterns under"):
+        parse_rules("x" * 300 + ": keep")
+    assert len(parse_rules("# comment\n" * 2000 + "*.a: keep")) == 1   # comments do not count as rules
