@@ -48,7 +48,9 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.fl
     return (qweight.float() * view).to(dtype)
 
 
-def _smoothed(x: torch.Tensor, smooth: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+def smoothed(x: torch.Tensor, smooth: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+    """x / smooth along ``channel_dim``, in fp32: the activation side of SmoothQuant (the weight was
+    multiplied by ``smooth``). The one copy: every backend divides through this."""
     x = x.float()
     if smooth is None:
         return x
@@ -60,7 +62,7 @@ def _smoothed(x: torch.Tensor, smooth: torch.Tensor | None, channel_dim: int) ->
 def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
                   static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations [M, K]: per-token dynamic scales [M, 1], or one static scale [1, 1]."""
-    xs = _smoothed(x2d, smooth, channel_dim=1)
+    xs = smoothed(x2d, smooth, channel_dim=1)
     if static_scale is None:
         scale = scale_from_absmax(xs.abs().amax(dim=1, keepdim=True))
     else:
@@ -71,7 +73,7 @@ def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
 def quantize_per_sample(x: torch.Tensor, smooth: torch.Tensor | None = None,
                         static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize NCHW activations with one scale per sample (dynamic) or one static scale."""
-    xs = _smoothed(x, smooth, channel_dim=1)
+    xs = smoothed(x, smooth, channel_dim=1)
     if static_scale is None:
         scale = scale_from_absmax(xs.reshape(xs.shape[0], -1).abs().amax(dim=1))
     else:

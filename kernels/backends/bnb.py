@@ -54,7 +54,7 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: 
     shape = x.shape
     a = x.reshape(-1, shape[-1])
     if smooth is not None:
-        a = a.float() / smooth.float()
+        a = torch_ref.smoothed(a, smooth, channel_dim=1)
     a = a.to(torch.float16 if a.is_cuda else x.dtype).contiguous()
     row_absmax = (w_scale.reshape(-1).float() * torch_ref.QMAX).contiguous()
     ops = torch.ops.bitsandbytes

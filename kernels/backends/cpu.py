@@ -71,7 +71,7 @@ def _conv2d(req, w):
     b32 = None if bias is None else bias.float().reshape(1, -1, 1, 1)
 
     def run(x, static):
-        xs = torch_ref._smoothed(x, w.smooth, channel_dim=1)
+        xs = torch_ref.smoothed(x, w.smooth, channel_dim=1)
         if static is None:
             scale = torch_ref.scale_from_absmax(xs.reshape(xs.shape[0], -1).abs().amax(dim=1))
         else:

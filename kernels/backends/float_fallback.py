@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import registry
+from .. import registry, torch_ref
 from . import triton_support
 
 NAME = registry.Backend.FLOAT.value
@@ -29,12 +29,8 @@ NAME = registry.Backend.FLOAT.value
 
 def _unsmoothed(x: torch.Tensor, smooth, channel_dim: int) -> torch.Tensor:
     # SmoothQuant folded `smooth` into the weight (W * s); the activation must be divided by it,
-    # whether or not it is then quantized.
-    if smooth is None:
-        return x
-    shape = [1] * x.dim()
-    shape[channel_dim] = -1
-    return (x.float() / smooth.reshape(shape)).to(x.dtype)
+    # whether or not it is then quantized. Back in x's dtype for cuBLAS/cuDNN.
+    return x if smooth is None else torch_ref.smoothed(x, smooth, channel_dim).to(x.dtype)
 
 
 def _weight(req, w, dtype):
