@@ -145,7 +145,7 @@ def _weights_with_patches(patcher, dm) -> dict[str, torch.Tensor]:
 class _Overlay(torch.nn.Module):
     """A read-only view of the diffusion model with the object-patched layers in place, for saving."""
 
-    def __init__(self, dm: torch.nn.Module, layers: dict[str, QuantLayer], unet_config: dict):
+    def __init__(self, dm: torch.nn.Module, layers: dict[str, QuantLayer], unet_config: dict | None = None):
         super().__init__()
         self._dm, self._layers, self._unet_config = [dm], layers, unet_config
 
@@ -156,7 +156,7 @@ class _Overlay(torch.nn.Module):
         sd = {k: v for k, v in self._dm[0].state_dict().items() if k.rsplit(".", 1)[0] not in self._layers}
         for name, layer in self._layers.items():
             sd.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
-        return host_compat.keys_for_file(self._unet_config, sd)
+        return sd if self._unet_config is None else host_compat.keys_for_file(self._unet_config, sd)
 
 
 def save_model(patcher, path: str) -> dict:

@@ -132,7 +132,10 @@ def model_config_from_checkpoint(tensors: dict, header: dict, fname: str):
     if not (isinstance(cls, type) and issubclass(cls, comfy.supported_models_base.BASE)):  # e.g. a forged 'torch'
         raise OctetError(f"'{fname}' is for architecture '{arch}', which ComfyUI {host_version()} does not know. "
                          f"Update ComfyUI, or load the checkpoint in the ComfyUI that made it.")
-    recorded = header.get("unet_config") or {}
+    # Detection guesses what shapes cannot show (head counts, RoPE axes): an Octet header that names
+    # an architecture without its record would rebuild a different model silently, so it is refused.
+    from ..octet import filecheck
+    recorded = filecheck.unet_config(fname, header)
     unet_config = {k: recorded.get(k, v) for k, v in detected.items()}
     unet_config = unet_config_for_host(unet_config, f"'{fname}'")
     differs = sorted(k for k in detected if k in recorded and recorded[k] != detected[k])

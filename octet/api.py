@@ -37,11 +37,15 @@ class QuantResult(QuantReport):
 
     def summary(self) -> str:
         chains = f"; {len(self.forwards)} MLPs run as static INT8 chains" if self.forwards else ""
+        return super().summary() + chains
+
+    def to_text(self, limit: int | None = None) -> str:
         goal = ("goal=speed: a layer whose INT8 kernel is slower than bf16 at the shapes it runs at keeps a "
                 "bf16 copy of its weight (chosen at its first call; VRAM cost in the log and plan_summary)"
                 if self.goal == "speed" else
                 "goal=memory: only int8 weights are kept; layers where INT8 loses read them through W8A16")
-        return super().summary() + chains + "\n" + goal
+        lines = super().to_text(limit).splitlines()
+        return "\n".join(lines[:-1] + [goal, lines[-1]])
 
 
 # Float layer type -> (layer kind, the quantized module that replaces it): the one table of layer kinds.

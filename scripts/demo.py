@@ -90,13 +90,14 @@ def main() -> int:
              f"float sampling time: {t_fp:.2f} s for {steps} steps"]
     for mode, summary, p, tq, ts in rows:
         lines.append(f"{mode:>12}: {summary}")
-        lines.append(f"{'':>12}  PSNR(INT8 vs FP latents) = {p:.2f} dB; quantize {tq:.2f} s; sampling {ts:.2f} s")
+        lines.append(f"{'':>12}  PSNR(INT8 vs FP latents) = {p:.2f} dB; quantize {tq:.2f} s; sampling {ts:.2f} s "
+                     f"({ts / t_fp:.2f}x float)")
     lines += [f"checkpoint: {path}",
               f"  file size {file_bytes / 2**20:.2f} MiB vs bf16 model {bf16_bytes / 2**20:.2f} MiB "
               f"= {file_bytes / bf16_bytes:.3f}x",
               f"  reloaded model samples identically: {identical}",
               f"preview (rows: samples; columns: FP | weight-only | dynamic W8A8): {png}",
-              "note: CPU uses the torch reference kernels; the Triton kernels run on NVIDIA GPUs. "
+              "note: on a CPU Octet runs its CPU path (torch._int_mm for Linear, oneDNN on the int8 codes for Conv2d; bit-identical to the torch reference); the Triton kernels run on NVIDIA GPUs. "
               "Quality of every method on both reference models: bench/quality.py -> docs/QUALITY.md."]
     text = "\n".join(lines)
     print(text)
