@@ -18,6 +18,7 @@ anything is built, and every problem is an OctetError that says what to do.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -26,14 +27,16 @@ import torch
 import torch.nn as nn
 
 from ..kernels.torch_ref import pair
-from . import fusion
+from . import community, fileformat, fusion
 from .api import OctetError
 from .modules import QuantConv2d, QuantLayer, QuantLinear
 from .safefile import save_atomic
 
-FORMAT_VERSION = 1
-HOST_FORMAT = "int8_tensorwise"
-OCTET_FORMAT = "octet_int8"
+log = logging.getLogger("octet")
+
+FORMAT_VERSION = fileformat.LATEST_VERSION  # 2: Octet-namespaced keys (octet/fileformat.py)
+HOST_FORMAT = fileformat.HOST_FORMAT
+OCTET_FORMAT = fileformat.OCTET_FORMAT
 KNOWN_FORMATS = (HOST_FORMAT, OCTET_FORMAT)
 QUANT_SUFFIXES = ("weight", "weight_scale", "input_scale", "pre_quant_scale", "bias", "comfy_quant")
 
@@ -47,7 +50,10 @@ class LoadedCheckpoint:
 
 def layer_spec(module: QuantLayer) -> dict:
     kind = "linear" if isinstance(module, QuantLinear) else "conv"
-    host_compatible = (kind == "linear" and module.act == "dynamic" and module.pre_quant_scale is None)
+    # The host (comfy-kitchen int8_tensorwise) computes with the dequantized per-row weight, so any
+    # unsmoothed Linear is its math whatever Octet's activation mode; the mode rides in "octet".
+    host_compatible = (kind == "linear" and module.pre_quant_scale is None
+                       and not isinstance(module, community.RotatedQuantLinear))
     spec = {"format": HOST_FORMAT if host_compatible else OCTET_FORMAT,
             "octet": {"kind": kind, "act": module.act}}
     if kind == "conv":
@@ -73,31 +79,70 @@ def _tensor_json(t: torch.Tensor, key: str) -> dict:
         raise OctetError(f"'{key}' is not valid comfy_quant JSON ({e}); the file is damaged. Re-save it.") from e
 
 
-def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """The state dict to save and the per-layer specs, from a model holding Quant* modules."""
+def collect(model: nn.Module, kind: str = fileformat.KIND_OCTET, float_dtype: Optional[torch.dtype] = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The tensors to save (file keys) and the per-layer specs, from a model holding Quant* modules.
+
+    ``kind="portable"`` dequantizes every layer a stock host cannot run to ``float_dtype``.
+    """
+    if kind not in fileformat.KINDS:
+        raise OctetError(f"Unknown file kind {kind!r}; choose one of {list(fileformat.KINDS)}.")
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
     layers = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantLayer):
-            layers[name] = spec = layer_spec(m)
+            spec = layer_spec(m)
+            if kind == fileformat.KIND_PORTABLE and not fileformat.host_runs(spec):
+                for suffix in QUANT_SUFFIXES:
+                    tensors.pop(f"{name}.{suffix}", None)
+                dtype = float_dtype or (m.bias.dtype if m.bias is not None else torch.float32)
+                tensors[f"{name}.weight"] = m.dequantized_weight(torch.float32, device=m.weight.device).to(dtype)
+                if m.bias is not None:
+                    tensors[f"{name}.bias"] = m.bias.detach().to(dtype)
+                continue
+            layers[name] = spec
             tensors[f"{name}.comfy_quant"] = _json_tensor(spec)
-    if not layers:
+    if not layers and kind == fileformat.KIND_OCTET:
         raise OctetError("This model has no quantized layer to save: run Quantize Model (or load an Octet "
                          "checkpoint) first.")
+    if not layers:
+        raise OctetError("A portable file keeps only unsmoothed Linear layers in INT8, and this model has none "
+                         "(only convs or SmoothQuant layers): it would be a float file. Save it with kind=octet, "
+                         "or quantize Linear layers without SmoothQuant.")
+    tensors = {(fileformat.file_key(k) if k.rpartition(".")[0] in layers else k): v for k, v in tensors.items()}
     return tensors, layers
 
 
-def save(path: str, model: nn.Module, octet_meta: dict) -> dict:
-    """Save a quantized model atomically; returns the header metadata written."""
-    tensors, layers = collect(model)
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+
+
+def save(path: str, model: nn.Module, octet_meta: dict, kind: str = fileformat.KIND_OCTET,
+         float_dtype: Optional[torch.dtype] = None) -> dict:
+    """Save a quantized model atomically; returns the header metadata written.
+
+    ``kind``: "octet" (everything as quantized; stock loaders refuse it) or "portable" (what stock
+    ComfyUI runs; see octet/fileformat.py). ``float_dtype``: the source model's float dtype, for
+    the layers a portable file dequantizes.
+    """
+    tensors, layers = collect(model, kind, float_dtype)
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {
-        "_quantization_metadata": json.dumps({"format_version": "1.0",
-                                              "layers": {n: {"format": s["format"]} for n, s in layers.items()}}),
-        "octet": json.dumps({"format_version": FORMAT_VERSION, **octet_meta}, sort_keys=True),
-    }
+    meta = header(layers, _linear_names(model), octet_meta, kind)
     save_atomic(tensors, path, meta)
     return meta
+
+
+def header(layers: dict[str, dict], linear_names: list[str], octet_meta: dict, kind: str) -> dict[str, str]:
+    """The safetensors header: the host's layer table (octet/fileformat.py) and Octet's own record."""
+    try:
+        table = fileformat.host_layers(layers, linear_names)
+    except ValueError as e:
+        raise OctetError("This model has no Linear layer, so a stock ComfyUI could not be made to refuse the "
+                         "Octet-only file; save it with kind=portable.") from e
+    return {
+        "_quantization_metadata": json.dumps({"format_version": "1.0", "layers": table}),
+        "octet": json.dumps({"format_version": FORMAT_VERSION, "file_kind": kind, **octet_meta}, sort_keys=True),
+    }
 
 
 def read(path: str) -> LoadedCheckpoint:
@@ -122,26 +167,59 @@ def read(path: str) -> LoadedCheckpoint:
         except json.JSONDecodeError as e:
             raise OctetError(f"'{os.path.basename(path)}' has a damaged Octet header ({e}). Save it again.") from e
         version = octet.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
             raise OctetError(f"'{os.path.basename(path)}' uses Octet format version {version!r}; this Octet reads "
                              f"up to {FORMAT_VERSION}. Update the Octet node pack.")
 
+    fname = os.path.basename(path)
     layers = {k[: -len(".comfy_quant")]: _tensor_json(v, k) for k, v in tensors.items()
               if k.endswith(".comfy_quant")}
+    if octet:
+        # Octet's own per-layer specs are the comfy_quant tensors; the header's table is for stock hosts.
+        tensors = fileformat.module_keys(tensors, layers, version)
+    else:
+        layers = _host_layer_table(header, layers, fname)
+        tensors = _drop_host_ignored(tensors, layers, fname)
     if not layers:
-        raise OctetError(f"'{os.path.basename(path)}' holds no quantized layers (no '.comfy_quant' entries): it is "
+        raise OctetError(f"'{fname}' holds no quantized layers (no '.comfy_quant' entries): it is "
                          f"not an Octet/comfy_quant INT8 checkpoint. Load a float model with ComfyUI's 'Load "
                          f"Diffusion Model' node, then use Octet's Quantize Model.")
     for name, spec in layers.items():
-        _validate_layer(name, spec, tensors, os.path.basename(path))
+        _validate_layer(name, spec, tensors, fname)
+        if not octet:
+            community.check_layer(name, spec, tensors[f"{name}.weight"], fname)
     return LoadedCheckpoint(tensors, layers, octet)
+
+
+def _host_layer_table(header: dict, layers: dict[str, dict], fname: str) -> dict[str, dict]:
+    """A foreign file's layer specs as a stock ComfyUI reads them: the header's
+    ``_quantization_metadata`` layers override the comfy_quant tensors (comfy.utils.convert_old_quants)."""
+    if "_quantization_metadata" not in header:
+        return layers
+    try:
+        table = json.loads(header["_quantization_metadata"])["layers"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise OctetError(f"'{fname}' has a damaged '_quantization_metadata' header ({type(e).__name__}: {e}).") from e
+    return {**layers, **{name: dict(spec) for name, spec in table.items()}}
+
+
+def _drop_host_ignored(tensors: dict, layers: dict, fname: str) -> dict:
+    """int8_tensorwise layers in a foreign file: the host reads only weight and weight_scale, so
+    input_scale/pre_quant_scale (host meaning, not Octet's) must not change Octet's numbers either."""
+    ignored = [k for k in tensors if k.rpartition(".")[0] in layers
+               and layers[k.rpartition(".")[0]].get("format") == HOST_FORMAT
+               and k.rpartition(".")[2] in ("input_scale", "pre_quant_scale")]
+    if ignored:
+        log.warning("Octet: '%s' carries %d input_scale/pre_quant_scale tensors on int8_tensorwise layers (e.g. %s); "
+                    "ComfyUI ignores them for this format and so does Octet.", fname, len(ignored), ignored[0])
+    return {k: v for k, v in tensors.items() if k not in ignored}
 
 
 def _validate_layer(name: str, spec: dict, tensors: dict, fname: str) -> None:
     fmt = spec.get("format")
     if fmt not in KNOWN_FORMATS:
         raise OctetError(f"Layer '{name}' in '{fname}' uses format {fmt!r}; Octet reads {list(KNOWN_FORMATS)}. "
-                         f"Load this file with the node pack that made it.")
+                         f"Load this file with ComfyUI's 'Load Diffusion Model' or the node pack that made it.")
     w, s = tensors.get(f"{name}.weight"), tensors.get(f"{name}.weight_scale")
     if w is None or s is None:
         raise OctetError(f"Layer '{name}' in '{fname}' lacks its weight or weight_scale: the file is incomplete.")
@@ -157,13 +235,15 @@ def build_layer(name: str, spec: dict, tensors: dict, like: Optional[nn.Module] 
     """A Quant* module from checkpoint tensors; ``like`` (the float/meta layer) supplies conv geometry."""
     extra = spec.get("octet", {})
     w = tensors[f"{name}.weight"]
-    scale = tensors[f"{name}.weight_scale"].float()
-    if scale.numel() == 1:  # a tensorwise scale from another tool: broadcast to per-channel
-        scale = scale.reshape(1).expand(w.shape[0]).clone()
+    # A per-tensor scale from another tool is the same numbers as per-channel (octet/community.py).
+    scale = community.per_row_scale(tensors[f"{name}.weight_scale"], w.shape[0])
     bias = tensors.get(f"{name}.bias")
     kind = extra.get("kind", "conv" if w.dim() == 4 else "linear")
     act = extra.get("act", "dynamic")
-    if kind == "linear":
+    group = community.convrot_group_size(spec)
+    if group is not None:  # ConvRot: the codes are in a rotated basis; rotate activations per call
+        layer = community.RotatedQuantLinear(w, scale, bias, act, backend, group_size=group)
+    elif kind == "linear":
         layer = QuantLinear(w, scale, bias, act, backend)
     else:
         geom = {k: extra.get(k, getattr(like, k, None)) for k in ("stride", "padding", "dilation", "groups")}
@@ -191,6 +271,10 @@ def install(model: nn.Module, ckpt: LoadedCheckpoint, selector=None, backend: st
         raise OctetError(f"The checkpoint does not fit this architecture: it quantizes layers this model does "
                          f"not have (e.g. {missing_layers[:3]}). It was made for another model type.")
     for name, spec in ckpt.layers.items():
+        if not isinstance(modules[name], (nn.Linear, nn.Conv2d, QuantLayer)):
+            raise OctetError(f"Layer '{name}' is INT8 in the file but a {type(modules[name]).__name__} in this "
+                             f"model; Octet runs INT8 Linear and Conv2d layers only. Load the file with ComfyUI's "
+                             f"'Load Diffusion Model' node.")
         layer = build_layer(name, spec, ckpt.tensors, modules[name], selector, backend)
         old_w = getattr(modules[name], "weight", None)
         if old_w is not None and tuple(old_w.shape) != tuple(layer.weight.shape):
