@@ -271,7 +271,9 @@ def install(model: nn.Module, ckpt: LoadedCheckpoint, selector=None, backend: st
         raise OctetError(f"The checkpoint does not fit this architecture: it quantizes layers this model does "
                          f"not have (e.g. {missing_layers[:3]}). It was made for another model type.")
     for name, spec in ckpt.layers.items():
-        if not isinstance(modules[name], (nn.Linear, nn.Conv2d, QuantLayer)):
+        # Host op classes (e.g. 0.29's mixed-precision Linear) need not subclass nn.Linear.
+        if not (isinstance(modules[name], (nn.Linear, nn.Conv2d, QuantLayer))
+                or type(modules[name]).__name__ in ("Linear", "Conv2d")):
             raise OctetError(f"Layer '{name}' is INT8 in the file but a {type(modules[name]).__name__} in this "
                              f"model; Octet runs INT8 Linear and Conv2d layers only. Load the file with ComfyUI's "
                              f"'Load Diffusion Model' node.")

@@ -81,7 +81,10 @@ def check_layer(name: str, spec: dict, weight: torch.Tensor, fname: str) -> None
     if weight.dim() != 2:
         raise OctetError(f"Layer '{name}' in '{fname}' is a ConvRot INT8 tensor of shape {tuple(weight.shape)}; Octet "
                          f"runs ConvRot only on Linear layers. Load it with ComfyUI's 'Load Diffusion Model'.")
-    hadamard(group)  # validates the size
+    try:
+        hadamard(group)  # validates the size
+    except OctetError as e:
+        raise OctetError(f"Layer '{name}' in '{fname}': {e}") from None
     if weight.shape[1] % group:
         raise OctetError(f"Layer '{name}' in '{fname}': ConvRot group size {group} does not divide its "
                          f"{weight.shape[1]} input features; the file is damaged.")

@@ -268,3 +268,31 @@ def test_quant_layers_are_the_only_int8_tensors_octet_writes(quantized, tmp_path
             else:
                 assert t.dtype == torch.float32, k  # the tiny model's source dtype
     assert all(isinstance(m, QuantLayer) for m in bridge.quantized_layers(quantized["dynamic linear+conv"]).values())
+
+
+def test_a_convrot_community_file_computes_in_octet_as_in_the_stock_host(tiny_model, stock_loader, tmp_path):
+    """The file Comfy-Org's converters publish (comfy-kitchen's ConvRot int8_tensorwise), for the tiny
+    UNet: Octet's Load Quantized computes each layer as the host does (it used to read the rotated
+    codes as the weight: 112 % error)."""
+    ck = pytest.importorskip("comfy_kitchen.tensor")
+    from safetensors.torch import save_file
+    sd = {k: v.detach().clone() for k, v in bridge.diffusion_model(tiny_model).state_dict().items()}
+    layers = {}
+    for name, m in bridge.diffusion_model(tiny_model).named_modules():
+        if isinstance(m, torch.nn.Linear) and m.in_features % 16 == 0:
+            q, params = ck.TensorWiseINT8Layout.quantize(m.weight.detach(), per_channel=True, convrot=True,
+                                                          convrot_groupsize=16)
+            sd[f"{name}.weight"], sd[f"{name}.weight_scale"] = q, params.scale
+            layers[name] = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 16}
+            sd[f"{name}.comfy_quant"] = torch.tensor(list(json.dumps(layers[name]).encode()), dtype=torch.uint8)
+    path = str(tmp_path / "community.safetensors")
+    save_file(sd, path, metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})})
+    octet = bridge.load_model(path)
+    assert "community" in octet.model_options[bridge.OPTIONS_KEY]["file_kind"]
+    octet_layers = bridge.quantized_layers(octet)
+    assert set(octet_layers) == set(layers)
+    assert _rel(_run(octet), _run(tiny_model)) < 0.05  # close to the float model it was made from
+    if not _host_has_int8():
+        return
+    errors = _per_layer_errors(stock_loader(path), octet_layers)
+    assert max(errors.values()) < 1e-3 and sorted(errors.values())[len(errors) // 2] < 1e-5, errors
