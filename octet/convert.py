@@ -35,7 +35,7 @@ class LayerPlan:
     kind: str                      # "linear" | "conv"
     config: Optional[QuantConfig]  # None: copied as it is
     reason: str = ""
-    output: str = "copy"           # "int8" | "float" (portable dequantized) | "copy"
+    output: str = "copy"           # "int8" | "copy" (as in the source)
 
 
 @dataclass
@@ -75,8 +75,11 @@ def plan_layers(info: dict, config: QuantConfig, policy=None, kind: str = filefo
             plans.append(LayerPlan(name, lk, None, f"kind '{lk}' not selected"))
         else:
             host_ok = lk == "linear" and getattr(cfg, "smooth_alpha", None) is None
-            out = "int8" if kind == fileformat.KIND_OCTET or host_ok else "float"
-            plans.append(LayerPlan(name, lk, cfg, reason, out))
+            if kind == fileformat.KIND_OCTET or host_ok:
+                plans.append(LayerPlan(name, lk, cfg, reason, "int8"))
+            else:  # the source weights are at hand: better than a dequantized copy of them
+                plans.append(LayerPlan(name, lk, None, "portable: stock ComfyUI runs no INT8 "
+                                       + ("conv" if lk == "conv" else "SmoothQuant layer") + "; kept as in the source"))
     return plans
 
 
@@ -108,22 +111,16 @@ def _entries(plan: LayerPlan, info: dict, calibration, kind: str) -> dict:
     """The output keys of one layer with their dtype and shape, known before its data is read."""
     n = plan.name
     dtype, shape = info[f"{n}.weight"]
-    out = {}
-    if plan.output == "int8":
-        out[f"{n}.weight"] = (torch.int8, shape)
-        out[f"{n}.weight_scale"] = (torch.float32, (shape[0], 1))
-    else:
-        out[f"{n}.weight"] = (dtype, shape)
+    out = {f"{n}.weight": (torch.int8, shape), f"{n}.weight_scale": (torch.float32, (shape[0], 1))}
     if f"{n}.bias" in info:
         out[f"{n}.bias"] = info[f"{n}.bias"]
-    if plan.output == "int8":
-        cfg = plan.config
-        if getattr(cfg, "smooth_alpha", None) is not None:
-            out[fileformat.file_key(f"{n}.pre_quant_scale")] = (torch.float32, (shape[1],))
-        if cfg.act == "static":
-            groups = calibration.groups if getattr(cfg, "timestep_groups", False) else 1
-            out[fileformat.file_key(f"{n}.input_scale")] = (torch.float32, (groups,))
-        out[f"{n}.comfy_quant"] = (torch.uint8, (len(_spec_bytes(plan, calibration)),))
+    cfg = plan.config
+    if getattr(cfg, "smooth_alpha", None) is not None:
+        out[fileformat.file_key(f"{n}.pre_quant_scale")] = (torch.float32, (shape[1],))
+    if cfg.act == "static":
+        groups = calibration.groups if getattr(cfg, "timestep_groups", False) else 1
+        out[fileformat.file_key(f"{n}.input_scale")] = (torch.float32, (groups,))
+    out[f"{n}.comfy_quant"] = (torch.uint8, (len(_spec_bytes(plan, calibration)),))
     return out
 
 
@@ -196,19 +193,14 @@ def convert(source: str, output: str, config: QuantConfig, *, policy=None, calib
             weight = read_tensor(source, key)
             bias = read_tensor(source, f"{layer}.bias") if f"{layer}.bias" in info else None
             q = _quantize(p, weight.float(), None if bias is None else bias, calibration)
-            if p.output == "float":
-                w.write(f"{layer}.weight", q.dequantized_weight(torch.float32).to(weight.dtype))
-                if bias is not None:
-                    w.write(f"{layer}.bias", bias)
-            else:
-                tensors = {f"{layer}.weight": q.weight.data, f"{layer}.weight_scale": q.weight_scale,
-                           f"{layer}.bias": bias,
-                           fileformat.file_key(f"{layer}.pre_quant_scale"): q.pre_quant_scale,
-                           fileformat.file_key(f"{layer}.input_scale"): q.input_scale,
-                           f"{layer}.comfy_quant": torch.frombuffer(bytearray(_spec_bytes(p, calibration)),
-                                                                    dtype=torch.uint8)}
-                for k in _entries(p, info, calibration, kind):
-                    w.write(k, tensors[k])
+            tensors = {f"{layer}.weight": q.weight.data, f"{layer}.weight_scale": q.weight_scale,
+                       f"{layer}.bias": bias,
+                       fileformat.file_key(f"{layer}.pre_quant_scale"): q.pre_quant_scale,
+                       fileformat.file_key(f"{layer}.input_scale"): q.input_scale,
+                       f"{layer}.comfy_quant": torch.frombuffer(bytearray(_spec_bytes(p, calibration)),
+                                                                dtype=torch.uint8)}
+            for k in _entries(p, info, calibration, kind):
+                w.write(k, tensors[k])
             del weight, bias, q
             done += 1
             if progress is not None:

@@ -81,6 +81,9 @@ class StreamWriter:
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's 0600 would make a file others cannot read
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

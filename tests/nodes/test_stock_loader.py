@@ -137,20 +137,38 @@ def quantized(tiny_model):
     }
 
 
-@pytest.mark.parametrize("case", ["dynamic linear+conv"])
-def test_octet_file_with_int8_convs_is_refused_by_the_stock_loader_naming_octet(quantized, stock_loader, case,
-                                                                                  tmp_path):
+def _smoothed(tiny_model):
+    q, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic", kinds=("linear",)))
+    layer = next(iter(bridge.quantized_layers(q).values()))
+    layer.set_smoothing(torch.linspace(0.5, 2.0, layer.in_features))
+    return q
+
+
+def _static(tiny_model):
+    """Static W8A8 Linear layers (scales set by hand: the file format is under test, not calibration)."""
+    q, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic", kinds=("linear",)))
+    for layer in bridge.quantized_layers(q).values():
+        layer.act = "static"
+        layer.set_static_scales(torch.tensor([0.02, 0.03]))
+    return q
+
+
+@pytest.mark.parametrize("case", ["dynamic linear+conv", "smoothquant linear"])
+def test_octet_file_with_octet_only_layers_is_refused_by_the_stock_loader_naming_octet(quantized, stock_loader,
+                                                                                        case, tiny_model, tmp_path):
     path = str(tmp_path / "octet.safetensors")
-    bridge.save_model(quantized[case], path)
+    bridge.save_model(quantized[case] if case in quantized else _smoothed(tiny_model), path)
     with pytest.raises(KeyError) as e:
         stock_loader(path)
     assert "Octet node pack" in str(e.value) or (not _host_has_int8() and "int8_tensorwise" in str(e.value))
 
 
-@pytest.mark.parametrize("case", ["dynamic linear", "weight-only linear"])
+@pytest.mark.parametrize("case", ["dynamic linear", "weight-only linear", "static linear"])
 def test_octet_file_of_plain_int8_linears_runs_correctly_in_a_stock_int8_host(quantized, stock_loader, case,
-                                                                               tmp_path):
+                                                                               tiny_model, tmp_path):
     path = str(tmp_path / "octet.safetensors")
+    if case == "static linear":
+        quantized = {case: _static(tiny_model)}
     bridge.save_model(quantized[case], path)
     if not _host_has_int8():  # ComfyUI 0.3.75 knows no int8 format: a loud KeyError
         with pytest.raises(KeyError, match="int8_tensorwise"):
@@ -292,7 +310,9 @@ def test_a_convrot_community_file_computes_in_octet_as_in_the_stock_host(tiny_mo
     octet_layers = bridge.quantized_layers(octet)
     assert set(octet_layers) == set(layers)
     assert _rel(_run(octet), _run(tiny_model)) < 0.05  # close to the float model it was made from
-    if not _host_has_int8():
+    if not _host_has_int8():  # 0.3.75 has no int8 format: its loader stops
+        with pytest.raises(KeyError, match="int8_tensorwise"):
+            stock_loader(path)
         return
     errors = _per_layer_errors(stock_loader(path), octet_layers)
     assert max(errors.values()) < 1e-3 and sorted(errors.values())[len(errors) // 2] < 1e-5, errors
