@@ -52,10 +52,11 @@ def layer_spec(module: QuantLayer) -> dict:
     kind = "linear" if isinstance(module, QuantLinear) else "conv"
     # The host (comfy-kitchen int8_tensorwise) computes with the dequantized per-row weight, so any
     # unsmoothed Linear is its math whatever Octet's activation mode; the mode rides in "octet".
-    host_compatible = (kind == "linear" and module.pre_quant_scale is None
-                       and not isinstance(module, community.RotatedQuantLinear))
+    host_compatible = kind == "linear" and module.pre_quant_scale is None
     spec = {"format": HOST_FORMAT if host_compatible else OCTET_FORMAT,
             "octet": {"kind": kind, "act": module.act}}
+    if isinstance(module, community.RotatedQuantLinear):  # codes in ConvRot's basis: the host's keys
+        spec.update(convrot=True, convrot_groupsize=module.group_size)
     if kind == "conv":
         spec["octet"].update(stride=list(pair(module.stride)), padding=_padding(module.padding),
                              dilation=list(pair(module.dilation)), groups=module.groups)

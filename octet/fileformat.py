@@ -70,7 +70,10 @@ def host_layers(layers: dict[str, dict], linear_names: list[str]) -> dict[str, d
     Layers the host runs keep their format; any other makes the whole file refused (a file that
     loads with some layers wrong is worse than one that does not load), through a Linear.
     """
-    table = {n: ({"format": HOST_FORMAT} if host_runs(s) else {"format": HOST_REFUSAL}) for n, s in layers.items()}
+    # The host applies this table over the comfy_quant tensors, so a layer it runs keeps every key it
+    # reads (e.g. ConvRot's); Octet's own "octet" field stays in the tensors only.
+    table = {n: ({k: v for k, v in s.items() if k != "octet"} if host_runs(s) else {"format": HOST_REFUSAL})
+             for n, s in layers.items()}
     refused = [n for n, s in layers.items() if not host_runs(s)]
     if refused and not any(table.get(n, {}).get("format") == HOST_REFUSAL for n in linear_names):
         if not linear_names:

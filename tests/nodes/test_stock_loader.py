@@ -39,6 +39,7 @@ def stock_loader():
 
     comfy.supported_models.models.insert(0, TinySD15)
     mp = pytest.MonkeyPatch()
+    mp.setattr(comfy.supported_models, "TinySD15", TinySD15, raising=False)  # Octet's loader finds it by name
     mp.setattr(mm, "should_use_bf16", lambda *a, **k: False)
     mp.setattr(mm, "should_use_fp16", lambda *a, **k: False)
     try:
@@ -310,9 +311,18 @@ def test_a_convrot_community_file_computes_in_octet_as_in_the_stock_host(tiny_mo
     octet_layers = bridge.quantized_layers(octet)
     assert set(octet_layers) == set(layers)
     assert _rel(_run(octet), _run(tiny_model)) < 0.05  # close to the float model it was made from
+    # Saved again by Octet (both kinds), the ConvRot layers stay ConvRot for Octet and for the host.
+    resaved = {kind: str(tmp_path / f"resaved_{kind}.safetensors") for kind in fileformat.KINDS}
+    for kind, p in resaved.items():
+        bridge.save_model(octet, p, kind=kind)
+        again = bridge.quantized_layers(bridge.load_model(p))
+        for name, layer in octet_layers.items():
+            assert type(again[name]) is type(layer) and torch.equal(again[name].weight, layer.weight)
+            assert again[name].group_size == layer.group_size
     if not _host_has_int8():  # 0.3.75 has no int8 format: its loader stops
         with pytest.raises(KeyError, match="int8_tensorwise"):
             stock_loader(path)
         return
-    errors = _per_layer_errors(stock_loader(path), octet_layers)
-    assert max(errors.values()) < 1e-3 and sorted(errors.values())[len(errors) // 2] < 1e-5, errors
+    for p in (path, *resaved.values()):
+        errors = _per_layer_errors(stock_loader(p), octet_layers)
+        assert max(errors.values()) < 1e-3 and sorted(errors.values())[len(errors) // 2] < 1e-5, (p, errors)
