@@ -7,8 +7,8 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from ..octet import checkpoint, fileformat
 from ..octet.api import OctetError
-from ..octet import fileformat
 from ..octet.config import BACKENDS
 from . import bridge
 
@@ -55,9 +55,10 @@ class SaveQuantized(io.ComfyNode):
         if os.path.exists(path) and not overwrite:
             raise OctetError(f"'{path}' already exists. Choose another filename or enable overwrite.")
         meta = bridge.save_model(model, path, kind=kind)
-        layers = json.loads(meta["_quantization_metadata"])["layers"]
-        octet = json.loads(meta["octet"])
-        return io.NodeOutput(path, fileformat.describe(octet, {n: s for n, s in layers.items()}))
+        specs = {n: checkpoint.layer_spec(m) for n, m in bridge.quantized_layers(model).items()}
+        if kind == fileformat.KIND_PORTABLE:  # the others were written as float
+            specs = {n: s for n, s in specs.items() if fileformat.host_runs(s)}
+        return io.NodeOutput(path, fileformat.describe(json.loads(meta["octet"]), specs))
 
 
 class LoadQuantized(io.ComfyNode):

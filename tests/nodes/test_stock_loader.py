@@ -326,3 +326,20 @@ def test_a_convrot_community_file_computes_in_octet_as_in_the_stock_host(tiny_mo
     for p in (path, *resaved.values()):
         errors = _per_layer_errors(stock_loader(p), octet_layers)
         assert max(errors.values()) < 1e-3 and sorted(errors.values())[len(errors) // 2] < 1e-5, (p, errors)
+
+
+def test_save_and_load_nodes_say_which_kind_of_file(quantized, tmp_path, monkeypatch):
+    import folder_paths
+    from comfyui_octet.nodes import checkpoint_nodes
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, checkpoint_nodes.FOLDER,
+                        ([str(tmp_path / "diffusion_models")], {".safetensors"}))
+    q = quantized["dynamic linear+conv"]
+    n_linear = sum(type(m).__name__ == "QuantLinear" for m in bridge.quantized_layers(q).values())
+    n_all = len(bridge.quantized_layers(q))
+    path, kind = checkpoint_nodes.SaveQuantized.execute(q, "o", False).result
+    assert f"Octet file ({n_all} INT8 layers, {n_all - n_linear} Octet-only)" in kind and "refuses" in kind
+    path, kind = checkpoint_nodes.SaveQuantized.execute(q, "p", False, kind="portable").result
+    assert f"portable file ({n_linear} int8_tensorwise" in kind
+    for name, expect in (("o.safetensors", "only Octet's Load Quantized"), ("p.safetensors", "portable")):
+        model, kind = checkpoint_nodes.LoadQuantized.execute(name, "auto").result
+        assert expect in kind and bridge.quantized_layers(model)
