@@ -14,7 +14,7 @@ import uuid
 
 import torch
 
-from ..octet import checkpoint, filecheck, quantize_
+from ..octet import checkpoint, filecheck, fileformat, quantize_
 from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from ..octet.modules import QuantLayer
@@ -150,7 +150,10 @@ class _Overlay(torch.nn.Module):
         self._dm, self._layers, self._unet_config = [dm], layers, unet_config
 
     def named_modules(self, *args, **kwargs):
-        yield from self._layers.items()
+        # Every module, the patched layers in place: the saver needs the Linear layers too
+        # (a stock-loader refusal rides on one; octet/fileformat.py).
+        for name, module in self._dm[0].named_modules():
+            yield name, self._layers.get(name, module)
 
     def state_dict(self, *args, **kwargs):
         sd = {k: v for k, v in self._dm[0].state_dict().items() if k.rsplit(".", 1)[0] not in self._layers}
@@ -159,7 +162,7 @@ class _Overlay(torch.nn.Module):
         return sd if self._unet_config is None else host_compat.keys_for_file(self._unet_config, sd)
 
 
-def save_model(patcher, path: str) -> dict:
+def save_model(patcher, path: str, kind: str = "octet") -> dict:
     layers = quantized_layers(patcher)
     if not layers:
         raise OctetError("This MODEL has no Octet-quantized layers: connect the output of Quantize Model "
@@ -178,11 +181,21 @@ def save_model(patcher, path: str) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "octet_version": _version(),
     }
-    written = checkpoint.save(path, _Overlay(diffusion_model(patcher), layers, mc.unet_config), meta)
+    written = checkpoint.save(path, _Overlay(diffusion_model(patcher), layers, mc.unet_config), meta, kind=kind,
+                              float_dtype=_source_dtype(patcher))
     report = info.get("report")
     if report:  # the per-layer table (and sensitivity scores) as <name>.report.txt/.json beside the file
         write_report(path, report["layers"], report["policy"], meta)
     return written
+
+
+def _source_dtype(patcher) -> torch.dtype:
+    """The float dtype of the model's unquantized weights (what a portable file dequantizes to)."""
+    counts: dict = {}
+    for _, t in diffusion_model(patcher).named_parameters():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else patcher.model.get_dtype()
 
 
 def _version() -> str:
@@ -231,6 +244,7 @@ def _load_model(path: str, backend: str):
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.model_options[OPTIONS_KEY] = {k: ckpt.octet.get(k) for k in ("architecture",) + CARRIED_KEYS}
     patcher.model_options[OPTIONS_KEY]["file"] = os.path.basename(path)
+    patcher.model_options[OPTIONS_KEY]["file_kind"] = fileformat.describe(ckpt.octet, ckpt.layers)
     install_cfg_guard(patcher)
     if selector is not None:
         install_timestep_groups(patcher, selector)

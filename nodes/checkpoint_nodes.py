@@ -1,12 +1,13 @@
 """Save Quantized / Load Quantized: INT8 checkpoints as shareable safetensors."""
 from __future__ import annotations
 
+import json
 import os
 
 import folder_paths
 from comfy_api.latest import io
 
-from ..octet import safefile
+from ..octet import checkpoint, fileformat, safefile
 from ..octet.api import OctetError
 from ..octet.config import BACKENDS
 from . import bridge
@@ -42,20 +43,29 @@ class SaveQuantized(io.ComfyNode):
                                 tooltip="Path under models/diffusion_models, without extension."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an existing file of that name (written atomically)."),
+                io.Combo.Input("kind", options=list(fileformat.KINDS), default=fileformat.KIND_OCTET, optional=True,
+                               tooltip="octet: every layer as quantized (INT8 convs, static, SmoothQuant); only "
+                                       "Octet's Load Quantized runs it, stock loaders refuse it. portable: what "
+                                       "stock ComfyUI 0.29+ 'Load Diffusion Model' runs: unsmoothed Linear layers "
+                                       "in int8_tensorwise, every other layer back in the source float dtype."),
             ],
-            outputs=[io.String.Output(display_name="path")],
+            outputs=[io.String.Output(display_name="path"),
+                     io.String.Output(display_name="file_kind", tooltip="Which kind of file was written.")],
         )
 
     @classmethod
-    def execute(cls, model, filename, overwrite):
+    def execute(cls, model, filename, overwrite, kind=fileformat.KIND_OCTET):
         # The host lists the legacy models/unet first for this folder type; write where the tooltip says.
         roots = folder_paths.get_folder_paths(FOLDER)
         root = next((r for r in roots if os.path.basename(os.path.normpath(r)) == FOLDER), roots[0])
         path = safefile.output_path(root, filename, what="model")
         if os.path.exists(path) and not overwrite:
             raise OctetError(f"'{path}' already exists. Choose another filename or enable overwrite.")
-        bridge.save_model(model, path)
-        return io.NodeOutput(path)
+        meta = bridge.save_model(model, path, kind=kind)
+        specs = {n: checkpoint.layer_spec(m) for n, m in bridge.quantized_layers(model).items()}
+        if kind == fileformat.KIND_PORTABLE:  # the others were written as float
+            specs = {n: s for n, s in specs.items() if fileformat.host_runs(s)}
+        return io.NodeOutput(path, fileformat.describe(json.loads(meta["octet"]), specs))
 
 
 class LoadQuantized(io.ComfyNode):
@@ -72,7 +82,10 @@ class LoadQuantized(io.ComfyNode):
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto",
                                tooltip="INT8 kernels: auto picks the fastest available per layer."),
             ],
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[io.Model.Output(display_name="MODEL"),
+                     io.String.Output(display_name="file_kind",
+                                      tooltip="Which kind of file this is: Octet, Octet portable or a community "
+                                              "int8_tensorwise file, and which loaders run it.")],
         )
 
     @classmethod
@@ -80,4 +93,5 @@ class LoadQuantized(io.ComfyNode):
         path = folder_paths.get_full_path(FOLDER, ckpt_name)
         if path is None:
             raise OctetError(f"'{ckpt_name}' is not in models/{FOLDER}. Refresh the node list or copy the file there.")
-        return io.NodeOutput(bridge.load_model(path, backend=backend))
+        patcher = bridge.load_model(path, backend=backend)
+        return io.NodeOutput(patcher, patcher.model_options[bridge.OPTIONS_KEY]["file_kind"])

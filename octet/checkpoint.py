@@ -18,6 +18,7 @@ anything is built, and every problem is an OctetError that says what to do.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -25,15 +26,17 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import filecheck, fusion
+from . import community, filecheck, fileformat, fusion
 from .api import OctetError
 from .layout import FILE_FORMATS, Int8Layout
 from .modules import QuantConv2d, QuantLayer, QuantLinear
 from .safefile import save_atomic
 
-FORMAT_VERSION = 1
-HOST_FORMAT = Int8Layout.HOST_FORMAT
-OCTET_FORMAT = Int8Layout.OCTET_FORMAT
+log = logging.getLogger("octet")
+
+FORMAT_VERSION = fileformat.LATEST_VERSION  # 2: Octet-namespaced keys (octet/fileformat.py)
+HOST_FORMAT = fileformat.HOST_FORMAT
+OCTET_FORMAT = fileformat.OCTET_FORMAT
 KNOWN_FORMATS = tuple(FILE_FORMATS)
 QUANT_SUFFIXES = Int8Layout.TENSORS + ("bias", "comfy_quant")
 
@@ -47,7 +50,10 @@ class LoadedCheckpoint:
 
 
 def layer_spec(module: QuantLayer) -> dict:
-    return module.layout.spec(module)
+    spec = module.layout.spec(module)
+    if isinstance(module, community.RotatedQuantLinear):  # codes in ConvRot's basis: the host's keys
+        spec.update(convrot=True, convrot_groupsize=module.group_size)
+    return spec
 
 
 def _json_tensor(obj: dict) -> torch.Tensor:
@@ -61,33 +67,72 @@ def _tensor_json(t: torch.Tensor, key: str) -> dict:
         raise OctetError(f"'{key}' is not valid comfy_quant JSON ({e}); the file is damaged. Re-save it.") from e
 
 
-def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """The state dict to save and the per-layer specs, from a model holding Quant* modules."""
+def collect(model: nn.Module, kind: str = fileformat.KIND_OCTET, float_dtype: Optional[torch.dtype] = None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The tensors to save (file keys) and the per-layer specs, from a model holding Quant* modules.
+
+    ``kind="portable"`` dequantizes every layer a stock host cannot run to ``float_dtype``.
+    """
+    if kind not in fileformat.KINDS:
+        raise OctetError(f"Unknown file kind {kind!r}; choose one of {list(fileformat.KINDS)}.")
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
     layers = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantLayer):
-            layers[name] = spec = layer_spec(m)
+            spec = layer_spec(m)
+            if kind == fileformat.KIND_PORTABLE and not fileformat.host_runs(spec):
+                for suffix in QUANT_SUFFIXES:
+                    tensors.pop(f"{name}.{suffix}", None)
+                dtype = float_dtype or (m.bias.dtype if m.bias is not None else torch.float32)
+                tensors[f"{name}.weight"] = m.dequantized_weight(torch.float32, device=m.weight.device).to(dtype)
+                if m.bias is not None:
+                    tensors[f"{name}.bias"] = m.bias.detach().to(dtype)
+                continue
+            layers[name] = spec
             tensors[f"{name}.comfy_quant"] = _json_tensor(spec)
-    if not layers:
+    if not layers and kind == fileformat.KIND_OCTET:
         raise OctetError("This model has no quantized layer to save: run Quantize Model (or load an Octet "
                          "checkpoint) first.")
+    if not layers:
+        raise OctetError("A portable file keeps only unsmoothed Linear layers in INT8, and this model has none "
+                         "(only convs or SmoothQuant layers): it would be a float file. Save it with kind=octet, "
+                         "or quantize Linear layers without SmoothQuant.")
+    tensors = {(fileformat.file_key(k) if k.rpartition(".")[0] in layers else k): v for k, v in tensors.items()}
     return tensors, layers
 
 
-def save(path: str, model: nn.Module, octet_meta: dict) -> dict:
-    """Save a quantized model atomically; returns the header metadata written."""
-    tensors, layers = collect(model)
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+
+
+def save(path: str, model: nn.Module, octet_meta: dict, kind: str = fileformat.KIND_OCTET,
+         float_dtype: Optional[torch.dtype] = None) -> dict:
+    """Save a quantized model atomically; returns the header metadata written.
+
+    ``kind``: "octet" (everything as quantized; stock loaders refuse it) or "portable" (what stock
+    ComfyUI runs; see octet/fileformat.py). ``float_dtype``: the source model's float dtype, for
+    the layers a portable file dequantizes.
+    """
+    tensors, layers = collect(model, kind, float_dtype)
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     filecheck.check_finite_for_save(tensors, f"'{os.path.basename(path)}'")
-    octet_meta = {**octet_meta, filecheck.HASH_KEY: filecheck.content_hash(tensors)}
-    meta = {
-        "_quantization_metadata": json.dumps({"format_version": "1.0",
-                                              "layers": {n: {"format": s["format"]} for n, s in layers.items()}}),
-        "octet": json.dumps({"format_version": FORMAT_VERSION, **octet_meta}, sort_keys=True),
-    }
+    octet_meta = {**octet_meta, filecheck.HASH_KEY: filecheck.content_hash(tensors)}   # over the file's keys
+    meta = header(layers, _linear_names(model), octet_meta, kind)
     save_atomic(tensors, path, meta)
     return meta
+
+
+def header(layers: dict[str, dict], linear_names: list[str], octet_meta: dict, kind: str) -> dict[str, str]:
+    """The safetensors header: the host's layer table (octet/fileformat.py) and Octet's own record."""
+    try:
+        table = fileformat.host_layers(layers, linear_names)
+    except ValueError as e:
+        raise OctetError("This model has no Linear layer, so a stock ComfyUI could not be made to refuse the "
+                         "Octet-only file; save it with kind=portable.") from e
+    return {
+        "_quantization_metadata": json.dumps({"format_version": "1.0", "layers": table}),
+        "octet": json.dumps({"format_version": FORMAT_VERSION, "file_kind": kind, **octet_meta}, sort_keys=True),
+    }
 
 
 def read(path: str) -> LoadedCheckpoint:
@@ -111,7 +156,15 @@ def read(path: str) -> LoadedCheckpoint:
     if octet and version > FORMAT_VERSION:
         raise OctetError(f"'{fname}' uses Octet format version {version!r}; this Octet reads up to "
                          f"{FORMAT_VERSION}. Update the Octet node pack.")
+    # The content hash covers the tensors as stored (file keys), so it is checked before any renaming.
+    filecheck.check_hash(fname, octet, tensors)
     layers = filecheck.parse_layer_specs(fname, tensors, _tensor_json)
+    if octet:
+        # Octet's own per-layer specs are the comfy_quant tensors; the header's table is for stock hosts.
+        tensors = fileformat.module_keys(tensors, layers, version)
+    else:
+        layers = _host_layer_table(header, layers, fname)
+        tensors = _drop_host_ignored(tensors, layers, fname)
     if not layers:
         raise OctetError(f"'{fname}' holds no quantized layers (no '.comfy_quant' entries): it is "
                          f"not an Octet/comfy_quant INT8 checkpoint. Load a float model with ComfyUI's 'Load "
@@ -121,14 +174,40 @@ def read(path: str) -> LoadedCheckpoint:
 
 
 def validate(fname: str, octet: dict, layers: dict, tensors: dict) -> None:
-    """The one validation pass (octet/filecheck.py) over header and tensors, before anything is built."""
+    """The one validation pass (octet/filecheck.py) over header and tensors (module keys), before
+    anything is built; the content hash is checked by ``read`` on the stored keys."""
     groups = filecheck.check_timestep_groups(fname, octet["timestep_groups"]) if octet.get("timestep_groups") else None
     for name, spec in layers.items():
         filecheck.check_layer(fname, name, spec, tensors, KNOWN_FORMATS, OCTET_FORMAT, groups, bool(octet))
+        if not octet:
+            community.check_layer(name, spec, tensors[f"{name}.weight"], fname)
     filecheck.check_plain_tensors(fname, tensors, {f"{n}.{s}" for n in layers for s in QUANT_SUFFIXES if s != "bias"})
     if isinstance(octet.get("unet_config"), dict):
         filecheck.check_architecture(fname, octet["unet_config"], {k: tuple(v.shape) for k, v in tensors.items()})
-    filecheck.check_hash(fname, octet, tensors)
+
+
+def _host_layer_table(header: dict, layers: dict[str, dict], fname: str) -> dict[str, dict]:
+    """A foreign file's layer specs as a stock ComfyUI reads them: the header's
+    ``_quantization_metadata`` layers override the comfy_quant tensors (comfy.utils.convert_old_quants)."""
+    if "_quantization_metadata" not in header:
+        return layers
+    try:
+        table = json.loads(header["_quantization_metadata"])["layers"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise OctetError(f"'{fname}' has a damaged '_quantization_metadata' header ({type(e).__name__}: {e}).") from e
+    return {**layers, **{name: dict(spec) for name, spec in table.items()}}
+
+
+def _drop_host_ignored(tensors: dict, layers: dict, fname: str) -> dict:
+    """int8_tensorwise layers in a foreign file: the host reads only weight and weight_scale, so
+    input_scale/pre_quant_scale (host meaning, not Octet's) must not change Octet's numbers either."""
+    ignored = [k for k in tensors if k.rpartition(".")[0] in layers
+               and layers[k.rpartition(".")[0]].get("format") == HOST_FORMAT
+               and k.rpartition(".")[2] in ("input_scale", "pre_quant_scale")]
+    if ignored:
+        log.warning("Octet: '%s' carries %d input_scale/pre_quant_scale tensors on int8_tensorwise layers (e.g. %s); "
+                    "ComfyUI ignores them for this format and so does Octet.", fname, len(ignored), ignored[0])
+    return {k: v for k, v in tensors.items() if k not in ignored}
 
 
 def build_layer(name: str, spec: dict, tensors: dict, like: Optional[nn.Module] = None,
@@ -136,13 +215,15 @@ def build_layer(name: str, spec: dict, tensors: dict, like: Optional[nn.Module] 
     """A Quant* module from checkpoint tensors; ``like`` (the float/meta layer) supplies conv geometry."""
     extra = spec.get("octet", {})
     w = tensors[f"{name}.weight"]
-    scale = tensors[f"{name}.weight_scale"].float()
-    if scale.numel() == 1:  # a tensorwise scale from another tool: broadcast to per-channel
-        scale = scale.reshape(1).expand(w.shape[0]).clone()
+    # A per-tensor scale from another tool is the same numbers as per-channel (octet/community.py).
+    scale = community.per_row_scale(tensors[f"{name}.weight_scale"], w.shape[0])
     bias = tensors.get(f"{name}.bias")
     layout = FILE_FORMATS[spec["format"]].from_spec(spec, w)
-    act = layout.act
-    if layout.kind == "linear":
+    kind, act = layout.kind, layout.act
+    group = community.convrot_group_size(spec)
+    if group is not None:  # ConvRot: the codes are in a rotated basis; rotate activations per call
+        layer = community.RotatedQuantLinear(w, scale, bias, act, backend, group_size=group)
+    elif kind == "linear":
         layer = QuantLinear(w, scale, bias, act, backend)
     else:
         geom = {k: extra.get(k, getattr(like, k, None)) for k in ("stride", "padding", "dilation", "groups")}
@@ -170,6 +251,12 @@ def install(model: nn.Module, ckpt: LoadedCheckpoint, selector=None, backend: st
         raise OctetError(f"The checkpoint does not fit this architecture: it quantizes layers this model does "
                          f"not have (e.g. {missing_layers[:3]}). It was made for another model type.")
     for name, spec in ckpt.layers.items():
+        # Host op classes (e.g. 0.29's mixed-precision Linear) need not subclass nn.Linear.
+        if not (isinstance(modules[name], (nn.Linear, nn.Conv2d, QuantLayer))
+                or type(modules[name]).__name__ in ("Linear", "Conv2d")):
+            raise OctetError(f"Layer '{name}' is INT8 in the file but a {type(modules[name]).__name__} in this "
+                             f"model; Octet runs INT8 Linear and Conv2d layers only. Load the file with ComfyUI's "
+                             f"'Load Diffusion Model' node.")
         filecheck.check_layer_fits(ckpt.file, name, modules[name], ckpt.tensors)
         layer = build_layer(name, spec, ckpt.tensors, modules[name], selector, backend)
         old_w = getattr(modules[name], "weight", None)

@@ -96,9 +96,10 @@ class Int8Layout:
 
     # ---- checkpoint record ------------------------------------------------------------------------
     def spec(self, layer) -> dict:
-        """The layer's ``comfy_quant`` record: the host's format where the math is the host's
-        (Linear, per-token dynamic activations, no smoothing), Octet's otherwise."""
-        host = self.kind == "linear" and self.act == "dynamic" and layer.pre_quant_scale is None
+        """The layer's ``comfy_quant`` record: the host's format where the host can run the layer
+        (a Linear without smoothing: comfy-kitchen's int8_tensorwise computes with the per-row weight,
+        whatever Octet's activation mode, which rides in "octet"), Octet's otherwise."""
+        host = self.kind == "linear" and layer.pre_quant_scale is None
         spec = {"format": self.HOST_FORMAT if host else self.OCTET_FORMAT,
                 "octet": {"kind": self.kind, "act": self.act}}
         if self.kind == "conv":
