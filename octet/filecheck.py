@@ -210,7 +210,8 @@ def check_layer(fname: str, name: str, spec: dict, tensors: dict, known_formats:
     fmt = spec.get("format")
     if fmt not in tuple(known_formats):
         raise OctetError(f"{where} uses format {fmt!r}; Octet reads {list(known_formats)}. Load this file with "
-                         f"the node pack that made it.")
+                         f"ComfyUI's 'Load Diffusion Model' (the host runs its own formats) or the node pack that "
+                         f"made it.")
     extra = spec.get("octet")
     extended = any(f"{name}.{k}" in tensors for k in ("input_scale", "pre_quant_scale"))
     if extra is None and (fmt == octet_format or (octet_file and extended)):

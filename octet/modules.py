@@ -83,6 +83,12 @@ class QuantLayer(nn.Module):
     def act(self) -> str:
         return self.layout.act
 
+    @act.setter
+    def act(self, act: str) -> None:
+        """Another activation mode for the same int8 weights (a new layout; plans are rebuilt)."""
+        self.layout = Int8Layout(self.layout.kind, act, self.layout.goal)
+        self.invalidate()
+
     @property
     def goal(self) -> str:
         return self.layout.goal

@@ -112,22 +112,30 @@ def _spec(t: torch.Tensor):
     return json.loads(bytes(t.tolist()).decode())
 
 
+def _stored(suffix: str) -> str:
+    """The key suffix a module tensor has in the file (format v2 stores Octet-only tensors under
+    Octet names: pre_quant_scale -> octet_smooth, input_scale -> octet_input_scale)."""
+    from comfyui_octet.octet import fileformat
+    return fileformat.file_key("x." + suffix).rpartition(".")[2]
+
+
 def first_layer(tensors: dict, suffix: str) -> str:
-    """The first (sorted) quantized layer that has ``<layer>.<suffix>``."""
+    """The first (sorted) quantized layer that has ``<layer>.<suffix>`` (a module key suffix)."""
+    suffix = _stored(suffix)
     return sorted(k[: -len(suffix) - 1] for k in tensors if k.endswith("." + suffix)
                   and k[: -len(suffix) - 1] + ".comfy_quant" in tensors)[0]
 
 
 def _tensor_edit(suffix: str, fn):
     def edit(tensors, header):
-        key = f"{first_layer(tensors, suffix)}.{suffix}"
+        key = f"{first_layer(tensors, suffix)}.{_stored(suffix)}"
         tensors[key] = fn(tensors[key])
     return edit
 
 
 def _drop(suffix: str):
     def edit(tensors, header):
-        del tensors[f"{first_layer(tensors, suffix)}.{suffix}"]
+        del tensors[f"{first_layer(tensors, suffix)}.{_stored(suffix)}"]
     return edit
 
 

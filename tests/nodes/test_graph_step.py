@@ -135,10 +135,10 @@ def test_cache_is_bounded_lru(tiny_model, cpu_sample, graphs):
         GraphCache(0)
 
 
-def test_lora_on_and_off_drops_the_graphs(tiny_model, cpu_sample, graphs, caplog):
+def test_lora_on_and_off_drops_the_graphs(tiny_model, cpu_sample, graphs, caplog, rng):
     from test_lora import _apply, _lora
     model, step = graph_step.install(tiny_model, backend=graphs)
-    lora = _lora(tiny_model)
+    lora = _lora(tiny_model, rng)
     plain = cpu_sample(tiny_model)
     with_lora = cpu_sample(_apply(tiny_model, lora))
     with caplog.at_level(logging.INFO, logger="octet"):

@@ -65,7 +65,9 @@ def test_octet_decodes_each_int8_tensorwise_variant_to_comfy_kitchens_numbers(ca
     ref_w = Layout.dequantize(qdata, params).float()
     assert torch.allclose(layer.dequantized_weight(), ref_w, rtol=0, atol=1e-6 * ref_w.abs().max().item())
     # The whole point of ConvRot: decoded right, the weight is the source weight, not its rotation.
-    assert ((layer.dequantized_weight() - w).norm() / w.norm()).item() < 0.05  # rotated codes read as W: ~140%
+    # (Rotated codes read as W are ~140% off. What remains is the format's own rounding: per-tensor
+    # scales on these outlier columns reach ~6% at some seeds, per-row ~1%; the exact decode check is above.)
+    assert ((layer.dequantized_weight() - w).norm() / w.norm()).item() < 0.25
 
     x = torch.randn(3, 5, w.shape[1], generator=rng)
     convrot = params.convrot
