@@ -23,6 +23,7 @@ from . import bridge
 
 log = logging.getLogger("octet")
 FALLBACK_MODES = ("dynamic", "weight_only")
+HOLDOUT_SEED_OFFSET = 1_000_003  # the held-back trajectory's seed = seed + this: far from seed + i of training
 
 
 def _sigma_of(args, kwargs):
@@ -66,22 +67,29 @@ def finetune(fp_model, quantized, positive, negative, latent_image, seed: int, s
         for i in range(trajectories):
             nodes.common_ksampler(teacher_model, seed + i, steps, cfg, sampler_name, scheduler, positive, negative,
                                   latent_image)
+    # One more trajectory at a seed the training never sees: QAT keeps its result only if the error on these
+    # held-back calls drops (issue 15: QAT scored on its own training calls handed back worse images).
+    holdout_seed = seed + HOLDOUT_SEED_OFFSET
+    with qat.record_teacher(dm, storage=mm.intermediate_device(), sigma_of=_sigma_of) as holdout:
+        nodes.common_ksampler(teacher_model, holdout_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                              latent_image)
     teacher_seconds = time.perf_counter() - start
     # Train where the host put the float model (GPU if it fits there, else CPU).
     mm.load_models_gpu([teacher_model])
     device = next(dm.parameters()).device
     twins = qat.make_twins(layers, dm, config, device=device)
-    result = qat.distill(dm, twins, teacher, config, device=device, progress=progress)
+    result = qat.distill(dm, twins, teacher, config, device=device, progress=progress, holdout=holdout)
     homes = {name: layer.weight.device for name, layer in layers.items()}
     folded = {name: layer.to(homes[name]) for name, layer in qat.fold(twins).items()}
     del twins
 
     out = quantized.clone()
-    kept = not result.eval_after < result.eval_before
+    kept = not result.improved
     if kept:
         # Fine-tuning must never hand back a worse model than it was given (e.g. a learning rate too
         # high for an already near-lossless W8A8 model): keep the PTQ layers and say so.
-        result.log.append("QAT did not lower the distillation error on the scored calls: the quantized MODEL's "
+        result.log.append(f"QAT did not lower the error on the held-back trajectory (seed {holdout_seed}): the "
+                          "quantized MODEL's "
                           "own layers are kept. Try a lower learning_rate or more train_steps.")
         log.warning("Octet QAT: no improvement (%.4g -> %.4g); returning the PTQ layers.", result.eval_before,
                     result.eval_after)
@@ -91,12 +99,13 @@ def finetune(fp_model, quantized, positive, negative, latent_image, seed: int, s
     info = dict(bridge.octet_info(quantized))
     info["qat"] = {"steps": config.steps, "lr": config.lr, "lora_rank": config.lora_rank,
                    "weight_bits": config.weight_bits, "trajectories": trajectories, "sampler_steps": steps,
-                   "eval_mse_before": result.eval_before, "eval_mse_after": result.eval_after, "kept_ptq": kept,
+                   "heldback_seed": holdout_seed, "heldback_mse_before": result.eval_before,
+                   "heldback_mse_after": result.eval_after, "kept_ptq": kept,
                    "seconds": round(teacher_seconds + result.seconds, 2)}
     out.model_options[bridge.OPTIONS_KEY] = info
     text = "\n".join([f"teacher: {trajectories} trajectories x {steps} steps on the float MODEL, "
                       f"{len(teacher.calls)} denoiser calls in {teacher_seconds:.1f} s", result.text()])
-    log.info("Octet QAT: eval MSE %.4g -> %.4g in %.1f s", result.eval_before, result.eval_after, result.seconds)
+    log.info("Octet QAT: held-back MSE %.4g -> %.4g in %.1f s", result.eval_before, result.eval_after, result.seconds)
     return out, result, text
 
 

@@ -167,7 +167,9 @@ def test_distillation_lowers_the_loss_and_leaves_the_model_as_it_was(rng):
     seen = []
     result = qat.distill(net, twins, teacher, config, progress=lambda i, n, loss: seen.append((i, n)))
     assert seen[-1] == (60, 60) and len(result.losses) == 60
-    assert result.eval_after < 0.7 * result.eval_before, result.text()
+    # Scored on 3 of the 6 calls that training never saw (held back), so the margin is smaller than on
+    # training calls would be.
+    assert result.eval_after < 0.85 * result.eval_before, result.text()
     # The float model is back, unchanged and trainable as before.
     assert all(isinstance(net.get_submodule(n), (nn.Linear, nn.Conv2d)) for n in ("conv", "proj", "out"))
     for k, v in net.state_dict().items():
@@ -180,6 +182,30 @@ def test_distillation_lowers_the_loss_and_leaves_the_model_as_it_was(rng):
     with qat.swapped(net, twins), torch.no_grad():
         mse_fake = sum(float((net(*c.args, **c.kwargs) - c.target).square().mean()) for c in teacher.calls)
     assert mse == pytest.approx(mse_fake, rel=1e-3)
+
+
+def test_distillation_is_judged_on_held_back_calls_only(rng):
+    """Issue 15: QAT claimed gains on its own training calls while unseen images got worse. The verdict
+    (``improved``, which decides keep-PTQ) must come from calls the training never saw."""
+    net = Net(rng).eval()
+    with qat.record_teacher(net) as teacher, torch.no_grad():
+        for _ in range(6):
+            net(torch.randn(8, 4, 12, 12, generator=rng))
+    with qat.record_teacher(net) as holdout, torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(8, 4, 12, 12, generator=rng))
+    config = qat.QATConfig(steps=60, lr=1e-2, lora_rank=2, weight_bits=4, seed=1)
+    good = qat.distill(net, qat.make_twins(_ptq(net, bits=4), net, config), teacher, config, holdout=holdout)
+    assert good.improved and "held-back" in good.text(), good.text()
+    # Held-back targets that the untrained quantized model already meets exactly (its own outputs): training
+    # still lowers the training loss, but cannot lower the held-back error, and the result says so.
+    twins = qat.make_twins(_ptq(net, bits=4), net, config)
+    with qat.swapped(net, twins), torch.no_grad():
+        for c in holdout.calls:
+            c.target = net(*c.args, **c.kwargs).clone()
+    bad = qat.distill(net, twins, teacher, config, holdout=holdout)
+    assert sum(bad.losses[-10:]) < 0.7 * sum(bad.losses[:10])
+    assert not bad.improved, bad.text()
 
 
 def test_distillation_works_on_a_model_built_under_inference_mode(rng):
