@@ -20,6 +20,7 @@ from ..octet import config_for_mode, qat
 from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from . import bridge
+from . import sampling_defaults as sd
 
 log = logging.getLogger("octet")
 FALLBACK_MODES = ("dynamic", "weight_only")
@@ -130,14 +131,16 @@ class QATFineTune(io.ComfyNode):
                              tooltip="Noise seed of the first trajectory; trajectory i uses seed + i."),
                 io.Int.Input("trajectories", default=2, min=1, max=64,
                              tooltip="How many teacher samplings (seeds) to record. More = more varied data."),
-                io.Int.Input("steps", default=20, min=1, max=1000,
+                io.Int.Input("steps", default=sd.STEPS, min=1, max=1000,
                              tooltip="Sampler steps per trajectory: each step gives training inputs at one sigma."),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="CFG of the teacher's trajectories (use the one you will sample with)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
-                               tooltip="Sampler of the teacher's trajectories."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
-                               tooltip="Scheduler of the teacher's trajectories: it sets the sigmas trained on."),
+                io.Float.Input("cfg", default=sd.CFG, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="CFG of the teacher's trajectories (use the one you will sample with)."
+                                       + sd.MATCH_TIP),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default=sd.SAMPLER,
+                               tooltip="Sampler of the teacher's trajectories." + sd.MATCH_TIP),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default=sd.SCHEDULER,
+                               tooltip="Scheduler of the teacher's trajectories: it sets the sigmas trained on."
+                                       + sd.MATCH_TIP),
                 io.Int.Input("train_steps", default=200, min=0, max=100000,
                              tooltip="Optimizer steps; each one trains on one recorded denoiser call."),
                 io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-5, round=1e-6,

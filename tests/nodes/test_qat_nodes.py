@@ -39,10 +39,12 @@ def test_finetune_lowers_the_distillation_loss_and_folds_into_real_int8_layers(t
     config = qat.QATConfig(steps=30, lr=3e-3, lora_rank=2, weight_bits=4, seed=seed, eval_calls=4)
     seen = []
     tuned, result, text = qat_nodes.finetune(tiny_model, ptq, *_conds(rng), _latent(), seed, SAMPLER["steps"],
-                                             SAMPLER["cfg"], SAMPLER["sampler_name"], SAMPLER["scheduler"], 1, config,
+                                             SAMPLER["cfg"], SAMPLER["sampler_name"], SAMPLER["scheduler"], 2, config,
                                              progress=lambda i, n, loss: seen.append(i))
-    assert seen == list(range(1, 31)) and "eval MSE after" in text
-    assert result.eval_after < 0.8 * result.eval_before, text
+    assert seen == list(range(1, 31)) and "held-back MSE after" in text
+    # Judged on a held-back trajectory at another seed (trained on two trajectories): it improves, by less than
+    # on the training calls themselves.
+    assert result.improved and result.eval_after < 0.97 * result.eval_before, text
     layers, before = bridge.quantized_layers(tuned), bridge.quantized_layers(ptq)
     assert set(layers) == set(before)
     assert all(type(m) in (type(before[n]),) and m.weight.dtype == torch.int8 for n, m in layers.items())
@@ -82,7 +84,7 @@ def test_qat_node_runs_inside_comfyui_under_inference_mode(tiny_model, rng):
     pack_bridge = importlib.import_module(node.__module__.rsplit(".", 1)[0] + ".bridge")
     layers = pack_bridge.quantized_layers(model)
     assert layers and all(m.act == "dynamic" for m in layers.values())
-    assert "step 4/4" in log and "eval MSE before" in log
+    assert "step 4/4" in log and "held-back MSE before" in log
 
 
 def test_wrong_inputs_are_clear_errors(tiny_model, rng):
