@@ -174,7 +174,10 @@ def save_model(patcher, path: str) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "octet_version": _version(),
     }
-    written = checkpoint.save(path, _Overlay(diffusion_model(patcher), layers), meta)
+    # Float layers keep the source file's dtype (a model loaded from fp16 and run in fp32 saves them as fp16).
+    source = patcher.model_options.get("octet_reference", {}).get("source_dtype")
+    float_dtype = getattr(torch, source) if source else None
+    written = checkpoint.save(path, _Overlay(diffusion_model(patcher), layers), meta, float_dtype=float_dtype)
     report = info.get("report")
     if report:  # the per-layer table (and sensitivity scores) as <name>.report.txt/.json beside the file
         write_report(path, report["layers"], report["policy"], meta)

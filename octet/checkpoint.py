@@ -87,10 +87,18 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]
     return tensors, layers
 
 
-def save(path: str, model: nn.Module, octet_meta: dict) -> dict:
-    """Save a quantized model atomically; returns the header metadata written."""
+def save(path: str, model: nn.Module, octet_meta: dict, float_dtype: Optional[torch.dtype] = None) -> dict:
+    """Save a quantized model atomically; returns the header metadata written.
+
+    ``float_dtype``: dtype for the tensors of layers that stay float (norms, embeddings, kept layers), e.g. the
+    source file's fp16 when the model ran in fp32 (issue 15: float layers written as fp32 made the "INT8"
+    file 1.18x the fp16 source). The quantized layers' own tensors (int8 weights, fp32 scales) are untouched.
+    """
     tensors, layers = collect(model)
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+    if float_dtype is not None:
+        tensors = {k: (v.to(float_dtype) if v.is_floating_point() and k.rsplit(".", 1)[0] not in layers else v)
+                   for k, v in tensors.items()}
     meta = {
         "_quantization_metadata": json.dumps({"format_version": "1.0",
                                               "layers": {n: {"format": s["format"]} for n, s in layers.items()}}),

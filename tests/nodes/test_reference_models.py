@@ -131,3 +131,25 @@ def test_profile_node_runs_inside_comfyui(tiny_model):
     lines = table.splitlines()
     assert len(lines) == 12 and "self ms" in lines[1]
     assert chart.dim() == 4 and chart.shape[-1] == 3
+
+
+def test_saved_checkpoint_keeps_float_layers_in_the_source_dtype(models, tmp_path):
+    """Issue 15: a model loaded from an fp16 file and run in fp32 saved its float layers as fp32 (1.18x the
+    source). Float tensors keep the source dtype; the quantized layers keep int8 weights and fp32 scales."""
+    from safetensors import safe_open
+
+    from comfyui_octet.nodes import bridge
+    from comfyui_octet.octet import WeightOnlyConfig
+    from comfyui_octet.octet.policy import Policy, Rule
+    fp = models[("mmdit", "plain")]
+    assert fp.model.get_dtype() == torch.float32
+    q, _ = bridge.quantize_model(fp, WeightOnlyConfig(), policy=Policy(rules=[Rule("final_layer", "keep")]))
+    path = str(tmp_path / "mmdit_w8.safetensors")
+    bridge.save_model(q, path)
+    with safe_open(path, framework="pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes["final_layer.linear.weight"] == torch.float16          # kept float -> source dtype
+    assert dtypes["joint_blocks.0.x_block.attn.qkv.weight"] == torch.int8
+    assert dtypes["joint_blocks.0.x_block.attn.qkv.weight_scale"] == torch.float32
+    import os
+    assert os.path.getsize(path) <= 0.6 * os.path.getsize(rm.spec("mmdit").path)
