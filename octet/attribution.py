@@ -72,13 +72,13 @@ class AttributionResult:
 
     def table(self, top: int = 12, chosen: Optional[dict[str, str]] = None) -> str:
         """Markdown table of the ``top`` layers by static error, with the statistics that explain it."""
-        head = ("| layer | rows/call | static PSNR per group (high -> low noise) | dynamic PSNR | static - dynamic "
-                "| absmax per group | channel spread max/median | clipped share | " +
+        head = ("| layer | rows/call | static PSNR per group (group 0 = least noise -> most) | static PSNR | "
+                "dynamic PSNR | static - dynamic | absmax per group | channel spread max/median | clipped share | " +
                 ("choice |" if chosen else ""))
         lines = [head, "|" + "---|" * (head.count("|") - 1)]
         for a in self.layers[:top]:
             cells = [f"`{a.name}`", f"{a.rows_per_call:.0f}",
-                     " / ".join(f"{self.psnr(m):.1f}" for m in a.static_mse),
+                     " / ".join(f"{self.psnr(m):.1f}" for m in a.static_mse), f"{self.psnr(a.static_total):.1f}",
                      f"{self.psnr(a.dynamic_total):.1f}", f"{a.gap_db:+.1f} dB",
                      " / ".join(f"{v:.3g}" for v in a.absmax),
                      " / ".join(f"{v:.1f}" for v in a.channel_spread),
