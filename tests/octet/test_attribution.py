@@ -62,6 +62,9 @@ def test_attribution_finds_the_modulation_layer_and_auto_makes_it_dynamic():
     assert mod.absmax[1] > 100 * mod.absmax[0]  # its range moves with the noise level: the cause, in numbers
     policy, chosen = auto_policy(result, margin_db=4.0)
     assert chosen == {"mod": "dynamic", "mlp": "static"}
+    # One row per sample (modulation-like): dynamic even where it measures fine, unless that rule is off.
+    assert auto_policy(result, margin_db=100.0)[1] == {"mod": "dynamic", "mlp": "static"}
+    assert auto_policy(result, margin_db=100.0, per_sample_dynamic=False)[1] == {"mod": "static", "mlp": "static"}
 
     def err(policy):
         q = quantize_(net, config, policy=policy, calibration=cal, inplace=False)
