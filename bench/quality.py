@@ -170,31 +170,10 @@ def _recipe(ctx):
     return bridge.quantize_model(ctx.fp, config, policy=policy, calibration=cal)[0]
 
 
-def with_states(model, positive, negative, latent, seed, steps, cfg, scheduler, body):
-    """Run ``body(evaluate, sigmas)`` inside the host sampler on the states of one float Euler trajectory."""
-    import comfy.sample
-    import comfy.samplers
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    noise = comfy.sample.prepare_noise(latent_image, seed)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-    box = {}
-
-    def sampler(denoiser, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra_args = extra_args or {}
-        s_in = x.new_ones([x.shape[0]])
-        states = []
-        with torch.no_grad():
-            for i in range(len(sigmas) - 1):
-                states.append((x.clone(), sigmas[i]))
-                d = denoiser(x, sigmas[i] * s_in, **extra_args)
-                x = x + (x - d) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-        box["r"] = body(lambda i: denoiser(states[i][0], states[i][1] * s_in, **extra_args),
-                        [float(s) for _, s in states])
-        return x
-
-    comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.KSAMPLER(sampler), sigmas, positive, negative,
-                               latent_image, seed=seed)
-    return box["r"]
+def with_states(*args):
+    """The node's helper (nodes/attribution_nodes.py): one place for the fixed-states sampler."""
+    from comfyui_octet.nodes.attribution_nodes import with_states as fn
+    return fn(*args)
 
 
 def _ends_policy(fp):

@@ -153,3 +153,33 @@ def test_saved_checkpoint_keeps_float_layers_in_the_source_dtype(models, tmp_pat
     assert dtypes["joint_blocks.0.x_block.attn.qkv.weight_scale"] == torch.float32
     import os
     assert os.path.getsize(path) <= 0.6 * os.path.getsize(rm.spec("mmdit").path)
+
+
+def test_static_attribution_node_on_the_mmdit(models):
+    """The node measures static vs dynamic per layer with a real calibration and returns a usable POLICY."""
+    from comfyui_octet.nodes import bridge, calibrate_nodes
+    from comfyui_octet.nodes.attribution_nodes import StaticAttribution
+    from comfyui_octet.octet import StaticW8A8Config
+    fp = models[("mmdit", "plain")]
+    pos = rm.batch_conditioning("mmdit", [1, 5])
+    neg = rm.class_conditioning("mmdit", "unconditional", batch=2)
+    settings = {"observer": "mse", "percentile": 99.99, "timestep_groups": True, "smooth_alpha": 0.5}
+    cal, _ = calibrate_nodes.calibrate(fp, pos, neg, rm.empty_latent("mmdit", 2), 3, 4, 3.0, "euler", "normal", 2,
+                                       settings)
+    policy, text = StaticAttribution.execute(model=fp, positive=pos, negative=neg, latent=rm.empty_latent("mmdit", 1),
+                                             calibration=cal, margin_db=1.0, base_preset="none", seed=1, steps=4,
+                                             cfg=3.0, scheduler="normal", top=5).result
+    assert "auto:" in text and "static - dynamic" in text and len(text.splitlines()) == 2 + 2 + 5
+    # adaLN modulations take one row per sample: always dynamic.
+    assert all(policy.action_for(n)[0] == "dynamic" for n in ("joint_blocks.0.x_block.adaLN_modulation.1",
+                                                              "t_embedder.mlp.0"))
+    q, _ = bridge.quantize_model(fp, StaticW8A8Config(**settings), policy=policy, calibration=cal)
+    out = nodes_sample(q)
+    assert torch.isfinite(out).all()
+
+
+def nodes_sample(model):
+    import nodes
+    pos = rm.batch_conditioning("mmdit", [2, 3])
+    neg = rm.class_conditioning("mmdit", "unconditional", batch=2)
+    return nodes.common_ksampler(model, 0, 3, 3.0, "euler", "normal", pos, neg, rm.empty_latent("mmdit", 2))[0]["samples"]
