@@ -42,7 +42,14 @@ class Context:
     fp: object                 # the float MODEL (ModelPatcher)
     args: argparse.Namespace
     note: str = ""
+    cal_classes: tuple = ()    # classes the calibration / sensitivity / QAT runs see; () = the default cycles
     _cal: dict = dataclasses.field(default_factory=dict)
+
+    def labels(self, n: int, default):
+        """Class labels for an n-sample tuning run: the ``cal_classes`` cycled, else ``default(i)``."""
+        if self.cal_classes:
+            return [self.cal_classes[i % len(self.cal_classes)] for i in range(n)]
+        return [default(i) for i in range(n)]
 
     def calibration(self, groups: int, settings: dict):
         """A Calibration from a short run of the FP model on other seeds and classes (cached per groups)."""
@@ -50,7 +57,7 @@ class Context:
         key = (groups, tuple(sorted(settings.items())))
         if key not in self._cal:
             n = self.args.cal_batch
-            pos = rm.batch_conditioning(self.kind, [(3 * i + 1) % 10 for i in range(n)])
+            pos = rm.batch_conditioning(self.kind, self.labels(n, lambda i: (3 * i + 1) % 10))
             neg = rm.class_conditioning(self.kind, "unconditional", batch=n)
             self._cal[key], _ = calibrate_nodes.calibrate(self.fp, pos, neg, rm.empty_latent(self.kind, n), 999,
                                                           self.args.steps, self.args.cfg, "euler", "normal", groups,
@@ -129,7 +136,7 @@ def _sensitivity(ctx, mode: str, share: float, calibration=None):
     """A Sensitivity Policy measured on seeds and classes the scored images do not use."""
     from comfyui_octet.nodes.policy_nodes import SensitivityPolicy
     n = 2
-    pos = rm.batch_conditioning(ctx.kind, [(7 * i + 2) % 10 for i in range(n)])
+    pos = rm.batch_conditioning(ctx.kind, ctx.labels(n, lambda i: (7 * i + 2) % 10))
     neg = rm.class_conditioning(ctx.kind, "unconditional", batch=n)
     out = SensitivityPolicy.execute(model=ctx.fp, positive=pos, negative=neg, latent=rm.empty_latent(ctx.kind, n),
                                     mode=mode, budget="max_float_share", value=share, base_preset="auto",
@@ -163,11 +170,58 @@ def _recipe(ctx):
     return bridge.quantize_model(ctx.fp, config, policy=policy, calibration=cal)[0]
 
 
+def with_states(*args):
+    """The node's helper (nodes/attribution_nodes.py): one place for the fixed-states sampler."""
+    from comfyui_octet.nodes.attribution_nodes import with_states as fn
+    return fn(*args)
+
+
+def _ends_policy(fp):
+    """The preset's first/last-layer rules only: layers that matter little for size but much for error."""
+    from comfyui_octet.nodes.policy_nodes import detect_preset
+    from comfyui_octet.octet.policy import Policy, preset
+    base = preset(detect_preset(fp))
+    return Policy(name="first/last float", rules=[r for r in base.rules if "first layer" in r.why or "last layer" in r.why])
+
+
+@method("weight-only W8A16, first/last layers float (preset's rules)")
+def _weight_only_ends(ctx):
+    return bridge.quantize_model(ctx.fp, WeightOnlyConfig(), policy=_ends_policy(ctx.fp))[0]
+
+
+def _auto(ctx, base=None):
+    """Per-layer static/dynamic by measured error (octet.attribution), on a trajectory of other seeds/classes."""
+    from comfyui_octet.octet.attribution import attribute, auto_policy
+    cal = ctx.calibration(4, {})
+    config = StaticW8A8Config(observer="mse", timestep_groups=True, smooth_alpha=0.5)
+    dm = bridge.diffusion_model(ctx.fp)
+    n = 2
+    pos = rm.batch_conditioning(ctx.kind, ctx.labels(n, lambda i: (7 * i + 2) % 10))
+    neg = rm.class_conditioning(ctx.kind, "unconditional", batch=n)
+    result = with_states(ctx.fp, pos, neg, rm.empty_latent(ctx.kind, n), 4321, ctx.args.steps, ctx.args.cfg, "normal",
+                         lambda ev, sig: attribute(dm, ev, sig, config, cal))
+    policy, chosen = auto_policy(result, 1.0, base=base)
+    ctx.note = f"{sum(c == 'dynamic' for c in chosen.values())} of {len(chosen)} measured layers dynamic"
+    return bridge.quantize_model(ctx.fp, config, policy=policy, calibration=cal)[0]
+
+
+@method("Octet auto: static + SmoothQuant + 4 groups where within 1 dB of dynamic, else dynamic (per layer)")
+def _auto_row(ctx):
+    return _auto(ctx)
+
+
+@method("Octet auto + preset (embeddings, adaLN, first/last layers float)")
+def _auto_preset_row(ctx):
+    from comfyui_octet.nodes.policy_nodes import detect_preset
+    from comfyui_octet.octet.policy import preset
+    return _auto(ctx, base=preset(detect_preset(ctx.fp)))
+
+
 def _qat(ctx, quantized):
     """QAT Fine-tune node on teacher trajectories from other seeds and classes than the scored images."""
     from comfyui_octet.nodes.qat_nodes import QATFineTune
     n = 4
-    pos = rm.batch_conditioning(ctx.kind, [(7 * i + 5) % 10 for i in range(n)])
+    pos = rm.batch_conditioning(ctx.kind, ctx.labels(n, lambda i: (7 * i + 5) % 10))
     neg = rm.class_conditioning(ctx.kind, "unconditional", batch=n)
     t0 = time.perf_counter()
     out = QATFineTune.execute(model=ctx.fp, positive=pos, negative=neg, latent_image=rm.empty_latent(ctx.kind, n),
@@ -222,6 +276,82 @@ def _bnb(ctx):
         return None
 
 
+# --generalisation (issue 15): tune (calibrate, sensitivity, QAT) on SUBSET_CLASSES only, at seeds the scored
+# images never use (calibration 999, sensitivity 4321, QAT 777; scored: seed --seed, one noise per batch index),
+# then score every class; the same rows calibrated on all ten classes are the comparison. Written to
+# docs/QUALITY_generalisation.md.
+SUBSET_CLASSES = (2, 5, 9)   # pullover, sandal, ankle-boot: one top, one shoe, one boot; 3 of the 10 classes
+GEN_METHODS = {
+    "weight-only W8A16": _weight_only,
+    "dynamic W8A8 per-token": _dynamic,
+    "static W8A8 calibrated (mse, 4 groups)": _static_groups,
+    "static W8A8 + SmoothQuant a=0.5 (mse, 4 groups)": _smoothquant,
+    "Octet recipe (static + SQ + 4 groups + sensitivity <= 10% float)": _recipe,
+    "Octet auto (per-layer static/dynamic by measured error)": _auto_row,
+}
+CALIBRATION_FREE = ("weight-only", "dynamic")
+
+
+def generalisation(args):
+    rows, t_start = [], time.time()
+    labels = torch.tensor([i % 10 for i in range(args.samples)])
+    in_subset = torch.tensor([int(c) in SUBSET_CLASSES for c in labels])
+    print(f"{'model':<6} {'variant':<6} {'method':<66} {'tuned on':<10} {'all':>6} {'tuned':>6} {'other':>6}")
+    for kind in args.models:
+        for variant in rm.VARIANTS:
+            fp = rm.load_reference(kind, variant)
+            sargs = sampler_args(kind, args.samples, args)
+            ref_img, _ = evaluate.to_images(fp, evaluate.sample_run(fp, *sargs).latents)
+            for label, fn in GEN_METHODS.items():
+                tunings = [("-", ())] if label.startswith(CALIBRATION_FREE) else \
+                    [("3 classes", SUBSET_CLASSES), ("10 classes", tuple(range(10)))]
+                for tuned, classes in tunings:
+                    ctx = Context(kind, variant, fp, args, cal_classes=classes)
+                    t0 = time.time()
+                    q = fn(ctx)
+                    img, _ = evaluate.to_images(fp, evaluate.sample_run(q, *sargs).latents)
+                    p = evaluate.metrics.psnr(ref_img, img)
+                    row = dict(model=kind, variant=variant, method=label, tuned=tuned,
+                               all=evaluate.metrics.finite_mean(p), sub=evaluate.metrics.finite_mean(p[in_subset]),
+                               other=evaluate.metrics.finite_mean(p[~in_subset]), seconds=time.time() - t0,
+                               per_class=[evaluate.metrics.finite_mean(p[labels == c]) for c in range(10)])
+                    rows.append(row)
+                    print(f"{kind:<6} {variant:<6} {label[:66]:<66} {tuned:<10} {row['all']:>6.2f} {row['sub']:>6.2f} "
+                          f"{row['other']:>6.2f}", flush=True)
+    write_generalisation(args, rows, time.time() - t_start)
+    print(f"\nwrote {args.out} in {time.time() - t_start:.0f} s")
+
+
+def write_generalisation(args, rows, seconds):
+    names = ", ".join(f"{c} {rm.CLASSES[c]}" for c in SUBSET_CLASSES)
+    lines = ["# Static W8A8 generalisation: calibrated on 3 classes, scored on all 10", "",
+             f"Generated by `bench/quality.py --generalisation` ({datetime.date.today().isoformat()}, CPU, torch "
+             f"{torch.__version__}, {seconds:.0f} s). Metric: image PSNR vs the FP model's image at the same seed "
+             f"(mean over images, [0,1] pixels). Scored: {args.samples} images, classes 0-9 cycled, KSampler seed "
+             f"{args.seed} (one noise per batch index), euler {args.steps} steps, cfg {args.cfg}, normal scheduler.",
+             "", f"Tuning runs see only their classes and other seeds: calibration seed 999 ({args.cal_batch} images), "
+             "sensitivity seed 4321 (2 images), QAT seed 777. *3 classes* = classes "
+             f"{names}; *10 classes* = all. Columns: PSNR over all scored images, over the images of the tuning "
+             "classes, over the others (never seen by the 3-class tuning).", "",
+             "| model | variant | method | tuned on | PSNR all | PSNR tuned classes | PSNR other classes | "
+             "3-class minus 10-class (all) |", "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        gap = ""
+        if r["tuned"] == "3 classes":
+            other = next((o for o in rows if o["tuned"] == "10 classes" and
+                          (o["model"], o["variant"], o["method"]) == (r["model"], r["variant"], r["method"])), None)
+            gap = f"{r['all'] - other['all']:+.2f}" if other else ""
+        lines.append(f"| {r['model']} | {r['variant']} | {r['method']} | {r['tuned']} | {r['all']:.2f} | "
+                     f"{r['sub']:.2f} | {r['other']:.2f} | {gap} |")
+    lines += ["", "Per class (PSNR dB, classes 0-9):", ""]
+    for r in rows:
+        lines.append(f"- {r['model']} {r['variant']} {r['method']} [{r['tuned']}]: " +
+                     " ".join(f"{v:.1f}" for v in r["per_class"]))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def sampler_args(kind, n, args):
     labels = [i % 10 for i in range(n)]
     pos = rm.batch_conditioning(kind, labels)
@@ -233,8 +363,9 @@ def outlier_summary(kind, plain, twin):
     s = rm.spec(kind)
     x = torch.randn(4, s.latent_channels, s.latent_size, s.latent_size, generator=torch.Generator().manual_seed(0))
     c = rm.batch_conditioning(kind, [0, 3, 6, 9])
-    kw = {"context": c[0][0], **({"y": c[0][1]["pooled_output"]} if kind == "dit" else {})}
-    t = torch.tensor([800.0, 500.0, 200.0, 50.0]) if kind == "unet" else torch.tensor([0.8, 0.5, 0.2, 0.05])
+    kw = {"context": c[0][0], **({"y": c[0][1]["pooled_output"]} if kind in rm.FLOW_KINDS else {})}
+    t = (torch.tensor([800.0, 500.0, 200.0, 50.0]) if kind == "unet"  # model timesteps (SD3 scales sigma by 1000)
+         else rm.model_sampling(kind).timestep(torch.tensor([0.8, 0.5, 0.2, 0.05])))
     outs = {}
     for p in (plain, twin):  # a loaded quantized clone's layers may still be swapped into the shared model
         bridge.release_clones(p)
@@ -259,17 +390,25 @@ def main():
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cal-batch", type=int, default=8)
-    ap.add_argument("--models", nargs="*", default=["unet", "dit"], choices=["unet", "dit"])
+    ap.add_argument("--models", nargs="*", default=list(rm.SPECS), choices=list(rm.SPECS))
     ap.add_argument("--methods", nargs="*", default=None, help="substrings of method labels to run (default all)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "QUALITY.md"))
     ap.add_argument("--qat-steps", type=int, default=120, help="optimizer steps of the QAT rows")
     ap.add_argument("--pareto", default=None, help="also draw size vs PSNR (Pareto front) to this PNG")
     ap.add_argument("--sweep", action="store_true",
                     help="static settings sweep instead of the method table (default out docs/QUALITY_static_sweep.md)")
+    ap.add_argument("--generalisation", action="store_true",
+                    help="tune on 3 classes, score all 10 (default out docs/QUALITY_generalisation.md)")
     args = ap.parse_args()
     if args.sweep and args.out == ap.get_default("out"):
         args.out = os.path.join(ROOT, "docs", "QUALITY_static_sweep.md")
     torch.manual_seed(0)
+    if os.environ.get("OCTET_TEST_THREADS"):  # on a shared CPU, one thread avoids OpenMP spinning
+        torch.set_num_threads(int(os.environ["OCTET_TEST_THREADS"]))
+    if args.generalisation:
+        if args.out == ap.get_default("out"):
+            args.out = os.path.join(ROOT, "docs", "QUALITY_generalisation.md")
+        return generalisation(args)
     methods = {k: v for k, v in (SWEEP if args.sweep else METHODS).items()
                if args.methods is None or k.startswith("FP") or any(m in k for m in args.methods)}
     clf, clf_meta = evaluate.classifier()

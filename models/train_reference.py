@@ -5,7 +5,8 @@
 Three networks, one after the other, each within a wall-clock budget (--seconds) or --max-steps:
   * classifier: the FID feature net (octet/feature_net.py);
   * unet: ComfyUI's openaimodel UNet (SD1.5 family), eps prediction on SD1.5's discrete schedule;
-  * dit:  ComfyUI's Flux (double + single stream blocks), flow matching (Flux's CONST parametrization).
+  * dit:  ComfyUI's Flux (double + single stream blocks), flow matching (Flux's CONST parametrization);
+  * mmdit: ComfyUI's SD3 MMDiT (joint text/image blocks, adaLN), flow matching (SD3's discrete flow, shift 3).
 The diffusion models are class-conditional: a learned table of 4 context tokens (+ a pooled vector
 for Flux's `y`) per class, plus an "unconditional" row trained with 10% label dropout so ComfyUI's
 CFG works. Noise, inputs and targets come from the host's own model_sampling objects, so what we
@@ -120,8 +121,16 @@ def train_classifier(args, data, dev, log):
 def train_diffusion(kind, args, data, dev, log):
     rm = _load("octet_reference_model", "nodes/reference_model.py")
     (xtr, ytr), _ = data
-    torch.manual_seed({"unet": 1, "dit": 2}[kind])
+    torch.manual_seed({"unet": 1, "dit": 2, "mmdit": 3}[kind])
     net = rm.build_diffusion_model(kind, device=dev)
+    if kind == "mmdit":
+        # DiT's adaLN-Zero init: every adaLN modulation and the output projection start at zero, so each block
+        # starts as identity; the MMDiT was trained on CPU in minutes and needs the faster start.
+        with torch.no_grad():
+            for name, m in net.named_modules():
+                if name.endswith("adaLN_modulation.1") or name == "final_layer.linear":
+                    m.weight.zero_()
+                    m.bias.zero_()
     if kind == "dit":
         # ComfyUI's Flux blocks add residuals in place (inference code); a LayerNorm saves its input for
         # backward, so give it a copy. Training-only hook: the module tree and weights are unchanged.
@@ -139,6 +148,7 @@ def train_diffusion(kind, args, data, dev, log):
     x_all = rm.images_to_latents(kind, xtr.to(dev) * 2 - 1)
     y_all = ytr.to(dev)
     bs, steps, t0, losses, run = args.batch, 0, time.time(), [], None
+    cpu0 = time.process_time()
     while (time.time() - t0) < args.seconds and steps < args.max_steps:
         idx = torch.randint(0, len(x_all), (bs,), device=dev)
         x0, y = x_all[idx], y_all[idx]
@@ -153,12 +163,12 @@ def train_diffusion(kind, args, data, dev, log):
             sigma = torch.sigmoid(torch.randn(bs, device=dev)).clamp(1e-4, 1 - 1e-4)  # logit-normal
             xt = ms.noise_scaling(sigma, noise, x0)          # sigma * noise + (1 - sigma) * x0 (CONST)
             target = noise - x0                               # so that x - out * sigma = x0
-        lr = args.lr * min(1.0, (steps + 1) / 300)
+        lr = args.lr * min(1.0, (steps + 1) / args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             out = net(ms.calculate_input(sigma, xt), ms.timestep(sigma), context=class_ctx[y],
-                      **({"y": class_pool[y]} if kind == "dit" else {}))
+                      **({"y": class_pool[y]} if kind in rm.FLOW_KINDS else {}))
         loss = F.mse_loss(out.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,17 +183,18 @@ def train_diffusion(kind, args, data, dev, log):
         steps += 1
         if steps % 200 == 0:
             losses.append([steps, round(run, 5)])
-        if steps % 1000 == 0:
+        if steps % 250 == 0:
             log(f"{kind}: step {steps} loss {run:.4f} {time.time() - t0:.0f}s")
-    secs = time.time() - t0
-    log(f"{kind}: {steps} steps in {secs:.1f}s, final smoothed loss {run:.4f}")
+    secs, cpu_secs = time.time() - t0, time.process_time() - cpu0
+    log(f"{kind}: {steps} steps in {secs:.1f}s ({cpu_secs:.0f} CPU-s), final smoothed loss {run:.4f}")
     sd = {k: v.half() for k, v in ema.shadow.items()}
     sd[rm.CLASS_KEYS[0]] = ema_cls[0].half().cpu()
     sd[rm.CLASS_KEYS[1]] = ema_cls[1].half().cpu()
     meta = {"kind": kind, "architecture": rm.spec(kind).architecture, "unet_config": rm.spec(kind).unet_config,
-            "parameters": sum(p.numel() for p in net.parameters()), "steps": steps, "batch": bs, "lr": args.lr,
-            "seconds": secs, "final_loss": run, "loss_curve": losses, "ema": 0.999, "label_dropout": 0.1,
+            "parameters": sum(p.numel() for p in net.parameters()), "steps": steps, "batch": bs, "lr": args.lr, "warmup": args.warmup,
+            "seconds": secs, "cpu_seconds": cpu_secs, "final_loss": run, "loss_curve": losses, "ema": 0.999, "label_dropout": 0.1,
             "objective": "eps (SD1.5 discrete schedule)" if kind == "unet" else "flow matching (v = noise - x0)",
+            "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
             "torch": torch.__version__, "dataset": "Fashion-MNIST train (60k), 28x28 padded to 32x32, [-1,1]"}
     return {k: v.contiguous().cpu() for k, v in sd.items()}, meta
@@ -199,13 +210,17 @@ def main():
     ap.add_argument("--classifier-steps", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--only", choices=["classifier", "unet", "dit"], nargs="*")
+    ap.add_argument("--warmup", type=int, default=300, help="linear learning-rate warmup steps")
+    ap.add_argument("--only", choices=["classifier", "unet", "dit", "mmdit"], nargs="*")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU training)")
     args = ap.parse_args()
     _find_comfy()
     from safetensors.torch import save_file
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     dev = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_log.txt"), "a")
 
@@ -215,13 +230,13 @@ def main():
         logf.flush()
 
     data = (load_fmnist(args.data, "train"), load_fmnist(args.data, "test"))
-    jobs = args.only or ["classifier", "unet", "dit"]
+    jobs = args.only or ["classifier", "unet", "dit", "mmdit"]
     if "classifier" in jobs:
         sd, meta = train_classifier(args, data, dev, log)
         save_file({k: v.cpu().contiguous() for k, v in sd.items()},
                   os.path.join(args.out, "octet_fmnist_classifier.safetensors"),
                   {"octet_classifier": json.dumps(meta)})
-    for kind in ("unet", "dit"):
+    for kind in ("unet", "dit", "mmdit"):
         if kind in jobs:
             sd, meta = train_diffusion(kind, args, data, dev, log)
             save_file(sd, os.path.join(args.out, f"octet_fmnist_{kind}.safetensors"),

@@ -190,7 +190,11 @@ def save_model(patcher, path: str, kind: str = "octet") -> dict:
 
 
 def _source_dtype(patcher) -> torch.dtype:
-    """The float dtype of the model's unquantized weights (what a portable file dequantizes to)."""
+    """The float dtype float layers are saved in: the source file's where the loader recorded it (a
+    model loaded from fp16 and run in fp32 saves them as fp16), else the model's unquantized weights'."""
+    source = patcher.model_options.get("octet_reference", {}).get("source_dtype")
+    if source:
+        return getattr(torch, source)
     counts: dict = {}
     for _, t in diffusion_model(patcher).named_parameters():
         if t.is_floating_point():

@@ -6,18 +6,20 @@ from comfy_api.latest import io
 
 from . import evaluate
 from .widgets import require_finite
+from . import sampling_defaults as sd
 
 
 def _sampler_inputs():
     return [io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                          tooltip="Noise seed; both models get the same noise, one image per batch index."),
-            io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampling steps for both models."),
-            io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1,
-                           tooltip="Classifier-free guidance scale for both models."),
-            io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                           tooltip="Sampling algorithm for both models."),
-            io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                           tooltip="Noise schedule for both models.")]
+            io.Int.Input("steps", default=sd.STEPS, min=1, max=1000, tooltip="Sampling steps for both models."
+                                                                              + sd.MATCH_TIP),
+            io.Float.Input("cfg", default=sd.CFG, min=0.0, max=100.0, step=0.1,
+                           tooltip="Classifier-free guidance scale for both models." + sd.MATCH_TIP),
+            io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default=sd.SAMPLER,
+                           tooltip="Sampling algorithm for both models." + sd.MATCH_TIP),
+            io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default=sd.SCHEDULER,
+                           tooltip="Noise schedule for both models." + sd.MATCH_TIP)]
 
 
 class Evaluate(io.ComfyNode):

@@ -19,6 +19,7 @@ from ..octet.policy import ACTIONS, DEFAULT, PRESET_NAMES, build_policy, family_
 from ..octet.sensitivity import BUDGETS, sensitivity_policy, summary_text
 from . import bridge
 from .progress import interruptible
+from . import sampling_defaults as sd
 from .types import Calibration
 from .types import Policy as PolicyType
 from .widgets import require_finite
@@ -171,11 +172,14 @@ class SensitivityPolicy(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1,
                              tooltip="Noise seed of the measurement; the same seed gives the same ranking."),
                 io.Int.Input("steps", default=4, min=1, max=50,
-                             tooltip="Sampling steps; the denoiser is measured at each step's noise level."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="CFG of the measurement. 1.0 runs only the positive branch (half the cost)."),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal",
-                               tooltip="Which noise levels the steps visit."),
+                             tooltip="Sampling steps; the denoiser is measured at each step's noise level. Fewer "
+                                     "than you sample with (every layer is measured at every step), over the same "
+                                     "schedule."),
+                io.Float.Input("cfg", default=sd.CFG, min=0.0, max=30.0, step=0.1,
+                               tooltip="CFG of the measurement (1.0 runs only the positive branch: half the cost, "
+                                       "but other activations than you sample with)." + sd.MATCH_TIP),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default=sd.SCHEDULER,
+                               tooltip="Which noise levels the steps visit." + sd.MATCH_TIP),
                 io.Int.Input("block_depth", default=0, min=0, max=8,
                              tooltip="0: measure each layer. N>0: measure blocks (names cut to N parts, e.g. 2 "
                                      "gives 'double_blocks.3'); much faster on large models, coarser decisions."),

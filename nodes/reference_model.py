@@ -96,11 +96,23 @@ DIT_CONFIG = {
     "depth_single_blocks": 4, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
     "guidance_embed": False,
 }
+# SD3 family (issue 15): ComfyUI's MMDiT (joint text/image attention: each block has an image stream and a
+# context stream with their own adaLN modulation, qkv, proj and MLP, attending jointly; the last block is
+# "pre_only" on the context side), rectified flow with SD3's discrete-flow schedule (shift 3.0). MMDiT fixes
+# hidden = 64 * depth and heads = depth, so depth 1 -> hidden 64, one head of 64; num_blocks 4 decouples the
+# block count (it was trained on a shared 2-core CPU in minutes, hence this small). Latent 16x8x8 as for Flux (4x4 pixel-unshuffle), patch 2 -> 16 image tokens + 4 context tokens;
+# the pooled class vector is SD3's `y` (adm). No pos_embed buffer: sin-cos position embedding computed per call.
+MMDIT_CONFIG = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 1, "num_blocks": 4, "mlp_ratio": 4.0,
+    "input_size": None, "adm_in_channels": COND_DIM, "qkv_bias": True, "pos_embed_max_size": None,
+    "pos_embed_scaling_factor": None,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": COND_DIM, "out_features": 64}},
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceSpec:
-    kind: str            # "unet" | "dit"
+    kind: str            # "unet" | "dit" | "mmdit"
     architecture: str    # name in comfy.supported_models
     unet_config: dict
     unshuffle: int       # pixel-unshuffle factor image -> latent
@@ -119,7 +131,9 @@ class ReferenceSpec:
 SPECS = {
     "unet": ReferenceSpec("unet", "SD15", UNET_CONFIG, 2, 4, "octet_fmnist_unet.safetensors"),
     "dit": ReferenceSpec("dit", "Flux", DIT_CONFIG, 4, 16, "octet_fmnist_dit.safetensors"),
+    "mmdit": ReferenceSpec("mmdit", "SD3", MMDIT_CONFIG, 4, 16, "octet_fmnist_mmdit.safetensors"),
 }
+FLOW_KINDS = ("dit", "mmdit")  # rectified-flow models (CONST): sigma in [0, 1], target v = noise - x0
 VARIANTS = ("plain", "twin")
 CLASS_KEYS = ("octet.class_context", "octet.class_pooled")  # extra tensors in the shipped file
 
@@ -140,8 +154,10 @@ def build_diffusion_model(kind: str, device=None, dtype=torch.float32) -> torch.
     cfg = dict(s.unet_config)
     if kind == "unet":
         from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel as cls
-    else:
+    elif kind == "dit":
         from comfy.ldm.flux.model import Flux as cls
+    else:
+        from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper as cls
     net = cls(**cfg, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
     # ComfyUI's ops skip parameter init (weights normally come from a checkpoint, tensors are
     # torch.empty): run torch's own init, and set Flux's RMSNorm `scale` (QK-norm) to one.
@@ -171,6 +187,10 @@ def model_sampling(kind: str):
         class Sampling(ms.ModelSamplingDiscrete, ms.EPS):
             pass
         return Sampling(None)
+    if kind == "mmdit":
+        class Sampling(ms.ModelSamplingDiscreteFlow, ms.CONST):
+            pass
+        return Sampling(type("Cfg", (), {"sampling_settings": {"shift": 3.0}})())  # comfy.supported_models.SD3
     cfg = type("Cfg", (), {"sampling_settings": {"shift": 1.15}})()  # comfy.supported_models.Flux default
 
     class Sampling(ms.ModelSamplingFlux, ms.CONST):
@@ -250,8 +270,10 @@ def load_reference(kind: str = "unet", variant: str = "plain", path: str | None 
         twin_report = make_twin(model.diffusion_model, kind)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
+    source_dtype = next((str(v.dtype).replace("torch.", "") for k, v in tensors.items()
+                         if v.is_floating_point() and not k.startswith("octet.")), None)
     patcher.model_options["octet_reference"] = {"kind": kind, "variant": variant, "path": path,
-                                                "info": info, "twin": twin_report}
+                                                "info": info, "twin": twin_report, "source_dtype": source_dtype}
     return patcher
 
 

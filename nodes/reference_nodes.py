@@ -1,4 +1,4 @@
-"""The reference models (trained Fashion-MNIST UNet / Flux DiT, their outlier twins, and the seeded random
+"""The reference models (trained Fashion-MNIST UNet / Flux DiT / SD3 MMDiT, their outlier twins, and the seeded random
 tiny UNet), their conditioning and empty latents, so workflows run anywhere without downloading weights."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from . import reference_model
 
-MODELS = ("unet", "dit", "random-tiny")
+MODELS = ("unet", "dit", "mmdit", "random-tiny")
 CLASS_OPTIONS = list(reference_model.CLASSES) + ["unconditional"]
 
 
@@ -18,10 +18,12 @@ class ReferenceModel(io.ComfyNode):
             display_name="Octet Reference Model",
             category="octet/reference",
             description="unet: ComfyUI's SD15 UNet class trained on Fashion-MNIST (eps); dit: ComfyUI's Flux class "
+                        "trained on Fashion-MNIST (flow matching); mmdit: ComfyUI's SD3 MMDiT class (joint text/image attention) "
                         "trained on Fashion-MNIST (flow matching); random-tiny: a seeded random SD15 UNet. "
                         "variant 'twin' = same float function with activation outliers (stress test for INT8).",
             inputs=[io.Combo.Input("model", options=list(MODELS), default="unet",
-                                   tooltip="unet: SD1.5-class UNet; dit: Flux-class DiT (both trained on Fashion-MNIST); "
+                                   tooltip="unet: SD1.5-class UNet; dit: Flux-class DiT; mmdit: SD3-class MMDiT (all trained on "
+                                           "Fashion-MNIST); "
                                            "random-tiny: seeded random SD15 UNet (for tests)."),
                     io.Combo.Input("variant", options=list(reference_model.VARIANTS), default="plain",
                                    tooltip="twin: channels rescaled x20-60 into qkv/fc1 inputs, output unchanged."),
@@ -34,7 +36,7 @@ class ReferenceModel(io.ComfyNode):
     def execute(cls, model, variant="plain", seed=reference_model.DEFAULT_SEED):
         if model == "random-tiny":
             if variant != "plain":
-                raise ValueError("random-tiny has no twin; choose model 'unet' or 'dit' for variant 'twin'.")
+                raise ValueError("random-tiny has no twin; choose model 'unet', 'dit' or 'mmdit' for variant 'twin'.")
             return io.NodeOutput(reference_model.build_tiny_sd15(seed))
         return io.NodeOutput(reference_model.load_reference(model, variant))
 
@@ -73,7 +75,7 @@ class ReferenceLatent(io.ComfyNode):
             display_name="Octet Reference Empty Latent",
             category="octet/reference",
             description="An empty LATENT of the right shape for a reference model (unet/random-tiny 4x16x16, "
-                        "dit 16x8x8: 32x32 images).",
+                        "dit/mmdit 16x8x8: 32x32 images).",
             inputs=[io.Combo.Input("model", options=list(MODELS), default="unet",
                                    tooltip="The reference model the latent is for (sets its shape)."),
                     io.Int.Input("batch", default=1, min=1, max=64, tooltip="Number of images (one noise seed each).")],

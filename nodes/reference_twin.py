@@ -7,7 +7,10 @@ affine map feeds a linear consumer, and divides the consumer's matching input co
 
   * SD1.5 UNet: LayerNorm affine (norm1 -> to_q/to_k/to_v, norm2 -> attn2.to_q, norm3 -> GEGLU proj)
     and the SpatialTransformer GroupNorm affine -> proj_in (1x1 conv);
-  * Flux DiT: adaLN modulation rows (shift and 1+scale) -> img/txt qkv and mlp[0], single-block linear1.
+  * Flux DiT: adaLN modulation rows (shift and 1+scale) -> img/txt qkv and mlp[0], single-block linear1;
+  * SD3 MMDiT: adaLN modulation rows of both streams (x_block = image, context_block = text) ->
+    attn.qkv (shift_msa, scale_msa = chunks 0, 1) and mlp.fc1 (shift_mlp, scale_mlp = chunks 3, 4; not in the
+    last block's "pre_only" context stream, which has no MLP).
 
 For the adaLN case, ``(1 + scale) * n + shift`` becomes ``s(1 + scale) * n + s shift``: the rows of the
 modulation Linear that make scale/shift are scaled by s, and (s - 1) is added to the scale bias.
@@ -88,6 +91,12 @@ def make_twin(dm: torch.nn.Module, kind: str, seed: int = 0) -> list[dict]:
         elif kind == "dit" and t == "SingleStreamBlock":
             record(f"{name}.modulation.lin[0,1]", [f"{name}.linear1"],
                    *_scale_modulation(m.modulation.lin, m.hidden_size, 0, 1, m.linear1, g))
+        elif kind == "mmdit" and t == "DismantledBlock":
+            lin, h = m.adaLN_modulation[1], m.attn.qkv.in_features
+            plan = [(0, 1, "attn.qkv")] + ([] if m.pre_only else [(3, 4, "mlp.fc1")])
+            for shift, scale, cons in plan:
+                record(f"{name}.adaLN_modulation.1[{shift},{scale}]", [f"{name}.{cons}"],
+                       *_scale_modulation(lin, h, shift, scale, m.get_submodule(cons), g))
     if not sites:
         raise ValueError(f"make_twin found no site to rescale in a {kind!r} model: is it an Octet reference model?")
     return sites

@@ -14,6 +14,7 @@ diffusion-model call and files it under the step whose sigma it ran at.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import comfy.samplers
@@ -24,6 +25,9 @@ from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from . import bridge
 from .widgets import require_finite
+from . import sampling_defaults as sd
+
+log = logging.getLogger("octet")
 
 TIMER_KEY = "octet_step_timer"
 
@@ -113,7 +117,12 @@ def sample(model, float_model, positive, negative, latent_image, seed, steps, cf
     wall = time.perf_counter() - wall
     sigmas = comfy.samplers.KSampler(model, steps, model.load_device, sampler_name, scheduler, denoise,
                                      model_options=model.model_options).sigmas.cpu()
-    return latent, report(schedule, timer.per_step(sigmas), wall)
+    from .calibrate_nodes import sampler_mismatch
+    notes = sampler_mismatch(bridge.octet_info(model).get("calibration"), steps, cfg, sampler_name, scheduler)
+    for note in notes:
+        log.warning("Octet INT8 Sampler: %s", note)
+    text = report(schedule, timer.per_step(sigmas), wall)
+    return latent, "\n".join([text] + [f"WARNING: {n}" for n in notes])
 
 
 def report(schedule, rows, wall: float) -> str:
@@ -144,12 +153,12 @@ class Int8Sampler(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="The latent to denoise (its size and batch)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Noise seed (as KSampler)."),
-                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps (as KSampler)."),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                io.Int.Input("steps", default=sd.STEPS, min=1, max=10000, tooltip="Sampling steps (as KSampler)."),
+                io.Float.Input("cfg", default=sd.CFG, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (as KSampler)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default=sd.SAMPLER,
                                tooltip="Sampling algorithm (as KSampler)."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default=sd.SCHEDULER,
                                tooltip="Noise schedule (as KSampler)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of the schedule to run; < 1 keeps part of the input latent."),

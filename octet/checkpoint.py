@@ -110,11 +110,16 @@ def save(path: str, model: nn.Module, octet_meta: dict, kind: str = fileformat.K
     """Save a quantized model atomically; returns the header metadata written.
 
     ``kind``: "octet" (everything as quantized; stock loaders refuse it) or "portable" (what stock
-    ComfyUI runs; see octet/fileformat.py). ``float_dtype``: the source model's float dtype, for
-    the layers a portable file dequantizes.
+    ComfyUI runs; see octet/fileformat.py). ``float_dtype``: the source model's float dtype, for every
+    tensor of a layer that stays float (norms, embeddings, kept layers, the layers a portable file
+    dequantizes), e.g. the source file's fp16 when the model ran in fp32 (issue 15: float layers written
+    as fp32 made the "INT8" file 1.18x the fp16 source). Quantized layers' own tensors are untouched.
     """
     tensors, layers = collect(model, kind, float_dtype)
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+    if float_dtype is not None:
+        tensors = {k: (v.to(float_dtype) if v.is_floating_point() and k.rsplit(".", 1)[0] not in layers else v)
+                   for k, v in tensors.items()}
     filecheck.check_finite_for_save(tensors, f"'{os.path.basename(path)}'")
     octet_meta = {**octet_meta, filecheck.HASH_KEY: filecheck.content_hash(tensors)}   # over the file's keys
     meta = header(layers, _linear_names(model), octet_meta, kind)

@@ -47,7 +47,8 @@ class QuantReport:
     def summary(self) -> str:
         return (f"{len(self.quantized)} layers quantized, {len(self.skipped)} skipped; quantized layers "
                 f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
-                f"({self.ratio_vs_bf16:.3f}x of bf16)")
+                f"({self.bytes_after / max(self.bytes_before, 1):.3f}x of their size in the model's own dtype, "
+                f"{self.ratio_vs_bf16:.3f}x of bf16)")  # issue 15: a "vs bf16" alone misled for fp32 models
 
     def to_text(self, limit: int | None = None) -> str:
         rows = self.layers if limit is None else self.layers[:limit]

@@ -6,7 +6,9 @@ once in float for the reference, then once per layer with only that layer swappe
 twin, and record the output MSE and PSNR against the reference. Layers are ranked most
 sensitive first, and ``select`` keeps the worst ones in float until a budget is met:
 
-- ``max_float_share``: at most this share of the candidate parameters stays in float;
+- ``max_float_share``: at most this share of the quantizable parameters stays in float, counting the
+  layers the base policy (preset) keeps in float too: a "10 %" budget means 10 % of the weights (issue 15:
+  it once counted only the measured layers, and a preset's adaLN/embeddings made "10 %" 44 %);
 - ``min_psnr``: keep layers until the whole quantized model is expected to stay above this PSNR.
 
 Both budgets are filled greedily by *sensitivity per parameter* (output MSE a layer causes,
@@ -74,10 +76,18 @@ class SensitivityResult:
     peak: float                       # PSNR peak of the reference output
     mode: str
     skipped: dict[str, str] = field(default_factory=dict)  # layers not measured -> why (kept by base policy)
+    skipped_params: int = 0           # parameters of those layers: float whatever the budget says
+    model_params: int = 0             # every parameter of the model (norms, embeddings, buffers not included)
 
     @property
     def total_params(self) -> int:
+        """Parameters of the measured units."""
         return sum(u.params for u in self.units)
+
+    @property
+    def quantizable_params(self) -> int:
+        """Measured units plus the quantizable layers the base policy keeps in float: the budget's base."""
+        return self.total_params + self.skipped_params
 
     def estimate_psnr(self, keep: Iterable[str]) -> float:
         """PSNR of quantizing every unit except ``keep``, assuming the errors add up."""
@@ -125,11 +135,12 @@ def measure(model: nn.Module, run: Callable[[], torch.Tensor], config: QuantConf
     if not candidates:
         raise OctetError("No layer to measure: the model has no Linear/Conv2d of the selected kinds. "
                          "Connect a float diffusion MODEL.")
-    skipped, configs, units = {}, {}, {}
+    skipped, configs, units, skipped_params = {}, {}, {}, 0
     for name, module, kind in candidates:
         cfg, why = (config, "") if base is None else base.decide(name, module, config)
         if cfg is None:
             skipped[name] = why or "kept by base policy"
+            skipped_params += _params(module)
             continue
         configs[name] = cfg
         key = group_name(name, block_depth)
@@ -162,7 +173,8 @@ def measure(model: nn.Module, run: Callable[[], torch.Tensor], config: QuantConf
                 progress(i + 1, len(order))
     # Stable sort on (-mse, name): ties break by name, so the ranking is reproducible.
     ranked = sorted(order, key=lambda u: (-u.mse, u.name))
-    return SensitivityResult(ranked, pk, config.mode, skipped)
+    return SensitivityResult(ranked, pk, config.mode, skipped, skipped_params,
+                             sum(p.numel() for p in model.parameters()))
 
 
 def select(result: SensitivityResult, budget: str, value: float) -> list[str]:
@@ -174,7 +186,8 @@ def select(result: SensitivityResult, budget: str, value: float) -> list[str]:
     if budget == "max_float_share":
         if not 0.0 <= value <= 1.0:
             raise OctetError(f"max_float_share={value} must be a share in [0, 1] (e.g. 0.05 for 5% of parameters).")
-        allowance = value * result.total_params
+        # The base policy's float layers spend the budget first; what is left goes to the measured units.
+        allowance = value * result.quantizable_params - result.skipped_params
         used = 0
         for u in by_value:
             if u.mse <= 0:
@@ -260,15 +273,28 @@ def sensitivity_policy(model: nn.Module, run: Callable[[], torch.Tensor], config
             summary["kept_units"] = len(keep)
         summary["measured_psnr"] = real
     kept_params = sum(u.params for u in result.units if u.name in set(keep))
-    summary["float_share"] = kept_params / max(result.total_params, 1)
+    float_params = kept_params + result.skipped_params
+    summary["float_params"] = float_params
+    summary["float_share"] = float_params / max(result.quantizable_params, 1)  # what the budget bounds
+    summary["float_share_of_model"] = (float_params / result.model_params if result.model_params else None)
+    if budget == "max_float_share" and result.skipped_params > value * result.quantizable_params:
+        summary["over_budget"] = (f"the base policy alone keeps {100 * result.skipped_params / result.quantizable_params:.1f}"
+                                  f"% of the quantizable parameters in float, over max_float_share={value:g}: "
+                                  "choose base_preset 'none' or a larger budget")
     return policy, result, summary
 
 
 def summary_text(result: SensitivityResult, summary: dict) -> str:
+    of_model = summary.get("float_share_of_model")
     lines = [f"sensitivity ({result.mode}): {len(result.units)} units measured, "
              f"{len(result.skipped)} layers kept by the base policy and not measured",
-             f"budget {summary['budget']}={summary['value']:g}: keep {summary['kept_units']} units in float "
-             f"({100 * summary['float_share']:.2f}% of measured parameters); estimated PSNR "
+             f"budget {summary['budget']}={summary['value']:g}: keep {summary['kept_units']} units in float; with "
+             f"the base policy's layers {summary.get('float_params', 0):,} parameters stay float = "
+             f"{100 * summary['float_share']:.2f}% of the quantizable parameters"
+             + (f" ({100 * of_model:.2f}% of all model parameters)" if of_model is not None else ""),
+             f"model-output PSNR (a proxy: denoiser outputs at the measured noise levels, not image PSNR): estimated "
              f"{summary['estimated_psnr']:.2f} dB" + (f", measured {summary['measured_psnr']:.2f} dB"
                                                      if "measured_psnr" in summary else "")]
+    if "over_budget" in summary:
+        lines.append("WARNING: " + summary["over_budget"])
     return "\n".join(lines)

@@ -153,21 +153,24 @@ def _ptq(net, act="dynamic", bits=8):
     return qat.requantize(layers, net, bits) if bits != 8 else layers
 
 
-def test_distillation_lowers_the_loss_and_leaves_the_model_as_it_was(rng):
+def test_distillation_lowers_the_loss_and_leaves_the_model_as_it_was():
+    # A fixed seed: the verdict is on 4 set-aside calls, whose improvement varies with the draw (ratio
+    # after/before 0.21-0.80 over seeds 0-19, 0.51 at seed 0), so an OS-seeded draw would make this flaky.
+    rng = torch.Generator().manual_seed(0)
     net = Net(rng).eval()
     before = copy.deepcopy(net.state_dict())
     with qat.record_teacher(net) as teacher, torch.no_grad():
-        for _ in range(6):
+        for _ in range(12):
             net(torch.randn(8, 4, 12, 12, generator=rng), scale=2.0)
-    assert len(teacher.calls) == 6 and teacher.calls[0].kwargs["scale"] == 2.0
+    assert len(teacher.calls) == 12 and teacher.calls[0].kwargs["scale"] == 2.0
     ptq = _ptq(net, bits=4)
-    config = qat.QATConfig(steps=60, lr=1e-2, lora_rank=2, weight_bits=4, seed=int(torch.randint(1 << 30, (1,),
-                                                                                                  generator=rng)))
+    config = qat.QATConfig(steps=60, lr=1e-2, lora_rank=2, weight_bits=4, seed=0, eval_calls=4)
     twins = qat.make_twins(ptq, net, config)
     seen = []
     result = qat.distill(net, twins, teacher, config, progress=lambda i, n, loss: seen.append((i, n)))
     assert seen[-1] == (60, 60) and len(result.losses) == 60
-    assert result.eval_after < 0.7 * result.eval_before, result.text()
+    # Scored on the 4 calls that training never saw (held back).
+    assert result.eval_after < 0.85 * result.eval_before, result.text()
     # The float model is back, unchanged and trainable as before.
     assert all(isinstance(net.get_submodule(n), (nn.Linear, nn.Conv2d)) for n in ("conv", "proj", "out"))
     for k, v in net.state_dict().items():
@@ -180,6 +183,31 @@ def test_distillation_lowers_the_loss_and_leaves_the_model_as_it_was(rng):
     with qat.swapped(net, twins), torch.no_grad():
         mse_fake = sum(float((net(*c.args, **c.kwargs) - c.target).square().mean()) for c in teacher.calls)
     assert mse == pytest.approx(mse_fake, rel=1e-3)
+
+
+def test_distillation_is_judged_on_held_back_calls_only():
+    """Issue 15: QAT claimed gains on its own training calls while unseen images got worse. The verdict
+    (``improved``, which decides keep-PTQ) must come from calls the training never saw."""
+    rng = torch.Generator().manual_seed(0)  # fixed: held-back gains vary with the draw (0.49 at seed 0)
+    net = Net(rng).eval()
+    with qat.record_teacher(net) as teacher, torch.no_grad():
+        for _ in range(12):
+            net(torch.randn(8, 4, 12, 12, generator=rng))
+    with qat.record_teacher(net) as holdout, torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(8, 4, 12, 12, generator=rng))
+    config = qat.QATConfig(steps=60, lr=1e-2, lora_rank=2, weight_bits=4, seed=1)
+    good = qat.distill(net, qat.make_twins(_ptq(net, bits=4), net, config), teacher, config, holdout=holdout)
+    assert good.improved and good.eval_after < 0.8 * good.eval_before and "held-back" in good.text(), good.text()
+    # Held-back targets that the untrained quantized model already meets exactly (its own outputs): training
+    # still lowers the training loss, but cannot lower the held-back error, and the result says so.
+    twins = qat.make_twins(_ptq(net, bits=4), net, config)
+    with qat.swapped(net, twins), torch.no_grad():
+        for c in holdout.calls:
+            c.target = net(*c.args, **c.kwargs).clone()
+    bad = qat.distill(net, twins, teacher, config, holdout=holdout)
+    assert sum(bad.losses[-10:]) < 0.7 * sum(bad.losses[:10])
+    assert not bad.improved, bad.text()
 
 
 def test_distillation_works_on_a_model_built_under_inference_mode(rng):

@@ -101,6 +101,27 @@ def test_max_float_share_budget_is_respected(rng):
         select(result, "max_float_share", 5)
 
 
+def test_float_budget_counts_the_layers_the_base_policy_keeps(rng):
+    """Issue 15: "<= 10 % float" must mean 10 % of the weights, the preset's float layers included."""
+    net, run = make(rng)
+    plant_outlier(net, rng)
+    base = Policy(name="b", rules=[Rule("stem", "keep"), Rule("head", "keep")])
+    result = measure(net, run, DYN, base=base)
+    preset = sum(net.get_submodule(n).weight.numel() + net.get_submodule(n).bias.numel() for n in ("stem", "head"))
+    assert result.skipped_params == preset and result.quantizable_params == result.total_params + preset
+    for share in (0.1, 0.3, 0.6):
+        _, _, summary = sensitivity_policy(net, run, DYN, "max_float_share", share, base=base, check=False)
+        keep = set(select(result, "max_float_share", share))
+        kept = sum(u.params for u in result.units if u.name in keep)
+        assert summary["float_params"] == kept + preset
+        assert summary["float_share"] == pytest.approx((kept + preset) / result.quantizable_params)
+        assert summary["float_share"] <= share or (not keep and "over_budget" in summary)
+        assert summary["float_share_of_model"] <= summary["float_share"] + 1e-12  # more parameters in the model
+    # A budget the preset alone exceeds: nothing more is kept, and the report says so.
+    _, _, tight = sensitivity_policy(net, run, DYN, "max_float_share", 0.0, base=base, check=False)
+    assert tight["kept_units"] == 0 and "over_budget" in tight
+
+
 def test_min_psnr_budget_is_met_on_the_real_model(rng):
     net, run = make(rng)
     plant_outlier(net, rng)
