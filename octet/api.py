@@ -6,8 +6,9 @@ ModelPatcher, so the source MODEL keeps sampling exactly as before.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -173,3 +174,16 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Policy]
         for name, forward in result.forwards.items():
             model.get_submodule(name).forward = forward
     return result
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[nn.Module]:
+    """Put ``modules`` into ``model`` by name for the duration; the originals come back on exit."""
+    originals = {name: model.get_submodule(name) for name in modules}
+    try:
+        for name, m in modules.items():
+            model.set_submodule(name, m)
+        yield model
+    finally:
+        for name, m in originals.items():
+            model.set_submodule(name, m)

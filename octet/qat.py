@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.torch_ref import MIN_SCALE, QMAX
-from .api import OctetError
+from ..kernels.torch_ref import MIN_SCALE, QMAX, quantize_weight, scale_from_absmax
+from .api import OctetError, swapped  # noqa: F401  (swapped: re-exported, QAT trains inside it)
 from .modules import QuantConv2d, QuantLayer, QuantLinear
 
 WEIGHT_BITS = (8, 4)
@@ -91,21 +91,14 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, qmax: float = QMAX) -> torc
     return round_ste(torch.clamp(x / scale, -qmax, qmax)) * scale
 
 
-def absmax_scale(absmax: torch.Tensor, qmax: float = QMAX) -> torch.Tensor:
-    return (absmax.float() / qmax).clamp_min(MIN_SCALE)
+absmax_scale = scale_from_absmax  # the kernels' own rule (one copy)
 
 
 def quantize_weight_bits(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric quantization to ``bits`` (8 or 4), stored as int8 + scale [N, 1].
-
-    With bits=8 this is exactly ``kernels.quantize_weight``. 4-bit values live in int8 containers,
-    so the INT8 kernels run them unchanged (no memory saving: a quality experiment).
-    """
-    qmax = qmax_for(bits)
-    w = weight.detach().float()
-    scale = absmax_scale(w.reshape(w.shape[0], -1).abs().amax(dim=1, keepdim=True), qmax)
-    view = scale.reshape((-1,) + (1,) * (w.dim() - 1))
-    return torch.round(w / view).clamp_(-qmax, qmax).to(torch.int8), scale
+    """Per-output-channel symmetric quantization to ``bits`` (8 or 4), stored as int8 + scale [N, 1]:
+    ``torch_ref.quantize_weight`` with that width's grid. 4-bit values live in int8 containers, so the
+    INT8 kernels run them unchanged (no memory saving: a quality experiment)."""
+    return quantize_weight(weight, qmax_for(bits))
 
 
 def _quantize_input(x: torch.Tensor, conv: bool, static_scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -141,15 +134,14 @@ class FakeQuantLayer(nn.Module):
         smooth = layer.pre_quant_scale
         if float_weight is None:
             latent = layer.dequantized_weight(torch.float32, device)
-            if smooth is not None:  # back to the smoothed domain the int8 weight lives in
-                latent = latent * smooth.float().reshape([1, -1] + [1] * (latent.dim() - 2))
+            latent = layer.layout.fold_smoothing(latent, smooth)  # back to the smoothed domain the int8 weight lives in
         else:
             if tuple(float_weight.shape) != tuple(layer.weight.shape):
                 raise OctetError(f"The float weight has shape {tuple(float_weight.shape)} but the quantized layer "
                                  f"{tuple(layer.weight.shape)}: connect the float MODEL this one was quantized from.")
             latent = float_weight.detach().to(device)
             if smooth is not None:  # exactly what from_float did before quantizing
-                latent = latent.float() * smooth.float().reshape([1, -1] + [1] * (latent.dim() - 2))
+                latent = layer.layout.fold_smoothing(latent.float(), smooth)
         # clone(): inputs may be inference tensors (ComfyUI runs nodes under inference_mode), which
         # autograd refuses to save; a fresh copy made outside inference mode is a normal tensor.
         self.register_buffer("latent_weight", latent.clone())
@@ -380,19 +372,6 @@ def record_teacher(model: nn.Module, storage: torch.device = torch.device("cpu")
 
 
 # -- training -----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[nn.Module]:
-    """Put ``modules`` into ``model`` by name for the duration; the originals come back on exit."""
-    originals = {name: model.get_submodule(name) for name in modules}
-    try:
-        for name, m in modules.items():
-            model.set_submodule(name, m)
-        yield model
-    finally:
-        for name, m in originals.items():
-            model.set_submodule(name, m)
-
-
 @contextlib.contextmanager
 def _autograd_ready(model: nn.Module) -> Iterator[None]:
     """Stand in normal copies for the frozen tensors that are inference tensors, for the duration.

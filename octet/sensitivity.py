@@ -29,7 +29,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from .api import OctetError, quantizable_layers, quantize_
+from .api import OctetError, quantizable_layers, quantize_, swapped
+from .metrics import tensor_psnr
 from .config import QuantConfig
 from .policy import KEEP, Policy, Rule, decision_table
 
@@ -52,7 +53,7 @@ def psnr_from_mse(err: float, peak_value: float) -> float:
 
 
 def psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return psnr_from_mse(mse(ref, out), peak(ref))
+    return tensor_psnr(ref.detach(), out.detach())   # peak = the reference's range, as peak() above
 
 
 @dataclass
@@ -159,14 +160,8 @@ def measure(model: nn.Module, run: Callable[[], torch.Tensor], config: QuantConf
         for i, unit in enumerate(order):
             q = quantize_(model, config, policy=_Only(set(unit.layers), configs), calibration=calibration,
                           inplace=False)
-            originals = {n: model.get_submodule(n) for n in q.replacements}
-            try:
-                for n, layer in q.replacements.items():
-                    model.set_submodule(n, layer)
+            with swapped(model, q.replacements):  # the caller's model comes back as it was, even on error
                 out = run().detach().float()
-            finally:  # the caller's model must come back exactly as it was, even on error
-                for n, layer in originals.items():
-                    model.set_submodule(n, layer)
             unit.mse = mse(ref, out)
             unit.psnr = psnr_from_mse(unit.mse, pk)
             if progress is not None:
@@ -232,14 +227,8 @@ def verify(model: nn.Module, run: Callable[[], torch.Tensor], config: QuantConfi
     with torch.no_grad():
         ref = run().detach().float() if reference is None else reference
         q = quantize_(model, config, policy=policy, calibration=calibration, inplace=False)
-        originals = {n: model.get_submodule(n) for n in q.replacements}
-        try:
-            for n, layer in q.replacements.items():
-                model.set_submodule(n, layer)
+        with swapped(model, q.replacements):
             out = run().detach().float()
-        finally:
-            for n, layer in originals.items():
-                model.set_submodule(n, layer)
     return psnr(ref, out)
 
 
