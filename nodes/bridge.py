@@ -269,8 +269,13 @@ def _static_selector(result):
     return next(iter(selectors.values()), None)
 
 
-def install_timestep_groups(patcher, selector: GroupSelector) -> None:
+def install_timestep_groups(patcher, selector: GroupSelector, key: str = TIMESTEP_WRAPPER_KEY,
+                            before_call=None, record: bool = True) -> None:
     """Make every diffusion-model call pick the static scales of the group holding its sigma.
+
+    The one sigma-following wrapper: Quantize/Load Quantized install it on the INT8 MODEL (``record``:
+    the header keeps the bands), Calibrate on its float clone (another ``key``; ``before_call`` checks
+    for Cancel between two model calls).
 
     ComfyUI's APPLY_MODEL wrappers receive the sigma of the call (``t``) before the model sees it,
     with any sampler, including the stock KSampler; they are stacked by key, so other packs'
@@ -281,9 +286,12 @@ def install_timestep_groups(patcher, selector: GroupSelector) -> None:
     import comfy.patcher_extension
 
     def select_group(executor, x, t, *args, **kwargs):
+        if before_call is not None:
+            before_call()
         selector.select(t)
         return executor(x, t, *args, **kwargs)
 
-    patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, TIMESTEP_WRAPPER_KEY)
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, TIMESTEP_WRAPPER_KEY, select_group)
-    patcher.model_options.setdefault(OPTIONS_KEY, {})["timestep_groups"] = selector.to_dict()
+    patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, select_group)
+    if record:
+        patcher.model_options.setdefault(OPTIONS_KEY, {})["timestep_groups"] = selector.to_dict()

@@ -140,7 +140,6 @@ class Calibrate(io.ComfyNode):
 def calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, groups,
               settings: dict, sample_cap: int = DEFAULT_SAMPLE_CAP):
     """Run real sampling with hooks on the float model; returns (Calibration, seconds)."""
-    import comfy.patcher_extension
     import nodes
 
     if bridge.quantized_layers(model):  # also unloads clones whose object patches sit in the shared model
@@ -155,13 +154,8 @@ def calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler
         reps = -(-batch // latent["samples"].shape[0])
         latent["samples"] = latent["samples"].repeat(reps, 1, 1, 1)[:batch]
     clone = model.clone()
-
-    def select_group(executor, x, t, *args, **kwargs):
-        check_interrupt()  # Cancel stops calibration between two model calls
-        selector.select(t)
-        return executor(x, t, *args, **kwargs)
-
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "octet_calibrate", select_group)
+    # Cancel stops calibration between two model calls.
+    bridge.install_timestep_groups(clone, selector, key="octet_calibrate", before_call=check_interrupt, record=False)
     info = {"sampler": {"seed": int(seed), "steps": int(steps), "cfg": float(cfg), "sampler": sampler_name,
                         "scheduler": scheduler, "batch": int(latent["samples"].shape[0]),
                         "latent_shape": list(latent["samples"].shape)},
