@@ -112,47 +112,12 @@ def rows_for(label, patcher, args):
     return rows
 
 
-def pareto(rows):
-    """Rows no other row beats on both size and PSNR."""
-    return [r for r in rows if not any(o["mib"] <= r["mib"] and o["psnr"] >= r["psnr"] and
-                                       (o["mib"] < r["mib"] or o["psnr"] > r["psnr"]) for o in rows)]
-
-
 def draw(all_rows, path):
-    """Scatter + Pareto front per model, with PIL (no matplotlib in the project venv)."""
-    from PIL import Image, ImageDraw
-    W, H, M = 900, 560, 70
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    finite = [r for r in all_rows if math.isfinite(r["psnr"])]
-    xs = [r["mib"] for r in all_rows]
-    ys = [r["psnr"] for r in finite]
-    x0, x1 = min(xs) * 0.95, max(xs) * 1.02
-    y0, y1 = min(ys) - 2, max(ys) + 4
-    fx = lambda v: M + (v - x0) / (x1 - x0) * (W - 2 * M)
-    fy = lambda v: H - M - (min(v, y1) - y0) / (y1 - y0) * (H - 2 * M)
-    d.rectangle([M, M, W - M, H - M], outline="black")
-    for i in range(6):
-        xv, yv = x0 + i * (x1 - x0) / 5, y0 + i * (y1 - y0) / 5
-        d.text((fx(xv) - 15, H - M + 8), f"{xv:.2f}", fill="black")
-        d.text((8, fy(yv) - 6), f"{yv:.1f}", fill="black")
-    d.text((W // 2 - 120, H - 30), "weights (MiB; INT8 as stored, rest bf16)", fill="black")
-    d.text((8, M - 30), "PSNR of sampled latents vs float (dB; float = top edge)", fill="black")
-    colours = {}
-    for r in all_rows:
-        colours.setdefault(r["model"], ["#1f77b4", "#d62728", "#2ca02c"][len(colours) % 3])
-    for model, colour in colours.items():
-        rows = [r for r in all_rows if r["model"] == model]
-        front = sorted(pareto(rows), key=lambda r: r["mib"])
-        pts = [(fx(r["mib"]), fy(r["psnr"] if math.isfinite(r["psnr"]) else y1)) for r in front]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        for r in rows:
-            x, y = fx(r["mib"]), fy(r["psnr"] if math.isfinite(r["psnr"]) else y1)
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-            d.text((x + 6, y - 12), r["policy"], fill=colour)
-        d.text((W - M - 260, M + 10 + 16 * list(colours).index(model)), f"- {model} (line: Pareto front)", fill=colour)
-    img.save(path)
+    """Size vs PSNR per model with its Pareto front (nodes/plotting.py, the one chart code)."""
+    from comfyui_octet.nodes.plotting import pareto_chart
+    panels = {model: [{"x": r["mib"], "y": r["psnr"], "label": r["policy"]} for r in all_rows if r["model"] == model]
+              for model in dict.fromkeys(r["model"] for r in all_rows)}
+    pareto_chart(panels, path, "weights (MiB; INT8 as stored, rest bf16)", "PSNR of sampled latents vs float (dB)")
 
 
 def table(rows):

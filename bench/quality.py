@@ -452,43 +452,15 @@ def main():
 
 def draw_pareto(rows, path):
     """Size vs PSNR per model/variant, the Pareto front (smaller and closer to FP) joined by a line."""
-    from PIL import Image, ImageDraw
-    panels = sorted({(r["model"], r["variant"]) for r in rows})
-    W, H, L, R, T, B = 620, 300, 56, 250, 28, 36
-    img = Image.new("RGB", (W, H * len(panels)), "white")
-    d = ImageDraw.Draw(img)
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-    for k, (model, variant) in enumerate(panels):
-        pts = [r for r in rows if (r["model"], r["variant"]) == (model, variant) and r["psnr"] is not None
-               and r["size"] is not None and r["psnr"] != float("inf")]
-        if not pts:
-            continue
-        top = k * H
-        x_lo, x_hi = min(p["size"] for p in pts) * 0.9, max(p["size"] for p in pts) * 1.05
-        y_lo, y_hi = min(p["psnr"] for p in pts) - 2, max(p["psnr"] for p in pts) + 2
-
-        def pos(x, y):
-            return (L + (x - x_lo) / (x_hi - x_lo + 1e-9) * (W - L - R),
-                    top + T + (1 - (y - y_lo) / (y_hi - y_lo + 1e-9)) * (H - T - B))
-        d.rectangle([L, top + T, W - R, top + H - B], outline="black")
-        d.text((L, top + 6), f"{model} / {variant}: PSNR vs FP (dB) against size (MiB)", fill="black")
-        for j in range(5):
-            xv, yv = x_lo + j * (x_hi - x_lo) / 4, y_lo + j * (y_hi - y_lo) / 4
-            px, _ = pos(xv, y_lo)
-            _, py = pos(x_lo, yv)
-            d.text((px - 12, top + H - B + 4), f"{xv:.1f}", fill="black")
-            d.text((4, py - 5), f"{yv:.1f}", fill="black")
-        front = sorted((p for p in pts if not any(q["size"] <= p["size"] and q["psnr"] > p["psnr"] or
-                                                   q["size"] < p["size"] and q["psnr"] >= p["psnr"] for q in pts)),
-                       key=lambda p: p["size"])
-        d.line([pos(p["size"], p["psnr"]) for p in front], fill="#888888", width=2)
-        for i, p in enumerate(pts):
-            px, py = pos(p["size"], p["psnr"])
-            c = palette[i % len(palette)]
-            d.ellipse([px - 5, py - 5, px + 5, py + 5], fill=c)
-            short = p["method"].split(" (= stock")[0].replace("dynamic W8A8 + ", "").replace("params float", "float")
-            d.text((W - R + 8, top + T + 16 * i), f"{p['psnr']:.1f} dB  {short[:38]}", fill=c)
-    img.save(path)
+    from comfyui_octet.nodes.plotting import pareto_chart
+    panels = {}
+    for model, variant in sorted({(r["model"], r["variant"]) for r in rows}):
+        panels[f"{model} / {variant}"] = [
+            {"x": r["size"], "y": r["psnr"], "label": r["method"].split(" (= stock")[0]
+             .replace("dynamic W8A8 + ", "").replace("params float", "float")}
+            for r in rows if (r["model"], r["variant"]) == (model, variant) and r["psnr"] is not None
+            and r["size"] is not None and r["psnr"] != float("inf")]
+    pareto_chart(panels, path, "size (MiB)", "PSNR vs FP (dB)")
 
 
 def _f(v, spec):

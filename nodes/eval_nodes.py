@@ -4,7 +4,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from . import evaluate
+from . import evaluate, plotting
 from .widgets import require_finite
 from . import sampling_defaults as sd
 
@@ -68,10 +68,10 @@ class Evaluate(io.ComfyNode):
                  f"{'INT8':<8}{q.ms_per_step:>10.1f}{q.peak.bytes / mb:>10.1f}{q.size_bytes / mb:>10.2f}",
                  f"speed-up x{fp.seconds / max(q.seconds, 1e-9):.2f}, size x{q.size_bytes / max(fp.size_bytes, 1):.3f}; "
                  f"peak memory is {fp.peak.kind} (first run of a MODEL includes loading it)"]
-        chart = evaluate.quality_speed_size_chart([
+        chart = plotting.quality_speed_size_chart([
             {"label": "FP", "ms_per_step": fp.ms_per_step, "psnr": float("inf"), "size_mb": fp.size_bytes / mb},
             {"label": "INT8", "ms_per_step": q.ms_per_step, "psnr": cmp["psnr"], "size_mb": q.size_bytes / mb}])
-        grid = evaluate.grid([fp_img, q_img, (fp_img - q_img).abs() * 4], ["FP", "INT8", "|diff|x4"])
+        grid = plotting.grid([fp_img, q_img, (fp_img - q_img).abs() * 4], ["FP", "INT8", "|diff|x4"])
         return io.NodeOutput("\n".join(lines), grid, chart)
 
 

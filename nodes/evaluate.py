@@ -8,7 +8,6 @@ FID uses our Fashion-MNIST classifier's features, so it is computed for the refe
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 
@@ -16,6 +15,7 @@ import torch
 
 from ..octet import metrics
 from . import reference_model
+from .plotting import bar_chart
 
 FID_MIN_SAMPLES = 16
 CLASSIFIER_PATH = os.path.join(reference_model.MODELS_DIR, "octet_fmnist_classifier.safetensors")
@@ -82,95 +82,6 @@ def compare(ref_images: torch.Tensor, images: torch.Tensor, fid_features: bool) 
         with torch.no_grad():
             out["fid"] = metrics.fid(net.features(ref_images.float()), net.features(images.float()))
     return out
-
-
-# ---- drawing (PIL only: matplotlib is not a dependency) -------------------------------------
-
-def _font():
-    from PIL import ImageFont
-    return ImageFont.load_default()
-
-
-def grid(columns: list[torch.Tensor], labels: list[str], max_rows: int = 8, scale: int = 3) -> torch.Tensor:
-    """Side-by-side grid: one column per model, one row per seed. Returns a ComfyUI IMAGE [1, H, W, 3]."""
-    from PIL import Image, ImageDraw
-    cols = [c[:max_rows].float().clamp(0, 1) for c in columns]
-    n, _, h, w = cols[0].shape
-    h, w = h * scale, w * scale
-    head = 14
-    canvas = Image.new("RGB", (len(cols) * (w + 4), head + n * (h + 4)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, (c, label) in enumerate(zip(cols, labels)):
-        draw.text((j * (w + 4) + 2, 1), label[: max(4, w // 6)], fill="black", font=_font())
-        for i in range(n):
-            img = c[i]
-            img = img.repeat(3, 1, 1) if img.shape[0] == 1 else img[:3]
-            arr = (img.permute(1, 2, 0) * 255).round().byte().numpy()
-            tile = Image.fromarray(arr).resize((w, h), Image.NEAREST)
-            canvas.paste(tile, (j * (w + 4), head + i * (h + 4)))
-    return pil_to_image(canvas)
-
-
-def pil_to_image(img) -> torch.Tensor:
-    import numpy as np
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
-
-
-def quality_speed_size_chart(points: list[dict], title: str = "quality vs speed vs size") -> torch.Tensor:
-    """Scatter of measured numbers: x = ms per sampling step, y = PSNR vs FP (dB; FP drawn at the top),
-    disc area proportional to model size. Each point: {label, ms_per_step, psnr, size_mb}."""
-    from PIL import Image, ImageDraw
-    W, H, L, R, T, B = 560, 360, 60, 20, 30, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    finite = [p["psnr"] for p in points if p["psnr"] is not None and math.isfinite(p["psnr"])]
-    y_lo = min(finite) - 3 if finite else 0.0
-    y_hi = (max(finite) + 6) if finite else 60.0
-    xs = [p["ms_per_step"] for p in points]
-    x_lo, x_hi = 0.0, max(xs) * 1.15 if xs else 1.0
-    max_mb = max(p["size_mb"] for p in points) or 1.0
-
-    def pos(x, y):
-        return L + (x - x_lo) / (x_hi - x_lo) * (W - L - R), T + (1 - (y - y_lo) / (y_hi - y_lo)) * (H - T - B)
-
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for k in range(5):
-        yv = y_lo + k * (y_hi - y_lo) / 4
-        _, py = pos(x_lo, yv)
-        d.text((4, py - 5), f"{yv:.1f}", fill="black", font=_font())
-        xv = x_lo + k * (x_hi - x_lo) / 4
-        px, _ = pos(xv, y_lo)
-        d.text((px - 10, H - B + 4), f"{xv:.0f}", fill="black", font=_font())
-    d.text((W // 2 - 60, H - 16), "ms per sampling step", fill="black", font=_font())
-    d.text((4, 12), "PSNR vs FP (dB); disc area = size", fill="black", font=_font())
-    d.text((W // 2, 4), title, fill="black", font=_font())
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-    for i, p in enumerate(points):
-        y = p["psnr"] if p["psnr"] is not None and math.isfinite(p["psnr"]) else y_hi - 1.5
-        px, py = pos(p["ms_per_step"], y)
-        r = 4 + 14 * math.sqrt(p["size_mb"] / max_mb)
-        d.ellipse([px - r, py - r, px + r, py + r], outline=palette[i % len(palette)], width=2)
-        psnr_txt = "ref" if not (p["psnr"] is not None and math.isfinite(p["psnr"])) else f"{p['psnr']:.1f}dB"
-        d.text((px + r + 2, py - 6), f"{p['label']} {psnr_txt} {p['size_mb']:.1f}MB", fill=palette[i % len(palette)],
-               font=_font())
-    return pil_to_image(img)
-
-
-def bar_chart(rows: list[tuple[str, float]], title: str, unit: str) -> torch.Tensor:
-    from PIL import Image, ImageDraw
-    rows = rows[:24]
-    W, row_h, label_w = 640, 16, 300
-    H = 24 + row_h * max(len(rows), 1) + 8
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    d.text((4, 4), title, fill="black", font=_font())
-    top = max((v for _, v in rows), default=1.0) or 1.0
-    for i, (name, v) in enumerate(rows):
-        y = 24 + i * row_h
-        d.text((4, y + 2), name[-48:], fill="black", font=_font())
-        d.rectangle([label_w, y + 2, label_w + (W - label_w - 90) * v / top, y + row_h - 3], fill="#1f77b4")
-        d.text((W - 84, y + 2), f"{v:.3g} {unit}", fill="black", font=_font())
-    return pil_to_image(img)
 
 
 # ---- profiling ------------------------------------------------------------------------------
