@@ -23,7 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402  (loads the pack and the host)
 import torch  # noqa: E402
 
-from comfyui_octet.nodes import bridge, evaluate, reference_model as rm  # noqa: E402
+from comfyui_octet.nodes import bridge, evaluate  # noqa: E402
+
+from comfyui_octet.fixtures import reference_model as rm
 from comfyui_octet.octet import DynamicW8A8Config, StaticW8A8Config  # noqa: E402
 from comfyui_octet.octet.attribution import attribute, auto_policy  # noqa: E402
 from comfyui_octet.nodes.policy_nodes import detect_preset  # noqa: E402

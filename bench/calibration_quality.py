@@ -30,7 +30,9 @@ import comfy.utils  # noqa: E402
 import nodes  # noqa: E402
 import torch  # noqa: E402
 
-from comfyui_octet.nodes import bridge, calibrate_nodes, reference_model, sampler_nodes  # noqa: E402
+from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes  # noqa: E402
+
+from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import DynamicW8A8Config, StaticW8A8Config  # noqa: E402
 
 comfy.utils.PROGRESS_BAR_ENABLED = False

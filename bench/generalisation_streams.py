@@ -16,7 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality as Q  # noqa: E402
 import torch  # noqa: E402
 
-from comfyui_octet.nodes import bridge, evaluate, reference_model as rm  # noqa: E402
+from comfyui_octet.nodes import bridge, evaluate  # noqa: E402
+
+from comfyui_octet.fixtures import reference_model as rm
 from comfyui_octet.octet import StaticW8A8Config  # noqa: E402
 from comfyui_octet.octet.policy import Policy, Rule  # noqa: E402
 

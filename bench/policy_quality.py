@@ -55,7 +55,7 @@ def plant_outliers(patcher):
 
 def sample(patcher, seed, size):
     import nodes
-    from comfyui_octet.nodes import reference_model
+    from comfyui_octet.fixtures import reference_model
     latent = {"samples": torch.zeros(1, 4, size, size)}
     pos = reference_model.tiny_conditioning(seed=101)  # held out: sensitivity uses seed 1
     neg = reference_model.tiny_conditioning(seed=102)
@@ -81,7 +81,8 @@ def weights_mib(patcher, result) -> float:
 
 
 def rows_for(label, patcher, args):
-    from comfyui_octet.nodes import bridge, reference_model
+    from comfyui_octet.nodes import bridge
+    from comfyui_octet.fixtures import reference_model
     from comfyui_octet.nodes.policy_nodes import MixedPrecisionPolicy, SensitivityPolicy
     from comfyui_octet.octet import config_for_mode
 
@@ -140,7 +141,7 @@ def main():
     load_pack()
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False  # dozens of sampling runs: keep the output to the table
-    from comfyui_octet.nodes import reference_model
+    from comfyui_octet.fixtures import reference_model
     if args.quick:
         args.shares = args.shares[:1]
     t0 = time.time()

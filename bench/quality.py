@@ -6,7 +6,7 @@ For each reference model (ComfyUI SD15 UNet, ComfyUI Flux DiT; Fashion-MNIST, cl
 variant (plain, twin = same float function with x20-60 activation outliers), the FP model samples one
 image per seed (classes cycle) through the host's KSampler; every method then samples the same seeds and
 is scored against those FP images: PSNR / SSIM (mean over images) and FID between the two sets in our
-classifier's feature space (octet/feature_net.py), plus the diffusion model's size.
+classifier's feature space (fixtures/feature_net.py), plus the diffusion model's size.
 
 Methods are rows in a registry: add one with ``@method("label")`` and a function
 ``(ctx) -> MODEL | None`` (None = n/a, with ``ctx.note``); SmoothQuant, timestep groups, policies and QAT
@@ -31,7 +31,9 @@ import octet_pack  # noqa: E402
 octet_pack.load(comfy=True)
 import torch  # noqa: E402
 
-from comfyui_octet.nodes import bridge, evaluate, reference_model as rm, reference_twin  # noqa: E402
+from comfyui_octet.nodes import bridge, evaluate  # noqa: E402
+
+from comfyui_octet.fixtures import reference_model as rm, reference_twin
 from comfyui_octet.octet import DynamicW8A8Config, StaticW8A8Config, WeightOnlyConfig  # noqa: E402
 
 

@@ -3,7 +3,7 @@
     python models/train_reference.py --out models/ [--data DIR] [--seconds 140] [--device cuda]
 
 Three networks, one after the other, each within a wall-clock budget (--seconds) or --max-steps:
-  * classifier: the FID feature net (octet/feature_net.py);
+  * classifier: the FID feature net (fixtures/feature_net.py);
   * unet: ComfyUI's openaimodel UNet (SD1.5 family), eps prediction on SD1.5's discrete schedule;
   * dit:  ComfyUI's Flux (double + single stream blocks), flow matching (Flux's CONST parametrization);
   * mmdit: ComfyUI's SD3 MMDiT (joint text/image blocks, adaLN), flow matching (SD3's discrete flow, shift 3).
@@ -82,7 +82,7 @@ class EMA:
 
 
 def train_classifier(args, data, dev, log):
-    fn = _load("octet_feature_net", "octet/feature_net.py")
+    fn = _load("octet_feature_net", "fixtures/feature_net.py")
     (xtr, ytr), (xte, yte) = data
     torch.manual_seed(0)
     net = fn.FashionClassifier().to(dev)
@@ -119,7 +119,7 @@ def train_classifier(args, data, dev, log):
 
 
 def train_diffusion(kind, args, data, dev, log):
-    rm = _load("octet_reference_model", "nodes/reference_model.py")
+    rm = _load("octet_reference_model", "fixtures/reference_model.py")
     (xtr, ytr), _ = data
     torch.manual_seed({"unet": 1, "dit": 2, "mmdit": 3}[kind])
     net = rm.build_diffusion_model(kind, device=dev)

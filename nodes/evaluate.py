@@ -14,7 +14,7 @@ import time
 import torch
 
 from ..octet import metrics
-from . import reference_model
+from ..fixtures import reference_model
 from .plotting import bar_chart
 
 FID_MIN_SAMPLES = 16
@@ -26,7 +26,7 @@ def classifier():
     """The shipped FID feature network (loaded once)."""
     global _classifier
     if _classifier is None:
-        from ..octet.feature_net import load_classifier
+        from ..fixtures.feature_net import load_classifier
         _classifier = load_classifier(CLASSIFIER_PATH)
     return _classifier
 

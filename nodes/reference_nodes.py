@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from . import reference_model
+from ..fixtures import reference_model
 
 MODELS = ("unet", "dit", "mmdit", "random-tiny")
 CLASS_OPTIONS = list(reference_model.CLASSES) + ["unconditional"]

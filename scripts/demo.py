@@ -23,7 +23,7 @@ def psnr(ref, x) -> float:
 def preview(model, latents):
     """Sampled latents -> [B, 32, 32, 3] uint8 (the reference models decode exactly, no VAE needed)."""
     import torch
-    from comfyui_octet.nodes import reference_model
+    from comfyui_octet.fixtures import reference_model
     img = reference_model.decode(model, latents)  # [B, 1, 32, 32] in [0, 1]
     return (img[:, 0, :, :, None].repeat(1, 1, 1, 3) * 255).round().to(torch.uint8)
 
@@ -35,7 +35,9 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from comfyui_octet.nodes import bridge, reference_model
+    from comfyui_octet.nodes import bridge
+
+    from comfyui_octet.fixtures import reference_model
     from comfyui_octet.nodes.quantize_nodes import QuantizeModel
 
     os.makedirs(OUT, exist_ok=True)

@@ -38,7 +38,8 @@ SETTINGS = {"observer": "mse", "percentile": 99.99, "timestep_groups": True, "sm
 def build_valid_files(folder: str) -> dict:
     """A static W8A8 (timestep groups, SmoothQuant) checkpoint of the embedded tiny SD15 model and its
     calibration, saved by Octet: the valid files every hostile case starts from."""
-    from comfyui_octet.nodes import bridge, calibrate_nodes, reference_model
+    from comfyui_octet.nodes import bridge, calibrate_nodes
+    from comfyui_octet.fixtures import reference_model
     from comfyui_octet.octet import StaticW8A8Config
 
     model = reference_model.build_tiny_sd15()

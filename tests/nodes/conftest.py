@@ -10,7 +10,7 @@ host.ensure_comfy(cpu=True)
 @pytest.fixture(scope="session")
 def tiny_model():
     """The embedded reference model (ComfyUI's SD15 class, shrunken); shared, never mutated by tests."""
-    from comfyui_octet.nodes import reference_model
+    from comfyui_octet.fixtures import reference_model
     return reference_model.build_tiny_sd15()
 
 
@@ -18,7 +18,7 @@ def tiny_model():
 def sample():
     """Sample through the host's real KSampler path (nodes.common_ksampler); returns the latent."""
     import nodes
-    from comfyui_octet.nodes import reference_model
+    from comfyui_octet.fixtures import reference_model
 
     def run(model, seed=42, steps=6, cfg=4.0, sampler="euler", scheduler="normal", size=16, batch=1):
         latent = {"samples": torch.zeros(batch, 4, size, size)}

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, calibrate_nodes, reference_model, sampler_nodes
+from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes
+
+from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import OctetError, StaticW8A8Config
 from comfyui_octet.octet.calibration import Calibration
 

@@ -25,7 +25,7 @@ def detectable():
     """The host's architecture detection, taught the tiny reference UNet (a file without an
     architecture record is rebuilt through detection, like the host's own loader does)."""
     import comfy.supported_models
-    from comfyui_octet.nodes import reference_model
+    from comfyui_octet.fixtures import reference_model
 
     class TinySD15(comfy.supported_models.SD15):
         unet_config = {"context_dim": reference_model.CONTEXT_DIM, "model_channels": 32,

@@ -17,7 +17,9 @@ import pytest
 import torch
 from torch.utils import _pytree as pytree
 
-from comfyui_octet.nodes import bridge, graph_step, reference_model
+from comfyui_octet.nodes import bridge, graph_step
+
+from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import StaticW8A8Config, config_for_mode
 from comfyui_octet.octet.cuda_graph import GraphBackend, GraphCache
 

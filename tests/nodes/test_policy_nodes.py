@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, reference_model
+from comfyui_octet.nodes import bridge
+
+from comfyui_octet.fixtures import reference_model
 from comfyui_octet.nodes.policy_nodes import MixedPrecisionPolicy, SensitivityPolicy
 from comfyui_octet.octet import config_for_mode
 from comfyui_octet.octet.api import OctetError

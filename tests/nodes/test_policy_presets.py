@@ -4,7 +4,7 @@ import torch
 
 import comfy.supported_models as sm
 from comfyui_octet.nodes import host_compat, policy_nodes
-from comfyui_octet.nodes.reference_model import TINY_SD15_UNET
+from comfyui_octet.fixtures.reference_model import TINY_SD15_UNET
 from comfyui_octet.octet import config_for_mode, quantize_
 from comfyui_octet.octet.policy import FAMILIES, build_policy, family_for, preset
 

@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, qat_nodes, reference_model
+from comfyui_octet.nodes import bridge, qat_nodes
+
+from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import config_for_mode, qat
 from comfyui_octet.octet.api import OctetError
 from comfyui_octet.octet.modules import QuantLayer

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from comfyui_octet.nodes import evaluate, reference_model as rm, reference_twin
+from comfyui_octet.nodes import evaluate
+
+from comfyui_octet.fixtures import reference_model as rm, reference_twin
 
 
 KINDS = tuple(rm.SPECS)  # unet (SD1.5), dit (Flux), mmdit (SD3)

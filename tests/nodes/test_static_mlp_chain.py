@@ -3,7 +3,9 @@ Save/Load. The chain is an object patch on each MLP's forward; the source MODEL 
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, calibrate_nodes, reference_model as rm
+from comfyui_octet.nodes import bridge, calibrate_nodes
+
+from comfyui_octet.fixtures import reference_model as rm
 from comfyui_octet.octet import StaticW8A8Config, fusion
 
 SETTINGS = {"observer": "mse", "percentile": 99.99, "timestep_groups": True, "smooth_alpha": 0.5}

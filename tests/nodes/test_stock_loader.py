@@ -13,7 +13,9 @@ import json
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, reference_model
+from comfyui_octet.nodes import bridge
+
+from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import checkpoint, fileformat
 from comfyui_octet.octet.config import config_for_mode
 from comfyui_octet.octet.modules import QuantLayer

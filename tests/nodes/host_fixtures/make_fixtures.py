@@ -68,7 +68,8 @@ def build_float(name: str):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
-    from comfyui_octet.nodes import host_compat, reference_model
+    from comfyui_octet.nodes import host_compat
+    from comfyui_octet.fixtures import reference_model
 
     arch, unet_config, *_ = FIXTURES[name]
     if unet_config is None:
