@@ -70,10 +70,10 @@ def _prune(configs, named_args, **kwargs):
     tma = kwargs.get("W_TMA", named_args.get("W_TMA", False))
     kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
             and (not tma or c % cfg.kwargs["BLOCK_K"] == 0)]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    return triton_support.survivors(configs, kept)
 
 
-@triton.autotune(configs=triton_support.tuned(conv_configs()),
+@triton.autotune(configs=conv_configs(),
                  do_bench=triton_support.tuning_bench,
                  key=["M_BUCKET", "OC", "C", "KH", "KW", "POINTWISE", "W_TMA"],
                  prune_configs_by={"early_config_prune": _prune})

@@ -24,6 +24,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..torch_ref import gelu_tanh_quantize
+from ..registry import m_bucket  # noqa: F401  (the one signature bucket; conv imports it from here)
 from . import triton_support
 
 _MAX_INT32 = 2**31 - 1
@@ -109,12 +110,9 @@ def _prune(configs, named_args, **kwargs):
     tma = kwargs.get("USE_TMA", named_args.get("USE_TMA", False))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
             and (tma or not c.kwargs["PERSISTENT"])]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    return triton_support.survivors(configs, kept)
 
 
-def m_bucket(m: int) -> int:
-    """Tuning bucket for M: powers of two up to 8192, one bucket above."""
-    return min(triton.next_power_of_2(max(m, 1)), 16384)
 
 
 # ---- kernels -----------------------------------------------------------------------------------
@@ -193,7 +191,7 @@ def _w8a8_mainloop(a, b, M, N, K, stride_am, stride_bn, pid_m, pid_n, USE_TMA: t
     return acc
 
 
-@triton.autotune(configs=triton_support.tuned(w8a8_configs()),
+@triton.autotune(configs=w8a8_configs(),
                  do_bench=triton_support.tuning_bench, key=["M_BUCKET", "N", "K", "USE_TMA", "GELU_QUANT"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
@@ -231,7 +229,7 @@ def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, 
                        stride_cm, stride_as, pid_m, pid_n, HAS_BIAS, GELU_QUANT, HAS_Q_SMOOTH, BLOCK_M, BLOCK_N)
 
 
-@triton.autotune(configs=triton_support.tuned(w8a16_configs()),
+@triton.autotune(configs=w8a16_configs(),
                  do_bench=triton_support.tuning_bench, key=["M_BUCKET", "N", "K"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit

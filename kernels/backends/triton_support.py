@@ -67,5 +67,9 @@ def tuning_bench(kernel_call, quantiles):
     return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def tuned(configs: list) -> list:
-    return configs if autotuning() else configs[:1]
+def survivors(configs: list, kept: list) -> list:
+    """What a kernel's early prune hands the autotuner: the configs that fit this call (at least the one
+    with the shortest tile), and only the first of them under OCTET_TRITON_AUTOTUNE=0. Read per new
+    tuning key, not frozen at import, so a process can switch it."""
+    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    return kept if autotuning() else kept[:1]

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..registry import m_bucket
 from . import triton_support
 
 _MAX_INT32 = 2**31 - 1
@@ -73,11 +74,9 @@ def _prune(configs_, named_args, **kwargs):
     m = named_args["M"]
     cap = max(16, triton.next_power_of_2(m))
     kept = [c for c in configs_ if c.kwargs["BLOCK_M"] <= cap and (m <= 256 or c.kwargs["BLOCK_M"] >= 64)]
-    return kept or [min(configs_, key=lambda c: c.kwargs["BLOCK_M"])]
+    return triton_support.survivors(configs_, kept)
 
 
-def m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 1)), 16384)
 
 
 @triton.jit
@@ -140,7 +139,7 @@ def _w8a16_kernel(x, w, c_ptr, w_scale_ptr, bias_ptr, M, N, K, M_BUCKET, stride_
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_tuned_kernel = triton.autotune(configs=triton_support.tuned(configs()), do_bench=triton_support.tuning_bench,
+_tuned_kernel = triton.autotune(configs=configs(), do_bench=triton_support.tuning_bench,
                                 key=["M_BUCKET", "N", "K", "USE_TMA"],
                                 prune_configs_by={"early_config_prune": _prune})(_w8a16_kernel)
 

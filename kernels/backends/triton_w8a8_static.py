@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..registry import m_bucket
 from . import triton_support
 from .triton_gemm import _grouped_tile, _w8a8_epilogue
 
@@ -66,11 +67,9 @@ def _prune(configs_, named_args, **kwargs):
     m = named_args["M"]
     cap = max(16, triton.next_power_of_2(m))
     kept = [c for c in configs_ if c.kwargs["BLOCK_M"] <= cap]
-    return kept or [min(configs_, key=lambda c: c.kwargs["BLOCK_M"])]
+    return triton_support.survivors(configs_, kept)
 
 
-def m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 1)), 16384)
 
 
 @triton.jit
@@ -126,7 +125,7 @@ def _w8a8_static_kernel(x, w, c_ptr, vec_ptr, scale_ptr, w_scale_ptr, bias_ptr, 
                    pid_m, pid_n, HAS_BIAS, False, False, BLOCK_M, BLOCK_N)
 
 
-_tuned_kernel = triton.autotune(configs=triton_support.tuned(configs()), do_bench=triton_support.tuning_bench,
+_tuned_kernel = triton.autotune(configs=configs(), do_bench=triton_support.tuning_bench,
                                 key=["M_BUCKET", "N", "K", "USE_TMA", "EXACT"],
                                 prune_configs_by={"early_config_prune": _prune})(_w8a8_static_kernel)
 
