@@ -14,8 +14,7 @@ from ..octet.policy import preset
 from . import bridge
 from . import sampling_defaults as sd
 from .policy_nodes import PRESET_TIP, resolve_preset
-from .types import Calibration
-from .types import Policy as PolicyType
+from .types import CALIBRATION, POLICY
 
 
 def with_states(model, positive, negative, latent, seed, steps, cfg, scheduler, body):
@@ -65,7 +64,7 @@ class StaticAttribution(io.ComfyNode):
                                                           "show how static generalises."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning, as you sample."),
                 io.Latent.Input("latent", tooltip="Latent for the measurement (small is fine; batch = samples)."),
-                Calibration.Input("calibration", tooltip="From Calibrate / Load Calibration."),
+                CALIBRATION.Input("calibration", tooltip="From Calibrate / Load Calibration."),
                 io.Float.Input("margin_db", default=1.0, min=0.0, max=30.0, step=0.1,
                                tooltip="Static is kept where its output error (layer alone) is at most this many dB "
                                        "above dynamic's."),
@@ -79,7 +78,7 @@ class StaticAttribution(io.ComfyNode):
                                tooltip="Scheduler." + sd.MATCH_TIP),
                 io.Int.Input("top", default=15, min=1, max=1000, tooltip="Layers shown in the report."),
             ],
-            outputs=[PolicyType.Output(display_name="POLICY"),
+            outputs=[POLICY.Output(display_name="POLICY"),
                      io.String.Output(display_name="report",
                                       tooltip="Worst layers when static: per-group output PSNR (a model-output proxy, "
                                               "not image PSNR), range, channel spread, clipped share, choice.")],

@@ -32,7 +32,7 @@ from . import bridge
 from . import sampling_defaults as sd
 from .host import PACK_ROOT
 from .progress import check_interrupt
-from .types import Calibration as CalibrationType
+from .types import CALIBRATION
 from .widgets import require_finite
 
 log = logging.getLogger("octet")
@@ -122,7 +122,7 @@ class Calibrate(io.ComfyNode):
                              tooltip="Noise-level bands with their own statistics (log-sigma, equal step counts)."),
                 *_settings_inputs(),
             ],
-            outputs=[CalibrationType.Output(display_name="CALIBRATION"),
+            outputs=[CALIBRATION.Output(display_name="CALIBRATION"),
                      io.String.Output(display_name="report", tooltip="Layers, groups and the time it took.")],
         )
 
@@ -242,7 +242,7 @@ class SaveCalibration(io.ComfyNode):
             category="octet",
             description="Save a CALIBRATION to models/octet_calibration as safetensors (+ JSON header).",
             is_output_node=True,
-            inputs=[CalibrationType.Input("calibration", tooltip="From Calibrate."),
+            inputs=[CALIBRATION.Input("calibration", tooltip="From Calibrate."),
                     io.String.Input("filename", default="octet/calibration",
                                     tooltip="Path under models/octet_calibration, without extension."),
                     io.Boolean.Input("overwrite", default=False,
@@ -271,7 +271,7 @@ class LoadCalibration(io.ComfyNode):
             inputs=[io.Combo.Input("calibration_name", options=_files(".safetensors"),
                                    tooltip="A file in models/octet_calibration or the pack's calibration_data."),
                     *_settings_inputs()],
-            outputs=[CalibrationType.Output(display_name="CALIBRATION"), io.String.Output(display_name="report")],
+            outputs=[CALIBRATION.Output(display_name="CALIBRATION"), io.String.Output(display_name="report")],
         )
 
     @classmethod

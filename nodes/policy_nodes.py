@@ -20,8 +20,7 @@ from ..octet.sensitivity import BUDGETS, sensitivity_policy, summary_text
 from . import bridge
 from .progress import interruptible
 from . import sampling_defaults as sd
-from .types import Calibration
-from .types import Policy as PolicyType
+from .types import CALIBRATION, POLICY
 from .widgets import require_finite
 
 log = logging.getLogger("octet")
@@ -83,7 +82,7 @@ class MixedPrecisionPolicy(io.ComfyNode):
                                tooltip="Optional: detects the preset (preset=auto) and previews the decision "
                                        "for every layer in the text output."),
             ],
-            outputs=[PolicyType.Output(display_name="POLICY"),
+            outputs=[POLICY.Output(display_name="POLICY"),
                      io.String.Output(display_name="summary", tooltip="The rules, and per-layer decisions "
                                                                       "when a MODEL is connected.")],
         )
@@ -184,9 +183,9 @@ class SensitivityPolicy(io.ComfyNode):
                              tooltip="0: measure each layer. N>0: measure blocks (names cut to N parts, e.g. 2 "
                                      "gives 'double_blocks.3'); much faster on large models, coarser decisions."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative conditioning, used when cfg > 1."),
-                Calibration.Input("calibration", optional=True, tooltip="Needed for mode 'static'."),
+                CALIBRATION.Input("calibration", optional=True, tooltip="Needed for mode 'static'."),
             ],
-            outputs=[PolicyType.Output(display_name="POLICY"),
+            outputs=[POLICY.Output(display_name="POLICY"),
                      io.String.Output(display_name="report", tooltip="Layers ranked by sensitivity, with decisions.")],
         )
 

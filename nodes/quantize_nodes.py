@@ -8,7 +8,7 @@ from ..octet import config_for_mode
 from ..octet.config import BACKENDS, GOALS, MODES
 from . import bridge
 from .progress import interruptible
-from .types import Calibration, Policy
+from .types import CALIBRATION, POLICY
 
 MODE_TIPS = ("weight_only: int8 weights, float activations (W8A16), the safest. "
              "dynamic: int8 weights and activations with per-token scales computed each step (W8A8). "
@@ -34,9 +34,9 @@ class QuantizeModel(io.ComfyNode):
                                tooltip="Where INT8 is slower than bf16 at a layer's shapes (small GPU layers): 'speed' "
                                        "keeps a bf16 copy of that layer's weight (costs VRAM, logged), 'memory' keeps "
                                        "only int8 and reads it directly (or dequantizes per call)."),
-                Policy.Input("policy", optional=True,
+                POLICY.Input("policy", optional=True,
                              tooltip="Mixed-precision policy: which layers stay in float and which mode each gets."),
-                Calibration.Input("calibration", optional=True,
+                CALIBRATION.Input("calibration", optional=True,
                                   tooltip="Activation statistics from Calibrate; required for mode 'static'."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"),

@@ -23,7 +23,9 @@ class OctetError(ValueError):
     """Bad input with a message that says what is wrong and what to do."""
 
 
-class Policy(Protocol):
+class DecidesLayers(Protocol):
+    """What quantize_ needs of a policy (octet.policy.Policy is the one implementation; tests pass stubs)."""
+
     def decide(self, name: str, module: nn.Module, default: QuantConfig) -> tuple[Optional[QuantConfig], str]:
         """Config for this layer (None = keep in float) and the reason, for the report."""
 
@@ -128,7 +130,7 @@ def _build(module: nn.Module, kind: str, config: QuantConfig, name: str, calibra
     return build(module, kind, config, name, calibration, weight).to(module.weight.device)
 
 
-def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Policy] = None, calibration=None,
+def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[DecidesLayers] = None, calibration=None,
               inplace: bool = True, progress: Optional[Callable[[int, int], None]] = None,
               weight_overrides: Optional[dict[str, torch.Tensor]] = None) -> QuantResult:
     """Quantize every Linear/Conv2d of ``model`` that ``config`` (and ``policy``) select.

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 LAYER_KINDS = ("linear", "conv")
+# A config's user-facing mode -> the activation mode the kernels and files see: the one table.
+ACT_OF_MODE = {"weight_only": "none", "dynamic": "dynamic", "static": "static"}
 # kernels.registry.Backend's values (kept literal: configs are plain data, no kernel import here).
 BACKENDS = ("auto", "triton", "bitsandbytes", "cpu", "float", "torch")
 # Where INT8 does not pay at a layer's shapes (kernels' cost model): "speed" keeps a float copy of that
@@ -55,14 +57,14 @@ class _BaseConfig:
 class WeightOnlyConfig(_BaseConfig):
     """W8A16: int8 weights, float activations. Halves weight memory; no activation error."""
     mode: ClassVar[str] = "weight_only"
-    act: ClassVar[str] = "none"
+    act: ClassVar[str] = ACT_OF_MODE[mode]
 
 
 @dataclass(frozen=True)
 class DynamicW8A8Config(_BaseConfig):
     """W8A8 with activation scales computed on the fly (per token for linear, per sample for conv)."""
     mode: ClassVar[str] = "dynamic"
-    act: ClassVar[str] = "dynamic"
+    act: ClassVar[str] = ACT_OF_MODE[mode]
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class StaticW8A8Config(_BaseConfig):
     smooth_alpha: float | None = None
 
     mode: ClassVar[str] = "static"
-    act: ClassVar[str] = "static"
+    act: ClassVar[str] = ACT_OF_MODE[mode]
     OBSERVERS: ClassVar[tuple[str, ...]] = ("minmax", "percentile", "mse")
 
     def __post_init__(self):

@@ -20,10 +20,8 @@ from typing import ClassVar, Optional
 import torch
 
 from .. import kernels
+from .config import ACT_OF_MODE, LAYER_KINDS as KINDS
 
-KINDS = ("linear", "conv")
-# The user-facing mode of a config and the activation mode the kernels see: one table.
-ACT_OF_MODE = {"weight_only": "none", "dynamic": "dynamic", "static": "static"}
 MODE_OF_ACT = {v: k for k, v in ACT_OF_MODE.items()}
 
 

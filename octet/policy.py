@@ -138,7 +138,7 @@ class Rule:
 
 @dataclass
 class Policy:
-    """Ordered rules + exact-name overrides. ``decide`` implements ``octet.api.Policy``."""
+    """Ordered rules + exact-name overrides. ``decide`` implements ``octet.api.DecidesLayers``."""
     name: str = "custom"
     rules: list[Rule] = field(default_factory=list)
     overrides: dict[str, str] = field(default_factory=dict)   # exact layer name -> action
@@ -150,7 +150,7 @@ class Policy:
         self.default_action = normalize_action(self.default_action)
         self.overrides = {k: normalize_action(v) for k, v in self.overrides.items()}
 
-    # --- the octet.api.Policy protocol -------------------------------------------------------
+    # --- the octet.api.DecidesLayers protocol -----------------------------------------------
     def decide(self, name: str, module, default: QuantConfig) -> tuple[Optional[QuantConfig], str]:
         action, why = self.action_for(name)
         note = self.notes.get(name)
