@@ -174,7 +174,7 @@ def _recipe(ctx):
 
 def with_states(*args):
     """The node's helper (nodes/attribution_nodes.py): one place for the fixed-states sampler."""
-    from comfyui_octet.nodes.attribution_nodes import with_states as fn
+    from comfyui_octet.nodes.sampling import with_states as fn
     return fn(*args)
 
 

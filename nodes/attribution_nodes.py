@@ -4,45 +4,16 @@ The work is ``octet.attribution``; this file only builds the fixed denoiser stat
 """
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..octet.api import OctetError
 from ..octet.attribution import attribute, auto_policy
 from ..octet.config import StaticW8A8Config
 from ..octet.policy import preset
-from . import bridge
+from . import bridge, sampling
 from . import sampling_defaults as sd
 from .policy_nodes import PRESET_TIP, resolve_preset
 from .types import CALIBRATION, POLICY
-
-
-def with_states(model, positive, negative, latent, seed, steps, cfg, scheduler, body):
-    """Run ``body(evaluate, sigmas)`` inside the host sampler: ``evaluate(i)`` is the denoiser (host CFG and
-    conditioning) at state i of one float Euler trajectory, the inputs the model really sees when sampling."""
-    import comfy.sample
-    import comfy.samplers
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    noise = comfy.sample.prepare_noise(latent_image, seed)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-    box = {}
-
-    def sampler(denoiser, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra_args = extra_args or {}
-        s_in = x.new_ones([x.shape[0]])
-        states = []
-        with torch.no_grad():
-            for i in range(len(sigmas) - 1):
-                states.append((x.clone(), sigmas[i]))
-                d = denoiser(x, sigmas[i] * s_in, **extra_args)
-                x = x + (x - d) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-        box["r"] = body(lambda i: denoiser(states[i][0], states[i][1] * s_in, **extra_args),
-                        [float(s) for _, s in states])
-        return x
-
-    comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.KSAMPLER(sampler), sigmas, positive,
-                               negative if negative is not None else positive, latent_image, seed=seed)
-    return box["r"]
 
 
 class StaticAttribution(io.ComfyNode):
@@ -95,7 +66,7 @@ class StaticAttribution(io.ComfyNode):
         family = resolve_preset(base_preset, model)
         base = preset(family) if family else None
         dm = bridge.diffusion_model(model)
-        result = with_states(model, positive, negative, latent, seed, steps, cfg, scheduler,
+        result = sampling.with_states(model, positive, negative, latent, seed, steps, cfg, scheduler,
                              lambda ev, sig: attribute(dm, ev, sig, config, calibration))
         policy, chosen = auto_policy(result, margin_db, base=base)
         n_dyn = sum(c == "dynamic" for c in chosen.values())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from comfy_api.latest import io
 
 from ..octet import config_for_mode
@@ -17,7 +16,7 @@ from ..octet.api import OctetError, quantizable_layers
 from ..octet.config import MODES
 from ..octet.policy import ACTIONS, DEFAULT, PRESET_NAMES, build_policy, family_for, preset
 from ..octet.sensitivity import BUDGETS, sensitivity_policy, summary_text
-from . import bridge
+from . import bridge, sampling
 from .progress import interruptible
 from . import sampling_defaults as sd
 from .types import CALIBRATION, POLICY
@@ -106,42 +105,6 @@ class MixedPrecisionPolicy(io.ComfyNode):
         return io.NodeOutput(policy, text)
 
 
-def _run_in_sampler(model, positive, negative, latent, seed, steps, cfg, scheduler, body):
-    """Run ``body(run)`` inside the host sampler; ``run()`` evaluates the denoiser at fixed states.
-
-    A custom sampler first walks a float Euler trajectory and records its (x, sigma) states, the
-    inputs the model really sees when sampling; ``run`` re-evaluates the denoiser (with the host's
-    CFG and conditioning) on exactly those states, so every call sees identical inputs.
-    """
-    import comfy.sample
-    import comfy.samplers
-
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    noise = comfy.sample.prepare_noise(latent_image, seed)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-    box = {}
-
-    def measure_sampler(denoiser, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra_args = extra_args or {}
-        s_in = x.new_ones([x.shape[0]])
-        states = []
-        with torch.no_grad():
-            for i in range(len(sigmas) - 1):
-                states.append((x.clone(), sigmas[i]))
-                denoised = denoiser(x, sigmas[i] * s_in, **extra_args)
-                x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-
-        def run():
-            return torch.cat([denoiser(xs, s * s_in, **extra_args) for xs, s in states])
-
-        box["result"] = body(run)
-        return x
-
-    comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.KSAMPLER(measure_sampler), sigmas,
-                               positive, negative if negative is not None else positive, latent_image, seed=seed)
-    return box["result"]
-
-
 class SensitivityPolicy(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -207,7 +170,7 @@ class SensitivityPolicy(io.ComfyNode):
                                       block_depth=block_depth or None,
                                       progress=interruptible(bar))
 
-        policy, result, summary = _run_in_sampler(model, positive, negative, latent, seed, steps, cfg, scheduler,
+        policy, result, summary = sampling.with_fixed_run(model, positive, negative, latent, seed, steps, cfg, scheduler,
                                                   body)
         keep = [u.name for u in result.units if all(policy.overrides.get(l) == "keep" for l in u.layers)]
         text = summary_text(result, summary) + "\n\n" + result.to_text(keep)

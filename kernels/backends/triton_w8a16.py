@@ -32,6 +32,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..registry import m_bucket
 from . import triton_support
+from .triton_gemm import _grouped_tile  # the one L2-swizzle tile order
 
 _MAX_INT32 = 2**31 - 1
 
@@ -79,15 +80,6 @@ def _prune(configs_, named_args, **kwargs):
 
 
 
-@triton.jit
-def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # L2 swizzle: GROUP_M row-tiles share each column sweep, so their weight tiles stay cached.
-    group_size = GROUP_M * num_pid_n
-    first_m = (tile_id // group_size) * GROUP_M
-    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile_id % group_size) % rows
-    pid_n = (tile_id % group_size) // rows
-    return pid_m, pid_n
 
 
 @triton.jit
