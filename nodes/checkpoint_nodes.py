@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..octet import checkpoint, fileformat, safefile
 from ..octet.api import OctetError
 from ..octet.config import BACKENDS
-from . import bridge
+from . import bridge, model_files
 
 FOLDER = "diffusion_models"
 
@@ -61,7 +61,7 @@ class SaveQuantized(io.ComfyNode):
         path = safefile.output_path(root, filename, what="model")
         if os.path.exists(path) and not overwrite:
             raise OctetError(f"'{path}' already exists. Choose another filename or enable overwrite.")
-        meta = bridge.save_model(model, path, kind=kind)
+        meta = model_files.save_model(model, path, kind=kind)
         specs = {n: checkpoint.layer_spec(m) for n, m in bridge.quantized_layers(model).items()}
         if kind == fileformat.KIND_PORTABLE:  # the others were written as float
             specs = {n: s for n, s in specs.items() if fileformat.host_runs(s)}
@@ -93,5 +93,5 @@ class LoadQuantized(io.ComfyNode):
         path = folder_paths.get_full_path(FOLDER, ckpt_name)
         if path is None:
             raise OctetError(f"'{ckpt_name}' is not in models/{FOLDER}. Refresh the node list or copy the file there.")
-        patcher = bridge.load_model(path, backend=backend)
+        patcher = model_files.load_model(path, backend=backend)
         return io.NodeOutput(patcher, patcher.model_options[bridge.OPTIONS_KEY]["file_kind"])

@@ -67,17 +67,16 @@ def _tensor_json(t: torch.Tensor, key: str) -> dict:
         raise OctetError(f"'{key}' is not valid comfy_quant JSON ({e}); the file is damaged. Re-save it.") from e
 
 
-def collect(model: nn.Module, kind: str = fileformat.KIND_OCTET, float_dtype: Optional[torch.dtype] = None
-            ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """The tensors to save (file keys) and the per-layer specs, from a model holding Quant* modules.
-
-    ``kind="portable"`` dequantizes every layer a stock host cannot run to ``float_dtype``.
-    """
+def collect(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], kind: str = fileformat.KIND_OCTET,
+            float_dtype: Optional[torch.dtype] = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The tensors to save (file keys) and the per-layer specs, from a model's modules by name (Quant*
+    ones among them) and its state dict. ``kind="portable"`` dequantizes every layer a stock host
+    cannot run to ``float_dtype``."""
     if kind not in fileformat.KINDS:
         raise OctetError(f"Unknown file kind {kind!r}; choose one of {list(fileformat.KINDS)}.")
-    tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach() for k, v in state.items()}
     layers = {}
-    for name, m in model.named_modules():
+    for name, m in modules.items():
         if isinstance(m, QuantLayer):
             spec = layer_spec(m)
             if kind == fileformat.KIND_PORTABLE and not fileformat.host_runs(spec):
@@ -101,12 +100,14 @@ def collect(model: nn.Module, kind: str = fileformat.KIND_OCTET, float_dtype: Op
     return tensors, layers
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
-
-
 def save(path: str, model: nn.Module, octet_meta: dict, kind: str = fileformat.KIND_OCTET,
          float_dtype: Optional[torch.dtype] = None) -> dict:
+    """``save_parts`` for a module that holds its quantized layers itself."""
+    return save_parts(path, dict(model.named_modules()), model.state_dict(), octet_meta, kind, float_dtype)
+
+
+def save_parts(path: str, modules: dict[str, nn.Module], state: dict[str, torch.Tensor], octet_meta: dict,
+               kind: str = fileformat.KIND_OCTET, float_dtype: Optional[torch.dtype] = None) -> dict:
     """Save a quantized model atomically; returns the header metadata written.
 
     ``kind``: "octet" (everything as quantized; stock loaders refuse it) or "portable" (what stock
@@ -115,14 +116,15 @@ def save(path: str, model: nn.Module, octet_meta: dict, kind: str = fileformat.K
     dequantizes), e.g. the source file's fp16 when the model ran in fp32 (issue 15: float layers written
     as fp32 made the "INT8" file 1.18x the fp16 source). Quantized layers' own tensors are untouched.
     """
-    tensors, layers = collect(model, kind, float_dtype)
+    tensors, layers = collect(modules, state, kind, float_dtype)
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     if float_dtype is not None:
         tensors = {k: (v.to(float_dtype) if v.is_floating_point() and k.rsplit(".", 1)[0] not in layers else v)
                    for k, v in tensors.items()}
     filecheck.check_finite_for_save(tensors, f"'{os.path.basename(path)}'")
     octet_meta = {**octet_meta, filecheck.HASH_KEY: filecheck.content_hash(tensors)}   # over the file's keys
-    meta = header(layers, _linear_names(model), octet_meta, kind)
+    linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, QuantLinear))]
+    meta = header(layers, linears, octet_meta, kind)
     save_atomic(tensors, path, meta)
     return meta
 

@@ -35,8 +35,7 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from comfyui_octet.nodes import bridge
-
+    from comfyui_octet.nodes import bridge, model_files
     from comfyui_octet.fixtures import reference_model
     from comfyui_octet.nodes.quantize_nodes import QuantizeModel
 
@@ -76,8 +75,8 @@ def main() -> int:
     path = os.path.join(OUT, "reference_sd15_int8.safetensors")
     if os.path.exists(path):
         os.remove(path)
-    bridge.save_model(qmodel, path)
-    reloaded = bridge.load_model(path)
+    model_files.save_model(qmodel, path)
+    reloaded = model_files.load_model(path)
     r, _ = sample(reloaded)
     identical = torch.equal(r, q)
     bf16_bytes = 2 * dm_params

@@ -38,7 +38,7 @@ SETTINGS = {"observer": "mse", "percentile": 99.99, "timestep_groups": True, "sm
 def build_valid_files(folder: str) -> dict:
     """A static W8A8 (timestep groups, SmoothQuant) checkpoint of the embedded tiny SD15 model and its
     calibration, saved by Octet: the valid files every hostile case starts from."""
-    from comfyui_octet.nodes import bridge, calibrate_nodes
+    from comfyui_octet.nodes import bridge, calibrate_nodes, model_files
     from comfyui_octet.fixtures import reference_model
     from comfyui_octet.octet import StaticW8A8Config
 
@@ -50,7 +50,7 @@ def build_valid_files(folder: str) -> dict:
     q, _ = bridge.quantize_model(model, StaticW8A8Config(**SETTINGS), calibration=cal)
     os.makedirs(folder, exist_ok=True)
     ckpt, calib = os.path.join(folder, "valid_ckpt.safetensors"), os.path.join(folder, "valid_cal.safetensors")
-    bridge.save_model(q, ckpt)
+    model_files.save_model(q, ckpt)
     cal.save(calib)
     return {"checkpoint": ckpt, "calibration": calib, "model": model, "quantized": q, "conds": (pos, neg)}
 

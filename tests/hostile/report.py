@@ -3,7 +3,7 @@
     TRITON_INTERPRET=1 .venv/bin/python tests/hostile/report.py [--out docs/HOSTILE.md]
 
 Builds the valid files (tiny SD15 reference model, static W8A8 with timestep groups and SmoothQuant,
-and its calibration), then runs each damaged file through Load Quantized's code (bridge.load_model)
+and its calibration), then runs each damaged file through Load Quantized's code (model_files.load_model)
 or Calibration.load, each bad name / interrupted save / policy / widget through the node code, and
 classifies the outcome: clear error (an OctetError naming the file or widget), correct load (samples
 bit-identical to the valid file), raw exception, silent wrong load, hang (over 60 s) or leftover file.
@@ -40,7 +40,7 @@ _load("hostile_conftest", os.path.join(HERE, "conftest.py"))  # the host, as the
 import torch  # noqa: E402
 
 import make_files  # noqa: E402
-from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes  # noqa: E402
+from comfyui_octet.nodes import bridge, calibrate_nodes, model_files, sampler_nodes  # noqa: E402
 from comfyui_octet.octet import OctetError, checkpoint, policy, safefile  # noqa: E402
 from comfyui_octet.octet.calibration import Calibration  # noqa: E402
 
@@ -98,7 +98,7 @@ def _sample(patcher, conds):
 
 def file_rows(valid: dict, work: str) -> list[dict]:
     rows = []
-    reference = _sample(bridge.load_model(valid["checkpoint"]), valid["conds"])
+    reference = _sample(model_files.load_model(valid["checkpoint"]), valid["conds"])
     for kind, cases, source in (("checkpoint", make_files.checkpoint_cases(), valid["checkpoint"]),
                                 ("calibration", make_files.calibration_cases(), valid["calibration"])):
         for case in cases:
@@ -109,7 +109,7 @@ def file_rows(valid: dict, work: str) -> list[dict]:
                 if kind == "calibration":
                     Calibration.load(path)
                     return "silent wrong load" if case.expect == "error" else "correct load"
-                loaded = bridge.load_model(path)
+                loaded = model_files.load_model(path)
                 if case.expect == "error":
                     return "silent wrong load"
                 same = torch.equal(_sample(loaded, valid["conds"]), reference)
@@ -141,13 +141,13 @@ def other_rows(valid: dict, work: str) -> list[dict]:
                  "outcome": "correct load" if ok.endswith("/x.safetensors") else "silent wrong load", "seconds": 0.0,
                  "message": os.path.basename(ok), "item": "5"})
 
-    q = bridge.load_model(valid["checkpoint"])
+    q = model_files.load_model(valid["checkpoint"])
     folder = tempfile.mkdtemp(dir=work)
 
     def umask_mode():
         old = os.umask(0o022)
         try:
-            bridge.save_model(q, os.path.join(folder, "m.safetensors"))
+            model_files.save_model(q, os.path.join(folder, "m.safetensors"))
             Calibration.load(valid["calibration"]).save(os.path.join(folder, "c.safetensors"))
         finally:
             os.umask(old)
@@ -161,9 +161,9 @@ def other_rows(valid: dict, work: str) -> list[dict]:
     folder = tempfile.mkdtemp(dir=work)
 
     def save_nan():
-        q2 = bridge.load_model(valid["checkpoint"])
+        q2 = model_files.load_model(valid["checkpoint"])
         next(iter(bridge.quantized_layers(q2).values())).weight_scale[0, 0] = float("nan")
-        bridge.save_model(q2, os.path.join(folder, "nan.safetensors"))
+        model_files.save_model(q2, os.path.join(folder, "nan.safetensors"))
         return "silent wrong load"
     add("save_nan: weight_scale NaN", "Save Quantized of a model with a NaN scale", save_nan, folder)
 
@@ -179,8 +179,7 @@ def other_rows(valid: dict, work: str) -> list[dict]:
             real(f, data)
         safefile.write_chunks = chunks
         try:
-            checkpoint.save(os.path.join(folder, "m.safetensors"),
-                            bridge._Overlay(bridge.diffusion_model(q), bridge.quantized_layers(q)), {})
+            checkpoint.save_parts(os.path.join(folder, "m.safetensors"), *model_files.patched_view(q), {})
         except KeyboardInterrupt:
             return ("cleaned up", "KeyboardInterrupt surfaced after the partial file was removed") if not os.listdir(folder) else \
                 ("leftover", str(os.listdir(folder)))

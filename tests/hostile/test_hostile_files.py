@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import make_files
-from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes
+from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes, model_files
 from comfyui_octet.octet import OctetError, checkpoint, policy, safefile
 from comfyui_octet.octet.calibration import Calibration
 
@@ -32,7 +32,7 @@ def _sample(patcher, conds, steps=2):
 
 @pytest.fixture(scope="module")
 def reference_sample(valid_files):
-    return _sample(bridge.load_model(valid_files["checkpoint"]), valid_files["conds"])
+    return _sample(model_files.load_model(valid_files["checkpoint"]), valid_files["conds"])
 
 
 @pytest.mark.parametrize("name", sorted(CKPT_CASES))
@@ -41,10 +41,10 @@ def test_damaged_checkpoint(name, valid_files, reference_sample, tmp_path):
     path = make_files.write_case(case, valid_files["checkpoint"], str(tmp_path / f"{name}.safetensors"))
     if case.expect == "error":
         with pytest.raises(OctetError, match=case.match) as info:
-            bridge.load_model(path)
+            model_files.load_model(path)
         assert f"{name}.safetensors" in str(info.value)   # the message names the file
     else:
-        loaded = bridge.load_model(path)
+        loaded = model_files.load_model(path)
         assert torch.equal(_sample(loaded, valid_files["conds"]), reference_sample)
     assert os.listdir(tmp_path) == [f"{name}.safetensors"]
 
@@ -67,19 +67,19 @@ def test_valid_calibration_loads_unchanged(valid_files):
 def test_forged_block_count_is_refused_before_any_model_is_built(valid_files, tmp_path, monkeypatch):
     path = make_files.write_case(CKPT_CASES["blocks_8000"], valid_files["checkpoint"], str(tmp_path / "b.safetensors"))
     built = []
-    monkeypatch.setattr(bridge.filecheck, "guarded_build", lambda *a: built.append(1))
+    monkeypatch.setattr(model_files.filecheck, "guarded_build", lambda *a: built.append(1))
     with pytest.raises(OctetError, match="claims 16000 blocks"):
-        bridge.load_model(path)
+        model_files.load_model(path)
     assert not built
 
 
 # -- saving ------------------------------------------------------------------------------------------
 def test_nan_weights_are_refused_at_save_naming_the_tensor(valid_files, tmp_path):
-    q = bridge.load_model(valid_files["checkpoint"])
+    q = model_files.load_model(valid_files["checkpoint"])
     layer = next(iter(bridge.quantized_layers(q).values()))
     layer.weight_scale[0, 0] = float("nan")
     with pytest.raises(OctetError, match=r"weight_scale' holds 1 NaN/inf"):
-        bridge.save_model(q, str(tmp_path / "nan.safetensors"))
+        model_files.save_model(q, str(tmp_path / "nan.safetensors"))
     assert os.listdir(tmp_path) == []
 
 
@@ -98,10 +98,10 @@ def test_output_names_are_normalised(tmp_path):
 
 
 def test_saved_files_follow_the_umask(valid_files, tmp_path):
-    q = bridge.load_model(valid_files["checkpoint"])
+    q = model_files.load_model(valid_files["checkpoint"])
     old = os.umask(0o022)
     try:
-        bridge.save_model(q, str(tmp_path / "m.safetensors"))
+        model_files.save_model(q, str(tmp_path / "m.safetensors"))
         Calibration.load(valid_files["calibration"]).save(str(tmp_path / "c.safetensors"))
     finally:
         os.umask(old)
@@ -110,9 +110,9 @@ def test_saved_files_follow_the_umask(valid_files, tmp_path):
 
 
 def test_interrupt_during_save_leaves_nothing_and_the_old_file_intact(valid_files, tmp_path, monkeypatch):
-    q = bridge.load_model(valid_files["checkpoint"])
+    q = model_files.load_model(valid_files["checkpoint"])
     path = str(tmp_path / "m.safetensors")
-    bridge.save_model(q, path)
+    model_files.save_model(q, path)
     before = open(path, "rb").read()
     calls = []
 
@@ -123,7 +123,7 @@ def test_interrupt_during_save_leaves_nothing_and_the_old_file_intact(valid_file
         f.write(data)
     monkeypatch.setattr(safefile, "write_chunks", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(path, bridge._Overlay(bridge.diffusion_model(q), bridge.quantized_layers(q)), {})
+        checkpoint.save_parts(path, *model_files.patched_view(q), {})
     assert open(path, "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == ["m.report.json", "m.report.txt", "m.safetensors"] or \
         sorted(os.listdir(tmp_path)) == ["m.safetensors"]
@@ -230,7 +230,7 @@ def test_calibrate_refuses_nan_cfg(valid_files):
 @pytest.mark.parametrize("source", ["loaded", "quantized"])
 def test_stock_ksampler_refuses_nan_cfg_on_an_int8_model(source, valid_files):
     import nodes
-    model = bridge.load_model(valid_files["checkpoint"]) if source == "loaded" else valid_files["quantized"]
+    model = model_files.load_model(valid_files["checkpoint"]) if source == "loaded" else valid_files["quantized"]
     pos, neg = valid_files["conds"]
     with pytest.raises(OctetError, match="'cfg' is nan"):
         nodes.common_ksampler(model, 3, 2, math.nan, "euler", "normal", pos, neg, {"samples": torch.zeros(1, 4, 8, 8)})

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes
-
+from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes, model_files
 from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import OctetError, StaticW8A8Config
 from comfyui_octet.octet.calibration import Calibration
@@ -103,8 +102,8 @@ def test_calibration_for_another_model_is_refused(calibration):
 
 def test_quantized_checkpoint_keeps_scales_groups_and_samples_identically(static_model, sample, tmp_path, rng):
     path = str(tmp_path / "static.safetensors")
-    bridge.save_model(static_model, path)
-    loaded = bridge.load_model(path)
+    model_files.save_model(static_model, path)
+    loaded = model_files.load_model(path)
     a, b = bridge.quantized_layers(static_model), bridge.quantized_layers(loaded)
     assert set(a) == set(b)
     for name in a:

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from comfyui_octet.nodes import bridge
+from comfyui_octet.nodes import bridge, model_files
 from comfyui_octet.octet import fileformat
 from comfyui_octet.octet.api import OctetError
 from comfyui_octet.octet.config import config_for_mode
@@ -64,7 +64,7 @@ def test_converted_file_equals_quantize_and_save_and_loads(tiny_model, source, t
                 assert torch.equal(a.get_tensor(k), src.get_tensor(k)), k
         table = json.loads(a.metadata()["_quantization_metadata"])["layers"]
     assert any(s["format"] == fileformat.HOST_REFUSAL for s in table.values()) == (kind == "octet")
-    loaded = bridge.load_model(out)
+    loaded = model_files.load_model(out)
     assert set(bridge.quantized_layers(loaded)) == int8
     card = open(result.card).read()
     assert "source sha256" in card and f"file kind | {kind}" in card

@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfyui_octet.nodes import bridge, host_compat
-
+from comfyui_octet.nodes import bridge, host_compat, model_files
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "host_fixtures")
 FILES = sorted(p for p in glob.glob(os.path.join(HERE, "host-*", "*.safetensors"))
                if not p.endswith(".expected.safetensors"))
@@ -31,7 +30,7 @@ def test_checkpoint_from_either_host_loads_and_computes_what_its_writer_computed
     from make_fixtures import apply  # noqa: E402  (host_fixtures/ is on sys.path, see below)
     name = os.path.basename(path)[:-len(".safetensors")]
     expected = load_file(path[:-len(".safetensors")] + ".expected.safetensors")
-    patcher = bridge.load_model(path, backend="torch")
+    patcher = model_files.load_model(path, backend="torch")
     assert bridge.octet_info(patcher)["architecture"] == ("SD15" if name.startswith("sd15") else "Flux")
     out = apply(patcher, name)
     ref = expected["output"]

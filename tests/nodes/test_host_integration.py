@@ -6,8 +6,7 @@ import os
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, extension
-
+from comfyui_octet.nodes import bridge, extension, model_files
 from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import config_for_mode
 from comfyui_octet.octet.api import OctetError
@@ -69,8 +68,8 @@ def test_quantize_node_through_v3_execute(tiny_model, loaded_pack):
 def test_save_load_round_trip_is_bit_exact_and_samples_identically(tiny_model, sample, tmp_path):
     quantized, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))
     path = str(tmp_path / "tiny_int8.safetensors")
-    bridge.save_model(quantized, path)
-    loaded = bridge.load_model(path)
+    model_files.save_model(quantized, path)
+    loaded = model_files.load_model(path)
     saved_layers, loaded_layers = bridge.quantized_layers(quantized), bridge.quantized_layers(loaded)
     assert set(saved_layers) == set(loaded_layers)
     for name, layer in saved_layers.items():
@@ -124,7 +123,7 @@ def test_quantizing_twice_and_wrong_inputs_are_clear_errors(tiny_model):
     with pytest.raises(OctetError, match="diffusion MODEL"):
         bridge.quantize_model(object(), config_for_mode("dynamic"))
     with pytest.raises(OctetError, match="no Octet-quantized layers"):
-        bridge.save_model(tiny_model, "/tmp/never-written.safetensors")
+        model_files.save_model(tiny_model, "/tmp/never-written.safetensors")
     assert not os.path.exists("/tmp/never-written.safetensors")
 
 
@@ -134,7 +133,7 @@ def test_checkpoint_claiming_another_architecture_is_refused(tiny_model, tmp_pat
     from safetensors.torch import save_file
     quantized, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))
     path = str(tmp_path / "q.safetensors")
-    bridge.save_model(quantized, path)
+    model_files.save_model(quantized, path)
     with safe_open(path, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
@@ -144,9 +143,9 @@ def test_checkpoint_claiming_another_architecture_is_refused(tiny_model, tmp_pat
     bad = str(tmp_path / "bad.safetensors")
     save_file(tensors, bad, metadata=meta)
     with pytest.raises(OctetError, match="does not fit this architecture"):
-        bridge.load_model(bad)
+        model_files.load_model(bad)
     header["architecture"] = "NotAModel"
     meta["octet"] = json.dumps(header)
     save_file(tensors, bad, metadata=meta)
     with pytest.raises(OctetError, match="does not know"):
-        bridge.load_model(bad)
+        model_files.load_model(bad)

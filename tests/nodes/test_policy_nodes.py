@@ -5,8 +5,7 @@ import os
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge
-
+from comfyui_octet.nodes import bridge, model_files
 from comfyui_octet.fixtures import reference_model
 from comfyui_octet.nodes.policy_nodes import MixedPrecisionPolicy, SensitivityPolicy
 from comfyui_octet.octet import config_for_mode
@@ -60,7 +59,7 @@ def test_saved_checkpoint_leaves_kept_layers_in_float_and_carries_the_policy(tin
     policy, _ = policy_node(tiny_model, preset="SD15", overrides="output_blocks.0.0.skip_connection: keep")
     quantized, _ = bridge.quantize_model(tiny_model, config_for_mode("weight_only"), policy=policy)
     path = str(tmp_path / "mixed.safetensors")
-    bridge.save_model(quantized, path)
+    model_files.save_model(quantized, path)
     ckpt = read(path)
     assert not (SD15_KEEP | {"output_blocks.0.0.skip_connection"}) & set(ckpt.layers)
     assert ckpt.tensors["out.2.weight"].is_floating_point()
@@ -69,7 +68,7 @@ def test_saved_checkpoint_leaves_kept_layers_in_float_and_carries_the_policy(tin
     assert "output_blocks.0.0.skip_connection" in report and "override" in report
     layers = json.load(open(str(tmp_path / "mixed.report.json")))["layers"]
     assert {r["name"] for r in layers if r["decision"] == "skipped"} >= SD15_KEEP
-    loaded = bridge.load_model(path)
+    loaded = model_files.load_model(path)
     assert set(bridge.quantized_layers(loaded)) == set(bridge.quantized_layers(quantized))
 
 

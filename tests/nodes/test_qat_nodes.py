@@ -6,8 +6,7 @@ import os
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, qat_nodes
-
+from comfyui_octet.nodes import bridge, qat_nodes, model_files
 from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import config_for_mode, qat
 from comfyui_octet.octet.api import OctetError
@@ -59,8 +58,8 @@ def test_finetune_lowers_the_distillation_loss_and_folds_into_real_int8_layers(t
     out = sample(tuned, size=8)
     assert torch.isfinite(out).all()
     path = str(tmp_path / "qat.safetensors")
-    bridge.save_model(tuned, path)
-    loaded = bridge.load_model(path)
+    model_files.save_model(tuned, path)
+    loaded = model_files.load_model(path)
     for name, layer in bridge.quantized_layers(loaded).items():
         assert torch.equal(layer.weight, layers[name].weight) and torch.equal(layer.weight_scale,
                                                                               layers[name].weight_scale)

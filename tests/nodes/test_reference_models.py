@@ -103,7 +103,7 @@ def test_mmdit_samples_recognisable_classes(models):
 
 
 def test_evaluate_node_runs_inside_comfyui(models):
-    from comfyui_octet.nodes import bridge
+    from comfyui_octet.nodes import bridge, model_files
     from comfyui_octet.nodes.eval_nodes import Evaluate
     from comfyui_octet.octet import DynamicW8A8Config
     fp = models[("dit", "plain")]
@@ -140,14 +140,14 @@ def test_saved_checkpoint_keeps_float_layers_in_the_source_dtype(models, tmp_pat
     source). Float tensors keep the source dtype; the quantized layers keep int8 weights and fp32 scales."""
     from safetensors import safe_open
 
-    from comfyui_octet.nodes import bridge
+    from comfyui_octet.nodes import bridge, model_files
     from comfyui_octet.octet import WeightOnlyConfig
     from comfyui_octet.octet.policy import Policy, Rule
     fp = models[("mmdit", "plain")]
     assert fp.model.get_dtype() == torch.float32
     q, _ = bridge.quantize_model(fp, WeightOnlyConfig(), policy=Policy(rules=[Rule("final_layer", "keep")]))
     path = str(tmp_path / "mmdit_w8.safetensors")
-    bridge.save_model(q, path)
+    model_files.save_model(q, path)
     with safe_open(path, framework="pt") as f:
         dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
     assert dtypes["final_layer.linear.weight"] == torch.float16          # kept float -> source dtype
@@ -159,7 +159,7 @@ def test_saved_checkpoint_keeps_float_layers_in_the_source_dtype(models, tmp_pat
 
 def test_static_attribution_node_on_the_mmdit(models):
     """The node measures static vs dynamic per layer with a real calibration and returns a usable POLICY."""
-    from comfyui_octet.nodes import bridge, calibrate_nodes
+    from comfyui_octet.nodes import bridge, calibrate_nodes, model_files
     from comfyui_octet.nodes.attribution_nodes import StaticAttribution
     from comfyui_octet.octet import StaticW8A8Config
     fp = models[("mmdit", "plain")]

@@ -3,8 +3,7 @@ Save/Load. The chain is an object patch on each MLP's forward; the source MODEL 
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, calibrate_nodes
-
+from comfyui_octet.nodes import bridge, calibrate_nodes, model_files
 from comfyui_octet.fixtures import reference_model as rm
 from comfyui_octet.octet import StaticW8A8Config, fusion
 
@@ -64,8 +63,8 @@ def test_source_model_keeps_its_own_forward(dit, static_dit):
 def test_saved_static_dit_reloads_with_chains(static_dit, tmp_path):
     q, _ = static_dit
     path = str(tmp_path / "dit_static.safetensors")
-    bridge.save_model(q, path)
-    loaded = bridge.load_model(path)
+    model_files.save_model(q, path)
+    loaded = model_files.load_model(path)
     dm = loaded.model.diffusion_model
     assert all(vars(m)["forward"].__func__ is fusion._chain_forward
                for n, m in dm.named_modules() if n.endswith(("img_mlp", "txt_mlp")))

@@ -13,8 +13,7 @@ import json
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge
-
+from comfyui_octet.nodes import bridge, model_files
 from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import checkpoint, fileformat
 from comfyui_octet.octet.config import config_for_mode
@@ -160,7 +159,7 @@ def _static(tiny_model):
 def test_octet_file_with_octet_only_layers_is_refused_by_the_stock_loader_naming_octet(quantized, stock_loader,
                                                                                         case, tiny_model, tmp_path):
     path = str(tmp_path / "octet.safetensors")
-    bridge.save_model(quantized[case] if case in quantized else _smoothed(tiny_model), path)
+    model_files.save_model(quantized[case] if case in quantized else _smoothed(tiny_model), path)
     with pytest.raises(KeyError) as e:
         stock_loader(path)
     assert "Octet node pack" in str(e.value) or (not _host_has_int8() and "int8_tensorwise" in str(e.value))
@@ -172,7 +171,7 @@ def test_octet_file_of_plain_int8_linears_runs_correctly_in_a_stock_int8_host(qu
     path = str(tmp_path / "octet.safetensors")
     if case == "static linear":
         quantized = {case: _static(tiny_model)}
-    bridge.save_model(quantized[case], path)
+    model_files.save_model(quantized[case], path)
     if not _host_has_int8():  # ComfyUI 0.3.75 knows no int8 format: a loud KeyError
         with pytest.raises(KeyError, match="int8_tensorwise"):
             stock_loader(path)
@@ -191,7 +190,7 @@ def test_octet_file_of_plain_int8_linears_runs_correctly_in_a_stock_int8_host(qu
 def test_portable_file_runs_in_a_stock_int8_host_with_the_numbers_octet_wrote(quantized, stock_loader, tmp_path):
     q = quantized["dynamic linear+conv"]
     path = str(tmp_path / "portable.safetensors")
-    meta = bridge.save_model(q, path, kind="portable")
+    meta = model_files.save_model(q, path, kind="portable")
     table = json.loads(meta["_quantization_metadata"])["layers"]
     assert table and all(s["format"] == "int8_tensorwise" for s in table.values())
     assert json.loads(meta["octet"])["file_kind"] == "portable"
@@ -212,8 +211,8 @@ def test_portable_file_runs_in_a_stock_int8_host_with_the_numbers_octet_wrote(qu
 def test_octet_reads_its_portable_file_back_with_int8_linears_and_float_convs(quantized, tmp_path):
     q = quantized["dynamic linear+conv"]
     path = str(tmp_path / "portable.safetensors")
-    bridge.save_model(q, path, kind="portable")
-    loaded = bridge.load_model(path)
+    model_files.save_model(q, path, kind="portable")
+    loaded = model_files.load_model(path)
     layers = bridge.quantized_layers(loaded)
     assert layers and all(type(m).__name__ == "QuantLinear" for m in layers.values())
     assert "portable" in loaded.model_options[bridge.OPTIONS_KEY]["file_kind"]
@@ -234,14 +233,14 @@ def test_octet_only_tensors_use_octet_keys_and_version_1_files_still_load(tiny_m
     smooth = torch.linspace(0.5, 2.0, layers[name].in_features)
     layers[name].set_smoothing(smooth)
     path = str(tmp_path / "v2.safetensors")
-    bridge.save_model(q, path)
+    model_files.save_model(q, path)
     with safe_open(path, "pt") as f:
         keys = set(f.keys())
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in keys}
     assert f"{name}.octet_smooth" in keys and not any(k.endswith(".pre_quant_scale") for k in keys)
     assert json.loads(meta["octet"])["format_version"] == 2
-    back = bridge.quantized_layers(bridge.load_model(path))
+    back = bridge.quantized_layers(model_files.load_model(path))
     assert torch.equal(back[name].pre_quant_scale, smooth)
     # The same file as Octet 1 wrote it: host key names with Octet's meaning.
     v1 = {(k.replace(".octet_smooth", ".pre_quant_scale").replace(".octet_input_scale", ".input_scale")): v
@@ -252,7 +251,7 @@ def test_octet_only_tensors_use_octet_keys_and_version_1_files_still_load(tiny_m
     octet.pop(filecheck.HASH_KEY)  # Octet 1 wrote no content hash (and the hash covers the stored key names)
     path1 = str(tmp_path / "v1.safetensors")
     save_file(v1, path1, metadata={**meta, "octet": json.dumps(octet)})
-    back1 = bridge.quantized_layers(bridge.load_model(path1))
+    back1 = bridge.quantized_layers(model_files.load_model(path1))
     assert torch.equal(back1[name].pre_quant_scale, smooth)
     assert torch.equal(back1[name].weight, layers[name].weight)
 
@@ -260,9 +259,9 @@ def test_octet_only_tensors_use_octet_keys_and_version_1_files_still_load(tiny_m
 def test_portable_needs_an_int8_linear_and_unknown_kinds_are_clear_errors(tiny_model, tmp_path):
     convs_only, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic", kinds=("conv",)))
     with pytest.raises(checkpoint.OctetError, match="kind=octet"):
-        bridge.save_model(convs_only, str(tmp_path / "p.safetensors"), kind="portable")
+        model_files.save_model(convs_only, str(tmp_path / "p.safetensors"), kind="portable")
     with pytest.raises(checkpoint.OctetError, match="Unknown file kind"):
-        bridge.save_model(convs_only, str(tmp_path / "p.safetensors"), kind="gguf")
+        model_files.save_model(convs_only, str(tmp_path / "p.safetensors"), kind="gguf")
     assert not list(tmp_path.iterdir())
 
 
@@ -280,7 +279,7 @@ def test_quant_layers_are_the_only_int8_tensors_octet_writes(quantized, tmp_path
     """A portable file's float layers are in the source dtype and its int8 tensors are Linear weights."""
     from safetensors import safe_open
     path = str(tmp_path / "p.safetensors")
-    bridge.save_model(quantized["dynamic linear+conv"], path, kind="portable")
+    model_files.save_model(quantized["dynamic linear+conv"], path, kind="portable")
     with safe_open(path, "pt") as f:
         for k in f.keys():
             t = f.get_tensor(k)
@@ -310,7 +309,7 @@ def test_a_convrot_community_file_computes_in_octet_as_in_the_stock_host(tiny_mo
             sd[f"{name}.comfy_quant"] = torch.tensor(list(json.dumps(layers[name]).encode()), dtype=torch.uint8)
     path = str(tmp_path / "community.safetensors")
     save_file(sd, path, metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})})
-    octet = bridge.load_model(path)
+    octet = model_files.load_model(path)
     assert "community" in octet.model_options[bridge.OPTIONS_KEY]["file_kind"]
     octet_layers = bridge.quantized_layers(octet)
     assert set(octet_layers) == set(layers)
@@ -318,8 +317,8 @@ def test_a_convrot_community_file_computes_in_octet_as_in_the_stock_host(tiny_mo
     # Saved again by Octet (both kinds), the ConvRot layers stay ConvRot for Octet and for the host.
     resaved = {kind: str(tmp_path / f"resaved_{kind}.safetensors") for kind in fileformat.KINDS}
     for kind, p in resaved.items():
-        bridge.save_model(octet, p, kind=kind)
-        again = bridge.quantized_layers(bridge.load_model(p))
+        model_files.save_model(octet, p, kind=kind)
+        again = bridge.quantized_layers(model_files.load_model(p))
         for name, layer in octet_layers.items():
             assert type(again[name]) is type(layer) and torch.equal(again[name].weight, layer.weight)
             assert again[name].group_size == layer.group_size

@@ -89,7 +89,7 @@ def main() -> None:
     _pack()
     from safetensors.torch import save_file
 
-    from comfyui_octet.nodes import bridge, host_compat
+    from comfyui_octet.nodes import bridge, host_compat, model_files
     from comfyui_octet.octet import config_for_mode
 
     folder = os.path.join(HERE, f"host-{host_compat.host_version()}")
@@ -99,7 +99,7 @@ def main() -> None:
         path = os.path.join(folder, f"{name}.safetensors")
         if os.path.exists(path):
             os.remove(path)
-        bridge.save_model(quantized, path)
+        model_files.save_model(quantized, path)
         for extra in (".report.txt", ".report.json"):  # the per-layer tables; not part of the fixture
             if os.path.exists(path[:-len(".safetensors")] + extra):
                 os.remove(path[:-len(".safetensors")] + extra)
