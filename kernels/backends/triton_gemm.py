@@ -38,11 +38,7 @@ def _cfg(bm, bn, bk, stages, warps, group_m=8, persistent=False, pre_hook=None):
                          num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
-def _set_descriptor_blocks(nargs):
-    """Autotune pre-hook: the TMA descriptors' box size must match the config's tile."""
-    if isinstance(nargs["a"], TensorDescriptor):
-        nargs["a"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-        nargs["b"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+_set_descriptor_blocks = triton_support.tma_box_hook("a", "b")
 
 
 def w8a8_configs() -> list:

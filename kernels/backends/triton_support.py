@@ -67,6 +67,16 @@ def tuning_bench(kernel_call, quantiles):
     return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
+def tma_box_hook(lhs: str, rhs: str):
+    """An autotune pre-hook for a GEMM whose operands ``lhs`` [M, K] and ``rhs`` [N, K] may be TMA
+    descriptors: their box must match the chosen config's tile, set before each launch."""
+    def hook(nargs):
+        if hasattr(nargs[lhs], "block_shape"):   # a TensorDescriptor (pointer operands need nothing)
+            nargs[lhs].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+            nargs[rhs].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    return hook
+
+
 def survivors(configs: list, kept: list) -> list:
     """What a kernel's early prune hands the autotuner: the configs that fit this call (at least the one
     with the shortest tile), and only the first of them under OCTET_TRITON_AUTOTUNE=0. Read per new

@@ -40,10 +40,7 @@ def _cfg(bm, bn, bk, stages, warps, group_m=8):
                          num_stages=stages, num_warps=warps, pre_hook=_set_descriptor_blocks)
 
 
-def _set_descriptor_blocks(nargs):
-    if isinstance(nargs["x"], TensorDescriptor):
-        nargs["x"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-        nargs["w"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+_set_descriptor_blocks = triton_support.tma_box_hook("x", "w")
 
 
 def configs() -> list:
