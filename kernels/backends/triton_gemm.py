@@ -276,6 +276,20 @@ def _check_weight(qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tens
         raise ValueError(f"bias must have N={n} entries, got shape {tuple(bias.shape)}")
 
 
+def check_float_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> tuple[int, int, int]:
+    """(M, N, K) of float [M, K] x int8 [N, K]^T, after the checks every such wrapper needs (shapes,
+    dtypes, 32-bit indexing): one copy for the W8A16 and static-prologue kernels."""
+    if x2d.dim() != 2 or not x2d.is_floating_point():
+        raise ValueError(f"x must be float [M, K], got {x2d.dtype} {tuple(x2d.shape)}")
+    m, k = x2d.shape
+    _check_weight(qweight, w_scale, bias, k)
+    n = qweight.shape[0]
+    if max(m * k, n * k, m * n) > _MAX_INT32:
+        raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
+    return m, n, k
+
+
 def _vector(t: torch.Tensor, device) -> torch.Tensor:
     return t.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
 
@@ -352,13 +366,7 @@ def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w
 def w8a16_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
     """float [M, K] x int8 [N, K]^T * w_scale[n] (+ bias) -> [M, N] in x's dtype."""
-    if x2d.dim() != 2 or not x2d.is_floating_point():
-        raise ValueError(f"x must be float [M, K], got {x2d.dtype} {tuple(x2d.shape)}")
-    m, k = x2d.shape
-    _check_weight(qweight, w_scale, bias, k)
-    n = qweight.shape[0]
-    if max(m * k, n * k, m * n) > _MAX_INT32:
-        raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
+    m, n, k = check_float_gemm(x2d, qweight, w_scale, bias)
     x2d = x2d.contiguous()
     qweight = qweight.contiguous()
     out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)

@@ -32,9 +32,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..registry import m_bucket
 from . import triton_support
-from .triton_gemm import _grouped_tile  # the one L2-swizzle tile order
+from .triton_gemm import _grouped_tile, check_float_gemm  # the one tile order and argument check
 
-_MAX_INT32 = 2**31 - 1
 
 
 def _cfg(bm, bn, bk, stages, warps, swap, group_m=8):
@@ -152,18 +151,7 @@ def w8a16_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, 
 
     ``config``: {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SWAP_AB", "num_warps", "num_stages"}
     to launch without autotuning; ``use_tma`` forces the operand path (None: TMA where it can)."""
-    if x2d.dim() != 2 or not x2d.is_floating_point():
-        raise ValueError(f"x must be float [M, K], got {x2d.dtype} {tuple(x2d.shape)}")
-    m, k = x2d.shape
-    if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.shape[1] != k:
-        raise ValueError(f"qweight must be int8 [N, K={k}], got {qweight.dtype} {tuple(qweight.shape)}")
-    n = qweight.shape[0]
-    if w_scale.numel() != n:
-        raise ValueError(f"w_scale must have N={n} entries, got shape {tuple(w_scale.shape)}")
-    if bias is not None and bias.numel() != n:
-        raise ValueError(f"bias must have N={n} entries, got shape {tuple(bias.shape)}")
-    if max(m * k, n * k, m * n) > _MAX_INT32:
-        raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
+    m, n, k = check_float_gemm(x2d, qweight, w_scale, bias)
     x2d = x2d.contiguous()
     qweight = qweight.contiguous()
     out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)

@@ -30,9 +30,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..registry import m_bucket
 from . import triton_support
-from .triton_gemm import _grouped_tile, _w8a8_epilogue
+from .triton_gemm import _grouped_tile, _w8a8_epilogue, check_float_gemm
 
-_MAX_INT32 = 2**31 - 1
 
 
 def _cfg(bm, bn, bk, stages, warps, group_m=8):
@@ -149,22 +148,11 @@ def w8a8_static_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
     x's dtype. ``exact=True``: equals torch_ref.linear_w8a8(x, q, s, bias, smooth, static_scale).
     ``exact=False``: the multiply prologue (``multiplier`` from prologue_multiplier, else computed).
     ``config`` launches one configuration without the autotuner (keys as in configs())."""
-    if x2d.dim() != 2 or not x2d.is_floating_point():
-        raise ValueError(f"x must be float [M, K], got {x2d.dtype} {tuple(x2d.shape)}")
-    m, k = x2d.shape
-    if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.shape[1] != k:
-        raise ValueError(f"qweight must be int8 [N, K={k}], got {qweight.dtype} {tuple(qweight.shape)}")
-    n = qweight.shape[0]
-    if w_scale.numel() != n:
-        raise ValueError(f"w_scale must have N={n} entries, got shape {tuple(w_scale.shape)}")
-    if bias is not None and bias.numel() != n:
-        raise ValueError(f"bias must have N={n} entries, got shape {tuple(bias.shape)}")
+    m, n, k = check_float_gemm(x2d, qweight, w_scale, bias)
     if static_scale is None or static_scale.numel() != 1:
         raise ValueError("the static W8A8 prologue needs one static activation scale")
     if smooth is not None and smooth.numel() != k:
         raise ValueError(f"smooth has {smooth.numel()} entries, activations have K={k}")
-    if max(m * k, n * k, m * n) > _MAX_INT32:
-        raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
     dev = x2d.device
     x2d = x2d.contiguous()
     qweight = qweight.contiguous()
