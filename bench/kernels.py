@@ -81,6 +81,13 @@ def bench_graph(fn, reps_ms: int) -> float:
     return do_bench_cudagraph(fn, rep=reps_ms, return_mode="median")
 
 
+def time_paths(paths: dict, reps_ms: int) -> dict:
+    """Eager and graph (``"graph " + name``) milliseconds of each path, all measured here in one run."""
+    t = {name: bench(fn, reps_ms) for name, fn in paths.items()}
+    t.update({"graph " + name: bench_graph(fn, reps_ms) for name, fn in paths.items()})
+    return t
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
@@ -205,13 +212,7 @@ def mlp_row(kernels, model, block, m, width, hidden, reps_ms):
              "static chain": chain}
     row = {"model": model, "block": block, "M": m, "width": width, "hidden": hidden,
            "err_vs_bf16": {name: rel_err(fn(), ref) for name, fn in paths.items()}}
-    t = {"bf16": bench(bf16, reps_ms)}
-    for name, fn in paths.items():
-        t[name] = bench(fn, reps_ms)
-    t["graph bf16"] = bench_graph(bf16, reps_ms)
-    for name, fn in paths.items():
-        t["graph " + name] = bench_graph(fn, reps_ms)
-    row["ms"] = t
+    row["ms"] = time_paths({"bf16": bf16, **paths}, reps_ms)
     return row
 
 
@@ -277,12 +278,7 @@ def fused_row(model, layer, m, n, k, reps_ms, parts=frozenset({"static"})):
            "static_old_maxdiff_vs_ref": float((static_old().float() - ref8.float()).abs().max()),
            "static_exact_err_vs_ref": rel_err(paths["static fused exact"](), ref8),
            "static_fast_err_vs_ref": rel_err(paths["static fused fast"](), ref8)})
-    t = {}
-    for name, fn in paths.items():
-        t[name] = bench(fn, reps_ms)
-    for name, fn in paths.items():
-        t["graph " + name] = bench_graph(fn, reps_ms)
-    row["ms"] = t
+    row["ms"] = time_paths(paths, reps_ms)
     return row
 
 
@@ -322,12 +318,7 @@ def flux_single_row(m, reps_ms):
            "codes_max_diff": int(diff.max()), "codes_frac_diff": float((diff > 0).float().mean()),
            "err_vs_bf16_layer_old": rel_err(paths["layer old"](), paths["bf16"]()),
            "err_vs_bf16_layer_fused": rel_err(paths["layer fused"](), paths["bf16"]())}
-    t = {}
-    for name, fn in paths.items():
-        t[name] = bench(fn, reps_ms)
-    for name, fn in paths.items():
-        t["graph " + name] = bench_graph(fn, reps_ms)
-    row["ms"] = t
+    row["ms"] = time_paths(paths, reps_ms)
     return row
 
 
