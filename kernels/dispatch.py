@@ -37,8 +37,9 @@ def plan(op: str, act: str, x: Tensor, w: Int8Operands, backend: str = "auto",
     """(chosen implementation, run(x, static_scale)) for this signature."""
     if act not in registry.ACT_MODES:
         raise ValueError(f"act must be one of {registry.ACT_MODES}, got {act!r}")
-    impl = registry.select(request(op, act, x, w, goal), backend)
-    return impl, impl.prepare(request(op, act, x, w, goal), w)
+    req = request(op, act, x, w, goal)
+    impl = registry.select(req, backend)
+    return impl, impl.prepare(req, w)
 
 
 def plan_mlp(x: Tensor, w1: Int8Operands, w2: Int8Operands, backend: str = "auto"):
