@@ -20,7 +20,7 @@ imports ComfyUI.
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,23 @@ from .timestep import GroupSelector
 # LowVramPatch takes the stored form and converts it itself (through our convert_weight/set_weight);
 # 0.29's takes the float weight (its ops dequantize before applying them) and ignores those hooks.
 WEIGHT_FUNCTIONS_TAKE_FLOAT = False
+
+
+class Plan(NamedTuple):
+    """One input signature's kernel choice, valid while ``weight`` is the same tensor at ``version``."""
+    weight: torch.Tensor
+    version: int
+    run: Callable                         # run(x, static_scale) -> y
+    scales: Optional[list]                # static scale per timestep group, on the device (None: dynamic)
+    impl: object                          # the kernels.registry.Implementation chosen
+    operands: Int8Operands                # what the backend prepared from (its memo holds kept copies)
+
+
+class ChainPlan(NamedTuple):
+    """A static MLP chain's run function, valid while both layers' own plans are."""
+    fc1: Plan
+    fc2: Plan
+    run: Callable                         # run(x, scale1, scale2) -> y
 
 
 def _version(t: torch.Tensor) -> int:
@@ -77,6 +94,7 @@ class QuantLayer(nn.Module):
         self.bias_function = []
         self._patched_scale = None  # (weakref to weight, its _version, scale) after a merged LoRA
         self._plans: dict = {}
+        self._operands: dict = {}   # device -> (weight, version, Int8Operands) shared by that device's plans
 
     # -- format ------------------------------------------------------------------------------------
     @property
@@ -101,6 +119,7 @@ class QuantLayer(nn.Module):
     def invalidate(self) -> None:
         """Drop every kernel plan (and what backends prepared for it)."""
         self._plans = {}
+        self._operands = {}
 
     def _apply(self, fn, recurse=True):
         self.invalidate()   # moved or cast: prepared weights belong to the old tensors
@@ -198,6 +217,14 @@ class QuantLayer(nn.Module):
         return Int8Operands.of(self.weight, self.current_weight_scale(), self.bias, self.pre_quant_scale,
                                self.geometry, device=device)
 
+    def _shared_operands(self, device: torch.device, w: torch.Tensor) -> Int8Operands:
+        """One Int8Operands per device for all plans there, so what backends keep in its memo (the speed
+        goal's float copy, the transposed CPU weight) is made once per layer, not once per M bucket."""
+        cached = self._operands.get(device)
+        if cached is None or cached[0] is not w or cached[1] != _version(w):
+            cached = self._operands[device] = (w, _version(w), self.operands(device))
+        return cached[2]
+
     def _signature(self, x: torch.Tensor) -> tuple:
         return x.device, x.dtype, m_bucket(x.numel() // x.shape[-1 if self.kind == "linear" else 1])
 
@@ -206,8 +233,8 @@ class QuantLayer(nn.Module):
         key = self._signature(x)
         w = self.weight
         entry = self._plans.get(key)
-        if entry is None or entry[0] is not w or entry[1] != _version(w):
-            ops = self.operands(x.device)
+        if entry is None or entry.weight is not w or entry.version != _version(w):
+            ops = self._shared_operands(x.device, w)
             impl, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, self.backend, self.goal)
             scales = None
             if self.act == "static":
@@ -216,7 +243,7 @@ class QuantLayer(nn.Module):
                                        "CALIBRATION.")
                 on_device = _on(self.input_scale, x.device)
                 scales = [on_device[g:g + 1] for g in range(on_device.numel())]
-            entry = self._plans[key] = (w, _version(w), run, scales, impl, ops)
+            entry = self._plans[key] = Plan(w, _version(w), run, scales, impl, ops)
             if impl.name == "float" and self.goal == "speed":
                 kernels.registry.log_once("speed-goal-float-copy", "Octet (goal=speed): layers whose INT8 kernel is "
                                           "slower than bf16 at their shapes keep a float copy of their weight; "
@@ -235,8 +262,8 @@ class QuantLayer(nn.Module):
             _, run = kernels.plan(self.layout.kernel_op, self.act, x, self.operands(x.device), self.backend,
                                   self.goal)
             return run(x, self._static_scale(x.device))
-        _, _, run, scales, _, _ = self.plan(x)
-        return run(x, None if scales is None else scales[self._group()])
+        plan = self.plan(x)
+        return plan.run(x, None if plan.scales is None else plan.scales[self._group()])
 
     def extra_repr(self) -> str:
         groups = 0 if self.input_scale is None else self.input_scale.numel()
@@ -275,9 +302,9 @@ class QuantLinear(QuantLayer):
         p1, p2 = self.plan(x), fc2.plan(x)
         key = ("chain", id(fc2)) + self._signature(x)
         entry = self._plans.get(key)
-        if entry is None or entry[0] is not p1 or entry[1] is not p2:
-            entry = self._plans[key] = (p1, p2, kernels.plan_mlp(x, p1[5], p2[5], self.backend))
-        return entry[2], p1[3][self._group()], p2[3][fc2._group()]
+        if entry is None or entry.fc1 is not p1 or entry.fc2 is not p2:
+            entry = self._plans[key] = ChainPlan(p1, p2, kernels.plan_mlp(x, p1.operands, p2.operands, self.backend))
+        return entry.run, p1.scales[self._group()], p2.scales[fc2._group()]
 
 
 class QuantConv2d(QuantLayer):
@@ -338,13 +365,10 @@ def plan_summary(model: nn.Module) -> dict:
     for name, m in model.named_modules():
         if not isinstance(m, QuantLayer):
             continue
-        backends = sorted({e[4].name for k, e in m._plans.items() if isinstance(k, tuple) and len(e) == 6})
-        extra = 0
-        seen = set()
-        for k, e in m._plans.items():
-            if isinstance(k, tuple) and len(e) == 6 and id(e[5]) not in seen:
-                seen.add(id(e[5]))
-                extra += sum(t.numel() * t.element_size() for t in e[5].memo.values() if torch.is_tensor(t))
+        plans = [p for p in m._plans.values() if isinstance(p, Plan)]
+        backends = sorted({p.impl.name for p in plans})
+        operands = {id(p.operands): p.operands for p in plans}.values()   # plans of one device share theirs
+        extra = sum(t.numel() * t.element_size() for ops in operands for t in ops.memo.values() if torch.is_tensor(t))
         kept += extra
         layers[name] = {"backends": backends, "extra_bytes": extra}
     return {"layers": layers, "extra_bytes": kept}

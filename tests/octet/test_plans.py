@@ -84,3 +84,13 @@ def test_plan_summary_reports_backends_and_extra_bytes(rng):
     layer.goal = "memory"
     model(torch.randn(3, 32, generator=rng))
     assert plan_summary(model)["extra_bytes"] == 0
+
+
+def test_plans_of_one_device_share_one_kept_copy(rng):
+    """The speed goal's float copy (here the CPU weight-only copy) is made once per layer, not per M bucket."""
+    layer, _ = _layer(rng, act="none")
+    model = torch.nn.Sequential(layer)
+    for m in (3, 9, 40):   # three M buckets, three plans
+        model(torch.randn(m, 32, generator=rng))
+    assert len(layer._plans) == 3
+    assert plan_summary(model)["extra_bytes"] == 16 * 32 * 4
