@@ -125,7 +125,8 @@ class FakeQuantLayer(nn.Module):
     is_conv = False
 
     def __init__(self, layer: QuantLayer, float_weight: Optional[torch.Tensor] = None, rank: int = 0,
-                 weight_bits: int = 8, learn_weight_scales: bool = True, learn_act_scales: bool = True):
+                 weight_bits: int = 8, learn_weight_scales: bool = True, learn_act_scales: bool = True,
+                 generator: Optional[torch.Generator] = None):
         super().__init__()
         if layer.weight_function or layer.bias_function:
             raise OctetError("This quantized layer carries weight patches (a LoRA or similar). Run QAT Fine-tune "
@@ -171,8 +172,11 @@ class FakeQuantLayer(nn.Module):
         n, k = latent.shape[0], latent[0].numel()
         if rank > 0:
             # B = 0: the twin starts exactly at the PTQ model; A like nn.Linear's default init.
-            a = torch.empty(rank, k, device=device)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            # Drawn from ``generator`` (make_twins seeds it from QATConfig.seed): the global RNG would make
+            # a run depend on whatever drew before it (a test suite's order changed a QAT result).
+            a = torch.empty(rank, k)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            a = a.to(device)
             self.lora_a = nn.Parameter(a)
             self.lora_b = nn.Parameter(torch.zeros(n, rank, device=device))
         else:
@@ -263,11 +267,11 @@ class FakeQuantConv2d(FakeQuantLayer):
 
 def fake_quant_twin(layer: QuantLayer, float_weight: Optional[torch.Tensor] = None, rank: int = 0,
                     weight_bits: int = 8, learn_weight_scales: bool = True,
-                    learn_act_scales: bool = True) -> FakeQuantLayer:
+                    learn_act_scales: bool = True, generator: Optional[torch.Generator] = None) -> FakeQuantLayer:
     cls = {QuantLinear: FakeQuantLinear, QuantConv2d: FakeQuantConv2d}.get(type(layer))
     if cls is None:
         raise OctetError(f"No fake-quant twin for {type(layer).__name__}; QAT handles QuantLinear and QuantConv2d.")
-    return cls(layer, float_weight, rank, weight_bits, learn_weight_scales, learn_act_scales)
+    return cls(layer, float_weight, rank, weight_bits, learn_weight_scales, learn_act_scales, generator)
 
 
 def make_twins(layers: dict[str, QuantLayer], float_model: Optional[nn.Module], config: QATConfig,
@@ -275,12 +279,13 @@ def make_twins(layers: dict[str, QuantLayer], float_model: Optional[nn.Module], 
     """Twins for the given quantized layers; float weights are looked up by name in ``float_model``."""
     float_modules = dict(float_model.named_modules()) if float_model is not None else {}
     twins = {}
+    g = torch.Generator().manual_seed(config.seed)   # LoRA init: reproducible whatever ran before
     with torch.inference_mode(False):
         for name, layer in layers.items():
             fm = float_modules.get(name)
             fw = getattr(fm, "weight", None) if fm is not None and not isinstance(fm, QuantLayer) else None
             twin = fake_quant_twin(layer, fw, config.lora_rank, config.weight_bits, config.learn_weight_scales,
-                                   config.learn_act_scales)
+                                   config.learn_act_scales, g)
             twins[name] = twin.to(device) if device is not None else twin
     return twins
 
