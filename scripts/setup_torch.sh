@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One copy of torch for both test environments. torch 2.14.1's CUDA build with its nvidia-* wheels is
+# ~5.5 GB; .venv (ComfyUI 0.3.75) and .venv029 (0.29.0) each installing it ran CI's disk full
+# ("No space left on device" while building .venv029). So torch + torchvision live once in .torch/
+# (pip --target) and each venv sees it through a .pth file, appended after the venv's own
+# site-packages: a package the venv installs itself (another typing-extensions, say) still wins.
+# pip inside the venv finds torch's dist-info on sys.path and treats the pin as satisfied.
+# Usage: bash scripts/setup_torch.sh VENV   (idempotent; stamp file in .torch/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=$1
+TORCH_DIR=${OCTET_TORCH_DIR:-$PWD/.torch}
+STAMP="$TORCH_DIR/.octet-torch-2.14.1"
+if [ ! -f "$STAMP" ]; then
+  rm -rf "$TORCH_DIR"
+  python3 -m pip --disable-pip-version-check -q install --no-cache-dir --target "$TORCH_DIR" \
+    torch==2.14.1 torchvision==0.29.1
+  touch "$STAMP"
+fi
+SITE=$("$VENV/bin/python" -c "import sysconfig;print(sysconfig.get_paths()['purelib'])")
+echo "$TORCH_DIR" > "$SITE/octet-torch.pth"
