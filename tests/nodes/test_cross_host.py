@@ -25,10 +25,20 @@ def test_fixtures_of_both_hosts_are_there():
     assert len(FILES) >= 4
 
 
+# How far the writer's own output may be from ours. Weight-only: only float reordering (the int8 weights are
+# in the file). Dynamic W8A8 quantizes activations at run time, so float differences between CPUs (MKL and
+# oneDNN pick other kernels per instruction set) flip roundings, and this tiny random UNet amplifies them:
+# 8.5e-4 on an AVX-512 Xeon without VNNI against files written on another CPU, of a total INT8 error of
+# 1.1e-3. The strict check for those fixtures is the same-machine one below.
+WRITER_TOLERANCE = {"weight_only": 1e-5, "dynamic": 5e-3}
+
+
 @pytest.mark.parametrize("path", FILES, ids=lambda p: os.path.relpath(p, HERE))
 def test_checkpoint_from_either_host_loads_and_computes_what_its_writer_computed(path):
-    from make_fixtures import apply  # noqa: E402  (host_fixtures/ is on sys.path, see below)
+    from make_fixtures import FIXTURES, apply, build_float  # noqa: E402  (host_fixtures/ is on sys.path, see below)
+    from comfyui_octet.octet import config_for_mode
     name = os.path.basename(path)[:-len(".safetensors")]
+    _, unet_config, mode, *_ = FIXTURES[name]
     expected = load_file(path[:-len(".safetensors")] + ".expected.safetensors")
     patcher = model_files.load_model(path, backend="torch")
     assert bridge.octet_info(patcher)["architecture"] == ("SD15" if name.startswith("sd15") else "Flux")
@@ -36,8 +46,15 @@ def test_checkpoint_from_either_host_loads_and_computes_what_its_writer_computed
     ref = expected["output"]
     assert out.shape == ref.shape
     err = (out - ref).norm() / ref.norm()
-    assert torch.isfinite(out).all() and err < 1e-5, f"{name} from {path}: relative error {err:.2e} on " \
-                                                      f"ComfyUI {host_compat.host_version()}"
+    assert torch.isfinite(out).all() and err < WRITER_TOLERANCE[mode], \
+        f"{name} from {path}: relative error {err:.2e} on ComfyUI {host_compat.host_version()}"
+    if unet_config is None:
+        # The float model is host-independent (Octet's own seeded builder): quantizing it here must give the
+        # model the file holds, computing bit for bit the same on this machine.
+        fresh, _ = bridge.quantize_model(build_float(name), config_for_mode(mode, backend="torch"))
+        same = apply(fresh, name)
+        assert torch.equal(out, same), f"{name} from {path}: differs from quantizing its float model here by " \
+                                       f"{float((out - same).abs().max()):.2e}"
 
 
 def test_a_host_field_the_file_lacks_comes_from_detection_and_one_it_does_not_know_is_dropped():
