@@ -111,6 +111,12 @@ def _smoothquant(ctx):
                                  calibration=cal)[0]
 
 
+@method("dynamic W8A8 per-token + SmoothQuant a=0.5")
+def _dynamic_smooth(ctx):
+    cal = ctx.calibration(4, {})
+    return bridge.quantize_model(ctx.fp, DynamicW8A8Config(smooth_alpha=0.5), calibration=cal)[0]
+
+
 # --sweep: static W8A8 settings around the recipe's (SmoothQuant alpha, observer, timestep groups), next to
 # dynamic per-token; written to docs/QUALITY_static_sweep.md. Answers whether a static row's gap to dynamic
 # is a badly chosen setting or the per-tensor scale itself.

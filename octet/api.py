@@ -101,9 +101,21 @@ def handler(*config_types: type):
     return register
 
 
+def _smoothing(module, config, name, calibration) -> Optional[torch.Tensor]:
+    """SmoothQuant divisors for ``name`` when ``config`` asks for them (they come from a calibration)."""
+    if getattr(config, "smooth_alpha", None) is None:
+        return None
+    if calibration is None:
+        raise OctetError(f"SmoothQuant (smooth_alpha={config.smooth_alpha}) needs a CALIBRATION for layer '{name}': "
+                         f"its factors come from the recorded per-channel ranges. Run the Calibrate node on this "
+                         f"model first, or turn SmoothQuant off.")
+    return calibration.smoothing_factors(name, module.weight, config.smooth_alpha)
+
+
 @handler(WeightOnlyConfig, DynamicW8A8Config)
 def _quantize_plain(module, kind, config, name, calibration, weight):
-    return QUANT_CLASS[kind].from_float(module, config.act, config.backend, weight=weight, goal=config.goal)
+    return QUANT_CLASS[kind].from_float(module, config.act, config.backend, weight=weight, goal=config.goal,
+                                        smooth=_smoothing(module, config, name, calibration))
 
 
 @handler(StaticW8A8Config)
@@ -111,9 +123,7 @@ def _quantize_static(module, kind, config, name, calibration, weight):
     if calibration is None:
         raise OctetError(f"Mode '{config.mode}' needs a CALIBRATION for layer '{name}': run the Calibrate "
                          f"node on this model first, or choose mode 'dynamic' or 'weight_only'.")
-    smooth = None
-    if config.smooth_alpha is not None:
-        smooth = calibration.smoothing_factors(name, module.weight, config.smooth_alpha)
+    smooth = _smoothing(module, config, name, calibration)
     q = QUANT_CLASS[kind].from_float(module, config.act, config.backend, smooth=smooth, weight=weight,
                                      goal=config.goal)
     q.set_static_scales(calibration.input_scales(name, config, smooth=smooth),

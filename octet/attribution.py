@@ -134,7 +134,9 @@ def attribute(model: nn.Module, evaluate: Callable[[int], torch.Tensor], sigmas:
 
     ref = outputs()
     peak = max(float(r.abs().max()) for r in ref)
-    dynamic = DynamicW8A8Config(kinds=config.kinds, backend=config.backend)
+    # Like with like: the dynamic alternative keeps the static config's SmoothQuant (a policy override to
+    # "dynamic" carries it over too, octet.policy._config_for).
+    dynamic = DynamicW8A8Config(kinds=config.kinds, backend=config.backend, smooth_alpha=config.smooth_alpha)
     candidates = [(n, m, k) for n, m, k in quantizable_layers(model) if k in config.kinds
                   and (layers is None or n in layers) and n in calibration.layers
                   and int(calibration.layers[n].calls.sum()) > 0]
@@ -142,8 +144,7 @@ def attribute(model: nn.Module, evaluate: Callable[[int], torch.Tensor], sigmas:
     for j, (name, module, kind) in enumerate(candidates):
         errs = {}
         for label, cfg in (("static", config), ("dynamic", dynamic)):
-            q = quantize_(model, cfg, policy=_Only(name, cfg), calibration=calibration if label == "static" else None,
-                          inplace=False)
+            q = quantize_(model, cfg, policy=_Only(name, cfg), calibration=calibration, inplace=False)
             original = model.get_submodule(name)
             try:
                 for n, layer in q.replacements.items():

@@ -60,11 +60,27 @@ class WeightOnlyConfig(_BaseConfig):
     act: ClassVar[str] = ACT_OF_MODE[mode]
 
 
+def _check_alpha(alpha) -> None:
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smooth_alpha={alpha} must be in [0, 1] (or None to disable).")
+
+
 @dataclass(frozen=True)
 class DynamicW8A8Config(_BaseConfig):
-    """W8A8 with activation scales computed on the fly (per token for linear, per sample for conv)."""
+    """W8A8 with activation scales computed on the fly (per token for linear, per sample for conv).
+
+    ``smooth_alpha``: optional SmoothQuant, as in the SmoothQuant paper's per-token setting. Per-token
+    scales follow each row's range but one outlier *channel* still sets every row's scale; dividing
+    the input channels by calibrated factors (folded into the weight) flattens them. Needs a
+    CALIBRATION (the per-channel ranges); without one dynamic needs none."""
+    smooth_alpha: float | None = None
+
     mode: ClassVar[str] = "dynamic"
     act: ClassVar[str] = ACT_OF_MODE[mode]
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_alpha(self.smooth_alpha)
 
 
 @dataclass(frozen=True)
@@ -85,8 +101,7 @@ class StaticW8A8Config(_BaseConfig):
         _check_choice("observer", self.observer, self.OBSERVERS)
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile={self.percentile} must be in (50, 100].")
-        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ValueError(f"smooth_alpha={self.smooth_alpha} must be in [0, 1] (or None to disable).")
+        _check_alpha(self.smooth_alpha)
 
 
 CONFIG_TYPES: dict[str, type[_BaseConfig]] = {

@@ -40,6 +40,7 @@ ACTION_ALIASES = {"keep": KEEP, "float": KEEP, "bf16": KEEP, "fp16": KEEP, "fp32
                   "weight_only": "weight_only", "w8a16": "weight_only",
                   "dynamic": "dynamic", "w8a8": "dynamic", "static": "static"}
 ACTIONS = (KEEP, DEFAULT) + tuple(MODES)
+CARRIES_SMOOTHING = ("dynamic", "static")   # the W8A8 modes: SmoothQuant is an activation-side fold
 REGEX_PREFIX = "re:"
 # Bounded work for text typed into a widget or read from a file: a policy is a handful of rules, and
 # every rule is tried against every layer name, so the limits keep Mixed-Precision Policy under a
@@ -243,8 +244,13 @@ def _config_for(action: str, default: QuantConfig) -> Optional[QuantConfig]:
         return None
     if action == DEFAULT or action == default.mode:
         return default
-    # Another mode than Quantize Model's: carry over what the user chose there (kinds, kernels).
-    return config_for_mode(action, kinds=default.kinds, backend=default.backend, goal=default.goal)
+    # Another mode than Quantize Model's: carry over what the user chose there (kinds, kernels, and
+    # SmoothQuant between static and dynamic: a layer a policy makes dynamic keeps its smoothing, which
+    # per-token scales need as much as static ones where one input channel dominates).
+    carry = dict(kinds=default.kinds, backend=default.backend, goal=default.goal)
+    if action in CARRIES_SMOOTHING and getattr(default, "smooth_alpha", None) is not None:
+        carry["smooth_alpha"] = default.smooth_alpha
+    return config_for_mode(action, **carry)
 
 
 def decision_table(rows: Iterable[tuple]) -> str:
