@@ -292,6 +292,7 @@ SUBSET_CLASSES = (2, 5, 9)   # pullover, sandal, ankle-boot: one top, one shoe, 
 GEN_METHODS = {
     "weight-only W8A16": _weight_only,
     "dynamic W8A8 per-token": _dynamic,
+    "dynamic W8A8 per-token + SmoothQuant a=0.5": _dynamic_smooth,
     "static W8A8 calibrated (mse, 4 groups)": _static_groups,
     "static W8A8 + SmoothQuant a=0.5 (mse, 4 groups)": _smoothquant,
     "Octet recipe (static + SQ + 4 groups + sensitivity <= 10% float)": _recipe,
@@ -311,7 +312,10 @@ def generalisation(args):
             sargs = sampler_args(kind, args.samples, args)
             ref_img, _ = evaluate.to_images(fp, evaluate.sample_run(fp, *sargs).latents)
             for label, fn in GEN_METHODS.items():
-                tunings = [("-", ())] if label.startswith(CALIBRATION_FREE) else \
+                if args.methods and not any(m in label for m in args.methods):
+                    continue
+                needs_calibration = "SmoothQuant" in label or not label.startswith(CALIBRATION_FREE)
+                tunings = [("-", ())] if not needs_calibration else \
                     [("3 classes", SUBSET_CLASSES), ("10 classes", tuple(range(10)))]
                 for tuned, classes in tunings:
                     ctx = Context(kind, variant, fp, args, cal_classes=classes)
