@@ -2,8 +2,8 @@
 
 The static W8A8 settings (observer, percentile, timestep groups, SmoothQuant) are widgets here, next
 to the mode they belong to: a CALIBRATION only holds statistics, and these settings turn them into
-scales at quantize time. ``static_inputs`` / ``static_config`` are shared with the nodes that measure
-static layers (Static Attribution, Sensitivity Policy), so they measure what Quantize Model builds.
+scales at quantize time. ``static_inputs`` / ``static_config`` are shared with Static Attribution, so
+it measures the static layers Quantize Model builds.
 """
 from __future__ import annotations
 
