@@ -81,7 +81,7 @@ def main():
         for variant in args.variants:
             fp = rm.load_reference(kind, variant)
             ctx = quality.Context(kind, variant, fp, args)
-            cal = ctx.calibration(4, {})
+            cal = ctx.calibration(4)
             dm = bridge.diffusion_model(fp)
             pos = rm.batch_conditioning(kind, [4, 8])
             neg = rm.class_conditioning(kind, "unconditional", batch=2)

@@ -84,7 +84,7 @@ def run(model_name, model, args):
     cals = {}
     for groups in (1, args.groups):
         cals[groups], _ = calibrate_nodes.calibrate(model, cal_pos, cal_neg, cal_lat, 7, args.steps, args.cfg,
-                                                    "euler", "normal", groups, {})
+                                                    "euler", "normal", groups)
 
     def row(label, q, sampler_schedule=None):
         vals = []
@@ -135,7 +135,7 @@ def overhead(model, args, repeats=3):
         nodes.common_ksampler(model, 0, args.steps, args.cfg, "euler", "normal", pos, neg, latent)
         plain.append(time.perf_counter() - t)
         t = time.perf_counter()
-        calibrate_nodes.calibrate(model, pos, neg, latent, 0, args.steps, args.cfg, "euler", "normal", args.groups, {})
+        calibrate_nodes.calibrate(model, pos, neg, latent, 0, args.steps, args.cfg, "euler", "normal", args.groups)
         cal.append(time.perf_counter() - t)
     return min(plain), min(cal)
 

@@ -39,7 +39,7 @@ def main():
         for observer, alpha, groups in SETTINGS:
             config = StaticW8A8Config(observer=observer, timestep_groups=groups > 1, smooth_alpha=alpha,
                                       percentile=99.9)
-            q = bridge.quantize_model(fp, config, calibration=ctx.calibration(groups, {}))[0]
+            q = bridge.quantize_model(fp, config, calibration=ctx.calibration(groups))[0]
             img, _ = evaluate.to_images(fp, evaluate.sample_run(q, *sargs).latents)
             p = evaluate.metrics.psnr(ref, img)
             per = " ".join(f"{float(p[labels == c].mean()):.1f}" for c in range(10))

@@ -40,7 +40,7 @@ def main():
         sargs = Q.sampler_args("mmdit", args.samples, args)
         ref, _ = evaluate.to_images(fp, evaluate.sample_run(fp, *sargs).latents)
         for classes in (Q.SUBSET_CLASSES, tuple(range(10))):
-            cal = Q.Context("mmdit", variant, fp, args, cal_classes=classes).calibration(4, {})
+            cal = Q.Context("mmdit", variant, fp, args, cal_classes=classes).calibration(4)
             for name, rules in POLICIES.items():
                 policy = Policy(name=name, rules=list(rules)) if rules else None
                 q = bridge.quantize_model(fp, config, policy=policy, calibration=cal)[0]

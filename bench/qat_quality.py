@@ -161,7 +161,8 @@ def main() -> int:
               "- 4-bit weights are stored in int8 containers (values in [-7, 7]): the same INT8 kernels run them "
               "exactly, but there is no memory saving over INT8. It is a quality stress test.",
               "- The static row uses the simplest calibration (minmax, one group, no SmoothQuant); Octet's "
-              "Calibrate node (MSE observer, timestep groups, SmoothQuant) is a stronger PTQ baseline.",
+              "static recipe (Quantize Model's defaults: MSE observer, timestep groups, SmoothQuant) is a stronger PTQ "
+              "baseline.",
               "- The tiny model has random weights, so its activations have none of the outlier channels of a "
               "trained SD model; gains on real models need measuring on them."]
     text = "\n".join(lines) + "\n"

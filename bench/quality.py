@@ -53,17 +53,17 @@ class Context:
             return [self.cal_classes[i % len(self.cal_classes)] for i in range(n)]
         return [default(i) for i in range(n)]
 
-    def calibration(self, groups: int, settings: dict):
-        """A Calibration from a short run of the FP model on other seeds and classes (cached per groups)."""
+    def calibration(self, groups: int):
+        """A Calibration from a short run of the FP model on other seeds and classes (cached per groups).
+        Statistics only: each method's StaticW8A8Config turns them into scales."""
         from comfyui_octet.nodes import calibrate_nodes
-        key = (groups, tuple(sorted(settings.items())))
+        key = groups
         if key not in self._cal:
             n = self.args.cal_batch
             pos = rm.batch_conditioning(self.kind, self.labels(n, lambda i: (3 * i + 1) % 10))
             neg = rm.class_conditioning(self.kind, "unconditional", batch=n)
             self._cal[key], _ = calibrate_nodes.calibrate(self.fp, pos, neg, rm.empty_latent(self.kind, n), 999,
-                                                          self.args.steps, self.args.cfg, "euler", "normal", groups,
-                                                          settings)
+                                                          self.args.steps, self.args.cfg, "euler", "normal", groups)
         return self._cal[key]
 
 
@@ -94,19 +94,19 @@ def _dynamic(ctx):
 
 @method("naive static W8A8 per-tensor (minmax, 1 group)")
 def _naive_static(ctx):
-    cal = ctx.calibration(1, {})
+    cal = ctx.calibration(1)
     return bridge.quantize_model(ctx.fp, StaticW8A8Config(observer="minmax", timestep_groups=False), calibration=cal)[0]
 
 
 @method("static W8A8 calibrated (mse, 4 timestep groups)")
 def _static_groups(ctx):
-    cal = ctx.calibration(4, {})
+    cal = ctx.calibration(4)
     return bridge.quantize_model(ctx.fp, StaticW8A8Config(observer="mse", timestep_groups=True), calibration=cal)[0]
 
 
 @method("static W8A8 + SmoothQuant a=0.5 (mse, 4 groups)")
 def _smoothquant(ctx):
-    cal = ctx.calibration(4, {})
+    cal = ctx.calibration(4)
     return bridge.quantize_model(ctx.fp, StaticW8A8Config(observer="mse", timestep_groups=True, smooth_alpha=0.5),
                                  calibration=cal)[0]
 
@@ -125,7 +125,7 @@ SWEEP: dict[str, callable] = {"FP (reference)": _fp, "dynamic W8A8 per-token": _
 
 def _static_sweep(alpha, observer, groups, percentile=99.99):
     def fn(ctx):
-        cal = ctx.calibration(groups, {})
+        cal = ctx.calibration(groups)
         config = StaticW8A8Config(observer=observer, percentile=percentile, timestep_groups=groups > 1,
                                   smooth_alpha=alpha)
         return bridge.quantize_model(ctx.fp, config, calibration=cal)[0]
@@ -172,7 +172,7 @@ def _policy_sensitivity_25(ctx):
 
 @method("Octet recipe: static W8A8 + SmoothQuant + 4 groups + sensitivity (<= 10% float)")
 def _recipe(ctx):
-    cal = ctx.calibration(4, {})
+    cal = ctx.calibration(4)
     config = StaticW8A8Config(observer="mse", timestep_groups=True, smooth_alpha=0.5)
     policy = _sensitivity(ctx, "static", 0.10, calibration=cal)
     return bridge.quantize_model(ctx.fp, config, policy=policy, calibration=cal)[0]
@@ -200,7 +200,7 @@ def _weight_only_ends(ctx):
 def _auto(ctx, base=None):
     """Per-layer static/dynamic by measured error (octet.attribution), on a trajectory of other seeds/classes."""
     from comfyui_octet.octet.attribution import attribute, auto_policy
-    cal = ctx.calibration(4, {})
+    cal = ctx.calibration(4)
     config = StaticW8A8Config(observer="mse", timestep_groups=True, smooth_alpha=0.5)
     dm = bridge.diffusion_model(ctx.fp)
     n = 2
@@ -247,7 +247,7 @@ def _qat_dynamic(ctx):
 
 @method("QAT: naive static W8A8 per-tensor + distillation")
 def _qat_static(ctx):
-    cal = ctx.calibration(1, {})
+    cal = ctx.calibration(1)
     ptq = bridge.quantize_model(ctx.fp, StaticW8A8Config(observer="minmax", timestep_groups=False), calibration=cal)[0]
     return _qat(ctx, ptq)
 

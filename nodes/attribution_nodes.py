@@ -8,11 +8,11 @@ from comfy_api.latest import io
 
 from ..octet.api import OctetError
 from ..octet.attribution import attribute, auto_policy
-from ..octet.config import StaticW8A8Config
 from ..octet.policy import preset
 from . import bridge, sampling
 from . import sampling_defaults as sd
 from .policy_nodes import PRESET_TIP, resolve_preset
+from .quantize_nodes import static_config, static_inputs
 from .types import CALIBRATION, POLICY
 
 
@@ -48,6 +48,7 @@ class StaticAttribution(io.ComfyNode):
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default=sd.SCHEDULER,
                                tooltip="Scheduler." + sd.MATCH_TIP),
                 io.Int.Input("top", default=15, min=1, max=1000, tooltip="Layers shown in the report."),
+                *static_inputs("The static recipe to measure: set it as on Quantize Model."),
             ],
             outputs=[POLICY.Output(display_name="POLICY"),
                      io.String.Output(display_name="report",
@@ -57,12 +58,14 @@ class StaticAttribution(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, calibration, margin_db=1.0, base_preset="auto", seed=0,
-                steps=8, cfg=sd.CFG, scheduler=sd.SCHEDULER, top=15):
+                steps=8, cfg=sd.CFG, scheduler=sd.SCHEDULER, top=15, observer=None, percentile=None,
+                use_timestep_groups=None, smooth_alpha=None, smoothquant=None):
         if bridge.quantized_layers(model):
             raise OctetError("This MODEL is already quantized; connect the float MODEL to Static Attribution.")
         calibration.check_model(bridge.diffusion_model(model), bridge.architecture(model))
-        # The static settings Quantize Model will use with this calibration (chosen on Calibrate).
-        config = StaticW8A8Config(**calibration.static_settings())
+        # The static recipe Quantize Model will build (the same widgets, the same defaults).
+        config = static_config("Static Attribution", observer, percentile, use_timestep_groups, smooth_alpha,
+                               smoothquant)
         family = resolve_preset(base_preset, model)
         base = preset(family) if family else None
         dm = bridge.diffusion_model(model)

@@ -6,6 +6,13 @@ the wrapper puts the call's sigma into the timestep-group selector, and forward 
 every Linear/Conv2d file the layer's input under that group. Hooks and wrapper are gone when the
 node returns (also after an error); the source MODEL is untouched.
 
+Calibrate has only what shapes the recording (model, conditioning, the sampling that visits the
+noise levels, how many timestep groups, the sample cap). Everything that only chooses how the
+statistics become scales (observer, percentile, one scale or one per group, SmoothQuant alpha) is a
+widget of Quantize Model: the hooks record the same statistics whatever those settings are (exact
+absmax and per-channel absmax, histograms of |x| and of the within-channel shape, per group), so a
+CALIBRATION serves every such setting without sampling again.
+
 Where files live: saved calibrations go to ``ComfyUI/models/octet_calibration/`` (user data
 belongs in the models folder, which survives updates of the node pack); Load Calibration lists
 that folder and the pack's ``calibration_data/``, which ships the prompt sets and may ship
@@ -25,7 +32,6 @@ from comfy_api.latest import io
 from ..octet import safefile
 from ..octet.api import OctetError
 from ..octet.calibration import Calibration, record
-from ..octet.config import StaticW8A8Config
 from ..octet.observers import DEFAULT_SAMPLE_CAP
 from ..octet.timestep import GroupSelector
 from . import bridge
@@ -57,33 +63,6 @@ def _files(ext: str) -> list[str]:
 
 def _prompt_sets() -> list[str]:
     return sorted(f for f in os.listdir(PACK_DATA) if f.endswith(".txt")) if os.path.isdir(PACK_DATA) else []
-
-
-def _settings_inputs(optional: bool = False) -> list:
-    """Widgets for how statistics become static scales; they ride on the CALIBRATION to Quantize Model."""
-    return [
-        io.Combo.Input("observer", options=list(StaticW8A8Config.OBSERVERS), default="mse", optional=optional,
-                       tooltip="How a static activation range is chosen: minmax (largest value seen; outliers "
-                               "cost resolution), percentile (clip the rarest values), mse (the clip with the "
-                               "least expected INT8 error, from the histogram)."),
-        io.Float.Input("percentile", default=99.99, min=50.01, max=100.0, step=0.001, optional=optional,
-                       tooltip="For observer 'percentile': the share of values kept unclipped."),
-        io.Boolean.Input("use_timestep_groups", default=True, optional=optional,
-                         tooltip="One activation scale per timestep group (follows sigma while sampling) "
-                                 "instead of one for the whole trajectory."),
-        io.Float.Input("smooth_alpha", default=0.5, min=0.0, max=1.0, step=0.05, optional=optional,
-                       tooltip="SmoothQuant migration strength alpha (used when smoothquant is on)."),
-        io.Boolean.Input("smoothquant", default=True, optional=optional,
-                         tooltip="Divide outlier input channels by s = max|X|^a / max|W|^(1-a) and fold s into "
-                                 "the weights (exact in float; less INT8 error on outlier channels)."),
-    ]
-
-
-def _settings(observer, percentile, use_timestep_groups, smooth_alpha, smoothquant) -> dict:
-    settings = {"observer": observer, "percentile": float(percentile), "timestep_groups": bool(use_timestep_groups),
-                "smooth_alpha": float(smooth_alpha) if smoothquant else None}
-    StaticW8A8Config(**settings)  # validate now, with the config's own messages
-    return settings
 
 
 def _batch(conditioning) -> int:
@@ -119,8 +98,8 @@ class Calibrate(io.ComfyNode):
                                tooltip="Scheduler as you will sample with: it sets the sigmas the groups are cut on."
                                        + sd.MATCH_TIP),
                 io.Int.Input("timestep_groups", default=4, min=1, max=16,
-                             tooltip="Noise-level bands with their own statistics (log-sigma, equal step counts)."),
-                *_settings_inputs(),
+                             tooltip="Noise-level bands with their own statistics (log-sigma, equal step counts). "
+                                     "Quantize Model chooses whether to use one scale per band or one for all."),
             ],
             outputs=[CALIBRATION.Output(display_name="CALIBRATION"),
                      io.String.Output(display_name="report", tooltip="Layers, groups and the time it took.")],
@@ -128,17 +107,17 @@ class Calibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                timestep_groups, observer, percentile, use_timestep_groups, smooth_alpha, smoothquant):
-        require_finite("Calibrate", cfg=cfg, percentile=percentile, smooth_alpha=smooth_alpha)
+                timestep_groups):
+        # Workflows saved when observer/percentile/... were widgets here still run: the host passes only
+        # declared inputs (those settings are now Quantize Model's, with the same defaults).
+        require_finite("Calibrate", cfg=cfg)
         calibration, seconds = calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
-                                         scheduler, timestep_groups,
-                                         _settings(observer, percentile, use_timestep_groups, smooth_alpha,
-                                                   smoothquant))
+                                         scheduler, timestep_groups)
         return io.NodeOutput(calibration, describe(calibration, seconds))
 
 
 def calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, groups,
-              settings: dict, sample_cap: int = DEFAULT_SAMPLE_CAP):
+              *, sample_cap: int = DEFAULT_SAMPLE_CAP):
     """Run real sampling with hooks on the float model; returns (Calibration, seconds)."""
     import nodes
 
@@ -159,8 +138,7 @@ def calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler
     info = {"sampler": {"seed": int(seed), "steps": int(steps), "cfg": float(cfg), "sampler": sampler_name,
                         "scheduler": scheduler, "batch": int(latent["samples"].shape[0]),
                         "latent_shape": list(latent["samples"].shape)},
-            "conditioning": {"positive": _describe_cond(positive), "negative": _describe_cond(negative)},
-            "settings": settings}
+            "conditioning": {"positive": _describe_cond(positive), "negative": _describe_cond(negative)}}
     start = time.perf_counter()
     with record(dm, selector, sample_cap=sample_cap, architecture=bridge.architecture(model), info=info) as cal:
         nodes.common_ksampler(clone, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent)
@@ -222,8 +200,7 @@ def sampler_mismatch(calibration_summary: dict | None, steps, cfg, sampler_name,
 def describe(cal: Calibration, seconds: float | None = None) -> str:
     lines = [f"{len(cal.layers)} layers, {cal.groups} timestep group(s), sigma boundaries "
              f"{[round(b, 4) for b in cal.selector.boundaries]}",
-             f"model {cal.architecture} fingerprint {cal.fingerprint}",
-             f"settings {cal.info.get('settings')}"]
+             f"model {cal.architecture} fingerprint {cal.fingerprint}"]
     if seconds is not None:
         lines.append(f"calibration sampling took {seconds:.2f} s")
     lines += [f"WARNING: {n}" for n in coverage_notes(cal.info.get("conditioning", {}).get("positive", {}))]
@@ -266,23 +243,20 @@ class LoadCalibration(io.ComfyNode):
             node_id="OctetLoadCalibration",
             display_name="Load Calibration",
             category="octet",
-            description="Load a saved CALIBRATION; the widgets set how Quantize Model turns it into static scales "
-                        "(change them freely: no re-sampling needed).",
+            description="Load a saved CALIBRATION (activation statistics). How they become static scales is set "
+                        "on Quantize Model (change it freely: no re-sampling needed).",
             inputs=[io.Combo.Input("calibration_name", options=_files(".safetensors"),
-                                   tooltip="A file in models/octet_calibration or the pack's calibration_data."),
-                    *_settings_inputs()],
+                                   tooltip="A file in models/octet_calibration or the pack's calibration_data.")],
             outputs=[CALIBRATION.Output(display_name="CALIBRATION"), io.String.Output(display_name="report")],
         )
 
     @classmethod
-    def execute(cls, calibration_name, observer, percentile, use_timestep_groups, smooth_alpha, smoothquant):
-        require_finite("Load Calibration", percentile=percentile, smooth_alpha=smooth_alpha)
+    def execute(cls, calibration_name):
         path = folder_paths.get_full_path(FOLDER, calibration_name)
         if path is None:
             raise OctetError(f"'{calibration_name}' is not in models/{FOLDER} or calibration_data. Refresh the "
                              f"node list or copy the file there.")
         cal = Calibration.load(path)
-        cal.info["settings"] = _settings(observer, percentile, use_timestep_groups, smooth_alpha, smoothquant)
         return io.NodeOutput(cal, describe(cal))
 
 

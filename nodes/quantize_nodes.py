@@ -1,18 +1,66 @@
-"""Quantize Model: MODEL in, INT8 MODEL out (the source MODEL is left as it was)."""
+"""Quantize Model: MODEL in, INT8 MODEL out (the source MODEL is left as it was).
+
+The static W8A8 settings (observer, percentile, timestep groups, SmoothQuant) are widgets here, next
+to the mode they belong to: a CALIBRATION only holds statistics, and these settings turn them into
+scales at quantize time. ``static_inputs`` / ``static_config`` are shared with Static Attribution, so
+it measures the static layers Quantize Model builds.
+"""
 from __future__ import annotations
 
 import comfy.utils
 from comfy_api.latest import io
 
 from ..octet import config_for_mode
-from ..octet.config import BACKENDS, GOALS, MODES
+from ..octet.config import BACKENDS, GOALS, MODES, STATIC_RECIPE, StaticW8A8Config
 from . import bridge
 from .progress import interruptible
 from .types import CALIBRATION, POLICY
+from .widgets import require_finite
 
 MODE_TIPS = ("weight_only: int8 weights, float activations (W8A16), the safest. "
              "dynamic: int8 weights and activations with per-token scales computed each step (W8A8). "
              "static: W8A8 with activation scales from a CALIBRATION (fastest; needs Calibrate).")
+
+# Octet's static recipe, which Calibrate's widgets defaulted to before the settings moved here: the same
+# numbers for the same workflow. Optional inputs, so API workflows saved before the move (which lack them)
+# still run, with these values.
+STATIC_DEFAULTS = {"observer": STATIC_RECIPE.observer, "percentile": STATIC_RECIPE.percentile,
+                   "use_timestep_groups": STATIC_RECIPE.timestep_groups, "smooth_alpha": STATIC_RECIPE.smooth_alpha,
+                   "smoothquant": STATIC_RECIPE.smooth_alpha is not None}
+
+
+def static_inputs(used_when: str = "Used in mode 'static'.") -> list:
+    """The StaticW8A8Config widgets: how a CALIBRATION's statistics become static scales."""
+    d = STATIC_DEFAULTS
+    return [
+        io.Combo.Input("observer", options=list(StaticW8A8Config.OBSERVERS), default=d["observer"], optional=True,
+                       tooltip=f"{used_when} How a static activation range is chosen from the CALIBRATION: minmax "
+                               "(largest value seen; outliers cost resolution), percentile (clip the rarest values), "
+                               "mse (the clip with the least expected INT8 error, from the histogram)."),
+        io.Float.Input("percentile", default=d["percentile"], min=50.01, max=100.0, step=0.001, optional=True,
+                       tooltip=f"{used_when} For observer 'percentile': the share of values kept unclipped."),
+        io.Boolean.Input("use_timestep_groups", default=d["use_timestep_groups"], optional=True,
+                         tooltip=f"{used_when} One activation scale per timestep group of the CALIBRATION (follows "
+                                 "sigma while sampling) instead of one for the whole trajectory."),
+        io.Float.Input("smooth_alpha", default=d["smooth_alpha"], min=0.0, max=1.0, step=0.05, optional=True,
+                       tooltip=f"{used_when} SmoothQuant migration strength alpha (when smoothquant is on)."),
+        io.Boolean.Input("smoothquant", default=d["smoothquant"], optional=True,
+                         tooltip=f"{used_when} Divide outlier input channels by s = max|X|^a / max|W|^(1-a) and "
+                                 "fold s into the weights (exact in float; less INT8 error on outlier channels)."),
+    ]
+
+
+def static_config(node: str, observer=None, percentile=None, use_timestep_groups=None, smooth_alpha=None,
+                  smoothquant=None, **base) -> StaticW8A8Config:
+    """The widgets of ``static_inputs`` (None: the default) as a StaticW8A8Config, which validates them.
+    ``base``: the fields every mode shares (kinds, backend, goal)."""
+    v = {k: STATIC_DEFAULTS[k] if x is None else x for k, x in (
+        ("observer", observer), ("percentile", percentile), ("use_timestep_groups", use_timestep_groups),
+        ("smooth_alpha", smooth_alpha), ("smoothquant", smoothquant))}
+    require_finite(node, percentile=v["percentile"], smooth_alpha=v["smooth_alpha"])
+    return StaticW8A8Config(observer=v["observer"], percentile=float(v["percentile"]),
+                            timestep_groups=bool(v["use_timestep_groups"]),
+                            smooth_alpha=float(v["smooth_alpha"]) if v["smoothquant"] else None, **base)
 
 
 class QuantizeModel(io.ComfyNode):
@@ -38,6 +86,7 @@ class QuantizeModel(io.ComfyNode):
                              tooltip="Mixed-precision policy: which layers stay in float and which mode each gets."),
                 CALIBRATION.Input("calibration", optional=True,
                                   tooltip="Activation statistics from Calibrate; required for mode 'static'."),
+                *static_inputs(),
             ],
             outputs=[io.Model.Output(display_name="MODEL"),
                      io.String.Output(display_name="report", tooltip="Per-layer decisions and sizes.")],
@@ -45,11 +94,15 @@ class QuantizeModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, quantize_linear, quantize_conv, backend, policy=None, calibration=None,
-                goal="speed"):
+                goal="speed", observer=None, percentile=None, use_timestep_groups=None, smooth_alpha=None,
+                smoothquant=None):
         kinds = tuple(k for k, on in (("linear", quantize_linear), ("conv", quantize_conv)) if on)
-        # Static settings (observer, groups, SmoothQuant alpha) are chosen on Calibrate / Load Calibration.
-        static = calibration.static_settings() if mode == "static" and calibration is not None else {}
-        config = config_for_mode(mode, kinds=kinds, backend=backend, goal=goal or "speed", **static)
+        base = {"kinds": kinds, "backend": backend, "goal": goal or "speed"}
+        if mode == "static":
+            config = static_config("Quantize Model", observer, percentile, use_timestep_groups, smooth_alpha,
+                                   smoothquant, **base)
+        else:  # the static widgets do not apply
+            config = config_for_mode(mode, **base)
         bar = comfy.utils.ProgressBar(1)
         quantized, result = bridge.quantize_model(model, config, policy=policy, calibration=calibration,
                                                   progress=interruptible(bar))

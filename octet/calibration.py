@@ -11,6 +11,10 @@ through ``quantize_``'s calibration protocol:
   * ``selector``                   the GroupSelector (sigma bands) shared by all static layers;
   * ``summary()``                  a JSON-able description stored with quantized models.
 
+A calibration is statistics only: how they become static scales (observer, percentile, one
+scale per timestep group or one for all, SmoothQuant alpha) is a ``StaticW8A8Config`` given at
+quantize time, so one calibration serves every such setting without sampling again.
+
 Files are safetensors: the statistics as tensors (``<layer>.<stat>``) and a JSON header
 ``octet_calibration`` with the architecture, layer names and kinds, the model fingerprint, the
 timestep-group boundaries, and what was sampled (conditioning description, sampler settings,
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -39,6 +44,11 @@ from ..kernels.torch_ref import scale_from_absmax
 
 FORMAT_VERSION = 1
 HEADER_KEY = "octet_calibration"
+# Files written before the static settings moved to the quantization config carry them in
+# info["settings"]; they are dropped on load (the config given at quantize time decides).
+STALE_SETTINGS_KEY = "settings"
+
+log = logging.getLogger("octet")
 
 
 @dataclass
@@ -97,11 +107,6 @@ class Calibration:
         clips = torch.tensor([clip_value(stats, g, config.observer, config.percentile, smooth)
                               for g in range(stats.groups)])
         return scale_from_absmax(clips)
-
-    def static_settings(self) -> dict:
-        """Observer, percentile, timestep_groups, smooth_alpha chosen when calibrating (or loading):
-        the StaticW8A8Config fields Quantize Model uses with this calibration."""
-        return dict(self.info.get("settings") or {})
 
     def summary(self) -> dict:
         return {"fingerprint": self.fingerprint, "architecture": self.architecture, "groups": self.groups,
@@ -170,7 +175,12 @@ class Calibration:
             if s.groups != selector.groups:
                 raise OctetError(f"'{fname}': layers have {s.groups} groups but the header defines "
                                  f"{selector.groups}. The file is damaged: calibrate and save again.")
-        return cls(layers, selector, h["fingerprint"], h.get("architecture", ""), h.get("info", {}))
+        info = dict(h.get("info") or {})
+        stale = info.pop(STALE_SETTINGS_KEY, None)
+        if stale:
+            log.info("Octet: '%s' carries static settings from an older Octet (%s); they are ignored: observer, "
+                     "percentile, timestep groups and SmoothQuant are now set on Quantize Model.", fname, str(stale)[:200])
+        return cls(layers, selector, h["fingerprint"], h.get("architecture", ""), info)
 
 
 # -- recording ---------------------------------------------------------------------------------

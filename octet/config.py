@@ -104,6 +104,10 @@ class StaticW8A8Config(_BaseConfig):
         _check_alpha(self.smooth_alpha)
 
 
+# The static settings Octet recommends (measured in docs/QUALITY.md): the defaults of Quantize Model's static
+# widgets and of scripts/convert.py. The class defaults above stay the plain ones (minmax, no SmoothQuant).
+STATIC_RECIPE = StaticW8A8Config(observer="mse", percentile=99.99, timestep_groups=True, smooth_alpha=0.5)
+
 CONFIG_TYPES: dict[str, type[_BaseConfig]] = {
     c.mode: c for c in (WeightOnlyConfig, DynamicW8A8Config, StaticW8A8Config)
 }

@@ -2,6 +2,7 @@
 
     python -m scripts.convert model.safetensors model_int8.safetensors [--mode dynamic] [--kind portable]
         [--preset sdxl] [--rules "..."] [--overrides "..."] [--calibration calib.safetensors] [--kinds linear,conv]
+        [--observer mse] [--percentile 99.99] [--smooth-alpha 0.5 | --no-smoothquant] [--no-timestep-groups]
 
 Run it from the repository root (or give the path: python path/to/scripts/convert.py ...). Memory
 stays near one layer (octet/convert.py); a model card <output>.md is written beside the output.
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
     from comfyui_octet.octet import fileformat
     from comfyui_octet.octet.api import OctetError
     from comfyui_octet.octet.calibration import Calibration
-    from comfyui_octet.octet.config import MODES, config_for_mode
+    from comfyui_octet.octet.config import MODES, STATIC_RECIPE, StaticW8A8Config, config_for_mode
     from comfyui_octet.octet.convert import convert
     from comfyui_octet.octet.policy import PRESET_NAMES, build_policy
 
@@ -37,7 +38,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rules", default="", help="policy rules, as in the Mixed-Precision Policy node")
     ap.add_argument("--overrides", default="", help="exact-name overrides, as in the Mixed-Precision Policy node")
     ap.add_argument("--calibration", default=None, help="a calibration file (Save Calibration) for mode static")
-    ap.add_argument("--smooth-alpha", type=float, default=None, help="SmoothQuant alpha (static mode)")
+    # Static settings: Quantize Model's widgets, with its defaults (a calibration holds statistics only).
+    ap.add_argument("--observer", choices=list(StaticW8A8Config.OBSERVERS), default=STATIC_RECIPE.observer,
+                    help="static: how an activation range is chosen from the calibration")
+    ap.add_argument("--percentile", type=float, default=STATIC_RECIPE.percentile,
+                    help="static, observer percentile: the share of values kept unclipped")
+    ap.add_argument("--smooth-alpha", type=float, default=STATIC_RECIPE.smooth_alpha,
+                    help="static: SmoothQuant alpha")
+    ap.add_argument("--no-smoothquant", action="store_true", help="static: no SmoothQuant")
     ap.add_argument("--no-timestep-groups", action="store_true", help="static: one scale for all timesteps")
     ap.add_argument("--architecture", default=None,
                     help="ComfyUI model-config class to record (e.g. SDXL, Flux); default: detected when loading")
@@ -50,12 +58,9 @@ def main(argv=None) -> int:
         if args.mode == "static":
             if calibration is None:
                 raise OctetError("--mode static needs --calibration (a file saved by Octet's Save Calibration).")
-            kwargs.update({k: v for k, v in calibration.static_settings().items()
-                           if k in ("observer", "percentile", "timestep_groups", "smooth_alpha")})
-            if args.smooth_alpha is not None:
-                kwargs["smooth_alpha"] = args.smooth_alpha
-            if args.no_timestep_groups:
-                kwargs["timestep_groups"] = False
+            kwargs.update(observer=args.observer, percentile=args.percentile,
+                          timestep_groups=not args.no_timestep_groups,
+                          smooth_alpha=None if args.no_smoothquant else args.smooth_alpha)
         config = config_for_mode(args.mode, **kwargs)
         policy = None
         if args.preset or args.rules or args.overrides:

@@ -46,7 +46,7 @@ def build_valid_files(folder: str) -> dict:
     pos = reference_model.tiny_conditioning(batch=1, seed=1)
     neg = reference_model.tiny_conditioning(batch=1, seed=2)
     cal, _ = calibrate_nodes.calibrate(model, pos, neg, {"samples": torch.zeros(1, 4, 8, 8)}, 7, 6, 4.0, "euler",
-                                       "normal", 3, dict(SETTINGS))
+                                       "normal", 3)
     q, _ = bridge.quantize_model(model, StaticW8A8Config(**SETTINGS), calibration=cal)
     os.makedirs(folder, exist_ok=True)
     ckpt, calib = os.path.join(folder, "valid_ckpt.safetensors"), os.path.join(folder, "valid_cal.safetensors")

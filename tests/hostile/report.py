@@ -232,7 +232,7 @@ def other_rows(valid: dict, work: str) -> list[dict]:
     add("nan_cfg: KSampler cfg=NaN on an INT8 model", "the host's own KSampler", lambda: nodes.common_ksampler(
         valid["quantized"], 3, 2, math.nan, "euler", "normal", pos, neg, latent), folder)
     add("nan_cfg: Calibrate cfg=NaN", "widget value", lambda: calibrate_nodes.Calibrate.execute(
-        valid["model"], pos, neg, latent, 1, 2, math.nan, "euler", "normal", 2, "mse", 99.9, True, 0.5, True), folder)
+        valid["model"], pos, neg, latent, 1, 2, math.nan, "euler", "normal", 2), folder)
     return rows
 
 

@@ -224,7 +224,7 @@ def test_calibrate_refuses_nan_cfg(valid_files):
     pos, neg = valid_files["conds"]
     with pytest.raises(OctetError, match="Calibrate: 'cfg'"):
         calibrate_nodes.Calibrate.execute(valid_files["model"], pos, neg, {"samples": torch.zeros(1, 4, 8, 8)}, 1, 2,
-                                          math.nan, "euler", "normal", 2, "mse", 99.9, True, 0.5, True)
+                                          math.nan, "euler", "normal", 2)
 
 
 @pytest.mark.parametrize("source", ["loaded", "quantized"])

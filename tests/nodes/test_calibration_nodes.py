@@ -3,12 +3,14 @@ import pytest
 import torch
 
 from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes, model_files
+from comfyui_octet.nodes.quantize_nodes import QuantizeModel
 from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import OctetError, StaticW8A8Config
 from comfyui_octet.octet.calibration import Calibration
 
 STEPS = 6
 SIZE = 8  # latent side: small keeps the file fast; every host code path is the same
+# Quantize Model's static defaults (what Calibrate's widgets defaulted to when the settings lived there).
 SETTINGS = {"observer": "mse", "percentile": 99.99, "timestep_groups": True, "smooth_alpha": 0.5}
 
 
@@ -20,7 +22,7 @@ def _conds():
 def calibration(tiny_model):
     pos, neg = _conds()
     cal, _ = calibrate_nodes.calibrate(tiny_model, pos, neg, {"samples": torch.zeros(1, 4, SIZE, SIZE)}, 7, STEPS, 4.0,
-                                       "euler", "normal", 3, dict(SETTINGS))
+                                       "euler", "normal", 3)
     return cal
 
 
@@ -50,7 +52,7 @@ def test_calibration_records_what_the_layer_actually_received(tiny_model, rng):
         pos, neg = _conds()
         seed = int(torch.randint(0, 2**31, (1,), generator=rng))
         cal, _ = calibrate_nodes.calibrate(tiny_model, pos, neg, {"samples": torch.zeros(1, 4, SIZE, SIZE)}, seed, 4, 4.0,
-                                           "euler", "normal", 2, dict(SETTINGS))
+                                           "euler", "normal", 2)
     finally:
         handle.remove()
     stats = cal.layers[name]
@@ -122,14 +124,71 @@ def test_calibration_file_roundtrip_through_nodes(calibration, tmp_path, monkeyp
     path = calibrate_nodes.SaveCalibration.execute(calibration, "sub/cal", False).result[0]
     with pytest.raises(OctetError, match="already exists"):
         calibrate_nodes.SaveCalibration.execute(calibration, "sub/cal", False)
-    out = calibrate_nodes.LoadCalibration.execute("sub/cal.safetensors", "percentile", 99.9, False, 0.3, True)
+    out = calibrate_nodes.LoadCalibration.execute("sub/cal.safetensors")
     back = out.result[0]
     assert isinstance(back, Calibration) and back.fingerprint == calibration.fingerprint
-    assert back.static_settings() == {"observer": "percentile", "percentile": 99.9, "timestep_groups": False,
-                                      "smooth_alpha": 0.3}
+    assert "settings" not in back.info and "settings" not in out.result[1]
     for name, stats in calibration.layers.items():
         assert torch.equal(back.layers[name].hist, stats.hist)
     assert path.endswith("cal.safetensors")
+
+
+def _scales(model):
+    return {n: (layer.input_scale, layer.pre_quant_scale) for n, layer in bridge.quantized_layers(model).items()}
+
+
+def _same_scales(a, b):
+    assert set(a) == set(b)
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            assert (x is None and y is None) or torch.equal(x, y), name
+
+
+def test_quantize_model_static_settings_are_its_own_widgets(tiny_model, calibration, static_model):
+    """The static settings are Quantize Model's: left unset (an API workflow saved before they moved there) they
+    are the old Calibrate defaults, given explicitly they are exactly the StaticW8A8Config of those values."""
+    base = dict(model=tiny_model, mode="static", quantize_linear=True, quantize_conv=True, backend="auto",
+                calibration=calibration)
+    _same_scales(_scales(QuantizeModel.execute(**base).result[0]), _scales(static_model))
+    explicit = dict(observer="percentile", percentile=99.9, use_timestep_groups=False, smooth_alpha=0.3,
+                    smoothquant=True)
+    q, report = QuantizeModel.execute(**base, **explicit).result
+    want, _ = bridge.quantize_model(tiny_model, StaticW8A8Config(observer="percentile", percentile=99.9,
+                                                                 timestep_groups=False, smooth_alpha=0.3),
+                                    calibration=calibration)
+    _same_scales(_scales(q), _scales(want))
+    assert all(s[0].numel() == 1 for s in _scales(q).values())  # timestep groups off: one scale per layer
+    # smoothquant off: no SmoothQuant divisor, whatever alpha says
+    off = _scales(QuantizeModel.execute(**base, smoothquant=False, smooth_alpha=0.9).result[0])
+    assert all(p is None for _, p in off.values())
+
+
+def test_one_calibration_serves_every_observer(tiny_model, calibration):
+    """The calibration holds statistics only; the observer is applied at quantize time, so minmax and mse from
+    ONE calibration give different scales (mse clips, so never above minmax), on the same layers."""
+    base = dict(model=tiny_model, mode="static", quantize_linear=True, quantize_conv=True, backend="auto",
+                calibration=calibration, smoothquant=False)
+    by = {obs: _scales(QuantizeModel.execute(**base, observer=obs).result[0]) for obs in ("minmax", "mse")}
+    assert set(by["minmax"]) == set(by["mse"]) and by["mse"]
+    lo = [torch.all(by["mse"][n][0] <= by["minmax"][n][0]) for n in by["mse"]]
+    assert all(lo)
+    assert any(not torch.equal(by["mse"][n][0], by["minmax"][n][0]) for n in by["mse"])
+    minmax_direct = {n: float(s.absmax.max()) for n, s in calibration.layers.items()}
+    some = next(iter(by["minmax"]))
+    assert float(by["minmax"][some][0].max()) == pytest.approx(minmax_direct[some] / 127, rel=1e-6)
+
+
+def test_quantize_model_validates_static_settings_with_the_config(tiny_model, calibration):
+    base = dict(model=tiny_model, mode="static", quantize_linear=True, quantize_conv=True, backend="auto",
+                calibration=calibration)
+    with pytest.raises(ValueError, match="observer='max' is not supported"):
+        QuantizeModel.execute(**base, observer="max")
+    with pytest.raises(ValueError, match="percentile=40.0 must be in"):
+        QuantizeModel.execute(**base, percentile=40.0)
+    with pytest.raises(OctetError, match="Quantize Model: 'smooth_alpha'"):
+        QuantizeModel.execute(**base, smooth_alpha=float("nan"))
+    # Other modes ignore the static widgets.
+    QuantizeModel.execute(**dict(base, mode="dynamic", calibration=None), observer="max")
 
 
 def test_int8_sampler_schedule(tiny_model, static_model, sample, rng):

@@ -81,7 +81,8 @@ def test_command_line_runs_from_the_repo_root_and_refuses_clearly(source, tmp_pa
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists" in again.stderr
     static = subprocess.run([sys.executable, "-m", "scripts.convert", source, str(tmp_path / "s.safetensors"),
-                             "--mode", "static", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             "--mode", "static", "--observer", "minmax", "--no-smoothquant", "--quiet"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
     assert static.returncode == 2 and "--calibration" in static.stderr
 
 

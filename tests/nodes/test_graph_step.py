@@ -174,7 +174,7 @@ def test_static_timestep_groups_are_graph_keys(tiny_model, graphs):
     import nodes
     pos, neg = _conds()
     latent = {"samples": torch.zeros(1, 4, SIZE, SIZE)}
-    cal, _ = calibrate_nodes.calibrate(tiny_model, pos, neg, latent, 7, 6, 4.0, "euler", "normal", 3, dict(SETTINGS))
+    cal, _ = calibrate_nodes.calibrate(tiny_model, pos, neg, latent, 7, 6, 4.0, "euler", "normal", 3)
     static, _ = bridge.quantize_model(tiny_model, StaticW8A8Config(**SETTINGS), calibration=cal)
     model, step = graph_step.install(static, backend=graphs)
     eager = nodes.common_ksampler(static, 7, 6, 4.0, "euler", "normal", pos, neg, latent)[0]["samples"]

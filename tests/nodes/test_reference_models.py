@@ -166,8 +166,7 @@ def test_static_attribution_node_on_the_mmdit(models):
     pos = rm.batch_conditioning("mmdit", [1, 5])
     neg = rm.class_conditioning("mmdit", "unconditional", batch=2)
     settings = {"observer": "mse", "percentile": 99.99, "timestep_groups": True, "smooth_alpha": 0.5}
-    cal, _ = calibrate_nodes.calibrate(fp, pos, neg, rm.empty_latent("mmdit", 2), 3, 4, 3.0, "euler", "normal", 2,
-                                       settings)
+    cal, _ = calibrate_nodes.calibrate(fp, pos, neg, rm.empty_latent("mmdit", 2), 3, 4, 3.0, "euler", "normal", 2)
     policy, text = StaticAttribution.execute(model=fp, positive=pos, negative=neg, latent=rm.empty_latent("mmdit", 1),
                                              calibration=cal, margin_db=1.0, base_preset="none", seed=1, steps=4,
                                              cfg=3.0, scheduler="normal", top=5).result

@@ -28,8 +28,7 @@ def dit():
 def static_dit(dit):
     pos = rm.batch_conditioning("dit", [1, 6])
     neg = rm.class_conditioning("dit", "unconditional", batch=2)
-    cal, _ = calibrate_nodes.calibrate(dit, pos, neg, rm.empty_latent("dit", 2), 11, STEPS, 3.0, "euler", "normal", 3,
-                                       dict(SETTINGS))
+    cal, _ = calibrate_nodes.calibrate(dit, pos, neg, rm.empty_latent("dit", 2), 11, STEPS, 3.0, "euler", "normal", 3)
     q, result = bridge.quantize_model(dit, StaticW8A8Config(**SETTINGS), calibration=cal)
     return q, result
 

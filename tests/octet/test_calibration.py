@@ -243,17 +243,48 @@ def test_save_load_roundtrip_keeps_everything(rng, tmp_path):
     sigmas = [10.0, 2.0, 0.5, 0.1]
     selector = GroupSelector.from_sigmas(sigmas, 2)
     cal = _calibrate(net, [_data(rng) for _ in sigmas], selector, sigmas)
-    cal.info["settings"] = {"observer": "mse", "percentile": 99.9, "timestep_groups": True, "smooth_alpha": 0.5}
     path = cal.save(str(tmp_path / "c.safetensors"))
     back = Calibration.load(path)
     assert back.fingerprint == cal.fingerprint and back.architecture == "test"
-    assert back.selector.boundaries == cal.selector.boundaries and back.static_settings() == cal.static_settings()
+    assert back.selector.boundaries == cal.selector.boundaries and back.info == cal.info
     for name, s in cal.layers.items():
         for k, v in s.tensors().items():
             assert torch.equal(back.layers[name].tensors()[k], v), (name, k)
-    cfg = StaticW8A8Config(**cal.static_settings())
+    cfg = StaticW8A8Config(observer="mse", percentile=99.9, timestep_groups=True, smooth_alpha=0.5)
     sm = cal.smoothing_factors("fc1", net.fc1.weight, 0.5)
     assert torch.equal(back.input_scales("fc1", cfg, smooth=sm), cal.input_scales("fc1", cfg, smooth=sm))
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(OctetError, match="not a readable safetensors"):
         Calibration.load(str(tmp_path / "bad.safetensors"))
+
+
+def test_old_file_with_static_settings_loads_and_the_config_decides(rng, tmp_path, caplog):
+    """Files from before the static settings moved to the quantization config carry them in info["settings"]:
+    they load, the stale key is dropped (said once in the log), and only the config given to quantize_ counts."""
+    net = _Net(rng)
+    cal = _calibrate(net, [_data(rng, loud=[3, 7]) for _ in range(3)])
+    old = Calibration(cal.layers, cal.selector, cal.fingerprint, cal.architecture,
+                      dict(cal.info, settings={"observer": "percentile", "percentile": 99.0, "timestep_groups": False,
+                                               "smooth_alpha": 0.8}))
+    path = old.save(str(tmp_path / "old.safetensors"))
+    with caplog.at_level("INFO", logger="octet"):
+        back = Calibration.load(path)
+    assert "settings" not in back.info and back.info == cal.info
+    assert sum("now set on Quantize Model" in r.getMessage() for r in caplog.records) == 1
+    for name, s in cal.layers.items():
+        for k, v in s.tensors().items():
+            assert torch.equal(back.layers[name].tensors()[k], v), (name, k)
+    # One calibration, several recipes: the observer and SmoothQuant are applied at quantize time.
+    scales = {}
+    for observer in ("minmax", "mse"):
+        for alpha in (None, 0.5):
+            q = quantize_(net, StaticW8A8Config(observer=observer, smooth_alpha=alpha), calibration=back,
+                          inplace=False)
+            ref = quantize_(net, StaticW8A8Config(observer=observer, smooth_alpha=alpha), calibration=cal,
+                            inplace=False)
+            got = {n: m.input_scale for n, m in q.replacements.items()}
+            assert got.keys() == ref.replacements.keys()
+            assert all(torch.equal(got[n], m.input_scale) for n, m in ref.replacements.items())
+            scales[observer, alpha] = got
+    assert any(not torch.equal(scales["minmax", None][n], scales["mse", None][n]) for n in scales["mse", None])
+    assert any(not torch.equal(scales["mse", None][n], scales["mse", 0.5][n]) for n in scales["mse", None])

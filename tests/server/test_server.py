@@ -114,6 +114,33 @@ def test_example_a_calibrate_quantize_sample_save(comfy_server, run_a):
     assert "static" in report and "int8" in timing and "float" in timing, (report[:500], timing)
 
 
+STATIC_WIDGETS = ("observer", "percentile", "use_timestep_groups", "smooth_alpha", "smoothquant")
+
+
+def upstream(prompt, node_id):
+    """``node_id`` and every node it reads from."""
+    seen, todo = set(), [node_id]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += [v[0] for v in prompt[n]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+    return {k: prompt[k] for k in seen}
+
+
+def test_workflow_saved_before_static_settings_moved_still_runs(comfy_server):
+    """Example (a) as saved when observer/percentile/... were Calibrate's widgets: the host drops the inputs
+    Calibrate no longer declares, and Quantize Model, which lacks them, uses the defaults they had."""
+    prompt = api(A)
+    calib, quant = node_of(prompt, "OctetCalibrate"), node_of(prompt, "OctetQuantizeModel")
+    moved = {k: prompt[quant]["inputs"].pop(k) for k in STATIC_WIDGETS}
+    prompt[calib]["inputs"].update(moved, percentile=99.9)
+    old = upstream(prompt, node_of(prompt, "PreviewAny", "quantize report"))
+    entry = comfy_server.run(old, timeout=300)
+    assert_success(comfy_server, entry)
+    assert "static" in text_output(entry, node_of(old, "PreviewAny", "quantize report"))
+
+
 def test_example_b_load_quantized_sample(comfy_server, run_a):
     assert_success(comfy_server, run_a)
     prompt = api(B)
