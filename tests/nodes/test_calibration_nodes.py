@@ -191,6 +191,21 @@ def test_quantize_model_validates_static_settings_with_the_config(tiny_model, ca
     QuantizeModel.execute(**dict(base, mode="dynamic", calibration=None), observer="max")
 
 
+def test_dynamic_mode_takes_smoothquant_from_a_connected_calibration(tiny_model, calibration):
+    """Dynamic + a CALIBRATION + smoothquant on (the default): per-token scales on x / s, s from the calibration,
+    exactly what octet.quantize_ builds for DynamicW8A8Config(smooth_alpha); without a calibration, plain dynamic."""
+    from comfyui_octet.octet import DynamicW8A8Config
+    base = dict(model=tiny_model, mode="dynamic", quantize_linear=True, quantize_conv=True, backend="auto")
+    q = QuantizeModel.execute(**base, calibration=calibration, smooth_alpha=0.3).result[0]
+    want, _ = bridge.quantize_model(tiny_model, DynamicW8A8Config(smooth_alpha=0.3), calibration=calibration)
+    got, ref = _scales(q), _scales(want)
+    assert got and set(got) == set(ref)
+    for n in got:
+        assert got[n][0] is None and got[n][1] is not None and torch.equal(got[n][1], ref[n][1]), n
+    for kwargs in (dict(calibration=None), dict(calibration=calibration, smoothquant=False)):
+        assert all(p is None for _, p in _scales(QuantizeModel.execute(**base, **kwargs).result[0]).values())
+
+
 def test_int8_sampler_schedule(tiny_model, static_model, sample, rng):
     pos, neg = _conds()
     latent = {"samples": torch.zeros(1, 4, SIZE, SIZE)}
