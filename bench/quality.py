@@ -113,7 +113,7 @@ def _smoothquant(ctx):
 
 @method("dynamic W8A8 per-token + SmoothQuant a=0.5")
 def _dynamic_smooth(ctx):
-    cal = ctx.calibration(4, {})
+    cal = ctx.calibration(4)
     return bridge.quantize_model(ctx.fp, DynamicW8A8Config(smooth_alpha=0.5), calibration=cal)[0]
 
 
