@@ -156,7 +156,7 @@ def _sensitivity(ctx, mode: str, share: float, calibration=None):
 @method("dynamic W8A8 + policy preset (auto-detected)")
 def _policy_preset(ctx):
     from comfyui_octet.nodes.policy_nodes import detect_preset
-    from comfyui_octet.octet.policy import preset
+    from comfyui_octet.octet.presets import preset
     return bridge.quantize_model(ctx.fp, DynamicW8A8Config(), policy=preset(detect_preset(ctx.fp)))[0]
 
 
@@ -187,7 +187,8 @@ def with_states(*args):
 def _ends_policy(fp):
     """The preset's first/last-layer rules only: layers that matter little for size but much for error."""
     from comfyui_octet.nodes.policy_nodes import detect_preset
-    from comfyui_octet.octet.policy import Policy, preset
+    from comfyui_octet.octet.policy import Policy
+    from comfyui_octet.octet.presets import preset
     base = preset(detect_preset(fp))
     return Policy(name="first/last float", rules=[r for r in base.rules if "first layer" in r.why or "last layer" in r.why])
 
@@ -221,7 +222,7 @@ def _auto_row(ctx):
 @method("Octet auto + preset (embeddings, adaLN, first/last layers float)")
 def _auto_preset_row(ctx):
     from comfyui_octet.nodes.policy_nodes import detect_preset
-    from comfyui_octet.octet.policy import preset
+    from comfyui_octet.octet.presets import preset
     return _auto(ctx, base=preset(detect_preset(ctx.fp)))
 
 

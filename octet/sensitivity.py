@@ -32,7 +32,8 @@ import torch.nn as nn
 from .api import OctetError, quantizable_layers, quantize_, swapped
 from .metrics import tensor_psnr
 from .config import QuantConfig
-from .policy import KEEP, Policy, Rule, decision_table
+from .policy import KEEP, Policy
+from .report import decision_table
 
 BUDGETS = ("max_float_share", "min_psnr")
 
