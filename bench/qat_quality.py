@@ -34,11 +34,6 @@ EVAL_SEEDS = (1000, 1001, 1002, 1003)
 
 
 
-def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    from comfyui_octet.octet.metrics import tensor_psnr
-    return tensor_psnr(ref, x)
-
-
 def sample(model, seed, positive, negative, size):
     import nodes
     latent = {"samples": torch.zeros(1, 4, size, size)}
@@ -47,8 +42,9 @@ def sample(model, seed, positive, negative, size):
 
 
 def eval_psnr(model, fp_latents, conds, size) -> float:
+    from comfyui_octet.octet.metrics import tensor_psnr
     pos, neg = conds
-    return sum(psnr(fp_latents[s], sample(model, s, pos, neg, size)) for s in EVAL_SEEDS) / len(EVAL_SEEDS)
+    return sum(tensor_psnr(fp_latents[s], sample(model, s, pos, neg, size)) for s in EVAL_SEEDS) / len(EVAL_SEEDS)
 
 
 def with_layers(patcher, layers):

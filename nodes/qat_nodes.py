@@ -19,7 +19,7 @@ from comfy_api.latest import io
 from ..octet import config_for_mode, qat
 from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
-from ..octet.qat.distill import _db
+from ..octet.metrics import db_gain
 from . import bridge
 from .widgets import require_finite
 from . import sampling_defaults as sd
@@ -103,7 +103,7 @@ def finetune(fp_model, quantized, positive, negative, latent_image, seed: int, s
         return float((got.float() - held_float.float()).square().mean())
     sample_ptq, sample_qat = (held_err(quantized), held_err(out)) if validate else (float("nan"), float("nan"))
     result.log.append(f"held-back sample (seed {holdout_seed}, {steps} steps): final-latent MSE vs float "
-                      f"PTQ {sample_ptq:.6g} -> QAT {sample_qat:.6g} ({_db(sample_ptq, sample_qat):+.2f} dB)"
+                      f"PTQ {sample_ptq:.6g} -> QAT {sample_qat:.6g} ({db_gain(sample_ptq, sample_qat):+.2f} dB)"
                       if validate else "held-back validation off: trained layers returned unchecked")
     kept = validate and not (result.improved and sample_qat < sample_ptq)
     if kept:

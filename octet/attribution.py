@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .api import quantizable_layers, quantize_
 from .config import DynamicW8A8Config, StaticW8A8Config
+from .metrics import db_gain, psnr_from_mse
 from .observers import bin_edges, clip_value
 from .policy import KEEP, Policy
 
@@ -56,7 +57,7 @@ class LayerAttribution:
         """How much worse static is than dynamic on this layer (dB of output MSE; > 0 = static worse)."""
         if self.dynamic_total <= 0:
             return math.inf if self.static_total > 0 else 0.0
-        return 10 * math.log10(max(self.static_total, 1e-30) / self.dynamic_total)
+        return db_gain(max(self.static_total, 1e-30), self.dynamic_total)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class AttributionResult:
     boundaries: list[float] = field(default_factory=list)
 
     def psnr(self, mse: float) -> float:
-        return math.inf if mse <= 0 else 10 * math.log10(self.peak ** 2 / mse)
+        return psnr_from_mse(mse, self.peak)
 
     def table(self, top: int = 12, chosen: Optional[dict[str, str]] = None) -> str:
         """Markdown table of the ``top`` layers by static error, with the statistics that explain it."""

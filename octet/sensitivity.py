@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .api import OctetError, quantizable_layers, quantize_, swapped
-from .metrics import tensor_psnr
+from .metrics import psnr_from_mse, tensor_psnr
 from .config import QuantConfig
 from .policy import KEEP, Policy
 from .report import decision_table
@@ -45,12 +45,6 @@ def mse(ref: torch.Tensor, out: torch.Tensor) -> float:
 def peak(ref: torch.Tensor) -> float:
     """PSNR peak: the reference's value range (latents have no fixed 0..1 range like images)."""
     return float(ref.detach().max() - ref.detach().min())
-
-
-def psnr_from_mse(err: float, peak_value: float) -> float:
-    if err <= 0:
-        return math.inf
-    return 10.0 * math.log10(peak_value ** 2 / err)
 
 
 def psnr(ref: torch.Tensor, out: torch.Tensor) -> float:

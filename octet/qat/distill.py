@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..api import OctetError, swapped
+from ..metrics import db_gain
 from .config import QATConfig
 from .fake_quant import FakeQuantLayer
 from .teacher import Teacher, TeacherCall, map_tensors
@@ -187,12 +188,6 @@ def distill(model: nn.Module, twins: dict[str, FakeQuantLayer], teacher: Teacher
                 p.requires_grad_(True)
             model.train(was_training)
     seconds = time.perf_counter() - start
-    log.append(f"held-back MSE after: {eval_after:.6g} ({_db(eval_before, eval_after):+.2f} dB, denoiser-output "
+    log.append(f"held-back MSE after: {eval_after:.6g} ({db_gain(eval_before, eval_after):+.2f} dB, denoiser-output "
                f"proxy on calls not trained on) in {seconds:.1f} s")
     return DistillResult(losses, eval_before, eval_after, seconds, log)
-
-
-def _db(before: float, after: float) -> float:
-    if not (before > 0 and after > 0):
-        return float("nan")
-    return 10 * math.log10(before / after)
