@@ -30,7 +30,7 @@ import comfy.utils  # noqa: E402
 import nodes  # noqa: E402
 import torch  # noqa: E402
 
-from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes  # noqa: E402
+from comfyui_octet.nodes import bridge, calibrate_nodes, sampling  # noqa: E402
 
 from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import DynamicW8A8Config, StaticW8A8Config  # noqa: E402
@@ -88,8 +88,8 @@ def run(model_name, model, args):
             if sampler_schedule is None:
                 out = sample(q, s)
             else:
-                out = sampler_nodes.sample(q, model, pos, neg, latent, s, args.steps, args.cfg, "euler", "normal",
-                                           1.0, *sampler_schedule)[0]["samples"]
+                out = sampling.sample_schedule(q, model, pos, neg, latent, s, args.steps, args.cfg, "euler",
+                                               "normal", 1.0, *sampler_schedule)[0]["samples"]
             vals.append(tensor_psnr(refs[s], out, peak="absmax"))
         return (model_name, label, sum(vals) / len(vals))
 

@@ -11,7 +11,7 @@ Settings (all layers quantized, no policy):
   * W4A8 dynamic         - 4-bit per-channel weights (stored in int8, same kernels) with dynamic
                            INT8 activations.
 For each, PTQ is the model as quantized; QAT is PTQ + the QAT Fine-tune path (octet.qat via
-nodes/qat_nodes.finetune: teacher trajectories with the host KSampler, distillation, fold). Both are
+nodes/sampling.finetune: teacher trajectories with the host KSampler, distillation, fold). Both are
 then sampled with the host KSampler and the *real* INT8 kernels (no fake quant) on held-out seeds
 and a held-out prompt, and compared with the float model's latents from the same seeds.
 """
@@ -97,7 +97,7 @@ def main() -> int:
         args.train_steps, args.trajectories = 60, 2
 
     octet_pack.load(comfy=True)
-    from comfyui_octet.nodes import bridge, qat_nodes
+    from comfyui_octet.nodes import bridge, sampling
     from comfyui_octet.fixtures import reference_model
     from comfyui_octet.octet import config_for_mode, qat
 
@@ -123,9 +123,9 @@ def main() -> int:
         config = qat.QATConfig(steps=args.train_steps, lr=args.lr, lora_rank=args.rank, weight_bits=bits,
                                log_every=max(1, args.train_steps // 10))
         start = time.perf_counter()
-        tuned, result, text = qat_nodes.finetune(fp, ptq, *train_conds, latent, 0, SAMPLER["steps"], SAMPLER["cfg"],
-                                                 SAMPLER["sampler_name"], SAMPLER["scheduler"], args.trajectories,
-                                                 config)
+        tuned, result, text = sampling.finetune(fp, ptq, *train_conds, latent, 0, SAMPLER["steps"], SAMPLER["cfg"],
+                                                SAMPLER["sampler_name"], SAMPLER["scheduler"], args.trajectories,
+                                                config)
         seconds = time.perf_counter() - start
         qat_db = eval_psnr(tuned, fp_latents, eval_conds, args.size)
         rows.append((name, ptq_db, qat_db, seconds, result.eval_before, result.eval_after))

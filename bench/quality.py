@@ -260,11 +260,11 @@ class Scheduled:
         self.model, self.float_model, self.first, self.last = model, float_model, float_first, float_last
 
     def sample_run(self, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler):
-        from comfyui_octet.nodes import sampler_nodes
+        from comfyui_octet.nodes import sampling
         t0 = time.perf_counter()
-        out, _ = sampler_nodes.sample(self.model, self.float_model, positive, negative, latent, seed, steps, cfg,
-                                      sampler_name, scheduler, float_first_steps=self.first,
-                                      float_last_steps=self.last)
+        out, _ = sampling.sample_schedule(self.model, self.float_model, positive, negative, latent, seed, steps, cfg,
+                                          sampler_name, scheduler, float_first_steps=self.first,
+                                          float_last_steps=self.last)
         seconds = time.perf_counter() - t0
         return evaluate.SampleRun(out["samples"], seconds, steps, None, int(self.model.model_size()))
 

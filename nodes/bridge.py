@@ -142,7 +142,22 @@ def _weights_with_patches(patcher, dm) -> dict[str, torch.Tensor]:
     return out
 
 
-# -- timestep groups ------------------------------------------------------------------------------
+# -- wrappers around the diffusion-model calls -------------------------------------------------------
+def set_apply_model_wrapper(patcher, key: str, wrapper) -> None:
+    """Run ``wrapper(executor, x, t, *args, **kwargs)`` around every diffusion-model call of ``patcher``,
+    replacing any wrapper it holds under ``key``.
+
+    ComfyUI's APPLY_MODEL wrappers receive the sigma of the call (``t``) before the model sees it,
+    with any sampler, including the stock KSampler; they are stacked by key, so other packs'
+    wrappers and set_model_unet_function_wrapper stay free. The wrapper is stored on this patcher
+    and copied into its clones. Octet's (timestep groups, INT8 Sampler's step timer, the CUDA graph
+    step) all go through here.
+    """
+    import comfy.patcher_extension
+    patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
+
+
 def _static_selector(result):
     """The one GroupSelector the static layers of a quantization share (None if none uses groups)."""
     selectors = {id(q.group_selector): q.group_selector for q in result.replacements.values()
@@ -157,24 +172,16 @@ def install_timestep_groups(patcher, selector: GroupSelector, key: str = TIMESTE
     """Make every diffusion-model call pick the static scales of the group holding its sigma.
 
     The one sigma-following wrapper: Quantize/Load Quantized install it on the INT8 MODEL (``record``:
-    the header keeps the bands), Calibrate on its float clone (another ``key``; ``before_call`` checks
-    for Cancel between two model calls).
-
-    ComfyUI's APPLY_MODEL wrappers receive the sigma of the call (``t``) before the model sees it,
-    with any sampler, including the stock KSampler; they are stacked by key, so other packs'
-    wrappers and set_model_unet_function_wrapper stay free. The wrapper is stored on this patcher
-    and copied into its clones; the header records ``selector.to_dict()`` so Load Quantized
-    rebuilds the same bands.
+    the header keeps the bands, ``selector.to_dict()``, so Load Quantized rebuilds the same ones),
+    Calibrate on its float clone (another ``key``; ``before_call`` checks for Cancel between two
+    model calls).
     """
-    import comfy.patcher_extension
-
     def select_group(executor, x, t, *args, **kwargs):
         if before_call is not None:
             before_call()
         selector.select(t)
         return executor(x, t, *args, **kwargs)
 
-    patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key)
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, select_group)
+    set_apply_model_wrapper(patcher, key, select_group)
     if record:
         patcher.model_options.setdefault(OPTIONS_KEY, {})["timestep_groups"] = selector.to_dict()
