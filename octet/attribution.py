@@ -25,11 +25,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .api import quantizable_layers, quantize_
+from .api import quantizable_layers, quantize_, swapped
 from .config import DynamicW8A8Config, StaticW8A8Config
 from .metrics import db_gain, psnr_from_mse
 from .observers import bin_edges, clip_value
-from .policy import KEEP, Policy
+from .policy import KEEP, Only, Policy
 
 
 @dataclass
@@ -99,16 +99,6 @@ def _clipped_share(hist: torch.Tensor, clip: float) -> float:
     return float(hist[lower >= clip].sum()) / total
 
 
-class _Only:
-    """A policy that quantizes exactly ``name`` with ``config`` and keeps everything else float."""
-
-    def __init__(self, name: str, config):
-        self.name, self.config = name, config
-
-    def decide(self, name, module, default):
-        return (self.config, "") if name == self.name else (None, "attribution: other layer")
-
-
 def _params(m: nn.Module) -> int:
     return m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
 
@@ -145,14 +135,10 @@ def attribute(model: nn.Module, evaluate: Callable[[int], torch.Tensor], sigmas:
     for j, (name, module, kind) in enumerate(candidates):
         errs = {}
         for label, cfg in (("static", config), ("dynamic", dynamic)):
-            q = quantize_(model, cfg, policy=_Only(name, cfg), calibration=calibration, inplace=False)
-            original = model.get_submodule(name)
-            try:
-                for n, layer in q.replacements.items():
-                    model.set_submodule(n, layer)
+            q = quantize_(model, cfg, policy=Only({name: cfg}, "attribution: other layer"), calibration=calibration,
+                          inplace=False)
+            with swapped(model, q.replacements):  # the caller's model comes back as it was, even on error
                 outs = outputs()
-            finally:  # the caller's model comes back as it was, even on error
-                model.set_submodule(name, original)
             per = [0.0] * groups
             for g, r, o in zip(group_of, ref, outs):
                 per[g] += float((o - r).square().mean()) / max(group_of.count(g), 1)

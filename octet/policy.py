@@ -227,6 +227,17 @@ class Policy:
             raise OctetError(f"Policy JSON does not parse ({e}).") from e
 
 
+class Only:
+    """Quantize exactly the named layers, each with its config, and keep every other layer in float:
+    the one-off policy of the measurements that quantize a layer (or a block) alone."""
+
+    def __init__(self, configs: dict[str, QuantConfig], reason: str):
+        self.configs, self.reason = configs, reason   # reason: why the other layers stay float
+
+    def decide(self, name: str, module, default: QuantConfig) -> tuple[Optional[QuantConfig], str]:
+        return (self.configs[name], "") if name in self.configs else (None, self.reason)
+
+
 def _show(rule: Rule) -> str:
     return (REGEX_PREFIX + rule.pattern) if rule.regex else rule.pattern
 
