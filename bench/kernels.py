@@ -114,7 +114,7 @@ def linear_row(kernels, model, layer, m, n, k, reps_ms):
     t["gemm"] = bench(lambda: triton_gemm.w8a8_gemm(xq, xs, qw, ws, bias, dt), reps_ms)
     t["quant+gemm"] = bench(lambda: kernels.linear(x, qw, ws, bias, backend="triton"), reps_ms)
     # Static W8A8: one calibrated scale, so the quantizer skips the per-token absmax reduction.
-    static_scale = (x.abs().amax().float() / 127).reshape(1)
+    static_scale = torch_ref.scale_from_absmax(x.abs().amax()).reshape(1)
     t["static quant+gemm"] = bench(lambda: kernels.linear(x, qw, ws, bias, act="static", static_scale=static_scale,
                                                           backend="triton"), reps_ms)
     t["quant"] = bench(lambda: triton_quant.quantize_rows(x), reps_ms)
@@ -196,8 +196,8 @@ def mlp_row(kernels, model, block, m, width, hidden, reps_ms):
         return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
 
     ref = bf16()
-    sc1 = (x.float().abs().amax() / 127).reshape(1)
-    sc2 = (F.gelu(F.linear(x, w1, b1).float(), approximate="tanh").abs().amax() / 127).reshape(1)
+    sc1 = torch_ref.scale_from_absmax(x.float().abs().amax()).reshape(1)
+    sc2 = torch_ref.scale_from_absmax(F.gelu(F.linear(x, w1, b1).float(), approximate="tanh").abs().amax()).reshape(1)
 
     def layers(act):
         kw1 = {"static_scale": sc1} if act == "static" else {}
@@ -245,7 +245,7 @@ def fused_row(model, layer, m, n, k, reps_ms, parts=frozenset({"static"})):
     bias = torch.randn(n, device=dev, dtype=dt) * 0.1
     qw, ws = torch_ref.quantize_weight(w)
     smooth = torch.rand(k, device=dev) + 0.5
-    sc = ((x.float() / smooth).abs().amax() / 127 * 0.8).reshape(1)
+    sc = (torch_ref.scale_from_absmax(torch_ref.smoothed(x, smooth, -1).abs().amax()) * 0.8).reshape(1)
     mult = triton_w8a8_static.prologue_multiplier(smooth, sc, dev)
 
     def static_old():

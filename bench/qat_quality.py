@@ -59,6 +59,7 @@ def with_layers(patcher, layers):
 def static_minmax(fp, dynamic_q, train_conds, size):
     """Static per-tensor W8A8 from the largest input each layer saw on the float trajectories."""
     from comfyui_octet.nodes import bridge
+    from comfyui_octet.kernels.torch_ref import QMAX
     from comfyui_octet.octet.modules import QuantConv2d, QuantLinear
     layers = bridge.quantized_layers(dynamic_q)
     dm = bridge.diffusion_model(fp)
@@ -78,7 +79,7 @@ def static_minmax(fp, dynamic_q, train_conds, size):
         m = dm.get_submodule(name)
         cls = QuantLinear if isinstance(m, torch.nn.Linear) else QuantConv2d
         q = cls.from_float(m, "static")
-        q.set_static_scales(torch.tensor([max(absmax[name], 1e-8) / 127.0]))
+        q.set_static_scales(torch.tensor([max(absmax[name], 1e-8) / QMAX]))
         out[name] = q
     return with_layers(fp, out)
 

@@ -29,6 +29,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..registry import m_bucket
+from ..torch_ref import round_to_grid
 from . import triton_support
 from .triton_gemm import _grouped_tile, _w8a8_epilogue, check_float_gemm
 
@@ -137,7 +138,7 @@ def prologue_multiplier(smooth: torch.Tensor | None, static_scale: torch.Tensor,
 
 def quantize_by_multiplier(x2d: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
     """What the fast prologue computes, in torch (int8 codes of x * mult): the tests' oracle for it."""
-    return torch.round(x2d.float() * mult.float().reshape(1, -1)).clamp_(-127, 127).to(torch.int8)
+    return round_to_grid(x2d.float() * mult.float().reshape(1, -1)).to(torch.int8)
 
 
 def w8a8_static_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

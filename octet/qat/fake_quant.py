@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...kernels.torch_ref import MIN_SCALE, QMAX, quantize_weight, scale_from_absmax
+from ...kernels.torch_ref import (MIN_SCALE, QMAX, quantize_weight, quantize_with_scale, row_scales, sample_scales,
+                                  smoothed)
 from ..api import OctetError
 from ..modules import QuantConv2d, QuantLayer, QuantLinear
 from .config import QATConfig, qmax_for
@@ -47,9 +48,6 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, qmax: float = QMAX) -> torc
     return round_ste(torch.clamp(x / scale, -qmax, qmax)) * scale
 
 
-absmax_scale = scale_from_absmax  # the kernels' own rule (one copy)
-
-
 def quantize_weight_bits(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric quantization to ``bits`` (8 or 4), stored as int8 + scale [N, 1]:
     ``torch_ref.quantize_weight`` with that width's grid. 4-bit values live in int8 containers, so the
@@ -61,12 +59,9 @@ def _quantize_input(x: torch.Tensor, conv: bool, static_scale: Optional[torch.Te
     """Fake-quantize an activation with the kernels' granularity: per token / per sample / static."""
     if static_scale is not None:
         return fake_quant(x, static_scale.reshape(()))
-    if conv:
-        absmax = x.detach().reshape(x.shape[0], -1).abs().amax(dim=1).reshape(-1, 1, 1, 1)
-    else:
-        absmax = x.detach().abs().amax(dim=-1, keepdim=True)
     # The dynamic scale is a statistic of the data, not a parameter the kernels could take: no gradient.
-    return fake_quant(x, absmax_scale(absmax))
+    scale = sample_scales(x.detach()).reshape(-1, 1, 1, 1) if conv else row_scales(x.detach())
+    return fake_quant(x, scale)
 
 
 class FakeQuantLayer(nn.Module):
@@ -164,11 +159,7 @@ class FakeQuantLayer(nn.Module):
         return scales[group]
 
     def fake_input(self, x: torch.Tensor) -> torch.Tensor:
-        xs = x.float()
-        if self.pre_quant_scale is not None:
-            shape = [1] * xs.dim()
-            shape[-1 if not self.is_conv else 1] = -1
-            xs = xs / self.pre_quant_scale.reshape(shape)
+        xs = smoothed(x, self.pre_quant_scale, channel_dim=1 if self.is_conv else -1)
         if self.act == "none":
             return xs
         return _quantize_input(xs, self.is_conv, self._static_scale())
@@ -188,8 +179,7 @@ class FakeQuantLayer(nn.Module):
         """A real QuantLayer: LoRA merged, weight re-quantized with the learned scales."""
         w = self.merged_weight()
         scale = self.weight_scale().float().reshape(-1, 1).clamp_min(MIN_SCALE)
-        view = scale.reshape((-1,) + (1,) * (w.dim() - 1))
-        qweight = torch.round(w / view).clamp_(-self.qmax, self.qmax).to(torch.int8)
+        qweight = quantize_with_scale(w, scale.reshape((-1,) + (1,) * (w.dim() - 1)), self.qmax)
         layer = self._quant_layer(qweight, scale.clone())
         if self.pre_quant_scale is not None:
             layer.set_smoothing(self.pre_quant_scale)
