@@ -26,6 +26,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..torch_ref import gelu_tanh_quantize
 from ..registry import m_bucket  # noqa: F401  (the one signature bucket; conv imports it from here)
 from . import triton_support
+from .triton_math import gelu_tanh, round_to_grid
 
 _MAX_INT32 = 2**31 - 1
 
@@ -126,14 +127,6 @@ def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _gelu_tanh(y):
-    # 0.5 y (1 + tanh(u)) with tanh(u) = 1 - 2 / (1 + exp(2u)): needs only exp, which the CPU
-    # interpreter has too. tanh(15) is 1 in fp32; the clamp keeps exp finite.
-    u = tl.minimum(0.7978845608028654 * (y + 0.044715 * y * y * y), 15.0)
-    return 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
-
-
-@triton.jit
 def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr, M, N, stride_cm,
                    stride_as, pid_m, pid_n, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr,
                    HAS_Q_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -151,12 +144,11 @@ def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr,
         # The next layer's static INT8 input, as torch_ref.gelu_tanh_quantize computes it: its
         # scale is known before the call, so no reduction over the row (other programs' columns)
         # is needed, and the hidden activation never goes to memory in float.
-        y = _gelu_tanh(y)
+        y = gelu_tanh(y)
         if HAS_Q_SMOOTH:
             y = tl.div_rn(y, tl.load(q_smooth_ptr + offs_n, mask=mask_n, other=1.0)[None, :])
         y = tl.div_rn(y, tl.load(q_scale_ptr))
-        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-        y = (y + 12582912.0) - 12582912.0  # round half to even (see triton_quant._round_to_int8)
+        y = round_to_grid(y)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 

@@ -32,6 +32,7 @@ from ..registry import m_bucket
 from ..torch_ref import round_to_grid
 from . import triton_support
 from .triton_gemm import _grouped_tile, _w8a8_epilogue, check_float_gemm
+from .triton_math import round_to_int8
 
 
 
@@ -81,9 +82,7 @@ def _quantize_tile(v, mult_or_smooth_ptr, scale, offs_k, k_mask, HAS_VEC: tl.con
             v = v * tl.load(mult_or_smooth_ptr + offs_k, mask=k_mask, other=0.0)[None, :]
         else:
             v = v * scale  # here: the reciprocal of the static scale
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-    # Round half to even by the fp32 magic number (see triton_quant._round_to_int8).
-    return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+    return round_to_int8(v)
 
 
 @triton.jit
