@@ -236,7 +236,8 @@ CROSSOVER_M = [16, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
 def fused_row(model, layer, m, n, k, reps_ms, parts=frozenset({"static"})):
-    """bf16 cuBLAS vs the old and new weight-only and static-W8A8 paths, eager and CUDA-graph."""
+    """bf16 cuBLAS vs the weight-only paths (fused kernel, float path, dequantize + cuBLAS) and the old and
+    new static-W8A8 paths, eager and CUDA-graph."""
     from comfyui_octet.kernels import torch_ref
     from comfyui_octet.kernels.backends import triton_gemm, triton_quant, triton_w8a16, triton_w8a8_static
     dev, dt = FUSED_DEVICE, torch.bfloat16
@@ -255,7 +256,6 @@ def fused_row(model, layer, m, n, k, reps_ms, parts=frozenset({"static"})):
     paths = {
         "bf16": lambda: F.linear(x, w, bias),
         "w8a16 float path": lambda: F.linear(x, torch_ref.dequantize_weight(qw, ws, dt), bias),
-        "w8a16 old": lambda: triton_gemm.w8a16_gemm(x, qw, ws, bias),
         "w8a16 new": lambda: triton_w8a16.w8a16_gemm(x, qw, ws, bias),
         "w8a16 dequant+cuBLAS": lambda: F.linear(x, triton_w8a16.dequantize_weight(qw, ws, dt), bias),
         "static old": static_old,
@@ -269,7 +269,6 @@ def fused_row(model, layer, m, n, k, reps_ms, parts=frozenset({"static"})):
     ref8 = torch_ref.linear_w8a8(x, qw, ws, bias, smooth, sc)
     row = {"model": model, "layer": layer, "M": m, "N": n, "K": k,
            "w8a16_new_err_vs_ref": rel_err(paths["w8a16 new"](), ref16),
-           "w8a16_old_err_vs_ref": rel_err(paths["w8a16 old"](), ref16),
            "dequant_equals_ref": bool(torch.equal(triton_w8a16.dequantize_weight(qw, ws, dt),
                                                   torch_ref.dequantize_weight(qw, ws, dt)))}
     if "static" in parts:
@@ -369,7 +368,7 @@ def fused_main(args, header):
             save()
     res["crossover"] = crossover_rows(args.reps_ms) if "crossover" in parts else []
     save()
-    cols = ["w8a16 float path", "w8a16 old", "w8a16 new", "w8a16 dequant+cuBLAS", "static old", "static fused exact", "static fused fast"]
+    cols = ["w8a16 float path", "w8a16 new", "w8a16 dequant+cuBLAS", "static old", "static fused exact", "static fused fast"]
     lines = [f"Card: **{card}**, torch {header['torch']}, triton {header['triton']}, {header['date']}.", "",
              "ms (ratio vs bf16 cuBLAS in the same mode, >1 = faster); eager then CUDA graph:", "",
              "| model | layer | M | bf16 ms | " + " | ".join(cols) + " | graph bf16 ms | "
@@ -534,8 +533,8 @@ def _quant_variants(reps_ms):
 
 def _print_tuned_configs():
     """Which tile each autotuned kernel chose per key (M bucket, N, K, ...): evidence for the configs."""
-    from comfyui_octet.kernels.backends import triton_conv, triton_gemm
-    for name, kern in (("w8a8", triton_gemm._w8a8_kernel), ("w8a16", triton_gemm._w8a16_kernel),
+    from comfyui_octet.kernels.backends import triton_conv, triton_gemm, triton_w8a16
+    for name, kern in (("w8a8", triton_gemm._w8a8_kernel), ("w8a16", triton_w8a16._tuned_kernel),
                        ("conv", triton_conv._conv_kernel)):
         for key, cfg in kern.cache.items():
             print("tuned", name, key[:6], cfg.kwargs, f"warps={cfg.num_warps} stages={cfg.num_stages}")
