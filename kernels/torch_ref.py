@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .operands import ConvGeometry, pair  # noqa: F401  (pair: re-exported for older callers)
+from .operands import ConvGeometry, pair
 
 QMAX = 127.0
 # Smallest scale we allow: an all-zero row then quantizes to zeros instead of NaN.
