@@ -47,15 +47,6 @@ def eval_psnr(model, fp_latents, conds, size) -> float:
     return sum(tensor_psnr(fp_latents[s], sample(model, s, pos, neg, size)) for s in EVAL_SEEDS) / len(EVAL_SEEDS)
 
 
-def with_layers(patcher, layers):
-    """A clone of ``patcher`` with these quantized layers as object patches."""
-    from comfyui_octet.nodes import bridge
-    out = patcher.clone()
-    for name, layer in layers.items():
-        out.add_object_patch(bridge.PREFIX + name, layer)
-    return out
-
-
 def static_minmax(fp, dynamic_q, train_conds, size):
     """Static per-tensor W8A8 from the largest input each layer saw on the float trajectories."""
     from comfyui_octet.nodes import bridge
@@ -81,7 +72,7 @@ def static_minmax(fp, dynamic_q, train_conds, size):
         q = cls.from_float(m, "static")
         q.set_static_scales(torch.tensor([max(absmax[name], 1e-8) / QMAX]))
         out[name] = q
-    return with_layers(fp, out)
+    return bridge.with_layers(fp, out)
 
 
 def main() -> int:
@@ -115,7 +106,7 @@ def main() -> int:
         ("W8A8 dynamic", dynamic, 8),
         ("W8A8 static per-tensor minmax", static_minmax(fp, dynamic, train_conds, args.size), 8),
         ("W4A8 dynamic (4-bit weights)",
-         with_layers(fp, qat.requantize(bridge.quantized_layers(dynamic), bridge.diffusion_model(fp), 4)), 4),
+         bridge.with_layers(fp, qat.requantize(bridge.quantized_layers(dynamic), bridge.diffusion_model(fp), 4)), 4),
     ]
     latent = {"samples": torch.zeros(1, 4, args.size, args.size)}
     rows = []

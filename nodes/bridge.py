@@ -77,6 +77,14 @@ def quantized_layers(patcher) -> dict[str, QuantLayer]:
     return found
 
 
+def with_layers(patcher, layers: dict) -> object:
+    """A clone of ``patcher`` with ``layers`` (diffusion-model names -> modules) as object patches."""
+    clone = patcher.clone()
+    for name, layer in layers.items():
+        clone.add_object_patch(PREFIX + name, layer)
+    return clone
+
+
 def quantize_model(patcher, config, policy=None, calibration=None, progress=None):
     """Clone ``patcher`` and install quantized layers as object patches. Returns (clone, result)."""
     host_compat.sync_core()
@@ -90,14 +98,12 @@ def quantize_model(patcher, config, policy=None, calibration=None, progress=None
     with torch.no_grad():
         result = quantize_(dm, config, policy=policy, calibration=calibration, inplace=False, progress=progress,
                            weight_overrides=overrides)
-    clone = patcher.clone()
+    clone = with_layers(patcher, result.replacements)
     merged = [PREFIX + n + ".weight" for n in result.replacements if n in overrides]
     if merged:
         # Those patches now live inside the int8 weights; applying them again at load would double them.
         clone.patches = {k: v for k, v in clone.patches.items() if k not in merged}
         clone.patches_uuid = uuid.uuid4()
-    for name, layer in result.replacements.items():
-        clone.add_object_patch(PREFIX + name, layer)
     for name, forward in result.forwards.items():
         # The container stays the source model's; only its forward is patched (and restored).
         clone.add_object_patch(PREFIX + name + ".forward", forward)

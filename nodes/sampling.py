@@ -212,9 +212,7 @@ def finetune(fp_model, quantized, positive, negative, latent_image, seed: int, s
     folded = {name: layer.to(homes[name]) for name, layer in qat.fold(twins).items()}
     del twins
 
-    out = quantized.clone()
-    for name, layer in folded.items():
-        out.add_object_patch(bridge.PREFIX + name, layer)
+    out = bridge.with_layers(quantized, folded)
     # The verdict that matters is the sample: per-call errors on the held-back trajectory can fall while the
     # sampled result drifts further (measured on the reference MMDiT, issue 15). Sample the held-back seed with
     # the PTQ MODEL and with the trained one, and keep the training only if its final latent is closer to float.

@@ -29,9 +29,7 @@ def _w4(tiny_model):
     """4-bit weights: where PTQ is visibly off, so the test can tell training from noise."""
     dynamic, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))
     layers = qat.requantize(bridge.quantized_layers(dynamic), bridge.diffusion_model(tiny_model), 4)
-    for name, layer in layers.items():
-        dynamic.add_object_patch(bridge.PREFIX + name, layer)
-    return dynamic
+    return bridge.with_layers(dynamic, layers)
 
 
 def test_finetune_lowers_the_distillation_loss_and_folds_into_real_int8_layers(tiny_model, sample, rng, tmp_path):
