@@ -29,7 +29,7 @@ from comfyui_octet.fixtures import reference_model as rm
 from comfyui_octet.octet import DynamicW8A8Config, StaticW8A8Config  # noqa: E402
 from comfyui_octet.octet.attribution import attribute, auto_policy  # noqa: E402
 from comfyui_octet.nodes.policy_nodes import detect_preset  # noqa: E402
-from comfyui_octet.octet.policy import preset  # noqa: E402
+from comfyui_octet.octet.presets import preset  # noqa: E402
 
 RECIPE_STATIC = StaticW8A8Config(observer="mse", timestep_groups=True, smooth_alpha=0.5)
 MARGIN_DB = 1.0

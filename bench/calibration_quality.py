@@ -30,10 +30,11 @@ import comfy.utils  # noqa: E402
 import nodes  # noqa: E402
 import torch  # noqa: E402
 
-from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes  # noqa: E402
+from comfyui_octet.nodes import bridge, calibrate_nodes, sampling  # noqa: E402
 
 from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import DynamicW8A8Config, StaticW8A8Config  # noqa: E402
+from comfyui_octet.octet.metrics import tensor_psnr  # noqa: E402
 
 comfy.utils.PROGRESS_BAR_ENABLED = False
 OUTLIER_GAIN = 30.0
@@ -58,11 +59,6 @@ def plant_outliers(patcher, gain=OUTLIER_GAIN, channels=3, seed=0):
                 planted += 1
     assert planted, "no SpatialTransformer found"
     return patcher
-
-
-def psnr(x, ref) -> float:
-    from comfyui_octet.octet.metrics import tensor_psnr
-    return tensor_psnr(ref, x, peak="absmax")
 
 
 def run(model_name, model, args):
@@ -92,9 +88,9 @@ def run(model_name, model, args):
             if sampler_schedule is None:
                 out = sample(q, s)
             else:
-                out = sampler_nodes.sample(q, model, pos, neg, latent, s, args.steps, args.cfg, "euler", "normal",
-                                           1.0, *sampler_schedule)[0]["samples"]
-            vals.append(psnr(out, refs[s]))
+                out = sampling.sample_schedule(q, model, pos, neg, latent, s, args.steps, args.cfg, "euler",
+                                               "normal", 1.0, *sampler_schedule)[0]["samples"]
+            vals.append(tensor_psnr(refs[s], out, peak="absmax"))
         return (model_name, label, sum(vals) / len(vals))
 
     rows = []

@@ -114,7 +114,7 @@ def linear_row(kernels, model, layer, m, n, k, reps_ms):
     t["gemm"] = bench(lambda: triton_gemm.w8a8_gemm(xq, xs, qw, ws, bias, dt), reps_ms)
     t["quant+gemm"] = bench(lambda: kernels.linear(x, qw, ws, bias, backend="triton"), reps_ms)
     # Static W8A8: one calibrated scale, so the quantizer skips the per-token absmax reduction.
-    static_scale = (x.abs().amax().float() / 127).reshape(1)
+    static_scale = torch_ref.scale_from_absmax(x.abs().amax()).reshape(1)
     t["static quant+gemm"] = bench(lambda: kernels.linear(x, qw, ws, bias, act="static", static_scale=static_scale,
                                                           backend="triton"), reps_ms)
     t["quant"] = bench(lambda: triton_quant.quantize_rows(x), reps_ms)
@@ -196,8 +196,8 @@ def mlp_row(kernels, model, block, m, width, hidden, reps_ms):
         return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
 
     ref = bf16()
-    sc1 = (x.float().abs().amax() / 127).reshape(1)
-    sc2 = (F.gelu(F.linear(x, w1, b1).float(), approximate="tanh").abs().amax() / 127).reshape(1)
+    sc1 = torch_ref.scale_from_absmax(x.float().abs().amax()).reshape(1)
+    sc2 = torch_ref.scale_from_absmax(F.gelu(F.linear(x, w1, b1).float(), approximate="tanh").abs().amax()).reshape(1)
 
     def layers(act):
         kw1 = {"static_scale": sc1} if act == "static" else {}
@@ -236,7 +236,8 @@ CROSSOVER_M = [16, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
 def fused_row(model, layer, m, n, k, reps_ms, parts=frozenset({"static"})):
-    """bf16 cuBLAS vs the old and new weight-only and static-W8A8 paths, eager and CUDA-graph."""
+    """bf16 cuBLAS vs the weight-only paths (fused kernel, float path, dequantize + cuBLAS) and the old and
+    new static-W8A8 paths, eager and CUDA-graph."""
     from comfyui_octet.kernels import torch_ref
     from comfyui_octet.kernels.backends import triton_gemm, triton_quant, triton_w8a16, triton_w8a8_static
     dev, dt = FUSED_DEVICE, torch.bfloat16
@@ -245,7 +246,7 @@ def fused_row(model, layer, m, n, k, reps_ms, parts=frozenset({"static"})):
     bias = torch.randn(n, device=dev, dtype=dt) * 0.1
     qw, ws = torch_ref.quantize_weight(w)
     smooth = torch.rand(k, device=dev) + 0.5
-    sc = ((x.float() / smooth).abs().amax() / 127 * 0.8).reshape(1)
+    sc = (torch_ref.scale_from_absmax(torch_ref.smoothed(x, smooth, -1).abs().amax()) * 0.8).reshape(1)
     mult = triton_w8a8_static.prologue_multiplier(smooth, sc, dev)
 
     def static_old():
@@ -255,7 +256,6 @@ def fused_row(model, layer, m, n, k, reps_ms, parts=frozenset({"static"})):
     paths = {
         "bf16": lambda: F.linear(x, w, bias),
         "w8a16 float path": lambda: F.linear(x, torch_ref.dequantize_weight(qw, ws, dt), bias),
-        "w8a16 old": lambda: triton_gemm.w8a16_gemm(x, qw, ws, bias),
         "w8a16 new": lambda: triton_w8a16.w8a16_gemm(x, qw, ws, bias),
         "w8a16 dequant+cuBLAS": lambda: F.linear(x, triton_w8a16.dequantize_weight(qw, ws, dt), bias),
         "static old": static_old,
@@ -269,7 +269,6 @@ def fused_row(model, layer, m, n, k, reps_ms, parts=frozenset({"static"})):
     ref8 = torch_ref.linear_w8a8(x, qw, ws, bias, smooth, sc)
     row = {"model": model, "layer": layer, "M": m, "N": n, "K": k,
            "w8a16_new_err_vs_ref": rel_err(paths["w8a16 new"](), ref16),
-           "w8a16_old_err_vs_ref": rel_err(paths["w8a16 old"](), ref16),
            "dequant_equals_ref": bool(torch.equal(triton_w8a16.dequantize_weight(qw, ws, dt),
                                                   torch_ref.dequantize_weight(qw, ws, dt)))}
     if "static" in parts:
@@ -369,7 +368,7 @@ def fused_main(args, header):
             save()
     res["crossover"] = crossover_rows(args.reps_ms) if "crossover" in parts else []
     save()
-    cols = ["w8a16 float path", "w8a16 old", "w8a16 new", "w8a16 dequant+cuBLAS", "static old", "static fused exact", "static fused fast"]
+    cols = ["w8a16 float path", "w8a16 new", "w8a16 dequant+cuBLAS", "static old", "static fused exact", "static fused fast"]
     lines = [f"Card: **{card}**, torch {header['torch']}, triton {header['triton']}, {header['date']}.", "",
              "ms (ratio vs bf16 cuBLAS in the same mode, >1 = faster); eager then CUDA graph:", "",
              "| model | layer | M | bf16 ms | " + " | ".join(cols) + " | graph bf16 ms | "
@@ -534,8 +533,8 @@ def _quant_variants(reps_ms):
 
 def _print_tuned_configs():
     """Which tile each autotuned kernel chose per key (M bucket, N, K, ...): evidence for the configs."""
-    from comfyui_octet.kernels.backends import triton_conv, triton_gemm
-    for name, kern in (("w8a8", triton_gemm._w8a8_kernel), ("w8a16", triton_gemm._w8a16_kernel),
+    from comfyui_octet.kernels.backends import triton_conv, triton_gemm, triton_w8a16
+    for name, kern in (("w8a8", triton_gemm._w8a8_kernel), ("w8a16", triton_w8a16._tuned_kernel),
                        ("conv", triton_conv._conv_kernel)):
         for key, cfg in kern.cache.items():
             print("tuned", name, key[:6], cfg.kwargs, f"warps={cfg.num_warps} stages={cfg.num_stages}")

@@ -58,6 +58,7 @@ def main() -> int:
     octet_pack.load()
     import torch
     import triton
+    from comfyui_octet.kernels.torch_ref import scale_from_absmax
     from comfyui_octet.octet.modules import QuantLinear, plan_summary
 
     if not torch.cuda.is_available():
@@ -80,7 +81,7 @@ def main() -> int:
                 for label, act, backend, goal in PATHS:
                     q = QuantLinear.from_float(lin, act, backend, goal=goal)
                     if act == "static":
-                        q.set_static_scales((x.abs().amax().float() / 127).reshape(1))
+                        q.set_static_scales(scale_from_absmax(x.abs().amax()).reshape(1))
                     model = torch.nn.Sequential(q)
                     host, wall = measure(lambda: model(x), args.reps)
                     chosen = plan_summary(model)["layers"]["0"]["backends"]

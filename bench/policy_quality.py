@@ -63,11 +63,6 @@ def sample(patcher, seed, size):
                                  SAMPLER["scheduler"], pos, neg, latent)[0]["samples"]
 
 
-def psnr(ref, out):
-    from comfyui_octet.octet.metrics import tensor_psnr
-    return tensor_psnr(ref, out)
-
-
 def weights_mib(patcher, result) -> float:
     """INT8 layers as stored, everything else in bf16."""
     quantized = {r.name: r for r in result.quantized} if result is not None else {}
@@ -85,6 +80,7 @@ def rows_for(label, patcher, args):
     from comfyui_octet.fixtures import reference_model
     from comfyui_octet.nodes.policy_nodes import MixedPrecisionPolicy, SensitivityPolicy
     from comfyui_octet.octet import config_for_mode
+    from comfyui_octet.octet.metrics import tensor_psnr
 
     config = config_for_mode("dynamic")
     refs = {s: sample(patcher, s, args.size) for s in EVAL_SEEDS}
@@ -104,7 +100,7 @@ def rows_for(label, patcher, args):
                  seconds=0.0)]
     for name, pol, seconds in policies:
         quantized, result = bridge.quantize_model(patcher, config, policy=pol)
-        scores = [psnr(refs[s], sample(quantized, s, args.size)) for s in EVAL_SEEDS]
+        scores = [tensor_psnr(refs[s], sample(quantized, s, args.size)) for s in EVAL_SEEDS]
         kept = sum(r.params for r in result.skipped)
         rows.append(dict(model=label, policy=name, mib=weights_mib(patcher, result), psnr=sum(scores) / len(scores),
                          float_share=kept / sum(r.params for r in result.layers), seconds=seconds))

@@ -11,7 +11,7 @@ Settings (all layers quantized, no policy):
   * W4A8 dynamic         - 4-bit per-channel weights (stored in int8, same kernels) with dynamic
                            INT8 activations.
 For each, PTQ is the model as quantized; QAT is PTQ + the QAT Fine-tune path (octet.qat via
-nodes/qat_nodes.finetune: teacher trajectories with the host KSampler, distillation, fold). Both are
+nodes/sampling.finetune: teacher trajectories with the host KSampler, distillation, fold). Both are
 then sampled with the host KSampler and the *real* INT8 kernels (no fake quant) on held-out seeds
 and a held-out prompt, and compared with the float model's latents from the same seeds.
 """
@@ -34,11 +34,6 @@ EVAL_SEEDS = (1000, 1001, 1002, 1003)
 
 
 
-def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    from comfyui_octet.octet.metrics import tensor_psnr
-    return tensor_psnr(ref, x)
-
-
 def sample(model, seed, positive, negative, size):
     import nodes
     latent = {"samples": torch.zeros(1, 4, size, size)}
@@ -47,22 +42,15 @@ def sample(model, seed, positive, negative, size):
 
 
 def eval_psnr(model, fp_latents, conds, size) -> float:
+    from comfyui_octet.octet.metrics import tensor_psnr
     pos, neg = conds
-    return sum(psnr(fp_latents[s], sample(model, s, pos, neg, size)) for s in EVAL_SEEDS) / len(EVAL_SEEDS)
-
-
-def with_layers(patcher, layers):
-    """A clone of ``patcher`` with these quantized layers as object patches."""
-    from comfyui_octet.nodes import bridge
-    out = patcher.clone()
-    for name, layer in layers.items():
-        out.add_object_patch(bridge.PREFIX + name, layer)
-    return out
+    return sum(tensor_psnr(fp_latents[s], sample(model, s, pos, neg, size)) for s in EVAL_SEEDS) / len(EVAL_SEEDS)
 
 
 def static_minmax(fp, dynamic_q, train_conds, size):
     """Static per-tensor W8A8 from the largest input each layer saw on the float trajectories."""
     from comfyui_octet.nodes import bridge
+    from comfyui_octet.kernels.torch_ref import QMAX
     from comfyui_octet.octet.modules import QuantConv2d, QuantLinear
     layers = bridge.quantized_layers(dynamic_q)
     dm = bridge.diffusion_model(fp)
@@ -82,9 +70,9 @@ def static_minmax(fp, dynamic_q, train_conds, size):
         m = dm.get_submodule(name)
         cls = QuantLinear if isinstance(m, torch.nn.Linear) else QuantConv2d
         q = cls.from_float(m, "static")
-        q.set_static_scales(torch.tensor([max(absmax[name], 1e-8) / 127.0]))
+        q.set_static_scales(torch.tensor([max(absmax[name], 1e-8) / QMAX]))
         out[name] = q
-    return with_layers(fp, out)
+    return bridge.with_layers(fp, out)
 
 
 def main() -> int:
@@ -101,7 +89,7 @@ def main() -> int:
         args.train_steps, args.trajectories = 60, 2
 
     octet_pack.load(comfy=True)
-    from comfyui_octet.nodes import bridge, qat_nodes
+    from comfyui_octet.nodes import bridge, sampling
     from comfyui_octet.fixtures import reference_model
     from comfyui_octet.octet import config_for_mode, qat
 
@@ -118,7 +106,7 @@ def main() -> int:
         ("W8A8 dynamic", dynamic, 8),
         ("W8A8 static per-tensor minmax", static_minmax(fp, dynamic, train_conds, args.size), 8),
         ("W4A8 dynamic (4-bit weights)",
-         with_layers(fp, qat.requantize(bridge.quantized_layers(dynamic), bridge.diffusion_model(fp), 4)), 4),
+         bridge.with_layers(fp, qat.requantize(bridge.quantized_layers(dynamic), bridge.diffusion_model(fp), 4)), 4),
     ]
     latent = {"samples": torch.zeros(1, 4, args.size, args.size)}
     rows = []
@@ -127,9 +115,9 @@ def main() -> int:
         config = qat.QATConfig(steps=args.train_steps, lr=args.lr, lora_rank=args.rank, weight_bits=bits,
                                log_every=max(1, args.train_steps // 10))
         start = time.perf_counter()
-        tuned, result, text = qat_nodes.finetune(fp, ptq, *train_conds, latent, 0, SAMPLER["steps"], SAMPLER["cfg"],
-                                                 SAMPLER["sampler_name"], SAMPLER["scheduler"], args.trajectories,
-                                                 config)
+        tuned, result, text = sampling.finetune(fp, ptq, *train_conds, latent, 0, SAMPLER["steps"], SAMPLER["cfg"],
+                                                SAMPLER["sampler_name"], SAMPLER["scheduler"], args.trajectories,
+                                                config)
         seconds = time.perf_counter() - start
         qat_db = eval_psnr(tuned, fp_latents, eval_conds, args.size)
         rows.append((name, ptq_db, qat_db, seconds, result.eval_before, result.eval_after))

@@ -156,7 +156,7 @@ def _sensitivity(ctx, mode: str, share: float, calibration=None):
 @method("dynamic W8A8 + policy preset (auto-detected)")
 def _policy_preset(ctx):
     from comfyui_octet.nodes.policy_nodes import detect_preset
-    from comfyui_octet.octet.policy import preset
+    from comfyui_octet.octet.presets import preset
     return bridge.quantize_model(ctx.fp, DynamicW8A8Config(), policy=preset(detect_preset(ctx.fp)))[0]
 
 
@@ -187,7 +187,8 @@ def with_states(*args):
 def _ends_policy(fp):
     """The preset's first/last-layer rules only: layers that matter little for size but much for error."""
     from comfyui_octet.nodes.policy_nodes import detect_preset
-    from comfyui_octet.octet.policy import Policy, preset
+    from comfyui_octet.octet.policy import Policy
+    from comfyui_octet.octet.presets import preset
     base = preset(detect_preset(fp))
     return Policy(name="first/last float", rules=[r for r in base.rules if "first layer" in r.why or "last layer" in r.why])
 
@@ -221,7 +222,7 @@ def _auto_row(ctx):
 @method("Octet auto + preset (embeddings, adaLN, first/last layers float)")
 def _auto_preset_row(ctx):
     from comfyui_octet.nodes.policy_nodes import detect_preset
-    from comfyui_octet.octet.policy import preset
+    from comfyui_octet.octet.presets import preset
     return _auto(ctx, base=preset(detect_preset(ctx.fp)))
 
 
@@ -259,11 +260,11 @@ class Scheduled:
         self.model, self.float_model, self.first, self.last = model, float_model, float_first, float_last
 
     def sample_run(self, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler):
-        from comfyui_octet.nodes import sampler_nodes
+        from comfyui_octet.nodes import sampling
         t0 = time.perf_counter()
-        out, _ = sampler_nodes.sample(self.model, self.float_model, positive, negative, latent, seed, steps, cfg,
-                                      sampler_name, scheduler, float_first_steps=self.first,
-                                      float_last_steps=self.last)
+        out, _ = sampling.sample_schedule(self.model, self.float_model, positive, negative, latent, seed, steps, cfg,
+                                          sampler_name, scheduler, float_first_steps=self.first,
+                                          float_last_steps=self.last)
         seconds = time.perf_counter() - t0
         return evaluate.SampleRun(out["samples"], seconds, steps, None, int(self.model.model_size()))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .operands import ConvGeometry, pair  # noqa: F401  (pair: re-exported for older callers)
+from .operands import ConvGeometry, pair
 
 QMAX = 127.0
 # Smallest scale we allow: an all-zero row then quantizes to zeros instead of NaN.
@@ -29,9 +29,25 @@ def scale_from_absmax(absmax: torch.Tensor, qmax: float = QMAX) -> torch.Tensor:
     return (absmax.float() / qmax).clamp_min(MIN_SCALE)
 
 
+def round_to_grid(y: torch.Tensor, qmax: float = QMAX) -> torch.Tensor:
+    """Round half to even and clamp to [-qmax, qmax]: the integer codes of ``y`` (already divided by
+    its scale), still in y's float dtype."""
+    return torch.round(y).clamp_(-qmax, qmax)
+
+
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, qmax: float = QMAX) -> torch.Tensor:
     """Round x / scale to the symmetric integer grid [-qmax, qmax] (INT8 by default); scale broadcasts."""
-    return torch.round(x.float() / scale).clamp_(-qmax, qmax).to(torch.int8)
+    return round_to_grid(x.float() / scale, qmax).to(torch.int8)
+
+
+def row_scales(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token scales [..., 1] (linear layers: one per row of the last dimension)."""
+    return scale_from_absmax(x.abs().amax(dim=-1, keepdim=True))
+
+
+def sample_scales(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-sample scales [B] (convolutions: a per-pixel scale would not factor out of the sum)."""
+    return scale_from_absmax(x.reshape(x.shape[0], -1).abs().amax(dim=1))
 
 
 def quantize_weight(weight: torch.Tensor, qmax: float = QMAX) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +81,7 @@ def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
     """Quantize activations [M, K]: per-token dynamic scales [M, 1], or one static scale [1, 1]."""
     xs = smoothed(x2d, smooth, channel_dim=1)
     if static_scale is None:
-        scale = scale_from_absmax(xs.abs().amax(dim=1, keepdim=True))
+        scale = row_scales(xs)
     else:
         scale = static_scale.float().reshape(1, 1).to(xs.device)
     return quantize_with_scale(xs, scale), scale
@@ -76,7 +92,7 @@ def quantize_per_sample(x: torch.Tensor, smooth: torch.Tensor | None = None,
     """Quantize NCHW activations with one scale per sample (dynamic) or one static scale."""
     xs = smoothed(x, smooth, channel_dim=1)
     if static_scale is None:
-        scale = scale_from_absmax(xs.reshape(xs.shape[0], -1).abs().amax(dim=1))
+        scale = sample_scales(xs)
     else:
         scale = static_scale.float().reshape(1).expand(xs.shape[0]).to(xs.device)
     return quantize_with_scale(xs, scale.reshape(-1, 1, 1, 1)), scale

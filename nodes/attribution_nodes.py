@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..octet.api import OctetError
 from ..octet.attribution import attribute, auto_policy
-from ..octet.policy import preset
+from ..octet.presets import preset
 from . import bridge, sampling
 from . import sampling_defaults as sd
 from .policy_nodes import PRESET_TIP, resolve_preset

@@ -77,6 +77,14 @@ def quantized_layers(patcher) -> dict[str, QuantLayer]:
     return found
 
 
+def with_layers(patcher, layers: dict) -> object:
+    """A clone of ``patcher`` with ``layers`` (diffusion-model names -> modules) as object patches."""
+    clone = patcher.clone()
+    for name, layer in layers.items():
+        clone.add_object_patch(PREFIX + name, layer)
+    return clone
+
+
 def quantize_model(patcher, config, policy=None, calibration=None, progress=None):
     """Clone ``patcher`` and install quantized layers as object patches. Returns (clone, result)."""
     host_compat.sync_core()
@@ -90,14 +98,12 @@ def quantize_model(patcher, config, policy=None, calibration=None, progress=None
     with torch.no_grad():
         result = quantize_(dm, config, policy=policy, calibration=calibration, inplace=False, progress=progress,
                            weight_overrides=overrides)
-    clone = patcher.clone()
+    clone = with_layers(patcher, result.replacements)
     merged = [PREFIX + n + ".weight" for n in result.replacements if n in overrides]
     if merged:
         # Those patches now live inside the int8 weights; applying them again at load would double them.
         clone.patches = {k: v for k, v in clone.patches.items() if k not in merged}
         clone.patches_uuid = uuid.uuid4()
-    for name, layer in result.replacements.items():
-        clone.add_object_patch(PREFIX + name, layer)
     for name, forward in result.forwards.items():
         # The container stays the source model's; only its forward is patched (and restored).
         clone.add_object_patch(PREFIX + name + ".forward", forward)
@@ -142,7 +148,22 @@ def _weights_with_patches(patcher, dm) -> dict[str, torch.Tensor]:
     return out
 
 
-# -- timestep groups ------------------------------------------------------------------------------
+# -- wrappers around the diffusion-model calls -------------------------------------------------------
+def set_apply_model_wrapper(patcher, key: str, wrapper) -> None:
+    """Run ``wrapper(executor, x, t, *args, **kwargs)`` around every diffusion-model call of ``patcher``,
+    replacing any wrapper it holds under ``key``.
+
+    ComfyUI's APPLY_MODEL wrappers receive the sigma of the call (``t``) before the model sees it,
+    with any sampler, including the stock KSampler; they are stacked by key, so other packs'
+    wrappers and set_model_unet_function_wrapper stay free. The wrapper is stored on this patcher
+    and copied into its clones. Octet's (timestep groups, INT8 Sampler's step timer, the CUDA graph
+    step) all go through here.
+    """
+    import comfy.patcher_extension
+    patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
+
+
 def _static_selector(result):
     """The one GroupSelector the static layers of a quantization share (None if none uses groups)."""
     selectors = {id(q.group_selector): q.group_selector for q in result.replacements.values()
@@ -157,24 +178,16 @@ def install_timestep_groups(patcher, selector: GroupSelector, key: str = TIMESTE
     """Make every diffusion-model call pick the static scales of the group holding its sigma.
 
     The one sigma-following wrapper: Quantize/Load Quantized install it on the INT8 MODEL (``record``:
-    the header keeps the bands), Calibrate on its float clone (another ``key``; ``before_call`` checks
-    for Cancel between two model calls).
-
-    ComfyUI's APPLY_MODEL wrappers receive the sigma of the call (``t``) before the model sees it,
-    with any sampler, including the stock KSampler; they are stacked by key, so other packs'
-    wrappers and set_model_unet_function_wrapper stay free. The wrapper is stored on this patcher
-    and copied into its clones; the header records ``selector.to_dict()`` so Load Quantized
-    rebuilds the same bands.
+    the header keeps the bands, ``selector.to_dict()``, so Load Quantized rebuilds the same ones),
+    Calibrate on its float clone (another ``key``; ``before_call`` checks for Cancel between two
+    model calls).
     """
-    import comfy.patcher_extension
-
     def select_group(executor, x, t, *args, **kwargs):
         if before_call is not None:
             before_call()
         selector.select(t)
         return executor(x, t, *args, **kwargs)
 
-    patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key)
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, select_group)
+    set_apply_model_wrapper(patcher, key, select_group)
     if record:
         patcher.model_options.setdefault(OPTIONS_KEY, {})["timestep_groups"] = selector.to_dict()

@@ -1,6 +1,6 @@
 """Calibrate, Save Calibration, Load Calibration, Calibration Prompts.
 
-Calibrate runs the host's own sampler (``nodes.common_ksampler``, the stock KSampler path) on a
+Calibrate runs the host's own sampler (``nodes/sampling.calibrate``, the stock KSampler path) on a
 *clone* of the float MODEL that carries an APPLY_MODEL wrapper: before each diffusion-model call
 the wrapper puts the call's sigma into the timestep-group selector, and forward pre-hooks on
 every Linear/Conv2d file the layer's input under that group. Hooks and wrapper are gone when the
@@ -20,9 +20,7 @@ calibrations made for public models.
 """
 from __future__ import annotations
 
-import logging
 import os
-import time
 
 import comfy.samplers
 import comfy.utils
@@ -31,17 +29,13 @@ from comfy_api.latest import io
 
 from ..octet import safefile
 from ..octet.api import OctetError
-from ..octet.calibration import Calibration, record
-from ..octet.observers import DEFAULT_SAMPLE_CAP
-from ..octet.timestep import GroupSelector
-from . import bridge
+from ..octet.calibration import Calibration, coverage_notes
 from . import sampling_defaults as sd
 from .host import PACK_ROOT
-from .progress import check_interrupt
+from .sampling import calibrate
 from .types import CALIBRATION
 from .widgets import require_finite
 
-log = logging.getLogger("octet")
 FOLDER = "octet_calibration"
 PACK_DATA = os.path.join(PACK_ROOT, "calibration_data")
 
@@ -63,10 +57,6 @@ def _files(ext: str) -> list[str]:
 
 def _prompt_sets() -> list[str]:
     return sorted(f for f in os.listdir(PACK_DATA) if f.endswith(".txt")) if os.path.isdir(PACK_DATA) else []
-
-
-def _batch(conditioning) -> int:
-    return max((c[0].shape[0] for c in conditioning), default=1)
 
 
 class Calibrate(io.ComfyNode):
@@ -114,87 +104,6 @@ class Calibrate(io.ComfyNode):
         calibration, seconds = calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                                          scheduler, timestep_groups)
         return io.NodeOutput(calibration, describe(calibration, seconds))
-
-
-def calibrate(model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, groups,
-              *, sample_cap: int = DEFAULT_SAMPLE_CAP):
-    """Run real sampling with hooks on the float model; returns (Calibration, seconds)."""
-    import nodes
-
-    if bridge.quantized_layers(model):  # also unloads clones whose object patches sit in the shared model
-        raise OctetError("This MODEL is already quantized. Calibrate the float MODEL (before Quantize Model).")
-    dm = bridge.diffusion_model(model)
-    sigmas = comfy.samplers.KSampler(model, steps, model.load_device, sampler_name, scheduler, 1.0,
-                                     model_options=model.model_options).sigmas
-    selector = GroupSelector.from_sigmas(sigmas.tolist(), groups)
-    latent = dict(latent_image)
-    batch = max(_batch(positive), _batch(negative))
-    if latent["samples"].shape[0] < batch:  # one noise per prompt: ComfyUI draws it per batch index
-        reps = -(-batch // latent["samples"].shape[0])
-        latent["samples"] = latent["samples"].repeat(reps, 1, 1, 1)[:batch]
-    clone = model.clone()
-    # Cancel stops calibration between two model calls.
-    bridge.install_timestep_groups(clone, selector, key="octet_calibrate", before_call=check_interrupt, record=False)
-    info = {"sampler": {"seed": int(seed), "steps": int(steps), "cfg": float(cfg), "sampler": sampler_name,
-                        "scheduler": scheduler, "batch": int(latent["samples"].shape[0]),
-                        "latent_shape": list(latent["samples"].shape)},
-            "conditioning": {"positive": _describe_cond(positive), "negative": _describe_cond(negative)}}
-    start = time.perf_counter()
-    with record(dm, selector, sample_cap=sample_cap, architecture=bridge.architecture(model), info=info) as cal:
-        nodes.common_ksampler(clone, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent)
-    seconds = time.perf_counter() - start
-    cal.info["seconds"] = round(seconds, 3)
-    for note in coverage_notes(info["conditioning"]["positive"]):
-        log.warning("Octet Calibrate: %s", note)
-    unseen = [n for n, s in cal.layers.items() if int(s.calls.sum()) == 0]
-    if unseen:
-        log.warning("Octet: %d layers never ran during calibration (e.g. %s); static mode will refuse them "
-                    "unless a policy keeps them in float.", len(unseen), unseen[:3])
-    return cal, seconds
-
-
-# Below this many distinct prompts, Calibrate warns: static scales only cover the activation ranges the
-# calibration prompts reach. Measured (docs/QUALITY_generalisation.md): on the reference models, scales
-# calibrated on 3 of 10 classes score lower on the 7 classes they never saw than scales calibrated on all 10.
-MIN_DISTINCT_PROMPTS = 8
-
-
-def _describe_cond(conditioning) -> dict:
-    """What we can say about CONDITIONING without its text: shapes, distinct prompts, a short content hash."""
-    import hashlib
-    h = hashlib.sha256()
-    shapes, rows = [], set()
-    for c in conditioning:
-        shapes.append(list(c[0].shape))
-        t = c[0].detach().float().cpu()
-        h.update(t.numpy().tobytes()[:1 << 16])
-        rows.update(hashlib.sha256(r.numpy().tobytes()).hexdigest() for r in t.reshape(t.shape[0], -1))
-    return {"entries": len(conditioning), "shapes": shapes, "distinct": len(rows), "hash": h.hexdigest()[:16]}
-
-
-def coverage_notes(positive_info: dict) -> list[str]:
-    """Warnings about how narrow the calibration prompts were (from ``_describe_cond`` of the positive)."""
-    n = positive_info.get("distinct")
-    if n is None or n >= MIN_DISTINCT_PROMPTS:
-        return []
-    return [f"calibrated on {n} distinct prompt(s). Static scales only cover the activation ranges these prompts "
-            f"reach; prompts unlike them get clipped or coarse scales (on Octet's reference models, calibrating on 3 "
-            f"of 10 classes costs PSNR on the other 7: docs/QUALITY_generalisation.md). Use >= "
-            f"{MIN_DISTINCT_PROMPTS} varied prompts (Calibration Prompts, batched), or dynamic mode."]
-
-
-def sampler_mismatch(calibration_summary: dict | None, steps, cfg, sampler_name, scheduler) -> list[str]:
-    """Where the sampling settings differ from those the calibration ran with (scales follow cfg and sigmas)."""
-    cal = (calibration_summary or {}).get("sampler")
-    if not cal:
-        return []
-    now = {"steps": int(steps), "cfg": float(cfg), "sampler": sampler_name, "scheduler": scheduler}
-    diff = [f"{k} {cal[k]} -> {v}" for k, v in now.items() if k in cal and cal[k] != v]
-    if not diff:
-        return []
-    return ["sampling with other settings than the calibration (" + ", ".join(diff) + "): cfg changes the "
-            "activations the static scales were fitted to, steps/scheduler the sigmas the timestep groups were cut "
-            "on. Calibrate again with these settings for the best static quality."]
 
 
 def describe(cal: Calibration, seconds: float | None = None) -> str:

@@ -1,5 +1,6 @@
 """Evaluate and Profile logic (used by eval_nodes.py and bench/quality.py): sample FP and INT8 MODELs
-through the host's KSampler at the same seeds, compare images, time and size them, draw charts.
+through the host's KSampler (``sampling.ksampler``) at the same seeds, compare images, time and size
+them, draw charts.
 
 Images: Octet reference models decode exactly (pixel-shuffle); other models need a VAE, and without
 one we compare latents mapped to [0, 1] with the FP batch's range (labelled "latent space").
@@ -16,6 +17,7 @@ import torch
 from ..octet import metrics
 from ..fixtures import reference_model
 from .plotting import bar_chart
+from .sampling import ksampler
 
 FID_MIN_SAMPLES = 16
 CLASSIFIER_PATH = os.path.join(reference_model.MODELS_DIR, "octet_fmnist_classifier.safetensors")
@@ -49,15 +51,14 @@ class SampleRun:
 
 
 def sample_run(model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler) -> SampleRun:
-    """One KSampler run (the host's common_ksampler), timed, with peak memory."""
+    """One KSampler run (``sampling.ksampler``), timed, with peak memory."""
     import comfy.model_management as mm
-    import nodes
 
     device = mm.get_torch_device()
     t0 = time.perf_counter()
     out, peak = metrics.peak_memory(
-        lambda: nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                      latent)[0]["samples"], device=device)
+        lambda: ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent)["samples"],
+        device=device)
     seconds = time.perf_counter() - t0
     return SampleRun(out, seconds, steps, peak, int(model.model_size()))
 
@@ -97,13 +98,11 @@ def profile_step(model, positive, negative, latent, seed=0, cfg=1.0, sampler_nam
     Returns (rows sorted by self time, text table, bar-chart IMAGE).
     """
     import comfy.model_management as mm
-    import nodes
 
     from . import bridge
     device = mm.get_torch_device()
     cuda = device.type == "cuda"
-    run = lambda: nodes.common_ksampler(model, seed, 1, cfg, sampler_name, scheduler, positive, negative,  # noqa: E731
-                                        latent)
+    run = lambda: ksampler(model, seed, 1, cfg, sampler_name, scheduler, positive, negative, latent)  # noqa: E731
     run()  # warm up; also loads the MODEL, so a quantized clone's layers are swapped in
     dm = bridge.diffusion_model(model)
     stats, stack, hooks = {}, [], []

@@ -26,6 +26,7 @@ import torch
 
 from ..octet.cuda_graph import GraphBackend, GraphCache, Unkeyable, capture, flatten, signature
 from ..octet.modules import QuantLayer
+from .bridge import set_apply_model_wrapper
 
 log = logging.getLogger("octet")
 WRAPPER_KEY = "octet_cuda_graph_step"
@@ -263,11 +264,9 @@ def _end_broken_capture() -> None:
 
 def install(patcher, capacity: int = 4, warmup: int = 2, backend: GraphBackend | None = None):
     """A clone of ``patcher`` whose diffusion-model calls replay CUDA graphs. Returns (clone, GraphStep)."""
-    import comfy.patcher_extension as pe
     step = GraphStep(capacity=capacity, warmup=warmup, backend=backend or GraphBackend())
     clone = patcher.clone()
-    clone.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
-    clone.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, step)
+    set_apply_model_wrapper(clone, WRAPPER_KEY, step)
     return clone, step
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..octet import checkpoint, filecheck, fileformat
 from ..octet.api import OctetError
-from ..octet.policy import write_report
+from ..octet.report import write_report
 from ..octet.timestep import GroupSelector
 from . import bridge, host_compat
 from .widgets import install_cfg_guard

@@ -1,9 +1,9 @@
 """Mixed-Precision Policy / Sensitivity Policy: which layers Quantize Model leaves in float.
 
-Thin adapters: the policy logic lives in octet/policy.py and octet/sensitivity.py. What only
-the host knows lives here: the model's config class (for the preset) and how to run its
-denoiser on fixed inputs (for sensitivity), which we do inside the host's own sampler so every
-model family's conditioning (pooled text, guidance, masks) is prepared by ComfyUI itself.
+Thin adapters: the policy logic lives in octet/policy.py, octet/presets.py and octet/sensitivity.py.
+What only the host knows lives here: the model's config class (for the preset); running its
+denoiser on fixed inputs (for sensitivity) is nodes/sampling.py's, inside the host's own sampler so
+every model family's conditioning (pooled text, guidance, masks) is prepared by ComfyUI itself.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from comfy_api.latest import io
 from ..octet import config_for_mode
 from ..octet.api import OctetError, quantizable_layers
 from ..octet.config import MODES
-from ..octet.policy import ACTIONS, DEFAULT, PRESET_NAMES, build_policy, family_for, preset
+from ..octet.policy import ACTIONS, DEFAULT
+from ..octet.presets import PRESET_NAMES, build_policy, family_for, preset
 from ..octet.sensitivity import BUDGETS, sensitivity_policy, summary_text
 from . import bridge, sampling
 from .progress import interruptible

@@ -25,10 +25,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .api import quantizable_layers, quantize_
+from .api import quantizable_layers, quantize_, swapped
 from .config import DynamicW8A8Config, StaticW8A8Config
+from .metrics import db_gain, psnr_from_mse
 from .observers import bin_edges, clip_value
-from .policy import KEEP, Policy
+from .policy import KEEP, Only, Policy
 
 
 @dataclass
@@ -56,7 +57,7 @@ class LayerAttribution:
         """How much worse static is than dynamic on this layer (dB of output MSE; > 0 = static worse)."""
         if self.dynamic_total <= 0:
             return math.inf if self.static_total > 0 else 0.0
-        return 10 * math.log10(max(self.static_total, 1e-30) / self.dynamic_total)
+        return db_gain(max(self.static_total, 1e-30), self.dynamic_total)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class AttributionResult:
     boundaries: list[float] = field(default_factory=list)
 
     def psnr(self, mse: float) -> float:
-        return math.inf if mse <= 0 else 10 * math.log10(self.peak ** 2 / mse)
+        return psnr_from_mse(mse, self.peak)
 
     def table(self, top: int = 12, chosen: Optional[dict[str, str]] = None) -> str:
         """Markdown table of the ``top`` layers by static error, with the statistics that explain it."""
@@ -96,16 +97,6 @@ def _clipped_share(hist: torch.Tensor, clip: float) -> float:
         return 0.0
     lower = bin_edges()[:-1]
     return float(hist[lower >= clip].sum()) / total
-
-
-class _Only:
-    """A policy that quantizes exactly ``name`` with ``config`` and keeps everything else float."""
-
-    def __init__(self, name: str, config):
-        self.name, self.config = name, config
-
-    def decide(self, name, module, default):
-        return (self.config, "") if name == self.name else (None, "attribution: other layer")
 
 
 def _params(m: nn.Module) -> int:
@@ -144,14 +135,10 @@ def attribute(model: nn.Module, evaluate: Callable[[int], torch.Tensor], sigmas:
     for j, (name, module, kind) in enumerate(candidates):
         errs = {}
         for label, cfg in (("static", config), ("dynamic", dynamic)):
-            q = quantize_(model, cfg, policy=_Only(name, cfg), calibration=calibration, inplace=False)
-            original = model.get_submodule(name)
-            try:
-                for n, layer in q.replacements.items():
-                    model.set_submodule(n, layer)
+            q = quantize_(model, cfg, policy=Only({name: cfg}, "attribution: other layer"), calibration=calibration,
+                          inplace=False)
+            with swapped(model, q.replacements):  # the caller's model comes back as it was, even on error
                 outs = outputs()
-            finally:  # the caller's model comes back as it was, even on error
-                model.set_submodule(name, original)
             per = [0.0] * groups
             for g, r, o in zip(group_of, ref, outs):
                 per[g] += float((o - r).square().mean()) / max(group_of.count(g), 1)

@@ -33,6 +33,19 @@ def psnr(ref: torch.Tensor, x: torch.Tensor, data_range: float = 1.0) -> torch.T
     return 10 * torch.log10(data_range ** 2 / mse)
 
 
+def psnr_from_mse(mse: float, peak: float) -> float:
+    """PSNR in dB of an error with mean square ``mse`` against ``peak``: +inf when there is no error."""
+    return math.inf if mse <= 0 else 10 * math.log10(peak ** 2 / mse)
+
+
+def db_gain(before: float, after: float) -> float:
+    """How far an error fell, in dB: 10 log10(before / after) (> 0: ``after`` is smaller); NaN unless both
+    are positive (an error that vanished or was not measured has no ratio)."""
+    if not (before > 0 and after > 0):
+        return float("nan")
+    return 10 * math.log10(before / after)
+
+
 def tensor_psnr(ref: torch.Tensor, x: torch.Tensor, peak: str = "range") -> float:
     """PSNR in dB of a whole tensor (latents, model outputs), float: +inf when identical.
     ``peak``: "range" uses max - min of ``ref`` (latents have no fixed data range), "absmax" its |max|."""
@@ -41,7 +54,7 @@ def tensor_psnr(ref: torch.Tensor, x: torch.Tensor, peak: str = "range") -> floa
     top = float(ref.max() - ref.min()) if peak == "range" else float(ref.abs().max())
     if peak not in ("range", "absmax"):
         raise ValueError(f"peak={peak!r}; expected 'range' or 'absmax'")
-    return math.inf if mse == 0 else 10 * math.log10(top ** 2 / mse)
+    return psnr_from_mse(mse, top)
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..kernels.torch_ref import QMAX  # one definition of the int8 grid
+from ..kernels.torch_ref import QMAX, smoothed  # one definition of the int8 grid and of SmoothQuant's divide
 
 BINS_PER_OCTAVE = 16
 MIN_LOG2 = -24
@@ -220,7 +220,7 @@ def clip_value(stats: LayerStats, group: int, observer: str, percentile: float,
         absmax = float(stats.absmax[group])
         hist = stats.hist[group]
     else:
-        chan = stats.channel_absmax[group] / smooth.float().reshape(-1)
+        chan = smoothed(stats.channel_absmax[group], smooth.reshape(-1), channel_dim=0)
         absmax = float(chan.max())        # exact: max_j absmax_j / s_j
         if observer != "minmax":
             hist = smoothed_histogram(stats.shape_hist[group], chan) * (float(stats.count[group]) /

@@ -2,35 +2,27 @@
 
 A ``Policy`` is an ordered list of rules (glob or regex on layer names -> action) plus exact-name
 overrides. ``quantize_`` asks it once per candidate layer through ``decide``. Precedence, highest
-first: overrides, then rules in order (first match wins), then the default action. Presets put
-their rules *after* the user's, so a user rule always beats a preset rule for the same layer.
+first: overrides, then rules in order (first match wins), then the default action. Presets
+(octet/presets.py) put their rules *after* the user's, so a user rule always beats a preset rule
+for the same layer; the per-layer table a policy produces is octet/report.py's ``decision_table``.
 
 Actions: ``keep`` (stay in float; aliases ``float``, ``bf16``, ``fp16``), ``weight_only``,
 ``dynamic``, ``static`` and ``default`` (quantize with whatever Quantize Model was asked for; use
 it to pull a layer back out of a preset's keep list).
 
-Presets hold what the literature and the peers agree on (Q-Diffusion, PTQ4DM, PTQD, SVDQuant,
-ViDiT-Q, INT8-Fast, torchao's diffusion recipes): the timestep and text/ADM embeddings, adaLN /
-modulation layers, the first and last layer, and norms stay in float. Those layers carry a
-handful of parameters, see one token per sample (so INT8 buys no speed there) and feed every
-block, so their error is amplified downstream. ``conservative`` additionally keeps layers that
-see outlier-heavy activations: cross-attention k/v (text encoder outputs) and FFN
-down-projections (post-GELU/GEGLU activations are heavy-tailed).
-
 Everything here is JSON-serialisable: a policy goes into checkpoint metadata and workflow widgets.
-No ComfyUI import: the architecture arrives as the model-config class names (MRO order).
 """
 from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from .api import OctetError
 from .config import MODES, QuantConfig, config_for_mode
+from .report import decision_table
 
 FORMAT_VERSION = 1
 KEEP = "keep"
@@ -235,6 +227,17 @@ class Policy:
             raise OctetError(f"Policy JSON does not parse ({e}).") from e
 
 
+class Only:
+    """Quantize exactly the named layers, each with its config, and keep every other layer in float:
+    the one-off policy of the measurements that quantize a layer (or a block) alone."""
+
+    def __init__(self, configs: dict[str, QuantConfig], reason: str):
+        self.configs, self.reason = configs, reason   # reason: why the other layers stay float
+
+    def decide(self, name: str, module, default: QuantConfig) -> tuple[Optional[QuantConfig], str]:
+        return (self.configs[name], "") if name in self.configs else (None, self.reason)
+
+
 def _show(rule: Rule) -> str:
     return (REGEX_PREFIX + rule.pattern) if rule.regex else rule.pattern
 
@@ -251,44 +254,6 @@ def _config_for(action: str, default: QuantConfig) -> Optional[QuantConfig]:
     if action in CARRIES_SMOOTHING and getattr(default, "smooth_alpha", None) is not None:
         carry["smooth_alpha"] = default.smooth_alpha
     return config_for_mode(action, **carry)
-
-
-def decision_table(rows: Iterable[tuple]) -> str:
-    """Readable table: (layer, kind, params, sensitivity dB or None, decision, reason)."""
-    rows = list(rows)
-    width = max([len(r[0]) for r in rows] + [5])
-    lines = [f"{'layer':<{width}}  {'kind':<6} {'params':>10}  {'alone dB':>8}  {'decision':<11} reason",
-             "-" * (width + 60)]
-    for name, kind, params, score, decision, reason in rows:
-        s = "-" if score is None else ("inf" if score == float("inf") else f"{score:.1f}")
-        lines.append(f"{name:<{width}}  {kind:<6} {params:>10}  {s:>8}  {decision:<11} {reason}")
-    return "\n".join(lines)
-
-
-def write_report(checkpoint_path: str, layers: list[dict], policy: Optional[dict] = None,
-                 header: Optional[dict] = None) -> list[str]:
-    """Write ``<checkpoint>.report.txt`` (the table) and ``.report.json`` beside a checkpoint.
-
-    ``layers``: ``QuantReport.to_dict()["layers"]``; ``policy``: ``Policy.to_dict()`` (its scores
-    fill the sensitivity column). Returns the paths written. Both files are small and human-facing;
-    the checkpoint itself stays self-contained (skipped layers are simply not quantized in it).
-    """
-    scores = (policy or {}).get("scores", {})
-    rows = [(r["name"], r["kind"], r["params"], scores.get(r["name"]),
-             "keep" if r["decision"] == "skipped" else r["decision"], r.get("reason", "")) for r in layers]
-    kept = sum(r["params"] for r in layers if r["decision"] == "skipped")
-    total = sum(r["params"] for r in layers) or 1
-    head = [f"Octet quantization report for {os.path.basename(checkpoint_path)}",
-            f"policy: {(policy or {}).get('name', 'none')}; {len(layers) - sum(r['decision'] == 'skipped' for r in layers)}"
-            f" of {len(layers)} layers quantized; {100 * kept / total:.2f}% of parameters kept in float", ""]
-    base = os.path.splitext(checkpoint_path)[0]
-    paths = [base + ".report.txt", base + ".report.json"]
-    with open(paths[0], "w", encoding="utf-8") as f:
-        f.write("\n".join(head) + decision_table(rows) + "\n")
-    with open(paths[1], "w", encoding="utf-8") as f:
-        json.dump({"checkpoint": os.path.basename(checkpoint_path), "header": header or {}, "policy": policy,
-                   "layers": layers}, f, indent=1, sort_keys=True)
-    return paths
 
 
 # --- rules as text (workflow widgets) ----------------------------------------------------------
@@ -353,115 +318,3 @@ def parse_overrides(text: str) -> dict[str, str]:
         except OctetError as e:
             raise OctetError(f"Override line {lineno} ({raw.strip()!r}): {e}") from e
     return out
-
-
-# --- presets -----------------------------------------------------------------------------------
-
-def _keep(patterns: str, why: str) -> list[tuple[str, str]]:
-    return [(p, why) for p in patterns.split()]
-
-
-# Norm layers are never Linear/Conv2d in these models, so they are never candidates; the generic
-# '*norm*' rule is there for architectures that implement a norm's projection as a Linear.
-_UNET = (_keep("time_embed", "timestep embedding MLP")
-         + _keep("*.emb_layers", "per-ResBlock timestep projection (one vector per sample: no INT8 speedup)")
-         + _keep("input_blocks.0.0", "first layer (conv_in)")
-         + _keep("out.2", "last layer (conv_out)"))
-_UNET_CONSERVATIVE = (_keep("*.attn2.to_k *.attn2.to_v", "cross-attention k/v on text-encoder outputs (outliers)")
-                      + _keep("*.ff.net.2", "FFN down-projection (heavy-tailed GEGLU activations)"))
-
-PRESETS: dict[str, dict] = {
-    "SD15": {"keep": _UNET, "conservative": _UNET_CONSERVATIVE,
-             "about": "SD1.x/2.x UNet (also SVD, Zero123, x4 upscaler)"},
-    "SDXL": {"keep": _keep("label_emb", "ADM embedding (pooled text + size/crop)") + _UNET,
-             "conservative": _UNET_CONSERVATIVE, "about": "SDXL / SDXL refiner / SSD-1B / Vega / KOALA UNet"},
-    "SD3": {"keep": (_keep("x_embedder", "first layer (patch embedding)")
-                     + _keep("t_embedder", "timestep embedding MLP")
-                     + _keep("y_embedder", "pooled text embedding MLP")
-                     + _keep("context_embedder", "text-encoder input projection (T5 outliers)")
-                     + _keep("*.adaLN_modulation", "adaLN modulation (scales every block)")
-                     + _keep("final_layer", "last layer")),
-            "conservative": (_keep("*.mlp.fc2", "FFN down-projection")
-                             + _keep("*.context_block.attn.qkv", "text-stream qkv (T5 outliers)")),
-            "about": "SD3 / SD3.5 MMDiT"},
-    "Flux": {"keep": (_keep("img_in", "first layer (image tokens in)")
-                      + _keep("txt_in", "text-encoder input projection (T5 outliers)")
-                      + _keep("time_in guidance_in", "timestep / guidance embedding MLP")
-                      + _keep("vector_in", "pooled CLIP embedding MLP")
-                      + _keep("*_mod *.modulation *modulation*", "adaLN modulation (scales every block)")
-                      + _keep("final_layer", "last layer")),
-             "conservative": (_keep("*_mlp.2", "FFN down-projection")
-                              + _keep("single_blocks.*.linear2", "single-block output (attn + MLP down-projection)")),
-             "about": "Flux.1 dev/schnell/fill, Flux.2"},
-    "Wan": {"keep": (_keep("patch_embedding", "first layer (patch embedding)")
-                     + _keep("text_embedding", "text-encoder input projection (umT5 outliers)")
-                     + _keep("time_embedding time_projection", "timestep embedding and modulation")
-                     + _keep("img_emb", "CLIP image embedding (i2v)")
-                     + _keep("*.modulation", "modulation")
-                     + _keep("head", "last layer")),
-            "conservative": (_keep("*.cross_attn.k *.cross_attn.v *.cross_attn.k_img *.cross_attn.v_img",
-                                   "cross-attention k/v on text/image-encoder outputs")
-                             + _keep("*.ffn.2", "FFN down-projection")),
-            "about": "Wan 2.1 / 2.2 (t2v, i2v, vace, camera, ...)"},
-    "generic": {"keep": (_keep("*time*embed* *timestep* *t_embedder* *time_in *time_proj*", "timestep embedding")
-                         + _keep("*label_emb* *y_embedder* *vector_in *guidance_in *text_embed* *context_embedder "
-                                 "*caption_projection* *txt_in", "text / ADM / guidance embedding")
-                         + _keep("*adaLN* *modulation* *_mod *_mod.*", "adaLN / modulation")
-                         + _keep("*norm*", "normalisation")
-                         + _keep("x_embedder *patch_embed* img_in conv_in input_blocks.0.0", "first layer")
-                         + _keep("final_layer* proj_out conv_out head out.2 norm_out", "last layer")),
-                "conservative": _keep("*.ff.net.2 *.mlp.fc2 *.ffn.2 *_mlp.2", "FFN down-projection"),
-                "about": "any other architecture: name heuristics for embeddings, modulation, first/last layers"},
-}
-PRESET_NAMES = tuple(PRESETS)
-
-# ComfyUI model-config class names (comfy/supported_models.py) -> preset. Subclasses are found
-# through the MRO the caller passes (SSD1B -> SDXL, FluxSchnell -> Flux, WAN22_T2V -> WAN21_T2V).
-FAMILIES = {
-    "SD15": "SD15", "SD20": "SD15", "SD15_instructpix2pix": "SD15", "SVD_img2vid": "SD15",
-    "Stable_Zero123": "SD15", "SD_X4Upscaler": "SD15", "LotusD": "SD15",
-    "SDXL": "SDXL", "SDXLRefiner": "SDXL", "SDXL_instructpix2pix": "SDXL",
-    "SD3": "SD3",
-    "Flux": "Flux", "FluxSchnell": "Flux", "FluxInpaint": "Flux", "Flux2": "Flux",
-    "WAN21_T2V": "Wan",
-}
-
-
-def family_for(class_names: Iterable[str]) -> str:
-    """Preset for a model-config class given as its MRO names (most derived first); 'generic' if unknown."""
-    for n in class_names:
-        if n in FAMILIES:
-            return FAMILIES[n]
-    return "generic"
-
-
-def preset(family: str, conservative: bool = False) -> Policy:
-    if family not in PRESETS:
-        raise OctetError(f"Unknown preset {family!r}; choose one of {list(PRESET_NAMES)}.")
-    spec = PRESETS[family]
-    pairs = spec["keep"] + (spec["conservative"] if conservative else [])
-    src = f"preset {family}" + (" conservative" if conservative else "")
-    name = f"preset:{family}" + ("+conservative" if conservative else "")
-    return Policy(name=name, rules=[Rule(p, KEEP, why=why, source=src) for p, why in pairs])
-
-
-def build_policy(preset_name: Optional[str] = None, *, conservative: bool = False, rules: str = "",
-                 overrides: str = "", default_action: str = DEFAULT, name: Optional[str] = None) -> Policy:
-    """The Mixed-Precision Policy node's logic: user rules, then the preset's, then the default."""
-    user = Policy(name="rules", rules=parse_rules(rules), overrides=parse_overrides(overrides),
-                  default_action=default_action)
-    parts = []
-    if preset_name:
-        base = preset(preset_name, conservative)
-        policy = user.merged(base)
-        parts.append(base.name)
-    else:
-        policy = user
-    if user.rules:
-        parts.append(f"{len(user.rules)} rules")
-    if user.overrides:
-        parts.append(f"{len(user.overrides)} overrides")
-    if policy.default_action != DEFAULT:
-        parts.append(f"default {policy.default_action}")
-    policy.name = name or ("+".join(parts) if parts else "default")
-    return policy

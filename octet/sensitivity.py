@@ -30,9 +30,10 @@ import torch
 import torch.nn as nn
 
 from .api import OctetError, quantizable_layers, quantize_, swapped
-from .metrics import tensor_psnr
+from .metrics import psnr_from_mse, tensor_psnr
 from .config import QuantConfig
-from .policy import KEEP, Policy, Rule, decision_table
+from .policy import KEEP, Only, Policy
+from .report import decision_table
 
 BUDGETS = ("max_float_share", "min_psnr")
 
@@ -44,12 +45,6 @@ def mse(ref: torch.Tensor, out: torch.Tensor) -> float:
 def peak(ref: torch.Tensor) -> float:
     """PSNR peak: the reference's value range (latents have no fixed 0..1 range like images)."""
     return float(ref.detach().max() - ref.detach().min())
-
-
-def psnr_from_mse(err: float, peak_value: float) -> float:
-    if err <= 0:
-        return math.inf
-    return 10.0 * math.log10(peak_value ** 2 / err)
 
 
 def psnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -113,16 +108,6 @@ def group_name(name: str, block_depth: Optional[int]) -> str:
     return ".".join(name.split(".")[:block_depth])
 
 
-class _Only:
-    """Single-unit policy: quantize the named layers with their base decision, keep all else."""
-
-    def __init__(self, names: set[str], configs: dict[str, QuantConfig]):
-        self.names, self.configs = names, configs
-
-    def decide(self, name, module, default):
-        return (self.configs.get(name, default), "") if name in self.names else (None, "not measured now")
-
-
 def measure(model: nn.Module, run: Callable[[], torch.Tensor], config: QuantConfig, *,
             base: Optional[Policy] = None, calibration=None, block_depth: Optional[int] = None,
             progress: Optional[Callable[[int, int], None]] = None) -> SensitivityResult:
@@ -158,8 +143,8 @@ def measure(model: nn.Module, run: Callable[[], torch.Tensor], config: QuantConf
                              "model (check the latent and conditioning inputs).")
         order = list(units.values())
         for i, unit in enumerate(order):
-            q = quantize_(model, config, policy=_Only(set(unit.layers), configs), calibration=calibration,
-                          inplace=False)
+            alone = Only({n: configs[n] for n in unit.layers}, "not measured now")
+            q = quantize_(model, config, policy=alone, calibration=calibration, inplace=False)
             with swapped(model, q.replacements):  # the caller's model comes back as it was, even on error
                 out = run().detach().float()
             unit.mse = mse(ref, out)

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     from comfyui_octet.octet.calibration import Calibration
     from comfyui_octet.octet.config import MODES, STATIC_RECIPE, StaticW8A8Config, config_for_mode
     from comfyui_octet.octet.convert import convert
-    from comfyui_octet.octet.policy import PRESET_NAMES, build_policy
+    from comfyui_octet.octet.presets import PRESET_NAMES, build_policy
 
     ap = argparse.ArgumentParser(prog="python -m scripts.convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("source")

@@ -15,11 +15,6 @@ OUT = os.path.join(ROOT, "out", "demo")
 import octet_pack  # noqa: E402  (this folder is on sys.path when the demo runs)
 
 
-def psnr(ref, x) -> float:
-    from comfyui_octet.octet.metrics import tensor_psnr
-    return tensor_psnr(ref, x)
-
-
 def preview(model, latents):
     """Sampled latents -> [B, 32, 32, 3] uint8 (the reference models decode exactly, no VAE needed)."""
     import torch
@@ -35,7 +30,8 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from comfyui_octet.nodes import bridge, model_files
+    from comfyui_octet.nodes import model_files
+    from comfyui_octet.octet.metrics import tensor_psnr
     from comfyui_octet.fixtures import reference_model
     from comfyui_octet.nodes.quantize_nodes import QuantizeModel
 
@@ -68,7 +64,7 @@ def main() -> int:
         t_quant = time.perf_counter() - t0
         print(report.splitlines()[-1])
         q, t_q = sample(qmodel)
-        rows.append((mode, report.splitlines()[-1], psnr(fp, q), t_quant, t_q))
+        rows.append((mode, report.splitlines()[-1], tensor_psnr(fp, q), t_quant, t_q))
         images.append(preview(model, q))
 
     print("\n[3/4] Save Quantized -> Load Quantized (dynamic W8A8)")

@@ -74,11 +74,11 @@ def _conv2d(req, w):
     def run(x, static):
         xs = torch_ref.smoothed(x, w.smooth, channel_dim=1)
         if static is None:
-            scale = torch_ref.scale_from_absmax(xs.reshape(xs.shape[0], -1).abs().amax(dim=1))
+            scale = torch_ref.sample_scales(xs)
         else:
             scale = static.float().reshape(1).expand(xs.shape[0])
         s4 = scale.reshape(-1, 1, 1, 1)
-        xq = torch.round(xs / s4).clamp_(-torch_ref.QMAX, torch_ref.QMAX)   # int8 codes, kept as float
+        xq = torch_ref.round_to_grid(xs / s4)   # int8 codes, kept as float
         acc = F.conv2d(xq, codes, None, stride, padding, dilation, groups)
         # The oracle's epilogue, in float64 on the (integer-valued) sums: with sums below 2^24, which
         # real activations keep to, the result is bit-identical to torch_ref. That matters more than it

@@ -144,10 +144,6 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
 
 
 
-def output_size(h, w, kh, kw, stride, padding, dilation) -> tuple[int, int]:
-    return ConvGeometry.of(stride, padding, dilation).output_size(h, w, kh, kw)
-
-
 def unsupported_reason(groups: int, padding) -> str | None:
     if groups != 1:
         return f"groups={groups} (the INT8 implicit-GEMM conv handles groups == 1 only)"
@@ -173,7 +169,7 @@ def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
     if w_scale.numel() != oc or (bias is not None and bias.numel() != oc):
         raise ValueError(f"w_scale/bias must have OC={oc} entries")
     stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
-    oh, ow = output_size(h, w, kh, kw, stride, padding, dilation)
+    oh, ow = ConvGeometry.of(stride, padding, dilation).output_size(h, w, kh, kw)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {padding}")
     if max(x.numel(), nb * oc * oh * ow, qweight.numel()) > _MAX_INT32:

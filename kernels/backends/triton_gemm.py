@@ -1,12 +1,11 @@
-"""INT8 GEMMs in Triton, with the dequantization fused into the epilogue.
+"""The INT8 GEMM in Triton, with the dequantization fused into the epilogue.
 
 ``w8a8_gemm``:  int8 activations [M, K] x int8 weight [N, K] -> int32 accumulators ->
                 y = acc * a_scale[m] * w_scale[n] (+ bias[n]) in fp32, stored in the output dtype.
-``w8a16_gemm``: float activations x int8 weight dequantized inside the loop (weight-only INT8):
-                y = (x @ q^T) * w_scale[n] (+ bias). For small M the GEMM is bound by reading the
-                weight, and reading int8 instead of bf16 halves that.
+(Weight-only INT8, float activations x int8 weight, is triton_w8a16; the float-activation wrappers
+share ``check_float_gemm`` from here.)
 
-Both read the weight as stored, [N, K] with K contiguous: that is the K-major B operand that
+It reads the weight as stored, [N, K] with K contiguous: that is the K-major B operand that
 Hopper's int8 wgmma needs anyway, so no transpose is ever materialised.
 
 Tiles are visited in grouped order (GROUP_M row-tiles share each column sweep) so that the
@@ -26,6 +25,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..torch_ref import gelu_tanh_quantize
 from ..registry import m_bucket  # noqa: F401  (the one signature bucket; conv imports it from here)
 from . import triton_support
+from .triton_math import gelu_tanh, round_to_grid
 
 _MAX_INT32 = 2**31 - 1
 
@@ -82,23 +82,6 @@ def w8a8_configs() -> list:
     ]
 
 
-def w8a16_configs() -> list:
-    """Weight-only tiles: small M, wide K steps so each program streams a long weight strip."""
-    if triton_support.interpreting():
-        return [_cfg(16, 32, 64, 1, 4, group_m=2)]
-    return [
-        _cfg(16, 64, 128, 4, 4),
-        _cfg(16, 128, 128, 4, 4),
-        _cfg(16, 32, 256, 4, 4),
-        _cfg(32, 64, 128, 4, 4),
-        _cfg(32, 128, 128, 3, 4),
-        _cfg(64, 64, 128, 3, 4),
-        _cfg(64, 128, 64, 4, 4),
-        _cfg(128, 128, 64, 3, 8),
-        _cfg(128, 256, 64, 3, 8),
-    ]
-
-
 def _prune(configs, named_args, **kwargs):
     """Drop tiles far taller than M (wasted MMA rows), and persistent tiles without TMA operands;
     keep at least the smallest."""
@@ -126,14 +109,6 @@ def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _gelu_tanh(y):
-    # 0.5 y (1 + tanh(u)) with tanh(u) = 1 - 2 / (1 + exp(2u)): needs only exp, which the CPU
-    # interpreter has too. tanh(15) is 1 in fp32; the clamp keeps exp finite.
-    u = tl.minimum(0.7978845608028654 * (y + 0.044715 * y * y * y), 15.0)
-    return 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
-
-
-@triton.jit
 def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr, M, N, stride_cm,
                    stride_as, pid_m, pid_n, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr,
                    HAS_Q_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -151,12 +126,11 @@ def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr,
         # The next layer's static INT8 input, as torch_ref.gelu_tanh_quantize computes it: its
         # scale is known before the call, so no reduction over the row (other programs' columns)
         # is needed, and the hidden activation never goes to memory in float.
-        y = _gelu_tanh(y)
+        y = gelu_tanh(y)
         if HAS_Q_SMOOTH:
             y = tl.div_rn(y, tl.load(q_smooth_ptr + offs_n, mask=mask_n, other=1.0)[None, :])
         y = tl.div_rn(y, tl.load(q_scale_ptr))
-        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-        y = (y + 12582912.0) - 12582912.0  # round half to even (see triton_quant._round_to_int8)
+        y = round_to_grid(y)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -223,45 +197,6 @@ def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, 
                              BLOCK_M, BLOCK_N, BLOCK_K)
         _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr, M, N,
                        stride_cm, stride_as, pid_m, pid_n, HAS_BIAS, GELU_QUANT, HAS_Q_SMOOTH, BLOCK_M, BLOCK_N)
-
-
-@triton.autotune(configs=w8a16_configs(),
-                 do_bench=triton_support.tuning_bench, key=["M_BUCKET", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _w8a16_kernel(x_ptr, b_ptr, c_ptr, w_scale_ptr, bias_ptr, M, N, K, M_BUCKET,
-                  stride_xm, stride_bn, stride_cm,
-                  HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :]
-    b_ptrs = b_ptr + (offs_n % N)[None, :] * stride_bn + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x_tile = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
-        b_tile = tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0)
-        if DOT_IN_FP32:
-            # The CPU interpreter converts and multiplies bf16 tiles wrongly (numpy has no bf16);
-            # bf16 x int8 products are exact in fp32, so upcasting computes the same sums.
-            x_tile = x_tile.to(tl.float32)
-            b_tile = b_tile.to(tl.float32)
-        else:
-            # int8 -> activation dtype is exact (|q| <= 127); the scale is applied once, after the sum.
-            b_tile = b_tile.to(x_ptr.dtype.element_ty)
-        acc = tl.dot(x_tile, b_tile, acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    y = acc * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # ---- wrappers ----------------------------------------------------------------------------------
@@ -360,25 +295,4 @@ def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w
                        m, n, k, m_bucket(m), sms, k, k, n, 0 if a_scale.numel() == 1 else 1,
                        HAS_BIAS=bias is not None, USE_TMA=use_tma, GELU_QUANT=gelu_quant is not None,
                        HAS_Q_SMOOTH=q_smooth is not None)
-    return out
-
-
-def w8a16_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    """float [M, K] x int8 [N, K]^T * w_scale[n] (+ bias) -> [M, N] in x's dtype."""
-    m, n, k = check_float_gemm(x2d, qweight, w_scale, bias)
-    x2d = x2d.contiguous()
-    qweight = qweight.contiguous()
-    out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
-    w_scale = _vector(w_scale, x2d.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _w8a16_kernel[grid](x2d, qweight, out, w_scale, bias if bias is not None else w_scale,
-                        m, n, k, m_bucket(m), k, k, n,
-                        HAS_BIAS=bias is not None,
-                        DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32",
-                        DOT_IN_FP32=triton_support.interpreting())
     return out

@@ -2,11 +2,8 @@
 
 Numerics follow ``torch_ref`` bit for bit: smoothing and scaling use IEEE division
 (``tl.div_rn``; Triton's ``/`` on fp32 is an approximate division), scales are
-``max(absmax / 127, 1e-12)`` computed the way PyTorch does on the same device, and rounding is half-to-even. The rounding uses the fp32 magic-number
-trick (adding and subtracting 1.5 * 2**23 rounds to the nearest even integer for |v| < 2**22),
-which we can apply because values are clamped to [-127, 127] first; clamping before rounding gives
-the same result as torch's round-then-clamp on that range. (libdevice.rint would do too on the
-GPU, but the CPU interpreter does not implement it, and CI must run these very kernels.)
+``max(absmax / 127, 1e-12)`` computed the way PyTorch does on the same device, and rounding is
+half-to-even (triton_math: the scale rule and the INT8 grid, shared with the GEMM kernels).
 
 Two shapes of activation:
   * rows [M, K] for linear layers: one program per row; short rows in one tile, longer ones in
@@ -21,26 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..torch_ref import QMAX  # noqa: F401  (one definition of the int8 grid; the kernels use literals)
-MIN_SCALE = 1e-12
-
-
-@triton.jit
-def _round_to_int8(v):
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-    return ((v + 12582912.0) - 12582912.0).to(tl.int8)
-
-
-@triton.jit
-def _scale_from_absmax(absmax, SCALE_BY_RECIPROCAL: tl.constexpr):
-    # torch_ref computes absmax / 127. PyTorch's CUDA kernels divide by a scalar as a multiply by
-    # its fp32 reciprocal, its CPU kernels divide; we follow the device so that the scales, and
-    # hence the int8 values, are bit-identical to the reference wherever it runs.
-    if SCALE_BY_RECIPROCAL:
-        s = absmax * (1.0 / 127.0)
-    else:
-        s = tl.div_rn(absmax, 127.0)
-    return tl.maximum(s, 1e-12)
+from .triton_math import gelu_tanh, round_to_int8, scale_from_absmax
 
 
 @triton.jit
@@ -59,9 +37,9 @@ def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, st
         if STATIC:
             scale = tl.load(static_ptr).to(tl.float32)
         else:
-            scale = _scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
+            scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
             tl.store(scale_ptr + row, scale)
-        tl.store(q_row + offs, _round_to_int8(tl.div_rn(v, scale)), mask=mask)
+        tl.store(q_row + offs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
     else:
         if STATIC:
             scale = tl.load(static_ptr).to(tl.float32)
@@ -73,14 +51,14 @@ def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, st
                 if HAS_SMOOTH:
                     v = tl.div_rn(v, tl.load(smooth_ptr + k0 + offs, mask=mask, other=1.0).to(tl.float32))
                 absmax = tl.maximum(absmax, tl.abs(v))
-            scale = _scale_from_absmax(tl.max(absmax, axis=0), SCALE_BY_RECIPROCAL)
+            scale = scale_from_absmax(tl.max(absmax, axis=0), SCALE_BY_RECIPROCAL)
             tl.store(scale_ptr + row, scale)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             v = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_SMOOTH:
                 v = tl.div_rn(v, tl.load(smooth_ptr + k0 + offs, mask=mask, other=1.0).to(tl.float32))
-            tl.store(q_row + k0 + offs, _round_to_int8(tl.div_rn(v, scale)), mask=mask)
+            tl.store(q_row + k0 + offs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
 
 
 def row_launch_config(k: int) -> tuple[bool, int, int]:
@@ -158,7 +136,7 @@ def _quantize_nchw_to_nhwc_kernel(x_ptr, smooth_ptr, partial_ptr, static_ptr, q_
     else:
         chunks = tl.arange(0, BLOCK_CHUNKS)
         part = tl.load(partial_ptr + n * num_chunks + chunks, mask=chunks < num_chunks, other=0.0)
-        scale = _scale_from_absmax(tl.max(part, axis=0), SCALE_BY_RECIPROCAL)
+        scale = scale_from_absmax(tl.max(part, axis=0), SCALE_BY_RECIPROCAL)
         if (pid_hw == 0) & (pid_c == 0):
             tl.store(scale_ptr + n, scale)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -169,7 +147,7 @@ def _quantize_nchw_to_nhwc_kernel(x_ptr, smooth_ptr, partial_ptr, static_ptr, q_
     v = v.to(tl.float32)
     if HAS_SMOOTH:
         v = tl.div_rn(v, tl.load(smooth_ptr + offs_c, mask=offs_c < C, other=1.0).to(tl.float32)[:, None])
-    q = _round_to_int8(tl.div_rn(v, scale))
+    q = round_to_int8(tl.div_rn(v, scale))
     tl.store(q_ptr + n * C * HW + offs_hw[None, :] * C + offs_c[:, None], q, mask=mask)
 
 
@@ -215,13 +193,6 @@ def quantize_per_sample_nhwc(x: torch.Tensor, smooth: torch.Tensor | None = None
 # int8 row and its scale: no float cat, no float GELU output, no separate quantization pass.
 
 @triton.jit
-def _gelu_tanh_f32(y):
-    # Same formula as triton_gemm._gelu_tanh (only exp, which the interpreter has too).
-    u = tl.minimum(0.7978845608028654 * (y + 0.044715 * y * y * y), 15.0)
-    return 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
-
-
-@triton.jit
 def _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH: tl.constexpr):
     # Columns [0, K1) come from attn, [K1, K1 + K2) are GELU(mlp); one tile may straddle both.
     cols = k0 + offs
@@ -229,7 +200,7 @@ def _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH: tl.co
     in_g = (cols >= K1) & (cols < K1 + K2)
     va = tl.load(a_row + cols, mask=in_a, other=0.0).to(tl.float32)
     vg = tl.load(g_row + (cols - K1), mask=in_g, other=0.0).to(tl.float32)
-    v = tl.where(in_a, va, _gelu_tanh_f32(vg))
+    v = tl.where(in_a, va, gelu_tanh(vg))
     if HAS_SMOOTH:
         v = tl.div_rn(v, tl.load(smooth_ptr + cols, mask=in_a | in_g, other=1.0).to(tl.float32))
     return v, in_a | in_g
@@ -247,11 +218,11 @@ def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, q_ptr, scale_ptr, K1, K2
     for k0 in range(0, K1 + K2, BLOCK_K):
         v, _ = _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH)
         absmax = tl.maximum(absmax, tl.abs(v))
-    scale = _scale_from_absmax(tl.max(absmax, axis=0), SCALE_BY_RECIPROCAL)
+    scale = scale_from_absmax(tl.max(absmax, axis=0), SCALE_BY_RECIPROCAL)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K1 + K2, BLOCK_K):
         v, mask = _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH)
-        tl.store(q_row + k0 + offs, _round_to_int8(tl.div_rn(v, scale)), mask=mask)
+        tl.store(q_row + k0 + offs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
 
 
 def quantize_rows_cat_gelu(attn: torch.Tensor, mlp: torch.Tensor,

@@ -29,8 +29,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..registry import m_bucket
+from ..torch_ref import round_to_grid
 from . import triton_support
 from .triton_gemm import _grouped_tile, _w8a8_epilogue, check_float_gemm
+from .triton_math import round_to_int8
 
 
 
@@ -80,9 +82,7 @@ def _quantize_tile(v, mult_or_smooth_ptr, scale, offs_k, k_mask, HAS_VEC: tl.con
             v = v * tl.load(mult_or_smooth_ptr + offs_k, mask=k_mask, other=0.0)[None, :]
         else:
             v = v * scale  # here: the reciprocal of the static scale
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-    # Round half to even by the fp32 magic number (see triton_quant._round_to_int8).
-    return ((v + 12582912.0) - 12582912.0).to(tl.int8)
+    return round_to_int8(v)
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def prologue_multiplier(smooth: torch.Tensor | None, static_scale: torch.Tensor,
 
 def quantize_by_multiplier(x2d: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
     """What the fast prologue computes, in torch (int8 codes of x * mult): the tests' oracle for it."""
-    return torch.round(x2d.float() * mult.float().reshape(1, -1)).clamp_(-127, 127).to(torch.int8)
+    return round_to_grid(x2d.float() * mult.float().reshape(1, -1)).to(torch.int8)
 
 
 def w8a8_static_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 import make_files  # noqa: E402
 from comfyui_octet.nodes import bridge, calibrate_nodes, model_files, sampler_nodes  # noqa: E402
-from comfyui_octet.octet import OctetError, checkpoint, policy, safefile  # noqa: E402
+from comfyui_octet.octet import OctetError, checkpoint, presets, safefile  # noqa: E402
 from comfyui_octet.octet.calibration import Calibration  # noqa: E402
 
 HANG_S = 60
@@ -214,11 +214,11 @@ def other_rows(valid: dict, work: str) -> list[dict]:
         add(f"kill: {label} during save", "writer stopped mid-write", killed, folder)
 
     folder = tempfile.mkdtemp(dir=work)
-    add("policy: 2 MB, 100k rules", "Mixed-Precision Policy rules text", lambda: policy.build_policy(
+    add("policy: 2 MB, 100k rules", "Mixed-Precision Policy rules text", lambda: presets.build_policy(
         None, rules="input_blocks.1.1.proj_in: keep\n" * 70000), folder)
-    add("policy: 12k lines", "Mixed-Precision Policy rules text", lambda: policy.build_policy(
+    add("policy: 12k lines", "Mixed-Precision Policy rules text", lambda: presets.build_policy(
         None, rules="*.to_q: keep\n" * 12000), folder)
-    add("policy: (a+)+$ regex", "catastrophic-backtracking regex", lambda: policy.build_policy(
+    add("policy: (a+)+$ regex", "catastrophic-backtracking regex", lambda: presets.build_policy(
         None, rules="re:(a+)+$: keep"), folder)
 
     pos, neg = valid["conds"]

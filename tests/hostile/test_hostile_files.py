@@ -15,7 +15,7 @@ import torch
 
 import make_files
 from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes, model_files
-from comfyui_octet.octet import OctetError, checkpoint, policy, safefile
+from comfyui_octet.octet import OctetError, checkpoint, presets, safefile
 from comfyui_octet.octet.calibration import Calibration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -201,11 +201,11 @@ def test_written_file_is_read_back_exactly_by_safetensors(tmp_path):
 # -- text and widgets --------------------------------------------------------------------------------
 def test_two_megabyte_policy_is_refused_before_parsing():
     with pytest.raises(OctetError, match="limit is"):
-        policy.build_policy(None, rules="input_blocks.1.1.proj_in: keep\n" * 70000)
+        presets.build_policy(None, rules="input_blocks.1.1.proj_in: keep\n" * 70000)
     with pytest.raises(OctetError, match="limit is"):
-        policy.build_policy(None, rules="*.to_q: keep\n" * 1200)
+        presets.build_policy(None, rules="*.to_q: keep\n" * 1200)
     with pytest.raises(OctetError, match="exponential"):
-        policy.build_policy(None, rules="re:(a+)+$: keep")
+        presets.build_policy(None, rules="re:(a+)+$: keep")
 
 
 @pytest.mark.parametrize("widget", ["cfg", "denoise"])

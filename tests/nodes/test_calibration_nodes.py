@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, calibrate_nodes, sampler_nodes, model_files
+from comfyui_octet.nodes import bridge, calibrate_nodes, model_files, sampling
 from comfyui_octet.nodes.quantize_nodes import QuantizeModel
 from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import OctetError, StaticW8A8Config
@@ -212,17 +212,17 @@ def test_int8_sampler_schedule(tiny_model, static_model, sample, rng):
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     args = (pos, neg, latent, seed, STEPS, 4.0, "euler", "normal", 1.0)
     # no float steps == the stock KSampler on the INT8 model
-    out, text = sampler_nodes.sample(static_model, None, *args, 0, 0)
+    out, text = sampling.sample_schedule(static_model, None, *args, 0, 0)
     assert torch.equal(out["samples"], sample(static_model, seed=seed, steps=STEPS, size=SIZE))
     assert text.count("int8") >= STEPS
     # an all-float schedule split into two segments == one float run (the chain is exact for euler)
-    out, _ = sampler_nodes.sample(static_model, tiny_model, *args, 2, STEPS - 2)
+    out, _ = sampling.sample_schedule(static_model, tiny_model, *args, 2, STEPS - 2)
     torch.testing.assert_close(out["samples"], sample(tiny_model, seed=seed, steps=STEPS, size=SIZE), rtol=1e-5, atol=1e-5)
-    out, text = sampler_nodes.sample(static_model, tiny_model, *args, 1, 1)
+    out, text = sampling.sample_schedule(static_model, tiny_model, *args, 1, 1)
     rows = [line.split() for line in text.splitlines()[2:2 + STEPS]]
     assert [r[2] for r in rows] == ["float"] + ["int8"] * (STEPS - 2) + ["float"]
     with pytest.raises(OctetError, match="float MODEL"):
-        sampler_nodes.sample(static_model, None, *args, 1, 0)
+        sampling.sample_schedule(static_model, None, *args, 1, 0)
     other = reference_model.build_tiny_sd15(seed=reference_model.DEFAULT_SEED + 1)
     with pytest.raises(OctetError, match="not the model the INT8 model was made from"):
-        sampler_nodes.sample(static_model, other, *args, 1, 0)
+        sampling.sample_schedule(static_model, other, *args, 1, 0)

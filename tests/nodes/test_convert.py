@@ -14,7 +14,7 @@ from comfyui_octet.octet import fileformat
 from comfyui_octet.octet.api import OctetError
 from comfyui_octet.octet.config import config_for_mode
 from comfyui_octet.octet.convert import convert
-from comfyui_octet.octet.policy import build_policy
+from comfyui_octet.octet.presets import build_policy
 from comfyui_octet.octet.streamfile import StreamWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -186,10 +186,10 @@ def test_static_timestep_groups_are_graph_keys(tiny_model, graphs):
 
 def test_quantized_model_and_int8_sampler_timer_run_around_the_graph(tiny_model, graphs):
     """INT8 Sampler stacks its timer wrapper after ours; it still runs once per call, outside the graph."""
-    from comfyui_octet.nodes import sampler_nodes
+    from comfyui_octet.nodes import sampling
     q, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))
     model, step = graph_step.install(q, backend=graphs)
-    timer = sampler_nodes._StepTimer()
+    timer = sampling.StepTimer()
     timed = timer.wrap(model, "int8")
     pos, neg = reference_model.tiny_conditioning(seed=1), reference_model.tiny_conditioning(seed=2)
     import nodes

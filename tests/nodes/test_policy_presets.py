@@ -6,7 +6,7 @@ import comfy.supported_models as sm
 from comfyui_octet.nodes import host_compat, policy_nodes
 from comfyui_octet.fixtures.reference_model import TINY_SD15_UNET
 from comfyui_octet.octet import config_for_mode, quantize_
-from comfyui_octet.octet.policy import FAMILIES, build_policy, family_for, preset
+from comfyui_octet.octet.presets import FAMILIES, build_policy, family_for, preset
 
 _UNET_COMMON = dict(TINY_SD15_UNET)
 TINY = {

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, qat_nodes, model_files
+from comfyui_octet.nodes import bridge, model_files, sampling
 from comfyui_octet.fixtures import reference_model
 from comfyui_octet.octet import config_for_mode, qat
 from comfyui_octet.octet.api import OctetError
@@ -29,9 +29,7 @@ def _w4(tiny_model):
     """4-bit weights: where PTQ is visibly off, so the test can tell training from noise."""
     dynamic, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))
     layers = qat.requantize(bridge.quantized_layers(dynamic), bridge.diffusion_model(tiny_model), 4)
-    for name, layer in layers.items():
-        dynamic.add_object_patch(bridge.PREFIX + name, layer)
-    return dynamic
+    return bridge.with_layers(dynamic, layers)
 
 
 def test_finetune_lowers_the_distillation_loss_and_folds_into_real_int8_layers(tiny_model, sample, rng, tmp_path):
@@ -39,7 +37,7 @@ def test_finetune_lowers_the_distillation_loss_and_folds_into_real_int8_layers(t
     seed = int(torch.randint(1 << 20, (1,), generator=rng))
     config = qat.QATConfig(steps=30, lr=3e-3, lora_rank=2, weight_bits=4, seed=seed, eval_calls=4)
     seen = []
-    tuned, result, text = qat_nodes.finetune(tiny_model, ptq, *_conds(rng), _latent(), seed, SAMPLER["steps"],
+    tuned, result, text = sampling.finetune(tiny_model, ptq, *_conds(rng), _latent(), seed, SAMPLER["steps"],
                                              SAMPLER["cfg"], SAMPLER["sampler_name"], SAMPLER["scheduler"], 2, config,
                                              progress=lambda i, n, loss: seen.append(i), validate=False)
     # The mechanics of training and folding; whether a result is kept (held-back seed) is tested below and in
@@ -91,18 +89,18 @@ def test_wrong_inputs_are_clear_errors(tiny_model, rng):
     quantized, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))
     args = (*_conds(rng), _latent(), 0, 2, 4.0, "euler", "normal", 1, qat.QATConfig(steps=1))
     with pytest.raises(OctetError, match="already quantized"):
-        qat_nodes.finetune(quantized, quantized, *args)
+        sampling.finetune(quantized, quantized, *args)
     with pytest.raises(OctetError, match="no Octet INT8 layers"):
-        qat_nodes.finetune(tiny_model, tiny_model, *args)
+        sampling.finetune(tiny_model, tiny_model, *args)
     other = reference_model.build_tiny_sd15(seed=7)
     with pytest.raises(OctetError, match="other float weights"):
-        qat_nodes.finetune(other, quantized, *args)
+        sampling.finetune(other, quantized, *args)
 
 
 def test_a_run_that_makes_things_worse_hands_back_the_ptq_layers(tiny_model, rng):
     quantized, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))
     config = qat.QATConfig(steps=3, lr=0.5, lora_rank=4, eval_calls=2)  # a learning rate that wrecks W8A8
-    out, result, text = qat_nodes.finetune(tiny_model, quantized, *_conds(rng), _latent(), 0, 2, 4.0, "euler",
+    out, result, text = sampling.finetune(tiny_model, quantized, *_conds(rng), _latent(), 0, 2, 4.0, "euler",
                                            "normal", 1, config)
     assert not result.improved and "are kept" in text and "held-back sample" in text
     before = bridge.quantized_layers(quantized)

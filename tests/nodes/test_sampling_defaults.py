@@ -1,7 +1,8 @@
 """Nodes that must match the user's sampler share KSampler's defaults; Calibrate says when coverage is narrow."""
 import pytest
 
-from comfyui_octet.nodes import calibrate_nodes, sampling_defaults as sd
+from comfyui_octet.nodes import sampling, sampling_defaults as sd
+from comfyui_octet.octet.calibration import coverage_notes, sampler_mismatch
 from comfyui_octet.nodes.calibrate_nodes import Calibrate
 from comfyui_octet.nodes.eval_nodes import Evaluate
 from comfyui_octet.nodes.policy_nodes import SensitivityPolicy
@@ -26,14 +27,14 @@ def test_sampling_nodes_default_to_ksampler_settings(node):
 def test_calibrate_warns_about_few_prompts_and_other_sampler_settings():
     import torch
     three = [[torch.arange(3.0).repeat_interleave(4).view(12, 1, 1).expand(12, 4, 8).contiguous(), {}]]
-    info = calibrate_nodes._describe_cond(three)
+    info = sampling.describe_conditioning(three)
     assert info["distinct"] == 3
-    notes = calibrate_nodes.coverage_notes(info)
+    notes = coverage_notes(info)
     assert len(notes) == 1 and "3 distinct" in notes[0]
     many = [[torch.arange(12.0).view(12, 1, 1).expand(12, 4, 8).contiguous(), {}]]
-    assert calibrate_nodes.coverage_notes(calibrate_nodes._describe_cond(many)) == []
+    assert coverage_notes(sampling.describe_conditioning(many)) == []
     cal = {"sampler": {"steps": 20, "cfg": 8.0, "sampler": "euler", "scheduler": "simple"}}
-    assert calibrate_nodes.sampler_mismatch(cal, 20, 8.0, "euler", "simple") == []
-    msg = calibrate_nodes.sampler_mismatch(cal, 20, 4.0, "euler", "normal")
+    assert sampler_mismatch(cal, 20, 8.0, "euler", "simple") == []
+    msg = sampler_mismatch(cal, 20, 4.0, "euler", "normal")
     assert len(msg) == 1 and "cfg 8.0 -> 4.0" in msg[0] and "scheduler simple -> normal" in msg[0]
-    assert calibrate_nodes.sampler_mismatch(None, 20, 4.0, "euler", "normal") == []
+    assert sampler_mismatch(None, 20, 4.0, "euler", "normal") == []

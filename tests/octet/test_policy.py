@@ -6,8 +6,9 @@ import torch.nn as nn
 
 from comfyui_octet.octet import WeightOnlyConfig, config_for_mode, quantize_
 from comfyui_octet.octet.api import OctetError
-from comfyui_octet.octet.policy import (PRESET_NAMES, Policy, Rule, build_policy, family_for, parse_overrides,
-                                        parse_rules, preset, write_report)
+from comfyui_octet.octet.policy import Policy, Rule, parse_overrides, parse_rules
+from comfyui_octet.octet.presets import PRESET_NAMES, build_policy, family_for, preset
+from comfyui_octet.octet.report import write_report
 
 DYN = config_for_mode("dynamic", kinds=("linear",), backend="torch")
 

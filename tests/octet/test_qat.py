@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from comfyui_octet import octet
 from comfyui_octet.octet import qat
-from comfyui_octet.octet.api import OctetError
+from comfyui_octet.octet.api import OctetError, swapped
 from comfyui_octet.octet.modules import QuantConv2d, QuantLinear
 
 
@@ -178,9 +178,9 @@ def test_distillation_lowers_the_loss_and_leaves_the_model_as_it_was():
     assert all(p.requires_grad for p in net.parameters())
     # The folded real INT8 layers score what the trained twins scored.
     folded = qat.fold(twins)
-    with qat.swapped(net, folded), torch.no_grad():
+    with swapped(net, folded), torch.no_grad():
         mse = sum(float((net(*c.args, **c.kwargs) - c.target).square().mean()) for c in teacher.calls)
-    with qat.swapped(net, twins), torch.no_grad():
+    with swapped(net, twins), torch.no_grad():
         mse_fake = sum(float((net(*c.args, **c.kwargs) - c.target).square().mean()) for c in teacher.calls)
     assert mse == pytest.approx(mse_fake, rel=1e-3)
 
@@ -202,7 +202,7 @@ def test_distillation_is_judged_on_held_back_calls_only():
     # Held-back targets that the untrained quantized model already meets exactly (its own outputs): training
     # still lowers the training loss, but cannot lower the held-back error, and the result says so.
     twins = qat.make_twins(_ptq(net, bits=4), net, config)
-    with qat.swapped(net, twins), torch.no_grad():
+    with swapped(net, twins), torch.no_grad():
         for c in holdout.calls:
             c.target = net(*c.args, **c.kwargs).clone()
     bad = qat.distill(net, twins, teacher, config, holdout=holdout)

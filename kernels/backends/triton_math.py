@@ -1,0 +1,47 @@
+"""The element-wise math every Triton kernel shares: the INT8 grid, the scale rule, GELU (tanh).
+
+Each is torch_ref's definition written for ``@triton.jit`` code, once; the quantization kernels
+(triton_quant), the GEMM epilogue (triton_gemm) and the static-prologue GEMM (triton_w8a8_static)
+call these. The numbers are literals because a jit function reads only ``tl.constexpr`` globals:
+127.0 is ``torch_ref.QMAX`` and 1e-12 ``torch_ref.MIN_SCALE``; tests compare the kernels with
+torch_ref bit for bit, so a change there that is not made here fails them.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_to_grid(v):
+    # Clamp to [-QMAX, QMAX], then round half to even with the fp32 magic number: adding and
+    # subtracting 1.5 * 2**23 rounds to the nearest even integer for |v| < 2**22. Clamping first
+    # makes that range hold and gives torch_ref's round-then-clamp result. (libdevice.rint would do
+    # on the GPU, but the CPU interpreter does not implement it, and CI runs these very kernels.)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def round_to_int8(v):
+    return round_to_grid(v).to(tl.int8)
+
+
+@triton.jit
+def scale_from_absmax(absmax, SCALE_BY_RECIPROCAL: tl.constexpr):
+    # torch_ref computes absmax / 127. PyTorch's CUDA kernels divide by a scalar as a multiply by
+    # its fp32 reciprocal, its CPU kernels divide; we follow the device so that the scales, and
+    # hence the int8 values, are bit-identical to the reference wherever it runs.
+    if SCALE_BY_RECIPROCAL:
+        s = absmax * (1.0 / 127.0)
+    else:
+        s = tl.div_rn(absmax, 127.0)
+    return tl.maximum(s, 1e-12)
+
+
+@triton.jit
+def gelu_tanh(y):
+    # 0.5 y (1 + tanh(u)) with tanh(u) = 1 - 2 / (1 + exp(2u)): needs only exp, which the CPU
+    # interpreter has too. tanh(15) is 1 in fp32; the clamp keeps exp finite.
+    u = tl.minimum(0.7978845608028654 * (y + 0.044715 * y * y * y), 15.0)
+    return 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
