@@ -230,13 +230,17 @@ def _qat(ctx, quantized):
     """QAT Fine-tune node on teacher trajectories from other seeds and classes than the scored images."""
     from comfyui_octet.nodes.qat_nodes import QATFineTune
     n = 4
-    pos = rm.batch_conditioning(ctx.kind, ctx.labels(n, lambda i: (7 * i + 5) % 10))
+    labels = ctx.labels(n, lambda i: (7 * i + 5) % 10)
+    pos = rm.batch_conditioning(ctx.kind, labels)
     neg = rm.class_conditioning(ctx.kind, "unconditional", batch=n)
+    # The keep-or-return verdict samples classes the training never sees (at QAT's held-back seed).
+    unseen = [c for c in range(10) if c not in labels]
+    held = rm.batch_conditioning(ctx.kind, [unseen[i % len(unseen)] for i in range(n)])
     t0 = time.perf_counter()
     out = QATFineTune.execute(model=ctx.fp, positive=pos, negative=neg, latent_image=rm.empty_latent(ctx.kind, n),
                               seed=777, trajectories=2, steps=ctx.args.steps, cfg=ctx.args.cfg, sampler_name="euler",
                               scheduler="normal", train_steps=ctx.args.qat_steps, learning_rate=5e-4, lora_rank=4,
-                              quantized_model=quantized)
+                              quantized_model=quantized, heldback_positive=held)
     ctx.note = f"QAT {ctx.args.qat_steps} steps, {time.perf_counter() - t0:.0f} s CPU"
     return out.result[0]
 

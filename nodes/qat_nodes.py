@@ -66,6 +66,12 @@ class QATFineTune(io.ComfyNode):
                 io.Model.Input("quantized_model", optional=True,
                                tooltip="The INT8 MODEL to improve (from Quantize Model, e.g. with a policy or a "
                                        "CALIBRATION). If unconnected, 'model' is quantized with 'mode'."),
+                io.Conditioning.Input("heldback_positive", optional=True,
+                                      tooltip="Prompts QAT never trains on. The trained layers are kept only if they "
+                                              "sample these (at a held-back seed) closer to the float MODEL than the "
+                                              "INT8 MODEL did; otherwise its own layers come back. Unconnected: the "
+                                              "training prompts at a held-back seed (does not catch over-fitting to "
+                                              "your prompts)."),
                 io.Combo.Input("mode", options=list(FALLBACK_MODES), default="dynamic", optional=True,
                                tooltip="Used only without 'quantized_model'. Static W8A8 needs a CALIBRATION: "
                                        "quantize with Quantize Model and connect its output instead."),
@@ -76,7 +82,8 @@ class QATFineTune(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, trajectories, steps, cfg, sampler_name,
-                scheduler, train_steps, learning_rate, lora_rank, quantized_model=None, mode="dynamic"):
+                scheduler, train_steps, learning_rate, lora_rank, quantized_model=None, mode="dynamic",
+                heldback_positive=None):
         require_finite("QAT Fine-tune", cfg=cfg, learning_rate=learning_rate)
         import comfy.model_management as mm
 
@@ -93,5 +100,6 @@ class QATFineTune(io.ComfyNode):
                 log.info("Octet QAT step %d/%d: loss %.5g", step, total, loss)
 
         out, _, text = sampling.finetune(model, quantized_model, positive, negative, latent_image, seed, steps, cfg,
-                                sampler_name, scheduler, trajectories, config, progress)
+                                         sampler_name, scheduler, trajectories, config, progress,
+                                         heldback_positive=heldback_positive)
         return io.NodeOutput(out, text)

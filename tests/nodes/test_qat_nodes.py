@@ -106,3 +106,25 @@ def test_a_run_that_makes_things_worse_hands_back_the_ptq_layers(tiny_model, rng
     before = bridge.quantized_layers(quantized)
     assert all(m is before[n] for n, m in bridge.quantized_layers(out).items())
     assert out.model_options["octet"]["qat"]["kept_ptq"] is True
+
+
+def test_heldback_prompts_decide_and_are_never_trained_on(tiny_model, rng, monkeypatch):
+    """The teacher trajectories use the training prompts only; the verdict samples the held-back ones (float,
+    PTQ and QAT model, same held-back seed)."""
+    quantized, _ = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))
+    positive, negative = _conds(rng)
+    held = reference_model.tiny_conditioning(batch=2, seed=int(torch.randint(1 << 30, (1,), generator=rng)))
+    calls, real = [], sampling.ksampler
+
+    def spy(model, seed, steps, cfg, sampler_name, scheduler, pos, neg, latent):
+        calls.append((seed, "held" if pos is held else "train" if pos is positive else "other"))
+        return real(model, seed, steps, cfg, sampler_name, scheduler, pos, neg, latent)
+
+    monkeypatch.setattr(sampling, "ksampler", spy)
+    config = qat.QATConfig(steps=2, lr=1e-4, lora_rank=2, eval_calls=2)
+    out, _, text = sampling.finetune(tiny_model, quantized, positive, negative, _latent(), 5, 2, 4.0, "euler",
+                                     "normal", 2, config, heldback_positive=held)
+    held_seed = 5 + sampling.HOLDOUT_SEED_OFFSET
+    assert calls[:2] == [(5, "train"), (6, "train")]
+    assert calls[2:] == [(held_seed, "held")] * 3  # float reference, PTQ model, trained model
+    assert out.model_options["octet"]["qat"]["heldback_prompts"] is True and "held-back prompts" in text
