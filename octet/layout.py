@@ -20,6 +20,7 @@ from typing import ClassVar, Optional
 import torch
 
 from .. import kernels
+from . import fileformat
 from .config import ACT_OF_MODE, LAYER_KINDS as KINDS
 
 MODE_OF_ACT = {v: k for k, v in ACT_OF_MODE.items()}
@@ -40,8 +41,8 @@ class Int8Layout:
     goal: str = "speed"       # where INT8 loses at a shape: keep a float weight (speed) or not (memory)
 
     name: ClassVar[str] = "int8"
-    HOST_FORMAT: ClassVar[str] = "int8_tensorwise"   # the host's own format: comfy-kitchen runs these
-    OCTET_FORMAT: ClassVar[str] = "octet_int8"       # everything else Octet writes
+    HOST_FORMAT: ClassVar[str] = fileformat.HOST_FORMAT    # the host's own format: comfy-kitchen runs these
+    OCTET_FORMAT: ClassVar[str] = fileformat.OCTET_FORMAT  # everything else Octet writes
     FORMATS: ClassVar[tuple[str, ...]] = (HOST_FORMAT, OCTET_FORMAT)
     # Tensors a layer of this format owns, by checkpoint key suffix (bias is the layer's own).
     TENSORS: ClassVar[tuple[str, ...]] = ("weight", "weight_scale", "input_scale", "pre_quant_scale")
