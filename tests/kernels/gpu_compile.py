@@ -1,0 +1,137 @@
+"""Compile every Triton kernel for the GPU (Hopper, sm90) on a machine without one; run by test_gpu_compile.py.
+
+CI runs the kernels under TRITON_INTERPRET=1, which checks their numbers but never Triton's real
+compiler: a construct the interpreter accepts and the compiler rejects (a non-constexpr global, a
+dtype the MMA lowering refuses, a wrong constexpr branch) would only fail on a GPU. ``triton.compile``
+with an explicit target runs the whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin, with the ptxas
+that ships with Triton) without a device. It must run without TRITON_INTERPRET (under it, @triton.jit
+gives interpreter functions the compiler cannot take), hence a separate process.
+
+    .venv/bin/python tests/kernels/gpu_compile.py     # prints one line per case, exits 1 on any failure
+"""
+import importlib.util
+import os
+import sys
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "comfyui_octet" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    sys.modules["comfyui_octet"] = importlib.util.module_from_spec(spec)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from comfyui_octet.kernels.backends import triton_conv, triton_gemm, triton_quant, triton_w8a16, triton_w8a8_static  # noqa: E402,E501
+
+TARGET = GPUTarget("cuda", 90, 32)
+CASES = []
+
+
+def case(fn):
+    CASES.append(fn)
+    return fn
+
+
+def _compile(kernel, pointers: dict, constexprs: dict):
+    """Compile ``kernel`` with pointer args typed by ``pointers`` (name -> dtype, default fp32), every other
+    runtime arg i32, and ``constexprs``."""
+    fn = kernel
+    while not isinstance(fn, triton.runtime.JITFunction):  # autotuned kernels wrap the JITFunction
+        fn = fn.fn
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in pointers:
+            t = pointers[p.name]
+            sig[p.name] = t if t.startswith(("*", "tensordesc")) else "*" + t
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*fp32"
+        else:
+            sig[p.name] = "i32"
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET)
+    assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
+
+
+@case
+def quantize_rows():
+    for static in (False, True):
+        for one_tile in (False, True):
+            _compile(triton_quant._quantize_rows_kernel, {"x_ptr": "bf16", "q_ptr": "i8"},
+                     dict(HAS_SMOOTH=True, STATIC=static, ONE_TILE=one_tile, SCALE_BY_RECIPROCAL=True, BLOCK_K=1024))
+
+
+@case
+def conv_activation_quantization():
+    _compile(triton_quant._sample_absmax_kernel, {"x_ptr": "bf16"}, dict(HAS_SMOOTH=True, BLOCK=1024))
+    for static in (False, True):
+        _compile(triton_quant._quantize_nchw_to_nhwc_kernel, {"x_ptr": "bf16", "q_ptr": "i8"},
+                 dict(HAS_SMOOTH=True, STATIC=static, SCALE_BY_RECIPROCAL=True, BLOCK_CHUNKS=64, BLOCK_C=64,
+                      BLOCK_HW=64))
+
+
+@case
+def flux_single_block_cat_gelu_quantization():
+    _compile(triton_quant._quantize_cat_gelu_kernel, {"a_ptr": "bf16", "g_ptr": "bf16", "q_ptr": "i8"},
+             dict(HAS_SMOOTH=True, SCALE_BY_RECIPROCAL=True, BLOCK_K=1024))
+
+
+W8A8_TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
+
+
+@case
+def w8a8_gemm_pointer_operands():
+    for gelu_quant in (False, True):
+        _compile(triton_gemm._w8a8_kernel, {"a": "i8", "b": "i8", "c_ptr": "bf16"},
+                 dict(HAS_BIAS=True, USE_TMA=False, GELU_QUANT=gelu_quant, HAS_Q_SMOOTH=gelu_quant, PERSISTENT=False,
+                      **W8A8_TILE))
+
+
+@case
+def w8a8_gemm_tma_operands():
+    desc = "tensordesc<i8[128, 128]>"
+    for persistent in (False, True):
+        _compile(triton_gemm._w8a8_kernel, {"a": desc, "b": desc, "c_ptr": "bf16"},
+                 dict(HAS_BIAS=True, USE_TMA=True, GELU_QUANT=False, HAS_Q_SMOOTH=False, PERSISTENT=persistent,
+                      **W8A8_TILE))
+
+
+@case
+def w8a16_gemm_and_dequantize():
+    _compile(triton_w8a16._w8a16_kernel, {"x": "bf16", "w": "i8", "c_ptr": "bf16"},
+             dict(HAS_BIAS=True, USE_TMA=False, DOT_IN_FP32=False, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=128,
+                  BLOCK_K=64, GROUP_M=8, SWAP_AB=False))
+    _compile(triton_w8a16._dequantize_kernel, {"q_ptr": "i8", "out_ptr": "bf16"}, dict(BLOCK_K=1024))
+
+
+@case
+def int8_conv_implicit_gemm():
+    _compile(triton_conv._conv_kernel, {"x_ptr": "i8", "w_ptr": "i8", "y_ptr": "bf16"},
+             dict(KH=3, KW=3, POINTWISE=False, HAS_BIAS=True, W_TMA=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+                  GROUP_M=8))
+
+
+@case
+def static_prologue_gemm():
+    _compile(triton_w8a8_static._w8a8_static_kernel, {"x": "bf16", "w": "i8", "c_ptr": "bf16"},
+             dict(HAS_VEC=True, EXACT=True, HAS_BIAS=True, USE_TMA=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128,
+                  GROUP_M=8))
+
+
+def main() -> int:
+    failed = 0
+    for fn in CASES:
+        try:
+            fn()
+            print(f"ok {fn.__name__}", flush=True)
+        except Exception:
+            failed += 1
+            print(f"FAILED {fn.__name__}\n{traceback.format_exc()}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
