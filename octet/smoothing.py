@@ -40,9 +40,3 @@ def factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> tor
     w = w.clamp_min(float(w.max()) * RELATIVE_FLOOR + 1e-30)
     s = a.pow(alpha) / w.pow(1.0 - alpha)
     return s.clamp(*FACTOR_RANGE)
-
-
-def fold(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The weight with s multiplied into its input channels (what gets quantized)."""
-    shape = [1, -1] + [1] * (weight.dim() - 2)
-    return weight * s.to(weight.dtype).reshape(shape)

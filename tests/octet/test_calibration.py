@@ -6,6 +6,7 @@ import torch.nn as nn
 from comfyui_octet.kernels import torch_ref
 from comfyui_octet.octet import OctetError, StaticW8A8Config, quantize_
 from comfyui_octet.octet import observers, smoothing
+from comfyui_octet.octet.layout import Int8Layout
 from comfyui_octet.octet.calibration import Calibration, record
 from comfyui_octet.octet.timestep import GroupSelector
 
@@ -92,13 +93,13 @@ def test_smoothing_preserves_the_float_function_and_folds_exactly(rng):
     assert torch.isfinite(s).all() and (s > 0).all()
     # s_j = max|X_j|^a / max|W_j|^(1-a)
     torch.testing.assert_close(s, x.abs().amax(0).sqrt() / lin.weight.abs().amax(0).sqrt(), rtol=1e-5, atol=0)
-    folded = smoothing.fold(lin.weight, s)
+    folded = Int8Layout.fold_smoothing(lin.weight, s)
     torch.testing.assert_close((x / s) @ folded.t() + lin.bias, lin(x), rtol=1e-12, atol=1e-12)
     conv = nn.Conv2d(6, 4, 3).double()
     xc = torch.randn(2, 6, 5, 5, generator=rng, dtype=torch.float64)
     sc = smoothing.factors(xc.abs().amax((0, 2, 3)), conv.weight, 0.7).double()
     ref = conv(xc)
-    got = nn.functional.conv2d(xc / sc.reshape(1, -1, 1, 1), smoothing.fold(conv.weight, sc), conv.bias)
+    got = nn.functional.conv2d(xc / sc.reshape(1, -1, 1, 1), Int8Layout.fold_smoothing(conv.weight, sc), conv.bias)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
