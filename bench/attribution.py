@@ -5,7 +5,7 @@
 Per model: calibrate the FP model (bench/quality.py's calibration run: 8 images, seed 999), record the
 states (x, sigma) of one float Euler trajectory (seed 4321, 2 images of classes the scored images
 also use, CFG as sampled), and measure every layer alone as static (the recipe's: mse observer, 4 timestep
-groups, SmoothQuant 0.5) and as dynamic per-token: output MSE per timestep group (a model-output proxy),
+groups, SmoothQuant 0.5) and as dynamic per-token with the same SmoothQuant: output MSE per timestep group (a model-output proxy),
 with the calibration statistics that explain it, plus the activation range per class (FP, cfg 1, one
 image per class). ``octet.attribution.auto_policy`` then keeps static where it is within 1 dB of dynamic
 and makes the rest dynamic; the scored rows are image PSNR vs FP on bench/quality.py's images (classes
