@@ -175,16 +175,22 @@ def test_static_scale_equals_minmax_of_calibration_inputs(rng):
     torch.testing.assert_close(cal.input_scales("fc1", cfg, smooth=s), torch.tensor([want_s]), rtol=1e-5, atol=0)
 
 
+def _outlier_draw(rng):
+    """A fresh _Net whose fc1 input has 3 loud channels (x40), its calibration over 4 such batches, and the
+    tokens of one more batch with fc1's float output on them: (net, cal, tokens, reference)."""
+    net = _Net(rng)
+    loud = torch.randperm(64, generator=rng)[:3]
+    cal = _calibrate(net, [_data(rng, loud) for _ in range(4)])
+    _, t = _data(rng, loud)
+    return net, cal, t, net.fc1(t)
+
+
 def test_smoothquant_reduces_static_error_with_outlier_channels(rng):
     """alpha=0.5 is not a win on every draw (a loud channel meeting a small weight column moves the
     difficulty into the weights), so the claim is about the average over many fresh layers."""
     gains = []
     for _ in range(24):
-        net = _Net(rng)
-        loud = torch.randperm(64, generator=rng)[:3]
-        cal = _calibrate(net, [_data(rng, loud) for _ in range(4)])
-        x, t = _data(rng, loud)
-        ref = net.fc1(t)
+        net, cal, t, ref = _outlier_draw(rng)
         errs = {}
         for alpha in (None, 0.5):
             q = quantize_(net, StaticW8A8Config(observer="minmax", timestep_groups=False, smooth_alpha=alpha,

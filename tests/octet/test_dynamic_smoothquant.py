@@ -12,7 +12,7 @@ from comfyui_octet.octet import DynamicW8A8Config, OctetError, StaticW8A8Config,
 from comfyui_octet.octet.config import config_from_dict
 from comfyui_octet.octet.policy import Policy
 
-from test_calibration import _Net, _calibrate, _data, _sqnr  # noqa: E402  (tests/octet is on sys.path)
+from test_calibration import _Net, _calibrate, _data, _outlier_draw, _sqnr  # noqa: E402  (tests/octet is on sys.path)
 
 
 def test_config_round_trips_and_checks_alpha():
@@ -31,11 +31,7 @@ def test_without_a_calibration_it_says_what_to_connect(rng):
 def test_layer_computes_the_reference_and_beats_plain_dynamic_on_outlier_channels(rng):
     gains = []
     for trial in range(12):
-        net = _Net(rng)
-        loud = torch.randperm(64, generator=rng)[:3]
-        cal = _calibrate(net, [_data(rng, loud) for _ in range(4)])
-        _, t = _data(rng, loud)
-        ref = net.fc1(t)
+        net, cal, t, ref = _outlier_draw(rng)
         smoothed = quantize_(net, DynamicW8A8Config(smooth_alpha=0.5, kinds=("linear",)), calibration=cal,
                              inplace=False).replacements["fc1"]
         plain = quantize_(net, DynamicW8A8Config(kinds=("linear",)), inplace=False).replacements["fc1"]
