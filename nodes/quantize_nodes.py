@@ -53,13 +53,17 @@ def static_inputs(used_when: str = "Used in mode 'static'.") -> list:
     ]
 
 
+def _with_defaults(**widgets) -> dict:
+    """Widget values as given, None -> the STATIC_DEFAULTS value (inputs an older workflow lacks)."""
+    return {k: STATIC_DEFAULTS[k] if x is None else x for k, x in widgets.items()}
+
+
 def static_config(node: str, observer=None, percentile=None, use_timestep_groups=None, smooth_alpha=None,
                   smoothquant=None, **base) -> StaticW8A8Config:
     """The widgets of ``static_inputs`` (None: the default) as a StaticW8A8Config, which validates them.
     ``base``: the fields every mode shares (kinds, backend, goal)."""
-    v = {k: STATIC_DEFAULTS[k] if x is None else x for k, x in (
-        ("observer", observer), ("percentile", percentile), ("use_timestep_groups", use_timestep_groups),
-        ("smooth_alpha", smooth_alpha), ("smoothquant", smoothquant))}
+    v = _with_defaults(observer=observer, percentile=percentile, use_timestep_groups=use_timestep_groups,
+                       smooth_alpha=smooth_alpha, smoothquant=smoothquant)
     require_finite(node, percentile=v["percentile"], smooth_alpha=v["smooth_alpha"])
     return StaticW8A8Config(observer=v["observer"], percentile=float(v["percentile"]),
                             timestep_groups=bool(v["use_timestep_groups"]),
@@ -101,17 +105,16 @@ class QuantizeModel(io.ComfyNode):
                 smoothquant=None):
         kinds = tuple(k for k, on in (("linear", quantize_linear), ("conv", quantize_conv)) if on)
         base = {"kinds": kinds, "backend": backend, "goal": goal or "speed"}
+        sq = _with_defaults(smooth_alpha=smooth_alpha, smoothquant=smoothquant)
         if mode == "static":
             config = static_config("Quantize Model", observer, percentile, use_timestep_groups, smooth_alpha,
                                    smoothquant, **base)
-        elif mode == "dynamic" and calibration is not None and (STATIC_DEFAULTS["smoothquant"] if smoothquant is None
-                                                               else smoothquant):
+        elif mode == "dynamic" and calibration is not None and sq["smoothquant"]:
             # SmoothQuant helps per-token scales too (one loud channel still sets each row's scale); its factors
             # come from the CALIBRATION, so it applies only when one is connected (docs/QUALITY.md: +1.8 to +2.2 dB
             # over plain dynamic on the reference DiT/MMDiT, +15 to +21 dB on their outlier twins).
-            alpha = STATIC_DEFAULTS["smooth_alpha"] if smooth_alpha is None else smooth_alpha
-            require_finite("Quantize Model", smooth_alpha=alpha)
-            config = config_for_mode(mode, smooth_alpha=float(alpha), **base)
+            require_finite("Quantize Model", smooth_alpha=sq["smooth_alpha"])
+            config = config_for_mode(mode, smooth_alpha=float(sq["smooth_alpha"]), **base)
         else:  # the static widgets do not apply
             config = config_for_mode(mode, **base)
         bar = comfy.utils.ProgressBar(1)

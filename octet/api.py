@@ -101,7 +101,7 @@ def handler(*config_types: type):
     return register
 
 
-def _smoothing(module, config, name, calibration) -> Optional[torch.Tensor]:
+def smoothing_for(module, config, name, calibration) -> Optional[torch.Tensor]:
     """SmoothQuant divisors for ``name`` when ``config`` asks for them (they come from a calibration)."""
     if getattr(config, "smooth_alpha", None) is None:
         return None
@@ -115,7 +115,7 @@ def _smoothing(module, config, name, calibration) -> Optional[torch.Tensor]:
 @handler(WeightOnlyConfig, DynamicW8A8Config)
 def _quantize_plain(module, kind, config, name, calibration, weight):
     return QUANT_CLASS[kind].from_float(module, config.act, config.backend, weight=weight, goal=config.goal,
-                                        smooth=_smoothing(module, config, name, calibration))
+                                        smooth=smoothing_for(module, config, name, calibration))
 
 
 @handler(StaticW8A8Config)
@@ -123,7 +123,7 @@ def _quantize_static(module, kind, config, name, calibration, weight):
     if calibration is None:
         raise OctetError(f"Mode '{config.mode}' needs a CALIBRATION for layer '{name}': run the Calibrate "
                          f"node on this model first, or choose mode 'dynamic' or 'weight_only'.")
-    smooth = _smoothing(module, config, name, calibration)
+    smooth = smoothing_for(module, config, name, calibration)
     q = QUANT_CLASS[kind].from_float(module, config.act, config.backend, smooth=smooth, weight=weight,
                                      goal=config.goal)
     q.set_static_scales(calibration.input_scales(name, config, smooth=smooth),

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, fileformat
-from .api import OctetError
+from .api import OctetError, smoothing_for
 from .config import QuantConfig
 from .modules import QuantConv2d, QuantLinear
 from .streamfile import StreamWriter, read_tensor, tensor_info
@@ -98,8 +98,7 @@ def _quantize(plan: LayerPlan, weight: torch.Tensor, bias: Optional[torch.Tensor
     if cfg.act == "static" or getattr(cfg, "smooth_alpha", None) is not None:
         if calibration is None:
             raise OctetError(f"Mode '{cfg.mode}' needs a calibration file (--calibration) for layer '{plan.name}'.")
-        if getattr(cfg, "smooth_alpha", None) is not None:
-            smooth = calibration.smoothing_factors(plan.name, weight, cfg.smooth_alpha)
+        smooth = smoothing_for(module, cfg, plan.name, calibration)
     cls = QuantLinear if plan.kind == "linear" else QuantConv2d
     q = cls.from_float(module, cfg.act, cfg.backend, smooth=smooth)
     if cfg.act == "static":
