@@ -6,9 +6,16 @@ latency of one ``BaseModel.apply_model`` step, peak VRAM of that step, weight by
 Octet takes to quantize. Every ratio is against the bf16 baseline measured in the same process.
 
     python bench/e2e.py                      # GPU: all models, eager
+    python bench/e2e.py --modes eager graph compile --deadline 540   # issue 13's table: one call, three modes
     python bench/e2e.py --models flux-dev --compile
     python bench/e2e.py --graph --models sdxl --variants bf16 octet_dynamic   # + CUDA Graph Step rows
     python bench/e2e.py --tiny               # CPU smoke test of the same code with shrunken configs
+
+Modes, per model and variant, on one built (and quantized) model: ``eager`` (stock ComfyUI),
+``graph`` (through the CUDA Graph Step node), ``compile`` (torch.compile of the diffusion model, the
+host's TorchCompileModel; ``--compile-variants`` picks which variants, compile time is minutes).
+``--deadline`` stops starting new work after that many seconds and still writes the rows it has
+(the JSON is rewritten after every variant, so a killed run keeps what it measured).
 
 Writes a JSON and a markdown table (to --out, default out/e2e) and prints the card's name.
 """
@@ -214,10 +221,29 @@ def profile_step(model, x, sigma, kw) -> str:
     return f"GPU kernel time in the step: {gpu_total:.1f} ms\n{table}"
 
 
-def run_variant(name, variant, device, args) -> list[dict]:
+def _compile_row(model, row, x, sigma, kw, device, args) -> dict:
+    """The same model through torch.compile (Inductor), as the host's TorchCompileModel does; Octet's
+    layers are one opaque custom op each (kernels/ops.py), so the graph has no break at them."""
     import torch
-    row = {"model": name, "variant": variant + (f"+compile({args.compile_mode})" if args.compile else ""),
-           "mode": "compile" if args.compile else "eager", "card": args.card, "versions": args.versions}
+    out = dict(row, mode="compile", variant=row["variant"] + f"+compile({args.compile_mode})")
+    out.pop("capture_s", None)
+    t0 = time.perf_counter()
+    model.diffusion_model = torch.compile(model.diffusion_model, mode=args.compile_mode)
+    time_steps(model, x, sigma, kw, 1, 0)
+    out["compile_s"] = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out["step_ms"] = statistics.median(time_steps(model, x, sigma, kw, args.warmup, args.iters)) * 1000
+    if device.type == "cuda":
+        out["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def run_variant(name, variant, device, args) -> list[dict]:
+    """One model built (and quantized) once, timed in each requested mode: eager, graph, compile."""
+    import torch
+    modes = args.modes
+    row = {"model": name, "variant": variant, "mode": "eager", "card": args.card, "versions": args.versions}
     model = build(name, "host_fp8_e4m3fn_fast" if variant == "host_fp8_e4m3fn_fast" else "bf16", device, args.tiny)
     x, sigma, kw = inputs(name, device, args.tiny)
     if variant.startswith("octet_"):
@@ -225,23 +251,27 @@ def run_variant(name, variant, device, args) -> list[dict]:
         row["layers_quantized"] = len(result.quantized)
         row["mlp_chains"] = len(result.forwards) if not variant.endswith("_layers") else 0
     row["weight_bytes"] = weight_bytes(model.diffusion_model)
-    if args.compile:
-        t0 = time.perf_counter()
-        model.diffusion_model = torch.compile(model.diffusion_model, mode=args.compile_mode)
-        time_steps(model, x, sigma, kw, 1, 0)
-        row["compile_s"] = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = time_steps(model, x, sigma, kw, args.warmup, args.iters)
-    row["step_ms"] = statistics.median(times) * 1000
-    if args.profile and device.type == "cuda":
-        row["profile"] = profile_step(model, x, sigma, kw)
-        print(f"[{torch.cuda.get_device_name()}] profile {name} {row['variant']}\n{row['profile']}", flush=True)
-    if device.type == "cuda":
-        row["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
-    rows = [row]
-    if args.graph:
+    rows = []
+    if "eager" in modes or "graph" in modes:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = time_steps(model, x, sigma, kw, args.warmup, args.iters)
+        row["step_ms"] = statistics.median(times) * 1000
+        if args.profile and device.type == "cuda":
+            row["profile"] = profile_step(model, x, sigma, kw)
+            print(f"[{torch.cuda.get_device_name()}] profile {name} {row['variant']}\n{row['profile']}", flush=True)
+        if device.type == "cuda":
+            row["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+        if "eager" in modes:
+            rows.append(row)
+    if "graph" in modes:
         rows.append(graph_rows(model, row, x, sigma, kw, device, args))
+    if "compile" in modes and variant in args.compile_variants and name in args.compile_models:
+        if args.past_deadline():
+            rows.append(dict(row, mode="compile", error="skipped: --deadline reached before compiling"))
+            rows[-1].pop("step_ms", None)
+        else:
+            rows.append(_compile_row(model, row, x, sigma, kw, device, args))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -252,7 +282,7 @@ def markdown(rows, header) -> str:
     """vs bf16: against bf16 eager (compiled bf16 for compiled rows); vs bf16 graph: against the
     bf16 row of the same graph step, so the ratio holds only what Octet changes."""
     lines = [header, "", "| model | variant | mode | step ms | vs bf16 | vs bf16 graph | weights GiB | vs bf16 | "
-             "peak VRAM GiB | quantize s | capture s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak VRAM GiB | quantize s | capture / compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r.get("mode", "eager")): r for r in rows
             if r["variant"].startswith("bf16") and "step_ms" in r}
     for r in rows:
@@ -268,7 +298,8 @@ def markdown(rows, header) -> str:
         size = f"{r['weight_bytes'] / b['weight_bytes']:.3f}x" if b else "n/a"
         peak = f"{r['peak_vram_bytes'] / 2**30:.2f}" if "peak_vram_bytes" in r else "n/a"
         quant = f"{r['quantize_s']:.1f}" if "quantize_s" in r else ""
-        capture = f"{r['capture_s']:.2f}" if "capture_s" in r else ""
+        capture = (f"{r['capture_s']:.2f}" if "capture_s" in r
+                   else f"{r['compile_s']:.0f}" if "compile_s" in r else "")
         lines.append(f"| {r['model']} | {r['variant']} | {mode} | {r['step_ms']:.1f} | {speed} | {same} | "
                      f"{r['weight_bytes'] / 2**30:.2f} | {size} | {peak} | {quant} | {capture} |")
     return "\n".join(lines)
@@ -286,17 +317,34 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--compile", action="store_true", help="torch.compile the diffusion model")
-    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
-                        help="torch.compile mode (e.g. default, max-autotune-no-cudagraphs, reduce-overhead)")
+    parser.add_argument("--modes", nargs="+", default=None, choices=("eager", "graph", "compile"),
+                        help="what to time per variant (default: eager; --graph adds graph, --compile is compile only)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the diffusion model (= --modes compile)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode: default (what the host's TorchCompileModel uses), "
+                             "max-autotune-no-cudagraphs (minutes of Inductor autotuning per shape), reduce-overhead")
+    parser.add_argument("--compile-variants", nargs="+", default=None, choices=list(VARIANTS),
+                        help="variants to compile in --modes ... compile (default: all requested)")
+    parser.add_argument("--compile-models", nargs="+", default=None, choices=list(MODELS),
+                        help="models to compile in --modes ... compile (default: all requested)")
     parser.add_argument("--graph", action="store_true",
-                        help="also time each variant through CUDA Graph Step (rows with mode 'graph')")
+                        help="also time each variant through CUDA Graph Step (= --modes eager graph)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which no new variant or compile is started (rows so far are kept)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per variant")
     parser.add_argument("--tiny", action="store_true", help="shrunken configs on CPU (smoke test)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "e2e"))
     args = parser.parse_args()
+    if args.modes is None:
+        args.modes = ["compile"] if args.compile else ["eager"] + (["graph"] if args.graph else [])
+    args.compile = "compile" in args.modes
+    args.graph = "graph" in args.modes
+    args.compile_variants = args.compile_variants or args.variants
+    args.compile_models = args.compile_models or args.models
+    started = time.perf_counter()
+    args.past_deadline = lambda: args.deadline is not None and time.perf_counter() - started > args.deadline
 
     octet_pack.load(comfy=True, cpu=args.tiny)
     import torch
@@ -309,12 +357,28 @@ def main() -> int:
     args.versions = {"torch": torch.__version__, "triton": triton.__version__, "comfyui": comfy_version(),
                      "python": platform.python_version()}
     header = (f"card: {card}; torch {torch.__version__}; triton {triton.__version__}; "
-              f"{'compiled' if args.compile else 'eager' + (' + graph' if args.graph else '')}; {stamp}")
+              f"{' + '.join(args.modes)}"
+              f"{f' (torch.compile mode {args.compile_mode})' if args.compile else ''}; {stamp}")
     print(header, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    suffix = (("tiny" if args.tiny else "full") + "_" + "_".join(args.modes)
+              + (f"_{args.compile_mode}" if args.compile else ""))
+
+    def write(rows):
+        table = markdown(rows, header)
+        with open(os.path.join(args.out, f"e2e_{suffix}.json"), "w") as f:
+            json.dump({"header": header, "modes": args.modes, "rows": rows}, f, indent=1)
+        with open(os.path.join(args.out, f"e2e_{suffix}.md"), "w") as f:
+            f.write(table + "\n")
+        return table
+
     rows = []
     for name in args.models:
         for variant in args.variants:
             if variant == "host_fp8_e4m3fn_fast" and device.type != "cuda":
+                continue
+            if args.past_deadline():
+                rows.append({"model": name, "variant": variant, "error": "skipped: --deadline reached"})
                 continue
             try:
                 new = run_variant(name, variant, device, args)
@@ -323,16 +387,10 @@ def main() -> int:
                 new = [{"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"}]
             rows += new
             for row in new:
-                print(f"[{card}] " + json.dumps(row), flush=True)
-    table = markdown(rows, header)
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
-    suffix = (("tiny" if args.tiny else "full") + (f"_compile_{args.compile_mode}" if args.compile else "")
-              + ("_graph" if args.graph else ""))
-    with open(os.path.join(args.out, f"e2e_{suffix}.json"), "w") as f:
-        json.dump({"header": header, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, f"e2e_{suffix}.md"), "w") as f:
-        f.write(table + "\n")
+                print(f"[{card}] " + json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+            write(rows)
+    print(write(rows))
+    print(f"[{card}] e2e wall {time.perf_counter() - started:.0f} s", flush=True)
     return 0 if all("step_ms" in r for r in rows) else 1
 
 

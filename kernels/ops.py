@@ -10,9 +10,19 @@ per quantized layer (no graph break at a Triton launch) and ``torch.library.opch
 the declaration. Eager code never goes through these: a Python custom op costs tens of
 microseconds of dispatcher time per call, so layers call their cached plan directly
 (``octet/modules.py``) and only a traced forward calls the op (``compiling()`` is the one check).
+
+A compiled graph calls the op with a layer's tensors on every step. Planning there on every call
+(select a backend, prepare the weight side, and on the speed goal's float path dequantize the weight)
+made compiled Octet 0.81x of compiled bf16 on Flux-dev (H200, docs/BENCHMARKS.md). So each layer
+registers as the *owner* of its tensors (``register_owner``) and passes its number as the op's last
+argument: the op then runs that layer's own cached plan, the one eager uses. Without a live owner
+holding the same weight on the input's device (a graph outliving its model, lowvram), the op plans
+once for the call, as before.
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Optional
 
 import torch
@@ -55,19 +65,44 @@ def define_op(qualname: str, fake):
     return wrap
 
 
-def _linear_fake(x, qweight, w_scale, bias, smooth, static_scale, act, backend, goal):
+_owners: dict[int, weakref.ref] = {}
+_owner_numbers = itertools.count(1)
+
+
+def register_owner(layer) -> int:
+    """A number for ``layer`` (anything with ``.weight`` and ``.plan(x) -> plan with .run(x, static)``)
+    that the ops below accept as ``owner``; forgotten when the layer is collected."""
+    number = next(_owner_numbers)
+    _owners[number] = weakref.ref(layer, lambda _ref, number=number: _owners.pop(number, None))
+    return number
+
+
+def owner_of(number: int, qweight: Tensor, x: Tensor):
+    """The live layer registered as ``number`` if it still holds ``qweight`` on x's device, else None."""
+    ref = _owners.get(number) if number > 0 else None
+    layer = ref() if ref is not None else None
+    if layer is None or qweight.device != x.device or layer.weight.device != x.device \
+            or layer.weight.data_ptr() != qweight.data_ptr():
+        return None
+    return layer
+
+
+def _linear_fake(x, qweight, w_scale, bias, smooth, static_scale, act, backend, goal, owner=-1):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 @define_op("octet::linear", _linear_fake)
 def linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], smooth: Optional[Tensor],
-           static_scale: Optional[Tensor], act: str, backend: str, goal: str) -> Tensor:
+           static_scale: Optional[Tensor], act: str, backend: str, goal: str, owner: int = -1) -> Tensor:
+    layer = owner_of(owner, qweight, x)
+    if layer is not None:
+        return layer.plan(x).run(x, static_scale)
     return dispatch.linear(x, qweight, w_scale, bias, act=act, smooth=smooth, static_scale=static_scale,
                            backend=backend, goal=goal)
 
 
 def _conv2d_fake(x, qweight, w_scale, bias, smooth, static_scale, stride, padding, dilation, groups, act, backend,
-                 goal):
+                 goal, owner=-1):
     geometry = ConvGeometry.of(stride, padding, dilation, groups)
     oh, ow = geometry.output_size(x.shape[2], x.shape[3], qweight.shape[2], qweight.shape[3])
     return x.new_empty((x.shape[0], qweight.shape[0], oh, ow))
@@ -76,18 +111,25 @@ def _conv2d_fake(x, qweight, w_scale, bias, smooth, static_scale, stride, paddin
 @define_op("octet::conv2d", _conv2d_fake)
 def conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], smooth: Optional[Tensor],
            static_scale: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int], groups: int,
-           act: str, backend: str, goal: str) -> Tensor:
+           act: str, backend: str, goal: str, owner: int = -1) -> Tensor:
     # The fake promises a contiguous NCHW result; backends may return other layouts.
+    layer = owner_of(owner, qweight, x)
+    if layer is not None:
+        return layer.plan(x).run(x, static_scale).contiguous()
     return dispatch.conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act=act, smooth=smooth,
                            static_scale=static_scale, backend=backend, goal=goal).contiguous()
 
 
-def _static_mlp_fake(x, q1, s1, b1, sm1, sc1, q2, s2, b2, sm2, sc2, backend):
+def _static_mlp_fake(x, q1, s1, b1, sm1, sc1, q2, s2, b2, sm2, sc2, backend, owner1=-1, owner2=-1):
     return x.new_empty((*x.shape[:-1], q2.shape[0]))
 
 
 @define_op("octet::static_mlp", _static_mlp_fake)
 def static_mlp(x: Tensor, q1: Tensor, s1: Tensor, b1: Optional[Tensor], sm1: Optional[Tensor], sc1: Tensor,
                q2: Tensor, s2: Tensor, b2: Optional[Tensor], sm2: Optional[Tensor], sc2: Tensor,
-               backend: str) -> Tensor:
+               backend: str, owner1: int = -1, owner2: int = -1) -> Tensor:
+    fc1, fc2 = owner_of(owner1, q1, x), owner_of(owner2, q2, x)
+    if fc1 is not None and fc2 is not None:
+        run, _, _ = fc1.chain_plan(fc2, x)
+        return run(x, sc1, sc2)
     return dispatch.static_mlp(x, (q1, s1, b1, sm1, sc1), (q2, s2, b2, sm2, sc2), backend=backend)

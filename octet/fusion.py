@@ -63,7 +63,8 @@ def _chain_forward(self, x):
         fc1, _, fc2, _, _ = parts
         if _chainable(fc1) and _chainable(fc2) and fc1.backend == fc2.backend:
             if kernels.ops.compiling():
-                return kernels.ops.static_mlp(x, *_op_args(fc1, x), *_op_args(fc2, x), fc1.backend)
+                return kernels.ops.static_mlp(x, *_op_args(fc1, x), *_op_args(fc2, x), fc1.backend,
+                                              fc1.op_owner, fc2.op_owner)
             if fc1.weight.device == x.device == fc2.weight.device:   # not under a lowvram per-call move
                 run, s1, s2 = fc1.chain_plan(fc2, x)
                 return run(x, s1, s2)

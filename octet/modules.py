@@ -95,6 +95,7 @@ class QuantLayer(nn.Module):
         self._patched_scale = None  # (weakref to weight, its _version, scale) after a merged LoRA
         self._plans: dict = {}
         self._operands: dict = {}   # device -> (weight, version, Int8Operands) shared by that device's plans
+        self.op_owner = kernels.ops.register_owner(self)   # compiled graphs reach this layer's plans through it
 
     # -- format ------------------------------------------------------------------------------------
     @property
@@ -115,6 +116,11 @@ class QuantLayer(nn.Module):
     def goal(self, goal: str) -> None:
         self.layout = Int8Layout(self.layout.kind, self.layout.act, goal)
         self.invalidate()
+
+    def __setstate__(self, state):
+        # copy.deepcopy and pickle: the copy holds other tensors, so it gets its own owner number.
+        super().__setstate__(state)
+        self.op_owner = kernels.ops.register_owner(self)
 
     def invalidate(self) -> None:
         """Drop every kernel plan (and what backends prepared for it)."""
@@ -294,7 +300,7 @@ class QuantLinear(QuantLayer):
 
     def _custom_op(self, x):
         return kernels.ops.linear(x, self.weight, self.current_weight_scale(), self.bias, self.pre_quant_scale,
-                                  self._static_scale(x.device), self.act, self.backend, self.goal)
+                                  self._static_scale(x.device), self.act, self.backend, self.goal, self.op_owner)
 
     def chain_plan(self, fc2: "QuantLinear", x: torch.Tensor):
         """(run, scale1, scale2) for fc2(gelu_tanh(self(x))) with both layers static W8A8
@@ -348,7 +354,7 @@ class QuantConv2d(QuantLayer):
             padding = list(g.padding)
         return kernels.ops.conv2d(x, self.weight, self.current_weight_scale(), self.bias, self.pre_quant_scale,
                                   self._static_scale(x.device), list(g.stride), padding, list(g.dilation), g.groups,
-                                  self.act, self.backend, self.goal)
+                                  self.act, self.backend, self.goal, self.op_owner)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -59,3 +59,44 @@ def test_a_second_copy_of_the_pack_reuses_the_ops_instead_of_redefining_them(rng
     qw, ws = kernels.quantize_weight(torch.randn(8, 16, generator=rng))
     torch.testing.assert_close(second.ops.linear(x, qw, ws, None, None, None, "dynamic", "torch", "speed"),
                                kernels.linear(x, qw, ws, act="dynamic"), rtol=0, atol=0)
+
+
+def test_compiled_layers_run_their_own_cached_plans(rng, monkeypatch):
+    """A compiled graph calls octet::linear / octet::conv2d with the layer's tensors every step; the op
+    must run the layer's cached plan (built once, as in eager), not plan again per call: planning per
+    call re-prepared the weight side every step (compiled Flux-dev was 0.81x compiled bf16)."""
+    import copy
+    from comfyui_octet.kernels import dispatch, ops
+
+    model = Block().eval()
+    octet.quantize_(model, octet.config_for_mode("dynamic"))
+    x = torch.randn(2, 4, 8, 8, generator=rng)
+    eager = model(x)   # builds each layer's plan for this signature
+    planned = []
+    real_plan = dispatch.plan
+    monkeypatch.setattr(dispatch, "plan", lambda *a, **k: planned.append(a[0]) or real_plan(*a, **k))
+    monkeypatch.setattr(kernels, "plan", dispatch.plan)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+    assert planned == [], f"compiled calls planned again: {planned}"
+
+    # The op finds its layer by number and only while the layer holds the very weight it was given.
+    conv = model.conv
+    assert ops.owner_of(conv.op_owner, conv.weight, x) is conv
+    assert ops.owner_of(conv.op_owner, conv.weight.clone(), x) is None
+    # A deep copy holds other tensors: it gets its own number and still computes the same.
+    twin = copy.deepcopy(model)
+    assert twin.conv.op_owner != conv.op_owner and ops.owner_of(twin.conv.op_owner, twin.conv.weight, x) is twin.conv
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(twin, backend="aot_eager", fullgraph=True)(x), eager, rtol=0, atol=0)
+    # Without a live owner (a graph outliving its model) the op plans for the call and stays correct.
+    number, weight, scale = conv.op_owner, conv.weight, conv.current_weight_scale()
+    del model, compiled, conv
+    import gc
+    gc.collect()
+    assert ops.owner_of(number, weight, x) is None
+    y = ops.conv2d(x, weight, scale, twin.conv.bias, None, None, [1, 1], [1, 1], [1, 1], 1, "dynamic", "auto",
+                   "speed", number)
+    torch.testing.assert_close(y, twin.conv(x), rtol=0, atol=0)
