@@ -42,14 +42,17 @@ def sdxl_shapes() -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
 
 
-def write_random(path: str, shapes: dict, dtype=torch.bfloat16, seed: int = 0) -> int:
+def write_random(path: str, shapes: dict, dtype=torch.bfloat16, seed: int = 0, device: str = "cpu",
+                 note: str = "random SDXL UNet") -> int:
+    """A random model file written tensor by tensor (memory: one tensor). ``device="cuda"`` draws the
+    numbers on the GPU, ~10x faster for a 12 B-parameter Flux."""
     from comfyui_octet.octet.streamfile import StreamWriter
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     plan = {k: (dtype, s) for k, s in shapes.items()}
-    with StreamWriter(path, plan, {"bench": "random SDXL UNet"}) as w:
+    with StreamWriter(path, plan, {"bench": note}) as w:
         for k, s in shapes.items():
             fan_in = max(1, int(torch.tensor(s[1:]).prod().item()) if len(s) > 1 else 1)
-            w.write(k, (torch.randn(s, generator=g) / fan_in ** 0.5).to(dtype))
+            w.write(k, (torch.randn(s, generator=g, device=device) / fan_in ** 0.5).to(dtype).cpu())
     return sum(int(torch.tensor(s).prod().item()) for s in shapes.values())
 
 

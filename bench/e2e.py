@@ -84,14 +84,26 @@ VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic"
             "octet_static_layers")
 
 
+def model_config(name: str, tiny: bool, extra: dict | None = None):
+    """The host's supported-model config for ``name``; on hosts whose FluxParams needs fields these
+    configs predate (0.29's txt_ids_dims), the value the host's own detection gives Flux.1."""
+    import comfy.supported_models
+    from comfyui_octet.nodes import host_compat
+
+    cls_name, unet, _, _ = MODELS[name]
+    unet = {**unet, **(TINY[name] if tiny else {}), **(extra or {})}
+    if unet.get("image_model") == "flux":
+        from comfy.ldm.flux.model import FluxParams
+        filled = host_compat.complete_dataclass_kwargs(FluxParams, unet, name)
+        unet.update({k: v for k, v in filled.items() if k not in unet})
+    return getattr(comfy.supported_models, cls_name)(unet)
+
+
 def build(name: str, variant: str, device, tiny: bool):
     """ComfyUI's model for ``name``, weights initialised on ``device`` (fp8 variant: host fp8 ops)."""
     import torch
-    import comfy.supported_models
 
-    cls_name, unet, _, _ = MODELS[name]
-    unet = dict(unet, **(TINY[name] if tiny else {}))
-    config = getattr(comfy.supported_models, cls_name)(unet)
+    config = model_config(name, tiny)
     if variant == "host_fp8_e4m3fn_fast":
         config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
         config.optimizations["fp8"] = True
