@@ -94,7 +94,7 @@ def main() -> int:
               f"= {file_bytes / bf16_bytes:.3f}x",
               f"  reloaded model samples identically: {identical}",
               f"preview (rows: samples; columns: FP | weight-only | dynamic W8A8): {png}",
-              "note: on a CPU Octet runs its CPU path (torch._int_mm for Linear, oneDNN on the int8 codes for Conv2d; bit-identical to the torch reference); the Triton kernels run on NVIDIA GPUs. "
+              "note: on a CPU Octet runs its CPU path (torch._int_mm or fp32 matmul of the int8 codes for Linear, whichever this CPU runs faster, and oneDNN on the int8 codes for Conv2d; bit-identical to the torch reference); the Triton kernels run on NVIDIA GPUs. "
               "Quality of every method on both reference models: bench/quality.py -> docs/QUALITY.md."]
     text = "\n".join(lines)
     print(text)

@@ -13,10 +13,17 @@ def _req(op="linear", act="dynamic", goal="speed"):
     return kernels.Request(op, act, "cpu", "float32", 0, 0, 0, goal=goal)
 
 
+@pytest.fixture(params=["int_mm", "fp32_codes"])
+def cpu_gemm(request, monkeypatch):
+    """Both GEMMs the CPU path chooses between (per machine, by timing), each checked on every machine."""
+    monkeypatch.setattr(cpu, "int_mm_pays", lambda: request.param == "int_mm")
+    return request.param
+
+
 @pytest.mark.parametrize("act", ["dynamic", "static"])
 @pytest.mark.parametrize("smoothed", [False, True])
-@pytest.mark.parametrize("shape", [(1, 41), (9, 41), (2, 7, 64)])
-def test_linear_is_bit_identical_to_the_reference(rng, act, smoothed, shape):
+@pytest.mark.parametrize("shape", [(1, 41), (9, 41), (2, 7, 64), (3, 1280)])
+def test_linear_is_bit_identical_to_the_reference(rng, act, smoothed, shape, cpu_gemm):
     k = shape[-1]
     x = randn(shape, rng)
     qweight, w_scale = torch_ref.quantize_weight(randn((33, k), rng))
@@ -28,6 +35,20 @@ def test_linear_is_bit_identical_to_the_reference(rng, act, smoothed, shape):
     want = torch_ref.linear_w8a8(x, qweight, w_scale, bias, smooth, static)
     assert torch.equal(got, want)
     assert kernels.linear(x, qweight, w_scale, bias, act=act, smooth=smooth, static_scale=static).equal(want)
+
+
+def test_the_cpu_gemm_choice_is_timed_once_and_can_be_forced(monkeypatch):
+    cpu.int_mm_pays.cache_clear()
+    try:
+        for forced, want in (("1", True), ("0", False)):
+            monkeypatch.setenv("OCTET_CPU_INT_MM", forced)
+            cpu.int_mm_pays.cache_clear()
+            assert cpu.int_mm_pays() is want
+        monkeypatch.delenv("OCTET_CPU_INT_MM")
+        cpu.int_mm_pays.cache_clear()
+        assert cpu.int_mm_pays() in (True, False) and cpu.int_mm_pays.cache_info().misses == 1
+    finally:
+        cpu.int_mm_pays.cache_clear()
 
 
 @pytest.mark.parametrize("act", ["dynamic", "static"])
