@@ -169,40 +169,53 @@ def sync():
         torch.cuda.synchronize()
 
 
-def graph_rows(model, row, x, sigma, kw, device, args) -> dict:
-    """The same step through CUDA Graph Step (nodes/graph_step.py), as a sampler would call it.
-
-    A ModelPatcher drives the model (the wrapper reads its load state); the first call warms up
-    and captures, the timed calls replay.
-    """
+def through_graph_step(patcher, x, sigma, kw, warmup: int, iters: int, load=None) -> dict:
+    """Steps of ``patcher``'s model through CUDA Graph Step (nodes/graph_step.py), called as a sampler calls
+    them (the wrapper reads the patcher's load state): the first call warms up and captures, the timed calls
+    replay. ``load(clone)``, if given, runs before the first step (a host loader that places the wrapped clone).
+    Returns capture_s, the timed steps' seconds, the graphs' bytes and stats, and the node's report."""
     import torch
-    import comfy.model_patcher
     import comfy.patcher_extension as pe
     from comfyui_octet.nodes import graph_step
 
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
     clone, step = graph_step.install(patcher)
+    if load is not None:
+        load(clone)
+    model = clone.model
     model.current_patcher = clone
     options = {"wrappers": pe.copy_nested_dicts(clone.wrappers), "cond_or_uncond": [0], "sigmas": sigma}
     graph_kw = dict(kw, transformer_options=options)
+    try:
+        t0 = time.perf_counter()
+        with torch.inference_mode():  # as ComfyUI's executor runs a prompt
+            model.apply_model(x, sigma, **graph_kw)
+        sync()
+        capture_s = time.perf_counter() - t0
+        times = time_steps(model, x, sigma, graph_kw, warmup, iters, inference=True)
+        return {"capture_s": capture_s, "times": times, "graph_bytes": step.cache.bytes,
+                "graph_stats": dict(step.stats), "report": step.report()}
+    finally:
+        model.current_patcher = None
+        step.cache.clear()
+
+
+def graph_rows(model, row, x, sigma, kw, device, args) -> dict:
+    """The same step through CUDA Graph Step, driven by a ModelPatcher of the built model."""
+    import torch
+    import comfy.model_patcher
+
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
     out = dict(row, mode="graph")
+    out.pop("compile_s", None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    with torch.inference_mode():  # as ComfyUI's executor runs a prompt
-        model.apply_model(x, sigma, **graph_kw)
-    sync()
-    out["capture_s"] = time.perf_counter() - t0
-    times = time_steps(model, x, sigma, graph_kw, args.warmup, args.iters, inference=True)
-    out["step_ms"] = statistics.median(times) * 1000
-    out["graph_bytes"] = step.cache.bytes
-    out["graph_stats"] = dict(step.stats)
+    g = through_graph_step(patcher, x, sigma, kw, args.warmup, args.iters)
+    out["capture_s"] = g["capture_s"]
+    out["step_ms"] = statistics.median(g["times"]) * 1000
+    out["graph_bytes"], out["graph_stats"] = g["graph_bytes"], g["graph_stats"]
     if device.type == "cuda":
         out["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
-    out.pop("compile_s", None)
-    print(step.report(), flush=True)
-    model.current_patcher = None
-    step.cache.clear()
+    print(g["report"], flush=True)
     return out
 
 

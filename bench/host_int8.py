@@ -56,24 +56,15 @@ def step_ms(patcher, name: str, device, tiny: bool, warmup: int, iters: int) -> 
 
 
 def graph_step_ms(patcher, name: str, device, tiny: bool, warmup: int, iters: int) -> tuple[float, str]:
-    """The same model through CUDA Graph Step, called with transformer_options as a sampler does."""
+    """The same model through CUDA Graph Step (bench/e2e.py's driver), the wrapped clone loaded as Load
+    Diffusion Model's models are."""
     import comfy.model_management as mm
-    import comfy.patcher_extension as pe
-    from comfyui_octet.nodes import graph_step
-    from e2e import inputs, time_steps
+    from e2e import inputs, through_graph_step
 
-    clone, step = graph_step.install(patcher)
-    mm.load_models_gpu([clone], force_full_load=True)
-    model = clone.model
-    model.current_patcher = clone
     x, sigma, kw = inputs(name, device, tiny)
-    kw = dict(kw, transformer_options={"wrappers": pe.copy_nested_dicts(clone.wrappers), "cond_or_uncond": [0],
-                                       "sigmas": sigma})
-    ms = statistics.median(time_steps(model, x, sigma, kw, warmup, iters, inference=True)) * 1000
-    report = step.report()
-    model.current_patcher = None
-    step.cache.clear()
-    return ms, report
+    g = through_graph_step(patcher, x, sigma, kw, warmup, iters,
+                           load=lambda clone: mm.load_models_gpu([clone], force_full_load=True))
+    return statistics.median(g["times"]) * 1000, g["report"]
 
 
 def run_model(name: str, args, device, workdir: str) -> list[dict]:
