@@ -45,9 +45,11 @@ def prepare(req: registry.Request, w):
         if req.goal == "memory" and w.device.type == "cuda" and triton_support.unavailable_reason() is None:
             from . import triton_w8a16
 
+            linear = triton_w8a16.W8A16Linear(w.qweight, w.scale, bias)
+
             def run_w8a16(x, static):
                 x2d = _unsmoothed(x, w.smooth, -1).reshape(-1, w.k)
-                return triton_w8a16.w8a16_linear(x2d, w.qweight, w.scale, bias).reshape(*x.shape[:-1], w.n)
+                return linear(x2d).reshape(*x.shape[:-1], w.n)
             return run_w8a16
 
         def run_linear(x, static):

@@ -135,17 +135,24 @@ def _prepare_linear(req: registry.Request, w):
 
         # Small M: one launch reading the int8 weight as stored; large M: one-pass dequantize + cuBLAS
         # (triton_w8a16.prefers_dequant_cublas). Weight-only never keeps a float copy: it is for memory.
+        linear = triton_w8a16.W8A16Linear(q, s, b)
+
         def run_w8a16(x, static):
-            return triton_w8a16.w8a16_linear(x.reshape(-1, k), q, s, b).reshape(*x.shape[:-1], n)
+            return linear(x.reshape(-1, k)).reshape(*x.shape[:-1], n)
         return run_w8a16
 
     # (triton_w8a8_static fuses the static quantization into the GEMM prologue, but on an H200 it was
     # slower than the separate pass below in CUDA-graph timing at 11 of 12 shapes, 2-6x at the Flux
     # shapes: docs/BENCHMARKS.md, fused kernels. So static keeps the separate quantization pass.)
 
+    # Prepared once per plan: the quantizer's launch config, the GEMM's scale vectors and weight
+    # descriptor, and both kernels' direct launchers (triton_launch).
+    quantize = triton_quant.RowQuantizer(k, sm)
+    gemm = triton_gemm.W8A8Gemm(q, s, b)
+
     def run(x, static):
-        xq, xs = triton_quant.quantize_rows(x.reshape(-1, k).contiguous(), sm, static)
-        return triton_gemm.w8a8_gemm(xq, xs, q, s, b, x.dtype).reshape(*x.shape[:-1], n)
+        xq, xs = quantize(x.reshape(-1, k).contiguous(), static)
+        return gemm(xq, xs, x.dtype).reshape(*x.shape[:-1], n)
     return run
 
 
@@ -166,9 +173,10 @@ def _prepare_conv(req: registry.Request, w):
         return run_w8a16
 
     khwc = w.remember("khwc", lambda: q.permute(0, 2, 3, 1).contiguous())   # the kernel's weight order, once
+    conv = triton_conv.ConvW8A8(q, s, b, stride, padding, dilation, 1, sm, weight_khwc=khwc)
 
     def run(x, static):
-        return triton_conv.conv2d_w8a8(x, q, s, b, stride, padding, dilation, 1, sm, static, weight_khwc=khwc)
+        return conv(x, static)
     return run
 
 
@@ -180,11 +188,13 @@ def prepare_mlp(req: registry.Request, w1, w2):
     """fc2(gelu_tanh(fc1(x))), both static W8A8: three launches (quantize x; fc1 with GELU and fc2's
     quantization in its epilogue; fc2) instead of six, and no float hidden tensor."""
     triton_quant, triton_gemm, _ = _kernels()
+    quantize = triton_quant.RowQuantizer(w1.k, w1.smooth)
+    fc1 = triton_gemm.W8A8Gemm(w1.qweight, w1.scale, w1.bias, gelu_quant=True, q_smooth=w2.smooth)
+    fc2 = triton_gemm.W8A8Gemm(w2.qweight, w2.scale, w2.bias)
 
     def run(x, s1, s2):
-        xq, xs = triton_quant.quantize_rows(x.reshape(-1, w1.k).contiguous(), w1.smooth, s1)
-        hq = triton_gemm.w8a8_gemm(xq, xs, w1.qweight, w1.scale, w1.bias, x.dtype, gelu_quant=(w2.smooth, s2))
-        y = triton_gemm.w8a8_gemm(hq, s2, w2.qweight, w2.scale, w2.bias, x.dtype)
+        xq, xs = quantize(x.reshape(-1, w1.k).contiguous(), s1)
+        y = fc2(fc1(xq, xs, x.dtype, q_scale=s2), s2, x.dtype)
         return y.reshape(*x.shape[:-1], w2.n)
     return run
 

@@ -21,9 +21,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..operands import ConvGeometry, pair
-from . import triton_support
+from . import triton_launch, triton_support
 from .triton_gemm import _grouped_tile, m_bucket
-from .triton_quant import quantize_per_sample_nhwc
+from .triton_quant import SampleQuantizer
 
 _MAX_INT32 = 2**31 - 1
 
@@ -152,45 +152,88 @@ def unsupported_reason(groups: int, padding) -> str | None:
     return None
 
 
+class ConvW8A8:
+    """One INT8 conv layer's weight side prepared once: checks, the [OC, KH, KW, C] weight order, fp32
+    scales, the per-sample quantizer and the conv kernel's launcher (triton_launch)."""
+
+    def __init__(self, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 stride, padding, dilation, groups: int, smooth: torch.Tensor | None,
+                 weight_khwc: torch.Tensor | None = None):
+        reason = unsupported_reason(groups, padding)
+        if reason is not None:
+            raise ValueError(f"triton conv2d: unsupported {reason}")
+        if qweight.dim() != 4 or qweight.dtype != torch.int8:
+            raise ValueError(f"conv2d wants an int8 weight [OC, C, KH, KW], got {qweight.dtype} "
+                             f"{tuple(qweight.shape)}")
+        self.oc, self.c, self.kh, self.kw = qweight.shape
+        if w_scale.numel() != self.oc or (bias is not None and bias.numel() != self.oc):
+            raise ValueError(f"w_scale/bias must have OC={self.oc} entries")
+        self.stride, self.padding, self.dilation = pair(stride), pair(padding), pair(dilation)
+        self.qweight = qweight
+        # [OC, KH, KW, C]: K-major rows. Plans pass it prepared once (weight_khwc); one-shot calls reorder here.
+        self.wq = qweight.permute(0, 2, 3, 1).contiguous() if weight_khwc is None else weight_khwc
+        self.w_scale = w_scale.reshape(-1).to(device=qweight.device, dtype=torch.float32).contiguous()
+        self.bias = bias
+        self.quantizer = SampleQuantizer(self.c, smooth)
+        # The weight through TMA on Hopper (bulk copies, zero-filled past OC) when C is a multiple of 64,
+        # so a K step never straddles two taps; the activations are a gather, loaded by pointer.
+        self.w_tma = self.c % 64 == 0 and (triton_support.is_hopper() or triton_support.interpreting())
+        self.launcher = triton_launch.Launcher(_conv_kernel, "conv2d_w8a8")
+        self._weight_boxes: dict = {}
+
+    def _weight_arg(self, meta):
+        if not self.w_tma:
+            return self.wq
+        box = (16, 16) if meta is None else (meta["BLOCK_N"], meta["BLOCK_K"])
+        desc = self._weight_boxes.get(box)
+        if desc is None:
+            desc = self._weight_boxes[box] = TensorDescriptor.from_tensor(
+                self.wq.view(self.oc, self.kh * self.kw * self.c), list(box))
+        return desc
+
+    def __call__(self, x: torch.Tensor, static_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """NCHW (or channels_last) float in, same layout out, per-sample dynamic (or static) scale."""
+        if x.dim() != 4:
+            raise ValueError(f"conv2d wants x NCHW and int8 weight [OC, C, KH, KW], got {tuple(x.shape)} "
+                             f"and {self.qweight.dtype} {tuple(self.qweight.shape)}")
+        nb, c, h, w = x.shape
+        oc, kh, kw = self.oc, self.kh, self.kw
+        if c != self.c:
+            raise ValueError(f"weight expects {self.c} input channels, x has {c}")
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        oh, ow = ConvGeometry.of(stride, padding, dilation).output_size(h, w, kh, kw)
+        if oh <= 0 or ow <= 0:
+            raise ValueError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {padding}")
+        if max(x.numel(), nb * oc * oh * ow, self.qweight.numel()) > _MAX_INT32:
+            raise ValueError("conv2d exceeds 32-bit indexing; split the batch")
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        xq, a_scale = self.quantizer(x, static_scale)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        y = torch.empty((nb, oc, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+        m = nb * oh * ow
+        pointwise = kh == 1 and kw == 1 and stride == (1, 1) and padding == (0, 0)
+        ws = self.w_scale if self.w_scale.device == x.device else self.w_scale.to(x.device)
+        bias_arg = self.bias if self.bias is not None else ws
+        per_sample = 1 if a_scale.numel() > 1 else 0
+        ints = (m, m_bucket(m), h, w, c, oh, ow, oc, stride[0], stride[1], padding[0], padding[1],
+                dilation[0], dilation[1], y.stride(0), y.stride(1), y.stride(3), per_sample)
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(oc, meta["BLOCK_N"]),)
+        flags = dict(KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=self.bias is not None, W_TMA=self.w_tma)
+        key = (x.dtype, m_bucket(m)) + triton_launch.facts(xq, y, a_scale, *ints)
+        self.launcher(key, grid, lambda meta: (xq, self._weight_arg(meta), y, a_scale, ws, bias_arg) + ints, flags)
+        return y
+
+
 def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 stride, padding, dilation, groups: int, smooth: torch.Tensor | None,
                 static_scale: torch.Tensor | None, weight_khwc: torch.Tensor | None = None) -> torch.Tensor:
-    """INT8 conv with per-sample dynamic (or static) activation scale; NCHW in, NCHW out."""
-    reason = unsupported_reason(groups, padding)
-    if reason is not None:
-        raise ValueError(f"triton conv2d: unsupported {reason}")
-    if x.dim() != 4 or qweight.dim() != 4 or qweight.dtype != torch.int8:
+    """INT8 conv with per-sample dynamic (or static) activation scale; NCHW in, NCHW out. One-shot;
+    conv plans keep a ``ConvW8A8``."""
+    if x.dim() != 4:
         raise ValueError(f"conv2d wants x NCHW and int8 weight [OC, C, KH, KW], got {tuple(x.shape)} "
                          f"and {qweight.dtype} {tuple(qweight.shape)}")
-    nb, c, h, w = x.shape
-    oc, wc, kh, kw = qweight.shape
-    if wc != c:
-        raise ValueError(f"weight expects {wc} input channels, x has {c}")
-    if w_scale.numel() != oc or (bias is not None and bias.numel() != oc):
-        raise ValueError(f"w_scale/bias must have OC={oc} entries")
-    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
-    oh, ow = ConvGeometry.of(stride, padding, dilation).output_size(h, w, kh, kw)
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {padding}")
-    if max(x.numel(), nb * oc * oh * ow, qweight.numel()) > _MAX_INT32:
-        raise ValueError("conv2d exceeds 32-bit indexing; split the batch")
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    xq, a_scale = quantize_per_sample_nhwc(x, smooth, static_scale)
-    # [OC, KH, KW, C]: K-major rows. Plans pass it prepared once (weight_khwc); one-shot calls reorder here.
-    wq = qweight.permute(0, 2, 3, 1).contiguous() if weight_khwc is None else weight_khwc
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    y = torch.empty((nb, oc, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
-    m = nb * oh * ow
-    pointwise = kh == 1 and kw == 1 and stride == (1, 1) and padding == (0, 0)
-    ws = w_scale.reshape(-1).to(device=x.device, dtype=torch.float32).contiguous()
-    # The weight through TMA on Hopper (bulk copies, zero-filled past OC) when C is a multiple of 64,
-    # so a K step never straddles two taps; the activations are a gather, loaded by pointer.
-    w_tma = c % 64 == 0 and (triton_support.is_hopper() or triton_support.interpreting())
-    w_arg = TensorDescriptor.from_tensor(wq.view(oc, kh * kw * c), [16, 16]) if w_tma else wq
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(oc, meta["BLOCK_N"]),)  # noqa: E731
-    _conv_kernel[grid](xq, w_arg, y, a_scale, ws, bias if bias is not None else ws,
-                       m, m_bucket(m), h, w, c, oh, ow, oc,
-                       stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                       y.stride(0), y.stride(1), y.stride(3), 1 if a_scale.numel() > 1 else 0,
-                       KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=bias is not None, W_TMA=w_tma)
-    return y
+    if qweight.dim() == 4 and qweight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight expects {qweight.shape[1]} input channels, x has {x.shape[1]}")
+    return ConvW8A8(qweight, w_scale, bias, stride, padding, dilation, groups, smooth, weight_khwc)(x, static_scale)

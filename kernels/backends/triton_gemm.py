@@ -24,7 +24,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..torch_ref import gelu_tanh_quantize
 from ..registry import m_bucket  # noqa: F401  (the one signature bucket; conv imports it from here)
-from . import triton_support
+from . import triton_launch, triton_support
 from .triton_math import gelu_tanh, round_to_grid
 
 _MAX_INT32 = 2**31 - 1
@@ -235,10 +235,110 @@ def _use_tma(k: int) -> bool:
     return k % 16 == 0 and (triton_support.is_hopper() or triton_support.interpreting())
 
 
+class W8A8Gemm:
+    """The weight side of one INT8 GEMM, checked and converted once; called per activation.
+
+    A plan keeps one per layer and signature, so the per-call work is three allocations' worth of
+    Python and one launch through ``triton_launch`` (the compiled launcher once Triton has chosen
+    the config for this M bucket). ``gelu_quant=True`` is the static MLP's fc1: the epilogue applies
+    GELU (tanh) and quantizes for the next layer (its smoothing ``q_smooth`` fixed here, its static
+    scale passed per call), returning int8 codes; torch_ref.gelu_tanh_quantize is the reference.
+    """
+
+    def __init__(self, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 gelu_quant: bool = False, q_smooth: torch.Tensor | None = None):
+        if qweight.dtype != torch.int8 or qweight.dim() != 2:
+            raise ValueError(f"qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
+        self.n, self.k = qweight.shape
+        _check_weight(qweight, w_scale, bias, self.k)
+        if q_smooth is not None and q_smooth.numel() != self.n:
+            raise ValueError(f"gelu_quant smoothing has {q_smooth.numel()} entries for N={self.n} channels")
+        device = qweight.device
+        self.qweight = qweight.contiguous()
+        self.bias = bias
+        self.w_scale = _vector(w_scale, device)
+        self.gelu_quant = gelu_quant
+        self.q_smooth = _vector(q_smooth, device) if q_smooth is not None else None
+        self.use_tma = _use_tma(self.k)
+        self.sms = triton_support.num_sms(device.index or 0) if qweight.is_cuda else 4
+        self.flags = dict(HAS_BIAS=bias is not None, USE_TMA=self.use_tma, GELU_QUANT=gelu_quant,
+                          HAS_Q_SMOOTH=self.q_smooth is not None)
+        self.launcher = triton_launch.Launcher(_w8a8_kernel, "w8a8_gemm")
+        self._weight_boxes: dict = {}
+
+    def _weight_arg(self, meta):
+        if not self.use_tma:
+            return self.qweight
+        box = (16, 16) if meta is None else (meta["BLOCK_N"], meta["BLOCK_K"])
+        desc = self._weight_boxes.get(box)
+        if desc is None:
+            # On Triton's path the autotune pre-hook resets the box before each launch, so that
+            # descriptor is never shared with a direct-path box.
+            desc = self._weight_boxes[box] = TensorDescriptor.from_tensor(self.qweight, list(box))
+        return desc
+
+    def __call__(self, a_q: torch.Tensor, a_scale: torch.Tensor, out_dtype: torch.dtype,
+                 q_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """int8 [M, K] codes with a_scale [M] (per token) or [1] (static) -> [M, N] in out_dtype
+        (int8 codes at q_scale with gelu_quant)."""
+        if a_q.dtype != torch.int8 or a_q.dim() != 2 or a_q.shape[1] != self.k:
+            raise ValueError(f"a_q must be int8 [M, K={self.k}], got {a_q.dtype} {tuple(a_q.shape)}")
+        m, k, n = a_q.shape[0], self.k, self.n
+        if a_scale.numel() not in (1, m):
+            raise ValueError(f"a_scale must have 1 or M={m} entries, got {a_scale.numel()}")
+        if max(m * k, n * k, m * n) > _MAX_INT32:
+            raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
+        if self.gelu_quant:
+            if q_scale is None or q_scale.numel() != 1:
+                raise ValueError("gelu_quant needs the next layer's one static scale")
+            out_dtype = torch.int8
+        device = a_q.device
+        out = torch.empty((m, n), dtype=out_dtype, device=device)
+        if m == 0 or n == 0:
+            return out
+        bias = self.bias
+        if k == 0:
+            if self.gelu_quant:
+                zeros = torch.zeros((m, n), dtype=torch.float32, device=device)
+                h = zeros + bias.float() if bias is not None else zeros
+                return gelu_tanh_quantize(h, self.q_smooth, q_scale)
+            return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+        a_q = a_q if a_q.is_contiguous() else a_q.contiguous()
+        if a_scale.dtype != torch.float32 or a_scale.dim() != 1 or a_scale.device != device:
+            a_scale = _vector(a_scale, device)
+        if self.gelu_quant and (q_scale.dtype != torch.float32 or q_scale.device != device):
+            q_scale = _vector(q_scale, device)
+        w_scale = self.w_scale
+        sms, per_token = self.sms, 0 if a_scale.numel() == 1 else 1
+        bias_arg = bias if bias is not None else w_scale
+        smooth_arg = self.q_smooth if self.q_smooth is not None else w_scale
+        scale_arg = q_scale if q_scale is not None else w_scale
+
+        def build(meta):
+            if self.use_tma:
+                box = [16, 16] if meta is None else [meta["BLOCK_M"], meta["BLOCK_K"]]
+                a_arg = TensorDescriptor(a_q, [m, k], [k, 1], box)
+            else:
+                a_arg = a_q
+            return (a_arg, self._weight_arg(meta), out, a_scale, w_scale, bias_arg, smooth_arg, scale_arg,
+                    m, n, k, m_bucket(m), sms, k, k, n, per_token)
+
+        def grid(meta):
+            tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+            return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+
+        # What Triton specializes on among the arguments that change between calls (triton_launch).
+        key = (out_dtype, m == 1, m % 16 == 0, m_bucket(m), a_q.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0,
+               a_scale.data_ptr() % 16 == 0, per_token, scale_arg.data_ptr() % 16 == 0)
+        self.launcher(key, grid, build, self.flags)
+        return out
+
+
 def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype,
               gelu_quant: tuple[torch.Tensor | None, torch.Tensor] | None = None) -> torch.Tensor:
-    """int8 [M, K] x int8 [N, K]^T, dequantized: a_scale is [M] (per token) or [1] (static).
+    """int8 [M, K] x int8 [N, K]^T, dequantized: a_scale is [M] (per token) or [1] (static). One-shot
+    (prepares the weight side per call; plans keep a ``W8A8Gemm``).
 
     ``gelu_quant=(smooth, static_scale)`` of the *next* layer: the epilogue applies GELU (tanh)
     and quantizes for that layer, returning int8 [M, N] codes (scale: static_scale) instead of
@@ -246,53 +346,10 @@ def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w
     """
     if a_q.dtype != torch.int8 or a_q.dim() != 2:
         raise ValueError(f"a_q must be int8 [M, K], got {a_q.dtype} {tuple(a_q.shape)}")
-    m, k = a_q.shape
-    _check_weight(qweight, w_scale, bias, k)
-    n = qweight.shape[0]
-    if a_scale.numel() not in (1, m):
-        raise ValueError(f"a_scale must have 1 or M={m} entries, got {a_scale.numel()}")
-    if max(m * k, n * k, m * n) > _MAX_INT32:
-        raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
-    q_smooth = q_scale = None
-    if gelu_quant is not None:
-        q_smooth, q_scale = gelu_quant
-        if q_scale is None or q_scale.numel() != 1:
-            raise ValueError("gelu_quant needs the next layer's one static scale")
-        if q_smooth is not None and q_smooth.numel() != n:
-            raise ValueError(f"gelu_quant smoothing has {q_smooth.numel()} entries for N={n} channels")
-        out_dtype = torch.int8
-    a_q = a_q.contiguous()
-    qweight = qweight.contiguous()
-    out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        if gelu_quant is not None:
-            zeros = torch.zeros((m, n), dtype=torch.float32, device=a_q.device)
-            h = zeros + bias.float() if bias is not None else zeros
-            return gelu_tanh_quantize(h, q_smooth, q_scale)
-        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
-    a_scale = _vector(a_scale, a_q.device)
-    w_scale = _vector(w_scale, a_q.device)
-    if gelu_quant is not None:
-        q_scale = _vector(q_scale, a_q.device)
-        q_smooth = _vector(q_smooth, a_q.device) if q_smooth is not None else None
-    use_tma = _use_tma(k)
-    if use_tma:
-        # Placeholder boxes; the autotune pre-hook sets the config's tile before each launch.
-        a_arg = TensorDescriptor.from_tensor(a_q, [16, 16])
-        b_arg = TensorDescriptor.from_tensor(qweight, [16, 16])
-    else:
-        a_arg, b_arg = a_q, qweight
-    sms = triton_support.num_sms(a_q.device.index or 0) if a_q.is_cuda else 4
-
-    def grid(meta):
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
-
-    _w8a8_kernel[grid](a_arg, b_arg, out, a_scale, w_scale, bias if bias is not None else w_scale,
-                       q_smooth if q_smooth is not None else w_scale, q_scale if q_scale is not None else w_scale,
-                       m, n, k, m_bucket(m), sms, k, k, n, 0 if a_scale.numel() == 1 else 1,
-                       HAS_BIAS=bias is not None, USE_TMA=use_tma, GELU_QUANT=gelu_quant is not None,
-                       HAS_Q_SMOOTH=q_smooth is not None)
-    return out
+    _check_weight(qweight, w_scale, bias, a_q.shape[1])
+    if gelu_quant is None:
+        return W8A8Gemm(qweight, w_scale, bias)(a_q, a_scale, out_dtype)
+    q_smooth, q_scale = gelu_quant
+    if q_scale is None or q_scale.numel() != 1:
+        raise ValueError("gelu_quant needs the next layer's one static scale")
+    return W8A8Gemm(qweight, w_scale, bias, gelu_quant=True, q_smooth=q_smooth)(a_q, a_scale, out_dtype, q_scale)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_launch
 from .triton_math import gelu_tanh, round_to_int8, scale_from_absmax
 
 
@@ -78,32 +79,57 @@ def row_launch_config(k: int) -> tuple[bool, int, int]:
     return False, block_k, 4 if block_k <= 1024 else 8
 
 
+class RowQuantizer:
+    """Quantizes rows of length K (optional SmoothQuant divisor) for one layer: the launch
+    configuration and the kernel's launcher are decided once (see triton_launch), so a plan's
+    per-call cost is the allocations and one direct launch."""
+
+    def __init__(self, k: int, smooth: torch.Tensor | None = None):
+        if smooth is not None and smooth.numel() != k:
+            raise ValueError(f"smooth has {smooth.numel()} entries, activations have K={k}")
+        self.k = k
+        self.smooth = smooth.contiguous() if smooth is not None else None
+        one_tile, block_k, num_warps = row_launch_config(k)
+        self.flags = dict(ONE_TILE=one_tile, BLOCK_K=block_k, num_warps=num_warps)
+        self.launcher = triton_launch.Launcher(_quantize_rows_kernel, "quantize_rows")
+
+    def __call__(self, x2d: torch.Tensor, static_scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if x2d.dim() != 2 or x2d.stride(1) != 1:
+            raise ValueError(f"quantize_rows wants a 2-D tensor with contiguous rows, got {tuple(x2d.shape)} "
+                             f"strides {x2d.stride()}")
+        m, k = x2d.shape
+        if k != self.k:
+            raise ValueError(f"smooth has {self.k} entries, activations have K={k}")
+        device = x2d.device
+        q = torch.empty((m, k), dtype=torch.int8, device=device)
+        static = static_scale is not None
+        if static:
+            # Plans hand over a fp32 [1] tensor on the device already: then this is a view, not a launch.
+            scales = static_scale.reshape(1).to(device=device, dtype=torch.float32)
+        else:
+            scales = torch.empty((m,), dtype=torch.float32, device=device)
+        if m == 0:
+            return q, scales
+        smooth_arg = self.smooth if self.smooth is not None else x2d
+        stride = x2d.stride(0)
+        cuda = x2d.is_cuda
+        flags = dict(self.flags, HAS_SMOOTH=self.smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=cuda)
+        key = (static, cuda, x2d.dtype, x2d.data_ptr() % 16 == 0, q.data_ptr() % 16 == 0,
+               scales.data_ptr() % 16 == 0, stride == 1, stride % 16 == 0)
+        self.launcher(key, lambda meta: (m,), lambda meta: (x2d, smooth_arg, scales, q, scales, k, stride), flags)
+        return q, scales
+
+
 def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
                   static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] float -> (int8 [M, K], fp32 scales [M] dynamic or [1] static). Same numbers as
-    ``torch_ref.quantize_rows`` (whose scales are shaped [M, 1] / [1, 1])."""
+    ``torch_ref.quantize_rows`` (whose scales are shaped [M, 1] / [1, 1]). One-shot; plans keep a
+    ``RowQuantizer``."""
     if x2d.dim() != 2 or x2d.stride(1) != 1:
         raise ValueError(f"quantize_rows wants a 2-D tensor with contiguous rows, got {tuple(x2d.shape)} "
                          f"strides {x2d.stride()}")
-    m, k = x2d.shape
-    if smooth is not None and smooth.numel() != k:
-        raise ValueError(f"smooth has {smooth.numel()} entries, activations have K={k}")
-    q = torch.empty((m, k), dtype=torch.int8, device=x2d.device)
-    static = static_scale is not None
-    if static:
-        # Plans hand over a fp32 [1] tensor on the device already: then this is a view, not a launch.
-        scales = static_scale.reshape(1).to(device=x2d.device, dtype=torch.float32)
-    else:
-        scales = torch.empty((m,), dtype=torch.float32, device=x2d.device)
-    if m == 0:
-        return q, scales
-    one_tile, block_k, num_warps = row_launch_config(k)
-    smooth_arg = smooth.contiguous() if smooth is not None else x2d
-    _quantize_rows_kernel[(m,)](
-        x2d, smooth_arg, scales, q, scales, k, x2d.stride(0),
-        HAS_SMOOTH=smooth is not None, STATIC=static, ONE_TILE=one_tile, SCALE_BY_RECIPROCAL=x2d.is_cuda,
-        BLOCK_K=block_k, num_warps=num_warps)
-    return q, scales
+    return RowQuantizer(x2d.shape[1], smooth)(x2d, static_scale)
 
 
 # ---- per-sample NCHW -> NHWC --------------------------------------------------------------------
@@ -151,38 +177,62 @@ def _quantize_nchw_to_nhwc_kernel(x_ptr, smooth_ptr, partial_ptr, static_ptr, q_
     tl.store(q_ptr + n * C * HW + offs_hw[None, :] * C + offs_c[:, None], q, mask=mask)
 
 
+class SampleQuantizer:
+    """Per-sample quantization of NCHW activations with C channels to NHWC int8 for one conv layer,
+    its two kernels' launchers prepared once (triton_launch)."""
+
+    def __init__(self, c: int, smooth: torch.Tensor | None = None):
+        if smooth is not None and smooth.numel() != c:
+            raise ValueError(f"smooth has {smooth.numel()} entries, activations have C={c}")
+        self.c = c
+        self.smooth = smooth.contiguous() if smooth is not None else None
+        self.absmax = triton_launch.Launcher(_sample_absmax_kernel, "sample_absmax")
+        self.quantize = triton_launch.Launcher(_quantize_nchw_to_nhwc_kernel, "quantize_nchw_to_nhwc")
+
+    def __call__(self, x: torch.Tensor, static_scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 4:
+            raise ValueError(f"quantize_per_sample_nhwc wants NCHW, got shape {tuple(x.shape)}")
+        x = x.contiguous()
+        n, c, h, w = x.shape
+        if c != self.c:
+            raise ValueError(f"smooth has {self.c} entries, activations have C={c}")
+        hw = h * w
+        device = x.device
+        q = torch.empty((n, h, w, c), dtype=torch.int8, device=device)
+        smooth_arg = self.smooth if self.smooth is not None else x
+        has_smooth = self.smooth is not None
+        static = static_scale is not None
+        if static:
+            scales = static_scale.reshape(1).to(device=device, dtype=torch.float32).expand(n).contiguous()
+            partial = scales
+            num_chunks = 1
+        else:
+            scales = torch.empty((n,), dtype=torch.float32, device=device)
+            block = 8192
+            num_chunks = triton.cdiv(c * hw, block)
+            partial = torch.empty((n, num_chunks), dtype=torch.float32, device=device)
+            self.absmax((x.dtype,) + triton_launch.facts(x, partial, hw, num_chunks), lambda meta: (n, num_chunks),
+                        lambda meta: (x, smooth_arg, partial, c, hw, num_chunks),
+                        dict(HAS_SMOOTH=has_smooth, BLOCK=block, num_warps=8))
+        block_c, block_hw = 64, 64
+        grid = (n, triton.cdiv(hw, block_hw), triton.cdiv(c, block_c))
+        flags = dict(HAS_SMOOTH=has_smooth, STATIC=static, SCALE_BY_RECIPROCAL=x.is_cuda,
+                     BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+        self.quantize((x.dtype, static, flags["BLOCK_CHUNKS"]) + triton_launch.facts(x, partial, scales, q, hw, num_chunks),
+                      lambda meta: grid, lambda meta: (x, smooth_arg, partial, scales, q, scales, c, hw, num_chunks),
+                      flags)
+        return q, scales
+
+
 def quantize_per_sample_nhwc(x: torch.Tensor, smooth: torch.Tensor | None = None,
                              static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NCHW float -> (int8 [N, H, W, C] contiguous, fp32 scales [N]). Same numbers as
-    ``torch_ref.quantize_per_sample`` (there the int8 tensor stays NCHW)."""
+    ``torch_ref.quantize_per_sample`` (there the int8 tensor stays NCHW). One-shot; conv plans keep
+    a ``SampleQuantizer``."""
     if x.dim() != 4:
         raise ValueError(f"quantize_per_sample_nhwc wants NCHW, got shape {tuple(x.shape)}")
-    x = x.contiguous()
-    n, c, h, w = x.shape
-    if smooth is not None and smooth.numel() != c:
-        raise ValueError(f"smooth has {smooth.numel()} entries, activations have C={c}")
-    hw = h * w
-    q = torch.empty((n, h, w, c), dtype=torch.int8, device=x.device)
-    smooth_arg = smooth.contiguous() if smooth is not None else x
-    static = static_scale is not None
-    if static:
-        scales = static_scale.reshape(1).to(device=x.device, dtype=torch.float32).expand(n).contiguous()
-        partial = scales
-        num_chunks = 1
-    else:
-        scales = torch.empty((n,), dtype=torch.float32, device=x.device)
-        block = 8192
-        num_chunks = triton.cdiv(c * hw, block)
-        partial = torch.empty((n, num_chunks), dtype=torch.float32, device=x.device)
-        _sample_absmax_kernel[(n, num_chunks)](x, smooth_arg, partial, c, hw, num_chunks,
-                                               HAS_SMOOTH=smooth is not None, BLOCK=block, num_warps=8)
-    block_c, block_hw = 64, 64
-    grid = (n, triton.cdiv(hw, block_hw), triton.cdiv(c, block_c))
-    _quantize_nchw_to_nhwc_kernel[grid](
-        x, smooth_arg, partial, scales, q, scales, c, hw, num_chunks,
-        HAS_SMOOTH=smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=x.is_cuda, BLOCK_CHUNKS=triton.next_power_of_2(num_chunks),
-        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
-    return q, scales
+    return SampleQuantizer(x.shape[1], smooth)(x, static_scale)
 
 
 # ---- Flux single blocks: linear2's input cat(attention, GELU(mlp)) quantized without the cat ---------

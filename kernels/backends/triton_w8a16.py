@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..registry import m_bucket
-from . import triton_support
+from . import triton_launch, triton_support
 from .triton_gemm import _grouped_tile, check_float_gemm  # the one tile order and argument check
 
 
@@ -145,41 +145,74 @@ def _use_tma(x2d: torch.Tensor, k: int) -> bool:
             and (triton_support.is_hopper() or triton_support.interpreting()))
 
 
+class W8A16Gemm:
+    """The fused weight-only GEMM for one weight: checks, fp32 scales and the launcher prepared once
+    (direct launches after the first call per key, see triton_launch)."""
+
+    def __init__(self, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+        if qweight.dtype != torch.int8 or qweight.dim() != 2:
+            raise ValueError(f"qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
+        self.n, self.k = qweight.shape
+        self.qweight = qweight.contiguous()
+        self.w_scale = w_scale.reshape(-1).to(device=qweight.device, dtype=torch.float32).contiguous()
+        self.bias = bias
+        self.launcher = triton_launch.Launcher(_tuned_kernel, "w8a16_gemm")
+        self._weight_boxes: dict = {}
+
+    def _weight_arg(self, tma: bool, meta):
+        if not tma:
+            return self.qweight
+        box = (16, 16) if meta is None else (meta["BLOCK_N"], meta["BLOCK_K"])
+        desc = self._weight_boxes.get(box)
+        if desc is None:
+            desc = self._weight_boxes[box] = TensorDescriptor.from_tensor(self.qweight, list(box))
+        return desc
+
+    def __call__(self, x2d: torch.Tensor, config: dict | None = None, use_tma: bool | None = None) -> torch.Tensor:
+        m, n, k = check_float_gemm(x2d, self.qweight, self.w_scale, self.bias)
+        x2d = x2d if x2d.is_contiguous() else x2d.contiguous()
+        out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+        if m == 0 or n == 0:
+            return out
+        bias = self.bias
+        if k == 0:
+            return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+        w_scale = self.w_scale if self.w_scale.device == x2d.device else self.w_scale.to(x2d.device)
+        tma = _use_tma(x2d, k) if use_tma is None else use_tma
+        bias_arg = bias if bias is not None else w_scale
+        flags = dict(HAS_BIAS=bias is not None, USE_TMA=tma, DOT_IN_FP32=triton_support.interpreting(),
+                     DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32")
+
+        def build(meta):
+            if tma:
+                box = [16, 16] if meta is None else [meta["BLOCK_M"], meta["BLOCK_K"]]
+                x_arg = TensorDescriptor(x2d, [m, k], [k, 1], box)
+            else:
+                x_arg = x2d
+            return (x_arg, self._weight_arg(tma, meta), out, w_scale, bias_arg, m, n, k, m_bucket(m), k, k, n)
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        if config is not None:   # one given configuration, no autotuner (tests, benches)
+            meta = dict(config)
+            _w8a16_kernel[grid(meta)](*build(meta), **flags, **meta)
+            return out
+        # What Triton specializes on among the arguments that change between calls (triton_launch).
+        key = (x2d.dtype, tma, m == 1, m % 16 == 0, m_bucket(m), x2d.data_ptr() % 16 == 0,
+               out.data_ptr() % 16 == 0)
+        self.launcher(key, grid, build, flags)
+        return out
+
+
 def w8a16_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                config: dict | None = None, use_tma: bool | None = None) -> torch.Tensor:
-    """float [M, K] x int8 [N, K]^T * w_scale[n] (+ bias) -> [M, N] in x's dtype, one launch.
+    """float [M, K] x int8 [N, K]^T * w_scale[n] (+ bias) -> [M, N] in x's dtype, one launch. One-shot;
+    plans keep a ``W8A16Linear``.
 
     ``config``: {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SWAP_AB", "num_warps", "num_stages"}
     to launch without autotuning; ``use_tma`` forces the operand path (None: TMA where it can)."""
-    m, n, k = check_float_gemm(x2d, qweight, w_scale, bias)
-    x2d = x2d.contiguous()
-    qweight = qweight.contiguous()
-    out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
-    w_scale = w_scale.reshape(-1).to(device=x2d.device, dtype=torch.float32).contiguous()
-    tma = _use_tma(x2d, k) if use_tma is None else use_tma
-    if tma:
-        # Placeholder boxes; _set_descriptor_blocks sets the config's tile before the launch.
-        x_arg = TensorDescriptor.from_tensor(x2d, [16, 16])
-        w_arg = TensorDescriptor.from_tensor(qweight, [16, 16])
-    else:
-        x_arg, w_arg = x2d, qweight
-    args = (x_arg, w_arg, out, w_scale, bias if bias is not None else w_scale, m, n, k, m_bucket(m), k, k, n)
-    flags = dict(HAS_BIAS=bias is not None, USE_TMA=tma, DOT_IN_FP32=triton_support.interpreting(),
-                 DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32")
-    if config is None:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _tuned_kernel[grid](*args, **flags)
-    else:
-        meta = dict(config)
-        if tma:
-            _set_descriptor_blocks({"x": x_arg, "w": w_arg, **meta})
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _w8a16_kernel[grid](*args, **flags, **meta)
-    return out
+    check_float_gemm(x2d, qweight, w_scale, bias)
+    return W8A16Gemm(qweight, w_scale, bias)(x2d, config, use_tma)
 
 
 # ---- large M: dequantize in one pass, then cuBLAS ---------------------------------------------------
@@ -232,11 +265,37 @@ def prefers_dequant_cublas(m: int, n: int) -> bool:
     return m >= 1024 or (m >= 128 and n <= 4096)
 
 
+class W8A16Linear:
+    """Weight-only INT8 linear for one weight: the fused kernel where reading the weight bounds the
+    GEMM (small M), one-pass dequantization + cuBLAS where the bf16 tensor cores do (CUDA only; see
+    prefers_dequant_cublas). Prepared once per plan."""
+
+    def __init__(self, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+        self.fused = W8A16Gemm(qweight, w_scale, bias)
+        self.dequant = triton_launch.Launcher(_dequantize_kernel, "dequantize_weight")
+        self._bias_as: dict = {}
+
+    def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
+        g = self.fused
+        if x2d.is_cuda and x2d.dim() == 2 and x2d.shape[1] == g.k and prefers_dequant_cublas(x2d.shape[0], g.n):
+            w = torch.empty((g.n, g.k), dtype=x2d.dtype, device=x2d.device)
+            if g.n and g.k:
+                block_k = min(4096, triton.next_power_of_2(g.k))
+                self.dequant((x2d.dtype,), lambda meta: (g.n, triton.cdiv(g.k, block_k)),
+                             lambda meta: (g.qweight, g.w_scale, w, g.k),
+                             dict(BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else 8))
+            bias = None
+            if g.bias is not None:
+                bias = self._bias_as.get(x2d.dtype)
+                if bias is None:
+                    bias = self._bias_as[x2d.dtype] = g.bias.to(x2d.dtype)
+            return torch.nn.functional.linear(x2d, w, bias)
+        return g(x2d)
+
+
 def w8a16_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    """Weight-only INT8 linear: the fused kernel where reading the weight bounds the GEMM (small
-    M), one-pass dequantization + cuBLAS where the bf16 tensor cores do (CUDA only; see
-    prefers_dequant_cublas)."""
+    """Weight-only INT8 linear, one-shot (see W8A16Linear)."""
     if x2d.is_cuda and x2d.dim() == 2 and qweight.dim() == 2 and qweight.shape[1] == x2d.shape[1] \
             and prefers_dequant_cublas(x2d.shape[0], qweight.shape[0]):
         w = dequantize_weight(qweight, w_scale, x2d.dtype)

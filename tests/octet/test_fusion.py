@@ -119,9 +119,9 @@ def test_triton_chain_runs_fused_kernel_and_matches_layers(rng, monkeypatch):
     octet.quantize_(net, octet.StaticW8A8Config(backend="triton", smooth_alpha=0.5), calibration=cal)
     from comfyui_octet.kernels.backends import triton_gemm
     fused = []
-    real = triton_gemm.w8a8_gemm
-    monkeypatch.setattr(triton_gemm, "w8a8_gemm",
-                        lambda *a, **k: (k.get("gelu_quant") is not None and fused.append(1)) or real(*a, **k))
+    real = triton_gemm.W8A8Gemm.__call__
+    monkeypatch.setattr(triton_gemm.W8A8Gemm, "__call__",
+                        lambda self, *a, **k: (self.gelu_quant and fused.append(1)) or real(self, *a, **k))
     with torch.no_grad():
         chained = net(x).double()
         monkeypatch.setenv("OCTET_FUSED_MLP", "0")

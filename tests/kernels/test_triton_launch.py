@@ -1,0 +1,237 @@
+"""triton_launch: Triton's dispatch once per key, the compiled launcher after it.
+
+On CPU the bookkeeping is tested against a stand-in for Triton's kernel objects (the interpreter
+has no compiled launchers, so the real thing is off there); on a GPU, planned layers whose
+launches go direct are checked against the torch reference over inputs that change every call.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from comfyui_octet.kernels.backends import triton_launch
+
+
+class FakeCompiled:
+    def __init__(self, log):
+        self.log, self.function, self.packed_metadata = log, 7, "meta"
+
+    def run(self, g0, g1, g2, stream, function, packed, launch_meta, enter, exit_, *args):
+        self.log.append(("direct", (g0, g1, g2), stream, args))
+
+
+class FakeJIT:
+    arg_names = ["x", "out", "n", "FLAG", "BLOCK"]
+
+    def __init__(self):
+        self.log = []
+        self.compiled = FakeCompiled(self.log)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(("triton", grid({"BLOCK": 4, **kwargs}), args, kwargs))
+        return launch
+
+    def run(self, *args, grid, warmup, **kwargs):
+        assert warmup
+        self.log.append(("compile", args, kwargs))
+        return self.compiled
+
+
+class FakeConfig:
+    kwargs = {"BLOCK": 4}
+
+    def all_kwargs(self):
+        return {"BLOCK": 4, "num_warps": 2}
+
+
+class FakeAutotuner:
+    def __init__(self):
+        self.fn = FakeJIT()
+        self.best_config = None
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.best_config = FakeConfig()
+            self.fn[grid](*args, **kwargs, BLOCK=4)
+        return launch
+
+
+class FakeDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 1234
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    monkeypatch.setattr(triton_launch, "enabled", lambda: True)
+    monkeypatch.setattr(triton_launch, "_driver", lambda: FakeDriver())
+    monkeypatch.setattr(triton_launch, "_hooks_set", lambda: False)
+
+
+def test_first_call_per_key_goes_through_triton_then_direct_with_fresh_arguments(direct):
+    kernel = FakeAutotuner()
+    launcher = triton_launch.Launcher(kernel, "fake")
+    assert launcher.autotuned and launcher.jit is kernel.fn
+    built = []
+
+    def call(key, x):
+        def build(meta):
+            built.append(meta)
+            return (x, "out", 3)
+        launcher(key, lambda meta: (x // meta["BLOCK"],), build, {"FLAG": True})
+
+    call(("k1",), 16)
+    kinds = [entry[0] for entry in kernel.fn.log]
+    # Triton's launch, the compile lookup with the chosen config, one validating direct launch.
+    assert kinds == ["triton", "compile", "direct"]
+    assert kernel.fn.log[1][2] == {"FLAG": True, "BLOCK": 4, "num_warps": 2}
+    assert built[0] is None and built[1] == {"FLAG": True, "BLOCK": 4}
+    kernel.fn.log.clear()
+    call(("k1",), 32)
+    # Direct: grid from the recorded config, this call's arguments, then the constexprs in kernel order.
+    assert kernel.fn.log == [("direct", (8, 1, 1), 1234, (32, "out", 3, True, 4))]
+    kernel.fn.log.clear()
+    call(("k2",), 32)   # a new specialization key: Triton again
+    assert [entry[0] for entry in kernel.fn.log] == ["triton", "compile", "direct"]
+    assert set(launcher.records) == {("k1",), ("k2",)}
+
+
+def test_a_launcher_that_rejects_our_call_turns_direct_launches_off_and_says_so(direct, caplog):
+    kernel = FakeAutotuner()
+
+    def broken(*args):
+        raise TypeError("launcher takes 12 arguments")
+    kernel.fn.compiled.run = broken
+    launcher = triton_launch.Launcher(kernel, "fake_broken")
+    with caplog.at_level(logging.WARNING, logger="octet"):
+        launcher(("k",), lambda meta: (1,), lambda meta: (1, "out", 3), {"FLAG": False})
+        launcher(("k",), lambda meta: (1,), lambda meta: (1, "out", 3), {"FLAG": False})
+    assert not launcher.direct and not launcher.records
+    assert [entry[0] for entry in kernel.fn.log] == ["triton", "compile", "triton"]
+    warnings = [r.getMessage() for r in caplog.records if "fake_broken" in r.getMessage()]
+    assert len(warnings) == 1 and "launcher takes 12 arguments" in warnings[0]
+
+
+def test_no_direct_launch_while_a_launch_hook_is_set(direct, monkeypatch):
+    monkeypatch.setattr(triton_launch, "_hooks_set", lambda: True)
+    kernel = FakeAutotuner()
+    launcher = triton_launch.Launcher(kernel, "fake_hooked")
+    for _ in range(2):
+        launcher(("k",), lambda meta: (1,), lambda meta: (1, "out", 3), {"FLAG": False})
+    assert [entry[0] for entry in kernel.fn.log] == ["triton", "triton"]
+
+
+def test_plain_jit_kernel_records_its_flags_as_constexprs(direct):
+    kernel = FakeJIT()
+    launcher = triton_launch.Launcher(kernel, "fake_plain")
+    assert not launcher.autotuned
+    for x in (5, 6):
+        launcher(("k",), lambda meta: (2,), lambda meta, x=x: (x, "out", 3),
+                 {"FLAG": True, "BLOCK": 8, "num_warps": 4})
+    assert kernel.log[-1] == ("direct", (2, 1, 1), 1234, (6, "out", 3, True, 8))
+
+
+def test_off_under_the_interpreter_and_by_environment(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not triton_launch.enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("OCTET_FAST_LAUNCH", "0")
+    assert not triton_launch.enabled()
+
+
+def test_specialization_facts_and_hook_chains():
+    assert triton_launch.facts(1, 16, 0, 17, 4096) == (1, 16, 16, 0, 16)
+    t = torch.zeros(8)
+    assert triton_launch.facts(t, t[1:]) == (True, False)
+
+    class Chain:   # Triton 3.5+: hooks are HookChains, never None
+        def __init__(self, calls):
+            self.calls = calls
+    assert not triton_launch._hook_set(None) and not triton_launch._hook_set(Chain([]))
+    assert triton_launch._hook_set(Chain([print])) and triton_launch._hook_set(print)
+
+
+def _prepared(layer):
+    return [cell.cell_contents for plan in layer._plans.values() for cell in plan.run.__closure__ or ()
+            if hasattr(cell.cell_contents, "launcher") or hasattr(cell.cell_contents, "fused")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need compiled kernels (CUDA)")
+@pytest.mark.parametrize("act", ["none", "dynamic", "static"])
+def test_planned_layer_launches_direct_and_equals_tritons_own_path_on_changing_inputs(act, monkeypatch):
+    """Same layer, same inputs: launches through Triton's dispatch (OCTET_FAST_LAUNCH=0) and direct ones
+    give identical outputs, while M, the input's alignment and the static scale's group change from
+    call to call (a launch reusing an earlier call's pointers or specialization would differ)."""
+    from kernel_testing import assert_epilogue_close
+    from comfyui_octet.kernels import torch_ref
+    from comfyui_octet.octet.modules import QuantLinear
+    from comfyui_octet.octet.timestep import GroupSelector
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lin = torch.nn.Linear(256, 384, device="cuda", dtype=torch.bfloat16)
+    big = torch.randn(4096 * 256 + 1, device="cuda", dtype=torch.bfloat16, generator=g)
+    steps = [64, 64, 17, 17, 1, 1, 4096, 4096, 64, 63, 63, 64]
+
+    def run(env):
+        monkeypatch.setenv("OCTET_FAST_LAUNCH", env)
+        layer = QuantLinear.from_float(lin, act, backend="triton")
+        if act == "static":   # group slices of one tensor start 4 bytes apart: not all 16-byte aligned
+            layer.set_static_scales(torch.tensor([0.03, 0.05, 0.02]), GroupSelector(boundaries=[1.0, 2.0]))
+        outs = []
+        with torch.no_grad():
+            for step, m in enumerate(steps):
+                offset = step % 2   # odd steps read a view 2 bytes into its storage
+                x = big[offset:offset + m * 256].view(m, 256)
+                if act == "static":
+                    layer.group_selector.index = step % 3
+                outs.append(layer(x))
+        return layer, outs
+
+    _, through_triton = run("0")
+    layer, direct = run("1")
+    for step, (a, b) in enumerate(zip(through_triton, direct)):
+        assert torch.equal(a, b), (step, steps[step])
+    x = big[:63 * 256].view(63, 256)
+    scale = layer.input_scale[1:2].cuda() if act == "static" else None
+    if act == "none":
+        expected = torch_ref.linear_w8a16(x, layer.weight, layer.weight_scale, layer.bias)
+    else:
+        expected = torch_ref.linear_w8a8(x, layer.weight, layer.weight_scale, layer.bias, None, scale)
+    assert_epilogue_close(direct[-2], expected)
+    prepared = [getattr(p, "fused", p) for p in _prepared(layer)]
+    assert prepared and all(p.launcher.direct and p.launcher.records for p in prepared)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need compiled kernels (CUDA)")
+def test_planned_conv_launches_direct_and_equals_tritons_own_path_on_changing_inputs(monkeypatch):
+    from comfyui_octet.octet.modules import QuantConv2d
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    conv = torch.nn.Conv2d(64, 96, 3, padding=1, device="cuda", dtype=torch.bfloat16)
+    sizes = [(2, 32, 32), (2, 32, 32), (1, 48, 40), (1, 48, 40), (2, 30, 34), (2, 30, 34), (2, 32, 32)]
+
+    def run(env):
+        monkeypatch.setenv("OCTET_FAST_LAUNCH", env)
+        layer = QuantConv2d.from_float(conv, "dynamic", backend="triton")
+        outs = []
+        with torch.no_grad():
+            for step, (n, h, w) in enumerate(sizes):
+                x = torch.randn(n, 64, h, w, device="cuda", dtype=torch.bfloat16,
+                                generator=torch.Generator(device="cuda").manual_seed(step))
+                if step % 3 == 2:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                outs.append(layer(x))
+        return layer, outs
+
+    _, through_triton = run("0")
+    layer, direct = run("1")
+    for step, (a, b) in enumerate(zip(through_triton, direct)):
+        assert a.shape == b.shape and torch.equal(a, b), step
+    convs = _prepared(layer)
+    assert convs and all(c.launcher.direct and c.launcher.records and c.quantizer.quantize.records for c in convs)
