@@ -48,8 +48,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=500)
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
+    parser.add_argument("--host-only", action="store_true", help="skip part 2 (GPU timing)")
     args = parser.parse_args()
     octet_pack.load()
+    import logging
+    logging.basicConfig(level=logging.WARNING)
     import torch
     import torch.nn.functional as F
     import triton
@@ -99,6 +102,8 @@ def main() -> int:
         quantizer, gemm = triton_quant.RowQuantizer(k), triton_gemm.W8A8Gemm(q, s, b)
         timed("RowQuantizer call (prepared, direct launch)", lambda: quantizer(x))
         timed("W8A8Gemm call (prepared, direct launch)", lambda: gemm(xq, xs, dt))
+        print(f"  (direct launches: quantizer {quantizer.launcher.direct} {len(quantizer.launcher.records)} keys, "
+              f"GEMM {gemm.launcher.direct} {len(gemm.launcher.records)} keys)", flush=True)
         timed("torch.empty [M, N] bf16", lambda: torch.empty((m, n), dtype=dt, device=dev))
         timed("x.reshape(-1, k).contiguous()", lambda: x.reshape(-1, k).contiguous())
         timed("_vector(w_scale)", lambda: triton_gemm._vector(s, xq.device))
@@ -178,7 +183,7 @@ def main() -> int:
         print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000], flush=True)
 
     print("\nPart 2: GPU us per call in a CUDA graph, M=4096", flush=True)
-    shapes = [("flux qkv", 3072, 9216), ("flux mlp fc1", 3072, 12288), ("flux mlp fc2", 12288, 3072),
+    shapes = [] if args.host_only else [("flux qkv", 3072, 9216), ("flux mlp fc1", 3072, 12288), ("flux mlp fc2", 12288, 3072),
               ("flux single linear1", 3072, 21504), ("flux single linear2", 15360, 3072)]
     m = 4096
     with torch.no_grad():
