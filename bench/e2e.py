@@ -246,6 +246,24 @@ def profile_step(model, x, sigma, kw) -> str:
     return f"GPU kernel time in the step: {gpu_total:.1f} ms\n{table}"
 
 
+def cprofile_steps(model, x, sigma, kw, steps: int = 3, top: int = 25) -> str:
+    """Where the host time of eager steps goes, Python function by function (own time)."""
+    import cProfile
+    import io
+    import pstats
+    import torch
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        prof.enable()
+        for _ in range(steps):
+            model.apply_model(x, sigma, **kw)
+        sync()
+        prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return "\n".join(line for line in text.getvalue().splitlines() if line.strip())
+
+
 def _compile_row(model, row, x, sigma, kw, device, args) -> dict:
     """The same model through torch.compile (Inductor), as the host's TorchCompileModel does; Octet's
     layers are one opaque custom op each (kernels/ops.py), so the graph has no break at them."""
@@ -282,6 +300,9 @@ def run_variant(name, variant, device, args) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
         times = time_steps(model, x, sigma, kw, args.warmup, args.iters)
         row["step_ms"] = statistics.median(times) * 1000
+        if args.cprofile:
+            row["cprofile"] = cprofile_steps(model, x, sigma, kw)
+            print(f"cProfile {name} {row['variant']} (3 eager steps, by own time)\n{row['cprofile']}", flush=True)
         if args.profile and device.type == "cuda":
             row["profile"] = profile_step(model, x, sigma, kw)
             print(f"[{torch.cuda.get_device_name()}] profile {name} {row['variant']}\n{row['profile']}", flush=True)
@@ -356,6 +377,7 @@ def main() -> int:
                         help="also time each variant through CUDA Graph Step (= --modes eager graph)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds after which no new variant or compile is started (rows so far are kept)")
+    parser.add_argument("--cprofile", action="store_true", help="print a cProfile of 3 eager steps per variant")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per variant")
     parser.add_argument("--tiny", action="store_true", help="shrunken configs on CPU (smoke test)")
     parser.add_argument("--warmup", type=int, default=3)

@@ -52,6 +52,16 @@ def _hooks_set() -> bool:
     return _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
 
 
+def _is_jit(kernel) -> bool:
+    # Not hasattr(kernel, "arg_names"): Triton's Autotuner has one too (3.6), and then its config was lost.
+    from triton.runtime.jit import JITFunction
+    try:   # under TRITON_INTERPRET=1 @triton.jit makes these instead (direct launches are off there)
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        InterpretedFunction = JITFunction
+    return isinstance(kernel, (JITFunction, InterpretedFunction))
+
+
 def _driver():
     from triton.runtime import driver
     return driver.active
@@ -79,7 +89,7 @@ class Launcher:
     def __init__(self, kernel, name: str):
         self.kernel = kernel
         self.jit = kernel
-        while not hasattr(self.jit, "arg_names"):   # Autotuner / Heuristics wrap the JITFunction in .fn
+        while not _is_jit(self.jit):   # Autotuner / Heuristics wrap the JITFunction in .fn
             self.jit = self.jit.fn
         self.autotuned = self.jit is not kernel
         self.name = name

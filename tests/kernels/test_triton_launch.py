@@ -48,6 +48,8 @@ class FakeConfig:
 
 
 class FakeAutotuner:
+    arg_names = FakeJIT.arg_names   # Triton's Autotuner has arg_names too: not what tells them apart
+
     def __init__(self):
         self.fn = FakeJIT()
         self.best_config = None
@@ -72,6 +74,7 @@ def direct(monkeypatch):
     monkeypatch.setattr(triton_launch, "enabled", lambda: True)
     monkeypatch.setattr(triton_launch, "_driver", lambda: FakeDriver())
     monkeypatch.setattr(triton_launch, "_hooks_set", lambda: False)
+    monkeypatch.setattr(triton_launch, "_is_jit", lambda kernel: isinstance(kernel, FakeJIT))
 
 
 def test_first_call_per_key_goes_through_triton_then_direct_with_fresh_arguments(direct):
@@ -143,6 +146,14 @@ def test_off_under_the_interpreter_and_by_environment(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("OCTET_FAST_LAUNCH", "0")
     assert not triton_launch.enabled()
+
+
+def test_real_autotuned_kernels_are_seen_as_autotuned():
+    from comfyui_octet.kernels.backends import triton_gemm, triton_quant
+    gemm = triton_launch.Launcher(triton_gemm._w8a8_kernel, "gemm")
+    quant = triton_launch.Launcher(triton_quant._quantize_rows_kernel, "quant")
+    assert gemm.autotuned and "BLOCK_M" in gemm.jit.arg_names
+    assert not quant.autotuned and quant.jit is triton_quant._quantize_rows_kernel
 
 
 def test_specialization_facts_and_hook_chains():
