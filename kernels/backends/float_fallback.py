@@ -39,6 +39,17 @@ def _weight(req, w, dtype):
     return w.float_weight(dtype)
 
 
+def _kept(req: registry.Request, w):
+    """(float weight, bias) in the plan's dtype, made at planning, where the speed goal keeps them and
+    no SmoothQuant divisor has to be applied to x first; else None. A plan's dtype is fixed (it is
+    part of the signature), so the call is then F.linear / F.conv2d and nothing else: on a host-bound
+    eager step every microsecond of Python per layer shows."""
+    dtype = getattr(torch, req.dtype, None)
+    if req.goal != "speed" or w.smooth is not None or not isinstance(dtype, torch.dtype):
+        return None
+    return _weight(req, w, dtype), None if w.bias is None else w.bias.to(dtype)
+
+
 def prepare(req: registry.Request, w):
     bias = w.bias
     if req.op == "linear":
@@ -55,12 +66,20 @@ def prepare(req: registry.Request, w):
         def run_linear(x, static):
             b = None if bias is None else bias.to(x.dtype)
             return F.linear(_unsmoothed(x, w.smooth, -1), _weight(req, w, x.dtype), b)
+        kept = _kept(req, w)
+        if kept is not None:   # speed goal: exactly a bf16 layer per call, nothing else
+            wf, bf = kept
+            return lambda x, static: F.linear(x, wf, bf) if x.dtype is wf.dtype else run_linear(x, static)
         return run_linear
     args = w.conv.args()
 
     def run_conv(x, static):
         b = None if bias is None else bias.to(x.dtype)
         return F.conv2d(_unsmoothed(x, w.smooth, 1), _weight(req, w, x.dtype), b, *args)
+    kept = _kept(req, w)
+    if kept is not None:
+        wf, bf = kept
+        return lambda x, static: F.conv2d(x, wf, bf, *args) if x.dtype is wf.dtype else run_conv(x, static)
     return run_conv
 
 

@@ -327,9 +327,11 @@ class W8A8Gemm:
             tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
             return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
 
-        # What Triton specializes on among the arguments that change between calls (triton_launch).
-        key = (out_dtype, m == 1, m % 16 == 0, m_bucket(m), a_q.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0,
-               a_scale.data_ptr() % 16 == 0, per_token, scale_arg.data_ptr() % 16 == 0)
+        # What Triton specializes on among the arguments that change between calls (triton_launch); the
+        # output is a fresh allocation (512-byte aligned), the per-token scales too, a static scale may
+        # be a slice of a per-group tensor.
+        key = (out_dtype, m == 1, m % 16 == 0, m_bucket(m), a_q.data_ptr() % 16 == 0, per_token,
+               per_token or a_scale.data_ptr() % 16 == 0, scale_arg.data_ptr() % 16 == 0)
         self.launcher(key, grid, build, self.flags)
         return out
 

@@ -90,7 +90,11 @@ class RowQuantizer:
         self.k = k
         self.smooth = smooth.contiguous() if smooth is not None else None
         one_tile, block_k, num_warps = row_launch_config(k)
-        self.flags = dict(ONE_TILE=one_tile, BLOCK_K=block_k, num_warps=num_warps)
+        # The launch flags per (static, CUDA): built once, not per call.
+        self.flags = {(static, cuda): dict(ONE_TILE=one_tile, BLOCK_K=block_k, num_warps=num_warps,
+                                           HAS_SMOOTH=self.smooth is not None, STATIC=static,
+                                           SCALE_BY_RECIPROCAL=cuda)
+                      for static in (False, True) for cuda in (False, True)}
         self.launcher = triton_launch.Launcher(_quantize_rows_kernel, "quantize_rows")
 
     def __call__(self, x2d: torch.Tensor, static_scale: torch.Tensor | None = None
@@ -114,10 +118,12 @@ class RowQuantizer:
         smooth_arg = self.smooth if self.smooth is not None else x2d
         stride = x2d.stride(0)
         cuda = x2d.is_cuda
-        flags = dict(self.flags, HAS_SMOOTH=self.smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=cuda)
-        key = (static, cuda, x2d.dtype, x2d.data_ptr() % 16 == 0, q.data_ptr() % 16 == 0,
-               scales.data_ptr() % 16 == 0, stride == 1, stride % 16 == 0)
-        self.launcher(key, lambda meta: (m,), lambda meta: (x2d, smooth_arg, scales, q, scales, k, stride), flags)
+        # What Triton specializes on that can change between calls (triton_launch). q and the dynamic
+        # scales are fresh allocations: the caching allocator hands out 512-byte aligned blocks.
+        key = (static, cuda, x2d.dtype, x2d.data_ptr() % 16 == 0, static and scales.data_ptr() % 16 == 0,
+               stride == 1, stride % 16 == 0)
+        self.launcher(key, lambda meta: (m,), lambda meta: (x2d, smooth_arg, scales, q, scales, k, stride),
+                      self.flags[static, cuda])
         return q, scales
 
 
