@@ -327,13 +327,17 @@ def test_node_is_listed():
 
 # -- GPU: real graphs are bit-identical to eager ---------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("variant", ["float", "dynamic"])
+@pytest.mark.parametrize("variant", ["float", "dynamic", "dynamic_triton"])
 def test_gpu_graph_sampling_is_bit_identical_to_eager(variant):
-    """An euler loop over apply_model (cond+uncond batch, cfg) with and without CUDA Graph Step."""
+    """An euler loop over apply_model (cond+uncond batch, cfg) with and without CUDA Graph Step.
+    dynamic_triton forces every INT8 layer onto the Triton kernels, whose launches go direct
+    (kernels/backends/triton_launch.py) once learned in the eager loop and the capture's warm-up."""
     import comfy.patcher_extension as pe
     import comfy.samplers
     source = reference_model.build_tiny_sd15()
-    base = source if variant == "float" else bridge.quantize_model(source, config_for_mode(variant))[0]
+    config = {"float": None, "dynamic": config_for_mode("dynamic"),
+              "dynamic_triton": config_for_mode("dynamic", backend="triton")}[variant]
+    base = source if config is None else bridge.quantize_model(source, config)[0]
     model, step = graph_step.install(base)
     cuda = torch.device("cuda")
     model.load_device = cuda
