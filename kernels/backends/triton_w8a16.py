@@ -141,8 +141,10 @@ TMA_MIN_M = 256
 def _use_tma(x2d: torch.Tensor, k: int) -> bool:
     # TMA wants 16-byte row pitches: int8 weight K % 16, 16-bit activations K % 8 (fp32 K % 4).
     # The interpreter emulates descriptors, so CI covers this path too (tests force each path).
+    # A descriptor's base must be 16-byte aligned too: a view into a larger tensor (a slice of
+    # Flux's fused qkv, say) may start anywhere, and then the operand comes through pointer loads.
     return (k % 16 == 0 and x2d.dtype != torch.float32 and x2d.shape[0] >= TMA_MIN_M
-            and (triton_support.is_hopper() or triton_support.interpreting()))
+            and x2d.data_ptr() % 16 == 0 and (triton_support.is_hopper() or triton_support.interpreting()))
 
 
 class W8A16Gemm:

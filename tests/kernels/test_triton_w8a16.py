@@ -94,3 +94,17 @@ def test_w8a16_linear_matches_reference_on_both_sides_of_the_crossover(rng, devi
         expected = torch_ref.linear_w8a16(x.float().cpu(), qweight, w_scale, bias.float().cpu())
         assert_epilogue_close(y.cpu(), expected.to(torch.bfloat16))
     assert triton_w8a16.prefers_dequant_cublas(1030, 24) and not triton_w8a16.prefers_dequant_cublas(3, 24)
+
+
+def test_w8a16_takes_an_unaligned_view_at_descriptor_sizes(rng, device):
+    """At M >= TMA_MIN_M the activations come through a TMA descriptor, whose base must be 16-byte
+    aligned; a view starting 2 bytes into its storage goes through pointer loads instead of failing."""
+    from comfyui_octet.kernels.backends import triton_w8a16
+    m, k, n = triton_w8a16.TMA_MIN_M, 32, 16
+    qweight, w_scale = torch_ref.quantize_weight(randn((n, k), rng))
+    storage = randn((m * k + 1,), rng, torch.bfloat16, device)
+    x = storage[1:].view(m, k)
+    assert x.data_ptr() % 16 != 0
+    y = triton_w8a16.w8a16_gemm(x, qweight.to(device), w_scale.to(device), None)
+    expected = torch_ref.linear_w8a16(x.float().cpu(), qweight, w_scale, None)
+    assert_epilogue_close(y.cpu(), expected.to(torch.bfloat16))
