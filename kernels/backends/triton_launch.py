@@ -104,18 +104,21 @@ class Launcher:
         """Launch once. ``build(meta)`` returns the runtime arguments (positional, in kernel order);
         ``meta`` is None on Triton's path (the autotuner's pre-hooks fix descriptor boxes there) and the
         chosen config's kwargs + flags on the direct path. ``grid(meta)`` gives the launch grid."""
-        record = self.records.get(key) if self.direct else None
-        if record is not None:
-            self._launch(record, grid, build(record.meta))
-            return
+        if self.direct:
+            # Compiled kernels belong to a device (Triton compiles for the current one, as here).
+            key = (self._device(), key)
+            record = self.records.get(key)
+            if record is not None:
+                self._launch(record, grid, build(record.meta), key[0])
+                return
         args = build(None)
         self.kernel[grid](*args, **flags)
         if self.direct:
             self._learn(key, args, flags, build, grid)
 
-    def _launch(self, record: Record, grid, args: tuple) -> None:
+    def _launch(self, record: Record, grid, args: tuple, device: int) -> None:
         g = grid(record.meta)
-        record.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._stream(self._device()),
+        record.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._stream(device),
                    record.function, record.packed, None, None, None, *args, *record.tail)
 
     def _learn(self, key, args, flags, build, grid) -> None:
@@ -140,7 +143,7 @@ class Launcher:
             # Once more through the direct path with the same arguments (our kernels are pure functions
             # of their inputs, so the outputs do not change): a launcher that takes other arguments
             # raises here, once, instead of in a later call.
-            self._launch(record, grid, fixed)
+            self._launch(record, grid, fixed, key[0])
             self.records[key] = record
         except Exception as exc:  # a Triton whose internals differ: keep its own path, say so once
             self.direct = False

@@ -102,7 +102,7 @@ def test_first_call_per_key_goes_through_triton_then_direct_with_fresh_arguments
     kernel.fn.log.clear()
     call(("k2",), 32)   # a new specialization key: Triton again
     assert [entry[0] for entry in kernel.fn.log] == ["triton", "compile", "direct"]
-    assert set(launcher.records) == {("k1",), ("k2",)}
+    assert set(launcher.records) == {(0, ("k1",)), (0, ("k2",))}   # (current device, key)
 
 
 def test_a_launcher_that_rejects_our_call_turns_direct_launches_off_and_says_so(direct, caplog):
