@@ -23,25 +23,16 @@ import json
 import os
 import pstats
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import octet_pack  # noqa: E402
+from overhead import measure  # noqa: E402  (the same host-time loop as bench/overhead.py)
 
 
 def host_us(fn, reps: int) -> float:
     """CPU time per call to issue ``reps`` calls back to back (GPU work here is far shorter)."""
-    import torch
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / reps * 1e6
+    return measure(fn, reps)[0]
 
 
 def main() -> int:
@@ -183,8 +174,9 @@ def main() -> int:
         print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000], flush=True)
 
     print("\nPart 2: GPU us per call in a CUDA graph, M=4096", flush=True)
-    shapes = [] if args.host_only else [("flux qkv", 3072, 9216), ("flux mlp fc1", 3072, 12288), ("flux mlp fc2", 12288, 3072),
-              ("flux single linear1", 3072, 21504), ("flux single linear2", 15360, 3072)]
+    shapes = [] if args.host_only else [
+        ("flux qkv", 3072, 9216), ("flux mlp fc1", 3072, 12288), ("flux mlp fc2", 12288, 3072),
+        ("flux single linear1", 3072, 21504), ("flux single linear2", 15360, 3072)]
     m = 4096
     with torch.no_grad():
         for name, k, n in shapes:
@@ -198,7 +190,8 @@ def main() -> int:
             qt = q.t()
             cands = {
                 "bf16 F.linear": lambda: F.linear(x, w, bias),
-                "quantize + Triton GEMM": lambda: triton_gemm.w8a8_gemm(*triton_quant.quantize_rows(x), q, wsv, bias, dt),
+                "quantize + Triton GEMM":
+                    lambda: triton_gemm.w8a8_gemm(*triton_quant.quantize_rows(x), q, wsv, bias, dt),
                 "Triton GEMM only": lambda: triton_gemm.w8a8_gemm(xq, xs, q, wsv, bias, dt),
                 "torch._int_mm only": lambda: torch._int_mm(xq, qt),
                 "torch._int_mm + torch dequant": lambda: torch.addcmul(bias.float(), torch._int_mm(xq, qt).float(),

@@ -179,17 +179,8 @@ class ConvW8A8:
         # so a K step never straddles two taps; the activations are a gather, loaded by pointer.
         self.w_tma = self.c % 64 == 0 and (triton_support.is_hopper() or triton_support.interpreting())
         self.launcher = triton_launch.Launcher(_conv_kernel, "conv2d_w8a8")
-        self._weight_boxes: dict = {}
-
-    def _weight_arg(self, meta):
-        if not self.w_tma:
-            return self.wq
-        box = (16, 16) if meta is None else (meta["BLOCK_N"], meta["BLOCK_K"])
-        desc = self._weight_boxes.get(box)
-        if desc is None:
-            desc = self._weight_boxes[box] = TensorDescriptor.from_tensor(
-                self.wq.view(self.oc, self.kh * self.kw * self.c), list(box))
-        return desc
+        self.weight_descs = triton_launch.WeightDescriptors(self.wq.view(self.oc, self.kh * self.kw * self.c)) \
+            if self.w_tma else None
 
     def __call__(self, x: torch.Tensor, static_scale: torch.Tensor | None = None) -> torch.Tensor:
         """NCHW (or channels_last) float in, same layout out, per-sample dynamic (or static) scale."""
@@ -222,7 +213,8 @@ class ConvW8A8:
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(oc, meta["BLOCK_N"]),)
         flags = dict(KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=self.bias is not None, W_TMA=self.w_tma)
         key = (x.dtype, m_bucket(m)) + triton_launch.facts(xq, y, a_scale, *ints)
-        self.launcher(key, grid, lambda meta: (xq, self._weight_arg(meta), y, a_scale, ws, bias_arg) + ints, flags)
+        weight = self.weight_descs.get if self.w_tma else lambda meta: self.wq
+        self.launcher(key, grid, lambda meta: (xq, weight(meta), y, a_scale, ws, bias_arg) + ints, flags)
         return y
 
 

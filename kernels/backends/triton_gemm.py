@@ -264,18 +264,7 @@ class W8A8Gemm:
         self.flags = dict(HAS_BIAS=bias is not None, USE_TMA=self.use_tma, GELU_QUANT=gelu_quant,
                           HAS_Q_SMOOTH=self.q_smooth is not None)
         self.launcher = triton_launch.Launcher(_w8a8_kernel, "w8a8_gemm")
-        self._weight_boxes: dict = {}
-
-    def _weight_arg(self, meta):
-        if not self.use_tma:
-            return self.qweight
-        box = (16, 16) if meta is None else (meta["BLOCK_N"], meta["BLOCK_K"])
-        desc = self._weight_boxes.get(box)
-        if desc is None:
-            # On Triton's path the autotune pre-hook resets the box before each launch, so that
-            # descriptor is never shared with a direct-path box.
-            desc = self._weight_boxes[box] = TensorDescriptor.from_tensor(self.qweight, list(box))
-        return desc
+        self.weight_descs = triton_launch.WeightDescriptors(self.qweight) if self.use_tma else None
 
     def __call__(self, a_q: torch.Tensor, a_scale: torch.Tensor, out_dtype: torch.dtype,
                  q_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,7 +309,8 @@ class W8A8Gemm:
                 a_arg = TensorDescriptor(a_q, [m, k], [k, 1], box)
             else:
                 a_arg = a_q
-            return (a_arg, self._weight_arg(meta), out, a_scale, w_scale, bias_arg, smooth_arg, scale_arg,
+            weight = self.weight_descs.get(meta) if self.use_tma else self.qweight
+            return (a_arg, weight, out, a_scale, w_scale, bias_arg, smooth_arg, scale_arg,
                     m, n, k, m_bucket(m), sms, k, k, n, per_token)
 
         def grid(meta):

@@ -17,7 +17,8 @@ kept, and later calls at that key call the compiled launcher with fresh argument
 Not used (Triton's own path every call): under the CPU interpreter, while a launch hook is set
 (a profiler such as proton wants to see every launch), with OCTET_FAST_LAUNCH=0, and when Triton's
 internals are not what this module expects (a launcher that takes other arguments makes the
-validating launch at the first call of a key raise): that is logged once. Every argument is passed fresh on every call: nothing but constexprs is cached.
+validating launch at the first call of a key raise): that is logged once. Every argument is
+passed fresh on every call: nothing but constexprs is cached.
 """
 from __future__ import annotations
 
@@ -73,6 +74,24 @@ def facts(*values) -> tuple:
     the wrappers refuse larger problems.)"""
     return tuple((1 if v == 1 else 16 if v % 16 == 0 else 0) if isinstance(v, int) else v.data_ptr() % 16 == 0
                  for v in values)
+
+
+class WeightDescriptors:
+    """A 2-D weight's TMA descriptors, one per box (BLOCK_N, BLOCK_K), made once each. Box (16, 16) is
+    the placeholder Triton's path hands its autotuner, whose pre-hook resets the box before each
+    launch, so that descriptor is never one a direct launch uses."""
+
+    def __init__(self, weight2d):
+        self.weight = weight2d
+        self.boxes: dict = {}
+
+    def get(self, meta: Optional[dict]):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        box = (16, 16) if meta is None else (meta["BLOCK_N"], meta["BLOCK_K"])
+        desc = self.boxes.get(box)
+        if desc is None:
+            desc = self.boxes[box] = TensorDescriptor.from_tensor(self.weight, list(box))
+        return desc
 
 
 class Record(NamedTuple):

@@ -225,7 +225,8 @@ class SampleQuantizer:
         grid = (n, triton.cdiv(hw, block_hw), triton.cdiv(c, block_c))
         flags = dict(HAS_SMOOTH=has_smooth, STATIC=static, SCALE_BY_RECIPROCAL=x.is_cuda,
                      BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
-        self.quantize((x.dtype, static, flags["BLOCK_CHUNKS"]) + triton_launch.facts(x, partial, scales, q, hw, num_chunks),
+        key = (x.dtype, static, flags["BLOCK_CHUNKS"]) + triton_launch.facts(x, partial, scales, q, hw, num_chunks)
+        self.quantize(key,
                       lambda meta: grid, lambda meta: (x, smooth_arg, partial, scales, q, scales, c, hw, num_chunks),
                       flags)
         return q, scales

@@ -159,16 +159,7 @@ class W8A16Gemm:
         self.w_scale = w_scale.reshape(-1).to(device=qweight.device, dtype=torch.float32).contiguous()
         self.bias = bias
         self.launcher = triton_launch.Launcher(_tuned_kernel, "w8a16_gemm")
-        self._weight_boxes: dict = {}
-
-    def _weight_arg(self, tma: bool, meta):
-        if not tma:
-            return self.qweight
-        box = (16, 16) if meta is None else (meta["BLOCK_N"], meta["BLOCK_K"])
-        desc = self._weight_boxes.get(box)
-        if desc is None:
-            desc = self._weight_boxes[box] = TensorDescriptor.from_tensor(self.qweight, list(box))
-        return desc
+        self.weight_descs = triton_launch.WeightDescriptors(self.qweight)
 
     def __call__(self, x2d: torch.Tensor, config: dict | None = None, use_tma: bool | None = None) -> torch.Tensor:
         m, n, k = check_float_gemm(x2d, self.qweight, self.w_scale, self.bias)
@@ -191,7 +182,8 @@ class W8A16Gemm:
                 x_arg = TensorDescriptor(x2d, [m, k], [k, 1], box)
             else:
                 x_arg = x2d
-            return (x_arg, self._weight_arg(tma, meta), out, w_scale, bias_arg, m, n, k, m_bucket(m), k, k, n)
+            weight = self.weight_descs.get(meta) if tma else self.qweight
+            return (x_arg, weight, out, w_scale, bias_arg, m, n, k, m_bucket(m), k, k, n)
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
