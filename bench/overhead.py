@@ -27,12 +27,15 @@ SHAPES = [  # (name, K, N)
     ("flux attn out", 3072, 3072), ("sdxl attn q 640", 640, 640), ("sdxl attn 1280", 1280, 1280),
     ("sdxl ff 1280", 1280, 10240),
 ]
-PATHS = [  # (label, act, backend, goal)
-    ("octet weight_only", "none", "auto", "speed"),
-    ("octet dynamic", "dynamic", "auto", "speed"),
-    ("octet dynamic triton", "dynamic", "triton", "speed"),
-    ("octet static triton", "static", "triton", "speed"),
-    ("octet dynamic memory", "dynamic", "auto", "memory"),
+PATHS = [  # (label, act, backend, goal, direct Triton launches)
+    ("octet weight_only", "none", "auto", "speed", True),
+    ("octet dynamic", "dynamic", "auto", "speed", True),
+    ("octet dynamic triton", "dynamic", "triton", "speed", True),
+    # The same layer with every launch through Triton's own dispatch (OCTET_FAST_LAUNCH=0): what
+    # kernels/backends/triton_launch.py saves, measured side by side in one run.
+    ("octet dynamic triton, Triton dispatch", "dynamic", "triton", "speed", False),
+    ("octet static triton", "static", "triton", "speed", True),
+    ("octet dynamic memory", "dynamic", "auto", "memory", True),
 ]
 
 
@@ -78,18 +81,21 @@ def main() -> int:
                 host, wall = measure(lambda: lin(x), args.reps)
                 rows.append({"shape": name, "m": m, "k": k, "n": n, "path": "bf16 nn.Linear", "backend": "cublas",
                              "host_us": host, "wall_us": wall})
-                for label, act, backend, goal in PATHS:
+                for label, act, backend, goal, direct in PATHS:
                     q = QuantLinear.from_float(lin, act, backend, goal=goal)
                     if act == "static":
                         q.set_static_scales(scale_from_absmax(x.abs().amax()).reshape(1))
                     model = torch.nn.Sequential(q)
+                    # Read when the layer plans (its first call, inside measure's warm-up).
+                    os.environ["OCTET_FAST_LAUNCH"] = "1" if direct else "0"
                     host, wall = measure(lambda: model(x), args.reps)
+                    os.environ["OCTET_FAST_LAUNCH"] = "1"
                     chosen = plan_summary(model)["layers"]["0"]["backends"]
                     rows.append({"shape": name, "m": m, "k": k, "n": n, "path": label, "backend": ",".join(chosen),
                                  "host_us": host, "wall_us": wall,
                                  "extra_bytes": plan_summary(model)["extra_bytes"]})
             for r in rows[-(len(PATHS) + 1):]:
-                print(f"[{card}] {r['shape']:>16} M={m:<5} {r['path']:<22} {r['backend']:<8} "
+                print(f"[{card}] {r['shape']:>16} M={m:<5} {r['path']:<38} {r['backend']:<8} "
                       f"host {r['host_us']:7.1f} us  wall {r['wall_us']:8.1f} us", flush=True)
     os.makedirs(args.out, exist_ok=True)
     slug = card.lower().replace("nvidia ", "").split()[0]
