@@ -237,7 +237,7 @@ class QuantLayer(nn.Module):
     def plan(self, x: torch.Tensor):
         """(implementation, run, static scales per group on x's device) for x's signature: cached."""
         key = self._signature(x)
-        w = self.weight
+        w = self._parameters["weight"]   # not self.weight: nn.Module.__getattr__ on every call
         entry = self._plans.get(key)
         if entry is None or entry.weight is not w or entry.version != _version(w):
             ops = self._shared_operands(x.device, w)
@@ -262,14 +262,7 @@ class QuantLayer(nn.Module):
             return self._float_forward(x, *self._float_operands(x))
         if kernels.ops.compiling():
             return self._custom_op(x)
-        w = self._parameters["weight"]
-        on_device = w.device == x.device
-        # Hot path, first: this signature's plan, still valid for the same weight tensor. (The device
-        # check stays: lowvram may swap the parameter's data to another device in place.)
-        plan = self._plans.get(self._signature(x)) if on_device else None
-        if plan is not None and plan.weight is w and plan.version == _version(w):
-            return plan.run(x, None if plan.scales is None else plan.scales[self._group()])
-        if not on_device:
+        if self._parameters["weight"].device != x.device:
             # lowvram: the host keeps this layer's weights elsewhere and we move them per call, so
             # nothing weight-side can be prepared once.
             _, run = kernels.plan(self.layout.kernel_op, self.act, x, self.operands(x.device), self.backend,

@@ -223,9 +223,4 @@ def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
                 static_scale: torch.Tensor | None, weight_khwc: torch.Tensor | None = None) -> torch.Tensor:
     """INT8 conv with per-sample dynamic (or static) activation scale; NCHW in, NCHW out. One-shot;
     conv plans keep a ``ConvW8A8``."""
-    if x.dim() != 4:
-        raise ValueError(f"conv2d wants x NCHW and int8 weight [OC, C, KH, KW], got {tuple(x.shape)} "
-                         f"and {qweight.dtype} {tuple(qweight.shape)}")
-    if qweight.dim() == 4 and qweight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight expects {qweight.shape[1]} input channels, x has {x.shape[1]}")
     return ConvW8A8(qweight, w_scale, bias, stride, padding, dilation, groups, smooth, weight_khwc)(x, static_scale)

@@ -342,6 +342,4 @@ def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w
     if gelu_quant is None:
         return W8A8Gemm(qweight, w_scale, bias)(a_q, a_scale, out_dtype)
     q_smooth, q_scale = gelu_quant
-    if q_scale is None or q_scale.numel() != 1:
-        raise ValueError("gelu_quant needs the next layer's one static scale")
     return W8A8Gemm(qweight, w_scale, bias, gelu_quant=True, q_smooth=q_smooth)(a_q, a_scale, out_dtype, q_scale)

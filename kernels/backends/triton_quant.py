@@ -104,7 +104,9 @@ class RowQuantizer:
                              f"strides {x2d.stride()}")
         m, k = x2d.shape
         if k != self.k:
-            raise ValueError(f"smooth has {self.k} entries, activations have K={k}")
+            raise ValueError(f"this quantizer is for rows of K={self.k}"
+                             f"{' (its smooth has that many entries)' if self.smooth is not None else ''}, "
+                             f"activations have K={k}")
         device = x2d.device
         q = torch.empty((m, k), dtype=torch.int8, device=device)
         static = static_scale is not None
@@ -202,7 +204,9 @@ class SampleQuantizer:
         x = x.contiguous()
         n, c, h, w = x.shape
         if c != self.c:
-            raise ValueError(f"smooth has {self.c} entries, activations have C={c}")
+            raise ValueError(f"this quantizer is for C={self.c} channels"
+                             f"{' (its smooth has that many entries)' if self.smooth is not None else ''}, "
+                             f"activations have C={c}")
         hw = h * w
         device = x.device
         q = torch.empty((n, h, w, c), dtype=torch.int8, device=device)

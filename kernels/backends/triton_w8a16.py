@@ -229,8 +229,10 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, K, BLOCK_K: tl.constexpr):
     tl.store(out_ptr + row * K + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 [N, K] * w_scale[n] -> dtype [N, K] in one launch (torch_ref.dequantize_weight's numbers)."""
+def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype,
+                      launcher: triton_launch.Launcher | None = None) -> torch.Tensor:
+    """int8 [N, K] * w_scale[n] -> dtype [N, K] in one launch (torch_ref.dequantize_weight's numbers).
+    ``launcher``: a layer's own (W8A16Linear), which launches direct after its first call."""
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise ValueError(f"qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
     n, k = qweight.shape
@@ -242,8 +244,10 @@ def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch
         return out
     w_scale = w_scale.reshape(-1).to(device=qweight.device, dtype=torch.float32).contiguous()
     block_k = min(4096, triton.next_power_of_2(k))
-    _dequantize_kernel[(n, triton.cdiv(k, block_k))](qweight, w_scale, out, k, BLOCK_K=block_k,
-                                                     num_warps=4 if block_k <= 2048 else 8)
+    launcher = launcher or triton_launch.Launcher(_dequantize_kernel, "dequantize_weight")
+    # Key: the output dtype; the weight, its scales and K are the layer's, the output a fresh allocation.
+    launcher((dtype,), lambda meta: (n, triton.cdiv(k, block_k)), lambda meta: (qweight, w_scale, out, k),
+             dict(BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else 8))
     return out
 
 
@@ -272,12 +276,7 @@ class W8A16Linear:
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
         g = self.fused
         if x2d.is_cuda and x2d.dim() == 2 and x2d.shape[1] == g.k and prefers_dequant_cublas(x2d.shape[0], g.n):
-            w = torch.empty((g.n, g.k), dtype=x2d.dtype, device=x2d.device)
-            if g.n and g.k:
-                block_k = min(4096, triton.next_power_of_2(g.k))
-                self.dequant((x2d.dtype,), lambda meta: (g.n, triton.cdiv(g.k, block_k)),
-                             lambda meta: (g.qweight, g.w_scale, w, g.k),
-                             dict(BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else 8))
+            w = dequantize_weight(g.qweight, g.w_scale, x2d.dtype, self.dequant)
             bias = None
             if g.bias is not None:
                 bias = self._bias_as.get(x2d.dtype)
@@ -290,11 +289,8 @@ class W8A16Linear:
 def w8a16_linear(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """Weight-only INT8 linear, one-shot (see W8A16Linear)."""
-    if x2d.is_cuda and x2d.dim() == 2 and qweight.dim() == 2 and qweight.shape[1] == x2d.shape[1] \
-            and prefers_dequant_cublas(x2d.shape[0], qweight.shape[0]):
-        w = dequantize_weight(qweight, w_scale, x2d.dtype)
-        return torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
-    return w8a16_gemm(x2d, qweight, w_scale, bias)
+    check_float_gemm(x2d, qweight, w_scale, bias)
+    return W8A16Linear(qweight, w_scale, bias)(x2d)
 
 
 def tuned_configs() -> dict:

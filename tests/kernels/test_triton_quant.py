@@ -75,3 +75,12 @@ def test_quantize_rows_2d_bf16_default_arguments(rng, device):
     q, s = triton_quant.quantize_rows(x, None, None)
     q_ref, s_ref = torch_ref.quantize_rows(x)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref.reshape(-1))
+
+
+def test_prepared_quantizers_name_the_width_they_were_made_for(device):
+    """A layer's quantizer called on activations of another width: a ValueError naming both widths."""
+    from comfyui_octet.kernels.backends import triton_quant
+    with pytest.raises(ValueError, match=r"rows of K=32, activations have K=16"):
+        triton_quant.RowQuantizer(32)(torch.zeros(4, 16, device=device))
+    with pytest.raises(ValueError, match=r"C=8 channels \(its smooth has that many entries\), activations have C=4"):
+        triton_quant.SampleQuantizer(8, torch.ones(8, device=device))(torch.zeros(1, 4, 2, 2, device=device))
