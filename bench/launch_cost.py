@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import io
 import json
 import os
@@ -27,7 +26,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import octet_pack  # noqa: E402
-from overhead import measure  # noqa: E402  (the same host-time loop as bench/overhead.py)
+from overhead import card_header, measure  # noqa: E402  (bench/overhead.py's header and host-time loop)
 
 
 def host_us(fn, reps: int) -> float:
@@ -47,7 +46,6 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
     import triton
-    import triton.language as tl
     from triton.testing import do_bench_cudagraph
     from comfyui_octet.kernels.backends import triton_gemm, triton_quant
     from comfyui_octet.kernels.torch_ref import scale_from_absmax
@@ -56,9 +54,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/launch_cost.py times GPU launches: it needs a CUDA device.")
         return 1
-    card = torch.cuda.get_device_name()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = f"card: {card}; torch {torch.__version__}; triton {triton.__version__}; {stamp}"
+    card, stamp, header = card_header()
     print(header, flush=True)
     rows: list[dict] = []
 

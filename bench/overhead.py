@@ -39,6 +39,15 @@ PATHS = [  # (label, act, backend, goal, direct Triton launches)
 ]
 
 
+def card_header(mode: str = "") -> tuple[str, str, str]:
+    """(GPU name, UTC stamp, the header line printed next to every timing: card, versions, mode, time)."""
+    import torch
+    import triton
+    card = torch.cuda.get_device_name()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return card, stamp, f"card: {card}; torch {torch.__version__}; triton {triton.__version__}; {mode}{stamp}"
+
+
 def measure(fn, reps: int) -> tuple[float, float]:
     import torch
     for _ in range(3):
@@ -60,16 +69,13 @@ def main() -> int:
     args = parser.parse_args()
     octet_pack.load()
     import torch
-    import triton
     from comfyui_octet.kernels.torch_ref import scale_from_absmax
     from comfyui_octet.octet.modules import QuantLinear, plan_summary
 
     if not torch.cuda.is_available():
         print("bench/overhead.py measures GPU launch cost: it needs a CUDA device.")
         return 1
-    card = torch.cuda.get_device_name()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = f"card: {card}; torch {torch.__version__}; triton {triton.__version__}; eager; {stamp}"
+    card, stamp, header = card_header("eager; ")
     print(header, flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
