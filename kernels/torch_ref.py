@@ -189,9 +189,11 @@ def static_mlp(x: torch.Tensor, fc1: tuple, fc2: tuple) -> torch.Tensor:
     return y.reshape(*shape[:-1], q2.shape[0])
 
 
-def cat_gelu_quantize_rows(attn: torch.Tensor, mlp: torch.Tensor,
-                           smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token INT8 of Flux's single-block linear2 input cat(attn, gelu_tanh(mlp)), the GELU in
-    fp32 (the fused kernel keeps it in registers; ComfyUI rounds it to the activation dtype)."""
-    row = torch.cat([attn.float(), F.gelu(mlp.float(), approximate="tanh")], dim=-1)
-    return quantize_rows(row, smooth)
+def cat_gelu_quantize_rows(attn: torch.Tensor | None, mlp: torch.Tensor, smooth: torch.Tensor | None = None,
+                           static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 of cat(attn, gelu_tanh(mlp)) (Flux's single-block linear2 input) or of gelu_tanh(mlp) with
+    attn None (an MLP's fc2 input), the GELU in fp32 (the fused kernel keeps it in registers; ComfyUI
+    rounds it to the activation dtype)."""
+    gelu = F.gelu(mlp.float(), approximate="tanh")
+    row = gelu if attn is None else torch.cat([attn.float(), gelu], dim=-1)
+    return quantize_rows(row, smooth, static_scale)

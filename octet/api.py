@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 import torch.nn as nn
 
-from . import fusion
+from . import deferred, fusion
 from .config import DynamicW8A8Config, QuantConfig, StaticW8A8Config, WeightOnlyConfig
 from .modules import QUANT_TYPES, QuantConv2d, QuantLinear
 from .report import LayerRecord, QuantReport
@@ -33,14 +33,25 @@ class DecidesLayers(Protocol):
 @dataclass
 class QuantResult(QuantReport):
     replacements: dict[str, nn.Module] = field(default_factory=dict)
-    # MLP containers whose fc1 -> GELU -> fc2 runs as one static INT8 chain (octet/fusion.py):
-    # name -> the container's new forward.
+    # name -> new forward: MLP containers whose fc1 -> GELU -> fc2 runs as one static INT8 chain
+    # (octet/fusion.py), and GELUs whose INT8 consumer applies them while quantizing (octet/deferred.py).
     forwards: dict[str, Callable] = field(default_factory=dict)
     goal: str = "speed"
 
+    @property
+    def gelus(self) -> list[str]:
+        """GELU modules whose consumer applies them (octet/deferred.py)."""
+        return sorted(n for n, f in self.forwards.items() if isinstance(f, deferred.DeferredGeluForward))
+
+    @property
+    def chains(self) -> list[str]:
+        """MLP containers run as static INT8 chains (octet/fusion.py)."""
+        return sorted(n for n, f in self.forwards.items() if not isinstance(f, deferred.DeferredGeluForward))
+
     def summary(self) -> str:
-        chains = f"; {len(self.forwards)} MLPs run as static INT8 chains" if self.forwards else ""
-        return super().summary() + chains
+        chains, gelus = len(self.chains), len(self.gelus)
+        return (super().summary() + (f"; {chains} MLPs run as static INT8 chains" if chains else "")
+                + (f"; {gelus} GELUs applied inside the next INT8 layer's quantization" if gelus else ""))
 
     def to_text(self, limit: int | None = None) -> str:
         goal = ("goal=speed: a layer whose INT8 kernel is slower than bf16 at the shapes it runs at keeps a "
@@ -180,6 +191,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Decides
             progress(i + 1, len(candidates))
     for name in fusion.chain_sites(model, result.replacements):
         result.forwards[name] = fusion.chain_forward(model.get_submodule(name))
+    result.forwards.update(deferred.forwards(model, result.replacements))
     if inplace:
         for name, q in result.replacements.items():
             model.set_submodule(name, q)

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import community, filecheck, fileformat, fusion
+from . import community, deferred, filecheck, fileformat, fusion
 from .api import OctetError
 from .layout import FILE_FORMATS, Int8Layout
 from .modules import QuantConv2d, QuantLayer, QuantLinear
@@ -286,3 +286,4 @@ def install(model: nn.Module, ckpt: LoadedCheckpoint, selector=None, backend: st
                              f"the file but {tuple(own[k].shape)} in the model.")
     model.load_state_dict(rest, strict=False, assign=True)
     fusion.install_chains(model)
+    deferred.install(model)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..kernels.operands import ConvGeometry, Int8Operands
 from ..kernels.registry import m_bucket
+from .deferred import PendingGelu
 from .layout import Int8Layout
 from .timestep import GroupSelector
 
@@ -257,6 +258,8 @@ class QuantLayer(nn.Module):
         return entry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is PendingGelu:
+            return self._forward_gelu_input(x)
         if self.weight_function or self.bias_function:
             # A patch (e.g. LoRA under lowvram) changes the float weight: compute in float.
             return self._float_forward(x, *self._float_operands(x))
@@ -270,6 +273,24 @@ class QuantLayer(nn.Module):
             return run(x, self._static_scale(x.device))
         plan = self.plan(x)
         return plan.run(x, None if plan.scales is None else plan.scales[self._group()])
+
+    def takes_gelu_input(self, pre: torch.Tensor) -> bool:
+        """Whether a GELU before this layer may hand over its input instead of its output
+        (octet/deferred.py): only once this signature's plan exists and offers it, so the first call
+        at a shape, weight-only, CPU and per-call weight patches run as before."""
+        if self.act == "none" or self.weight_function or self.bias_function:
+            return False
+        entry = self._plans.get(self._signature(pre))
+        w = self._parameters["weight"]
+        return (entry is not None and entry.weight is w and entry.version == _version(w) and w.device == pre.device
+                and hasattr(entry.run, "gelu_input"))
+
+    def _forward_gelu_input(self, x: PendingGelu) -> torch.Tensor:
+        pre = x.pre
+        if not self.takes_gelu_input(pre) or kernels.ops.compiling():
+            return self.forward(x.materialize())
+        plan = self.plan(pre)
+        return plan.run.gelu_input(x.head, pre, None if plan.scales is None else plan.scales[self._group()])
 
     def extra_repr(self) -> str:
         groups = 0 if self.input_scale is None else self.input_scale.numel()

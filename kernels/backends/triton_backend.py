@@ -145,15 +145,35 @@ def _prepare_linear(req: registry.Request, w):
     # slower than the separate pass below in CUDA-graph timing at 11 of 12 shapes, 2-6x at the Flux
     # shapes: docs/BENCHMARKS.md, fused kernels. So static keeps the separate quantization pass.)
 
-    # Prepared once per plan: the quantizer's launch config, the GEMM's scale vectors and weight
-    # descriptor, and both kernels' direct launchers (triton_launch).
-    quantize = triton_quant.RowQuantizer(k, sm)
-    gemm = triton_gemm.W8A8Gemm(q, s, b)
+    return _W8A8Linear(triton_quant, triton_gemm, w)
 
-    def run(x, static):
-        xq, xs = quantize(x.reshape(-1, k).contiguous(), static)
-        return gemm(xq, xs, x.dtype).reshape(*x.shape[:-1], n)
-    return run
+
+class _W8A8Linear:
+    """One W8A8 linear plan: prepared once (the quantizer's launch config, the GEMM's scale vectors
+    and weight descriptor, both kernels' direct launchers: triton_launch), called per step.
+
+    ``gelu_input`` is the deferred-GELU entry (octet/deferred.py): the layer's input is
+    cat(head, gelu_tanh(pre)) or gelu_tanh(pre), and one quantization kernel applies the GELU (and the
+    cat) while it quantizes, instead of three float passes before this layer."""
+
+    def __init__(self, triton_quant, triton_gemm, w):
+        self.k, self.n, self.smooth = w.k, w.n, w.smooth
+        self.quantize = triton_quant.RowQuantizer(w.k, w.smooth)
+        self.gemm = triton_gemm.W8A8Gemm(w.qweight, w.scale, w.bias)
+        self._gelu_quantizers: dict = {}      # head width -> GeluRowQuantizer (one per call site)
+        self._make_gelu = triton_quant.GeluRowQuantizer
+
+    def __call__(self, x, static):
+        xq, xs = self.quantize(x.reshape(-1, self.k).contiguous(), static)
+        return self.gemm(xq, xs, x.dtype).reshape(*x.shape[:-1], self.n)
+
+    def gelu_input(self, head, pre, static):
+        k1 = 0 if head is None else head.shape[-1]
+        quantize = self._gelu_quantizers.get(k1)
+        if quantize is None:
+            quantize = self._gelu_quantizers[k1] = self._make_gelu(k1, self.k - k1, self.smooth)
+        xq, xs = quantize(head, pre, static)
+        return self.gemm(xq, xs, pre.dtype).reshape(*pre.shape[:-1], self.n)
 
 
 def _prepare_conv(req: registry.Request, w):

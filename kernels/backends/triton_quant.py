@@ -246,16 +246,18 @@ def quantize_per_sample_nhwc(x: torch.Tensor, smooth: torch.Tensor | None = None
     return SampleQuantizer(x.shape[1], smooth)(x, static_scale)
 
 
-# ---- Flux single blocks: linear2's input cat(attention, GELU(mlp)) quantized without the cat ---------
-# Flux's single block computes linear2(cat(attn, gelu_tanh(mlp))) with mlp a column slice of
-# linear1's output. Quantizing that input per token needs the whole row's absmax, across both
-# halves, so the quantization cannot move into linear1's epilogue; instead this one kernel reads
-# attn and the pre-activation mlp in place (strided rows), applies the GELU in fp32, and writes the
-# int8 row and its scale: no float cat, no float GELU output, no separate quantization pass.
+# ---- A GELU (and Flux's cat) applied inside the quantization of the next layer's input ---------
+# Transformer MLPs compute fc2(gelu_tanh(h)); Flux's single block computes
+# linear2(cat(attn, gelu_tanh(mlp))) with mlp a column slice of linear1's output. Quantizing that
+# input per token needs the whole row's absmax, across both halves, so it cannot move into the
+# producing GEMM's epilogue; instead this one kernel reads the optional head (attn) and the
+# pre-activation in place (strided rows), applies the GELU in fp32, and writes the int8 row and its
+# scale: no float cat, no float GELU output, no separate quantization pass. octet/deferred.py is what
+# routes a model's GELU here.
 
 @triton.jit
 def _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH: tl.constexpr):
-    # Columns [0, K1) come from attn, [K1, K1 + K2) are GELU(mlp); one tile may straddle both.
+    # Columns [0, K1) come from the head, [K1, K1 + K2) are GELU(pre); one tile may straddle both.
     cols = k0 + offs
     in_a = cols < K1
     in_g = (cols >= K1) & (cols < K1 + K2)
@@ -268,46 +270,91 @@ def _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH: tl.co
 
 
 @triton.jit
-def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, q_ptr, scale_ptr, K1, K2, stride_am, stride_gm,
-                              HAS_SMOOTH: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_K: tl.constexpr):
+def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K1, K2, stride_am, stride_gm,
+                              HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     a_row = a_ptr + row * stride_am
     g_row = g_ptr + row * stride_gm
     q_row = q_ptr + row * (K1 + K2)
     offs = tl.arange(0, BLOCK_K)
-    absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K1 + K2, BLOCK_K):
-        v, _ = _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH)
-        absmax = tl.maximum(absmax, tl.abs(v))
-    scale = scale_from_absmax(tl.max(absmax, axis=0), SCALE_BY_RECIPROCAL)
-    tl.store(scale_ptr + row, scale)
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K1 + K2, BLOCK_K):
+            v, _ = _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH)
+            absmax = tl.maximum(absmax, tl.abs(v))
+        scale = scale_from_absmax(tl.max(absmax, axis=0), SCALE_BY_RECIPROCAL)
+        tl.store(scale_ptr + row, scale)
     for k0 in range(0, K1 + K2, BLOCK_K):
         v, mask = _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH)
         tl.store(q_row + k0 + offs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
 
 
-def quantize_rows_cat_gelu(attn: torch.Tensor, mlp: torch.Tensor,
-                           smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token INT8 of cat(attn, gelu_tanh(mlp)) along the last dim, without materialising it:
-    attn [M, K1], mlp [M, K2] (pre-activation; rows may be strided, e.g. a column slice of
-    linear1's output) -> (int8 [M, K1 + K2], fp32 scales [M]). Reference:
-    torch_ref.cat_gelu_quantize_rows (GELU in fp32; the kernel's fp32 GELU can differ from
-    torch's in the last bit, moving a code by one at a rounding tie)."""
-    if attn.dim() != 2 or mlp.dim() != 2 or attn.shape[0] != mlp.shape[0]:
-        raise ValueError(f"attn [M, K1] and mlp [M, K2] must share M, got {tuple(attn.shape)} and {tuple(mlp.shape)}")
-    if attn.stride(1) != 1 or mlp.stride(1) != 1:
-        raise ValueError(f"attn and mlp need contiguous rows, got strides {attn.stride()} and {mlp.stride()}")
-    m, k1 = attn.shape
-    k2 = mlp.shape[1]
-    if smooth is not None and smooth.numel() != k1 + k2:
-        raise ValueError(f"smooth has {smooth.numel()} entries, the concatenated row has K={k1 + k2}")
-    q = torch.empty((m, k1 + k2), dtype=torch.int8, device=attn.device)
-    scales = torch.empty((m,), dtype=torch.float32, device=attn.device)
-    if m == 0:
+def _rows(t: torch.Tensor, what: str) -> torch.Tensor:
+    """[..., K] -> [M, K] with unit column stride, a view where the strides allow it (a column slice
+    of a bigger output stays a strided view: the kernel reads it in place)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    if t2.shape[1] > 1 and t2.stride(1) != 1:
+        raise ValueError(f"{what} needs contiguous rows, got strides {t.stride()}")
+    return t2
+
+
+class GeluRowQuantizer:
+    """Per-token (or static) INT8 of cat(head, gelu_tanh(pre)) along the last dim, or of
+    gelu_tanh(pre) alone when there is no head, for rows of K1 + K2 columns: prepared once per layer
+    like ``RowQuantizer`` (launch config and direct launcher). Reference:
+    torch_ref.cat_gelu_quantize_rows (GELU in fp32; the kernel's fp32 GELU can differ from torch's in
+    the last bit, moving a code by one at a rounding tie)."""
+
+    def __init__(self, k1: int, k2: int, smooth: torch.Tensor | None = None):
+        if smooth is not None and smooth.numel() != k1 + k2:
+            raise ValueError(f"smooth has {smooth.numel()} entries, the concatenated row has K={k1 + k2}")
+        self.k1, self.k2 = k1, k2
+        self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
+        block_k = min(2048, max(256, triton.next_power_of_2(k1 + k2) // 4))
+        self.flags = {(static, cuda): dict(HAS_SMOOTH=self.smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=cuda,
+                                           BLOCK_K=block_k, num_warps=4 if block_k <= 1024 else 8)
+                      for static in (False, True) for cuda in (False, True)}
+        self.launcher = triton_launch.Launcher(_quantize_cat_gelu_kernel, "quantize_cat_gelu")
+
+    def __call__(self, head: torch.Tensor | None, pre: torch.Tensor, static_scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _rows(pre, "the GELU input")
+        m = g.shape[0]
+        a = _rows(head, "the concatenated head") if head is not None else g
+        k1 = a.shape[1] if head is not None else 0
+        if a.shape[0] != m or k1 != self.k1 or g.shape[1] != self.k2:
+            raise ValueError(f"this quantizer is for rows of {self.k1} head + {self.k2} GELU columns, got head "
+                             f"{None if head is None else tuple(head.shape)} and GELU input {tuple(pre.shape)}")
+        device = g.device
+        q = torch.empty((m, self.k1 + self.k2), dtype=torch.int8, device=device)
+        static = static_scale is not None
+        if static:
+            scales = static_scale.reshape(1).to(device=device, dtype=torch.float32)
+        else:
+            scales = torch.empty((m,), dtype=torch.float32, device=device)
+        if m == 0:
+            return q, scales
+        smooth_arg = self.smooth if self.smooth is not None else scales
+        sa, sg = a.stride(0) if head is not None else 0, g.stride(0)
+        cuda = g.is_cuda
+        key = (static, cuda, a.dtype, g.dtype, a.data_ptr() % 16 == 0, g.data_ptr() % 16 == 0,
+               static and scales.data_ptr() % 16 == 0, sa == 1, sa % 16 == 0, sg == 1, sg % 16 == 0)
+        self.launcher(key, lambda meta: (m,),
+                      lambda meta: (a, g, smooth_arg, scales, q, scales, self.k1, self.k2, sa, sg),
+                      self.flags[static, cuda])
         return q, scales
-    block_k = min(2048, max(256, triton.next_power_of_2(k1 + k2) // 4))
-    smooth_arg = smooth.reshape(-1).contiguous() if smooth is not None else scales
-    _quantize_cat_gelu_kernel[(m,)](attn, mlp, smooth_arg, q, scales, k1, k2, attn.stride(0), mlp.stride(0),
-                                    HAS_SMOOTH=smooth is not None, SCALE_BY_RECIPROCAL=attn.is_cuda,
-                                    BLOCK_K=block_k, num_warps=4 if block_k <= 1024 else 8)
-    return q, scales
+
+
+def quantize_rows_cat_gelu(attn: torch.Tensor | None, mlp: torch.Tensor, smooth: torch.Tensor | None = None,
+                           static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 of cat(attn, gelu_tanh(mlp)) (or gelu_tanh(mlp) with attn None) along the last dim without
+    materialising it: attn [M, K1], mlp [M, K2] (pre-activation; rows may be strided, e.g. a column
+    slice of linear1's output) -> (int8 [M, K1 + K2], fp32 scales [M], or [1] static). One-shot;
+    plans keep a ``GeluRowQuantizer``."""
+    if mlp.dim() != 2 or (attn is not None and (attn.dim() != 2 or attn.shape[0] != mlp.shape[0])):
+        raise ValueError(f"attn [M, K1] and mlp [M, K2] must share M, got "
+                         f"{None if attn is None else tuple(attn.shape)} and {tuple(mlp.shape)}")
+    return GeluRowQuantizer(0 if attn is None else attn.shape[1], mlp.shape[1], smooth)(attn, mlp, static_scale)

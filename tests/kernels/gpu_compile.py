@@ -75,8 +75,9 @@ def conv_activation_quantization():
 
 @case
 def flux_single_block_cat_gelu_quantization():
-    _compile(triton_quant._quantize_cat_gelu_kernel, {"a_ptr": "bf16", "g_ptr": "bf16", "q_ptr": "i8"},
-             dict(HAS_SMOOTH=True, SCALE_BY_RECIPROCAL=True, BLOCK_K=1024))
+    for static in (False, True):
+        _compile(triton_quant._quantize_cat_gelu_kernel, {"a_ptr": "bf16", "g_ptr": "bf16", "q_ptr": "i8"},
+                 dict(HAS_SMOOTH=True, STATIC=static, SCALE_BY_RECIPROCAL=True, BLOCK_K=1024))
 
 
 W8A8_TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)

@@ -34,6 +34,33 @@ def test_cat_gelu_quantize_matches_reference(shape, dtype, smoothed, rng, device
     assert q[:, :k1].abs().float().mean() > 1 and q[:, k1:].abs().float().mean() > 1
 
 
+@pytest.mark.parametrize("head", [True, False])
+@pytest.mark.parametrize("static", [False, True])
+def test_gelu_quantizer_head_and_static(head, static, rng, device):
+    """The prepared quantizer an MLP's fc2 (no head) and Flux's linear2 (attn head) use, with dynamic
+    and static scales, fed [B, L, K] activations as the model produces them, called twice with
+    different M (the second call goes through the recorded direct launch on a GPU)."""
+    from comfyui_octet.kernels.backends import triton_quant
+    k1, k2 = (40, 200) if head else (0, 300)
+    smooth = positive(k1 + k2, rng, device)
+    quantizer = triton_quant.GeluRowQuantizer(k1, k2, smooth)
+    for b, l in ((2, 5), (1, 3)):
+        attn = randn((b, l, k1), rng, torch.bfloat16, device, scale=0.5) if head else None
+        wide = randn((b, l, k2 + 9), rng, torch.bfloat16, device, scale=2.0)
+        pre = wide[..., 9:]
+        static_scale = torch.tensor([0.03], device=device) if static else None
+        q, s = quantizer(attn, pre, static_scale)
+        q_ref, s_ref = torch_ref.cat_gelu_quantize_rows(None if attn is None else attn.reshape(-1, k1),
+                                                        pre.reshape(-1, k2), smooth, static_scale)
+        assert q.shape == (b * l, k1 + k2) and s.numel() == (1 if static else b * l)
+        torch.testing.assert_close(s.cpu().reshape(-1), s_ref.reshape(-1).cpu(), rtol=1e-6, atol=0)
+        diff = (q.cpu().int() - q_ref.cpu().int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 0.01
+        assert q.abs().float().mean() > 1
+    with pytest.raises(ValueError, match="head"):
+        quantizer(randn((3, k1 + 1), rng, device=device), randn((3, k2), rng, device=device))
+
+
 def test_cat_gelu_rejects_mismatched_rows(rng, device):
     from comfyui_octet.kernels.backends import triton_quant
     with pytest.raises(ValueError, match="share M"):

@@ -1,0 +1,140 @@
+"""Deferred GELU (octet/deferred.py): a GELU(tanh) hands its input to the next INT8 linear, which
+applies it (and Flux's cat) inside its quantization kernel. Checked against the same model with the
+deferral off: same numbers up to the GELU's last bit, and never a wrong number where it cannot apply."""
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from comfyui_octet import octet
+from comfyui_octet.kernels.backends import triton_support
+from comfyui_octet.octet import checkpoint, deferred
+from comfyui_octet.octet.deferred import PendingGelu
+
+needs_triton = pytest.mark.skipif(triton_support.unavailable_reason() is not None or
+                                  not triton_support.interpreting(),
+                                  reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
+
+
+class SingleBlock(nn.Module):
+    """The data flow of Flux's SingleStreamBlock (both hosts): linear1 -> split -> attention-ish ‖
+    GELU -> linear2(cat((attn, gelu(mlp)), 2))."""
+
+    def __init__(self, d=24, h=72):
+        super().__init__()
+        self.d, self.h = d, h
+        self.linear1 = nn.Linear(d, 3 * d + h)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.linear2 = nn.Linear(d + h, d)
+
+    def forward(self, x):
+        qkv, mlp = torch.split(self.linear1(x), [3 * self.d, self.h], dim=-1)
+        q, k, v = qkv.chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.transpose(1, 2) / self.d ** 0.5, dim=-1) @ v
+        mlp = self.mlp_act(mlp)
+        return x + self.linear2(torch.cat((attn, mlp), 2))
+
+
+class Net(nn.Module):
+    def __init__(self, d=24):
+        super().__init__()
+        self.img_mlp = nn.Sequential(nn.Linear(d, 64), nn.GELU(approximate="tanh"), nn.Linear(64, d))
+        self.single = SingleBlock(d)
+        self.erf_mlp = nn.Sequential(nn.Linear(d, 64), nn.GELU(), nn.Linear(64, d))   # exact GELU: not a site
+
+    def forward(self, x):
+        return self.erf_mlp(self.single(self.img_mlp(x) + x)) + x
+
+
+def test_pending_gelu_is_the_gelu_for_anything_but_its_consumer(rng, caplog):
+    pre = torch.randn(2, 5, 12, generator=rng)
+    head = torch.randn(2, 5, 4, generator=rng)
+    gelu = torch.nn.functional.gelu(pre, approximate="tanh")
+    p = PendingGelu(None, pre)
+    assert p.shape == (2, 5, 12) and p.dtype == pre.dtype and p.dim() == 3 and p.size(-1) == 12
+    # Flux's cat becomes a pending cat (nothing computed yet) ...
+    joined = torch.cat((head, p), 2)
+    assert type(joined) is PendingGelu and joined.head is head and joined.pre is pre and joined.shape == (2, 5, 16)
+    assert torch.equal(joined.materialize(), torch.cat((head, gelu), 2))
+    # ... anything else computes the real tensor first, bit for bit nn.GELU's, and says so once.
+    with caplog.at_level(logging.INFO, logger="octet"):
+        assert torch.equal(p * 2, gelu * 2)
+        assert torch.equal(p * 3, gelu * 3)
+        assert torch.equal(torch.cat((p, head), 2), torch.cat((gelu, head), 2))      # pending first: not Flux's
+        assert torch.equal(nn.functional.linear(joined, torch.ones(3, 16)),
+                           nn.functional.linear(torch.cat((head, gelu), 2), torch.ones(3, 16)))
+    assert sum("deferred GELU was computed in float for mul" in r.getMessage() for r in caplog.records) == 1
+    assert type(p * 2) is torch.Tensor
+
+
+def test_sites_are_gelu_tanh_before_an_int8_activation_linear(rng):
+    torch.manual_seed(0)
+    net = Net()
+    result = octet.quantize_(net, octet.DynamicW8A8Config(), inplace=False)
+    assert result.gelus == ["img_mlp.1", "single.mlp_act"] and result.chains == []
+    assert "2 GELUs applied inside the next INT8 layer's quantization" in result.summary()
+    weight_only = octet.quantize_(Net(), octet.WeightOnlyConfig(), inplace=False)
+    assert not weight_only.forwards      # weight-only layers quantize nothing: nothing to apply a GELU in
+
+
+def _quantized(rng, backend):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    net = Net()
+    octet.quantize_(net, octet.DynamicW8A8Config(backend=backend))
+    return net
+
+
+@needs_triton
+def test_int8_consumer_applies_the_gelu_and_cat_with_the_same_numbers(rng, monkeypatch):
+    from comfyui_octet.kernels.backends import triton_backend
+    net = _quantized(rng, "triton")
+    calls = []
+    real = triton_backend._W8A8Linear.gelu_input
+    monkeypatch.setattr(triton_backend._W8A8Linear, "gelu_input",
+                        lambda self, *a: calls.append(a[0] is not None) or real(self, *a))
+    x = torch.randn(2, 7, 24, generator=rng)
+    with torch.no_grad():
+        first = net(x)                   # first call at this shape: plans made, GELUs run as before
+        assert calls == []
+        fused = net(x)
+        assert sorted(calls) == [False, True]        # the MLP's fc2 (no head) and the block's linear2 (attn head)
+        monkeypatch.setenv("OCTET_DEFERRED_GELU", "0")
+        layered = net(x)
+    assert len(calls) == 2 and torch.equal(first, layered)
+    # fp32 activations: the kernel's GELU and torch's differ in the last bit at most, which can move one
+    # int8 code by one step; the output stays within a few quantization steps of the layered run.
+    err = (fused - layered).abs().max().item()
+    assert err < 2e-2 * layered.abs().max().item(), err
+
+
+@needs_triton
+def test_consumer_that_cannot_take_it_gets_the_real_tensor(rng):
+    net = _quantized(rng, "triton")
+    x = torch.randn(1, 3, 24, generator=rng)
+    with torch.no_grad():
+        net(x)
+        expected = net(x)
+        # A per-call weight patch (LoRA under lowvram) on linear2 after its GELU deferred: the layer takes
+        # the float path, and the pending input must arrive as the real cat(attn, gelu).
+        pending = torch.cat((torch.randn(1, 3, 24, generator=rng), PendingGelu(None, torch.randn(1, 3, 72))), 2)
+        layer = net.single.linear2
+        layer.weight_function = [lambda w: w]
+        try:
+            y = layer(pending)
+        finally:
+            layer.weight_function = []
+        ref = torch.nn.functional.linear(pending.materialize(), layer.dequantized_weight(), layer.bias)
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert torch.isfinite(expected).all()
+
+
+def test_loaded_checkpoint_defers_too(rng, tmp_path):
+    net = _quantized(rng, "auto")
+    path = str(tmp_path / "net.safetensors")
+    checkpoint.save(path, net, {"architecture": "test"})
+    fresh = Net()
+    checkpoint.install(fresh, checkpoint.read(path))
+    assert isinstance(vars(fresh.single.mlp_act).get("forward"), deferred.DeferredGeluForward)
+    assert isinstance(vars(fresh.img_mlp[1]).get("forward"), deferred.DeferredGeluForward)
+    assert "forward" not in vars(fresh.erf_mlp[1])
