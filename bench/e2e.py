@@ -82,10 +82,10 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
 # octet_static_layers: static W8A8 with the MLP chains off (OCTET_FUSED_MLP=0), each layer on its own.
 # octet_dynamic_dispatch: every Triton launch through Triton's own dispatch (OCTET_FAST_LAUNCH=0, see
 # kernels/backends/triton_launch.py), for before/after rows in one call.
-# octet_dynamic_float_gelu: GELUs computed in float before their INT8 layer (OCTET_DEFERRED_GELU=0,
+# octet_dynamic_not_deferred: GELUs and LayerNorms computed in float before their INT8 layer (OCTET_DEFERRED=0,
 # see octet/deferred.py).
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
-            "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_float_gelu")
+            "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred")
 
 
 def model_config(name: str, tiny: bool, extra: dict | None = None):
@@ -154,10 +154,10 @@ def quantize(model, variant: str, x, sigma, kw):
 
     dm = model.diffusion_model
     calibration = None
-    mode = variant[len("octet_"):].replace("_layers", "").replace("_dispatch", "").replace("_float_gelu", "")
+    mode = variant[len("octet_"):].replace("_layers", "").replace("_dispatch", "").replace("_not_deferred", "")
     os.environ["OCTET_FUSED_MLP"] = "0" if variant.endswith("_layers") else "1"
-    # Read per call: GELUs computed in float before their INT8 layer, as before octet/deferred.py.
-    os.environ["OCTET_DEFERRED_GELU"] = "0" if variant.endswith("_float_gelu") else "1"
+    # Read per call: GELUs and LayerNorms computed in float before their INT8 layer, as before octet/deferred.py.
+    os.environ["OCTET_DEFERRED"] = "0" if variant.endswith("_not_deferred") else "1"
     # Read when each layer plans, at its first call: the warm-up steps after this.
     os.environ["OCTET_FAST_LAUNCH"] = "0" if variant.endswith("_dispatch") else "1"
     if mode == "static":

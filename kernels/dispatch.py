@@ -7,7 +7,8 @@ custom ops); they prepare on every call, so hot code keeps the plan instead.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -15,6 +16,26 @@ from . import registry
 from .operands import ConvGeometry, Int8Operands
 
 Tensor = torch.Tensor
+
+
+# Whether the calls being planned now will replay from a CUDA graph: octet.cuda_graph sets it around
+# warm-up and capture. A replay has no host cost per layer (Python, allocations, launches), so backends
+# choose by GPU time alone there, while an eager step pays the host cost of every layer and a layer that
+# saves GPU time can still lose. Layers key their plans on it: one plan for eager calls, one for graphs.
+_graph_planning = [0]
+
+
+@contextlib.contextmanager
+def graph_plans() -> Iterator[None]:
+    _graph_planning[0] += 1
+    try:
+        yield
+    finally:
+        _graph_planning[0] -= 1
+
+
+def planning_for_graph() -> bool:
+    return _graph_planning[0] > 0
 
 
 def rows(x: Tensor) -> int:
@@ -29,7 +50,8 @@ def request(op: str, act: str, x: Tensor, w: Int8Operands, goal: str = "speed") 
         oh, ow = w.conv.output_size(x.shape[-2], x.shape[-1], kh, kw)
         m = x.shape[0] * max(oh, 0) * max(ow, 0)
     return registry.Request(op=op, act=act, device=x.device.type, dtype=str(x.dtype).replace("torch.", ""),
-                            m=m, n=w.n, k=w.k, groups=w.conv.groups if w.conv else 1, goal=goal)
+                            m=m, n=w.n, k=w.k, groups=w.conv.groups if w.conv else 1, goal=goal,
+                            eager=not planning_for_graph())
 
 
 def plan(op: str, act: str, x: Tensor, w: Int8Operands, backend: str = "auto",

@@ -52,6 +52,7 @@ class Request:
     groups: int = 1    # conv2d only: backends differ in which groupings they implement
     fmt: str = "int8"  # the weight format (a layout's name); every backend here reads int8
     goal: str = "speed"  # where INT8 loses: keep a float weight (speed) or read int8 directly (memory)
+    eager: bool = True   # False while planning for a CUDA graph (dispatch.graph_plans): no host cost per call
 
 
 # prepare(request, operands) -> run(x, static_scale) -> y: everything that depends only on the weight

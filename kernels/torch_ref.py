@@ -197,3 +197,17 @@ def cat_gelu_quantize_rows(attn: torch.Tensor | None, mlp: torch.Tensor, smooth:
     gelu = F.gelu(mlp.float(), approximate="tanh")
     row = gelu if attn is None else torch.cat([attn.float(), gelu], dim=-1)
     return quantize_rows(row, smooth, static_scale)
+
+
+def norm_quantize_rows(x: torch.Tensor, eps: float, mult: torch.Tensor | None = None,
+                       shift: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+                       static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 rows of shift + layer_norm(x) * mult (LayerNorm without affine, then Flux's / SD3's modulation),
+    fp32 throughout (the fused kernel keeps it in registers; ComfyUI rounds each step to the activation
+    dtype). x [..., K]; mult and shift broadcast against it."""
+    y = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
+    if mult is not None:
+        y = y * mult.float()
+    if shift is not None:
+        y = y + shift.float()
+    return quantize_rows(y.reshape(-1, x.shape[-1]), smooth, static_scale)

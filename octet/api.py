@@ -44,14 +44,21 @@ class QuantResult(QuantReport):
         return sorted(n for n, f in self.forwards.items() if isinstance(f, deferred.DeferredGeluForward))
 
     @property
+    def norms(self) -> list[str]:
+        """LayerNorms whose consumer applies them with their modulation (octet/deferred.py)."""
+        return sorted(n for n, f in self.forwards.items() if isinstance(f, deferred.DeferredNormForward))
+
+    @property
     def chains(self) -> list[str]:
         """MLP containers run as static INT8 chains (octet/fusion.py)."""
-        return sorted(n for n, f in self.forwards.items() if not isinstance(f, deferred.DeferredGeluForward))
+        return sorted(n for n, f in self.forwards.items() if not isinstance(f, deferred.DeferredForward))
 
     def summary(self) -> str:
-        chains, gelus = len(self.chains), len(self.gelus)
+        chains, gelus, norms = len(self.chains), len(self.gelus), len(self.norms)
+        deferred_text = " and ".join(t for t in (f"{gelus} GELUs" if gelus else "", f"{norms} LayerNorms" if norms
+                                                 else "") if t)
         return (super().summary() + (f"; {chains} MLPs run as static INT8 chains" if chains else "")
-                + (f"; {gelus} GELUs applied inside the next INT8 layer's quantization" if gelus else ""))
+                + (f"; {deferred_text} applied inside the next INT8 layer's quantization" if deferred_text else ""))
 
     def to_text(self, limit: int | None = None) -> str:
         goal = ("goal=speed: a layer whose INT8 kernel is slower than bf16 at the shapes it runs at keeps a "

@@ -9,8 +9,8 @@ builds from everything that decides that work; each ``CapturedGraph`` owns stati
 which is cloned out because the next replay overwrites it. The cache is bounded (LRU): each graph
 keeps its own memory pool alive.
 
-Pure torch. Which calls are safe to capture, and what their key holds, is the host's business
-(nodes/graph_step.py). ``GraphBackend`` is the one seam to CUDA, so the bookkeeping can be tested
+Torch alone, plus telling the kernels they plan for a replay. Which calls are safe to capture, and
+what their key holds, is the host's business (nodes/graph_step.py). ``GraphBackend`` is the one seam to CUDA, so the bookkeeping can be tested
 on a CPU with a stand-in.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any, Callable, Hashable
 
 import torch
 from torch.utils import _pytree as pytree
+
+from ..kernels.dispatch import graph_plans
 
 PRIMITIVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
@@ -119,10 +121,13 @@ def capture(fn: Callable, leaves: list, spec, device: torch.device, backend: Gra
     static = [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
     static_bytes = sum(t.numel() * t.element_size() for t in static if isinstance(t, torch.Tensor))
     call = lambda: fn(pytree.tree_unflatten(static, spec))  # noqa: E731
-    backend.warmup(call, device, warmup)
-    # Measured around the capture alone: warm-up growth of the shared cache is not this graph's.
-    before = backend.memory(device)
-    graph, output = backend.capture(call, device)
+    # Layers plan (on their first call at a signature) for replay, where no host cost is paid per layer
+    # (kernels.dispatch.graph_plans); their eager plans stay for eager calls.
+    with graph_plans():
+        backend.warmup(call, device, warmup)
+        # Measured around the capture alone: warm-up growth of the shared cache is not this graph's.
+        before = backend.memory(device)
+        graph, output = backend.capture(call, device)
     captured = CapturedGraph(graph, static, output, static_bytes + backend.memory(device) - before, 0.0)
     captured.capture_s = time.perf_counter() - start
     return captured

@@ -1,4 +1,5 @@
-"""Deferred GELU: the next INT8 layer applies a GELU(tanh), and Flux's cat, while it quantizes.
+"""Deferred inputs: the next INT8 layer computes a GELU(tanh) (and Flux's cat) or a LayerNorm and its
+modulation while it quantizes, instead of float passes before it.
 
 With dynamic per-token scales an MLP's fc2 input cannot be quantized in fc1's epilogue (the row's
 absmax spans every program's columns; fusion.py does that for static scales). What can go is the
@@ -6,19 +7,22 @@ float traffic between the two: fc1's output is read by the GELU, written again, 
 quantization pass. In Flux's 38 single blocks it is worse: linear2's input is
 ``torch.cat((attn, gelu(mlp)), 2)``, a GELU pass and a cat pass over 15360-wide rows before the
 quantization pass reads it a third time. About 19 GB of memory traffic per Flux step at 1024².
+Likewise every attention qkv and MLP fc1 of Flux and SD3 reads ``addcmul(shift, layer_norm(x), mult)``:
+a LayerNorm pass and a modulation pass in float, then the quantization pass.
 
-So the GELU module's forward (patched like the chain forwards: in place, or as a host object patch)
-returns a ``PendingGelu``: a tensor with the GELU output's shape and dtype and no storage, holding
-the pre-activation. ``torch.cat((attn, pending), -1)`` gives another PendingGelu holding attn as its
-head. The consumer (a QuantLinear whose plan offers ``gelu_input``) hands both to one Triton kernel
-(``triton_quant.GeluRowQuantizer``) that reads them in place and writes the int8 row.
+So the GELU's (or LayerNorm's) forward (patched like the chain forwards: in place, or as a host object
+patch) returns a ``Pending`` tensor: the output's shape and dtype, no storage, holding its input.
+``torch.cat((attn, pending_gelu), -1)`` and ``torch.addcmul(shift, pending_norm, mult)`` stay pending.
+The consumer (a QuantLinear whose plan offers ``gelu_input`` / ``norm_input``) hands them to one Triton
+kernel (``triton_quant.GeluRowQuantizer`` / ``NormRowQuantizer``) that reads them in place and writes
+the int8 row.
 
 The host's block code is not copied or replaced, so host patches inside the block (0.29's
-attn1_patch etc.) keep working. Anything other than that cat, or a consumer that cannot take it,
-computes the real tensor first (``materialize``: exactly nn.GELU's and torch.cat's numbers), logged
-once per function, so a host change can cost speed but never correctness. The GELU defers only when
-its consumer already has a plan for this signature that takes the input (so the first call at each
-shape, and every CPU, weight-only, LoRA-under-lowvram or torch.compile call, runs as before).
+attn1_patch etc.) keep working. Anything else, or a consumer that cannot take it, computes the real
+tensor first (``materialize``: exactly the float ops' numbers), logged once per function, so a host
+change can cost speed but never correctness. A module defers only when its consumer already has a
+plan for this signature that takes the input (so the first call at each shape, and every CPU,
+weight-only, LoRA-under-lowvram or torch.compile call, runs as before).
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ from .. import kernels
 
 
 def enabled() -> bool:
-    """OCTET_DEFERRED_GELU=0 turns it off (for comparisons: bench/e2e.py). Read per call."""
-    return os.environ.get("OCTET_DEFERRED_GELU", "1") != "0"
+    """OCTET_DEFERRED=0 turns it off (for comparisons: bench/e2e.py). Read per call."""
+    return os.environ.get("OCTET_DEFERRED", "1") != "0"
 
 
 def _metadata_getters() -> frozenset:
@@ -43,53 +47,174 @@ def _metadata_getters() -> frozenset:
                       t.requires_grad.__get__, t.layout.__get__, t.size, t.dim, t.numel, t.__len__})
 
 
-class PendingGelu(torch.Tensor):
-    """Stands for ``gelu_tanh(pre)``, or ``cat((head, gelu_tanh(pre)), -1)``, not computed yet. It has
-    no storage: reading its metadata is free, every other torch function computes it first."""
+class Pending(torch.Tensor):
+    """A float op's output not computed yet. It has no storage: reading its metadata is free; every other
+    torch function computes the value once (``materialize``) and from then on runs on that one tensor, so
+    views of it and in-place writes to it (``t[:, a:b] *= m`` in a host's modulation code) act on the same
+    memory, as they would on the real output, and a consumer that receives it afterwards gets what was
+    written. Subclasses say what they stand for, which op keeps them pending (``absorb``), and how an
+    INT8 plan computes them (``ENTRY``, ``feed``)."""
 
     _METADATA = _metadata_getters()
-    head: Optional[torch.Tensor]
-    pre: torch.Tensor
+    ENTRY = ""                          # the plan method that takes this input (kernels/backends/triton_backend.py)
+    computed: Optional[torch.Tensor]
 
     @staticmethod
-    def __new__(cls, head: Optional[torch.Tensor], pre: torch.Tensor):
-        shape = pre.shape if head is None else (*pre.shape[:-1], head.shape[-1] + pre.shape[-1])
-        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=pre.dtype, device=pre.device)
-        t.head, t.pre = head, pre
+    def _wrap(cls, shape, like: torch.Tensor):
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=like.dtype, device=like.device)
+        t.computed = None
         return t
 
+    @property
+    def source(self) -> torch.Tensor:
+        """A real tensor with this one's rows (its plan signature)."""
+        raise NotImplementedError
+
+    def compute(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def feed(self, run, static):
+        """The consumer's output through its plan's ``ENTRY``, or None if the plan cannot take this input."""
+        raise NotImplementedError
+
     def materialize(self) -> torch.Tensor:
-        gelu = F.gelu(self.pre, approximate="tanh")
-        return gelu if self.head is None else torch.cat((self.head, gelu), dim=-1)
+        if self.computed is None:
+            with torch._C.DisableTorchFunctionSubclass():
+                self.computed = self.compute()
+        return self.computed
+
+    @classmethod
+    def absorb(cls, func, args, kwargs):
+        return None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in cls._METADATA:
+        if func in Pending._METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        if func is torch.cat:
-            joined = _cat_head(*args, **kwargs)
-            if joined is not None:
-                return joined
-        kernels.registry.log_once(f"deferred-gelu:{getattr(func, '__name__', func)}",
-                                  f"Octet: a deferred GELU was computed in float for {getattr(func, '__name__', func)} "
-                                  f"(expected only torch.cat into an INT8 layer); correct, but not fused.")
+        for kind in types:
+            if issubclass(kind, Pending):
+                kept = kind.absorb(func, args, kwargs)
+                if kept is not None:
+                    return kept
+        if any(isinstance(a, Pending) and a.computed is None for a in _leaves(args, kwargs)):
+            name = getattr(func, "__name__", str(func))
+            kernels.registry.log_once(f"deferred:{name}",
+                                      f"Octet: a deferred input was computed in float for {name} (not an op "
+                                      f"Octet fuses into an INT8 layer); correct, but not fused.")
         args, kwargs = _materialized(args), _materialized(kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        # Reached only by paths that skip __torch_function__ (C++ callers): compute, then run.
+        # Reached only by paths that skip __torch_function__ (C++ callers): the same one real tensor.
         return func(*_materialized(args), **_materialized(kwargs or {}))
 
     def __repr__(self):
-        return f"PendingGelu(shape={tuple(self.shape)}, dtype={self.dtype}, head={self.head is not None})"
+        return f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+class PendingGelu(Pending):
+    """``gelu_tanh(pre)``, or ``cat((head, gelu_tanh(pre)), -1)`` once Flux's cat has joined it."""
+
+    ENTRY = "gelu_input"
+    head: Optional[torch.Tensor]
+    pre: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, head: Optional[torch.Tensor], pre: torch.Tensor):
+        shape = pre.shape if head is None else (*pre.shape[:-1], head.shape[-1] + pre.shape[-1])
+        t = Pending._wrap(cls, shape, pre)
+        t.head, t.pre = head, pre
+        return t
+
+    @property
+    def source(self):
+        return self.pre
+
+    def compute(self):
+        gelu = F.gelu(self.pre, approximate="tanh")
+        return gelu if self.head is None else torch.cat((self.head, gelu), dim=-1)
+
+    def feed(self, run, static):
+        return run.gelu_input(self.head, self.pre, static)
+
+    @classmethod
+    def absorb(cls, func, args, kwargs):
+        return _cat_head(*args, **kwargs) if func is torch.cat else None
+
+
+class PendingNorm(Pending):
+    """``layer_norm(x)`` without affine (eps), or ``addcmul(shift, layer_norm(x), mult)`` once the block's
+    modulation has joined it (Flux's apply_mod, SD3's modulate)."""
+
+    ENTRY = "norm_input"
+    x: torch.Tensor
+    eps: float
+    mult: Optional[torch.Tensor]
+    shift: Optional[torch.Tensor]
+
+    @staticmethod
+    def __new__(cls, x: torch.Tensor, eps: float, mult: Optional[torch.Tensor] = None,
+                shift: Optional[torch.Tensor] = None):
+        t = Pending._wrap(cls, x.shape, x)
+        t.x, t.eps, t.mult, t.shift = x, eps, mult, shift
+        return t
+
+    @property
+    def source(self):
+        return self.x
+
+    def compute(self):
+        y = F.layer_norm(self.x, (self.x.shape[-1],), None, None, self.eps)
+        return y if self.mult is None else torch.addcmul(self.shift, y, self.mult)
+
+    def feed(self, run, static):
+        if not run.takes_norm(self.x, self.mult, self.shift):
+            return None
+        return run.norm_input(self.x, self.eps, self.mult, self.shift, static)
+
+    @classmethod
+    def absorb(cls, func, args, kwargs):
+        # torch.addcmul(shift, pending, mult): both hosts' modulation (with modulation_dims None).
+        if func is not torch.addcmul or kwargs or len(args) != 3:
+            return None
+        shift, pending, mult = args
+        if type(pending) is not PendingNorm or pending.mult is not None or pending.computed is not None:
+            return None
+        if type(shift) is not torch.Tensor or type(mult) is not torch.Tensor:
+            return None
+        x = pending.x
+        if not (_per_batch(shift, x) and _per_batch(mult, x)):
+            return None
+        if shift.dtype != x.dtype or mult.dtype != x.dtype or shift.device != x.device or mult.device != x.device:
+            return None
+        return PendingNorm(x, pending.eps, mult, shift)
+
+
+def _per_batch(t: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``t`` is a modulation vector for x [B, L, K] / [M, K]: one row per batch entry or one for all
+    (what the fused kernel reads; anything else is computed in float)."""
+    if t.dim() > x.dim() or t.shape[-1] != x.shape[-1]:
+        return False
+    lead = t.shape[:-1]
+    if x.dim() == 3 and t.dim() == 3:
+        return lead[1] == 1 and lead[0] in (1, x.shape[0])
+    return all(d == 1 for d in lead)
+
+
+def _leaves(args, kwargs):
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
 
 
 def _materialized(tree):
-    if isinstance(tree, PendingGelu):
+    if isinstance(tree, Pending):
         return tree.materialize()
     if isinstance(tree, (list, tuple)):
         return type(tree)(_materialized(t) for t in tree)
@@ -103,7 +228,8 @@ def _cat_head(tensors, dim=0, **kwargs):
     if kwargs or not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
         return None
     head, pending = tensors
-    if type(head) is not torch.Tensor or type(pending) is not PendingGelu or pending.head is not None:
+    if type(head) is not torch.Tensor or type(pending) is not PendingGelu or pending.head is not None \
+            or pending.computed is not None:
         return None
     pre = pending.pre
     if dim not in (-1, pre.dim() - 1) or head.dim() != pre.dim() or head.shape[:-1] != pre.shape[:-1] \
@@ -112,61 +238,115 @@ def _cat_head(tensors, dim=0, **kwargs):
     return PendingGelu(head, pre)
 
 
-class DeferredGeluForward:
-    """The replacement ``forward`` of one GELU(tanh) module whose output feeds ``container.<consumer>``.
-    The consumer is looked up at each call, so it follows whatever layer is in place (a host object
-    patch, a float layer restored by QAT or sensitivity)."""
+def _resolve(container: nn.Module, path: str):
+    m = container
+    for part in path.split("."):
+        m = m._modules.get(part) if m is not None else None
+    return m
 
-    def __init__(self, gelu: nn.GELU, container: nn.Module, consumer: str):
-        self.gelu, self.container, self.consumer = gelu, container, consumer
+
+class DeferredForward:
+    """The replacement ``forward`` of one module (a GELU, a LayerNorm) whose output feeds the INT8 layer(s)
+    at ``consumers`` (paths under ``container``). They are looked up at each call, so this follows
+    whatever layer is in place (a host object patch, a float layer restored by QAT or sensitivity)."""
+
+    kind: type = Pending
+
+    def __init__(self, module: nn.Module, container: nn.Module, consumers: tuple[str, ...]):
+        self.module, self.container, self.consumers = module, container, tuple(consumers)
+
+    def _ready(self, x: torch.Tensor) -> bool:
+        for path in self.consumers:
+            takes = getattr(_resolve(self.container, path), "takes_deferred", None)
+            if takes is not None and takes(x, self.kind.ENTRY):
+                return True
+        return False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not kernels.ops.compiling() and enabled():
-            layer = self.container._modules.get(self.consumer)
-            takes = getattr(layer, "takes_gelu_input", None)
-            if takes is not None and type(x) is torch.Tensor and takes(x):
-                return PendingGelu(None, x)
-        return nn.GELU.forward(self.gelu, x)
+        if type(x) is torch.Tensor and not kernels.ops.compiling() and enabled() and self._ready(x):
+            return self.pending(x)
+        return self.original(x)
+
+
+class DeferredGeluForward(DeferredForward):
+    kind = PendingGelu
+
+    def pending(self, x):
+        return PendingGelu(None, x)
+
+    def original(self, x):
+        return nn.GELU.forward(self.module, x)
+
+
+class DeferredNormForward(DeferredForward):
+    kind = PendingNorm
+
+    def pending(self, x):
+        return PendingNorm(x, self.module.eps)
+
+    def original(self, x):
+        return type(self.module).forward(self.module, x)
 
 
 def _is_gelu_tanh(m) -> bool:
     return isinstance(m, nn.GELU) and m.approximate == "tanh"
 
 
+def _is_plain_layer_norm(m) -> bool:
+    return (isinstance(m, nn.LayerNorm) and m.weight is None and m.bias is None
+            and len(m.normalized_shape) == 1)
+
+
 def _consumes(layer) -> bool:
     return getattr(layer, "act", "none") in ("dynamic", "static") and getattr(layer, "kind", None) == "linear"
 
 
-def sites(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
-    """{GELU module name: (container name, consumer attribute)} for every GELU(tanh) whose output goes
-    straight into an INT8-activation linear (or will, per ``replacements``): MLP containers of the
-    shapes fusion.chain_parts knows, and Flux single blocks (``mlp_act`` -> cat -> ``linear2``)."""
+# LayerNorms without affine whose modulated output feeds linears, by attribute: Flux's DoubleStreamBlock and
+# SingleStreamBlock, SD3's DismantledBlock (norm1 feeds attn and, in SD3.5's x_block_self_attn blocks, attn2).
+_NORM_SITES = (
+    ("img_norm1", ("img_attn.qkv",)), ("img_norm2", ("img_mlp.0",)),
+    ("txt_norm1", ("txt_attn.qkv",)), ("txt_norm2", ("txt_mlp.0",)),
+    ("pre_norm", ("linear1",)),
+    ("norm1", ("attn.qkv", "attn2.qkv")), ("norm2", ("mlp.fc1",)),
+)
+
+
+def sites(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, tuple[type, str, tuple[str, ...]]]:
+    """{module name: (forward class, container name, consumer paths)} for every GELU(tanh) and plain
+    LayerNorm whose output goes (through Flux's cat or a modulation) into an INT8-activation linear, or
+    will per ``replacements``: MLP containers of the shapes fusion.chain_parts knows, Flux single
+    blocks (``mlp_act`` -> cat -> ``linear2``), and the norms of _NORM_SITES."""
     from . import fusion   # here, not at the top: fusion imports modules, which imports this module
     found = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
+
+        def consumers(paths):
+            return tuple(p for p in paths if _consumes(replacements.get(prefix + p, _resolve(module, p))))
+
         parts = fusion.chain_parts(module)
         if parts is not None:
-            act_name = "1" if isinstance(module, nn.Sequential) else "act"
-            consumer = parts[4]
-        elif _is_gelu_tanh(getattr(module, "mlp_act", None)) and isinstance(getattr(module, "linear2", None), nn.Module) \
-                and not getattr(module, "yak_mlp", False):
-            act_name, consumer = "mlp_act", "linear2"
+            gelu = ("1" if isinstance(module, nn.Sequential) else "act", (parts[4],))
+        elif _is_gelu_tanh(getattr(module, "mlp_act", None)) and not getattr(module, "yak_mlp", False):
+            gelu = ("mlp_act", ("linear2",))
         else:
-            continue
-        if _consumes(replacements.get(prefix + consumer, getattr(module, consumer, None))):
-            found[prefix + act_name] = (name, consumer)
+            gelu = None
+        if gelu is not None and consumers(gelu[1]):
+            found[prefix + gelu[0]] = (DeferredGeluForward, name, consumers(gelu[1]))
+        for attr, paths in _NORM_SITES:
+            if _is_plain_layer_norm(module._modules.get(attr)) and consumers(paths):
+                found[prefix + attr] = (DeferredNormForward, name, consumers(paths))
     return found
 
 
-def forwards(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, DeferredGeluForward]:
-    """The deferred forward per GELU site (api.quantize_ adds them to its object patches)."""
-    return {gelu: DeferredGeluForward(model.get_submodule(gelu), model.get_submodule(container), consumer)
-            for gelu, (container, consumer) in sites(model, replacements).items()}
+def forwards(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, DeferredForward]:
+    """The deferred forward per site (api.quantize_ adds them to its object patches)."""
+    return {n: kind(model.get_submodule(n), model.get_submodule(container), paths)
+            for n, (kind, container, paths) in sites(model, replacements).items()}
 
 
 def install(model: nn.Module) -> list[str]:
-    """In place (a loaded checkpoint): defer every GELU site of ``model``."""
+    """In place (a loaded checkpoint): defer every site of ``model``."""
     found = forwards(model, {})
     for name, forward in found.items():
         model.get_submodule(name).forward = forward

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..kernels.operands import ConvGeometry, Int8Operands
+from ..kernels.dispatch import _graph_planning
 from ..kernels.registry import m_bucket
-from .deferred import PendingGelu
+from .deferred import Pending
 from .layout import Int8Layout
 from .timestep import GroupSelector
 
@@ -233,7 +234,9 @@ class QuantLayer(nn.Module):
         return cached[2]
 
     def _signature(self, x: torch.Tensor) -> tuple:
-        return x.device, x.dtype, m_bucket(x.numel() // x.shape[-1 if self.kind == "linear" else 1])
+        # Graph and eager calls plan apart: backends weigh host cost only for eager ones (kernels.dispatch).
+        return (x.device, x.dtype, m_bucket(x.numel() // x.shape[-1 if self.kind == "linear" else 1]),
+                _graph_planning[0] > 0)
 
     def plan(self, x: torch.Tensor):
         """(implementation, run, static scales per group on x's device) for x's signature: cached."""
@@ -258,8 +261,8 @@ class QuantLayer(nn.Module):
         return entry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(x) is PendingGelu:
-            return self._forward_gelu_input(x)
+        if isinstance(x, Pending):
+            return self._forward_pending(x)
         if self.weight_function or self.bias_function:
             # A patch (e.g. LoRA under lowvram) changes the float weight: compute in float.
             return self._float_forward(x, *self._float_operands(x))
@@ -274,23 +277,27 @@ class QuantLayer(nn.Module):
         plan = self.plan(x)
         return plan.run(x, None if plan.scales is None else plan.scales[self._group()])
 
-    def takes_gelu_input(self, pre: torch.Tensor) -> bool:
-        """Whether a GELU before this layer may hand over its input instead of its output
-        (octet/deferred.py): only once this signature's plan exists and offers it, so the first call
-        at a shape, weight-only, CPU and per-call weight patches run as before."""
+    def takes_deferred(self, sample: torch.Tensor, entry: str) -> bool:
+        """Whether a module before this layer may hand over its input instead of its output
+        (octet/deferred.py; ``sample`` has the rows this layer will see, ``entry`` names the plan method
+        that would take it): only once this signature's plan exists and offers it, so the first call at
+        a shape, weight-only, CPU and per-call weight patches run as before."""
         if self.act == "none" or self.weight_function or self.bias_function:
             return False
-        entry = self._plans.get(self._signature(pre))
+        entry_plan = self._plans.get(self._signature(sample))
         w = self._parameters["weight"]
-        return (entry is not None and entry.weight is w and entry.version == _version(w) and w.device == pre.device
-                and hasattr(entry.run, "gelu_input"))
+        return (entry_plan is not None and entry_plan.weight is w and entry_plan.version == _version(w)
+                and w.device == sample.device and hasattr(entry_plan.run, entry))
 
-    def _forward_gelu_input(self, x: PendingGelu) -> torch.Tensor:
-        pre = x.pre
-        if not self.takes_gelu_input(pre) or kernels.ops.compiling():
-            return self.forward(x.materialize())
-        plan = self.plan(pre)
-        return plan.run.gelu_input(x.head, pre, None if plan.scales is None else plan.scales[self._group()])
+    def _forward_pending(self, x: Pending) -> torch.Tensor:
+        if x.computed is None and not kernels.ops.compiling():
+            sample = x.source
+            if self.takes_deferred(sample, x.ENTRY):
+                plan = self.plan(sample)
+                y = x.feed(plan.run, None if plan.scales is None else plan.scales[self._group()])
+                if y is not None:
+                    return y
+        return self.forward(x.materialize())
 
     def extra_repr(self) -> str:
         groups = 0 if self.input_scale is None else self.input_scale.numel()

@@ -30,49 +30,64 @@ from . import triton_support
 NAME = "triton"
 _DTYPES = ("float16", "bfloat16", "float32")
 
-# The dispatcher's cost model, fitted to bench/kernels.py on an H100 80GB HBM3 (torch 2.11,
-# Triton 3.6, 2026-11-26; docs/BENCHMARKS.md): a layer costs max(CPU launch cost, GPU time), where
-# GPU time = bytes of the extra passes / bandwidth + 2*M*N*K / achieved rate. Eager launch cost
-# dominates small layers (Python + Triton launch ~80 us for quantize + GEMM, against ~25 us for
-# the float path's dequantize + cuBLAS); the float path pays ~23 bytes per weight element to
-# dequantize (int8 -> fp32, scale, cast: three torch passes), the W8A8 path ~6 bytes per activation
-# element to quantize (our row kernel runs at about half of bandwidth).
+# The dispatcher's cost model: a layer call costs max(host time, GPU time) in an eager step (whichever
+# the step waits for), GPU time alone in a replayed CUDA graph (Request.eager False).
+#
+# Host time per call, measured on an H200 with direct launches (bench/overhead.py, 2026-12-02,
+# docs/BENCHMARKS.md): a Triton W8A8 linear (quantize + GEMM: two launches, three allocations)
+# 76-126 us, a float-path linear 25-38 us (bf16 nn.Linear 16-29 us in the same runs), weight-only at
+# small M 40-54 us. Before direct launches W8A8 cost 140-250 us; the old constant (80 us, fitted on an
+# H100 before either change) let eager SD3.5 put layers on INT8 that then made the step host-bound.
+_HOST_S = {"float": 30e-6, "w8a8": 100e-6, "w8a16": 45e-6, "float_conv": 35e-6, "w8a8_conv": 150e-6}
+# GPU time = bytes of the extra passes / bandwidth + max(reading the weight / bandwidth, 2*M*N*K / achieved
+# rate), fitted to bench/kernels.py on an H100 80GB HBM3 (torch 2.11, Triton 3.6, 2026-11-26): the float
+# path pays ~23 bytes per weight element when it dequantizes per call (int8 -> fp32, scale, cast: three
+# torch passes; the speed goal keeps a float copy instead and pays nothing), the W8A8 path ~6 bytes per
+# activation element to quantize (our row kernel runs at about half of bandwidth). The weight read
+# decides at small M: 2 bytes per element in bf16, 1 in int8.
 _BANDWIDTH = 3.0e12
-_COSTS = {
-    # path:        (launch s, bytes per weight elem, bytes per activation elem, MAC/s * 2)
-    "float":       (25e-6, 23.0, 0.0, 700e12),
-    "w8a8":        (80e-6, 0.0, 6.0, 1100e12),
-    "w8a16":       (40e-6, 1.0, 0.0, 400e12),
-    "float_conv":  (30e-6, 23.0, 0.0, 350e12),   # cuDNN bf16 NCHW at SDXL shapes
-    "w8a8_conv":   (140e-6, 0.0, 6.0, 700e12),   # quantize (2 kernels) + weight reorder + conv
+_GPU = {
+    # path:        (extra bytes per weight elem, per activation elem, weight bytes read, MAC/s * 2)
+    "float":       (23.0, 0.0, 2.0, 700e12),
+    "w8a8":        (0.0, 6.0, 1.0, 1100e12),
+    "w8a16":       (1.0, 0.0, 1.0, 400e12),
+    "float_conv":  (23.0, 0.0, 2.0, 350e12),   # cuDNN bf16 NCHW at SDXL shapes
+    "w8a8_conv":   (0.0, 6.0, 1.0, 700e12),    # quantize (2 kernels) + weight reorder + conv
 }
 # Weight-only through the fused kernel pays only while the GEMM is bound by reading the weight.
 W8A16_SMALL_M = 16
 
 
-def estimated_seconds(path: str, m: int, n: int, k: int, pixels_x_channels: int | None = None) -> float:
-    """Estimated time of one call on the GPU the constants were fitted on (see _COSTS)."""
-    launch, w_bytes, a_bytes, rate = _COSTS[path]
+def estimated_seconds(path: str, m: int, n: int, k: int, pixels_x_channels: int | None = None, *,
+                      eager: bool = True, kept: bool = False) -> float:
+    """Estimated time of one call (see _HOST_S, _GPU): ``kept`` is a float path with a kept float weight
+    (no per-call dequantization), ``eager`` False a call replayed from a CUDA graph."""
+    w_bytes, a_bytes, read, rate = _GPU[path]
+    if kept:
+        w_bytes = 0.0
     act_elems = pixels_x_channels if pixels_x_channels is not None else m * k
-    gpu = (w_bytes * n * k + a_bytes * act_elems) / _BANDWIDTH + 2.0 * m * n * k / rate
-    return max(launch, gpu)
+    gpu = (w_bytes * n * k + a_bytes * act_elems) / _BANDWIDTH + max(read * n * k / _BANDWIDTH, 2.0 * m * n * k / rate)
+    return max(_HOST_S[path], gpu) if eager else gpu
 
 
 def int8_pays(req: registry.Request) -> bool:
     """Whether the Triton INT8 path is estimated faster than the float path for this request.
     Also useful to a quantization policy: where it is False, INT8 buys memory, not speed."""
     m, n, k = max(req.m, 1), max(req.n, 1), max(req.k, 1)
+    kept, eager = req.goal == "speed", req.eager
     if req.op == "conv2d":
         if req.act == "none":
             return False
         # k = C*KH*KW; the activation pass touches M*C elements, about M*k/9 for 3x3 convs.
-        return estimated_seconds("w8a8_conv", m, n, k, m * max(k // 9, 1)) < estimated_seconds("float_conv", m, n, k)
+        return (estimated_seconds("w8a8_conv", m, n, k, m * max(k // 9, 1), eager=eager)
+                < estimated_seconds("float_conv", m, n, k, eager=eager, kept=kept))
     if req.act == "none":
         # Measured on an H200 (docs/BENCHMARKS.md, fused kernels): >= 0.9x bf16 at M <= 16 (fused kernel)
         # and where one-pass dequantize + cuBLAS wins (prefers_dequant_cublas); between, weight-only
         # loses either way (0.26-0.81x), so AUTO leaves those shapes to the float path (goal decides).
         return m <= W8A16_SMALL_M or (m >= 1024 or (m >= 128 and n <= 4096))
-    return estimated_seconds("w8a8", m, n, k) < estimated_seconds("float", m, n, k)
+    return (estimated_seconds("w8a8", m, n, k, eager=eager)
+            < estimated_seconds("float", m, n, k, eager=eager, kept=kept))
 
 
 def _device_reason(req: registry.Request) -> Optional[str]:
@@ -98,7 +113,7 @@ def declines(req: registry.Request) -> Optional[str]:
         work = max(req.m * req.n * req.k, 1).bit_length() - 1
         mode = "weight-only" if req.act == "none" else "INT8"
         return (f"{mode} {req.op} estimated slower than the float path at M*N*K ~2^{work} "
-                f"(cost model measured on H100, see docs/BENCHMARKS.md)")
+                f"{'in an eager step' if req.eager else 'in a CUDA graph'} (cost model: docs/BENCHMARKS.md)")
     return None
 
 
@@ -152,9 +167,9 @@ class _W8A8Linear:
     """One W8A8 linear plan: prepared once (the quantizer's launch config, the GEMM's scale vectors
     and weight descriptor, both kernels' direct launchers: triton_launch), called per step.
 
-    ``gelu_input`` is the deferred-GELU entry (octet/deferred.py): the layer's input is
-    cat(head, gelu_tanh(pre)) or gelu_tanh(pre), and one quantization kernel applies the GELU (and the
-    cat) while it quantizes, instead of three float passes before this layer."""
+    ``gelu_input`` and ``norm_input`` are the deferred entries (octet/deferred.py): the layer's input is
+    cat(head, gelu_tanh(pre)) or gelu_tanh(pre), or shift + layer_norm(x) * mult, and one quantization
+    kernel computes it while it quantizes, instead of float passes before this layer."""
 
     def __init__(self, triton_quant, triton_gemm, w):
         self.k, self.n, self.smooth = w.k, w.n, w.smooth
@@ -162,6 +177,8 @@ class _W8A8Linear:
         self.gemm = triton_gemm.W8A8Gemm(w.qweight, w.scale, w.bias)
         self._gelu_quantizers: dict = {}      # head width -> GeluRowQuantizer (one per call site)
         self._make_gelu = triton_quant.GeluRowQuantizer
+        self._norm = None                     # NormRowQuantizer, made at the first deferred norm
+        self._make_norm = triton_quant.NormRowQuantizer
 
     def __call__(self, x, static):
         xq, xs = self.quantize(x.reshape(-1, self.k).contiguous(), static)
@@ -174,6 +191,15 @@ class _W8A8Linear:
             quantize = self._gelu_quantizers[k1] = self._make_gelu(k1, self.k - k1, self.smooth)
         xq, xs = quantize(head, pre, static)
         return self.gemm(xq, xs, pre.dtype).reshape(*pre.shape[:-1], self.n)
+
+    def takes_norm(self, x, mult, shift) -> bool:
+        return x.shape[-1] == self.k and self._make_norm.takes(x, mult, shift)
+
+    def norm_input(self, x, eps, mult, shift, static):
+        if self._norm is None:
+            self._norm = self._make_norm(self.k, self.smooth)
+        xq, xs = self._norm(x, eps, mult, shift, static)
+        return self.gemm(xq, xs, x.dtype).reshape(*x.shape[:-1], self.n)
 
 
 def _prepare_conv(req: registry.Request, w):

@@ -358,3 +358,116 @@ def quantize_rows_cat_gelu(attn: torch.Tensor | None, mlp: torch.Tensor, smooth:
         raise ValueError(f"attn [M, K1] and mlp [M, K2] must share M, got "
                          f"{None if attn is None else tuple(attn.shape)} and {tuple(mlp.shape)}")
     return GeluRowQuantizer(0 if attn is None else attn.shape[1], mlp.shape[1], smooth)(attn, mlp, static_scale)
+
+
+# ---- A LayerNorm (no affine) and its modulation applied inside the quantization of the next layer ---
+# Flux's and SD3's blocks feed their attention qkv and MLP fc1 with addcmul(shift, layer_norm(x), 1 + scale):
+# a LayerNorm pass and a modulation pass, each reading and writing the activation in float, before the
+# quantization pass reads it again. This kernel normalises the row in fp32, modulates it with the row's
+# batch entry of mult/shift, and writes the int8 row and its scale (octet/deferred.py routes it here).
+
+@triton.jit
+def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, L,
+                               stride_xm, stride_mb, stride_sb, eps,
+                               HAS_MULT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                               STATIC: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    batch = row // L
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    v = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(v, axis=0) / K
+    d = tl.where(mask, v - mean, 0.0)
+    var = tl.sum(d * d, axis=0) / K
+    y = d * (1.0 / tl.sqrt_rn(var + eps))
+    if HAS_MULT:
+        y = y * tl.load(mult_ptr + batch * stride_mb + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        y = y + tl.load(shift_ptr + batch * stride_sb + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        y = tl.div_rn(y, tl.load(smooth_ptr + offs, mask=mask, other=1.0).to(tl.float32))
+    y = tl.where(mask, y, 0.0)
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        scale = scale_from_absmax(tl.max(tl.abs(y), axis=0), SCALE_BY_RECIPROCAL)
+        tl.store(scale_ptr + row, scale)
+    tl.store(q_ptr + row * K + offs, round_to_int8(tl.div_rn(y, scale)), mask=mask)
+
+
+# One tile per row: the whole row in registers (mean and variance need it twice). Wider rows are left to
+# the float path (NormRowQuantizer.takes).
+NORM_MAX_K = 8192
+
+
+def _batch_rows(t: torch.Tensor | None, x: torch.Tensor, k: int) -> tuple[torch.Tensor | None, int] | None:
+    """mult/shift as (tensor with unit column stride, stride between batch entries), if it broadcasts
+    over x [B, L, K] the way modulation does: one row per batch entry ([B, 1, K]) or one for all."""
+    if t is None:
+        return None, 0
+    if t.shape[-1] != k or t.dim() > x.dim() or t.stride(-1) != 1 or t.dtype != x.dtype:
+        return None
+    lead = t.shape[:-1]
+    if x.dim() == 3 and t.dim() == 3:
+        if lead[1] != 1 or lead[0] not in (1, x.shape[0]):
+            return None
+        return t, (t.stride(0) if lead[0] > 1 else 0)
+    if all(s == 1 for s in lead):
+        return t, 0
+    return None
+
+
+class NormRowQuantizer:
+    """INT8 of addcmul(shift, layer_norm(x), mult) (or with mult / shift absent) per token or static, for rows
+    of K: prepared once per layer (launch config, direct launcher). Reference: torch_ref.norm_quantize_rows
+    (fp32 throughout; ComfyUI rounds the LayerNorm and the modulation to the activation dtype)."""
+
+    def __init__(self, k: int, smooth: torch.Tensor | None = None):
+        if smooth is not None and smooth.numel() != k:
+            raise ValueError(f"smooth has {smooth.numel()} entries, activations have K={k}")
+        self.k = k
+        self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
+        block_k = triton.next_power_of_2(k)
+        self.num_warps = 4 if block_k <= 1024 else 8 if block_k <= 4096 else 16
+        self.block_k = block_k
+        self.launcher = triton_launch.Launcher(_quantize_norm_rows_kernel, "quantize_norm_rows")
+
+    @staticmethod
+    def takes(x: torch.Tensor, mult: torch.Tensor | None, shift: torch.Tensor | None) -> bool:
+        """Whether this kernel can apply that normalisation + modulation (else the caller computes it in float)."""
+        k = x.shape[-1]
+        return (0 < k <= NORM_MAX_K and x.dim() in (2, 3) and x.stride(-1) == 1
+                and _batch_rows(mult, x, k) is not None and _batch_rows(shift, x, k) is not None)
+
+    def __call__(self, x: torch.Tensor, eps: float, mult: torch.Tensor | None, shift: torch.Tensor | None,
+                 static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-1] != self.k or not self.takes(x, mult, shift):
+            raise ValueError(f"this quantizer normalises rows of K={self.k} modulated per batch entry, got x "
+                             f"{tuple(x.shape)}, mult {None if mult is None else tuple(mult.shape)}, shift "
+                             f"{None if shift is None else tuple(shift.shape)}")
+        rows = _rows(x, "the normalised input")
+        m = rows.shape[0]
+        tokens = x.shape[1] if x.dim() == 3 else m
+        mult, smb = _batch_rows(mult, x, self.k)
+        shift, ssb = _batch_rows(shift, x, self.k)
+        device = x.device
+        q = torch.empty((m, self.k), dtype=torch.int8, device=device)
+        static = static_scale is not None
+        if static:
+            scales = static_scale.reshape(1).to(device=device, dtype=torch.float32)
+        else:
+            scales = torch.empty((m,), dtype=torch.float32, device=device)
+        if m == 0:
+            return q, scales
+        sx = rows.stride(0)
+        smooth_arg = self.smooth if self.smooth is not None else scales
+        cuda = x.is_cuda
+        key = (static, cuda, x.dtype, mult is not None, shift is not None) + triton_launch.facts(
+            rows, q, scales, sx, tokens, smb, ssb, *(t for t in (mult, shift) if t is not None))
+        flags = dict(HAS_MULT=mult is not None, HAS_SHIFT=shift is not None, HAS_SMOOTH=self.smooth is not None,
+                     STATIC=static, SCALE_BY_RECIPROCAL=cuda, BLOCK_K=self.block_k, num_warps=self.num_warps)
+        self.launcher(key, lambda meta: (m,),
+                      lambda meta: (rows, mult if mult is not None else rows, shift if shift is not None else rows,
+                                    smooth_arg, scales, q, scales, self.k, tokens, sx, smb, ssb, float(eps)),
+                      flags)
+        return q, scales

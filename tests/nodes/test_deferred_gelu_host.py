@@ -7,7 +7,7 @@ import torch
 from comfyui_octet.fixtures import reference_model as rm
 from comfyui_octet.kernels.backends import triton_support
 from comfyui_octet.nodes import bridge
-from comfyui_octet.octet import DynamicW8A8Config, modules
+from comfyui_octet.octet import DynamicW8A8Config, deferred, modules
 
 pytestmark = pytest.mark.skipif(triton_support.unavailable_reason() is not None or not triton_support.interpreting(),
                                 reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
@@ -30,27 +30,33 @@ def test_flux_blocks_hand_their_gelu_to_the_int8_layers(monkeypatch):
                       + [f"{n}.mlp_act" for n, m in dm.named_modules() if hasattr(m, "linear2")])
     gelus = result.gelus
     assert len(expected) >= 3 and gelus == expected
-    assert all(f"diffusion_model.{n}.forward" in q.object_patches for n in gelus)
+    norms = sorted([f"{n}.{a}" for n, m in dm.named_modules() if n.startswith("double_blocks.") and n.count(".") == 1
+                    for a in ("img_norm1", "img_norm2", "txt_norm1", "txt_norm2")]
+                   + [f"{n}.pre_norm" for n, m in dm.named_modules() if hasattr(m, "linear2")])
+    assert result.norms == norms
+    assert all(f"diffusion_model.{n}.forward" in q.object_patches for n in gelus + norms)
 
     # At every deferred call, the fused result against the same layer on the materialized input
     # (nn.GELU's and torch.cat's own numbers). Dynamic INT8 is discontinuous, so whole samples are not
     # compared: a last-bit GELU difference that moves one code changes the next layers' rounding, a
     # different draw of the same quantization noise (measured: as far from layered as float is).
     seen = []
-    real = modules.QuantLayer._forward_gelu_input
+    real = modules.QuantLayer._forward_pending
 
     def checked(self, x):
         fused = real(self, x)
         layered = self.forward(x.materialize())
-        seen.append((x.head is not None, (fused - layered).abs().max().item(), layered.abs().max().item()))
+        kind = "norm" if isinstance(x, deferred.PendingNorm) else "cat" if x.head is not None else "gelu"
+        seen.append((kind, (fused - layered).abs().max().item(), layered.abs().max().item()))
         return fused
-    monkeypatch.setattr(modules.QuantLayer, "_forward_gelu_input", checked)
+    monkeypatch.setattr(modules.QuantLayer, "_forward_pending", checked)
     _sample(q)
     singles = sum(n.endswith("mlp_act") for n in gelus)
     # Every step after the first (plans exist) defers every site: the single blocks with the attn head.
-    heads = [h for h, _, _ in seen]
-    assert heads.count(True) == singles * (STEPS - 1) and heads.count(False) == (len(gelus) - singles) * (STEPS - 1)
+    kinds = [k for k, _, _ in seen]
+    assert kinds.count("cat") == singles * (STEPS - 1) and kinds.count("gelu") == (len(gelus) - singles) * (STEPS - 1)
+    assert kinds.count("norm") == len(norms) * (STEPS - 1)
     diffs = sorted(d / m for _, d, m in seen)
-    # fp32 on CPU: the kernel's fp32 tanh and torch's differ in the last bit; where that moves an int8 code
-    # by one at a tie, the output moves by about one quantization step (< 1% of its range).
+    # fp32 on CPU: the kernels' fp32 tanh / rsqrt and torch's differ in the last bit; where that moves an
+    # int8 code by one at a tie, the output moves by about one quantization step (< 1% of its range).
     assert diffs[len(diffs) // 2] < 1e-5 and diffs[-1] < 1e-2, diffs

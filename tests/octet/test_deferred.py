@@ -18,18 +18,22 @@ needs_triton = pytest.mark.skipif(triton_support.unavailable_reason() is not Non
 
 
 class SingleBlock(nn.Module):
-    """The data flow of Flux's SingleStreamBlock (both hosts): linear1 -> split -> attention-ish ‖
-    GELU -> linear2(cat((attn, gelu(mlp)), 2))."""
+    """The data flow of Flux's SingleStreamBlock (both hosts): addcmul(shift, layer_norm(x), 1 + scale) ->
+    linear1 -> split -> attention-ish ‖ GELU -> linear2(cat((attn, gelu(mlp)), 2))."""
 
     def __init__(self, d=24, h=72):
         super().__init__()
         self.d, self.h = d, h
+        self.modulation = nn.Linear(d, 2 * d)
+        self.pre_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.linear1 = nn.Linear(d, 3 * d + h)
         self.mlp_act = nn.GELU(approximate="tanh")
         self.linear2 = nn.Linear(d + h, d)
 
     def forward(self, x):
-        qkv, mlp = torch.split(self.linear1(x), [3 * self.d, self.h], dim=-1)
+        shift, scale = self.modulation(x.mean(1, keepdim=True)).chunk(2, dim=-1)
+        qkv, mlp = torch.split(self.linear1(torch.addcmul(shift, self.pre_norm(x), 1 + scale)),
+                               [3 * self.d, self.h], dim=-1)
         q, k, v = qkv.chunk(3, dim=-1)
         attn = torch.softmax(q @ k.transpose(1, 2) / self.d ** 0.5, dim=-1) @ v
         mlp = self.mlp_act(mlp)
@@ -64,8 +68,26 @@ def test_pending_gelu_is_the_gelu_for_anything_but_its_consumer(rng, caplog):
         assert torch.equal(torch.cat((p, head), 2), torch.cat((gelu, head), 2))      # pending first: not Flux's
         assert torch.equal(nn.functional.linear(joined, torch.ones(3, 16)),
                            nn.functional.linear(torch.cat((head, gelu), 2), torch.ones(3, 16)))
-    assert sum("deferred GELU was computed in float for mul" in r.getMessage() for r in caplog.records) == 1
+    assert sum("deferred input was computed in float for mul" in r.getMessage() for r in caplog.records) == 1
     assert type(p * 2) is torch.Tensor
+
+
+def test_in_place_writes_to_a_pending_gelu_are_kept(rng):
+    """A host that modulates the GELU output in place (``t[:, a:b] *= m``, as Flux's apply_mod does with
+    modulation_dims) writes into the one materialized tensor, and the consumer then receives that."""
+    pre = torch.randn(2, 6, 16, generator=rng)
+    mult = torch.randn(2, 1, 16, generator=rng)
+    expected = torch.nn.functional.gelu(pre, approximate="tanh")
+    expected[:, 1:4] *= mult
+    p = PendingGelu(None, pre)
+    p[:, 1:4] *= mult
+    assert type(p) is PendingGelu and p.computed is not None
+    assert type(torch.cat((torch.zeros(2, 6, 3), p), 2)) is torch.Tensor   # no longer fused: it holds data
+    layer = octet.modules.QuantLinear.from_float(nn.Linear(16, 8), "dynamic")
+    with torch.no_grad():
+        assert torch.equal(layer(p), layer(expected))      # the consumer gets the written tensor
+        p += 1                         # an in-place operator hands back the computed tensor itself
+        assert type(p) is torch.Tensor and torch.equal(p, expected + 1)
 
 
 def test_sites_are_gelu_tanh_before_an_int8_activation_linear(rng):
@@ -73,7 +95,8 @@ def test_sites_are_gelu_tanh_before_an_int8_activation_linear(rng):
     net = Net()
     result = octet.quantize_(net, octet.DynamicW8A8Config(), inplace=False)
     assert result.gelus == ["img_mlp.1", "single.mlp_act"] and result.chains == []
-    assert "2 GELUs applied inside the next INT8 layer's quantization" in result.summary()
+    assert result.norms == ["single.pre_norm"]
+    assert "2 GELUs and 1 LayerNorms applied inside the next INT8 layer's quantization" in result.summary()
     weight_only = octet.quantize_(Net(), octet.WeightOnlyConfig(), inplace=False)
     assert not weight_only.forwards      # weight-only layers quantize nothing: nothing to apply a GELU in
 
@@ -90,18 +113,21 @@ def test_int8_consumer_applies_the_gelu_and_cat_with_the_same_numbers(rng, monke
     from comfyui_octet.kernels.backends import triton_backend
     net = _quantized(rng, "triton")
     calls = []
-    real = triton_backend._W8A8Linear.gelu_input
+    real, real_norm = triton_backend._W8A8Linear.gelu_input, triton_backend._W8A8Linear.norm_input
     monkeypatch.setattr(triton_backend._W8A8Linear, "gelu_input",
                         lambda self, *a: calls.append(a[0] is not None) or real(self, *a))
+    monkeypatch.setattr(triton_backend._W8A8Linear, "norm_input",
+                        lambda self, *a: calls.append("norm" if a[2] is not None else "bare") or real_norm(self, *a))
     x = torch.randn(2, 7, 24, generator=rng)
     with torch.no_grad():
         first = net(x)                   # first call at this shape: plans made, GELUs run as before
         assert calls == []
         fused = net(x)
-        assert sorted(calls) == [False, True]        # the MLP's fc2 (no head) and the block's linear2 (attn head)
-        monkeypatch.setenv("OCTET_DEFERRED_GELU", "0")
+        # the MLP's fc2 (no head), the block's linear2 (attn head), its linear1 (norm + modulation)
+        assert sorted(calls, key=str) == [False, True, "norm"]
+        monkeypatch.setenv("OCTET_DEFERRED", "0")
         layered = net(x)
-    assert len(calls) == 2 and torch.equal(first, layered)
+    assert len(calls) == 3 and torch.equal(first, layered)
     # fp32 activations: the kernel's GELU and torch's differ in the last bit at most, which can move one
     # int8 code by one step; the output stays within a few quantization steps of the layered run.
     err = (fused - layered).abs().max().item()
@@ -129,6 +155,21 @@ def test_consumer_that_cannot_take_it_gets_the_real_tensor(rng):
     assert torch.isfinite(expected).all()
 
 
+def test_pending_norm_keeps_the_modulation_and_nothing_else(rng):
+    x = torch.randn(2, 5, 8, generator=rng)
+    shift, scale = torch.randn(2, 1, 8, generator=rng), torch.randn(2, 1, 8, generator=rng)
+    normed = torch.nn.functional.layer_norm(x, (8,), None, None, 1e-6)
+    p = deferred.PendingNorm(x, 1e-6)
+    mod = torch.addcmul(shift, p, 1 + scale)
+    assert type(mod) is deferred.PendingNorm and mod.mult is not None and mod.x is x
+    assert torch.equal(mod.materialize(), torch.addcmul(shift, normed, 1 + scale))
+    assert torch.equal(p.materialize(), normed)
+    # A modulation that does not broadcast per batch entry (or any other op) is computed in float.
+    wide = torch.randn(2, 5, 8, generator=rng)
+    other = torch.addcmul(wide, deferred.PendingNorm(x, 1e-6), 1 + scale)
+    assert type(other) is torch.Tensor and torch.equal(other, torch.addcmul(wide, normed, 1 + scale))
+
+
 def test_loaded_checkpoint_defers_too(rng, tmp_path):
     net = _quantized(rng, "auto")
     path = str(tmp_path / "net.safetensors")
@@ -137,4 +178,5 @@ def test_loaded_checkpoint_defers_too(rng, tmp_path):
     checkpoint.install(fresh, checkpoint.read(path))
     assert isinstance(vars(fresh.single.mlp_act).get("forward"), deferred.DeferredGeluForward)
     assert isinstance(vars(fresh.img_mlp[1]).get("forward"), deferred.DeferredGeluForward)
+    assert isinstance(vars(fresh.single.pre_norm).get("forward"), deferred.DeferredNormForward)
     assert "forward" not in vars(fresh.erf_mlp[1])

@@ -94,3 +94,31 @@ def test_plans_of_one_device_share_one_kept_copy(rng):
         model(torch.randn(m, 32, generator=rng))
     assert len(layer._plans) == 3
     assert plan_summary(model)["extra_bytes"] == 16 * 32 * 4
+
+
+def test_graph_replays_plan_apart_from_eager_calls(rng, monkeypatch):
+    """Plans made while a CUDA graph is captured (its warm-up included) see Request.eager False and are
+    kept apart from the layer's eager plans: host cost exists only for eager calls."""
+    from comfyui_octet.kernels import dispatch
+    from comfyui_octet.octet import cuda_graph
+    layer, _ = _layer(rng)
+    x = torch.randn(5, 32, generator=rng)
+    seen = []
+    real = dispatch.registry.select
+    monkeypatch.setattr(dispatch.registry, "select", lambda req, *a: seen.append(req.eager) or real(req, *a))
+    eager = layer.plan(x)
+
+    class Backend(cuda_graph.GraphBackend):
+        def warmup(self, fn, device, runs):
+            fn()
+
+        def capture(self, fn, device):
+            return None, fn()
+
+        def memory(self, device):
+            return 0
+
+    with torch.no_grad():
+        cuda_graph.capture(lambda leaves: layer(leaves[0]), [x], cuda_graph.flatten([x])[1], x.device, Backend())
+    assert seen == [True, False] and len(layer._plans) == 2
+    assert layer.plan(x) is eager and not dispatch.planning_for_graph()

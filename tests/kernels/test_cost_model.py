@@ -1,0 +1,47 @@
+"""The Triton backend's cost model (kernels/backends/triton_backend.py): which layers AUTO puts on INT8
+in an eager step (host cost counts) and in a replayed CUDA graph (GPU time alone), at real model shapes.
+Pure arithmetic: no GPU needed."""
+import pytest
+
+from comfyui_octet.kernels import registry
+from comfyui_octet.kernels.backends import triton_backend
+
+
+def _req(m, n, k, eager=True, goal="speed", act="dynamic"):
+    return registry.Request(op="linear", act=act, device="cuda", dtype="bfloat16", m=m, n=n, k=k, goal=goal,
+                            eager=eager)
+
+
+@pytest.mark.parametrize("name,m,n,k,eager_int8,graph_int8", [
+    ("flux qkv 3072->9216, 4608 tokens", 4608, 9216, 3072, True, True),
+    ("flux single linear2 15360->3072", 4608, 3072, 15360, True, True),
+    # One row reads the weight and does little else: in a graph the int8 weight's half the bytes wins;
+    # eager, the host cost of two launches does not pay for 10 us.
+    ("flux modulation, one row", 1, 18432, 3072, False, True),
+    # SD3.5-medium at 1024² (4096 + 333 tokens): GPU time favours INT8, but an eager step waits for the
+    # host, and an INT8 layer costs ~100 us of it (bench/overhead.py): float in eager, INT8 in a graph.
+    ("sd3.5 qkv 1536->4608", 4429, 4608, 1536, False, True),
+    # N = K = 1536: the activation's quantization pass costs what the INT8 GEMM saves, even in a graph.
+    ("sd3.5 proj 1536->1536", 4429, 1536, 1536, False, False),
+    ("sdxl attn 640->640, 4096 tokens", 4096, 640, 640, False, False),
+])
+def test_int8_where_it_saves_time_in_that_mode(name, m, n, k, eager_int8, graph_int8):
+    assert triton_backend.int8_pays(_req(m, n, k)) is eager_int8, name
+    assert triton_backend.int8_pays(_req(m, n, k, eager=False)) is graph_int8, name
+
+
+def test_speed_goal_float_path_pays_no_dequantization():
+    # The speed goal keeps a float weight, the memory goal dequantizes it per call: the latter's float
+    # path is dearer, so INT8 wins more often under the memory goal.
+    m, n, k = 4096, 1536, 1536
+    kept = triton_backend.estimated_seconds("float", m, n, k, eager=False, kept=True)
+    per_call = triton_backend.estimated_seconds("float", m, n, k, eager=False)
+    assert per_call == pytest.approx(kept + 23.0 * n * k / triton_backend._BANDWIDTH)
+    assert triton_backend.estimated_seconds("float", 16, 64, 64) == triton_backend._HOST_S["float"]
+    assert triton_backend.estimated_seconds("float", 16, 64, 64, eager=False) < 1e-7
+
+
+def test_decline_reason_names_the_mode():
+    eager = triton_backend.declines(_req(4429, 4608, 1536))
+    assert eager is not None and "eager step" in eager
+    assert triton_backend.declines(_req(4429, 4608, 1536, eager=False)) is None
