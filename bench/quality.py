@@ -92,6 +92,19 @@ def _dynamic(ctx):
     return bridge.quantize_model(ctx.fp, DynamicW8A8Config())[0]
 
 
+@method("dynamic W8A8 per-token on the Triton kernels (GPU path; on CPU under TRITON_INTERPRET=1)")
+def _dynamic_triton(ctx):
+    # The GPU's code path, where GELUs and LayerNorms are computed inside the next layer's quantization
+    # (octet/deferred.py); OCTET_DEFERRED=0 in the environment runs the same kernels without that.
+    from comfyui_octet.kernels.backends import triton_support
+    if not triton_support.interpreting() and not torch.cuda.is_available():
+        ctx.note = "needs a GPU or TRITON_INTERPRET=1"
+        return None
+    mode = "off" if os.environ.get("OCTET_DEFERRED", "1") == "0" else "on"
+    ctx.note = f"deferred GELU/LayerNorm {mode}"
+    return bridge.quantize_model(ctx.fp, DynamicW8A8Config(backend="triton"))[0]
+
+
 @method("naive static W8A8 per-tensor (minmax, 1 group)")
 def _naive_static(ctx):
     cal = ctx.calibration(1)
