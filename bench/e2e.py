@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -300,7 +301,8 @@ def run_variant(name, variant, device, args) -> list[dict]:
     if variant.startswith("octet_"):
         result, row["quantize_s"] = quantize(model, variant, x, sigma, kw)
         row["layers_quantized"] = len(result.quantized)
-        row["mlp_chains"] = len(result.forwards) if not variant.endswith("_layers") else 0
+        row["mlp_chains"] = len(result.chains) if not variant.endswith("_layers") else 0
+        row["deferred_inputs"] = len(result.gelus) + len(result.norms)
     row["weight_bytes"] = weight_bytes(model.diffusion_model)
     rows = []
     if "eager" in modes or "graph" in modes:
@@ -327,6 +329,7 @@ def run_variant(name, variant, device, args) -> list[dict]:
         else:
             rows.append(_compile_row(model, row, x, sigma, kw, device, args))
     del model
+    gc.collect()    # as ComfyUI does when it drops a model: reference cycles would keep GPU memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows

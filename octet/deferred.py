@@ -27,6 +27,7 @@ weight-only, LoRA-under-lowvram or torch.compile call, runs as before).
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -253,11 +254,18 @@ class DeferredForward:
     kind: type = Pending
 
     def __init__(self, module: nn.Module, container: nn.Module, consumers: tuple[str, ...]):
-        self.module, self.container, self.consumers = module, container, tuple(consumers)
+        # Weak: this object is the module's own ``forward`` attribute, and strong references back would be
+        # a cycle that keeps a dropped model's GPU memory until the garbage collector happens to run.
+        self._module, self._container, self.consumers = weakref.ref(module), weakref.ref(container), tuple(consumers)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
 
     def _ready(self, x: torch.Tensor) -> bool:
+        container = self._container()
         for path in self.consumers:
-            takes = getattr(_resolve(self.container, path), "takes_deferred", None)
+            takes = getattr(_resolve(container, path), "takes_deferred", None) if container is not None else None
             if takes is not None and takes(x, self.kind.ENTRY):
                 return True
         return False

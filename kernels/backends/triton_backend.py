@@ -30,8 +30,14 @@ from . import triton_support
 NAME = "triton"
 _DTYPES = ("float16", "bfloat16", "float32")
 
-# The dispatcher's cost model: a layer call costs max(host time, GPU time) in an eager step (whichever
-# the step waits for), GPU time alone in a replayed CUDA graph (Request.eager False).
+# The dispatcher's cost model. A layer call costs GPU time, except where the layer is launch-bound: where
+# even the float path's GPU work is shorter than its host time, the step waits for the host, and in an
+# eager step a layer then costs max(host time, GPU time) (INT8's two launches lose to cuBLAS's one). A
+# replayed CUDA graph has no host time per layer (Request.eager False), so GPU time alone decides there.
+# Why not max(host, GPU) for every eager layer: that assumes the GPU idles while the host issues the next
+# layer, which holds for SDXL/SD3.5 at batch 1 on an H200 but not for Flux or Wan (the GPU queue is
+# deep), nor on slower GPUs; measured 2026-12-02 on the H200, it kept bf16 copies of Flux's 512-token
+# text-stream layers (+4.8 GiB) for no measurable step time (141.3 vs 143.8 ms).
 #
 # Host time per call, measured on an H200 with direct launches (bench/overhead.py, 2026-12-02,
 # docs/BENCHMARKS.md): a Triton W8A8 linear (quantize + GEMM: two launches, three allocations)
@@ -62,25 +68,41 @@ def estimated_seconds(path: str, m: int, n: int, k: int, pixels_x_channels: int 
                       eager: bool = True, kept: bool = False) -> float:
     """Estimated time of one call (see _HOST_S, _GPU): ``kept`` is a float path with a kept float weight
     (no per-call dequantization), ``eager`` False a call replayed from a CUDA graph."""
+    gpu = _gpu_seconds(path, m, n, k, pixels_x_channels, kept)
+    return max(_HOST_S[path], gpu) if eager else gpu
+
+
+def _gpu_seconds(path: str, m: int, n: int, k: int, pixels_x_channels: int | None, kept: bool) -> float:
     w_bytes, a_bytes, read, rate = _GPU[path]
     if kept:
         w_bytes = 0.0
     act_elems = pixels_x_channels if pixels_x_channels is not None else m * k
-    gpu = (w_bytes * n * k + a_bytes * act_elems) / _BANDWIDTH + max(read * n * k / _BANDWIDTH, 2.0 * m * n * k / rate)
-    return max(_HOST_S[path], gpu) if eager else gpu
+    return (w_bytes * n * k + a_bytes * act_elems) / _BANDWIDTH + max(read * n * k / _BANDWIDTH, 2.0 * m * n * k / rate)
+
+
+def _launch_bound(path: str, m: int, n: int, k: int, kept: bool) -> bool:
+    """Whether the float path's GPU work on this layer is shorter than its host time (see the cost model)."""
+    return _gpu_seconds(path, m, n, k, None, kept) < _HOST_S[path]
 
 
 def int8_pays(req: registry.Request) -> bool:
     """Whether the Triton INT8 path is estimated faster than the float path for this request.
     Also useful to a quantization policy: where it is False, INT8 buys memory, not speed."""
     m, n, k = max(req.m, 1), max(req.n, 1), max(req.k, 1)
-    kept, eager = req.goal == "speed", req.eager
+    kept = req.goal == "speed"
+    eager = req.eager and _launch_bound("float_conv" if req.op == "conv2d" else "float", m, n, k, kept)
     if req.op == "conv2d":
         if req.act == "none":
             return False
         # k = C*KH*KW; the activation pass touches M*C elements, about M*k/9 for 3x3 convs.
         return (estimated_seconds("w8a8_conv", m, n, k, m * max(k // 9, 1), eager=eager)
                 < estimated_seconds("float_conv", m, n, k, eager=eager, kept=kept))
+    if req.act != "none" and m <= W8A16_SMALL_M and kept:
+        # A few rows read the weight and do little else: INT8 reads half the bytes, and the speed goal's
+        # alternative is a bf16 copy beside the int8 one (Flux's 76 modulation layers: +8.7 GiB, measured
+        # 2026-12-02). Eager, the float path would save ~70 us of host time per call, which a GPU-bound step
+        # (Flux, Wan) hides; not worth twice the layer's memory.
+        return True
     if req.act == "none":
         # Measured on an H200 (docs/BENCHMARKS.md, fused kernels): >= 0.9x bf16 at M <= 16 (fused kernel)
         # and where one-pass dequantize + cuBLAS wins (prefers_dequant_cublas); between, weight-only

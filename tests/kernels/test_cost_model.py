@@ -15,15 +15,19 @@ def _req(m, n, k, eager=True, goal="speed", act="dynamic"):
 @pytest.mark.parametrize("name,m,n,k,eager_int8,graph_int8", [
     ("flux qkv 3072->9216, 4608 tokens", 4608, 9216, 3072, True, True),
     ("flux single linear2 15360->3072", 4608, 3072, 15360, True, True),
-    # One row reads the weight and does little else: in a graph the int8 weight's half the bytes wins;
-    # eager, the host cost of two launches does not pay for 10 us.
-    ("flux modulation, one row", 1, 18432, 3072, False, True),
-    # SD3.5-medium at 1024² (4096 + 333 tokens): GPU time favours INT8, but an eager step waits for the
-    # host, and an INT8 layer costs ~100 us of it (bench/overhead.py): float in eager, INT8 in a graph.
-    ("sd3.5 qkv 1536->4608", 4429, 4608, 1536, False, True),
+    # One row reads the weight and does little else: INT8 reads half the bytes, and the speed goal would
+    # otherwise keep a bf16 copy of the biggest layers (Flux's modulations): INT8 in both modes.
+    ("flux modulation, one row", 1, 18432, 3072, True, True),
+    ("flux text-stream qkv, 512 tokens", 512, 9216, 3072, True, True),
+    # SD3.5-medium at 1024² (4096 + 333 tokens): the layer's own GPU work is longer than a launch, so GPU
+    # time decides in both modes.
+    ("sd3.5 qkv 1536->4608", 4429, 4608, 1536, True, True),
     # N = K = 1536: the activation's quantization pass costs what the INT8 GEMM saves, even in a graph.
     ("sd3.5 proj 1536->1536", 4429, 1536, 1536, False, False),
     ("sdxl attn 640->640, 4096 tokens", 4096, 640, 640, False, False),
+    # Launch-bound (a few us of GPU work): eager, cuBLAS's one launch beats INT8's two; a graph has no
+    # launches, and there INT8's GPU time wins.
+    ("64 rows, 1280->10240", 64, 10240, 1280, False, True),
 ])
 def test_int8_where_it_saves_time_in_that_mode(name, m, n, k, eager_int8, graph_int8):
     assert triton_backend.int8_pays(_req(m, n, k)) is eager_int8, name
@@ -42,6 +46,6 @@ def test_speed_goal_float_path_pays_no_dequantization():
 
 
 def test_decline_reason_names_the_mode():
-    eager = triton_backend.declines(_req(4429, 4608, 1536))
+    eager = triton_backend.declines(_req(64, 10240, 1280))
     assert eager is not None and "eager step" in eager
-    assert triton_backend.declines(_req(4429, 4608, 1536, eager=False)) is None
+    assert triton_backend.declines(_req(64, 10240, 1280, eager=False)) is None

@@ -169,8 +169,15 @@ def test_specialization_facts_and_hook_chains():
 
 
 def _prepared(layer):
-    return [cell.cell_contents for plan in layer._plans.values() for cell in plan.run.__closure__ or ()
-            if hasattr(cell.cell_contents, "launcher") or hasattr(cell.cell_contents, "fused")]
+    """The prepared kernel objects of a layer's plans: a W8A8 plan's quantizer and GEMM (attributes of its
+    run object), a weight-only plan's W8A16Linear (in its run function's closure)."""
+    found = []
+    for plan in layer._plans.values():
+        run = plan.run
+        parts = [getattr(run, name) for name in ("quantize", "gemm") if hasattr(run, name)]
+        parts += [cell.cell_contents for cell in getattr(run, "__closure__", None) or ()]
+        found += [p for p in parts if hasattr(p, "launcher") or hasattr(p, "fused")]
+    return found
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need compiled kernels (CUDA)")

@@ -180,3 +180,19 @@ def test_loaded_checkpoint_defers_too(rng, tmp_path):
     assert isinstance(vars(fresh.img_mlp[1]).get("forward"), deferred.DeferredGeluForward)
     assert isinstance(vars(fresh.single.pre_norm).get("forward"), deferred.DeferredNormForward)
     assert "forward" not in vars(fresh.erf_mlp[1])
+
+
+def test_deferred_forwards_do_not_keep_a_dropped_model_alive(rng):
+    """The forward patched onto a module refers back to it weakly: a quantized model that is dropped goes
+    with its last reference (its GPU memory with it), not whenever the garbage collector next runs."""
+    import gc
+    import weakref
+    net = _quantized(rng, "auto")
+    assert any(isinstance(vars(m).get("forward"), deferred.DeferredForward) for m in net.modules())
+    ref = weakref.ref(net)
+    gc.disable()
+    try:
+        del net
+        assert ref() is None
+    finally:
+        gc.enable()
