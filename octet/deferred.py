@@ -1,14 +1,15 @@
 """Deferred inputs: the next INT8 layer computes a GELU(tanh) (and Flux's cat) or a LayerNorm and its
 modulation while it quantizes, instead of float passes before it.
 
-With dynamic per-token scales an MLP's fc2 input cannot be quantized in fc1's epilogue (the row's
-absmax spans every program's columns; fusion.py does that for static scales). What can go is the
-float traffic between the two: fc1's output is read by the GELU, written again, read by the
-quantization pass. In Flux's 38 single blocks it is worse: linear2's input is
-``torch.cat((attn, gelu(mlp)), 2)``, a GELU pass and a cat pass over 15360-wide rows before the
-quantization pass reads it a third time. About 19 GB of memory traffic per Flux step at 1024².
-Likewise every attention qkv and MLP fc1 of Flux and SD3 reads ``addcmul(shift, layer_norm(x), mult)``:
-a LayerNorm pass and a modulation pass in float, then the quantization pass.
+With dynamic per-token scales a layer's input cannot be quantized in the producing GEMM's epilogue
+(the row's absmax spans every program's columns; fusion.py does that for static scales). What can go
+is the float traffic before the quantization pass. In Flux's 38 single blocks linear2's input is
+``torch.cat((attn, gelu(mlp)), 2)``: a GELU pass and a cat pass over 15360-wide rows before the
+quantization pass reads it a third time. Every attention qkv and MLP fc1 of Flux and SD3 reads
+``addcmul(shift, layer_norm(x), mult)``: a LayerNorm pass and a modulation pass in float, then the
+quantization pass. Measured on an H200 at Flux's 4608 tokens (bench/deferred_kernels.py): 185.5 vs
+304.8 us per single block, 39.2 vs 79.3 us per qkv/fc1 input. (A GELU straight into an MLP's fc2 is
+not deferred: there the fused kernel measured slower than the float GELU plus the plain quantizer.)
 
 So the GELU's (or LayerNorm's) forward (patched like the chain forwards: in place, or as a host object
 patch) returns a ``Pending`` tensor: the output's shape and dtype, no storage, holding its input.
@@ -320,10 +321,9 @@ _NORM_SITES = (
 
 
 def sites(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, tuple[type, str, tuple[str, ...]]]:
-    """{module name: (forward class, container name, consumer paths)} for every GELU(tanh) and plain
-    LayerNorm whose output goes (through Flux's cat or a modulation) into an INT8-activation linear, or
-    will per ``replacements``: MLP containers of the shapes fusion.chain_parts knows, Flux single
-    blocks (``mlp_act`` -> cat -> ``linear2``), and the norms of _NORM_SITES."""
+    """{module name: (forward class, container name, consumer paths)} for Flux single blocks' GELU
+    (``mlp_act`` -> cat -> ``linear2``) and the plain LayerNorms of _NORM_SITES whose (modulated) output
+    goes into an INT8-activation linear, or will per ``replacements``."""
     from . import fusion   # here, not at the top: fusion imports modules, which imports this module
     found = {}
     for name, module in model.named_modules():
@@ -332,10 +332,12 @@ def sites(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, tup
         def consumers(paths):
             return tuple(p for p in paths if _consumes(replacements.get(prefix + p, _resolve(module, p))))
 
-        parts = fusion.chain_parts(module)
-        if parts is not None:
-            gelu = ("1" if isinstance(module, nn.Sequential) else "act", (parts[4],))
-        elif _is_gelu_tanh(getattr(module, "mlp_act", None)) and not getattr(module, "yak_mlp", False):
+        # A GELU feeding an MLP's fc2 directly is not deferred: without a head to join, the fused kernel
+        # (two sweeps over the row, the GELU computed in each) measured slower than the float GELU plus the
+        # plain quantizer (H200, 4608 x 12288: 138.1 vs 122.6 us; docs/bench/deferred_kernels_h200_*).
+        # Flux's single block, where it also replaces the cat: 185.5 vs 304.8 us.
+        if _is_gelu_tanh(getattr(module, "mlp_act", None)) and not getattr(module, "yak_mlp", False) \
+                and fusion.chain_parts(module) is None:
             gelu = ("mlp_act", ("linear2",))
         else:
             gelu = None

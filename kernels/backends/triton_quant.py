@@ -301,6 +301,13 @@ def _rows(t: torch.Tensor, what: str) -> torch.Tensor:
     return t2
 
 
+def gelu_row_launch_config(k: int) -> tuple[int, int]:
+    """(tile width, warps) of the GELU row quantizer for rows of k: two sweeps over tiles of about a
+    quarter of the row, as ``row_launch_config`` measured for plain rows."""
+    block_k = min(2048, max(256, triton.next_power_of_2(k) // 4))
+    return block_k, 4 if block_k <= 1024 else 8
+
+
 class GeluRowQuantizer:
     """Per-token (or static) INT8 of cat(head, gelu_tanh(pre)) along the last dim, or of
     gelu_tanh(pre) alone when there is no head, for rows of K1 + K2 columns: prepared once per layer
@@ -308,14 +315,15 @@ class GeluRowQuantizer:
     torch_ref.cat_gelu_quantize_rows (GELU in fp32; the kernel's fp32 GELU can differ from torch's in
     the last bit, moving a code by one at a rounding tie)."""
 
-    def __init__(self, k1: int, k2: int, smooth: torch.Tensor | None = None):
+    def __init__(self, k1: int, k2: int, smooth: torch.Tensor | None = None, config: tuple[int, int] | None = None):
         if smooth is not None and smooth.numel() != k1 + k2:
             raise ValueError(f"smooth has {smooth.numel()} entries, the concatenated row has K={k1 + k2}")
         self.k1, self.k2 = k1, k2
         self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
-        block_k = min(2048, max(256, triton.next_power_of_2(k1 + k2) // 4))
+        # (tile width, warps); ``config`` overrides it for bench/kernels.py-style sweeps.
+        block_k, num_warps = config or gelu_row_launch_config(k1 + k2)
         self.flags = {(static, cuda): dict(HAS_SMOOTH=self.smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=cuda,
-                                           BLOCK_K=block_k, num_warps=4 if block_k <= 1024 else 8)
+                                           BLOCK_K=block_k, num_warps=num_warps)
                       for static in (False, True) for cuda in (False, True)}
         self.launcher = triton_launch.Launcher(_quantize_cat_gelu_kernel, "quantize_cat_gelu")
 

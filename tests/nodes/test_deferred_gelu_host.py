@@ -1,6 +1,7 @@
-"""Deferred GELU on the real host's Flux blocks (the Flux-class reference DiT through Quantize Model and
-KSampler): the double blocks' img/txt MLPs and the single blocks' cat(attn, GELU(mlp)) -> linear2 reach
-the INT8 kernel as pre-activations, and the samples match the same model with the deferral off."""
+"""Deferred inputs on the real host's Flux blocks (the Flux-class reference DiT through Quantize Model and
+KSampler): the single blocks' cat(attn, GELU(mlp)) -> linear2 and every block's LayerNorm + modulation ->
+qkv / linear1 / MLP fc1 reach the INT8 kernels as their inputs, and each deferred call matches the same
+layer on the materialized tensor."""
 import pytest
 import torch
 
@@ -26,10 +27,10 @@ def test_flux_blocks_hand_their_gelu_to_the_int8_layers(monkeypatch):
     dit = rm.load_reference("dit", "plain")
     q, result = bridge.quantize_model(dit, DynamicW8A8Config(backend="triton"))
     dm = dit.model.diffusion_model
-    expected = sorted([f"{n}.1" for n, _ in dm.named_modules() if n.endswith(("img_mlp", "txt_mlp"))]
-                      + [f"{n}.mlp_act" for n, m in dm.named_modules() if hasattr(m, "linear2")])
+    # The single blocks' GELU (into the cat); the double blocks' MLP GELUs stay float (deferred.py says why).
+    expected = sorted(f"{n}.mlp_act" for n, m in dm.named_modules() if hasattr(m, "linear2"))
     gelus = result.gelus
-    assert len(expected) >= 3 and gelus == expected
+    assert len(expected) >= 1 and gelus == expected
     norms = sorted([f"{n}.{a}" for n, m in dm.named_modules() if n.startswith("double_blocks.") and n.count(".") == 1
                     for a in ("img_norm1", "img_norm2", "txt_norm1", "txt_norm2")]
                    + [f"{n}.pre_norm" for n, m in dm.named_modules() if hasattr(m, "linear2")])
@@ -54,7 +55,7 @@ def test_flux_blocks_hand_their_gelu_to_the_int8_layers(monkeypatch):
     singles = sum(n.endswith("mlp_act") for n in gelus)
     # Every step after the first (plans exist) defers every site: the single blocks with the attn head.
     kinds = [k for k, _, _ in seen]
-    assert kinds.count("cat") == singles * (STEPS - 1) and kinds.count("gelu") == (len(gelus) - singles) * (STEPS - 1)
+    assert kinds.count("cat") == singles * (STEPS - 1) and kinds.count("gelu") == 0
     assert kinds.count("norm") == len(norms) * (STEPS - 1)
     diffs = sorted(d / m for _, d, m in seen)
     # fp32 on CPU: the kernels' fp32 tanh / rsqrt and torch's differ in the last bit; where that moves an

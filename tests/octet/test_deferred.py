@@ -94,9 +94,10 @@ def test_sites_are_gelu_tanh_before_an_int8_activation_linear(rng):
     torch.manual_seed(0)
     net = Net()
     result = octet.quantize_(net, octet.DynamicW8A8Config(), inplace=False)
-    assert result.gelus == ["img_mlp.1", "single.mlp_act"] and result.chains == []
+    # The MLP's GELU (straight into fc2) is not a site: measured slower fused than in float (deferred.py).
+    assert result.gelus == ["single.mlp_act"] and result.chains == []
     assert result.norms == ["single.pre_norm"]
-    assert "2 GELUs and 1 LayerNorms applied inside the next INT8 layer's quantization" in result.summary()
+    assert "1 GELUs and 1 LayerNorms applied inside the next INT8 layer's quantization" in result.summary()
     weight_only = octet.quantize_(Net(), octet.WeightOnlyConfig(), inplace=False)
     assert not weight_only.forwards      # weight-only layers quantize nothing: nothing to apply a GELU in
 
@@ -123,11 +124,11 @@ def test_int8_consumer_applies_the_gelu_and_cat_with_the_same_numbers(rng, monke
         first = net(x)                   # first call at this shape: plans made, GELUs run as before
         assert calls == []
         fused = net(x)
-        # the MLP's fc2 (no head), the block's linear2 (attn head), its linear1 (norm + modulation)
-        assert sorted(calls, key=str) == [False, True, "norm"]
+        # the block's linear2 (attn head) and its linear1 (norm + modulation)
+        assert sorted(calls, key=str) == [True, "norm"]
         monkeypatch.setenv("OCTET_DEFERRED", "0")
         layered = net(x)
-    assert len(calls) == 3 and torch.equal(first, layered)
+    assert len(calls) == 2 and torch.equal(first, layered)
     # fp32 activations: the kernel's GELU and torch's differ in the last bit at most, which can move one
     # int8 code by one step; the output stays within a few quantization steps of the layered run.
     err = (fused - layered).abs().max().item()
@@ -177,7 +178,7 @@ def test_loaded_checkpoint_defers_too(rng, tmp_path):
     fresh = Net()
     checkpoint.install(fresh, checkpoint.read(path))
     assert isinstance(vars(fresh.single.mlp_act).get("forward"), deferred.DeferredGeluForward)
-    assert isinstance(vars(fresh.img_mlp[1]).get("forward"), deferred.DeferredGeluForward)
+    assert "forward" not in vars(fresh.img_mlp[1])
     assert isinstance(vars(fresh.single.pre_norm).get("forward"), deferred.DeferredNormForward)
     assert "forward" not in vars(fresh.erf_mlp[1])
 

@@ -1,0 +1,95 @@
+"""GPU time of the deferred-input quantizers at Flux-dev's 1024² shapes (4608 tokens), each against the
+float passes it replaces, timed as CUDA-graph replays (no host cost), one process. Also sweeps the GELU
+quantizer's (tile, warps) for the single block's 15360-wide rows. Prints a table and writes JSON.
+
+    python bench/deferred_kernels.py [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import octet_pack  # noqa: E402
+
+
+def graph_us(fn, reps=20):
+    import torch
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (5 * reps)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
+    args = ap.parse_args()
+    octet_pack.load(comfy=False)
+    import torch
+    import torch.nn.functional as F
+    from comfyui_octet.kernels.backends import triton_quant
+    from overhead import card_header
+    header = card_header("deferred-input quantizers, CUDA-graph GPU time; ")[2]
+    print(header, flush=True)
+    m, d, h = 4608, 3072, 12288
+    dev = "cuda"
+    attn = torch.randn(1, m, d, device=dev, dtype=torch.bfloat16)
+    lin1 = torch.randn(1, m, 3 * d + h, device=dev, dtype=torch.bfloat16)
+    pre = lin1[..., 3 * d:]
+    x = torch.randn(1, m, d, device=dev, dtype=torch.bfloat16)
+    mod = torch.randn(1, 1, 6 * d, device=dev, dtype=torch.bfloat16)
+    shift, mult = mod[..., :d], 1 + mod[..., d:2 * d]
+    rowq = {k: triton_quant.RowQuantizer(k) for k in (d, d + h, h)}
+    rows = []
+
+    def add(name, us, bytes_moved=None):
+        row = {"case": name, "us": round(us, 1)}
+        if bytes_moved:
+            row["TB/s"] = round(bytes_moved / us / 1e6, 2)
+        rows.append(row)
+        print(f"{name:70s} {us:8.1f} us" + (f"  {row['TB/s']} TB/s" if bytes_moved else ""), flush=True)
+
+    cat_gelu = triton_quant.GeluRowQuantizer(d, h)
+    add("single block: gelu + cat + quantize_rows (float passes)",
+        graph_us(lambda: rowq[d + h](torch.cat((attn, F.gelu(pre, approximate="tanh")), 2).reshape(m, d + h))))
+    moved = m * (d + h) * 3
+    add("single block: GeluRowQuantizer (default config)", graph_us(lambda: cat_gelu(attn, pre)), moved)
+    for block_k in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            q = triton_quant.GeluRowQuantizer(d, h, config=(block_k, warps))
+            add(f"  GeluRowQuantizer BLOCK_K={block_k} warps={warps}", graph_us(lambda q=q: q(attn, pre)), moved)
+    mlp_gelu = triton_quant.GeluRowQuantizer(0, h)
+    fc1_out = torch.randn(1, m, h, device=dev, dtype=torch.bfloat16)
+    add("double block MLP: gelu + quantize_rows", graph_us(lambda: rowq[h](F.gelu(fc1_out, approximate="tanh").reshape(m, h))))
+    add("double block MLP: GeluRowQuantizer", graph_us(lambda: mlp_gelu(None, fc1_out)), m * h * 3)
+    norm = triton_quant.NormRowQuantizer(d)
+    add("qkv input: layer_norm + addcmul + quantize_rows",
+        graph_us(lambda: rowq[d](torch.addcmul(shift, F.layer_norm(x, (d,), None, None, 1e-6), mult).reshape(m, d))))
+    add("qkv input: NormRowQuantizer", graph_us(lambda: norm(x, 1e-6, mult, shift)), m * d * 3)
+    add("plain quantize_rows K=3072 (for scale)", graph_us(lambda: rowq[d](x.reshape(m, d))), m * d * 3)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "deferred_kernels.json"), "w") as f:
+        json.dump({"header": header, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
