@@ -166,7 +166,7 @@ def _conv_out_format(x: torch.Tensor) -> torch.memory_format:
 
 def _prepare_linear(req: registry.Request, w):
     triton_quant, triton_gemm, _ = _kernels()
-    q, s, b, sm, n, k = w.qweight, w.scale, w.bias, w.smooth, w.n, w.k
+    q, s, b, n, k = w.qweight, w.scale, w.bias, w.n, w.k
     if req.act == "none":
         from . import triton_w8a16
 

@@ -79,6 +79,15 @@ def row_launch_config(k: int) -> tuple[bool, int, int]:
     return False, block_k, 4 if block_k <= 1024 else 8
 
 
+def _codes_and_scales(m: int, k: int, device, static_scale: torch.Tensor | None):
+    """A quantizer's outputs: int8 codes [M, K] and fp32 scales, [M] fresh for dynamic rows or the static
+    scale as a [1] view (plans hand over a fp32 [1] tensor on the device already: no launch)."""
+    q = torch.empty((m, k), dtype=torch.int8, device=device)
+    if static_scale is not None:
+        return q, static_scale.reshape(1).to(device=device, dtype=torch.float32)
+    return q, torch.empty((m,), dtype=torch.float32, device=device)
+
+
 class RowQuantizer:
     """Quantizes rows of length K (optional SmoothQuant divisor) for one layer: the launch
     configuration and the kernel's launcher are decided once (see triton_launch), so a plan's
@@ -107,14 +116,8 @@ class RowQuantizer:
             raise ValueError(f"this quantizer is for rows of K={self.k}"
                              f"{' (its smooth has that many entries)' if self.smooth is not None else ''}, "
                              f"activations have K={k}")
-        device = x2d.device
-        q = torch.empty((m, k), dtype=torch.int8, device=device)
+        q, scales = _codes_and_scales(m, k, x2d.device, static_scale)
         static = static_scale is not None
-        if static:
-            # Plans hand over a fp32 [1] tensor on the device already: then this is a view, not a launch.
-            scales = static_scale.reshape(1).to(device=device, dtype=torch.float32)
-        else:
-            scales = torch.empty((m,), dtype=torch.float32, device=device)
         if m == 0:
             return q, scales
         smooth_arg = self.smooth if self.smooth is not None else x2d
@@ -336,13 +339,8 @@ class GeluRowQuantizer:
         if a.shape[0] != m or k1 != self.k1 or g.shape[1] != self.k2:
             raise ValueError(f"this quantizer is for rows of {self.k1} head + {self.k2} GELU columns, got head "
                              f"{None if head is None else tuple(head.shape)} and GELU input {tuple(pre.shape)}")
-        device = g.device
-        q = torch.empty((m, self.k1 + self.k2), dtype=torch.int8, device=device)
+        q, scales = _codes_and_scales(m, self.k1 + self.k2, g.device, static_scale)
         static = static_scale is not None
-        if static:
-            scales = static_scale.reshape(1).to(device=device, dtype=torch.float32)
-        else:
-            scales = torch.empty((m,), dtype=torch.float32, device=device)
         if m == 0:
             return q, scales
         smooth_arg = self.smooth if self.smooth is not None else scales
@@ -458,13 +456,8 @@ class NormRowQuantizer:
         tokens = x.shape[1] if x.dim() == 3 else m
         mult, smb = _batch_rows(mult, x, self.k)
         shift, ssb = _batch_rows(shift, x, self.k)
-        device = x.device
-        q = torch.empty((m, self.k), dtype=torch.int8, device=device)
+        q, scales = _codes_and_scales(m, self.k, x.device, static_scale)
         static = static_scale is not None
-        if static:
-            scales = static_scale.reshape(1).to(device=device, dtype=torch.float32)
-        else:
-            scales = torch.empty((m,), dtype=torch.float32, device=device)
         if m == 0:
             return q, scales
         sx = rows.stride(0)

@@ -3,7 +3,6 @@ KSampler): the single blocks' cat(attn, GELU(mlp)) -> linear2 and every block's 
 qkv / linear1 / MLP fc1 reach the INT8 kernels as their inputs, and each deferred call matches the same
 layer on the materialized tensor."""
 import pytest
-import torch
 
 from comfyui_octet.fixtures import reference_model as rm
 from comfyui_octet.kernels.backends import triton_support
