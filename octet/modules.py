@@ -238,12 +238,18 @@ class QuantLayer(nn.Module):
         return (x.device, x.dtype, m_bucket(x.numel() // x.shape[-1 if self.kind == "linear" else 1]),
                 _graph_planning[0] > 0)
 
+    def _cached_plan(self, x: torch.Tensor):
+        """x's signature's plan if one is cached and still made for the weight tensor in place, else None."""
+        w = self._parameters["weight"]   # not self.weight: nn.Module.__getattr__ on every call
+        entry = self._plans.get(self._signature(x))
+        return entry if entry is not None and entry.weight is w and entry.version == _version(w) else None
+
     def plan(self, x: torch.Tensor):
         """(implementation, run, static scales per group on x's device) for x's signature: cached."""
-        key = self._signature(x)
-        w = self._parameters["weight"]   # not self.weight: nn.Module.__getattr__ on every call
-        entry = self._plans.get(key)
-        if entry is None or entry.weight is not w or entry.version != _version(w):
+        entry = self._cached_plan(x)
+        if entry is None:
+            key = self._signature(x)
+            w = self._parameters["weight"]
             ops = self._shared_operands(x.device, w)
             impl, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, self.backend, self.goal)
             scales = None
@@ -277,23 +283,24 @@ class QuantLayer(nn.Module):
         plan = self.plan(x)
         return plan.run(x, None if plan.scales is None else plan.scales[self._group()])
 
+    def _deferred_plan(self, sample: torch.Tensor, entry: str):
+        """The plan that takes a deferred input through its method ``entry`` (octet/deferred.py; ``sample``
+        has the rows this layer will see), or None: only once this signature's plan exists and offers it,
+        so the first call at a shape, weight-only, CPU and per-call weight patches run as before."""
+        if self.act == "none" or self.weight_function or self.bias_function \
+                or self._parameters["weight"].device != sample.device:
+            return None
+        plan = self._cached_plan(sample)
+        return plan if plan is not None and hasattr(plan.run, entry) else None
+
     def takes_deferred(self, sample: torch.Tensor, entry: str) -> bool:
-        """Whether a module before this layer may hand over its input instead of its output
-        (octet/deferred.py; ``sample`` has the rows this layer will see, ``entry`` names the plan method
-        that would take it): only once this signature's plan exists and offers it, so the first call at
-        a shape, weight-only, CPU and per-call weight patches run as before."""
-        if self.act == "none" or self.weight_function or self.bias_function:
-            return False
-        entry_plan = self._plans.get(self._signature(sample))
-        w = self._parameters["weight"]
-        return (entry_plan is not None and entry_plan.weight is w and entry_plan.version == _version(w)
-                and w.device == sample.device and hasattr(entry_plan.run, entry))
+        """Whether a module before this layer may hand over its input instead of its output."""
+        return self._deferred_plan(sample, entry) is not None
 
     def _forward_pending(self, x: Pending) -> torch.Tensor:
         if x.computed is None and not kernels.ops.compiling():
-            sample = x.source
-            if self.takes_deferred(sample, x.ENTRY):
-                plan = self.plan(sample)
+            plan = self._deferred_plan(x.source, x.ENTRY)
+            if plan is not None:
                 y = x.feed(plan.run, None if plan.scales is None else plan.scales[self._group()])
                 if y is not None:
                     return y
