@@ -199,6 +199,18 @@ def cat_gelu_quantize_rows(attn: torch.Tensor | None, mlp: torch.Tensor, smooth:
     return quantize_rows(row, smooth, static_scale)
 
 
+def modulation_per_batch(t: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether modulation ``t`` (mult or shift) broadcasts over x [B, L, K] / [M, K] as one row per batch
+    entry ([B, 1, K]) or one for all: the shapes the fused norm_quantize_rows kernel reads (anything else
+    its callers compute in float)."""
+    if t.dim() > x.dim() or t.shape[-1] != x.shape[-1]:
+        return False
+    lead = t.shape[:-1]
+    if x.dim() == 3 and t.dim() == 3:
+        return lead[1] == 1 and lead[0] in (1, x.shape[0])
+    return all(d == 1 for d in lead)
+
+
 def norm_quantize_rows(x: torch.Tensor, eps: float, mult: torch.Tensor | None = None,
                        shift: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
                        static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -189,22 +189,12 @@ class PendingNorm(Pending):
         if type(shift) is not torch.Tensor or type(mult) is not torch.Tensor:
             return None
         x = pending.x
-        if not (_per_batch(shift, x) and _per_batch(mult, x)):
+        per_batch = kernels.torch_ref.modulation_per_batch
+        if not (per_batch(shift, x) and per_batch(mult, x)):
             return None
         if shift.dtype != x.dtype or mult.dtype != x.dtype or shift.device != x.device or mult.device != x.device:
             return None
         return PendingNorm(x, pending.eps, mult, shift)
-
-
-def _per_batch(t: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether ``t`` is a modulation vector for x [B, L, K] / [M, K]: one row per batch entry or one for all
-    (what the fused kernel reads; anything else is computed in float)."""
-    if t.dim() > x.dim() or t.shape[-1] != x.shape[-1]:
-        return False
-    lead = t.shape[:-1]
-    if x.dim() == 3 and t.dim() == 3:
-        return lead[1] == 1 and lead[0] in (1, x.shape[0])
-    return all(d == 1 for d in lead)
 
 
 def _leaves(args, kwargs):
@@ -265,8 +255,10 @@ class DeferredForward:
 
     def _ready(self, x: torch.Tensor) -> bool:
         container = self._container()
+        if container is None:
+            return False
         for path in self.consumers:
-            takes = getattr(_resolve(container, path), "takes_deferred", None) if container is not None else None
+            takes = getattr(_resolve(container, path), "takes_deferred", None)
             if takes is not None and takes(x, self.kind.ENTRY):
                 return True
         return False
@@ -336,16 +328,15 @@ def sites(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, tup
         # (two sweeps over the row, the GELU computed in each) measured slower than the float GELU plus the
         # plain quantizer (H200, 4608 x 12288: 138.1 vs 122.6 us; docs/bench/deferred_kernels_h200_*).
         # Flux's single block, where it also replaces the cat: 185.5 vs 304.8 us.
+        candidates = [(DeferredNormForward, attr, paths) for attr, paths in _NORM_SITES
+                      if _is_plain_layer_norm(module._modules.get(attr))]
         if _is_gelu_tanh(getattr(module, "mlp_act", None)) and not getattr(module, "yak_mlp", False) \
                 and fusion.chain_parts(module) is None:
-            gelu = ("mlp_act", ("linear2",))
-        else:
-            gelu = None
-        if gelu is not None and consumers(gelu[1]):
-            found[prefix + gelu[0]] = (DeferredGeluForward, name, consumers(gelu[1]))
-        for attr, paths in _NORM_SITES:
-            if _is_plain_layer_norm(module._modules.get(attr)) and consumers(paths):
-                found[prefix + attr] = (DeferredNormForward, name, consumers(paths))
+            candidates.insert(0, (DeferredGeluForward, "mlp_act", ("linear2",)))
+        for kind, attr, paths in candidates:
+            taken = consumers(paths)
+            if taken:
+                found[prefix + attr] = (kind, name, taken)
     return found
 
 

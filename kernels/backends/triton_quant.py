@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import torch_ref
 from . import triton_launch
 from .triton_math import gelu_tanh, round_to_int8, scale_from_absmax
 
@@ -406,21 +407,14 @@ def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_pt
 NORM_MAX_K = 8192
 
 
-def _batch_rows(t: torch.Tensor | None, x: torch.Tensor, k: int) -> tuple[torch.Tensor | None, int] | None:
-    """mult/shift as (tensor with unit column stride, stride between batch entries), if it broadcasts
-    over x [B, L, K] the way modulation does: one row per batch entry ([B, 1, K]) or one for all."""
+def _batch_rows(t: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor | None, int] | None:
+    """mult/shift as (tensor, stride between batch entries) if the kernel can read it: a modulation shape
+    (torch_ref.modulation_per_batch) with unit column stride in x's dtype; else None."""
     if t is None:
         return None, 0
-    if t.shape[-1] != k or t.dim() > x.dim() or t.stride(-1) != 1 or t.dtype != x.dtype:
+    if not torch_ref.modulation_per_batch(t, x) or t.stride(-1) != 1 or t.dtype != x.dtype:
         return None
-    lead = t.shape[:-1]
-    if x.dim() == 3 and t.dim() == 3:
-        if lead[1] != 1 or lead[0] not in (1, x.shape[0]):
-            return None
-        return t, (t.stride(0) if lead[0] > 1 else 0)
-    if all(s == 1 for s in lead):
-        return t, 0
-    return None
+    return t, (t.stride(0) if x.dim() == 3 and t.dim() == 3 and t.shape[0] > 1 else 0)
 
 
 class NormRowQuantizer:
@@ -439,23 +433,25 @@ class NormRowQuantizer:
         self.launcher = triton_launch.Launcher(_quantize_norm_rows_kernel, "quantize_norm_rows")
 
     @staticmethod
+    def _fits(x: torch.Tensor) -> bool:
+        return 0 < x.shape[-1] <= NORM_MAX_K and x.dim() in (2, 3) and x.stride(-1) == 1
+
+    @staticmethod
     def takes(x: torch.Tensor, mult: torch.Tensor | None, shift: torch.Tensor | None) -> bool:
         """Whether this kernel can apply that normalisation + modulation (else the caller computes it in float)."""
-        k = x.shape[-1]
-        return (0 < k <= NORM_MAX_K and x.dim() in (2, 3) and x.stride(-1) == 1
-                and _batch_rows(mult, x, k) is not None and _batch_rows(shift, x, k) is not None)
+        return NormRowQuantizer._fits(x) and _batch_rows(mult, x) is not None and _batch_rows(shift, x) is not None
 
     def __call__(self, x: torch.Tensor, eps: float, mult: torch.Tensor | None, shift: torch.Tensor | None,
                  static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[-1] != self.k or not self.takes(x, mult, shift):
+        mult_rows, shift_rows = _batch_rows(mult, x), _batch_rows(shift, x)
+        if x.shape[-1] != self.k or not self._fits(x) or mult_rows is None or shift_rows is None:
             raise ValueError(f"this quantizer normalises rows of K={self.k} modulated per batch entry, got x "
                              f"{tuple(x.shape)}, mult {None if mult is None else tuple(mult.shape)}, shift "
                              f"{None if shift is None else tuple(shift.shape)}")
+        (mult, smb), (shift, ssb) = mult_rows, shift_rows
         rows = _rows(x, "the normalised input")
         m = rows.shape[0]
         tokens = x.shape[1] if x.dim() == 3 else m
-        mult, smb = _batch_rows(mult, x, self.k)
-        shift, ssb = _batch_rows(shift, x, self.k)
         q, scales = _codes_and_scales(m, self.k, x.device, static_scale)
         static = static_scale is not None
         if m == 0:
