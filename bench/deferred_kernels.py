@@ -1,6 +1,7 @@
 """GPU time of the deferred-input quantizers at Flux-dev's 1024² shapes (4608 tokens), each against the
-float passes it replaces, timed as CUDA-graph replays (no host cost), one process. Also sweeps the GELU
-quantizer's (tile, warps) for the single block's 15360-wide rows. Prints a table and writes JSON.
+float passes it replaces, timed as CUDA-graph replays (no host cost; bench/kernels.py's timer), one
+process. Also sweeps the GELU quantizer's (tile, warps) for the single block's 15360-wide rows. Prints a
+table and writes JSON.
 
     python bench/deferred_kernels.py [--out DIR]
 """
@@ -16,26 +17,10 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import octet_pack  # noqa: E402
 
 
-def graph_us(fn, reps=20):
-    import torch
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (5 * reps)
+def graph_us(fn) -> float:
+    """GPU time per call in µs through bench/kernels.py's CUDA-graph timer (triton's do_bench_cudagraph)."""
+    from kernels import bench_graph
+    return bench_graph(fn, 100) * 1000
 
 
 def main() -> int:
