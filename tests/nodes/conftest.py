@@ -26,3 +26,18 @@ def sample():
         neg = reference_model.tiny_conditioning(batch=1, seed=2)
         return nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, pos, neg, latent)[0]["samples"]
     return run
+
+
+@pytest.fixture
+def sample_dit():
+    """Sample the Flux-class reference DiT through the host's KSampler: two images (classes 3 and 8),
+    CFG 3.0 against the unconditional class, euler; returns the latent."""
+    import nodes
+    from comfyui_octet.fixtures import reference_model as rm
+
+    def run(patcher, steps, seed=5):
+        pos = rm.batch_conditioning("dit", [3, 8])
+        neg = rm.class_conditioning("dit", "unconditional", batch=2)
+        return nodes.common_ksampler(patcher, seed, steps, 3.0, "euler", "normal", pos, neg,
+                                     rm.empty_latent("dit", 2))[0]["samples"]
+    return run

@@ -14,15 +14,7 @@ pytestmark = pytest.mark.skipif(triton_support.unavailable_reason() is not None 
 STEPS = 2
 
 
-def _sample(patcher, seed=5):
-    import nodes
-    pos = rm.batch_conditioning("dit", [3, 8])
-    neg = rm.class_conditioning("dit", "unconditional", batch=2)
-    return nodes.common_ksampler(patcher, seed, STEPS, 3.0, "euler", "normal", pos, neg,
-                                 rm.empty_latent("dit", 2))[0]["samples"]
-
-
-def test_flux_blocks_hand_their_gelu_to_the_int8_layers(monkeypatch):
+def test_flux_blocks_hand_their_gelu_to_the_int8_layers(monkeypatch, sample_dit):
     dit = rm.load_reference("dit", "plain")
     q, result = bridge.quantize_model(dit, DynamicW8A8Config(backend="triton"))
     dm = dit.model.diffusion_model
@@ -50,7 +42,7 @@ def test_flux_blocks_hand_their_gelu_to_the_int8_layers(monkeypatch):
         seen.append((kind, (fused - layered).abs().max().item(), layered.abs().max().item()))
         return fused
     monkeypatch.setattr(modules.QuantLayer, "_forward_pending", checked)
-    _sample(q)
+    sample_dit(q, STEPS)
     singles = sum(n.endswith("mlp_act") for n in gelus)
     # Every step after the first (plans exist) defers every site: the single blocks with the attn head.
     kinds = [k for k, _, _ in seen]

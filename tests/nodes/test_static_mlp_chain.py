@@ -11,14 +11,6 @@ SETTINGS = {"observer": "mse", "percentile": 99.99, "timestep_groups": True, "sm
 STEPS = 4
 
 
-def _sample(patcher, seed=5):
-    import nodes
-    pos = rm.batch_conditioning("dit", [3, 8])
-    neg = rm.class_conditioning("dit", "unconditional", batch=2)
-    return nodes.common_ksampler(patcher, seed, STEPS, 3.0, "euler", "normal", pos, neg,
-                                 rm.empty_latent("dit", 2))[0]["samples"]
-
-
 @pytest.fixture(scope="module")
 def dit():
     return rm.load_reference("dit", "plain")
@@ -33,24 +25,24 @@ def static_dit(dit):
     return q, result
 
 
-def test_chains_are_object_patches_and_sample_like_the_layers(dit, static_dit, monkeypatch):
+def test_chains_are_object_patches_and_sample_like_the_layers(dit, static_dit, monkeypatch, sample_dit):
     q, result = static_dit
     dm = dit.model.diffusion_model
     mlps = sorted(n for n, m in dm.named_modules() if n.endswith(("img_mlp", "txt_mlp")))
     assert mlps and result.chains == mlps
     assert all(f"diffusion_model.{n}.forward" in q.object_patches for n in mlps)
-    chained = _sample(q)
+    chained = sample_dit(q, STEPS)
     monkeypatch.setenv("OCTET_FUSED_MLP", "0")
-    layered = _sample(q)
+    layered = sample_dit(q, STEPS)
     # fp32 on CPU: the chain's reference computes exactly what the two layers and the GELU compute.
     assert torch.equal(chained, layered)
 
 
-def test_source_model_keeps_its_own_forward(dit, static_dit):
+def test_source_model_keeps_its_own_forward(dit, static_dit, sample_dit):
     q, _ = static_dit
-    before = _sample(dit, seed=9)
-    _sample(q)
-    after = _sample(dit, seed=9)
+    before = sample_dit(dit, STEPS, seed=9)
+    sample_dit(q, STEPS)
+    after = sample_dit(dit, STEPS, seed=9)
     assert torch.equal(before, after)
     for name, m in dit.model.diffusion_model.named_modules():
         if name.endswith("img_mlp"):
@@ -59,7 +51,7 @@ def test_source_model_keeps_its_own_forward(dit, static_dit):
             assert f is None or f.__func__ is type(m).forward
 
 
-def test_saved_static_dit_reloads_with_chains(static_dit, tmp_path):
+def test_saved_static_dit_reloads_with_chains(static_dit, tmp_path, sample_dit):
     q, _ = static_dit
     path = str(tmp_path / "dit_static.safetensors")
     model_files.save_model(q, path)
@@ -67,4 +59,4 @@ def test_saved_static_dit_reloads_with_chains(static_dit, tmp_path):
     dm = loaded.model.diffusion_model
     assert all(vars(m)["forward"].__func__ is fusion._chain_forward
                for n, m in dm.named_modules() if n.endswith(("img_mlp", "txt_mlp")))
-    assert torch.equal(_sample(loaded), _sample(q))
+    assert torch.equal(sample_dit(loaded, STEPS), sample_dit(q, STEPS))
