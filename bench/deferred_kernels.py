@@ -1,7 +1,8 @@
 """GPU time of the deferred-input quantizers at Flux-dev's 1024² shapes (4608 tokens), each against the
 float passes it replaces, timed as CUDA-graph replays (no host cost; bench/kernels.py's timer), one
-process. Also sweeps the GELU quantizer's (tile, warps) for the single block's 15360-wide rows. Prints a
-table and writes JSON.
+process; and Flux's q/k preparation (QK RMSNorm + RoPE, the double block's cat) as the host's ops vs the
+one kernel (kernels/backends/triton_rope.py). ``--sweep`` also sweeps the GELU quantizer's (tile, warps)
+for the single block's 15360-wide rows. Prints a table and writes JSON.
 
     python bench/deferred_kernels.py [--out DIR]
 """
@@ -23,9 +24,54 @@ def graph_us(fn) -> float:
     return bench_graph(fn, 100) * 1000
 
 
+def qk_rows(add, timer, dev):
+    """Flux's q/k preparation per attention, 24 heads of 128: the host's ops (QKNorm's two RMSNorms over the
+    qkv views, 0.3.75's fp32 apply_rope; the double block's cats of the text and image streams first) vs
+    triton_rope.qk_norm_rope."""
+    import torch
+    import torch.nn.functional as F
+    from comfyui_octet.kernels import torch_ref
+    from comfyui_octet.kernels.backends import triton_rope
+    heads, hd = 24, 128
+
+    def views(length):
+        qkv = torch.randn(1, length, 3 * heads * hd, device=dev, dtype=torch.bfloat16)
+        return qkv.view(1, length, 3, heads, hd).permute(2, 0, 3, 1, 4)
+
+    def rope1(x, freqs):   # comfy.ldm.flux.math.apply_rope1 (0.3.75)
+        x_ = x.to(dtype=freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+        out = freqs[..., 0] * x_[..., 0]
+        out.addcmul_(freqs[..., 1], x_[..., 1])
+        return out.reshape(*x.shape).type_as(x)
+
+    w = [torch.randn(hd, device=dev, dtype=torch.bfloat16) for _ in range(4)]
+    for label, lengths in (("single block (4608 tokens)", (4608,)), ("double block (512 + 4096, cat)", (512, 4096))):
+        total = sum(lengths)
+        freqs = torch.randn(1, 1, total, hd // 2, 2, 2, device=dev)
+        parts = [views(n) for n in lengths]
+
+        def host():
+            qs = [F.rms_norm(q, (hd,), w[2 * i], 1e-6) for i, (q, _, _) in enumerate(parts)]
+            ks = [F.rms_norm(k, (hd,), w[2 * i + 1], 1e-6) for i, (_, k, _) in enumerate(parts)]
+            q = qs[0] if len(qs) == 1 else torch.cat(qs, dim=2)
+            k = ks[0] if len(ks) == 1 else torch.cat(ks, dim=2)
+            return rope1(q, freqs), rope1(k, freqs)
+
+        segments = [(q, k, w[2 * i], w[2 * i + 1], 1e-6, 1e-6) for i, (q, k, _) in enumerate(parts)]
+        fused_q, _ = triton_rope.qk_norm_rope(segments, freqs, torch.bfloat16)
+        ref_q = torch.cat([torch_ref.qk_norm_rope(q, w[2 * i], 1e-6, freqs, sum(lengths[:i]))
+                           for i, (q, _, _) in enumerate(parts)], dim=2)
+        bad = ((fused_q.float() - ref_q.float()).abs() > 1e-2 * ref_q.float().abs().clamp_min(1)).float().mean().item()
+        add(f"q/k prep, {label}: host ops", timer(host))
+        add(f"q/k prep, {label}: qk_norm_rope (values off by >1%: {bad:.1e})",
+            timer(lambda: triton_rope.qk_norm_rope(segments, freqs, torch.bfloat16)),
+            2 * 2 * total * heads * hd * 2 + total * hd * 2 * 4)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     octet_pack.load(comfy=False)
     import torch
@@ -57,7 +103,7 @@ def main() -> int:
         graph_us(lambda: rowq[d + h](torch.cat((attn, F.gelu(pre, approximate="tanh")), 2).reshape(m, d + h))))
     moved = m * (d + h) * 3
     add("single block: GeluRowQuantizer (default config)", graph_us(lambda: cat_gelu(attn, pre)), moved)
-    for block_k in (1024, 2048, 4096, 8192):
+    for block_k in (1024, 2048, 4096, 8192) if args.sweep else ():
         for warps in (4, 8, 16):
             q = triton_quant.GeluRowQuantizer(d, h, config=(block_k, warps))
             add(f"  GeluRowQuantizer BLOCK_K={block_k} warps={warps}", graph_us(lambda q=q: q(attn, pre)), moved)
@@ -70,6 +116,7 @@ def main() -> int:
         graph_us(lambda: rowq[d](torch.addcmul(shift, F.layer_norm(x, (d,), None, None, 1e-6), mult).reshape(m, d))))
     add("qkv input: NormRowQuantizer", graph_us(lambda: norm(x, 1e-6, mult, shift)), m * d * 3)
     add("plain quantize_rows K=3072 (for scale)", graph_us(lambda: rowq[d](x.reshape(m, d))), m * d * 3)
+    qk_rows(add, graph_us, dev)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "deferred_kernels.json"), "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)

@@ -84,9 +84,11 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
 # octet_dynamic_dispatch: every Triton launch through Triton's own dispatch (OCTET_FAST_LAUNCH=0, see
 # kernels/backends/triton_launch.py), for before/after rows in one call.
 # octet_dynamic_not_deferred: GELUs and LayerNorms computed in float before their INT8 layer (OCTET_DEFERRED=0,
-# see octet/deferred.py).
+# see octet/deferred.py; Flux's q/k preparation too).
+# bf16_octet_qk: the bf16 model with only Octet's fused q/k preparation (octet/deferred.py install_qk: QK
+# RMSNorm + RoPE in one kernel), no INT8: what that part of Octet's speed owes to quantization (nothing).
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
-            "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred")
+            "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk")
 
 
 def model_config(name: str, tiny: bool, extra: dict | None = None):
@@ -303,6 +305,11 @@ def run_variant(name, variant, device, args) -> list[dict]:
         row["layers_quantized"] = len(result.quantized)
         row["mlp_chains"] = len(result.chains) if not variant.endswith("_layers") else 0
         row["deferred_inputs"] = len(result.gelus) + len(result.norms)
+        row["qk_fused"] = len(result.qk_norms)
+    elif variant == "bf16_octet_qk":
+        from comfyui_octet.octet import deferred
+        os.environ["OCTET_DEFERRED"] = "1"
+        row["qk_fused"] = len(deferred.install_qk(model.diffusion_model))
     row["weight_bytes"] = weight_bytes(model.diffusion_model)
     rows = []
     if "eager" in modes or "graph" in modes:
@@ -341,7 +348,7 @@ def markdown(rows, header) -> str:
     lines = [header, "", "| model | variant | mode | step ms | vs bf16 | vs bf16 graph | weights GiB | vs bf16 | "
              "peak VRAM GiB | quantize s | capture / compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r.get("mode", "eager")): r for r in rows
-            if r["variant"].startswith("bf16") and "step_ms" in r}
+            if r["variant"] == "bf16" and "step_ms" in r}
     for r in rows:
         mode = r.get("mode", "eager")
         b = base.get((r["model"], "eager" if mode == "graph" else mode))

@@ -223,3 +223,17 @@ def norm_quantize_rows(x: torch.Tensor, eps: float, mult: torch.Tensor | None = 
     if shift is not None:
         y = y + shift.float()
     return quantize_rows(y.reshape(-1, x.shape[-1]), smooth, static_scale)
+
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, freqs: torch.Tensor,
+                 offset: int = 0) -> torch.Tensor:
+    """Flux's query/key preparation as its host code computes it (comfy.ldm.flux: QKNorm, then apply_rope1):
+    RMSNorm over the head dim with the weight cast to x's dtype (output in x's dtype), then the rotary
+    embedding in fp32 with ``freqs`` rows ``offset``.. (freqs [B or 1, 1, L_total, D/2, 2, 2]), rounded back
+    to x's dtype. x [B, H, L, D]."""
+    y = F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+    f = freqs[:, :, offset:offset + x.shape[2]]
+    y_ = y.to(f.dtype).reshape(*y.shape[:-1], -1, 1, 2)
+    out = f[..., 0] * y_[..., 0]
+    out.addcmul_(f[..., 1], y_[..., 1])
+    return out.reshape(*y.shape).type_as(y)

@@ -49,6 +49,11 @@ class QuantResult(QuantReport):
         return sorted(n for n, f in self.forwards.items() if isinstance(f, deferred.DeferredNormForward))
 
     @property
+    def qk_norms(self) -> list[str]:
+        """Flux QKNorms whose q/k preparation (RMSNorm + RoPE) runs as one kernel (octet/deferred.py)."""
+        return sorted(n for n, f in self.forwards.items() if isinstance(f, deferred.DeferredQKForward))
+
+    @property
     def chains(self) -> list[str]:
         """MLP containers run as static INT8 chains (octet/fusion.py)."""
         return sorted(n for n, f in self.forwards.items() if not isinstance(f, deferred.DeferredForward))
@@ -57,8 +62,10 @@ class QuantResult(QuantReport):
         chains, gelus, norms = len(self.chains), len(self.gelus), len(self.norms)
         deferred_text = " and ".join(t for t in (f"{gelus} GELUs" if gelus else "", f"{norms} LayerNorms" if norms
                                                  else "") if t)
+        qk = len(self.qk_norms)
         return (super().summary() + (f"; {chains} MLPs run as static INT8 chains" if chains else "")
-                + (f"; {deferred_text} applied inside the next INT8 layer's quantization" if deferred_text else ""))
+                + (f"; {deferred_text} applied inside the next INT8 layer's quantization" if deferred_text else "")
+                + (f"; {qk} attentions prepare q/k (RMSNorm + RoPE) in one kernel" if qk else ""))
 
     def to_text(self, limit: int | None = None) -> str:
         goal = ("goal=speed: a layer whose INT8 kernel is slower than bf16 at the shapes it runs at keeps a "

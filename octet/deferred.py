@@ -24,9 +24,16 @@ tensor first (``materialize``: exactly the float ops' numbers), logged once per 
 change can cost speed but never correctness. A module defers only when its consumer already has a
 plan for this signature that takes the input (so the first call at each shape, and every CPU,
 weight-only, LoRA-under-lowvram or torch.compile call, runs as before).
+
+Attention's query/key preparation is deferred the same way, for float and INT8 models alike: Flux's QKNorm
+returns ``PendingQK`` (the RMSNorm of each head, not computed), the double block's ``torch.cat`` of the
+text and image streams keeps it pending, and the host's ``apply_rope`` (wrapped once per process: the
+wrapper only acts on pending inputs) computes norm + RoPE for q and k in one kernel
+(``triton_rope.qk_norm_rope``) where the host runs ten to twelve passes, the RoPE in fp32.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import weakref
 from typing import Optional
@@ -36,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels.backends import triton_support
 
 
 def enabled() -> bool:
@@ -62,8 +70,8 @@ class Pending(torch.Tensor):
     computed: Optional[torch.Tensor]
 
     @staticmethod
-    def _wrap(cls, shape, like: torch.Tensor):
-        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=like.dtype, device=like.device)
+    def _wrap(cls, shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None):
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype or like.dtype, device=like.device)
         t.computed = None
         return t
 
@@ -104,7 +112,7 @@ class Pending(torch.Tensor):
             name = getattr(func, "__name__", str(func))
             kernels.registry.log_once(f"deferred:{name}",
                                       f"Octet: a deferred input was computed in float for {name} (not an op "
-                                      f"Octet fuses into an INT8 layer); correct, but not fused.")
+                                      f"Octet fuses); correct, but not fused.")
         args, kwargs = _materialized(args), _materialized(kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
@@ -289,6 +297,152 @@ class DeferredNormForward(DeferredForward):
         return type(self.module).forward(self.module, x)
 
 
+class PendingQK(Pending):
+    """Flux's QKNorm output for q or k: ``rms_norm(x_i, weight_i, eps_i)`` over the head dim of [B, H, L_i, D]
+    views of the qkv projection, in ``dtype``, one segment per stream once the double block's
+    ``torch.cat(..., dim=2)`` has joined the text and image streams (each with its own norm weights). The
+    host's ``apply_rope`` (wrapped by ``_rope_wrapper``) turns a q/k pair into real tensors in one kernel."""
+
+    segments: tuple    # ((x, weight, eps), ...) along the tokens
+
+    @staticmethod
+    def __new__(cls, segments: tuple, dtype: torch.dtype):
+        x = segments[0][0]
+        shape = (*x.shape[:2], sum(s[0].shape[2] for s in segments), x.shape[3])
+        t = Pending._wrap(cls, shape, x, dtype)
+        t.segments = segments
+        return t
+
+    @property
+    def source(self):
+        return self.segments[0][0]
+
+    def compute(self):
+        # The host's ops: QKNorm (rms_norm with the weight cast to x's dtype, then .to(v)), the double block's cat.
+        parts = [F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps).to(self.dtype) for x, w, eps in self.segments]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    @classmethod
+    def absorb(cls, func, args, kwargs):
+        if func is not torch.cat:
+            return None
+        tensors = args[0] if args else kwargs.get("tensors")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if len(args) > 2 or set(kwargs) - {"tensors", "dim"} or not isinstance(tensors, (list, tuple)) \
+                or len(tensors) < 2:
+            return None
+        if not all(type(t) is PendingQK and t.computed is None for t in tensors):
+            return None
+        first = tensors[0]
+        if dim not in (2, -2) or any(t.dtype != first.dtype or t.device != first.device
+                                     or t.shape[:2] != first.shape[:2] or t.shape[3] != first.shape[3]
+                                     for t in tensors):
+            return None
+        return PendingQK(tuple(s for t in tensors for s in t.segments), first.dtype)
+
+    def rope_with(self, k: "PendingQK", freqs) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(q, k) after the RoPE, this being q, from one kernel per segment; None if the kernel cannot take
+        them (the host's apply_rope then runs on the computed tensors)."""
+        from ..kernels.backends import triton_rope
+        if self.computed is not None or k.computed is not None or self.dtype != k.dtype \
+                or self.shape != k.shape or not isinstance(freqs, torch.Tensor) or freqs.shape[2:3] != self.shape[2:3] \
+                or len(self.segments) != len(k.segments):
+            return None
+        segments = []
+        for (q, wq, eq), (kx, wk, ek) in zip(self.segments, k.segments):
+            if q.shape != kx.shape or q.dtype != kx.dtype or not (triton_rope.takes(q, wq, freqs)
+                                                               and triton_rope.takes(kx, wk, freqs)):
+                return None
+            segments.append((q, kx, wq, wk, eq, ek))
+        return triton_rope.qk_norm_rope(segments, freqs, self.dtype)
+
+
+def _rope_wrapper(original):
+    def apply_rope(xq, xk, freqs_cis):
+        if type(xq) is PendingQK and type(xk) is PendingQK:
+            out = xq.rope_with(xk, freqs_cis)
+            if out is not None:
+                return out
+        return original(xq, xk, freqs_cis)
+    apply_rope.__wrapped__ = original
+    apply_rope.octet_qk = True
+    return apply_rope
+
+
+def _rope_module(qknorm: nn.Module):
+    """The host module whose ``apply_rope`` Flux's attention calls (comfy.ldm.flux.math, in 0.3.75 and 0.29),
+    for a QKNorm of comfy.ldm.flux.layers; else None."""
+    owner = type(qknorm).__module__
+    if not owner.endswith("ldm.flux.layers"):
+        return None
+    try:
+        return importlib.import_module(owner[: -len("layers")] + "math")
+    except ImportError:
+        return None
+
+
+def patch_rope(qknorm: nn.Module) -> bool:
+    """Wrap the host's ``apply_rope`` once per process so that pending q/k pairs take the fused kernel.
+    Everything else (any model's real tensors) goes to the host's function unchanged."""
+    math_module = _rope_module(qknorm)
+    current = getattr(math_module, "apply_rope", None)
+    if current is None:
+        return False
+    if not getattr(current, "octet_qk", False):
+        math_module.apply_rope = _rope_wrapper(current)
+    return True
+
+
+def _rms_params(norm: nn.Module, x: torch.Tensor) -> Optional[tuple[torch.Tensor, float]]:
+    """(weight, eps) of one of QKNorm's RMSNorms if the fused kernel computes exactly what its forward does
+    on ``x``: 0.3.75's comfy.ldm.flux.layers.RMSNorm (eps 1e-6 in its forward) or 0.29's torch.nn.RMSNorm
+    (eps None: torch uses the dtype's epsilon), with the weight in x's dtype on x's device and no weight
+    patches (LoRA under lowvram); else None."""
+    if isinstance(norm, nn.RMSNorm):
+        weight = norm.weight
+        if weight is None or tuple(norm.normalized_shape) != (x.shape[-1],):
+            return None
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    elif type(norm).__name__ == "RMSNorm" and type(norm).__module__.endswith("ldm.flux.layers"):
+        weight, eps = getattr(norm, "scale", None), 1e-6
+    else:
+        return None
+    if getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None):
+        return None
+    if not isinstance(weight, torch.Tensor) or weight.dtype != x.dtype or weight.device != x.device:
+        return None
+    return weight, eps
+
+
+class DeferredQKForward(DeferredForward):
+    """The replacement ``forward(q, k, v)`` of Flux's QKNorm: pending q and k when the fused q/k kernel can
+    take them at the host's ``apply_rope``, the host's forward otherwise. No INT8 consumer is involved: it
+    serves float layers as well (``install_qk``)."""
+
+    kind = PendingQK
+
+    def __init__(self, module: nn.Module, container: Optional[nn.Module] = None, consumers: tuple = ()):
+        self._module, self._container, self.consumers = weakref.ref(module), weakref.ref(module), ()
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        module = self.module
+        if (type(q) is torch.Tensor and type(k) is torch.Tensor and q.dtype == k.dtype == v.dtype
+                and q.dim() == 4 and not kernels.ops.compiling() and enabled()
+                and (q.is_cuda or triton_support.interpreting()) and triton_support.unavailable_reason() is None):
+            pq, pk = _rms_params(module.query_norm, q), _rms_params(module.key_norm, k)
+            # The kernel has no backward: anything autograd would track (QAT, training) runs the host's ops.
+            tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                      for t in (q, k, pq and pq[0], pk and pk[0]))
+            if pq is not None and pk is not None and not tracked and patch_rope(module):
+                return PendingQK(((q, *pq),), v.dtype), PendingQK(((k, *pk),), v.dtype)
+        return type(module).forward(module, q, k, v)
+
+
+def _is_flux_qknorm(m) -> bool:
+    return (type(m).__name__ == "QKNorm" and _rope_module(m) is not None
+            and isinstance(getattr(m, "query_norm", None), nn.Module) and isinstance(getattr(m, "key_norm", None), nn.Module))
+
+
 def _is_gelu_tanh(m) -> bool:
     return isinstance(m, nn.GELU) and m.approximate == "tanh"
 
@@ -315,7 +469,8 @@ _NORM_SITES = (
 def sites(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, tuple[type, str, tuple[str, ...]]]:
     """{module name: (forward class, container name, consumer paths)} for Flux single blocks' GELU
     (``mlp_act`` -> cat -> ``linear2``) and the plain LayerNorms of _NORM_SITES whose (modulated) output
-    goes into an INT8-activation linear, or will per ``replacements``."""
+    goes into an INT8-activation linear, or will per ``replacements``; and every Flux QKNorm (no consumer:
+    its pending output goes to the host's apply_rope)."""
     from . import fusion   # here, not at the top: fusion imports modules, which imports this module
     found = {}
     for name, module in model.named_modules():
@@ -337,6 +492,8 @@ def sites(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, tup
             taken = consumers(paths)
             if taken:
                 found[prefix + attr] = (kind, name, taken)
+        if _is_flux_qknorm(module):
+            found[name] = (DeferredQKForward, name, ())
     return found
 
 
@@ -344,6 +501,14 @@ def forwards(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, 
     """The deferred forward per site (api.quantize_ adds them to its object patches)."""
     return {n: kind(model.get_submodule(n), model.get_submodule(container), paths)
             for n, (kind, container, paths) in sites(model, replacements).items()}
+
+
+def install_qk(model: nn.Module) -> list[str]:
+    """In place: defer the q/k preparation of every Flux QKNorm of ``model`` (quantized or not)."""
+    names = [n for n, m in model.named_modules() if _is_flux_qknorm(m)]
+    for name in names:
+        model.get_submodule(name).forward = DeferredQKForward(model.get_submodule(name))
+    return names
 
 
 def install(model: nn.Module) -> list[str]:

@@ -1,0 +1,104 @@
+"""Query/key preparation of an attention in one pass: RMSNorm over each head (QK norm), then the rotary
+embedding, read from the qkv projection's output in place and written in the layout attention reads.
+
+Why: Flux's host code prepares q and k in ten to twelve launches per attention (two RMSNorms over strided
+views, four dtype copies around the fp32 RoPE, its multiply and addcmul_, and in the double blocks a cat of
+the text and image streams), each a full pass over 4608 x 3072 values, in fp32 for the RoPE: on an H200
+~23 ms of a 129 ms INT8 Flux step (docs/BENCHMARKS.md, call 1's profile). One kernel reads q and k once
+(bf16) and writes them once. Used by octet/deferred.py (``PendingQK``), which keeps the norms' outputs
+pending until the host's ``apply_rope`` receives them.
+
+Numerics follow the host's ops (reference: ``torch_ref.qk_norm_rope``): the norm in fp32 with the weight
+cast to the activation dtype first, its output rounded to the activation dtype (the host stores it), the
+RoPE in fp32 on that, rounded once at the end.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_launch
+
+
+@triton.jit
+def _norm_rope_head(x_ptr, sxb, sxh, sxl, w_ptr, eps, o_ptr, sob, soh, sol, b, h, rows, l_offset, mask,
+                    f00, f01, f10, f11, D: tl.constexpr, BLOCK_L: tl.constexpr):
+    cols = tl.arange(0, D)
+    x = tl.load(x_ptr + b * sxb + h * sxh + rows[:, None] * sxl + cols[None, :], mask=mask[:, None], other=0.0)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
+    w = tl.load(w_ptr + cols).to(x.dtype).to(tl.float32)       # the host casts the weight to x's dtype
+    y = (xf * rstd[:, None] * w[None, :]).to(o_ptr.dtype.element_ty).to(tl.float32)
+    y0, y1 = tl.split(tl.reshape(y, (BLOCK_L, D // 2, 2)))
+    out = tl.reshape(tl.join(f00 * y0 + f01 * y1, f10 * y0 + f11 * y1), (BLOCK_L, D))
+    tl.store(o_ptr + b * sob + h * soh + (rows + l_offset)[:, None] * sol + cols[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=mask[:, None])
+
+
+@triton.jit
+def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, f_ptr, oq_ptr, ok_ptr, L, H, l_offset,
+                         sqb, sqh, sql, skb, skh, skl, sfb, sfl, sob, soh, sol, eps_q, eps_k,
+                         D: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid_l = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask = rows < L
+    # freqs [B or 1, 1, L_total, D/2, 2, 2] fp32: element [d, i, j] of a row at d*4 + i*2 + j.
+    f = f_ptr + b * sfb + (rows + l_offset)[:, None] * sfl + tl.arange(0, D // 2)[None, :] * 4
+    f00 = tl.load(f, mask=mask[:, None], other=0.0)
+    f01 = tl.load(f + 1, mask=mask[:, None], other=0.0)
+    f10 = tl.load(f + 2, mask=mask[:, None], other=0.0)
+    f11 = tl.load(f + 3, mask=mask[:, None], other=0.0)
+    _norm_rope_head(q_ptr, sqb, sqh, sql, wq_ptr, eps_q, oq_ptr, sob, soh, sol, b, h, rows, l_offset, mask,
+                    f00, f01, f10, f11, D, BLOCK_L)
+    _norm_rope_head(k_ptr, skb, skh, skl, wk_ptr, eps_k, ok_ptr, sob, soh, sol, b, h, rows, l_offset, mask,
+                    f00, f01, f10, f11, D, BLOCK_L)
+
+
+_BLOCK_L = 32
+_launcher = None
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor) -> bool:
+    """Whether the kernel can prepare head rows ``x`` [B, H, L, D] with ``weight`` [D] and Flux's ``freqs``
+    [B or 1, 1, L_total, D/2, 2, 2] (fp32, last three dims contiguous); else the caller runs the host's ops."""
+    if x.dim() != 4 or x.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    d = x.shape[-1]
+    if d < 4 or d & (d - 1) or weight.shape != (d,) or weight.device != x.device or not weight.is_contiguous():
+        return False
+    return (freqs.dim() == 6 and freqs.dtype == torch.float32 and freqs.device == x.device
+            and freqs.shape[0] in (1, x.shape[0]) and freqs.shape[1] == 1 and tuple(freqs.shape[3:]) == (d // 2, 2, 2)
+            and freqs.stride(5) == 1 and freqs.stride(4) == 2 and freqs.stride(3) == 4)
+
+
+def qk_norm_rope(segments: list, freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k [B, H, sum(L_i), D] (contiguous, ``dtype``) from ``segments``: (q_i, k_i, wq_i, wk_i, eps_q_i,
+    eps_k_i) per stretch of tokens (Flux's double block: the text stream's, then the image stream's, each
+    normalised with its own weights), concatenated along the tokens; row t uses freqs row t. Callers check
+    ``takes`` for every tensor and that freqs has exactly sum(L_i) rows."""
+    global _launcher
+    if _launcher is None:
+        _launcher = triton_launch.Launcher(_qk_norm_rope_kernel, "qk_norm_rope")
+    q0 = segments[0][0]
+    b, h, _, d = q0.shape
+    total = sum(s[0].shape[2] for s in segments)
+    out_q = torch.empty((b, h, total, d), dtype=dtype, device=q0.device)
+    out_k = torch.empty_like(out_q)
+    sfb = freqs.stride(0) if freqs.shape[0] > 1 else 0
+    offset = 0
+    for q, k, wq, wk, eps_q, eps_k in segments:
+        length = q.shape[2]
+        if length:
+            ints = (length, h, offset, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                    sfb, freqs.stride(2), out_q.stride(0), out_q.stride(1), out_q.stride(2))
+            key = (q.dtype, dtype, d) + triton_launch.facts(q, k, wq, wk, freqs, *ints)
+            _launcher(key, lambda meta, length=length: (triton.cdiv(length, _BLOCK_L), b * h),
+                      lambda meta, q=q, k=k, wq=wq, wk=wk, ints=ints, eps=(eps_q, eps_k):
+                          (q, k, wq, wk, freqs, out_q, out_k, *ints, float(eps[0]), float(eps[1])),
+                      dict(D=d, BLOCK_L=_BLOCK_L, num_warps=4))
+        offset += length
+    return out_q, out_k

@@ -1,0 +1,82 @@
+"""Flux's q/k preparation (QK RMSNorm + RoPE) in one kernel, against torch_ref.qk_norm_rope (the host's own
+ops): exact up to one rounding step of the output dtype where the kernel's rsqrt / sums differ from torch's
+in the last bit."""
+import pytest
+import torch
+
+from comfyui_octet.kernels import torch_ref
+from kernel_testing import randn, requires_triton
+
+pytestmark = requires_triton
+
+
+def flux_freqs(batch, length, d, device, theta=10000):
+    """Flux's pe layout [B, 1, L, D/2, 2, 2] (comfy.ldm.flux.math.rope: cos, -sin, sin, cos) at positions
+    0..L-1 (one axis: the kernel reads any values in that layout)."""
+    pos = torch.arange(length, dtype=torch.float64, device=device)[None].expand(batch, length) * 1.7
+    scale = torch.linspace(0, (d - 2) / d, steps=d // 2, dtype=torch.float64, device=device)
+    out = torch.einsum("...n,d->...nd", pos, 1.0 / theta ** scale)
+    out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
+    return out.reshape(batch, length, d // 2, 2, 2)[:, None].float()
+
+
+def qkv_views(b, length, h, d, rng, dtype, device):
+    """q, k, v as Flux's blocks make them: strided views of one [B, L, 3*H*D] projection output."""
+    qkv = randn((b, length, 3 * h * d), rng, dtype, device, scale=2.0)
+    return qkv.view(b, length, 3, h, d).permute(2, 0, 3, 1, 4)
+
+
+def ulps(out, ref):
+    """|out - ref| in units of ref's dtype's rounding step at ref's magnitude, or at 1 below it: the values
+    are RMS-normalised (about 1), and a rotation can cancel them to near 0, where a last-bit difference of
+    the normalised input is many steps of the small output."""
+    step = torch.finfo(ref.dtype).eps * ref.float().abs().clamp_min(1.0)
+    return ((out.float() - ref.float()).abs() / step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [(37,), (5, 40)])
+@pytest.mark.parametrize("batch_freqs", [1, 2])
+def test_qk_norm_rope_matches_host_ops(dtype, lengths, batch_freqs, rng, device):
+    from comfyui_octet.kernels.backends import triton_rope
+    if dtype == torch.bfloat16 and not str(device).startswith("cuda"):
+        pytest.skip("Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest): bf16 runs on a GPU")
+    b, h, d = 2, 3, 64
+    total = sum(lengths)
+    freqs = flux_freqs(batch_freqs, total, d, device)
+    segments, refs_q, refs_k = [], [], []
+    offset = 0
+    for i, length in enumerate(lengths):
+        q, k, _ = qkv_views(b, length, h, d, rng, dtype, device)
+        wq = 1 + 0.3 * randn((d,), rng, dtype, device)
+        wk = 1 + 0.3 * randn((d,), rng, dtype, device)
+        eps_q, eps_k = 1e-6, (torch.finfo(dtype).eps if i else 1e-6)   # 0.29's torch RMSNorm: eps=None -> finfo
+        assert triton_rope.takes(q, wq, freqs) and triton_rope.takes(k, wk, freqs)
+        segments.append((q, k, wq, wk, eps_q, eps_k))
+        refs_q.append(torch_ref.qk_norm_rope(q, wq, eps_q, freqs, offset))
+        refs_k.append(torch_ref.qk_norm_rope(k, wk, eps_k, freqs, offset))
+        offset += length
+    for _ in range(2):                        # the second call goes through the recorded direct launch on a GPU
+        out_q, out_k = triton_rope.qk_norm_rope(segments, freqs, dtype)
+    ref_q, ref_k = torch.cat(refs_q, dim=2), torch.cat(refs_k, dim=2)
+    assert out_q.shape == (b, h, total, d) and out_q.is_contiguous() and out_q.dtype == dtype
+    for out, ref in ((out_q, ref_q), (out_k, ref_k)):
+        err = ulps(out, ref)
+        assert err.max() <= 4, err.max()
+        assert (err > 0.5).float().mean() < (0.02 if dtype == torch.bfloat16 else 0.5)
+    # Not the identity: the rotation moved the normalised values, and a wrong pairing would not match.
+    plain = torch.nn.functional.rms_norm(segments[0][0], (d,), segments[0][2].to(dtype), 1e-6)
+    assert (ref_q[:, :, :lengths[0]].float() - plain.float()).abs().mean() > 0.1
+
+
+def test_takes_refuses_what_it_cannot_read(rng, device):
+    from comfyui_octet.kernels.backends import triton_rope
+    q, _, _ = qkv_views(1, 8, 2, 64, rng, torch.float32, device)
+    w = torch.ones(64, device=device)
+    freqs = flux_freqs(1, 8, 64, device)
+    assert triton_rope.takes(q, w, freqs)
+    assert not triton_rope.takes(q, torch.ones(32, device=device), freqs)          # weight of another width
+    assert not triton_rope.takes(q, w, freqs.double())                              # freqs not fp32
+    assert not triton_rope.takes(q, w, freqs.expand(1, 2, 8, 32, 2, 2))             # per-head freqs
+    assert not triton_rope.takes(q[..., :48], w[:48], flux_freqs(1, 8, 48, device))  # D not a power of two
+    assert not triton_rope.takes(q.transpose(-1, -2), w, freqs)                      # strided head dim

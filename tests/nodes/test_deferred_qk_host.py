@@ -1,0 +1,118 @@
+"""Flux's q/k preparation (QKNorm's RMSNorms, the double block's cat, apply_rope's RoPE) as one kernel, on the
+real host's Flux blocks (the Flux-class reference DiT through KSampler): every attention takes it, each fused
+q/k pair matches the host's own apply_rope on the computed tensors, a float model sampled with it matches the
+same model without it, and anything else the host does with q or k (a patch between norm and attention, a
+pe the kernel cannot read) gets the host's numbers."""
+import pytest
+import torch
+
+from comfyui_octet.fixtures import reference_model as rm
+from comfyui_octet.kernels.backends import triton_support
+from comfyui_octet.nodes import bridge
+from comfyui_octet.octet import DynamicW8A8Config, deferred
+
+pytestmark = pytest.mark.skipif(triton_support.unavailable_reason() is not None or not triton_support.interpreting(),
+                                reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
+STEPS = 2
+
+
+def qknorm_names(dm):
+    return sorted(n for n, m in dm.named_modules() if type(m).__name__ == "QKNorm")
+
+
+def flux_math():
+    import comfy.ldm.flux.math as flux_math
+    return flux_math
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Each fused q/k pair next to the host's apply_rope on the same pending tensors, computed."""
+    seen = []
+    real = deferred.PendingQK.rope_with
+
+    def checked(self, k, freqs):
+        out = real(self, k, freqs)
+        if out is not None:
+            host = flux_math().apply_rope.__wrapped__(self.compute(), k.compute(), freqs)
+            for fused, ref in zip(out, host):
+                seen.append((len(self.segments), (fused - ref).abs().max().item(), ref.abs().max().item()))
+        return out
+    monkeypatch.setattr(deferred.PendingQK, "rope_with", checked)
+    return seen
+
+
+def test_every_flux_attention_prepares_q_and_k_in_one_kernel(recorded, sample_dit):
+    dit = rm.load_reference("dit", "plain")
+    q, result = bridge.quantize_model(dit, DynamicW8A8Config(backend="triton"))
+    dm = dit.model.diffusion_model
+    names = qknorm_names(dm)
+    doubles = sum(n.startswith("double_blocks.") for n in names) // 2
+    singles = len(names) - 2 * doubles
+    assert doubles >= 1 and singles >= 1 and result.qk_norms == names
+    assert "attentions prepare q/k" in result.summary()
+    assert all(f"diffusion_model.{n}.forward" in q.object_patches for n in names)
+
+    sample_dit(q, STEPS)
+    # One fused pair per attention per model call (cond and uncond batched: one call per step), from the first
+    # step on (no plan is needed); the double blocks' pairs carry both streams (two segments).
+    segments = [s for s, _, _ in recorded]
+    assert segments.count(2) == 2 * doubles * STEPS and segments.count(1) == 2 * singles * STEPS
+    # fp32 on CPU: the kernel's rsqrt / sums and torch's differ in the last bits only.
+    assert max(d / m for _, d, m in recorded) < 1e-5
+
+
+def test_a_float_model_samples_the_same_with_the_fused_preparation(recorded, sample_dit):
+    dit = rm.load_reference("dit", "plain")
+    before = sample_dit(dit, STEPS)
+    dm = dit.model.diffusion_model
+    fused = dit.clone()
+    for name in qknorm_names(dm):
+        module = dm.get_submodule(name)
+        fused.add_object_patch(f"diffusion_model.{name}.forward", deferred.DeferredQKForward(module))
+    after = sample_dit(fused, STEPS)
+    # q and k of every attention in every model call took the kernel.
+    assert len(recorded) == 2 * (len(qknorm_names(dm)) - len(qknorm_names(dm.double_blocks)) // 2) * STEPS
+    # The whole sample: float all the way, so only last-bit differences, carried through two steps.
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_what_the_kernel_cannot_take_gets_the_host_numbers(recorded):
+    """A QKNorm call outside the fused route: a host patch reading q (0.29's attn1_patch), a pe of another
+    length, grad-tracked inputs. Each gives exactly the host forward's and apply_rope's tensors."""
+    dit = rm.load_reference("dit", "plain")
+    dm = dit.model.diffusion_model
+    name = qknorm_names(dm)[-1]
+    module = dm.get_submodule(name)
+    forward = deferred.DeferredQKForward(module)
+    g = torch.Generator().manual_seed(3)
+    b, h, length, d = 2, 6, 10, 32
+    qkv = torch.randn(b, length, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)
+    pe = dm.pe_embedder(torch.randn(b, length, 3, generator=g) * 4)
+    host_q, host_k = type(module).forward(module, *qkv)
+    host_rope = flux_math().apply_rope.__wrapped__ if hasattr(flux_math().apply_rope, "__wrapped__") \
+        else flux_math().apply_rope
+
+    with torch.no_grad():
+        pq, pk = forward(*qkv)
+        assert type(pq) is deferred.PendingQK
+        # A patch doing arithmetic on q: computed once, exactly the host's tensor, and then used as such.
+        torch.testing.assert_close(pq * 1.0, host_q, rtol=0, atol=0)
+        out = flux_math().apply_rope(pq, pk, pe)            # pq is computed now: the host's apply_rope runs
+        for got, ref in zip(out, host_rope(host_q, host_k, pe)):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        assert recorded == []
+
+        pq, pk = forward(*qkv)
+        shorter = pe[:, :, :-1]                              # freqs for fewer tokens: not the kernel's case
+        with pytest.raises(RuntimeError):
+            host_rope(host_q, host_k, shorter)               # ... and the host raises on it too
+        with pytest.raises(RuntimeError):
+            flux_math().apply_rope(pq, pk, shorter)
+        assert recorded == []
+
+    # Grad-tracked input (QAT, training): the host's forward, real tensors.
+    tracked = qkv.clone().requires_grad_(True)
+    q, k = forward(*tracked)
+    assert type(q) is torch.Tensor and q.requires_grad
+    torch.testing.assert_close(q, host_q, rtol=0, atol=0)
