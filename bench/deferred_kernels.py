@@ -24,7 +24,7 @@ def graph_us(fn) -> float:
     return bench_graph(fn, 100) * 1000
 
 
-def qk_rows(add, timer, dev):
+def qk_rows(add, timer, dev, sweep=False):
     """Flux's q/k preparation per attention, 24 heads of 128: the host's ops (QKNorm's two RMSNorms over the
     qkv views, 0.3.75's fp32 apply_rope; the double block's cats of the text and image streams first) vs
     triton_rope.qk_norm_rope."""
@@ -63,9 +63,14 @@ def qk_rows(add, timer, dev):
                            for i, (q, _, _) in enumerate(parts)], dim=2)
         bad = ((fused_q.float() - ref_q.float()).abs() > 1e-2 * ref_q.float().abs().clamp_min(1)).float().mean().item()
         add(f"q/k prep, {label}: host ops", timer(host))
-        add(f"q/k prep, {label}: qk_norm_rope (values off by >1%: {bad:.1e})",
-            timer(lambda: triton_rope.qk_norm_rope(segments, freqs, torch.bfloat16)),
-            2 * 2 * total * heads * hd * 2 + total * hd * 2 * 4)
+        moved = 2 * 2 * total * heads * hd * 2 + total * hd * 2 * 4
+        add(f"q/k prep, {label}: qk_norm_rope {triton_rope.CONFIG} (values off by >1%: {bad:.1e})",
+            timer(lambda: triton_rope.qk_norm_rope(segments, freqs, torch.bfloat16)), moved)
+        configs = [(16, 1, 4), (32, 1, 4), (32, 4, 4), (16, 8, 4), (64, 8, 4), (64, 8, 8), (32, 24, 4), (64, 4, 8),
+                   (128, 4, 8)]
+        for config in configs if sweep else ():
+            add(f"  qk_norm_rope (BLOCK_L, HEADS, warps)={config}",
+                timer(lambda c=config: triton_rope.qk_norm_rope(segments, freqs, torch.bfloat16, c)), moved)
 
 
 def main() -> int:
@@ -103,10 +108,11 @@ def main() -> int:
         graph_us(lambda: rowq[d + h](torch.cat((attn, F.gelu(pre, approximate="tanh")), 2).reshape(m, d + h))))
     moved = m * (d + h) * 3
     add("single block: GeluRowQuantizer (default config)", graph_us(lambda: cat_gelu(attn, pre)), moved)
-    for block_k in (1024, 2048, 4096, 8192) if args.sweep else ():
-        for warps in (4, 8, 16):
-            q = triton_quant.GeluRowQuantizer(d, h, config=(block_k, warps))
-            add(f"  GeluRowQuantizer BLOCK_K={block_k} warps={warps}", graph_us(lambda q=q: q(attn, pre)), moved)
+    # Two sweeps over tiles, or (BLOCK_K >= 15360) the whole row in registers, the GELU computed once.
+    gelu_configs = [(b, w) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)] + [(16384, 8), (16384, 16), (16384, 32)]
+    for block_k, warps in gelu_configs if args.sweep else ():
+        q = triton_quant.GeluRowQuantizer(d, h, config=(block_k, warps))
+        add(f"  GeluRowQuantizer BLOCK_K={block_k} warps={warps}", graph_us(lambda q=q: q(attn, pre)), moved)
     mlp_gelu = triton_quant.GeluRowQuantizer(0, h)
     fc1_out = torch.randn(1, m, h, device=dev, dtype=torch.bfloat16)
     add("double block MLP: gelu + quantize_rows", graph_us(lambda: rowq[h](F.gelu(fc1_out, approximate="tanh").reshape(m, h))))
@@ -116,7 +122,7 @@ def main() -> int:
         graph_us(lambda: rowq[d](torch.addcmul(shift, F.layer_norm(x, (d,), None, None, 1e-6), mult).reshape(m, d))))
     add("qkv input: NormRowQuantizer", graph_us(lambda: norm(x, 1e-6, mult, shift)), m * d * 3)
     add("plain quantize_rows K=3072 (for scale)", graph_us(lambda: rowq[d](x.reshape(m, d))), m * d * 3)
-    qk_rows(add, graph_us, dev)
+    qk_rows(add, graph_us, dev, args.sweep)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "deferred_kernels.json"), "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)

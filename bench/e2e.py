@@ -348,7 +348,7 @@ def markdown(rows, header) -> str:
     lines = [header, "", "| model | variant | mode | step ms | vs bf16 | vs bf16 graph | weights GiB | vs bf16 | "
              "peak VRAM GiB | quantize s | capture / compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r.get("mode", "eager")): r for r in rows
-            if r["variant"] == "bf16" and "step_ms" in r}
+            if (r["variant"] == "bf16" or r["variant"].startswith("bf16+")) and "step_ms" in r}
     for r in rows:
         mode = r.get("mode", "eager")
         b = base.get((r["model"], "eager" if mode == "graph" else mode))

@@ -276,24 +276,33 @@ def _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH: tl.co
 @triton.jit
 def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K1, K2, stride_am, stride_gm,
                               HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr,
-                              BLOCK_K: tl.constexpr):
+                              BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     a_row = a_ptr + row * stride_am
     g_row = g_ptr + row * stride_gm
     q_row = q_ptr + row * (K1 + K2)
     offs = tl.arange(0, BLOCK_K)
-    if STATIC:
-        scale = tl.load(static_ptr).to(tl.float32)
+    if ONE_TILE:   # the whole row in registers: one read, the GELU computed once
+        v, mask = _cat_gelu_tile(a_row, g_row, smooth_ptr, 0, offs, K1, K2, HAS_SMOOTH)
+        if STATIC:
+            scale = tl.load(static_ptr).to(tl.float32)
+        else:
+            scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
+            tl.store(scale_ptr + row, scale)
+        tl.store(q_row + offs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
     else:
-        absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if STATIC:
+            scale = tl.load(static_ptr).to(tl.float32)
+        else:
+            absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K1 + K2, BLOCK_K):
+                v, _ = _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH)
+                absmax = tl.maximum(absmax, tl.abs(v))
+            scale = scale_from_absmax(tl.max(absmax, axis=0), SCALE_BY_RECIPROCAL)
+            tl.store(scale_ptr + row, scale)
         for k0 in range(0, K1 + K2, BLOCK_K):
-            v, _ = _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH)
-            absmax = tl.maximum(absmax, tl.abs(v))
-        scale = scale_from_absmax(tl.max(absmax, axis=0), SCALE_BY_RECIPROCAL)
-        tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K1 + K2, BLOCK_K):
-        v, mask = _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH)
-        tl.store(q_row + k0 + offs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
+            v, mask = _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH)
+            tl.store(q_row + k0 + offs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
 
 
 def _rows(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -327,7 +336,7 @@ class GeluRowQuantizer:
         # (tile width, warps); ``config`` overrides it for bench/kernels.py-style sweeps.
         block_k, num_warps = config or gelu_row_launch_config(k1 + k2)
         self.flags = {(static, cuda): dict(HAS_SMOOTH=self.smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=cuda,
-                                           BLOCK_K=block_k, num_warps=num_warps)
+                                           BLOCK_K=block_k, ONE_TILE=block_k >= k1 + k2, num_warps=num_warps)
                       for static in (False, True) for cuda in (False, True)}
         self.launcher = triton_launch.Launcher(_quantize_cat_gelu_kernel, "quantize_cat_gelu")
 

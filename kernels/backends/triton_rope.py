@@ -39,26 +39,31 @@ def _norm_rope_head(x_ptr, sxb, sxh, sxl, w_ptr, eps, o_ptr, sob, soh, sol, b, h
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, f_ptr, oq_ptr, ok_ptr, L, H, l_offset,
                          sqb, sqh, sql, skb, skh, skl, sfb, sfl, sob, soh, sol, eps_q, eps_k,
-                         D: tl.constexpr, BLOCK_L: tl.constexpr):
+                         D: tl.constexpr, BLOCK_L: tl.constexpr, HEADS: tl.constexpr):
+    # One program: BLOCK_L tokens of one batch entry, HEADS heads, q and k: the freqs tile is read once and
+    # serves 2 * HEADS head rows (one program per head re-read it 48 times per token at Flux's 24 heads).
     pid_l = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    h0 = tl.program_id(1) * HEADS
+    b = tl.program_id(2)
     rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask = rows < L
-    # freqs [B or 1, 1, L_total, D/2, 2, 2] fp32: element [d, i, j] of a row at d*4 + i*2 + j.
-    f = f_ptr + b * sfb + (rows + l_offset)[:, None] * sfl + tl.arange(0, D // 2)[None, :] * 4
-    f00 = tl.load(f, mask=mask[:, None], other=0.0)
-    f01 = tl.load(f + 1, mask=mask[:, None], other=0.0)
-    f10 = tl.load(f + 2, mask=mask[:, None], other=0.0)
-    f11 = tl.load(f + 3, mask=mask[:, None], other=0.0)
-    _norm_rope_head(q_ptr, sqb, sqh, sql, wq_ptr, eps_q, oq_ptr, sob, soh, sol, b, h, rows, l_offset, mask,
-                    f00, f01, f10, f11, D, BLOCK_L)
-    _norm_rope_head(k_ptr, skb, skh, skl, wk_ptr, eps_k, ok_ptr, sob, soh, sol, b, h, rows, l_offset, mask,
-                    f00, f01, f10, f11, D, BLOCK_L)
+    # freqs [B or 1, 1, L_total, D/2, 2, 2] fp32: a row's 2*D values [d, i, j] at d*4 + i*2 + j, read contiguously.
+    f = tl.load(f_ptr + b * sfb + (rows + l_offset)[:, None] * sfl + tl.arange(0, 2 * D)[None, :],
+                mask=mask[:, None], other=0.0)
+    f0, f1 = tl.split(tl.reshape(f, (BLOCK_L, D // 2, 2, 2)))     # [.., i, 0] and [.., i, 1]
+    f00, f10 = tl.split(f0)
+    f01, f11 = tl.split(f1)
+    for i in tl.static_range(HEADS):
+        h = h0 + i
+        if h < H:
+            _norm_rope_head(q_ptr, sqb, sqh, sql, wq_ptr, eps_q, oq_ptr, sob, soh, sol, b, h, rows, l_offset, mask,
+                            f00, f01, f10, f11, D, BLOCK_L)
+            _norm_rope_head(k_ptr, skb, skh, skl, wk_ptr, eps_k, ok_ptr, sob, soh, sol, b, h, rows, l_offset, mask,
+                            f00, f01, f10, f11, D, BLOCK_L)
 
 
-_BLOCK_L = 32
+# (BLOCK_L, HEADS, num_warps); bench/deferred_kernels.py --sweep times the alternatives.
+CONFIG = (32, 8, 4)
 _launcher = None
 
 
@@ -75,7 +80,8 @@ def takes(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor) -> bool:
             and freqs.stride(5) == 1 and freqs.stride(4) == 2 and freqs.stride(3) == 4)
 
 
-def qk_norm_rope(segments: list, freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def qk_norm_rope(segments: list, freqs: torch.Tensor, dtype: torch.dtype,
+                 config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k [B, H, sum(L_i), D] (contiguous, ``dtype``) from ``segments``: (q_i, k_i, wq_i, wk_i, eps_q_i,
     eps_k_i) per stretch of tokens (Flux's double block: the text stream's, then the image stream's, each
     normalised with its own weights), concatenated along the tokens; row t uses freqs row t. Callers check
@@ -83,6 +89,7 @@ def qk_norm_rope(segments: list, freqs: torch.Tensor, dtype: torch.dtype) -> tup
     global _launcher
     if _launcher is None:
         _launcher = triton_launch.Launcher(_qk_norm_rope_kernel, "qk_norm_rope")
+    block_l, heads, warps = config or CONFIG
     q0 = segments[0][0]
     b, h, _, d = q0.shape
     total = sum(s[0].shape[2] for s in segments)
@@ -95,10 +102,10 @@ def qk_norm_rope(segments: list, freqs: torch.Tensor, dtype: torch.dtype) -> tup
         if length:
             ints = (length, h, offset, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     sfb, freqs.stride(2), out_q.stride(0), out_q.stride(1), out_q.stride(2))
-            key = (q.dtype, dtype, d) + triton_launch.facts(q, k, wq, wk, freqs, *ints)
-            _launcher(key, lambda meta, length=length: (triton.cdiv(length, _BLOCK_L), b * h),
+            key = (q.dtype, dtype, d, block_l, heads, warps) + triton_launch.facts(q, k, wq, wk, freqs, *ints)
+            _launcher(key, lambda meta, length=length: (triton.cdiv(length, block_l), triton.cdiv(h, heads), b),
                       lambda meta, q=q, k=k, wq=wq, wk=wk, ints=ints, eps=(eps_q, eps_k):
                           (q, k, wq, wk, freqs, out_q, out_k, *ints, float(eps[0]), float(eps[1])),
-                      dict(D=d, BLOCK_L=_BLOCK_L, num_warps=4))
+                      dict(D=d, BLOCK_L=block_l, HEADS=heads, num_warps=warps))
         offset += length
     return out_q, out_k

@@ -36,14 +36,16 @@ def test_cat_gelu_quantize_matches_reference(shape, dtype, smoothed, rng, device
 
 @pytest.mark.parametrize("head", [True, False])
 @pytest.mark.parametrize("static", [False, True])
-def test_gelu_quantizer_head_and_static(head, static, rng, device):
+@pytest.mark.parametrize("config", [None, (512, 4)])    # the default (one tile for 240, two sweeps for 300), one tile
+def test_gelu_quantizer_head_and_static(head, static, config, rng, device):
     """The prepared quantizer an MLP's fc2 (no head) and Flux's linear2 (attn head) use, with dynamic
     and static scales, fed [B, L, K] activations as the model produces them, called twice with
     different M (the second call goes through the recorded direct launch on a GPU)."""
     from comfyui_octet.kernels.backends import triton_quant
     k1, k2 = (40, 200) if head else (0, 300)
     smooth = positive(k1 + k2, rng, device)
-    quantizer = triton_quant.GeluRowQuantizer(k1, k2, smooth)
+    quantizer = triton_quant.GeluRowQuantizer(k1, k2, smooth, config)
+    assert quantizer.flags[False, False]["ONE_TILE"] == (config is not None or head)
     for b, l in ((2, 5), (1, 3)):
         attn = randn((b, l, k1), rng, torch.bfloat16, device, scale=0.5) if head else None
         wide = randn((b, l, k2 + 9), rng, torch.bfloat16, device, scale=2.0)

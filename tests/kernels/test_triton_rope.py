@@ -37,7 +37,8 @@ def ulps(out, ref):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths", [(37,), (5, 40)])
 @pytest.mark.parametrize("batch_freqs", [1, 2])
-def test_qk_norm_rope_matches_host_ops(dtype, lengths, batch_freqs, rng, device):
+@pytest.mark.parametrize("config", [None, (16, 2, 2)])     # the default, and 3 heads over two programs
+def test_qk_norm_rope_matches_host_ops(dtype, lengths, batch_freqs, config, rng, device):
     from comfyui_octet.kernels.backends import triton_rope
     if dtype == torch.bfloat16 and not str(device).startswith("cuda"):
         pytest.skip("Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest): bf16 runs on a GPU")
@@ -57,7 +58,7 @@ def test_qk_norm_rope_matches_host_ops(dtype, lengths, batch_freqs, rng, device)
         refs_k.append(torch_ref.qk_norm_rope(k, wk, eps_k, freqs, offset))
         offset += length
     for _ in range(2):                        # the second call goes through the recorded direct launch on a GPU
-        out_q, out_k = triton_rope.qk_norm_rope(segments, freqs, dtype)
+        out_q, out_k = triton_rope.qk_norm_rope(segments, freqs, dtype, config)
     ref_q, ref_k = torch.cat(refs_q, dim=2), torch.cat(refs_k, dim=2)
     assert out_q.shape == (b, h, total, d) and out_q.is_contiguous() and out_q.dtype == dtype
     for out, ref in ((out_q, ref_q), (out_k, ref_k)):
