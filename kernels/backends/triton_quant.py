@@ -315,9 +315,15 @@ def _rows(t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def gelu_row_launch_config(k: int) -> tuple[int, int]:
-    """(tile width, warps) of the GELU row quantizer for rows of k: two sweeps over tiles of about a
-    quarter of the row, as ``row_launch_config`` measured for plain rows."""
-    block_k = min(2048, max(256, triton.next_power_of_2(k) // 4))
+    """(tile width, warps) of the GELU row quantizer for rows of k. Rows of 8193..16384: the whole row in
+    one tile of 16 warps (the GELU computed once): at Flux's single-block 15360 on an H200 138.7 us against
+    173.7-266.4 us for every two-sweep (tile, warps) (bench/deferred_kernels.py --sweep, 2026-12-02).
+    Shorter rows: two sweeps over tiles of about a quarter of the row, as ``row_launch_config`` measured
+    for plain rows."""
+    whole = triton.next_power_of_2(k)
+    if 8192 < whole <= 16384:
+        return whole, 16
+    block_k = min(2048, max(256, whole // 4))
     return block_k, 4 if block_k <= 1024 else 8
 
 

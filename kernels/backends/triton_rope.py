@@ -40,8 +40,7 @@ def _norm_rope_head(x_ptr, sxb, sxh, sxl, w_ptr, eps, o_ptr, sob, soh, sol, b, h
 def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, f_ptr, oq_ptr, ok_ptr, L, H, l_offset,
                          sqb, sqh, sql, skb, skh, skl, sfb, sfl, sob, soh, sol, eps_q, eps_k,
                          D: tl.constexpr, BLOCK_L: tl.constexpr, HEADS: tl.constexpr):
-    # One program: BLOCK_L tokens of one batch entry, HEADS heads, q and k: the freqs tile is read once and
-    # serves 2 * HEADS head rows (one program per head re-read it 48 times per token at Flux's 24 heads).
+    # One program: BLOCK_L tokens of one batch entry, HEADS heads, q and k (the freqs tile read once for them).
     pid_l = tl.program_id(0)
     h0 = tl.program_id(1) * HEADS
     b = tl.program_id(2)
@@ -62,8 +61,11 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, f_ptr, oq_ptr, ok_ptr, L,
                             f00, f01, f10, f11, D, BLOCK_L)
 
 
-# (BLOCK_L, HEADS, num_warps); bench/deferred_kernels.py --sweep times the alternatives.
-CONFIG = (32, 8, 4)
+# (BLOCK_L, HEADS, num_warps). bench/deferred_kernels.py --sweep on an H200 (2026-12-02, Flux 24 x 128 heads):
+# (16, 1, 4) 37.1 us single block / 40.2 us double block; (16, 8, 4) 35.4 / 50.4; (32, 8, 4) 41.0 / 63.9; the
+# first version (32 tokens x 1 head, freqs read in four strided loads) 143 us. The contiguous freqs read is
+# what mattered; sharing it across heads did not (fewer programs on the 512-token text stream cost more).
+CONFIG = (16, 1, 4)
 _launcher = None
 
 

@@ -63,7 +63,9 @@ def test_qk_norm_rope_matches_host_ops(dtype, lengths, batch_freqs, config, rng,
     assert out_q.shape == (b, h, total, d) and out_q.is_contiguous() and out_q.dtype == dtype
     for out, ref in ((out_q, ref_q), (out_k, ref_k)):
         err = ulps(out, ref)
-        assert err.max() <= 4, err.max()
+        # bf16: a step is 2**-8, the kernel's fp32 differences rarely reach it. fp32: the GPU's approximate
+        # rsqrt and another summation order, a few steps of 2**-23, mixed by the rotation.
+        assert err.max() <= (4 if dtype == torch.bfloat16 else 64), err.max()
         assert (err > 0.5).float().mean() < (0.02 if dtype == torch.bfloat16 else 0.5)
     # Not the identity: the rotation moved the normalised values, and a wrong pairing would not match.
     plain = torch.nn.functional.rms_norm(segments[0][0], (d,), segments[0][2].to(dtype), 1e-6)
