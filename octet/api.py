@@ -50,8 +50,10 @@ class QuantResult(QuantReport):
 
     @property
     def qk_norms(self) -> list[str]:
-        """Flux QKNorms whose q/k preparation (RMSNorm + RoPE) runs as one kernel (octet/deferred.py)."""
-        return sorted(n for n, f in self.forwards.items() if isinstance(f, deferred.DeferredQKForward))
+        """Flux QKNorms and SD3 ln_q / ln_k whose q/k preparation (RMSNorm, Flux's RoPE, the streams' cat) runs as
+        one kernel (octet/deferred.py)."""
+        return sorted(n for n, f in self.forwards.items()
+                      if isinstance(f, (deferred.DeferredQKForward, deferred.DeferredRMSForward)))
 
     @property
     def chains(self) -> list[str]:
@@ -65,7 +67,7 @@ class QuantResult(QuantReport):
         qk = len(self.qk_norms)
         return (super().summary() + (f"; {chains} MLPs run as static INT8 chains" if chains else "")
                 + (f"; {deferred_text} applied inside the next INT8 layer's quantization" if deferred_text else "")
-                + (f"; {qk} attentions prepare q/k (RMSNorm + RoPE) in one kernel" if qk else ""))
+                + (f"; {qk} QK norms fused into attention's q/k preparation" if qk else ""))
 
     def to_text(self, limit: int | None = None) -> str:
         goal = ("goal=speed: a layer whose INT8 kernel is slower than bf16 at the shapes it runs at keeps a "

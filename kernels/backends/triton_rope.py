@@ -23,15 +23,18 @@ from . import triton_launch
 
 @triton.jit
 def _norm_rope_head(x_ptr, sxb, sxh, sxl, w_ptr, eps, o_ptr, sob, soh, sol, b, h, rows, l_offset, mask,
-                    f00, f01, f10, f11, D: tl.constexpr, BLOCK_L: tl.constexpr):
+                    f00, f01, f10, f11, D: tl.constexpr, BLOCK_L: tl.constexpr, ROPE: tl.constexpr):
     cols = tl.arange(0, D)
     x = tl.load(x_ptr + b * sxb + h * sxh + rows[:, None] * sxl + cols[None, :], mask=mask[:, None], other=0.0)
     xf = x.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
     w = tl.load(w_ptr + cols).to(x.dtype).to(tl.float32)       # the host casts the weight to x's dtype
-    y = (xf * rstd[:, None] * w[None, :]).to(o_ptr.dtype.element_ty).to(tl.float32)
-    y0, y1 = tl.split(tl.reshape(y, (BLOCK_L, D // 2, 2)))
-    out = tl.reshape(tl.join(f00 * y0 + f01 * y1, f10 * y0 + f11 * y1), (BLOCK_L, D))
+    y = (xf * rstd[:, None] * w[None, :]).to(o_ptr.dtype.element_ty)
+    if ROPE:
+        y0, y1 = tl.split(tl.reshape(y.to(tl.float32), (BLOCK_L, D // 2, 2)))
+        out = tl.reshape(tl.join(f00 * y0 + f01 * y1, f10 * y0 + f11 * y1), (BLOCK_L, D))
+    else:
+        out = y
     tl.store(o_ptr + b * sob + h * soh + (rows + l_offset)[:, None] * sol + cols[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mask[:, None])
 
@@ -39,26 +42,35 @@ def _norm_rope_head(x_ptr, sxb, sxh, sxl, w_ptr, eps, o_ptr, sob, soh, sol, b, h
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, f_ptr, oq_ptr, ok_ptr, L, H, l_offset,
                          sqb, sqh, sql, skb, skh, skl, sfb, sfl, sob, soh, sol, eps_q, eps_k,
-                         D: tl.constexpr, BLOCK_L: tl.constexpr, HEADS: tl.constexpr):
+                         D: tl.constexpr, BLOCK_L: tl.constexpr, HEADS: tl.constexpr, ROPE: tl.constexpr,
+                         PAIR: tl.constexpr):
     # One program: BLOCK_L tokens of one batch entry, HEADS heads, q and k (the freqs tile read once for them).
+    # Without ROPE (SD3's QK norm) only the RMSNorm; without PAIR only the first tensor.
     pid_l = tl.program_id(0)
     h0 = tl.program_id(1) * HEADS
     b = tl.program_id(2)
     rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask = rows < L
     # freqs [B or 1, 1, L_total, D/2, 2, 2] fp32: a row's 2*D values [d, i, j] at d*4 + i*2 + j, read contiguously.
-    f = tl.load(f_ptr + b * sfb + (rows + l_offset)[:, None] * sfl + tl.arange(0, 2 * D)[None, :],
-                mask=mask[:, None], other=0.0)
-    f0, f1 = tl.split(tl.reshape(f, (BLOCK_L, D // 2, 2, 2)))     # [.., i, 0] and [.., i, 1]
-    f00, f10 = tl.split(f0)
-    f01, f11 = tl.split(f1)
+    if ROPE:
+        f = tl.load(f_ptr + b * sfb + (rows + l_offset)[:, None] * sfl + tl.arange(0, 2 * D)[None, :],
+                    mask=mask[:, None], other=0.0)
+        f0, f1 = tl.split(tl.reshape(f, (BLOCK_L, D // 2, 2, 2)))     # [.., i, 0] and [.., i, 1]
+        f00, f10 = tl.split(f0)
+        f01, f11 = tl.split(f1)
+    else:
+        f00 = 0.0
+        f01 = 0.0
+        f10 = 0.0
+        f11 = 0.0
     for i in tl.static_range(HEADS):
         h = h0 + i
         if h < H:
             _norm_rope_head(q_ptr, sqb, sqh, sql, wq_ptr, eps_q, oq_ptr, sob, soh, sol, b, h, rows, l_offset, mask,
-                            f00, f01, f10, f11, D, BLOCK_L)
-            _norm_rope_head(k_ptr, skb, skh, skl, wk_ptr, eps_k, ok_ptr, sob, soh, sol, b, h, rows, l_offset, mask,
-                            f00, f01, f10, f11, D, BLOCK_L)
+                            f00, f01, f10, f11, D, BLOCK_L, ROPE)
+            if PAIR:
+                _norm_rope_head(k_ptr, skb, skh, skl, wk_ptr, eps_k, ok_ptr, sob, soh, sol, b, h, rows, l_offset,
+                                mask, f00, f01, f10, f11, D, BLOCK_L, ROPE)
 
 
 # (BLOCK_L, HEADS, num_warps). bench/deferred_kernels.py --sweep on an H200 (2026-12-02, Flux 24 x 128 heads):
@@ -69,14 +81,22 @@ CONFIG = (16, 1, 4)
 _launcher = None
 
 
-def takes(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor) -> bool:
-    """Whether the kernel can prepare head rows ``x`` [B, H, L, D] with ``weight`` [D] and Flux's ``freqs``
-    [B or 1, 1, L_total, D/2, 2, 2] (fp32, last three dims contiguous); else the caller runs the host's ops."""
+def takes_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel can normalise the head rows of ``x`` (4-D, heads of D = a power of two, unit stride
+    along D) with ``weight`` [D]."""
     if x.dim() != 4 or x.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     d = x.shape[-1]
-    if d < 4 or d & (d - 1) or weight.shape != (d,) or weight.device != x.device or not weight.is_contiguous():
+    return not (d < 4 or d & (d - 1) or weight.shape != (d,) or weight.device != x.device
+                or not weight.is_contiguous())
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor) -> bool:
+    """Whether the kernel can prepare head rows ``x`` [B, H, L, D] with ``weight`` [D] and Flux's ``freqs``
+    [B or 1, 1, L_total, D/2, 2, 2] (fp32, last three dims contiguous); else the caller runs the host's ops."""
+    if not takes_rows(x, weight):
         return False
+    d = x.shape[-1]
     return (freqs.dim() == 6 and freqs.dtype == torch.float32 and freqs.device == x.device
             and freqs.shape[0] in (1, x.shape[0]) and freqs.shape[1] == 1 and tuple(freqs.shape[3:]) == (d // 2, 2, 2)
             and freqs.stride(5) == 1 and freqs.stride(4) == 2 and freqs.stride(3) == 4)
@@ -108,6 +128,33 @@ def qk_norm_rope(segments: list, freqs: torch.Tensor, dtype: torch.dtype,
             _launcher(key, lambda meta, length=length: (triton.cdiv(length, block_l), triton.cdiv(h, heads), b),
                       lambda meta, q=q, k=k, wq=wq, wk=wk, ints=ints, eps=(eps_q, eps_k):
                           (q, k, wq, wk, freqs, out_q, out_k, *ints, float(eps[0]), float(eps[1])),
-                      dict(D=d, BLOCK_L=block_l, HEADS=heads, num_warps=warps))
+                      dict(D=d, BLOCK_L=block_l, HEADS=heads, ROPE=True, PAIR=True, num_warps=warps))
         offset += length
     return out_q, out_k
+
+
+def rms_norm_heads(segments: list, dtype: torch.dtype, config: tuple | None = None) -> torch.Tensor:
+    """[B, sum(L_i), H, D] (contiguous, ``dtype``): RMSNorm over D of each (x_i [B, L_i, H, D] (any strides
+    with unit stride along D), weight_i, eps_i), concatenated along the tokens: SD3's ln_q / ln_k on the
+    context and image streams' qkv views, then MMDiT's cat of the two streams."""
+    global _launcher
+    if _launcher is None:
+        _launcher = triton_launch.Launcher(_qk_norm_rope_kernel, "qk_norm_rope")
+    block_l, heads, warps = config or CONFIG
+    x0 = segments[0][0]
+    b, _, h, d = x0.shape
+    total = sum(s[0].shape[1] for s in segments)
+    out = torch.empty((b, total, h, d), dtype=dtype, device=x0.device)
+    offset = 0
+    for x, w, eps in segments:
+        length = x.shape[1]
+        if length:
+            ints = (length, h, offset, x.stride(0), x.stride(2), x.stride(1), 0, 0, 0, 0, 0,
+                    out.stride(0), out.stride(2), out.stride(1))
+            key = ("rms", x.dtype, dtype, d, block_l, heads, warps) + triton_launch.facts(x, w, *ints)
+            _launcher(key, lambda meta, length=length: (triton.cdiv(length, block_l), triton.cdiv(h, heads), b),
+                      lambda meta, x=x, w=w, ints=ints, eps=eps:
+                          (x, x, w, w, x, out, out, *ints, float(eps), float(eps)),
+                      dict(D=d, BLOCK_L=block_l, HEADS=heads, ROPE=False, PAIR=False, num_warps=warps))
+        offset += length
+    return out

@@ -83,3 +83,28 @@ def test_takes_refuses_what_it_cannot_read(rng, device):
     assert not triton_rope.takes(q, w, freqs.expand(1, 2, 8, 32, 2, 2))             # per-head freqs
     assert not triton_rope.takes(q[..., :48], w[:48], flux_freqs(1, 8, 48, device))  # D not a power of two
     assert not triton_rope.takes(q.transpose(-1, -2), w, freqs)                      # strided head dim
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [(11,), (4, 21)])
+def test_rms_norm_heads_matches_rms_norm_and_cat(dtype, lengths, rng, device):
+    """SD3's ln_q on the [B, L, H, D] views of each stream's qkv, then MMDiT's cat along the tokens."""
+    from comfyui_octet.kernels.backends import triton_rope
+    if dtype == torch.bfloat16 and not str(device).startswith("cuda"):
+        pytest.skip("Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest): bf16 runs on a GPU")
+    b, h, d = 2, 3, 64
+    segments, refs = [], []
+    for length in lengths:
+        qkv = randn((b, length, 3 * h * d), rng, dtype, device, scale=2.0)
+        q = qkv.reshape(b, length, 3, h, d).movedim(2, 0)[0]          # mmdit.split_qkv
+        w = 1 + 0.3 * randn((d,), rng, dtype, device)
+        assert triton_rope.takes_rows(q, w)
+        segments.append((q, w, 1e-6))
+        refs.append(torch.nn.functional.rms_norm(q, (d,), w, 1e-6))
+    for _ in range(2):
+        out = triton_rope.rms_norm_heads(segments, dtype)
+    ref = torch.cat(refs, dim=1)
+    assert out.shape == (b, sum(lengths), h, d) and out.is_contiguous()
+    err = ulps(out, ref)
+    assert err.max() <= (2 if dtype == torch.bfloat16 else 64), err.max()
+    assert (err > 0.5).float().mean() < (0.02 if dtype == torch.bfloat16 else 0.5)

@@ -50,7 +50,7 @@ def test_every_flux_attention_prepares_q_and_k_in_one_kernel(recorded, sample_di
     doubles = sum(n.startswith("double_blocks.") for n in names) // 2
     singles = len(names) - 2 * doubles
     assert doubles >= 1 and singles >= 1 and result.qk_norms == names
-    assert "attentions prepare q/k" in result.summary()
+    assert "QK norms fused" in result.summary()
     assert all(f"diffusion_model.{n}.forward" in q.object_patches for n in names)
 
     sample_dit(q, STEPS)
@@ -116,3 +116,48 @@ def test_what_the_kernel_cannot_take_gets_the_host_numbers(recorded):
     q, k = forward(*tracked)
     assert type(q) is torch.Tensor and q.requires_grad
     torch.testing.assert_close(q, host_q, rtol=0, atol=0)
+
+
+def tiny_sd35():
+    """The host's SD3 class with SD3.5-medium's attention (qk_norm "rms", an x_block_self_attn block), shrunk:
+    2 blocks of 2 heads of 64, random fp32 weights."""
+    import comfy.supported_models
+    unet = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+            "adm_in_channels": 32, "pos_embed_max_size": 16, "num_patches": 256, "qk_norm": "rms",
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+            "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [0]}
+    config = comfy.supported_models.SD3(unet)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() < 2 else p[0].numel() ** -0.5))
+    return model.eval()
+
+
+def test_sd3_qk_norms_and_the_streams_cat_run_as_one_kernel(monkeypatch):
+    from comfyui_octet.kernels.backends import triton_rope
+    model = tiny_sd35()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 8, 8, generator=g)
+    kw = {"c_crossattn": torch.randn(2, 5, 32, generator=g), "y": torch.randn(2, 32, generator=g)}
+    sigma = torch.tensor([0.7, 0.4])
+    with torch.no_grad():
+        before = model.apply_model(x, sigma, **kw)
+    names = deferred.install_qk(model.diffusion_model)
+    assert len(names) == 10 and all(n.endswith(("ln_q", "ln_k")) for n in names)   # 5 attentions: q and k
+    calls = []
+    real = triton_rope.rms_norm_heads
+    monkeypatch.setattr(triton_rope, "rms_norm_heads", lambda segments, dtype, config=None:
+                        calls.append(len(segments)) or real(segments, dtype, config))
+    with torch.no_grad():
+        after = model.apply_model(x, sigma, **kw)
+    # Every norm ran inside the kernel; the joint attentions' q and k as one launch over both streams' rows.
+    assert sum(calls) == len(names) and calls.count(2) == 4 and calls.count(1) == 2
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    # Grad-tracked inputs (training) take the host's forward: real tensors.
+    ln_q = model.diffusion_model.get_submodule(names[0])
+    q = torch.randn(1, 3, 2, 64, requires_grad=True)
+    out = ln_q(q)
+    assert type(out) is torch.Tensor and out.requires_grad
