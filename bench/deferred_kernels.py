@@ -73,6 +73,28 @@ def qk_rows(add, timer, dev, sweep=False):
                 timer(lambda c=config: triton_rope.qk_norm_rope(segments, freqs, torch.bfloat16, c)), moved)
 
 
+def sd3_rows(add, timer, dev):
+    """SD3.5-medium's q (or k) per joint attention, 24 heads of 64: the host's ops (ln_q on the context's 333
+    and the image's 4096 token rows of the qkv views, reshape, MMDiT's cat) vs triton_rope.rms_norm_heads."""
+    import torch
+    import torch.nn.functional as F
+    from comfyui_octet.kernels.backends import triton_rope
+    heads, hd = 24, 64
+    parts = []
+    for length in (333, 4096):
+        qkv = torch.randn(1, length, 3 * heads * hd, device=dev, dtype=torch.bfloat16)
+        parts.append((qkv.reshape(1, length, 3, heads, hd).movedim(2, 0)[0],
+                      torch.randn(hd, device=dev, dtype=torch.bfloat16), 1e-6))
+
+    def host():
+        return torch.cat([F.rms_norm(x, (hd,), w, eps).reshape(1, x.shape[1], -1) for x, w, eps in parts], dim=1)
+
+    moved = 2 * 2 * (333 + 4096) * heads * hd
+    add("SD3 q (333 + 4096 tokens): ln_q x2 + cat (host ops)", timer(host))
+    add("SD3 q (333 + 4096 tokens): rms_norm_heads", timer(lambda: triton_rope.rms_norm_heads(parts, torch.bfloat16)),
+        moved)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
@@ -123,6 +145,7 @@ def main() -> int:
     add("qkv input: NormRowQuantizer", graph_us(lambda: norm(x, 1e-6, mult, shift)), m * d * 3)
     add("plain quantize_rows K=3072 (for scale)", graph_us(lambda: rowq[d](x.reshape(m, d))), m * d * 3)
     qk_rows(add, graph_us, dev, args.sweep)
+    sd3_rows(add, graph_us, dev)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "deferred_kernels.json"), "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)
