@@ -130,9 +130,10 @@ def tiny_sd35():
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "")
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() < 2 else p[0].numel() ** -0.5))
+    with torch.no_grad():   # buffers too: the position embedding is allocated uninitialised
+        for p in [*model.diffusion_model.parameters(), *model.diffusion_model.buffers()]:
+            if p.is_floating_point():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() < 2 else p[0].numel() ** -0.5))
     return model.eval()
 
 
@@ -145,6 +146,7 @@ def test_sd3_qk_norms_and_the_streams_cat_run_as_one_kernel(monkeypatch):
     sigma = torch.tensor([0.7, 0.4])
     with torch.no_grad():
         before = model.apply_model(x, sigma, **kw)
+    assert before.isfinite().all()
     names = deferred.install_qk(model.diffusion_model)
     assert len(names) == 10 and all(n.endswith(("ln_q", "ln_k")) for n in names)   # 5 attentions: q and k
     calls = []
