@@ -305,13 +305,16 @@ class PendingQK(Pending):
     host's ``apply_rope`` (wrapped by ``_rope_wrapper``) turns a q/k pair into real tensors in one kernel."""
 
     segments: tuple    # ((x, weight, eps), ...) along the tokens
+    # Its shape, dtype and device as plain attributes: reading a tensor subclass's own goes through
+    # __torch_function__, and an eager Flux step reads them some thousand times per step (host time).
+    meta: tuple        # (shape, dtype, device)
 
     @staticmethod
     def __new__(cls, segments: tuple, dtype: torch.dtype):
         x = segments[0][0]
         shape = (*x.shape[:2], sum(s[0].shape[2] for s in segments), x.shape[3])
         t = Pending._wrap(cls, shape, x, dtype)
-        t.segments = segments
+        t.segments, t.meta = segments, (shape, dtype, x.device)
         return t
 
     @property
@@ -320,7 +323,8 @@ class PendingQK(Pending):
 
     def compute(self):
         # The host's ops: QKNorm (rms_norm with the weight cast to x's dtype, then .to(v)), the double block's cat.
-        parts = [F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps).to(self.dtype) for x, w, eps in self.segments]
+        dtype = self.meta[1]
+        parts = [F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps).to(dtype) for x, w, eps in self.segments]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     @classmethod
@@ -334,19 +338,19 @@ class PendingQK(Pending):
             return None
         if not all(type(t) is PendingQK and t.computed is None for t in tensors):
             return None
-        first = tensors[0]
-        if dim not in (2, -2) or any(t.dtype != first.dtype or t.device != first.device
-                                     or t.shape[:2] != first.shape[:2] or t.shape[3] != first.shape[3]
-                                     for t in tensors):
+        (shape, dtype, device) = tensors[0].meta
+        if dim not in (2, -2) or any(m[1] != dtype or m[2] != device or m[0][:2] != shape[:2] or m[0][3] != shape[3]
+                                     for m in (t.meta for t in tensors)):
             return None
-        return PendingQK(tuple(s for t in tensors for s in t.segments), first.dtype)
+        return PendingQK(tuple(s for t in tensors for s in t.segments), dtype)
 
     def rope_with(self, k: "PendingQK", freqs) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """(q, k) after the RoPE, this being q, from one kernel per segment; None if the kernel cannot take
         them (the host's apply_rope then runs on the computed tensors)."""
         from ..kernels.backends import triton_rope
-        if self.computed is not None or k.computed is not None or self.dtype != k.dtype \
-                or self.shape != k.shape or not isinstance(freqs, torch.Tensor) or freqs.shape[2:3] != self.shape[2:3] \
+        (shape, dtype, _) = self.meta
+        if self.computed is not None or k.computed is not None or k.meta != self.meta \
+                or not isinstance(freqs, torch.Tensor) or freqs.dim() != 6 or freqs.shape[2] != shape[2] \
                 or len(self.segments) != len(k.segments):
             return None
         segments = []
@@ -355,7 +359,7 @@ class PendingQK(Pending):
                                                                and triton_rope.takes(kx, wk, freqs)):
                 return None
             segments.append((q, kx, wq, wk, eq, ek))
-        return triton_rope.qk_norm_rope(segments, freqs, self.dtype)
+        return triton_rope.qk_norm_rope(segments, freqs, dtype)
 
 
 class PendingRMS(Pending):
@@ -369,14 +373,16 @@ class PendingRMS(Pending):
     FUSED = True
     segments: tuple    # ((x, weight, eps), ...) along the tokens
     flat: bool         # reshaped to [B, L, H * D]
+    meta: tuple        # (shape, dtype, device) as plain attributes (see PendingQK)
 
     @staticmethod
     def __new__(cls, segments: tuple, dtype: torch.dtype, flat: bool = False):
         x = segments[0][0]
         b, _, h, d = x.shape
         length = sum(s[0].shape[1] for s in segments)
-        t = Pending._wrap(cls, (b, length, h * d) if flat else (b, length, h, d), x, dtype)
-        t.segments, t.flat = segments, flat
+        shape = (b, length, h * d) if flat else (b, length, h, d)
+        t = Pending._wrap(cls, shape, x, dtype)
+        t.segments, t.flat, t.meta = segments, flat, (shape, dtype, x.device)
         return t
 
     @property
@@ -388,34 +394,36 @@ class PendingRMS(Pending):
         x0 = self.segments[0][0]
         if (x0.is_cuda or triton_support.interpreting()) and triton_support.unavailable_reason() is None \
                 and all(triton_rope.takes_rows(x, w) and x.dtype == x0.dtype for x, w, _ in self.segments):
-            out = triton_rope.rms_norm_heads(self.segments, self.dtype)
+            out = triton_rope.rms_norm_heads(self.segments, self.meta[1])
         else:   # the host's ops
-            parts = [F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps).to(self.dtype) for x, w, eps in self.segments]
+            parts = [F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps).to(self.meta[1]) for x, w, eps in self.segments]
             out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return out.reshape(self.shape)
+        return out.reshape(self.meta[0])
 
     @classmethod
     def absorb(cls, func, args, kwargs):
         if func is torch.Tensor.reshape and not kwargs and args and type(args[0]) is PendingRMS:
             t = args[0]
             shape = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
-            b, length, h, d = t.shape if not t.flat else (t.shape[0], t.shape[1], -1, -1)
-            if t.flat or t.computed is not None or len(shape) != 3 or tuple(shape[:2]) != (b, length) \
-                    or shape[2] not in (-1, h * d):
+            if t.flat or t.computed is not None:
                 return None
-            return PendingRMS(t.segments, t.dtype, True)
+            b, length, h, d = t.meta[0]
+            if len(shape) != 3 or tuple(shape[:2]) != (b, length) or shape[2] not in (-1, h * d):
+                return None
+            return PendingRMS(t.segments, t.meta[1], True)
         if func is torch.cat:
             tensors = args[0] if args else kwargs.get("tensors")
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if len(args) > 2 or set(kwargs) - {"tensors", "dim"} or not isinstance(tensors, (list, tuple)) \
                     or len(tensors) < 2 or dim not in (1, -2):
                 return None
-            first = tensors[0]
-            if not all(type(t) is PendingRMS and t.flat and t.computed is None and t.dtype == first.dtype
-                       and t.device == first.device and t.shape[0] == first.shape[0] and t.shape[2] == first.shape[2]
-                       and t.segments[0][0].shape[2:] == first.segments[0][0].shape[2:] for t in tensors):
+            if not all(type(t) is PendingRMS and t.flat and t.computed is None for t in tensors):
                 return None
-            return PendingRMS(tuple(s for t in tensors for s in t.segments), first.dtype, True)
+            (shape, dtype, device), head = tensors[0].meta, tensors[0].segments[0][0].shape[2:]
+            if not all(t.meta[1] == dtype and t.meta[2] == device and t.meta[0][0] == shape[0]
+                       and t.meta[0][2] == shape[2] and t.segments[0][0].shape[2:] == head for t in tensors):
+                return None
+            return PendingRMS(tuple(s for t in tensors for s in t.segments), dtype, True)
         return None
 
 
@@ -461,12 +469,12 @@ def _rms_params(norm: nn.Module, x: torch.Tensor) -> Optional[tuple[torch.Tensor
     (eps None: torch uses the dtype's epsilon), with the weight in x's dtype on x's device and no weight
     patches (LoRA under lowvram); else None."""
     if isinstance(norm, nn.RMSNorm):
-        weight = norm.weight
+        weight = norm._parameters.get("weight")
         if weight is None or tuple(norm.normalized_shape) != (x.shape[-1],):
             return None
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
     elif type(norm).__name__ == "RMSNorm" and type(norm).__module__.endswith("ldm.flux.layers"):
-        weight, eps = getattr(norm, "scale", None), 1e-6
+        weight, eps = norm._parameters.get("scale"), 1e-6
     else:
         return None
     if getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None):
@@ -491,7 +499,8 @@ class DeferredQKForward(DeferredForward):
         if (type(q) is torch.Tensor and type(k) is torch.Tensor and q.dtype == k.dtype == v.dtype
                 and q.dim() == 4 and not kernels.ops.compiling() and enabled()
                 and (q.is_cuda or triton_support.interpreting()) and triton_support.unavailable_reason() is None):
-            pq, pk = _rms_params(module.query_norm, q), _rms_params(module.key_norm, k)
+            norms = module._modules
+            pq, pk = _rms_params(norms["query_norm"], q), _rms_params(norms["key_norm"], k)
             # The kernel has no backward: anything autograd would track (QAT, training) runs the host's ops.
             tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                       for t in (q, k, pq and pq[0], pk and pk[0]))
