@@ -24,6 +24,18 @@ from .triton_math import gelu_tanh, round_to_int8, scale_from_absmax
 
 
 @triton.jit
+def _quantize_row_in_registers(v, mask, q_ptrs, static_ptr, scale_ptr, row, STATIC: tl.constexpr,
+                               SCALE_BY_RECIPROCAL: tl.constexpr):
+    # A whole row held in registers: its scale (the static one, or from its absmax, stored), then its codes.
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
+        tl.store(scale_ptr + row, scale)
+    tl.store(q_ptrs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, stride_xm,
                           HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, ONE_TILE: tl.constexpr,
                           SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -36,12 +48,7 @@ def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, st
         v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             v = tl.div_rn(v, tl.load(smooth_ptr + offs, mask=mask, other=1.0).to(tl.float32))
-        if STATIC:
-            scale = tl.load(static_ptr).to(tl.float32)
-        else:
-            scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
-            tl.store(scale_ptr + row, scale)
-        tl.store(q_row + offs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
+        _quantize_row_in_registers(v, mask, q_row + offs, static_ptr, scale_ptr, row, STATIC, SCALE_BY_RECIPROCAL)
     else:
         if STATIC:
             scale = tl.load(static_ptr).to(tl.float32)
@@ -284,12 +291,7 @@ def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale
     offs = tl.arange(0, BLOCK_K)
     if ONE_TILE:   # the whole row in registers: one read, the GELU computed once
         v, mask = _cat_gelu_tile(a_row, g_row, smooth_ptr, 0, offs, K1, K2, HAS_SMOOTH)
-        if STATIC:
-            scale = tl.load(static_ptr).to(tl.float32)
-        else:
-            scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
-            tl.store(scale_ptr + row, scale)
-        tl.store(q_row + offs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
+        _quantize_row_in_registers(v, mask, q_row + offs, static_ptr, scale_ptr, row, STATIC, SCALE_BY_RECIPROCAL)
     else:
         if STATIC:
             scale = tl.load(static_ptr).to(tl.float32)
@@ -409,12 +411,8 @@ def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_pt
     if HAS_SMOOTH:
         y = tl.div_rn(y, tl.load(smooth_ptr + offs, mask=mask, other=1.0).to(tl.float32))
     y = tl.where(mask, y, 0.0)
-    if STATIC:
-        scale = tl.load(static_ptr).to(tl.float32)
-    else:
-        scale = scale_from_absmax(tl.max(tl.abs(y), axis=0), SCALE_BY_RECIPROCAL)
-        tl.store(scale_ptr + row, scale)
-    tl.store(q_ptr + row * K + offs, round_to_int8(tl.div_rn(y, scale)), mask=mask)
+    _quantize_row_in_registers(y, mask, q_ptr + row * K + offs, static_ptr, scale_ptr, row, STATIC,
+                               SCALE_BY_RECIPROCAL)
 
 
 # One tile per row: the whole row in registers (mean and variance need it twice). Wider rows are left to

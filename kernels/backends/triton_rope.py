@@ -102,16 +102,25 @@ def takes(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor) -> bool:
             and freqs.stride(5) == 1 and freqs.stride(4) == 2 and freqs.stride(3) == 4)
 
 
+def _launch(tensors: tuple, ints: tuple, eps: tuple, grid: tuple, d: int, config: tuple, rope: bool) -> None:
+    """One launch of the kernel over one segment: ``tensors`` (q, k, wq, wk, freqs, out_q, out_k) (the unused
+    ones any tensor), ``ints`` its runtime integers in kernel order."""
+    global _launcher
+    if _launcher is None:
+        _launcher = triton_launch.Launcher(_qk_norm_rope_kernel, "qk_norm_rope")
+    block_l, heads, warps = config
+    key = (rope, tensors[0].dtype, tensors[5].dtype, d, *config) + triton_launch.facts(*tensors[:5], *ints)
+    _launcher(key, lambda meta: grid, lambda meta: (*tensors, *ints, float(eps[0]), float(eps[1])),
+              dict(D=d, BLOCK_L=block_l, HEADS=heads, ROPE=rope, PAIR=rope, num_warps=warps))
+
+
 def qk_norm_rope(segments: list, freqs: torch.Tensor, dtype: torch.dtype,
                  config: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k [B, H, sum(L_i), D] (contiguous, ``dtype``) from ``segments``: (q_i, k_i, wq_i, wk_i, eps_q_i,
     eps_k_i) per stretch of tokens (Flux's double block: the text stream's, then the image stream's, each
     normalised with its own weights), concatenated along the tokens; row t uses freqs row t. Callers check
     ``takes`` for every tensor and that freqs has exactly sum(L_i) rows."""
-    global _launcher
-    if _launcher is None:
-        _launcher = triton_launch.Launcher(_qk_norm_rope_kernel, "qk_norm_rope")
-    block_l, heads, warps = config or CONFIG
+    config = config or CONFIG
     q0 = segments[0][0]
     b, h, _, d = q0.shape
     total = sum(s[0].shape[2] for s in segments)
@@ -124,11 +133,8 @@ def qk_norm_rope(segments: list, freqs: torch.Tensor, dtype: torch.dtype,
         if length:
             ints = (length, h, offset, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     sfb, freqs.stride(2), out_q.stride(0), out_q.stride(1), out_q.stride(2))
-            key = (q.dtype, dtype, d, block_l, heads, warps) + triton_launch.facts(q, k, wq, wk, freqs, *ints)
-            _launcher(key, lambda meta, length=length: (triton.cdiv(length, block_l), triton.cdiv(h, heads), b),
-                      lambda meta, q=q, k=k, wq=wq, wk=wk, ints=ints, eps=(eps_q, eps_k):
-                          (q, k, wq, wk, freqs, out_q, out_k, *ints, float(eps[0]), float(eps[1])),
-                      dict(D=d, BLOCK_L=block_l, HEADS=heads, ROPE=True, PAIR=True, num_warps=warps))
+            _launch((q, k, wq, wk, freqs, out_q, out_k), ints, (eps_q, eps_k),
+                    (triton.cdiv(length, config[0]), triton.cdiv(h, config[1]), b), d, config, True)
         offset += length
     return out_q, out_k
 
@@ -137,10 +143,7 @@ def rms_norm_heads(segments: list, dtype: torch.dtype, config: tuple | None = No
     """[B, sum(L_i), H, D] (contiguous, ``dtype``): RMSNorm over D of each (x_i [B, L_i, H, D] (any strides
     with unit stride along D), weight_i, eps_i), concatenated along the tokens: SD3's ln_q / ln_k on the
     context and image streams' qkv views, then MMDiT's cat of the two streams."""
-    global _launcher
-    if _launcher is None:
-        _launcher = triton_launch.Launcher(_qk_norm_rope_kernel, "qk_norm_rope")
-    block_l, heads, warps = config or CONFIG
+    config = config or CONFIG
     x0 = segments[0][0]
     b, _, h, d = x0.shape
     total = sum(s[0].shape[1] for s in segments)
@@ -149,12 +152,10 @@ def rms_norm_heads(segments: list, dtype: torch.dtype, config: tuple | None = No
     for x, w, eps in segments:
         length = x.shape[1]
         if length:
+            # The kernel's (batch, head, token) strides of x and of the output; k, freqs and their strides unused.
             ints = (length, h, offset, x.stride(0), x.stride(2), x.stride(1), 0, 0, 0, 0, 0,
                     out.stride(0), out.stride(2), out.stride(1))
-            key = ("rms", x.dtype, dtype, d, block_l, heads, warps) + triton_launch.facts(x, w, *ints)
-            _launcher(key, lambda meta, length=length: (triton.cdiv(length, block_l), triton.cdiv(h, heads), b),
-                      lambda meta, x=x, w=w, ints=ints, eps=eps:
-                          (x, x, w, w, x, out, out, *ints, float(eps), float(eps)),
-                      dict(D=d, BLOCK_L=block_l, HEADS=heads, ROPE=False, PAIR=False, num_warps=warps))
+            _launch((x, x, w, w, x, out, out), ints, (eps, eps),
+                    (triton.cdiv(length, config[0]), triton.cdiv(h, config[1]), b), d, config, False)
         offset += length
     return out
