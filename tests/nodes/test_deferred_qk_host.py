@@ -163,3 +163,16 @@ def test_sd3_qk_norms_and_the_streams_cat_run_as_one_kernel(monkeypatch):
     q = torch.randn(1, 3, 2, 64, requires_grad=True)
     out = ln_q(q)
     assert type(out) is torch.Tensor and out.requires_grad
+
+
+def test_the_deferred_forwards_do_not_make_cuda_graph_step_fall_back():
+    """CUDA Graph Step replays only object patches it knows are graph-safe; Octet's deferred forwards (q/k,
+    GELU, LayerNorm) must be among them, or a quantized Flux would run eager through the node."""
+    from comfyui_octet.nodes import graph_step
+    dit = rm.load_reference("dit", "plain")
+    q, _ = bridge.quantize_model(dit, DynamicW8A8Config(backend="triton"))
+    kinds = {type(p).__name__ for p in q.object_patches.values()}
+    assert {"DeferredQKForward", "DeferredGeluForward", "DeferredNormForward"} <= kinds
+    assert all(graph_step._safe_object_patch(n, p) for n, p in q.object_patches.items())
+    # ... while a foreign callable patch is still refused.
+    assert not graph_step._safe_object_patch("diffusion_model.x.forward", lambda x: x)
