@@ -52,8 +52,7 @@ class QuantResult(QuantReport):
     def qk_norms(self) -> list[str]:
         """Flux QKNorms and SD3 ln_q / ln_k whose q/k preparation (RMSNorm, Flux's RoPE, the streams' cat) runs as
         one kernel (octet/deferred.py)."""
-        return sorted(n for n, f in self.forwards.items()
-                      if isinstance(f, (deferred.DeferredQKForward, deferred.DeferredRMSForward)))
+        return sorted(n for n, f in self.forwards.items() if isinstance(f, deferred.QKPrepForward))
 
     @property
     def chains(self) -> list[str]:

@@ -298,6 +298,33 @@ class DeferredNormForward(DeferredForward):
         return type(self.module).forward(self.module, x)
 
 
+def _cat_args(args, kwargs) -> Optional[tuple[tuple, int]]:
+    """(tensors, dim) of a ``torch.cat`` call joining two or more tensors, else None."""
+    tensors = args[0] if args else kwargs.get("tensors")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if len(args) > 2 or set(kwargs) - {"tensors", "dim"} or not isinstance(tensors, (list, tuple)) \
+            or len(tensors) < 2:
+        return None
+    return tuple(tensors), dim
+
+
+def _host_rms_norms(segments: tuple, dtype: torch.dtype, dim: int) -> torch.Tensor:
+    """The host's ops for QK-norm segments: rms_norm with the weight cast to x's dtype, the result in
+    ``dtype``, the segments' cat along ``dim``."""
+    parts = [F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps).to(dtype) for x, w, eps in segments]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _kernels_run_on(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for tensors on t's device (a GPU, or the CPU interpreter in tests)."""
+    return (t.is_cuda or triton_support.interpreting()) and triton_support.unavailable_reason() is None
+
+
+def _tracked(*tensors) -> bool:
+    """Whether autograd would record an op on these: the q/k kernels have no backward (QAT, training)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class PendingQK(Pending):
     """Flux's QKNorm output for q or k: ``rms_norm(x_i, weight_i, eps_i)`` over the head dim of [B, H, L_i, D]
     views of the qkv projection, in ``dtype``, one segment per stream once the double block's
@@ -322,20 +349,15 @@ class PendingQK(Pending):
         return self.segments[0][0]
 
     def compute(self):
-        # The host's ops: QKNorm (rms_norm with the weight cast to x's dtype, then .to(v)), the double block's cat.
-        dtype = self.meta[1]
-        parts = [F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps).to(dtype) for x, w, eps in self.segments]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        # The host's ops: QKNorm (then .to(v)), the double block's cat along the tokens.
+        return _host_rms_norms(self.segments, self.meta[1], 2)
 
     @classmethod
     def absorb(cls, func, args, kwargs):
-        if func is not torch.cat:
+        cat = _cat_args(args, kwargs) if func is torch.cat else None
+        if cat is None:
             return None
-        tensors = args[0] if args else kwargs.get("tensors")
-        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        if len(args) > 2 or set(kwargs) - {"tensors", "dim"} or not isinstance(tensors, (list, tuple)) \
-                or len(tensors) < 2:
-            return None
+        tensors, dim = cat
         if not all(type(t) is PendingQK and t.computed is None for t in tensors):
             return None
         (shape, dtype, device) = tensors[0].meta
@@ -392,12 +414,10 @@ class PendingRMS(Pending):
     def compute(self):
         from ..kernels.backends import triton_rope
         x0 = self.segments[0][0]
-        if (x0.is_cuda or triton_support.interpreting()) and triton_support.unavailable_reason() is None \
-                and all(triton_rope.takes_rows(x, w) and x.dtype == x0.dtype for x, w, _ in self.segments):
+        if _kernels_run_on(x0) and all(triton_rope.takes_rows(x, w) and x.dtype == x0.dtype for x, w, _ in self.segments):
             out = triton_rope.rms_norm_heads(self.segments, self.meta[1])
-        else:   # the host's ops
-            parts = [F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps).to(self.meta[1]) for x, w, eps in self.segments]
-            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        else:
+            out = _host_rms_norms(self.segments, self.meta[1], 1)
         return out.reshape(self.meta[0])
 
     @classmethod
@@ -411,11 +431,10 @@ class PendingRMS(Pending):
             if len(shape) != 3 or tuple(shape[:2]) != (b, length) or shape[2] not in (-1, h * d):
                 return None
             return PendingRMS(t.segments, t.meta[1], True)
-        if func is torch.cat:
-            tensors = args[0] if args else kwargs.get("tensors")
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            if len(args) > 2 or set(kwargs) - {"tensors", "dim"} or not isinstance(tensors, (list, tuple)) \
-                    or len(tensors) < 2 or dim not in (1, -2):
+        cat = _cat_args(args, kwargs) if func is torch.cat else None
+        if cat is not None:
+            tensors, dim = cat
+            if dim not in (1, -2):
                 return None
             if not all(type(t) is PendingRMS and t.flat and t.computed is None for t in tensors):
                 return None
@@ -484,48 +503,46 @@ def _rms_params(norm: nn.Module, x: torch.Tensor) -> Optional[tuple[torch.Tensor
     return weight, eps
 
 
-class DeferredQKForward(DeferredForward):
-    """The replacement ``forward(q, k, v)`` of Flux's QKNorm: pending q and k when the fused q/k kernel can
-    take them at the host's ``apply_rope``, the host's forward otherwise. No INT8 consumer is involved: it
-    serves float layers as well (``install_qk``)."""
-
-    kind = PendingQK
+class QKPrepForward(DeferredForward):
+    """A replacement forward of a QK norm whose pending output goes to attention's q/k preparation (one
+    kernel, kernels/backends/triton_rope.py) rather than to an INT8 consumer: it serves float layers as
+    well (``install_qk``). Defers only where the kernels run and nothing is compiled or tracked by autograd."""
 
     def __init__(self, module: nn.Module, container: Optional[nn.Module] = None, consumers: tuple = ()):
         self._module, self._container, self.consumers = weakref.ref(module), weakref.ref(module), ()
 
+    @staticmethod
+    def _may_defer(x: torch.Tensor) -> bool:
+        return type(x) is torch.Tensor and not kernels.ops.compiling() and enabled() and _kernels_run_on(x)
+
+
+class DeferredQKForward(QKPrepForward):
+    """Flux's QKNorm ``forward(q, k, v)``: pending q and k when the fused q/k kernel can take them at the
+    host's ``apply_rope``, the host's forward otherwise."""
+
+    kind = PendingQK
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         module = self.module
-        if (type(q) is torch.Tensor and type(k) is torch.Tensor and q.dtype == k.dtype == v.dtype
-                and q.dim() == 4 and not kernels.ops.compiling() and enabled()
-                and (q.is_cuda or triton_support.interpreting()) and triton_support.unavailable_reason() is None):
+        if self._may_defer(q) and type(k) is torch.Tensor and q.dtype == k.dtype == v.dtype and q.dim() == 4:
             norms = module._modules
             pq, pk = _rms_params(norms["query_norm"], q), _rms_params(norms["key_norm"], k)
-            # The kernel has no backward: anything autograd would track (QAT, training) runs the host's ops.
-            tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                      for t in (q, k, pq and pq[0], pk and pk[0]))
-            if pq is not None and pk is not None and not tracked and patch_rope(module):
+            if pq is not None and pk is not None and not _tracked(q, k, pq[0], pk[0]) and patch_rope(module):
                 return PendingQK(((q, *pq),), v.dtype), PendingQK(((k, *pk),), v.dtype)
         return type(module).forward(module, q, k, v)
 
 
-class DeferredRMSForward(DeferredForward):
-    """The replacement ``forward`` of SD3's ln_q / ln_k (mmdit.RMSNorm with a weight): a ``PendingRMS`` when the
-    kernel can compute it, the host's forward otherwise. Serves float and INT8 models alike (``install_qk``)."""
+class DeferredRMSForward(QKPrepForward):
+    """SD3's ln_q / ln_k ``forward`` (mmdit.RMSNorm with a weight): a ``PendingRMS`` when the kernel can compute
+    it, the host's forward otherwise."""
 
     kind = PendingRMS
-
-    def __init__(self, module: nn.Module, container: Optional[nn.Module] = None, consumers: tuple = ()):
-        self._module, self._container, self.consumers = weakref.ref(module), weakref.ref(module), ()
 
     def __call__(self, x: torch.Tensor):
         from ..kernels.backends import triton_rope
         module = self.module
         w = module.weight
-        if (type(x) is torch.Tensor and isinstance(w, torch.Tensor) and w.dtype == x.dtype
-                and not kernels.ops.compiling() and enabled()
-                and (x.is_cuda or triton_support.interpreting()) and triton_support.unavailable_reason() is None
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        if (self._may_defer(x) and isinstance(w, torch.Tensor) and w.dtype == x.dtype and not _tracked(x, w)
                 and not getattr(module, "weight_function", None) and triton_rope.takes_rows(x, w)):
             return PendingRMS(((x, w, module.eps),), x.dtype)
         return type(module).forward(module, x)
@@ -578,9 +595,9 @@ def sites(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, tup
             return tuple(p for p in paths if _consumes(replacements.get(prefix + p, _resolve(module, p))))
 
         # A GELU feeding an MLP's fc2 directly is not deferred: without a head to join, the fused kernel
-        # (two sweeps over the row, the GELU computed in each) measured slower than the float GELU plus the
-        # plain quantizer (H200, 4608 x 12288: 138.1 vs 122.6 us; docs/bench/deferred_kernels_h200_*).
-        # Flux's single block, where it also replaces the cat: 185.5 vs 304.8 us.
+        # measured slower than the float GELU plus the plain quantizer (H200, 4608 x 12288: 152.2 vs 123.2 us
+        # in one tile, 138.1 vs 122.6 in two sweeps; docs/bench/deferred_kernels_*h200_2026-12-02.json).
+        # Flux's single block, where it also replaces the cat: 138.9 vs 309.6 us.
         candidates = [(DeferredNormForward, attr, paths) for attr, paths in _NORM_SITES
                       if _is_plain_layer_norm(module._modules.get(attr))]
         if _is_gelu_tanh(getattr(module, "mlp_act", None)) and not getattr(module, "yak_mlp", False) \
@@ -608,7 +625,7 @@ def forwards(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, 
 def install_qk(model: nn.Module) -> list[str]:
     """In place: defer the q/k preparation of every Flux QKNorm and SD3 ln_q / ln_k of ``model`` (quantized or
     not)."""
-    found = {n: kind for n, (kind, _, _) in sites(model, {}).items() if kind in (DeferredQKForward, DeferredRMSForward)}
+    found = {n: kind for n, (kind, _, _) in sites(model, {}).items() if issubclass(kind, QKPrepForward)}
     for name, kind in found.items():
         model.get_submodule(name).forward = kind(model.get_submodule(name))
     return sorted(found)

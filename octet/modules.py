@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..kernels.operands import ConvGeometry, Int8Operands
-from ..kernels.dispatch import _graph_planning
+from ..kernels.dispatch import planning_for_graph
 from ..kernels.registry import m_bucket
 from .deferred import Pending
 from .layout import Int8Layout
@@ -236,7 +236,7 @@ class QuantLayer(nn.Module):
     def _signature(self, x: torch.Tensor) -> tuple:
         # Graph and eager calls plan apart: backends weigh host cost only for eager ones (kernels.dispatch).
         return (x.device, x.dtype, m_bucket(x.numel() // x.shape[-1 if self.kind == "linear" else 1]),
-                _graph_planning[0] > 0)
+                planning_for_graph())
 
     def _cached_plan(self, x: torch.Tensor):
         """x's signature's plan if one is cached and still made for the weight tensor in place, else None."""

@@ -5,8 +5,8 @@ Why: Flux's host code prepares q and k in ten to twelve launches per attention (
 views, four dtype copies around the fp32 RoPE, its multiply and addcmul_, and in the double blocks a cat of
 the text and image streams), each a full pass over 4608 x 3072 values, in fp32 for the RoPE: on an H200
 ~23 ms of a 129 ms INT8 Flux step (docs/BENCHMARKS.md, call 1's profile). One kernel reads q and k once
-(bf16) and writes them once. Used by octet/deferred.py (``PendingQK``), which keeps the norms' outputs
-pending until the host's ``apply_rope`` receives them.
+(bf16) and writes them once. Used by octet/deferred.py: ``PendingQK`` keeps Flux's norm outputs pending
+until the host's ``apply_rope`` receives them; ``PendingRMS`` runs SD3's QK norms (no RoPE) the same way.
 
 Numerics follow the host's ops (reference: ``torch_ref.qk_norm_rope``): the norm in fp32 with the weight
 cast to the activation dtype first, its output rounded to the activation dtype (the host stores it), the
@@ -42,10 +42,9 @@ def _norm_rope_head(x_ptr, sxb, sxh, sxl, w_ptr, eps, o_ptr, sob, soh, sol, b, h
 @triton.jit
 def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, f_ptr, oq_ptr, ok_ptr, L, H, l_offset,
                          sqb, sqh, sql, skb, skh, skl, sfb, sfl, sob, soh, sol, eps_q, eps_k,
-                         D: tl.constexpr, BLOCK_L: tl.constexpr, HEADS: tl.constexpr, ROPE: tl.constexpr,
-                         PAIR: tl.constexpr):
+                         D: tl.constexpr, BLOCK_L: tl.constexpr, HEADS: tl.constexpr, ROPE: tl.constexpr):
     # One program: BLOCK_L tokens of one batch entry, HEADS heads, q and k (the freqs tile read once for them).
-    # Without ROPE (SD3's QK norm) only the RMSNorm; without PAIR only the first tensor.
+    # Without ROPE (SD3's QK norm) only the RMSNorm, of one tensor (q_ptr's).
     pid_l = tl.program_id(0)
     h0 = tl.program_id(1) * HEADS
     b = tl.program_id(2)
@@ -68,7 +67,7 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, f_ptr, oq_ptr, ok_ptr, L,
         if h < H:
             _norm_rope_head(q_ptr, sqb, sqh, sql, wq_ptr, eps_q, oq_ptr, sob, soh, sol, b, h, rows, l_offset, mask,
                             f00, f01, f10, f11, D, BLOCK_L, ROPE)
-            if PAIR:
+            if ROPE:
                 _norm_rope_head(k_ptr, skb, skh, skl, wk_ptr, eps_k, ok_ptr, sob, soh, sol, b, h, rows, l_offset,
                                 mask, f00, f01, f10, f11, D, BLOCK_L, ROPE)
 
@@ -111,7 +110,7 @@ def _launch(tensors: tuple, ints: tuple, eps: tuple, grid: tuple, d: int, config
     block_l, heads, warps = config
     key = (rope, tensors[0].dtype, tensors[5].dtype, d, *config) + triton_launch.facts(*tensors[:5], *ints)
     _launcher(key, lambda meta: grid, lambda meta: (*tensors, *ints, float(eps[0]), float(eps[1])),
-              dict(D=d, BLOCK_L=block_l, HEADS=heads, ROPE=rope, PAIR=rope, num_warps=warps))
+              dict(D=d, BLOCK_L=block_l, HEADS=heads, ROPE=rope, num_warps=warps))
 
 
 def qk_norm_rope(segments: list, freqs: torch.Tensor, dtype: torch.dtype,

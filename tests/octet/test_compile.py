@@ -4,6 +4,7 @@ import torch
 import torch._dynamo
 
 from comfyui_octet import kernels, octet
+from compile_checks import assert_compiles_as_eager
 
 
 class Block(torch.nn.Module):
@@ -21,13 +22,7 @@ class Block(torch.nn.Module):
 def test_quantized_layers_compile_without_graph_breaks_and_match_eager(rng, mode):
     model = Block().eval()
     octet.quantize_(model, octet.config_for_mode(mode))
-    x = torch.randn(2, 4, 8, 8, generator=rng)
-    eager = model(x)
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(model)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+    assert_compiles_as_eager(model, torch.randn(2, 4, 8, 8, generator=rng))
 
 
 def test_custom_ops_pass_opcheck(rng):
