@@ -237,3 +237,17 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, freqs: torch
     out = f[..., 0] * y_[..., 0]
     out.addcmul_(f[..., 1], y_[..., 1])
     return out.reshape(*y.shape).type_as(y)
+
+
+def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float, silu: bool = True) -> torch.Tensor:
+    """A UNet ResBlock's ``GroupNorm`` then ``SiLU`` as the host computes them (two ops, the GroupNorm's output
+    stored in x's dtype); ``silu=False``: the GroupNorm alone."""
+    y = F.group_norm(x, groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """GEGLU's gate as the host computes it after the projection (comfy.ldm.modules.attention.GEGLU)."""
+    x, gate = h.chunk(2, dim=-1)
+    return x * F.gelu(gate)
