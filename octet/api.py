@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 import torch.nn as nn
 
-from . import deferred, fusion
+from . import deferred, float_fusions, fusion
 from .config import DynamicW8A8Config, QuantConfig, StaticW8A8Config, WeightOnlyConfig
 from .modules import QUANT_TYPES, QuantConv2d, QuantLinear
 from .report import LayerRecord, QuantReport
@@ -55,18 +55,27 @@ class QuantResult(QuantReport):
         return sorted(n for n, f in self.forwards.items() if isinstance(f, deferred.QKPrepForward))
 
     @property
+    def float_fusions(self) -> list[str]:
+        """GroupNorms (with their SiLU in a Sequential) and GEGLUs run by fused kernels (octet/float_fusions.py)."""
+        return sorted(n for n, f in self.forwards.items() if isinstance(f, float_fusions.FORWARDS))
+
+    @property
     def chains(self) -> list[str]:
         """MLP containers run as static INT8 chains (octet/fusion.py)."""
-        return sorted(n for n, f in self.forwards.items() if not isinstance(f, deferred.DeferredForward))
+        return sorted(n for n, f in self.forwards.items() if fusion.is_chain_forward(f))
 
     def summary(self) -> str:
         chains, gelus, norms = len(self.chains), len(self.gelus), len(self.norms)
         deferred_text = " and ".join(t for t in (f"{gelus} GELUs" if gelus else "", f"{norms} LayerNorms" if norms
                                                  else "") if t)
         qk = len(self.qk_norms)
+        fused = [type(self.forwards[n]) for n in self.float_fusions]
+        gn = fused.count(float_fusions.GroupNormForward)     # every GroupNorm; a Sequential adds its SiLU
         return (super().summary() + (f"; {chains} MLPs run as static INT8 chains" if chains else "")
                 + (f"; {deferred_text} applied inside the next INT8 layer's quantization" if deferred_text else "")
-                + (f"; {qk} QK norms fused into attention's q/k preparation" if qk else ""))
+                + (f"; {qk} QK norms fused into attention's q/k preparation" if qk else "")
+                + (f"; {gn} GroupNorms ({fused.count(float_fusions.GroupNormSiLUForward)} with their SiLU) and "
+                   f"{fused.count(float_fusions.GegluForward)} GEGLU gates in fused kernels" if fused else ""))
 
     def to_text(self, limit: int | None = None) -> str:
         goal = ("goal=speed: a layer whose INT8 kernel is slower than bf16 at the shapes it runs at keeps a "
@@ -207,6 +216,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Decides
     for name in fusion.chain_sites(model, result.replacements):
         result.forwards[name] = fusion.chain_forward(model.get_submodule(name))
     result.forwards.update(deferred.forwards(model, result.replacements))
+    result.forwards.update(float_fusions.forwards(model))
     if inplace:
         for name, q in result.replacements.items():
             model.set_submodule(name, q)

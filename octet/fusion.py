@@ -81,6 +81,10 @@ def chain_forward(container: nn.Module):
     return types.MethodType(_chain_forward, container)
 
 
+def is_chain_forward(forward) -> bool:
+    return getattr(forward, "__func__", None) is _chain_forward
+
+
 def chain_sites(model: nn.Module, replacements: dict[str, nn.Module]) -> list[str]:
     """Names of MLP containers in ``model`` whose fc1 and fc2 are (or will be, per ``replacements``)
     static W8A8 QuantLinears."""

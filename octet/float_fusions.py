@@ -1,0 +1,147 @@
+"""Float ops that the host runs as several passes, each as one kernel launch pair: a UNet's GroupNorms (with the
+SiLU after them in a ResBlock) and its transformer blocks' GEGLU gate.
+
+INT8 does not touch these ops, so once the GEMMs and convs are INT8 they are a growing share of the step. SDXL
+at 1024² (H200 profile, docs/bench/e2e_h200_2026-12-02_profile_sd35_sdxl.json): 46 host GroupNorms at 67 us each
+(3.1 ms of a ~24 ms step; PyTorch reduces each (sample, group) in one block, 32 blocks at batch 1), a SiLU pass
+after 35 of them, and in 70 GEGLUs a GELU pass and a multiply pass (2.8 ms). Quantize Model and Load Quantized
+install these with the INT8 layers; float models get them with ``install`` (the e2e bench reports them apart
+from INT8's own gain, variant ``bf16_octet_fused``). Kernels: kernels/backends/triton_groupnorm.py,
+triton_geglu.py.
+
+Replacement forwards, object patches like octet/deferred.py's (host code untouched):
+  * ``GroupNormForward`` on every GroupNorm module;
+  * ``GroupNormSiLUForward`` on a ``Sequential(GroupNorm, SiLU, ...)`` (a ResBlock's ``in_layers`` and
+    ``out_layers``, the UNet's ``out``): GroupNorm + SiLU in the kernels, then the rest of the Sequential.
+    Code that slices the Sequential (an up/down ResBlock's ``in_layers[:-1]``) reaches the patched GroupNorm
+    and the host's SiLU;
+  * ``GegluForward`` on every GEGLU: its ``proj`` as the host runs it (INT8 or not), then the gate in one pass.
+Anything the kernels do not take (CPU without the interpreter, torch.compile, autograd, the host's per-call
+weight casting under lowvram, a LoRA-style weight function, another layout) computes the host's ops.
+``OCTET_FLOAT_FUSIONS=0`` turns them off, ``=1`` on (read per call); unset, they are on except under Triton's
+CPU interpreter, where one GroupNorm costs about a second (every program runs in numpy): the CPU tests of
+whole UNets would take hours, so the tests that check these paths set it.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import kernels
+from ..kernels.backends import triton_support
+from .deferred import _kernels_run_on, _tracked
+
+
+def enabled() -> bool:
+    value = os.environ.get("OCTET_FLOAT_FUSIONS")
+    return not triton_support.interpreting() if value is None else value != "0"
+
+
+def _may_fuse(x: torch.Tensor, *params) -> bool:
+    """The kernels' common conditions: a plain tensor where they run, nothing compiled or tracked by autograd."""
+    return (type(x) is torch.Tensor and enabled() and not kernels.ops.compiling() and _kernels_run_on(x)
+            and not _tracked(x, *params))
+
+
+def _group_norm_fusable(norm: nn.Module, x: torch.Tensor) -> bool:
+    if not isinstance(norm, nn.GroupNorm) or not _may_fuse(x, norm.weight, norm.bias):
+        return False
+    # The host's cast path (lowvram, manual_cast, weight patches) moves or changes the weights per call.
+    if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) \
+            or getattr(norm, "bias_function", None):
+        return False
+    from ..kernels.backends import triton_groupnorm
+    return triton_groupnorm.takes(x, norm.num_groups, norm.weight, norm.bias)
+
+
+def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
+    from ..kernels.backends import triton_groupnorm
+    return triton_groupnorm.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
+
+
+class FusedForward:
+    """A replacement ``forward`` of one module, held weakly: it is the module's own ``forward`` attribute, and a
+    strong reference back would be a cycle that keeps a dropped model's GPU memory until a collection."""
+
+    def __init__(self, module: nn.Module):
+        self._module = weakref.ref(module)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
+
+
+class GroupNormForward(FusedForward):
+    """A GroupNorm module's forward."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.module
+        if _group_norm_fusable(norm, x):
+            return _group_norm(norm, x, silu=False)
+        return type(norm).forward(norm, x)
+
+
+class GroupNormSiLUForward(FusedForward):
+    """The forward of a ``Sequential(GroupNorm, SiLU, rest...)``."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self.module
+        layers = list(seq)
+        if len(layers) >= 2 and type(layers[1]) is nn.SiLU and _group_norm_fusable(layers[0], x):
+            h = _group_norm(layers[0], x, silu=True)
+            for layer in layers[2:]:
+                h = layer(h)
+            return h
+        return nn.Sequential.forward(seq, x)
+
+
+class GegluForward(FusedForward):
+    """A GEGLU's forward: ``x, gate = proj(h).chunk(2, -1); x * gelu(gate)`` with the gate in one kernel."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels.backends import triton_geglu
+        h = self.module.proj(x)
+        if _may_fuse(h) and triton_geglu.takes(h):
+            return triton_geglu.geglu(h)
+        x, gate = h.chunk(2, dim=-1)     # the host's GEGLU.forward after its proj
+        return x * F.gelu(gate)
+
+
+FORWARDS = (GroupNormForward, GroupNormSiLUForward, GegluForward)
+
+
+def _is_geglu(m: nn.Module) -> bool:
+    return (type(m).__name__ == "GEGLU" and type(m).__module__.startswith("comfy.")
+            and isinstance(getattr(m, "proj", None), nn.Module))
+
+
+def sites(model: nn.Module) -> dict[str, type]:
+    """{module name: forward class}: every GroupNorm of ``model``, every Sequential that starts with a GroupNorm
+    and a SiLU, every host GEGLU."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.GroupNorm):
+            found[name] = GroupNormForward
+        elif isinstance(module, nn.Sequential) and len(module) >= 2 and isinstance(module[0], nn.GroupNorm) \
+                and type(module[1]) is nn.SiLU:
+            found[name] = GroupNormSiLUForward
+        elif _is_geglu(module):
+            found[name] = GegluForward
+    return found
+
+
+def forwards(model: nn.Module) -> dict[str, FusedForward]:
+    """The replacement forward per site (api.quantize_ adds them to its object patches)."""
+    return {name: kind(model.get_submodule(name)) for name, kind in sites(model).items()}
+
+
+def install(model: nn.Module) -> list[str]:
+    """In place (a float model, or a loaded checkpoint): every site of ``model``."""
+    found = forwards(model)
+    for name, forward in found.items():
+        model.get_submodule(name).forward = forward
+    return sorted(found)
