@@ -1,10 +1,11 @@
 """GPU time of the deferred-input quantizers at Flux-dev's 1024² shapes (4608 tokens), each against the
 float passes it replaces, timed as CUDA-graph replays (no host cost; bench/kernels.py's timer), one
 process; and Flux's q/k preparation (QK RMSNorm + RoPE, the double block's cat) as the host's ops vs the
-one kernel (kernels/backends/triton_rope.py). ``--sweep`` also sweeps the GELU quantizer's (tile, warps)
-for the single block's 15360-wide rows. Prints a table and writes JSON.
+one kernel (kernels/backends/triton_rope.py); and SDXL's GroupNorm (+ SiLU) and GEGLU gate at 1024² as the
+host's ops vs the kernels (kernels/backends/triton_groupnorm.py, triton_geglu.py; octet/float_fusions.py). ``--sweep`` also sweeps the GELU quantizer's (tile,
+warps) for the single block's 15360-wide rows and the GroupNorm's tiles. Prints a table and writes JSON.
 
-    python bench/deferred_kernels.py [--out DIR]
+    python bench/deferred_kernels.py [--out DIR] [--only unet]
 """
 from __future__ import annotations
 
@@ -95,10 +96,48 @@ def sd3_rows(add, timer, dev):
         moved)
 
 
+def groupnorm_rows(add, timer, dev, sweep=False):
+    """SDXL's GroupNorms at 1024² (batch 1, 32 groups): a ResBlock's GroupNorm + SiLU at each UNet level (and the
+    decoder's concatenated inputs), the host's F.group_norm then F.silu vs triton_groupnorm.group_norm."""
+    import torch
+    import torch.nn.functional as F
+    from comfyui_octet.kernels.backends import triton_groupnorm
+    for c, hw in ((320, 128), (640, 64), (1280, 32), (2560, 32), (960, 64)):
+        x = torch.randn(1, c, hw, hw, device=dev, dtype=torch.bfloat16)
+        w, b = torch.randn(c, device=dev, dtype=torch.bfloat16), torch.randn(c, device=dev, dtype=torch.bfloat16)
+        moved = 3 * x.numel() * 2     # two reads (statistics, apply) and one write
+        add(f"GroupNorm+SiLU {c}x{hw}x{hw}: host ops", timer(lambda: F.silu(F.group_norm(x, 32, w, b, 1e-6))))
+        add(f"GroupNorm+SiLU {c}x{hw}x{hw}: group_norm", timer(
+            lambda: triton_groupnorm.group_norm(x, 32, w, b, 1e-6, silu=True)), moved)
+        for config in ((512, 4096, 4), (1024, 2048, 4), (2048, 8192, 8), (4096, 16384, 8)) if sweep else ():
+            add(f"  group_norm (BLOCK, CHUNK, warps)={config}", timer(
+                lambda config=config: triton_groupnorm.group_norm(x, 32, w, b, 1e-6, silu=True, config=config)), moved)
+
+
+def geglu_rows(add, timer, dev, sweep=False):
+    """SDXL's GEGLU gates at 1024² (batch 1): 4096 tokens x 2560 and 1024 x 5120, the host's chunk, F.gelu and
+    multiply vs triton_geglu.geglu."""
+    import torch
+    import torch.nn.functional as F
+    from comfyui_octet.kernels.backends import triton_geglu
+
+    def host(h):
+        x, gate = h.chunk(2, dim=-1)
+        return x * F.gelu(gate)
+    for m, d in ((4096, 2560), (1024, 5120)):
+        h = torch.randn(1, m, 2 * d, device=dev, dtype=torch.bfloat16)
+        moved = 3 * m * d * 2
+        add(f"GEGLU gate {m}x{d}: host ops", timer(lambda: host(h)))
+        add(f"GEGLU gate {m}x{d}: geglu", timer(lambda: triton_geglu.geglu(h)), moved)
+        for config in ((512, 4), (2048, 4), (2048, 8), (4096, 8)) if sweep else ():
+            add(f"  geglu (BLOCK, warps)={config}", timer(lambda config=config: triton_geglu.geglu(h, config)), moved)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--only", choices=["unet"], help="only these rows (GroupNorm, GEGLU)")
     args = ap.parse_args()
     octet_pack.load(comfy=False)
     import torch
@@ -125,6 +164,10 @@ def main() -> int:
         rows.append(row)
         print(f"{name:70s} {us:8.1f} us" + (f"  {row['TB/s']} TB/s" if bytes_moved else ""), flush=True)
 
+    if args.only == "unet":
+        groupnorm_rows(add, graph_us, dev, args.sweep)
+        geglu_rows(add, graph_us, dev, args.sweep)
+        return write(args, header, rows)
     cat_gelu = triton_quant.GeluRowQuantizer(d, h)
     add("single block: gelu + cat + quantize_rows (float passes)",
         graph_us(lambda: rowq[d + h](torch.cat((attn, F.gelu(pre, approximate="tanh")), 2).reshape(m, d + h))))
@@ -146,6 +189,12 @@ def main() -> int:
     add("plain quantize_rows K=3072 (for scale)", graph_us(lambda: rowq[d](x.reshape(m, d))), m * d * 3)
     qk_rows(add, graph_us, dev, args.sweep)
     sd3_rows(add, graph_us, dev)
+    groupnorm_rows(add, graph_us, dev, args.sweep)
+    geglu_rows(add, graph_us, dev, args.sweep)
+    return write(args, header, rows)
+
+
+def write(args, header, rows) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "deferred_kernels.json"), "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)

@@ -87,8 +87,12 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
 # see octet/deferred.py; Flux's q/k preparation too).
 # bf16_octet_qk: the bf16 model with only Octet's fused q/k preparation (octet/deferred.py install_qk: QK
 # RMSNorm + RoPE in one kernel), no INT8: what that part of Octet's speed owes to quantization (nothing).
+# bf16_octet_fused: the bf16 model with all of Octet's float fusions (install_qk, and octet/float_fusions.py:
+# GroupNorm + SiLU, GEGLU's gate), no INT8. octet_dynamic_host_float: octet_dynamic with the host's GroupNorms
+# and GEGLUs (OCTET_FLOAT_FUSIONS=0).
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
-            "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk")
+            "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk",
+            "bf16_octet_fused", "octet_dynamic_host_float")
 
 
 def model_config(name: str, tiny: bool, extra: dict | None = None):
@@ -157,10 +161,12 @@ def quantize(model, variant: str, x, sigma, kw):
 
     dm = model.diffusion_model
     calibration = None
-    mode = variant[len("octet_"):].replace("_layers", "").replace("_dispatch", "").replace("_not_deferred", "")
+    mode = variant[len("octet_"):].replace("_layers", "").replace("_dispatch", "").replace("_not_deferred", "") \
+        .replace("_host_float", "")
     os.environ["OCTET_FUSED_MLP"] = "0" if variant.endswith("_layers") else "1"
     # Read per call: GELUs and LayerNorms computed in float before their INT8 layer, as before octet/deferred.py.
     os.environ["OCTET_DEFERRED"] = "0" if variant.endswith("_not_deferred") else "1"
+    os.environ["OCTET_FLOAT_FUSIONS"] = "0" if variant.endswith("_host_float") else "1"
     # Read when each layer plans, at its first call: the warm-up steps after this.
     os.environ["OCTET_FAST_LAUNCH"] = "0" if variant.endswith("_dispatch") else "1"
     if mode == "static":
@@ -306,10 +312,16 @@ def run_variant(name, variant, device, args) -> list[dict]:
         row["mlp_chains"] = len(result.chains) if not variant.endswith("_layers") else 0
         row["deferred_inputs"] = len(result.gelus) + len(result.norms)
         row["qk_fused"] = len(result.qk_norms)
+        row["float_fusions"] = len(result.float_fusions)
     elif variant == "bf16_octet_qk":
         from comfyui_octet.octet import deferred
         os.environ["OCTET_DEFERRED"] = "1"
         row["qk_fused"] = len(deferred.install_qk(model.diffusion_model))
+    elif variant == "bf16_octet_fused":
+        from comfyui_octet.octet import deferred, float_fusions
+        os.environ["OCTET_DEFERRED"] = os.environ["OCTET_FLOAT_FUSIONS"] = "1"
+        row["qk_fused"] = len(deferred.install_qk(model.diffusion_model))
+        row["float_fusions"] = len(float_fusions.install(model.diffusion_model))
     row["weight_bytes"] = weight_bytes(model.diffusion_model)
     rows = []
     if "eager" in modes or "graph" in modes:
