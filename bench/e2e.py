@@ -47,6 +47,12 @@ SDXL = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spati
         "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
         "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
         "use_temporal_attention": False, "use_temporal_resblock": False}
+SD15 = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+        "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+        "use_temporal_resblock": False}
 SD35_MEDIUM = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 24, "input_size": None,
                "adm_in_channels": 2048, "pos_embed_max_size": 384, "num_patches": 384 * 384,
                "context_embedder_config": {"target": "torch.nn.Linear",
@@ -61,6 +67,7 @@ MODELS = {
     "flux-dev": ("Flux", FLUX_DEV, (1, 16, 128, 128), {"c_crossattn": (1, 512, 4096), "y": (1, 768),
                                                        "guidance": (1,)}),
     "sdxl": ("SDXL", SDXL, (1, 4, 128, 128), {"c_crossattn": (1, 77, 2048), "y": (1, 2816)}),
+    "sd1.5": ("SD15", SD15, (1, 4, 64, 64), {"c_crossattn": (1, 77, 768)}),
     "sd3.5-medium": ("SD3", SD35_MEDIUM, (1, 16, 128, 128), {"c_crossattn": (1, 333, 4096), "y": (1, 2048)}),
     "wan2.1-1.3b": ("WAN21_T2V", WAN21_13B, (1, 16, 9, 60, 104), {"c_crossattn": (1, 512, 4096)}),
 }
@@ -70,6 +77,9 @@ TINY = {  # same classes, shrunken, so --tiny checks every code path on a CPU in
     "sdxl": {"model_channels": 32, "transformer_depth": [0, 0, 1, 1], "channel_mult": [1, 2],
              "num_res_blocks": [1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1],
              "context_dim": 32, "adm_in_channels": 64, "num_head_channels": 16},
+    "sd1.5": {"model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+              "transformer_depth": [1, 1, 1, 1], "transformer_depth_output": [1, 1, 1, 1],
+              "context_dim": 32, "num_heads": 2},
     "sd3.5-medium": {"depth": 2, "context_embedder_config": {"target": "torch.nn.Linear",
                                                              "params": {"in_features": 32, "out_features": 128}},
                      "adm_in_channels": 32, "pos_embed_max_size": 16, "num_patches": 256,
@@ -78,6 +88,7 @@ TINY = {  # same classes, shrunken, so --tiny checks every code path on a CPU in
 }
 TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1, 16), "guidance": (1,)}),
                "sdxl": ((1, 4, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1, 64)}),
+               "sd1.5": ((1, 4, 16, 16), {"c_crossattn": (1, 8, 32)}),
                "sd3.5-medium": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1, 32)}),
                "wan2.1-1.3b": ((1, 16, 2, 8, 8), {"c_crossattn": (1, 8, 32)})}
 # octet_static_layers: static W8A8 with the MLP chains off (OCTET_FUSED_MLP=0), each layer on its own.
