@@ -171,3 +171,30 @@ def test_quantize_model_installs_it_as_graph_safe_object_patches():
     for n in result.float_fusions:
         patch = q.object_patches[f"diffusion_model.{n}.forward"]
         assert isinstance(patch, float_fusions.FORWARDS) and graph_step._safe_object_patch(n, patch)
+
+
+def test_a_loaded_checkpoint_gets_them_and_a_dropped_block_is_not_kept_alive(tmp_path):
+    """Load Quantized installs them like Quantize Model does; the patched forwards refer to their module weakly,
+    so a dropped model goes with its last reference, not at the next garbage collection."""
+    import gc
+    import weakref
+    from comfyui_octet import octet
+    from comfyui_octet.octet import checkpoint
+    st, _, _ = spatial_transformer()
+    octet.quantize_(st, octet.DynamicW8A8Config())
+    path = str(tmp_path / "st.safetensors")
+    checkpoint.save(path, st, {"architecture": "test"})
+    fresh, _, _ = spatial_transformer()
+    checkpoint.install(fresh, checkpoint.read(path))
+    assert isinstance(vars(fresh.norm).get("forward"), float_fusions.GroupNormForward)
+    assert isinstance(vars(fresh.get_submodule("transformer_blocks.0.ff.net.0")).get("forward"),
+                      float_fusions.GegluForward)
+    block = resblock()
+    float_fusions.install(block)
+    ref = weakref.ref(block)
+    gc.disable()
+    try:
+        del block
+        assert ref() is None
+    finally:
+        gc.enable()
