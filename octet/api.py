@@ -75,7 +75,7 @@ class QuantResult(QuantReport):
                 + (f"; {deferred_text} applied inside the next INT8 layer's quantization" if deferred_text else "")
                 + (f"; {qk} QK norms fused into attention's q/k preparation" if qk else "")
                 + (f"; {gn} GroupNorms ({fused.count(float_fusions.GroupNormSiLUForward)} with their SiLU) and "
-                   f"{fused.count(float_fusions.GegluForward)} GEGLU gates in fused kernels" if fused else ""))
+                   f"{fused.count(float_fusions.GegluForward)} GEGLU gates fused where the Triton kernels run" if fused else ""))
 
     def to_text(self, limit: int | None = None) -> str:
         goal = ("goal=speed: a layer whose INT8 kernel is slower than bf16 at the shapes it runs at keeps a "
