@@ -10,6 +10,8 @@ Octet takes to quantize. Every ratio is against the bf16 baseline measured in th
     python bench/e2e.py --models flux-dev --compile
     python bench/e2e.py --graph --models sdxl --variants bf16 octet_dynamic   # + CUDA Graph Step rows
     python bench/e2e.py --tiny               # CPU smoke test of the same code with shrunken configs
+    python bench/e2e.py --models sdxl sd1.5 --variants bf16 bf16_octet_fused octet_dynamic --modes eager graph
+                                             # INT8's share vs the fused float ops' (see VARIANTS)
 
 Modes, per model and variant, on one built (and quantized) model: ``eager`` (stock ComfyUI),
 ``graph`` (through the CUDA Graph Step node), ``compile`` (torch.compile of the diffusion model, the
