@@ -33,7 +33,6 @@ def _geglu_kernel(h_ptr, o_ptr, total, D, BLOCK: tl.constexpr):
 
 # (BLOCK, num_warps)
 CONFIG = (1024, 4)
-_launcher = None
 
 
 def takes(h: torch.Tensor) -> bool:
@@ -45,14 +44,12 @@ def takes(h: torch.Tensor) -> bool:
 def geglu(h: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
     """``x * F.gelu(gate)`` for ``x, gate = h.chunk(2, -1)``; ``h`` as ``takes`` accepts it. Output contiguous,
     h's dtype, shape [..., D]."""
-    global _launcher
-    if _launcher is None:
-        _launcher = triton_launch.Launcher(_geglu_kernel, "geglu")
     block, warps = config or CONFIG
     d = h.shape[-1] // 2
     out = torch.empty(h.shape[:-1] + (d,), dtype=h.dtype, device=h.device)
     total = out.numel()
     grid = (triton.cdiv(total, block),)
-    _launcher((h.dtype, block, warps) + triton_launch.facts(h, out, total, d), lambda meta: grid,
-              lambda meta: (h, out, total, d), dict(BLOCK=block, num_warps=warps))
+    key = (h.dtype, block, warps) + triton_launch.facts(h, out, total, d)
+    triton_launch.shared(_geglu_kernel, "geglu")(key, lambda meta: grid, lambda meta: (h, out, total, d),
+                                                 dict(BLOCK=block, num_warps=warps))
     return out

@@ -81,14 +81,6 @@ def _gn_apply_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, S, HW, CG, G, SPLIT, 
 # groups (40,960 to 163,840 elements at 1024²) 10 to 40 programs each: 320 to 1280 per pass at batch 1.
 CONFIG = (1024, 4096, 4)
 _MAX_SPLIT = 1024          # parts one apply program adds up (groups up to 4M elements)
-_launchers: dict = {}
-
-
-def _launcher(name: str, kernel):
-    launcher = _launchers.get(name)
-    if launcher is None:
-        launcher = _launchers[name] = triton_launch.Launcher(kernel, name)
-    return launcher
 
 
 def takes(x: torch.Tensor, groups: int, weight, bias) -> bool:
@@ -123,13 +115,13 @@ def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, silu: boo
     affine = weight is not None
     w, b = (weight, bias) if affine else (x, x)
     facts = triton_launch.facts(x, s, split)
-    _launcher("group_norm_stats", _gn_stats_kernel)(
+    triton_launch.shared(_gn_stats_kernel, "group_norm_stats")(
         (x.dtype, block, chunk, warps) + facts, lambda meta: grid, lambda meta: (x, parts, s, split),
         dict(BLOCK=block, CHUNK=chunk, num_warps=warps))
     split_p = max(16, triton.next_power_of_2(split))
     key = (x.dtype, w.dtype, block, chunk, warps, split_p, affine, silu) + facts \
         + triton_launch.facts(w, b, y, hw, c // groups, groups)
-    _launcher("group_norm_apply", _gn_apply_kernel)(
+    triton_launch.shared(_gn_apply_kernel, "group_norm_apply")(
         key, lambda meta: grid,
         lambda meta: (x, w, b, y, parts, s, hw, c // groups, groups, split, float(eps)),
         dict(BLOCK=block, CHUNK=chunk, SPLIT_P=split_p, AFFINE=affine, SILU=silu, num_warps=warps))

@@ -171,3 +171,16 @@ class Launcher:
                 log.warning("octet: direct launches of the Triton kernel %s are off (%s: %s); every launch goes "
                             "through Triton's dispatch (correct, ~3x the host time)", self.name,
                             type(exc).__name__, exc)
+
+
+_shared: dict = {}
+
+
+def shared(kernel, name: str) -> Launcher:
+    """The process's one Launcher of a module-level kernel (no prepared object owns it: the q/k, GroupNorm and
+    GEGLU kernels), made at its first launch so that it reads the environment (OCTET_FAST_LAUNCH, the
+    interpreter) when it is used, not at import."""
+    launcher = _shared.get(name)
+    if launcher is None:
+        launcher = _shared[name] = Launcher(kernel, name)
+    return launcher

@@ -77,7 +77,6 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, f_ptr, oq_ptr, ok_ptr, L,
 # first version (32 tokens x 1 head, freqs read in four strided loads) 143 us. The contiguous freqs read is
 # what mattered; sharing it across heads did not (fewer programs on the 512-token text stream cost more).
 CONFIG = (16, 1, 4)
-_launcher = None
 
 
 def takes_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -104,13 +103,11 @@ def takes(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor) -> bool:
 def _launch(tensors: tuple, ints: tuple, eps: tuple, grid: tuple, d: int, config: tuple, rope: bool) -> None:
     """One launch of the kernel over one segment: ``tensors`` (q, k, wq, wk, freqs, out_q, out_k) (the unused
     ones any tensor), ``ints`` its runtime integers in kernel order."""
-    global _launcher
-    if _launcher is None:
-        _launcher = triton_launch.Launcher(_qk_norm_rope_kernel, "qk_norm_rope")
     block_l, heads, warps = config
     key = (rope, tensors[0].dtype, tensors[5].dtype, d, *config) + triton_launch.facts(*tensors[:5], *ints)
-    _launcher(key, lambda meta: grid, lambda meta: (*tensors, *ints, float(eps[0]), float(eps[1])),
-              dict(D=d, BLOCK_L=block_l, HEADS=heads, ROPE=rope, num_warps=warps))
+    launcher = triton_launch.shared(_qk_norm_rope_kernel, "qk_norm_rope")
+    launcher(key, lambda meta: grid, lambda meta: (*tensors, *ints, float(eps[0]), float(eps[1])),
+             dict(D=d, BLOCK_L=block_l, HEADS=heads, ROPE=rope, num_warps=warps))
 
 
 def qk_norm_rope(segments: list, freqs: torch.Tensor, dtype: torch.dtype,
