@@ -70,12 +70,15 @@ class QuantResult(QuantReport):
                                                  else "") if t)
         qk = len(self.qk_norms)
         fused = [type(self.forwards[n]) for n in self.float_fusions]
-        gn = fused.count(float_fusions.GroupNormForward)     # every GroupNorm; a Sequential adds its SiLU
+        # Every GroupNorm has its own forward; a Sequential's adds its SiLU.
+        gn, silu, geglu = (fused.count(kind) for kind in (float_fusions.GroupNormForward,
+                                                          float_fusions.GroupNormSiLUForward,
+                                                          float_fusions.GegluForward))
         return (super().summary() + (f"; {chains} MLPs run as static INT8 chains" if chains else "")
                 + (f"; {deferred_text} applied inside the next INT8 layer's quantization" if deferred_text else "")
                 + (f"; {qk} QK norms fused into attention's q/k preparation" if qk else "")
-                + (f"; {gn} GroupNorms ({fused.count(float_fusions.GroupNormSiLUForward)} with their SiLU) and "
-                   f"{fused.count(float_fusions.GegluForward)} GEGLU gates fused where the Triton kernels run" if fused else ""))
+                + (f"; {gn} GroupNorms ({silu} with their SiLU) and {geglu} GEGLU gates fused where the Triton "
+                   f"kernels run" if fused else ""))
 
     def to_text(self, limit: int | None = None) -> str:
         goal = ("goal=speed: a layer whose INT8 kernel is slower than bf16 at the shapes it runs at keeps a "

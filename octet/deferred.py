@@ -320,6 +320,12 @@ def _kernels_run_on(t: torch.Tensor) -> bool:
     return (t.is_cuda or triton_support.interpreting()) and triton_support.unavailable_reason() is None
 
 
+def kernel_input(x) -> bool:
+    """Whether ``x`` may go to a Triton kernel that stands in for host ops (here and octet/float_fusions.py): a
+    plain tensor (not a pending one), outside torch.compile, on a device where the kernels run."""
+    return type(x) is torch.Tensor and not kernels.ops.compiling() and _kernels_run_on(x)
+
+
 def _for_graph() -> bool:
     """Whether this call is planned for a CUDA graph (CUDA Graph Step's warm-up and capture calls: the kernels'
     dispatch.graph_plans) or is being captured."""
@@ -421,7 +427,8 @@ class PendingRMS(Pending):
     def compute(self):
         from ..kernels.backends import triton_rope
         x0 = self.segments[0][0]
-        if _kernels_run_on(x0) and all(triton_rope.takes_rows(x, w) and x.dtype == x0.dtype for x, w, _ in self.segments):
+        if _kernels_run_on(x0) and all(triton_rope.takes_rows(x, w) and x.dtype == x0.dtype
+                                       for x, w, _ in self.segments):
             out = triton_rope.rms_norm_heads(self.segments, self.meta[1])
         else:
             out = _host_rms_norms(self.segments, self.meta[1], 1)
@@ -520,7 +527,7 @@ class QKPrepForward(DeferredForward):
 
     @staticmethod
     def _may_defer(x: torch.Tensor) -> bool:
-        return type(x) is torch.Tensor and not kernels.ops.compiling() and enabled() and _kernels_run_on(x)
+        return enabled() and kernel_input(x)
 
 
 class DeferredQKForward(QKPrepForward):

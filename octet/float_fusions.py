@@ -31,9 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import kernels
 from ..kernels.backends import triton_support
-from .deferred import _kernels_run_on, _tracked
+from .deferred import _tracked, kernel_input
 
 
 def enabled() -> bool:
@@ -43,8 +42,7 @@ def enabled() -> bool:
 
 def _may_fuse(x: torch.Tensor, *params) -> bool:
     """The kernels' common conditions: a plain tensor where they run, nothing compiled or tracked by autograd."""
-    return (type(x) is torch.Tensor and enabled() and not kernels.ops.compiling() and _kernels_run_on(x)
-            and not _tracked(x, *params))
+    return enabled() and kernel_input(x) and not _tracked(x, *params)
 
 
 def _group_norm_fusable(norm: nn.Module, x: torch.Tensor) -> bool:
