@@ -2,8 +2,9 @@
 float passes it replaces, timed as CUDA-graph replays (no host cost; bench/kernels.py's timer), one
 process; and Flux's q/k preparation (QK RMSNorm + RoPE, the double block's cat) as the host's ops vs the
 one kernel (kernels/backends/triton_rope.py); and SDXL's GroupNorm (+ SiLU) and GEGLU gate at 1024² as the
-host's ops vs the kernels (kernels/backends/triton_groupnorm.py, triton_geglu.py; octet/float_fusions.py). ``--sweep`` also sweeps the GELU quantizer's (tile,
-warps) for the single block's 15360-wide rows and the GroupNorm's tiles. Prints a table and writes JSON.
+host's ops vs the kernels (kernels/backends/triton_groupnorm.py, triton_geglu.py; octet/float_fusions.py).
+``--sweep`` also sweeps the GELU quantizer's (tile, warps) for the single block's 15360-wide rows, the q/k
+kernel's, the GroupNorm's and the GEGLU's tiles. Prints a table and writes JSON.
 
     python bench/deferred_kernels.py [--out DIR] [--only unet]
 """
@@ -111,7 +112,8 @@ def groupnorm_rows(add, timer, dev, sweep=False):
             lambda: triton_groupnorm.group_norm(x, 32, w, b, 1e-6, silu=True)), moved)
         for config in ((512, 4096, 4), (1024, 2048, 4), (2048, 8192, 8), (4096, 16384, 8)) if sweep else ():
             add(f"  group_norm (BLOCK, CHUNK, warps)={config}", timer(
-                lambda config=config: triton_groupnorm.group_norm(x, 32, w, b, 1e-6, silu=True, config=config)), moved)
+                lambda config=config: triton_groupnorm.group_norm(x, 32, w, b, 1e-6, silu=True, config=config)),
+                moved)
 
 
 def geglu_rows(add, timer, dev, sweep=False):
@@ -174,7 +176,8 @@ def main() -> int:
     moved = m * (d + h) * 3
     add("single block: GeluRowQuantizer (default config)", graph_us(lambda: cat_gelu(attn, pre)), moved)
     # Two sweeps over tiles, or (BLOCK_K >= 15360) the whole row in registers, the GELU computed once.
-    gelu_configs = [(b, w) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)] + [(16384, 8), (16384, 16), (16384, 32)]
+    gelu_configs = ([(b, w) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)]
+                    + [(16384, 8), (16384, 16), (16384, 32)])
     for block_k, warps in gelu_configs if args.sweep else ():
         q = triton_quant.GeluRowQuantizer(d, h, config=(block_k, warps))
         add(f"  GeluRowQuantizer BLOCK_K={block_k} warps={warps}", graph_us(lambda q=q: q(attn, pre)), moved)
