@@ -27,15 +27,17 @@ SHAPES = [  # (name, K, N)
     ("flux attn out", 3072, 3072), ("sdxl attn q 640", 640, 640), ("sdxl attn 1280", 1280, 1280),
     ("sdxl ff 1280", 1280, 10240),
 ]
-PATHS = [  # (label, act, backend, goal, direct Triton launches)
-    ("octet weight_only", "none", "auto", "speed", True),
-    ("octet dynamic", "dynamic", "auto", "speed", True),
-    ("octet dynamic triton", "dynamic", "triton", "speed", True),
-    # The same layer with every launch through Triton's own dispatch (OCTET_FAST_LAUNCH=0): what
-    # kernels/backends/triton_launch.py saves, measured side by side in one run.
-    ("octet dynamic triton, Triton dispatch", "dynamic", "triton", "speed", False),
-    ("octet static triton", "static", "triton", "speed", True),
-    ("octet dynamic memory", "dynamic", "auto", "memory", True),
+PATHS = [  # (label, act, backend, goal, environment while the layer plans)
+    ("octet weight_only", "none", "auto", "speed", {}),
+    ("octet dynamic", "dynamic", "auto", "speed", {}),
+    ("octet dynamic triton", "dynamic", "triton", "speed", {}),
+    # The same layer launching through Triton's Python launcher (OCTET_C_LAUNCH=0) and through Triton's
+    # own dispatch (OCTET_FAST_LAUNCH=0): what each layer of kernels/backends/triton_launch.py saves,
+    # measured side by side in one run.
+    ("octet dynamic triton, Python launcher", "dynamic", "triton", "speed", {"OCTET_C_LAUNCH": "0"}),
+    ("octet dynamic triton, Triton dispatch", "dynamic", "triton", "speed", {"OCTET_FAST_LAUNCH": "0"}),
+    ("octet static triton", "static", "triton", "speed", {}),
+    ("octet dynamic memory", "dynamic", "auto", "memory", {}),
 ]
 
 
@@ -48,18 +50,26 @@ def card_header(mode: str = "") -> tuple[str, str, str]:
     return card, stamp, f"card: {card}; torch {torch.__version__}; triton {triton.__version__}; {mode}{stamp}"
 
 
-def measure(fn, reps: int) -> tuple[float, float]:
+def measure(fn, reps: int, rounds: int = 5) -> tuple[float, float]:
+    """(host, wall) us per call: the median over ``rounds`` rounds of ``reps`` calls each (the GPU hosts'
+    CPU time per call varies by 20-40% from one moment to the next; a median of rounds keeps one slow
+    moment from deciding a row)."""
+    import statistics
     import torch
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return (t1 - t0) / reps * 1e6, (t2 - t0) / reps * 1e6
+    host, wall = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        host.append((t1 - t0) / reps * 1e6)
+        wall.append((t2 - t0) / reps * 1e6)
+    return statistics.median(host), statistics.median(wall)
 
 
 def main() -> int:
@@ -87,15 +97,20 @@ def main() -> int:
                 host, wall = measure(lambda: lin(x), args.reps)
                 rows.append({"shape": name, "m": m, "k": k, "n": n, "path": "bf16 nn.Linear", "backend": "cublas",
                              "host_us": host, "wall_us": wall})
-                for label, act, backend, goal, direct in PATHS:
+                for label, act, backend, goal, env in PATHS:
                     q = QuantLinear.from_float(lin, act, backend, goal=goal)
                     if act == "static":
                         q.set_static_scales(scale_from_absmax(x.abs().amax()).reshape(1))
                     model = torch.nn.Sequential(q)
                     # Read when the layer plans (its first call, inside measure's warm-up).
-                    os.environ["OCTET_FAST_LAUNCH"] = "1" if direct else "0"
+                    saved = {name: os.environ.get(name) for name in env}
+                    os.environ.update(env)
                     host, wall = measure(lambda: model(x), args.reps)
-                    os.environ["OCTET_FAST_LAUNCH"] = "1"
+                    for switch, value in saved.items():
+                        if value is None:
+                            os.environ.pop(switch)
+                        else:
+                            os.environ[switch] = value
                     chosen = plan_summary(model)["layers"]["0"]["backends"]
                     rows.append({"shape": name, "m": m, "k": k, "n": n, "path": label, "backend": ",".join(chosen),
                                  "host_us": host, "wall_us": wall,

@@ -272,14 +272,25 @@ class W8A8Gemm:
         (int8 codes at q_scale with gelu_quant)."""
         if a_q.dtype != torch.int8 or a_q.dim() != 2 or a_q.shape[1] != self.k:
             raise ValueError(f"a_q must be int8 [M, K={self.k}], got {a_q.dtype} {tuple(a_q.shape)}")
+        if a_scale.numel() not in (1, a_q.shape[0]):
+            raise ValueError(f"a_scale must have 1 or M={a_q.shape[0]} entries, got {a_scale.numel()}")
+        if self.gelu_quant and (q_scale is None or q_scale.numel() != 1):
+            raise ValueError("gelu_quant needs the next layer's one static scale")
+        device = a_q.device
+        if a_scale.dtype != torch.float32 or a_scale.dim() != 1 or a_scale.device != device:
+            a_scale = _vector(a_scale, device)
+        if self.gelu_quant and (q_scale.dtype != torch.float32 or q_scale.device != device):
+            q_scale = _vector(q_scale, device)
+        return self.run(a_q if a_q.is_contiguous() else a_q.contiguous(), a_scale, out_dtype, q_scale)
+
+    def run(self, a_q: torch.Tensor, a_scale: torch.Tensor, out_dtype: torch.dtype,
+            q_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``__call__`` without its checks and conversions, for a plan whose operands are right by
+        construction (a quantizer's contiguous codes, fp32 scales on the device): host time per layer."""
         m, k, n = a_q.shape[0], self.k, self.n
-        if a_scale.numel() not in (1, m):
-            raise ValueError(f"a_scale must have 1 or M={m} entries, got {a_scale.numel()}")
         if max(m * k, n * k, m * n) > _MAX_INT32:
             raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
         if self.gelu_quant:
-            if q_scale is None or q_scale.numel() != 1:
-                raise ValueError("gelu_quant needs the next layer's one static scale")
             out_dtype = torch.int8
         device = a_q.device
         out = torch.empty((m, n), dtype=out_dtype, device=device)
@@ -292,26 +303,22 @@ class W8A8Gemm:
                 h = zeros + bias.float() if bias is not None else zeros
                 return gelu_tanh_quantize(h, self.q_smooth, q_scale)
             return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
-        a_q = a_q if a_q.is_contiguous() else a_q.contiguous()
-        if a_scale.dtype != torch.float32 or a_scale.dim() != 1 or a_scale.device != device:
-            a_scale = _vector(a_scale, device)
-        if self.gelu_quant and (q_scale.dtype != torch.float32 or q_scale.device != device):
-            q_scale = _vector(q_scale, device)
         w_scale = self.w_scale
         sms, per_token = self.sms, 0 if a_scale.numel() == 1 else 1
         bias_arg = bias if bias is not None else w_scale
         smooth_arg = self.q_smooth if self.q_smooth is not None else w_scale
         scale_arg = q_scale if q_scale is not None else w_scale
+        bucket = m_bucket(m)
 
         def build(meta):
-            if self.use_tma:
-                box = [16, 16] if meta is None else [meta["BLOCK_M"], meta["BLOCK_K"]]
-                a_arg = TensorDescriptor(a_q, [m, k], [k, 1], box)
+            if self.use_tma:   # Triton's path: a descriptor its autotuner re-boxes; direct: triton_launch.Tma
+                a_arg = TensorDescriptor(a_q, [m, k], [k, 1], [16, 16]) if meta is None \
+                    else triton_launch.Tma(a_q, (m, k), (k, 1), (meta["BLOCK_M"], meta["BLOCK_K"]))
             else:
                 a_arg = a_q
             weight = self.weight_descs.get(meta) if self.use_tma else self.qweight
             return (a_arg, weight, out, a_scale, w_scale, bias_arg, smooth_arg, scale_arg,
-                    m, n, k, m_bucket(m), sms, k, k, n, per_token)
+                    m, n, k, bucket, sms, k, k, n, per_token)
 
         def grid(meta):
             tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
@@ -320,7 +327,7 @@ class W8A8Gemm:
         # What Triton specializes on among the arguments that change between calls (triton_launch); the
         # output is a fresh allocation (512-byte aligned), the per-token scales too, a static scale may
         # be a slice of a per-group tensor.
-        key = (out_dtype, m == 1, m % 16 == 0, m_bucket(m), a_q.data_ptr() % 16 == 0, per_token,
+        key = (out_dtype, m == 1, m % 16 == 0, bucket, a_q.data_ptr() % 16 == 0, per_token,
                per_token or a_scale.data_ptr() % 16 == 0, scale_arg.data_ptr() % 16 == 0)
         self.launcher(key, grid, build, self.flags)
         return out

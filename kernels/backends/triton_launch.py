@@ -18,7 +18,17 @@ Not used (Triton's own path every call): under the CPU interpreter, while a laun
 (a profiler such as proton wants to see every launch), with OCTET_FAST_LAUNCH=0, and when Triton's
 internals are not what this module expects (a launcher that takes other arguments makes the
 validating launch at the first call of a key raise): that is logged once. Every argument is
-passed fresh on every call: nothing but constexprs is cached.
+passed fresh on every call: nothing but constexprs (and a weight's TMA descriptor, see below) is cached.
+
+One layer further down (``_c_launcher``): Triton 3.5/3.6's compiled launcher is a Python object whose
+``__call__`` builds scratch-allocation closures and whose wrapper re-encodes every TMA descriptor
+argument (``make_tensordesc_arg`` -> ``cuTensorMapEncodeTiled``) on every launch, the weight's
+included, before it calls the generated C function. On the H200 (diag of 2026-12-02 18:15) our GEMM's
+launch cost 12.5 us that way and 7.2 us calling the C function with the weight's descriptor encoded
+once; the activation's descriptor is still encoded per call (it is a new tensor each call), from a
+``Tma`` tuple rather than a ``TensorDescriptor`` (whose validating constructor cost 1.6-2.9 us).
+Where the launcher is not that exact shape (other Triton versions, scratch memory, clusters) the
+compiled launcher is called as before.
 """
 from __future__ import annotations
 
@@ -91,7 +101,24 @@ class WeightDescriptors:
         desc = self.boxes.get(box)
         if desc is None:
             desc = self.boxes[box] = TensorDescriptor.from_tensor(self.weight, list(box))
+            # Direct C launches encode it once per kernel (_c_launcher): the weight's storage does not
+            # move while this object lives (a new weight makes a new plan and new descriptors). Not the
+            # placeholder box, which Triton's autotuner re-boxes before its launches.
+            if meta is not None:
+                desc.octet_expanded = {}
         return desc
+
+
+class Tma(NamedTuple):
+    """An activation's TMA descriptor as a direct launch passes it: what Triton's launcher reads of a
+    ``TensorDescriptor`` (base, shape, strides, padding), without its constructor's checks (the wrapper
+    building it has checked shape, alignment and strides already). Triton's own path (the first call
+    at a key) still gets real ``TensorDescriptor``s."""
+    base: object
+    shape: tuple
+    strides: tuple
+    block_shape: tuple
+    padding: str = "zero"
 
 
 class Record(NamedTuple):
@@ -100,6 +127,52 @@ class Record(NamedTuple):
     packed: object           # the launcher's packed metadata
     meta: dict               # constexpr flags and the chosen config's kwargs (what grid() and build() read)
     tail: tuple              # constexpr values, in the kernel's argument order, after the runtime arguments
+    c_launch: Optional[Callable] = None   # (gx, gy, gz, stream, args) -> the C launcher, or None: run()
+
+
+def _c_launcher(compiled, tail: tuple) -> Optional[Callable]:
+    """A function launching ``compiled`` through Triton 3.5/3.6's generated C launcher, with the
+    descriptor expansion Triton's wrapper does per launch done here, once for weight descriptors
+    (``WeightDescriptors`` marks them) and per call for the others; None where the launcher is not
+    exactly the shape this was written against (then ``compiled.run`` is used)."""
+    run = compiled.run
+    if type(run).__name__ != "CudaLauncher" or getattr(run, "num_ctas", 1) != 1 \
+            or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    function, packed = compiled.function, compiled.packed_metadata
+    coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+    wrapped = run.launch
+    code = getattr(wrapped, "__code__", None)
+    if code is None:   # the C function itself: no descriptor among the arguments
+        def launch(gx, gy, gz, stream, args):
+            wrapped(gx, gy, gz, stream, function, coop, pdl, None, None, packed, None, None, None, *args, *tail)
+        return launch
+    if code.co_freevars != ("launcher", "tensordesc_indices", "tensordesc_meta"):
+        return None
+    free = dict(zip(code.co_freevars, (cell.cell_contents for cell in wrapped.__closure__)))
+    c_function, metas = free["launcher"], free["tensordesc_meta"]
+    make = wrapped.__globals__.get("make_tensordesc_arg")
+    if make is None or make.__code__.co_argcount != 2 or not metas or any(m is None for m in metas):
+        return None
+    descs = tuple(zip(sorted(free["tensordesc_indices"]), metas))
+
+    def launch(gx, gy, gz, stream, args):
+        final, start = [], 0
+        for pos, meta in descs:
+            final += args[start:pos]
+            arg = args[pos]
+            cache = getattr(arg, "octet_expanded", None)   # a weight's descriptor: encoded once per kernel
+            if cache is None:
+                final += make(arg, meta)
+            else:
+                expanded = cache.get(id(meta))
+                if expanded is None:
+                    expanded = cache[id(meta)] = make(arg, meta)
+                final += expanded
+            start = pos + 1
+        final += args[start:]
+        c_function(gx, gy, gz, stream, function, coop, pdl, None, None, packed, None, None, None, *final, *tail)
+    return launch
 
 
 class Launcher:
@@ -137,6 +210,9 @@ class Launcher:
 
     def _launch(self, record: Record, grid, args: tuple, device: int) -> None:
         g = grid(record.meta)
+        if record.c_launch is not None:
+            record.c_launch(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._stream(device), args)
+            return
         record.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._stream(device),
                    record.function, record.packed, None, None, None, *args, *record.tail)
 
@@ -157,12 +233,13 @@ class Launcher:
                 raise TypeError(f"arguments after the runtime ones are not all constexprs: {rest}")
             fixed = build(meta)
             compiled = self.jit.run(*fixed, grid=(1,), warmup=True, **kwargs)
-            record = Record(compiled.run, compiled.function, compiled.packed_metadata, meta,
-                            tuple(meta[name] for name in rest))
+            tail = tuple(meta[name] for name in rest)
+            record = Record(compiled.run, compiled.function, compiled.packed_metadata, meta, tail)
             # Once more through the direct path with the same arguments (our kernels are pure functions
             # of their inputs, so the outputs do not change): a launcher that takes other arguments
-            # raises here, once, instead of in a later call.
+            # raises here, once, instead of in a later call. The C launcher likewise, else run().
             self._launch(record, grid, fixed, key[0])
+            record = self._with_c_launcher(record, compiled, grid, fixed, key[0])
             self.records[key] = record
         except Exception as exc:  # a Triton whose internals differ: keep its own path, say so once
             self.direct = False
@@ -171,6 +248,24 @@ class Launcher:
                 log.warning("octet: direct launches of the Triton kernel %s are off (%s: %s); every launch goes "
                             "through Triton's dispatch (correct, ~3x the host time)", self.name,
                             type(exc).__name__, exc)
+
+
+    def _with_c_launcher(self, record: Record, compiled, grid, args: tuple, device: int) -> Record:
+        if os.environ.get("OCTET_C_LAUNCH", "1") == "0":
+            return record
+        try:
+            c_launch = _c_launcher(compiled, record.tail)
+            if c_launch is None:
+                return record
+            record = record._replace(c_launch=c_launch)
+            self._launch(record, grid, args, device)
+            return record
+        except Exception as exc:  # keep the compiled launcher (still direct), say so once
+            if self.name + ":c" not in _warned:
+                _warned.add(self.name + ":c")
+                log.warning("octet: Triton's C launcher of %s cannot be called directly (%s: %s); its Python "
+                            "launcher is used (correct, ~5 us more per launch)", self.name, type(exc).__name__, exc)
+            return record._replace(c_launch=None)
 
 
 _shared: dict = {}

@@ -168,6 +168,71 @@ def test_specialization_facts_and_hook_chains():
     assert triton_launch._hook_set(Chain([print])) and triton_launch._hook_set(print)
 
 
+# Triton 3.6's compiled launcher, as far as _c_launcher reads it: a CudaLauncher whose ``launch`` wraps the
+# generated C function in a closure that expands each descriptor argument per call.
+_ENCODED = []
+
+
+def make_tensordesc_arg(arg, metadata):
+    _ENCODED.append((arg.base, metadata["block_size"]))
+    return [f"map{len(_ENCODED)}", *arg.shape, *arg.strides]
+
+
+def _wrap(launcher, tensordesc_indices, tensordesc_meta):
+    def inner(*args):
+        final, d = list(args[:13]), 0
+        for i, arg in enumerate(args[13:]):
+            if i in tensordesc_indices:
+                final.extend(make_tensordesc_arg(arg, tensordesc_meta[d]))
+                d += 1
+            else:
+                final.append(arg)
+        return launcher(*final)
+    return inner
+
+
+class CudaLauncher:
+    num_ctas, global_scratch_size, profile_scratch_size = 1, 0, 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self, c_calls, indices=(0, 1)):
+        self.launch = _wrap(lambda *args: c_calls.append(args), set(indices),
+                            [{"block_size": [64, 128]} for _ in indices])
+
+
+class Compiled36:
+    function, packed_metadata = 7, "packed"
+
+    def __init__(self, c_calls, **kw):
+        self.run = CudaLauncher(c_calls, **kw)
+
+
+def test_c_launcher_expands_descriptors_like_tritons_wrapper_and_encodes_a_weights_once():
+    calls = []
+    launch = triton_launch._c_launcher(Compiled36(calls), tail=(True, 64))
+    assert launch is not None
+    weight = triton_launch.WeightDescriptors(torch.zeros(8, 16, dtype=torch.int8)).get(
+        {"BLOCK_N": 64, "BLOCK_K": 128})
+    _ENCODED.clear()
+    for step in range(3):
+        act = triton_launch.Tma(f"x{step}", (4, 16), (16, 1), (64, 128))
+        launch(2, 1, 1, 99, (weight, act, "out", 5))
+    # Base arguments as CudaLauncher.__call__ passes them (no scratch), the weight's map made once and
+    # reused, the activation's made every call, then the constexpr tail.
+    assert calls[0] == (2, 1, 1, 99, 7, False, True, None, None, "packed", None, None, None,
+                        "map1", 8, 16, 16, 1, "map2", 4, 16, 16, 1, "out", 5, True, 64)
+    assert [c[13] for c in calls] == ["map1"] * 3 and [c[18] for c in calls] == ["map2", "map3", "map4"]
+    assert [base for base, _ in _ENCODED] == [weight.base, "x0", "x1", "x2"]
+
+
+def test_c_launcher_declines_launchers_of_another_shape():
+    calls = []
+    other = Compiled36(calls)
+    other.run.global_scratch_size = 128       # scratch memory: Triton's __call__ allocates it
+    assert triton_launch._c_launcher(other, ()) is None
+    assert triton_launch._c_launcher(type("C", (), {"run": print, "function": 1, "packed_metadata": 2})(), ()) is None
+
+
 def _prepared(layer):
     """The prepared kernel objects of a layer's plans: a W8A8 plan's quantizer and GEMM (attributes of its
     run object), a weight-only plan's W8A16Linear (in its run function's closure)."""
