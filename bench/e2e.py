@@ -103,12 +103,14 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
 # bf16_octet_fused: the bf16 model with all of Octet's float fusions (install_qk, and octet/float_fusions.py:
 # GroupNorm + SiLU, GEGLU's gate), no INT8. octet_dynamic_host_float: octet_dynamic with the host's GroupNorms
 # and GEGLUs (OCTET_FLOAT_FUSIONS=0).
-# The variant suffix -> the Octet switch it turns off. OCTET_FUSED_MLP: static MLP chains; OCTET_FAST_LAUNCH and
-# OCTET_C_LAUNCH (Triton's Python launcher instead of its C function, kernels/backends/triton_launch.py): read
-# when each layer plans, at its first call (the warm-up steps); OCTET_DEFERRED (GELUs and LayerNorms computed in
+# The variant suffix -> the Octet switches it turns off. OCTET_FUSED_MLP: static MLP chains; OCTET_FAST_LAUNCH and
+# OCTET_C_LAUNCH (Triton's Python launcher instead of its C function, kernels/backends/triton_launch.py; with
+# OCTET_SCRATCH, fresh allocations for each layer's codes and scales: _pylaunch is the host path before
+# 2026-12-02's sixth session): read when each layer plans, at its first call (the warm-up steps); OCTET_DEFERRED (GELUs and LayerNorms computed in
 # float before their INT8 layer, as before octet/deferred.py) and OCTET_FLOAT_FUSIONS: read per call.
-SWITCH_OFF = {"_layers": "OCTET_FUSED_MLP", "_dispatch": "OCTET_FAST_LAUNCH", "_not_deferred": "OCTET_DEFERRED",
-              "_host_float": "OCTET_FLOAT_FUSIONS", "_pylaunch": "OCTET_C_LAUNCH"}
+SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH",),
+              "_not_deferred": ("OCTET_DEFERRED",), "_host_float": ("OCTET_FLOAT_FUSIONS",),
+              "_pylaunch": ("OCTET_C_LAUNCH", "OCTET_SCRATCH")}
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk",
             "bf16_octet_fused", "octet_dynamic_host_float", "octet_dynamic_pylaunch")
@@ -181,9 +183,12 @@ def quantize(model, variant: str, x, sigma, kw):
     dm = model.diffusion_model
     calibration = None
     mode = variant[len("octet_"):]
-    for suffix, switch in SWITCH_OFF.items():   # every switch on, except the one the variant's suffix names
-        os.environ[switch] = "0" if mode.endswith(suffix) else "1"
+    for suffix, switches in SWITCH_OFF.items():   # every switch on, except those the variant's suffix names
+        for switch in switches:
+            os.environ[switch] = "0" if mode.endswith(suffix) else "1"
         mode = mode.removesuffix(suffix)
+    from comfyui_octet.kernels.backends import scratch
+    scratch.ENABLED = os.environ["OCTET_SCRATCH"] != "0"   # the module reads it at import
     if mode == "static":
         with torch.no_grad(), record(dm, GroupSelector([]), sample_cap=4096) as calibration:
             model.apply_model(x, sigma, **kw)

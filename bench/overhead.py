@@ -36,6 +36,8 @@ PATHS = [  # (label, act, backend, goal, environment while the layer plans)
     # measured side by side in one run.
     ("octet dynamic triton, Python launcher", "dynamic", "triton", "speed", {"OCTET_C_LAUNCH": "0"}),
     ("octet dynamic triton, Triton dispatch", "dynamic", "triton", "speed", {"OCTET_FAST_LAUNCH": "0"}),
+    # ... and with fresh allocations for its codes and scales instead of the stream's scratch (scratch.py).
+    ("octet dynamic triton, no scratch", "dynamic", "triton", "speed", {"OCTET_SCRATCH": "0"}),
     ("octet static triton", "static", "triton", "speed", {}),
     ("octet dynamic memory", "dynamic", "auto", "memory", {}),
 ]
@@ -80,6 +82,7 @@ def main() -> int:
     octet_pack.load()
     import torch
     from comfyui_octet.kernels.torch_ref import scale_from_absmax
+    from comfyui_octet.kernels.backends import scratch
     from comfyui_octet.octet.modules import QuantLinear, plan_summary
 
     if not torch.cuda.is_available():
@@ -105,7 +108,9 @@ def main() -> int:
                     # Read when the layer plans (its first call, inside measure's warm-up).
                     saved = {name: os.environ.get(name) for name in env}
                     os.environ.update(env)
+                    scratch.ENABLED = os.environ.get("OCTET_SCRATCH", "1") != "0"   # read per call, not at plan
                     host, wall = measure(lambda: model(x), args.reps)
+                    scratch.ENABLED = True
                     for switch, value in saved.items():
                         if value is None:
                             os.environ.pop(switch)

@@ -210,7 +210,7 @@ class ConvW8A8:
                 dilation[0], dilation[1], y.stride(0), y.stride(1), y.stride(3), per_sample)
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(oc, meta["BLOCK_N"]),)
+            return (triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(oc, meta["BLOCK_N"]),)
         flags = dict(KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=self.bias is not None, W_TMA=self.w_tma)
         key = (x.dtype, m_bucket(m)) + triton_launch.facts(xq, y, a_scale, *ints)
         weight = self.weight_descs.get if self.w_tma else lambda meta: self.wq

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_launch
+from . import triton_launch, triton_support
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def geglu(h: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
     d = h.shape[-1] // 2
     out = torch.empty(h.shape[:-1] + (d,), dtype=h.dtype, device=h.device)
     total = out.numel()
-    grid = (triton.cdiv(total, block),)
+    grid = (triton_support.cdiv(total, block),)
     key = (h.dtype, block, warps) + triton_launch.facts(h, out, total, d)
     triton_launch.shared(_geglu_kernel, "geglu")(key, lambda meta: grid, lambda meta: (h, out, total, d),
                                                  dict(BLOCK=block, num_warps=warps))

@@ -321,7 +321,7 @@ class W8A8Gemm:
                     m, n, k, bucket, sms, k, k, n, per_token)
 
         def grid(meta):
-            tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+            tiles = triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(n, meta["BLOCK_N"])
             return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
 
         # What Triton specializes on among the arguments that change between calls (triton_launch); the

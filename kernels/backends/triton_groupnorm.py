@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_launch
+from . import triton_launch, triton_support
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def takes(x: torch.Tensor, groups: int, weight, bias) -> bool:
     n, c = x.shape[:2]
     if groups <= 0 or c % groups or x.numel() == 0 or x.numel() >= 2**31:
         return False
-    if triton.cdiv(x.numel() // (n * groups), CONFIG[1]) > _MAX_SPLIT:
+    if triton_support.cdiv(x.numel() // (n * groups), CONFIG[1]) > _MAX_SPLIT:
         return False
     if (weight is None) != (bias is None):
         return False
@@ -108,7 +108,7 @@ def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, silu: boo
     rows = n * groups
     s = x.numel() // rows
     hw = s // (c // groups)
-    split = triton.cdiv(s, chunk)
+    split = triton_support.cdiv(s, chunk)
     parts = torch.empty((rows, split, 2), dtype=torch.float32, device=x.device)
     y = torch.empty_like(x)
     grid = (rows, split)

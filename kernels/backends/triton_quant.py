@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import torch_ref
-from . import triton_launch
+from . import scratch as scratch_buffers, triton_launch, triton_support
 from .triton_math import gelu_tanh, round_to_int8, scale_from_absmax
 
 
@@ -127,15 +127,22 @@ class RowQuantizer:
             static_scale = static_scale.reshape(1).to(device=x2d.device, dtype=torch.float32)
         return self.run(x2d, static_scale)
 
-    def run(self, x2d: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, x2d: torch.Tensor, static_scale: torch.Tensor | None, scratch: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         """``__call__`` without its checks and conversions, for a plan whose inputs are right by
         construction (x2d [M, K] with unit column stride; static_scale None or fp32 [1] on x2d's device):
-        an eager step calls this once per INT8 layer, and each check is host time (bench/launch_cost.py)."""
+        an eager step calls this once per INT8 layer, and each check is host time (bench/launch_cost.py).
+        ``scratch``: the codes and scales may come from the stream's scratch (scratch.py), for a caller
+        whose GEMM, launched next on this stream, is their only reader."""
         m, k = x2d.shape
         device = x2d.device
-        q = torch.empty((m, k), dtype=torch.int8, device=device)
         static = static_scale is not None
-        scales = static_scale if static else torch.empty((m,), dtype=torch.float32, device=device)
+        shared = scratch_buffers.codes_and_scales(m, k, device) if scratch else None
+        if shared is not None:
+            q, scales = shared[0], static_scale if static else shared[1]
+        else:
+            q = torch.empty((m, k), dtype=torch.int8, device=device)
+            scales = static_scale if static else torch.empty((m,), dtype=torch.float32, device=device)
         if m == 0:
             return q, scales
         smooth_arg = self.smooth if self.smooth is not None else x2d
@@ -241,13 +248,13 @@ class SampleQuantizer:
         else:
             scales = torch.empty((n,), dtype=torch.float32, device=device)
             block = 8192
-            num_chunks = triton.cdiv(c * hw, block)
+            num_chunks = triton_support.cdiv(c * hw, block)
             partial = torch.empty((n, num_chunks), dtype=torch.float32, device=device)
             self.absmax((x.dtype,) + triton_launch.facts(x, partial, hw, num_chunks), lambda meta: (n, num_chunks),
                         lambda meta: (x, smooth_arg, partial, c, hw, num_chunks),
                         dict(HAS_SMOOTH=has_smooth, BLOCK=block, num_warps=8))
         block_c, block_hw = 64, 64
-        grid = (n, triton.cdiv(hw, block_hw), triton.cdiv(c, block_c))
+        grid = (n, triton_support.cdiv(hw, block_hw), triton_support.cdiv(c, block_c))
         flags = dict(HAS_SMOOTH=has_smooth, STATIC=static, SCALE_BY_RECIPROCAL=x.is_cuda,
                      BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
         key = (x.dtype, static, flags["BLOCK_CHUNKS"]) + triton_launch.facts(x, partial, scales, q, hw, num_chunks)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_launch
+from . import triton_launch, triton_support
 
 
 @triton.jit
@@ -130,7 +130,7 @@ def qk_norm_rope(segments: list, freqs: torch.Tensor, dtype: torch.dtype,
             ints = (length, h, offset, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     sfb, freqs.stride(2), out_q.stride(0), out_q.stride(1), out_q.stride(2))
             _launch((q, k, wq, wk, freqs, out_q, out_k), ints, (eps_q, eps_k),
-                    (triton.cdiv(length, config[0]), triton.cdiv(h, config[1]), b), d, config, True)
+                    (triton_support.cdiv(length, config[0]), triton_support.cdiv(h, config[1]), b), d, config, True)
         offset += length
     return out_q, out_k
 
@@ -152,6 +152,6 @@ def rms_norm_heads(segments: list, dtype: torch.dtype, config: tuple | None = No
             ints = (length, h, offset, x.stride(0), x.stride(2), x.stride(1), 0, 0, 0, 0, 0,
                     out.stride(0), out.stride(2), out.stride(1))
             _launch((x, x, w, w, x, out, out), ints, (eps, eps),
-                    (triton.cdiv(length, config[0]), triton.cdiv(h, config[1]), b), d, config, False)
+                    (triton_support.cdiv(length, config[0]), triton_support.cdiv(h, config[1]), b), d, config, False)
         offset += length
     return out

@@ -21,6 +21,13 @@ except Exception as exc:  # ImportError, or a broken install raising something e
     _IMPORT_ERROR = f"triton not importable ({type(exc).__name__}: {exc})"
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for host-side grids. Not ``triton.cdiv``: since Triton 3.5 that is a
+    ConstexprFunction, whose call unwraps every argument (~1-2 us per grid on the GPU hosts' CPUs,
+    paid on every launch)."""
+    return -(-a // b)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on CPU through its interpreter (read per call: tests set it)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

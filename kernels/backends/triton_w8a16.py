@@ -189,7 +189,7 @@ class W8A16Gemm:
             return (x_arg, weight, out, w_scale, bias_arg, m, n, k, m_bucket(m), k, k, n)
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            return (triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(n, meta["BLOCK_N"]),)
         if config is not None:   # one given configuration, no autotuner (tests, benches)
             meta = dict(config)
             _w8a16_kernel[grid(meta)](*build(meta, jit=True), **flags, **meta)
@@ -249,7 +249,7 @@ def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch
     block_k = min(4096, triton.next_power_of_2(k))
     launcher = launcher or triton_launch.Launcher(_dequantize_kernel, "dequantize_weight")
     # Key: the output dtype; the weight, its scales and K are the layer's, the output a fresh allocation.
-    launcher((dtype,), lambda meta: (n, triton.cdiv(k, block_k)), lambda meta: (qweight, w_scale, out, k),
+    launcher((dtype,), lambda meta: (n, triton_support.cdiv(k, block_k)), lambda meta: (qweight, w_scale, out, k),
              dict(BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else 8))
     return out
 

@@ -184,13 +184,14 @@ def w8a8_static_gemm(x2d: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
             bias if bias is not None else w_scale, m, n, k, m_bucket(m), k, k, n)
     flags = dict(HAS_VEC=vec is not None, EXACT=exact, HAS_BIAS=bias is not None, USE_TMA=tma)
     if config is None:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        def grid(meta):
+            return (triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(n, meta["BLOCK_N"]),)
         _tuned_kernel[grid](*args, **flags)
     else:
         meta = dict(config)
         if tma:
             _set_descriptor_blocks({"x": x_arg, "w": w_arg, **meta})
-        _w8a8_static_kernel[(triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
+        _w8a8_static_kernel[(triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(n, meta["BLOCK_N"]),)](
             *args, **flags, **meta)
     return out
 

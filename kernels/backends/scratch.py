@@ -1,0 +1,75 @@
+"""Per-stream scratch for an INT8 layer's quantized activation: its int8 codes and fp32 row scales.
+
+Why: each ``torch.empty`` on CUDA costs ~4 us of host time on the GPU hosts (bench/launch_cost.py),
+and an eager dynamic W8A8 layer made three per call (codes, scales, output), a tenth of its host
+time. The codes and scales live only from the quantization kernel to the GEMM launched right after
+it on the same stream, so one buffer per (device, stream, thread) can serve every layer: kernels on
+one stream run in issue order, so the next layer's quantization cannot overwrite codes the previous
+GEMM still reads. The views for each (M, K) are kept, so a call costs a dictionary lookup.
+
+Not used (fresh allocations, as before):
+  * while the stream is being captured into a CUDA graph: the graph would keep the buffer's address,
+    and a later growth of the buffer would free memory the graph still uses;
+  * above ``LIMIT_BYTES`` of codes: at such sizes the GPU work outlasts the host's, and a buffer that
+    large would stay allocated after the model is unloaded;
+  * by any caller that keeps the codes past its own GEMM (only ``_W8A8Linear``'s plan asks for it).
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+LIMIT_BYTES = 8 << 20
+ENABLED = os.environ.get("OCTET_SCRATCH", "1") != "0"   # read at import; benches flip the attribute
+
+
+class _Buffer:
+    __slots__ = ("codes", "scales", "views")
+
+    def __init__(self):
+        self.codes = self.scales = None
+        self.views: dict = {}
+
+
+_buffers: dict = {}
+_MAX_VIEWS = 64   # (M, K) pairs kept per buffer; a video model's changing lengths would grow it forever
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+def _allocate(size: int, rows: int, device: torch.device):
+    return torch.empty(size, dtype=torch.int8, device=device), torch.empty(rows, dtype=torch.float32, device=device)
+
+
+def codes_and_scales(m: int, k: int, device: torch.device):
+    """(int8 [M, K], fp32 [M]) from this stream's scratch, or None where fresh tensors are needed."""
+    if not ENABLED or device.type != "cuda" or m * k > LIMIT_BYTES or _raw_stream is None or _capturing():
+        return None
+    index = device.index
+    key = (index, _raw_stream(index), threading.get_ident())
+    buf = _buffers.get(key)
+    if buf is None:
+        buf = _buffers[key] = _Buffer()
+    views = buf.views.get((m, k))
+    if views is None:
+        if buf.codes is None or buf.codes.numel() < m * k or buf.scales.numel() < m:
+            # Grow (never shrink) to the larger of the old size and this request; the views of the old
+            # buffer go with it. The old storage returns to the caching allocator in stream order.
+            size = max(m * k, 0 if buf.codes is None else buf.codes.numel())
+            rows = max(m, 0 if buf.scales is None else buf.scales.numel())
+            buf.codes, buf.scales = _allocate(size, rows, device)
+            buf.views.clear()
+        if len(buf.views) >= _MAX_VIEWS:
+            buf.views.clear()
+        views = buf.views[(m, k)] = (buf.codes[:m * k].view(m, k), buf.scales[:m])
+    return views
+
+
+def release() -> None:
+    """Drop every scratch buffer (tests; a host freeing all memory may call it too)."""
+    _buffers.clear()

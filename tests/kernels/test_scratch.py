@@ -1,0 +1,73 @@
+"""scratch: one buffer per (device, stream, thread) for a layer's codes and scales, views kept per (M, K),
+never while a CUDA graph is captured, never above the size limit. The bookkeeping runs on CPU with the
+CUDA pieces stood in (allocations on CPU, stream handles from a counter); the GPU tests of planned layers
+(test_triton_launch.py) run the real thing against Triton's own path."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from comfyui_octet.kernels.backends import scratch
+
+CUDA0 = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    streams = {"current": 11}
+    allocations = []
+
+    def allocate(size, rows, device):
+        allocations.append((size, rows))
+        return torch.empty(size, dtype=torch.int8), torch.empty(rows, dtype=torch.float32)
+    monkeypatch.setattr(scratch, "_allocate", allocate)
+    monkeypatch.setattr(scratch, "_raw_stream", lambda index: streams["current"] + index)
+    monkeypatch.setattr(scratch, "_capturing", lambda: False)
+    scratch.release()
+    yield streams, allocations
+    scratch.release()
+
+
+def test_views_are_reused_per_shape_and_the_buffer_grows_but_never_shrinks(stand_in):
+    _, allocations = stand_in
+    q, s = scratch.codes_and_scales(16, 64, CUDA0)
+    assert q.shape == (16, 64) and q.dtype == torch.int8 and s.shape == (16,) and s.dtype == torch.float32
+    again = scratch.codes_and_scales(16, 64, CUDA0)
+    assert again[0] is q and again[1] is s and allocations == [(1024, 16)]
+    small = scratch.codes_and_scales(4, 32, CUDA0)          # fits: a view of the same storage, no allocation
+    assert small[0].data_ptr() == q.data_ptr() and allocations == [(1024, 16)]
+    big = scratch.codes_and_scales(64, 64, CUDA0)            # grows to the larger size
+    assert allocations[-1] == (4096, 64) and big[0].shape == (64, 64)
+    after = scratch.codes_and_scales(16, 64, CUDA0)          # old views dropped with the old storage
+    assert after[0] is not q and after[0].data_ptr() == big[0].data_ptr() != q.data_ptr()
+
+
+def test_other_streams_and_threads_get_their_own_buffers(stand_in):
+    streams, _ = stand_in
+    a = scratch.codes_and_scales(8, 16, CUDA0)[0]
+    streams["current"] = 99
+    b = scratch.codes_and_scales(8, 16, CUDA0)[0]
+    assert b.data_ptr() != a.data_ptr()
+    got = []
+    thread = threading.Thread(target=lambda: got.append(scratch.codes_and_scales(8, 16, CUDA0)[0]))
+    thread.start()
+    thread.join()
+    assert got[0].data_ptr() not in (a.data_ptr(), b.data_ptr())
+
+
+def test_none_while_capturing_above_the_limit_and_off_cuda(stand_in, monkeypatch):
+    assert scratch.codes_and_scales(8, 16, torch.device("cpu")) is None
+    limit_rows = scratch.LIMIT_BYTES // 1024
+    assert scratch.codes_and_scales(limit_rows, 1024, CUDA0) is not None
+    assert scratch.codes_and_scales(limit_rows + 1, 1024, CUDA0) is None
+    monkeypatch.setattr(scratch, "_capturing", lambda: True)
+    assert scratch.codes_and_scales(8, 16, CUDA0) is None
+
+
+def test_the_views_kept_per_buffer_are_bounded(stand_in):
+    for m in range(1, 3 * scratch._MAX_VIEWS):
+        scratch.codes_and_scales(m, 16, CUDA0)
+    (buf,) = scratch._buffers.values()
+    assert len(buf.views) <= scratch._MAX_VIEWS
