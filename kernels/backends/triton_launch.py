@@ -121,6 +121,15 @@ class Tma(NamedTuple):
     padding: str = "zero"
 
 
+def _for_triton(args: tuple) -> tuple:
+    """``args`` with each ``Tma`` as the ``TensorDescriptor`` Triton's own entry points specialize on."""
+    if not any(isinstance(a, Tma) for a in args):
+        return args
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return tuple(TensorDescriptor(a.base, list(a.shape), list(a.strides), list(a.block_shape), a.padding)
+                 if isinstance(a, Tma) else a for a in args)
+
+
 class Record(NamedTuple):
     run: Callable            # the compiled kernel's launcher
     function: int            # the CUfunction handle
@@ -232,7 +241,7 @@ class Launcher:
             if any(name not in meta for name in rest):
                 raise TypeError(f"arguments after the runtime ones are not all constexprs: {rest}")
             fixed = build(meta)
-            compiled = self.jit.run(*fixed, grid=(1,), warmup=True, **kwargs)
+            compiled = self.jit.run(*_for_triton(fixed), grid=(1,), warmup=True, **kwargs)
             tail = tuple(meta[name] for name in rest)
             record = Record(compiled.run, compiled.function, compiled.packed_metadata, meta, tail)
             # Once more through the direct path with the same arguments (our kernels are pure functions

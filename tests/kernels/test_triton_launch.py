@@ -105,6 +105,21 @@ def test_first_call_per_key_goes_through_triton_then_direct_with_fresh_arguments
     assert set(launcher.records) == {(0, ("k1",)), (0, ("k2",))}   # (current device, key)
 
 
+def test_the_compile_lookup_gets_tensor_descriptors_where_direct_launches_get_tma_tuples(direct):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    kernel = FakeJIT()
+    launcher = triton_launch.Launcher(kernel, "fake_tma")
+    codes = torch.zeros(4, 16, dtype=torch.int8)
+
+    def build(meta):
+        return (TensorDescriptor(codes, [4, 16], [16, 1], [16, 16]) if meta is None
+                else triton_launch.Tma(codes, (4, 16), (16, 1), (4, 16)), "out", 3)
+    launcher(("k",), lambda meta: (1,), build, {"FLAG": True, "BLOCK": 8})
+    compile_args = kernel.log[1][1]
+    assert isinstance(compile_args[0], TensorDescriptor) and compile_args[0].block_shape == [4, 16]
+    assert isinstance(kernel.log[2][3][0], triton_launch.Tma)      # the validating direct launch
+
+
 def test_a_launcher_that_rejects_our_call_turns_direct_launches_off_and_says_so(direct, caplog):
     kernel = FakeAutotuner()
 
