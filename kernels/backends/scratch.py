@@ -35,6 +35,7 @@ class _Buffer:
 
 _buffers: dict = {}
 _MAX_VIEWS = 64   # (M, K) pairs kept per buffer; a video model's changing lengths would grow it forever
+_MAX_BUFFERS = 16  # (device, stream, thread) keys; ComfyUI samples on one long-lived thread and stream
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
@@ -54,6 +55,8 @@ def codes_and_scales(m: int, k: int, device: torch.device):
     key = (index, _raw_stream(index), threading.get_ident())
     buf = _buffers.get(key)
     if buf is None:
+        if len(_buffers) >= _MAX_BUFFERS:   # threads or streams that came and went: start over
+            _buffers.clear()
         buf = _buffers[key] = _Buffer()
     views = buf.views.get((m, k))
     if views is None:

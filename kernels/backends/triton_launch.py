@@ -23,7 +23,8 @@ passed fresh on every call: nothing but constexprs (and a weight's TMA descripto
 One layer further down (``_c_launcher``): Triton 3.5/3.6's compiled launcher is a Python object whose
 ``__call__`` builds scratch-allocation closures and whose wrapper re-encodes every TMA descriptor
 argument (``make_tensordesc_arg`` -> ``cuTensorMapEncodeTiled``) on every launch, the weight's
-included, before it calls the generated C function. On the H200 (diag of 2026-12-02 18:15) our GEMM's
+included, before it calls the generated C function. (A weight's map is kept per weight address: an
+offload and reload gives the same Parameter new storage.) On the H200 (diag of 2026-12-02 18:15) our GEMM's
 launch cost 12.5 us that way and 7.2 us calling the C function with the weight's descriptor encoded
 once; the activation's descriptor is still encoded per call (it is a new tensor each call), from a
 ``Tma`` tuple rather than a ``TensorDescriptor`` (whose validating constructor cost 1.6-2.9 us).
@@ -101,8 +102,7 @@ class WeightDescriptors:
         desc = self.boxes.get(box)
         if desc is None:
             desc = self.boxes[box] = TensorDescriptor.from_tensor(self.weight, list(box))
-            # Direct C launches encode it once per kernel (_c_launcher): the weight's storage does not
-            # move while this object lives (a new weight makes a new plan and new descriptors). Not the
+            # Direct C launches encode it once per kernel and weight address (_c_launcher). Not the
             # placeholder box, which Triton's autotuner re-boxes before its launches.
             if meta is not None:
                 desc.octet_expanded = {}
@@ -174,9 +174,14 @@ def _c_launcher(compiled, tail: tuple) -> Optional[Callable]:
             if cache is None:
                 final += make(arg, meta)
             else:
-                expanded = cache.get(id(meta))
+                # Keyed by the weight's address too: ComfyUI's offload and reload move a weight by swapping
+                # its Parameter's storage (Module._apply sets .data), and the map holds the old address.
+                key = (id(meta), arg.base.data_ptr())
+                expanded = cache.get(key)
                 if expanded is None:
-                    expanded = cache[id(meta)] = make(arg, meta)
+                    if len(cache) >= 8:
+                        cache.clear()
+                    expanded = cache[key] = make(arg, meta)
                 final += expanded
             start = pos + 1
         final += args[start:]

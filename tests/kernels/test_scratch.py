@@ -71,3 +71,11 @@ def test_the_views_kept_per_buffer_are_bounded(stand_in):
         scratch.codes_and_scales(m, 16, CUDA0)
     (buf,) = scratch._buffers.values()
     assert len(buf.views) <= scratch._MAX_VIEWS
+
+
+def test_buffers_of_streams_that_came_and_went_are_bounded(stand_in):
+    streams, _ = stand_in
+    for stream in range(3 * scratch._MAX_BUFFERS):
+        streams["current"] = 1000 + stream
+        scratch.codes_and_scales(8, 16, CUDA0)
+    assert len(scratch._buffers) <= scratch._MAX_BUFFERS

@@ -240,6 +240,24 @@ def test_c_launcher_expands_descriptors_like_tritons_wrapper_and_encodes_a_weigh
     assert [base for base, _ in _ENCODED] == [weight.base, "x0", "x1", "x2"]
 
 
+def test_a_weights_map_is_encoded_again_when_its_storage_moves():
+    """ComfyUI offloads and reloads a model by swapping each Parameter's storage (Module._apply sets .data):
+    the same descriptor object then describes a new address, and a kept map would read freed memory."""
+    calls = []
+    launch = triton_launch._c_launcher(Compiled36(calls), tail=())
+    weight = torch.nn.Parameter(torch.zeros(8, 16, dtype=torch.int8), requires_grad=False)
+    desc = triton_launch.WeightDescriptors(weight).get({"BLOCK_N": 64, "BLOCK_K": 128})
+    act = triton_launch.Tma("x", (4, 16), (16, 1), (64, 128))
+    _ENCODED.clear()
+    launch(1, 1, 1, 0, (desc, act))
+    launch(1, 1, 1, 0, (desc, act))
+    weight.data = torch.ones(8, 16, dtype=torch.int8)           # what .to(device) does to a Parameter
+    launch(1, 1, 1, 0, (desc, act))
+    weight_maps = [c[13] for c in calls]
+    assert weight_maps[0] == weight_maps[1] != weight_maps[2]
+    assert sum(1 for base, _ in _ENCODED if base is weight) == 2
+
+
 def test_c_launcher_declines_launchers_of_another_shape():
     calls = []
     other = Compiled36(calls)
@@ -337,3 +355,26 @@ def test_planned_conv_launches_direct_and_equals_tritons_own_path_on_changing_in
         assert a.shape == b.shape and torch.equal(a, b), step
     convs = _prepared(layer)
     assert convs and all(c.launcher.direct and c.launcher.records and c.quantizer.quantize.records for c in convs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct launches need compiled kernels (CUDA)")
+@pytest.mark.parametrize("act", ["none", "dynamic"])
+def test_planned_layer_after_an_offload_and_reload_reads_the_new_storage(act):
+    """ComfyUI unloads a model to the CPU and loads it back with Module.to, which gives every Parameter new
+    storage under the same object: the layer's kept plan (and the weight's TMA map kept by the direct C
+    launch) must follow, not read the freed block (filled here with garbage before the second call)."""
+    from comfyui_octet.octet.modules import QuantLinear
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    lin = torch.nn.Linear(512, 768, device="cuda", dtype=torch.bfloat16)
+    layer = QuantLinear.from_float(lin, act, backend="triton")
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16, generator=g)
+    with torch.no_grad():
+        before = [layer(x) for _ in range(3)]               # plan, learn, direct launches
+        layer.to("cpu")
+        # Blocks the size of the freed weight, so the caching allocator hands the freed one out again.
+        garbage = [torch.full((768, 512), 77, dtype=torch.int8, device="cuda") for _ in range(16)]
+        layer.to("cuda")
+        after = layer(x)
+    del garbage
+    assert torch.equal(before[-1], before[0]) and torch.equal(after, before[0])
