@@ -19,6 +19,12 @@ host's TorchCompileModel; ``--compile-variants`` picks which variants, compile t
 ``--deadline`` stops starting new work after that many seconds and still writes the rows it has
 (the JSON is rewritten after every variant, so a killed run keeps what it measured).
 
+``--rounds N`` runs each model's variant list N times in alternating order (forward, reversed, ...)
+and reports each row's median over the rounds, with every round's value in ``step_ms_rounds``. Why:
+on the H200 hosts the eager step of a process's first quantized variant often ran slower than the
+same code later in the process (SDXL 111.8 vs 71.8 ms, docs/BENCHMARKS.md sixth session), so a
+single pass confounds a variant with its position.
+
 Writes a JSON and a markdown table (to --out, default out/e2e) and prints the card's name.
 """
 from __future__ import annotations
@@ -374,6 +380,28 @@ def run_variant(name, variant, device, args) -> list[dict]:
     return rows
 
 
+def merge_rounds(measured: list[dict], variants) -> list[dict]:
+    """One row per (variant, mode) in the requested variant order: the first round's row with step_ms the
+    median over the rounds that measured it (all values in step_ms_rounds, in round order); an error row
+    only where no round measured it."""
+    groups: dict = {}
+    for row in measured:
+        groups.setdefault((row["variant"], row.get("mode")), []).append(row)
+    merged = []
+    for (variant, _), group in sorted(groups.items(), key=lambda kv: variants.index(kv[0][0])):
+        timed = [row for row in group if "step_ms" in row]
+        if not timed:
+            merged.append(group[0])
+            continue
+        row = dict(timed[0])
+        if len(group) > 1:
+            row["step_ms_rounds"] = [round(r["step_ms"], 3) for r in timed]
+            row["step_ms"] = statistics.median(r["step_ms"] for r in timed)
+        row.pop("round", None)
+        merged.append(row)
+    return merged
+
+
 def markdown(rows, header) -> str:
     """vs bf16: against bf16 eager (compiled bf16 for compiled rows); vs bf16 graph: against the
     bf16 row of the same graph step, so the ratio holds only what Octet changes."""
@@ -430,6 +458,8 @@ def main() -> int:
     parser.add_argument("--cprofile", action="store_true", help="print a cProfile of 3 eager steps per variant")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per variant")
     parser.add_argument("--tiny", action="store_true", help="shrunken configs on CPU (smoke test)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the variant list this many times, alternating its order; rows report the median")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "e2e"))
@@ -471,21 +501,26 @@ def main() -> int:
 
     rows = []
     for name in args.models:
-        for variant in args.variants:
-            if variant == "host_fp8_e4m3fn_fast" and device.type != "cuda":
-                continue
-            if args.past_deadline():
-                rows.append({"model": name, "variant": variant, "error": "skipped: --deadline reached"})
-                continue
-            try:
-                new = run_variant(name, variant, device, args)
-            except Exception as e:  # one broken variant must not hide the others' numbers
-                traceback.print_exc()
-                new = [{"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"}]
-            rows += new
-            for row in new:
-                print(f"[{card}] " + json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-            write(rows)
+        measured = []   # this model's rows from every round
+        for r in range(max(1, args.rounds)):
+            order = args.variants if r % 2 == 0 else list(reversed(args.variants))
+            for variant in order:
+                if variant == "host_fp8_e4m3fn_fast" and device.type != "cuda":
+                    continue
+                if args.past_deadline():
+                    measured.append({"model": name, "variant": variant, "error": "skipped: --deadline reached"})
+                    continue
+                try:
+                    new = run_variant(name, variant, device, args)
+                except Exception as e:  # one broken variant must not hide the others' numbers
+                    traceback.print_exc()
+                    new = [{"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"}]
+                for row in new:
+                    row["round"] = r
+                    print(f"[{card}] " + json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+                measured += new
+                write(rows + merge_rounds(measured, args.variants))
+        rows += merge_rounds(measured, args.variants)
     print(write(rows))
     print(f"[{card}] e2e wall {time.perf_counter() - started:.0f} s", flush=True)
     return 0 if all("step_ms" in r for r in rows) else 1

@@ -1,0 +1,47 @@
+"""bench/e2e.py --rounds: the merged row of each (variant, mode) is the median over the rounds, in the
+requested variant order, with every round's value kept; a variant that failed in every round keeps its error."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _e2e():
+    spec = importlib.util.spec_from_file_location("bench_e2e", os.path.join(ROOT, "bench", "e2e.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rounds_merge_to_the_median_in_requested_order():
+    e2e = _e2e()
+    measured = [  # round 0 in order, round 1 reversed, a third round in order again
+        {"variant": "bf16", "mode": "eager", "step_ms": 50.0, "weight_bytes": 10, "round": 0},
+        {"variant": "octet_dynamic", "mode": "eager", "step_ms": 90.0, "round": 0},
+        {"variant": "octet_dynamic", "mode": "graph", "step_ms": 20.0, "round": 0},
+        {"variant": "octet_dynamic", "mode": "eager", "step_ms": 60.0, "round": 1},
+        {"variant": "octet_dynamic", "mode": "graph", "step_ms": 21.0, "round": 1},
+        {"variant": "bf16", "mode": "eager", "step_ms": 46.0, "round": 1},
+        {"variant": "bf16", "mode": "eager", "step_ms": 48.0, "round": 2},
+        {"variant": "octet_dynamic", "mode": "eager", "step_ms": 62.0, "round": 2},
+        {"variant": "octet_static", "error": "RuntimeError: boom", "round": 0},
+        {"variant": "octet_dynamic", "mode": "graph", "error": "RuntimeError: capture", "round": 2},
+    ]
+    rows = e2e.merge_rounds(measured, ["bf16", "octet_dynamic", "octet_static"])
+    assert [(r["variant"], r.get("mode")) for r in rows] == [
+        ("bf16", "eager"), ("octet_dynamic", "eager"), ("octet_dynamic", "graph"), ("octet_static", None)]
+    bf16, dyn, graph, static = rows
+    assert bf16["step_ms"] == 48.0 and bf16["step_ms_rounds"] == [50.0, 46.0, 48.0] and bf16["weight_bytes"] == 10
+    assert dyn["step_ms"] == 62.0 and dyn["step_ms_rounds"] == [90.0, 60.0, 62.0]
+    assert graph["step_ms"] == 20.5 and graph["step_ms_rounds"] == [20.0, 21.0]
+    assert static["error"] == "RuntimeError: boom" and "step_ms" not in static
+    assert all("round" not in r for r in rows[:3])
+
+
+def test_one_round_leaves_rows_as_measured():
+    e2e = _e2e()
+    measured = [{"variant": "bf16", "mode": "eager", "step_ms": 50.0, "round": 0}]
+    (row,) = e2e.merge_rounds(measured, ["bf16"])
+    assert row["step_ms"] == 50.0 and "step_ms_rounds" not in row and "round" not in row
