@@ -39,12 +39,14 @@ _DTYPES = ("float16", "bfloat16", "float32")
 # deep), nor on slower GPUs; measured 2026-12-02 on the H200, it kept bf16 copies of Flux's 512-token
 # text-stream layers (+4.8 GiB) for no measurable step time (141.3 vs 143.8 ms).
 #
-# Host time per call, measured on an H200 with direct launches (bench/overhead.py, 2026-12-02,
-# docs/BENCHMARKS.md): a Triton W8A8 linear (quantize + GEMM: two launches, three allocations)
-# 76-126 us, a float-path linear 25-38 us (bf16 nn.Linear 16-29 us in the same runs), weight-only at
-# small M 40-54 us. Before direct launches W8A8 cost 140-250 us; the old constant (80 us, fitted on an
-# H100 before either change) let eager SD3.5 put layers on INT8 that then made the step host-bound.
-_HOST_S = {"float": 30e-6, "w8a8": 100e-6, "w8a16": 45e-6, "float_conv": 35e-6, "w8a8_conv": 150e-6}
+# Host time per call, measured on an H200 (bench/overhead.py, docs/BENCHMARKS.md): a Triton W8A8 linear
+# (quantize + GEMM through Triton's C launcher, codes in the stream's scratch, one allocation) 37-49 us
+# in most rows (sixth session; 38-72 in a slower moment), a float-path linear 23-35 us (bf16 nn.Linear
+# 16-29 us in the same runs), weight-only 28-64 us. Earlier: 76-126 us with the Python launcher, 140-250
+# before direct launches; an 80 us constant fitted on an H100 before either let eager SD3.5 put layers on
+# INT8 that then made the step host-bound. (Where the float path is launch-bound, INT8's larger host time
+# still loses whatever its value, so this mostly moves which layers count as launch-bound.)
+_HOST_S = {"float": 30e-6, "w8a8": 50e-6, "w8a16": 45e-6, "float_conv": 35e-6, "w8a8_conv": 150e-6}
 # GPU time = bytes of the extra passes / bandwidth + max(reading the weight / bandwidth, 2*M*N*K / achieved
 # rate), fitted to bench/kernels.py on an H100 80GB HBM3 (torch 2.11, Triton 3.6, 2026-11-26): the float
 # path pays ~23 bytes per weight element when it dequantizes per call (int8 -> fp32, scale, cast: three
