@@ -121,8 +121,9 @@ class Tma(NamedTuple):
     padding: str = "zero"
 
 
-def _for_triton(args: tuple) -> tuple:
-    """``args`` with each ``Tma`` as the ``TensorDescriptor`` Triton's own entry points specialize on."""
+def for_triton(args: tuple) -> tuple:
+    """``args`` with each ``Tma`` as the ``TensorDescriptor`` Triton's own entry points specialize on (its
+    compile lookup here; a wrapper's launch with a given config, no autotuner)."""
     if not any(isinstance(a, Tma) for a in args):
         return args
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -224,11 +225,12 @@ class Launcher:
 
     def _launch(self, record: Record, grid, args: tuple, device: int) -> None:
         g = grid(record.meta)
+        gx, gy, gz = g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1
         if record.c_launch is not None:
-            record.c_launch(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._stream(device), args)
-            return
-        record.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._stream(device),
-                   record.function, record.packed, None, None, None, *args, *record.tail)
+            record.c_launch(gx, gy, gz, self._stream(device), args)
+        else:
+            record.run(gx, gy, gz, self._stream(device), record.function, record.packed, None, None, None,
+                       *args, *record.tail)
 
     def _learn(self, key, args, flags, build, grid) -> None:
         try:
@@ -246,7 +248,7 @@ class Launcher:
             if any(name not in meta for name in rest):
                 raise TypeError(f"arguments after the runtime ones are not all constexprs: {rest}")
             fixed = build(meta)
-            compiled = self.jit.run(*_for_triton(fixed), grid=(1,), warmup=True, **kwargs)
+            compiled = self.jit.run(*for_triton(fixed), grid=(1,), warmup=True, **kwargs)
             tail = tuple(meta[name] for name in rest)
             record = Record(compiled.run, compiled.function, compiled.packed_metadata, meta, tail)
             # Once more through the direct path with the same arguments (our kernels are pure functions
@@ -262,7 +264,6 @@ class Launcher:
                 log.warning("octet: direct launches of the Triton kernel %s are off (%s: %s); every launch goes "
                             "through Triton's dispatch (correct, ~3x the host time)", self.name,
                             type(exc).__name__, exc)
-
 
     def _with_c_launcher(self, record: Record, compiled, grid, args: tuple, device: int) -> Record:
         if os.environ.get("OCTET_C_LAUNCH", "1") == "0":

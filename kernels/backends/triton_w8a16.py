@@ -176,13 +176,10 @@ class W8A16Gemm:
         flags = dict(HAS_BIAS=bias is not None, USE_TMA=tma, DOT_IN_FP32=triton_support.interpreting(),
                      DOT_PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32")
 
-        def build(meta, jit=False):
-            if tma:   # Triton's path: real descriptors (its autotuner re-boxes [16, 16]); direct: Tma
-                if meta is None or jit:
-                    box = [16, 16] if meta is None else [meta["BLOCK_M"], meta["BLOCK_K"]]
-                    x_arg = TensorDescriptor(x2d, [m, k], [k, 1], box)
-                else:
-                    x_arg = triton_launch.Tma(x2d, (m, k), (k, 1), (meta["BLOCK_M"], meta["BLOCK_K"]))
+        def build(meta):
+            if tma:   # Triton's path: a descriptor its autotuner re-boxes; direct: triton_launch.Tma
+                x_arg = TensorDescriptor(x2d, [m, k], [k, 1], [16, 16]) if meta is None \
+                    else triton_launch.Tma(x2d, (m, k), (k, 1), (meta["BLOCK_M"], meta["BLOCK_K"]))
             else:
                 x_arg = x2d
             weight = self.weight_descs.get(meta) if tma else self.qweight
@@ -192,7 +189,7 @@ class W8A16Gemm:
             return (triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(n, meta["BLOCK_N"]),)
         if config is not None:   # one given configuration, no autotuner (tests, benches)
             meta = dict(config)
-            _w8a16_kernel[grid(meta)](*build(meta, jit=True), **flags, **meta)
+            _w8a16_kernel[grid(meta)](*triton_launch.for_triton(build(meta)), **flags, **meta)
             return out
         # What Triton specializes on among the arguments that change between calls (triton_launch).
         key = (x2d.dtype, tma, m == 1, m % 16 == 0, m_bucket(m), x2d.data_ptr() % 16 == 0,
