@@ -112,8 +112,9 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
 # The variant suffix -> the Octet switches it turns off. OCTET_FUSED_MLP: static MLP chains; OCTET_FAST_LAUNCH and
 # OCTET_C_LAUNCH (Triton's Python launcher instead of its C function, kernels/backends/triton_launch.py; with
 # OCTET_SCRATCH, fresh allocations for each layer's codes and scales: _pylaunch is the host path before
-# 2026-12-02's sixth session): read when each layer plans, at its first call (the warm-up steps); OCTET_DEFERRED (GELUs and LayerNorms computed in
-# float before their INT8 layer, as before octet/deferred.py) and OCTET_FLOAT_FUSIONS: read per call.
+# 2026-12-02's sixth session): read when each layer plans, at its first call (the warm-up steps);
+# OCTET_DEFERRED (GELUs and LayerNorms computed in float before their INT8 layer, as before octet/deferred.py)
+# and OCTET_FLOAT_FUSIONS: read per call.
 SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH",),
               "_not_deferred": ("OCTET_DEFERRED",), "_host_float": ("OCTET_FLOAT_FUSIONS",),
               "_pylaunch": ("OCTET_C_LAUNCH", "OCTET_SCRATCH")}
@@ -194,7 +195,7 @@ def quantize(model, variant: str, x, sigma, kw):
             os.environ[switch] = "0" if mode.endswith(suffix) else "1"
         mode = mode.removesuffix(suffix)
     from comfyui_octet.kernels.backends import scratch
-    scratch.ENABLED = os.environ["OCTET_SCRATCH"] != "0"   # the module reads it at import
+    scratch.read_environment()   # the module reads it at import, not per call
     if mode == "static":
         with torch.no_grad(), record(dm, GroupSelector([]), sample_cap=4096) as calibration:
             model.apply_model(x, sigma, **kw)

@@ -108,14 +108,14 @@ def main() -> int:
                     # Read when the layer plans (its first call, inside measure's warm-up).
                     saved = {name: os.environ.get(name) for name in env}
                     os.environ.update(env)
-                    scratch.ENABLED = os.environ.get("OCTET_SCRATCH", "1") != "0"   # read per call, not at plan
+                    scratch.read_environment()   # read at import, not when the layer plans
                     host, wall = measure(lambda: model(x), args.reps)
-                    scratch.ENABLED = True
                     for switch, value in saved.items():
                         if value is None:
                             os.environ.pop(switch)
                         else:
                             os.environ[switch] = value
+                    scratch.read_environment()
                     chosen = plan_summary(model)["layers"]["0"]["backends"]
                     rows.append({"shape": name, "m": m, "k": k, "n": n, "path": label, "backend": ",".join(chosen),
                                  "host_us": host, "wall_us": wall,

@@ -22,7 +22,17 @@ import threading
 import torch
 
 LIMIT_BYTES = 8 << 20
-ENABLED = os.environ.get("OCTET_SCRATCH", "1") != "0"   # read at import; benches flip the attribute
+ENABLED = True
+
+
+def read_environment() -> None:
+    """ENABLED from OCTET_SCRATCH: at import, and again where a bench changes the variable in-process (read
+    once, not per call: the lookup would be host time on every INT8 layer)."""
+    global ENABLED
+    ENABLED = os.environ.get("OCTET_SCRATCH", "1") != "0"
+
+
+read_environment()
 
 
 class _Buffer:

@@ -79,3 +79,14 @@ def test_buffers_of_streams_that_came_and_went_are_bounded(stand_in):
         streams["current"] = 1000 + stream
         scratch.codes_and_scales(8, 16, CUDA0)
     assert len(scratch._buffers) <= scratch._MAX_BUFFERS
+
+
+def test_the_switch_is_read_from_the_environment_on_request(stand_in, monkeypatch):
+    monkeypatch.setenv("OCTET_SCRATCH", "0")
+    scratch.read_environment()
+    try:
+        assert scratch.codes_and_scales(8, 16, CUDA0) is None
+    finally:
+        monkeypatch.delenv("OCTET_SCRATCH")
+        scratch.read_environment()
+    assert scratch.ENABLED and scratch.codes_and_scales(8, 16, CUDA0) is not None
