@@ -246,7 +246,20 @@ def _resolve(container: nn.Module, path: str):
     return m
 
 
-class DeferredForward:
+class ModuleForward:
+    """A replacement ``forward`` of one module, set as that module's own ``forward`` attribute (here and in
+    octet/float_fusions.py). It holds the module weakly: a strong reference back would be a cycle that keeps
+    a dropped model's GPU memory until the garbage collector happens to run."""
+
+    def __init__(self, module: nn.Module):
+        self._module = weakref.ref(module)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
+
+
+class DeferredForward(ModuleForward):
     """The replacement ``forward`` of one module (a GELU, a LayerNorm) whose output feeds the INT8 layer(s)
     at ``consumers`` (paths under ``container``). They are looked up at each call, so this follows
     whatever layer is in place (a host object patch, a float layer restored by QAT or sensitivity)."""
@@ -254,13 +267,8 @@ class DeferredForward:
     kind: type = Pending
 
     def __init__(self, module: nn.Module, container: nn.Module, consumers: tuple[str, ...]):
-        # Weak: this object is the module's own ``forward`` attribute, and strong references back would be
-        # a cycle that keeps a dropped model's GPU memory until the garbage collector happens to run.
-        self._module, self._container, self.consumers = weakref.ref(module), weakref.ref(container), tuple(consumers)
-
-    @property
-    def module(self) -> nn.Module:
-        return self._module()
+        super().__init__(module)
+        self._container, self.consumers = weakref.ref(container), tuple(consumers)   # weak, as the module
 
     def _ready(self, x: torch.Tensor) -> bool:
         container = self._container()
@@ -523,7 +531,7 @@ class QKPrepForward(DeferredForward):
     well (``install_qk``). Defers only where the kernels run and nothing is compiled or tracked by autograd."""
 
     def __init__(self, module: nn.Module, container: Optional[nn.Module] = None, consumers: tuple = ()):
-        self._module, self._container, self.consumers = weakref.ref(module), weakref.ref(module), ()
+        super().__init__(module, module, ())
 
     @staticmethod
     def _may_defer(x: torch.Tensor) -> bool:

@@ -25,14 +25,13 @@ whole UNets would take hours, so the tests that check these paths set it.
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.backends import triton_support
-from .deferred import _tracked, kernel_input
+from .deferred import ModuleForward, _tracked, kernel_input
 
 
 def enabled() -> bool:
@@ -61,16 +60,9 @@ def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor
     return triton_groupnorm.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
 
 
-class FusedForward:
-    """A replacement ``forward`` of one module, held weakly: it is the module's own ``forward`` attribute, and a
-    strong reference back would be a cycle that keeps a dropped model's GPU memory until a collection."""
-
-    def __init__(self, module: nn.Module):
-        self._module = weakref.ref(module)
-
-    @property
-    def module(self) -> nn.Module:
-        return self._module()
+class FusedForward(ModuleForward):
+    """A replacement ``forward`` that runs one module's float ops in the fused kernels (held weakly, as every
+    ``ModuleForward``)."""
 
 
 class GroupNormForward(FusedForward):
