@@ -113,6 +113,8 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
 # OCTET_C_LAUNCH (Triton's Python launcher instead of its C function, kernels/backends/triton_launch.py; with
 # OCTET_SCRATCH, fresh allocations for each layer's codes and scales: _pylaunch is the host path before
 # 2026-12-02's sixth session): read when each layer plans, at its first call (the warm-up steps);
+# octet_dynamic_memory: Quantize Model's memory goal (no float weight copies; SD3's position table in int8,
+# octet/tables.py), the goal issue 13's weight target names.
 # OCTET_DEFERRED (GELUs and LayerNorms computed in float before their INT8 layer, as before octet/deferred.py)
 # and OCTET_FLOAT_FUSIONS: read per call.
 SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH",),
@@ -120,7 +122,7 @@ SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH"
               "_pylaunch": ("OCTET_C_LAUNCH", "OCTET_SCRATCH")}
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk",
-            "bf16_octet_fused", "octet_dynamic_host_float", "octet_dynamic_pylaunch")
+            "bf16_octet_fused", "octet_dynamic_host_float", "octet_dynamic_pylaunch", "octet_dynamic_memory")
 
 
 def model_config(name: str, tiny: bool, extra: dict | None = None):
@@ -177,7 +179,10 @@ def inputs(name: str, device, tiny: bool):
 
 
 def weight_bytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    """The state dict's bytes, and the row scales an int8 position table keeps beside it (octet/tables.py)."""
+    from comfyui_octet.octet import tables
+    return (sum(t.numel() * t.element_size() for t in module.state_dict().values())
+            + sum(tables.table_bytes(crop) for crop in tables.crops(module).values()))
 
 
 def quantize(model, variant: str, x, sigma, kw):
@@ -190,6 +195,8 @@ def quantize(model, variant: str, x, sigma, kw):
     dm = model.diffusion_model
     calibration = None
     mode = variant[len("octet_"):]
+    goal = "memory" if mode.endswith("_memory") else "speed"    # _memory: issue 13's weight-size goal
+    mode = mode.removesuffix("_memory")
     for suffix, switches in SWITCH_OFF.items():   # every switch on, except those the variant's suffix names
         for switch in switches:
             os.environ[switch] = "0" if mode.endswith(suffix) else "1"
@@ -202,7 +209,7 @@ def quantize(model, variant: str, x, sigma, kw):
     sync()
     t0 = time.perf_counter()
     with torch.no_grad():
-        result = octet.quantize_(dm, octet.config_for_mode(mode), calibration=calibration)
+        result = octet.quantize_(dm, octet.config_for_mode(mode, goal=goal), calibration=calibration)
     sync()
     return result, time.perf_counter() - t0
 

@@ -107,8 +107,11 @@ def quantize_model(patcher, config, policy=None, calibration=None, progress=None
     for name, forward in result.forwards.items():
         # The container stays the source model's; only its forward is patched (and restored).
         clone.add_object_patch(PREFIX + name + ".forward", forward)
+    for path, value in result.attributes.items():   # SD3's int8 position table (memory goal, octet/tables.py)
+        clone.add_object_patch(PREFIX + path, value)
     # ModelPatcher budgets VRAM with model_size(); the clone inherited the float size.
-    clone.size = patcher.model_size() - result.bytes_before + result.bytes_after
+    clone.size = (patcher.model_size() - result.bytes_before + result.bytes_after
+                  - result.tables_before + result.tables_after)
     clone.model_options[OPTIONS_KEY] = {
         "architecture": architecture(patcher),
         "mode": config.mode,

@@ -249,6 +249,10 @@ def _options_position(args, kwargs, options):
 def _safe_object_patch(name: str, patch) -> bool:
     if name in SAFE_OBJECT_PATCHES or isinstance(patch, QuantLayer):
         return True
+    if isinstance(patch, torch.Tensor):
+        # A buffer swapped for another tensor (Octet's int8 position table): read by address like any weight,
+        # and the graphs are kept per patcher, so another patch set means another capture.
+        return True
     # Octet's own forwards (static MLP chains) are graph-safe by construction.
     return getattr(patch, "__module__", "").startswith(PACKAGE + ".octet")
 

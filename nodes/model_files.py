@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..octet import checkpoint, filecheck, fileformat
+from ..octet import checkpoint, filecheck, fileformat, tables
 from ..octet.api import OctetError
 from ..octet.report import write_report
 from ..octet.timestep import GroupSelector
@@ -27,7 +27,9 @@ def patched_view(patcher, unet_config: dict | None = None) -> tuple[dict, dict]:
     octet/fileformat.py). ``unet_config``: map state keys to what files carry on every host."""
     dm, layers = bridge.diffusion_model(patcher), bridge.quantized_layers(patcher)
     modules = {name: layers.get(name, module) for name, module in dm.named_modules()}
-    state = {k: v for k, v in dm.state_dict().items() if k.rsplit(".", 1)[0] not in layers}
+    # A model loaded with the memory goal holds SD3's position table in int8; files keep it in float.
+    state = {k: v for k, v in tables.dequantized_state(dm, dm.state_dict()).items()
+             if k.rsplit(".", 1)[0] not in layers}
     for name, layer in layers.items():
         state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     return modules, (state if unet_config is None else host_compat.keys_for_file(unet_config, state))
@@ -110,6 +112,8 @@ def _load_model(path: str, backend: str):
     groups = ckpt.octet.get("timestep_groups")
     selector = GroupSelector.from_dict(groups) if groups else None
     checkpoint.install(model.diffusion_model, ckpt, selector=selector, backend=backend)
+    if (ckpt.octet.get("config") or {}).get("goal") == "memory":
+        tables.install(model.diffusion_model)   # SD3's position table in int8, as Quantize Model made it
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise OctetError(f"The checkpoint does not fit this architecture: {len(leftover)} tensors were not in the "

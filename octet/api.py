@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 import torch.nn as nn
 
-from . import deferred, float_fusions, fusion
+from . import deferred, float_fusions, fusion, tables
 from .config import DynamicW8A8Config, QuantConfig, StaticW8A8Config, WeightOnlyConfig
 from .modules import QUANT_TYPES, QuantConv2d, QuantLinear
 from .report import LayerRecord, QuantReport
@@ -36,6 +36,10 @@ class QuantResult(QuantReport):
     # name -> new forward: MLP containers whose fc1 -> GELU -> fc2 runs as one static INT8 chain
     # (octet/fusion.py), and GELUs whose INT8 consumer applies them while quantizing (octet/deferred.py).
     forwards: dict[str, Callable] = field(default_factory=dict)
+    # attribute path -> value: other object patches (octet/tables.py: SD3's int8 position table, memory goal)
+    attributes: dict[str, object] = field(default_factory=dict)
+    tables_before: int = 0      # bytes of the tables ``attributes`` replaces, and of what replaces them
+    tables_after: int = 0
     goal: str = "speed"
 
     @property
@@ -78,7 +82,9 @@ class QuantResult(QuantReport):
                 + (f"; {deferred_text} applied inside the next INT8 layer's quantization" if deferred_text else "")
                 + (f"; {qk} QK norms fused into attention's q/k preparation" if qk else "")
                 + (f"; {gn} GroupNorms ({silu} with their SiLU) and {geglu} GEGLU gates fused where the Triton "
-                   f"kernels run" if fused else ""))
+                   f"kernels run" if fused else "")
+                + (f"; position table int8 ({self.tables_before / 2**20:.1f} MiB -> "
+                   f"{self.tables_after / 2**20:.1f} MiB)" if self.attributes else ""))
 
     def to_text(self, limit: int | None = None) -> str:
         goal = ("goal=speed: a layer whose INT8 kernel is slower than bf16 at the shapes it runs at keeps a "
@@ -220,11 +226,19 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Decides
         result.forwards[name] = fusion.chain_forward(model.get_submodule(name))
     result.forwards.update(deferred.forwards(model, result.replacements))
     result.forwards.update(float_fusions.forwards(model))
+    if config.goal == "memory":
+        result.attributes = tables.patches(model)
+        result.tables_before = sum(_nbytes(model.get_buffer(p)) for p in result.attributes
+                                   if isinstance(result.attributes[p], torch.Tensor))
+        result.tables_after = sum(tables.table_bytes(v) for v in result.attributes.values())
     if inplace:
         for name, q in result.replacements.items():
             model.set_submodule(name, q)
         for name, forward in result.forwards.items():
             model.get_submodule(name).forward = forward
+        for path, value in result.attributes.items():
+            owner, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(owner), attr, value)
     return result
 
 

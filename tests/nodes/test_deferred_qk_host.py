@@ -118,26 +118,7 @@ def test_what_the_kernel_cannot_take_gets_the_host_numbers(recorded):
     torch.testing.assert_close(q, host_q, rtol=0, atol=0)
 
 
-def tiny_sd35():
-    """The host's SD3 class with SD3.5-medium's attention (qk_norm "rms", an x_block_self_attn block), shrunk:
-    2 blocks of 2 heads of 64, random fp32 weights."""
-    import comfy.supported_models
-    unet = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
-            "adm_in_channels": 32, "pos_embed_max_size": 16, "num_patches": 256, "qk_norm": "rms",
-            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
-            "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [0]}
-    config = comfy.supported_models.SD3(unet)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():   # buffers too: the position embedding is allocated uninitialised
-        for p in [*model.diffusion_model.parameters(), *model.diffusion_model.buffers()]:
-            if p.is_floating_point():
-                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() < 2 else p[0].numel() ** -0.5))
-    return model.eval()
-
-
-def test_sd3_qk_norms_and_the_streams_cat_run_as_one_kernel(monkeypatch):
+def test_sd3_qk_norms_and_the_streams_cat_run_as_one_kernel(monkeypatch, tiny_sd35):
     from comfyui_octet.kernels.backends import triton_rope
     model = tiny_sd35()
     g = torch.Generator().manual_seed(1)

@@ -240,6 +240,15 @@ def test_unknown_object_patch_runs_eager(tiny_model, cpu_sample, caplog, graphs)
     _fallback_case(tiny_model, cpu_sample, caplog, graphs, add, "object patch 'diffusion_model.out.2' (Conv2d)")
 
 
+def test_a_swapped_buffer_is_graph_safe_and_a_foreign_module_is_not():
+    # Octet's memory goal swaps SD3's position table for int8 codes (octet/tables.py): read by address.
+    from comfyui_octet.octet import tables
+    assert graph_step._safe_object_patch("diffusion_model.pos_embed", torch.zeros(4, 8, dtype=torch.int8))
+    crop = tables.PositionCrop(torch.nn.Linear(1, 1), torch.ones(4, 1), torch.bfloat16)
+    assert graph_step._safe_object_patch("diffusion_model.cropped_pos_embed", crop)
+    assert not graph_step._safe_object_patch("diffusion_model.out.2", torch.nn.Conv2d(1, 1, 1))
+
+
 def test_capture_error_runs_that_key_eager_for_good(tiny_model, cpu_sample, caplog):
     failing = CpuGraphs(fail=True)
     model, step = graph_step.install(tiny_model, backend=failing)
