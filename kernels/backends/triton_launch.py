@@ -26,8 +26,9 @@ argument (``make_tensordesc_arg`` -> ``cuTensorMapEncodeTiled``) on every launch
 included, before it calls the generated C function. (A weight's map is kept per weight address: an
 offload and reload gives the same Parameter new storage.) On the H200 (diag of 2026-12-02 18:15) our GEMM's
 launch cost 12.5 us that way and 7.2 us calling the C function with the weight's descriptor encoded
-once; the activation's descriptor is still encoded per call (it is a new tensor each call), from a
-``Tma`` tuple rather than a ``TensorDescriptor`` (whose validating constructor cost 1.6-2.9 us).
+once; an activation's descriptor is built from a ``Tma`` tuple rather than a ``TensorDescriptor`` (whose
+validating constructor cost 1.6-2.9 us) and its map kept per address and shape (a layer's scratch codes
+come back at the same address every step).
 Where the launcher is not that exact shape (other Triton versions, scratch memory, clusters) the
 compiled launcher is called as before.
 """
@@ -37,6 +38,7 @@ import logging
 import os
 from typing import Callable, NamedTuple, Optional
 
+import torch
 import triton
 
 from . import triton_support
@@ -165,6 +167,11 @@ def _c_launcher(compiled, tail: tuple) -> Optional[Callable]:
     if make is None or make.__code__.co_argcount != 2 or not metas or any(m is None for m in metas):
         return None
     descs = tuple(zip(sorted(free["tensordesc_indices"]), metas))
+    # An activation's map, per (its metadata, address, shape, strides, padding): the map is a function of
+    # exactly those (element type, swizzle and box come from the metadata), so a kept one is the map
+    # make() would encode. A plan's scratch codes (scratch.py) keep one address per (M, K), so an eager
+    # step's layers find theirs here instead of encoding it on every call.
+    activations: dict = {}
 
     def launch(gx, gy, gz, stream, args):
         final, start = [], 0
@@ -173,7 +180,16 @@ def _c_launcher(compiled, tail: tuple) -> Optional[Callable]:
             arg = args[pos]
             cache = getattr(arg, "octet_expanded", None)   # a weight's descriptor: encoded once per kernel
             if cache is None:
-                final += make(arg, meta)
+                if type(arg) is Tma:
+                    key = (id(meta), arg.base.data_ptr(), arg.shape, arg.strides, arg.padding)
+                    expanded = activations.get(key)
+                    if expanded is None:
+                        if len(activations) >= 64:
+                            activations.clear()
+                        expanded = activations[key] = make(arg, meta)
+                    final += expanded
+                else:
+                    final += make(arg, meta)
             else:
                 # Keyed by the weight's address too: ComfyUI's offload and reload move a weight by swapping
                 # its Parameter's storage (Module._apply sets .data), and the map holds the old address.
@@ -205,6 +221,10 @@ class Launcher:
         if self.direct:
             active = _driver()
             self._stream, self._device = active.get_current_stream, active.get_current_device
+            # torch.cuda.current_device without its lazy-init shim: a direct launch follows Triton's own first
+            # launch at its key, which initialised CUDA (two per INT8 layer call, ~0.3 us each).
+            if self._device is torch.cuda.current_device and hasattr(torch._C, "_cuda_getDevice"):
+                self._device = torch._C._cuda_getDevice
 
     def __call__(self, key: tuple, grid: Callable[[dict], tuple], build: Callable[[Optional[dict]], tuple],
                  flags: dict) -> None:

@@ -229,15 +229,34 @@ def test_c_launcher_expands_descriptors_like_tritons_wrapper_and_encodes_a_weigh
     weight = triton_launch.WeightDescriptors(torch.zeros(8, 16, dtype=torch.int8)).get(
         {"BLOCK_N": 64, "BLOCK_K": 128})
     _ENCODED.clear()
-    for step in range(3):
-        act = triton_launch.Tma(f"x{step}", (4, 16), (16, 1), (64, 128))
-        launch(2, 1, 1, 99, (weight, act, "out", 5))
+    xs = [torch.zeros(4, 16, dtype=torch.int8) for _ in range(3)]     # three addresses
+    for x in xs:
+        launch(2, 1, 1, 99, (weight, triton_launch.Tma(x, (4, 16), (16, 1), (64, 128)), "out", 5))
     # Base arguments as CudaLauncher.__call__ passes them (no scratch), the weight's map made once and
-    # reused, the activation's made every call, then the constexpr tail.
+    # reused, each new activation address's made at its first call, then the constexpr tail.
     assert calls[0] == (2, 1, 1, 99, 7, False, True, None, None, "packed", None, None, None,
                         "map1", 8, 16, 16, 1, "map2", 4, 16, 16, 1, "out", 5, True, 64)
     assert [c[13] for c in calls] == ["map1"] * 3 and [c[18] for c in calls] == ["map2", "map3", "map4"]
-    assert [base for base, _ in _ENCODED] == [weight.base, "x0", "x1", "x2"]
+    assert [base for base, _ in _ENCODED] == [weight.base, *xs]
+
+
+def test_an_activations_map_is_kept_per_address_and_shape():
+    """A plan's scratch codes come back at one address per (M, K) (scratch.py): their map is encoded once.
+    Another address, shape or stride is another map (the map encodes them all)."""
+    calls = []
+    launch = triton_launch._c_launcher(Compiled36(calls), tail=())
+    weight = triton_launch.WeightDescriptors(torch.zeros(8, 16, dtype=torch.int8)).get(
+        {"BLOCK_N": 64, "BLOCK_K": 128})
+    buffer = torch.zeros(64, dtype=torch.int8)
+    other = torch.zeros(64, dtype=torch.int8)
+    acts = [(buffer, (4, 16), (16, 1)), (buffer, (4, 16), (16, 1)), (buffer[:32], (2, 16), (16, 1)),
+            (buffer, (4, 16), (16, 1)), (other, (4, 16), (16, 1)), (buffer, (2, 16), (32, 1))]
+    _ENCODED.clear()
+    for base, shape, strides in acts:
+        launch(1, 1, 1, 0, (weight, triton_launch.Tma(base, shape, strides, (64, 128))))
+    assert [c[18] for c in calls] == ["map2", "map2", "map3", "map2", "map4", "map5"]
+    assert [c[19:23] for c in calls] == [s + st for _, s, st in acts]
+    assert len(_ENCODED) == 5
 
 
 def test_a_weights_map_is_encoded_again_when_its_storage_moves():
@@ -247,7 +266,7 @@ def test_a_weights_map_is_encoded_again_when_its_storage_moves():
     launch = triton_launch._c_launcher(Compiled36(calls), tail=())
     weight = torch.nn.Parameter(torch.zeros(8, 16, dtype=torch.int8), requires_grad=False)
     desc = triton_launch.WeightDescriptors(weight).get({"BLOCK_N": 64, "BLOCK_K": 128})
-    act = triton_launch.Tma("x", (4, 16), (16, 1), (64, 128))
+    act = triton_launch.Tma(torch.zeros(4, 16, dtype=torch.int8), (4, 16), (16, 1), (64, 128))
     _ENCODED.clear()
     launch(1, 1, 1, 0, (desc, act))
     launch(1, 1, 1, 0, (desc, act))
