@@ -31,9 +31,11 @@ PATHS = [  # (label, act, backend, goal, environment while the layer plans)
     ("octet weight_only", "none", "auto", "speed", {}),
     ("octet dynamic", "dynamic", "auto", "speed", {}),
     ("octet dynamic triton", "dynamic", "triton", "speed", {}),
-    # The same layer launching through Triton's Python launcher (OCTET_C_LAUNCH=0) and through Triton's
+    # The same layer without its bound call (each call through the general path: triton_backend._bind),
+    # launching through Triton's Python launcher (OCTET_C_LAUNCH=0) and through Triton's
     # own dispatch (OCTET_FAST_LAUNCH=0): what each layer of kernels/backends/triton_launch.py saves,
     # measured side by side in one run.
+    ("octet dynamic triton, unbound", "dynamic", "triton", "speed", {"OCTET_BIND": "0"}),
     ("octet dynamic triton, Python launcher", "dynamic", "triton", "speed", {"OCTET_C_LAUNCH": "0"}),
     ("octet dynamic triton, Triton dispatch", "dynamic", "triton", "speed", {"OCTET_FAST_LAUNCH": "0"}),
     # ... and with fresh allocations for its codes and scales instead of the stream's scratch (scratch.py).

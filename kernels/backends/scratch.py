@@ -62,10 +62,18 @@ def _allocate(size: int, rows: int, device: torch.device):
 
 def codes_and_scales(m: int, k: int, device: torch.device):
     """(int8 [M, K], fp32 [M]) from this stream's scratch, or None where fresh tensors are needed."""
-    if not ENABLED or device.type != "cuda" or m * k > LIMIT_BYTES or _raw_stream is None or _capturing():
+    if device.type != "cuda" or _raw_stream is None:
         return None
     index = device.index
-    key = (index, _raw_stream(index), threading.get_ident())
+    return on_stream(m, k, index, _raw_stream(index))
+
+
+def on_stream(m: int, k: int, index: int, stream: int):
+    """``codes_and_scales`` for CUDA device ``index`` whose current stream is ``stream`` (its raw handle, which
+    a caller launching on it has already asked for)."""
+    if not ENABLED or m * k > LIMIT_BYTES or _capturing():
+        return None
+    key = (index, stream, threading.get_ident())
     buf = _buffers.get(key)
     if buf is None:
         if len(_buffers) >= _MAX_BUFFERS:   # threads or streams that came and went: start over
@@ -78,7 +86,7 @@ def codes_and_scales(m: int, k: int, device: torch.device):
             # buffer go with it. The old storage returns to the caching allocator in stream order.
             size = max(m * k, 0 if buf.codes is None else buf.codes.numel())
             rows = max(m, 0 if buf.scales is None else buf.scales.numel())
-            buf.codes, buf.scales = _allocate(size, rows, device)
+            buf.codes, buf.scales = _allocate(size, rows, torch.device("cuda", index))
             buf.views.clear()
         if len(buf.views) >= _MAX_VIEWS:
             buf.views.clear()

@@ -18,6 +18,7 @@ Worth it (``declines``, AUTO only):
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
+from . import scratch as scratch_buffers
 from . import triton_support
 
 NAME = "triton"
@@ -39,14 +41,15 @@ _DTYPES = ("float16", "bfloat16", "float32")
 # deep), nor on slower GPUs; measured 2026-12-02 on the H200, it kept bf16 copies of Flux's 512-token
 # text-stream layers (+4.8 GiB) for no measurable step time (141.3 vs 143.8 ms).
 #
-# Host time per call, measured on an H200 (bench/overhead.py, docs/BENCHMARKS.md): a Triton W8A8 linear
-# (quantize + GEMM through Triton's C launcher, codes in the stream's scratch, one allocation) 37-49 us
-# in most rows (sixth session; 38-72 in a slower moment), a float-path linear 23-35 us (bf16 nn.Linear
-# 16-29 us in the same runs), weight-only 28-64 us. Earlier: 76-126 us with the Python launcher, 140-250
-# before direct launches; an 80 us constant fitted on an H100 before either let eager SD3.5 put layers on
-# INT8 that then made the step host-bound. (Where the float path is launch-bound, INT8's larger host time
-# still loses whatever its value, so this mostly moves which layers count as launch-bound.)
-_HOST_S = {"float": 30e-6, "w8a8": 50e-6, "w8a16": 45e-6, "float_conv": 35e-6, "w8a8_conv": 150e-6}
+# Host time per call, measured on an H200 (bench/overhead.py, docs/BENCHMARKS.md, 2026-12-03): a Triton W8A8
+# linear through its bound call (_W8A8Linear._bind: quantize + GEMM through Triton's C launcher, codes in the
+# stream's scratch, one allocation) 22-26 us in most rows (35-39 through the general path the session before,
+# 76-126 with Triton's Python launcher, 140-250 before direct launches); a float-path linear 19 us (bf16
+# nn.Linear 15-20 in the same run), weight-only 25-29 us at M=16 and 36-41 at M=4096 (dequantize + cuBLAS).
+# An 80 us constant fitted on an H100 before any of this let eager SD3.5 put layers on INT8 that then made the
+# step host-bound. (Where the float path is launch-bound, INT8's larger host time still loses whatever its
+# value, so this mostly moves which layers count as launch-bound.)
+_HOST_S = {"float": 20e-6, "w8a8": 25e-6, "w8a16": 30e-6, "float_conv": 35e-6, "w8a8_conv": 150e-6}
 # GPU time = bytes of the extra passes / bandwidth + max(reading the weight / bandwidth, 2*M*N*K / achieved
 # rate), fitted to bench/kernels.py on an H100 80GB HBM3 (torch 2.11, Triton 3.6, 2026-11-26): the float
 # path pays ~23 bytes per weight element when it dequantizes per call (int8 -> fp32, scale, cast: three
@@ -203,10 +206,25 @@ class _W8A8Linear:
         self._make_gelu = triton_quant.GeluRowQuantizer
         self._norm = None                     # NormRowQuantizer, made at the first deferred norm
         self._make_norm = triton_quant.NormRowQuantizer
+        self._bound: dict = {}                # (shape, dtype, x aligned, static aligned) -> call, or False (_bind)
+        self._binds = os.environ.get("OCTET_BIND", "1") != "0"   # off: the general path every call (benches)
 
     def __call__(self, x, static):
         # The layer's own call (octet/modules.py): x is on the plan's device with K columns, and static is
         # None or a plan's fp32 [1] scale, so the checked entries' checks are skipped (host time per layer).
+        if x.is_contiguous():
+            key = (x.shape, x.dtype, x.data_ptr() % 16 == 0, static is None or static.data_ptr() % 16 == 0)
+            bound = self._bound.get(key)
+            if bound is not None:
+                if bound:
+                    return bound(x, static)
+            else:
+                y = self._run(x, static)
+                self._bind(key, x, static)
+                return y
+        return self._run(x, static)
+
+    def _run(self, x, static):
         two_d = x.dim() == 2
         x2 = x if two_d and x.is_contiguous() else x.reshape(-1, self.k).contiguous()
         if static is not None and static.dtype != torch.float32:
@@ -214,6 +232,45 @@ class _W8A8Linear:
         xq, xs = self.quantize.run(x2, static, scratch=True)   # read only by the GEMM launched next
         y = self.gemm.run(xq, xs, x.dtype)
         return y if two_d else y.reshape(*x.shape[:-1], self.n)
+
+    def _bind(self, key, x, static) -> None:
+        """After the first call at ``key`` (Triton's dispatch has chosen and compiled both kernels there), the
+        call with everything that is fixed at that key computed once: 2.5-4 us of host time less per call than
+        ``_run``'s general path (bench/overhead.py). False where it cannot be (CPU, direct launches off, static
+        scales of another dtype): ``_run`` then, every call."""
+        if len(self._bound) >= 64:   # a video model's changing lengths: start over rather than grow
+            self._bound.clear()
+        self._bound[key] = False
+        if not self._binds or (static is not None and static.dtype != torch.float32):
+            return
+        shape, dtype, x_aligned, static_aligned = key
+        m = x.numel() // self.k
+        quantize = self.quantize.bound(dtype, x_aligned, static is not None, static_aligned)
+        gemm = self.gemm.bound(m, dtype, static is None, static_aligned)
+        if quantize is None or gemm is None:
+            return
+        launcher = self.quantize.launcher
+        device, k, out_shape = launcher.current_device(), self.k, (*shape[:-1], self.n)
+        if device != x.get_device():   # learned() found records, so direct CUDA launches: x is on a GPU
+            return
+        current, stream_of, on_stream = launcher.current_device, launcher.stream, scratch_buffers.on_stream
+        where = x.device
+
+        def call(x, static):
+            if current() != device:   # compiled kernels and the scratch belong to the device they were made on
+                return self._run(x, static)
+            stream = stream_of(device)
+            shared = on_stream(m, k, device, stream)
+            if shared is None:        # capturing a graph, or above the scratch's limit: fresh tensors
+                q = torch.empty((m, k), dtype=torch.int8, device=where)
+                scales = static if static is not None else torch.empty((m,), dtype=torch.float32, device=where)
+            else:
+                q, scales = shared[0], static if static is not None else shared[1]
+            quantize(m, stream, x, q, scales)
+            out = torch.empty(out_shape, dtype=dtype, device=where)
+            gemm(stream, q, scales, out)
+            return out
+        self._bound[key] = call
 
     def gelu_input(self, head, pre, static):
         k1 = 0 if head is None else head.shape[-1]

@@ -324,13 +324,51 @@ class W8A8Gemm:
             tiles = triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(n, meta["BLOCK_N"])
             return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
 
+        key = self._key(out_dtype, m, a_q.data_ptr() % 16 == 0, per_token, per_token or a_scale.data_ptr() % 16 == 0,
+                        scale_arg.data_ptr() % 16 == 0)
+        self.launcher(key, grid, build, self.flags)
+        return out
+
+    @staticmethod
+    def _key(out_dtype, m: int, a_aligned: bool, per_token: int, scale_aligned: bool, q_scale_aligned: bool) -> tuple:
         # What Triton specializes on among the arguments that change between calls (triton_launch); the
         # output is a fresh allocation (512-byte aligned), the per-token scales too, a static scale may
         # be a slice of a per-group tensor.
-        key = (out_dtype, m == 1, m % 16 == 0, bucket, a_q.data_ptr() % 16 == 0, per_token,
-               per_token or a_scale.data_ptr() % 16 == 0, scale_arg.data_ptr() % 16 == 0)
-        self.launcher(key, grid, build, self.flags)
-        return out
+        return (out_dtype, m == 1, m % 16 == 0, m_bucket(m), a_aligned, per_token, scale_aligned, q_scale_aligned)
+
+    def bound(self, m: int, out_dtype, per_token: bool, scale_aligned: bool):
+        """``launch(stream, a_q, a_scale, out)`` for M rows of aligned, contiguous codes (a quantizer's output)
+        on CUDA, through the C launcher Triton's first call at that key left; None where there is none or
+        where ``run`` does something else (empty problems, 32-bit limits, gelu_quant). Arguments as ``run``'s."""
+        k, n = self.k, self.n
+        if self.gelu_quant or m == 0 or n == 0 or k == 0 or max(m * k, n * k, m * n) > _MAX_INT32:
+            return None
+        w_scale = self.w_scale
+        per_token = int(per_token and m != 1)   # as run(): one row's scale is read like a static one
+        key = self._key(out_dtype, m, True, per_token, per_token or scale_aligned, w_scale.data_ptr() % 16 == 0)
+        record = self.launcher.learned(key)
+        if record is None:
+            return None
+        meta, c_launch = record.meta, record.c_launch
+        bias = self.bias if self.bias is not None else w_scale
+        smooth = self.q_smooth if self.q_smooth is not None else w_scale
+        sms, bucket = self.sms, m_bucket(m)
+        tiles = triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(n, meta["BLOCK_N"])
+        gx = min(tiles, sms) if meta["PERSISTENT"] else tiles
+        if self.use_tma:
+            box, weight, Tma = (meta["BLOCK_M"], meta["BLOCK_K"]), self.weight_descs.get(meta), triton_launch.Tma
+            shape, strides = (m, k), (k, 1)
+
+            def launch(stream, a_q, a_scale, out):
+                c_launch(gx, 1, 1, stream, (Tma(a_q, shape, strides, box), weight, out, a_scale, w_scale, bias,
+                                            smooth, w_scale, m, n, k, bucket, sms, k, k, n, per_token))
+        else:
+            weight = self.qweight
+
+            def launch(stream, a_q, a_scale, out):
+                c_launch(gx, 1, 1, stream, (a_q, weight, out, a_scale, w_scale, bias, smooth, w_scale,
+                                            m, n, k, bucket, sms, k, k, n, per_token))
+        return launch
 
 
 def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,

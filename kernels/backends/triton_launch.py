@@ -243,6 +243,21 @@ class Launcher:
         if self.direct:
             self._learn(key, args, flags, build, grid)
 
+    def learned(self, key: tuple) -> Optional[Record]:
+        """The record a direct launch at ``key`` uses on the current device, if one was learned and has Triton's
+        C launcher (``c_launch``); a caller that binds it launches with ``record.c_launch(gx, gy, gz,
+        self.stream(device), args)`` and must itself check that the current device is still that one."""
+        if not self.direct:
+            return None
+        record = self.records.get((self._device(), key))
+        return record if record is not None and record.c_launch is not None else None
+
+    def current_device(self) -> int:
+        return self._device()
+
+    def stream(self, device: int):
+        return self._stream(device)
+
     def _launch(self, record: Record, grid, args: tuple, device: int) -> None:
         g = grid(record.meta)
         gx, gy, gz = g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1

@@ -148,13 +148,30 @@ class RowQuantizer:
         smooth_arg = self.smooth if self.smooth is not None else x2d
         stride = x2d.stride(0)
         cuda = device.type == "cuda"
-        # What Triton specializes on that can change between calls (triton_launch). q and the dynamic
-        # scales are fresh allocations: the caching allocator hands out 512-byte aligned blocks.
-        key = (static, cuda, x2d.dtype, x2d.data_ptr() % 16 == 0, static and scales.data_ptr() % 16 == 0,
-               stride == 1, stride % 16 == 0)
+        key = self._key(static, cuda, x2d.dtype, x2d.data_ptr() % 16 == 0, static and scales.data_ptr() % 16 == 0,
+                        stride)
         self.launcher(key, lambda meta: (m,), lambda meta: (x2d, smooth_arg, scales, q, scales, k, stride),
                       self.flags[static, cuda])
         return q, scales
+
+    @staticmethod
+    def _key(static: bool, cuda: bool, dtype, x_aligned: bool, static_aligned: bool, stride: int) -> tuple:
+        # What Triton specializes on that can change between calls (triton_launch). q and the dynamic
+        # scales are fresh allocations or the scratch's (offset 0): 512-byte aligned blocks.
+        return (static, cuda, dtype, x_aligned, static_aligned, stride == 1, stride % 16 == 0)
+
+    def bound(self, dtype, x_aligned: bool, static: bool, static_aligned: bool):
+        """``launch(rows, stream, x, q, scales)`` for contiguous rows of ``dtype`` on CUDA with these alignment
+        facts, through the C launcher Triton's first call at that key left (``Launcher.learned``); None where
+        there is none. The arguments are exactly ``run``'s, in the same order (the caller checks the device)."""
+        record = self.launcher.learned(self._key(static, True, dtype, x_aligned, static and static_aligned, self.k))
+        if record is None:
+            return None
+        c_launch, smooth, k = record.c_launch, self.smooth, self.k
+
+        def launch(m, stream, x, q, scales):
+            c_launch(m, 1, 1, stream, (x, x if smooth is None else smooth, scales, q, scales, k, k))
+        return launch
 
 
 def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,

@@ -269,19 +269,30 @@ class W8A16Linear:
     prefers_dequant_cublas). Prepared once per plan."""
 
     def __init__(self, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
-        self.fused = W8A16Gemm(qweight, w_scale, bias)
+        self.fused = g = W8A16Gemm(qweight, w_scale, bias)
         self.dequant = triton_launch.Launcher(_dequantize_kernel, "dequantize_weight")
         self._bias_as: dict = {}
+        # dequantize_weight's launch, fixed once: an eager step calls this per layer, and its checks and
+        # conversions were host time on every call (bench/overhead.py, weight-only at M=4096).
+        block_k = min(4096, triton.next_power_of_2(max(g.k, 1)))
+        grid = (g.n, triton_support.cdiv(g.k, block_k))
+        self._dequant_grid = lambda meta: grid
+        self._dequant_flags = dict(BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else 8)
 
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
         g = self.fused
-        if x2d.is_cuda and x2d.dim() == 2 and x2d.shape[1] == g.k and prefers_dequant_cublas(x2d.shape[0], g.n):
-            w = dequantize_weight(g.qweight, g.w_scale, x2d.dtype, self.dequant)
+        if x2d.is_cuda and x2d.dim() == 2 and x2d.shape[1] == g.k and g.n and g.k \
+                and prefers_dequant_cublas(x2d.shape[0], g.n):
+            dtype = x2d.dtype
+            w = torch.empty((g.n, g.k), dtype=dtype, device=x2d.device)
+            q, scale, k = g.qweight, g.w_scale, g.k   # on x2d's device: a plan's operands are
+            # As dequantize_weight (same kernel, key and arguments), without its per-call checks.
+            self.dequant((dtype,), self._dequant_grid, lambda meta: (q, scale, w, k), self._dequant_flags)
             bias = None
             if g.bias is not None:
-                bias = self._bias_as.get(x2d.dtype)
+                bias = self._bias_as.get(dtype)
                 if bias is None:
-                    bias = self._bias_as[x2d.dtype] = g.bias.to(x2d.dtype)
+                    bias = self._bias_as[dtype] = g.bias.to(dtype)
             return torch.nn.functional.linear(x2d, w, bias)
         return g(x2d)
 

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from comfyui_octet.kernels.backends import triton_launch
+from comfyui_octet.kernels.backends import triton_launch, triton_support
 
 
 class FakeCompiled:
@@ -397,3 +397,99 @@ def test_planned_layer_after_an_offload_and_reload_reads_the_new_storage(act):
         after = layer(x)
     del garbage
     assert torch.equal(before[-1], before[0]) and torch.equal(after, before[0])
+
+
+# ---- a planned W8A8 layer's bound call (triton_backend._W8A8Linear._bind) --------------------------------
+
+class _LoggingRecords(dict):
+    """Every key has a learned record whose C launch logs its arguments (CPU: nothing is launched)."""
+
+    def __init__(self, log, name):
+        super().__init__()
+        self.log, self.name = log, name
+
+    def get(self, key, default=None):
+        meta = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, PERSISTENT=True, ONE_TILE=True)
+        return triton_launch.Record(None, 0, None, meta, (), lambda gx, gy, gz, stream, args:
+                                    self.log.append((self.name, (gx, gy, gz), stream, key, args)))
+
+
+def _aliasing(launches, x):
+    """The launches with each tensor replaced by what a C launch reads of it (its address; here: size, dtype,
+    contiguity, and which tensor: the n-th distinct address seen, or "x" for the input), so two calls compare
+    equal when they pass the same arguments with the same aliasing (the quantizer's codes are the GEMM's)."""
+    seen = {}
+
+    def norm(a):
+        if isinstance(a, torch.Tensor):
+            ptr = a.data_ptr()
+            if ptr == x.data_ptr():   # the input (the bound call passes it unreshaped: only its address counts)
+                return "x"
+            return ("T", a.numel(), a.dtype, a.is_contiguous(), seen.setdefault(ptr, len(seen)))
+        if isinstance(a, triton_launch.Tma):
+            return ("Tma", norm(a.base), a.shape, a.strides, a.block_shape, a.padding)
+        return a if isinstance(a, (int, float, bool, str, type(None))) else ("obj", id(a))
+    def facts(name, key):   # the quantizer's "on CUDA" fact: a bound call is made for CUDA only, these run on CPU
+        device, facts = key
+        return (device, facts[:1] + facts[2:]) if name == "quantize_rows" else key
+    return [(name, grid, stream, facts(name, key), tuple(norm(a) for a in args))
+            for name, grid, stream, key, args in launches]
+
+
+@pytest.mark.skipif(not triton_support.interpreting(),
+                    reason="plans the Triton backend for CPU tensors, which it does under TRITON_INTERPRET=1 only "
+                           "(on a GPU the direct-launch tests above check the bound call's outputs)")
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_a_bound_call_launches_what_the_general_path_launches(act, monkeypatch):
+    """The second call at an input's (shape, dtype, alignment) takes the bound call, which must hand both
+    kernels the same arguments (values, shapes, strides, aliasing), grid, stream and key as ``_run``, while
+    M, the input's alignment, its rank and the static scale's group change between calls."""
+    from comfyui_octet.kernels.backends import scratch
+    from comfyui_octet.octet.modules import QuantLinear
+    from comfyui_octet.octet.timestep import GroupSelector
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.nn.Linear(64, 96), act, backend="triton")
+    if act == "static":   # group slices of one tensor start 4 bytes apart: not all 16-byte aligned
+        layer.set_static_scales(torch.tensor([0.03, 0.05, 0.02, 0.04]), GroupSelector(boundaries=[1.0, 2.0, 3.0]))
+    big = torch.randn(300 * 64 + 8)
+    log = []
+    monkeypatch.setattr(scratch, "on_stream", lambda m, k, index, stream: None)   # CPU: fresh tensors, as _run
+    plans = set()
+    for step, (m, offset, group) in enumerate([(16, 0, 0), (16, 0, 1), (17, 2, 2), (16, 2, 3), (1, 0, 0),
+                                               (300, 4, 1), (16, 0, 3), (17, 2, 2), (1, 0, 1)]):
+        x = big[offset:offset + m * 64].view(m, 64) if step % 2 else big[offset:offset + m * 64].view(1, m, 64)
+        if act == "static":
+            layer.group_selector.index = group
+        plan = layer.plan(x)
+        run = plan.run
+        if id(run) not in plans:
+            plans.add(id(run))
+            for launcher in (run.quantize.launcher, run.gemm.launcher):
+                launcher.direct, launcher._stream, launcher._device = True, (lambda device: 77), (lambda: -1)
+                launcher.records = _LoggingRecords(log, launcher.name)
+        static = None if plan.scales is None else plan.scales[group]
+        for _ in range(2):   # the first call at a key binds, the second takes the bound call
+            del log[:]
+            y_general = run._run(x, static)
+            general = _aliasing(log, x)
+            del log[:]
+            y = run(x, static)
+            assert _aliasing(log, x) == general, step
+            assert y.shape == y_general.shape == (*x.shape[:-1], 96) and y.dtype == y_general.dtype
+        key = (x.shape, x.dtype, x.data_ptr() % 16 == 0, static is None or static.data_ptr() % 16 == 0)
+        assert run._bound[key], step
+        assert [name for name, *_ in log] == ["quantize_rows", "w8a8_gemm"]
+
+    # A strided input takes the general path and binds nothing; another current device than the one the
+    # call was bound on (compiled kernels and the scratch belong to a device) too.
+    run = layer.plan(big[:16 * 64].view(16, 64)).run
+    bound_before, calls = dict(run._bound), []
+    general_run = run._run
+    monkeypatch.setattr(run, "_run", lambda x, s: calls.append(x.shape) or general_run(x, s))
+    static = None if act == "dynamic" else layer.plan(big[:64].view(1, 64)).scales[0]
+    run(big[:16 * 128].view(16, 128)[:, :64], static)
+    assert run._bound == bound_before and calls == [(16, 64)]
+    run.quantize.launcher._device = lambda: 3
+    run(big[:16 * 64].view(16, 64), static)
+    assert calls == [(16, 64), (16, 64)]
