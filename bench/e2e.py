@@ -270,7 +270,10 @@ def graph_rows(model, row, x, sigma, kw, device, args) -> dict:
     return out
 
 
-def time_steps(model, x, sigma, kw, warmup: int, iters: int, inference: bool = False) -> list[float]:
+def time_steps(model, x, sigma, kw, warmup: int, iters: int, inference: bool = False,
+               issued: list | None = None) -> list[float]:
+    """Seconds per step (GPU work included); ``issued`` gets the seconds until apply_model returned, before the
+    GPU finished: where it is about the step's time, the step is host-bound (the GPU waits for launches)."""
     import torch
     times = []
     with torch.inference_mode() if inference else torch.no_grad():
@@ -278,9 +281,12 @@ def time_steps(model, x, sigma, kw, warmup: int, iters: int, inference: bool = F
             sync()
             t0 = time.perf_counter()
             model.apply_model(x, sigma, **kw)
+            t1 = time.perf_counter()
             sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+                if issued is not None:
+                    issued.append(t1 - t0)
     return times
 
 
@@ -294,7 +300,14 @@ def profile_step(model, x, sigma, kw) -> str:
     events = prof.key_averages()
     gpu_total = sum(e.self_device_time_total for e in events) / 1000
     table = events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60)
-    return f"GPU kernel time in the step: {gpu_total:.1f} ms\n{table}"
+    # The CUDA runtime calls (launches, allocations, copies, synchronizations) by host time: a step that
+    # waits for the GPU (a synchronizing copy, an allocator's cudaFree) shows here, not in the GPU table.
+    runtime = sorted((e for e in events if e.key.startswith("cuda") or e.key in ("aten::item", "aten::_local_scalar_dense")),
+                     key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    calls = "\n".join(f"  {e.key:<40} {e.count:6d} calls  host {e.self_cpu_time_total / 1000:8.2f} ms" for e in runtime)
+    cpu_total = sum(e.self_cpu_time_total for e in events) / 1000
+    return (f"GPU kernel time in the step: {gpu_total:.1f} ms; host (profiler's own time) {cpu_total:.1f} ms\n{table}\n"
+            f"CUDA runtime calls by host time:\n{calls}")
 
 
 def cprofile_steps(model, x, sigma, kw, steps: int = 3, top: int = 25) -> str:
@@ -361,8 +374,13 @@ def run_variant(name, variant, device, args) -> list[dict]:
     if "eager" in modes or "graph" in modes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = time_steps(model, x, sigma, kw, args.warmup, args.iters)
+        issued: list = []
+        times = time_steps(model, x, sigma, kw, args.warmup, args.iters, issued=issued)
         row["step_ms"] = statistics.median(times) * 1000
+        row["host_issue_ms"] = statistics.median(issued) * 1000
+        card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        print(f"[{card}] {name} {row['variant']} eager: step {row['step_ms']:.1f} ms, of which "
+              f"the host issued the step in {row['host_issue_ms']:.1f} ms", flush=True)
         if args.cprofile:
             row["cprofile"] = cprofile_steps(model, x, sigma, kw)
             print(f"cProfile {name} {row['variant']} (3 eager steps, by own time)\n{row['cprofile']}", flush=True)
@@ -396,7 +414,9 @@ def merge_rounds(measured: list[dict], variants) -> list[dict]:
     for row in measured:
         groups.setdefault((row["variant"], row.get("mode")), []).append(row)
     merged = []
-    for (variant, _), group in sorted(groups.items(), key=lambda kv: variants.index(kv[0][0])):
+    # A compile row's variant is named "<variant>+compile(<mode>)": it sorts with its variant.
+    order = lambda kv: variants.index(kv[0][0].split("+compile")[0])  # noqa: E731
+    for (variant, _), group in sorted(groups.items(), key=order):
         timed = [row for row in group if "step_ms" in row]
         if not timed:
             merged.append(group[0])

@@ -45,3 +45,19 @@ def test_one_round_leaves_rows_as_measured():
     measured = [{"variant": "bf16", "mode": "eager", "step_ms": 50.0, "round": 0}]
     (row,) = e2e.merge_rounds(measured, ["bf16"])
     assert row["step_ms"] == 50.0 and "step_ms_rounds" not in row and "round" not in row
+
+
+def test_compile_rows_sort_with_their_variant():
+    """A compile row is named "<variant>+compile(<mode>)" (the Flux call of 2026-12-03 died here with a
+    ValueError after its bf16 compile row, losing the call's rows)."""
+    e2e = _e2e()
+    measured = [
+        {"variant": "bf16", "mode": "eager", "step_ms": 167.0, "round": 0},
+        {"variant": "bf16+compile(default)", "mode": "compile", "step_ms": 135.0, "round": 0},
+        {"variant": "octet_dynamic", "mode": "eager", "step_ms": 120.0, "round": 0},
+        {"variant": "octet_dynamic+compile(default)", "mode": "compile", "step_ms": 108.0, "round": 0},
+    ]
+    rows = e2e.merge_rounds(measured, ["bf16", "octet_dynamic"])
+    assert [(r["variant"], r["step_ms"]) for r in rows] == [
+        ("bf16", 167.0), ("bf16+compile(default)", 135.0), ("octet_dynamic", 120.0),
+        ("octet_dynamic+compile(default)", 108.0)]
