@@ -258,6 +258,7 @@ def graph_rows(model, row, x, sigma, kw, device, args) -> dict:
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
     out = dict(row, mode="graph")
     out.pop("compile_s", None)
+    out.pop("host_issue_ms", None)   # the eager row's
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     g = through_graph_step(patcher, x, sigma, kw, args.warmup, args.iters)
@@ -334,6 +335,7 @@ def _compile_row(model, row, x, sigma, kw, device, args) -> dict:
     import torch
     out = dict(row, mode="compile", variant=row["variant"] + f"+compile({args.compile_mode})")
     out.pop("capture_s", None)
+    out.pop("host_issue_ms", None)   # the eager row's
     t0 = time.perf_counter()
     model.diffusion_model = torch.compile(model.diffusion_model, mode=args.compile_mode)
     time_steps(model, x, sigma, kw, 1, 0)
