@@ -274,17 +274,13 @@ class QuantLayer(nn.Module):
             return self._float_forward(x, *self._float_operands(x))
         if kernels.ops.compiling():
             return self._custom_op(x)
-        w = self._parameters["weight"]   # not self.weight: nn.Module.__getattr__ on every call
-        if w.device != x.device:
+        if self._parameters["weight"].device != x.device:
             # lowvram: the host keeps this layer's weights elsewhere and we move them per call, so
             # nothing weight-side can be prepared once.
             _, run = kernels.plan(self.layout.kernel_op, self.act, x, self.operands(x.device), self.backend,
                                   self.goal)
             return run(x, self._static_scale(x.device))
-        # _cached_plan inlined: this is every INT8 layer's call, and each Python call is host time.
-        plan = self._plans.get(self._signature(x))
-        if plan is None or plan.weight is not w or plan.version != _version(w):
-            plan = self.plan(x)
+        plan = self.plan(x)
         return plan.run(x, None if plan.scales is None else plan.scales[self._group()])
 
     def _deferred_plan(self, sample: torch.Tensor, entry: str):

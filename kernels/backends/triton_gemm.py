@@ -321,13 +321,18 @@ class W8A8Gemm:
                     m, n, k, bucket, sms, k, k, n, per_token)
 
         def grid(meta):
-            tiles = triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(n, meta["BLOCK_N"])
-            return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+            return (self._programs(m, meta),)
 
         key = self._key(out_dtype, m, a_q.data_ptr() % 16 == 0, per_token, per_token or a_scale.data_ptr() % 16 == 0,
                         scale_arg.data_ptr() % 16 == 0)
         self.launcher(key, grid, build, self.flags)
         return out
+
+    def _programs(self, m: int, meta: dict) -> int:
+        """The launch grid's size for M rows at a config: one program per output tile, at most one per SM
+        where the config is persistent."""
+        tiles = triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(self.n, meta["BLOCK_N"])
+        return min(tiles, self.sms) if meta["PERSISTENT"] else tiles
 
     @staticmethod
     def _key(out_dtype, m: int, a_aligned: bool, per_token: int, scale_aligned: bool, q_scale_aligned: bool) -> tuple:
@@ -353,8 +358,7 @@ class W8A8Gemm:
         bias = self.bias if self.bias is not None else w_scale
         smooth = self.q_smooth if self.q_smooth is not None else w_scale
         sms, bucket = self.sms, m_bucket(m)
-        tiles = triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(n, meta["BLOCK_N"])
-        gx = min(tiles, sms) if meta["PERSISTENT"] else tiles
+        gx = self._programs(m, meta)
         if self.use_tma:
             box, weight, Tma = (meta["BLOCK_M"], meta["BLOCK_K"]), self.weight_descs.get(meta), triton_launch.Tma
             shape, strides = (m, k), (k, 1)

@@ -229,10 +229,16 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, K, BLOCK_K: tl.constexpr):
     tl.store(out_ptr + row * K + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype,
-                      launcher: triton_launch.Launcher | None = None) -> torch.Tensor:
+def _dequantize_config(n: int, k: int):
+    """The dequantize kernel's grid function and launch flags for an [N, K] weight (N, K > 0)."""
+    block_k = min(4096, triton.next_power_of_2(k))
+    grid = (n, triton_support.cdiv(k, block_k))
+    return (lambda meta: grid), dict(BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else 8)
+
+
+def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8 [N, K] * w_scale[n] -> dtype [N, K] in one launch (torch_ref.dequantize_weight's numbers).
-    ``launcher``: a layer's own (W8A16Linear), which launches direct after its first call."""
+    One-shot; W8A16Linear keeps its own launcher and configuration, which launch direct after its first call."""
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise ValueError(f"qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
     n, k = qweight.shape
@@ -243,11 +249,10 @@ def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch
     if n == 0 or k == 0:
         return out
     w_scale = w_scale.reshape(-1).to(device=qweight.device, dtype=torch.float32).contiguous()
-    block_k = min(4096, triton.next_power_of_2(k))
-    launcher = launcher or triton_launch.Launcher(_dequantize_kernel, "dequantize_weight")
+    grid, flags = _dequantize_config(n, k)
     # Key: the output dtype; the weight, its scales and K are the layer's, the output a fresh allocation.
-    launcher((dtype,), lambda meta: (n, triton_support.cdiv(k, block_k)), lambda meta: (qweight, w_scale, out, k),
-             dict(BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else 8))
+    triton_launch.Launcher(_dequantize_kernel, "dequantize_weight")(
+        (dtype,), grid, lambda meta: (qweight, w_scale, out, k), flags)
     return out
 
 
@@ -274,10 +279,7 @@ class W8A16Linear:
         self._bias_as: dict = {}
         # dequantize_weight's launch, fixed once: an eager step calls this per layer, and its checks and
         # conversions were host time on every call (bench/overhead.py, weight-only at M=4096).
-        block_k = min(4096, triton.next_power_of_2(max(g.k, 1)))
-        grid = (g.n, triton_support.cdiv(g.k, block_k))
-        self._dequant_grid = lambda meta: grid
-        self._dequant_flags = dict(BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else 8)
+        self._dequant_grid, self._dequant_flags = _dequantize_config(g.n, max(g.k, 1))
 
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
         g = self.fused
