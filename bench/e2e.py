@@ -345,6 +345,10 @@ def _compile_row(model, row, x, sigma, kw, device, args) -> dict:
     out["step_ms"] = statistics.median(time_steps(model, x, sigma, kw, args.warmup, args.iters)) * 1000
     if device.type == "cuda":
         out["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+        if args.profile:
+            out["profile"] = profile_step(model, x, sigma, kw)
+            print(f"[{torch.cuda.get_device_name()}] profile {out['model']} {out['variant']}\n{out['profile']}",
+                  flush=True)
     return out
 
 
