@@ -4,8 +4,6 @@
   octet::conv2d(x, qweight, w_scale, bias?, smooth?, static_scale?, stride, padding, dilation, groups,
                 act, backend, goal) -> x.dtype NCHW
   octet::static_mlp(x, fc1 tensors, fc2 tensors, backend) -> x.dtype [..., N2]: fc2(gelu_tanh(fc1(x)))
-  octet::w8a8_gemm(a_q int8 [M, K], a_scale [M], qweight, w_scale, bias?, out_dtype) -> out_dtype [M, N]:
-                a dynamic linear's GEMM alone, its quantization traced (``traced_linear``, below)
 
 Each op is declared once with a fake (meta) implementation, so the compiler traces one opaque node
 per quantized layer (no graph break at a Triton launch) and ``torch.library.opcheck`` can verify
@@ -29,9 +27,8 @@ from typing import Optional
 
 import torch
 
-from . import dispatch, registry, torch_ref
-from .backends import triton_backend
-from .operands import ConvGeometry, Int8Operands
+from . import dispatch
+from .operands import ConvGeometry
 
 Tensor = torch.Tensor
 
@@ -73,9 +70,8 @@ _owner_numbers = itertools.count(1)
 
 
 def register_owner(layer) -> int:
-    """A number for ``layer`` (anything with ``.weight``, ``.plan(x) -> plan with .run(x, static)`` and
-    ``.prepared_operands(device)``) that the ops below accept as ``owner``; forgotten when the layer is
-    collected."""
+    """A number for ``layer`` (anything with ``.weight`` and ``.plan(x) -> plan with .run(x, static)``)
+    that the ops below accept as ``owner``; forgotten when the layer is collected."""
     number = next(_owner_numbers)
     _owners[number] = weakref.ref(layer, lambda _ref, number=number: _owners.pop(number, None))
     return number
@@ -122,53 +118,6 @@ def conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], 
         return layer.plan(x).run(x, static_scale).contiguous()
     return dispatch.conv2d(x, qweight, w_scale, bias, stride, padding, dilation, groups, act=act, smooth=smooth,
                            static_scale=static_scale, backend=backend, goal=goal).contiguous()
-
-
-# ---- dynamic W8A8 linear under torch.compile: the quantization traced, the GEMM one op ------------
-# Behind an opaque octet::linear, Inductor cannot see the activation's quantization: the op producing x
-# (Flux's and SD3's LayerNorm + modulation, Flux's GELU + concat before linear2) writes x in bf16 and the
-# op reads it back to quantize it. Traced as torch ops (torch_ref's, the oracle's math), the per-token
-# absmax, scale and rounding fuse into that producer's kernel, and the int8 GEMM is the one opaque node.
-# Compiled Flux-dev ran 108.1 ms against eager Octet's 102.9 behind the whole-layer op (H200, docs/BENCHMARKS.md).
-
-@torch._dynamo.assume_constant_result
-def _gemm_in_graph(device: str, dtype: str, m: int, n: int, k: int, backend: str, goal: str) -> bool:
-    """Whether a dynamic linear at this signature gets the Triton W8A8 GEMM, as its eager plan would (the
-    registry's choice, cost model included): run once while tracing, its answer baked into the graph."""
-    req = registry.Request(op="linear", act="dynamic", device=device, dtype=dtype, m=m, n=n, k=k, goal=goal)
-    return registry.select(req, backend).name == "triton"
-
-
-def traced_linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], smooth: Optional[Tensor],
-                  backend: str, goal: str, owner: int = -1) -> Optional[Tensor]:
-    """A dynamic W8A8 linear as torch.compile should see it: quantize x per token in traced torch ops, then
-    octet::w8a8_gemm. None where the layer's plan would not be the Triton GEMM (CPU, the speed goal's float
-    path at small shapes, another backend asked for): the caller then uses octet::linear."""
-    n, k = qweight.shape
-    m = x.numel() // k
-    if not isinstance(m, int):   # dynamic shapes: M unknown while tracing, as the registry's m=0
-        m = 0
-    if not _gemm_in_graph(x.device.type, str(x.dtype).replace("torch.", ""), m, n, k, backend, goal):
-        return None
-    xs = torch_ref.smoothed(x.reshape(-1, k), smooth, channel_dim=1)
-    scale = torch_ref.row_scales(xs)
-    q = torch_ref.quantize_with_scale(xs, scale)
-    return w8a8_gemm(q, scale.reshape(-1), qweight, w_scale, bias, x.dtype, owner).reshape(*x.shape[:-1], n)
-
-
-def _w8a8_gemm_fake(a_q, a_scale, qweight, w_scale, bias, out_dtype, owner=-1):
-    return a_q.new_empty((a_q.shape[0], qweight.shape[0]), dtype=out_dtype)
-
-
-@define_op("octet::w8a8_gemm", _w8a8_gemm_fake)
-def w8a8_gemm(a_q: Tensor, a_scale: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-              out_dtype: torch.dtype, owner: int = -1) -> Tensor:
-    """int8 [M, K] codes with per-token scales [M] -> [M, N] in out_dtype, through the owner layer's GEMM
-    (prepared once, shared with its eager plans); without a live owner, one made for the call."""
-    layer = owner_of(owner, qweight, a_q)
-    operands = layer.prepared_operands(a_q.device) if layer is not None \
-        else Int8Operands.of(qweight, w_scale, bias, device=a_q.device)
-    return triton_backend.gemm_of(operands)(a_q, a_scale, out_dtype)
 
 
 def _static_mlp_fake(x, q1, s1, b1, sm1, sc1, q2, s2, b2, sm2, sc2, backend, owner1=-1, owner2=-1):

@@ -225,10 +225,6 @@ class QuantLayer(nn.Module):
         return Int8Operands.of(self.weight, self.current_weight_scale(), self.bias, self.pre_quant_scale,
                                self.geometry, device=device)
 
-    def prepared_operands(self, device: torch.device) -> Int8Operands:
-        """The weight side on ``device`` as this layer's plans share it (kernels.ops reaches it from a compiled graph)."""
-        return self._shared_operands(device, self._parameters["weight"])
-
     def _shared_operands(self, device: torch.device, w: torch.Tensor) -> Int8Operands:
         """One Int8Operands per device for all plans there, so what backends keep in its memo (the speed
         goal's float copy, the transposed CPU weight) is made once per layer, not once per M bucket."""
@@ -338,11 +334,6 @@ class QuantLinear(QuantLayer):
         return F.linear(x, w, b)
 
     def _custom_op(self, x):
-        if self.act == "dynamic":
-            y = kernels.ops.traced_linear(x, self.weight, self.current_weight_scale(), self.bias,
-                                          self.pre_quant_scale, self.backend, self.goal, self.op_owner)
-            if y is not None:
-                return y
         return kernels.ops.linear(x, self.weight, self.current_weight_scale(), self.bias, self.pre_quant_scale,
                                   self._static_scale(x.device), self.act, self.backend, self.goal, self.op_owner)
 

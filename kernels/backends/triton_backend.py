@@ -162,13 +162,6 @@ def _kernels():
     return triton_quant, triton_gemm, triton_conv
 
 
-def gemm_of(w):
-    """The W8A8 GEMM of one weight (scale vectors, TMA descriptors, launcher), made once per operand set:
-    a layer's eager plans of every M bucket and a compiled graph's octet::w8a8_gemm (kernels/ops.py) share it."""
-    _, triton_gemm, _ = _kernels()
-    return w.remember("w8a8_gemm", lambda: triton_gemm.W8A8Gemm(w.qweight, w.scale, w.bias))
-
-
 def _conv_out_format(x: torch.Tensor) -> torch.memory_format:
     # Like F.conv2d: a channels_last input gives a channels_last output.
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -177,7 +170,7 @@ def _conv_out_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _prepare_linear(req: registry.Request, w):
-    triton_quant, _, _ = _kernels()
+    triton_quant, triton_gemm, _ = _kernels()
     q, s, b, n, k = w.qweight, w.scale, w.bias, w.n, w.k
     if req.act == "none":
         from . import triton_w8a16
@@ -194,7 +187,7 @@ def _prepare_linear(req: registry.Request, w):
     # slower than the separate pass below in CUDA-graph timing at 11 of 12 shapes, 2-6x at the Flux
     # shapes: docs/BENCHMARKS.md, fused kernels. So static keeps the separate quantization pass.)
 
-    return _W8A8Linear(triton_quant, w)
+    return _W8A8Linear(triton_quant, triton_gemm, w)
 
 
 class _W8A8Linear:
@@ -205,10 +198,10 @@ class _W8A8Linear:
     cat(head, gelu_tanh(pre)) or gelu_tanh(pre), or shift + layer_norm(x) * mult, and one quantization
     kernel computes it while it quantizes, instead of float passes before this layer."""
 
-    def __init__(self, triton_quant, w):
+    def __init__(self, triton_quant, triton_gemm, w):
         self.k, self.n, self.smooth = w.k, w.n, w.smooth
         self.quantize = triton_quant.RowQuantizer(w.k, w.smooth)
-        self.gemm = gemm_of(w)
+        self.gemm = triton_gemm.W8A8Gemm(w.qweight, w.scale, w.bias)
         self._gelu_quantizers: dict = {}      # head width -> GeluRowQuantizer (one per call site)
         self._make_gelu = triton_quant.GeluRowQuantizer
         self._norm = None                     # NormRowQuantizer, made at the first deferred norm
