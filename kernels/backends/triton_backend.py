@@ -18,7 +18,6 @@ Worth it (``declines``, AUTO only):
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -207,7 +206,8 @@ class _W8A8Linear:
         self._norm = None                     # NormRowQuantizer, made at the first deferred norm
         self._make_norm = triton_quant.NormRowQuantizer
         self._bound: dict = {}                # (shape, dtype, x aligned, static aligned) -> call, or False (_bind)
-        self._binds = os.environ.get("OCTET_BIND", "1") != "0"   # off: the general path every call (benches)
+        from . import triton_launch   # needs triton: imported with the kernels
+        self._binds = triton_launch.binding()
 
     def __call__(self, x, static):
         # The layer's own call (octet/modules.py): x is on the plan's device with K columns, and static is

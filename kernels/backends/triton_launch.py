@@ -52,6 +52,12 @@ def enabled() -> bool:
             and triton_support.unavailable_reason() is None)
 
 
+def binding() -> bool:
+    """Whether plans may keep a bound call per input (a learned record's C launcher and every fixed argument,
+    made after the first call there): ``OCTET_BIND=0`` keeps the general path on every call (benches)."""
+    return os.environ.get("OCTET_BIND", "1") != "0"
+
+
 def _hook_set(hook) -> bool:
     # Triton 3.5+ keeps each hook as a HookChain that is never None: set means it holds a call.
     return hook is not None and bool(getattr(hook, "calls", True))

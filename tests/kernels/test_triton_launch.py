@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 
+from comfyui_octet.kernels import torch_ref
 from comfyui_octet.kernels.backends import triton_launch, triton_support
 
 
@@ -493,3 +494,46 @@ def test_a_bound_call_launches_what_the_general_path_launches(act, monkeypatch):
     run.quantize.launcher._device = lambda: 3
     run(big[:16 * 64].view(16, 64), static)
     assert calls == [(16, 64), (16, 64)]
+
+
+@pytest.mark.skipif(not triton_support.interpreting(),
+                    reason="runs the weight-only plan's dequantize side on CPU tensors with a logging launcher "
+                           "(on a GPU test_triton_w8a16 checks the bound call's numbers)")
+def test_a_bound_weight_only_call_launches_what_the_general_path_launches(monkeypatch):
+    """Weight-only at large M dequantizes the int8 weight (one launch) for cuBLAS; from the second call at an
+    input's (shape, dtype) a bound call launches it. It must hand the kernel the same arguments (weight codes,
+    scales, a fresh [N, K] output of the input's dtype, K), grid, stream and key as ``_run``, and fall back to
+    ``_run`` on another current device; the fused kernel's side (small M) binds nothing."""
+    from comfyui_octet.kernels.backends import triton_w8a16
+    torch.manual_seed(0)
+    qweight, w_scale = torch_ref.quantize_weight(torch.randn(96, 64))
+    linear = triton_w8a16.W8A16Linear(qweight, w_scale, torch.randn(96))
+    monkeypatch.setattr(linear, "_dequantizes", lambda x: x.shape[0] >= 1024)   # CPU tensors: as on CUDA
+    log = []
+    launcher = linear.dequant
+    launcher.direct, launcher._stream, launcher._device = True, (lambda device: 77), (lambda: -1)
+    launcher.records = _LoggingRecords(log, launcher.name)
+    for m, dtype in [(1024, torch.float32), (1030, torch.bfloat16), (1024, torch.float32), (1030, torch.float16)]:
+        x = torch.randn(m, 64).to(dtype)
+        for _ in range(2):   # the first call at a key binds, the second takes the bound call
+            del log[:]
+            y_general = linear._run(x)
+            general = _aliasing(log, x)
+            del log[:]
+            y = linear(x)
+            assert _aliasing(log, x) == general and len(general) == 1, (m, dtype)
+            assert y.shape == y_general.shape == (m, 96) and y.dtype == y_general.dtype == dtype
+        assert callable(linear._bound[(x.shape, dtype)])
+        assert general[0][1] == (96, 1, 1) and general[0][4][1:] == (("T", 96, torch.float32, True, 1),
+                                                                       ("T", 96 * 64, dtype, True, 2), 64)
+    small = torch.randn(16, 64)
+    del log[:]
+    torch.testing.assert_close(linear(small), linear(small), rtol=0, atol=0)
+    assert linear._bound[(small.shape, small.dtype)] is False and log == []
+
+    calls = []
+    general_run = linear._run
+    monkeypatch.setattr(linear, "_run", lambda x: calls.append(x.shape) or general_run(x))
+    launcher._device = lambda: 3
+    linear(torch.randn(1024, 64))
+    assert calls == [(1024, 64)]
