@@ -299,7 +299,7 @@ def profile_step(model, x, sigma, kw) -> str:
         sync()
     events = prof.key_averages()
     gpu_total = sum(e.self_device_time_total for e in events) / 1000
-    table = events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60)
+    table = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60)
     # The CUDA runtime calls (launches, allocations, copies, synchronizations) by host time: a step that
     # waits for the GPU (a synchronizing copy, an allocator's cudaFree) shows here, not in the GPU table.
     runtime = sorted((e for e in events if e.key.startswith("cuda") or e.key in ("aten::item", "aten::_local_scalar_dense")),
