@@ -44,7 +44,8 @@ _DTYPES = ("float16", "bfloat16", "float32")
 # linear through its bound call (_W8A8Linear._bind: quantize + GEMM through Triton's C launcher, codes in the
 # stream's scratch, one allocation) 22-26 us in most rows (35-39 through the general path the session before,
 # 76-126 with Triton's Python launcher, 140-250 before direct launches); a float-path linear 19 us (bf16
-# nn.Linear 15-20 in the same run), weight-only 25-29 us at M=16 and 36-41 at M=4096 (dequantize + cuBLAS).
+# nn.Linear 15-20 in the same run), weight-only 25-29 us at M=16 and 36-41 at M=4096 (dequantize + cuBLAS;
+# 36-37 with its bound dequantize launch, a later call the same day).
 # An 80 us constant fitted on an H100 before any of this let eager SD3.5 put layers on INT8 that then made the
 # step host-bound. (Where the float path is launch-bound, INT8's larger host time still loses whatever its
 # value, so this mostly moves which layers count as launch-bound.)
@@ -205,9 +206,8 @@ class _W8A8Linear:
         self._make_gelu = triton_quant.GeluRowQuantizer
         self._norm = None                     # NormRowQuantizer, made at the first deferred norm
         self._make_norm = triton_quant.NormRowQuantizer
-        self._bound: dict = {}                # (shape, dtype, x aligned, static aligned) -> call, or False (_bind)
         from . import triton_launch   # needs triton: imported with the kernels
-        self._binds = triton_launch.binding()
+        self._bound = triton_launch.BoundCalls()   # (shape, dtype, x aligned, static aligned) -> call (_bind)
 
     def __call__(self, x, static):
         # The layer's own call (octet/modules.py): x is on the plan's device with K columns, and static is
@@ -238,10 +238,7 @@ class _W8A8Linear:
         call with everything that is fixed at that key computed once: ~11 us of host time less per call than
         ``_run``'s general path on the H200 (bench/overhead.py: 22-26 us against 33-39). False where it cannot be (CPU, direct launches off, static
         scales of another dtype): ``_run`` then, every call."""
-        if len(self._bound) >= 64:   # a video model's changing lengths: start over rather than grow
-            self._bound.clear()
-        self._bound[key] = False
-        if not self._binds or (static is not None and static.dtype != torch.float32):
+        if not self._bound.open(key) or (static is not None and static.dtype != torch.float32):
             return
         shape, dtype, x_aligned, static_aligned = key
         m = x.numel() // self.k

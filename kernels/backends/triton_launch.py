@@ -58,6 +58,26 @@ def binding() -> bool:
     return os.environ.get("OCTET_BIND", "1") != "0"
 
 
+class BoundCalls(dict):
+    """One plan's bound calls by input key; False marks a key that takes the general path. A plan looks its key
+    up on every call; after the first call at a new key it calls ``open(key)`` and, where that returns True,
+    may store the bound call it makes. At most 64 keys: a video model's changing lengths start it over rather
+    than grow it. ``binding()`` is read once, when the plan is made."""
+
+    LIMIT = 64
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = binding()
+
+    def open(self, key) -> bool:
+        """Mark ``key`` as taking the general path; whether the caller may bind it instead."""
+        if len(self) >= self.LIMIT:
+            self.clear()
+        self[key] = False
+        return self.enabled
+
+
 def _hook_set(hook) -> bool:
     # Triton 3.5+ keeps each hook as a HookChain that is never None: set means it holds a call.
     return hook is not None and bool(getattr(hook, "calls", True))

@@ -280,8 +280,7 @@ class W8A16Linear:
         # dequantize_weight's launch, fixed once: an eager step calls this per layer, and its checks and
         # conversions were host time on every call (bench/overhead.py, weight-only at M=4096).
         self._dequant_grid, self._dequant_flags = _dequantize_config(g.n, max(g.k, 1))
-        self._bound: dict = {}   # (shape, dtype) -> call, or False (_bind)
-        self._binds = triton_launch.binding()
+        self._bound = triton_launch.BoundCalls()   # (shape, dtype) -> call (_bind)
 
     def __call__(self, x2d: torch.Tensor) -> torch.Tensor:
         key = (x2d.shape, x2d.dtype)
@@ -319,17 +318,13 @@ class W8A16Linear:
         call. It saves ~2 us of host time (H200, bench/overhead.py: 35.9-37.3 against 37.8-39.2 us at SDXL's
         M=4096 shapes); the rest is cuBLAS's own host time and the float weight's allocation. False elsewhere
         (the fused kernel's side, CPU, direct launches off): ``_run`` then."""
-        if len(self._bound) >= 64:   # a video model's changing lengths: start over rather than grow
-            self._bound.clear()
-        self._bound[key] = False
-        if not self._binds or not self._dequantizes(x2d):
+        if not self._bound.open(key) or not self._dequantizes(x2d):
             return
-        dtype = x2d.dtype
-        record = self.dequant.learned((dtype,))
-        launcher = self.dequant
-        if record is None or launcher.current_device() != x2d.get_device():
+        dtype, launcher = x2d.dtype, self.dequant
+        record, device = launcher.learned((dtype,)), launcher.current_device()
+        if record is None or device != x2d.get_device():
             return
-        g, device, where = self.fused, launcher.current_device(), x2d.device
+        g, where = self.fused, x2d.device
         gx, gy = self._dequant_grid(record.meta)
         c_launch, current, stream_of, linear = record.c_launch, launcher.current_device, launcher.stream, \
             torch.nn.functional.linear
