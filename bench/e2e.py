@@ -324,7 +324,17 @@ def cprofile_steps(model, x, sigma, kw, steps: int = 3, top: int = 25) -> str:
         sync()
         prof.disable()
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    # Own time summed per source file: which package's Python the host time is spent in.
+    per_file: dict = {}
+    for (filename, _, _), (_, ncalls, own, _, _) in stats.stats.items():
+        key = filename if filename.startswith("~") else "/".join(filename.split("/")[-2:])
+        calls, seconds = per_file.get(key, (0, 0.0))
+        per_file[key] = (calls + ncalls, seconds + own)
+    text.write(f"own time per file, ms per step ({steps} steps):\n")
+    for key, (calls, seconds) in sorted(per_file.items(), key=lambda kv: -kv[1][1])[:top]:
+        text.write(f"  {seconds * 1e3 / steps:8.2f} ms {calls // steps:7d} calls  {key}\n")
     return "\n".join(line for line in text.getvalue().splitlines() if line.strip())
 
 
