@@ -31,6 +31,8 @@ PATHS = [  # (label, act, backend, goal, environment while the layer plans)
     ("octet weight_only", "none", "auto", "speed", {}),
     # Weight-only without its bound call at large M (triton_w8a16.W8A16Linear._bind): the general path.
     ("octet weight_only, unbound", "none", "auto", "speed", {"OCTET_BIND": "0"}),
+    # ... and bound, its float weight a fresh allocation per call instead of the stream's scratch (scratch.py).
+    ("octet weight_only, no scratch", "none", "auto", "speed", {"OCTET_SCRATCH": "0"}),
     ("octet dynamic", "dynamic", "auto", "speed", {}),
     ("octet dynamic triton", "dynamic", "triton", "speed", {}),
     # The same layer without its bound call (each call through the general path: triton_backend._bind),

@@ -1,11 +1,15 @@
-"""Per-stream scratch for an INT8 layer's quantized activation: its int8 codes and fp32 row scales.
+"""Per-stream scratch for an INT8 layer's quantized activation (its int8 codes and fp32 row scales) and for
+weight-only's dequantized float weight.
 
 Why: each ``torch.empty`` on CUDA costs ~4 us of host time on the GPU hosts (bench/launch_cost.py),
 and an eager dynamic W8A8 layer made three per call (codes, scales, output), a tenth of its host
 time. The codes and scales live only from the quantization kernel to the GEMM launched right after
 it on the same stream, so one buffer per (device, stream, thread) can serve every layer: kernels on
 one stream run in issue order, so the next layer's quantization cannot overwrite codes the previous
-GEMM still reads. The views for each (M, K) are kept, so a call costs a dictionary lookup.
+GEMM still reads. The views for each (M, K) are kept, so a call costs a dictionary lookup. Weight-only at large M
+(triton_w8a16.W8A16Linear) has the same pattern: its [N, K] float weight lives from the dequantize kernel
+to the cuBLAS GEMM launched right after it on the same stream, and a fresh one per call was ~2-4 us of its
+~36 us of host time (bench/overhead.py, SDXL's M=4096 shapes).
 
 Not used (fresh allocations, as before):
   * while the stream is being captured into a CUDA graph: the graph would keep the buffer's address,
@@ -15,7 +19,8 @@ Not used (fresh allocations, as before):
     4096 x 12288, is 48 MiB): the first limit, 8 MiB, left Flux's M=4096 layers allocating three tensors
     per call (49-71 us of host time per layer, bench/overhead.py, vs 37-46 at M=16), and the caching
     allocator keeps blocks of that size reserved anyway;
-  * by any caller that keeps the codes past its own GEMM (only ``_W8A8Linear``'s plan asks for it).
+  * by any caller that keeps the codes past its own GEMM (only ``_W8A8Linear``'s plan asks for it), and for
+    a float weight autograd would save for backward (the caller asks only when its input needs no grad).
 """
 from __future__ import annotations
 
@@ -94,6 +99,38 @@ def on_stream(m: int, k: int, index: int, stream: int):
     return views
 
 
+_weights: dict = {}   # (device, stream, thread, dtype) -> _Buffer whose codes hold float weights
+
+
+def _allocate_weight(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+def weight_on_stream(n: int, k: int, dtype: torch.dtype, where: torch.device, stream: int):
+    """A [N, K] tensor of ``dtype`` on ``where`` from the scratch of ``where``'s current stream ``stream``, for a
+    weight dequantized right before the GEMM that reads it (same stream); None where a fresh tensor is needed:
+    while capturing, above ``LIMIT_BYTES``, scratch off."""
+    numel = n * k
+    if not ENABLED or numel * dtype.itemsize > LIMIT_BYTES or _capturing():
+        return None
+    key = (where, stream, threading.get_ident(), dtype)
+    buf = _weights.get(key)
+    if buf is None:
+        if len(_weights) >= _MAX_BUFFERS:
+            _weights.clear()
+        buf = _weights[key] = _Buffer()
+    view = buf.views.get((n, k))
+    if view is None:
+        if buf.codes is None or buf.codes.numel() < numel:   # grow, never shrink (as codes_and_scales)
+            buf.codes = _allocate_weight(max(numel, 0 if buf.codes is None else buf.codes.numel()), dtype, where)
+            buf.views.clear()
+        if len(buf.views) >= _MAX_VIEWS:
+            buf.views.clear()
+        view = buf.views[(n, k)] = buf.codes[:numel].view(n, k)
+    return view
+
+
 def release() -> None:
     """Drop every scratch buffer (tests; a host freeing all memory may call it too)."""
     _buffers.clear()
+    _weights.clear()

@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..registry import m_bucket
-from . import triton_launch, triton_support
+from . import scratch as scratch_buffers, triton_launch, triton_support
 from .triton_gemm import _grouped_tile, check_float_gemm  # the one tile order and argument check
 
 
@@ -328,13 +328,19 @@ class W8A16Linear:
         gx, gy = self._dequant_grid(record.meta)
         c_launch, current, stream_of, linear = record.c_launch, launcher.current_device, launcher.stream, \
             torch.nn.functional.linear
+        weight_on_stream = scratch_buffers.weight_on_stream
         q, scale, n, k, bias = g.qweight, g.w_scale, g.n, g.k, self._bias(dtype)
 
         def call(x2d):
             if current() != device:   # the compiled kernel belongs to the device it was made on
                 return self._run(x2d)
-            w = torch.empty((n, k), dtype=dtype, device=where)
-            c_launch(gx, gy, 1, stream_of(device), (q, scale, w, k))
+            stream = stream_of(device)
+            # The float weight lives from this launch to cuBLAS's GEMM right after it on the same stream: the
+            # stream's scratch serves every layer (scratch.py), unless autograd would keep it for backward.
+            w = None if x2d.requires_grad else weight_on_stream(n, k, dtype, where, stream)
+            if w is None:
+                w = torch.empty((n, k), dtype=dtype, device=where)
+            c_launch(gx, gy, 1, stream, (q, scale, w, k))
             return linear(x2d, w, bias)
         self._bound[key] = call
 

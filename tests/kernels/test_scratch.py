@@ -90,3 +90,40 @@ def test_the_switch_is_read_from_the_environment_on_request(stand_in, monkeypatc
         monkeypatch.delenv("OCTET_SCRATCH")
         scratch.read_environment()
     assert scratch.ENABLED and scratch.codes_and_scales(8, 16, CUDA0) is not None
+
+
+def test_float_weights_have_their_own_buffer_per_stream_and_dtype(stand_in, monkeypatch):
+    """weight_on_stream (weight-only's dequantized weight): views kept per (N, K), one buffer per (device,
+    stream, thread, dtype) that grows and never shrinks, None while capturing, above the limit or switched off."""
+    made = []
+
+    def allocate_weight(numel, dtype, device):
+        made.append((numel, dtype))
+        return torch.empty(numel, dtype=dtype)
+    monkeypatch.setattr(scratch, "_allocate_weight", allocate_weight)
+    w = scratch.weight_on_stream(96, 64, torch.bfloat16, CUDA0, 5)
+    assert w.shape == (96, 64) and w.dtype == torch.bfloat16 and w.is_contiguous()
+    assert scratch.weight_on_stream(96, 64, torch.bfloat16, CUDA0, 5) is w and made == [(96 * 64, torch.bfloat16)]
+    smaller = scratch.weight_on_stream(32, 64, torch.bfloat16, CUDA0, 5)     # a view of the same storage
+    assert smaller.data_ptr() == w.data_ptr() and len(made) == 1
+    other = scratch.weight_on_stream(32, 64, torch.float16, CUDA0, 5)        # another dtype, another buffer
+    elsewhere = scratch.weight_on_stream(32, 64, torch.bfloat16, CUDA0, 6)   # another stream, another buffer
+    assert len({w.data_ptr(), other.data_ptr(), elsewhere.data_ptr()}) == 3
+    bigger = scratch.weight_on_stream(128, 64, torch.bfloat16, CUDA0, 5)
+    assert made[-1] == (128 * 64, torch.bfloat16) and scratch.weight_on_stream(96, 64, torch.bfloat16, CUDA0, 5) \
+        .data_ptr() == bigger.data_ptr()
+    rows = scratch.LIMIT_BYTES // (1024 * 2)
+    assert scratch.weight_on_stream(rows, 1024, torch.bfloat16, CUDA0, 5) is not None
+    assert scratch.weight_on_stream(rows + 1, 1024, torch.bfloat16, CUDA0, 5) is None
+    assert scratch.weight_on_stream(rows, 1024, torch.float32, CUDA0, 5) is None   # 4-byte elements
+    monkeypatch.setattr(scratch, "ENABLED", False)
+    assert scratch.weight_on_stream(8, 8, torch.bfloat16, CUDA0, 5) is None
+    monkeypatch.setattr(scratch, "ENABLED", True)
+    monkeypatch.setattr(scratch, "_capturing", lambda: True)
+    assert scratch.weight_on_stream(8, 8, torch.bfloat16, CUDA0, 5) is None
+    monkeypatch.setattr(scratch, "_capturing", lambda: False)
+    for stream in range(3 * scratch._MAX_BUFFERS):
+        scratch.weight_on_stream(8, 8, torch.bfloat16, CUDA0, 100 + stream)
+    assert len(scratch._weights) <= scratch._MAX_BUFFERS
+    scratch.release()
+    assert scratch._weights == {}

@@ -504,11 +504,12 @@ def test_a_bound_weight_only_call_launches_what_the_general_path_launches(monkey
     input's (shape, dtype) a bound call launches it. It must hand the kernel the same arguments (weight codes,
     scales, a fresh [N, K] output of the input's dtype, K), grid, stream and key as ``_run``, and fall back to
     ``_run`` on another current device; the fused kernel's side (small M) binds nothing."""
-    from comfyui_octet.kernels.backends import triton_w8a16
+    from comfyui_octet.kernels.backends import scratch, triton_w8a16
     torch.manual_seed(0)
     qweight, w_scale = torch_ref.quantize_weight(torch.randn(96, 64))
     linear = triton_w8a16.W8A16Linear(qweight, w_scale, torch.randn(96))
     monkeypatch.setattr(linear, "_dequantizes", lambda x: x.shape[0] >= 1024)   # CPU tensors: as on CUDA
+    monkeypatch.setattr(scratch, "weight_on_stream", lambda n, k, dtype, where, stream: None)   # fresh, as _run
     log = []
     launcher = linear.dequant
     launcher.direct, launcher._stream, launcher._device = True, (lambda device: 77), (lambda: -1)
@@ -537,3 +538,55 @@ def test_a_bound_weight_only_call_launches_what_the_general_path_launches(monkey
     launcher._device = lambda: 3
     linear(torch.randn(1024, 64))
     assert calls == [(1024, 64)]
+
+
+class _DequantizingRecords(dict):
+    """Every key has a learned record whose C launch does what the dequantize kernel does (CPU, by torch)."""
+
+    def get(self, key, default=None):
+        def launch(gx, gy, gz, stream, args):
+            q, scale, w, _ = args
+            w.copy_(q.float() * scale.float().reshape(-1, 1))
+        return triton_launch.Record(None, 0, None, dict(BLOCK_N=8, BLOCK_K=64), (), launch)
+
+
+@pytest.mark.skipif(not triton_support.interpreting(),
+                    reason="plans weight-only for CPU tensors, which it does under TRITON_INTERPRET=1 only")
+def test_a_bound_weight_only_call_dequantizes_into_the_streams_scratch_unless_autograd_keeps_the_weight(monkeypatch):
+    """The bound call's float weight comes from the stream's scratch (scratch.weight_on_stream, asked with the
+    layer's N, K, the input's dtype and device, and the launch's stream) and cuBLAS reads what the kernel wrote
+    there: layer after layer sharing one buffer, outputs equal x @ dequantized weight + bias. An input that
+    needs grad gets a fresh weight (autograd keeps it for backward; the next layer would overwrite the scratch)."""
+    from comfyui_octet.kernels.backends import scratch, triton_w8a16
+    torch.manual_seed(0)
+    shared = torch.empty(96 * 64)
+    asked = []
+
+    def weight_on_stream(n, k, dtype, where, stream):
+        asked.append((n, k, dtype, where.type, stream))
+        return shared[:n * k].view(n, k)
+    monkeypatch.setattr(scratch, "weight_on_stream", weight_on_stream)
+    layers, expected = [], []
+    x = torch.randn(1024, 64)
+    for n in (96, 80):
+        qweight, w_scale = torch_ref.quantize_weight(torch.randn(n, 64))
+        bias = torch.randn(n)
+        linear = triton_w8a16.W8A16Linear(qweight, w_scale, bias)
+        monkeypatch.setattr(linear, "_dequantizes", lambda x: x.shape[0] >= 1024)
+        launcher = linear.dequant
+        launcher.direct, launcher._stream, launcher._device = True, (lambda device: 77), (lambda: -1)
+        launcher.records = _DequantizingRecords()
+        layers.append(linear)
+        expected.append(x @ (qweight.float() * w_scale.float().reshape(-1, 1)).T + bias)
+        linear(x)   # the first call at this key runs the general path and binds
+    assert asked == []
+    for i in (0, 1, 0, 1):
+        shared.fill_(float("nan"))
+        torch.testing.assert_close(layers[i](x), expected[i], rtol=1e-5, atol=1e-5)
+        assert asked[-1] == ((96, 80)[i], 64, torch.float32, "cpu", 77)
+    assert len(asked) == 4
+    shared.fill_(float("nan"))
+    with torch.enable_grad():
+        y = layers[0](x.clone().requires_grad_(True))
+    assert len(asked) == 4 and y.requires_grad
+    torch.testing.assert_close(y.detach(), expected[0], rtol=1e-5, atol=1e-5)

@@ -112,17 +112,26 @@ def test_w8a16_takes_an_unaligned_view_at_descriptor_sizes(rng, device):
 
 def test_w8a16_linear_keeps_the_reference_numbers_on_repeated_calls(rng, device):
     """A plan calls one W8A16Linear every step; from the second call at an input's (shape, dtype) the
-    dequantize + cuBLAS side takes a bound call (the C launcher, grid and arguments fixed): every call,
-    whichever shape and dtype came before it, must give the reference's numbers."""
+    dequantize + cuBLAS side takes a bound call (the C launcher, grid and arguments fixed) whose float weight
+    is the stream's scratch, shared by every layer (scratch.weight_on_stream): every call, whichever shape,
+    dtype and layer came before it, must give the reference's numbers. Outputs are compared after all calls
+    were issued, so a layer overwriting a weight another's GEMM still reads would show."""
     from comfyui_octet.kernels.backends import triton_launch, triton_w8a16
-    qweight, w_scale = torch_ref.quantize_weight(randn((24, 64), rng))
-    bias = randn(24, rng, torch.bfloat16, device)
-    linear = triton_w8a16.W8A16Linear(qweight.to(device), w_scale.to(device), bias)
+    layers = []
+    for n in (24, 40):
+        qweight, w_scale = torch_ref.quantize_weight(randn((n, 64), rng))
+        bias = randn(n, rng, torch.bfloat16, device)
+        layers.append((triton_w8a16.W8A16Linear(qweight.to(device), w_scale.to(device), bias), qweight, w_scale, bias))
+    issued = []
     for m, dtype in [(1030, torch.bfloat16), (1030, torch.bfloat16), (3, torch.bfloat16), (1030, torch.float16),
                      (1030, torch.bfloat16), (2048, torch.bfloat16), (1030, torch.float16), (3, torch.bfloat16)]:
         x = randn((m, 64), rng, dtype, device)
+        for linear, qweight, w_scale, bias in layers:
+            issued.append((linear(x), x, qweight, w_scale, bias))
+    for y, x, qweight, w_scale, bias in issued:
         expected = torch_ref.linear_w8a16(x.float().cpu(), qweight, w_scale, bias.float().cpu())
-        assert_epilogue_close(linear(x).cpu(), expected.to(dtype))
+        assert_epilogue_close(y.cpu(), expected.to(x.dtype))
+    linear = layers[0][0]
     if torch.device(device).type == "cuda" and triton_launch.enabled():
         assert callable(linear._bound[(torch.Size((1030, 64)), torch.bfloat16)])
         assert linear._bound[(torch.Size((3, 64)), torch.bfloat16)] is False   # the fused kernel's side
