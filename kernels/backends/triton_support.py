@@ -33,6 +33,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def importable() -> bool:
+    """Whether triton imported (the part of ``unavailable_reason`` that never changes in a process)."""
+    return _IMPORT_ERROR is None
+
+
 def unavailable_reason() -> Optional[str]:
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR

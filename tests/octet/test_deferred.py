@@ -210,3 +210,20 @@ def test_deferred_forwards_compile_without_graph_breaks(rng):
     assert any(isinstance(vars(m).get("forward"), deferred.DeferredNormForward) for m in net.modules())
     with torch.no_grad():
         assert_compiles_as_eager(net, torch.randn(2, 5, 24, generator=rng))
+
+
+def test_where_the_kernels_run_follows_the_device_the_interpreter_and_tritons_import(monkeypatch):
+    """kernel_input's device check: a CUDA tensor needs only Triton's import (CUDA is there); a CPU tensor
+    needs TRITON_INTERPRET=1 and Triton; never a kernel where neither holds."""
+    class OnCuda:   # stands in for a CUDA tensor here: only is_cuda is asked
+        is_cuda = True
+    monkeypatch.setattr(triton_support, "_IMPORT_ERROR", None)
+    assert deferred._kernels_run_on(OnCuda())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert deferred._kernels_run_on(torch.zeros(1))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not deferred._kernels_run_on(torch.zeros(1))
+    monkeypatch.setattr(triton_support, "_IMPORT_ERROR", "triton not importable (ImportError: no)")
+    assert not deferred._kernels_run_on(OnCuda())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not deferred._kernels_run_on(torch.zeros(1))
