@@ -321,8 +321,11 @@ class W8A16Linear:
         if not self._bound.open(key) or not self._dequantizes(x2d):
             return
         dtype, launcher = x2d.dtype, self.dequant
-        record, device = launcher.learned((dtype,)), launcher.current_device()
-        if record is None or device != x2d.get_device():
+        record = launcher.learned((dtype,))
+        if record is None:   # direct launches off (OCTET_FAST_LAUNCH=0, the interpreter): no device to ask
+            return
+        device = launcher.current_device()
+        if device != x2d.get_device():
             return
         g, where = self.fused, x2d.device
         gx, gy = self._dequant_grid(record.meta)

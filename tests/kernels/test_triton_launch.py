@@ -590,3 +590,25 @@ def test_a_bound_weight_only_call_dequantizes_into_the_streams_scratch_unless_au
         y = layers[0](x.clone().requires_grad_(True))
     assert len(asked) == 4 and y.requires_grad
     torch.testing.assert_close(y.detach(), expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_weight_only_with_direct_launches_off_binds_nothing_and_keeps_the_general_paths_numbers(monkeypatch):
+    """OCTET_FAST_LAUNCH=0, the interpreter, or a Triton whose internals differ: the dequantize launcher has no
+    direct launches (and no device to ask). Weight-only at large M must then run the general path on every call
+    (it raised AttributeError there once, on an H200 with OCTET_FAST_LAUNCH=0)."""
+    from comfyui_octet.kernels.backends import triton_w8a16
+    monkeypatch.setenv("OCTET_FAST_LAUNCH", "0")
+    torch.manual_seed(0)
+    qweight, w_scale = torch_ref.quantize_weight(torch.randn(24, 64))
+    bias = torch.randn(24)
+    linear = triton_w8a16.W8A16Linear(qweight, w_scale, bias)
+    assert not linear.dequant.direct
+    ran = []
+    general_run = linear._run
+    monkeypatch.setattr(linear, "_run", lambda x: ran.append(x.shape) or general_run(x))
+    monkeypatch.setattr(linear, "_dequantizes", lambda x: x.shape[0] >= 1024)
+    x = torch.randn(1024, 64)
+    expected = x @ (qweight.float() * w_scale.float().reshape(-1, 1)).T + bias
+    for _ in range(3):
+        torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-4)
+    assert ran == [(1024, 64)] * 3 and linear._bound[(x.shape, x.dtype)] is False
