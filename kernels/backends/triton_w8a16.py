@@ -314,10 +314,10 @@ class W8A16Linear:
 
     def _bind(self, key, x2d: torch.Tensor) -> None:
         """After the first call at ``key`` on the dequantize + cuBLAS path (the launch is learned), the call with
-        the dequantize kernel's C launcher, grid and arguments fixed: an allocation, one C launch and cuBLAS per
-        call. It saves ~2 us of host time (H200, bench/overhead.py: 35.9-37.3 against 37.8-39.2 us at SDXL's
-        M=4096 shapes); the rest is cuBLAS's own host time and the float weight's allocation. False elsewhere
-        (the fused kernel's side, CPU, direct launches off): ``_run`` then."""
+        the dequantize kernel's C launcher, grid and arguments fixed, its float weight from the stream's scratch:
+        one C launch and cuBLAS per call (H200, bench/overhead.py: 25-31 us of host time at SDXL's M=4096 shapes,
+        against 29-32 with a fresh weight per call and 30-35 through ``_run``); the rest is cuBLAS's own host
+        time. False elsewhere (the fused kernel's side, CPU, direct launches off): ``_run`` then."""
         if not self._bound.open(key) or not self._dequantizes(x2d):
             return
         dtype, launcher = x2d.dtype, self.dequant
