@@ -61,6 +61,22 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 
 
+def _new_buffer(table: dict, key) -> _Buffer:
+    """A fresh buffer for ``key`` in ``table`` (a lookup miss; hits stay inline, they are per call)."""
+    if len(table) >= _MAX_BUFFERS:   # threads or streams that came and went: start over
+        table.clear()
+    buf = table[key] = _Buffer()
+    return buf
+
+
+def _keep(buf: _Buffer, shape: tuple, views):
+    """Remember ``views`` for ``shape`` in ``buf``, at most ``_MAX_VIEWS`` of them."""
+    if len(buf.views) >= _MAX_VIEWS:
+        buf.views.clear()
+    buf.views[shape] = views
+    return views
+
+
 def _allocate(size: int, rows: int, device: torch.device):
     return torch.empty(size, dtype=torch.int8, device=device), torch.empty(rows, dtype=torch.float32, device=device)
 
@@ -79,11 +95,7 @@ def on_stream(m: int, k: int, index: int, stream: int):
     if not ENABLED or m * k > LIMIT_BYTES or _capturing():
         return None
     key = (index, stream, threading.get_ident())
-    buf = _buffers.get(key)
-    if buf is None:
-        if len(_buffers) >= _MAX_BUFFERS:   # threads or streams that came and went: start over
-            _buffers.clear()
-        buf = _buffers[key] = _Buffer()
+    buf = _buffers.get(key) or _new_buffer(_buffers, key)
     views = buf.views.get((m, k))
     if views is None:
         if buf.codes is None or buf.codes.numel() < m * k or buf.scales.numel() < m:
@@ -93,9 +105,7 @@ def on_stream(m: int, k: int, index: int, stream: int):
             rows = max(m, 0 if buf.scales is None else buf.scales.numel())
             buf.codes, buf.scales = _allocate(size, rows, torch.device("cuda", index))
             buf.views.clear()
-        if len(buf.views) >= _MAX_VIEWS:
-            buf.views.clear()
-        views = buf.views[(m, k)] = (buf.codes[:m * k].view(m, k), buf.scales[:m])
+        views = _keep(buf, (m, k), (buf.codes[:m * k].view(m, k), buf.scales[:m]))
     return views
 
 
@@ -114,19 +124,13 @@ def weight_on_stream(n: int, k: int, dtype: torch.dtype, where: torch.device, st
     if not ENABLED or numel * dtype.itemsize > LIMIT_BYTES or _capturing():
         return None
     key = (where, stream, threading.get_ident(), dtype)
-    buf = _weights.get(key)
-    if buf is None:
-        if len(_weights) >= _MAX_BUFFERS:
-            _weights.clear()
-        buf = _weights[key] = _Buffer()
+    buf = _weights.get(key) or _new_buffer(_weights, key)
     view = buf.views.get((n, k))
     if view is None:
         if buf.codes is None or buf.codes.numel() < numel:   # grow, never shrink (as codes_and_scales)
             buf.codes = _allocate_weight(max(numel, 0 if buf.codes is None else buf.codes.numel()), dtype, where)
             buf.views.clear()
-        if len(buf.views) >= _MAX_VIEWS:
-            buf.views.clear()
-        view = buf.views[(n, k)] = buf.codes[:numel].view(n, k)
+        view = _keep(buf, (n, k), buf.codes[:numel].view(n, k))
     return view
 
 
