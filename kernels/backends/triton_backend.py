@@ -45,7 +45,7 @@ _DTYPES = ("float16", "bfloat16", "float32")
 # stream's scratch, one allocation) 22-26 us in most rows (35-39 through the general path the session before,
 # 76-126 with Triton's Python launcher, 140-250 before direct launches); a float-path linear 19 us (bf16
 # nn.Linear 15-20 in the same run), weight-only 25-29 us at M=16 and 36-41 at M=4096 (dequantize + cuBLAS;
-# 36-37 with its bound dequantize launch, a later call the same day).
+# 36-37 with its bound dequantize launch, 25-34 with its float weight in the stream's scratch, later calls).
 # An 80 us constant fitted on an H100 before any of this let eager SD3.5 put layers on INT8 that then made the
 # step host-bound. (Where the float path is launch-bound, INT8's larger host time still loses whatever its
 # value, so this mostly moves which layers count as launch-bound.)
