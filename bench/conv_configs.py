@@ -4,14 +4,13 @@ it) is fastest per shape, next to cuDNN bf16 (NCHW, as ComfyUI runs it, and chan
 For each shape it clears the conv kernel's autotune cache, adds the candidate tiles to its config list, lets
 Triton's autotuner time every config once (``configs_timings``) and prints the five fastest, the best of the
 current list and the best candidate. GPU only; one process, card and versions printed with the numbers;
-writes JSON (default out/).
+writes JSON (default out/, named for the card and date).
 
     python3 bench/conv_configs.py [--out out]
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import octet_pack  # noqa: E402
+from overhead import card_header  # noqa: E402  (bench/overhead.py's card / versions / time line)
 
 # (C_in, C_out, side): SDXL 1024² at batch 1, 3x3 / stride 1 / padding 1; concatenated inputs of the output blocks.
 SHAPES = [(320, 320, 128), (640, 320, 128), (960, 320, 128), (640, 640, 64), (1280, 640, 64), (1280, 1280, 32),
@@ -36,7 +36,6 @@ def main() -> int:
     octet_pack.load()
     import torch
     import torch.nn.functional as F
-    import triton
     from triton.testing import do_bench
     from comfyui_octet.kernels import torch_ref
     from comfyui_octet.kernels.backends import triton_conv
@@ -44,8 +43,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/conv_configs.py times GPU kernels: it needs a CUDA device.")
         return 1
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; {stamp}"
+    card, stamp, header = card_header("INT8 conv kernel alone, Triton's autotune timing; ")
     print(header, flush=True)
     kernel = triton_conv._conv_kernel
     current = list(kernel.configs)
@@ -79,7 +77,8 @@ def main() -> int:
         for f in row["fastest"]:
             print(f"   {f['us']:7.1f} us {f['tops']:6.0f} TOPS  {f['config']}")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "conv_configs.json")
+    slug = card.lower().replace("nvidia ", "").split()[0]
+    path = os.path.join(args.out, f"conv_configs_{slug}_{stamp[:10]}.json")
     with open(path, "w") as fh:
         json.dump({"header": header, "rows": rows}, fh, indent=1)
     print(f"wrote {path}")
