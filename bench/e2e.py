@@ -113,16 +113,19 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
 # OCTET_C_LAUNCH (Triton's Python launcher instead of its C function, kernels/backends/triton_launch.py; with
 # OCTET_SCRATCH, fresh allocations for each layer's codes and scales: _pylaunch is the host path before
 # 2026-12-02's sixth session): read when each layer plans, at its first call (the warm-up steps);
+# octet_dynamic_separate_qkv: attention projections that read one input each run their own GEMM, as before
+# octet/shared_input.py (OCTET_SHARED_INPUT=0, read when the model is quantized).
 # octet_dynamic_memory: Quantize Model's memory goal (no float weight copies; SD3's position table in int8,
 # octet/tables.py), the goal issue 13's weight target names.
 # OCTET_DEFERRED (GELUs and LayerNorms computed in float before their INT8 layer, as before octet/deferred.py)
 # and OCTET_FLOAT_FUSIONS: read per call.
 SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH",),
               "_not_deferred": ("OCTET_DEFERRED",), "_host_float": ("OCTET_FLOAT_FUSIONS",),
-              "_pylaunch": ("OCTET_C_LAUNCH", "OCTET_SCRATCH")}
+              "_pylaunch": ("OCTET_C_LAUNCH", "OCTET_SCRATCH"), "_separate_qkv": ("OCTET_SHARED_INPUT",)}
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk",
-            "bf16_octet_fused", "octet_dynamic_host_float", "octet_dynamic_pylaunch", "octet_dynamic_memory")
+            "bf16_octet_fused", "octet_dynamic_host_float", "octet_dynamic_pylaunch", "octet_dynamic_memory",
+            "octet_dynamic_separate_qkv")
 
 
 def model_config(name: str, tiny: bool, extra: dict | None = None):
@@ -259,6 +262,7 @@ def graph_rows(model, row, x, sigma, kw, device, args) -> dict:
     out = dict(row, mode="graph")
     out.pop("compile_s", None)
     out.pop("host_issue_ms", None)   # the eager row's: a replayed graph's host time is not measured here
+    out.pop("host_cpu_ms", None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     g = through_graph_step(patcher, x, sigma, kw, args.warmup, args.iters)
@@ -272,22 +276,26 @@ def graph_rows(model, row, x, sigma, kw, device, args) -> dict:
 
 
 def time_steps(model, x, sigma, kw, warmup: int, iters: int, inference: bool = False,
-               issued: list | None = None) -> list[float]:
+               issued: list | None = None, cpu: list | None = None) -> list[float]:
     """Seconds per step (GPU work included); ``issued`` gets the seconds until apply_model returned, before the
-    GPU finished: where it is about the step's time, the step is host-bound (the GPU waits for launches)."""
+    GPU finished: where it is about the step's time, the step is host-bound (the GPU waits for launches).
+    ``cpu`` gets the process's CPU seconds in that call: the host work itself, which other tenants of a shared
+    GPU host do not stretch as they stretch wall time (seen: bf16 SDXL eager 58 to 96 ms between calls)."""
     import torch
     times = []
     with torch.inference_mode() if inference else torch.no_grad():
         for i in range(warmup + iters):
             sync()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             model.apply_model(x, sigma, **kw)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 if issued is not None:
                     issued.append(t1 - t0)
+                if cpu is not None:
+                    cpu.append(c1 - c0)
     return times
 
 
@@ -377,6 +385,7 @@ def run_variant(name, variant, device, args) -> list[dict]:
         row["deferred_inputs"] = len(result.gelus) + len(result.norms)
         row["qk_fused"] = len(result.qk_norms)
         row["float_fusions"] = len(result.float_fusions)
+        row["qkv_groups"] = len(result.fused_groups)
     elif variant == "bf16_octet_qk":
         from comfyui_octet.octet import deferred
         os.environ["OCTET_DEFERRED"] = "1"
@@ -391,13 +400,15 @@ def run_variant(name, variant, device, args) -> list[dict]:
     if "eager" in modes or "graph" in modes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        issued: list = []
-        times = time_steps(model, x, sigma, kw, args.warmup, args.iters, issued=issued)
+        issued, cpu = [], []
+        times = time_steps(model, x, sigma, kw, args.warmup, args.iters, issued=issued, cpu=cpu)
         row["step_ms"] = statistics.median(times) * 1000
         row["host_issue_ms"] = statistics.median(issued) * 1000
+        row["host_cpu_ms"] = statistics.median(cpu) * 1000
         card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         print(f"[{card}] {name} {row['variant']} eager: step {row['step_ms']:.1f} ms, of which "
-              f"the host issued the step in {row['host_issue_ms']:.1f} ms", flush=True)
+              f"the host issued the step in {row['host_issue_ms']:.1f} ms ({row['host_cpu_ms']:.1f} ms of CPU)",
+              flush=True)
         if args.cprofile:
             row["cprofile"] = cprofile_steps(model, x, sigma, kw)
             print(f"cProfile {name} {row['variant']} (3 eager steps, by own time)\n{row['cprofile']}", flush=True)
@@ -442,6 +453,10 @@ def merge_rounds(measured: list[dict], variants) -> list[dict]:
         if len(group) > 1:
             row["step_ms_rounds"] = [round(r["step_ms"], 3) for r in timed]
             row["step_ms"] = statistics.median(r["step_ms"] for r in timed)
+            for key in ("host_issue_ms", "host_cpu_ms"):
+                if all(key in r for r in timed):
+                    row[f"{key}_rounds"] = [round(r[key], 3) for r in timed]
+                    row[key] = statistics.median(r[key] for r in timed)
         row.pop("round", None)
         merged.append(row)
     return merged
@@ -451,7 +466,8 @@ def markdown(rows, header) -> str:
     """vs bf16: against bf16 eager (compiled bf16 for compiled rows); vs bf16 graph: against the
     bf16 row of the same graph step, so the ratio holds only what Octet changes."""
     lines = [header, "", "| model | variant | mode | step ms | vs bf16 | vs bf16 graph | weights GiB | vs bf16 | "
-             "peak VRAM GiB | quantize s | capture / compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak VRAM GiB | quantize s | capture / compile s | host CPU ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r.get("mode", "eager")): r for r in rows
             if (r["variant"] == "bf16" or r["variant"].startswith("bf16+")) and "step_ms" in r}
     for r in rows:
@@ -460,7 +476,7 @@ def markdown(rows, header) -> str:
         g = base.get((r["model"], "graph")) if mode == "graph" else None
         if "step_ms" not in r:
             lines.append(f"| {r['model']} | {r['variant']} | {mode} | failed: {r.get('error', '?')[:80]} "
-                         f"| | | | | | | |")
+                         f"| | | | | | | | |")
             continue
         speed = f"{b['step_ms'] / r['step_ms']:.2f}x" if b else "n/a"
         same = f"{g['step_ms'] / r['step_ms']:.2f}x" if g else ""
@@ -469,8 +485,9 @@ def markdown(rows, header) -> str:
         quant = f"{r['quantize_s']:.1f}" if "quantize_s" in r else ""
         capture = (f"{r['capture_s']:.2f}" if "capture_s" in r
                    else f"{r['compile_s']:.0f}" if "compile_s" in r else "")
+        cpu = f"{r['host_cpu_ms']:.1f}" if "host_cpu_ms" in r else ""
         lines.append(f"| {r['model']} | {r['variant']} | {mode} | {r['step_ms']:.1f} | {speed} | {same} | "
-                     f"{r['weight_bytes'] / 2**30:.2f} | {size} | {peak} | {quant} | {capture} |")
+                     f"{r['weight_bytes'] / 2**30:.2f} | {size} | {peak} | {quant} | {capture} | {cpu} |")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 import torch.nn as nn
 
-from . import deferred, float_fusions, fusion, tables
+from . import deferred, float_fusions, fusion, shared_input, tables
 from .config import DynamicW8A8Config, QuantConfig, StaticW8A8Config, WeightOnlyConfig
 from .modules import QUANT_TYPES, QuantConv2d, QuantLinear
 from .report import LayerRecord, QuantReport
@@ -38,6 +38,8 @@ class QuantResult(QuantReport):
     forwards: dict[str, Callable] = field(default_factory=dict)
     # attribute path -> value: other object patches (octet/tables.py: SD3's int8 position table, memory goal)
     attributes: dict[str, object] = field(default_factory=dict)
+    # [[layer names]]: linears that read one input and run as one GEMM (octet/shared_input.py: attention q/k/v)
+    fused_groups: list = field(default_factory=list)
     tables_before: int = 0      # bytes of the tables ``attributes`` replaces, and of what replaces them
     tables_after: int = 0
     goal: str = "speed"
@@ -81,6 +83,8 @@ class QuantResult(QuantReport):
         return (super().summary() + (f"; {chains} MLPs run as static INT8 chains" if chains else "")
                 + (f"; {deferred_text} applied inside the next INT8 layer's quantization" if deferred_text else "")
                 + (f"; {qk} QK norms fused into attention's q/k preparation" if qk else "")
+                + (f"; {len(self.fused_groups)} attention q/k/v groups run as one GEMM each" if self.fused_groups
+                   else "")
                 + (f"; {gn} GroupNorms ({silu} with their SiLU) and {geglu} GEGLU gates fused where the Triton "
                    f"kernels run" if fused else "")
                 + (f"; position table int8 ({self.tables_before / 2**20:.1f} MiB -> "
@@ -226,6 +230,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Decides
         result.forwards[name] = fusion.chain_forward(model.get_submodule(name))
     result.forwards.update(deferred.forwards(model, result.replacements))
     result.forwards.update(float_fusions.forwards(model))
+    result.fused_groups = shared_input.attach(model, result.replacements)
     if config.goal == "memory":
         result.attributes = tables.patches(model)
         result.tables_before = sum(_nbytes(model.get_buffer(p)) for p in result.attributes

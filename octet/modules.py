@@ -98,6 +98,7 @@ class QuantLayer(nn.Module):
         self._plans: dict = {}
         self._operands: dict = {}   # device -> (weight, version, Int8Operands) shared by that device's plans
         self.op_owner = kernels.ops.register_owner(self)   # compiled graphs reach this layer's plans through it
+        self.fused_group = None     # octet/shared_input.py: linears that read this layer's input, run as one GEMM
 
     # -- format ------------------------------------------------------------------------------------
     @property
@@ -119,15 +120,24 @@ class QuantLayer(nn.Module):
         self.layout = Int8Layout(self.layout.kind, self.layout.act, goal)
         self.invalidate()
 
+    def __getstate__(self):
+        # A group (octet/shared_input.py) belongs to the layers in place: a copy runs its own plans.
+        state = dict(self.__dict__)
+        state["fused_group"] = None
+        return state
+
     def __setstate__(self, state):
         # copy.deepcopy and pickle: the copy holds other tensors, so it gets its own owner number.
         super().__setstate__(state)
         self.op_owner = kernels.ops.register_owner(self)
 
     def invalidate(self) -> None:
-        """Drop every kernel plan (and what backends prepared for it)."""
+        """Drop every kernel plan (and what backends prepared for it), and its group's fused layer."""
         self._plans = {}
         self._operands = {}
+        group = self.__dict__.get("fused_group")
+        if group is not None:
+            group.invalidate()
 
     def _apply(self, fn, recurse=True):
         self.invalidate()   # moved or cast: prepared weights belong to the old tensors
@@ -274,6 +284,10 @@ class QuantLayer(nn.Module):
             return self._float_forward(x, *self._float_operands(x))
         if kernels.ops.compiling():
             return self._custom_op(x)
+        if self.fused_group is not None:     # after compiling(): torch.compile traces each layer's custom op
+            y = self.fused_group.forward(self, x)
+            if y is not None:
+                return y
         if self._parameters["weight"].device != x.device:
             # lowvram: the host keeps this layer's weights elsewhere and we move them per call, so
             # nothing weight-side can be prepared once.
@@ -402,14 +416,19 @@ QUANT_TYPES = (QuantLinear, QuantConv2d)
 def plan_summary(model: nn.Module) -> dict:
     """What the plans decided, per layer: backend per signature and the float copies the speed goal
     kept (bytes of VRAM/RAM beyond the int8 weights). Filled in as the model runs."""
-    layers, kept = {}, 0
+    layers, kept, groups = {}, 0, {}
     for name, m in model.named_modules():
         if not isinstance(m, QuantLayer):
             continue
+        if m.fused_group is not None:
+            groups.setdefault(id(m.fused_group), (m.fused_group, []))[1].append(name)
         plans = [p for p in m._plans.values() if isinstance(p, Plan)]
         backends = sorted({p.impl.name for p in plans})
         operands = {id(p.operands): p.operands for p in plans}.values()   # plans of one device share theirs
         extra = sum(t.numel() * t.element_size() for ops in operands for t in ops.memo.values() if torch.is_tensor(t))
         kept += extra
         layers[name] = {"backends": backends, "extra_bytes": extra}
-    return {"layers": layers, "extra_bytes": kept}
+    # Groups' fused layers (octet/shared_input.py): the members' int8 weights side by side, and their float copy
+    # where the speed goal keeps one (then the members keep none of their own).
+    fused = {"+".join(names): group.fused_bytes() for group, names in groups.values()}
+    return {"layers": layers, "fused_groups": fused, "extra_bytes": kept + sum(fused.values())}

@@ -1,0 +1,191 @@
+"""INT8 linears that read one input, run as one GEMM: an attention's q/k/v (self-attention) or its k/v (cross-
+attention, both from the context).
+
+Why: an eager ComfyUI step is host-bound (docs/BENCHMARKS.md): every layer call costs the host ~15-25 us of
+Python, dispatch and launch whatever its size, and SDXL's 70 transformer blocks call to_q, to_k and to_v of
+their self-attention on one tensor and to_k and to_v of their cross-attention on one context: 210 of its ~750
+linear calls per step repeat a GEMM's input. One GEMM on the three weights side by side ([3n, k]) does the
+same work with one call, and its output's column blocks are q, k and v (views, no copy).
+
+How, without touching the host's attention code (it differs between ComfyUI versions and models): the first
+layer of a ``Group`` (the leader) computes every member's output on its call, returns its own block and keeps
+the others with the input they belong to; each other member, called next on that same tensor object (the host's
+``context = default(context, x)`` passes it on), takes its block. Any other input (another tensor, one written
+in place since) runs the member's own plan, so results never depend on the call order being the expected one.
+A group learns: when a leader's kept blocks are not taken (Wan's cross-attention calls q on x and k/v on the
+context, which have the same width), the leader leaves the group and the rest fuse among themselves.
+
+The fused layer is a QuantLinear of the members' int8 weights and scales concatenated, with its own plans (the
+cost model sees N = 3n, where INT8 can pay though each member's n does not). Only dynamic and weight-only layers
+with the speed goal, no SmoothQuant divisor, no per-call weight patch, their weights on the input's device and
+outside torch.compile and autograd: static layers have one calibrated scale each, and the memory goal would not
+pay a second copy of the int8 weights (VRAM: ``octet.modules.plan_summary`` counts it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .. import kernels
+from .modules import QuantLinear, _version, plan_summary
+
+log = logging.getLogger("octet")
+
+# Attribute names of projections that share an input, per host attention class: ComfyUI's CrossAttention
+# (SD1.x/SDXL/SVD...) and Wan's attentions (k_img/v_img: image cross-attention of its I2V models).
+_SITES = (("to_q", "to_k", "to_v"), ("q", "k", "v"), ("k_img", "v_img"))
+
+
+class _Kept(object):
+    """A leader's blocks for the other members: valid for ``source`` at ``version``."""
+    __slots__ = ("source", "version", "parts")
+
+    def __init__(self, source, version, parts):
+        self.source, self.version, self.parts = source, version, parts
+
+
+class Group:
+    """Linears called on one tensor, in order; the first computes all of them (held weakly, as the layers own
+    the group: a strong reference back would be a cycle that keeps a dropped model's VRAM alive)."""
+
+    def __init__(self, members):
+        self._members = [weakref.ref(m) for m in members]
+        self._fused = None      # (members' weight tensors, scales, biases), QuantLinear of them concatenated
+        self._kept: Optional[_Kept] = None
+
+    @property
+    def members(self) -> list:
+        return [r() for r in self._members]
+
+    def invalidate(self) -> None:
+        """Drop the fused layer (a member's weights were replaced, written or moved: octet.modules.invalidate)."""
+        self._fused = None
+        self._kept = None
+
+    def forward(self, layer, x: torch.Tensor):
+        """``layer``'s output for ``x`` through the group, or None where ``layer`` should run its own plan."""
+        if self._members[0]() is layer:
+            return self._lead(x)
+        kept = self._kept
+        if kept is None:
+            return None
+        if kept.source is not x or kept.version != _version(x):
+            self._missed()
+            return None
+        part = kept.parts.pop(layer, None)
+        if not kept.parts:
+            self._kept = None
+        return part
+
+    def _missed(self) -> None:
+        """A member was called on another input than the leader's: the leader does not share its input with
+        the rest (Wan's cross-attention: q on x, k/v on the context of the same width). It leaves; two or more
+        others go on fusing among themselves."""
+        self._kept = self._fused = None
+        leader = self._members.pop(0)()
+        leaving = [leader] + ([r() for r in self._members] if len(self._members) < 2 else [])
+        if len(self._members) < 2:
+            self._members = []
+        for layer in leaving:
+            if layer is not None:
+                layer.fused_group = None
+        log.debug("octet: a linear's input is not the next ones'; it no longer computes them (%d left to fuse)",
+                  len(self._members))
+
+    def _lead(self, x: torch.Tensor):
+        members = self.members
+        if type(x) is not torch.Tensor or any(m is None for m in members) or not _fusable(members, x):
+            return None
+        fused = self._fused_layer(members)
+        y = fused(x)
+        parts = y.split([m.out_features for m in members], dim=-1)
+        self._kept = _Kept(x, _version(x), dict(zip(members[1:], parts[1:])))
+        return parts[0]
+
+    def _fused_layer(self, members):
+        key = tuple((m._parameters["weight"], _version(m._parameters["weight"]), m.current_weight_scale(),
+                     m._parameters.get("bias")) for m in members)
+        cached = self._fused
+        if cached is not None and len(cached[0]) == len(key) \
+                and all(a[0] is b[0] and a[1] == b[1] and a[2] is b[2] and a[3] is b[3] for a, b in zip(cached[0], key)):
+            return cached[1]
+        first = members[0]
+        weight = torch.cat([m.weight for m in members])
+        scale = torch.cat([m.current_weight_scale().reshape(-1, 1) for m in members])
+        bias = None
+        if any(m.bias is not None for m in members):
+            dtype = next(m.bias.dtype for m in members if m.bias is not None)
+            bias = torch.cat([m.bias.to(dtype) if m.bias is not None
+                              else torch.zeros(m.out_features, dtype=dtype, device=weight.device) for m in members])
+        fused = QuantLinear(weight, scale, bias, first.act, first.backend, first.goal)
+        self._fused = (key, fused)
+        return fused
+
+    def fused_bytes(self) -> int:
+        """VRAM of the fused layer: its int8 weights and what its plans keep (their float copies)."""
+        if self._fused is None:
+            return 0
+        layer = self._fused[1]
+        own = sum(t.numel() * t.element_size() for t in (layer.weight, layer.weight_scale, layer.bias)
+                  if t is not None)
+        return own + plan_summary(nn.ModuleDict({"fused": layer}))["extra_bytes"]
+
+
+def _fusable(members, x: torch.Tensor) -> bool:
+    first = members[0]
+    if kernels.ops.compiling() or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    for m in members:
+        if m.act != first.act or m.goal != "speed" or m.backend != first.backend or m.pre_quant_scale is not None \
+                or m.weight_function or m.bias_function or m._parameters["weight"].device != x.device \
+                or m.in_features != x.shape[-1]:
+            return False
+    return first.act in ("dynamic", "none")
+
+
+def _is_member(layer) -> bool:
+    return isinstance(layer, QuantLinear) and layer.act in ("dynamic", "none") and layer.goal == "speed"
+
+
+def groups(model: nn.Module, replacements: Optional[dict] = None) -> list[list[str]]:
+    """[[member names]] of ``model`` (with ``replacements``, by name, in place of its modules): attentions'
+    q/k/v that are all INT8 dynamic or weight-only linears of one input width, else their k/v."""
+    replacements = replacements or {}
+    found = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for attrs in _SITES:
+            if not all(isinstance(module._modules.get(a), nn.Module) for a in attrs):
+                continue
+            layers = [replacements.get(prefix + a, module._modules[a]) for a in attrs]
+            names = [prefix + a for a in attrs]
+            if len(attrs) == 3 and not all(_is_member(m) and m.in_features == layers[0].in_features for m in layers):
+                layers, names = layers[1:], names[1:]      # cross-attention: k and v read the context
+            if all(_is_member(m) for m in layers) and layers[0].in_features == layers[1].in_features \
+                    and layers[0].act == layers[1].act:
+                found.append(names)
+    return found
+
+
+def enabled() -> bool:
+    """``OCTET_SHARED_INPUT=0`` quantizes without groups (read when a model is quantized or loaded)."""
+    return os.environ.get("OCTET_SHARED_INPUT", "1") != "0"
+
+
+def attach(model: nn.Module, replacements: Optional[dict] = None) -> list[list[str]]:
+    """Give every group's layers (``replacements`` by name where given) their ``Group``; returns the groups."""
+    if not enabled():
+        return []
+    replacements = replacements or {}
+    found = groups(model, replacements)
+    for names in found:
+        layers = [replacements.get(n) or model.get_submodule(n) for n in names]
+        group = Group(layers)
+        for layer in layers:
+            layer.fused_group = group
+    return found

@@ -1,0 +1,206 @@
+"""Linears that read one input run as one GEMM (octet/shared_input.py): an attention's q/k/v or a cross-
+attention's k/v give the numbers of their own plans with one fused call, learn when the leader's input is not
+the others', and rebuild when a member's weights change."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from comfyui_octet import octet
+from comfyui_octet.octet import DynamicW8A8Config, StaticW8A8Config, WeightOnlyConfig
+from comfyui_octet.octet.calibration import record
+from comfyui_octet.octet.modules import plan_summary
+from comfyui_octet.octet.timestep import GroupSelector
+
+
+class Attention(nn.Module):
+    """The host's CrossAttention call order: to_q(x), then to_k and to_v on ``context = default(context, x)``."""
+
+    def __init__(self, dim, context_dim=None, names=("to_q", "to_k", "to_v")):
+        super().__init__()
+        self.names = names
+        q, k, v = names
+        setattr(self, q, nn.Linear(dim, dim, bias=False))
+        setattr(self, k, nn.Linear(context_dim or dim, dim, bias=True))
+        setattr(self, v, nn.Linear(context_dim or dim, dim, bias=False))
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None):
+        q, k, v = (getattr(self, n) for n in self.names)
+        qx = q(x)
+        context = x if context is None else context
+        kx, vx = k(context), v(context)
+        w = torch.softmax(qx @ kx.transpose(-1, -2) / 8, dim=-1)
+        return self.out(w @ vx)
+
+
+class Block(nn.Module):
+    def __init__(self, names=("to_q", "to_k", "to_v")):
+        super().__init__()
+        self.attn1 = Attention(48, names=names)
+        self.attn2 = Attention(48, 40 if names[0] == "to_q" else None, names=names)
+
+    def forward(self, x, context):
+        h = self.attn1(x)
+        return self.attn2(h, context if context.shape[-1] == 40 or self.attn2.names[0] == "to_q" else context)
+
+
+def _model(seed=0, names=("to_q", "to_k", "to_v")):
+    torch.manual_seed(seed)
+    return Block(names).eval()
+
+
+def _inputs(context_width=40):
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(2, 12, 48, generator=g), torch.randn(2, 5, context_width, generator=g)
+
+
+def _ungrouped(model):
+    """A copy whose layers run their own plans (a copy drops groups: they belong to the layers in place)."""
+    return copy.deepcopy(model)
+
+
+def _own_plans(model, *args):
+    """``model``'s output with every layer on its own plan (groups detached for the call)."""
+    members = _members(model)
+    groups = [m.fused_group for m in members]
+    try:
+        for m in members:
+            m.fused_group = None
+        return model(*args)
+    finally:
+        for m, g in zip(members, groups):
+            m.fused_group = g
+
+
+def _members(model):
+    return [m for m in model.modules() if isinstance(m, octet.modules.QuantLinear) and m.fused_group is not None]
+
+
+def test_self_and_cross_attention_projections_run_as_one_gemm_with_their_own_plans_numbers():
+    model = _model()
+    result = octet.quantize_(model, DynamicW8A8Config())
+    assert result.fused_groups == [["attn1.to_q", "attn1.to_k", "attn1.to_v"], ["attn2.to_k", "attn2.to_v"]]
+    assert "2 attention q/k/v groups run as one GEMM each" in result.summary()
+    reference = _ungrouped(model)
+    assert not _members(reference)
+    x, ctx = _inputs()
+    with torch.no_grad():
+        want = reference(x, ctx)
+        for _ in range(2):
+            got = model(x, ctx)
+            # Same int8 codes, same per-token activation scales: the fused GEMM's blocks are the members' outputs.
+            assert torch.equal(got, want)
+    # The members never planned: every call went through their group's one fused layer.
+    for m in _members(model):
+        assert m._plans == {}
+    assert model.attn2.to_q._plans != {}       # not in a group: its input (x) is not the context
+    summary = plan_summary(model)["fused_groups"]
+    assert set(summary) == {"attn1.to_q+attn1.to_k+attn1.to_v", "attn2.to_k+attn2.to_v"}
+    assert summary["attn1.to_q+attn1.to_k+attn1.to_v"] >= 3 * 48 * 48     # at least the int8 weights side by side
+
+
+def test_a_leader_whose_input_is_not_the_others_leaves_its_group():
+    # Wan's cross-attention: q(x), then k and v on the context, all of one width.
+    model = _model(names=("q", "k", "v"))
+    octet.quantize_(model, DynamicW8A8Config())
+    reference = _ungrouped(model)
+    x, ctx = _inputs(context_width=48)
+    assert model.attn2.q.fused_group is not None
+    with torch.no_grad():
+        want = reference(x, ctx)
+        assert torch.equal(model(x, ctx), want)      # k missed q's blocks: k and v ran their own plans
+        assert model.attn2.q.fused_group is None
+        assert model.attn2.k.fused_group is model.attn2.v.fused_group is not None
+        model.attn2.k._plans, model.attn2.v._plans = {}, {}
+        for _ in range(2):
+            assert torch.equal(model(x, ctx), want)
+    assert model.attn2.k._plans == {} and model.attn2.v._plans == {}      # k and v fused from the 2nd call on
+    assert model.attn1.q.fused_group is not None and model.attn1.q._plans == {}
+
+
+def test_an_input_written_in_place_between_the_calls_runs_the_members_own_plans():
+    model = _model()
+    octet.quantize_(model, DynamicW8A8Config())
+    attn = model.attn1
+    x = _inputs()[0]
+    with torch.no_grad():
+        q = attn.to_q(x)
+        x.mul_(2)       # the leader's kept blocks were for the old values
+        k, v = attn.to_k(x), attn.to_v(x)
+        reference = _ungrouped(model).attn1
+        assert torch.equal(k, reference.to_k(x)) and torch.equal(v, reference.to_v(x))
+        assert torch.equal(q, reference.to_q(x / 2))
+
+
+def test_a_members_new_weight_rebuilds_the_fused_layer():
+    model = _model()
+    octet.quantize_(model, DynamicW8A8Config())
+    x, ctx = _inputs()
+    with torch.no_grad():
+        model(x, ctx)
+        # The host merges a LoRA into to_k (set_weight re-quantizes it in place).
+        g = torch.Generator().manual_seed(5)
+        model.attn1.to_k.set_weight(torch.randn(48, 48, generator=g) * 0.1, inplace_update=True)
+        want = _own_plans(model, x, ctx)
+        assert torch.equal(model(x, ctx), want)
+        # ... or replaces the parameter.
+        model.attn2.to_v.weight = nn.Parameter(torch.flip(model.attn2.to_v.weight, (0,)), requires_grad=False)
+        want = _own_plans(model, x, ctx)
+        assert torch.equal(model(x, ctx), want)
+
+
+def test_weight_only_fuses_but_static_layers_and_the_memory_goal_do_not():
+    model = _model()
+    assert len(octet.quantize_(model, WeightOnlyConfig()).fused_groups) == 2
+    x, ctx = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, ctx), _ungrouped(model)(x, ctx), rtol=1e-5, atol=1e-5)
+    assert octet.quantize_(_model(), WeightOnlyConfig(goal="memory")).fused_groups == []
+    assert octet.quantize_(_model(), StaticW8A8Config(), calibration=_calibration()).fused_groups == []
+
+
+def _calibration():
+    model, selector = _model(), GroupSelector([1.0])
+    with torch.no_grad(), record(model, selector, architecture="test") as cal:
+        for sigma in (0.5, 2.0):
+            selector.select(sigma)
+            model(*_inputs())
+    return cal
+
+
+def test_autograd_and_a_model_move_leave_no_fused_state_behind():
+    model = _model()
+    octet.quantize_(model, DynamicW8A8Config())
+    x, ctx = _inputs()
+    with torch.no_grad():
+        model(x, ctx)
+    group = model.attn1.to_q.fused_group
+    assert group._fused is not None
+    model.to(torch.float64).to(torch.float32)      # moved or cast: the fused copy belonged to the old tensors
+    assert group._fused is None
+    xg = x.clone().requires_grad_(True)
+    y = model(xg, ctx)          # autograd: the members' own plans
+    assert group._fused is None and y.requires_grad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tokens", [77, 4096])
+def test_on_a_gpu_the_fused_gemm_gives_the_members_numbers_up_to_int8_rounding(tokens):
+    """On a GPU the fused layer plans for N = 3n, where the cost model may pick INT8 though the members' n picks
+    bf16 (or the reverse): outputs agree to INT8's error, and repeated calls (the scratch and kept blocks reused)
+    give the same numbers."""
+    torch.manual_seed(0)
+    attn = Attention(640).cuda().to(torch.bfloat16).eval()
+    octet.quantize_(attn, DynamicW8A8Config())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, tokens, 640, generator=g, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = _own_plans(attn, x).float()
+        first = attn(x)
+        again = [attn(x) for _ in range(3)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(first, y) for y in again)
+    torch.testing.assert_close(first.float(), want, rtol=0, atol=0.03 * float(want.abs().max()))
+    assert attn.to_q.fused_group._fused is not None
