@@ -53,6 +53,24 @@ def test_plan_is_rebuilt_when_the_weight_or_scales_change(rng):
     assert layer.plan(x) is not third
 
 
+def test_forward_finds_its_plan_by_exact_shape_and_forgets_shapes_beyond_a_bound(rng):
+    """The forward's lookup is keyed on x's exact shape (cheaper than the M bucket's arithmetic), pointing at the
+    bucket's plan: many shapes, one plan per bucket; the shape table is bounded and dropped with the plans."""
+    from comfyui_octet.octet import modules
+    layer, lin = _layer(rng)
+    want_bucket_plans = set()
+    for rows in range(1, 2 * modules._SHAPES_KEPT + 3):
+        x = torch.randn(rows, 32, generator=rng)
+        y = layer(x)
+        want_bucket_plans.add(kernels.registry.m_bucket(rows))
+        assert torch.equal(y, layer.plan(x).run(x, None))
+        assert layer._by_shape[(x.shape, x.dtype, x.device, False)] is layer.plan(x)
+        assert len(layer._by_shape) <= modules._SHAPES_KEPT
+    assert len(layer._plans) == len(want_bucket_plans)
+    layer.set_weight(lin.weight * 2)
+    assert layer._by_shape == {} and layer._plans == {}
+
+
 def test_host_replacing_the_parameter_retires_the_plan(rng):
     layer, _ = _layer(rng)
     x = torch.randn(4, 32, generator=rng)
