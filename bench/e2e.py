@@ -113,7 +113,7 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
 # OCTET_C_LAUNCH (Triton's Python launcher instead of its C function, kernels/backends/triton_launch.py; with
 # OCTET_SCRATCH, fresh allocations for each layer's codes and scales: _pylaunch is the host path before
 # 2026-12-02's sixth session): read when each layer plans, at its first call (the warm-up steps);
-# octet_dynamic_separate_qkv: attention projections that read one input each run their own GEMM, as before
+# octet_dynamic_separate_qkv / octet_static_separate_qkv: attention projections that read one input each run their own GEMM, as before
 # octet/shared_input.py (OCTET_SHARED_INPUT=0, read when the model is quantized).
 # octet_dynamic_memory: Quantize Model's memory goal (no float weight copies; SD3's position table in int8,
 # octet/tables.py), the goal issue 13's weight target names.
@@ -125,7 +125,7 @@ SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH"
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk",
             "bf16_octet_fused", "octet_dynamic_host_float", "octet_dynamic_pylaunch", "octet_dynamic_memory",
-            "octet_dynamic_separate_qkv")
+            "octet_dynamic_separate_qkv", "octet_static_separate_qkv")
 
 
 def model_config(name: str, tiny: bool, extra: dict | None = None):

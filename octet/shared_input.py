@@ -16,10 +16,11 @@ A group learns: when a leader's kept blocks are not taken (Wan's cross-attention
 context, which have the same width), the leader leaves the group and the rest fuse among themselves.
 
 The fused layer is a QuantLinear of the members' int8 weights and scales concatenated, with its own plans (the
-cost model sees N = 3n, where INT8 can pay though each member's n does not). Only dynamic and weight-only layers
-with the speed goal, no SmoothQuant divisor, no per-call weight patch, their weights on the input's device and
-outside torch.compile and autograd: static layers have one calibrated scale each, and the memory goal would not
-pay a second copy of the int8 weights (VRAM: ``octet.modules.plan_summary`` counts it).
+cost model sees N = 3n, where INT8 can pay though each member's n does not). Only layers of one mode with the
+speed goal (the memory goal would not pay a second copy of the int8 weights; VRAM: ``octet.modules.plan_summary``
+counts it), no SmoothQuant divisor (each layer's is folded into its own weights and divides the input
+differently), static ones only where their calibrated scales are equal (calibration sees one input, so q/k/v
+agree), no per-call weight patch, their weights on the input's device, outside torch.compile and autograd.
 """
 from __future__ import annotations
 
@@ -102,19 +103,29 @@ class Group:
         if type(x) is not torch.Tensor or any(m is None for m in members) or not _fusable(members, x):
             return None
         fused = self._fused_layer(members)
+        if fused is None:
+            return None
         y = fused(x)
         parts = y.split([m.out_features for m in members], dim=-1)
         self._kept = _Kept(x, _version(x), dict(zip(members[1:], parts[1:])))
         return parts[0]
 
     def _fused_layer(self, members):
+        """The members as one QuantLinear, made again when any member's tensors changed; None where static members'
+        activation scales differ (each layer then runs its own plan)."""
         key = tuple((m._parameters["weight"], _version(m._parameters["weight"]), m.current_weight_scale(),
-                     m._parameters.get("bias")) for m in members)
+                     m._parameters.get("bias"), m._buffers.get("input_scale"), m.group_selector) for m in members)
         cached = self._fused
-        if cached is not None and len(cached[0]) == len(key) \
-                and all(a[0] is b[0] and a[1] == b[1] and a[2] is b[2] and a[3] is b[3] for a, b in zip(cached[0], key)):
+        if cached is not None and _unchanged(cached[0], key):
             return cached[1]
         first = members[0]
+        if first.act == "static" and not all(
+                m.input_scale is not None and m.group_selector is first.group_selector
+                and torch.equal(m.input_scale, first.input_scale) for m in members):
+            # Calibration records one input's range per layer, so q/k/v normally agree; a file or a
+            # recalibration can make them differ, and one GEMM has one activation scale.
+            self._fused = (key, None)
+            return None
         weight = torch.cat([m.weight for m in members])
         scale = torch.cat([m.current_weight_scale().reshape(-1, 1) for m in members])
         bias = None
@@ -123,6 +134,8 @@ class Group:
             bias = torch.cat([m.bias.to(dtype) if m.bias is not None
                               else torch.zeros(m.out_features, dtype=dtype, device=weight.device) for m in members])
         fused = QuantLinear(weight, scale, bias, first.act, first.backend, first.goal)
+        if first.act == "static":
+            fused.set_static_scales(first.input_scale, first.group_selector)
         self._fused = (key, fused)
         return fused
 
@@ -136,6 +149,12 @@ class Group:
         return own + plan_summary(nn.ModuleDict({"fused": layer}))["extra_bytes"]
 
 
+def _unchanged(old: tuple, new: tuple) -> bool:
+    """Per member: tensors, scales and selectors the same objects, in-place write counters the same values."""
+    return len(old) == len(new) and all(
+        all(u == v if isinstance(u, int) else u is v for u, v in zip(a, b)) for a, b in zip(old, new))
+
+
 def _fusable(members, x: torch.Tensor) -> bool:
     first = members[0]
     if kernels.ops.compiling() or (torch.is_grad_enabled() and x.requires_grad):
@@ -145,16 +164,16 @@ def _fusable(members, x: torch.Tensor) -> bool:
                 or m.weight_function or m.bias_function or m._parameters["weight"].device != x.device \
                 or m.in_features != x.shape[-1]:
             return False
-    return first.act in ("dynamic", "none")
+    return True
 
 
 def _is_member(layer) -> bool:
-    return isinstance(layer, QuantLinear) and layer.act in ("dynamic", "none") and layer.goal == "speed"
+    return isinstance(layer, QuantLinear) and layer.goal == "speed" and layer.pre_quant_scale is None
 
 
 def groups(model: nn.Module, replacements: Optional[dict] = None) -> list[list[str]]:
     """[[member names]] of ``model`` (with ``replacements``, by name, in place of its modules): attentions'
-    q/k/v that are all INT8 dynamic or weight-only linears of one input width, else their k/v."""
+    q/k/v that are INT8 linears of one mode and input width (speed goal, no SmoothQuant divisor), else their k/v."""
     replacements = replacements or {}
     found = []
     for name, module in model.named_modules():

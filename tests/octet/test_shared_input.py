@@ -151,14 +151,33 @@ def test_a_members_new_weight_rebuilds_the_fused_layer():
         assert torch.equal(model(x, ctx), want)
 
 
-def test_weight_only_fuses_but_static_layers_and_the_memory_goal_do_not():
+def test_weight_only_and_static_layers_fuse_but_smoothquant_and_the_memory_goal_do_not():
     model = _model()
     assert len(octet.quantize_(model, WeightOnlyConfig()).fused_groups) == 2
     x, ctx = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(model(x, ctx), _ungrouped(model)(x, ctx), rtol=1e-5, atol=1e-5)
     assert octet.quantize_(_model(), WeightOnlyConfig(goal="memory")).fused_groups == []
-    assert octet.quantize_(_model(), StaticW8A8Config(), calibration=_calibration()).fused_groups == []
+    assert octet.quantize_(_model(), StaticW8A8Config(smooth_alpha=0.5), calibration=_calibration()).fused_groups == []
+
+
+def test_static_layers_fuse_with_their_one_calibrated_scale_and_not_where_the_scales_differ():
+    model = _model()
+    result = octet.quantize_(model, StaticW8A8Config(timestep_groups=False), calibration=_calibration())
+    assert len(result.fused_groups) == 2
+    attn = model.attn1
+    # Calibration saw one input for q, k and v: one range, one scale.
+    assert torch.equal(attn.to_q.input_scale, attn.to_k.input_scale)
+    x, ctx = _inputs()
+    with torch.no_grad():
+        got = model(x, ctx)
+        assert attn.to_q._plans == {} and attn.to_q.fused_group._fused[1] is not None
+        assert torch.equal(got, _own_plans(model, x, ctx))
+        # Scales that differ (a file, a recalibration of one layer): each layer on its own plan and scale.
+        attn.to_v.set_static_scales(attn.to_v.input_scale * 2)
+        want = _own_plans(model, x, ctx)
+        assert torch.equal(model(x, ctx), want)
+        assert attn.to_q.fused_group._fused[1] is None
 
 
 def _calibration():
