@@ -322,7 +322,10 @@ class QuantLayer(nn.Module):
                 or self._parameters["weight"].device != sample.device:
             return None
         plan = self._cached_plan(sample)
-        return plan if plan is not None and hasattr(plan.run, entry) else None
+        # deferral_pays: the plan's own cost call (kernels/backends/triton_backend.py deferral_pays): eager
+        # plans of GEMMs too short to hide the deferral's host time decline.
+        return plan if plan is not None and hasattr(plan.run, entry) \
+            and getattr(plan.run, "deferral_pays", True) else None
 
     def takes_deferred(self, sample: torch.Tensor, entry: str) -> bool:
         """Whether a module before this layer may hand over its input instead of its output."""

@@ -90,6 +90,25 @@ def _launch_bound(path: str, m: int, n: int, k: int, kept: bool) -> bool:
     return _gpu_seconds(path, m, n, k, None, kept) < _HOST_S[path]
 
 
+# Host time a deferred input adds to its consumer's eager call (octet/deferred.py: the pending tensor, its
+# absorbed modulation, the fused norm/GELU quantizer and the GEMM through their general paths) beyond the
+# float passes it replaces: SD3.5-medium on an H200 (2026-12-03, one call), 95 deferred LayerNorm inputs per
+# step, 50.6 ms per eager step deferred vs 38.0 not (host-bound: all of it CPU time), ~130 us each. Its GPU
+# saving (one float pass over the input, ~10-20 us) shows only where the GPU is busier than the host.
+_DEFERRED_HOST_S = 130e-6
+
+
+def deferral_pays(req: registry.Request) -> bool:
+    """Whether an eager call should take a deferred input (octet/deferred.py) rather than the float op's output:
+    where the consumer's own GPU time covers its host time with the deferral's added, so the host stays ahead
+    (Flux's qkv and linear2, 240-400 us) and the saved pass shows; not where it is shorter (SD3.5's 50-70 us
+    layers), which makes the step wait for the host. Replays (CUDA graphs) and CPU (the interpreter) always."""
+    if req.device != "cuda" or not req.eager:
+        return True
+    gpu = _gpu_seconds("w8a8", max(req.m, 1), max(req.n, 1), max(req.k, 1), None, False)
+    return gpu >= _HOST_S["w8a8"] + _DEFERRED_HOST_S
+
+
 def int8_pays(req: registry.Request) -> bool:
     """Whether the Triton INT8 path is estimated faster than the float path for this request.
     Also useful to a quantization policy: where it is False, INT8 buys memory, not speed."""
@@ -187,7 +206,9 @@ def _prepare_linear(req: registry.Request, w):
     # slower than the separate pass below in CUDA-graph timing at 11 of 12 shapes, 2-6x at the Flux
     # shapes: docs/BENCHMARKS.md, fused kernels. So static keeps the separate quantization pass.)
 
-    return _W8A8Linear(triton_quant, triton_gemm, w)
+    linear = _W8A8Linear(triton_quant, triton_gemm, w)
+    linear.deferral_pays = deferral_pays(req)
+    return linear
 
 
 class _W8A8Linear:
@@ -197,6 +218,8 @@ class _W8A8Linear:
     ``gelu_input`` and ``norm_input`` are the deferred entries (octet/deferred.py): the layer's input is
     cat(head, gelu_tanh(pre)) or gelu_tanh(pre), or shift + layer_norm(x) * mult, and one quantization
     kernel computes it while it quantizes, instead of float passes before this layer."""
+
+    deferral_pays = True                      # set per plan (deferral_pays above; eager small GEMMs: False)
 
     def __init__(self, triton_quant, triton_gemm, w):
         self.k, self.n, self.smooth = w.k, w.n, w.smooth

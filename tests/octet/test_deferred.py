@@ -139,6 +139,27 @@ def test_int8_consumer_applies_the_gelu_and_cat_with_the_same_numbers(rng, monke
 
 
 @needs_triton
+def test_a_plan_whose_gemm_cannot_hide_the_deferrals_host_time_gets_the_float_ops_output(rng, monkeypatch):
+    """Eager plans of short GEMMs (triton_backend.deferral_pays: SD3.5's layers on a GPU) decline deferred
+    inputs: the norm and GELU compute in float and the layer quantizes their output, with the layered numbers."""
+    from comfyui_octet.kernels.backends import triton_backend
+    net = _quantized(rng, "triton")
+    calls = []
+    real_norm, real_gelu = triton_backend._W8A8Linear.norm_input, triton_backend._W8A8Linear.gelu_input
+    monkeypatch.setattr(triton_backend._W8A8Linear, "norm_input", lambda self, *a: calls.append(1) or real_norm(self, *a))
+    monkeypatch.setattr(triton_backend._W8A8Linear, "gelu_input", lambda self, *a: calls.append(1) or real_gelu(self, *a))
+    x = torch.randn(2, 7, 24, generator=rng)
+    with torch.no_grad():
+        first = net(x)
+        for layer in net.modules():
+            for plan in getattr(layer, "_plans", {}).values():
+                if hasattr(plan.run, "deferral_pays"):
+                    plan.run.deferral_pays = False
+        declined = net(x)
+    assert calls == [] and torch.equal(declined, first)
+
+
+@needs_triton
 def test_consumer_that_cannot_take_it_gets_the_real_tensor(rng):
     net = _quantized(rng, "triton")
     x = torch.randn(1, 3, 24, generator=rng)
