@@ -57,6 +57,7 @@ class Group:
     def __init__(self, members):
         self._members = [weakref.ref(m) for m in members]
         self._fused = None      # (members' weight tensors, scales, biases), QuantLinear of them concatenated
+        self._ready = None      # what the leader's hot path checks per call (_lead)
         self._kept: Optional[_Kept] = None
 
     @property
@@ -65,8 +66,7 @@ class Group:
 
     def invalidate(self) -> None:
         """Drop the fused layer (a member's weights were replaced, written or moved: octet.modules.invalidate)."""
-        self._fused = None
-        self._kept = None
+        self._fused = self._ready = self._kept = None
 
     def forward(self, layer, x: torch.Tensor):
         """``layer``'s output for ``x`` through the group, or None where ``layer`` should run its own plan."""
@@ -87,7 +87,7 @@ class Group:
         """A member was called on another input than the leader's: the leader does not share its input with
         the rest (Wan's cross-attention: q on x, k/v on the context of the same width). It leaves; two or more
         others go on fusing among themselves."""
-        self._kept = self._fused = None
+        self._kept = self._fused = self._ready = None
         leader = self._members.pop(0)()
         leaving = [leader] + ([r() for r in self._members] if len(self._members) < 2 else [])
         if len(self._members) < 2:
@@ -100,13 +100,32 @@ class Group:
 
     def _lead(self, x: torch.Tensor):
         members = self.members
+        ready = self._ready
+        if ready is not None and type(x) is torch.Tensor and not x.requires_grad:
+            # The hot path (an eager step is host-bound): what _fusable and _fused_layer checked holds until a
+            # member invalidates (set_weight, a move, new scales or mode), except what the host changes
+            # directly: its weight or bias tensor replaced or written in place, a per-call patch added.
+            tensors, versions, layer, sizes = ready
+            for m, (w, b), (wv, bv) in zip(members, tensors, versions):
+                params = m._parameters if m is not None else None
+                if params is None or m.weight_function or m.bias_function or params["weight"] is not w \
+                        or params.get("bias") is not b or _version(w) != wv or (b is not None and _version(b) != bv):
+                    break
+            else:
+                return self._run(layer, members, sizes, x)
+        self._ready = None
         if type(x) is not torch.Tensor or any(m is None for m in members) or not _fusable(members, x):
             return None
         fused = self._fused_layer(members)
         if fused is None:
             return None
-        y = fused(x)
-        parts = y.split([m.out_features for m in members], dim=-1)
+        tensors = tuple((m._parameters["weight"], m._parameters.get("bias")) for m in members)
+        self._ready = (tensors, tuple((_version(w), None if b is None else _version(b)) for w, b in tensors), fused,
+                       [m.out_features for m in members])
+        return self._run(fused, members, self._ready[3], x)
+
+    def _run(self, fused, members, sizes, x: torch.Tensor):
+        parts = fused.forward(x).split_with_sizes(sizes, -1)   # not .split: its Python wrapper costs 2 us more
         self._kept = _Kept(x, _version(x), dict(zip(members[1:], parts[1:])))
         return parts[0]
 
@@ -114,7 +133,8 @@ class Group:
         """The members as one QuantLinear, made again when any member's tensors changed; None where static members'
         activation scales differ (each layer then runs its own plan)."""
         key = tuple((m._parameters["weight"], _version(m._parameters["weight"]), m.current_weight_scale(),
-                     m._parameters.get("bias"), m._buffers.get("input_scale"), m.group_selector) for m in members)
+                     m._parameters.get("bias"), -2 if m.bias is None else _version(m.bias),
+                     m._buffers.get("input_scale"), m.group_selector) for m in members)
         cached = self._fused
         if cached is not None and _unchanged(cached[0], key):
             return cached[1]

@@ -149,6 +149,15 @@ def test_a_members_new_weight_rebuilds_the_fused_layer():
         model.attn2.to_v.weight = nn.Parameter(torch.flip(model.attn2.to_v.weight, (0,)), requires_grad=False)
         want = _own_plans(model, x, ctx)
         assert torch.equal(model(x, ctx), want)
+        # ... or writes a bias in place.
+        model.attn2.to_k.bias.add_(0.5)
+        want = _own_plans(model, x, ctx)
+        assert torch.equal(model(x, ctx), want)
+        # A per-call weight patch (LoRA under lowvram): that group's layers run their own (float) paths.
+        model.attn1.to_v.weight_function = [lambda w: w * 2]
+        want = _own_plans(model, x, ctx)
+        assert torch.equal(model(x, ctx), want)
+        assert model.attn1.to_v.fused_group._ready is None
 
 
 def test_weight_only_and_static_layers_fuse_but_smoothquant_and_the_memory_goal_do_not():
