@@ -61,3 +61,15 @@ def test_compile_rows_sort_with_their_variant():
     assert [(r["variant"], r["step_ms"]) for r in rows] == [
         ("bf16", 167.0), ("bf16+compile(default)", 135.0), ("octet_dynamic", 120.0),
         ("octet_dynamic+compile(default)", 108.0)]
+
+
+def test_host_times_merge_to_their_median_and_show_in_the_table():
+    e2e = _e2e()
+    measured = [{"model": "sdxl", "variant": "bf16", "mode": "eager", "step_ms": s, "host_issue_ms": s - 1,
+                 "host_cpu_ms": c, "weight_bytes": 10, "round": r}
+                for r, (s, c) in enumerate([(50.0, 48.0), (70.0, 69.0), (52.0, 51.0)])]
+    (row,) = e2e.merge_rounds(measured, ["bf16"])
+    assert row["host_cpu_ms"] == 51.0 and row["host_cpu_ms_rounds"] == [48.0, 69.0, 51.0]
+    assert row["host_issue_ms"] == 51.0
+    table = e2e.markdown([row], "header")
+    assert table.splitlines()[-1].endswith("| 51.0 |")       # the host CPU ms column
