@@ -32,7 +32,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import kernels
 from .modules import QuantLinear, _version, plan_summary
 
 log = logging.getLogger("octet")
@@ -42,7 +41,7 @@ log = logging.getLogger("octet")
 _SITES = (("to_q", "to_k", "to_v"), ("q", "k", "v"), ("k_img", "v_img"))
 
 
-class _Kept(object):
+class _Kept:
     """A leader's blocks for the other members: valid for ``source`` at ``version``."""
     __slots__ = ("source", "version", "parts")
 
@@ -88,11 +87,10 @@ class Group:
         the rest (Wan's cross-attention: q on x, k/v on the context of the same width). It leaves; two or more
         others go on fusing among themselves."""
         self._kept = self._fused = self._ready = None
-        leader = self._members.pop(0)()
-        leaving = [leader] + ([r() for r in self._members] if len(self._members) < 2 else [])
-        if len(self._members) < 2:
-            self._members = []
-        for layer in leaving:
+        leader, *rest = self._members
+        self._members = rest if len(rest) >= 2 else []      # one layer alone has nothing to fuse with
+        for ref in [leader] + ([] if self._members else rest):
+            layer = ref()
             if layer is not None:
                 layer.fused_group = None
         log.debug("octet: a linear's input is not the next ones'; it no longer computes them (%d left to fuse)",
@@ -176,8 +174,9 @@ def _unchanged(old: tuple, new: tuple) -> bool:
 
 
 def _fusable(members, x: torch.Tensor) -> bool:
+    # Not under torch.compile: QuantLayer.forward takes the custom op before it asks the group.
     first = members[0]
-    if kernels.ops.compiling() or (torch.is_grad_enabled() and x.requires_grad):
+    if torch.is_grad_enabled() and x.requires_grad:
         return False
     for m in members:
         if m.act != first.act or m.goal != "speed" or m.backend != first.backend or m.pre_quant_scale is not None \
