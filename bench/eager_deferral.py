@@ -13,7 +13,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
@@ -44,17 +43,9 @@ def main() -> int:
             made[c.__name__] += 1
             return _new(c, *a, **k)
         cls.__new__ = staticmethod(counting)
-    with torch.no_grad():
-        for _ in range(3):
-            model.apply_model(x, sigma, **kw)
-        made.clear()
-        times = []
-        for _ in range(10):
-            e2e.sync()
-            t0 = time.perf_counter()
-            model.apply_model(x, sigma, **kw)
-            e2e.sync()
-            times.append((time.perf_counter() - t0) * 1000)
+    e2e.time_steps(model, x, sigma, kw, warmup=3, iters=0)     # plans made, kernels tuned
+    made.clear()
+    times = [t * 1000 for t in e2e.time_steps(model, x, sigma, kw, warmup=0, iters=10)]
     summary = modules.plan_summary(model.diffusion_model)
     row = {"model": args.model, "OCTET_DEFERRED": args.deferred, "card": card, "step_ms": statistics.median(times),
            "pending_per_step": {k: v / 10 for k, v in made.items()},
