@@ -23,6 +23,9 @@ fi
 
 [ -f "$STAMP" ] && exit 0
 python3 -m venv "$VENV"
+# pip unpacks into TMPDIR; keep that on this disk, not a small system /tmp (see scripts/setup_torch.sh).
+mkdir -p "$VENV/.piptmp"
+export TMPDIR="$(cd "$VENV/.piptmp" && pwd)"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 PIP="$PIP --no-cache-dir"
 bash scripts/setup_torch.sh "$VENV"   # torch + torchvision, shared with .venv029
@@ -32,4 +35,5 @@ $PIP install -r "$COMFY/requirements.txt" requests
 # requests: the server tests talk HTTP to ComfyUI; playwright: the browser test (uses /usr/bin/chromium).
 # comfy-kitchen pinned to what ComfyUI 0.29 pins: the community-format tests compare against its reference code.
 $PIP install -r requirements.txt pytest comfy-kitchen==0.2.24 requests playwright
+rm -rf "$VENV/.piptmp"
 touch "$STAMP"

@@ -30,6 +30,9 @@ fi
 
 [ -f "$STAMP" ] && exit 0
 python3 -m venv "$VENV"
+# pip unpacks into TMPDIR; keep that on this disk, not a small system /tmp (see scripts/setup_torch.sh).
+mkdir -p "$VENV/.piptmp"
+export TMPDIR="$(cd "$VENV/.piptmp" && pwd)"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 PIP="$PIP --no-cache-dir"
 bash scripts/setup_torch.sh "$VENV"   # the same torch + torchvision copy as .venv (disk)
@@ -37,4 +40,5 @@ bash scripts/setup_torch.sh "$VENV"   # the same torch + torchvision copy as .ve
 grep -v -E '^(torch|torchvision)([<>=~ ]|$)' "$DEST/requirements.txt" > "$VENV/requirements-029.txt"
 $PIP install -r "$VENV/requirements-029.txt"
 $PIP install -r requirements.txt pytest requests playwright
+rm -rf "$VENV/.piptmp"
 touch "$STAMP"

@@ -12,9 +12,22 @@ VENV=$1
 TORCH_DIR=${OCTET_TORCH_DIR:-$PWD/.torch}
 STAMP="$TORCH_DIR/.octet-torch-2.14.1"
 if [ ! -f "$STAMP" ]; then
-  rm -rf "$TORCH_DIR"
-  python3 -m pip --disable-pip-version-check -q install --no-cache-dir --target "$TORCH_DIR" \
-    torch==2.14.1 torchvision==0.29.1
+  rm -rf "$TORCH_DIR" "$TORCH_DIR.tmp"
+  # pip --target installs into a temporary folder first and then moves it into place. In the system temp
+  # folder (a tmpfs or a small partition on some CI machines) that needs 5.5 GB there and, across file
+  # systems, a copy: CI once failed here with "No space left on device" 32 s in. A temp folder beside the
+  # target makes the move a rename on the same disk.
+  mkdir -p "$TORCH_DIR.tmp"
+  if ! TMPDIR="$TORCH_DIR.tmp" python3 -m pip --disable-pip-version-check -q install --no-cache-dir \
+      --target "$TORCH_DIR" torch==2.14.1 torchvision==0.29.1; then
+    echo "setup_torch: installing torch 2.14.1 + torchvision 0.29.1 into $TORCH_DIR failed (it needs ~6 GB free" \
+         "on that disk; free space there now:)" >&2
+    df -h "$(dirname "$TORCH_DIR")" >&2 || true
+    echo "setup_torch: free some space or set OCTET_TORCH_DIR to a folder on a larger disk, then run the command again." >&2
+    rm -rf "$TORCH_DIR" "$TORCH_DIR.tmp"
+    exit 1
+  fi
+  rm -rf "$TORCH_DIR.tmp"
   touch "$STAMP"
 fi
 SITE=$("$VENV/bin/python" -c "import sysconfig;print(sysconfig.get_paths()['purelib'])")
