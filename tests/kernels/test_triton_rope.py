@@ -37,9 +37,11 @@ def ulps(out, ref):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths", [(37,), (5, 40)])
 @pytest.mark.parametrize("batch_freqs", [1, 2])
-@pytest.mark.parametrize("config", [None, (16, 2, 2)])     # the default, and 3 heads over two programs
+# The default (on CPU the interpreter's own, 64 tokens a program), the GPU's, and 3 heads over two programs.
+@pytest.mark.parametrize("config", [None, "gpu", (16, 2, 2)])
 def test_qk_norm_rope_matches_host_ops(dtype, lengths, batch_freqs, config, rng, device):
     from comfyui_octet.kernels.backends import triton_rope
+    config = triton_rope.CONFIG if config == "gpu" else config
     if dtype == torch.bfloat16 and not str(device).startswith("cuda"):
         pytest.skip("Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest): bf16 runs on a GPU")
     b, h, d = 2, 3, 64

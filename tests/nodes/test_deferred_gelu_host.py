@@ -27,6 +27,14 @@ def test_flux_blocks_hand_their_gelu_to_the_int8_layers(monkeypatch, sample_dit)
                    + [f"{n}.pre_norm" for n, m in dm.named_modules() if hasattr(m, "linear2")])
     assert result.norms == norms
     assert all(f"diffusion_model.{n}.forward" in q.object_patches for n in gelus + norms)
+    # Only the layers a deferred input reaches need Triton's plans; the others (proj, fc2, modulations, embedders)
+    # take the reference backend: the CPU interpreter's GEMMs are most of this test's time.
+    others = [layer for name, layer in q.object_patches.items()
+              if isinstance(layer, modules.QuantLinear) and not name.endswith(("linear1", "linear2", "qkv", "mlp.0"))]
+    assert others
+    for layer in others:
+        layer.backend = "torch"
+        layer.invalidate()
 
     # At every deferred call, the fused result against the same layer on the materialized input
     # (nn.GELU's and torch.cat's own numbers). Dynamic INT8 is discontinuous, so whole samples are not

@@ -44,7 +44,9 @@ def recorded(monkeypatch):
 
 def test_every_flux_attention_prepares_q_and_k_in_one_kernel(recorded, sample_dit):
     dit = rm.load_reference("dit", "plain")
-    q, result = bridge.quantize_model(dit, DynamicW8A8Config(backend="triton"))
+    # The INT8 layers on the reference backend: the q/k kernel does not depend on which GEMM wrote qkv, and the
+    # interpreted Triton GEMMs took 28 of this test's 33 s.
+    q, result = bridge.quantize_model(dit, DynamicW8A8Config(backend="torch"))
     dm = dit.model.diffusion_model
     names = qknorm_names(dm)
     doubles = sum(n.startswith("double_blocks.") for n in names) // 2
