@@ -275,21 +275,51 @@ def graph_rows(model, row, x, sigma, kw, device, args) -> dict:
     return out
 
 
+class GcLog:
+    """Python's garbage collections while it is installed (``with GcLog() as log``): count and seconds per
+    generation. Why: an eager step is host-bound, and a full collection walks every live Python object (a
+    process holding ComfyUI, torch, Triton's compiled kernels and a quantized model's layers); the eager steps
+    of a process's first quantized variant, and of variants timed after others, ran slower with host CPU time =
+    step time (docs/BENCHMARKS.md, sixth and eleventh sessions), which collections after quantization would
+    explain. The timed steps' collections go into each eager row."""
+
+    def __init__(self):
+        self.count, self.seconds, self._start = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            generation = info["generation"]
+            self.count[generation] += 1
+            self.seconds[generation] += time.perf_counter() - self._start
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+
 def time_steps(model, x, sigma, kw, warmup: int, iters: int, inference: bool = False,
-               issued: list | None = None, cpu: list | None = None) -> list[float]:
+               issued: list | None = None, cpu: list | None = None, gc_log: GcLog | None = None) -> list[float]:
     """Seconds per step (GPU work included); ``issued`` gets the seconds until apply_model returned, before the
     GPU finished: where it is about the step's time, the step is host-bound (the GPU waits for launches).
     ``cpu`` gets the process's CPU seconds in that call: the host work itself, which other tenants of a shared
-    GPU host do not stretch as they stretch wall time (seen: bf16 SDXL eager 58 to 96 ms between calls)."""
+    GPU host do not stretch as they stretch wall time (seen: bf16 SDXL eager 58 to 96 ms between calls).
+    ``gc_log`` records the garbage collections during the timed steps (not the warm-up)."""
+    import contextlib
     import torch
     times = []
     with torch.inference_mode() if inference else torch.no_grad():
         for i in range(warmup + iters):
             sync()
-            c0, t0 = time.process_time(), time.perf_counter()
-            model.apply_model(x, sigma, **kw)
-            t1, c1 = time.perf_counter(), time.process_time()
-            sync()
+            with gc_log if gc_log is not None and i >= warmup else contextlib.nullcontext():
+                c0, t0 = time.process_time(), time.perf_counter()
+                model.apply_model(x, sigma, **kw)
+                t1, c1 = time.perf_counter(), time.process_time()
+                sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 if issued is not None:
@@ -400,15 +430,25 @@ def run_variant(name, variant, device, args) -> list[dict]:
     if "eager" in modes or "graph" in modes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        issued, cpu = [], []
-        times = time_steps(model, x, sigma, kw, args.warmup, args.iters, issued=issued, cpu=cpu)
+        issued, cpu, collections = [], [], GcLog()
+        if args.gc_freeze:
+            gc.collect()
+            gc.freeze()     # everything alive now leaves the collector's view: later collections skip it
+        times = time_steps(model, x, sigma, kw, args.warmup, args.iters, issued=issued, cpu=cpu, gc_log=collections)
+        if args.gc_freeze:
+            gc.unfreeze()
+            row["gc_frozen"] = True
         row["step_ms"] = statistics.median(times) * 1000
         row["host_issue_ms"] = statistics.median(issued) * 1000
         row["host_cpu_ms"] = statistics.median(cpu) * 1000
+        row["step_ms_mean"] = statistics.fmean(times) * 1000
+        row["gc_collections"] = collections.count
+        row["gc_ms_per_step"] = sum(collections.seconds) * 1000 / len(times)
         card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        print(f"[{card}] {name} {row['variant']} eager: step {row['step_ms']:.1f} ms, of which "
-              f"the host issued the step in {row['host_issue_ms']:.1f} ms ({row['host_cpu_ms']:.1f} ms of CPU)",
-              flush=True)
+        print(f"[{card}] {name} {row['variant']} eager: step {row['step_ms']:.1f} ms (mean {row['step_ms_mean']:.1f}), "
+              f"of which the host issued the step in {row['host_issue_ms']:.1f} ms ({row['host_cpu_ms']:.1f} ms of "
+              f"CPU); garbage collections in {len(times)} steps (gen 0/1/2): {collections.count}, "
+              f"{row['gc_ms_per_step']:.2f} ms per step", flush=True)
         if args.cprofile:
             row["cprofile"] = cprofile_steps(model, x, sigma, kw)
             print(f"cProfile {name} {row['variant']} (3 eager steps, by own time)\n{row['cprofile']}", flush=True)
@@ -453,7 +493,7 @@ def merge_rounds(measured: list[dict], variants) -> list[dict]:
         if len(group) > 1:
             row["step_ms_rounds"] = [round(r["step_ms"], 3) for r in timed]
             row["step_ms"] = statistics.median(r["step_ms"] for r in timed)
-            for key in ("host_issue_ms", "host_cpu_ms"):
+            for key in ("host_issue_ms", "host_cpu_ms", "gc_ms_per_step"):
                 if all(key in r for r in timed):
                     row[f"{key}_rounds"] = [round(r[key], 3) for r in timed]
                     row[key] = statistics.median(r[key] for r in timed)
@@ -466,8 +506,8 @@ def markdown(rows, header) -> str:
     """vs bf16: against bf16 eager (compiled bf16 for compiled rows); vs bf16 graph: against the
     bf16 row of the same graph step, so the ratio holds only what Octet changes."""
     lines = [header, "", "| model | variant | mode | step ms | vs bf16 | vs bf16 graph | weights GiB | vs bf16 | "
-             "peak VRAM GiB | quantize s | capture / compile s | host CPU ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak VRAM GiB | quantize s | capture / compile s | host CPU ms | GC ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r.get("mode", "eager")): r for r in rows
             if (r["variant"] == "bf16" or r["variant"].startswith("bf16+")) and "step_ms" in r}
     for r in rows:
@@ -476,7 +516,7 @@ def markdown(rows, header) -> str:
         g = base.get((r["model"], "graph")) if mode == "graph" else None
         if "step_ms" not in r:
             lines.append(f"| {r['model']} | {r['variant']} | {mode} | failed: {r.get('error', '?')[:80]} "
-                         f"| | | | | | | | |")
+                         f"| | | | | | | | | |")
             continue
         speed = f"{b['step_ms'] / r['step_ms']:.2f}x" if b else "n/a"
         same = f"{g['step_ms'] / r['step_ms']:.2f}x" if g else ""
@@ -486,8 +526,9 @@ def markdown(rows, header) -> str:
         capture = (f"{r['capture_s']:.2f}" if "capture_s" in r
                    else f"{r['compile_s']:.0f}" if "compile_s" in r else "")
         cpu = f"{r['host_cpu_ms']:.1f}" if "host_cpu_ms" in r else ""
+        collect = f"{r['gc_ms_per_step']:.2f}" if "gc_ms_per_step" in r else ""
         lines.append(f"| {r['model']} | {r['variant']} | {mode} | {r['step_ms']:.1f} | {speed} | {same} | "
-                     f"{r['weight_bytes'] / 2**30:.2f} | {size} | {peak} | {quant} | {capture} | {cpu} |")
+                     f"{r['weight_bytes'] / 2**30:.2f} | {size} | {peak} | {quant} | {capture} | {cpu} | {collect} |")
     return "\n".join(lines)
 
 
@@ -522,6 +563,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="shrunken configs on CPU (smoke test)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the variant list this many times, alternating its order; rows report the median")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.collect() + gc.freeze() before each variant's eager steps (see GcLog)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "e2e"))

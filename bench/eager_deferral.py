@@ -45,13 +45,15 @@ def main() -> int:
         cls.__new__ = staticmethod(counting)
     e2e.time_steps(model, x, sigma, kw, warmup=3, iters=0)     # plans made, kernels tuned
     made.clear()
-    times = [t * 1000 for t in e2e.time_steps(model, x, sigma, kw, warmup=0, iters=10)]
+    collected = e2e.GcLog()
+    times = [t * 1000 for t in e2e.time_steps(model, x, sigma, kw, warmup=0, iters=10, gc_log=collected)]
     summary = modules.plan_summary(model.diffusion_model)
     row = {"model": args.model, "OCTET_DEFERRED": args.deferred, "card": card, "step_ms": statistics.median(times),
            "pending_per_step": {k: v / 10 for k, v in made.items()},
            "plan_backends": dict(collections.Counter(b for layer in summary["layers"].values()
                                                      for b in layer["backends"])),
-           "kept_bytes": summary["extra_bytes"], "versions": {"torch": torch.__version__}}
+           "kept_bytes": summary["extra_bytes"], "versions": {"torch": torch.__version__},
+           "gc_collections": collected.count, "gc_ms_per_step": sum(collected.seconds) * 1000 / len(times)}
     print(f"[{card}] {json.dumps(row)}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.model}_deferred{args.deferred}.json"), "w") as f:

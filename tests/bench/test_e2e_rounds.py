@@ -66,10 +66,24 @@ def test_compile_rows_sort_with_their_variant():
 def test_host_times_merge_to_their_median_and_show_in_the_table():
     e2e = _e2e()
     measured = [{"model": "sdxl", "variant": "bf16", "mode": "eager", "step_ms": s, "host_issue_ms": s - 1,
-                 "host_cpu_ms": c, "weight_bytes": 10, "round": r}
-                for r, (s, c) in enumerate([(50.0, 48.0), (70.0, 69.0), (52.0, 51.0)])]
+                 "host_cpu_ms": c, "gc_ms_per_step": g, "weight_bytes": 10, "round": r}
+                for r, (s, c, g) in enumerate([(50.0, 48.0, 0.0), (70.0, 69.0, 9.5), (52.0, 51.0, 0.25)])]
     (row,) = e2e.merge_rounds(measured, ["bf16"])
     assert row["host_cpu_ms"] == 51.0 and row["host_cpu_ms_rounds"] == [48.0, 69.0, 51.0]
     assert row["host_issue_ms"] == 51.0
+    assert row["gc_ms_per_step"] == 0.25 and row["gc_ms_per_step_rounds"] == [0.0, 9.5, 0.25]
     table = e2e.markdown([row], "header")
-    assert table.splitlines()[-1].endswith("| 51.0 |")       # the host CPU ms column
+    assert table.splitlines()[-1].endswith("| 51.0 | 0.25 |")       # host CPU ms, GC ms per step
+    assert len(table.splitlines()[2].split("|")) == len(table.splitlines()[-1].split("|"))
+
+
+def test_gc_log_counts_the_collections_made_while_installed():
+    import gc
+    e2e = _e2e()
+    with e2e.GcLog() as log:
+        gc.collect()          # a full collection
+        gc.collect(0)
+    assert log.count[2] >= 1 and log.count[0] >= 1 and log.seconds[2] > 0
+    counted = list(log.count)
+    gc.collect()              # after: not counted
+    assert log.count == counted and log._callback not in gc.callbacks
