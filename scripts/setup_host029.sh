@@ -35,13 +35,13 @@ mkdir -p "$VENV/.piptmp"
 export TMPDIR="$(cd "$VENV/.piptmp" && pwd)"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 PIP="$PIP --no-cache-dir"
-# --no-compile: Python compiles what is imported on first import; byte-compiling every installed file up front
-# took a quarter of torch's install time (1 min 10 s vs 43 s on the 2-core machine) for files never imported.
-INSTALL="$PIP install --no-compile"
+# Not --no-compile: it saved 27 s of torch's install, but this machine's environment sets PYTHONDONTWRITEBYTECODE=1
+# (CI's, from the same image, likely too), so without the byte code pip writes at install every process compiles
+# what it imports, every time (each suite ran 280-310 s with it, 318-366 s without).
 bash scripts/setup_torch.sh "$VENV"   # the same torch + torchvision copy as .venv (disk)
 # torch/torchvision are pinned above (the host lists them unpinned).
 grep -v -E '^(torch|torchvision)([<>=~ ]|$)' "$DEST/requirements.txt" > "$VENV/requirements-029.txt"
-$INSTALL -r "$VENV/requirements-029.txt"
-$INSTALL -r requirements.txt pytest requests playwright
+$PIP install -r "$VENV/requirements-029.txt"
+$PIP install -r requirements.txt pytest requests playwright
 rm -rf "$VENV/.piptmp"
 touch "$STAMP"

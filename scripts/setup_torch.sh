@@ -18,7 +18,7 @@ if [ ! -f "$STAMP" ]; then
   # systems, a copy: CI once failed here with "No space left on device" 32 s in. A temp folder beside the
   # target makes the move a rename on the same disk.
   mkdir -p "$TORCH_DIR.tmp"
-  if ! TMPDIR="$TORCH_DIR.tmp" python3 -m pip --disable-pip-version-check -q install --no-cache-dir --no-compile \
+  if ! TMPDIR="$TORCH_DIR.tmp" python3 -m pip --disable-pip-version-check -q install --no-cache-dir \
       --target "$TORCH_DIR" torch==2.14.1 torchvision==0.29.1; then
     echo "setup_torch: installing torch 2.14.1 + torchvision 0.29.1 into $TORCH_DIR failed (it needs ~6 GB free" \
          "on that disk; free space there now:)" >&2
