@@ -301,6 +301,9 @@ class GcLog:
     def __exit__(self, *exc):
         gc.callbacks.remove(self._callback)
 
+    def ms_per_step(self, steps: int) -> float:
+        return sum(self.seconds) * 1000 / steps
+
 
 def time_steps(model, x, sigma, kw, warmup: int, iters: int, inference: bool = False,
                issued: list | None = None, cpu: list | None = None, gc_log: GcLog | None = None) -> list[float]:
@@ -443,7 +446,7 @@ def run_variant(name, variant, device, args) -> list[dict]:
         row["host_cpu_ms"] = statistics.median(cpu) * 1000
         row["step_ms_mean"] = statistics.fmean(times) * 1000
         row["gc_collections"] = collections.count
-        row["gc_ms_per_step"] = sum(collections.seconds) * 1000 / len(times)
+        row["gc_ms_per_step"] = collections.ms_per_step(len(times))
         card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         print(f"[{card}] {name} {row['variant']} eager: step {row['step_ms']:.1f} ms (mean {row['step_ms_mean']:.1f}), "
               f"of which the host issued the step in {row['host_issue_ms']:.1f} ms ({row['host_cpu_ms']:.1f} ms of "

@@ -49,11 +49,11 @@ def main() -> int:
     times = [t * 1000 for t in e2e.time_steps(model, x, sigma, kw, warmup=0, iters=10, gc_log=collected)]
     summary = modules.plan_summary(model.diffusion_model)
     row = {"model": args.model, "OCTET_DEFERRED": args.deferred, "card": card, "step_ms": statistics.median(times),
-           "pending_per_step": {k: v / 10 for k, v in made.items()},
+           "pending_per_step": {k: v / len(times) for k, v in made.items()},
            "plan_backends": dict(collections.Counter(b for layer in summary["layers"].values()
                                                      for b in layer["backends"])),
            "kept_bytes": summary["extra_bytes"], "versions": {"torch": torch.__version__},
-           "gc_collections": collected.count, "gc_ms_per_step": sum(collected.seconds) * 1000 / len(times)}
+           "gc_collections": collected.count, "gc_ms_per_step": collected.ms_per_step(len(times))}
     print(f"[{card}] {json.dumps(row)}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.model}_deferred{args.deferred}.json"), "w") as f:
