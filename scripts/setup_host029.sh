@@ -35,9 +35,7 @@ mkdir -p "$VENV/.piptmp"
 export TMPDIR="$(cd "$VENV/.piptmp" && pwd)"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 PIP="$PIP --no-cache-dir"
-# Not --no-compile: it saved 27 s of torch's install, but this machine's environment sets PYTHONDONTWRITEBYTECODE=1
-# (CI's, from the same image, likely too), so without the byte code pip writes at install every process compiles
-# what it imports, every time: `import torch` took 4.4 s instead of 2.1, in each of the suite's many processes.
+# pip byte-compiles at install on purpose (not --no-compile): see scripts/setup_torch.sh.
 bash scripts/setup_torch.sh "$VENV"   # the same torch + torchvision copy as .venv (disk)
 # torch/torchvision are pinned above (the host lists them unpinned).
 grep -v -E '^(torch|torchvision)([<>=~ ]|$)' "$DEST/requirements.txt" > "$VENV/requirements-029.txt"
