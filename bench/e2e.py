@@ -36,8 +36,10 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
+import threading
 import time
 import traceback
 
@@ -306,12 +308,15 @@ class GcLog:
 
 
 def time_steps(model, x, sigma, kw, warmup: int, iters: int, inference: bool = False,
-               issued: list | None = None, cpu: list | None = None, gc_log: GcLog | None = None) -> list[float]:
+               issued: list | None = None, cpu: list | None = None, gc_log: GcLog | None = None,
+               main_cpu: list | None = None) -> list[float]:
     """Seconds per step (GPU work included); ``issued`` gets the seconds until apply_model returned, before the
     GPU finished: where it is about the step's time, the step is host-bound (the GPU waits for launches).
     ``cpu`` gets the process's CPU seconds in that call: the host work itself, which other tenants of a shared
     GPU host do not stretch as they stretch wall time (seen: bf16 SDXL eager 58 to 96 ms between calls).
-    ``gc_log`` records the garbage collections during the timed steps (not the warm-up)."""
+    ``gc_log`` records the garbage collections during the timed steps (not the warm-up). ``main_cpu`` gets this
+    thread's CPU seconds alone: where it is well under ``cpu``, other threads of the process (compilers, a
+    spinning worker) burn the difference, not the step's own Python."""
     import contextlib
     import torch
     times = []
@@ -319,9 +324,9 @@ def time_steps(model, x, sigma, kw, warmup: int, iters: int, inference: bool = F
         for i in range(warmup + iters):
             sync()
             with gc_log if gc_log is not None and i >= warmup else contextlib.nullcontext():
-                c0, t0 = time.process_time(), time.perf_counter()
+                m0, c0, t0 = time.thread_time(), time.process_time(), time.perf_counter()
                 model.apply_model(x, sigma, **kw)
-                t1, c1 = time.perf_counter(), time.process_time()
+                t1, c1, m1 = time.perf_counter(), time.process_time(), time.thread_time()
                 sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
@@ -329,6 +334,8 @@ def time_steps(model, x, sigma, kw, warmup: int, iters: int, inference: bool = F
                     issued.append(t1 - t0)
                 if cpu is not None:
                     cpu.append(c1 - c0)
+                if main_cpu is not None:
+                    main_cpu.append(m1 - m0)
     return times
 
 
@@ -433,24 +440,34 @@ def run_variant(name, variant, device, args) -> list[dict]:
     if "eager" in modes or "graph" in modes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        issued, cpu, collections = [], [], GcLog()
+        issued, cpu, main_cpu, collections = [], [], [], GcLog()
+        switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
         if args.gc_freeze:
             gc.collect()
             gc.freeze()     # everything alive now leaves the collector's view: later collections skip it
-        times = time_steps(model, x, sigma, kw, args.warmup, args.iters, issued=issued, cpu=cpu, gc_log=collections)
+        times = time_steps(model, x, sigma, kw, args.warmup, args.iters, issued=issued, cpu=cpu, gc_log=collections,
+                           main_cpu=main_cpu)
+        # Involuntary context switches: the kernel took the CPU away from this process (another tenant, or more
+        # runnable threads than cores), which stretches wall and not CPU time.
+        switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - switches
         if args.gc_freeze:
             gc.unfreeze()
             row["gc_frozen"] = True
         row["step_ms"] = statistics.median(times) * 1000
         row["host_issue_ms"] = statistics.median(issued) * 1000
         row["host_cpu_ms"] = statistics.median(cpu) * 1000
+        row["main_thread_cpu_ms"] = statistics.median(main_cpu) * 1000
+        row["threads"] = threading.active_count()
+        row["os_threads"] = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
+        row["involuntary_switches_per_step"] = switches / (args.warmup + args.iters)
         row["step_ms_mean"] = statistics.fmean(times) * 1000
         row["gc_collections"] = collections.count
         row["gc_ms_per_step"] = collections.ms_per_step(len(times))
         card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         print(f"[{card}] {name} {row['variant']} eager: step {row['step_ms']:.1f} ms (mean {row['step_ms_mean']:.1f}), "
               f"of which the host issued the step in {row['host_issue_ms']:.1f} ms ({row['host_cpu_ms']:.1f} ms of "
-              f"CPU); garbage collections in {len(times)} steps (gen 0/1/2): {collections.count}, "
+              f"CPU, {row['main_thread_cpu_ms']:.1f} in this thread; {row['os_threads']} threads); "
+              f"garbage collections in {len(times)} steps (gen 0/1/2): {collections.count}, "
               f"{row['gc_ms_per_step']:.2f} ms per step", flush=True)
         if args.cprofile:
             row["cprofile"] = cprofile_steps(model, x, sigma, kw)
@@ -496,7 +513,7 @@ def merge_rounds(measured: list[dict], variants) -> list[dict]:
         if len(group) > 1:
             row["step_ms_rounds"] = [round(r["step_ms"], 3) for r in timed]
             row["step_ms"] = statistics.median(r["step_ms"] for r in timed)
-            for key in ("host_issue_ms", "host_cpu_ms", "gc_ms_per_step"):
+            for key in ("host_issue_ms", "host_cpu_ms", "main_thread_cpu_ms", "gc_ms_per_step"):
                 if all(key in r for r in timed):
                     row[f"{key}_rounds"] = [round(r[key], 3) for r in timed]
                     row[key] = statistics.median(r[key] for r in timed)

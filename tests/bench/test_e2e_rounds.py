@@ -87,3 +87,32 @@ def test_gc_log_counts_the_collections_made_while_installed():
     counted = list(log.count)
     gc.collect()              # after: not counted
     assert log.count == counted and log._callback not in gc.callbacks
+
+
+def test_time_steps_splits_this_threads_cpu_from_the_process():
+    """A thread that spins while the step runs counts in the process's CPU time and not in ``main_cpu``:
+    the split that tells a step's own Python from other threads' work."""
+    import threading
+    import time
+    e2e = _e2e()
+    stop = threading.Event()
+
+    class Model:   # a "step" that sleeps 50 ms: no CPU of its own
+        def apply_model(self, x, sigma, **kw):
+            time.sleep(0.05)
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        cpu, main_cpu = [], []
+        times = e2e.time_steps(Model(), None, None, {}, 0, 2, cpu=cpu, main_cpu=main_cpu)
+    finally:
+        stop.set()
+        worker.join()
+    assert len(times) == len(cpu) == len(main_cpu) == 2
+    assert max(main_cpu) < 0.01                       # the sleeping step used (almost) no CPU itself
+    assert min(cpu) > 0.015                           # the spinning thread did, during those 50 ms
