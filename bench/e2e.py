@@ -339,6 +339,16 @@ def time_steps(model, x, sigma, kw, warmup: int, iters: int, inference: bool = F
     return times
 
 
+def rusage_per_step(before, after, steps: int) -> dict:
+    """The kernel's account of the steps between two ``getrusage`` calls, per step: user and system CPU ms (a
+    host whose time goes to the kernel, to page faults or memory maps, shows in ``sys``), minor page faults,
+    and involuntary context switches (the CPU taken away: another tenant, or more runnable threads than cores)."""
+    return {"user_ms_per_step": (after.ru_utime - before.ru_utime) * 1000 / steps,
+            "sys_ms_per_step": (after.ru_stime - before.ru_stime) * 1000 / steps,
+            "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
+            "involuntary_switches_per_step": (after.ru_nivcsw - before.ru_nivcsw) / steps}
+
+
 def profile_step(model, x, sigma, kw) -> str:
     """Where one step's time goes: CPU-side (launch) vs GPU kernel time, top ops by GPU time."""
     import torch
@@ -441,15 +451,14 @@ def run_variant(name, variant, device, args) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         issued, cpu, main_cpu, collections = [], [], [], GcLog()
-        switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+        if args.gc_freeze or args.gc_collect:
+            row["gc_collected"] = gc.collect()   # unreachable objects found: what quantization left behind
         if args.gc_freeze:
-            gc.collect()
             gc.freeze()     # everything alive now leaves the collector's view: later collections skip it
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         times = time_steps(model, x, sigma, kw, args.warmup, args.iters, issued=issued, cpu=cpu, gc_log=collections,
                            main_cpu=main_cpu)
-        # Involuntary context switches: the kernel took the CPU away from this process (another tenant, or more
-        # runnable threads than cores), which stretches wall and not CPU time.
-        switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - switches
+        row.update(rusage_per_step(usage, resource.getrusage(resource.RUSAGE_SELF), args.warmup + args.iters))
         if args.gc_freeze:
             gc.unfreeze()
             row["gc_frozen"] = True
@@ -459,7 +468,6 @@ def run_variant(name, variant, device, args) -> list[dict]:
         row["main_thread_cpu_ms"] = statistics.median(main_cpu) * 1000
         row["threads"] = threading.active_count()
         row["os_threads"] = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
-        row["involuntary_switches_per_step"] = switches / (args.warmup + args.iters)
         row["step_ms_mean"] = statistics.fmean(times) * 1000
         row["gc_collections"] = collections.count
         row["gc_ms_per_step"] = collections.ms_per_step(len(times))
@@ -468,7 +476,10 @@ def run_variant(name, variant, device, args) -> list[dict]:
               f"of which the host issued the step in {row['host_issue_ms']:.1f} ms ({row['host_cpu_ms']:.1f} ms of "
               f"CPU, {row['main_thread_cpu_ms']:.1f} in this thread; {row['os_threads']} threads); "
               f"garbage collections in {len(times)} steps (gen 0/1/2): {collections.count}, "
-              f"{row['gc_ms_per_step']:.2f} ms per step", flush=True)
+              f"{row['gc_ms_per_step']:.2f} ms per step; per step {row['user_ms_per_step']:.1f} ms user, "
+              f"{row['sys_ms_per_step']:.1f} ms system, {row['minor_faults_per_step']:.0f} page faults, "
+              f"{row['involuntary_switches_per_step']:.1f} involuntary switches"
+              + (f"; gc.collect() found {row['gc_collected']} objects" if "gc_collected" in row else ""), flush=True)
         if args.cprofile:
             row["cprofile"] = cprofile_steps(model, x, sigma, kw)
             print(f"cProfile {name} {row['variant']} (3 eager steps, by own time)\n{row['cprofile']}", flush=True)
@@ -585,6 +596,8 @@ def main() -> int:
                         help="run the variant list this many times, alternating its order; rows report the median")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.collect() + gc.freeze() before each variant's eager steps (see GcLog)")
+    parser.add_argument("--gc-collect", action="store_true",
+                        help="gc.collect() alone before each variant's eager steps (what --gc-freeze does first)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "e2e"))

@@ -1,0 +1,40 @@
+"""bench/eager_paired.py: the speed-up is the median over rounds of the baseline's step / the variant's step in
+the same round, so a drift of the host's speed that slows every variant of a round alike leaves it unchanged."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _paired_module():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_eager_paired", os.path.join(ROOT, "bench", "eager_paired.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+
+
+def test_paired_ratio_ignores_a_drift_that_slows_whole_rounds():
+    paired = _paired_module().paired
+    drift = [1.0, 1.7, 1.2, 2.0, 1.0, 1.5]            # the host's speed, round by round
+    times = {"bf16": [0.050 * d for d in drift], "octet_dynamic": [0.040 * d for d in drift]}
+    stats = paired(times, "bf16")
+    assert abs(stats["octet_dynamic"]["speedup_vs_bf16"] - 1.25) < 1e-12
+    assert abs(stats["octet_dynamic"]["speedup_q1"] - 1.25) < 1e-12 and abs(stats["octet_dynamic"]["speedup_q3"] - 1.25) < 1e-12
+    assert stats["bf16"]["speedup_vs_bf16"] == 1.0
+    # The step medians themselves carry the drift (50 ms x the median drift, 1.35).
+    assert abs(stats["bf16"]["step_ms"] - 50.0 * 1.35) < 1e-9 and stats["octet_dynamic"]["step_ms_min"] == 40.0
+
+
+def test_paired_ratio_is_per_round():
+    paired = _paired_module().paired
+    times = {"bf16": [0.050, 0.100, 0.050], "octet_dynamic": [0.100, 0.050, 0.050]}   # 0.5x, 2x, 1x
+    stats = paired(times, "bf16")["octet_dynamic"]
+    assert stats["speedup_vs_bf16"] == 1.0 and stats["speedup_q1"] == 0.75 and stats["speedup_q3"] == 1.5
+    assert stats["rounds"] == 3
