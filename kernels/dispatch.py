@@ -38,6 +38,15 @@ def planning_for_graph() -> bool:
     return _graph_planning[0] > 0
 
 
+# How many plans have been made in this process: what a cached "no" about some layer's plan (octet/deferred.py's
+# declined deferrals) is valid for; a new plan anywhere may change that answer.
+_plans_made = [0]
+
+
+def plans_made() -> int:
+    return _plans_made[0]
+
+
 def rows(x: Tensor) -> int:
     return x.numel() // x.shape[-1] if x.dim() else 0
 
@@ -61,6 +70,7 @@ def plan(op: str, act: str, x: Tensor, w: Int8Operands, backend: str = "auto",
         raise ValueError(f"act must be one of {registry.ACT_MODES}, got {act!r}")
     req = request(op, act, x, w, goal)
     impl = registry.select(req, backend)
+    _plans_made[0] += 1
     return impl, impl.prepare(req, w)
 
 
@@ -69,6 +79,7 @@ def plan_mlp(x: Tensor, w1: Int8Operands, w2: Int8Operands, backend: str = "auto
     one backend takes both layers and has a chain, else the two layers' own plans."""
     req1, req2 = request("linear", "static", x, w1), request("linear", "static", x, w2)
     impl1, impl2 = registry.select(req1, backend), registry.select(req2, backend)
+    _plans_made[0] += 1
     if impl1 is impl2 and impl1.prepare_mlp is not None:
         return impl1.prepare_mlp(req1, w1, w2)
     # The two layers are worth different backends (e.g. a small fc2 goes to the float path): no

@@ -269,6 +269,7 @@ class DeferredForward(ModuleForward):
     def __init__(self, module: nn.Module, container: nn.Module, consumers: tuple[str, ...]):
         super().__init__(module)
         self._container, self.consumers = weakref.ref(container), tuple(consumers)   # weak, as the module
+        self._declined = None
 
     def _ready(self, x: torch.Tensor) -> bool:
         container = self._container()
@@ -281,8 +282,15 @@ class DeferredForward(ModuleForward):
         return False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if type(x) is torch.Tensor and not kernels.ops.compiling() and enabled() and self._ready(x):
-            return self.pending(x)
+        if type(x) is torch.Tensor and not kernels.ops.compiling() and enabled():
+            # A consumer declines for a signature until some plan changes (the eager plans of SD3.5's GEMMs
+            # decline every step: kernels/backends/triton_backend.py deferral_pays); asking again costs more
+            # host time than the LayerNorm itself. Remembering a "no" is always safe: it runs the float op.
+            key = (x.shape, x.dtype, x.device, kernels.dispatch.planning_for_graph(), kernels.dispatch.plans_made())
+            if key != self._declined:
+                if self._ready(x):
+                    return self.pending(x)
+                self._declined = key
         return self.original(x)
 
 

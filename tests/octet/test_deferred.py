@@ -160,6 +160,39 @@ def test_a_plan_whose_gemm_cannot_hide_the_deferrals_host_time_gets_the_float_op
 
 
 @needs_triton
+def test_a_declined_deferral_is_remembered_until_a_plan_is_made(rng, monkeypatch):
+    """An eager SD3.5 step asks each of its 95 LayerNorms' consumers whether they take a deferred input, and
+    is told no every time (deferral_pays): the "no" is kept per signature until a plan is made anywhere."""
+    from comfyui_octet.kernels.backends import triton_backend
+    from comfyui_octet.octet.modules import QuantLayer
+    net = _quantized(rng, "triton")
+    x = torch.randn(2, 7, 24, generator=rng)
+    asked, deferred_in = [], []
+    real_takes, real_norm = QuantLayer.takes_deferred, triton_backend._W8A8Linear.norm_input
+    monkeypatch.setattr(QuantLayer, "takes_deferred", lambda self, *a: asked.append(1) or real_takes(self, *a))
+    monkeypatch.setattr(triton_backend._W8A8Linear, "norm_input",
+                        lambda self, *a: deferred_in.append(1) or real_norm(self, *a))
+    with torch.no_grad():
+        expected = net(x)                    # plans made
+        plans = [p for layer in net.modules() for p in getattr(layer, "_plans", {}).values()
+                 if hasattr(p.run, "deferral_pays")]
+        for p in plans:
+            p.run.deferral_pays = False
+        del asked[:]
+        first = net(x)
+        once = len(asked)
+        again = [net(x) for _ in range(2)]
+        assert once > 0 and len(asked) == once and deferred_in == []     # asked in the first call only
+        for p in plans:
+            p.run.deferral_pays = True
+        net(torch.randn(1, 3, 24, generator=rng))   # a new shape: new plans, so every kept "no" is stale
+        del asked[:]
+        net(x)
+    assert len(asked) >= once and deferred_in == [1]       # asked again, and the norm deferred this time
+    assert all(torch.equal(y, expected) for y in [first, *again])
+
+
+@needs_triton
 def test_consumer_that_cannot_take_it_gets_the_real_tensor(rng):
     net = _quantized(rng, "triton")
     x = torch.randn(1, 3, 24, generator=rng)
