@@ -23,7 +23,10 @@ host's TorchCompileModel; ``--compile-variants`` picks which variants, compile t
 and reports each row's median over the rounds, with every round's value in ``step_ms_rounds``. Why:
 on the H200 hosts the eager step of a process's first quantized variant often ran slower than the
 same code later in the process (SDXL 111.8 vs 71.8 ms, docs/BENCHMARKS.md sixth session), so a
-single pass confounds a variant with its position.
+single pass confounds a variant with its position. The thirteenth session found why: those hosts are
+virtual machines whose CPU speed drifts (bf16 SDXL eager 50-85 ms between processes, no Octet code
+involved). For eager ratios of host-bound models use bench/eager_paired.py, which times the variants
+round by round in one process; graph and compile rows, GPU-bound, are not affected the same way.
 
 Writes a JSON and a markdown table (to --out, default out/e2e) and prints the card's name.
 """
