@@ -262,7 +262,9 @@ class ModuleForward:
 class DeferredForward(ModuleForward):
     """The replacement ``forward`` of one module (a GELU, a LayerNorm) whose output feeds the INT8 layer(s)
     at ``consumers`` (paths under ``container``). They are looked up at each call, so this follows
-    whatever layer is in place (a host object patch, a float layer restored by QAT or sensitivity)."""
+    whatever layer is in place (a host object patch, a float layer restored by QAT or sensitivity), except
+    that their "no" for a signature is kept until a plan is made anywhere (a layer put in place makes one
+    at its first call)."""
 
     kind: type = Pending
 
