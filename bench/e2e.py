@@ -458,10 +458,11 @@ def run_variant(name, variant, device, args) -> list[dict]:
             row["gc_collected"] = gc.collect()   # unreachable objects found: what quantization left behind
         if args.gc_freeze:
             gc.freeze()     # everything alive now leaves the collector's view: later collections skip it
+        time_steps(model, x, sigma, kw, args.warmup, 0)    # warm-up apart: its autotuning is not the steps' rusage
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        times = time_steps(model, x, sigma, kw, args.warmup, args.iters, issued=issued, cpu=cpu, gc_log=collections,
+        times = time_steps(model, x, sigma, kw, 0, args.iters, issued=issued, cpu=cpu, gc_log=collections,
                            main_cpu=main_cpu)
-        row.update(rusage_per_step(usage, resource.getrusage(resource.RUSAGE_SELF), args.warmup + args.iters))
+        row.update(rusage_per_step(usage, resource.getrusage(resource.RUSAGE_SELF), args.iters))
         if args.gc_freeze:
             gc.unfreeze()
             row["gc_frozen"] = True

@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
@@ -82,16 +81,10 @@ def main() -> int:
     gc.collect()
     times = {v: [] for v in args.variants}
     cpu = {v: [] for v in args.variants}
-    with torch.no_grad():
-        for r in range(args.rounds):
-            k = r % len(args.variants)
-            for variant in args.variants[k:] + args.variants[:k]:
-                e2e.sync()
-                c0, t0 = time.process_time(), time.perf_counter()
-                models[variant].apply_model(x, sigma, **kw)
-                e2e.sync()
-                times[variant].append(time.perf_counter() - t0)
-                cpu[variant].append(time.process_time() - c0)
+    for r in range(args.rounds):
+        k = r % len(args.variants)
+        for variant in args.variants[k:] + args.variants[:k]:
+            times[variant] += e2e.time_steps(models[variant], x, sigma, kw, 0, 1, cpu=cpu[variant])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     versions = {"torch": torch.__version__, "comfyui": e2e.comfy_version()}
     for variant, stats in paired(times, "bf16").items():
