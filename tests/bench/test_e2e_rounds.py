@@ -97,9 +97,9 @@ def test_time_steps_splits_this_threads_cpu_from_the_process():
     e2e = _e2e()
     stop = threading.Event()
 
-    class Model:   # a "step" that sleeps 50 ms: no CPU of its own
+    class Model:   # a "step" that sleeps 100 ms: no CPU of its own
         def apply_model(self, x, sigma, **kw):
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     def spin():
         while not stop.is_set():
@@ -115,4 +115,5 @@ def test_time_steps_splits_this_threads_cpu_from_the_process():
         worker.join()
     assert len(times) == len(cpu) == len(main_cpu) == 2
     assert max(main_cpu) < 0.01                       # the sleeping step used (almost) no CPU itself
-    assert min(cpu) > 0.015                           # the spinning thread did, during those 50 ms
+    assert min(cpu) > 0.015                           # the spinning thread did, during those 100 ms (a loaded CI
+    #                                                   core still gives it far more than 15 ms)
