@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import folder_paths
@@ -10,7 +11,9 @@ from comfy_api.latest import io
 from ..octet import checkpoint, fileformat, safefile
 from ..octet.api import OctetError
 from ..octet.config import BACKENDS
-from . import bridge, model_files
+from . import bridge, graph_step, model_files
+
+log = logging.getLogger("octet")
 
 FOLDER = "diffusion_models"
 
@@ -81,6 +84,8 @@ class LoadQuantized(io.ComfyNode):
                 io.Combo.Input("ckpt_name", options=_checkpoints(), tooltip="A file in models/diffusion_models."),
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto",
                                tooltip="INT8 kernels: auto picks the fastest available per layer."),
+                io.Combo.Input("cuda_graph", options=list(graph_step.CHOICES), default="auto", optional=True,
+                               tooltip=graph_step.CHOICE_TIP),
             ],
             outputs=[io.Model.Output(display_name="MODEL"),
                      io.String.Output(display_name="file_kind",
@@ -89,9 +94,11 @@ class LoadQuantized(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, ckpt_name, backend):
+    def execute(cls, ckpt_name, backend, cuda_graph=None):
         path = folder_paths.get_full_path(FOLDER, ckpt_name)
         if path is None:
             raise OctetError(f"'{ckpt_name}' is not in models/{FOLDER}. Refresh the node list or copy the file there.")
         patcher = model_files.load_model(path, backend=backend)
+        goal = (patcher.model_options[bridge.OPTIONS_KEY].get("config") or {}).get("goal", "speed")
+        log.info("Octet: %s: %s", ckpt_name, graph_step.install_default(patcher, cuda_graph or "auto", goal))
         return io.NodeOutput(patcher, patcher.model_options[bridge.OPTIONS_KEY]["file_kind"])

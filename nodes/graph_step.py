@@ -15,7 +15,14 @@ c_crossattn, y, guidance, control... and their shapes), cond/uncond batching, te
 plain values in transformer_options, each timestep-group index of Octet's static layers (the
 group picks which static scale tensor a layer reads, so a group change is a different graph),
 grad/inference/autocast mode. Whenever the weights may have moved (another patcher, LoRA on or off,
-load/unload), every graph is dropped. Anything we cannot vouch for runs eager, logged once with why.
+load/unload), every graph is dropped; when the host unloads the model, its graphs' memory goes with it.
+Anything we cannot vouch for runs eager, logged once with why: among those, forward hooks on the
+model's layers (a profiler's, another pack's: a replay would skip them) and a capture that would
+leave less free VRAM than ComfyUI keeps for inference.
+
+Quantize Model and Load Quantized install it themselves (their ``cuda_graph`` widget, ``auto`` = on
+with the speed goal): a user's stock workflow then replays graphs without this node. Installed that
+way (``auto``), its eager fallbacks are logged at INFO, since nobody asked for graphs by name.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..octet.cuda_graph import GraphBackend, GraphCache, Unkeyable, capture, flatten, signature
 from ..octet.modules import QuantLayer
@@ -56,7 +64,9 @@ class GraphStep:
     _tensors: list = field(default_factory=list)   # the diffusion model's parameters and buffers
     _pointers: tuple = ()             # their data_ptr at capture: a move or reload changes them
     _selectors: list = field(default_factory=list)  # Octet GroupSelectors of static layers
+    _modules: list = field(default_factory=list)    # (name, module) of the diffusion model: hooks check
     _thrash: bool = False
+    auto: bool = False                # installed by default (Quantize Model / Load Quantized), not by the node
 
     def __post_init__(self):
         if self.cache is None:
@@ -106,10 +116,13 @@ class GraphStep:
             raise Eager("no ModelPatcher is driving this model (sample through a sampler node)")
         model = patcher.model
         if getattr(model, "model_lowvram", False) or getattr(model, "lowvram_patch_counter", 0):
+            self._release("model partially unloaded")   # the host made room: give the graphs' memory too
             raise Eager("the model is partially loaded (lowvram / offload): weights move during the step")
         is_dynamic = getattr(patcher, "is_dynamic", None)
         if is_dynamic is not None and is_dynamic():
-            raise Eager("the model uses dynamic VRAM (weights streamed per step)")
+            self._release("dynamic VRAM")
+            raise Eager("the model uses dynamic VRAM (weights streamed per step; ComfyUI >= 0.29's default on "
+                        "NVIDIA): start ComfyUI with --disable-dynamic-vram (or --highvram) to replay graphs")
         if getattr(patcher, "hook_patches", None) or getattr(patcher, "current_hooks", None):
             raise Eager("the model has hooks (scheduled LoRA / keyframes): weights change between steps")
         for name, patch in patcher.object_patches.items():
@@ -127,6 +140,10 @@ class GraphStep:
                 raise Eager(f"transformer_options['{name}'] {sorted(options[name])} would run inside the graph "
                             f"and is not known to be graph-safe")
         self._check_weights(patcher)
+        hooked = _hooked_module(self._modules)
+        if hooked:
+            raise Eager(f"forward hook(s) on {hooked} (a profiler or another pack observing the layers): "
+                        f"a replay would skip them")
         return x.device, options
 
     def _check_weights(self, patcher):
@@ -144,7 +161,8 @@ class GraphStep:
         dm = patcher.model.diffusion_model
         self._tensors = list(dm.parameters()) + list(dm.buffers())
         self._pointers = tuple(map(torch.Tensor.data_ptr, self._tensors))
-        self._selectors = list({id(s): s for m in dm.modules()
+        self._modules = list(dm.named_modules())
+        self._selectors = list({id(s): s for _, m in self._modules
                                 if (s := getattr(m, "group_selector", None)) is not None}.values())
         self._weights = state
         off = next((t.device for t in self._tensors if not self.backend.supports(t.device)), None)
@@ -168,7 +186,15 @@ class GraphStep:
                             f"what it does inside the model cannot be keyed")
         # transformer_options leaves the flat inputs (its callables cannot be keyed); its tensors
         # join them, and ``_capture`` puts it back in its place.
-        call = ([a for a in args if a is not options], {k: v for k, v in kwargs.items() if v is not options}, tensors)
+        # The sampler hands over conditioning on the CPU (ComfyUI keeps conds there; BaseModel._apply_model
+        # casts every tensor it is given to the model's device itself). A graph cannot: a copy from pageable
+        # host memory cannot be captured, and its values would be baked in. So they go to the device here,
+        # before the static buffers; the model's own cast then finds them there (a no-op, or the same dtype
+        # conversion on the device: bit-identical, measured in bench/workflow.py).
+        def move(v):
+            return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and v.device != device else v
+        call = ([pytree.tree_map(move, a) for a in args if a is not options],
+                {k: pytree.tree_map(move, v) for k, v in kwargs.items() if v is not options}, tensors)
         leaves, spec = flatten(call)
         try:
             sig = signature(leaves, device)
@@ -201,6 +227,12 @@ class GraphStep:
             self.cache.failed[key] = f"capture failed ({type(e).__name__}: {first}); this input signature stays eager"
             _end_broken_capture()
             return None
+        short = self._short_of_memory(graph, device)
+        if short:
+            del graph                           # its pool goes with it
+            self.backend.memory(device)         # and back to the device
+            self.cache.failed[key] = short
+            return None
         evicted = self.cache.put(key, graph)
         self.stats["captures"] += 1
         # Fewer than two replays per capture over many captures: a per-call value is in the key.
@@ -212,15 +244,45 @@ class GraphStep:
                  self.cache.bytes / 2**20)
         return graph
 
+    def _short_of_memory(self, graph, device) -> str | None:
+        """Why a captured graph is not kept: what it holds (its pool stays reserved while it lives, and
+        ComfyUI's memory planning does not see it) would leave less free VRAM than the host keeps for
+        inference (a VAE decode, the next model's activations). None: keep it."""
+        free = self.backend.free_memory(device)
+        keep = _inference_reserve()
+        if free is None or free >= keep:
+            return None
+        return (f"the captured graph holds {graph.bytes / 2**20:.0f} MiB and would leave {free / 2**20:.0f} MiB "
+                f"of VRAM free, less than the {keep / 2**20:.0f} MiB ComfyUI keeps for inference; this input "
+                f"signature stays eager")
+
     def _eager(self, original, args, kwargs, why: str):
         self.stats["eager"] += 1
         self._say(f"running eager: {why}")
         return original(*args, **kwargs)
 
-    def _say(self, message: str, level=logging.WARNING, once=True):
+    def on_detach(self, patcher, unpatch_all=True):
+        """The host unloaded the model: drop the graphs, whose memory ComfyUI counts as freed by the unload.
+
+        Only a full unload (``unpatch_all``, from model_unload): both hosts also detach with
+        ``unpatch_all=False`` at the start of every sampling run (load_models_gpu hands the model over
+        to itself), when switching clones and when a clone is garbage-collected; the weight check
+        covers those."""
+        if unpatch_all:
+            self._release("model unloaded")
+
+    def _release(self, why: str) -> None:
+        dropped = self.cache.clear()
+        self._weights = None
+        if dropped:
+            self._say(f"{why}: {dropped} graph(s) dropped with their memory", level=logging.INFO, once=False)
+
+    def _say(self, message: str, level=None, once=True):
         if once and message in self._said:
             return
         self._said.add(message)
+        if level is None:   # a fallback: a warning when the user asked for graphs with the node
+            level = logging.INFO if self.auto else logging.WARNING
         log.log(level, "Octet CUDA Graph Step: %s", message)
 
     def report(self) -> str:
@@ -257,6 +319,26 @@ def _safe_object_patch(name: str, patch) -> bool:
     return getattr(patch, "__module__", "").startswith(PACKAGE + ".octet")
 
 
+def _hooked_module(modules: list) -> str | None:
+    """The first module (by name) with a forward or forward-pre hook, or 'every module' for a global one."""
+    import torch.nn.modules.module as nn_module
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return "every module (a global hook)"
+    for name, m in modules:
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"'{name or 'diffusion_model'}' ({type(m).__name__})"
+    return None
+
+
+def _inference_reserve() -> int:
+    """The VRAM the host keeps free for inference beside loaded models (0.8 GiB + --reserve-vram)."""
+    try:
+        import comfy.model_management as mm
+        return int(mm.minimum_inference_memory())
+    except Exception:  # noqa: BLE001 - a host without it: its default
+        return int(0.8 * 2**30)
+
+
 def _end_broken_capture() -> None:
     """A failed capture can leave the stream in an error state; sync so the eager run starts clean."""
     if torch.cuda.is_available():
@@ -270,8 +352,42 @@ def install(patcher, capacity: int = 4, warmup: int = 2, backend: GraphBackend |
     """A clone of ``patcher`` whose diffusion-model calls replay CUDA graphs. Returns (clone, GraphStep)."""
     step = GraphStep(capacity=capacity, warmup=warmup, backend=backend or GraphBackend())
     clone = patcher.clone()
-    set_apply_model_wrapper(clone, WRAPPER_KEY, step)
+    attach(clone, step)
     return clone, step
+
+
+def attach(patcher, step: GraphStep) -> None:
+    """Make ``step`` the graph wrapper of ``patcher`` (in place) and drop its graphs when the host unloads it."""
+    import comfy.patcher_extension as pe
+    set_apply_model_wrapper(patcher, WRAPPER_KEY, step)
+    patcher.remove_callbacks_with_key(pe.CallbacksMP.ON_DETACH, WRAPPER_KEY)
+    patcher.add_callback_with_key(pe.CallbacksMP.ON_DETACH, WRAPPER_KEY, step.on_detach)
+
+
+CHOICES = ("auto", "on", "off")
+CHOICE_TIP = ("Replay each sampling step's diffusion-model call from a CUDA graph captured at its first step "
+              "(one launch instead of thousands: the eager step of SDXL / SD3.5 is bound by the CPU issuing "
+              "kernels). auto: on with goal 'speed', off with 'memory' (a graph keeps one step's activations "
+              "reserved). Runs eager, saying why once, on a CPU, with lowvram / offload, hooks, unknown patches, or "
+              "when the graph would leave less VRAM free than ComfyUI keeps for inference.")
+
+
+def install_default(patcher, choice: str, goal: str) -> str:
+    """Quantize Model's / Load Quantized's ``cuda_graph`` widget, on their own output clone (in place).
+    Returns the report's line."""
+    if choice not in CHOICES:
+        raise ValueError(f"cuda_graph must be one of {', '.join(CHOICES)}, got {choice!r}")
+    on = choice == "on" or (choice == "auto" and goal != "memory")
+    if not on:
+        why = "goal 'memory'" if choice == "auto" else "cuda_graph 'off'"
+        return f"CUDA graphs: off ({why}): every step runs eager."
+    attach(patcher, GraphStep(auto=True))
+    device = getattr(patcher, "load_device", None)
+    where = ("" if GraphBackend().supports(device) else
+             f" This MODEL loads on {device}: it will run eager.")
+    return (f"CUDA graphs: on ({'goal speed' if choice == 'auto' else 'cuda_graph on'}): each step replays a "
+            f"graph captured at the first step of a latent size (2 eager warm-up runs; memory logged); eager "
+            f"where unsafe, saying why once.{where}")
 
 
 def graph_step_of(patcher) -> GraphStep | None:

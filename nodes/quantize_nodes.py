@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from ..octet import config_for_mode
 from ..octet.config import BACKENDS, GOALS, MODES, STATIC_RECIPE, StaticW8A8Config
-from . import bridge
+from . import bridge, graph_step
 from .progress import interruptible
 from .types import CALIBRATION, POLICY
 from .widgets import require_finite
@@ -94,6 +94,8 @@ class QuantizeModel(io.ComfyNode):
                 CALIBRATION.Input("calibration", optional=True,
                                   tooltip="Activation statistics from Calibrate; required for mode 'static'."),
                 *static_inputs(),
+                io.Combo.Input("cuda_graph", options=list(graph_step.CHOICES), default="auto", optional=True,
+                               tooltip=graph_step.CHOICE_TIP),
             ],
             outputs=[io.Model.Output(display_name="MODEL"),
                      io.String.Output(display_name="report", tooltip="Per-layer decisions and sizes.")],
@@ -102,7 +104,7 @@ class QuantizeModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, mode, quantize_linear, quantize_conv, backend, policy=None, calibration=None,
                 goal="speed", observer=None, percentile=None, use_timestep_groups=None, smooth_alpha=None,
-                smoothquant=None):
+                smoothquant=None, cuda_graph=None):
         kinds = tuple(k for k, on in (("linear", quantize_linear), ("conv", quantize_conv)) if on)
         base = {"kinds": kinds, "backend": backend, "goal": goal or "speed"}
         sq = _with_defaults(smooth_alpha=smooth_alpha, smoothquant=smoothquant)
@@ -120,4 +122,5 @@ class QuantizeModel(io.ComfyNode):
         bar = comfy.utils.ProgressBar(1)
         quantized, result = bridge.quantize_model(model, config, policy=policy, calibration=calibration,
                                                   progress=interruptible(bar))
-        return io.NodeOutput(quantized, result.to_text())
+        graphs = graph_step.install_default(quantized, cuda_graph or "auto", base["goal"])
+        return io.NodeOutput(quantized, f"{result.to_text()}\n{graphs}")

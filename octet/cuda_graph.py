@@ -62,7 +62,7 @@ def signature(leaves: list, device: torch.device | None = None) -> tuple:
 
 
 class GraphBackend:
-    """torch.cuda's graph API behind three methods (tests substitute a CPU stand-in)."""
+    """torch.cuda's graph API behind a few methods (tests substitute a CPU stand-in)."""
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda" and torch.cuda.is_available()
@@ -93,6 +93,12 @@ class GraphBackend:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         return torch.cuda.memory_reserved(device)
+
+    def free_memory(self, device: torch.device) -> int | None:
+        """Free device memory once torch's cache is returned (what anything else could still allocate)."""
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(device)[0]
 
 
 @dataclass

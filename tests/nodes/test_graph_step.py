@@ -28,8 +28,8 @@ SIZE = 8
 
 
 class CpuGraphs(GraphBackend):
-    def __init__(self, fail: bool = False):
-        self.fail, self.captured, self.warmups, self.reserved = fail, 0, 0, 0
+    def __init__(self, fail: bool = False, free: int = 1 << 40):
+        self.fail, self.captured, self.warmups, self.reserved, self.free = fail, 0, 0, 0, free
 
     def supports(self, device):
         return True
@@ -49,6 +49,9 @@ class CpuGraphs(GraphBackend):
 
     def memory(self, device):
         return self.reserved
+
+    def free_memory(self, device):
+        return self.free
 
 
 class _Replay:
@@ -309,6 +312,21 @@ def test_unsafe_host_states_run_eager(tiny_model, graphs, caplog, monkeypatch, s
     assert step.stats["captures"] == 0 and step.stats["eager"] == 2
 
 
+def test_a_partial_unload_drops_the_graphs(tiny_model, graphs, caplog, monkeypatch):
+    """The host offloads part of a model to make room: the graphs' memory must go too, not wait for a reload."""
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    x, t, ctx = _inputs()
+    _call(model, x, t, ctx)
+    assert len(step.cache.graphs) == 1
+    monkeypatch.setattr(model.model, "model_lowvram", True)
+    with caplog.at_level(logging.INFO, logger="octet"):
+        out = _call(model, x, t, ctx)
+    with torch.no_grad():
+        torch.testing.assert_close(out, tiny_model.model.apply_model(x, t, c_crossattn=ctx), rtol=0, atol=0)
+    assert not step.cache.graphs and step.stats["eager"] == 1
+    assert len(_records(caplog, "model partially unloaded: 1 graph(s) dropped")) == 1, caplog.text
+
+
 def test_keys_that_change_every_call_give_up_on_graphs(tiny_model, graphs, caplog):
     model, step = graph_step.install(tiny_model, capacity=1, backend=graphs)
     with caplog.at_level(logging.INFO, logger="octet"):
@@ -327,6 +345,96 @@ def test_dynamic_vram_runs_eager(tiny_model, graphs, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="octet"):
         _call(model, x, t, ctx)
     assert len(_records(caplog, "dynamic VRAM")) == 1 and step.stats["eager"] == 1
+
+
+def test_forward_hooks_run_eager_every_step_and_graphs_resume_without_them(tiny_model, cpu_sample, graphs, caplog):
+    """A hook on a layer (Profile Model's, another pack's) would be skipped by a replay: eager while it is there."""
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    calls = []
+    layer = tiny_model.model.diffusion_model.out[2]
+    handle = layer.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    try:
+        with caplog.at_level(logging.INFO, logger="octet"):
+            hooked = cpu_sample(model)
+            cpu_sample(model)
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * STEPS and step.stats["captures"] == 0 and step.stats["eager"] == 2 * STEPS
+    assert len(_records(caplog, "forward hook(s) on 'out.2' (Conv2d)")) == 1, caplog.text
+    torch.testing.assert_close(hooked, cpu_sample(tiny_model), rtol=0, atol=0)
+    torch.testing.assert_close(cpu_sample(model), hooked, rtol=0, atol=0)
+    assert step.stats["captures"] == 1 and step.stats["replays"] == STEPS
+
+
+def test_a_graph_leaving_too_little_vram_is_dropped_and_that_signature_runs_eager(tiny_model, cpu_sample, caplog):
+    import comfy.model_management as mm
+    tight = CpuGraphs(free=int(mm.minimum_inference_memory()) - (1 << 20))
+    model, step = graph_step.install(tiny_model, backend=tight)
+    with caplog.at_level(logging.INFO, logger="octet"):
+        out = cpu_sample(model)
+        cpu_sample(model)
+    torch.testing.assert_close(out, cpu_sample(tiny_model), rtol=0, atol=0)
+    assert tight.captured == 1 and not step.cache.graphs and step.stats["replays"] == 0
+    assert step.stats["eager"] == 2 * STEPS
+    keep = int(mm.minimum_inference_memory()) / 2**20
+    assert len(_records(caplog, f"less than the {keep:.0f} MiB ComfyUI keeps for inference")) == 1, caplog.text
+
+
+def test_unloading_the_model_drops_its_graphs(tiny_model, cpu_sample, graphs, caplog):
+    """ComfyUI counts an unloaded model's memory as free: its graphs' pools must go with it."""
+    import comfy.model_management as mm
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    cpu_sample(model)
+    assert len(step.cache.graphs) == 1
+    with caplog.at_level(logging.INFO, logger="octet"):
+        mm.unload_all_models()
+    assert not step.cache.graphs
+    assert len(_records(caplog, "model unloaded: 1 graph(s) dropped")) == 1, caplog.text
+    torch.testing.assert_close(cpu_sample(model), cpu_sample(tiny_model), rtol=0, atol=0)
+    assert step.stats["captures"] == 2 and step.stats["invalidations"] == 0
+
+
+# -- Quantize Model / Load Quantized install the graph step themselves ------------------------------
+def _quantize_node(model, **kw):
+    from comfyui_octet.nodes.quantize_nodes import QuantizeModel
+    return QuantizeModel.execute(model=model, mode="dynamic", quantize_linear=True, quantize_conv=True,
+                                 backend="auto", **kw).result
+
+
+@pytest.mark.parametrize("goal,choice,on", [("speed", None, True), ("speed", "auto", True), ("speed", "off", False),
+                                            ("memory", "auto", False), ("memory", "on", True)])
+def test_quantize_model_replays_graphs_by_default_with_the_speed_goal(tiny_model, goal, choice, on):
+    model, report = _quantize_node(tiny_model, goal=goal, **({"cuda_graph": choice} if choice else {}))
+    step = graph_step.graph_step_of(model)
+    assert (step is not None) == on and (step is None or step.auto)
+    assert ("CUDA graphs: on" in report) == on and ("CUDA graphs: off" in report) != on
+    if on:   # the test host's models load on the CPU
+        assert "loads on cpu: it will run eager" in report
+
+
+def test_quantize_model_default_samples_as_eager_through_graphs(tiny_model, cpu_sample, graphs):
+    model, _ = _quantize_node(tiny_model)
+    eager, _ = _quantize_node(tiny_model, cuda_graph="off")
+    step = graph_step.graph_step_of(model)
+    step.backend = graphs                     # capture and replay with the CPU stand-in
+    torch.testing.assert_close(cpu_sample(model), cpu_sample(eager), rtol=0, atol=0)
+    assert step.stats == {"replays": STEPS, "captures": 1, "eager": 0, "invalidations": 0}
+
+
+def test_default_graphs_on_a_cpu_run_eager_and_say_so_once_at_info(tiny_model, cpu_sample, caplog):
+    """Nobody asked for graphs by name: the CPU fallback is an INFO line, not a warning, and said once."""
+    model, _ = _quantize_node(tiny_model)
+    eager, _ = _quantize_node(tiny_model, cuda_graph="off")
+    with caplog.at_level(logging.INFO, logger="octet"):
+        torch.testing.assert_close(cpu_sample(model), cpu_sample(eager), rtol=0, atol=0)
+        cpu_sample(model)
+    said = _records(caplog, "runs on cpu: CUDA graphs need a CUDA device")
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+
+
+def test_bad_cuda_graph_choice_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="cuda_graph must be one of auto, on, off, got 'always'"):
+        graph_step.install_default(tiny_model.clone(), "always", "speed")
 
 
 def test_node_is_listed():
@@ -380,3 +488,33 @@ def test_gpu_graph_sampling_is_bit_identical_to_eager(variant):
     assert step.stats["captures"] == 1 and step.stats["replays"] == 16 and step.stats["eager"] == 0
     assert torch.equal(graphed, eager) and torch.equal(again, eager)
     assert next(iter(step.cache.graphs.values())).bytes > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_gpu_quantize_model_default_replays_through_the_stock_ksampler():
+    """Quantize Model's default on a GPU, through the host's KSampler: the sampler hands the conditioning over
+    on the CPU (BaseModel casts it to the device itself), which once sent every call eager; now the steps
+    replay, and the latent is the eager one bit for bit."""
+    import nodes
+    cuda = torch.device("cuda")
+    source = reference_model.build_tiny_sd15()
+    source.model.to(cuda)    # as a GPU host holds a loaded model (these tests run the host in --cpu mode)
+    source.load_device = source.offload_device = cuda
+    model, _ = _quantize_node(source)
+    eager, _ = _quantize_node(source, cuda_graph="off")
+    step = graph_step.graph_step_of(model)
+    pos, neg = reference_model.tiny_conditioning(seed=1), reference_model.tiny_conditioning(seed=2)
+    latent = {"samples": torch.zeros(1, 4, 32, 32)}
+    assert pos[0][0].device.type == "cpu"
+
+    def run(m, seed):
+        return nodes.common_ksampler(m, seed, 6, 4.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+    try:
+        want, got, other, same = run(eager, 1), run(model, 1), run(model, 2), run(model, 1)
+    finally:
+        import comfy.model_management as mm
+        mm.unload_all_models()
+    assert step.stats["captures"] == 1 and step.stats["replays"] == 18 and step.stats["eager"] == 0, step.report()
+    rel = float((got - want).norm() / want.norm())
+    assert torch.equal(same, got) and not torch.equal(other, got), rel
+    assert rel < 1e-2, rel
