@@ -13,6 +13,8 @@ Variants (each its own full-size model, random weights, built in this one proces
 - ``octet_eager``: the same with ``cuda_graph`` off: every step eager.
 - ``bf16_graph``: the float model through the CUDA Graph Step node (what graphs alone give bf16).
 
+After the rounds each variant samples the first prompt's seed again and compares it with its own first latent
+(run-to-run determinism; the first prompt of a graph variant ran its warm-up and capture, later ones replay).
 Per variant: the first prompt (in this process: the first Octet variant also pays Triton's autotuning, the
 graph variants their capture), then ``--rounds`` rounds of one prompt per variant back to back, the order
 rotating; a variant's speed-up is the median over rounds of bf16's prompt / its prompt in the same round (the
@@ -129,6 +131,13 @@ def run_model(name, args, device, card, tiny) -> list[dict]:
         k = r % len(args.variants)
         for variant in args.variants[k:] + args.variants[:k]:
             times[variant].append(prompt(models[variant], name, latent, positive, negative, args.steps, 100 + r))
+    # The first prompt's seed again, after the rounds: does a variant repeat its own latent (run-to-run
+    # determinism), apart from how it differs from its twin above?
+    for variant in args.variants:
+        again = []
+        prompt(models[variant], name, latent, positive, negative, args.steps, 0, again)
+        rows[variant]["vs_own_first_prompt"] = c = compare(again[0], latents[variant])
+        print(f"[{card}] {name} {variant}: the first prompt's seed again: max |diff| {c['max_abs']:.3g}", flush=True)
     for variant, stats in paired(times, "bf16").items():
         step = graph_step.graph_step_of(models[variant])
         row = rows[variant]

@@ -22,5 +22,6 @@ def test_tiny_workflow_bench_writes_paired_rows(tmp_path):
     assert rows["octet"]["vs_octet_eager"]["max_abs"] == 0.0 and rows["bf16_graph"]["vs_bf16"]["max_abs"] == 0.0
     assert 0.0 < rows["octet"]["vs_bf16"]["max_abs"] < 1.0          # INT8 differs from float, a little
     assert rows["bf16"]["speedup_vs_bf16"] == 1.0 and all(len(r["prompt_s_rounds"]) == 2 for r in rows.values())
+    assert all(r["vs_own_first_prompt"]["max_abs"] == 0.0 for r in rows.values())    # deterministic on a CPU
     assert rows["octet"]["graph_stats"]["replays"] == 0 and rows["octet"]["graph_stats"]["eager"] > 0
     assert "graph_stats" not in rows["octet_eager"] and "CUDA graphs: off" in rows["octet_eager"]["how"]
