@@ -365,6 +365,7 @@ def attach(patcher, step: GraphStep) -> None:
 
 
 CHOICES = ("auto", "on", "off")
+AUTO_CAPACITY = 2
 CHOICE_TIP = ("Replay each sampling step's diffusion-model call from a CUDA graph captured at its first step "
               "(one launch instead of thousands: the eager step of SDXL / SD3.5 is bound by the CPU issuing "
               "kernels). auto: on with goal 'speed', off with 'memory' (a graph keeps one step's activations "
@@ -381,13 +382,15 @@ def install_default(patcher, choice: str, goal: str) -> str:
     if not on:
         why = "goal 'memory'" if choice == "auto" else "cuda_graph 'off'"
         return f"CUDA graphs: off ({why}): every step runs eager."
-    attach(patcher, GraphStep(auto=True))
+    # Two graphs (e.g. a hires-fix workflow's two sizes), not the node's four: a default should hold less memory
+    # than a user who asked for graphs chose to spend.
+    attach(patcher, GraphStep(auto=True, capacity=AUTO_CAPACITY))
     device = getattr(patcher, "load_device", None)
     where = ("" if GraphBackend().supports(device) else
              f" This MODEL loads on {device}: it will run eager.")
     return (f"CUDA graphs: on ({'goal speed' if choice == 'auto' else 'cuda_graph on'}): each step replays a "
-            f"graph captured at the first step of a latent size (2 eager warm-up runs; memory logged); eager "
-            f"where unsafe, saying why once.{where}")
+            f"graph captured at the first step of a latent size (2 eager warm-up runs; at most {AUTO_CAPACITY} "
+            f"graphs, memory logged); eager where unsafe, saying why once.{where}")
 
 
 def graph_step_of(patcher) -> GraphStep | None:
