@@ -86,7 +86,9 @@ class GraphStep:
     def step(self, original, base_model, args: tuple, kwargs: dict):
         try:
             device, options = self._check(base_model, args, kwargs)
-            key, leaves, spec = self._key(args, kwargs, options, device)
+            # From here on the inputs are the ones _key moved to the device (see there): an eager fallback
+            # runs on them too, rather than copying the conditioning to the GPU a second time.
+            key, leaves, spec, args, kwargs = self._key(args, kwargs, options, device)
         except Eager as why:
             return self._eager(original, args, kwargs, str(why))
         graph = self.cache.get(key)
@@ -193,8 +195,9 @@ class GraphStep:
         # conversion on the device: bit-identical, measured in bench/workflow.py).
         def move(v):
             return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and v.device != device else v
-        call = ([pytree.tree_map(move, a) for a in args if a is not options],
-                {k: pytree.tree_map(move, v) for k, v in kwargs.items() if v is not options}, tensors)
+        args = tuple(a if a is options else pytree.tree_map(move, a) for a in args)
+        kwargs = {k: v if v is options else pytree.tree_map(move, v) for k, v in kwargs.items()}
+        call = ([a for a in args if a is not options], {k: v for k, v in kwargs.items() if v is not options}, tensors)
         leaves, spec = flatten(call)
         try:
             sig = signature(leaves, device)
@@ -204,7 +207,7 @@ class GraphStep:
         modes = (torch.is_inference_mode_enabled(), torch.is_autocast_enabled())
         groups = tuple(s.index for s in self._selectors)
         where = _options_position(args, kwargs, options)
-        return (sig, tuple(plain), spec, groups, modes, where), leaves, spec
+        return (sig, tuple(plain), spec, groups, modes, where), leaves, spec, args, kwargs
 
     # -- capture / eager -----------------------------------------------------------------------
     def _capture(self, original, key, leaves, spec, options, device):
@@ -250,7 +253,7 @@ class GraphStep:
         inference (a VAE decode, the next model's activations). None: keep it."""
         free = self.backend.free_memory(device)
         keep = _inference_reserve()
-        if free is None or free >= keep:
+        if free >= keep:
             return None
         return (f"the captured graph holds {graph.bytes / 2**20:.0f} MiB and would leave {free / 2**20:.0f} MiB "
                 f"of VRAM free, less than the {keep / 2**20:.0f} MiB ComfyUI keeps for inference; this input "

@@ -90,15 +90,18 @@ class GraphBackend:
         # free blocks are released first: torch.cuda.graph empties the cache on entry (measured
         # on an H200: without this the delta came out negative), and empty_cache never releases
         # the pool of a graph that is still alive, so what remains after capture is its cost.
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        _return_cache(device)
         return torch.cuda.memory_reserved(device)
 
-    def free_memory(self, device: torch.device) -> int | None:
+    def free_memory(self, device: torch.device) -> int:
         """Free device memory once torch's cache is returned (what anything else could still allocate)."""
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        _return_cache(device)
         return torch.cuda.mem_get_info(device)[0]
+
+
+def _return_cache(device: torch.device) -> None:
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
 
 
 @dataclass
