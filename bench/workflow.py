@@ -43,7 +43,7 @@ CFG = {"flux-dev": 1.0, "sdxl": 7.0, "sd1.5": 7.0, "sd3.5-medium": 5.0, "wan2.1-
 POOLED = {"sdxl": 1280}   # SDXL's pooled text embedding; the others' is their "y" width (e2e shapes)
 
 
-def conditioning(name: str, device, tiny: bool, seed: int):
+def conditioning(name: str, tiny: bool, seed: int):
     """A ComfyUI CONDITIONING like a text encoder's: [[tokens, {"pooled_output": ...}]] (random values)."""
     import torch
     _, conds = e2e.TINY_SHAPES[name] if tiny else e2e.MODELS[name][2:]
@@ -109,8 +109,8 @@ def run_model(name, args, device, card, tiny) -> list[dict]:
     from comfyui_octet.nodes import graph_step
 
     latent = torch.zeros(e2e.TINY_SHAPES[name][0] if tiny else e2e.MODELS[name][2])
-    positive = conditioning(name, device, tiny, 1)
-    negative = conditioning(name, device, tiny, 2)
+    positive = conditioning(name, tiny, 1)   # on the CPU, where ComfyUI's text encoders leave it
+    negative = conditioning(name, tiny, 2)
     models, rows, latents = {}, {}, {}
     for variant in args.variants:
         patcher, how = build(name, variant, device, tiny)
