@@ -222,14 +222,24 @@ class GraphStep:
             elif where is not None:
                 a.insert(where, opts)
             return original(*a, **k)
-        try:
-            graph = capture(run, leaves, spec, device, self.backend, self.warmup)
-        except Exception as e:  # noqa: BLE001 - any capture failure: eager for this key, said once
-            first = str(e).splitlines()[0][:200] if str(e) else ""
+        graph, why = None, None
+        # A plain capture first; where it fails, once more with the device as torch's default device:
+        # a forward that builds a host tensor per call (Wan's timestep embedding) then builds it there.
+        for factories_on_device in (False, True):
+            try:
+                graph = capture(run, leaves, spec, device, self.backend, self.warmup, factories_on_device)
+                break
+            except Exception as e:  # noqa: BLE001 - any capture failure: eager for this key, said once
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                why = why or f"{type(e).__name__}: {first}"
+                _end_broken_capture()
+        if graph is None:
             # A warm-up error is a model error: the eager call that follows raises it again.
-            self.cache.failed[key] = f"capture failed ({type(e).__name__}: {first}); this input signature stays eager"
-            _end_broken_capture()
+            self.cache.failed[key] = f"capture failed ({why}); this input signature stays eager"
             return None
+        if factories_on_device:
+            self._say(f"the model's forward builds tensors without naming a device ({why}); its graph was captured "
+                      f"with {device} as the default device", level=logging.INFO)
         short = self._short_of_memory(graph, device)
         if short:
             del graph                           # its pool goes with it

@@ -15,6 +15,7 @@ on a CPU with a stand-in.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -124,15 +125,24 @@ class CapturedGraph:
 
 
 def capture(fn: Callable, leaves: list, spec, device: torch.device, backend: GraphBackend,
-            warmup: int = 2) -> CapturedGraph:
-    """Capture ``fn(*unflattened inputs)`` on static copies of ``leaves``; run it once with replay."""
+            warmup: int = 2, factories_on_device: bool = False) -> CapturedGraph:
+    """Capture ``fn(*unflattened inputs)`` on static copies of ``leaves``; run it once with replay.
+
+    ``factories_on_device``: warm up and capture with ``device`` as torch's default device, so a
+    forward that builds a tensor without naming a device (Wan's ``sinusoidal_embedding_1d`` calls
+    ``torch.arange(half)`` and copies it over each call: a host-to-device copy, which a capture
+    refuses) builds it on the device instead. The same integers, so the same results; the caller
+    asks for it only after a plain capture failed, so models that capture as they are keep their
+    host-side factories exactly as in eager runs.
+    """
     start = time.perf_counter()
     static = [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
     static_bytes = sum(t.numel() * t.element_size() for t in static if isinstance(t, torch.Tensor))
     call = lambda: fn(pytree.tree_unflatten(static, spec))  # noqa: E731
     # Layers plan (on their first call at a signature) for replay, where no host cost is paid per layer
     # (kernels.dispatch.graph_plans); their eager plans stay for eager calls.
-    with graph_plans():
+    factories = torch.device(device) if factories_on_device else contextlib.nullcontext()
+    with graph_plans(), factories:
         backend.warmup(call, device, warmup)
         # Measured around the capture alone: warm-up growth of the shared cache is not this graph's.
         before = backend.memory(device)

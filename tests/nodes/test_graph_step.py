@@ -258,8 +258,44 @@ def test_capture_error_runs_that_key_eager_for_good(tiny_model, cpu_sample, capl
     with caplog.at_level(logging.INFO, logger="octet"):
         torch.testing.assert_close(cpu_sample(model), cpu_sample(tiny_model), rtol=0, atol=0)
         cpu_sample(model)
-    assert failing.captured == 1 and step.stats["eager"] == 2 * STEPS
+    # a plain capture, then one with the device as default device; both fail: eager for good, said once
+    assert failing.captured == 2 and step.stats["eager"] == 2 * STEPS
     assert len(_records(caplog, "capture failed (RuntimeError: CUDA error: operation not permitted")) == 1
+
+
+def _default_device_active() -> bool:
+    return any(isinstance(m, torch.utils._device.DeviceContext)
+               for m in torch.overrides._get_current_function_mode_stack())
+
+
+class HostFactoryGraphs(CpuGraphs):
+    """A capture that fails the way Wan's does (a host tensor copied in the forward) unless the device
+    is torch's default device for the warm-up and the capture."""
+    def __init__(self):
+        super().__init__()
+        self.contexts = []
+
+    def warmup(self, fn, device, runs):
+        self.contexts.append(("warmup", _default_device_active()))
+        super().warmup(fn, device, runs)
+
+    def capture(self, fn, device):
+        self.contexts.append(("capture", _default_device_active()))
+        self.fail = not _default_device_active()
+        return super().capture(fn, device)
+
+
+def test_capture_that_copies_a_host_tensor_is_retried_with_the_device_as_default(tiny_model, cpu_sample, caplog):
+    graphs = HostFactoryGraphs()
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    with caplog.at_level(logging.INFO, logger="octet"):
+        out = cpu_sample(model)
+        cpu_sample(model)
+    torch.testing.assert_close(out, cpu_sample(tiny_model), rtol=0, atol=0)
+    assert graphs.contexts == [("warmup", False), ("capture", False), ("warmup", True), ("capture", True)]
+    assert step.stats == {"replays": 2 * STEPS, "captures": 1, "eager": 0, "invalidations": 0}
+    assert not _default_device_active()            # the default device is not left behind
+    assert len(_records(caplog, "builds tensors without naming a device (RuntimeError: CUDA error")) == 1
 
 
 # -- eager fallbacks on direct calls (host states a CPU run cannot reach through the sampler) -----

@@ -1,8 +1,9 @@
-"""octet.cuda_graph bookkeeping that needs no host: signatures and the LRU cache."""
+"""octet.cuda_graph: signatures and the LRU cache (no host needed); capture itself on a GPU."""
 import pytest
 import torch
 
-from comfyui_octet.octet.cuda_graph import HOST_TENSOR_LIMIT, GraphCache, Unkeyable, flatten, signature
+from comfyui_octet.octet.cuda_graph import (HOST_TENSOR_LIMIT, GraphBackend, GraphCache, Unkeyable, capture, flatten,
+                                             signature)
 
 META = torch.device("meta")
 
@@ -35,3 +36,29 @@ def test_cache_evicts_least_recently_used():
     assert list(cache.graphs) == ["a", "c"] and cache.evictions == 1 and cache.captures == 3
     cache.failed["d"] = "why"
     assert cache.clear() == 2 and not cache.graphs and cache.failed == {"d": "why"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_gpu_capture_of_a_forward_that_builds_a_host_tensor_needs_the_device_as_default():
+    """Wan's timestep embedding builds ``torch.arange(half)`` on the host and copies it over each call:
+    a plain capture is refused; with the device as default device it captures and replays exactly."""
+    device = torch.device("cuda")
+
+    def embed(t):  # comfy/ldm/wan/model.py: sinusoidal_embedding_1d
+        half = 128
+        position = t.type(torch.float32)
+        sinusoid = torch.outer(position, torch.pow(10000, -torch.arange(half).to(position).div(half)))
+        return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
+
+    t = torch.tensor([999.0, 500.0], device=device)
+    leaves, spec = flatten(((t,), {}))
+    run = lambda call: embed(*call[0])  # noqa: E731
+    backend = GraphBackend()
+    with pytest.raises(Exception):
+        capture(run, leaves, spec, device, backend)
+    torch.cuda.synchronize()
+    graph = capture(run, leaves, spec, device, backend, factories_on_device=True)
+    for value in ([999.0, 500.0], [1.0, 250.0]):
+        x = torch.tensor(value, device=device)
+        torch.testing.assert_close(graph.run(flatten(((x,), {}))[0]), embed(x), rtol=0, atol=0)
+    assert torch.get_default_device().type == "cpu"
