@@ -104,6 +104,7 @@ class QuantLayer(nn.Module):
         self._operands: dict = {}   # device -> (weight, version, Int8Operands) shared by that device's plans
         self.op_owner = kernels.ops.register_owner(self)   # compiled graphs reach this layer's plans through it
         self.fused_group = None     # octet/shared_input.py: linears that read this layer's input, run as one GEMM
+        self._pinned: dict = {}     # signature -> backend an earlier call at it ran on (pin_backend)
 
     # -- format ------------------------------------------------------------------------------------
     @property
@@ -267,7 +268,8 @@ class QuantLayer(nn.Module):
             key = self._signature(x)
             w = self._parameters["weight"]
             ops = self._shared_operands(x.device, w)
-            impl, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, self.backend, self.goal)
+            backend = self.__dict__.get("_pinned", {}).get(key, self.backend)
+            impl, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, backend, self.goal)
             scales = None
             if self.act == "static":
                 if self.input_scale is None:
@@ -314,14 +316,27 @@ class QuantLayer(nn.Module):
         self._by_shape[shape_key] = plan
         return plan.run(x, None if plan.scales is None else plan.scales[self._group()])
 
+    def pin_backend(self, x: torch.Tensor, backend: str) -> None:
+        """Plan ``x``'s signature on ``backend`` from now on: an earlier call at it computed this layer's output
+        there (octet/shared_input.py: a group's fused GEMM, before the group learned it does not share its
+        input), and the same input must keep giving the same numbers (the same seed, the same image)."""
+        key = self._signature(x)
+        self.__dict__.setdefault("_pinned", {})[key] = backend
+        self._plans.pop(key, None)
+        self._by_shape = {}
+
     def _deferred_plan(self, sample: torch.Tensor, entry: str):
         """The plan that takes a deferred input through its method ``entry`` (octet/deferred.py; ``sample``
-        has the rows this layer will see), or None: only once this signature's plan exists and offers it,
-        so the first call at a shape, weight-only, CPU and per-call weight patches run as before."""
+        has the rows this layer will see), or None where it does not offer it; weight-only and per-call
+        weight patches run as before. The plan is made here if this is the signature's first call: a
+        signature's first call must take the same path as its later ones, or a prompt's first step (the
+        first prompt's only) is computed differently from the same step of every later run, and the same
+        seed gives another image the second time (seen on an H200, 2026-12-03: Wan's first prompt vs its
+        repeat, max |latent diff| 0.45). Planning reads only the sample's rows, dtype and device."""
         if self.act == "none" or self.weight_function or self.bias_function \
                 or self._parameters["weight"].device != sample.device:
             return None
-        plan = self._cached_plan(sample)
+        plan = self.plan(sample)
         # deferral_pays: the plan's own cost call (kernels/backends/triton_backend.py deferral_pays): eager
         # plans of GEMMs too short to hide the deferral's host time decline.
         return plan if plan is not None and hasattr(plan.run, entry) \
