@@ -76,7 +76,9 @@ class Group:
             return None
         if kept.source is not x or kept.version != _version(x):
             self._missed()
-            return None
+            # The rest, if still a group, leads from this very call: their first call computes what every
+            # later one will (the fused GEMM), as the leader's does (pinned in _missed).
+            return self._lead(x) if self._members and self._members[0]() is layer else None
         part = kept.parts.pop(layer, None)
         if not kept.parts:
             self._kept = None
@@ -86,8 +88,16 @@ class Group:
         """A member was called on another input than the leader's: the leader does not share its input with
         the rest (Wan's cross-attention: q on x, k/v on the context of the same width). It leaves; two or more
         others go on fusing among themselves."""
+        kept, ready = self._kept, self._ready
         self._kept = self._fused = self._ready = None
         leader, *rest = self._members
+        # The leader's output of this call came from the fused layer's plan; its own plan at that signature
+        # runs on the same backend, so the next calls give the same numbers (on an H200, Wan's cross-attention
+        # q alone would have planned the float path where the fused q/k/v ran INT8: a prompt's first step
+        # differed from the same step of its re-run).
+        plan = ready[2]._cached_plan(kept.source) if kept is not None and ready is not None else None
+        if plan is not None and leader() is not None:
+            leader().pin_backend(kept.source, plan.impl.name)
         self._members = rest if len(rest) >= 2 else []      # one layer alone has nothing to fuse with
         for ref in [leader] + ([] if self._members else rest):
             layer = ref()

@@ -110,13 +110,13 @@ def test_a_leader_whose_input_is_not_the_others_leaves_its_group():
     assert model.attn2.q.fused_group is not None
     with torch.no_grad():
         want = reference(x, ctx)
-        assert torch.equal(model(x, ctx), want)      # k missed q's blocks: k and v ran their own plans
+        assert torch.equal(model(x, ctx), want)      # k missed q's blocks: k and v go on as a group of two
         assert model.attn2.q.fused_group is None
         assert model.attn2.k.fused_group is model.attn2.v.fused_group is not None
-        model.attn2.k._plans, model.attn2.v._plans = {}, {}
         for _ in range(2):
             assert torch.equal(model(x, ctx), want)
-    assert model.attn2.k._plans == {} and model.attn2.v._plans == {}      # k and v fused from the 2nd call on
+    # k and v fused from that first call on (it computes what every later one does): they never planned
+    assert model.attn2.k._plans == {} and model.attn2.v._plans == {}
     assert model.attn1.q.fused_group is not None and model.attn1.q._plans == {}
 
 
@@ -232,3 +232,31 @@ def test_on_a_gpu_the_fused_gemm_gives_the_members_numbers_up_to_int8_rounding(t
     assert all(torch.equal(first, y) for y in again)
     torch.testing.assert_close(first.float(), want, rtol=0, atol=0.03 * float(want.abs().max()))
     assert attn.to_q.fused_group._fused is not None
+
+
+def test_a_leader_that_leaves_keeps_the_backend_its_first_call_ran_on(monkeypatch):
+    """Wan's cross-attention on an H200: q alone planned the float path where the fused q/k/v (3x as wide) ran
+    INT8, so a prompt's first step differed from the same step of its re-run (same seed, another image). The
+    leader that leaves its group keeps the fused layer's backend at that signature."""
+    from comfyui_octet.kernels import registry
+    real_auto = registry._auto
+    wide = []
+
+    def auto(req):      # the float path for a layer alone, INT8 for the fused one: as the GPU's cost model chose
+        wide.append(req.n)
+        return registry.get("float") if req.n == 48 and req.m == 24 else real_auto(req)
+    monkeypatch.setattr(registry, "_auto", auto)
+    model = _model(names=("q", "k", "v"))
+    octet.quantize_(model, DynamicW8A8Config())
+    x, ctx = _inputs(context_width=48)
+    with torch.no_grad():
+        outs = [model(x, ctx) for _ in range(3)]
+        q = model.attn2.q
+        pinned = [p.impl.name for p in q._plans.values()]
+        q._pinned.clear()
+        q.invalidate()
+        other = model(x, ctx)         # q on the float path its own plan picks: what the later calls gave before
+    assert 144 in wide and all(torch.equal(y, outs[0]) for y in outs[1:])
+    assert pinned == [p.impl.name for p in model.attn1.q.fused_group._ready[2]._plans.values()] != ["float"]
+    assert [p.impl.name for p in q._plans.values()] == ["float"]
+    assert not torch.equal(other, outs[0])        # the test can tell: unpinned, q's numbers differ
