@@ -115,6 +115,7 @@ class QuantLayer(nn.Module):
     def act(self, act: str) -> None:
         """Another activation mode for the same int8 weights (a new layout; plans are rebuilt)."""
         self.layout = Int8Layout(self.layout.kind, act, self.layout.goal)
+        self._pinned = {}       # another format computes other numbers anyway: plan afresh (pin_backend)
         self.invalidate()
 
     @property
@@ -124,6 +125,7 @@ class QuantLayer(nn.Module):
     @goal.setter
     def goal(self, goal: str) -> None:
         self.layout = Int8Layout(self.layout.kind, self.layout.act, goal)
+        self._pinned = {}       # the memory goal keeps no float weights: a pin to the float path must go
         self.invalidate()
 
     def __getstate__(self):

@@ -259,4 +259,10 @@ def test_a_leader_that_leaves_keeps_the_backend_its_first_call_ran_on(monkeypatc
     assert 144 in wide and all(torch.equal(y, outs[0]) for y in outs[1:])
     assert pinned == [p.impl.name for p in model.attn1.q.fused_group._ready[2]._plans.values()] != ["float"]
     assert [p.impl.name for p in q._plans.values()] == ["float"]
+    # Pins outlive a plan's invalidation (a reload must not change the numbers), not a new format or goal.
+    q.pin_backend(x.flatten(0, 1)[:24], pinned[0])
+    q.invalidate()
+    assert list(q._pinned.values()) == pinned
+    q.goal = "memory"
+    assert q._pinned == {}
     assert not torch.equal(other, outs[0])        # the test can tell: unpinned, q's numbers differ
