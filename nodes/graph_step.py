@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils import _pytree as pytree
 
-from ..octet.cuda_graph import GraphBackend, GraphCache, Unkeyable, capture, flatten, signature
+from ..octet.cuda_graph import (CaptureRefused, GraphBackend, GraphCache, Unkeyable, capture, flatten,
+                                 signature)
 from ..octet.modules import QuantLayer
 from .bridge import set_apply_model_wrapper
 
@@ -230,9 +231,12 @@ class GraphStep:
                 graph = capture(run, leaves, spec, device, self.backend, self.warmup, factories_on_device)
                 break
             except Exception as e:  # noqa: BLE001 - any capture failure: eager for this key, said once
-                first = str(e).splitlines()[0][:200] if str(e) else ""
-                why = why or f"{type(e).__name__}: {first}"
+                cause = e.__cause__ if isinstance(e, CaptureRefused) and e.__cause__ is not None else e
+                first = str(cause).splitlines()[0][:200] if str(cause) else ""
+                why = why or f"{type(cause).__name__}: {first}"
                 _end_broken_capture()
+                if not isinstance(e, CaptureRefused):
+                    break       # the warm-up failed (out of memory, a model error): another try would too
         if graph is None:
             # A warm-up error is a model error: the eager call that follows raises it again.
             self.cache.failed[key] = f"capture failed ({why}); this input signature stays eager"

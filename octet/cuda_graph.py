@@ -29,6 +29,11 @@ from ..kernels.dispatch import graph_plans
 PRIMITIVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
+class CaptureRefused(RuntimeError):
+    """The warm-up ran, the capture itself failed (``__cause__``: what CUDA or torch said): something in the
+    forward cannot be recorded, as opposed to a forward that fails anyway."""
+
+
 class Unkeyable(Exception):
     """An input that is neither a tensor nor a plain value, so it cannot be part of a graph key."""
 
@@ -146,7 +151,10 @@ def capture(fn: Callable, leaves: list, spec, device: torch.device, backend: Gra
         backend.warmup(call, device, warmup)
         # Measured around the capture alone: warm-up growth of the shared cache is not this graph's.
         before = backend.memory(device)
-        graph, output = backend.capture(call, device)
+        try:
+            graph, output = backend.capture(call, device)
+        except Exception as e:  # noqa: BLE001 - the caller decides whether another try can help
+            raise CaptureRefused(str(e)) from e
     captured = CapturedGraph(graph, static, output, static_bytes + backend.memory(device) - before, 0.0)
     captured.capture_s = time.perf_counter() - start
     return captured

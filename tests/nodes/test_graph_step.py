@@ -263,6 +263,23 @@ def test_capture_error_runs_that_key_eager_for_good(tiny_model, cpu_sample, capl
     assert len(_records(caplog, "capture failed (RuntimeError: CUDA error: operation not permitted")) == 1
 
 
+class WarmupFails(CpuGraphs):
+    def warmup(self, fn, device, runs):
+        self.warmups += 1
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_a_failed_warm_up_is_not_tried_again(tiny_model, cpu_sample, caplog):
+    """Only a refused capture is retried (with the device as default device): a warm-up that fails (out of
+    memory) would fail again, at the cost of more forward passes."""
+    failing = WarmupFails()
+    model, step = graph_step.install(tiny_model, backend=failing)
+    with caplog.at_level(logging.INFO, logger="octet"):
+        torch.testing.assert_close(cpu_sample(model), cpu_sample(tiny_model), rtol=0, atol=0)
+    assert failing.warmups == 1 and failing.captured == 0 and step.stats["eager"] == STEPS
+    assert len(_records(caplog, "capture failed (OutOfMemoryError: CUDA out of memory")) == 1
+
+
 def _default_device_active() -> bool:
     return any(isinstance(m, torch.utils._device.DeviceContext)
                for m in torch.overrides._get_current_function_mode_stack())
