@@ -13,6 +13,10 @@ Variants (each its own full-size model, random weights, built in this one proces
 - ``octet_eager``: the same with ``cuda_graph`` off: every step eager.
 - ``bf16_graph``: the float model through the CUDA Graph Step node (what graphs alone give bf16).
 
+``--dynamic-vram`` (ComfyUI >= 0.29): what ``main.py`` does on NVIDIA by default: comfy-aimdo initialised,
+every MODEL a ``ModelPatcherDynamic`` whose weights start on the CPU (as a loader leaves them) and are staged
+to the GPU by the host. Octet's graph step runs eager there, saying so; these rows measure what that costs.
+
 After the rounds each variant samples the first prompt's seed again and compares it with its own first latent
 (run-to-run determinism; the first prompt of a graph variant ran its warm-up and capture, later ones replay).
 Per variant: the first prompt (in this process: the first Octet variant also pays Triton's autotuning, the
@@ -60,14 +64,43 @@ def conditioning(name: str, tiny: bool, seed: int):
     return [[tokens, extra]]
 
 
-def build(name: str, variant: str, device, tiny: bool):
-    """The MODEL (ModelPatcher) of ``variant``, made the way a workflow makes it."""
+def enable_dynamic_vram() -> str:
+    """ComfyUI >= 0.29's default on NVIDIA (its main.py): comfy-aimdo's devices initialised, and every model
+    patcher a ``ModelPatcherDynamic``. Returns what happened, for the report."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        return "off: this host has no dynamic VRAM"
+    import comfy.memory_management
+    import comfy_aimdo.control
+    devices = mm.get_all_torch_devices()
+    try:
+        ready = comfy_aimdo.control.init_devices((d.index, 0) for d in devices)   # --vram-headroom 0
+    except TypeError:   # comfy-aimdo 0.4.9's protocol, as main.py
+        ready = comfy_aimdo.control.init_devices(d.index for d in devices)
+    if not ready:
+        return "off: comfy-aimdo did not initialise"
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    return "on"
+
+
+def build(name: str, variant: str, device, tiny: bool, dynamic: bool = False):
+    """The MODEL (ModelPatcher) of ``variant``, made the way a workflow makes it (``dynamic``: the host's
+    dynamic-VRAM patcher, weights on the CPU until it loads them, as a loader leaves them)."""
     import comfy.model_patcher
     from comfyui_octet.nodes import graph_step
     from comfyui_octet.nodes.quantize_nodes import QuantizeModel
 
     model = e2e.build(name, "bf16", device, tiny)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    if dynamic:
+        import comfy.model_management as mm
+        offload = mm.unet_offload_device()
+        model.to(offload)
+        patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+        patcher = patcher_class(model, load_device=device, offload_device=offload)
+    else:
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
     if variant == "bf16":
         return patcher, "bf16"
     if variant == "bf16_graph":
@@ -113,7 +146,9 @@ def run_model(name, args, device, card, tiny) -> list[dict]:
     negative = conditioning(name, tiny, 2)
     models, rows, latents = {}, {}, {}
     for variant in args.variants:
-        patcher, how = build(name, variant, device, tiny)
+        patcher, how = build(name, variant, device, tiny, args.dynamic_vram)
+        if args.dynamic_vram:
+            how += f"; patcher {type(patcher).__name__}, dynamic {getattr(patcher, 'is_dynamic', lambda: False)()}"
         out = []
         first = prompt(patcher, name, latent, positive, negative, args.steps, 0, out)
         models[variant], latents[variant] = patcher, out[0]
@@ -163,6 +198,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="shrunken configs on CPU (smoke test)")
     parser.add_argument("--out", default=os.path.join(e2e.ROOT, "out", "workflow"))
+    parser.add_argument("--dynamic-vram", action="store_true",
+                        help="ComfyUI >= 0.29's dynamic VRAM, as its main.py enables it on NVIDIA by default")
     args = parser.parse_args()
     if "bf16" not in args.variants:
         parser.error("--variants must include bf16 (every speed-up is against it)")
@@ -180,9 +217,11 @@ def main() -> int:
     if device.type == "cuda":
         import triton
         versions["triton"] = triton.__version__
+    if args.dynamic_vram:
+        versions["dynamic_vram"] = enable_dynamic_vram()
     print(f"[{card}] {stamp}; {versions}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"workflow_{'_'.join(args.models)}.json")
+    path = os.path.join(args.out, f"workflow_{'_'.join(args.models)}{'_dynamic_vram' if args.dynamic_vram else ''}.json")
     rows = []
     for name in args.models:
         rows += run_model(name, args, device, card, tiny)

@@ -25,3 +25,19 @@ def test_tiny_workflow_bench_writes_paired_rows(tmp_path):
     assert all(r["vs_own_first_prompt"]["max_abs"] == 0.0 for r in rows.values())    # deterministic on a CPU
     assert rows["octet"]["graph_stats"]["replays"] == 0 and rows["octet"]["graph_stats"]["eager"] > 0
     assert "graph_stats" not in rows["octet_eager"] and "CUDA graphs: off" in rows["octet_eager"]["how"]
+
+
+def test_tiny_workflow_bench_with_the_hosts_dynamic_vram_says_what_it_got(tmp_path):
+    """--dynamic-vram (ComfyUI 0.29's NVIDIA default) on a CPU: ComfyUI 0.3.75 has none, 0.29's comfy-aimdo needs a
+    GPU; the run goes on with the plain patcher and the JSON says which."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "workflow.py"), "--tiny", "--models", "sd1.5",
+                          "--variants", "bf16", "octet", "--steps", "2", "--rounds", "1", "--dynamic-vram",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    data = json.load(open(tmp_path / "workflow_sd1.5_dynamic_vram.json"))
+    assert data["versions"]["dynamic_vram"] in ("off: this host has no dynamic VRAM",
+                                                "off: comfy-aimdo did not initialise")
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert "patcher ModelPatcher, dynamic False" in rows["octet"]["how"]
+    assert rows["octet"]["vs_own_first_prompt"]["max_abs"] == 0.0
