@@ -78,8 +78,29 @@ def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tenso
 class QuantLayer(nn.Module):
     """Shared state and forward logic; subclasses supply the float op and their geometry."""
 
-    comfy_cast_weights = False  # read by ModelPatcher; True means "weights may live off-device"
     kind = ""
+
+    # ComfyUI's ModelPatcher asks whether a module *has* ``comfy_cast_weights``: if so, the legacy patcher may
+    # leave its weights in CPU RAM under lowvram (True: we move them per call, as comfy.ops does), and 0.29's
+    # dynamic-VRAM patcher (its default on NVIDIA) stages them through comfy-aimdo's virtual buffers, which only
+    # comfy.ops reads: an Octet layer would find its int8 weight on the CPU and copy it over at every call. So
+    # under dynamic VRAM the layer hides the attribute (``load_whole``) and the patcher moves its tensors to the
+    # GPU as it does any plain module's, accounted and restored on unload.
+    @property
+    def comfy_cast_weights(self) -> bool:
+        value = self.__dict__.get("_comfy_cast", False)
+        if value is None:
+            raise AttributeError("comfy_cast_weights")
+        return value
+
+    @comfy_cast_weights.setter
+    def comfy_cast_weights(self, value: bool) -> None:
+        if self.__dict__.get("_comfy_cast", False) is not None:
+            self.__dict__["_comfy_cast"] = bool(value)
+
+    def load_whole(self) -> None:
+        """Let a dynamic-VRAM patcher load this layer's tensors whole (see ``comfy_cast_weights``)."""
+        self.__dict__["_comfy_cast"] = None
 
     def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                  act: str, backend: str = "auto", goal: str = "speed"):
@@ -147,6 +168,13 @@ class QuantLayer(nn.Module):
         group = self.__dict__.get("fused_group")
         if group is not None:
             group.invalidate()
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("weight", "bias") and "_plans" in self.__dict__:
+            # The host replaced a parameter (0.29's dynamic VRAM puts the CPU weight back on unload): plans
+            # made for the old tensor (its float copy, the group's fused layer) would hold its device memory.
+            self.invalidate()
 
     def _apply(self, fn, recurse=True):
         self.invalidate()   # moved or cast: prepared weights belong to the old tensors

@@ -1,0 +1,108 @@
+"""ComfyUI 0.29's dynamic VRAM (its default on NVIDIA): ``ModelPatcherDynamic`` stages the weights of every module
+that has ``comfy_cast_weights`` through comfy-aimdo's virtual buffers, which only comfy.ops reads. Octet's layers
+must load whole instead (else each call copies the int8 weight from the CPU), with LoRA merged as a full load
+merges it, and hand their device memory back when the host restores its CPU weights.
+
+On a CPU the host reroutes a dynamic patcher to ModelPatcher and comfy-aimdo's pinned host buffers need a GPU:
+the tests build the dynamic patcher anyway (the loader's module classification and backups are the same code)
+with a stand-in for the host buffers. Whether aimdo itself stages on a GPU is bench/workflow.py --dynamic-vram's."""
+import pytest
+import torch
+
+from comfyui_octet.nodes import bridge
+from comfyui_octet.octet import config_for_mode
+from comfyui_octet.octet.modules import QuantLayer
+
+
+@pytest.fixture
+def dynamic(monkeypatch):
+    """fresh tiny SD1.5 MODELs as ModelPatcherDynamic."""
+    import comfy.model_patcher as mp
+    if not hasattr(mp, "ModelPatcherDynamic"):
+        pytest.skip("ComfyUI 0.3.75 has no dynamic VRAM")
+    import comfy_aimdo.host_buffer
+
+    from comfyui_octet.fixtures import reference_model
+
+    class HostBuffer:        # pinned host memory needs a GPU; the loader only creates these here
+        size = 0
+
+        def __init__(self, *args, **kwargs):
+            pass
+    monkeypatch.setattr(comfy_aimdo.host_buffer, "HostBuffer", HostBuffer)
+    monkeypatch.setattr(mp.ModelPatcherDynamic, "__new__", lambda cls, *a, **k: object.__new__(cls))
+
+    def make():
+        legacy = reference_model.build_tiny_sd15()
+        patcher = mp.ModelPatcherDynamic(legacy.model, legacy.load_device, legacy.offload_device)
+        assert patcher.is_dynamic()
+        return legacy, patcher
+    return make
+
+
+def _layers(patcher):
+    return [m for m in patcher.model.diffusion_model.modules() if isinstance(m, QuantLayer)]
+
+
+def _inputs():
+    from comfyui_octet.fixtures import reference_model
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500.0]), reference_model.tiny_conditioning(seed=3)[0][0]
+
+
+def _legacy_output(patcher):
+    """The diffusion model's output with ``patcher`` fully loaded by the legacy ModelPatcher (LoRA merged)."""
+    x, t, ctx = _inputs()
+    patcher.patch_model(device_to=patcher.load_device)
+    try:
+        with torch.no_grad():
+            return patcher.model.diffusion_model(x, t, context=ctx)
+    finally:
+        patcher.unpatch_model(device_to=patcher.offload_device)
+
+
+def _dynamic_output(patcher):
+    """The same after the dynamic patcher's load (what load_models_gpu does for a dynamic MODEL)."""
+    x, t, ctx = _inputs()
+    patcher.partially_load(patcher.load_device)
+    with torch.no_grad():
+        return patcher.model.diffusion_model(x, t, context=ctx)
+
+
+def test_octet_layers_load_whole_under_dynamic_vram_and_compute_as_under_the_legacy_patcher(dynamic):
+    legacy, patcher = dynamic()
+    want = _legacy_output(bridge.quantize_model(legacy, config_for_mode("dynamic"))[0])
+    quantized, result = bridge.quantize_model(patcher, config_for_mode("dynamic"))
+    assert quantized.is_dynamic()
+    got = _dynamic_output(quantized)
+    layers = _layers(quantized)
+    assert len(layers) == len(result.replacements) > 100
+    # Not staged (staging marks a module with seed_key and casts it per call): backed up and loaded whole.
+    assert not any(hasattr(m, "seed_key") or hasattr(m, "comfy_cast_weights") for m in layers)
+    names = {n for n, m in quantized.model.diffusion_model.named_modules() if isinstance(m, QuantLayer)}
+    assert {f"diffusion_model.{n}.weight" for n in names} <= set(quantized.backup)
+    # while the host's own modules are staged as before
+    assert any(hasattr(m, "seed_key") for m in quantized.model.diffusion_model.modules())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_lora_on_an_octet_model_under_dynamic_vram_is_merged_as_a_full_load_merges_it(dynamic, rng):
+    from test_lora import _apply, _lora
+    legacy, patcher = dynamic()
+    lora = _lora(legacy, rng)
+    want = _legacy_output(_apply(bridge.quantize_model(legacy, config_for_mode("dynamic"))[0], lora))
+    quantized = bridge.quantize_model(patcher, config_for_mode("dynamic"))[0]
+    without = _dynamic_output(quantized)
+    got = _dynamic_output(_apply(quantized, lora))
+    assert (got - without).abs().max() > 1e-2                  # the LoRA reached the int8 layers
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_hosts_restored_weights_leave_no_plan_holding_the_loaded_ones(dynamic):
+    _, patcher = dynamic()
+    quantized, _ = bridge.quantize_model(patcher, config_for_mode("dynamic"))
+    _dynamic_output(quantized)
+    layers = _layers(quantized)
+    assert any(m._plans for m in layers)
+    quantized.restore_loaded_backups()                       # the host's unload of whole-loaded weights
+    assert not any(m._plans or m._operands for m in layers)
