@@ -148,7 +148,8 @@ def run_model(name, args, device, card, tiny) -> list[dict]:
     for variant in args.variants:
         patcher, how = build(name, variant, device, tiny, args.dynamic_vram)
         if args.dynamic_vram:
-            how += f"; patcher {type(patcher).__name__}, dynamic {getattr(patcher, 'is_dynamic', lambda: False)()}"
+            from comfyui_octet.nodes import host_compat
+            how += f"; patcher {type(patcher).__name__}, dynamic {host_compat.dynamic_vram(patcher)}"
         out = []
         first = prompt(patcher, name, latent, positive, negative, args.steps, 0, out)
         models[variant], latents[variant] = patcher, out[0]

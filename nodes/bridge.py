@@ -80,7 +80,7 @@ def quantized_layers(patcher) -> dict[str, QuantLayer]:
 def with_layers(patcher, layers: dict) -> object:
     """A clone of ``patcher`` with ``layers`` (diffusion-model names -> modules) as object patches."""
     clone = patcher.clone()
-    dynamic = getattr(clone, "is_dynamic", lambda: False)()
+    dynamic = host_compat.dynamic_vram(clone)
     for name, layer in layers.items():
         if dynamic and isinstance(layer, QuantLayer):
             layer.load_whole()      # aimdo's staged weights are for comfy.ops only (octet/modules.py)

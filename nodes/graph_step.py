@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 from ..octet.cuda_graph import (CaptureRefused, GraphBackend, GraphCache, Unkeyable, capture, flatten,
                                  signature)
 from ..octet.modules import QuantLayer
+from . import host_compat
 from .bridge import set_apply_model_wrapper
 
 log = logging.getLogger("octet")
@@ -121,8 +122,7 @@ class GraphStep:
         if getattr(model, "model_lowvram", False) or getattr(model, "lowvram_patch_counter", 0):
             self._release("model partially unloaded")   # the host made room: give the graphs' memory too
             raise Eager("the model is partially loaded (lowvram / offload): weights move during the step")
-        is_dynamic = getattr(patcher, "is_dynamic", None)
-        if is_dynamic is not None and is_dynamic():
+        if host_compat.dynamic_vram(patcher):
             self._release("dynamic VRAM")
             raise Eager("the model uses dynamic VRAM (weights streamed per step; ComfyUI >= 0.29's default on "
                         "NVIDIA): start ComfyUI with --disable-dynamic-vram (or --highvram) to replay graphs")

@@ -178,6 +178,13 @@ def keys_for_host(model_config, tensors: dict, layers: dict, fname: str) -> tupl
     return processed, out_layers
 
 
+def dynamic_vram(patcher) -> bool:
+    """Whether ``patcher`` is ComfyUI >= 0.29's dynamic-VRAM ``ModelPatcherDynamic`` (its default on NVIDIA);
+    0.3.75's patchers have no ``is_dynamic``."""
+    is_dynamic = getattr(patcher, "is_dynamic", None)
+    return is_dynamic is not None and bool(is_dynamic())
+
+
 # -- weight functions ------------------------------------------------------------------------------
 _synced = False
 

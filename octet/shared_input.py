@@ -96,8 +96,9 @@ class Group:
         # q alone would have planned the float path where the fused q/k/v ran INT8: a prompt's first step
         # differed from the same step of its re-run).
         plan = ready[2]._cached_plan(kept.source) if kept is not None and ready is not None else None
-        if plan is not None and leader() is not None:
-            leader().pin_backend(kept.source, plan.impl.name)
+        lead = leader()
+        if plan is not None and lead is not None:
+            lead.pin_backend(kept.source, plan.impl.name)
         self._members = rest if len(rest) >= 2 else []      # one layer alone has nothing to fuse with
         for ref in [leader] + ([] if self._members else rest):
             layer = ref()
