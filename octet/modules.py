@@ -298,7 +298,7 @@ class QuantLayer(nn.Module):
             key = self._signature(x)
             w = self._parameters["weight"]
             ops = self._shared_operands(x.device, w)
-            backend = self.__dict__.get("_pinned", {}).get(key, self.backend)
+            backend = self._pinned.get(key, self.backend)
             impl, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, backend, self.goal)
             scales = None
             if self.act == "static":
@@ -351,7 +351,7 @@ class QuantLayer(nn.Module):
         there (octet/shared_input.py: a group's fused GEMM, before the group learned it does not share its
         input), and the same input must keep giving the same numbers (the same seed, the same image)."""
         key = self._signature(x)
-        self.__dict__.setdefault("_pinned", {})[key] = backend
+        self._pinned[key] = backend
         self._plans.pop(key, None)
         self._by_shape = {}
 
