@@ -20,7 +20,7 @@ from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from ..octet.modules import QuantLayer
 from ..octet.timestep import GroupSelector
-from . import host_compat
+from . import dynamic_vram, host_compat
 from .widgets import install_cfg_guard
 
 log = logging.getLogger("octet")
@@ -80,36 +80,11 @@ def quantized_layers(patcher) -> dict[str, QuantLayer]:
 def with_layers(patcher, layers: dict) -> object:
     """A clone of ``patcher`` with ``layers`` (diffusion-model names -> modules) as object patches."""
     clone = patcher.clone()
-    dynamic = host_compat.dynamic_vram(clone)
     for name, layer in layers.items():
-        if dynamic and isinstance(layer, QuantLayer):
-            layer.load_whole()      # aimdo's staged weights are for comfy.ops only (octet/modules.py)
         clone.add_object_patch(PREFIX + name, layer)
-    if dynamic:
-        import comfy.patcher_extension as pe
-        clone.remove_callbacks_with_key(pe.CallbacksMP.ON_LOAD, WHOLE_LAYER_PATCHES_KEY)
-        clone.add_callback_with_key(pe.CallbacksMP.ON_LOAD, WHOLE_LAYER_PATCHES_KEY, merge_whole_layer_patches)
+    if host_compat.dynamic_vram(clone):     # ComfyUI >= 0.29's default on NVIDIA
+        dynamic_vram.install(clone, layers.values())
     return clone
-
-
-WHOLE_LAYER_PATCHES_KEY = "octet_whole_layer_patches"
-
-
-def merge_whole_layer_patches(patcher, device_to, *args, **kwargs) -> None:
-    """ON_LOAD of a dynamic-VRAM MODEL (ComfyUI >= 0.29): the host applies weight patches (LoRA) only to the
-    modules it stages; Octet's layers load whole (``QuantLayer.load_whole``), so their patches are merged here,
-    as a full load merges them: into the float weight, re-quantized to int8. The host's backup keeps the
-    unpatched weight and puts it back at the next load or unload."""
-    for key in list(patcher.patches):
-        module_path, _, param = key.rpartition(".")
-        if param not in ("weight", "bias") or key not in patcher.backup:
-            continue
-        try:
-            module = patcher.get_model_object(module_path)
-        except (AttributeError, KeyError):
-            continue
-        if isinstance(module, QuantLayer):
-            patcher.patch_weight_to_device(key, device_to=device_to)
 
 
 def quantize_model(patcher, config, policy=None, calibration=None, progress=None):

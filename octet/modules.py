@@ -170,10 +170,15 @@ class QuantLayer(nn.Module):
             group.invalidate()
 
     def __setattr__(self, name, value):
+        if name not in ("weight", "bias") or "_plans" not in self.__dict__:
+            return super().__setattr__(name, value)
+        old = self._parameters.get(name)
         super().__setattr__(name, value)
-        if name in ("weight", "bias") and "_plans" in self.__dict__:
+        if not (isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old.device == value.device
+                and old.shape == value.shape and old.dtype == value.dtype and old.data_ptr() == value.data_ptr()):
             # The host replaced a parameter (0.29's dynamic VRAM puts the CPU weight back on unload): plans
             # made for the old tensor (its float copy, the group's fused layer) would hold its device memory.
+            # The same storage rewrapped (a reload that kept the loaded tensor) changes nothing.
             self.invalidate()
 
     def _apply(self, fn, recurse=True):

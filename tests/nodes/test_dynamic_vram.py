@@ -86,6 +86,13 @@ def test_octet_layers_load_whole_under_dynamic_vram_and_compute_as_under_the_leg
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def _as_if_copied(patcher):
+    """Make the host's backups of the Octet layers' tensors other tensors than the loaded ones, as on a GPU
+    (where a load copies the CPU original over; on the CPU, ``Tensor.to`` hands back the original itself)."""
+    for key, bk in list(patcher.backup.items()):
+        patcher.backup[key] = bk._replace(weight=torch.nn.Parameter(bk.weight.detach().clone(), requires_grad=False))
+
+
 def test_a_lora_on_an_octet_model_under_dynamic_vram_is_merged_as_a_full_load_merges_it(dynamic, rng):
     from test_lora import _apply, _lora
     legacy, patcher = dynamic()
@@ -93,16 +100,96 @@ def test_a_lora_on_an_octet_model_under_dynamic_vram_is_merged_as_a_full_load_me
     want = _legacy_output(_apply(bridge.quantize_model(legacy, config_for_mode("dynamic"))[0], lora))
     quantized = bridge.quantize_model(patcher, config_for_mode("dynamic"))[0]
     without = _dynamic_output(quantized)
-    got = _dynamic_output(_apply(quantized, lora))
+    with_lora = _apply(quantized, lora)
+    assert type(with_lora) is type(quantized)                  # the host's clone keeps Octet's loader
+    got = _dynamic_output(with_lora)
     assert (got - without).abs().max() > 1e-2                  # the LoRA reached the int8 layers
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Every prompt loads again: the merged weights are kept, not merged twice; switching clones re-merges.
+    for model, expected in ((with_lora, want), (quantized, without), (with_lora, want), (with_lora, want)):
+        torch.testing.assert_close(_dynamic_output(model), expected, rtol=0, atol=0)
+
+
+def test_a_second_prompts_load_keeps_the_loaded_octet_tensors_and_their_plans(dynamic):
+    _, patcher = dynamic()
+    quantized, _ = bridge.quantize_model(patcher, config_for_mode("dynamic"))
+    first = _dynamic_output(quantized)
+    _as_if_copied(quantized)
+    layers = _layers(quantized)
+    loaded = [(m.weight, m.bias, dict(m._plans)) for m in layers]
+    assert sum(bool(plans) for *_, plans in loaded) > 50
+    names = [n for n, m in quantized.model.diffusion_model.named_modules() if isinstance(m, QuantLayer)]
+    backups = {f"diffusion_model.{n}.weight": quantized.backup[f"diffusion_model.{n}.weight"].weight for n in names}
+    memory = quantized.model.model_loaded_weight_memory
+    again = _dynamic_output(quantized)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    for m, (weight, bias, plans) in zip(layers, loaded):
+        assert m.weight is weight and m.bias is bias             # not copied again, the same Parameter
+        assert all(m._plans.get(k) is plan for k, plan in plans.items())   # not planned again
+    assert all(quantized.backup[k].weight is original for k, original in backups.items())   # for the unload
+    assert quantized.model.model_loaded_weight_memory == memory            # still counted by the host
+    quantized.restore_loaded_backups()                       # the host's unload (or one under memory pressure)
+    assert all(m.weight.data_ptr() == backups[f"diffusion_model.{n}.weight"].data_ptr() for n, m in zip(names, layers))
 
 
 def test_the_hosts_restored_weights_leave_no_plan_holding_the_loaded_ones(dynamic):
     _, patcher = dynamic()
     quantized, _ = bridge.quantize_model(patcher, config_for_mode("dynamic"))
     _dynamic_output(quantized)
+    _as_if_copied(quantized)
     layers = _layers(quantized)
     assert any(m._plans for m in layers)
     quantized.restore_loaded_backups()                       # the host's unload of whole-loaded weights
+    assert not any(m._plans or m._operands for m in layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="comfy-aimdo stages weights on a GPU")
+def test_gpu_octet_with_a_lora_under_real_dynamic_vram_computes_as_under_the_legacy_patcher(monkeypatch, rng):
+    """The same as above with comfy-aimdo itself (its virtual buffers and pinned host memory), on a GPU:
+    three prompts' loads, then the unload."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher as mp
+    if not hasattr(mp, "ModelPatcherDynamic"):
+        pytest.skip("ComfyUI 0.3.75 has no dynamic VRAM")
+    from test_lora import _apply, _lora
+
+    from comfyui_octet.fixtures import reference_model
+    from comfyui_octet.nodes import host_compat
+    monkeypatch.setattr(mp, "CoreModelPatcher", mp.CoreModelPatcher)
+    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", comfy.memory_management.aimdo_enabled)
+    assert host_compat.enable_dynamic_vram() == "on"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    x, t, ctx = (v.to(cuda) for v in _inputs())
+
+    def build():
+        legacy = reference_model.build_tiny_sd15()
+        return legacy, mp.ModelPatcherDynamic(legacy.model, cuda, cpu)
+
+    legacy, _ = build()
+    lora = _lora(legacy, rng)
+    want = _apply(bridge.quantize_model(legacy, config_for_mode("dynamic"))[0], lora)
+    want.load_device = cuda
+    want.patch_model(device_to=cuda)
+    want.model.to(cuda)
+    with torch.no_grad():
+        expected = want.model.diffusion_model(x, t, context=ctx)
+    want.unpatch_model(device_to=cpu)
+
+    _, patcher = build()
+    quantized = _apply(bridge.quantize_model(patcher, config_for_mode("dynamic"))[0], lora)
+    assert quantized.is_dynamic()
+    layers = _layers(quantized)
+    loaded = None
+    for _ in range(3):      # three prompts: the later loads keep the loaded tensors (no copy, same storage)
+        mm.load_models_gpu([quantized])
+        assert all(m.weight.device.type == "cuda" for m in layers)
+        pointers = [m.weight.data_ptr() for m in layers]
+        assert loaded is None or pointers == loaded
+        loaded = pointers
+        with torch.no_grad():
+            got = quantized.model.diffusion_model(x, t, context=ctx)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    mm.unload_all_models()
+    assert all(m.weight.device.type == "cpu" for m in layers)
     assert not any(m._plans or m._operands for m in layers)
