@@ -64,27 +64,6 @@ def conditioning(name: str, tiny: bool, seed: int):
     return [[tokens, extra]]
 
 
-def enable_dynamic_vram() -> str:
-    """ComfyUI >= 0.29's default on NVIDIA (its main.py): comfy-aimdo's devices initialised, and every model
-    patcher a ``ModelPatcherDynamic``. Returns what happened, for the report."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
-        return "off: this host has no dynamic VRAM"
-    import comfy.memory_management
-    import comfy_aimdo.control
-    devices = mm.get_all_torch_devices()
-    try:
-        ready = comfy_aimdo.control.init_devices((d.index, 0) for d in devices)   # --vram-headroom 0
-    except TypeError:   # comfy-aimdo 0.4.9's protocol, as main.py
-        ready = comfy_aimdo.control.init_devices(d.index for d in devices)
-    if not ready:
-        return "off: comfy-aimdo did not initialise"
-    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-    comfy.memory_management.aimdo_enabled = True
-    return "on"
-
-
 def build(name: str, variant: str, device, tiny: bool, dynamic: bool = False):
     """The MODEL (ModelPatcher) of ``variant``, made the way a workflow makes it (``dynamic``: the host's
     dynamic-VRAM patcher, weights on the CPU until it loads them, as a loader leaves them)."""
@@ -126,6 +105,22 @@ def prompt(patcher, name, latent, positive, negative, steps, seed, outputs: list
     if outputs is not None:
         outputs.append(out.float())
     return seconds
+
+
+def load_seconds(patcher, repeats: int = 3) -> float:
+    """Median seconds of the host's ``load_models_gpu`` for an already loaded MODEL, which every prompt's sampler
+    calls first: ~0 for the legacy patcher, a reload of every whole-loaded weight for 0.29's dynamic one."""
+    import statistics
+
+    import comfy.model_management as mm
+    times = []
+    for _ in range(repeats):
+        e2e.sync()
+        t0 = time.perf_counter()
+        mm.load_models_gpu([patcher])
+        e2e.sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def compare(a, b) -> dict:
@@ -174,6 +169,10 @@ def run_model(name, args, device, card, tiny) -> list[dict]:
         prompt(models[variant], name, latent, positive, negative, args.steps, 0, again)
         rows[variant]["vs_own_first_prompt"] = c = compare(again[0], latents[variant])
         print(f"[{card}] {name} {variant}: the first prompt's seed again: max |diff| {c['max_abs']:.3g}", flush=True)
+    for variant in args.variants:
+        rows[variant]["load_models_gpu_s"] = seconds = load_seconds(models[variant])
+        print(f"[{card}] {name} {variant}: the sampler's load_models_gpu on the loaded model {seconds * 1000:.1f} ms",
+              flush=True)
     for variant, stats in paired(times, "bf16").items():
         step = graph_step.graph_step_of(models[variant])
         row = rows[variant]
@@ -205,6 +204,9 @@ def main() -> int:
     if "bf16" not in args.variants:
         parser.error("--variants must include bf16 (every speed-up is against it)")
 
+    if args.dynamic_vram:   # as main.py: comfy-aimdo's library is loaded before torch
+        import comfy_aimdo.control
+        comfy_aimdo.control.init()
     import torch
     octet_pack.load(comfy=True, cpu=args.tiny or not torch.cuda.is_available())
     import comfy.model_management as mm
@@ -219,7 +221,8 @@ def main() -> int:
         import triton
         versions["triton"] = triton.__version__
     if args.dynamic_vram:
-        versions["dynamic_vram"] = enable_dynamic_vram()
+        from comfyui_octet.nodes import host_compat
+        versions["dynamic_vram"] = host_compat.enable_dynamic_vram()
     print(f"[{card}] {stamp}; {versions}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"workflow_{'_'.join(args.models)}{'_dynamic_vram' if args.dynamic_vram else ''}.json")

@@ -185,6 +185,36 @@ def dynamic_vram(patcher) -> bool:
     return is_dynamic is not None and bool(is_dynamic())
 
 
+def enable_dynamic_vram() -> str:
+    """Turn on ComfyUI >= 0.29's dynamic VRAM as its ``main.py`` does on NVIDIA by default (comfy-aimdo loaded
+    and its devices initialised, every new model patcher a ``ModelPatcherDynamic``), for benches and GPU tests
+    that build models without the server. Octet never calls it: the host decides. Returns what happened."""
+    import comfy.model_patcher
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        return "off: this host has no dynamic VRAM"
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy_aimdo.control
+    try:
+        comfy_aimdo.control.init(simple_vram_headroom=None)
+    except TypeError:   # comfy-aimdo 0.4.9's protocol, as main.py
+        comfy_aimdo.control.init()
+    import torch
+    # The host's devices; a process started with --cpu (the test suite) still has the GPUs torch sees.
+    indices = sorted({d.index or 0 for d in mm.get_all_torch_devices() if d.type == "cuda"}
+                     or range(torch.cuda.device_count()))
+    try:
+        ready = comfy_aimdo.control.init_devices([(i, 0) for i in indices])   # --vram-headroom 0
+    except TypeError:
+        ready = comfy_aimdo.control.init_devices(indices)
+    if not ready:
+        return "off: comfy-aimdo did not initialise"
+    comfy_aimdo.control.set_log_warning()    # its default logs every allocation
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    return "on"
+
+
 # -- weight functions ------------------------------------------------------------------------------
 _synced = False
 
