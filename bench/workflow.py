@@ -149,6 +149,11 @@ def run_model(name, args, device, card, tiny) -> list[dict]:
         first = prompt(patcher, name, latent, positive, negative, args.steps, 0, out)
         models[variant], latents[variant] = patcher, out[0]
         rows[variant] = {"model": name, "variant": variant, "how": how, "first_prompt_s": first}
+        if args.dynamic_vram:
+            # What the host stages through aimdo (read per call by comfy.ops) rather than loading whole.
+            staged = {n: type(m).__name__ for n, m in patcher.model.diffusion_model.named_modules() if hasattr(m, "_v")}
+            rows[variant]["staged_modules"] = staged
+            print(f"[{card}] {name} {variant}: {len(staged)} modules staged by aimdo: {list(staged)[:12]}", flush=True)
         print(f"[{card}] {name} {variant}: first prompt {first:.2f} s ({how})", flush=True)
     # Same seed, same weights (e2e.build seeds them): graphs must not change the image.
     for variant, twin in (("octet", "octet_eager"), ("bf16_graph", "bf16"), ("octet", "bf16")):
