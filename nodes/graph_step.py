@@ -63,11 +63,12 @@ class GraphStep:
     stats: dict = field(default_factory=lambda: {"replays": 0, "captures": 0, "eager": 0, "invalidations": 0})
     _said: set = field(default_factory=set)
     _weights: tuple = None            # (patcher, patches uuids) the graphs were captured under
-    _tensors: list = field(default_factory=list)   # the diffusion model's parameters and buffers
-    _pointers: tuple = ()             # their data_ptr at capture: a move or reload changes them
+    _slots: list = field(default_factory=list)     # (module._parameters or ._buffers, name) of the diffusion model
+    _pointers: tuple = ()             # their tensors' data_ptr at capture: a move or reload changes them
     _selectors: list = field(default_factory=list)  # Octet GroupSelectors of static layers
     _modules: list = field(default_factory=list)    # (name, module) of the diffusion model: hooks check
     _thrash: bool = False
+    _declined: str = None             # why these weights cannot be replayed (dynamic VRAM's staged modules)
     auto: bool = False                # installed by default (Quantize Model / Load Quantized), not by the node
 
     def __post_init__(self):
@@ -122,10 +123,6 @@ class GraphStep:
         if getattr(model, "model_lowvram", False) or getattr(model, "lowvram_patch_counter", 0):
             self._release("model partially unloaded")   # the host made room: give the graphs' memory too
             raise Eager("the model is partially loaded (lowvram / offload): weights move during the step")
-        if host_compat.dynamic_vram(patcher):
-            self._release("dynamic VRAM")
-            raise Eager("the model uses dynamic VRAM (weights streamed per step; ComfyUI >= 0.29's default on "
-                        "NVIDIA): start ComfyUI with --disable-dynamic-vram (or --highvram) to replay graphs")
         if getattr(patcher, "hook_patches", None) or getattr(patcher, "current_hooks", None):
             raise Eager("the model has hooks (scheduled LoRA / keyframes): weights change between steps")
         for name, patch in patcher.object_patches.items():
@@ -153,8 +150,12 @@ class GraphStep:
         state = (id(patcher), getattr(patcher, "patches_uuid", None),
                  getattr(patcher.model, "current_weight_patches_uuid", None))
         # Every call: a reload or .to() moves parameters without touching uuids, and a graph would
-        # then read freed memory. ~0.5 ms for SDXL's ~2500 tensors on a loaded CPU; in the step times.
-        if state == self._weights and tuple(map(torch.Tensor.data_ptr, self._tensors)) == self._pointers:
+        # then read freed memory. Read through the modules' dicts, not kept tensors: a host that replaces a
+        # Parameter (0.29's dynamic load at every prompt) leaves the old object, and its memory, intact.
+        # ~0.5 ms for SDXL's ~2500 tensors on a loaded CPU; in the step times.
+        if state == self._weights and self._current_pointers() == self._pointers:
+            if self._declined:
+                raise Eager(self._declined)
             return
         dropped = self.cache.clear()
         if self._weights is not None:
@@ -162,16 +163,33 @@ class GraphStep:
             self._say(f"weights changed (another MODEL clone, LoRA on/off, or a reload): "
                       f"{dropped} graph(s) dropped, recapturing", level=logging.INFO, once=False)
         dm = patcher.model.diffusion_model
-        self._tensors = list(dm.parameters()) + list(dm.buffers())
-        self._pointers = tuple(map(torch.Tensor.data_ptr, self._tensors))
+        self._slots = [(d, name) for m in dm.modules() for d in (m._parameters, m._buffers)
+                       for name, t in d.items() if t is not None]
+        self._pointers = self._current_pointers()
         self._modules = list(dm.named_modules())
         self._selectors = list({id(s): s for _, m in self._modules
                                 if (s := getattr(m, "group_selector", None)) is not None}.values())
         self._weights = state
-        off = next((t.device for t in self._tensors if not self.backend.supports(t.device)), None)
+        self._declined = None
+        # ComfyUI >= 0.29's dynamic VRAM (its default on NVIDIA) stages comfy.ops modules' weights through
+        # comfy-aimdo: each call casts or fetches them, outside anything a replay would repeat. Where it staged
+        # none (an Octet model's layers load whole, as do small modules), the weights are plain device tensors
+        # and a load that moves them changes the pointers checked above. Staging only happens at a load, which
+        # moves what it restages, so this is decided again exactly when the pointers change.
+        staged = [n for n, m in self._modules if hasattr(m, "_v")] if host_compat.dynamic_vram(patcher) else []
+        if staged:
+            self._declined = (f"dynamic VRAM (ComfyUI >= 0.29's default on NVIDIA) streams the weights of "
+                              f"{len(staged)} module(s) ({', '.join(staged[:3])}{', ...' if len(staged) > 3 else ''})"
+                              f" at every call: start ComfyUI with --disable-dynamic-vram (or --highvram) to "
+                              f"replay graphs")
+            raise Eager(self._declined)
+        off = next((d[n].device for d, n in self._slots if not self.backend.supports(d[n].device)), None)
         if off is not None:
             self._weights = None  # check again next call: the host may still be loading
             raise Eager(f"part of the model's weights are on {off}: it is not fully loaded on the GPU")
+
+    def _current_pointers(self) -> tuple:
+        return tuple(0 if (t := d.get(n)) is None else t.data_ptr() for d, n in self._slots)
 
     # -- key ---------------------------------------------------------------------------------
     def _key(self, args, kwargs, options, device):

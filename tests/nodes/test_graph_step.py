@@ -390,14 +390,26 @@ def test_keys_that_change_every_call_give_up_on_graphs(tiny_model, graphs, caplo
     assert len(_records(caplog, "graph keys changed on almost every call")) == 1
 
 
-def test_dynamic_vram_runs_eager(tiny_model, graphs, caplog, monkeypatch):
-    """ComfyUI 0.29's dynamic VRAM (weights streamed per step) is a kind of offload."""
+def test_dynamic_vram_replays_unless_the_host_streams_a_modules_weights(graphs, caplog, monkeypatch):
+    """ComfyUI 0.29's dynamic VRAM stages comfy.ops modules through comfy-aimdo (marked ``_v``: their weights are
+    fetched or cast at every call, a kind of offload); a model where it staged none holds plain device tensors."""
+    from comfyui_octet.fixtures import reference_model
+    tiny_model = reference_model.build_tiny_sd15()      # its own: a module is marked staged below
     model, step = graph_step.install(tiny_model, backend=graphs)
     monkeypatch.setattr(model, "is_dynamic", lambda: True, raising=False)
     x, t, ctx = _inputs()
     with caplog.at_level(logging.INFO, logger="octet"):
-        _call(model, x, t, ctx)
-    assert len(_records(caplog, "dynamic VRAM")) == 1 and step.stats["eager"] == 1
+        want = _call(model, x, t, ctx)
+    assert step.stats["captures"] == 1 and step.stats["eager"] == 0
+    staged = tiny_model.model.diffusion_model.out[2]
+    staged._v = object()
+    staged.weight = torch.nn.Parameter(staged.weight.detach().clone())     # a load moves what it stages
+    with caplog.at_level(logging.INFO, logger="octet"):
+        for _ in range(2):
+            torch.testing.assert_close(_call(model, x, t, ctx), want, rtol=0, atol=0)
+    assert step.stats["eager"] == 2 and step.stats["invalidations"] == 1
+    assert len(_records(caplog, "dynamic VRAM (ComfyUI >= 0.29's default on NVIDIA) streams the weights of 1 "
+                                "module(s) (out.2) at every call")) == 1
 
 
 def test_forward_hooks_run_eager_every_step_and_graphs_resume_without_them(tiny_model, cpu_sample, graphs, caplog):
