@@ -9,8 +9,10 @@ which only comfy.ops' casts read and which stay resident between prompts. Octet'
   at the end of the load, as the legacy patcher's full load merges them (into the float weight, re-quantized).
 - **No copy per prompt.** Every prompt's sampler calls ``load_models_gpu``, and the dynamic patcher's ``load``
   first puts every whole-loaded tensor's CPU original back, then copies it over again: for an Octet model that
-  is the whole int8 model each prompt (SDXL on an H200: 1.27 s of a 3.2 s prompt). A layer whose tensors this
-  model loaded before, still on the device, with the same patches, keeps them (the host still counts them).
+  is the whole int8 model each prompt (SDXL on an H200: 1.27 s of a 3.2 s prompt). Tensors this model loaded
+  before, still on the device, with the same patches, are kept (the host still counts them): the Octet layers'
+  and also the small modules' the host always loads whole (norms), so that the tensors a CUDA graph captured
+  stay where they are and the graph step replays across prompts (aimdo stages none of an Octet model's modules).
 
 The patcher's class is swapped for a subclass that adds this to ``load``: the host's ``clone`` builds clones of
 the same class, so a LoRA applied downstream keeps it. Nothing else of the host's loader changes; an unload
@@ -49,28 +51,39 @@ class KeepsLoadedLayers:
         # 0.29: load(device_to, lowvram_model_memory, force_patch_weights, full_load, dirty); partially_load passes
         # dirty=True when the patches changed since the last load (another clone, a LoRA added or removed).
         dirty = kwargs.get("dirty", args[3] if len(args) > 3 else False)
-        kept = {} if dirty else _take_loaded(self, device_to)
+        kept = {} if dirty or device_to is None else _take_loaded(self, device_to)
         try:
             super().load(device_to, *args, **kwargs)
             merge_patches(self, device_to, skip=kept)
         finally:
-            for key, (backup, param) in kept.items():
-                # The host wrapped the kept tensor in a new Parameter (same storage): the original object is
-                # what the layer's plans and a merged LoRA's scales are keyed on. Its backup is the CPU original.
-                module, name = _param_owner(self.model, key)
-                if module is not None and _same_storage(module._parameters.get(name), param):
-                    module._parameters[name] = param
-                self.backup[key] = backup
+            for (kind, key), (backup, tensor) in kept.items():
+                # The host wrapped a kept tensor in a new Parameter (an Octet layer's: same storage) or, for the
+                # small modules it always force-loads, cast the CPU original again (same values: no patches on
+                # them). The loaded object goes back in place: the layers' plans and a merged LoRA's scales are
+                # keyed on it, and a CUDA graph captured on it stays valid. The backup is the CPU original.
+                module, name = _owner(self.model, key)
+                slots = getattr(module, "_parameters" if kind == "param" else "_buffers", {})
+                now = slots.get(name)
+                if now is not None and now.shape == tensor.shape and now.dtype == tensor.dtype \
+                        and now.device == tensor.device:
+                    slots[name] = tensor
+                (self.backup if kind == "param" else self.backup_buffers)[key] = backup
 
 
-def _param_owner(model, key: str):
-    """(module, parameter name) of ``key`` ("diffusion_model.x.y.weight") if that module is an Octet layer."""
+def _owner(model, key: str):
+    """(module, attribute name) of ``key`` ("diffusion_model.x.y.weight"); module None if there is none."""
     path, _, name = key.rpartition(".")
     module = model
     for part in path.split("."):
         module = getattr(module, part, None)
         if module is None:
-            return None, name
+            break
+    return module, name
+
+
+def _param_owner(model, key: str):
+    """``_owner`` if that module is an Octet layer, else (None, name)."""
+    module, name = _owner(model, key)
     return (module, name) if isinstance(module, QuantLayer) else (None, name)
 
 
@@ -89,21 +102,26 @@ def _on_device(t: torch.Tensor, device) -> bool:
 
 
 def _take_loaded(patcher, device_to) -> dict:
-    """Take out of the host's backup the Octet-layer tensors this model loaded (its backup is another tensor)
-    that are still on ``device_to``: key -> (backup, the live Parameter). The host's restore then leaves them in
-    place and its load finds them on the device (``Tensor.to`` returns them as they are: no copy)."""
+    """Take out of the host's backups the tensors this model loaded (the backup is another tensor) that are still
+    on ``device_to``: (kind, key) -> (backup, the loaded tensor). The host's restore then leaves them in place, and
+    its load finds them on the device (``Tensor.to`` hands them back: no copy). Not a host module's weight with
+    patches: the host merges those at each load from the backup (Octet's are merged by ``merge_patches``)."""
     kept = {}
-    if device_to is None:
-        return kept
-    for key in list(patcher.backup):
-        module, name = _param_owner(patcher.model, key)
-        param = None if module is None else module._parameters.get(name)
-        if param is None or not _on_device(param, device_to):
-            continue
-        backup = patcher.backup[key]
-        if getattr(backup, "inplace_update", False) or _same_storage(backup.weight, param):
-            continue   # nothing was copied (or the host copies in place): nothing to save
-        kept[key] = (patcher.backup.pop(key), param)
+    for kind, backups in (("param", patcher.backup), ("buffer", patcher.backup_buffers)):
+        for key in list(backups):
+            module, name = _owner(patcher.model, key)
+            if module is None:
+                continue
+            tensor = (module._parameters if kind == "param" else module._buffers).get(name)
+            if tensor is None or not _on_device(tensor, device_to):
+                continue
+            if kind == "param" and key in patcher.patches and not isinstance(module, QuantLayer):
+                continue
+            backup = backups[key]
+            original = backup.weight if kind == "param" else backup
+            if getattr(backup, "inplace_update", False) or _same_storage(original, tensor):
+                continue   # nothing was copied (or the host copies in place): nothing to keep
+            kept[(kind, key)] = (backups.pop(key), tensor)
     return kept
 
 
@@ -112,7 +130,7 @@ def merge_patches(patcher, device_to, skip=()) -> None:
     load merges them: into the float weight, re-quantized to int8. The host's backup keeps the unpatched weight
     and puts it back at the next load or unload. ``skip``: tensors kept from a load that merged them already."""
     for key in list(patcher.patches):
-        if key in skip or key not in patcher.backup:
+        if ("param", key) in skip or key not in patcher.backup:
             continue
         module, name = _param_owner(patcher.model, key)
         if module is not None and name in ("weight", "bias"):
