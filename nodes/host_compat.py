@@ -210,6 +210,15 @@ def enable_dynamic_vram() -> str:
     if not ready:
         return "off: comfy-aimdo did not initialise"
     comfy_aimdo.control.set_log_warning()    # its default logs every allocation
+    # main.py loads comfy-aimdo's library before anything imports its modules, which bind it at import. In a
+    # process that imported the host first (the test suite), those bound nothing: bind them now.
+    import importlib
+    import sys
+    for name in ("comfy_aimdo.host_buffer", "comfy_aimdo.model_vbar", "comfy_aimdo.vram_buffer",
+                 "comfy_aimdo.model_mmap"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "lib", False) is None:
+            importlib.reload(module)
     comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
     comfy.memory_management.aimdo_enabled = True
     return "on"

@@ -163,7 +163,7 @@ def test_gpu_octet_with_a_lora_under_real_dynamic_vram_computes_as_under_the_leg
     monkeypatch.setattr(mp, "CoreModelPatcher", mp.CoreModelPatcher)
     monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", comfy.memory_management.aimdo_enabled)
     assert host_compat.enable_dynamic_vram() == "on"
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cuda, cpu = torch.device("cuda", torch.cuda.current_device()), torch.device("cpu")   # as the host names it
     x, t, ctx = (v.to(cuda) for v in _inputs())
 
     def build():
