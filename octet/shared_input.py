@@ -156,11 +156,13 @@ class Group:
             self._fused = (key, None)
             return None
         weight = torch.cat([m.weight for m in members])
-        scale = torch.cat([m.current_weight_scale().reshape(-1, 1) for m in members])
+        # A merged LoRA's scales stay where the merge made them (the legacy patcher merges on the CPU, then
+        # moves the module): bring every member's to the weights' device.
+        scale = torch.cat([m.current_weight_scale().reshape(-1, 1).to(weight.device) for m in members])
         bias = None
         if any(m.bias is not None for m in members):
             dtype = next(m.bias.dtype for m in members if m.bias is not None)
-            bias = torch.cat([m.bias.to(dtype) if m.bias is not None
+            bias = torch.cat([m.bias.to(weight.device, dtype) if m.bias is not None
                               else torch.zeros(m.out_features, dtype=dtype, device=weight.device) for m in members])
         fused = QuantLinear(weight, scale, bias, first.act, first.backend, first.goal)
         if first.act == "static":
