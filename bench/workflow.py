@@ -210,8 +210,11 @@ def main() -> int:
         parser.error("--variants must include bf16 (every speed-up is against it)")
 
     if args.dynamic_vram:   # as main.py: comfy-aimdo's library is loaded before torch
-        import comfy_aimdo.control
-        comfy_aimdo.control.init()
+        try:
+            import comfy_aimdo.control
+            comfy_aimdo.control.init()
+        except ImportError:     # a host without it (0.3.75): enable_dynamic_vram says so below
+            pass
     import torch
     octet_pack.load(comfy=True, cpu=args.tiny or not torch.cuda.is_available())
     import comfy.model_management as mm
