@@ -3,10 +3,16 @@
 The dynamic patcher stages every module that has ``comfy_cast_weights`` through comfy-aimdo's virtual buffers,
 which only comfy.ops' casts read and which stay resident between prompts. Octet's layers are not comfy.ops
 (int8 weights, their own scales), so they load *whole*, as the host loads any plain module
-(``QuantLayer.load_whole``). Two things the host then does not do for them are done here:
+(``QuantLayer.load_whole``). Three things the host then gets wrong for them are handled here:
 
 - **LoRA.** The host merges weight patches only into the modules it stages. An Octet layer's patches are merged
   at the end of the load, as the legacy patcher's full load merges them (into the float weight, re-quantized).
+- **Backups by path.** The host keeps the CPU original of each tensor it loaded whole in a dict shared by every
+  clone of the model, keyed by path, and puts them back by path; the dynamic patcher takes the object patches out
+  *before* it does. So an Octet layer's int8 original went into the float Linear at its path (the float MODEL of
+  the same checkpoint then computed garbage), and a float module's original into an Octet layer. The layers hold
+  their originals themselves (never in the shared dict); a float module's backup found at an Octet layer's path
+  goes back into that float module before our load.
 - **No copy per prompt.** Every prompt's sampler calls ``load_models_gpu``, and the dynamic patcher's ``load``
   first puts every whole-loaded tensor's CPU original back, then copies it over again: for an Octet model that
   is the whole int8 model each prompt (SDXL on an H200: 1.27 s of a 3.2 s prompt). Tensors this model loaded
@@ -14,9 +20,11 @@ which only comfy.ops' casts read and which stay resident between prompts. Octet'
   and also the small modules' the host always loads whole (norms), so that the tensors a CUDA graph captured
   stay where they are and the graph step replays across prompts (aimdo stages none of an Octet model's modules).
 
-The patcher's class is swapped for a subclass that adds this to ``load``: the host's ``clone`` builds clones of
-the same class, so a LoRA applied downstream keeps it. Nothing else of the host's loader changes; an unload
-(or a partial one under memory pressure) still puts the CPU tensors back and frees the GPU ones.
+The patcher's class is swapped for a subclass that adds this to ``load``, ``unpatch_model`` and
+``partially_unload``: the host's ``clone`` builds clones of the same class, so a LoRA applied downstream keeps it.
+An unload (or a partial one under memory pressure) puts the CPU tensors back and frees the GPU ones. Not handled:
+when another clone of the same model (the float one) is loaded in its place, the Octet layers, swapped out, keep
+their GPU tensors until this model is loaded again (and uses them) or dropped (the host no longer counts them).
 """
 from __future__ import annotations
 
@@ -51,16 +59,28 @@ class KeepsLoadedLayers:
         # 0.29: load(device_to, lowvram_model_memory, force_patch_weights, full_load, dirty); partially_load passes
         # dirty=True when the patches changed since the last load (another clone, a LoRA added or removed).
         dirty = kwargs.get("dirty", args[3] if len(args) > 3 else False)
+        layers = _octet_layers(self)
+        _return_foreign(self, layers)
+        if dirty or device_to is None:
+            _restore_layers(layers)             # loaded with other patches: from the originals again
+        # Layers holding loaded tensors keep them: their originals are not in the host's backups, so its load
+        # finds them on the device and copies nothing. It wraps each in a new Parameter; the layer's own object
+        # goes back (its plans and a merged LoRA's scales are keyed on it, a captured graph reads it).
+        merged = {key: layer._parameters[name] for key, (layer, name) in layers.items()
+                  if name in layer.__dict__.get(ORIGINALS, {}) and name in layer._parameters}
         kept = {} if dirty or device_to is None else _take_loaded(self, device_to)
         try:
             super().load(device_to, *args, **kwargs)
-            merge_patches(self, device_to, skip=kept)
+            merge_patches(self, device_to, skip=merged)
+            for key, param in merged.items():
+                layer, name = layers[key]
+                if _same_storage(layer._parameters.get(name), param):
+                    layer._parameters[name] = param
         finally:
             for (kind, key), (backup, tensor) in kept.items():
-                # The host wrapped a kept tensor in a new Parameter (an Octet layer's: same storage) or, for the
-                # small modules it always force-loads, cast the CPU original again (same values: no patches on
-                # them). The loaded object goes back in place: the layers' plans and a merged LoRA's scales are
-                # keyed on it, and a CUDA graph captured on it stays valid. The backup is the CPU original.
+                # The host cast the CPU original of a small module it always loads whole again (same values: no
+                # patches on them); the loaded object goes back in place, so that a CUDA graph captured on it
+                # stays valid. The backup is the CPU original.
                 module, name = _owner(self.model, key)
                 slots = getattr(module, "_parameters" if kind == "param" else "_buffers", {})
                 now = slots.get(name)
@@ -68,6 +88,75 @@ class KeepsLoadedLayers:
                         and now.device == tensor.device:
                     slots[name] = tensor
                 (self.backup if kind == "param" else self.backup_buffers)[key] = backup
+            _hold_originals(self, layers)
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        # The dynamic patcher takes the object patches out first and puts the backups back after, by path: the
+        # Octet layers' originals would land in the float modules. They go back into the layers first.
+        if unpatch_weights:
+            _restore_layers(_octet_layers(self))
+        return super().unpatch_model(device_to, unpatch_weights)
+
+    def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
+        freed = super().partially_unload(device_to, memory_to_free, *args, **kwargs)
+        if self.model.model_loaded_weight_memory == 0:      # the host put its whole-loaded tensors back: ours too
+            _restore_layers(_octet_layers(self))
+        return freed
+
+
+# A layer's CPU originals of what the host loaded whole, by tensor name: kept on the layer, not in the host's
+# backups, which all clones of a model share and restore by path into whatever module is there (the float one).
+ORIGINALS = "_octet_host_originals"
+
+
+def _octet_layers(patcher) -> dict:
+    """The Octet layers of ``patcher`` that are in its model now: host key -> (layer, tensor name)."""
+    found = {}
+    for path, layer in patcher.object_patches.items():
+        if isinstance(layer, QuantLayer) and _owner(patcher.model, path)[0] is not None:
+            module, name = _owner(patcher.model, path)
+            if getattr(module, name, None) is layer:
+                for tensor_name in (*layer._parameters, *layer._buffers):
+                    found[f"{path}.{tensor_name}"] = (layer, tensor_name)
+    return found
+
+
+def _return_foreign(patcher, layers: dict) -> None:
+    """Backups at the Octet layers' paths are another clone's: of the module our object patch replaced (a float
+    one the host loaded whole). The host would put them back by path, into our layers; they go back into that
+    module instead, as the host would have done had it unloaded that clone before swapping the modules."""
+    for key in layers:
+        path, _, name = key.rpartition(".")
+        replaced = patcher.object_patches_backup.get(path)
+        for backups, slots in ((patcher.backup, "_parameters"), (patcher.backup_buffers, "_buffers")):
+            entry = backups.pop(key, None)
+            if entry is None or not isinstance(replaced, torch.nn.Module):
+                continue
+            tensor = entry.weight if slots == "_parameters" else entry
+            if name in getattr(replaced, slots):
+                getattr(replaced, slots)[name] = tensor
+
+
+def _hold_originals(patcher, layers: dict) -> None:
+    """Move the host's backups of the Octet layers' tensors onto the layers (the first one seen is the CPU
+    original: a kept tensor's later backup is the loaded tensor itself)."""
+    for key, (layer, name) in layers.items():
+        for backups in (patcher.backup, patcher.backup_buffers):
+            if key in backups:
+                entry = backups.pop(key)
+                layer.__dict__.setdefault(ORIGINALS, {}).setdefault(name, entry)
+
+
+def _restore_layers(layers: dict) -> None:
+    """Put the CPU originals back into the layers (their loaded tensors are freed with the plans holding them)."""
+    for layer, name in layers.values():
+        entry = layer.__dict__.get(ORIGINALS, {}).pop(name, None)
+        if entry is None:
+            continue
+        if name in layer._parameters:
+            setattr(layer, name, entry.weight)      # QuantLayer.__setattr__ drops the plans made on the old one
+        else:
+            layer._buffers[name] = entry
 
 
 def _owner(model, key: str):
@@ -79,12 +168,6 @@ def _owner(model, key: str):
         if module is None:
             break
     return module, name
-
-
-def _param_owner(model, key: str):
-    """``_owner`` if that module is an Octet layer, else (None, name)."""
-    module, name = _owner(model, key)
-    return (module, name) if isinstance(module, QuantLayer) else (None, name)
 
 
 def _same_storage(a, b) -> bool:
@@ -102,20 +185,20 @@ def _on_device(t: torch.Tensor, device) -> bool:
 
 
 def _take_loaded(patcher, device_to) -> dict:
-    """Take out of the host's backups the tensors this model loaded (the backup is another tensor) that are still
-    on ``device_to``: (kind, key) -> (backup, the loaded tensor). The host's restore then leaves them in place, and
-    its load finds them on the device (``Tensor.to`` hands them back: no copy). Not a host module's weight with
-    patches: the host merges those at each load from the backup (Octet's are merged by ``merge_patches``)."""
+    """Take out of the host's backups the tensors of its own modules that this model loaded (the backup is another
+    tensor) and that are still on ``device_to``: (kind, key) -> (backup, the loaded tensor). The host then leaves
+    them in place, or casts the original again and ``load`` puts the loaded one back. Not a weight with patches:
+    the host merges those at each load from the backup. (Octet layers' originals are on the layers.)"""
     kept = {}
     for kind, backups in (("param", patcher.backup), ("buffer", patcher.backup_buffers)):
         for key in list(backups):
             module, name = _owner(patcher.model, key)
-            if module is None:
+            if module is None or isinstance(module, QuantLayer):
                 continue
             tensor = (module._parameters if kind == "param" else module._buffers).get(name)
             if tensor is None or not _on_device(tensor, device_to):
                 continue
-            if kind == "param" and key in patcher.patches and not isinstance(module, QuantLayer):
+            if kind == "param" and key in patcher.patches:
                 continue
             backup = backups[key]
             original = backup.weight if kind == "param" else backup
@@ -127,11 +210,11 @@ def _take_loaded(patcher, device_to) -> dict:
 
 def merge_patches(patcher, device_to, skip=()) -> None:
     """Merge the weight patches (LoRA) of ``patcher``'s Octet layers, which the host just loaded whole, as a full
-    load merges them: into the float weight, re-quantized to int8. The host's backup keeps the unpatched weight
-    and puts it back at the next load or unload. ``skip``: tensors kept from a load that merged them already."""
+    load merges them: into the float weight, re-quantized to int8. The CPU original stays on the layer for the
+    unload. ``skip``: keys whose loaded tensors were kept from a load that merged them already."""
     for key in list(patcher.patches):
-        if ("param", key) in skip or key not in patcher.backup:
+        if key in skip or key not in patcher.backup:
             continue
-        module, name = _param_owner(patcher.model, key)
-        if module is not None and name in ("weight", "bias"):
+        module, name = _owner(patcher.model, key)
+        if isinstance(module, QuantLayer) and name in ("weight", "bias"):
             patcher.patch_weight_to_device(key, device_to=device_to)

@@ -9,7 +9,7 @@ with a stand-in for the host buffers. Whether aimdo itself stages on a GPU is be
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge
+from comfyui_octet.nodes import bridge, dynamic_vram
 from comfyui_octet.octet import config_for_mode
 from comfyui_octet.octet.modules import QuantLayer
 
@@ -31,6 +31,9 @@ def dynamic(monkeypatch):
             pass
     monkeypatch.setattr(comfy_aimdo.host_buffer, "HostBuffer", HostBuffer)
     monkeypatch.setattr(mp.ModelPatcherDynamic, "__new__", lambda cls, *a, **k: object.__new__(cls))
+    # The host's partially_unload asserts a GPU; with no aimdo buffer to free (the CPU) it restores the backups.
+    monkeypatch.setattr(mp.ModelPatcherDynamic, "partially_unload",
+                        lambda self, device_to, memory_to_free=0, force_patch_weights=False: self.restore_loaded_backups())
 
     def make():
         legacy = reference_model.build_tiny_sd15()
@@ -79,18 +82,29 @@ def test_octet_layers_load_whole_under_dynamic_vram_and_compute_as_under_the_leg
     assert len(layers) == len(result.replacements) > 100
     # Not staged (staging marks a module with seed_key and casts it per call): backed up and loaded whole.
     assert not any(hasattr(m, "seed_key") or hasattr(m, "comfy_cast_weights") for m in layers)
-    names = {n for n, m in quantized.model.diffusion_model.named_modules() if isinstance(m, QuantLayer)}
-    assert {f"diffusion_model.{n}.weight" for n in names} <= set(quantized.backup)
+    # Their CPU originals are held by the layers, not in the host's backups (shared by every clone of the model and
+    # put back by path: into the float modules once the object patches are out).
+    assert all(m.__dict__[dynamic_vram.ORIGINALS]["weight"].weight.device.type == "cpu" for m in layers)
+    assert not any(".".join(k.split(".")[:-1]) in quantized.object_patches for k in quantized.backup)
     # while the host's own modules are staged as before
     assert any(hasattr(m, "seed_key") for m in quantized.model.diffusion_model.modules())
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def _as_if_copied(patcher):
-    """Make the host's backups of the Octet layers' tensors other tensors than the loaded ones, as on a GPU
-    (where a load copies the CPU original over; on the CPU, ``Tensor.to`` hands back the original itself)."""
+    """Make the originals of what the host loaded whole other tensors than the loaded ones, as on a GPU (where a
+    load copies the CPU original over; on the CPU, ``Tensor.to`` hands back the original itself)."""
+    def copy(t):
+        return torch.nn.Parameter(t.detach().clone(), requires_grad=False) if isinstance(t, torch.nn.Parameter) \
+            else t.clone()
     for key, bk in list(patcher.backup.items()):
-        patcher.backup[key] = bk._replace(weight=torch.nn.Parameter(bk.weight.detach().clone(), requires_grad=False))
+        patcher.backup[key] = bk._replace(weight=copy(bk.weight))
+    for key, buf in list(patcher.backup_buffers.items()):
+        patcher.backup_buffers[key] = copy(buf)
+    for m in _layers(patcher):
+        held = m.__dict__.get(dynamic_vram.ORIGINALS, {})
+        for name, entry in list(held.items()):
+            held[name] = entry._replace(weight=copy(entry.weight)) if hasattr(entry, "_replace") else copy(entry)
 
 
 def test_a_lora_on_an_octet_model_under_dynamic_vram_is_merged_as_a_full_load_merges_it(dynamic, rng):
@@ -110,7 +124,7 @@ def test_a_lora_on_an_octet_model_under_dynamic_vram_is_merged_as_a_full_load_me
         torch.testing.assert_close(_dynamic_output(model), expected, rtol=0, atol=0)
 
 
-def test_a_second_prompts_load_keeps_the_loaded_octet_tensors_and_their_plans(dynamic):
+def test_a_second_prompts_load_keeps_the_loaded_tensors_and_their_plans(dynamic):
     _, patcher = dynamic()
     quantized, _ = bridge.quantize_model(patcher, config_for_mode("dynamic"))
     first = _dynamic_output(quantized)
@@ -118,33 +132,76 @@ def test_a_second_prompts_load_keeps_the_loaded_octet_tensors_and_their_plans(dy
     layers = _layers(quantized)
     loaded = [(m.weight, m.bias, dict(m._plans)) for m in layers]
     assert sum(bool(plans) for *_, plans in loaded) > 50
-    names = [n for n, m in quantized.model.diffusion_model.named_modules() if isinstance(m, QuantLayer)]
-    backups = {f"diffusion_model.{n}.weight": quantized.backup[f"diffusion_model.{n}.weight"].weight for n in names}
+    originals = [m.__dict__[dynamic_vram.ORIGINALS]["weight"].weight for m in layers]
     memory = quantized.model.model_loaded_weight_memory
     norm = quantized.model.diffusion_model.out[0]            # a host module it loads whole (small: not staged)
     assert not isinstance(norm, QuantLayer) and "diffusion_model.out.0.weight" in quantized.backup
     norm_weight = norm.weight
     again = _dynamic_output(quantized)
-    assert norm.weight is norm_weight                        # kept too: a captured graph's tensors stay put
     torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert norm.weight is norm_weight                        # kept too: a captured graph's tensors stay put
     for m, (weight, bias, plans) in zip(layers, loaded):
         assert m.weight is weight and m.bias is bias             # not copied again, the same Parameter
         assert all(m._plans.get(k) is plan for k, plan in plans.items())   # not planned again
-    assert all(quantized.backup[k].weight is original for k, original in backups.items())   # for the unload
+    assert all(m.__dict__[dynamic_vram.ORIGINALS]["weight"].weight is o for m, o in zip(layers, originals))
     assert quantized.model.model_loaded_weight_memory == memory            # still counted by the host
-    quantized.restore_loaded_backups()                       # the host's unload (or one under memory pressure)
-    assert all(m.weight.data_ptr() == backups[f"diffusion_model.{n}.weight"].data_ptr() for n, m in zip(names, layers))
+    quantized.partially_unload(quantized.offload_device, 1e32)   # the host's unload under memory pressure
+    assert all(m.weight.data_ptr() == o.data_ptr() for m, o in zip(layers, originals))
+    assert not any(m._plans or m._operands for m in layers)     # nothing holds the loaded tensors
 
 
-def test_the_hosts_restored_weights_leave_no_plan_holding_the_loaded_ones(dynamic):
+def test_after_an_octet_model_the_float_model_of_the_same_base_computes_as_before(dynamic):
+    """Clones share the host's backups and it restores them by path: an Octet layer's int8 original once went
+    into the float Linear at that path (the base model's output then changed by 0.15 of 0.12)."""
+    import comfy.model_management as mm
+    _, patcher = dynamic()
+    x, t, ctx = _inputs()
+    quantized = bridge.quantize_model(patcher, config_for_mode("dynamic"))[0]
+    outputs = {}
+    for name, model in (("float", patcher), ("int8", quantized), ("float", patcher), ("int8", quantized),
+                        ("float", patcher)):
+        mm.load_models_gpu([model])
+        with torch.no_grad():
+            outputs.setdefault(name, []).append(model.model.diffusion_model(x, t, context=ctx))
+    assert float((outputs["float"][0] - outputs["int8"][0]).abs().max()) > 1e-3
+    for runs in outputs.values():
+        for out in runs[1:]:
+            torch.testing.assert_close(out, runs[0], rtol=0, atol=0)
+    mm.unload_all_models()       # the Octet model's full unload, then the float one's: the float modules intact
+    assert not any(isinstance(m.weight, torch.Tensor) and m.weight.dtype == torch.int8
+                   for m in patcher.model.diffusion_model.modules() if not isinstance(m, QuantLayer)
+                   and isinstance(getattr(m, "weight", None), torch.Tensor))
+    mm.load_models_gpu([patcher])
+    with torch.no_grad():
+        torch.testing.assert_close(patcher.model.diffusion_model(x, t, context=ctx), outputs["float"][0], rtol=0, atol=0)
+
+
+def test_two_octet_models_of_one_base_alternate(dynamic):
+    """Different layers at some paths (convs quantized or not): each model keeps computing as itself."""
+    import comfy.model_management as mm
+    _, patcher = dynamic()
+    x, t, ctx = _inputs()
+    a = bridge.quantize_model(patcher, config_for_mode("dynamic"))[0]
+    b = bridge.quantize_model(patcher, config_for_mode("weight_only", kinds=("linear",)))[0]
+    outputs = {}
+    for name, model in (("a", a), ("b", b), ("a", a), ("b", b)):
+        mm.load_models_gpu([model])
+        with torch.no_grad():
+            outputs.setdefault(name, []).append(model.model.diffusion_model(x, t, context=ctx))
+    for runs in outputs.values():
+        torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=0)
+
+
+def test_the_hosts_unload_leaves_no_plan_holding_the_loaded_tensors(dynamic):
     _, patcher = dynamic()
     quantized, _ = bridge.quantize_model(patcher, config_for_mode("dynamic"))
     _dynamic_output(quantized)
     _as_if_copied(quantized)
     layers = _layers(quantized)
     assert any(m._plans for m in layers)
-    quantized.restore_loaded_backups()                       # the host's unload of whole-loaded weights
+    quantized.unpatch_model(quantized.offload_device, unpatch_weights=True)   # the host's full unload
     assert not any(m._plans or m._operands for m in layers)
+    assert not any(dynamic_vram.ORIGINALS in m.__dict__ and m.__dict__[dynamic_vram.ORIGINALS] for m in layers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="comfy-aimdo stages weights on a GPU")
