@@ -66,13 +66,13 @@ class KeepsLoadedLayers:
         # Layers holding loaded tensors keep them: their originals are not in the host's backups, so its load
         # finds them on the device and copies nothing. It wraps each in a new Parameter; the layer's own object
         # goes back (its plans and a merged LoRA's scales are keyed on it, a captured graph reads it).
-        merged = {key: layer._parameters[name] for key, (layer, name) in layers.items()
-                  if name in layer.__dict__.get(ORIGINALS, {}) and name in layer._parameters}
+        still_loaded = {key: layer._parameters[name] for key, (layer, name) in layers.items()
+                        if name in layer.__dict__.get(ORIGINALS, {}) and name in layer._parameters}
         kept = {} if dirty or device_to is None else _take_loaded(self, device_to)
         try:
             super().load(device_to, *args, **kwargs)
-            merge_patches(self, device_to, skip=merged)
-            for key, param in merged.items():
+            merge_patches(self, device_to, skip=still_loaded)   # those had their patches merged when loaded
+            for key, param in still_loaded.items():
                 layer, name = layers[key]
                 if _same_storage(layer._parameters.get(name), param):
                     layer._parameters[name] = param
@@ -113,11 +113,12 @@ def _octet_layers(patcher) -> dict:
     """The Octet layers of ``patcher`` that are in its model now: host key -> (layer, tensor name)."""
     found = {}
     for path, layer in patcher.object_patches.items():
-        if isinstance(layer, QuantLayer) and _owner(patcher.model, path)[0] is not None:
-            module, name = _owner(patcher.model, path)
-            if getattr(module, name, None) is layer:
-                for tensor_name in (*layer._parameters, *layer._buffers):
-                    found[f"{path}.{tensor_name}"] = (layer, tensor_name)
+        if not isinstance(layer, QuantLayer):
+            continue
+        parent, name = _owner(patcher.model, path)
+        if parent is not None and getattr(parent, name, None) is layer:
+            for tensor_name in (*layer._parameters, *layer._buffers):
+                found[f"{path}.{tensor_name}"] = (layer, tensor_name)
     return found
 
 
