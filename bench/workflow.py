@@ -15,7 +15,8 @@ Variants (each its own full-size model, random weights, built in this one proces
 
 ``--dynamic-vram`` (ComfyUI >= 0.29): what ``main.py`` does on NVIDIA by default: comfy-aimdo initialised,
 every MODEL a ``ModelPatcherDynamic`` whose weights start on the CPU (as a loader leaves them) and are staged
-to the GPU by the host. Octet's graph step runs eager there, saying so; these rows measure what that costs.
+to the GPU by the host (an Octet model's layers load whole and stay loaded between prompts: nodes/dynamic_vram.py).
+These rows add the host's ``load_models_gpu`` time per prompt and the modules aimdo stages.
 
 After the rounds each variant samples the first prompt's seed again and compares it with its own first latent
 (run-to-run determinism; the first prompt of a graph variant ran its warm-up and capture, later ones replay).

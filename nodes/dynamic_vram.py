@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..octet.modules import QuantLayer
+from ..octet.modules import QuantLayer, same_storage
 
 
 def install(patcher, layers) -> None:
@@ -74,7 +74,7 @@ class KeepsLoadedLayers:
             merge_patches(self, device_to, skip=still_loaded)   # those had their patches merged when loaded
             for key, param in still_loaded.items():
                 layer, name = layers[key]
-                if _same_storage(layer._parameters.get(name), param):
+                if same_storage(layer._parameters.get(name), param):
                     layer._parameters[name] = param
         finally:
             for (kind, key), (backup, tensor) in kept.items():
@@ -163,17 +163,10 @@ def _restore_layers(layers: dict) -> None:
 def _owner(model, key: str):
     """(module, attribute name) of ``key`` ("diffusion_model.x.y.weight"); module None if there is none."""
     path, _, name = key.rpartition(".")
-    module = model
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            break
-    return module, name
-
-
-def _same_storage(a, b) -> bool:
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device == b.device
-            and a.dtype == b.dtype and a.shape == b.shape and a.data_ptr() == b.data_ptr())
+    try:
+        return model.get_submodule(path), name
+    except AttributeError:
+        return None, name
 
 
 def _on_device(t: torch.Tensor, device) -> bool:
@@ -203,7 +196,7 @@ def _take_loaded(patcher, device_to) -> dict:
                 continue
             backup = backups[key]
             original = backup.weight if kind == "param" else backup
-            if getattr(backup, "inplace_update", False) or _same_storage(original, tensor):
+            if getattr(backup, "inplace_update", False) or same_storage(original, tensor):
                 continue   # nothing was copied (or the host copies in place): nothing to keep
             kept[(kind, key)] = (backups.pop(key), tensor)
     return kept

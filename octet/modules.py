@@ -69,6 +69,12 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+def same_storage(a, b) -> bool:
+    """Both tensors, the same memory seen the same way: a rewrap (``nn.Parameter(t)``), not a copy or a cast."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device == b.device
+            and a.dtype == b.dtype and a.shape == b.shape and a.data_ptr() == b.data_ptr())
+
+
 def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
     if t is None or t.device == device:
         return t
@@ -174,8 +180,7 @@ class QuantLayer(nn.Module):
             return super().__setattr__(name, value)
         old = self._parameters.get(name)
         super().__setattr__(name, value)
-        if not (isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old.device == value.device
-                and old.shape == value.shape and old.dtype == value.dtype and old.data_ptr() == value.data_ptr()):
+        if not same_storage(old, value):
             # The host replaced a parameter (0.29's dynamic VRAM puts the CPU weight back on unload): plans
             # made for the old tensor (its float copy, the group's fused layer) would hold its device memory.
             # The same storage rewrapped (a reload that kept the loaded tensor) changes nothing.
