@@ -20,17 +20,18 @@ which only comfy.ops' casts read and which stay resident between prompts. Octet'
   and also the small modules' the host always loads whole (norms), so that the tensors a CUDA graph captured
   stay where they are and the graph step replays across prompts (aimdo stages none of an Octet model's modules).
 
-The patcher's class is swapped for a subclass that adds this to ``load``, ``unpatch_model`` and
+The patcher's class is swapped for a subclass that adds this to ``load``, ``unpatch_model``, ``detach`` and
 ``partially_unload``: the host's ``clone`` builds clones of the same class, so a LoRA applied downstream keeps it.
-An unload (or a partial one under memory pressure) puts the CPU tensors back and frees the GPU ones. Not handled:
-when another clone of the same model (the float one) is loaded in its place, the Octet layers, swapped out, keep
-their GPU tensors until this model is loaded again (and uses them) or dropped (the host no longer counts them).
+An unload (or a partial one under memory pressure) puts the CPU tensors back and frees the GPU ones, and so does
+another clone of the same model (the float one) being loaded in its place: the host stops counting this one then,
+and its next load would copy the layers again anyway.
 """
 from __future__ import annotations
 
 import torch
 
 from ..octet.modules import QuantLayer, same_storage
+from . import host_compat
 
 
 def install(patcher, layers) -> None:
@@ -96,6 +97,18 @@ class KeepsLoadedLayers:
         if unpatch_weights:
             _restore_layers(_octet_layers(self))
         return super().unpatch_model(device_to, unpatch_weights)
+
+    def detach(self, unpatch_all=True):
+        if not unpatch_all:
+            incoming = host_compat.clone_loading_in_place_of(self)
+            if incoming is not None:
+                # Another clone of the model is loaded in this one's place (the float MODEL, a LoRA'd one): the
+                # host stops counting this one, and nothing runs these layers until it is loaded again, whose
+                # load then copies them from their originals (other patches were loaded in between). Free them
+                # now, as an unload does; not those the incoming clone has too (a clone with other model options).
+                used = {id(m) for m in incoming.object_patches.values()}
+                _restore_layers({key: entry for key, entry in _octet_layers(self).items() if id(entry[0]) not in used})
+        return super().detach(unpatch_all)
 
     def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
         freed = super().partially_unload(device_to, memory_to_free, *args, **kwargs)

@@ -299,12 +299,15 @@ class GraphStep:
     def on_detach(self, patcher, unpatch_all=True):
         """The host unloaded the model: drop the graphs, whose memory ComfyUI counts as freed by the unload.
 
-        Only a full unload (``unpatch_all``, from model_unload): both hosts also detach with
-        ``unpatch_all=False`` at the start of every sampling run (load_models_gpu hands the model over
-        to itself), when switching clones and when a clone is garbage-collected; the weight check
-        covers those."""
+        Both hosts also detach with ``unpatch_all=False`` at the start of every sampling run
+        (load_models_gpu hands the model over to itself) and when a clone is garbage-collected: the
+        graphs stay (the weight check covers those). When another clone of the model is loaded in this
+        one's place (the float MODEL of the same checkpoint), the host no longer counts this one's
+        memory: the graphs go now, and this one's next run captures again (tenths of a second)."""
         if unpatch_all:
             self._release("model unloaded")
+        elif host_compat.clone_loading_in_place_of(patcher) is not None:
+            self._release("another clone of the model is loaded in its place")
 
     def _release(self, why: str) -> None:
         dropped = self.cache.clear()

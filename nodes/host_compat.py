@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 
 from ..octet.api import OctetError
 
@@ -183,6 +184,34 @@ def dynamic_vram(patcher) -> bool:
     0.3.75's patchers have no ``is_dynamic``."""
     is_dynamic = getattr(patcher, "is_dynamic", None)
     return is_dynamic is not None and bool(is_dynamic())
+
+
+def clone_loading_in_place_of(patcher):
+    """The other clone of ``patcher``'s model that ComfyUI's ``load_models_gpu`` is loading in its place, or None.
+
+    Both hosts' ``load_models_gpu`` pop every loaded clone of a model it is about to load and call
+    ``detach(unpatch_all=False)`` on it: at every prompt for the model itself (it hands the model over to
+    itself) and when another clone (the float MODEL of the same checkpoint, a LoRA'd one) takes its place. A
+    clone being garbage-collected detaches the same way. Only the second case means "what you hold on the GPU
+    will not run before you are loaded again", and neither host says which case it is: the clone being loaded
+    is ``load_models_gpu``'s local ``loaded_model``. Read from the frame that called ``patcher.detach``; any
+    other caller (or a host that renames it) gives None, which keeps today's behaviour (nothing is freed)."""
+    frame = sys._getframe(1)
+    for _ in range(12):     # up to the outermost detach of this patcher (a subclass's override calls the host's)
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "detach" and frame.f_locals.get("self") is patcher:
+            while frame.f_back is not None and frame.f_back.f_code.co_name == "detach" \
+                    and frame.f_back.f_locals.get("self") is patcher:
+                frame = frame.f_back
+            caller = frame.f_back
+            if caller is None or caller.f_code.co_name != "load_models_gpu" \
+                    or not str(caller.f_globals.get("__name__", "")).endswith("model_management"):
+                return None
+            incoming = getattr(caller.f_locals.get("loaded_model"), "model", None)
+            return None if incoming is None or incoming is patcher else incoming
+        frame = frame.f_back
+    return None
 
 
 def enable_dynamic_vram() -> str:

@@ -157,12 +157,20 @@ def test_after_an_octet_model_the_float_model_of_the_same_base_computes_as_befor
     _, patcher = dynamic()
     x, t, ctx = _inputs()
     quantized = bridge.quantize_model(patcher, config_for_mode("dynamic"))[0]
+    layers = [m for m in quantized.object_patches.values() if isinstance(m, QuantLayer)]
     outputs = {}
     for name, model in (("float", patcher), ("int8", quantized), ("float", patcher), ("int8", quantized),
                         ("float", patcher)):
         mm.load_models_gpu([model])
+        if name == "float":
+            # Loaded in the Octet model's place: the layers it does not run hold nothing loaded (no plan, the
+            # originals back), as after an unload; the host no longer counts them.
+            assert not any(m._plans or m._operands or m.__dict__.get(dynamic_vram.ORIGINALS) for m in layers)
         with torch.no_grad():
             outputs.setdefault(name, []).append(model.model.diffusion_model(x, t, context=ctx))
+        if name == "int8":
+            assert any(m._plans for m in layers)
+            _as_if_copied(quantized)
     assert float((outputs["float"][0] - outputs["int8"][0]).abs().max()) > 1e-3
     for runs in outputs.values():
         for out in runs[1:]:
@@ -174,6 +182,29 @@ def test_after_an_octet_model_the_float_model_of_the_same_base_computes_as_befor
     mm.load_models_gpu([patcher])
     with torch.no_grad():
         torch.testing.assert_close(patcher.model.diffusion_model(x, t, context=ctx), outputs["float"][0], rtol=0, atol=0)
+
+
+def test_the_next_prompts_load_and_a_clone_with_other_options_keep_the_loaded_layers(dynamic):
+    """load_models_gpu detaches the model it loads (itself, at every prompt) and a clone it loads in its place:
+    neither frees the layers they both run (a new sampling option on a model clones its patcher)."""
+    import comfy.model_management as mm
+    _, patcher = dynamic()
+    x, t, ctx = _inputs()
+    quantized = bridge.quantize_model(patcher, config_for_mode("dynamic"))[0]
+    mm.load_models_gpu([quantized])
+    layers = _layers(quantized)
+    with torch.no_grad():
+        first = quantized.model.diffusion_model(x, t, context=ctx)
+    planned = [dict(m._plans) for m in layers]
+    assert sum(map(bool, planned)) > 50
+    other = quantized.clone()
+    other.model_options["transformer_options"]["octet_test_option"] = 1
+    for model in (quantized, other, other, quantized):
+        mm.load_models_gpu([model])
+        with torch.no_grad():
+            torch.testing.assert_close(model.model.diffusion_model(x, t, context=ctx), first, rtol=0, atol=0)
+        for m, plans in zip(layers, planned):
+            assert all(m._plans.get(k) is plan for k, plan in plans.items())   # not freed, not planned again
 
 
 def test_two_octet_models_of_one_base_alternate(dynamic):
@@ -269,3 +300,42 @@ def test_gpu_octet_with_a_lora_under_real_dynamic_vram_computes_as_under_the_leg
     mm.free_memory(1e30, cuda)      # what the host does to make room (unload_all_models frees its own device)
     assert all(m.weight.device.type == "cpu" for m in layers)
     assert not any(m._plans or m._operands for m in layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="comfy-aimdo stages weights on a GPU")
+def test_gpu_the_float_model_loaded_in_the_octet_models_place_computes_as_before_and_frees_the_layers(monkeypatch):
+    """Real comfy-aimdo on a GPU: float, INT8, float, INT8 of one checkpoint through load_models_gpu. The float
+    MODEL computes as it did before the INT8 one ran (the host's backups by path once put int8 originals into
+    it), and while it runs the INT8 layers hold no GPU memory (the host no longer counts them)."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher as mp
+    if not hasattr(mp, "ModelPatcherDynamic"):
+        pytest.skip("ComfyUI 0.3.75 has no dynamic VRAM")
+    from comfyui_octet.fixtures import reference_model
+    from comfyui_octet.nodes import host_compat
+    monkeypatch.setattr(mp, "CoreModelPatcher", mp.CoreModelPatcher)
+    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", comfy.memory_management.aimdo_enabled)
+    assert host_compat.enable_dynamic_vram() == "on"
+    cuda, cpu = torch.device("cuda", torch.cuda.current_device()), torch.device("cpu")
+    x, t, ctx = (v.to(cuda) for v in _inputs())
+    legacy = reference_model.build_tiny_sd15()
+    patcher = mp.ModelPatcherDynamic(legacy.model, cuda, cpu)
+    quantized = bridge.quantize_model(patcher, config_for_mode("dynamic"))[0]
+    layers = [m for m in quantized.object_patches.values() if isinstance(m, QuantLayer)]
+    outputs = {}
+    for name, model in (("float", patcher), ("int8", quantized), ("float", patcher), ("int8", quantized),
+                        ("int8", quantized), ("float", patcher)):
+        mm.load_models_gpu([model])
+        on_gpu = [m for m in layers if any(p.device.type == "cuda" for p in (*m.parameters(), *m.buffers()))]
+        assert (not on_gpu) if name == "float" else (len(on_gpu) == len(layers)), (name, len(on_gpu))
+        if name == "float":
+            assert not any(m._plans or m._operands for m in layers)
+        with torch.no_grad():
+            outputs.setdefault(name, []).append(model.model.diffusion_model(x, t, context=ctx))
+    assert float((outputs["float"][0] - outputs["int8"][0]).abs().max()) > 1e-3
+    for out in outputs["float"][1:]:
+        torch.testing.assert_close(out, outputs["float"][0], rtol=0, atol=0)
+    for out in outputs["int8"][1:]:     # up to the first-call difference of the test above (~1e-4 of 0.1)
+        torch.testing.assert_close(out, outputs["int8"][0], rtol=0, atol=1e-3)
+    mm.free_memory(1e30, cuda)

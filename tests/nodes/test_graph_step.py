@@ -98,6 +98,7 @@ def test_on_cpu_sampling_equals_eager_and_says_why_once(tiny_model, cpu_sample, 
 def test_replays_equal_eager_one_graph_per_signature(tiny_model, cpu_sample, graphs, caplog):
     model, step = graph_step.install(tiny_model, backend=graphs)
     eager = cpu_sample(tiny_model, seed=5)
+    larger = cpu_sample(tiny_model, size=SIZE + 4)   # first: loading the float clone would drop model's graphs
     with caplog.at_level(logging.INFO, logger="octet"):
         torch.testing.assert_close(cpu_sample(model, seed=5), eager, rtol=0, atol=0)
     # cond and uncond go through as one batch every step: one signature, captured once.
@@ -107,7 +108,7 @@ def test_replays_equal_eager_one_graph_per_signature(tiny_model, cpu_sample, gra
 
     cpu_sample(model, seed=6)                        # same shapes, other values: reused
     assert step.stats["captures"] == 1 and step.stats["replays"] == 2 * STEPS
-    torch.testing.assert_close(cpu_sample(model, size=SIZE + 4), cpu_sample(tiny_model, size=SIZE + 4), rtol=0, atol=0)
+    torch.testing.assert_close(cpu_sample(model, size=SIZE + 4), larger, rtol=0, atol=0)
     assert step.stats["captures"] == 2               # another latent size: another graph
     cpu_sample(model, cfg=1.0)                       # cfg 1: no uncond batch -> cond_or_uncond [0]
     assert step.stats["captures"] == 3
@@ -148,10 +149,13 @@ def test_lora_on_and_off_drops_the_graphs(tiny_model, cpu_sample, graphs, caplog
     with_lora = cpu_sample(_apply(tiny_model, lora))
     with caplog.at_level(logging.INFO, logger="octet"):
         torch.testing.assert_close(cpu_sample(model), plain, rtol=0, atol=0)
-        torch.testing.assert_close(cpu_sample(_apply(model, lora)), with_lora, rtol=0, atol=0)  # LoRA on
+        lora_model = _apply(model, lora)        # kept alive: a collected clone hands its load to its parent
+        torch.testing.assert_close(cpu_sample(lora_model), with_lora, rtol=0, atol=0)           # LoRA on
         torch.testing.assert_close(cpu_sample(model), plain, rtol=0, atol=0)                    # and off
-    assert step.stats["invalidations"] == 2 and step.stats["captures"] == 3
-    assert len(_records(caplog, "weights changed")) == 2
+    # Each switch loads another clone in the other's place: the host detaches the one it replaces, whose graphs
+    # go then (before, the weight check dropped them at its next call: "weights changed").
+    assert step.stats["invalidations"] == 0 and step.stats["captures"] == 3
+    assert len(_records(caplog, "another clone of the model is loaded in its place: 1 graph(s) dropped")) == 2
 
 
 def test_moved_weights_drop_the_graphs(tiny_model, graphs):
@@ -457,6 +461,45 @@ def test_unloading_the_model_drops_its_graphs(tiny_model, cpu_sample, graphs, ca
     assert len(_records(caplog, "model unloaded: 1 graph(s) dropped")) == 1, caplog.text
     torch.testing.assert_close(cpu_sample(model), cpu_sample(tiny_model), rtol=0, atol=0)
     assert step.stats["captures"] == 2 and step.stats["invalidations"] == 0
+
+
+def test_another_clone_loaded_in_its_place_drops_its_graphs_and_the_next_prompt_does_not(tiny_model, cpu_sample,
+                                                                                        graphs, caplog):
+    """load_models_gpu detaches every loaded clone of the model it loads, itself at each prompt: only another
+    clone (the float MODEL of the same checkpoint) taking its place drops the graphs, whose memory the host no
+    longer counts."""
+    import comfy.model_management as mm
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    first = cpu_sample(model)
+    torch.testing.assert_close(cpu_sample(model), first, rtol=0, atol=0)      # the next prompt: same graph
+    assert step.stats["captures"] == 1 and len(step.cache.graphs) == 1
+    with caplog.at_level(logging.INFO, logger="octet"):
+        mm.load_models_gpu([tiny_model])
+    assert not step.cache.graphs
+    assert len(_records(caplog, "another clone of the model is loaded in its place: 1 graph(s) dropped")) == 1
+    torch.testing.assert_close(cpu_sample(model), first, rtol=0, atol=0)
+    assert step.stats["captures"] == 2 and len(step.cache.graphs) == 1
+
+
+def test_a_clone_being_collected_is_not_another_clone_loading():
+    from comfyui_octet.nodes import host_compat
+
+    class Patcher:
+        def detach(self, unpatch_all=True):
+            return host_compat.clone_loading_in_place_of(self)
+
+    class Loaded:
+        def __init__(self, model):
+            self.model = model
+
+    def load_models_gpu(loaded_model, detached):     # the host's local name, as in both hosts' model_management
+        return detached.detach(unpatch_all=False)
+    a, b = Patcher(), Patcher()
+    assert a.detach(unpatch_all=False) is None                               # a garbage-collected clone
+    assert load_models_gpu(Loaded(b), a) is None                             # not the host's function
+    import comfy.model_management as mm
+    host = type(load_models_gpu)(load_models_gpu.__code__, vars(mm))         # the same code in the host's module
+    assert host(Loaded(b), a) is b and host(Loaded(a), a) is None            # another clone / itself again
 
 
 # -- Quantize Model / Load Quantized install the graph step themselves ------------------------------
