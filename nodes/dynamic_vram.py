@@ -64,31 +64,22 @@ class KeepsLoadedLayers:
         _return_foreign(self, layers)
         if dirty or device_to is None:
             _restore_layers(layers)             # loaded with other patches: from the originals again
-        # Layers holding loaded tensors keep them: their originals are not in the host's backups, so its load
-        # finds them on the device and copies nothing. It wraps each in a new Parameter; the layer's own object
-        # goes back (its plans and a merged LoRA's scales are keyed on it, a captured graph reads it).
-        still_loaded = {key: layer._parameters[name] for key, (layer, name) in layers.items()
-                        if name in layer.__dict__.get(ORIGINALS, {}) and name in layer._parameters}
-        kept = {} if dirty or device_to is None else _take_loaded(self, device_to)
+        # What this model loaded before and is still on the device with the same patches (the Octet layers', and
+        # the host modules' it always loads whole, such as norms) is hidden from the host's load: it would put
+        # each CPU original back and cast or copy it again, wrap it in a new Parameter and make a backup entry
+        # (the host builds a new namedtuple class for each: ~0.1 ms per tensor). The objects stay as they are,
+        # so plans, a merged LoRA and a captured CUDA graph stay valid. (ON_LOAD callbacks of other packs, run
+        # inside the host's load, see None for these tensors.)
+        hidden = {} if dirty or device_to is None else _hide_loaded(self, device_to, layers)
+        loaded = False
         try:
             super().load(device_to, *args, **kwargs)
-            merge_patches(self, device_to, skip=still_loaded)   # those had their patches merged when loaded
-            for key, param in still_loaded.items():
-                layer, name = layers[key]
-                if same_storage(layer._parameters.get(name), param):
-                    layer._parameters[name] = param
+            loaded = True
+            merge_patches(self, device_to, skip=hidden)     # the hidden ones had their patches merged when loaded
         finally:
-            for (kind, key), (backup, tensor) in kept.items():
-                # The host cast the CPU original of a small module it always loads whole again (same values: no
-                # patches on them); the loaded object goes back in place, so that a CUDA graph captured on it
-                # stays valid. The backup is the CPU original.
-                module, name = _owner(self.model, key)
-                slots = getattr(module, "_parameters" if kind == "param" else "_buffers", {})
-                now = slots.get(name)
-                if now is not None and now.shape == tensor.shape and now.dtype == tensor.dtype \
-                        and now.device == tensor.device:
-                    slots[name] = tensor
-                (self.backup if kind == "param" else self.backup_buffers)[key] = backup
+            kept = _unhide(self, hidden)
+            if loaded:
+                self.model.model_loaded_weight_memory += kept      # the host counts what it loads, and these
             _hold_originals(self, layers)
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
@@ -191,34 +182,53 @@ def _on_device(t: torch.Tensor, device) -> bool:
     return t.device.index == device.index
 
 
-def _take_loaded(patcher, device_to) -> dict:
-    """Take out of the host's backups the tensors of its own modules that this model loaded (the backup is another
-    tensor) and that are still on ``device_to``: (kind, key) -> (backup, the loaded tensor). The host then leaves
-    them in place, or casts the original again and ``load`` puts the loaded one back. Not a weight with patches:
-    the host merges those at each load from the backup. (Octet layers' originals are on the layers.)"""
-    kept = {}
+def _hide_loaded(patcher, device_to, layers: dict) -> dict:
+    """Set to None, for the host's load, the tensors this model loaded before that are still on ``device_to``:
+    the Octet layers' (their originals are on the layers) and the host modules' whose backup (the CPU original)
+    is another tensor, taken out of the backups so that the load does not put it back. Not a host weight with
+    patches: the host merges those at each load from the backup. key -> (slots, name, tensor, backup or None)."""
+    hidden = {}
+    for key, (layer, name) in layers.items():
+        slots = layer._parameters if name in layer._parameters else layer._buffers
+        tensor = slots.get(name)
+        if tensor is not None and name in layer.__dict__.get(ORIGINALS, {}) and _on_device(tensor, device_to):
+            hidden[key] = (slots, name, tensor, None)
     for kind, backups in (("param", patcher.backup), ("buffer", patcher.backup_buffers)):
         for key in list(backups):
             module, name = _owner(patcher.model, key)
-            if module is None or isinstance(module, QuantLayer):
+            if module is None or isinstance(module, QuantLayer) or (kind == "param" and key in patcher.patches):
                 continue
-            tensor = (module._parameters if kind == "param" else module._buffers).get(name)
+            slots = module._parameters if kind == "param" else module._buffers
+            tensor = slots.get(name)
             if tensor is None or not _on_device(tensor, device_to):
-                continue
-            if kind == "param" and key in patcher.patches:
                 continue
             backup = backups[key]
             original = backup.weight if kind == "param" else backup
             if getattr(backup, "inplace_update", False) or same_storage(original, tensor):
                 continue   # nothing was copied (or the host copies in place): nothing to keep
-            kept[(kind, key)] = (backups.pop(key), tensor)
+            hidden[key] = (slots, name, tensor, (backups, backups.pop(key)))
+    for slots, name, _, _ in hidden.values():
+        slots[name] = None      # named_parameters / named_buffers skip it; the host's get_key_weight finds None
+    return hidden
+
+
+def _unhide(patcher, hidden: dict) -> int:
+    """Put the hidden tensors and the host's backups of them back; the bytes back in place."""
+    kept = 0
+    for key, (slots, name, tensor, backup) in hidden.items():
+        if backup is not None:
+            backups, entry = backup
+            backups[key] = entry
+        if slots.get(name) is None:
+            slots[name] = tensor
+            kept += tensor.numel() * tensor.element_size()
     return kept
 
 
 def merge_patches(patcher, device_to, skip=()) -> None:
     """Merge the weight patches (LoRA) of ``patcher``'s Octet layers, which the host just loaded whole, as a full
     load merges them: into the float weight, re-quantized to int8. The CPU original stays on the layer for the
-    unload. ``skip``: keys whose loaded tensors were kept from a load that merged them already."""
+    unload. ``skip``: keys whose loaded tensors were hidden from this load (a load that merged them already)."""
     for key in list(patcher.patches):
         if key in skip or key not in patcher.backup:
             continue

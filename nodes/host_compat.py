@@ -214,6 +214,9 @@ def clone_loading_in_place_of(patcher):
     return None
 
 
+_aimdo_ready = False
+
+
 def enable_dynamic_vram() -> str:
     """Turn on ComfyUI >= 0.29's dynamic VRAM as its ``main.py`` does on NVIDIA by default (comfy-aimdo loaded
     and its devices initialised, every new model patcher a ``ModelPatcherDynamic``), for benches and GPU tests
@@ -224,25 +227,26 @@ def enable_dynamic_vram() -> str:
     import comfy.memory_management
     import comfy.model_management as mm
     import comfy_aimdo.control
-    try:
-        comfy_aimdo.control.init(simple_vram_headroom=None)
-    except TypeError:   # comfy-aimdo 0.4.9's protocol, as main.py
-        comfy_aimdo.control.init()
-    import torch
-    # The host's devices; a process started with --cpu (the test suite) still has the GPUs torch sees.
-    indices = sorted({d.index or 0 for d in mm.get_all_torch_devices() if d.type == "cuda"}
-                     or range(torch.cuda.device_count()))
-    try:
-        ready = comfy_aimdo.control.init_devices([(i, 0) for i in indices])   # --vram-headroom 0
-    except TypeError:
-        ready = comfy_aimdo.control.init_devices(indices)
-    if not ready:
-        return "off: comfy-aimdo did not initialise"
-    comfy_aimdo.control.set_log_warning()    # its default logs every allocation
+    global _aimdo_ready
+    if not _aimdo_ready:    # once per process: a second init_devices fails (GPU tests turn it on again)
+        try:
+            comfy_aimdo.control.init(simple_vram_headroom=None)
+        except TypeError:   # comfy-aimdo 0.4.9's protocol, as main.py
+            comfy_aimdo.control.init()
+        import torch
+        # The host's devices; a process started with --cpu (the test suite) still has the GPUs torch sees.
+        indices = sorted({d.index or 0 for d in mm.get_all_torch_devices() if d.type == "cuda"}
+                         or range(torch.cuda.device_count()))
+        try:
+            _aimdo_ready = comfy_aimdo.control.init_devices([(i, 0) for i in indices])   # --vram-headroom 0
+        except TypeError:
+            _aimdo_ready = comfy_aimdo.control.init_devices(indices)
+        if not _aimdo_ready:
+            return "off: comfy-aimdo did not initialise"
+        comfy_aimdo.control.set_log_warning()    # its default logs every allocation
     # main.py loads comfy-aimdo's library before anything imports its modules, which bind it at import. In a
     # process that imported the host first (the test suite), those bound nothing: bind them now.
     import importlib
-    import sys
     for name in ("comfy_aimdo.host_buffer", "comfy_aimdo.model_vbar", "comfy_aimdo.vram_buffer",
                  "comfy_aimdo.model_mmap"):
         module = sys.modules.get(name)
