@@ -1,0 +1,118 @@
+"""A prompt on a card with less free VRAM than the model, as ComfyUI 0.29 starts on NVIDIA (dynamic VRAM).
+
+INT8's first users are those whose card is too small for the bf16 model. Under 0.29's dynamic VRAM the host
+streams a float model's weights through comfy-aimdo; Octet's layers load whole (nodes/dynamic_vram.py). This
+bench takes most of the GPU's memory away (a tensor that leaves ``--free-gib`` free, as a smaller card would), then
+runs two stock-KSampler prompts per variant (bf16, Quantize Model's defaults, and with goal memory) and records
+whether they ran, how long each took (the first pays Triton's tuning and the capture), the peak memory and, if
+one failed, the error a user would see. Writes JSON under ``--out``.
+
+Not a true small card: "free" is what CUDA reports after the filler, and comfy-aimdo may hand back memory it
+holds for a model loaded earlier in the process; torch's peak beside the filler is recorded to show what was used
+(aimdo's staging of the bf16 model's weights is not in it).
+
+    python bench/low_vram.py --dynamic-vram --model sdxl --free-gib 4
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e  # noqa: E402
+import workflow  # noqa: E402
+from e2e import octet_pack  # noqa: E402
+
+
+def build(name, variant, device, dynamic):
+    """workflow.build's MODEL; ``octet_memory``: Quantize Model's defaults with goal memory (int8 weights only)."""
+    if variant != "octet_memory":
+        return workflow.build(name, variant, device, False, dynamic)
+    from comfyui_octet.nodes.quantize_nodes import QuantizeModel
+    patcher, _ = workflow.build(name, "bf16", device, False, dynamic)
+    out = QuantizeModel.execute(model=patcher, mode="dynamic", quantize_linear=True, quantize_conv=True,
+                                backend="auto", goal="memory").result
+    return out[0], out[1].splitlines()[-1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sdxl", choices=list(e2e.MODELS))
+    parser.add_argument("--variants", nargs="+", default=["bf16", "octet", "octet_memory"],
+                        choices=["bf16", "octet", "octet_eager", "octet_memory"])
+    parser.add_argument("--free-gib", type=float, nargs="+", default=[4.0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--dynamic-vram", action="store_true")
+    parser.add_argument("--out", default=os.path.join(e2e.ROOT, "out", "low_vram"))
+    args = parser.parse_args()
+    if args.dynamic_vram:
+        import comfy_aimdo.control      # as main.py: its library before torch
+        comfy_aimdo.control.init()
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a GPU")
+    octet_pack.load(comfy=True, cpu=False)
+    import comfy.model_management as mm
+    import comfy.utils
+    from comfyui_octet.nodes import host_compat
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    device = mm.get_torch_device()
+    card = torch.cuda.get_device_name()
+    versions = {"torch": torch.__version__, "comfyui": e2e.comfy_version(), "python": sys.version.split()[0]}
+    if args.dynamic_vram:
+        versions["dynamic_vram"] = host_compat.enable_dynamic_vram()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"[{card}] {stamp}; {versions}", flush=True)
+    name = args.model
+    latent = torch.zeros(e2e.MODELS[name][2])
+    positive, negative = workflow.conditioning(name, False, 1), workflow.conditioning(name, False, 2)
+    rows = []
+    for free_gib in args.free_gib:
+        for variant in args.variants:
+            mm.unload_all_models()
+            mm.soft_empty_cache()
+            patcher, how = build(name, variant, device, args.dynamic_vram)
+            free, total = torch.cuda.mem_get_info()
+            filler = None
+            take = free - int(free_gib * 2**30)
+            if take > 0:
+                filler = torch.empty(take, dtype=torch.uint8, device=device)
+            free_now = torch.cuda.mem_get_info()[0]
+            torch.cuda.reset_peak_memory_stats()
+            filler_bytes = filler.numel() if filler is not None else 0
+            row = {"model": name, "variant": variant, "how": how, "free_gib_asked": free_gib,
+                   "free_gib_before_prompt": free_now / 2**30, "filler_gib": filler_bytes / 2**30,
+                   "steps": args.steps}
+            try:
+                first = workflow.prompt(patcher, name, latent, positive, negative, args.steps, 0)
+                seconds = workflow.prompt(patcher, name, latent, positive, negative, args.steps, 1)
+                row.update(ok=True, first_prompt_s=first, prompt_s=seconds, ms_per_step=seconds / args.steps * 1e3)
+            except Exception as exc:    # what the user would see in ComfyUI's error dialog
+                row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            # torch's allocator only: comfy-aimdo's staging buffers (the bf16 model's streamed weights) are not in it
+            row["peak_allocated_gib"] = (torch.cuda.max_memory_allocated() - filler_bytes) / 2**30
+            if args.dynamic_vram:
+                row["staged_modules"] = sum(hasattr(m, "_v") for m in patcher.model.diffusion_model.modules())
+            print(f"[{card}] {name} {variant}, {free_now / 2**30:.1f} GiB free: "
+                  + (f"ran, first prompt {row['first_prompt_s']:.2f} s, second {row['prompt_s']:.2f} s "
+                     f"({row['ms_per_step']:.0f} ms/step)" if row["ok"] else row["error"])
+                  + f"; peak allocated by torch beside the filler {row['peak_allocated_gib']:.2f} GiB; "
+                    f"staged modules {row.get('staged_modules')}",
+                  flush=True)
+            rows.append(row)
+            del filler, patcher
+            mm.unload_all_models()
+            mm.soft_empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"low_vram_{name}{'_dynamic_vram' if args.dynamic_vram else ''}.json")
+    with open(path, "w") as f:
+        json.dump({"header": f"card: {card}; {stamp}", "versions": versions, "rows": rows}, f, indent=1)
+    print(f"[{card}] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
