@@ -7,8 +7,8 @@ runs two stock-KSampler prompts per variant (bf16, Quantize Model's defaults, an
 whether they ran, how long each took (the first pays Triton's tuning and the capture), the peak memory and, if
 one failed, the error a user would see. Writes JSON under ``--out``.
 
-Not a true small card: "free" is what CUDA reports after the filler, and comfy-aimdo may hand back memory it
-holds for a model loaded earlier in the process; torch's peak beside the filler is recorded to show what was used
+Not quite a small card: "free" is what CUDA reports after the filler (torch's cache emptied first), and
+comfy-aimdo may hand back memory it holds; torch's peak beside the filler is recorded to show what was used
 (aimdo's staging of the bf16 model's weights is not in it).
 
     python bench/low_vram.py --dynamic-vram --model sdxl --free-gib 4
@@ -75,6 +75,9 @@ def main() -> int:
             mm.unload_all_models()
             mm.soft_empty_cache()
             patcher, how = build(name, variant, device, args.dynamic_vram)
+            # The build made the weights on the GPU before moving them to the CPU: torch keeps those blocks cached
+            # (not in mem_get_info's free) and would hand them to the prompt. Give them back first.
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info()
             filler = None
             take = free - int(free_gib * 2**30)
