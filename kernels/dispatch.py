@@ -8,6 +8,8 @@ custom ops); they prepare on every call, so hot code keeps the plan instead.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -63,11 +65,46 @@ def request(op: str, act: str, x: Tensor, w: Int8Operands, goal: str = "speed") 
                             eager=not planning_for_graph())
 
 
+# The speed goal keeps a float copy of a layer's weight where the float path wins (VRAM: that layer in bf16 again),
+# made at the layer's first call: with no regard for free memory it ran a card out of it where the bf16 model,
+# streamed by the host, ran (SDXL, H200 with 4.5 GiB left free, 2026-12-04). Where the copy would leave less than
+# this reserve free (ComfyUI's minimum inference memory: 0.8 GiB + its 0.4 GiB extra reserve), the layer is
+# planned as with the memory goal (int8 weight read by W8A16 or INT8 kernels, no copy). OCTET_VRAM_RESERVE_MIB.
+VRAM_RESERVE_BYTES = int(float(os.environ.get("OCTET_VRAM_RESERVE_MIB", 1228.8)) * 2**20)
+log = logging.getLogger("octet")
+_short_of_vram = [0]     # layers planned with the memory goal for want of VRAM (logged at the first)
+
+
+def free_vram(device: torch.device) -> int:
+    """Bytes a new allocation on ``device`` can get: the driver's free memory and torch's cached free blocks."""
+    free, _ = torch.cuda.mem_get_info(device)
+    stats = torch.cuda.memory_stats(device)
+    return free + stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0)
+
+
+def float_copy_fits(x: Tensor, w: Int8Operands) -> bool:
+    """Whether the speed goal may keep a float copy of ``w`` in ``x``'s dtype: on a GPU, only with the reserve
+    left free after it (a copy made earlier stays)."""
+    if x.device.type != "cuda" or ("float", x.dtype) in w.memo:
+        return True
+    need = w.qweight.numel() * x.dtype.itemsize
+    return free_vram(x.device) - need >= VRAM_RESERVE_BYTES
+
+
 def plan(op: str, act: str, x: Tensor, w: Int8Operands, backend: str = "auto",
          goal: str = "speed") -> tuple[registry.Implementation, Callable[[Tensor, Optional[Tensor]], Tensor]]:
     """(chosen implementation, run(x, static_scale)) for this signature."""
     if act not in registry.ACT_MODES:
         raise ValueError(f"act must be one of {registry.ACT_MODES}, got {act!r}")
+    if goal == "speed" and not float_copy_fits(x, w):
+        _short_of_vram[0] += 1
+        if _short_of_vram[0] == 1:
+            log.warning("Octet: goal speed, but a bf16 copy of a %d x %d layer's weight would leave less than %.1f GiB "
+                        "of VRAM free (%.2f GiB free now): layers short of VRAM are planned as with goal memory "
+                        "(no copy; slower on the layers INT8 does not speed up). Free VRAM, or choose goal memory, "
+                        "to silence this; OCTET_VRAM_RESERVE_MIB sets the reserve.", w.n, w.k,
+                        VRAM_RESERVE_BYTES / 2**30, free_vram(x.device) / 2**30)
+        goal = "memory"
     req = request(op, act, x, w, goal)
     impl = registry.select(req, backend)
     _plans_made[0] += 1

@@ -159,3 +159,43 @@ def test_torch_compile_sees_one_op_without_graph_breaks(rng, device):
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)   # fullgraph: a break raises
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_the_speed_goal_keeps_a_float_copy_only_with_the_reserve_left_free(monkeypatch):
+    """The copy is made at a layer's first call; on a card already near full it must not be what runs it out of
+    memory (SDXL with 4.5 GiB free ran bf16 and not Octet's default, H200 2026-12-04)."""
+    from types import SimpleNamespace
+
+    from comfyui_octet.kernels import dispatch
+    from comfyui_octet.kernels.operands import Int8Operands
+    w = Int8Operands.of(torch.zeros(1024, 512, dtype=torch.int8), torch.ones(1024))     # bf16 copy: 1 MiB
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    reserve = dispatch.VRAM_RESERVE_BYTES
+    monkeypatch.setattr(dispatch, "free_vram", lambda device: reserve + (1 << 20))
+    assert dispatch.float_copy_fits(x, w)                       # exactly the copy above the reserve
+    monkeypatch.setattr(dispatch, "free_vram", lambda device: reserve + (1 << 20) - 1)
+    assert not dispatch.float_copy_fits(x, w)
+    w.memo[("float", torch.bfloat16)] = object()                # made earlier: it stays
+    assert dispatch.float_copy_fits(x, w)
+    assert dispatch.float_copy_fits(SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16), w)
+
+
+def test_a_layer_short_of_vram_is_planned_as_with_the_memory_goal_and_said_once(monkeypatch, caplog):
+    from comfyui_octet.kernels import dispatch
+    from comfyui_octet.kernels.operands import Int8Operands
+    w = Int8Operands.of(torch.zeros(64, 32, dtype=torch.int8), torch.ones(64))
+    x = torch.zeros(4, 32)
+    goals = []
+    real_select = registry.select
+    monkeypatch.setattr(registry, "select", lambda req, backend="auto": goals.append(req.goal) or real_select(req, backend))
+    monkeypatch.setattr(dispatch, "_short_of_vram", [0])
+    monkeypatch.setattr(dispatch, "float_copy_fits", lambda x, w: False)
+    monkeypatch.setattr(dispatch, "free_vram", lambda device: 0)
+    with caplog.at_level(logging.WARNING, logger="octet"):
+        for _ in range(2):
+            dispatch.plan("linear", "dynamic", x, w, goal="speed")
+        dispatch.plan("linear", "dynamic", x, w, goal="memory")
+    monkeypatch.setattr(dispatch, "float_copy_fits", lambda x, w: True)
+    dispatch.plan("linear", "dynamic", x, w, goal="speed")
+    assert goals == ["memory", "memory", "memory", "speed"]
+    assert len([r for r in caplog.records if "planned as with goal memory" in r.getMessage()]) == 1
