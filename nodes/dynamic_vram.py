@@ -28,10 +28,14 @@ and its next load would copy the layers again anyway.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..octet.modules import QuantLayer, same_storage
 from . import host_compat
+
+log = logging.getLogger("octet")
 
 
 def install(patcher, layers) -> None:
@@ -64,6 +68,8 @@ class KeepsLoadedLayers:
         _return_foreign(self, layers)
         if dirty or device_to is None:
             _restore_layers(layers)             # loaded with other patches: from the originals again
+        if device_to is not None:
+            _fit_to_memory(self, device_to, layers)
         # What this model loaded before and is still on the device with the same patches (the Octet layers', and
         # the host modules' it always loads whole, such as norms) is hidden from the host's load: it would put
         # each CPU original back and cast or copy it again, wrap it in a new Parameter and make a backup entry
@@ -106,6 +112,72 @@ class KeepsLoadedLayers:
         if self.model.model_loaded_weight_memory == 0:      # the host put its whole-loaded tensors back: ours too
             _restore_layers(_octet_layers(self))
         return freed
+
+
+def _layer_budget(device_to):
+    """Bytes the INT8 layers not loaded yet may take on ``device_to`` (what is free beside ComfyUI's inference
+    reserve), or None where there is no limit to keep (not a GPU)."""
+    import comfy.model_management as mm
+    device = torch.device(device_to)
+    if device.type != "cuda":
+        return None
+    return mm.get_free_memory(device) - mm.minimum_inference_memory()
+
+
+_STREAM_MIN_BYTES = 64 * 1024     # below this the host loads a module whole anyway (its 16 KB rule, with margin)
+_said: set = set()
+
+
+def _fit_to_memory(patcher, device_to, layers: dict) -> None:
+    """Octet's layers load whole (``install``), so an INT8 model that does not fit would run out of memory where the
+    host streams the bf16 model (SDXL with 2.5 GiB free, H200 2026-12-04). The layers not loaded yet that do not
+    fit the budget, largest first, stream instead: the host stages them and the layer copies its int8 weight to
+    the GPU at each call (the graph step then runs eager). At each load, so that a later one with more free
+    memory loads them whole again. Not a layer with patches (the host's per-call LoRA is comfy.ops's)."""
+    by_layer = {}
+    for key, (layer, name) in layers.items():
+        by_layer.setdefault(layer, []).append(key)
+    pending = {}
+    for layer, keys in by_layer.items():
+        if "weight" in layer.__dict__.get(ORIGINALS, {}):
+            continue            # loaded whole by an earlier load and kept: nothing to decide
+        tensors = [t for t in (*layer._parameters.values(), *layer._buffers.values()) if t is not None]
+        pending[layer] = (sum(t.numel() * t.element_size() for t in tensors),
+                          any(key in patcher.patches for key in keys))
+    budget = _layer_budget(device_to)
+    need = sum(size for size, _ in pending.values())
+    stream = set()
+    if budget is not None and need > budget:
+        for layer, (size, patched) in sorted(pending.items(), key=lambda item: -item[1][0]):
+            if need <= budget:
+                break
+            if not patched and size >= _STREAM_MIN_BYTES:
+                stream.add(layer)
+                need -= size
+    for layer in pending:
+        if layer in stream:
+            layer.stream_per_call()
+        elif layer.__dict__.get("_comfy_cast", False) is not None:   # streamed at an earlier load: whole again
+            _unstage(layer)
+            layer.load_whole()
+    if stream:
+        size = sum(pending[m][0] for m in stream)
+        message = (f"Octet: the INT8 layers not on the GPU yet need {sum(s for s, _ in pending.values()) / 2**30:.2f} "
+                   f"GiB, {max(budget, 0) / 2**30:.2f} GiB is free beside ComfyUI's inference reserve: {len(stream)} "
+                   f"layer(s) ({size / 2**30:.2f} GiB) stay in RAM and are copied to the GPU at each call (slower; "
+                   f"no CUDA graphs). Free VRAM (unload other models), or quantize with goal memory, to load them whole.")
+        if len(stream) not in _said:
+            _said.add(len(stream))
+            log.warning(message)
+
+
+def _unstage(layer) -> None:
+    """Undo the host's staging of a layer (what its load does before loading a module whole)."""
+    v = layer.__dict__.get("_v")
+    if v is not None:
+        import comfy_aimdo.model_vbar
+        comfy_aimdo.model_vbar.vbar_unpin(v)
+        del layer.__dict__["_v"]
 
 
 # A layer's CPU originals of what the host loaded whole, by tensor name: kept on the layer, not in the host's

@@ -178,10 +178,13 @@ class GraphStep:
         # moves what it restages, so this is decided again exactly when the pointers change.
         staged = [n for n, m in self._modules if hasattr(m, "_v")] if host_compat.dynamic_vram(patcher) else []
         if staged:
+            modules = dict(self._modules)
+            ours = [n for n in staged if isinstance(modules[n], QuantLayer)]
+            fix = ("free VRAM (they did not fit: nodes/dynamic_vram.py) to replay graphs" if ours else
+                   "start ComfyUI with --disable-dynamic-vram (or --highvram) to replay graphs")
             self._declined = (f"dynamic VRAM (ComfyUI >= 0.29's default on NVIDIA) streams the weights of "
                               f"{len(staged)} module(s) ({', '.join(staged[:3])}{', ...' if len(staged) > 3 else ''})"
-                              f" at every call: start ComfyUI with --disable-dynamic-vram (or --highvram) to "
-                              f"replay graphs")
+                              f"{f', {len(ours)} of them INT8 layers,' if ours else ''} at every call: {fix}")
             raise Eager(self._declined)
         off = next((d[n].device for d, n in self._slots if not self.backend.supports(d[n].device)), None)
         if off is not None:

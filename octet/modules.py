@@ -108,6 +108,11 @@ class QuantLayer(nn.Module):
         """Let a dynamic-VRAM patcher load this layer's tensors whole (see ``comfy_cast_weights``)."""
         self.__dict__["_comfy_cast"] = None
 
+    def stream_per_call(self) -> None:
+        """Let a dynamic-VRAM patcher leave this layer's tensors in RAM: it then copies them to the GPU at each
+        call (the lowvram path of ``forward``). For an INT8 model that does not fit whole (nodes/dynamic_vram.py)."""
+        self.__dict__["_comfy_cast"] = False
+
     def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                  act: str, backend: str = "auto", goal: str = "speed"):
         super().__init__()

@@ -339,3 +339,46 @@ def test_gpu_the_float_model_loaded_in_the_octet_models_place_computes_as_before
     for out in outputs["int8"][1:]:     # up to the first-call difference of the test above (~1e-4 of 0.1)
         torch.testing.assert_close(out, outputs["int8"][0], rtol=0, atol=1e-3)
     mm.free_memory(1e30, cuda)
+
+
+def test_an_int8_model_that_does_not_fit_streams_its_largest_layers_and_loads_them_whole_when_it_can(
+        dynamic, monkeypatch, caplog):
+    """Octet's layers load whole; with less free VRAM than they need (beside ComfyUI's reserve) the largest stream
+    instead, as the host streams a bf16 model, rather than running out of memory (SDXL with 2.5 GiB free on an
+    H200, 2026-12-04: bf16 ran, INT8 did not). A later load with room loads them whole again."""
+    import logging
+
+    import comfy.model_management as mm
+    _, patcher = dynamic()
+    x, t, ctx = _inputs()
+    quantized = bridge.quantize_model(patcher, config_for_mode("dynamic"))[0]
+    layers = [m for m in quantized.object_patches.values() if isinstance(m, QuantLayer)]
+    sizes = {m: sum(p.numel() * p.element_size() for p in (*m.parameters(), *m.buffers())) for m in layers}
+    total = sum(sizes.values())
+    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device: None)
+    mm.load_models_gpu([quantized])
+    with torch.no_grad():
+        want = quantized.model.diffusion_model(x, t, context=ctx)
+    mm.unload_all_models()
+    assert not any("weight" in m.__dict__.get(dynamic_vram.ORIGINALS, {}) for m in layers)
+
+    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device: total // 2)
+    monkeypatch.setattr(dynamic_vram, "_STREAM_MIN_BYTES", 0)      # the tiny model's layers are all small
+    with caplog.at_level(logging.WARNING, logger="octet"):
+        mm.load_models_gpu([quantized])
+    whole = [m for m in layers if "weight" in m.__dict__.get(dynamic_vram.ORIGINALS, {})]
+    streamed = [m for m in layers if m not in whole]
+    assert streamed and whole
+    assert sum(sizes[m] for m in whole) <= total // 2 < sum(sizes[m] for m in whole) + max(sizes[m] for m in streamed)
+    assert min(sizes[m] for m in streamed) >= max(sizes[m] for m in whole)     # the largest stream
+    assert all(hasattr(m, "seed_key") for m in streamed)        # staged by the host: it leaves them in RAM
+    assert len([r for r in caplog.records if "stay in RAM and are copied to the GPU at each call" in r.getMessage()]) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=0)
+
+    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device: None)    # room again (other models unloaded)
+    mm.load_models_gpu([quantized])
+    assert all("weight" in m.__dict__.get(dynamic_vram.ORIGINALS, {}) for m in layers)     # all whole now
+    assert all(m.__dict__["_comfy_cast"] is None for m in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=0)
