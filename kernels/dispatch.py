@@ -91,21 +91,26 @@ def float_copy_fits(x: Tensor, w: Int8Operands) -> bool:
     return free_vram(x.device) - need >= VRAM_RESERVE_BYTES
 
 
+def _goal(goal: str, x: Tensor, w: Int8Operands) -> str:
+    """``goal``, or "memory" where the speed goal's float copy of ``w`` would not leave the reserve free."""
+    if goal != "speed" or float_copy_fits(x, w):
+        return goal
+    _short_of_vram[0] += 1
+    if _short_of_vram[0] == 1:
+        log.warning("Octet: goal speed, but a bf16 copy of a %d x %d layer's weight would leave less than %.1f GiB "
+                    "of VRAM free (%.2f GiB free now): layers short of VRAM are planned as with goal memory "
+                    "(no copy; slower on the layers INT8 does not speed up). Free VRAM, or choose goal memory, "
+                    "to silence this; OCTET_VRAM_RESERVE_MIB sets the reserve.", w.n, w.k,
+                    VRAM_RESERVE_BYTES / 2**30, free_vram(x.device) / 2**30)
+    return "memory"
+
+
 def plan(op: str, act: str, x: Tensor, w: Int8Operands, backend: str = "auto",
          goal: str = "speed") -> tuple[registry.Implementation, Callable[[Tensor, Optional[Tensor]], Tensor]]:
     """(chosen implementation, run(x, static_scale)) for this signature."""
     if act not in registry.ACT_MODES:
         raise ValueError(f"act must be one of {registry.ACT_MODES}, got {act!r}")
-    if goal == "speed" and not float_copy_fits(x, w):
-        _short_of_vram[0] += 1
-        if _short_of_vram[0] == 1:
-            log.warning("Octet: goal speed, but a bf16 copy of a %d x %d layer's weight would leave less than %.1f GiB "
-                        "of VRAM free (%.2f GiB free now): layers short of VRAM are planned as with goal memory "
-                        "(no copy; slower on the layers INT8 does not speed up). Free VRAM, or choose goal memory, "
-                        "to silence this; OCTET_VRAM_RESERVE_MIB sets the reserve.", w.n, w.k,
-                        VRAM_RESERVE_BYTES / 2**30, free_vram(x.device) / 2**30)
-        goal = "memory"
-    req = request(op, act, x, w, goal)
+    req = request(op, act, x, w, _goal(goal, x, w))
     impl = registry.select(req, backend)
     _plans_made[0] += 1
     return impl, impl.prepare(req, w)
@@ -114,7 +119,8 @@ def plan(op: str, act: str, x: Tensor, w: Int8Operands, backend: str = "auto",
 def plan_mlp(x: Tensor, w1: Int8Operands, w2: Int8Operands, backend: str = "auto"):
     """run(x, scale1, scale2) for fc2(gelu_tanh(fc1(x))) with two static W8A8 linears: fused where
     one backend takes both layers and has a chain, else the two layers' own plans."""
-    req1, req2 = request("linear", "static", x, w1), request("linear", "static", x, w2)
+    req1 = request("linear", "static", x, w1, _goal("speed", x, w1))
+    req2 = request("linear", "static", x, w2, _goal("speed", x, w2))
     impl1, impl2 = registry.select(req1, backend), registry.select(req2, backend)
     _plans_made[0] += 1
     if impl1 is impl2 and impl1.prepare_mlp is not None:

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..kernels import dispatch
 from .modules import QuantLinear, _version, plan_summary
 
 log = logging.getLogger("octet")
@@ -155,6 +156,11 @@ class Group:
             # recalibration can make them differ, and one GEMM has one activation scale.
             self._fused = (key, None)
             return None
+        if not _room_for_copy(members):
+            # The fused weight is the members' int8 weights once more: not where it would leave less than ComfyUI's
+            # inference reserve free (each member runs its own plan, from this first call on, as a group would).
+            self._fused = (key, None)
+            return None
         weight = torch.cat([m.weight for m in members])
         # A merged LoRA's scales stay where the merge made them (the legacy patcher merges on the CPU, then
         # moves the module): bring every member's to the weights' device.
@@ -172,12 +178,20 @@ class Group:
 
     def fused_bytes(self) -> int:
         """VRAM of the fused layer: its int8 weights and what its plans keep (their float copies)."""
-        if self._fused is None:
-            return 0
+        if self._fused is None or self._fused[1] is None:
+            return 0            # not fused (yet, or for good: static scales that differ, no room)
         layer = self._fused[1]
         own = sum(t.numel() * t.element_size() for t in (layer.weight, layer.weight_scale, layer.bias)
                   if t is not None)
         return own + plan_summary(nn.ModuleDict({"fused": layer}))["extra_bytes"]
+
+
+def _room_for_copy(members) -> bool:
+    w = members[0].weight
+    if w.device.type != "cuda":
+        return True
+    need = sum(m.weight.numel() * m.weight.element_size() for m in members)
+    return dispatch.free_vram(w.device) - need >= dispatch.VRAM_RESERVE_BYTES
 
 
 def _unchanged(old: tuple, new: tuple) -> bool:

@@ -195,7 +195,8 @@ def test_a_layer_short_of_vram_is_planned_as_with_the_memory_goal_and_said_once(
         for _ in range(2):
             dispatch.plan("linear", "dynamic", x, w, goal="speed")
         dispatch.plan("linear", "dynamic", x, w, goal="memory")
+        dispatch.plan_mlp(x, w, Int8Operands.of(torch.zeros(32, 64, dtype=torch.int8), torch.ones(32)))  # static chain
     monkeypatch.setattr(dispatch, "float_copy_fits", lambda x, w: True)
     dispatch.plan("linear", "dynamic", x, w, goal="speed")
-    assert goals == ["memory", "memory", "memory", "speed"]
+    assert goals == ["memory"] * 5 + ["speed"]
     assert len([r for r in caplog.records if "planned as with goal memory" in r.getMessage()]) == 1

@@ -266,3 +266,30 @@ def test_a_leader_that_leaves_keeps_the_backend_its_first_call_ran_on(monkeypatc
     q.goal = "memory"
     assert q._pinned == {}
     assert not torch.equal(other, outs[0])        # the test can tell: unpinned, q's numbers differ
+
+
+def test_without_room_for_the_fused_weight_the_members_run_their_own_plans(monkeypatch):
+    """The fused layer holds the members' int8 weights once more: not where that would leave less than ComfyUI's
+    inference reserve free (kernels.dispatch.VRAM_RESERVE_BYTES)."""
+    from types import SimpleNamespace
+
+    from comfyui_octet.kernels import dispatch
+    from comfyui_octet.octet import shared_input
+    weight = SimpleNamespace(device=torch.device("cuda", 0), numel=lambda: 1 << 20, element_size=lambda: 1)
+    members = [SimpleNamespace(weight=weight)] * 3
+    monkeypatch.setattr(dispatch, "free_vram", lambda device: dispatch.VRAM_RESERVE_BYTES + (3 << 20))
+    assert shared_input._room_for_copy(members)
+    monkeypatch.setattr(dispatch, "free_vram", lambda device: dispatch.VRAM_RESERVE_BYTES + (3 << 20) - 1)
+    assert not shared_input._room_for_copy(members)
+
+    monkeypatch.setattr(shared_input, "_room_for_copy", lambda members: False)
+    model = _model()
+    octet.quantize_(model, DynamicW8A8Config())
+    reference = _ungrouped(model)
+    x, ctx = _inputs()
+    with torch.no_grad():
+        want = reference(x, ctx)
+        for _ in range(2):
+            assert torch.equal(model(x, ctx), want)
+    assert all(m._plans for m in _members(model))                       # each on its own plan, from the first call
+    assert set(plan_summary(model)["fused_groups"].values()) == {0}      # no fused weight held
