@@ -114,14 +114,30 @@ class KeepsLoadedLayers:
         return freed
 
 
-def _layer_budget(device_to):
-    """Bytes the INT8 layers not loaded yet may take on ``device_to`` (what is free beside ComfyUI's inference
-    reserve), or None where there is no limit to keep (not a GPU)."""
+def _layer_budget(device_to, patcher=None):
+    """Bytes the INT8 layers not loaded yet may take on ``device_to``, or None where there is no limit to keep (not
+    a GPU): what is free beside ComfyUI's inference reserve, plus what comfy-aimdo holds for dynamic models' staged
+    weights (this model's own too: the float clone's, which the INT8 layers replace), which it gives back when an
+    allocation needs it (the host counts on that: its free_memory does not unload dynamic models for each other)."""
     import comfy.model_management as mm
     device = torch.device(device_to)
     if device.type != "cuda":
         return None
-    return mm.get_free_memory(device) - mm.minimum_inference_memory()
+    vbars = {}
+    for candidate in [patcher] + [m.model for m in mm.current_loaded_models]:
+        get = getattr(candidate, "_vbar_get", None)
+        if get is None or torch.device(candidate.load_device) != device:
+            continue
+        vbar = get()
+        if vbar is not None:
+            vbars[id(vbar)] = vbar
+    reclaimable = 0
+    for vbar in vbars.values():
+        try:
+            reclaimable += int(vbar.loaded_size())
+        except Exception:       # an aimdo without it: count nothing
+            pass
+    return mm.get_free_memory(device) + reclaimable - mm.minimum_inference_memory()
 
 
 _STREAM_MIN_BYTES = 64 * 1024     # below this the host loads a module whole anyway (its 16 KB rule, with margin)
@@ -144,7 +160,7 @@ def _fit_to_memory(patcher, device_to, layers: dict) -> None:
         tensors = [t for t in (*layer._parameters.values(), *layer._buffers.values()) if t is not None]
         pending[layer] = (sum(t.numel() * t.element_size() for t in tensors),
                           any(key in patcher.patches for key in keys))
-    budget = _layer_budget(device_to)
+    budget = _layer_budget(device_to, patcher)
     need = sum(size for size, _ in pending.values())
     stream = set()
     if budget is not None and need > budget:

@@ -355,14 +355,14 @@ def test_an_int8_model_that_does_not_fit_streams_its_largest_layers_and_loads_th
     layers = [m for m in quantized.object_patches.values() if isinstance(m, QuantLayer)]
     sizes = {m: sum(p.numel() * p.element_size() for p in (*m.parameters(), *m.buffers())) for m in layers}
     total = sum(sizes.values())
-    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device: None)
+    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: None)
     mm.load_models_gpu([quantized])
     with torch.no_grad():
         want = quantized.model.diffusion_model(x, t, context=ctx)
     mm.unload_all_models()
     assert not any("weight" in m.__dict__.get(dynamic_vram.ORIGINALS, {}) for m in layers)
 
-    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device: total // 2)
+    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: total // 2)
     monkeypatch.setattr(dynamic_vram, "_STREAM_MIN_BYTES", 0)      # the tiny model's layers are all small
     with caplog.at_level(logging.WARNING, logger="octet"):
         mm.load_models_gpu([quantized])
@@ -376,9 +376,28 @@ def test_an_int8_model_that_does_not_fit_streams_its_largest_layers_and_loads_th
     with torch.no_grad():
         torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=0)
 
-    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device: None)    # room again (other models unloaded)
+    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: None)    # room again (other models unloaded)
     mm.load_models_gpu([quantized])
     assert all("weight" in m.__dict__.get(dynamic_vram.ORIGINALS, {}) for m in layers)     # all whole now
     assert all(m.__dict__["_comfy_cast"] is None for m in layers)
     with torch.no_grad():
         torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=0)
+
+
+def test_the_layer_budget_counts_what_aimdo_holds_for_dynamic_models_as_free(monkeypatch):
+    """comfy-aimdo gives back the VRAM of dynamic models' staged weights when an allocation needs it (the host
+    does not unload dynamic models for each other): the float clone's, which the INT8 layers replace, counts."""
+    from types import SimpleNamespace
+
+    import comfy.model_management as mm
+    cuda = torch.device("cuda", 0)
+
+    def patcher(resident, device=cuda):
+        vbar = SimpleNamespace(loaded_size=lambda: resident)
+        return SimpleNamespace(load_device=device, _vbar_get=lambda: vbar)
+    ours, other, elsewhere = patcher(3 << 30), patcher(2 << 30), patcher(5 << 30, torch.device("cuda", 1))
+    monkeypatch.setattr(mm, "current_loaded_models", [SimpleNamespace(model=m) for m in (ours, other, elsewhere)])
+    monkeypatch.setattr(mm, "get_free_memory", lambda device: 1 << 30)
+    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 1 << 29)
+    assert dynamic_vram._layer_budget(cuda, ours) == (1 << 30) + (3 << 30) + (2 << 30) - (1 << 29)
+    assert dynamic_vram._layer_budget(torch.device("cpu"), ours) is None
