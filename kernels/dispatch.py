@@ -75,11 +75,19 @@ log = logging.getLogger("octet")
 _short_of_vram = [0]     # layers planned with the memory goal for want of VRAM (logged at the first)
 
 
+# Functions (device -> bytes) for memory another allocator gives back when an allocation needs it: ComfyUI 0.29's
+# comfy-aimdo with the weights it stages for dynamic-VRAM models (nodes/dynamic_vram.py adds it; kernels/ stays
+# free of host imports).
+RECLAIMABLE_VRAM: list = []
+
+
 def free_vram(device: torch.device) -> int:
-    """Bytes a new allocation on ``device`` can get: the driver's free memory and torch's cached free blocks."""
+    """Bytes a new allocation on ``device`` can get: the driver's free memory, torch's cached free blocks and
+    what RECLAIMABLE_VRAM's allocators would give back."""
     free, _ = torch.cuda.mem_get_info(device)
     stats = torch.cuda.memory_stats(device)
-    return free + stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0)
+    reclaimable = sum(f(device) for f in RECLAIMABLE_VRAM)
+    return free + stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0) + reclaimable
 
 
 def float_copy_fits(x: Tensor, w: Int8Operands) -> bool:

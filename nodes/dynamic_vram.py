@@ -40,6 +40,9 @@ log = logging.getLogger("octet")
 
 def install(patcher, layers) -> None:
     """Make the dynamic-VRAM ``patcher`` load ``layers`` (its object patches) as above."""
+    from ..kernels import dispatch
+    if aimdo_resident not in dispatch.RECLAIMABLE_VRAM:   # the speed goal's copies may take that memory too
+        dispatch.RECLAIMABLE_VRAM.append(aimdo_resident)
     for layer in layers:
         if isinstance(layer, QuantLayer):
             layer.load_whole()      # aimdo's staged weights are for comfy.ops only (octet/modules.py)
@@ -123,10 +126,18 @@ def _layer_budget(device_to, patcher=None):
     device = torch.device(device_to)
     if device.type != "cuda":
         return None
+    return mm.get_free_memory(device) + aimdo_resident(device, patcher) - mm.minimum_inference_memory()
+
+
+def aimdo_resident(device, patcher=None) -> int:
+    """Bytes comfy-aimdo holds on ``device`` for the staged weights of dynamic models (``patcher``'s and the
+    loaded ones'), which it gives back when an allocation needs them."""
+    import comfy.model_management as mm
+    device = torch.device(device)
     vbars = {}
     for candidate in [patcher] + [m.model for m in mm.current_loaded_models]:
         get = getattr(candidate, "_vbar_get", None)
-        if get is None or torch.device(candidate.load_device) != device:
+        if get is None or not _same_device(torch.device(candidate.load_device), device):
             continue
         vbar = get()
         if vbar is not None:
@@ -137,7 +148,11 @@ def _layer_budget(device_to, patcher=None):
             reclaimable += int(vbar.loaded_size())
         except Exception:       # an aimdo without it: count nothing
             pass
-    return mm.get_free_memory(device) + reclaimable - mm.minimum_inference_memory()
+    return reclaimable
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 _STREAM_MIN_BYTES = 64 * 1024     # below this the host loads a module whole anyway (its 16 KB rule, with margin)
