@@ -158,7 +158,7 @@ class Group:
             return None
         if not _room_for_copy(members):
             # The fused weight is the members' int8 weights once more: not where it would leave less than ComfyUI's
-            # inference reserve free (each member runs its own plan, from this first call on, as a group would).
+            # inference reserve free: each member runs its own plan, from this first call on.
             self._fused = (key, None)
             return None
         weight = torch.cat([m.weight for m in members])
