@@ -200,3 +200,26 @@ def test_a_layer_short_of_vram_is_planned_as_with_the_memory_goal_and_said_once(
     dispatch.plan("linear", "dynamic", x, w, goal="speed")
     assert goals == ["memory"] * 5 + ["speed"]
     assert len([r for r in caplog.records if "planned as with goal memory" in r.getMessage()]) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_a_layer_short_of_vram_keeps_no_float_copy_and_computes_as_with_the_memory_goal(monkeypatch):
+    """Where the reserve would not stay free, the speed goal's layer keeps nothing beside its int8 weight and gives
+    the memory goal's numbers (a reserve larger than any card stands for a full one)."""
+    from comfyui_octet import octet
+    from comfyui_octet.kernels import dispatch
+    from comfyui_octet.octet.modules import plan_summary
+    torch.manual_seed(0)
+    x = torch.randn(2, 77, 640, device="cuda", dtype=torch.bfloat16)        # SDXL cross-attention's k: float path
+    outputs, extra = {}, {}
+    for goal, reserve in (("memory", dispatch.VRAM_RESERVE_BYTES), ("speed", 1 << 60)):
+        monkeypatch.setattr(dispatch, "VRAM_RESERVE_BYTES", reserve)
+        model = torch.nn.Sequential(torch.nn.Linear(640, 1280)).to("cuda", torch.bfloat16)
+        torch.manual_seed(1)
+        torch.nn.init.normal_(model[0].weight, std=0.05)
+        octet.quantize_(model, octet.WeightOnlyConfig(goal=goal))
+        with torch.no_grad():
+            outputs[goal] = model(x)
+        extra[goal] = plan_summary(model)["extra_bytes"]
+    assert extra["speed"] == extra["memory"]         # no bf16 copy beside what the memory goal keeps
+    torch.testing.assert_close(outputs["speed"], outputs["memory"], rtol=0, atol=0)

@@ -401,3 +401,44 @@ def test_the_layer_budget_counts_what_aimdo_holds_for_dynamic_models_as_free(mon
     monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 1 << 29)
     assert dynamic_vram._layer_budget(cuda, ours) == (1 << 30) + (3 << 30) + (2 << 30) - (1 << 29)
     assert dynamic_vram._layer_budget(torch.device("cpu"), ours) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="comfy-aimdo stages weights on a GPU")
+def test_gpu_layers_that_do_not_fit_stream_from_ram_with_real_aimdo_and_compute_as_loaded_whole(monkeypatch):
+    """Real comfy-aimdo: with a budget of half the INT8 layers, the largest stay in RAM (staged by the host), the
+    model computes as when it is loaded whole, and a later load with room loads them whole again."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher as mp
+    if not hasattr(mp, "ModelPatcherDynamic"):
+        pytest.skip("ComfyUI 0.3.75 has no dynamic VRAM")
+    from comfyui_octet.fixtures import reference_model
+    from comfyui_octet.nodes import host_compat
+    monkeypatch.setattr(mp, "CoreModelPatcher", mp.CoreModelPatcher)
+    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", comfy.memory_management.aimdo_enabled)
+    assert host_compat.enable_dynamic_vram() == "on"
+    cuda, cpu = torch.device("cuda", torch.cuda.current_device()), torch.device("cpu")
+    x, t, ctx = (v.to(cuda) for v in _inputs())
+    legacy = reference_model.build_tiny_sd15()
+    quantized = bridge.quantize_model(mp.ModelPatcherDynamic(legacy.model, cuda, cpu), config_for_mode("dynamic"))[0]
+    layers = [m for m in quantized.object_patches.values() if isinstance(m, QuantLayer)]
+    total = sum(p.numel() * p.element_size() for m in layers for p in (*m.parameters(), *m.buffers()))
+    mm.load_models_gpu([quantized])
+    with torch.no_grad():
+        quantized.model.diffusion_model(x, t, context=ctx)          # the first call of a fresh model (see above)
+        want = quantized.model.diffusion_model(x, t, context=ctx)
+    mm.free_memory(1e30, cuda)
+    monkeypatch.setattr(dynamic_vram, "_STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: total // 2)
+    mm.load_models_gpu([quantized])
+    streamed = [m for m in layers if m.weight.device.type == "cpu"]
+    assert streamed and len(streamed) < len(layers)
+    assert all(hasattr(m, "_v") for m in streamed if m.weight.numel() > 16 * 1024)   # staged by aimdo
+    with torch.no_grad():
+        torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=1e-3)
+    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: None)
+    mm.load_models_gpu([quantized])
+    assert all(m.weight.device.type == "cuda" and not hasattr(m, "_v") for m in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=1e-3)
+    mm.free_memory(1e30, cuda)
