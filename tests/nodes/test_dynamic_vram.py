@@ -235,24 +235,33 @@ def test_the_hosts_unload_leaves_no_plan_holding_the_loaded_tensors(dynamic):
     assert not any(dynamic_vram.ORIGINALS in m.__dict__ and m.__dict__[dynamic_vram.ORIGINALS] for m in layers)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="comfy-aimdo stages weights on a GPU")
-def test_gpu_octet_with_a_lora_under_real_dynamic_vram_computes_as_under_the_legacy_patcher(monkeypatch, rng):
-    """The same as above with comfy-aimdo itself (its virtual buffers and pinned host memory), on a GPU:
-    three prompts' loads, then the unload."""
+@pytest.fixture
+def real_dynamic(monkeypatch):
+    """comfy-aimdo itself on a GPU, as 0.29's main.py starts it (undone after the test): (cuda, cpu, x, t, ctx) with
+    the inputs on the GPU."""
     import comfy.memory_management
-    import comfy.model_management as mm
     import comfy.model_patcher as mp
     if not hasattr(mp, "ModelPatcherDynamic"):
         pytest.skip("ComfyUI 0.3.75 has no dynamic VRAM")
-    from test_lora import _apply, _lora
-
-    from comfyui_octet.fixtures import reference_model
     from comfyui_octet.nodes import host_compat
     monkeypatch.setattr(mp, "CoreModelPatcher", mp.CoreModelPatcher)
     monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", comfy.memory_management.aimdo_enabled)
     assert host_compat.enable_dynamic_vram() == "on"
     cuda, cpu = torch.device("cuda", torch.cuda.current_device()), torch.device("cpu")   # as the host names it
     x, t, ctx = (v.to(cuda) for v in _inputs())
+    return cuda, cpu, x, t, ctx
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="comfy-aimdo stages weights on a GPU")
+def test_gpu_octet_with_a_lora_under_real_dynamic_vram_computes_as_under_the_legacy_patcher(real_dynamic, rng):
+    """The same as above with comfy-aimdo itself (its virtual buffers and pinned host memory), on a GPU:
+    three prompts' loads, then the unload."""
+    import comfy.model_management as mm
+    import comfy.model_patcher as mp
+    from test_lora import _apply, _lora
+
+    from comfyui_octet.fixtures import reference_model
+    cuda, cpu, x, t, ctx = real_dynamic
 
     def build():
         legacy = reference_model.build_tiny_sd15()
@@ -303,22 +312,15 @@ def test_gpu_octet_with_a_lora_under_real_dynamic_vram_computes_as_under_the_leg
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="comfy-aimdo stages weights on a GPU")
-def test_gpu_the_float_model_loaded_in_the_octet_models_place_computes_as_before_and_frees_the_layers(monkeypatch):
+def test_gpu_the_float_model_loaded_in_the_octet_models_place_computes_as_before_and_frees_the_layers(real_dynamic):
     """Real comfy-aimdo on a GPU: float, INT8, float, INT8 of one checkpoint through load_models_gpu. The float
     MODEL computes as it did before the INT8 one ran (the host's backups by path once put int8 originals into
     it), and while it runs the INT8 layers hold no GPU memory (the host no longer counts them)."""
-    import comfy.memory_management
     import comfy.model_management as mm
     import comfy.model_patcher as mp
-    if not hasattr(mp, "ModelPatcherDynamic"):
-        pytest.skip("ComfyUI 0.3.75 has no dynamic VRAM")
+
     from comfyui_octet.fixtures import reference_model
-    from comfyui_octet.nodes import host_compat
-    monkeypatch.setattr(mp, "CoreModelPatcher", mp.CoreModelPatcher)
-    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", comfy.memory_management.aimdo_enabled)
-    assert host_compat.enable_dynamic_vram() == "on"
-    cuda, cpu = torch.device("cuda", torch.cuda.current_device()), torch.device("cpu")
-    x, t, ctx = (v.to(cuda) for v in _inputs())
+    cuda, cpu, x, t, ctx = real_dynamic
     legacy = reference_model.build_tiny_sd15()
     patcher = mp.ModelPatcherDynamic(legacy.model, cuda, cpu)
     quantized = bridge.quantize_model(patcher, config_for_mode("dynamic"))[0]
@@ -404,21 +406,14 @@ def test_the_layer_budget_counts_what_aimdo_holds_for_dynamic_models_as_free(mon
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="comfy-aimdo stages weights on a GPU")
-def test_gpu_layers_that_do_not_fit_stream_from_ram_with_real_aimdo_and_compute_as_loaded_whole(monkeypatch):
+def test_gpu_layers_that_do_not_fit_stream_from_ram_with_real_aimdo_and_compute_as_loaded_whole(real_dynamic, monkeypatch):
     """Real comfy-aimdo: with a budget of half the INT8 layers, the largest stay in RAM (staged by the host), the
     model computes as when it is loaded whole, and a later load with room loads them whole again."""
-    import comfy.memory_management
     import comfy.model_management as mm
     import comfy.model_patcher as mp
-    if not hasattr(mp, "ModelPatcherDynamic"):
-        pytest.skip("ComfyUI 0.3.75 has no dynamic VRAM")
+
     from comfyui_octet.fixtures import reference_model
-    from comfyui_octet.nodes import host_compat
-    monkeypatch.setattr(mp, "CoreModelPatcher", mp.CoreModelPatcher)
-    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", comfy.memory_management.aimdo_enabled)
-    assert host_compat.enable_dynamic_vram() == "on"
-    cuda, cpu = torch.device("cuda", torch.cuda.current_device()), torch.device("cpu")
-    x, t, ctx = (v.to(cuda) for v in _inputs())
+    cuda, cpu, x, t, ctx = real_dynamic
     legacy = reference_model.build_tiny_sd15()
     quantized = bridge.quantize_model(mp.ModelPatcherDynamic(legacy.model, cuda, cpu), config_for_mode("dynamic"))[0]
     layers = [m for m in quantized.object_patches.values() if isinstance(m, QuantLayer)]
