@@ -90,13 +90,15 @@ def free_vram(device: torch.device) -> int:
     return free + stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0) + reclaimable
 
 
+def leaves_reserve(device: torch.device, nbytes: int) -> bool:
+    """Whether ``nbytes`` more on ``device`` leave the reserve free (no limit off the GPU)."""
+    return device.type != "cuda" or free_vram(device) - nbytes >= VRAM_RESERVE_BYTES
+
+
 def float_copy_fits(x: Tensor, w: Int8Operands) -> bool:
     """Whether the speed goal may keep a float copy of ``w`` in ``x``'s dtype: on a GPU, only with the reserve
     left free after it (a copy made earlier stays)."""
-    if x.device.type != "cuda" or ("float", x.dtype) in w.memo:
-        return True
-    need = w.qweight.numel() * x.dtype.itemsize
-    return free_vram(x.device) - need >= VRAM_RESERVE_BYTES
+    return ("float", x.dtype) in w.memo or leaves_reserve(x.device, w.qweight.numel() * x.dtype.itemsize)
 
 
 def _goal(goal: str, x: Tensor, w: Int8Operands) -> str:

@@ -155,10 +155,6 @@ def aimdo_resident(device, patcher=None) -> int:
     return reclaimable
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    return a.type == b.type and (a.index or 0) == (b.index or 0)
-
-
 _STREAM_MIN_BYTES = 64 * 1024     # below this the host loads a module whole anyway (its 16 KB rule, with margin)
 _said: set = set()
 
@@ -180,7 +176,7 @@ def _fit_to_memory(patcher, device_to, layers: dict) -> None:
         pending[layer] = (sum(t.numel() * t.element_size() for t in tensors),
                           any(key in patcher.patches for key in keys))
     budget = _layer_budget(device_to, patcher)
-    need = sum(size for size, _ in pending.values())
+    total = need = sum(size for size, _ in pending.values())
     stream = set()
     if budget is not None and need > budget:
         for layer, (size, patched) in sorted(pending.items(), key=lambda item: -item[1][0]):
@@ -197,7 +193,7 @@ def _fit_to_memory(patcher, device_to, layers: dict) -> None:
             layer.load_whole()
     if stream:
         size = sum(pending[m][0] for m in stream)
-        message = (f"Octet: the INT8 layers not on the GPU yet need {sum(s for s, _ in pending.values()) / 2**30:.2f} "
+        message = (f"Octet: the INT8 layers not on the GPU yet need {total / 2**30:.2f} "
                    f"GiB, {max(budget, 0) / 2**30:.2f} GiB is free beside ComfyUI's inference reserve: {len(stream)} "
                    f"layer(s) ({size / 2**30:.2f} GiB) stay in RAM and are copied to the GPU at each call (slower; "
                    f"no CUDA graphs). Free VRAM (unload other models), or quantize with goal memory, to load them whole.")
@@ -281,12 +277,14 @@ def _owner(model, key: str):
 
 
 def _on_device(t: torch.Tensor, device) -> bool:
-    device = torch.device(device)
-    if t.device.type != device.type:
+    return _same_device(t.device, torch.device(device))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """The same device; a CUDA device without an index is the current one, taken to match any."""
+    if a.type != b.type:
         return False
-    if device.type != "cuda" or device.index is None or t.device.index is None:
-        return True
-    return t.device.index == device.index
+    return a.type != "cuda" or a.index is None or b.index is None or a.index == b.index
 
 
 def _hide_loaded(patcher, device_to, layers: dict) -> dict:

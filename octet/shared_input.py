@@ -187,11 +187,8 @@ class Group:
 
 
 def _room_for_copy(members) -> bool:
-    w = members[0].weight
-    if w.device.type != "cuda":
-        return True
-    need = sum(m.weight.numel() * m.weight.element_size() for m in members)
-    return dispatch.free_vram(w.device) - need >= dispatch.VRAM_RESERVE_BYTES
+    return dispatch.leaves_reserve(members[0].weight.device,
+                                   sum(m.weight.numel() * m.weight.element_size() for m in members))
 
 
 def _unchanged(old: tuple, new: tuple) -> bool:
