@@ -5,7 +5,9 @@ streams a float model's weights through comfy-aimdo; Octet's layers load whole (
 bench takes most of the GPU's memory away (a tensor that leaves ``--free-gib`` free, as a smaller card would), then
 runs two stock-KSampler prompts per variant (bf16, Quantize Model's defaults, and with goal memory) and records
 whether they ran, how long each took (the first pays Triton's tuning and the capture), the peak memory and, if
-one failed, the error a user would see. Writes JSON under ``--out``.
+one failed, the error a user would see and where it came from. Each case runs in its own process, as a user's
+ComfyUI would (an out-of-memory error can leave torch's allocator unusable for the rest of a process). Writes JSON
+under ``--out``.
 
 Not quite a small card: "free" is what CUDA reports after the filler (torch's cache emptied first), and
 comfy-aimdo may hand back memory it holds; torch's peak beside the filler is recorded to show what was used
@@ -19,7 +21,9 @@ import argparse
 import datetime
 import json
 import os
+import subprocess
 import sys
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
@@ -47,7 +51,47 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dynamic-vram", action="store_true")
     parser.add_argument("--out", default=os.path.join(e2e.ROOT, "out", "low_vram"))
+    parser.add_argument("--case", nargs=2, metavar=("FREE_GIB", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.case:
+        return run_case(args, float(args.case[0]), args.case[1])
+    # One process per case, as a user's ComfyUI starts: an out-of-memory error (above all one inside a CUDA graph
+    # capture) can leave torch's allocator unusable for the rest of its process, which would fail the next cases.
+    rows, header, versions = [], None, None
+    for free_gib in args.free_gib:
+        for variant in args.variants:
+            command = [sys.executable, os.path.abspath(__file__), "--case", str(free_gib), variant,
+                       "--model", args.model, "--steps", str(args.steps)] + (["--dynamic-vram"] * args.dynamic_vram)
+            done = subprocess.run(command, capture_output=True, text=True)
+            row = None
+            for line in done.stdout.splitlines():
+                if line.startswith(ROW):
+                    row = json.loads(line[len(ROW):])
+                elif not line.startswith("aimdo:"):
+                    print(line, flush=True)
+            for line in done.stderr.splitlines():
+                if line.startswith("WARNING:octet") or line.startswith("INFO:octet"):
+                    print("   ", line, flush=True)
+            if row is None:         # the process died: what it said last
+                tail = [line for line in done.stderr.splitlines() if line.strip()][-3:]
+                row = {"model": args.model, "variant": variant, "free_gib_asked": free_gib, "ok": False,
+                       "error": f"process ended with {done.returncode}: " + " | ".join(tail)[:500]}
+                print(f"{args.model} {variant}, {free_gib} GiB: {row['error']}", flush=True)
+            header, versions = row.pop("header", header), row.pop("versions", versions)
+            rows.append(row)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"low_vram_{args.model}{'_dynamic_vram' if args.dynamic_vram else ''}.json")
+    with open(path, "w") as f:
+        json.dump({"header": header, "versions": versions, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+ROW = "LOW_VRAM_ROW "
+
+
+def run_case(args, free_gib: float, variant: str) -> int:
+    """One prompt pair in this process: prints the row as one JSON line."""
     if args.dynamic_vram:
         import comfy_aimdo.control      # as main.py: its library before torch
         comfy_aimdo.control.init()
@@ -65,55 +109,41 @@ def main() -> int:
     if args.dynamic_vram:
         versions["dynamic_vram"] = host_compat.enable_dynamic_vram()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"[{card}] {stamp}; {versions}", flush=True)
     name = args.model
     latent = torch.zeros(e2e.MODELS[name][2])
     positive, negative = workflow.conditioning(name, False, 1), workflow.conditioning(name, False, 2)
-    rows = []
-    for free_gib in args.free_gib:
-        for variant in args.variants:
-            mm.unload_all_models()
-            mm.soft_empty_cache()
-            patcher, how = build(name, variant, device, args.dynamic_vram)
-            # The build made the weights on the GPU before moving them to the CPU: torch keeps those blocks cached
-            # (not in mem_get_info's free) and would hand them to the prompt. Give them back first.
-            torch.cuda.empty_cache()
-            free, total = torch.cuda.mem_get_info()
-            filler = None
-            take = free - int(free_gib * 2**30)
-            if take > 0:
-                filler = torch.empty(take, dtype=torch.uint8, device=device)
-            free_now = torch.cuda.mem_get_info()[0]
-            torch.cuda.reset_peak_memory_stats()
-            filler_bytes = filler.numel() if filler is not None else 0
-            row = {"model": name, "variant": variant, "how": how, "free_gib_asked": free_gib,
-                   "free_gib_before_prompt": free_now / 2**30, "filler_gib": filler_bytes / 2**30,
-                   "steps": args.steps}
-            try:
-                first = workflow.prompt(patcher, name, latent, positive, negative, args.steps, 0)
-                seconds = workflow.prompt(patcher, name, latent, positive, negative, args.steps, 1)
-                row.update(ok=True, first_prompt_s=first, prompt_s=seconds, ms_per_step=seconds / args.steps * 1e3)
-            except Exception as exc:    # what the user would see in ComfyUI's error dialog
-                row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-            # torch's allocator only: comfy-aimdo's staging buffers (the bf16 model's streamed weights) are not in it
-            row["peak_allocated_gib"] = (torch.cuda.max_memory_allocated() - filler_bytes) / 2**30
-            if args.dynamic_vram:
-                row["staged_modules"] = sum(hasattr(m, "_v") for m in patcher.model.diffusion_model.modules())
-            print(f"[{card}] {name} {variant}, {free_now / 2**30:.1f} GiB free: "
-                  + (f"ran, first prompt {row['first_prompt_s']:.2f} s, second {row['prompt_s']:.2f} s "
-                     f"({row['ms_per_step']:.0f} ms/step)" if row["ok"] else row["error"])
-                  + f"; peak allocated by torch beside the filler {row['peak_allocated_gib']:.2f} GiB; "
-                    f"staged modules {row.get('staged_modules')}",
-                  flush=True)
-            rows.append(row)
-            del filler, patcher
-            mm.unload_all_models()
-            mm.soft_empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"low_vram_{name}{'_dynamic_vram' if args.dynamic_vram else ''}.json")
-    with open(path, "w") as f:
-        json.dump({"header": f"card: {card}; {stamp}", "versions": versions, "rows": rows}, f, indent=1)
-    print(f"[{card}] wrote {path}")
+    patcher, how = build(name, variant, device, args.dynamic_vram)
+    # The build made the weights on the GPU before moving them to the CPU: torch keeps those blocks cached (not in
+    # mem_get_info's free) and would hand them to the prompt. Give them back first.
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info()[0]
+    filler = None
+    take = free - int(free_gib * 2**30)
+    if take > 0:
+        filler = torch.empty(take, dtype=torch.uint8, device=device)
+    free_now = torch.cuda.mem_get_info()[0]
+    torch.cuda.reset_peak_memory_stats()
+    filler_bytes = filler.numel() if filler is not None else 0
+    row = {"header": f"card: {card}; {stamp}", "versions": versions, "model": name, "variant": variant, "how": how,
+           "free_gib_asked": free_gib, "free_gib_before_prompt": free_now / 2**30, "filler_gib": filler_bytes / 2**30,
+           "steps": args.steps}
+    try:
+        first = workflow.prompt(patcher, name, latent, positive, negative, args.steps, 0)
+        seconds = workflow.prompt(patcher, name, latent, positive, negative, args.steps, 1)
+        row.update(ok=True, first_prompt_s=first, prompt_s=seconds, ms_per_step=seconds / args.steps * 1e3)
+    except Exception as exc:    # what the user would see in ComfyUI's error dialog, and where it came from
+        frames = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
+        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", where=frames[-6:])
+    # torch's allocator only: comfy-aimdo's staging buffers (the bf16 model's streamed weights) are not in it
+    row["peak_allocated_gib"] = (torch.cuda.max_memory_allocated() - filler_bytes) / 2**30
+    if args.dynamic_vram:
+        row["staged_modules"] = sum(hasattr(m, "_v") for m in patcher.model.diffusion_model.modules())
+    print(f"[{card}] {stamp} {name} {variant}, {free_now / 2**30:.1f} GiB free: "
+          + (f"ran, first prompt {row['first_prompt_s']:.2f} s, second {row['prompt_s']:.2f} s "
+             f"({row['ms_per_step']:.0f} ms/step)" if row["ok"] else row["error"] + f" at {row['where']}")
+          + f"; peak allocated by torch beside the filler {row['peak_allocated_gib']:.2f} GiB; "
+            f"staged modules {row.get('staged_modules')}", flush=True)
+    print(ROW + json.dumps(row), flush=True)
     return 0
 
 

@@ -8,6 +8,7 @@ keep the run function it returns; ``linear``/``conv2d``/``static_mlp`` are one-s
   registry.py   Request, Implementation, select (+ logged-once fallbacks)
   operands.py   Int8Operands, ConvGeometry (the one conv output-size formula)
   dispatch.py   plan / plan_mlp and the one-shot entry points
+  vram.py       the VRAM reserve Octet's own allocations leave free (the host registers its own)
   ops.py        the torch.compile custom ops (one layer)
   torch_ref.py  the exact reference: every backend is tested against it
   backends/     reference, cpu, float, triton, bitsandbytes

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import registry
+from . import registry, vram
 from .operands import ConvGeometry, Int8Operands
 
 Tensor = torch.Tensor
@@ -66,39 +65,16 @@ def request(op: str, act: str, x: Tensor, w: Int8Operands, goal: str = "speed") 
 
 
 # The speed goal keeps a float copy of a layer's weight where the float path wins (VRAM: that layer in bf16 again),
-# made at the layer's first call: with no regard for free memory it ran a card out of it where the bf16 model,
-# streamed by the host, ran (SDXL, H200 with 4.5 GiB left free, 2026-12-04). Where the copy would leave less than
-# this reserve free (ComfyUI's minimum inference memory: 0.8 GiB + its 0.4 GiB extra reserve), the layer is
-# planned as with the memory goal (int8 weight read by W8A16 or INT8 kernels, no copy). OCTET_VRAM_RESERVE_MIB.
-VRAM_RESERVE_BYTES = int(float(os.environ.get("OCTET_VRAM_RESERVE_MIB", 1228.8)) * 2**20)
+# made at the layer's first call, only where it leaves the inference reserve free (kernels/vram.py); elsewhere the
+# layer is planned as with the memory goal (int8 weight read by W8A16 or INT8 kernels, no copy).
 log = logging.getLogger("octet")
 _short_of_vram = [0]     # layers planned with the memory goal for want of VRAM (logged at the first)
-
-
-# Functions (device -> bytes) for memory another allocator gives back when an allocation needs it: ComfyUI 0.29's
-# comfy-aimdo with the weights it stages for dynamic-VRAM models (nodes/dynamic_vram.py adds it; kernels/ stays
-# free of host imports).
-RECLAIMABLE_VRAM: list = []
-
-
-def free_vram(device: torch.device) -> int:
-    """Bytes a new allocation on ``device`` can get: the driver's free memory, torch's cached free blocks and
-    what RECLAIMABLE_VRAM's allocators would give back."""
-    free, _ = torch.cuda.mem_get_info(device)
-    stats = torch.cuda.memory_stats(device)
-    reclaimable = sum(f(device) for f in RECLAIMABLE_VRAM)
-    return free + stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0) + reclaimable
-
-
-def leaves_reserve(device: torch.device, nbytes: int) -> bool:
-    """Whether ``nbytes`` more on ``device`` leave the reserve free (no limit off the GPU)."""
-    return device.type != "cuda" or free_vram(device) - nbytes >= VRAM_RESERVE_BYTES
 
 
 def float_copy_fits(x: Tensor, w: Int8Operands) -> bool:
     """Whether the speed goal may keep a float copy of ``w`` in ``x``'s dtype: on a GPU, only with the reserve
     left free after it (a copy made earlier stays)."""
-    return ("float", x.dtype) in w.memo or leaves_reserve(x.device, w.qweight.numel() * x.dtype.itemsize)
+    return ("float", x.dtype) in w.memo or vram.leaves_reserve(x.device, w.qweight.numel() * x.dtype.itemsize)
 
 
 def _goal(goal: str, x: Tensor, w: Int8Operands) -> str:
@@ -110,8 +86,8 @@ def _goal(goal: str, x: Tensor, w: Int8Operands) -> str:
         log.warning("Octet: goal speed, but a bf16 copy of a %d x %d layer's weight would leave less than %.1f GiB "
                     "of VRAM free (%.2f GiB free now): layers short of VRAM are planned as with goal memory "
                     "(no copy; slower on the layers INT8 does not speed up). Free VRAM, or choose goal memory, "
-                    "to silence this; OCTET_VRAM_RESERVE_MIB sets the reserve.", w.n, w.k,
-                    VRAM_RESERVE_BYTES / 2**30, free_vram(x.device) / 2**30)
+                    "to silence this (OCTET_VRAM_RESERVE_MIB raises the reserve).", w.n, w.k,
+                    vram.reserve(x.device) / 2**30, vram.free(x.device) / 2**30)
     return "memory"
 
 

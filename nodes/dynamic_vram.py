@@ -37,6 +37,7 @@ import logging
 import torch
 
 from ..octet.modules import QuantLayer, same_storage
+from ..kernels import vram
 from . import host_compat
 
 log = logging.getLogger("octet")
@@ -44,9 +45,8 @@ log = logging.getLogger("octet")
 
 def install(patcher, layers) -> None:
     """Make the dynamic-VRAM ``patcher`` load ``layers`` (its object patches) as above."""
-    from ..kernels import dispatch
-    if aimdo_resident not in dispatch.RECLAIMABLE_VRAM:   # the speed goal's copies may take that memory too
-        dispatch.RECLAIMABLE_VRAM.append(aimdo_resident)
+    if aimdo_resident not in vram.RECLAIMABLE:   # the speed goal's copies and graph pools may take that memory too
+        vram.RECLAIMABLE.append(aimdo_resident)
     for layer in layers:
         if isinstance(layer, QuantLayer):
             layer.load_whole()      # aimdo's staged weights are for comfy.ops only (octet/modules.py)
@@ -67,6 +67,19 @@ def _subclass(base: type) -> type:
 class KeepsLoadedLayers:
     """Mixed in before the host's dynamic patcher class (see the module docstring)."""
 
+    def partially_load(self, device_to, extra_memory=0, *args, **kwargs):
+        # load_models_gpu's budget for this model's weights: what is free less the reserve it keeps for the
+        # prompt (its activation estimate), which the dynamic patcher drops. Octet's own allocations leave that
+        # reserve free (kernels/vram.py); 1e32 means "no limit": the minimum reserve then.
+        import comfy.model_management as mm
+        device = torch.device(device_to)
+        key = host_compat.device_key(device)
+        if device.type == "cuda" and 0 <= extra_memory < 1e30:
+            host_compat.PROMPT_RESERVE[key] = max(0, int(mm.get_free_memory(device) - extra_memory))
+        else:
+            host_compat.PROMPT_RESERVE.pop(key, None)
+        return super().partially_load(device_to, extra_memory, *args, **kwargs)
+
     def load(self, device_to=None, *args, **kwargs):
         # 0.29: load(device_to, lowvram_model_memory, force_patch_weights, full_load, dirty); partially_load passes
         # dirty=True when the patches changed since the last load (another clone, a LoRA added or removed).
@@ -76,7 +89,11 @@ class KeepsLoadedLayers:
         if dirty or device_to is None:
             _restore_layers(layers)             # loaded with other patches: from the originals again
         if device_to is not None:
-            _fit_to_memory(self, device_to, layers)
+            _LOADING.append(self)
+            try:
+                _fit_to_memory(self, device_to, layers)
+            finally:
+                _LOADING.remove(self)
         # What this model loaded before and is still on the device with the same patches (the Octet layers', and
         # the host modules' it always loads whole, such as norms) is hidden from the host's load: it would put
         # each CPU original back and cast or copy it again, wrap it in a new Parameter and make a backup entry
@@ -121,25 +138,29 @@ class KeepsLoadedLayers:
         return freed
 
 
-def _layer_budget(device_to, patcher=None):
+def _layer_budget(device_to):
     """Bytes the INT8 layers not loaded yet may take on ``device_to``, or None where there is no limit to keep (not
-    a GPU): what is free beside ComfyUI's inference reserve, plus what comfy-aimdo holds for dynamic models' staged
-    weights (this model's own too: the float clone's, which the INT8 layers replace), which it gives back when an
-    allocation needs it (the host counts on that: its free_memory does not unload dynamic models for each other)."""
-    import comfy.model_management as mm
+    a GPU): what is free (with what comfy-aimdo holds for dynamic models' staged weights, which it gives back when
+    an allocation needs it: the host counts on that, its free_memory does not unload dynamic models for each other)
+    less the reserve ComfyUI keeps for the prompt (kernels/vram.py)."""
     device = torch.device(device_to)
     if device.type != "cuda":
         return None
-    return mm.get_free_memory(device) + aimdo_resident(device, patcher) - mm.minimum_inference_memory()
+    return vram.free(device) - vram.reserve(device)
 
 
-def aimdo_resident(device, patcher=None) -> int:
-    """Bytes comfy-aimdo holds on ``device`` for the staged weights of dynamic models (``patcher``'s and the
-    loaded ones'), which it gives back when an allocation needs them."""
+# The dynamic patcher deciding what of its layers fits (its load): not in the host's current_loaded_models until
+# loaded, its staged weights (the float clone's, which the INT8 layers replace) still count as reclaimable.
+_LOADING: list = []
+
+
+def aimdo_resident(device) -> int:
+    """Bytes comfy-aimdo holds on ``device`` for the staged weights of dynamic models (those loaded and the one
+    loading), which it gives back when an allocation needs them."""
     import comfy.model_management as mm
     device = torch.device(device)
     vbars = {}
-    for candidate in [patcher] + [m.model for m in mm.current_loaded_models]:
+    for candidate in _LOADING + [m.model for m in mm.current_loaded_models]:
         get = getattr(candidate, "_vbar_get", None)
         if get is None or not _same_device(torch.device(candidate.load_device), device):
             continue
@@ -175,7 +196,7 @@ def _fit_to_memory(patcher, device_to, layers: dict) -> None:
         tensors = [t for t in (*layer._parameters.values(), *layer._buffers.values()) if t is not None]
         pending[layer] = (sum(t.numel() * t.element_size() for t in tensors),
                           any(key in patcher.patches for key in keys))
-    budget = _layer_budget(device_to, patcher)
+    budget = _layer_budget(device_to)
     total = need = sum(size for size, _ in pending.values())
     stream = set()
     if budget is not None and need > budget:

@@ -18,7 +18,8 @@ grad/inference/autocast mode. Whenever the weights may have moved (another patch
 load/unload), every graph is dropped; when the host unloads the model, its graphs' memory goes with it.
 Anything we cannot vouch for runs eager, logged once with why: among those, forward hooks on the
 model's layers (a profiler's, another pack's: a replay would skip them) and a capture that would
-leave less free VRAM than ComfyUI keeps for inference.
+leave less free VRAM than ComfyUI keeps for inference (kernels/vram.py; checked before capturing, with
+the warm-up's peak, and after, with the graph's pool).
 
 Quantize Model and Load Quantized install it themselves (their ``cuda_graph`` widget, ``auto`` = on
 with the speed goal): a user's stock workflow then replays graphs without this node. Installed that
@@ -32,8 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils import _pytree as pytree
 
-from ..octet.cuda_graph import (CaptureRefused, GraphBackend, GraphCache, Unkeyable, capture, flatten,
-                                 signature)
+from ..kernels import vram
+from ..octet.cuda_graph import (CaptureRefused, GraphBackend, GraphCache, ShortOfMemory, Unkeyable, capture,
+                                flatten, signature)
 from ..octet.modules import QuantLayer
 from . import host_compat
 from .bridge import set_apply_model_wrapper
@@ -69,6 +71,7 @@ class GraphStep:
     _modules: list = field(default_factory=list)    # (name, module) of the diffusion model: hooks check
     _thrash: bool = False
     _declined: str = None             # why these weights cannot be replayed (dynamic VRAM's staged modules)
+    _short: set = field(default_factory=set)        # keys not captured for want of VRAM (retried after a release)
     auto: bool = False                # installed by default (Quantize Model / Load Quantized), not by the node
 
     def __post_init__(self):
@@ -249,8 +252,14 @@ class GraphStep:
         # a forward that builds a host tensor per call (Wan's timestep embedding) then builds it there.
         for factories_on_device in (False, True):
             try:
-                graph = capture(run, leaves, spec, device, self.backend, self.warmup, factories_on_device)
+                graph = capture(run, leaves, spec, device, self.backend, self.warmup, factories_on_device,
+                                keep=vram.reserve(device))
                 break
+            except ShortOfMemory as e:
+                # Until the host frees memory (an unload, another clone loaded): _release forgets it.
+                self.cache.failed[key] = f"{e}; this input signature runs eager until then"
+                self._short.add(key)
+                return None
             except Exception as e:  # noqa: BLE001 - any capture failure: eager for this key, said once
                 cause = e.__cause__ if isinstance(e, CaptureRefused) and e.__cause__ is not None else e
                 first = str(cause).splitlines()[0][:200] if str(cause) else ""
@@ -287,7 +296,7 @@ class GraphStep:
         ComfyUI's memory planning does not see it) would leave less free VRAM than the host keeps for
         inference (a VAE decode, the next model's activations). None: keep it."""
         free = self.backend.free_memory(device)
-        keep = _inference_reserve()
+        keep = vram.reserve(device)
         if free >= keep:
             return None
         return (f"the captured graph holds {graph.bytes / 2**20:.0f} MiB and would leave {free / 2**20:.0f} MiB "
@@ -314,6 +323,9 @@ class GraphStep:
 
     def _release(self, why: str) -> None:
         dropped = self.cache.clear()
+        for key in self._short:         # memory was freed: those may capture now
+            self.cache.failed.pop(key, None)
+        self._short.clear()
         self._weights = None
         if dropped:
             self._say(f"{why}: {dropped} graph(s) dropped with their memory", level=logging.INFO, once=False)
@@ -369,15 +381,6 @@ def _hooked_module(modules: list) -> str | None:
         if m._forward_hooks or m._forward_pre_hooks:
             return f"'{name or 'diffusion_model'}' ({type(m).__name__})"
     return None
-
-
-def _inference_reserve() -> int:
-    """The VRAM the host keeps free for inference beside loaded models (0.8 GiB + --reserve-vram)."""
-    try:
-        import comfy.model_management as mm
-        return int(mm.minimum_inference_memory())
-    except Exception:  # noqa: BLE001 - a host without it: its default
-        return int(0.8 * 2**30)
 
 
 def _end_broken_capture() -> None:

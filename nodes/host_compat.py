@@ -26,6 +26,9 @@ import dataclasses
 import logging
 import sys
 
+import torch
+
+from ..kernels import vram
 from ..octet.api import OctetError
 
 log = logging.getLogger("octet")
@@ -233,7 +236,6 @@ def enable_dynamic_vram() -> str:
             comfy_aimdo.control.init(simple_vram_headroom=None)
         except TypeError:   # comfy-aimdo 0.4.9's protocol, as main.py
             comfy_aimdo.control.init()
-        import torch
         # The host's devices; a process started with --cpu (the test suite) still has the GPUs torch sees.
         indices = sorted({d.index or 0 for d in mm.get_all_torch_devices() if d.type == "cuda"}
                          or range(torch.cuda.device_count()))
@@ -257,6 +259,34 @@ def enable_dynamic_vram() -> str:
     return "on"
 
 
+# -- VRAM: what ComfyUI keeps free for inference ---------------------------------------------------------
+# device -> the VRAM load_models_gpu kept free beside the model at its last load under dynamic VRAM: its estimate
+# of the prompt's activations (batch 1) plus its extra reserve. Recorded by nodes/dynamic_vram.py.
+PROMPT_RESERVE: dict = {}
+
+
+def device_key(device) -> tuple:
+    device = torch.device(device)
+    return device.type, device.index or 0
+
+
+def inference_reserve(device) -> int:
+    """The VRAM ComfyUI keeps free for inference on ``device``: its minimum inference memory (0.8 GiB +
+    --reserve-vram), or what it kept for the prompt being loaded where that is more. Registered as
+    kernels/vram.py's host reserve: Octet's own allocations (float copies, layers loaded whole, graph pools)
+    leave it free."""
+    try:
+        import comfy.model_management as mm
+        floor = int(mm.minimum_inference_memory())
+    except ImportError:     # no host (octet used as a library): kernels/vram.py's default
+        floor = vram.DEFAULT_RESERVE_BYTES
+    return max(floor, PROMPT_RESERVE.get(device_key(device), 0))
+
+
+if inference_reserve not in vram.HOST_RESERVE:
+    vram.HOST_RESERVE.append(inference_reserve)
+
+
 # -- weight functions ------------------------------------------------------------------------------
 _synced = False
 
@@ -270,7 +300,6 @@ def sync_core() -> None:
     global _synced
     if _synced:
         return
-    import torch
     from comfy.model_patcher import LowVramPatch
 
     from ..octet import modules

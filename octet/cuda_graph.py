@@ -24,6 +24,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch.utils import _pytree as pytree
 
+from ..kernels import vram
 from ..kernels.dispatch import graph_plans
 
 PRIMITIVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -32,6 +33,13 @@ PRIMITIVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 class CaptureRefused(RuntimeError):
     """The warm-up ran, the capture itself failed (``__cause__``: what CUDA or torch said): something in the
     forward cannot be recorded, as opposed to a forward that fails anyway."""
+
+
+class ShortOfMemory(RuntimeError):
+    """The warm-up ran, and capturing would take more VRAM than is free beside the reserve: the graph's private pool
+    holds the step's activations again (the eager step's cached blocks cannot serve it), and an allocation that
+    fails inside a capture leaves torch's allocator routing to the broken pool (seen on an H200: every later
+    allocation failed, empty_cache released nothing). Not captured; the step runs eager."""
 
 
 class Unkeyable(Exception):
@@ -73,15 +81,19 @@ class GraphBackend:
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda" and torch.cuda.is_available()
 
-    def warmup(self, fn: Callable[[], Any], device: torch.device, runs: int) -> None:
+    def warmup(self, fn: Callable[[], Any], device: torch.device, runs: int) -> int:
+        """Run ``fn`` ``runs`` times; returns the bytes it allocated at its peak beyond what was allocated before
+        (at most: torch's peak is not reset, which would take it from anyone else measuring)."""
         # torch requires warm-up on a side stream before capture: lazy initialisation (cuBLAS
         # workspaces, Triton autotuning, allocator growth) must not happen while capturing.
+        start = torch.cuda.memory_allocated(device)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(runs):
                 fn()
         torch.cuda.current_stream(device).wait_stream(stream)
+        return max(0, torch.cuda.max_memory_allocated(device) - start)
 
     def capture(self, fn: Callable[[], Any], device: torch.device):
         """(graph, output): ``fn``'s work recorded, not run; ``graph.replay()`` runs it."""
@@ -100,9 +112,10 @@ class GraphBackend:
         return torch.cuda.memory_reserved(device)
 
     def free_memory(self, device: torch.device) -> int:
-        """Free device memory once torch's cache is returned (what anything else could still allocate)."""
+        """Free device memory once torch's cache is returned (what anything else could still allocate, with what
+        other allocators give back: kernels/vram.py)."""
         _return_cache(device)
-        return torch.cuda.mem_get_info(device)[0]
+        return vram.free(device)
 
 
 def _return_cache(device: torch.device) -> None:
@@ -130,7 +143,7 @@ class CapturedGraph:
 
 
 def capture(fn: Callable, leaves: list, spec, device: torch.device, backend: GraphBackend,
-            warmup: int = 2, factories_on_device: bool = False) -> CapturedGraph:
+            warmup: int = 2, factories_on_device: bool = False, keep: int = 0) -> CapturedGraph:
     """Capture ``fn(*unflattened inputs)`` on static copies of ``leaves``; run it once with replay.
 
     ``factories_on_device``: warm up and capture with ``device`` as torch's default device, so a
@@ -139,6 +152,9 @@ def capture(fn: Callable, leaves: list, spec, device: torch.device, backend: Gra
     refuses) builds it on the device instead. The same integers, so the same results; the caller
     asks for it only after a plain capture failed, so models that capture as they are keep their
     host-side factories exactly as in eager runs.
+
+    ``keep``: VRAM to leave free; where the warm-up's peak would not fit beside it, ``ShortOfMemory`` before
+    capturing.
     """
     start = time.perf_counter()
     static = [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
@@ -148,9 +164,17 @@ def capture(fn: Callable, leaves: list, spec, device: torch.device, backend: Gra
     # (kernels.dispatch.graph_plans); their eager plans stay for eager calls.
     factories = torch.device(device) if factories_on_device else contextlib.nullcontext()
     with graph_plans(), factories:
-        backend.warmup(call, device, warmup)
+        need = backend.warmup(call, device, warmup)
         # Measured around the capture alone: warm-up growth of the shared cache is not this graph's.
         before = backend.memory(device)
+        if need is not None:
+            room = backend.free_memory(device)
+            if room - need < keep:
+                raise ShortOfMemory(
+                    f"capturing would need about {need / 2**20:.0f} MiB for the step's activations in the graph's "
+                    f"own memory pool; {room / 2**20:.0f} MiB of VRAM is free and ComfyUI keeps "
+                    f"{keep / 2**20:.0f} MiB for inference. Free VRAM (smaller images, other models unloaded) "
+                    f"to replay graphs")
         try:
             graph, output = backend.capture(call, device)
         except Exception as e:  # noqa: BLE001 - the caller decides whether another try can help

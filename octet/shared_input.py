@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..kernels import dispatch
+from ..kernels import vram
 from .modules import QuantLinear, _version, plan_summary
 
 log = logging.getLogger("octet")
@@ -187,8 +187,8 @@ class Group:
 
 
 def _room_for_copy(members) -> bool:
-    return dispatch.leaves_reserve(members[0].weight.device,
-                                   sum(m.weight.numel() * m.weight.element_size() for m in members))
+    return vram.leaves_reserve(members[0].weight.device,
+                               sum(m.weight.numel() * m.weight.element_size() for m in members))
 
 
 def _unchanged(old: tuple, new: tuple) -> bool:

@@ -166,14 +166,15 @@ def test_the_speed_goal_keeps_a_float_copy_only_with_the_reserve_left_free(monke
     memory (SDXL with 4.5 GiB free ran bf16 and not Octet's default, H200 2026-12-04)."""
     from types import SimpleNamespace
 
-    from comfyui_octet.kernels import dispatch
+    from comfyui_octet.kernels import dispatch, vram
     from comfyui_octet.kernels.operands import Int8Operands
     w = Int8Operands.of(torch.zeros(1024, 512, dtype=torch.int8), torch.ones(1024))     # bf16 copy: 1 MiB
     x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
-    reserve = dispatch.VRAM_RESERVE_BYTES
-    monkeypatch.setattr(dispatch, "free_vram", lambda device: reserve + (1 << 20))
+    reserve = 3 << 30
+    monkeypatch.setattr(vram, "reserve", lambda device: reserve)
+    monkeypatch.setattr(vram, "free", lambda device: reserve + (1 << 20))
     assert dispatch.float_copy_fits(x, w)                       # exactly the copy above the reserve
-    monkeypatch.setattr(dispatch, "free_vram", lambda device: reserve + (1 << 20) - 1)
+    monkeypatch.setattr(vram, "free", lambda device: reserve + (1 << 20) - 1)
     assert not dispatch.float_copy_fits(x, w)
     w.memo[("float", torch.bfloat16)] = object()                # made earlier: it stays
     assert dispatch.float_copy_fits(x, w)
@@ -190,7 +191,7 @@ def test_a_layer_short_of_vram_is_planned_as_with_the_memory_goal_and_said_once(
     monkeypatch.setattr(registry, "select", lambda req, backend="auto": goals.append(req.goal) or real_select(req, backend))
     monkeypatch.setattr(dispatch, "_short_of_vram", [0])
     monkeypatch.setattr(dispatch, "float_copy_fits", lambda x, w: False)
-    monkeypatch.setattr(dispatch, "free_vram", lambda device: 0)
+    monkeypatch.setattr(dispatch.vram, "free", lambda device: 0)
     with caplog.at_level(logging.WARNING, logger="octet"):
         for _ in range(2):
             dispatch.plan("linear", "dynamic", x, w, goal="speed")
@@ -207,15 +208,15 @@ def test_gpu_a_layer_short_of_vram_keeps_no_float_copy_and_computes_as_with_the_
     """Where the reserve would not stay free, the speed goal's layer keeps nothing beside its int8 weight and gives
     the memory goal's numbers (a reserve larger than any card stands for a full one)."""
     from comfyui_octet import octet
-    from comfyui_octet.kernels import dispatch
+    from comfyui_octet.kernels import vram
     from comfyui_octet.octet.modules import plan_summary
     torch.manual_seed(0)
     x = torch.randn(2, 77, 640, device="cuda", dtype=torch.bfloat16)        # SDXL cross-attention's k: float path
     outputs, extra = {}, {}
-    for goal, reserve in (("memory", dispatch.VRAM_RESERVE_BYTES), ("speed", 1 << 60)):
-        monkeypatch.setattr(dispatch, "VRAM_RESERVE_BYTES", reserve)
+    for goal, reserve in (("memory", vram.DEFAULT_RESERVE_BYTES), ("speed", 1 << 60)):
+        monkeypatch.setattr(vram, "reserve", lambda device, reserve=reserve: reserve)
+        torch.manual_seed(1)        # before the Linear: its bias comes from the same generator
         model = torch.nn.Sequential(torch.nn.Linear(640, 1280)).to("cuda", torch.bfloat16)
-        torch.manual_seed(1)
         torch.nn.init.normal_(model[0].weight, std=0.05)
         octet.quantize_(model, octet.WeightOnlyConfig(goal=goal))
         with torch.no_grad():

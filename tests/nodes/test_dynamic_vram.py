@@ -9,7 +9,7 @@ with a stand-in for the host buffers. Whether aimdo itself stages on a GPU is be
 import pytest
 import torch
 
-from comfyui_octet.nodes import bridge, dynamic_vram
+from comfyui_octet.nodes import bridge, dynamic_vram, host_compat
 from comfyui_octet.octet import config_for_mode
 from comfyui_octet.octet.modules import QuantLayer
 
@@ -243,7 +243,6 @@ def real_dynamic(monkeypatch):
     import comfy.model_patcher as mp
     if not hasattr(mp, "ModelPatcherDynamic"):
         pytest.skip("ComfyUI 0.3.75 has no dynamic VRAM")
-    from comfyui_octet.nodes import host_compat
     monkeypatch.setattr(mp, "CoreModelPatcher", mp.CoreModelPatcher)
     monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", comfy.memory_management.aimdo_enabled)
     assert host_compat.enable_dynamic_vram() == "on"
@@ -388,10 +387,13 @@ def test_an_int8_model_that_does_not_fit_streams_its_largest_layers_and_loads_th
 
 def test_the_layer_budget_counts_what_aimdo_holds_for_dynamic_models_as_free(monkeypatch):
     """comfy-aimdo gives back the VRAM of dynamic models' staged weights when an allocation needs it (the host
-    does not unload dynamic models for each other): the float clone's, which the INT8 layers replace, counts."""
+    does not unload dynamic models for each other): the loading clone's (the float one's, which the INT8 layers
+    replace) and the loaded models' on that device count, each once; the reserve is kernels/vram.py's."""
     from types import SimpleNamespace
 
     import comfy.model_management as mm
+
+    from comfyui_octet.kernels import vram
     cuda = torch.device("cuda", 0)
 
     def patcher(resident, device=cuda):
@@ -399,10 +401,44 @@ def test_the_layer_budget_counts_what_aimdo_holds_for_dynamic_models_as_free(mon
         return SimpleNamespace(load_device=device, _vbar_get=lambda: vbar)
     ours, other, elsewhere = patcher(3 << 30), patcher(2 << 30), patcher(5 << 30, torch.device("cuda", 1))
     monkeypatch.setattr(mm, "current_loaded_models", [SimpleNamespace(model=m) for m in (ours, other, elsewhere)])
-    monkeypatch.setattr(mm, "get_free_memory", lambda device: 1 << 30)
-    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 1 << 29)
-    assert dynamic_vram._layer_budget(cuda, ours) == (1 << 30) + (3 << 30) + (2 << 30) - (1 << 29)
-    assert dynamic_vram._layer_budget(torch.device("cpu"), ours) is None
+    monkeypatch.setattr(dynamic_vram, "_LOADING", [ours])
+    assert dynamic_vram.aimdo_resident(cuda) == (3 << 30) + (2 << 30)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device: {"reserved_bytes.all.current": 7 << 20,
+                                                                    "active_bytes.all.current": 3 << 20})
+    monkeypatch.setattr(vram, "RECLAIMABLE", [dynamic_vram.aimdo_resident])
+    monkeypatch.setattr(vram, "reserve", lambda device: 1 << 29)
+    assert dynamic_vram._layer_budget(cuda) == (1 << 30) + (4 << 20) + (3 << 30) + (2 << 30) - (1 << 29)
+    assert dynamic_vram._layer_budget(torch.device("cpu")) is None
+
+
+def test_the_reserve_is_what_comfyui_kept_for_the_prompt_at_its_last_load(monkeypatch):
+    """load_models_gpu gives a dynamic model's partially_load the VRAM its weights may take: what is free less
+    its reserve for the prompt (the activation estimate), which the dynamic patcher itself drops. That reserve is
+    what Octet's own allocations leave free; a full load (1e32) or a CPU leaves ComfyUI's minimum."""
+    import comfy.model_management as mm
+
+    from comfyui_octet.kernels import vram
+
+    class Host:
+        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+            return extra_memory
+
+    patcher = dynamic_vram._subclass(Host)()
+    cuda = torch.device("cuda", 0)
+    minimum = int(mm.minimum_inference_memory())
+    monkeypatch.setattr(host_compat, "PROMPT_RESERVE", {})
+    monkeypatch.setattr(mm, "get_free_memory", lambda device: 10 << 30)
+    assert host_compat.inference_reserve in vram.HOST_RESERVE        # registered by the pack
+    assert vram.reserve(cuda) == minimum
+    assert patcher.partially_load(cuda, (10 << 30) - (3 << 30)) == (7 << 30)     # passed on as it came
+    assert vram.reserve(cuda) == 3 << 30 and vram.reserve(torch.device("cuda", 1)) == minimum
+    patcher.partially_load(cuda, 1e32)
+    assert vram.reserve(cuda) == minimum
+    patcher.partially_load(cuda, (10 << 30) - (minimum >> 1))       # below ComfyUI's minimum: the minimum
+    assert vram.reserve(cuda) == minimum
+    monkeypatch.setattr(vram, "FLOOR_BYTES", 20 << 30)              # OCTET_VRAM_RESERVE_MIB
+    assert vram.reserve(cuda) == 20 << 30
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="comfy-aimdo stages weights on a GPU")

@@ -28,8 +28,9 @@ SIZE = 8
 
 
 class CpuGraphs(GraphBackend):
-    def __init__(self, fail: bool = False, free: int = 1 << 40):
+    def __init__(self, fail: bool = False, free: int = 1 << 40, peak: int = None):
         self.fail, self.captured, self.warmups, self.reserved, self.free = fail, 0, 0, 0, free
+        self.peak = peak        # what the warm-up says it allocated at most (None: it does not say)
 
     def supports(self, device):
         return True
@@ -38,6 +39,7 @@ class CpuGraphs(GraphBackend):
         for _ in range(runs):
             self.warmups += 1
             fn()
+        return self.peak
 
     def capture(self, fn, device):
         self.captured += 1
@@ -447,6 +449,34 @@ def test_a_graph_leaving_too_little_vram_is_dropped_and_that_signature_runs_eage
     assert step.stats["eager"] == 2 * STEPS
     keep = int(mm.minimum_inference_memory()) / 2**20
     assert len(_records(caplog, f"less than the {keep:.0f} MiB ComfyUI keeps for inference")) == 1, caplog.text
+
+
+def test_a_capture_the_warm_up_shows_would_not_fit_beside_the_reserve_is_not_tried_until_memory_is_freed(
+        tiny_model, cpu_sample, caplog):
+    """An allocation failing inside a capture breaks torch's allocator for the process (H200, 2026-12-04): the
+    warm-up's peak, which the graph's own pool needs again, must fit beside ComfyUI's reserve before capturing.
+    The host freeing memory (an unload) lets that signature capture again."""
+    import comfy.model_management as mm
+
+    from comfyui_octet.kernels import vram
+    keep = vram.reserve(torch.device("cpu"))
+    short = CpuGraphs(free=keep + (64 << 20), peak=(64 << 20) + 1)
+    want = cpu_sample(tiny_model)       # first: loading the float clone in the graphed one's place frees memory
+    model, step = graph_step.install(tiny_model, backend=short)
+    with caplog.at_level(logging.INFO, logger="octet"):
+        out = cpu_sample(model)
+        cpu_sample(model)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert short.captured == 0 and short.warmups == step.warmup and step.stats["eager"] == 2 * STEPS
+    said = _records(caplog, f"capturing would need about 64 MiB for the step's activations in the graph's own "
+                            f"memory pool; {(keep >> 20) + 64} MiB of VRAM is free and ComfyUI keeps {keep >> 20} MiB")
+    assert len(said) == 1, caplog.text
+    short.peak = 64 << 20                       # exactly fits; still not tried before the host frees memory
+    cpu_sample(model)
+    assert short.captured == 0
+    mm.unload_all_models()                      # the host freed memory: try again
+    torch.testing.assert_close(cpu_sample(model), out, rtol=0, atol=0)
+    assert short.captured == 1 and step.stats["replays"] == STEPS
 
 
 def test_unloading_the_model_drops_its_graphs(tiny_model, cpu_sample, graphs, caplog):

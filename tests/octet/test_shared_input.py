@@ -270,16 +270,17 @@ def test_a_leader_that_leaves_keeps_the_backend_its_first_call_ran_on(monkeypatc
 
 def test_without_room_for_the_fused_weight_the_members_run_their_own_plans(monkeypatch):
     """The fused layer holds the members' int8 weights once more: not where that would leave less than ComfyUI's
-    inference reserve free (kernels.dispatch.VRAM_RESERVE_BYTES)."""
+    inference reserve free (kernels/vram.py)."""
     from types import SimpleNamespace
 
-    from comfyui_octet.kernels import dispatch
+    from comfyui_octet.kernels import vram
     from comfyui_octet.octet import shared_input
     weight = SimpleNamespace(device=torch.device("cuda", 0), numel=lambda: 1 << 20, element_size=lambda: 1)
     members = [SimpleNamespace(weight=weight)] * 3
-    monkeypatch.setattr(dispatch, "free_vram", lambda device: dispatch.VRAM_RESERVE_BYTES + (3 << 20))
+    monkeypatch.setattr(vram, "reserve", lambda device: 5 << 30)
+    monkeypatch.setattr(vram, "free", lambda device: (5 << 30) + (3 << 20))
     assert shared_input._room_for_copy(members)
-    monkeypatch.setattr(dispatch, "free_vram", lambda device: dispatch.VRAM_RESERVE_BYTES + (3 << 20) - 1)
+    monkeypatch.setattr(vram, "free", lambda device: (5 << 30) + (3 << 20) - 1)
     assert not shared_input._room_for_copy(members)
 
     monkeypatch.setattr(shared_input, "_room_for_copy", lambda members: False)
