@@ -86,9 +86,13 @@ class Int8Operands:
            conv: Optional[ConvGeometry] = None, device=None) -> "Int8Operands":
         """Normalised operands on ``device`` (default: the weight's): scale and smooth fp32 vectors."""
         device = qweight.device if device is None else device
-        vec = lambda t: None if t is None else t.reshape(-1).to(device=device, dtype=torch.float32).contiguous()  # noqa: E731
-        return Int8Operands(qweight.to(device).contiguous(), vec(scale), None if bias is None else bias.to(device),
-                            vec(smooth), conv)
+        # To a GPU, non_blocking: from pinned RAM (a layer streamed per call) the copy overlaps the host's work;
+        # from pageable RAM torch copies synchronously anyway. Never to the CPU: it would read unfinished copies.
+        nb = torch.device(device).type == "cuda"
+        vec = lambda t: None if t is None else t.reshape(-1).to(device=device, dtype=torch.float32,  # noqa: E731
+                                                                 non_blocking=nb).contiguous()
+        return Int8Operands(qweight.to(device, non_blocking=nb).contiguous(), vec(scale),
+                            None if bias is None else bias.to(device, non_blocking=nb), vec(smooth), conv)
 
     def remember(self, key, make):
         """``make()`` once per operand set: backends keep derived weights here."""

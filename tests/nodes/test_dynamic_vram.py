@@ -467,6 +467,7 @@ def test_gpu_layers_that_do_not_fit_stream_from_ram_with_real_aimdo_and_compute_
     assert all(hasattr(m, "_v") for m in streamed if m.weight.numel() > 16 * 1024)   # staged by aimdo
     with torch.no_grad():
         torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=1e-3)
+    assert all(m.weight.is_pinned() for m in streamed)          # copied at each call from pinned RAM
     monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: None)
     mm.load_models_gpu([quantized])
     assert all(m.weight.device.type == "cuda" and not hasattr(m, "_v") for m in layers)
