@@ -218,9 +218,11 @@ def _fit_to_memory(patcher, device_to, layers: dict) -> None:
                    f"GiB, {max(budget, 0) / 2**30:.2f} GiB is free beside ComfyUI's inference reserve: {len(stream)} "
                    f"layer(s) ({size / 2**30:.2f} GiB) stay in RAM and are copied to the GPU at each call (slower; "
                    f"no CUDA graphs). Free VRAM (unload other models), or quantize with goal memory, to load them whole.")
+        # A warning the first time in a process; a later load that streams another number of layers (another
+        # image size, other models loaded) says so at INFO.
         if len(stream) not in _said:
+            log.log(logging.INFO if _said else logging.WARNING, message)
             _said.add(len(stream))
-            log.warning(message)
 
 
 def _unstage(layer) -> None:

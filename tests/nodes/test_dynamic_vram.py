@@ -365,6 +365,7 @@ def test_an_int8_model_that_does_not_fit_streams_its_largest_layers_and_loads_th
 
     monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: total // 2)
     monkeypatch.setattr(dynamic_vram, "_STREAM_MIN_BYTES", 0)      # the tiny model's layers are all small
+    monkeypatch.setattr(dynamic_vram, "_said", set())               # the first in this process: a warning
     with caplog.at_level(logging.WARNING, logger="octet"):
         mm.load_models_gpu([quantized])
     whole = [m for m in layers if "weight" in m.__dict__.get(dynamic_vram.ORIGINALS, {})]
@@ -373,6 +374,10 @@ def test_an_int8_model_that_does_not_fit_streams_its_largest_layers_and_loads_th
     assert sum(sizes[m] for m in whole) <= total // 2 < sum(sizes[m] for m in whole) + max(sizes[m] for m in streamed)
     assert min(sizes[m] for m in streamed) >= max(sizes[m] for m in whole)     # the largest stream
     assert all(hasattr(m, "seed_key") for m in streamed)        # staged by the host: it leaves them in RAM
+    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: 0)   # the whole ones took it
+    with caplog.at_level(logging.WARNING, logger="octet"):
+        mm.load_models_gpu([quantized])                             # the next prompt: the same layers, not said again
+    assert [m for m in layers if "weight" in m.__dict__.get(dynamic_vram.ORIGINALS, {})] == whole
     assert len([r for r in caplog.records if "stay in RAM and are copied to the GPU at each call" in r.getMessage()]) == 1
     with torch.no_grad():
         torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=0)
