@@ -84,6 +84,8 @@ def with_layers(patcher, layers: dict) -> object:
         clone.add_object_patch(PREFIX + name, layer)
     if host_compat.dynamic_vram(clone):     # ComfyUI >= 0.29's default on NVIDIA
         dynamic_vram.install(clone, layers.values())
+    else:
+        host_compat.record_inference_reserve(clone)
     return clone
 
 

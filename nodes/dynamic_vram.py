@@ -64,21 +64,8 @@ def _subclass(base: type) -> type:
     return cls
 
 
-class KeepsLoadedLayers:
+class KeepsLoadedLayers(host_compat.RecordsInferenceReserve):
     """Mixed in before the host's dynamic patcher class (see the module docstring)."""
-
-    def partially_load(self, device_to, extra_memory=0, *args, **kwargs):
-        # load_models_gpu's budget for this model's weights: what is free less the reserve it keeps for the
-        # prompt (its activation estimate), which the dynamic patcher drops. Octet's own allocations leave that
-        # reserve free (kernels/vram.py); 1e32 means "no limit": the minimum reserve then.
-        import comfy.model_management as mm
-        device = torch.device(device_to)
-        key = host_compat.device_key(device)
-        if device.type == "cuda" and 0 <= extra_memory < 1e30:
-            host_compat.PROMPT_RESERVE[key] = max(0, int(mm.get_free_memory(device) - extra_memory))
-        else:
-            host_compat.PROMPT_RESERVE.pop(key, None)
-        return super().partially_load(device_to, extra_memory, *args, **kwargs)
 
     def load(self, device_to=None, *args, **kwargs):
         # 0.29: load(device_to, lowvram_model_memory, force_patch_weights, full_load, dirty); partially_load passes

@@ -260,9 +260,42 @@ def enable_dynamic_vram() -> str:
 
 
 # -- VRAM: what ComfyUI keeps free for inference ---------------------------------------------------------
-# device -> the VRAM load_models_gpu kept free beside the model at its last load under dynamic VRAM: its estimate
-# of the prompt's activations (batch 1) plus its extra reserve. Recorded by nodes/dynamic_vram.py.
+# device -> the VRAM load_models_gpu kept free beside an Octet model at its last load: its estimate of the
+# prompt's activations (batch 1) plus its extra reserve. Recorded by RecordsInferenceReserve.
 PROMPT_RESERVE: dict = {}
+
+
+class RecordsInferenceReserve:
+    """Mixed into an Octet MODEL's patcher class (``record_inference_reserve``; nodes/dynamic_vram.py's class has
+    it too). Both hosts' load_models_gpu give ``partially_load`` the VRAM the model's weights may take: what is
+    free less the reserve kept for the prompt (its activation estimate); 1e32 when nothing limits it. The reserve is
+    what Octet's own allocations, made later (the speed goal's copies at a layer's first call), must leave free."""
+
+    def partially_load(self, device_to, extra_memory=0, *args, **kwargs):
+        device = torch.device(device_to)
+        key = device_key(device)
+        if device.type == "cuda" and 0 <= extra_memory < 1e30:
+            import comfy.model_management as mm
+            PROMPT_RESERVE[key] = max(0, int(mm.get_free_memory(device) - extra_memory))
+        else:
+            PROMPT_RESERVE.pop(key, None)
+        return super().partially_load(device_to, extra_memory, *args, **kwargs)
+
+
+_RESERVE_SUBCLASSES: dict = {}
+
+
+def record_inference_reserve(patcher) -> None:
+    """Make ``patcher`` (a host ModelPatcher, legacy or dynamic) a RecordsInferenceReserve, in place; its clones
+    keep the class (both hosts' ``clone`` build ``self.__class__``)."""
+    base = type(patcher)
+    if isinstance(patcher, RecordsInferenceReserve):
+        return
+    cls = _RESERVE_SUBCLASSES.get(base)
+    if cls is None:
+        cls = _RESERVE_SUBCLASSES[base] = type(f"Octet{base.__name__}", (RecordsInferenceReserve, base),
+                                               {"__module__": __name__})
+    patcher.__class__ = cls
 
 
 def device_key(device) -> tuple:

@@ -418,9 +418,9 @@ def test_the_layer_budget_counts_what_aimdo_holds_for_dynamic_models_as_free(mon
 
 
 def test_the_reserve_is_what_comfyui_kept_for_the_prompt_at_its_last_load(monkeypatch):
-    """load_models_gpu gives a dynamic model's partially_load the VRAM its weights may take: what is free less
-    its reserve for the prompt (the activation estimate), which the dynamic patcher itself drops. That reserve is
-    what Octet's own allocations leave free; a full load (1e32) or a CPU leaves ComfyUI's minimum."""
+    """load_models_gpu gives a model's partially_load the VRAM its weights may take: what is free less its
+    reserve for the prompt (the activation estimate), which the dynamic patcher itself drops. That reserve is what
+    Octet's own allocations leave free; a full load (1e32) or a CPU leaves ComfyUI's minimum."""
     import comfy.model_management as mm
 
     from comfyui_octet.kernels import vram
@@ -444,6 +444,28 @@ def test_the_reserve_is_what_comfyui_kept_for_the_prompt_at_its_last_load(monkey
     assert vram.reserve(cuda) == minimum
     monkeypatch.setattr(vram, "FLOOR_BYTES", 20 << 30)              # OCTET_VRAM_RESERVE_MIB
     assert vram.reserve(cuda) == 20 << 30
+
+
+def test_an_int8_model_on_the_legacy_patcher_records_the_prompts_reserve_too(monkeypatch):
+    """ComfyUI 0.3.75, or 0.29 with --disable-dynamic-vram: the host's own ModelPatcher loads the INT8 model; its
+    partially_load gets the same budget, and the clones other nodes make (a LoRA loader's) keep recording it."""
+    import comfy.model_management as mm
+    import comfy.model_patcher as mp
+
+    from comfyui_octet.fixtures import reference_model
+    from comfyui_octet.kernels import vram
+    legacy = reference_model.build_tiny_sd15()
+    assert type(legacy) is mp.ModelPatcher
+    quantized = bridge.quantize_model(legacy, config_for_mode("dynamic"))[0]
+    clone = quantized.clone()
+    assert isinstance(clone, host_compat.RecordsInferenceReserve) and isinstance(clone, mp.ModelPatcher)
+    assert not isinstance(legacy, host_compat.RecordsInferenceReserve)        # the input MODEL is not changed
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(host_compat, "PROMPT_RESERVE", {})
+    monkeypatch.setattr(mm, "get_free_memory", lambda device: 10 << 30)
+    monkeypatch.setattr(mp.ModelPatcher, "partially_load", lambda self, device_to, extra_memory=0, **kw: 0)
+    clone.partially_load(cuda, 4 << 30)
+    assert vram.reserve(cuda) == 6 << 30
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="comfy-aimdo stages weights on a GPU")
