@@ -145,7 +145,9 @@ def run_model(name, args, device, card, tiny) -> list[dict]:
         patcher, how = build(name, variant, device, tiny, args.dynamic_vram)
         if args.dynamic_vram:
             from comfyui_octet.nodes import host_compat
-            how += f"; patcher {type(patcher).__name__}, dynamic {host_compat.dynamic_vram(patcher)}"
+            # The host's class (Octet mixes its own into an INT8 MODEL's: nodes/host_compat.py, dynamic_vram.py)
+            host_class = next(c for c in type(patcher).__mro__ if c.__module__.startswith("comfy."))
+            how += f"; patcher {host_class.__name__}, dynamic {host_compat.dynamic_vram(patcher)}"
         out = []
         first = prompt(patcher, name, latent, positive, negative, args.steps, 0, out)
         models[variant], latents[variant] = patcher, out[0]
