@@ -110,8 +110,20 @@ class QuantLayer(nn.Module):
 
     def stream_per_call(self) -> None:
         """Let a dynamic-VRAM patcher leave this layer's tensors in RAM: it then copies them to the GPU at each
-        call (the lowvram path of ``forward``). For an INT8 model that does not fit whole (nodes/dynamic_vram.py)."""
+        call (the lowvram path of ``forward``). For an INT8 model that does not fit whole (nodes/dynamic_vram.py).
+        Pinned now, before any call: the copies are asynchronous, and their addresses stay put, so a CUDA graph
+        could record them (a GPU test replays them; the graph step still runs such a model eager: turned on, the
+        graph warm-up's Triton tuning ran SDXL out of memory with 2.5 GiB free, H200 2026-12-04)."""
         self.__dict__["_comfy_cast"] = False
+        self.pin_ram()
+
+    def pin_ram(self) -> None:
+        """Swap this layer's tensors in RAM for pinned ones, in place (no second copy; the Parameters stay)."""
+        if not torch.cuda.is_available():
+            return
+        for t in (*self._parameters.values(), *self._buffers.values()):
+            if t is not None and t.device.type == "cpu" and not t.is_pinned():
+                t.data = t.data.pin_memory()
 
     def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                  act: str, backend: str = "auto", goal: str = "speed"):
@@ -356,9 +368,9 @@ class QuantLayer(nn.Module):
             # operands moved for this call only, at every call (SDXL streamed at 2.5 GiB free: 5.3 s per
             # step with the speed goal, 0.51 s with the memory goal; H200 2026-12-04).
             if x.device.type == "cuda" and w.device.type == "cpu" and not w.is_pinned():
-                # Copied at every call: from pinned RAM, at the bus's speed and without stalling the host.
-                # The tensor's memory is swapped in place (no second copy in RAM; the Parameter stays).
-                w.data = w.data.pin_memory()
+                # Copied at every call: from pinned RAM, at the bus's speed and without stalling the host (the
+                # legacy patcher's lowvram leaves layers in RAM too; the dynamic one's are pinned when streamed).
+                self.pin_ram()
             _, run = kernels.plan(self.layout.kernel_op, self.act, x, self.operands(x.device), self.backend,
                                   "memory")
             return run(x, self._static_scale(x.device))

@@ -501,3 +501,38 @@ def test_gpu_layers_that_do_not_fit_stream_from_ram_with_real_aimdo_and_compute_
     with torch.no_grad():
         torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=1e-3)
     mm.free_memory(1e30, cuda)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="comfy-aimdo stages weights on a GPU")
+def test_gpu_int8_layers_streamed_from_pinned_ram_replay_from_a_cuda_graph_as_they_run_eager(real_dynamic, monkeypatch):
+    """The streamed layers' per-call copies come from pinned RAM at fixed addresses: a captured graph of the
+    forward replays them, and gives what the same forward gives eager (planned for a graph in both)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher as mp
+
+    from comfyui_octet.fixtures import reference_model
+    from comfyui_octet.kernels.dispatch import graph_plans
+    from comfyui_octet.octet.cuda_graph import GraphBackend, capture, flatten
+    cuda, cpu, x, t, ctx = real_dynamic
+    legacy = reference_model.build_tiny_sd15()
+    quantized = bridge.quantize_model(mp.ModelPatcherDynamic(legacy.model, cuda, cpu), config_for_mode("dynamic"))[0]
+    layers = [m for m in quantized.object_patches.values() if isinstance(m, QuantLayer)]
+    total = sum(p.numel() * p.element_size() for m in layers for p in (*m.parameters(), *m.buffers()))
+    monkeypatch.setattr(dynamic_vram, "_STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: total // 2)
+    mm.load_models_gpu([quantized])
+    streamed = [m for m in layers if m.weight.device.type == "cpu"]
+    assert streamed and all(t.is_pinned() for m in streamed for t in (*m.parameters(), *m.buffers()))
+    dm = quantized.model.diffusion_model
+    with torch.no_grad(), graph_plans():
+        dm(x, t, context=ctx)                                       # the first call of a fresh model (see above)
+        want = dm(x, t, context=ctx)
+    leaves, spec = flatten((x, t, ctx))
+    with torch.no_grad():
+        graph = capture(lambda a: dm(a[0], a[1], context=a[2]), leaves, spec, cuda, GraphBackend())
+        got = graph.run(leaves)
+        got_again = graph.run(leaves)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_again, want, rtol=0, atol=0)
+    del graph
+    mm.free_memory(1e30, cuda)
