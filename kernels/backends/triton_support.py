@@ -8,6 +8,7 @@ very kernels that run on the GPU.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Optional
 
@@ -74,9 +75,32 @@ def autotuning() -> bool:
 
 
 def tuning_bench(kernel_call, quantiles):
-    """Autotune timing: median of ~25 ms of runs per config (Triton's default spends 125 ms)."""
+    """Autotune timing: median of ~25 ms of runs per config (Triton's default spends 125 ms).
+
+    Triton flushes the L2 cache before each timed run by zeroing a 256 MiB buffer it allocates per tuning. On a
+    card with less than that left (a model squeezed into a small card: SDXL's graph warm-up with 2.5 GiB free,
+    H200 2026-12-04) that allocation failed the user's prompt. Then this times with a 1 MiB buffer instead, said
+    once: the flush is partial, so every config of that tuning runs with a warmer cache alike."""
     from triton.testing import do_bench
-    return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+    try:
+        return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+    except torch.OutOfMemoryError:
+        from .. import registry
+        registry.log_once("tuning-small-flush", "Octet: not enough free VRAM for Triton's 256 MiB cache-flush "
+                          "buffer while tuning a kernel: tuned with a 1 MiB one (timings slightly optimistic, "
+                          "alike for every candidate). Free VRAM before the first prompt for exact tuning.",
+                          level=logging.WARNING)
+        driver = triton.runtime.driver.active
+        small = small_flush_buffer()
+        driver.get_empty_cache_for_benchmark = lambda: small     # the instance's, over the class's method
+        try:
+            return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+        finally:
+            del driver.get_empty_cache_for_benchmark
+
+
+def small_flush_buffer() -> torch.Tensor:
+    return torch.empty(256 * 1024, dtype=torch.int32, device="cuda")
 
 
 def tma_box_hook(lhs: str, rhs: str):

@@ -615,3 +615,45 @@ def test_weight_only_with_direct_launches_off_binds_nothing_and_keeps_the_genera
     for _ in range(3):
         torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-4)
     assert ran == [(1024, 64)] * 3 and linear._bound[(x.shape, x.dtype)] is False
+
+
+def test_tuning_without_room_for_tritons_flush_buffer_times_with_a_small_one_said_once(monkeypatch, caplog):
+    """Triton's tuning zeroes a 256 MiB buffer before each timed run: on a card with less left, the allocation
+    must not fail the user's prompt (SDXL's graph warm-up, 2.5 GiB free, H200). Timed again with a small buffer,
+    the driver's own method back afterwards; an out-of-memory error of the kernel itself still propagates."""
+    from types import SimpleNamespace
+
+    import triton
+    import triton.testing
+
+    from comfyui_octet.kernels import registry
+
+    class Driver:
+        def get_empty_cache_for_benchmark(self):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 MiB")
+    driver = Driver()
+    small = torch.zeros(4, dtype=torch.int32)
+    monkeypatch.setattr(triton.runtime, "driver", SimpleNamespace(active=driver))
+    monkeypatch.setattr(triton_support, "small_flush_buffer", lambda: small)
+    monkeypatch.setattr(registry, "_logged", set())
+    buffers = []
+
+    def do_bench(fn, warmup, rep, quantiles):
+        buffers.append(triton.runtime.driver.active.get_empty_cache_for_benchmark())   # as Triton's does
+        fn()
+        return [1.0, 0.9, 1.1]
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    ran = []
+    with caplog.at_level(logging.WARNING, logger="octet"):
+        for _ in range(2):
+            assert triton_support.tuning_bench(lambda: ran.append(1), (0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
+    assert buffers == [small, small] and len(ran) == 2
+    assert "get_empty_cache_for_benchmark" not in vars(driver)          # the method is the class's again
+    assert len([r for r in caplog.records if "256 MiB cache-flush buffer" in r.getMessage()]) == 1
+
+    def kernel_out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, quantiles: fn())
+    with pytest.raises(torch.OutOfMemoryError, match="2.00 GiB"):
+        triton_support.tuning_bench(kernel_out_of_memory, None)
+    assert "get_empty_cache_for_benchmark" not in vars(driver)
