@@ -13,6 +13,7 @@ reserve; for the prompt being loaded, its estimate of the activations: nodes/hos
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -20,7 +21,26 @@ import torch
 # Without a host (a script on octet.quantize_): ComfyUI's own default, 0.8 GiB of minimum inference memory plus its
 # 0.4 GiB extra reserve on Linux. OCTET_VRAM_RESERVE_MIB raises the floor under whatever the host asks.
 DEFAULT_RESERVE_BYTES = int(1228.8 * 2**20)
-FLOOR_BYTES = int(float(os.environ.get("OCTET_VRAM_RESERVE_MIB", 0)) * 2**20)
+
+
+def floor_from_env(text) -> int:
+    """OCTET_VRAM_RESERVE_MIB in bytes; a value that is not a non-negative number is said and ignored (the pack
+    still loads)."""
+    if text is None or not text.strip():
+        return 0
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0 or mib == float("inf"):
+        logging.getLogger("octet").warning(
+            "Octet: OCTET_VRAM_RESERVE_MIB=%r is not a number of MiB (e.g. 2048); ignored, ComfyUI's own reserve "
+            "applies. Set it to the VRAM to keep free beside Octet's own allocations, or unset it.", text)
+        return 0
+    return int(mib * 2**20)
+
+
+FLOOR_BYTES = floor_from_env(os.environ.get("OCTET_VRAM_RESERVE_MIB"))
 
 # Functions device -> bytes, registered by the nodes.
 HOST_RESERVE: list = []     # the VRAM the host keeps free for inference now

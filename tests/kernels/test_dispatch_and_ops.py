@@ -225,3 +225,14 @@ def test_gpu_a_layer_short_of_vram_keeps_no_float_copy_and_computes_as_with_the_
         extra[goal] = plan_summary(model)["extra_bytes"]
     assert extra["speed"] == extra["memory"]         # no bf16 copy beside what the memory goal keeps
     torch.testing.assert_close(outputs["speed"], outputs["memory"], rtol=0, atol=0)
+
+
+def test_a_bad_vram_reserve_setting_is_said_and_ignored(caplog):
+    from comfyui_octet.kernels import vram
+    assert vram.floor_from_env(None) == 0 and vram.floor_from_env(" ") == 0
+    assert vram.floor_from_env("2048") == 2048 * 2**20 and vram.floor_from_env("0.5") == 2**19
+    with caplog.at_level(logging.WARNING, logger="octet"):
+        for bad in ("2 GiB", "-1", "nan", "inf"):
+            assert vram.floor_from_env(bad) == 0
+    said = [r.getMessage() for r in caplog.records if "OCTET_VRAM_RESERVE_MIB" in r.getMessage()]
+    assert len(said) == 4 and "'2 GiB' is not a number of MiB" in said[0], said
