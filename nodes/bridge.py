@@ -85,7 +85,7 @@ def with_layers(patcher, layers: dict) -> object:
     if host_compat.dynamic_vram(clone):     # ComfyUI >= 0.29's default on NVIDIA
         dynamic_vram.install(clone, layers.values())
     else:
-        host_compat.record_inference_reserve(clone)
+        host_compat.mix_in(clone, host_compat.RecordsInferenceReserve)
     return clone
 
 

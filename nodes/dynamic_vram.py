@@ -50,18 +50,7 @@ def install(patcher, layers) -> None:
     for layer in layers:
         if isinstance(layer, QuantLayer):
             layer.load_whole()      # aimdo's staged weights are for comfy.ops only (octet/modules.py)
-    if not isinstance(patcher, KeepsLoadedLayers):
-        patcher.__class__ = _subclass(type(patcher))
-
-
-_SUBCLASSES: dict = {}
-
-
-def _subclass(base: type) -> type:
-    cls = _SUBCLASSES.get(base)
-    if cls is None:
-        cls = _SUBCLASSES[base] = type(f"Octet{base.__name__}", (KeepsLoadedLayers, base), {"__module__": __name__})
-    return cls
+    host_compat.mix_in(patcher, KeepsLoadedLayers)
 
 
 class KeepsLoadedLayers(host_compat.RecordsInferenceReserve):

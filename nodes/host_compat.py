@@ -266,8 +266,7 @@ PROMPT_RESERVE: dict = {}
 
 
 class RecordsInferenceReserve:
-    """Mixed into an Octet MODEL's patcher class (``record_inference_reserve``; nodes/dynamic_vram.py's class has
-    it too). Both hosts' load_models_gpu give ``partially_load`` the VRAM the model's weights may take: what is
+    """Mixed into an Octet MODEL's patcher class (``mix_in``; nodes/dynamic_vram.py's mixin has it too). Both hosts' load_models_gpu give ``partially_load`` the VRAM the model's weights may take: what is
     free less the reserve kept for the prompt (its activation estimate); 1e32 when nothing limits it. The reserve is
     what Octet's own allocations, made later (the speed goal's copies at a layer's first call), must leave free."""
 
@@ -282,19 +281,19 @@ class RecordsInferenceReserve:
         return super().partially_load(device_to, extra_memory, *args, **kwargs)
 
 
-_RESERVE_SUBCLASSES: dict = {}
+_MIXED: dict = {}
 
 
-def record_inference_reserve(patcher) -> None:
-    """Make ``patcher`` (a host ModelPatcher, legacy or dynamic) a RecordsInferenceReserve, in place; its clones
+def mix_in(patcher, mixin: type) -> None:
+    """Make ``patcher`` (a host ModelPatcher, legacy or dynamic) an instance of ``mixin`` too, in place: its class is
+    swapped for one subclass of both per host class (``mixin`` first, so its methods wrap the host's); its clones
     keep the class (both hosts' ``clone`` build ``self.__class__``)."""
-    base = type(patcher)
-    if isinstance(patcher, RecordsInferenceReserve):
+    if isinstance(patcher, mixin):
         return
-    cls = _RESERVE_SUBCLASSES.get(base)
+    base = type(patcher)
+    cls = _MIXED.get((mixin, base))
     if cls is None:
-        cls = _RESERVE_SUBCLASSES[base] = type(f"Octet{base.__name__}", (RecordsInferenceReserve, base),
-                                               {"__module__": __name__})
+        cls = _MIXED[(mixin, base)] = type(f"Octet{base.__name__}", (mixin, base), {"__module__": __name__})
     patcher.__class__ = cls
 
 

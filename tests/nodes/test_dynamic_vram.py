@@ -429,7 +429,8 @@ def test_the_reserve_is_what_comfyui_kept_for_the_prompt_at_its_last_load(monkey
         def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
             return extra_memory
 
-    patcher = dynamic_vram._subclass(Host)()
+    patcher = Host()
+    host_compat.mix_in(patcher, dynamic_vram.KeepsLoadedLayers)
     cuda = torch.device("cuda", 0)
     minimum = int(mm.minimum_inference_memory())
     monkeypatch.setattr(host_compat, "PROMPT_RESERVE", {})
