@@ -82,11 +82,16 @@ class GraphBackend:
         return device.type == "cuda" and torch.cuda.is_available()
 
     def warmup(self, fn: Callable[[], Any], device: torch.device, runs: int) -> int:
-        """Run ``fn`` ``runs`` times; returns the bytes it allocated at its peak beyond what was allocated before
-        (at most: torch's peak is not reset, which would take it from anyone else measuring)."""
+        """Run ``fn`` ``runs`` times; returns the bytes it allocated at its peak beyond what was allocated before."""
         # torch requires warm-up on a side stream before capture: lazy initialisation (cuBLAS
         # workspaces, Triton autotuning, allocator growth) must not happen while capturing.
         start = torch.cuda.memory_allocated(device)
+        # The process's peak so far would hide the warm-up's: any earlier larger allocation (a bigger model, a
+        # VAE decode, a low-VRAM bench's filler) made every later capture look too big to fit, and the step ran
+        # eager for good (the GPU tests after one that filled the card, H200 2026-12-04). So the peak is reset
+        # here: ComfyUI does not read it, and Octet's own peak measurements (octet/metrics.py, nodes/evaluate.py,
+        # the benches) reset it before they measure, as this does.
+        torch.cuda.reset_peak_memory_stats(device)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -153,8 +158,8 @@ def capture(fn: Callable, leaves: list, spec, device: torch.device, backend: Gra
     asks for it only after a plain capture failed, so models that capture as they are keep their
     host-side factories exactly as in eager runs.
 
-    ``keep``: VRAM to leave free; where the warm-up's peak would not fit beside it, ``ShortOfMemory`` before
-    capturing.
+    ``keep``: VRAM to leave free; where the warm-up's peak (and a quarter more) would not fit beside it,
+    ``ShortOfMemory`` before capturing.
     """
     start = time.perf_counter()
     static = [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
@@ -169,7 +174,11 @@ def capture(fn: Callable, leaves: list, spec, device: torch.device, backend: Gra
         before = backend.memory(device)
         if need is not None:
             room = backend.free_memory(device)
-            if room - need < keep:
+            # A quarter more than the warm-up's peak: the graph's own pool cannot reuse blocks cached outside it,
+            # and an allocation that fails inside a capture can leave torch's allocator unusable for the rest of
+            # the process (an H200 with 2.5 GiB free, 2026-12-04: every later allocation failed). Erring towards
+            # an eager step is cheap; a failed capture is not.
+            if room - need - need // 4 < keep:
                 raise ShortOfMemory(
                     f"capturing would need about {need / 2**20:.0f} MiB for the step's activations in the graph's "
                     f"own memory pool; {room / 2**20:.0f} MiB of VRAM is free and ComfyUI keeps "

@@ -454,13 +454,13 @@ def test_a_graph_leaving_too_little_vram_is_dropped_and_that_signature_runs_eage
 def test_a_capture_the_warm_up_shows_would_not_fit_beside_the_reserve_is_not_tried_until_memory_is_freed(
         tiny_model, cpu_sample, caplog):
     """An allocation failing inside a capture breaks torch's allocator for the process (H200, 2026-12-04): the
-    warm-up's peak, which the graph's own pool needs again, must fit beside ComfyUI's reserve before capturing.
-    The host freeing memory (an unload) lets that signature capture again."""
+    warm-up's peak, which the graph's own pool needs again, and a quarter more must fit beside ComfyUI's reserve
+    before capturing. The host freeing memory (an unload) lets that signature capture again."""
     import comfy.model_management as mm
 
     from comfyui_octet.kernels import vram
     keep = vram.reserve(torch.device("cpu"))
-    short = CpuGraphs(free=keep + (64 << 20), peak=(64 << 20) + 1)
+    short = CpuGraphs(free=keep + (80 << 20), peak=(64 << 20) + 4)
     want = cpu_sample(tiny_model)       # first: loading the float clone in the graphed one's place frees memory
     model, step = graph_step.install(tiny_model, backend=short)
     with caplog.at_level(logging.INFO, logger="octet"):
@@ -469,9 +469,9 @@ def test_a_capture_the_warm_up_shows_would_not_fit_beside_the_reserve_is_not_tri
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert short.captured == 0 and short.warmups == step.warmup and step.stats["eager"] == 2 * STEPS
     said = _records(caplog, f"capturing would need about 64 MiB for the step's activations in the graph's own "
-                            f"memory pool; {(keep >> 20) + 64} MiB of VRAM is free and ComfyUI keeps {keep >> 20} MiB")
+                            f"memory pool; {(keep >> 20) + 80} MiB of VRAM is free and ComfyUI keeps {keep >> 20} MiB")
     assert len(said) == 1, caplog.text
-    short.peak = 64 << 20                       # exactly fits; still not tried before the host frees memory
+    short.peak = 64 << 20                       # with its quarter, exactly fits; not tried before the host frees memory
     cpu_sample(model)
     assert short.captured == 0
     mm.unload_all_models()                      # the host freed memory: try again

@@ -62,3 +62,15 @@ def test_gpu_capture_of_a_forward_that_builds_a_host_tensor_needs_the_device_as_
         x = torch.tensor(value, device=device)
         torch.testing.assert_close(graph.run(flatten(((x,), {}))[0]), embed(x), rtol=0, atol=0)
     assert torch.get_default_device().type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_gpu_the_warm_up_measures_its_own_peak_not_an_earlier_larger_one():
+    """An earlier 1 GiB allocation, freed, must not make a 4 MiB step look 1 GiB big (the graph step would then
+    refuse to capture it on any card with less than that free)."""
+    device = torch.device("cuda")
+    big = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    del big
+    x = torch.randn(1 << 20, device=device)
+    peak = GraphBackend().warmup(lambda: x * 2, device, 2)
+    assert (4 << 20) <= peak < (64 << 20), peak
