@@ -42,6 +42,24 @@ def build(name, variant, device, dynamic):
     return out[0], out[1].splitlines()[-1]
 
 
+def live_by_site(snapshot: dict, filler_bytes: int, top: int = 20) -> list:
+    """The live allocations of a memory snapshot, summed by the innermost frame of this pack or of ComfyUI that
+    allocated them (the filler left out): [(GiB, blocks, site, outer frames)], largest first."""
+    sites = {}
+    for segment in snapshot.get("segments", []):
+        for block in segment.get("blocks", []):
+            if block.get("state") != "active_allocated" or block.get("size", 0) >= filler_bytes > 0:
+                continue
+            frames = [f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}"
+                      for f in block.get("frames", []) if f["filename"].endswith(".py") and "/torch/" not in f["filename"]]
+            site = frames[0] if frames else "?"        # the innermost Python frame outside torch
+            entry = sites.setdefault(site, [0, 0, frames[1:6]])
+            entry[0] += block["size"]
+            entry[1] += 1
+    ranked = sorted(sites.items(), key=lambda item: -item[1][0])[:top]
+    return [(round(size / 2**30, 3), count, site, outer) for site, (size, count, outer) in ranked]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sdxl", choices=list(e2e.MODELS))
@@ -51,6 +69,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dynamic-vram", action="store_true")
     parser.add_argument("--out", default=os.path.join(e2e.ROOT, "out", "low_vram"))
+    parser.add_argument("--memory-history", action="store_true",
+                        help="record torch's allocation stacks; on an out-of-memory error, list the live memory by "
+                             "where it was allocated (slower prompts)")
     parser.add_argument("--case", nargs=2, metavar=("FREE_GIB", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -61,7 +82,8 @@ def main() -> int:
     for free_gib in args.free_gib:
         for variant in args.variants:
             command = [sys.executable, os.path.abspath(__file__), "--case", str(free_gib), variant,
-                       "--model", args.model, "--steps", str(args.steps)] + (["--dynamic-vram"] * args.dynamic_vram)
+                       "--model", args.model, "--steps", str(args.steps)] + (["--dynamic-vram"] * args.dynamic_vram) \
+                + (["--memory-history"] * args.memory_history)
             done = subprocess.run(command, capture_output=True, text=True)
             row = None
             for line in done.stdout.splitlines():
@@ -127,22 +149,37 @@ def run_case(args, free_gib: float, variant: str) -> int:
     row = {"header": f"card: {card}; {stamp}", "versions": versions, "model": name, "variant": variant, "how": how,
            "free_gib_asked": free_gib, "free_gib_before_prompt": free_now / 2**30, "filler_gib": filler_bytes / 2**30,
            "steps": args.steps}
+    if args.memory_history:
+        torch.cuda.memory._record_memory_history(max_entries=200000)
     try:
         first = workflow.prompt(patcher, name, latent, positive, negative, args.steps, 0)
+        # The first prompt's peak since the graph step's warm-up, which resets it (octet/cuda_graph.py) if it runs.
+        row["first_prompt_peak_gib"] = (torch.cuda.max_memory_allocated() - filler_bytes) / 2**30
+        torch.cuda.reset_peak_memory_stats()
         seconds = workflow.prompt(patcher, name, latent, positive, negative, args.steps, 1)
         row.update(ok=True, first_prompt_s=first, prompt_s=seconds, ms_per_step=seconds / args.steps * 1e3)
     except Exception as exc:    # what the user would see in ComfyUI's error dialog, and where it came from
         frames = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
         row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", where=frames[-6:])
-    # torch's allocator only: comfy-aimdo's staging buffers (the bf16 model's streamed weights) are not in it
+        if args.memory_history and isinstance(exc, torch.OutOfMemoryError):
+            row["live_at_error"] = live_by_site(torch.cuda.memory._snapshot(), filler_bytes)
+    # The timed prompt's, torch's allocator only: comfy-aimdo's staging buffers (the bf16 model's streamed weights)
+    # are not in it
     row["peak_allocated_gib"] = (torch.cuda.max_memory_allocated() - filler_bytes) / 2**30
     if args.dynamic_vram:
         row["staged_modules"] = sum(hasattr(m, "_v") for m in patcher.model.diffusion_model.modules())
+    from comfyui_octet.nodes import graph_step
+    step = graph_step.graph_step_of(patcher)
+    if step is not None:        # whether the steps replayed, and why not where they ran eager
+        row["graph_step"] = step.report()
     print(f"[{card}] {stamp} {name} {variant}, {free_now / 2**30:.1f} GiB free: "
           + (f"ran, first prompt {row['first_prompt_s']:.2f} s, second {row['prompt_s']:.2f} s "
              f"({row['ms_per_step']:.0f} ms/step)" if row["ok"] else row["error"] + f" at {row['where']}")
           + f"; peak allocated by torch beside the filler {row['peak_allocated_gib']:.2f} GiB; "
-            f"staged modules {row.get('staged_modules')}", flush=True)
+            f"staged modules {row.get('staged_modules')}"
+          + (f"\n    {row['graph_step']}" if "graph_step" in row else "")
+          + "".join(f"\n    live at the error: {gib:.3f} GiB in {n} block(s) from {site} <- {outer}"
+                    for gib, n, site, outer in row.get("live_at_error", [])), flush=True)
     print(ROW + json.dumps(row), flush=True)
     return 0
 
