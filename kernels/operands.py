@@ -94,8 +94,22 @@ class Int8Operands:
         return Int8Operands(qweight.to(device, non_blocking=nb).contiguous(), vec(scale),
                             None if bias is None else bias.to(device, non_blocking=nb), vec(smooth), conv)
 
+    def free_copies(self, *keep: Tensor) -> None:
+        """Give back now the memory of the tensors ``of`` copied for this operand set and those derived from them
+        (not those that are, or are views of, ``keep``: the layer's own tensors). For a layer streamed per call (octet/modules.py): its copies
+        are for that call only, and the memory must come back when the call returns even where a reference to
+        them outlives it (Flux-dev on an H200 with 12 GiB free, 2026-12-04: the last 8 streamed layers' device
+        copies, 0.49 GiB, were still allocated at the out-of-memory error; what held them was not found). The
+        storage is freed as a dropped tensor's is: stream-ordered after the kernels already launched on it."""
+        kept = {t.untyped_storage().data_ptr() for t in keep if t is not None}
+        derived = [v for v in self.memo.values() if isinstance(v, Tensor)]   # a conv's reordered weight, ...
+        for t in (self.qweight, self.scale, self.bias, self.smooth, *derived):
+            if t is not None and t.untyped_storage().data_ptr() not in kept:
+                t.untyped_storage().resize_(0)
+
     def remember(self, key, make):
-        """``make()`` once per operand set: backends keep derived weights here."""
+        """``make()`` once per operand set: backends keep derived weights here (tensors of their own, never views
+        of buffers shared beyond this operand set: ``free_copies`` frees them)."""
         value = self.memo.get(key)
         if value is None:
             value = self.memo[key] = make()

@@ -371,9 +371,11 @@ class QuantLayer(nn.Module):
                 # Copied at every call: from pinned RAM, at the bus's speed and without stalling the host (the
                 # legacy patcher's lowvram leaves layers in RAM too; the dynamic one's are pinned when streamed).
                 self.pin_ram()
-            _, run = kernels.plan(self.layout.kernel_op, self.act, x, self.operands(x.device), self.backend,
-                                  "memory")
-            return run(x, self._static_scale(x.device))
+            ops = self.operands(x.device)
+            _, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, self.backend, "memory")
+            y = run(x, self._static_scale(x.device))
+            ops.free_copies(*self._parameters.values(), *self._buffers.values())    # this call's copies only
+            return y
         plan = self.plan(x)
         if len(self._by_shape) >= _SHAPES_KEPT:
             self._by_shape.clear()

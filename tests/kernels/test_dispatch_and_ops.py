@@ -236,3 +236,22 @@ def test_a_bad_vram_reserve_setting_is_said_and_ignored(caplog):
             assert vram.floor_from_env(bad) == 0
     said = [r.getMessage() for r in caplog.records if "OCTET_VRAM_RESERVE_MIB" in r.getMessage()]
     assert len(said) == 4 and "'2 GiB' is not a number of MiB" in said[0], said
+
+
+def test_operands_free_the_copies_made_for_them_and_never_the_layers_own_tensors():
+    """A streamed layer's per-call operands (octet/modules.py) give back their copies when the call returns; the
+    layer's tensors, and views of them (``of`` reshapes an fp32 scale without copying), are left as they were."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (8, 16), dtype=torch.int8, generator=g)
+    scale = torch.rand(8, 1, generator=g) + 0.5                     # fp32 [N, 1]: ``of`` takes a view
+    bias = torch.randn(8, generator=g)
+    scale_before, bias_before = scale.clone(), bias.clone()
+    ops = kernels.Int8Operands.of(q.clone(), scale, bias)           # a copy of the weight, as a streamed call's
+    derived = ops.remember("derived", lambda: ops.qweight.float() * 2)
+    assert ops.scale.untyped_storage().data_ptr() == scale.untyped_storage().data_ptr() and ops.bias is bias
+    ops.free_copies(q, scale, bias)
+    assert ops.qweight.untyped_storage().nbytes() == 0 and derived.untyped_storage().nbytes() == 0
+    assert q.untyped_storage().nbytes() == q.numel()
+    torch.testing.assert_close(scale, scale_before, rtol=0, atol=0)
+    torch.testing.assert_close(bias, bias_before, rtol=0, atol=0)
+    torch.testing.assert_close(ops.scale, scale_before.reshape(-1), rtol=0, atol=0)

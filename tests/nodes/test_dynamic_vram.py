@@ -496,6 +496,11 @@ def test_gpu_layers_that_do_not_fit_stream_from_ram_with_real_aimdo_and_compute_
     with torch.no_grad():
         torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=1e-3)
     assert all(m.weight.is_pinned() for m in streamed)          # copied at each call from pinned RAM
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        quantized.model.diffusion_model(x, t, context=ctx)
+    assert torch.cuda.memory_allocated() == before              # no streamed layer's copy outlives its call
     monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: None)
     mm.load_models_gpu([quantized])
     assert all(m.weight.device.type == "cuda" and not hasattr(m, "_v") for m in layers)
