@@ -98,8 +98,9 @@ class Int8Operands:
         """Give back now the memory of the tensors ``of`` copied for this operand set and those derived from them
         (not those that are, or are views of, ``keep``: the layer's own tensors). For a layer streamed per call (octet/modules.py): its copies
         are for that call only, and the memory must come back when the call returns even where a reference to
-        them outlives it (Flux-dev on an H200 with 12 GiB free, 2026-12-04: the last 8 streamed layers' device
-        copies, 0.49 GiB, were still allocated at the out-of-memory error; what held them was not found). The
+        them outlives it (Flux-dev on an H200, 2026-12-04: with 12 GiB free the copies of all 8 streamed layers,
+        0.49 GiB, with 8 GiB free those of 8 of the 79, were still allocated at the out-of-memory error; what held
+        them was not found). The
         storage is freed as a dropped tensor's is: stream-ordered after the kernels already launched on it."""
         kept = {t.untyped_storage().data_ptr() for t in keep if t is not None}
         derived = [v for v in self.memo.values() if isinstance(v, Tensor)]   # a conv's reordered weight, ...
