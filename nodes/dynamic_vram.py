@@ -280,10 +280,8 @@ def _on_device(t: torch.Tensor, device) -> bool:
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
-    """The same device; a CUDA device without an index is the current one, taken to match any."""
-    if a.type != b.type:
-        return False
-    return a.type != "cuda" or a.index is None or b.index is None or a.index == b.index
+    """The same device; a CUDA device without an index is the current one (``host_compat.device_key``)."""
+    return host_compat.device_key(a) == host_compat.device_key(b)
 
 
 def _hide_loaded(patcher, device_to, layers: dict) -> dict:

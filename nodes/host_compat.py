@@ -298,8 +298,13 @@ def mix_in(patcher, mixin: type) -> None:
 
 
 def device_key(device) -> tuple:
+    """(type, index) of ``device``, as torch reads it: a CUDA device without an index is the current one (the
+    host passes "cuda" in places and "cuda:N" in others; one reading for both, here and in nodes/dynamic_vram.py)."""
     device = torch.device(device)
-    return device.type, device.index or 0
+    index = device.index
+    if index is None and device.type == "cuda" and torch.cuda.is_available():
+        index = torch.cuda.current_device()
+    return device.type, index or 0
 
 
 def inference_reserve(device) -> int:

@@ -545,3 +545,15 @@ def test_gpu_int8_layers_streamed_from_pinned_ram_replay_from_a_cuda_graph_as_th
     del graph
     mm.free_memory(1e30, cuda)
 
+
+
+def test_a_cuda_device_without_an_index_is_the_current_one_for_the_reserve_and_the_loaded_layers(monkeypatch):
+    """The host names a device "cuda" in places and "cuda:N" in others: both readings (the reserve's key, the kept
+    layers' device check) take an index-less CUDA device as the current one, as torch does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda", 0), torch.device("cuda", 1)
+    assert host_compat.device_key(cuda) == host_compat.device_key("cuda:1") == ("cuda", 1)
+    assert host_compat.device_key("cpu") == ("cpu", 0)
+    assert dynamic_vram._same_device(cuda, cuda1) and dynamic_vram._same_device(cuda1, cuda)
+    assert not dynamic_vram._same_device(cuda, cuda0) and not dynamic_vram._same_device(cuda, torch.device("cpu"))
