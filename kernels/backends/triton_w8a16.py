@@ -25,6 +25,8 @@ must hide under the dots).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -333,10 +335,11 @@ class W8A16Linear:
             torch.nn.functional.linear
         weight_on_stream = scratch_buffers.weight_on_stream
         q, scale, n, k, bias = g.qweight, g.w_scale, g.n, g.k, self._bias(dtype)
+        plan = weakref.ref(self)    # not a cycle through this plan's own dict (triton_backend._W8A8Linear._bind)
 
         def call(x2d):
             if current() != device:   # the compiled kernel belongs to the device it was made on
-                return self._run(x2d)
+                return plan()._run(x2d)
             stream = stream_of(device)
             # The float weight lives from this launch to cuBLAS's GEMM right after it on the same stream: the
             # stream's scratch serves every layer (scratch.py), unless autograd would keep it for backward.

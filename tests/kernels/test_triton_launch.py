@@ -678,3 +678,48 @@ def test_gpu_tuning_times_with_a_small_flush_buffer_when_the_card_has_less_than_
     assert len(times) == 3 and all(0 < t < 10 for t in times), times
     assert len([r for r in caplog.records if "256 MiB cache-flush buffer" in r.getMessage()]) == 1
     assert x[0].item() > 0
+
+
+def test_a_plans_bound_call_does_not_keep_the_plan_alive(monkeypatch):
+    """A plan keeps the bound call it makes after its first call at an input; the call must not hold the plan in
+    return, or the two form a cycle that only the cyclic garbage collector frees: a plan made for one call (a layer
+    streamed from RAM, octet/modules.py) then kept its weight's device copy until a collection ran (Flux-dev, H200,
+    2026-12-04). On a CPU no call is bound, so the CUDA-only parts are stood in for."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from comfyui_octet.kernels.backends import triton_backend, triton_w8a16
+    launcher = SimpleNamespace(current_device=lambda: -1, stream=lambda device: None,
+                               learned=lambda key: SimpleNamespace(meta={}, c_launch=lambda *a: None))
+    quant = SimpleNamespace(RowQuantizer=lambda k, smooth: SimpleNamespace(bound=lambda *a: (lambda *b: None),
+                                                                           launcher=launcher),
+                            GeluRowQuantizer=None, NormRowQuantizer=None)
+    gemm = SimpleNamespace(W8A8Gemm=lambda q, s, b: SimpleNamespace(bound=lambda *a: (lambda *b: None)))
+    weight = torch.zeros(64, 32, dtype=torch.int8)
+    ops = SimpleNamespace(k=32, n=64, smooth=None, qweight=weight, scale=torch.ones(64), bias=None)
+    x = torch.zeros(4, 32)
+    was_enabled = gc.isenabled()
+    gc.disable()            # only reference counting frees what is dropped below
+    try:
+        plan = triton_backend._W8A8Linear(quant, gemm, ops)
+        key = (x.shape, x.dtype, True, True)
+        plan._bind(key, x, None)
+        assert callable(plan._bound[key])                     # a call was bound
+        gone = weakref.ref(plan)
+        del plan
+        assert gone() is None
+
+        linear = triton_w8a16.W8A16Linear(weight, torch.ones(64), None)
+        monkeypatch.setattr(linear, "_dequantizes", lambda x2d: True)
+        monkeypatch.setattr(linear, "dequant", launcher)
+        monkeypatch.setattr(linear, "_dequant_grid", lambda meta: (1, 1))
+        linear._bind((x.shape, x.dtype), x)
+        assert callable(linear._bound[(x.shape, x.dtype)])
+        gone = weakref.ref(linear)
+        monkeypatch.undo()
+        del linear
+        assert gone() is None
+    finally:
+        if was_enabled:
+            gc.enable()
