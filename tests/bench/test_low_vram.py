@@ -1,0 +1,33 @@
+"""bench/low_vram.py's summary of a memory snapshot at an out-of-memory error (the GPU run is the bench itself):
+live blocks summed by the innermost Python frame outside torch that allocated them, the filler left out."""
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import low_vram  # noqa: E402
+
+
+def _block(size, *files, state="active_allocated"):
+    frames = [{"filename": f, "line": i + 1, "name": f"f{i}"} for i, f in enumerate(files)]
+    return {"size": size, "state": state, "frames": frames}
+
+
+def test_live_memory_is_summed_by_the_innermost_python_frame_outside_torch():
+    mib = 1 << 20
+    copy = ("??", "/x/torch/cuda/memory.py", "/r/kernels/operands.py", "/r/octet/modules.py")
+    snapshot = {"segments": [{"blocks": [
+        _block(8 << 30, "/r/bench/low_vram.py"),                         # the filler
+        _block(63 * mib, *copy), _block(63 * mib, *copy), _block(1 * mib, *copy, state="inactive"),
+        _block(5 * mib, "/h/comfy/model_patcher.py"),
+        _block(2 * mib),                                                  # no stack recorded
+    ]}]}
+    rows = low_vram.live_by_site(snapshot, 8 << 30)
+    assert [(gib, n, site) for gib, n, site, _ in rows] == [
+        (round(126 * mib / 2**30, 3), 2, "kernels/operands.py:3 f2"),
+        (round(5 * mib / 2**30, 3), 1, "comfy/model_patcher.py:1 f0"),
+        (round(2 * mib / 2**30, 3), 1, "?")]
+    assert rows[0][3] == ["octet/modules.py:4 f3"]                        # its callers, innermost first
