@@ -51,7 +51,8 @@ def live_by_site(snapshot: dict, filler_bytes: int, top: int = 20) -> list:
             if block.get("state") != "active_allocated" or block.get("size", 0) >= filler_bytes > 0:
                 continue
             frames = [f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}"
-                      for f in block.get("frames", []) if f["filename"].endswith(".py") and "/torch/" not in f["filename"]]
+                      for f in block.get("frames", [])
+                      if f["filename"].endswith(".py") and "/torch/" not in f["filename"]]
             site = frames[0] if frames else "?"        # the innermost Python frame outside torch
             entry = sites.setdefault(site, [0, 0, frames[1:6]])
             entry[0] += block["size"]

@@ -95,14 +95,15 @@ class Int8Operands:
                             None if bias is None else bias.to(device, non_blocking=nb), vec(smooth), conv)
 
     def free_copies(self, *keep: Tensor) -> None:
-        """Give back now the memory of the tensors ``of`` copied for this operand set and those derived from them
-        (not those that are, or are views of, ``keep``: the layer's own tensors). For a layer streamed per call (octet/modules.py): its copies
-        are for that call only, and the memory must come back when the call returns even where a reference to
-        them outlives it (Flux-dev on an H200, 2026-12-04: with 12 GiB free the copies of all 8 streamed layers,
-        0.49 GiB, with 8 GiB free those of 8 of the 79, were still allocated at the out-of-memory error: each
-        call's plan and the bound call it keeps formed a reference cycle, which only the cyclic garbage collector
-        frees; that cycle is gone, and this makes sure of the memory whatever else might hold a plan). The
-        storage is freed as a dropped tensor's is: stream-ordered after the kernels already launched on it."""
+        """Give back now the memory of the tensors ``of`` copied for this operand set and of those derived from
+        them (not of ``keep``, the layer's own tensors, or views of them). For a layer streamed per call
+        (octet/modules.py): its copies are for that call only, and their memory must come back when the call
+        returns even where a reference to them outlives it. Flux-dev on an H200, 2026-12-04: with 12 GiB free the
+        copies of all 8 streamed layers (0.49 GiB), with 8 GiB free those of 8 of the 79, were still allocated at
+        the out-of-memory error: each call's plan and the bound call it keeps formed a reference cycle, which only
+        the cyclic garbage collector frees. That cycle is gone; this makes sure of the memory whatever else might
+        hold a plan. A storage freed here goes back as a dropped tensor's does: stream-ordered after the kernels
+        already launched on it."""
         kept = {t.untyped_storage().data_ptr() for t in keep if t is not None}
         derived = [v for v in self.memo.values() if isinstance(v, Tensor)]   # a conv's reordered weight, ...
         for t in (self.qweight, self.scale, self.bias, self.smooth, *derived):

@@ -266,9 +266,10 @@ PROMPT_RESERVE: dict = {}
 
 
 class RecordsInferenceReserve:
-    """Mixed into an Octet MODEL's patcher class (``mix_in``; nodes/dynamic_vram.py's mixin has it too). Both hosts' load_models_gpu give ``partially_load`` the VRAM the model's weights may take: what is
-    free less the reserve kept for the prompt (its activation estimate); 1e32 when nothing limits it. The reserve is
-    what Octet's own allocations, made later (the speed goal's copies at a layer's first call), must leave free."""
+    """Mixed into an Octet MODEL's patcher class (``mix_in``; nodes/dynamic_vram.py's mixin has it too). Both hosts'
+    load_models_gpu give ``partially_load`` the VRAM the model's weights may take: what is free less the reserve
+    kept for the prompt (its activation estimate); 1e32 when nothing limits it. The reserve is what Octet's own
+    allocations, made later (the speed goal's copies at a layer's first call), must leave free."""
 
     def partially_load(self, device_to, extra_memory=0, *args, **kwargs):
         device = torch.device(device_to)
