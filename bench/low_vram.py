@@ -43,8 +43,8 @@ def build(name, variant, device, dynamic):
 
 
 def live_by_site(snapshot: dict, filler_bytes: int, top: int = 20) -> list:
-    """The live allocations of a memory snapshot, summed by the innermost frame of this pack or of ComfyUI that
-    allocated them (the filler left out): [(GiB, blocks, site, outer frames)], largest first."""
+    """The live allocations of a memory snapshot, summed by the innermost Python frame outside torch that allocated
+    them (the filler left out): [(GiB, blocks, site, its callers innermost first)], largest first."""
     sites = {}
     for segment in snapshot.get("segments", []):
         for block in segment.get("blocks", []):
