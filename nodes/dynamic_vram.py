@@ -281,8 +281,11 @@ def _on_device(t: torch.Tensor, device) -> bool:
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """The same device; a CUDA device without an index is the current one (``host_compat.device_key``)."""
-    if a == b or a.type != b.type:     # per tensor at every load: most pairs are decided without asking CUDA
-        return a == b
+    # Per tensor at every load: most pairs are decided here, without asking CUDA for its current device.
+    if a == b:
+        return True
+    if a.type != b.type:
+        return False
     return host_compat.device_key(a) == host_compat.device_key(b)
 
 

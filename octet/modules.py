@@ -112,8 +112,9 @@ class QuantLayer(nn.Module):
         """Let a dynamic-VRAM patcher leave this layer's tensors in RAM: it then copies them to the GPU at each
         call (the lowvram path of ``forward``). For an INT8 model that does not fit whole (nodes/dynamic_vram.py).
         Pinned now, before any call: the copies are asynchronous, and their addresses stay put, so a CUDA graph
-        could record them (a GPU test replays them; the graph step still runs such a model eager: turned on, the
-        graph warm-up's Triton tuning ran SDXL out of memory with 2.5 GiB free, H200 2026-12-04)."""
+        could record them (a GPU test replays them). The graph step still runs such a model eager: turned on, SDXL
+        with 2.5 GiB free ran out of memory in the graph warm-up's tuning, then (H200, 2026-12-04, later call)
+        inside the capture itself, which left the process unable to allocate."""
         self.__dict__["_comfy_cast"] = False
         self.pin_ram()
 
