@@ -295,7 +295,7 @@ class GraphStep:
         """Why a captured graph is not kept: what it holds (its pool stays reserved while it lives, and
         ComfyUI's memory planning does not see it) would leave less free VRAM than the host keeps for
         inference (a VAE decode, the next model's activations). None: keep it."""
-        free = self.backend.free_memory(device)
+        free = self.backend.free_memory(device)     # capture's last measurement has just returned torch's cache
         keep = vram.reserve(device)
         if free >= keep:
             return None

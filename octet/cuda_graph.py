@@ -117,9 +117,9 @@ class GraphBackend:
         return torch.cuda.memory_reserved(device)
 
     def free_memory(self, device: torch.device) -> int:
-        """Free device memory once torch's cache is returned (what anything else could still allocate, with what
-        other allocators give back: kernels/vram.py)."""
-        _return_cache(device)
+        """Free device memory (what anything else could still allocate, with what other allocators give back:
+        kernels/vram.py). Read right after ``memory``, which has just returned torch's cache: returning it a
+        second time would only synchronize the device again."""
         return vram.free(device)
 
 
