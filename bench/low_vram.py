@@ -32,7 +32,16 @@ from e2e import octet_pack  # noqa: E402
 
 
 def build(name, variant, device, dynamic):
-    """workflow.build's MODEL; ``octet_memory``: Quantize Model's defaults with goal memory (int8 weights only)."""
+    """workflow.build's MODEL; ``octet_memory``: Quantize Model's defaults with goal memory (int8 weights only);
+    ``octet_no_ahead``: the defaults with each streamed layer's copy made in its own call, on the compute stream
+    (as before octet/stream_ahead.py), and ``octet_ahead1`` with one copy made ahead, to measure what copying ahead
+    gains."""
+    if variant in ("octet_no_ahead", "octet_ahead1"):
+        from comfyui_octet.octet import stream_ahead
+        if variant == "octet_no_ahead":
+            stream_ahead._streams_usable = lambda device: False
+        stream_ahead.AHEAD = 1
+        variant = "octet"
     if variant != "octet_memory":
         return workflow.build(name, variant, device, False, dynamic)
     from comfyui_octet.nodes.quantize_nodes import QuantizeModel
@@ -65,7 +74,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sdxl", choices=list(e2e.MODELS))
     parser.add_argument("--variants", nargs="+", default=["bf16", "octet", "octet_memory"],
-                        choices=["bf16", "octet", "octet_eager", "octet_memory"])
+                        choices=["bf16", "octet", "octet_eager", "octet_memory", "octet_no_ahead", "octet_ahead1"])
     parser.add_argument("--free-gib", type=float, nargs="+", default=[4.0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dynamic-vram", action="store_true")
@@ -170,6 +179,9 @@ def run_case(args, free_gib: float, variant: str) -> int:
     if args.dynamic_vram:
         row["staged_modules"] = sum(hasattr(m, "_v") for m in patcher.model.diffusion_model.modules())
     from comfyui_octet.nodes import graph_step
+    from comfyui_octet.octet import stream_ahead
+    # Both prompts': streamed calls that found their weight copied ahead / copies made ahead and dropped.
+    row["copies_made_ahead"] = dict(stream_ahead.stats)
     step = graph_step.graph_step_of(patcher)
     if step is not None:        # whether the steps replayed, and why not where they ran eager
         row["graph_step"] = step.report()
@@ -177,7 +189,8 @@ def run_case(args, free_gib: float, variant: str) -> int:
           + (f"ran, first prompt {row['first_prompt_s']:.2f} s, second {row['prompt_s']:.2f} s "
              f"({row['ms_per_step']:.0f} ms/step)" if row["ok"] else row["error"] + f" at {row['where']}")
           + f"; peak allocated by torch beside the filler {row['peak_allocated_gib']:.2f} GiB; "
-            f"staged modules {row.get('staged_modules')}"
+            f"staged modules {row.get('staged_modules')}; streamed calls with their copy made ahead "
+            f"{row['copies_made_ahead']['ahead']} (dropped {row['copies_made_ahead']['missed']})"
           + (f"\n    {row['graph_step']}" if "graph_step" in row else "")
           + "".join(f"\n    live at the error: {gib:.3f} GiB in {n} block(s) from {site} <- {outer}"
                     for gib, n, site, outer in row.get("live_at_error", [])), flush=True)

@@ -36,6 +36,7 @@ import logging
 
 import torch
 
+from ..octet import stream_ahead
 from ..octet.modules import QuantLayer, same_storage
 from ..kernels import vram
 from . import host_compat
@@ -61,6 +62,7 @@ class KeepsLoadedLayers(host_compat.RecordsInferenceReserve):
         # dirty=True when the patches changed since the last load (another clone, a LoRA added or removed).
         dirty = kwargs.get("dirty", args[3] if len(args) > 3 else False)
         layers = _octet_layers(self)
+        stream_ahead.drop()         # streamed layers' copies made ahead: the layers may load whole or stream anew
         _return_foreign(self, layers)
         if dirty or device_to is None:
             _restore_layers(layers)             # loaded with other patches: from the originals again
@@ -256,6 +258,7 @@ def _hold_originals(patcher, layers: dict) -> None:
 
 def _restore_layers(layers: dict) -> None:
     """Put the CPU originals back into the layers (their loaded tensors are freed with the plans holding them)."""
+    stream_ahead.drop()         # a streamed layer's copy made ahead of its call, if any
     for layer, name in layers.values():
         entry = layer.__dict__.get(ORIGINALS, {}).pop(name, None)
         if entry is None:

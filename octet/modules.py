@@ -32,6 +32,7 @@ from ..kernels.dispatch import planning_for_graph
 from ..kernels.registry import m_bucket
 from .deferred import Pending
 from .layout import Int8Layout
+from . import stream_ahead
 from .timestep import GroupSelector
 
 
@@ -300,6 +301,11 @@ class QuantLayer(nn.Module):
         return Int8Operands.of(self.weight, self.current_weight_scale(), self.bias, self.pre_quant_scale,
                                self.geometry, device=device)
 
+    def weight_state(self) -> tuple:
+        """(weight tensor, its in-place write counter): what a plan or a copy made from the weight is valid for."""
+        w = self._parameters["weight"]
+        return w, _version(w)
+
     def _shared_operands(self, device: torch.device, w: torch.Tensor) -> Int8Operands:
         """One Int8Operands per device for all plans there, so what backends keep in its memo (the speed
         goal's float copy, the transposed CPU weight) is made once per layer, not once per M bucket."""
@@ -372,7 +378,7 @@ class QuantLayer(nn.Module):
                 # Copied at every call: from pinned RAM, at the bus's speed and without stalling the host (the
                 # legacy patcher's lowvram leaves layers in RAM too; the dynamic one's are pinned when streamed).
                 self.pin_ram()
-            ops = self.operands(x.device)
+            ops = stream_ahead.operands(self, x.device)     # copied ahead of this call where it was expected
             _, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, self.backend, "memory")
             y = run(x, self._static_scale(x.device))
             ops.free_copies(*self._parameters.values(), *self._buffers.values())    # this call's copies only

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from comfyui_octet.nodes import bridge, dynamic_vram, host_compat
-from comfyui_octet.octet import config_for_mode
+from comfyui_octet.octet import config_for_mode, stream_ahead
 from comfyui_octet.octet.modules import QuantLayer
 
 
@@ -496,11 +496,16 @@ def test_gpu_layers_that_do_not_fit_stream_from_ram_with_real_aimdo_and_compute_
     with torch.no_grad():
         torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=1e-3)
     assert all(m.weight.is_pinned() for m in streamed)          # copied at each call from pinned RAM
+    ahead, missed = stream_ahead.stats["ahead"], stream_ahead.stats["missed"]
+    with torch.no_grad():                                       # the order learnt: copies made one call ahead
+        torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=1e-3)
+    assert stream_ahead.stats["ahead"] > ahead and stream_ahead.stats["missed"] == missed    # the same order
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with torch.no_grad():
         quantized.model.diffusion_model(x, t, context=ctx)
-    assert torch.cuda.memory_allocated() == before              # no streamed layer's copy outlives its call
+    # No streamed layer's copy outlives its call: one copy ahead (the next step's first) before and after.
+    assert torch.cuda.memory_allocated() == before
     monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: None)
     mm.load_models_gpu([quantized])
     assert all(m.weight.device.type == "cuda" and not hasattr(m, "_v") for m in layers)

@@ -1,0 +1,157 @@
+"""Streamed INT8 layers' weights copied to the GPU ahead of their calls, on a copy stream.
+
+A layer that does not fit on the GPU (nodes/dynamic_vram.py; the legacy patcher's lowvram) keeps its int8 weight in
+pinned RAM and copies it over at each call (``QuantLayer.forward``). Copied on the compute stream, each copy waits
+for the kernels before it and the layer's GEMM waits for the copy: Flux-dev with 8 GiB free streamed 4.48 GiB per
+step and took 248 ms/step against 130 with 12 GiB free (0.49 GiB streamed; H200, 2026-12-04). The copy engine runs
+beside the SMs, so the copies of the streamed layers expected next are made on a side stream, and a layer's call
+only waits for its own.
+
+Which layer comes next is learnt, not planned: each streamed call records itself as the successor of the streamed
+call before it. A prompt's first step learns the order and later steps (and prompts) follow it; a call that was
+not expected (another model, a changed order) drops the copies made ahead and copies its own as before.
+
+How far ahead: ``AHEAD`` layers, and no more than ``AHEAD_BYTES`` beyond the first. One layer ahead was not enough
+(Flux-dev, 8 GiB free: 228 ms/step against 248): Flux computes its double blocks' two modulations back to back,
+so the second one's copy had nothing to overlap with. The copies made ahead hold their memory until their calls
+(the last ones of a step: into the next step, or the next prompt) unless ``drop`` gives it back sooner (a load or an
+unload of a model, nodes/dynamic_vram.py).
+
+Not while a CUDA graph is planned or captured: a graph records its own copies (the graph step does not capture
+streamed models anyway, nodes/graph_step.py).
+"""
+from __future__ import annotations
+
+import collections
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..kernels.dispatch import planning_for_graph
+from ..kernels.operands import Int8Operands
+
+AHEAD = 2
+AHEAD_BYTES = 256 << 20
+
+
+@dataclass
+class _Ahead:
+    layer: weakref.ref
+    device: torch.device
+    source: tuple               # the layer's (weight tensor, version) when copied: a LoRA merge since voids it
+    operands: Int8Operands
+    ready: object               # a CUDA event recorded after the copies, on the copy stream
+    bytes: int
+
+
+_successor: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()    # layer -> weakref to the one after it
+_last: Optional[weakref.ref] = None
+_pending: "collections.deque[_Ahead]" = collections.deque()   # in the order their calls are expected
+_streams: dict = {}
+_caught_up: set = set()       # devices whose copy stream has waited for the compute stream since the last ``drop``
+stats = {"ahead": 0, "missed": 0}       # calls that found their copy made ahead / copies made ahead and dropped
+
+
+def operands(layer, device: torch.device) -> Int8Operands:
+    """This streamed call's operands on ``device``: the copy made ahead if it is this layer's (the compute
+    stream waits for it), else copied now; and the copies of the streamed layers expected next are started."""
+    global _last
+    ops = _take(layer, device)
+    if ops is None:
+        ops = layer.operands(device)
+    last = None if _last is None else _last()
+    if last is not None and last is not layer:
+        _successor[last] = weakref.ref(layer)
+    _last = weakref.ref(layer)
+    if _streams_usable(device):
+        _top_up(layer, device)
+    return ops
+
+
+def drop() -> None:
+    """Forget the copies made ahead (their memory goes back once they are done); the learnt order stays."""
+    stats["missed"] += len(_pending)
+    _pending.clear()
+    _caught_up.clear()
+
+
+def _take(layer, device: torch.device) -> Optional[Int8Operands]:
+    if not _pending:
+        return None
+    ahead = _pending[0]
+    weight, version = layer.weight_state()
+    if not _streams_usable(device) or ahead.layer() is not layer or ahead.device != device \
+            or ahead.source[0] is not weight or ahead.source[1] != version:
+        drop()          # another order: allocated on the copy stream, their memory is reused after the copies
+        return None
+    _pending.popleft()
+    _await(ahead.operands, ahead.ready, device)
+    stats["ahead"] += 1
+    return ahead.operands
+
+
+def _top_up(layer, device: torch.device) -> None:
+    """Copy the layers expected after ``layer`` until ``AHEAD`` are ahead (or ``AHEAD_BYTES`` beyond the first)."""
+    tail = _pending[-1].layer() if _pending else layer
+    queued = sum(a.bytes for a in _pending)
+    while tail is not None and len(_pending) < AHEAD:
+        following = _successor.get(tail)
+        following = None if following is None else following()
+        if following is None or following is layer or any(a.layer() is following for a in _pending) \
+                or not _streamed_from_pinned_ram(following):
+            return
+        size = following._parameters["weight"].nbytes
+        if _pending and queued + size > AHEAD_BYTES:
+            return
+        ops, ready = _launch(following, device)
+        _pending.append(_Ahead(weakref.ref(following), device, following.weight_state(), ops, ready, size))
+        queued += size
+        tail = following
+
+
+def _streams_usable(device: torch.device) -> bool:
+    """A GPU call outside CUDA graph work: a graph records its own copies, and an event recorded outside a capture
+    cannot be waited for inside it."""
+    return device.type == "cuda" and not planning_for_graph() and not torch.cuda.is_current_stream_capturing()
+
+
+def _streamed_from_pinned_ram(layer) -> bool:
+    """Still streamed, from pinned RAM (from pageable RAM the copy would hold up the host), without per-call patches
+    (those compute in float from the layer's own tensors)."""
+    w = layer._parameters["weight"]
+    return w.device.type == "cpu" and w.is_pinned() and not layer.weight_function and not layer.bias_function
+
+
+# The two points that touch CUDA's streams (tests substitute CPU stand-ins).
+def _launch(layer, device: torch.device) -> tuple:
+    """(operands, event): ``layer``'s operands copied on the copy stream, the event recorded after them."""
+    compute = torch.cuda.current_stream(device)
+    stream = _streams.get(device)
+    if stream is None:
+        stream = _streams[device] = torch.cuda.Stream(device)
+    if device not in _caught_up:
+        # The first copy since a load: after what the compute stream has queued, where the host's load put tensors
+        # these operands read (the scales, already on the GPU: no copy, but read if a conversion were needed).
+        # Later copies queue behind each other only, so the copy engine never waits for the GPU's work.
+        stream.wait_stream(compute)
+        _caught_up.add(device)
+    with torch.cuda.stream(stream):
+        ops = layer.operands(device)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return ops, ready
+
+
+def _await(ops: Int8Operands, ready, device: torch.device) -> None:
+    compute = torch.cuda.current_stream(device)
+    compute.wait_event(ready)
+    for t in _tensors(ops):
+        # Allocated on the copy stream, used and freed on the compute stream: the allocator must not hand the
+        # memory to the next copy before these kernels are done with it.
+        t.record_stream(compute)
+
+
+def _tensors(ops: Int8Operands) -> list:
+    return [t for t in (ops.qweight, ops.scale, ops.bias, ops.smooth) if t is not None]

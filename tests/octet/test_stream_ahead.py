@@ -1,0 +1,112 @@
+"""Streamed layers' copies made one call ahead (octet/stream_ahead.py): the order learnt, the copy taken only by the
+layer and weight it was made from, dropped otherwise. The CUDA stream and event are CPU stand-ins here; the GPU
+test in tests/nodes/test_dynamic_vram.py runs the real ones."""
+import pytest
+import torch
+import torch.nn as nn
+
+from comfyui_octet.kernels.operands import Int8Operands
+from comfyui_octet.octet import stream_ahead
+from comfyui_octet.octet.modules import QuantLinear
+
+
+@pytest.fixture
+def ahead(monkeypatch):
+    launched = []
+
+    def launch(layer, device):              # a copy, as the copy stream's is: the layer's tensors stay its own
+        launched.append(layer)
+        ops = layer.operands(device)
+        return Int8Operands(*(None if t is None else t.clone() for t in (ops.qweight, ops.scale, ops.bias))), "ready"
+
+    monkeypatch.setattr(stream_ahead, "_successor", stream_ahead.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(stream_ahead, "_last", None)
+    monkeypatch.setattr(stream_ahead, "_pending", stream_ahead.collections.deque())
+    monkeypatch.setattr(stream_ahead, "_caught_up", set())
+    monkeypatch.setattr(stream_ahead, "AHEAD", 2)
+    monkeypatch.setattr(stream_ahead, "stats", {"ahead": 0, "missed": 0})
+    monkeypatch.setattr(stream_ahead, "_streams_usable", lambda device: True)
+    monkeypatch.setattr(stream_ahead, "_streamed_from_pinned_ram", lambda layer: True)
+    monkeypatch.setattr(stream_ahead, "_launch", launch)
+    monkeypatch.setattr(stream_ahead, "_await", lambda ops, ready, device: None)
+    return launched
+
+
+def _layers(n):
+    torch.manual_seed(0)
+    return [QuantLinear.from_float(nn.Linear(32, 16), "dynamic") for _ in range(n)]
+
+
+def _same(ops, want):
+    torch.testing.assert_close(ops.qweight, want.qweight, rtol=0, atol=0)
+    torch.testing.assert_close(ops.scale, want.scale, rtol=0, atol=0)
+    torch.testing.assert_close(ops.bias, want.bias, rtol=0, atol=0)
+
+
+def _pending():
+    return [a.layer() for a in stream_ahead._pending]
+
+
+def test_later_steps_take_the_copies_made_at_the_streamed_calls_before(ahead):
+    a, b, c = layers = _layers(3)
+    cpu = torch.device("cpu")
+    for layer in layers:                    # the first step learns the order: nothing to copy ahead yet
+        _same(stream_ahead.operands(layer, cpu), layer.operands(cpu))
+    assert ahead == [] and stream_ahead.stats == {"ahead": 0, "missed": 0}
+    for step in range(2):
+        for layer in layers:
+            _same(stream_ahead.operands(layer, cpu), layer.operands(cpu))
+    # Two ahead: a's call in the second step copies b and c, b's then a (for the third step), c's b, ...
+    assert ahead == [b, c, a, b, c, a, b]
+    assert stream_ahead.stats == {"ahead": 5, "missed": 0}
+    assert _pending() == [a, b]                              # ready for the next step's first calls
+    stream_ahead.drop()
+    assert _pending() == [] and stream_ahead.stats["missed"] == 2
+
+
+def test_copies_ahead_stop_at_the_byte_limit_beyond_the_first(ahead, monkeypatch):
+    layers = _layers(4)
+    cpu = torch.device("cpu")
+    size = layers[0].weight.nbytes
+    monkeypatch.setattr(stream_ahead, "AHEAD", 3)
+    monkeypatch.setattr(stream_ahead, "AHEAD_BYTES", 2 * size)
+    for layer in layers + layers[:1]:
+        stream_ahead.operands(layer, cpu)
+    assert _pending() == layers[1:3]
+    monkeypatch.setattr(stream_ahead, "AHEAD_BYTES", size // 2)   # one layer ahead whatever its size
+    stream_ahead.drop()
+    stream_ahead.operands(layers[1], cpu)
+    assert _pending() == layers[2:3]
+
+
+def test_a_copy_for_another_layer_or_an_older_weight_is_dropped_and_the_call_copies_its_own(ahead):
+    a, b, c = _layers(3)
+    cpu = torch.device("cpu")
+    for layer in (a, b, a, b):
+        stream_ahead.operands(layer, cpu)
+    assert _pending() == [a]                                 # b would be next after a: b is the one calling
+    # Another order (c after b): the copy of a is dropped, c copies its own; b's successor is now c.
+    _same(stream_ahead.operands(c, cpu), c.operands(cpu))
+    assert stream_ahead.stats["missed"] == 1 and stream_ahead._successor[b]() is c
+    stream_ahead.operands(b, cpu)                            # copies c ahead (c's successor is not known)
+    assert _pending() == [c]
+    with torch.no_grad():
+        c.weight.neg_()                                      # written in place (a LoRA merged) after the copy
+    stale = stream_ahead._pending[0].operands.qweight
+    ops = stream_ahead.operands(c, cpu)
+    assert stream_ahead.stats["missed"] == 2
+    _same(ops, c.operands(cpu))                              # the new weight, not the copy of the old one
+    assert torch.equal(stale, -ops.qweight) and ops.qweight.abs().sum() > 0
+
+
+def test_nothing_is_copied_ahead_off_the_gpu_or_for_graph_work(monkeypatch):
+    from comfyui_octet.kernels.dispatch import graph_plans
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not stream_ahead._streams_usable(torch.device("cpu"))
+    assert stream_ahead._streams_usable(torch.device("cuda", 0))
+    with graph_plans():
+        assert not stream_ahead._streams_usable(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not stream_ahead._streams_usable(torch.device("cuda", 0))
+    layer = _layers(1)[0]
+    assert not stream_ahead._streamed_from_pinned_ram(layer)      # pageable RAM: a copy would hold up the host
