@@ -11,11 +11,15 @@ Which layer comes next is learnt, not planned: each streamed call records itself
 call before it. A prompt's first step learns the order and later steps (and prompts) follow it; a call that was
 not expected (another model, a changed order) drops the copies made ahead and copies its own as before.
 
-How far ahead: ``AHEAD`` layers, and no more than ``AHEAD_BYTES`` beyond the first. One layer ahead was not enough
-(Flux-dev, 8 GiB free: 228 ms/step against 248): Flux computes its double blocks' two modulations back to back,
-so the second one's copy had nothing to overlap with. The copies made ahead hold their memory until their calls
-(the last ones of a step: into the next step, or the next prompt) unless ``drop`` gives it back sooner (a load or an
-unload of a model, nodes/dynamic_vram.py).
+How far ahead: ``AHEAD`` layers, and no more than ``AHEAD_BYTES`` beyond the first: that much memory beyond what
+the current call holds. A copy starts once the GPU has reached the call that made it (the work the compute stream
+queued before it), where the copy in the call would have started, but no longer holds up that call's kernels. One
+ahead, measured (H200, ComfyUI 0.29 dynamic VRAM, 2026-12-04): Flux-dev with 8 GiB free 228 ms/step against 248
+copying in the call, SDXL with 2.5 GiB free 165 against 183. Flux computes a double block's two modulations back to
+back, so the second one's copy, made at the first one's call, has almost nothing to overlap with; two ahead would
+start it a call earlier (``bench/low_vram.py --variants octet_ahead2``; not measured yet). The copies made ahead hold
+their memory until their calls (the last ones of a step: into the next step, or the next prompt) unless ``drop``
+gives it back sooner (a load or an unload of a model, nodes/dynamic_vram.py).
 
 Not while a CUDA graph is planned or captured: a graph records its own copies (the graph step does not capture
 streamed models anyway, nodes/graph_step.py).
@@ -32,7 +36,7 @@ import torch
 from ..kernels.dispatch import planning_for_graph
 from ..kernels.operands import Int8Operands
 
-AHEAD = 2
+AHEAD = 1
 AHEAD_BYTES = 256 << 20
 
 
@@ -50,7 +54,6 @@ _successor: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()    # layer
 _last: Optional[weakref.ref] = None
 _pending: "collections.deque[_Ahead]" = collections.deque()   # in the order their calls are expected
 _streams: dict = {}
-_caught_up: set = set()       # devices whose copy stream has waited for the compute stream since the last ``drop``
 stats = {"ahead": 0, "missed": 0}       # calls that found their copy made ahead / copies made ahead and dropped
 
 
@@ -74,7 +77,6 @@ def drop() -> None:
     """Forget the copies made ahead (their memory goes back once they are done); the learnt order stays."""
     stats["missed"] += len(_pending)
     _pending.clear()
-    _caught_up.clear()
 
 
 def _take(layer, device: torch.device) -> Optional[Int8Operands]:
@@ -131,12 +133,10 @@ def _launch(layer, device: torch.device) -> tuple:
     stream = _streams.get(device)
     if stream is None:
         stream = _streams[device] = torch.cuda.Stream(device)
-    if device not in _caught_up:
-        # The first copy since a load: after what the compute stream has queued, where the host's load put tensors
-        # these operands read (the scales, already on the GPU: no copy, but read if a conversion were needed).
-        # Later copies queue behind each other only, so the copy engine never waits for the GPU's work.
-        stream.wait_stream(compute)
-        _caught_up.add(device)
+    # After what the compute stream has queued so far, as the copy in the call was (the one configuration measured):
+    # the operands may read tensors the host's load put on the GPU on that stream (the scales: no copy, but read if
+    # a conversion were needed).
+    stream.wait_stream(compute)
     with torch.cuda.stream(stream):
         ops = layer.operands(device)
         ready = torch.cuda.Event()
