@@ -22,7 +22,6 @@ def ahead(monkeypatch):
     monkeypatch.setattr(stream_ahead, "_successor", stream_ahead.weakref.WeakKeyDictionary())
     monkeypatch.setattr(stream_ahead, "_last", None)
     monkeypatch.setattr(stream_ahead, "_pending", stream_ahead.collections.deque())
-    monkeypatch.setattr(stream_ahead, "_caught_up", set())
     monkeypatch.setattr(stream_ahead, "AHEAD", 2)
     monkeypatch.setattr(stream_ahead, "stats", {"ahead": 0, "missed": 0})
     monkeypatch.setattr(stream_ahead, "_streams_usable", lambda device: True)
