@@ -15,7 +15,7 @@ import uuid
 
 import torch
 
-from ..octet import quantize_
+from ..octet import quantize_, stream_ahead
 from ..octet.api import OctetError
 from ..octet.fingerprint import module_fingerprint
 from ..octet.modules import QuantLayer
@@ -86,7 +86,20 @@ def with_layers(patcher, layers: dict) -> object:
         dynamic_vram.install(clone, layers.values())
     else:
         host_compat.mix_in(clone, host_compat.RecordsInferenceReserve)
+    import comfy.patcher_extension as pe
+    clone.remove_callbacks_with_key(pe.CallbacksMP.ON_DETACH, STREAM_AHEAD_KEY)
+    clone.add_callback_with_key(pe.CallbacksMP.ON_DETACH, STREAM_AHEAD_KEY, _drop_copies_ahead)
     return clone
+
+
+STREAM_AHEAD_KEY = "octet_stream_ahead"
+
+
+def _drop_copies_ahead(patcher, unpatch_all=True) -> None:
+    """The host unloaded the model: a streamed layer's copy made ahead of its call (octet/stream_ahead.py) is given
+    back now, not at the next streamed call of whatever model runs next (the legacy patcher's lowvram streams too)."""
+    if unpatch_all:
+        stream_ahead.drop()
 
 
 def quantize_model(patcher, config, policy=None, calibration=None, progress=None):

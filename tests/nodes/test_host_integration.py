@@ -149,3 +149,19 @@ def test_checkpoint_claiming_another_architecture_is_refused(tiny_model, tmp_pat
     save_file(tensors, bad, metadata=meta)
     with pytest.raises(OctetError, match="does not know"):
         model_files.load_model(bad)
+
+
+def test_unloading_an_int8_model_gives_back_a_streamed_layers_copy_made_ahead(tiny_model, monkeypatch, sample):
+    """A streamed layer's copy made ahead of its call (octet/stream_ahead.py) goes when the host unloads the model,
+    not at the next streamed call of whatever runs next; a sampling run's own detach (load_models_gpu hands the
+    model over to itself) keeps it."""
+    import comfy.model_management as mm
+    from comfyui_octet.octet import stream_ahead
+    quantized = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))[0]
+    monkeypatch.setattr(stream_ahead, "_pending", stream_ahead.collections.deque(["a copy made ahead"]))
+    monkeypatch.setattr(stream_ahead, "stats", {"ahead": 0, "missed": 0})
+    for _ in range(2):      # the second run's load hands the loaded model over to itself (a detach)
+        sample(quantized, steps=1, size=16)
+    assert list(stream_ahead._pending) == ["a copy made ahead"]
+    mm.unload_all_models()
+    assert not stream_ahead._pending and stream_ahead.stats["missed"] == 1
