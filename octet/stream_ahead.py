@@ -27,6 +27,7 @@ streamed models anyway, nodes/graph_step.py).
 from __future__ import annotations
 
 import collections
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -35,6 +36,7 @@ import torch
 
 from ..kernels.dispatch import planning_for_graph
 from ..kernels.operands import Int8Operands
+from ..kernels.registry import log_once
 
 AHEAD = 1
 AHEAD_BYTES = 256 << 20
@@ -54,6 +56,7 @@ _successor: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()    # layer
 _last: Optional[weakref.ref] = None
 _pending: "collections.deque[_Ahead]" = collections.deque()   # in the order their calls are expected
 _streams: dict = {}
+_no_room: set = set()       # devices where a copy ahead ran out of memory, until the next ``drop``
 stats = {"ahead": 0, "missed": 0}       # calls that found their copy made ahead / copies made ahead and dropped
 
 
@@ -68,15 +71,17 @@ def operands(layer, device: torch.device) -> Int8Operands:
     if last is not None and last is not layer:
         _successor[last] = weakref.ref(layer)
     _last = weakref.ref(layer)
-    if _streams_usable(device):
+    if _streams_usable(device) and device not in _no_room:
         _top_up(layer, device)
     return ops
 
 
 def drop() -> None:
-    """Forget the copies made ahead (their memory goes back once they are done); the learnt order stays."""
+    """Forget the copies made ahead (their memory goes back once they are done) and try again where one found no
+    room; the learnt order stays."""
     stats["missed"] += len(_pending)
     _pending.clear()
+    _no_room.clear()
 
 
 def _take(layer, device: torch.device) -> Optional[Int8Operands]:
@@ -107,7 +112,17 @@ def _top_up(layer, device: torch.device) -> None:
         size = following._parameters["weight"].nbytes
         if _pending and queued + size > AHEAD_BYTES:
             return
-        ops, ready = _launch(following, device)
+        try:
+            ops, ready = _launch(following, device)
+        except torch.OutOfMemoryError:
+            # The copy made ahead is memory beyond what the call needs: without room for it, copy in the call (as
+            # before) rather than fail a call that fits; and not again until the next load or unload (``drop``), as
+            # each failed allocation has torch synchronize and give its cache back.
+            _no_room.add(device)
+            log_once("stream-ahead-oom", f"Octet: no free VRAM to copy a streamed layer ({size / 2**20:.0f} MiB) "
+                     f"ahead of its call; such layers are copied in their calls (slower). Free VRAM to overlap the "
+                     f"copies with the GPU's work.", logging.WARNING)
+            return
         _pending.append(_Ahead(weakref.ref(following), device, following.weight_state(), ops, ready, size))
         queued += size
         tail = following

@@ -109,3 +109,30 @@ def test_nothing_is_copied_ahead_off_the_gpu_or_for_graph_work(monkeypatch):
     assert not stream_ahead._streams_usable(torch.device("cuda", 0))
     layer = _layers(1)[0]
     assert not stream_ahead._streamed_from_pinned_ram(layer)      # pageable RAM: a copy would hold up the host
+
+
+def test_no_room_for_a_copy_ahead_copies_in_the_call_until_the_next_load(ahead, monkeypatch, caplog):
+    """A copy made ahead is memory beyond what the call needs: out of memory there, the call still runs (copying
+    in the call, as before), said once, and no copy is tried ahead again until a load or unload drops the state."""
+    import logging
+    from comfyui_octet.kernels import registry
+    a, b, c = layers = _layers(3)
+    cpu = torch.device("cpu")
+    tried = []
+
+    def no_room(layer, device):
+        tried.append(layer)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 66.00 MiB")
+
+    monkeypatch.setattr(stream_ahead, "_launch", no_room)
+    monkeypatch.setattr(stream_ahead, "_no_room", set())
+    monkeypatch.setattr(registry, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="octet"):
+        for step in range(3):
+            for layer in layers:
+                _same(stream_ahead.operands(layer, cpu), layer.operands(cpu))
+    assert tried == [b] and not stream_ahead._pending               # tried once, at the second step's first call
+    assert caplog.text.count("no free VRAM to copy a streamed layer") == 1
+    stream_ahead.drop()
+    stream_ahead.operands(a, cpu)
+    assert tried == [b, b]
