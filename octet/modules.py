@@ -111,7 +111,8 @@ class QuantLayer(nn.Module):
 
     def stream_per_call(self) -> None:
         """Let a dynamic-VRAM patcher leave this layer's tensors in RAM: it then copies them to the GPU at each
-        call (the lowvram path of ``forward``). For an INT8 model that does not fit whole (nodes/dynamic_vram.py).
+        call (the lowvram path of ``forward``; ahead of the call, on a copy stream, once the order of the streamed
+        calls is known: octet/stream_ahead.py). For an INT8 model that does not fit whole (nodes/dynamic_vram.py).
         Pinned now, before any call: the copies are asynchronous, and their addresses stay put, so a CUDA graph
         could record them (a GPU test replays them). The graph step still runs such a model eager: turned on, SDXL
         with 2.5 GiB free ran out of memory in the graph warm-up's tuning, then (H200, 2026-12-04, later call)
