@@ -79,9 +79,13 @@ def operands(layer, device: torch.device) -> Int8Operands:
 def drop() -> None:
     """Forget the copies made ahead (their memory goes back once they are done) and try again where one found no
     room; the learnt order stays."""
-    stats["missed"] += len(_pending)
-    _pending.clear()
+    _forget()
     _no_room.clear()
+
+
+def _forget() -> None:
+    stats["missed"] += len(_pending)
+    _pending.clear()        # allocated on the copy stream: their memory is reused there after the copies
 
 
 def _take(layer, device: torch.device) -> Optional[Int8Operands]:
@@ -91,7 +95,7 @@ def _take(layer, device: torch.device) -> Optional[Int8Operands]:
     weight, version = layer.weight_state()
     if not _streams_usable(device) or ahead.layer() is not layer or ahead.device != device \
             or ahead.source[0] is not weight or ahead.source[1] != version:
-        drop()          # another order: allocated on the copy stream, their memory is reused after the copies
+        _forget()       # another order (or a weight changed since): this call copies its own
         return None
     _pending.popleft()
     _await(ahead.operands, ahead.ready, device)

@@ -136,3 +136,25 @@ def test_no_room_for_a_copy_ahead_copies_in_the_call_until_the_next_load(ahead, 
     stream_ahead.drop()
     stream_ahead.operands(a, cpu)
     assert tried == [b, b]
+
+
+def test_a_call_out_of_order_drops_the_copies_ahead_but_does_not_retry_after_running_out_of_memory(ahead, monkeypatch):
+    a, b, c = layers = _layers(3)
+    cpu = torch.device("cpu")
+    launch = stream_ahead._launch
+
+    def room_for_one(layer, device):            # two ahead asked, the second finds no memory
+        if stream_ahead._pending:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return launch(layer, device)
+
+    monkeypatch.setattr(stream_ahead, "_launch", room_for_one)
+    monkeypatch.setattr(stream_ahead, "_no_room", set())
+    for layer in layers + [a]:
+        stream_ahead.operands(layer, cpu)
+    assert _pending() == [b] and ahead == [b]
+    stream_ahead.operands(c, cpu)               # not the expected call: b's copy goes, the no-room state stays
+    assert _pending() == [] and stream_ahead.stats["missed"] == 1
+    for layer in layers:
+        stream_ahead.operands(layer, cpu)
+    assert ahead == [b]
