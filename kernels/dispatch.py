@@ -91,14 +91,19 @@ def _goal(goal: str, x: Tensor, w: Int8Operands) -> str:
     return "memory"
 
 
-def plan(op: str, act: str, x: Tensor, w: Int8Operands, backend: str = "auto",
-         goal: str = "speed") -> tuple[registry.Implementation, Callable[[Tensor, Optional[Tensor]], Tensor]]:
-    """(chosen implementation, run(x, static_scale)) for this signature."""
+def plan(op: str, act: str, x: Tensor, w: Int8Operands, backend: str = "auto", goal: str = "speed",
+         one_call: bool = False) -> tuple[registry.Implementation, Callable[[Tensor, Optional[Tensor]], Tensor]]:
+    """(chosen implementation, run(x, static_scale)) for this signature.
+
+    ``one_call``: a plan for one call, kept nowhere (a layer streamed from RAM plans at each call on that call's
+    copy of its weight). It is not counted in ``plans_made``: it changes no answer a kept plan could give, and
+    counting it made every deferred LayerNorm / GELU of a streamed model ask its consumers again at every call."""
     if act not in registry.ACT_MODES:
         raise ValueError(f"act must be one of {registry.ACT_MODES}, got {act!r}")
     req = request(op, act, x, w, _goal(goal, x, w))
     impl = registry.select(req, backend)
-    _plans_made[0] += 1
+    if not one_call:
+        _plans_made[0] += 1
     return impl, impl.prepare(req, w)
 
 

@@ -380,7 +380,7 @@ class QuantLayer(nn.Module):
                 # legacy patcher's lowvram leaves layers in RAM too; the dynamic one's are pinned when streamed).
                 self.pin_ram()
             ops = stream_ahead.operands(self, x.device)     # copied ahead of this call where it was expected
-            _, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, self.backend, "memory")
+            _, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, self.backend, "memory", one_call=True)
             y = run(x, self._static_scale(x.device))
             ops.free_copies(*self._parameters.values(), *self._buffers.values())    # this call's copies only
             return y

@@ -255,3 +255,20 @@ def test_operands_free_the_copies_made_for_them_and_never_the_layers_own_tensors
     torch.testing.assert_close(scale, scale_before, rtol=0, atol=0)
     torch.testing.assert_close(bias, bias_before, rtol=0, atol=0)
     torch.testing.assert_close(ops.scale, scale_before.reshape(-1), rtol=0, atol=0)
+
+
+def test_a_plan_for_one_call_is_not_counted_as_a_plan_made():
+    """A streamed layer plans at every call (octet/modules.py): those plans are kept nowhere, so they must not make
+    the deferred LayerNorms / GELUs' remembered "no" stale (kernels.dispatch.plans_made) at every call; a kept plan
+    does. Both compute the same."""
+    from comfyui_octet.kernels import dispatch
+    g = torch.Generator().manual_seed(0)
+    ops = kernels.Int8Operands.of(torch.randint(-127, 128, (8, 16), dtype=torch.int8, generator=g),
+                                  torch.rand(8, 1, generator=g) + 0.5)
+    x = torch.randn(3, 16, generator=g)
+    before = dispatch.plans_made()
+    _, once = kernels.plan("linear", "dynamic", x, ops, "cpu", "memory", one_call=True)
+    assert dispatch.plans_made() == before
+    _, kept = kernels.plan("linear", "dynamic", x, ops, "cpu", "memory")
+    assert dispatch.plans_made() == before + 1
+    torch.testing.assert_close(once(x, None), kept(x, None), rtol=0, atol=0)

@@ -9,6 +9,7 @@ with a stand-in for the host buffers. Whether aimdo itself stages on a GPU is be
 import pytest
 import torch
 
+from comfyui_octet.kernels import dispatch
 from comfyui_octet.nodes import bridge, dynamic_vram, host_compat
 from comfyui_octet.octet import config_for_mode, stream_ahead
 from comfyui_octet.octet.modules import QuantLayer
@@ -501,11 +502,12 @@ def test_gpu_layers_that_do_not_fit_stream_from_ram_with_real_aimdo_and_compute_
         torch.testing.assert_close(quantized.model.diffusion_model(x, t, context=ctx), want, rtol=0, atol=1e-3)
     assert stream_ahead.stats["ahead"] > ahead and stream_ahead.stats["missed"] == missed    # the same order
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    before, plans = torch.cuda.memory_allocated(), dispatch.plans_made()
     with torch.no_grad():
         quantized.model.diffusion_model(x, t, context=ctx)
     # No streamed layer's copy outlives its call: one copy ahead (the next step's first) before and after.
     assert torch.cuda.memory_allocated() == before
+    assert dispatch.plans_made() == plans       # the streamed calls' plans leave the deferrals' kept answers valid
     monkeypatch.setattr(dynamic_vram, "_layer_budget", lambda device, patcher=None: None)
     mm.load_models_gpu([quantized])
     assert all(m.weight.device.type == "cuda" and not hasattr(m, "_v") for m in layers)
