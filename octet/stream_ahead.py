@@ -64,14 +64,15 @@ def operands(layer, device: torch.device) -> Int8Operands:
     """This streamed call's operands on ``device``: the copy made ahead if it is this layer's (the compute
     stream waits for it), else copied now; and the copies of the streamed layers expected next are started."""
     global _last
-    ops = _take(layer, device)
+    usable = _streams_usable(device)
+    ops = _take(layer, device, usable)
     if ops is None:
         ops = layer.operands(device)
     last = None if _last is None else _last()
     if last is not None and last is not layer:
         _successor[last] = weakref.ref(layer)
     _last = weakref.ref(layer)
-    if _streams_usable(device) and device not in _no_room:
+    if usable and device not in _no_room:
         _top_up(layer, device)
     return ops
 
@@ -88,12 +89,12 @@ def _forget() -> None:
     _pending.clear()        # allocated on the copy stream: their memory is reused there after the copies
 
 
-def _take(layer, device: torch.device) -> Optional[Int8Operands]:
+def _take(layer, device: torch.device, usable: bool) -> Optional[Int8Operands]:
     if not _pending:
         return None
     ahead = _pending[0]
     weight, version = layer.weight_state()
-    if not _streams_usable(device) or ahead.layer() is not layer or ahead.device != device \
+    if not usable or ahead.layer() is not layer or ahead.device != device \
             or ahead.source[0] is not weight or ahead.source[1] != version:
         _forget()       # another order (or a weight changed since): this call copies its own
         return None
