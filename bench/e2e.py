@@ -123,14 +123,17 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
 # octet_dynamic_memory: Quantize Model's memory goal (no float weight copies; SD3's position table in int8,
 # octet/tables.py), the goal issue 13's weight target names.
 # OCTET_DEFERRED (GELUs and LayerNorms computed in float before their INT8 layer, as before octet/deferred.py)
-# and OCTET_FLOAT_FUSIONS: read per call.
+# and OCTET_FLOAT_FUSIONS: read per call. octet_dynamic_not_lean: the UNet's transformer stacks through the host's
+# forwards (OCTET_LEAN_BLOCKS=0, read when the model is quantized: octet/lean_blocks.py); bf16_octet_lean: the bf16
+# model with only those lean stacks (what that part of Octet's eager speed owes to quantization: nothing).
 SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH",),
               "_not_deferred": ("OCTET_DEFERRED",), "_host_float": ("OCTET_FLOAT_FUSIONS",),
-              "_pylaunch": ("OCTET_C_LAUNCH", "OCTET_SCRATCH"), "_separate_qkv": ("OCTET_SHARED_INPUT",)}
+              "_pylaunch": ("OCTET_C_LAUNCH", "OCTET_SCRATCH"), "_separate_qkv": ("OCTET_SHARED_INPUT",),
+              "_not_lean": ("OCTET_LEAN_BLOCKS",)}
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk",
             "bf16_octet_fused", "octet_dynamic_host_float", "octet_dynamic_pylaunch", "octet_dynamic_memory",
-            "octet_dynamic_separate_qkv", "octet_static_separate_qkv")
+            "octet_dynamic_separate_qkv", "octet_static_separate_qkv", "octet_dynamic_not_lean", "bf16_octet_lean")
 
 
 def model_config(name: str, tiny: bool, extra: dict | None = None):
@@ -220,6 +223,13 @@ def quantize(model, variant: str, x, sigma, kw):
         result = octet.quantize_(dm, octet.config_for_mode(mode, goal=goal), calibration=calibration)
     sync()
     return result, time.perf_counter() - t0
+
+
+def lean_install(dm) -> list[str]:
+    """bf16_octet_lean: the UNet's transformer stacks lean (octet/lean_blocks.py), nothing else of Octet."""
+    from comfyui_octet.octet import lean_blocks
+    os.environ["OCTET_LEAN_BLOCKS"] = "1"
+    return lean_blocks.install(dm)
 
 
 def sync():
@@ -439,6 +449,7 @@ def run_variant(name, variant, device, args) -> list[dict]:
         row["qk_fused"] = len(result.qk_norms)
         row["float_fusions"] = len(result.float_fusions)
         row["qkv_groups"] = len(result.fused_groups)
+        row["lean_stacks"] = len(result.lean_blocks)
     elif variant == "bf16_octet_qk":
         from comfyui_octet.octet import deferred
         os.environ["OCTET_DEFERRED"] = "1"
@@ -448,6 +459,8 @@ def run_variant(name, variant, device, args) -> list[dict]:
         os.environ["OCTET_DEFERRED"] = os.environ["OCTET_FLOAT_FUSIONS"] = "1"
         row["qk_fused"] = len(deferred.install_qk(model.diffusion_model))
         row["float_fusions"] = len(float_fusions.install(model.diffusion_model))
+    elif variant == "bf16_octet_lean":
+        row["lean_stacks"] = len(lean_install(model.diffusion_model))
     row["weight_bytes"] = weight_bytes(model.diffusion_model)
     rows = []
     if "eager" in modes or "graph" in modes:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 import torch.nn as nn
 
-from . import deferred, float_fusions, fusion, shared_input, tables
+from . import deferred, float_fusions, fusion, lean_blocks, shared_input, tables
 from .config import DynamicW8A8Config, QuantConfig, StaticW8A8Config, WeightOnlyConfig
 from .modules import QUANT_TYPES, QuantConv2d, QuantLinear
 from .report import LayerRecord, QuantReport
@@ -66,6 +66,11 @@ class QuantResult(QuantReport):
         return sorted(n for n, f in self.forwards.items() if isinstance(f, float_fusions.FORWARDS))
 
     @property
+    def lean_blocks(self) -> list[str]:
+        """SpatialTransformers whose blocks run without the host's per-call bookkeeping (octet/lean_blocks.py)."""
+        return sorted(n for n, f in self.forwards.items() if isinstance(f, lean_blocks.FORWARDS))
+
+    @property
     def chains(self) -> list[str]:
         """MLP containers run as static INT8 chains (octet/fusion.py)."""
         return sorted(n for n, f in self.forwards.items() if fusion.is_chain_forward(f))
@@ -87,6 +92,8 @@ class QuantResult(QuantReport):
                    else "")
                 + (f"; {gn} GroupNorms ({silu} with their SiLU) and {geglu} GEGLU gates fused where the Triton "
                    f"kernels run" if fused else "")
+                + (f"; {len(self.lean_blocks)} transformer stacks run lean in eager steps" if self.lean_blocks
+                   else "")
                 + (f"; position table int8 ({self.tables_before / 2**20:.1f} MiB -> "
                    f"{self.tables_after / 2**20:.1f} MiB)" if self.attributes else ""))
 
@@ -230,6 +237,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Decides
         result.forwards[name] = fusion.chain_forward(model.get_submodule(name))
     result.forwards.update(deferred.forwards(model, result.replacements))
     result.forwards.update(float_fusions.forwards(model))
+    result.forwards.update(lean_blocks.forwards(model))
     result.fused_groups = shared_input.attach(model, result.replacements)
     if config.goal == "memory":
         result.attributes = tables.patches(model)

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import community, deferred, filecheck, float_fusions, fileformat, fusion, shared_input
+from . import community, deferred, filecheck, float_fusions, fileformat, fusion, lean_blocks, shared_input
 from .api import OctetError
 from .layout import FILE_FORMATS, Int8Layout
 from .modules import QuantConv2d, QuantLayer, QuantLinear
@@ -288,4 +288,5 @@ def install(model: nn.Module, ckpt: LoadedCheckpoint, selector=None, backend: st
     fusion.install_chains(model)
     deferred.install(model)
     float_fusions.install(model)
+    lean_blocks.install(model)
     shared_input.attach(model)

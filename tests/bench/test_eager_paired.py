@@ -38,3 +38,28 @@ def test_paired_ratio_is_per_round():
     stats = paired(times, "bf16")["octet_dynamic"]
     assert stats["speedup_vs_bf16"] == 1.0 and stats["speedup_q1"] == 0.75 and stats["speedup_q3"] == 1.5
     assert stats["rounds"] == 3
+
+
+def test_the_lean_variants_build_what_they_name(monkeypatch):
+    """``octet_dynamic_not_lean`` is octet_dynamic with the host's transformer stacks, ``bf16_octet_lean`` bf16 with
+    only the lean stacks (whatever the switch was left at by the variant before it): rows that isolate what the lean
+    stacks give, paired in one process (the switch is read when the model is quantized)."""
+    import torch
+    _paired_module()
+    import e2e
+    from comfyui_octet.octet import lean_blocks
+    e2e.octet_pack.load(comfy=True, cpu=True)
+    cpu = torch.device("cpu")
+    x, sigma, kw = e2e.inputs("sdxl", cpu, True)
+    lean = {}
+    for variant in ("octet_dynamic_not_lean", "bf16_octet_lean", "octet_dynamic"):
+        model = e2e.build("sdxl", "bf16", cpu, True)
+        if variant.startswith("octet_"):
+            lean[variant] = e2e.quantize(model, variant, x, sigma, kw)[0].lean_blocks
+        else:
+            lean[variant] = e2e.lean_install(model.diffusion_model)
+        forwards = [m.forward for m in model.diffusion_model.modules() if "forward" in m.__dict__]
+        assert sum(isinstance(f, lean_blocks.FORWARDS) for f in forwards) == len(lean[variant])
+    stacks = [n for n, m in model.diffusion_model.named_modules() if type(m).__name__ == "SpatialTransformer"]
+    assert lean == {"octet_dynamic_not_lean": [], "bf16_octet_lean": sorted(stacks), "octet_dynamic": sorted(stacks)}
+    assert len(stacks) == 3          # the tiny SDXL: its middle block and two output blocks

@@ -1,0 +1,201 @@
+"""A UNet's transformer stacks without the host's per-call bookkeeping (octet/lean_blocks.py), on the real host's
+SpatialTransformer: the host's numbers bit for bit with the lean path taken (the host's block and attention forwards
+are not called), and the host's own forward wherever the lean one must not run: attention patches, autograd, a
+host whose block code differs, the switch. Hooks and other attention functions run as the host runs them."""
+import logging
+
+import pytest
+import torch
+
+from comfyui_octet import octet
+from comfyui_octet.fixtures import reference_model as rm
+from comfyui_octet.octet import lean_blocks
+
+
+@pytest.fixture
+def attention():
+    import comfy.ldm.modules.attention as A
+    assert lean_blocks.host_known(A), lean_blocks.host_sources(A)
+    return A
+
+
+@pytest.fixture
+def pytorch_attention(attention, monkeypatch):
+    """The host's attention on CUDA (on a CPU it picks split / sub-quadratic attention)."""
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    return attention
+
+
+@pytest.fixture
+def host_calls(attention, monkeypatch):
+    """Counts calls of the host's BasicTransformerBlock and CrossAttention forwards (the lean path makes none)."""
+    calls = {"block": 0, "attention": 0}
+    real_block, real_attn = attention.BasicTransformerBlock.forward, attention.CrossAttention.forward
+
+    def block(self, *a, **k):
+        calls["block"] += 1
+        return real_block(self, *a, **k)
+
+    def attn(self, *a, **k):
+        calls["attention"] += 1
+        return real_attn(self, *a, **k)
+    monkeypatch.setattr(attention.BasicTransformerBlock, "forward", block)
+    monkeypatch.setattr(attention.CrossAttention, "forward", attn)
+    return calls
+
+
+def stack(use_linear=True, depth=2, seed=0):
+    import comfy.ops
+    from comfy.ldm.modules.attention import SpatialTransformer
+    torch.manual_seed(seed)
+    st = SpatialTransformer(32, 2, 16, depth=depth, context_dim=24, use_linear=use_linear,
+                            operations=comfy.ops.disable_weight_init).eval()
+    with torch.no_grad():
+        for p in st.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    g = torch.Generator().manual_seed(seed + 1)
+    return st, torch.randn(2, 32, 4, 6, generator=g), torch.randn(2, 5, 24, generator=g)
+
+
+def options():
+    return {"block": ("input", 4), "cond_or_uncond": [1, 0], "sigmas": torch.ones(2)}
+
+
+@pytest.mark.parametrize("use_linear", [True, False])      # SDXL's linear projections, SD1.5's 1x1 convs
+def test_lean_stack_gives_the_hosts_numbers_bit_for_bit(pytorch_attention, host_calls, use_linear):
+    st, x, ctx = stack(use_linear)
+    with torch.inference_mode():
+        host = st(x, context=ctx, transformer_options=options())
+        calls = dict(host_calls)
+        assert lean_blocks.install(st) == [""]
+        to = options()
+        lean = st(x, context=ctx, transformer_options=to)
+    assert calls == {"block": 2, "attention": 4}
+    assert host_calls == calls                 # the lean path ran: no host block or attention forward called
+    assert torch.equal(lean, host)
+    assert to["block_index"] == 1 and to["activations_shape"] == [2, 32, 4, 6]   # set as the host sets them
+
+
+def test_other_attention_functions_and_overrides_are_called_as_the_host_calls_them(attention, host_calls,
+                                                                                     monkeypatch):
+    st, x, ctx = stack()
+    seen = []
+    real = attention.attention_basic
+
+    def basic(q, k, v, heads, **kw):
+        seen.append(heads)
+        return real(q, k, v, heads, **kw)
+    monkeypatch.setattr(attention, "optimized_attention", basic)
+    with torch.inference_mode():
+        host = st(x, context=ctx, transformer_options=options())
+        lean_blocks.install(st)
+        lean = st(x, context=ctx, transformer_options=options())
+        assert seen == [2] * 8 and host_calls["block"] == 2 and torch.equal(lean, host)
+        # An attention override (0.29's optimized_attention_override) gets the host's function, as wrap_attn does.
+        monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+        overridden = []
+        to = dict(options(), optimized_attention_override=lambda fn, *a, **k: overridden.append(fn) or fn(*a, **k))
+        out = st(x, context=ctx, transformer_options=to)
+        assert len(overridden) == 4 and all(inspect_name(f) == "attention_pytorch" for f in overridden)
+        assert torch.equal(out, type(st).forward(st, x, context=ctx, transformer_options=dict(to)))
+    assert len(overridden) == 8
+
+
+def inspect_name(fn):
+    import inspect
+    return inspect.unwrap(fn).__name__
+
+
+def test_attention_patches_autograd_and_global_hooks_run_the_hosts_forward(pytorch_attention, host_calls,
+                                                                          monkeypatch):
+    st, x, ctx = stack()
+    lean_blocks.install(st)
+
+    def scale_n(n, context, value, extra):
+        return n * 1.5, context, value
+    patched = dict(options(), patches={"attn1_patch": [scale_n]})
+    replaced = dict(options(), patches_replace={"attn2": {("input", 4): lambda q, k, v, extra: q}})
+    with torch.inference_mode():
+        with_patch = st(x, context=ctx, transformer_options=patched)
+        assert host_calls["block"] == 2
+        with_replace = st(x, context=ctx, transformer_options=replaced)
+        assert host_calls["block"] == 4
+        plain = st(x, context=ctx, transformer_options=options())
+        assert host_calls["block"] == 4
+        del st.forward
+        assert torch.equal(with_patch, st(x, context=ctx, transformer_options=dict(patched)))
+        assert torch.equal(with_replace, st(x, context=ctx, transformer_options=dict(replaced)))
+        assert not torch.equal(with_patch, plain) and not torch.equal(with_replace, plain)
+    lean_blocks.install(st)
+    calls = host_calls["block"]
+    out = st(x, context=ctx, transformer_options=options())         # grad enabled: QAT trains through blocks
+    assert host_calls["block"] == calls + 2 and torch.equal(out.detach(), plain)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with torch.inference_mode():
+            st(x, context=ctx, transformer_options=options())
+        assert host_calls["block"] == calls + 4
+    finally:
+        handle.remove()
+
+
+def test_a_submodules_hook_still_runs(pytorch_attention, host_calls):
+    st, x, ctx = stack()
+    to_q = st.transformer_blocks[0].attn1.to_q
+    to_q.register_forward_hook(lambda m, i, o: o + 1.0)
+    with torch.inference_mode():
+        host = st(x, context=ctx, transformer_options=options())
+        lean_blocks.install(st)
+        lean = st(x, context=ctx, transformer_options=options())
+    assert host_calls["block"] == 2 and torch.equal(lean, host)
+
+
+def test_another_hosts_block_code_keeps_the_hosts_forwards(attention, monkeypatch, caplog):
+    st, x, ctx = stack()
+    monkeypatch.setattr(lean_blocks, "_checked", {})
+    monkeypatch.setitem(lean_blocks.KNOWN_SOURCES, "BasicTransformerBlock.forward", {"0" * 16})
+    from comfyui_octet.kernels import registry
+    monkeypatch.setattr(registry, "_logged", set(), raising=False)
+    with caplog.at_level(logging.INFO, logger="octet"):
+        assert lean_blocks.install(st) == []
+    assert "BasicTransformerBlock.forward differ" in caplog.text
+    monkeypatch.setattr(lean_blocks, "_checked", {})
+    monkeypatch.undo()
+    monkeypatch.setenv("OCTET_LEAN_BLOCKS", "0")
+    assert lean_blocks.install(st) == []
+
+
+def test_quantized_unet_runs_its_stacks_lean_with_the_same_numbers(pytorch_attention, host_calls, monkeypatch):
+    """quantize_ (dynamic W8A8 on the reference UNet's architecture) installs the lean stacks; the INT8 layers,
+    their shared q/k/v GEMMs and the deferred forwards inside give the same output as without them."""
+    import copy
+    torch.manual_seed(0)
+    base = rm.build_diffusion_model("unet").eval()
+    names = sorted(n for n, m in base.named_modules() if type(m).__name__ == "SpatialTransformer")
+    assert names
+    size = rm.spec("unet").latent_size
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, size, size, generator=g)
+    ctx = torch.randn(2, 8, base.input_blocks[1][1].transformer_blocks[0].attn2.to_k.in_features, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    outs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("OCTET_LEAN_BLOCKS", switch)
+        model = copy.deepcopy(base)
+        result = octet.quantize_(model, octet.DynamicW8A8Config())
+        assert result.lean_blocks == (names if switch == "1" else [])
+        calls = host_calls["block"]
+        with torch.inference_mode():
+            model(x, t, context=ctx)                      # plans made
+            outs[switch] = model(x, t, context=ctx)
+        assert (host_calls["block"] == calls) == (switch == "1")
+    assert torch.equal(outs["0"], outs["1"])
+
+
+def test_quantize_model_node_patches_the_stacks_forwards(monkeypatch):
+    from comfyui_octet.nodes import bridge
+    patcher = rm.load_reference("unet")
+    clone, result = bridge.quantize_model(patcher, octet.DynamicW8A8Config())
+    lean = {k for k, v in clone.object_patches.items() if isinstance(v, lean_blocks.FORWARDS)}
+    assert result.lean_blocks and lean == {f"diffusion_model.{n}.forward" for n in result.lean_blocks}
+    assert "transformer stacks run lean" in result.summary()
