@@ -259,6 +259,18 @@ class ModuleForward:
         return self._module()
 
 
+def module_forwards(model: nn.Module, sites: dict[str, type]) -> dict[str, ModuleForward]:
+    """{name: kind(module)}: a replacement forward for each site (kinds that take only their module)."""
+    return {name: kind(model.get_submodule(name)) for name, kind in sites.items()}
+
+
+def set_forwards(model: nn.Module, found: dict[str, ModuleForward]) -> list[str]:
+    """Each replacement forward set on its module, in place (a loaded checkpoint, or a float model); the names."""
+    for name, forward in found.items():
+        model.get_submodule(name).forward = forward
+    return sorted(found)
+
+
 class DeferredForward(ModuleForward):
     """The replacement ``forward`` of one module (a GELU, a LayerNorm) whose output feeds the INT8 layer(s)
     at ``consumers`` (paths under ``container``). They are looked up at each call, so this follows
@@ -671,14 +683,9 @@ def install_qk(model: nn.Module) -> list[str]:
     """In place: defer the q/k preparation of every Flux QKNorm and SD3 ln_q / ln_k of ``model`` (quantized or
     not)."""
     found = {n: kind for n, (kind, _, _) in sites(model, {}).items() if issubclass(kind, QKPrepForward)}
-    for name, kind in found.items():
-        model.get_submodule(name).forward = kind(model.get_submodule(name))
-    return sorted(found)
+    return set_forwards(model, module_forwards(model, found))
 
 
 def install(model: nn.Module) -> list[str]:
     """In place (a loaded checkpoint): defer every site of ``model``."""
-    found = forwards(model, {})
-    for name, forward in found.items():
-        model.get_submodule(name).forward = forward
-    return sorted(found)
+    return set_forwards(model, forwards(model, {}))

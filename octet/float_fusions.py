@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.backends import triton_support
-from .deferred import ModuleForward, _tracked, kernel_input
+from .deferred import ModuleForward, _tracked, kernel_input, module_forwards, set_forwards
 
 
 def enabled() -> bool:
@@ -126,12 +126,9 @@ def sites(model: nn.Module) -> dict[str, type]:
 
 def forwards(model: nn.Module) -> dict[str, FusedForward]:
     """The replacement forward per site (api.quantize_ adds them to its object patches)."""
-    return {name: kind(model.get_submodule(name)) for name, kind in sites(model).items()}
+    return module_forwards(model, sites(model))
 
 
 def install(model: nn.Module) -> list[str]:
     """In place (a float model, or a loaded checkpoint): every site of ``model``."""
-    found = forwards(model)
-    for name, forward in found.items():
-        model.get_submodule(name).forward = forward
-    return sorted(found)
+    return set_forwards(model, forwards(model))

