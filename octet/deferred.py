@@ -34,7 +34,6 @@ wrapper only acts on pending inputs) computes norm + RoPE for q and k in one ker
 from __future__ import annotations
 
 import importlib
-import os
 import weakref
 from typing import Optional
 
@@ -43,12 +42,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels import switches
 from ..kernels.backends import triton_support
 
 
 def enabled() -> bool:
     """OCTET_DEFERRED=0 turns it off (for comparisons: bench/e2e.py). Read per call."""
-    return os.environ.get("OCTET_DEFERRED", "1") != "0"
+    return switches.on("OCTET_DEFERRED")
 
 
 def _metadata_getters() -> frozenset:

@@ -24,18 +24,18 @@ whole UNets would take hours, so the tests that check these paths set it.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import switches
 from ..kernels.backends import triton_support
 from .deferred import ModuleForward, _tracked, kernel_input, module_forwards, set_forwards
 
 
 def enabled() -> bool:
-    value = os.environ.get("OCTET_FLOAT_FUSIONS")
+    value = switches.read("OCTET_FLOAT_FUSIONS")
     return not triton_support.interpreting() if value is None else value != "0"
 
 

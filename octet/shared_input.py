@@ -25,14 +25,13 @@ agree), no per-call weight patch, their weights on the input's device, outside t
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from ..kernels import vram
+from ..kernels import switches, vram
 from .modules import QuantLinear, _version, plan_summary
 
 log = logging.getLogger("octet")
@@ -236,7 +235,7 @@ def groups(model: nn.Module, replacements: Optional[dict] = None) -> list[list[s
 
 def enabled() -> bool:
     """``OCTET_SHARED_INPUT=0`` quantizes without groups (read when a model is quantized or loaded)."""
-    return os.environ.get("OCTET_SHARED_INPUT", "1") != "0"
+    return switches.on("OCTET_SHARED_INPUT")
 
 
 def attach(model: nn.Module, replacements: Optional[dict] = None) -> list[list[str]]:

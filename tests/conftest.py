@@ -73,3 +73,19 @@ def rng(request):
     g = torch.Generator()
     g.manual_seed(seed_for(request.node.nodeid))
     return g
+
+
+def _switches() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith("OCTET_") or k == "TRITON_INTERPRET"}
+
+
+@pytest.fixture(autouse=True)
+def _switches_restored():
+    """Every test leaves Octet's switches (environment variables read per call) as it found them: a switch left
+    set changes what the tests after it run (OCTET_FLOAT_FUSIONS=1 under the interpreter makes a UNet test take
+    minutes). Set them with monkeypatch.setenv, which restores them."""
+    before = _switches()
+    yield
+    after = _switches()
+    changed = sorted(set(after.items()) ^ set(before.items()))
+    assert after == before, f"this test changed switches and left them: {changed}"

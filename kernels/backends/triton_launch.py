@@ -35,12 +35,12 @@ compiled launcher is called as before.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
 
+from .. import switches
 from . import triton_support
 
 log = logging.getLogger("octet")
@@ -48,14 +48,14 @@ _warned: set = set()
 
 
 def enabled() -> bool:
-    return (os.environ.get("OCTET_FAST_LAUNCH", "1") != "0" and not triton_support.interpreting()
+    return (switches.on("OCTET_FAST_LAUNCH") and not triton_support.interpreting()
             and triton_support.unavailable_reason() is None)
 
 
 def binding() -> bool:
     """Whether plans may keep a bound call per input (a learned record's C launcher and every fixed argument,
     made after the first call there): ``OCTET_BIND=0`` keeps the general path on every call (benches)."""
-    return os.environ.get("OCTET_BIND", "1") != "0"
+    return switches.on("OCTET_BIND")
 
 
 class BoundCalls(dict):
@@ -327,7 +327,7 @@ class Launcher:
                             type(exc).__name__, exc)
 
     def _with_c_launcher(self, record: Record, compiled, grid, args: tuple, device: int) -> Record:
-        if os.environ.get("OCTET_C_LAUNCH", "1") == "0":
+        if not switches.on("OCTET_C_LAUNCH"):
             return record
         try:
             c_launch = _c_launcher(compiled, record.tail)

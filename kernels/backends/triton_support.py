@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Optional
 
 import torch
+
+from .. import switches
 
 try:
     import triton  # noqa: F401
@@ -31,7 +32,7 @@ def cdiv(a: int, b: int) -> int:
 
 def interpreting() -> bool:
     """True when Triton runs kernels on CPU through its interpreter (read per call: tests set it)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return switches.is_one("TRITON_INTERPRET")
 
 
 def importable() -> bool:
@@ -71,7 +72,7 @@ def is_hopper() -> bool:
 def autotuning() -> bool:
     """OCTET_TRITON_AUTOTUNE=0 keeps only each kernel's first config: for correctness runs on a
     GPU, where compiling every config for every dtype/bias variant would dominate the run."""
-    return os.environ.get("OCTET_TRITON_AUTOTUNE", "1") != "0"
+    return switches.on("OCTET_TRITON_AUTOTUNE")
 
 
 def tuning_bench(kernel_call, quantiles):
