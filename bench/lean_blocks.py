@@ -9,7 +9,8 @@ Per variant: host us per block (the calling thread's CPU time to issue one stack
 the GPU runs behind)
 and wall us per block (the same call with a synchronisation: what an eager step pays where it is host-bound). Rounds
 interleave the variants (the lent hosts' CPU speed drifts, bench/eager_paired.py); each ratio is host / lean in the
-same round, median over rounds.
+same round, median over rounds; and Octet lean against the stock bf16 stack (what issue 13's eager target
+compares), paired the same way.
 
 On CUDA: SDXL's real widths and token counts (batch 2: cond and uncond), bf16, the host's attention_pytorch. On a CPU
 (no GPU here): SDXL's block structure at tiny widths and 16 tokens, float32, so the Python is most of what is timed;
@@ -140,6 +141,15 @@ def main() -> int:
                   f" -> lean {row['lean_us_per_block']:.1f} us/block CPU ({row['host_over_lean']:.2f}x), wall "
                   f"{row['host_wall_us_per_block']:.1f} -> {row['lean_wall_us_per_block']:.1f} us/block "
                   f"({row['wall_host_over_lean']:.2f}x); {saved_ms:.2f} ms of host time per SDXL step", flush=True)
+        # What issue 13's eager target compares: Octet's stack (lean) against the stock bf16 stack (host forward).
+        vs = [a / b for a, b in zip(host["bf16 host"], host["octet lean"])]
+        vs_wall = [a / b for a, b in zip(wall["bf16 host"], wall["octet lean"])]
+        rows.append({"card": card, "channels": channels, "heads": heads, "tokens": tokens, "depth": depth,
+                     "stacks_per_step": per_step, "variant": "octet lean vs bf16 host",
+                     "host_over_lean": statistics.median(vs), "wall_host_over_lean": statistics.median(vs_wall),
+                     "rounds": args.rounds, "versions": {"torch": torch.__version__}})
+        print(f"[{card}] octet lean vs stock bf16, stack {channels}ch x{depth}: host {statistics.median(vs):.2f}x, "
+              f"wall {statistics.median(vs_wall):.2f}x (per block, paired by round)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "lean_blocks.json")
     with open(path, "w") as f:
