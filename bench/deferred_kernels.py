@@ -2,7 +2,8 @@
 float passes it replaces, timed as CUDA-graph replays (no host cost; bench/kernels.py's timer), one
 process; and Flux's q/k preparation (QK RMSNorm + RoPE, the double block's cat) as the host's ops vs the
 one kernel (kernels/backends/triton_rope.py); and SDXL's GroupNorm (+ SiLU) and GEGLU gate at 1024² as the
-host's ops vs the kernels (kernels/backends/triton_groupnorm.py, triton_geglu.py; octet/float_fusions.py).
+host's ops vs the kernels (kernels/backends/triton_groupnorm.py, triton_geglu.py; octet/float_fusions.py); and
+Wan 2.1 1.3B's q/k preparation (RMSNorm over the row + RoPE) as the host's ops vs triton_rope.row_norm_rope.
 ``--sweep`` also sweeps the GELU quantizer's (tile, warps) for the single block's 15360-wide rows, the q/k
 kernel's, the GroupNorm's and the GEGLU's tiles. Prints a table and writes JSON.
 
@@ -97,6 +98,41 @@ def sd3_rows(add, timer, dev):
         moved)
 
 
+def wan_rows(add, timer, dev, sweep=False):
+    """Wan 2.1 1.3B's q (or k) per self-attention at 832x480x33 frames (14,040 tokens, 12 heads of 128), batch 1
+    and 2 (cfg): the host's ops (RMSNorm over the 1536-wide row, then 0.3.75's fp32 apply_rope1; 0.29 runs
+    comfy-kitchen's RoPE kernel instead, so its saving is the norm's pass alone) vs triton_rope.row_norm_rope."""
+    import torch
+    import torch.nn.functional as F
+    from comfyui_octet.kernels import torch_ref
+    from comfyui_octet.kernels.backends import triton_rope
+    heads, hd, length = 12, 128, 14040
+    w = torch.randn(heads * hd, device=dev, dtype=torch.bfloat16)
+    freqs = torch.randn(1, length, 1, hd // 2, 2, 2, device=dev)
+
+    def rope1(x):   # comfy.ldm.flux.math.apply_rope1 (0.3.75)
+        x_ = x.to(dtype=freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+        out = freqs[..., 0] * x_[..., 0]
+        out.addcmul_(freqs[..., 1], x_[..., 1])
+        return out.reshape(*x.shape).type_as(x)
+
+    for batch in (1, 2):
+        x = torch.randn(batch, length, heads * hd, device=dev, dtype=torch.bfloat16)
+        fused = triton_rope.row_norm_rope(x, w, 1e-6, freqs, heads)
+        ref = torch_ref.row_norm_rope(x, w, 1e-6, freqs, heads)
+        bad = ((fused.float() - ref.float()).abs() > 1e-2 * ref.float().abs().clamp_min(1)).float().mean().item()
+        moved = 2 * x.numel() * 2 + length * hd * 2 * 4
+        add(f"Wan q, batch {batch}: rms_norm + fp32 apply_rope1 (0.3.75 host ops)",
+            timer(lambda x=x: rope1(F.rms_norm(x, (heads * hd,), w, 1e-6).view(batch, length, heads, hd))))
+        add(f"Wan q, batch {batch}: rms_norm alone (0.29's pass before its RoPE kernel)",
+            timer(lambda x=x: F.rms_norm(x, (heads * hd,), w, 1e-6)))
+        add(f"Wan q, batch {batch}: row_norm_rope {triton_rope.ROW_CONFIG} (values off by >1%: {bad:.1e})",
+            timer(lambda x=x: triton_rope.row_norm_rope(x, w, 1e-6, freqs, heads)), moved)
+        for config in ((8, 4), (16, 8), (32, 4), (32, 8), (64, 8)) if sweep else ():
+            add(f"  row_norm_rope (BLOCK_L, warps)={config}",
+                timer(lambda x=x, c=config: triton_rope.row_norm_rope(x, w, 1e-6, freqs, heads, c)), moved)
+
+
 def groupnorm_rows(add, timer, dev, sweep=False):
     """SDXL's GroupNorms at 1024² (batch 1, 32 groups): a ResBlock's GroupNorm + SiLU at each UNet level (and the
     decoder's concatenated inputs), the host's F.group_norm then F.silu vs triton_groupnorm.group_norm."""
@@ -139,7 +175,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--only", choices=["unet"], help="only these rows (GroupNorm, GEGLU)")
+    ap.add_argument("--only", choices=["unet", "wan"], help="only these rows (unet: GroupNorm, GEGLU; wan: Wan's q/k)")
     args = ap.parse_args()
     octet_pack.load(comfy=False)
     import torch
@@ -166,6 +202,9 @@ def main() -> int:
         rows.append(row)
         print(f"{name:70s} {us:8.1f} us" + (f"  {row['TB/s']} TB/s" if bytes_moved else ""), flush=True)
 
+    if args.only == "wan":
+        wan_rows(add, graph_us, dev, args.sweep)
+        return write(args, header, rows)
     if args.only == "unet":
         groupnorm_rows(add, graph_us, dev, args.sweep)
         geglu_rows(add, graph_us, dev, args.sweep)
@@ -192,6 +231,7 @@ def main() -> int:
     add("plain quantize_rows K=3072 (for scale)", graph_us(lambda: rowq[d](x.reshape(m, d))), m * d * 3)
     qk_rows(add, graph_us, dev, args.sweep)
     sd3_rows(add, graph_us, dev)
+    wan_rows(add, graph_us, dev, args.sweep)
     groupnorm_rows(add, graph_us, dev, args.sweep)
     geglu_rows(add, graph_us, dev, args.sweep)
     return write(args, header, rows)

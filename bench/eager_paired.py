@@ -27,9 +27,10 @@ from e2e import octet_pack  # noqa: E402
 
 # Variants whose Octet switches (e2e.SWITCH_OFF, environment variables some layers read per call) are all on: two
 # models in one process cannot have them set differently.
-# The lean stacks' switch is read when a model is quantized (octet/lean_blocks.py), so its variants pair too.
+# The lean stacks' switch is read when a model is quantized (octet/lean_blocks.py), so its variants pair too;
+# bf16_octet_qk needs OCTET_DEFERRED on, as every other variant here.
 PAIRABLE = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
-            "octet_dynamic_memory", "octet_dynamic_not_lean", "bf16_octet_lean")
+            "octet_dynamic_memory", "octet_dynamic_not_lean", "bf16_octet_lean", "bf16_octet_qk")
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -78,6 +79,9 @@ def main() -> int:
             e2e.quantize(model, variant, x, sigma, kw)
         elif variant == "bf16_octet_lean":
             e2e.lean_install(model.diffusion_model)
+        elif variant == "bf16_octet_qk":          # the q/k preparation kernels alone (Flux, SD3, Wan), no INT8
+            from comfyui_octet.octet import deferred
+            deferred.install_qk(model.diffusion_model)
         e2e.time_steps(model, x, sigma, kw, args.warmup, 0)      # plans made, kernels tuned
         models[variant] = model
         rows[variant] = {"weight_bytes": e2e.weight_bytes(model.diffusion_model)}

@@ -239,6 +239,18 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, freqs: torch
     return out.reshape(*y.shape).type_as(y)
 
 
+def row_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, freqs: torch.Tensor, heads: int) -> torch.Tensor:
+    """Wan's self-attention q (or k) as its host code computes it (comfy.ldm.wan.model.WanSelfAttention: the
+    RMSNorm over the projection's whole width, output in x's dtype; ``.view(b, s, n, d)``; apply_rope1 in fp32
+    with ``freqs`` [B or 1, L, 1, D/2, 2, 2], rounded back to x's dtype). x [B, L, H*D] -> [B, L, H, D]."""
+    b, length, width = x.shape
+    y = F.rms_norm(x, (width,), weight.to(x.dtype), eps).view(b, length, heads, width // heads)
+    y_ = y.to(freqs.dtype).reshape(*y.shape[:-1], -1, 1, 2)
+    out = freqs[..., 0] * y_[..., 0]
+    out.addcmul_(freqs[..., 1], y_[..., 1])
+    return out.reshape(*y.shape).type_as(y)
+
+
 def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                     eps: float, silu: bool = True) -> torch.Tensor:
     """A UNet ResBlock's ``GroupNorm`` then ``SiLU`` as the host computes them (two ops, the GroupNorm's output

@@ -605,6 +605,83 @@ class DeferredRMSForward(QKPrepForward):
         return type(module).forward(module, x)
 
 
+# sha256 (16 hex digits, as octet/lean_blocks.py) of the host code WanQKForward writes out: WanSelfAttention.forward
+# and comfy.ldm.flux.math.apply_rope1 as ComfyUI 0.3.75 and 0.29.0 ship them (0.29 adds attn1_patch, and its
+# apply_rope1 dispatches to comfy-kitchen, whose kernels compute the same fp32 rotation).
+WAN_SOURCES = {"WanSelfAttention.forward": {"d821b5b8b4f68296", "e57709825263ea24"},
+               "apply_rope1": {"3515b31891122275", "f6786f4369e3465a"}}
+
+
+class WanQKForward(QKPrepForward):
+    """Wan's ``WanSelfAttention.forward``: q and k each prepared in one kernel (RMSNorm over the projection's whole
+    width, then each head's RoPE: ``triton_rope.row_norm_rope``), where the host runs the norm and then
+    apply_rope1, which on ComfyUI 0.3.75 is four passes in fp32 (a 2 x 14,040-token Wan 2.1 1.3B step: q and k are
+    43 M values each, 30 times a step). The rest is the host's forward as written: the same projections in the
+    same order (a q/k/v group's fused GEMM included), the host's attention and ``o``. Where the kernel cannot
+    take a tensor (or under an attn1_patch, autograd, torch.compile, a CPU without the interpreter) the host's
+    forward runs."""
+
+    def __call__(self, x, freqs, transformer_options={}):     # noqa: B006 - the host's signature
+        module = self.module
+        if self._may_defer(x) and type(freqs) is torch.Tensor \
+                and not (transformer_options.get("patches") or {}).get("attn1_patch"):
+            host = importlib.import_module(type(module).__module__)
+            mods = module._modules
+            params = [_rms_params(mods[name], x) for name in ("norm_q", "norm_k")]
+            if all(p is not None and not _tracked(x, p[0]) for p in params):
+                b, s, n, d = *x.shape[:2], module.num_heads, module.head_dim
+                q = self._prepared(host, mods["q"], mods["norm_q"], params[0], x, freqs, (b, s, n, d))
+                k = self._prepared(host, mods["k"], mods["norm_k"], params[1], x, freqs, (b, s, n, d))
+                out = host.optimized_attention(q.view(b, s, n * d), k.view(b, s, n * d),
+                                               mods["v"](x).view(b, s, n * d), heads=module.num_heads,
+                                               transformer_options=transformer_options)
+                return mods["o"](out)
+        return type(module).forward(module, x, freqs, transformer_options=transformer_options)
+
+    @staticmethod
+    def _prepared(host, linear, norm, params, x, freqs, shape):
+        """``apply_rope1(norm(linear(x)).view(shape), freqs)``: in the kernel where it takes the projection's
+        output, else as the host computes it."""
+        from ..kernels.backends import triton_rope
+        y = linear(x)
+        weight, eps = params
+        if type(y) is torch.Tensor and y.dtype == weight.dtype \
+                and triton_rope.takes_row_rope(y, weight, freqs, shape[2]):
+            return triton_rope.row_norm_rope(y, weight, eps, freqs, shape[2])
+        return host.apply_rope1(norm(y).view(shape), freqs)
+
+
+_wan_known: dict = {}
+
+
+def _wan_host_known(cls: type) -> bool:
+    """Whether ``cls``'s forward and its module's apply_rope1 are the code WanQKForward was written from (once
+    per class: reading source is slow)."""
+    known = _wan_known.get(cls)
+    if known is None:
+        from . import lean_blocks     # its source fingerprints
+        try:
+            host = importlib.import_module(cls.__module__)
+            sources = {"WanSelfAttention.forward": lean_blocks._digest(cls.forward),
+                       "apply_rope1": lean_blocks._digest(host.apply_rope1)}
+            unknown = sorted(k for k, v in sources.items() if v not in WAN_SOURCES[k])
+        except (OSError, TypeError, AttributeError, ImportError) as e:
+            unknown = [f"its source ({type(e).__name__})"]
+        if unknown:
+            kernels.registry.log_once("wan-qk-unknown-host", f"Octet: Wan's self-attention keeps the host's q/k "
+                                      f"preparation: {', '.join(unknown)} differ from ComfyUI 0.3.75 / 0.29.0's.")
+        known = _wan_known[cls] = not unknown
+    return known
+
+
+def _is_wan_self_attention(m) -> bool:
+    """A plain Wan self-attention (not its cross-attention subclasses) with RMSNorm q/k norms, in host code
+    WanQKForward was written from."""
+    return (type(m).__name__ == "WanSelfAttention" and type(m).__module__.endswith("ldm.wan.model")
+            and isinstance(m._modules.get("norm_q"), nn.RMSNorm) and isinstance(m._modules.get("norm_k"), nn.RMSNorm)
+            and _wan_host_known(type(m)))
+
+
 def _is_sd3_qk_rms(m) -> bool:
     return (type(m).__name__ == "RMSNorm" and type(m).__module__.endswith("diffusionmodules.mmdit")
             and isinstance(getattr(m, "weight", None), torch.Tensor))
@@ -642,7 +719,8 @@ def sites(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, tup
     """{module name: (forward class, container name, consumer paths)} for Flux single blocks' GELU
     (``mlp_act`` -> cat -> ``linear2``) and the plain LayerNorms of _NORM_SITES whose (modulated) output
     goes into an INT8-activation linear, or will per ``replacements``; and every Flux QKNorm and SD3 ln_q /
-    ln_k (no consumer: their pending outputs go to the host's apply_rope / attention)."""
+    ln_k (no consumer: their pending outputs go to the host's apply_rope / attention), and every Wan
+    self-attention (its q/k preparation in one kernel each)."""
     from . import fusion   # here, not at the top: fusion imports modules, which imports this module
     found = {}
     for name, module in model.named_modules():
@@ -666,6 +744,8 @@ def sites(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, tup
                 found[prefix + attr] = (kind, name, taken)
         if _is_flux_qknorm(module):
             found[name] = (DeferredQKForward, name, ())
+        if _is_wan_self_attention(module):
+            found[name] = (WanQKForward, name, ())
         if hasattr(module, "qkv"):
             for attr in ("ln_q", "ln_k"):
                 if _is_sd3_qk_rms(module._modules.get(attr)):

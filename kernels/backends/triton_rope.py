@@ -72,6 +72,36 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, f_ptr, oq_ptr, ok_ptr, L,
                                 mask, f00, f01, f10, f11, D, BLOCK_L, ROPE)
 
 
+@triton.jit
+def _row_norm_rope_kernel(x_ptr, w_ptr, f_ptr, o_ptr, L, H, sxb, sxl, sfb, sfl, sob, sol, eps,
+                          D: tl.constexpr, BLOCK_L: tl.constexpr):
+    # Wan's q (or k): one program is BLOCK_L tokens of one batch entry. RMSNorm over the whole row (H heads of D,
+    # the projection's width), then the RoPE of each head with the token's freqs (the same for every head).
+    pid_l = tl.program_id(0)
+    b = tl.program_id(1)
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask = rows < L
+    cols = tl.arange(0, D)
+    x_rows = x_ptr + b * sxb + rows[:, None] * sxl + cols[None, :]
+    acc = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    for h in range(H):
+        xf = tl.load(x_rows + h * D, mask=mask[:, None], other=0.0).to(tl.float32)
+        acc += tl.sum(xf * xf, axis=1)
+    rstd = tl.math.rsqrt(acc / (H * D) + eps)
+    f = tl.load(f_ptr + b * sfb + rows[:, None] * sfl + tl.arange(0, 2 * D)[None, :], mask=mask[:, None], other=0.0)
+    f0, f1 = tl.split(tl.reshape(f, (BLOCK_L, D // 2, 2, 2)))
+    f00, f10 = tl.split(f0)
+    f01, f11 = tl.split(f1)
+    for h in range(H):
+        x = tl.load(x_rows + h * D, mask=mask[:, None], other=0.0)
+        w = tl.load(w_ptr + h * D + cols).to(x.dtype).to(tl.float32)     # the host casts the weight to x's dtype
+        y = (x.to(tl.float32) * rstd[:, None] * w[None, :]).to(o_ptr.dtype.element_ty)    # the norm's output
+        y0, y1 = tl.split(tl.reshape(y.to(tl.float32), (BLOCK_L, D // 2, 2)))
+        out = tl.reshape(tl.join(f00 * y0 + f01 * y1, f10 * y0 + f11 * y1), (BLOCK_L, D))
+        tl.store(o_ptr + b * sob + rows[:, None] * sol + h * D + cols[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=mask[:, None])
+
+
 # (BLOCK_L, HEADS, num_warps). bench/deferred_kernels.py --sweep on an H200 (2026-12-02, Flux 24 x 128 heads):
 # (16, 1, 4) 37.1 us single block / 40.2 us double block; (16, 8, 4) 35.4 / 50.4; (32, 8, 4) 41.0 / 63.9; the
 # first version (32 tokens x 1 head, freqs read in four strided loads) 143 us. The contiguous freqs read is
@@ -163,4 +193,44 @@ def rms_norm_heads(segments: list, dtype: torch.dtype, config: tuple | None = No
             _launch((x, x, w, w, x, out, out), ints, (eps, eps),
                     (triton_support.cdiv(length, config[0]), triton_support.cdiv(h, config[1]), b), d, config, False)
         offset += length
+    return out
+
+
+# (BLOCK_L, num_warps) of the row kernel: on the GPU not tuned yet (written without a device; a program reads a
+# token's row twice, the second time from cache); under the interpreter 64 tokens per program, as above.
+ROW_CONFIG = (16, 4)
+ROW_INTERPRETER_CONFIG = (64, 4)
+
+
+def takes_row_rope(x: torch.Tensor, weight: torch.Tensor, freqs: torch.Tensor, heads: int) -> bool:
+    """Whether ``row_norm_rope`` can prepare ``x`` [B, L, H*D] (unit stride along the row) with ``weight`` [H*D]
+    and Wan's ``freqs`` [B or 1, L, 1, D/2, 2, 2] (fp32, last three dims contiguous)."""
+    if x.dim() != 3 or x.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    width = x.shape[-1]
+    if heads <= 0 or width % heads:
+        return False
+    d = width // heads
+    return (not (d < 4 or d & (d - 1)) and weight.shape == (width,) and weight.device == x.device
+            and weight.is_contiguous() and freqs.dim() == 6 and freqs.dtype == torch.float32
+            and freqs.device == x.device and freqs.shape[0] in (1, x.shape[0]) and freqs.shape[1] == x.shape[1]
+            and freqs.shape[2] == 1 and tuple(freqs.shape[3:]) == (d // 2, 2, 2) and freqs.stride(5) == 1
+            and freqs.stride(4) == 2 and freqs.stride(3) == 4)
+
+
+def row_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, freqs: torch.Tensor, heads: int,
+                  config: tuple | None = None) -> torch.Tensor:
+    """Wan's q or k as its host code prepares them (``norm_q(q(x)).view(b, s, n, d)`` then ``apply_rope1``;
+    reference ``torch_ref.row_norm_rope``): [B, L, H, D] contiguous in x's dtype. Callers check
+    ``takes_row_rope``."""
+    block_l, warps = config or (ROW_INTERPRETER_CONFIG if triton_support.interpreting() else ROW_CONFIG)
+    b, length, width = x.shape
+    d = width // heads
+    out = torch.empty((b, length, heads, d), dtype=x.dtype, device=x.device)
+    sfb = freqs.stride(0) if freqs.shape[0] > 1 else 0
+    ints = (length, heads, x.stride(0), x.stride(1), sfb, freqs.stride(1), out.stride(0), out.stride(1))
+    key = (x.dtype, d, block_l, warps) + triton_launch.facts(x, weight, freqs, out, *ints)
+    triton_launch.shared(_row_norm_rope_kernel, "row_norm_rope")(
+        key, lambda meta: (triton_support.cdiv(length, block_l), b),
+        lambda meta: (x, weight, freqs, out, *ints, float(eps)), dict(D=d, BLOCK_L=block_l, num_warps=warps))
     return out

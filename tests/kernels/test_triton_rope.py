@@ -110,3 +110,52 @@ def test_rms_norm_heads_matches_rms_norm_and_cat(dtype, lengths, rng, device):
     err = ulps(out, ref)
     assert err.max() <= (2 if dtype == torch.bfloat16 else 64), err.max()
     assert (err > 0.5).float().mean() < (0.02 if dtype == torch.bfloat16 else 0.5)
+
+
+def wan_freqs(batch, length, d, device):
+    """Wan's rope layout [B, L, 1, D/2, 2, 2] (EmbedND's output moved to tokens-first) at positions 0..L-1."""
+    return flux_freqs(batch, length, d, device).movedim(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 37, 3, 64), (1, 70, 2, 32)])      # (B, L, heads, head dim)
+@pytest.mark.parametrize("batch_freqs", [1, 2])
+@pytest.mark.parametrize("config", [None, "gpu"])
+def test_row_norm_rope_matches_wans_host_ops(dtype, shape, batch_freqs, config, rng, device):
+    """Wan's q/k: RMSNorm over the whole projection width (all heads), then each head's RoPE."""
+    from comfyui_octet.kernels.backends import triton_rope
+    if dtype == torch.bfloat16 and not str(device).startswith("cuda"):
+        pytest.skip("Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest): bf16 runs on a GPU")
+    b, length, h, d = shape
+    batch_freqs = min(batch_freqs, b)
+    x = randn((b, length, h * d), rng, dtype, device, scale=2.0) + 0.3
+    w = 1 + 0.3 * randn((h * d,), rng, dtype, device)
+    freqs = wan_freqs(batch_freqs, length, d, device)
+    assert triton_rope.takes_row_rope(x, w, freqs, h)
+    for _ in range(2):                        # the second call goes through the recorded direct launch on a GPU
+        out = triton_rope.row_norm_rope(x, w, 1e-6, freqs, h, triton_rope.ROW_CONFIG if config == "gpu" else None)
+    ref = torch_ref.row_norm_rope(x, w, 1e-6, freqs, h)
+    assert out.shape == (b, length, h, d) and out.is_contiguous() and out.dtype == dtype
+    err = ulps(out, ref)
+    assert err.max() <= (4 if dtype == torch.bfloat16 else 64), err.max()
+    assert (err > 0.5).float().mean() < (0.02 if dtype == torch.bfloat16 else 0.5)
+    # The norm spans the heads (a per-head norm differs), and the rotation moved the values.
+    per_head = torch_ref.qk_norm_rope(x.view(b, length, h, d).transpose(1, 2), w.view(h, d)[0], 1e-6,
+                                      freqs.movedim(1, 2)).transpose(1, 2)
+    assert (per_head.float() - ref.float()).abs().mean() > 1e-2
+    plain = torch.nn.functional.rms_norm(x, (h * d,), w, 1e-6).view(b, length, h, d)
+    assert (ref.float() - plain.float()).abs().mean() > 0.1
+
+
+def test_takes_row_rope_refuses_what_it_cannot_read(rng, device):
+    from comfyui_octet.kernels.backends import triton_rope
+    x = randn((2, 8, 3 * 64), rng, torch.float32, device)
+    w = torch.ones(3 * 64, device=device)
+    freqs = wan_freqs(1, 8, 64, device)
+    assert triton_rope.takes_row_rope(x, w, freqs, 3)
+    assert not triton_rope.takes_row_rope(x, w, freqs, 4)                        # 192 / 4 = 48: not a power of two
+    assert not triton_rope.takes_row_rope(x, w[:64], freqs, 3)                    # weight of another width
+    assert not triton_rope.takes_row_rope(x, w, freqs.double(), 3)                # freqs not fp32
+    assert not triton_rope.takes_row_rope(x, w, wan_freqs(1, 9, 64, device), 3)   # another length
+    assert not triton_rope.takes_row_rope(x, w, flux_freqs(1, 8, 64, device), 3)  # Flux's layout
+    assert not triton_rope.takes_row_rope(x[..., ::2], w[::2], wan_freqs(1, 8, 32, device), 3)   # strided row

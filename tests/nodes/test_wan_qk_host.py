@@ -1,0 +1,125 @@
+"""Wan's self-attention with its q/k preparation in one kernel each (octet/deferred.py WanQKForward,
+kernels/backends/triton_rope.py row_norm_rope), on the real host's WanSelfAttention: the host's output up to the
+kernel's last-bit differences from torch's RMSNorm, the kernel run once for q and once for k; the host's own
+forward (exactly its numbers) under an attn1 patch, autograd, the switch, or a host whose code differs."""
+import pytest
+import torch
+
+from comfyui_octet import octet
+from comfyui_octet.kernels.backends import triton_rope, triton_support
+from comfyui_octet.octet import deferred
+
+pytestmark = pytest.mark.skipif(triton_support.unavailable_reason() is not None or not triton_support.interpreting(),
+                                reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    calls = []
+    real = triton_rope.row_norm_rope
+
+    def counted(x, weight, eps, freqs, heads, config=None):
+        calls.append(tuple(x.shape))
+        return real(x, weight, eps, freqs, heads, config)
+    monkeypatch.setattr(triton_rope, "row_norm_rope", counted)
+    return calls
+
+
+def attention(dim=64, heads=2, tokens=6, seed=0):
+    import comfy.ops
+    from comfy.ldm.flux.math import rope
+    from comfy.ldm.wan.model import WanSelfAttention
+    torch.manual_seed(seed)
+    m = WanSelfAttention(dim, heads, qk_norm=True, eps=1e-6,
+                         operation_settings={"operations": comfy.ops.disable_weight_init}).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(2, tokens, dim, generator=g)
+    pos = torch.arange(tokens, dtype=torch.float32).reshape(1, tokens) * 1.3
+    freqs = rope(pos, dim // heads, 10000).unsqueeze(2)          # Wan's layout [1, L, 1, D/2, 2, 2]
+    return m, x, freqs
+
+
+def close(out, ref):
+    """fp32: the kernel's row sum and rsqrt against torch's, a few steps of 2**-23 at the values' scale."""
+    err = (out - ref).abs().max() / ref.abs().max()
+    return err < 1e-5
+
+
+def test_wan_self_attention_prepares_q_and_k_in_the_kernel(kernel_calls):
+    m, x, freqs = attention()
+    with torch.no_grad():
+        host = m(x, freqs)
+    assert deferred.install_qk(m) == [""]
+    assert isinstance(m.forward, deferred.WanQKForward)
+    with torch.no_grad():
+        out = m(x, freqs)
+    assert kernel_calls == [(2, 6, 64), (2, 6, 64)]
+    assert close(out, host), (out - host).abs().max()
+    # Not a no-op: without the RoPE (freqs of the identity) the output differs.
+    ident = torch.zeros_like(freqs)
+    ident[..., 0, 0] = ident[..., 1, 1] = 1.0
+    with torch.no_grad():
+        assert not close(m(x, ident), host)
+
+
+def test_what_the_kernel_must_not_take_runs_the_hosts_forward(kernel_calls, monkeypatch):
+    m, x, freqs = attention()
+    deferred.install_qk(m)
+    with torch.no_grad():
+        host = type(m).forward(m, x, freqs)
+        # An attn1 patch (0.29) sees the host's q and k.
+        seen = []
+        to = {"patches": {"attn1_patch": [lambda d: seen.append(d["q"].shape) or d["x"]]}}
+        import comfy.ldm.wan.model as wan
+        patched = m(x, freqs, transformer_options=to)
+        if "attn1_patch" in open(wan.__file__).read():
+            assert seen == [(2, 6, 2, 32)]
+        assert kernel_calls == [] and torch.equal(patched, host)
+        # The switch.
+        monkeypatch.setenv("OCTET_DEFERRED", "0")
+        assert torch.equal(m(x, freqs), host) and kernel_calls == []
+        monkeypatch.setenv("OCTET_DEFERRED", "1")
+        # Heads the kernel cannot read (48 wide, not a power of two): the host's ops for q and k, exactly.
+        m48, x48, f48 = attention(dim=96, heads=2)
+        assert deferred.install_qk(m48) == [""]
+        assert torch.equal(m48(x48, f48), type(m48).forward(m48, x48, f48)) and kernel_calls == []
+    # Autograd (QAT trains through blocks): the kernel has no backward.
+    xg = x.clone().requires_grad_(True)
+    out = m(xg, freqs)
+    assert out.requires_grad and kernel_calls == []
+
+
+def test_another_hosts_wan_code_keeps_the_hosts_forward(monkeypatch):
+    m, _, _ = attention()
+    monkeypatch.setattr(deferred, "_wan_known", {})
+    monkeypatch.setitem(deferred.WAN_SOURCES, "apply_rope1", {"0" * 16})
+    assert deferred.install_qk(m) == []
+
+
+def test_quantize_installs_it_for_an_int8_wan():
+    """Quantize Model on a (small) Wan 2.1 block stack: the self-attentions are q/k-prep sites, the output stays
+    the host-prepared model's up to last-bit differences carried through the INT8 layers."""
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+    torch.manual_seed(0)
+    model = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=64, ffn_dim=128,
+                     freq_dim=32, text_dim=32, out_dim=16, num_heads=2, num_layers=2, qk_norm=True,
+                     cross_attn_norm=True, eps=1e-6, operations=comfy.ops.disable_weight_init).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 and p.numel() == 64 else 0.0))
+    result = octet.quantize_(model, octet.DynamicW8A8Config())
+    assert [n for n in result.qk_norms if n.endswith("self_attn")] == ["blocks.0.self_attn", "blocks.1.self_attn"]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g)
+    t = torch.tensor([500.0])
+    ctx = torch.randn(1, 8, 32, generator=g)
+    with torch.no_grad():
+        fused = model(x, t, ctx)
+        for name in ("blocks.0.self_attn", "blocks.1.self_attn"):
+            del model.get_submodule(name).forward
+        host = model(x, t, ctx)
+    torch.testing.assert_close(fused, host, rtol=0, atol=2e-3 * float(host.abs().max()))
