@@ -645,7 +645,9 @@ class WanQKForward(QKPrepForward):
         from ..kernels.backends import triton_rope
         y = linear(x)
         weight, eps = params
-        if type(y) is torch.Tensor and y.dtype == weight.dtype \
+        # A hook or object patch on the norm would be skipped by the kernel: those norms run as the host runs them.
+        plain = not (norm._forward_hooks or norm._forward_pre_hooks or "forward" in norm.__dict__)
+        if plain and type(y) is torch.Tensor and y.dtype == weight.dtype \
                 and triton_rope.takes_row_rope(y, weight, freqs, shape[2]):
             return triton_rope.row_norm_rope(y, weight, eps, freqs, shape[2])
         return host.apply_rope1(norm(y).view(shape), freqs)

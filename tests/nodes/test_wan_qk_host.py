@@ -86,6 +86,13 @@ def test_what_the_kernel_must_not_take_runs_the_hosts_forward(kernel_calls, monk
         m48, x48, f48 = attention(dim=96, heads=2)
         assert deferred.install_qk(m48) == [""]
         assert torch.equal(m48(x48, f48), type(m48).forward(m48, x48, f48)) and kernel_calls == []
+    # A hook on a norm runs: that tensor takes the host's ops (the other one the kernel).
+    m.norm_k.register_forward_hook(lambda mod, i, o: o * 2)
+    with torch.no_grad():
+        hooked = m(x, freqs)
+        host_hooked = type(m).forward(m, x, freqs)
+    assert kernel_calls == [(2, 6, 64)] and close(hooked, host_hooked) and not close(hooked, host)
+    kernel_calls.clear()
     # Autograd (QAT trains through blocks): the kernel has no backward.
     xg = x.clone().requires_grad_(True)
     out = m(xg, freqs)
