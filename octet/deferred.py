@@ -708,12 +708,14 @@ def _consumes(layer) -> bool:
 
 
 # LayerNorms without affine whose modulated output feeds linears, by attribute: Flux's DoubleStreamBlock and
-# SingleStreamBlock, SD3's DismantledBlock (norm1 feeds attn and, in SD3.5's x_block_self_attn blocks, attn2).
+# SingleStreamBlock, SD3's DismantledBlock (norm1 feeds attn and, in SD3.5's x_block_self_attn blocks, attn2),
+# Wan's WanAttentionBlock (norm2 -> addcmul -> the FFN's first linear; its norm1 feeds a q/k/v group, whose
+# fused GEMM takes real tensors only).
 _NORM_SITES = (
     ("img_norm1", ("img_attn.qkv",)), ("img_norm2", ("img_mlp.0",)),
     ("txt_norm1", ("txt_attn.qkv",)), ("txt_norm2", ("txt_mlp.0",)),
     ("pre_norm", ("linear1",)),
-    ("norm1", ("attn.qkv", "attn2.qkv")), ("norm2", ("mlp.fc1",)),
+    ("norm1", ("attn.qkv", "attn2.qkv")), ("norm2", ("mlp.fc1",)), ("norm2", ("ffn.0",)),
 )
 
 

@@ -1,4 +1,4 @@
-"""Wan's self-attention with its q/k preparation in one kernel each (octet/deferred.py WanQKForward,
+"""Wan's fusions on the real host's blocks. Its self-attention with its q/k preparation in one kernel each (octet/deferred.py WanQKForward,
 kernels/backends/triton_rope.py row_norm_rope), on the real host's WanSelfAttention: the host's output up to the
 kernel's last-bit differences from torch's RMSNorm, the kernel run once for q and once for k; the host's own
 forward (exactly its numbers) under an attn1 patch, autograd, the switch, or a host whose code differs."""
@@ -129,4 +129,37 @@ def test_quantize_installs_it_for_an_int8_wan():
         for name in ("blocks.0.self_attn", "blocks.1.self_attn"):
             del model.get_submodule(name).forward
         host = model(x, t, ctx)
+    torch.testing.assert_close(fused, host, rtol=0, atol=2e-3 * float(host.abs().max()))
+
+
+def test_wan_blocks_ffn_input_is_normalised_and_modulated_inside_its_int8_quantization(monkeypatch):
+    """Wan's ``ffn(addcmul(shift, norm2(x), 1 + scale))``: norm2's output stays pending through the addcmul and
+    the FFN's first INT8 layer computes both while quantizing (octet/deferred.py PendingNorm), as for Flux and
+    SD3; the block's output is the one with the float passes up to int8 rounding flips of that layer's input."""
+    import comfy.ops
+    from comfy.ldm.flux.math import rope
+    from comfy.ldm.wan.model import WanAttentionBlock
+    torch.manual_seed(0)
+    block = WanAttentionBlock("t2v_cross_attn", 64, 128, 2, qk_norm=True, cross_attn_norm=True, eps=1e-6,
+                              operation_settings={"operations": comfy.ops.disable_weight_init}).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 and p.numel() == 64 else 0.0))
+    # Triton (the interpreter here): the CPU backend takes no deferred input.
+    result = octet.quantize_(block, octet.DynamicW8A8Config(backend="triton"))
+    assert result.norms == ["norm2"] and result.qk_norms == ["self_attn"]
+    fed = []
+    real_feed = deferred.PendingNorm.feed
+    monkeypatch.setattr(deferred.PendingNorm, "feed", lambda self, run, static: fed.append(1) or real_feed(self, run,
+                                                                                                        static))
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(1, 6, 64, generator=g), torch.randn(1, 5, 64, generator=g)
+    e = torch.randn(1, 6, 64, generator=g) * 0.1
+    freqs = rope(torch.arange(6, dtype=torch.float32).reshape(1, 6), 32, 10000).unsqueeze(2)
+    with torch.no_grad():
+        block(x, e, freqs, ctx)                            # plans made at these shapes
+        fused = block(x, e, freqs, ctx)
+        assert len(fed) == 2
+        monkeypatch.setenv("OCTET_DEFERRED", "0")
+        host = block(x, e, freqs, ctx)
     torch.testing.assert_close(fused, host, rtol=0, atol=2e-3 * float(host.abs().max()))
