@@ -1,7 +1,8 @@
-"""Wan's fusions on the real host's blocks. Its self-attention with its q/k preparation in one kernel each (octet/deferred.py WanQKForward,
-kernels/backends/triton_rope.py row_norm_rope), on the real host's WanSelfAttention: the host's output up to the
-kernel's last-bit differences from torch's RMSNorm, the kernel run once for q and once for k; the host's own
-forward (exactly its numbers) under an attn1 patch, autograd, the switch, or a host whose code differs."""
+"""Wan's fusions on the real host's blocks. Its self-attention prepares q and k in one kernel each (octet/deferred.py
+WanQKForward, kernels/backends/triton_rope.py row_norm_rope): the host's output up to the kernel's last-bit
+differences from torch's RMSNorm, the kernel run once for q and once for k; the host's own forward (exactly its
+numbers) under an attn1 patch, autograd, the switch, or a host whose code differs. Its FFN input's LayerNorm and
+modulation run inside the FFN's INT8 quantization."""
 import pytest
 import torch
 
