@@ -1,20 +1,23 @@
-"""Host time of a UNet's transformer stacks, the host's forward against Octet's lean one (octet/lean_blocks.py).
+"""Host time of a UNet's transformer stacks and SD3's joint blocks, the host's forward against Octet's lean one
+(octet/lean_blocks.py).
 
-SDXL's stacks at 1024² (per step five of depth 2 at 4096 tokens, six of depth 10 at 1024 tokens: its 70
-BasicTransformerBlocks), one stack of each kind, in four variants:
-  bf16 host / bf16 lean: the float stack, host forward vs lean forward;
-  octet host / octet lean: the same stack quantized (dynamic W8A8, Quantize Model's default) with the lean forward
+Cases, one module of each kind per step's pattern:
+  SDXL at 1024²: per step five stacks of depth 2 at 4096 tokens and six of depth 10 at 1024 tokens (its 70
+  BasicTransformerBlocks); SD3.5-medium at 1024²: 13 joint blocks with the extra image self-attention and 11
+  without (4096 image + 333 text tokens).
+Four variants each:
+  bf16 host / bf16 lean: the float module, host forward vs lean forward;
+  octet host / octet lean: the same module quantized (dynamic W8A8, Quantize Model's default) with the lean forward
   switched off (OCTET_LEAN_BLOCKS=0 when quantized) and on.
-Per variant: host us per block (the calling thread's CPU time to issue one stack call, no synchronisation; on CUDA
-the GPU runs behind)
-and wall us per block (the same call with a synchronisation: what an eager step pays where it is host-bound). Rounds
-interleave the variants (the lent hosts' CPU speed drifts, bench/eager_paired.py); each ratio is host / lean in the
-same round, median over rounds; and Octet lean against the stock bf16 stack (what issue 13's eager target
-compares), paired the same way.
+Per variant: host us per block (the calling thread's CPU time to issue one call, no synchronisation; on CUDA the
+GPU runs behind) and wall us per block (the same call with a synchronisation: what an eager step pays where it is
+host-bound). Rounds interleave the variants (the lent hosts' CPU speed drifts, bench/eager_paired.py); each ratio
+is host / lean in the same round, median over rounds; and Octet lean against the stock bf16 module (what issue
+13's eager target compares), paired the same way.
 
-On CUDA: SDXL's real widths and token counts (batch 2: cond and uncond), bf16, the host's attention_pytorch. On a CPU
-(no GPU here): SDXL's block structure at tiny widths and 16 tokens, float32, so the Python is most of what is timed;
-a proxy for the host time, not a GPU number. Writes JSON (default out/lean_blocks/).
+On CUDA: the real widths and token counts (batch 2: cond and uncond), bf16, the host's attention_pytorch. On a CPU
+(no GPU here): the same block structure at tiny widths and token counts, float32, so the Python is most of what is
+timed; a proxy for the host time, not a GPU number. Writes JSON (default out/lean_blocks/).
 
     python3 bench/lean_blocks.py [--rounds 30] [--out DIR]
 """
@@ -33,30 +36,67 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import octet_pack  # noqa: E402
 
-# SDXL at 1024² (latent 128²): (channels, heads, tokens, depth, stacks per step)
-SDXL_STACKS = [(640, 10, 4096, 2, 2 + 3), (1280, 20, 1024, 10, 2 + 1 + 3)]
-TINY = [(64, 2, 16, 2, 5), (64, 2, 16, 10, 6)]
+# (name, family, width, heads, depth or x_block_self_attn, tokens, context tokens, blocks per step: CUDA)
+CASES = [("sdxl 640ch x2", "sdxl", 640, 10, 2, 4096, 77, 10), ("sdxl 1280ch x10", "sdxl", 1280, 20, 10, 1024, 77, 60),
+         ("sd3.5 joint, x self-attn", "sd3", 1536, 24, True, 4096, 333, 13),
+         ("sd3.5 joint", "sd3", 1536, 24, False, 4096, 333, 11)]
+# The CPU proxy: the same structure, tiny.
+TINY = [("sdxl 640ch x2", "sdxl", 64, 2, 2, 16, 8, 10), ("sdxl 1280ch x10", "sdxl", 64, 2, 10, 16, 8, 60),
+        ("sd3.5 joint, x self-attn", "sd3", 64, 2, True, 16, 8, 13), ("sd3.5 joint", "sd3", 64, 2, False, 16, 8, 11)]
 VARIANTS = ("bf16 host", "bf16 lean", "octet host", "octet lean")
 
 
-def build(channels, heads, depth, device, dtype, context_dim):
+def build(family, width, heads, depth, device, dtype, context_dim):
     import comfy.ops
     import torch
-    from comfy.ldm.modules.attention import SpatialTransformer
     torch.manual_seed(0)
-    st = SpatialTransformer(channels, heads, channels // heads, depth=depth, context_dim=context_dim,
-                            use_linear=True, operations=comfy.ops.disable_weight_init)
+    ops = comfy.ops.disable_weight_init
+    if family == "sdxl":
+        from comfy.ldm.modules.attention import SpatialTransformer
+        m = SpatialTransformer(width, heads, width // heads, depth=depth, context_dim=context_dim, use_linear=True,
+                               operations=ops)
+    else:
+        from comfy.ldm.modules.diffusionmodules.mmdit import JointBlock
+        m = JointBlock(width, heads, mlp_ratio=4.0, qkv_bias=True, attn_mode="torch", pre_only=False, rmsnorm=False,
+                       scale_mod_only=False, swiglu=False, qk_norm="rms", x_block_self_attn=depth, dtype=None,
+                       device=None, operations=ops)
     with torch.no_grad():
-        for p in st.parameters():
+        for p in m.parameters():
             p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5 if p.dim() > 1 else torch.randn_like(p) * 0.02)
-    return st.to(device=device, dtype=dtype).eval()
+    return m.to(device=device, dtype=dtype).eval()
+
+
+def inputs(family, width, tokens, context_tokens, context_dim, device, dtype):
+    """The module's call on batch-2 inputs (cond and uncond)."""
+    import torch
+    g = torch.Generator(device=device).manual_seed(1)
+    if family == "sdxl":
+        side = int(tokens ** 0.5)
+        x = torch.randn(2, width, side, tokens // side, device=device, dtype=dtype, generator=g)
+        ctx = torch.randn(2, context_tokens, context_dim, device=device, dtype=dtype, generator=g)
+        return lambda m: m(x, context=ctx, transformer_options={})
+    x = torch.randn(2, tokens, width, device=device, dtype=dtype, generator=g)
+    ctx = torch.randn(2, context_tokens, width, device=device, dtype=dtype, generator=g)
+    c = torch.randn(2, width, device=device, dtype=dtype, generator=g)
+    return lambda m: m(ctx, x, c=c, use_checkpoint=False, transformer_options={})
+
+
+def same(a, b) -> bool:
+    if isinstance(a, tuple):
+        return all((x is None and y is None) or torch_equal(x, y) for x, y in zip(a, b))
+    return torch_equal(a, b)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return torch.equal(a, b)
 
 
 def variants(st):
     from comfyui_octet import octet
     from comfyui_octet.octet import lean_blocks
     out = {"bf16 host": st, "bf16 lean": copy.deepcopy(st)}
-    lean_blocks.install(out["bf16 lean"])
+    assert lean_blocks.install(out["bf16 lean"]) == [""], "the host's code is not the one the lean forward knows"
     for name, switch in (("octet host", "0"), ("octet lean", "1")):
         os.environ["OCTET_LEAN_BLOCKS"] = switch
         m = copy.deepcopy(st)
@@ -88,67 +128,62 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     octet_pack.load(comfy=True, cpu=not cuda)
     import comfy.ldm.modules.attention as attention
-    attention.optimized_attention = attention.attention_pytorch     # the host's choice on CUDA; CPU hosts pick
-    device = torch.device("cuda" if cuda else "cpu")                 # split / sub-quadratic attention
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    # The host's choice on CUDA (CPU hosts pick split / sub-quadratic attention); mmdit imported it by name.
+    attention.optimized_attention = mmdit.optimized_attention = attention.attention_pytorch
+    device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     if not cuda:
         torch.set_num_threads(1)
     card = torch.cuda.get_device_name() if cuda else "cpu (proxy: tiny widths)"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = f"card: {card}; torch {torch.__version__}; comfyui stacks as SDXL 1024² runs them; {stamp}"
+    header = f"card: {card}; torch {torch.__version__}; SDXL / SD3.5-medium blocks as 1024² runs them; {stamp}"
     print(header, flush=True)
-    context_dim = 2048 if cuda else 64
     rows = []
-    for channels, heads, tokens, depth, per_step in (SDXL_STACKS if cuda else TINY):
-        st = build(channels, heads, depth, device, dtype, context_dim)
-        side = int(tokens ** 0.5)
-        g = torch.Generator(device=device).manual_seed(1)
-        x = torch.randn(2, channels, side, tokens // side, device=device, dtype=dtype, generator=g)
-        ctx = torch.randn(2, 77, context_dim, device=device, dtype=dtype, generator=g)
-        models = variants(st)
-        calls = {v: (lambda m=m: m(x, context=ctx, transformer_options={})) for v, m in models.items()}
+    for name, family, width, heads, depth, tokens, context_tokens, per_step in (CASES if cuda else TINY):
+        context_dim = (2048 if cuda else 64) if family == "sdxl" else width
+        blocks = depth if family == "sdxl" else 1
+        call = inputs(family, width, tokens, context_tokens, context_dim, device, dtype)
+        models = variants(build(family, width, heads, depth, device, dtype, context_dim))
+        calls = {v: (lambda m=m: call(m)) for v, m in models.items()}
         with torch.inference_mode():
-            want = calls["bf16 host"]()
-            assert torch.equal(calls["bf16 lean"](), want), "lean bf16 stack differs from the host's"
+            assert same(calls["bf16 lean"](), calls["bf16 host"]()), f"{name}: lean bf16 differs from the host's"
             for v in ("octet host", "octet lean"):
                 calls[v]()                            # plans made, kernels tuned
-            assert torch.equal(calls["octet lean"](), calls["octet host"]()), "lean INT8 stack differs"
+            assert same(calls["octet lean"](), calls["octet host"]()), f"{name}: lean INT8 differs"
             host = {v: [] for v in VARIANTS}
             wall = {v: [] for v in VARIANTS}
             for r in range(args.rounds):
                 order = VARIANTS[r % 4:] + VARIANTS[:r % 4]
                 for v in order:
                     h, w = time_call(calls[v], sync, args.reps)
-                    host[v].append(h * 1e6 / depth)
-                    wall[v].append(w * 1e6 / depth)
+                    host[v].append(h * 1e6 / blocks)
+                    wall[v].append(w * 1e6 / blocks)
+        base = {"card": card, "case": name, "width": width, "heads": heads, "tokens": tokens,
+                "blocks_per_step": per_step, "rounds": args.rounds, "versions": {"torch": torch.__version__}}
         for kind in ("bf16", "octet"):
             ratios = [a / b for a, b in zip(host[f"{kind} host"], host[f"{kind} lean"])]
             wall_ratios = [a / b for a, b in zip(wall[f"{kind} host"], wall[f"{kind} lean"])]
             saved_ms = (statistics.median(host[f"{kind} host"]) - statistics.median(host[f"{kind} lean"])) \
-                * depth * per_step / 1000
-            row = {"card": card, "channels": channels, "heads": heads, "tokens": tokens, "depth": depth,
-                   "stacks_per_step": per_step, "variant": kind,
-                   "host_us_per_block": statistics.median(host[f"{kind} host"]),
-                   "lean_us_per_block": statistics.median(host[f"{kind} lean"]),
-                   "host_wall_us_per_block": statistics.median(wall[f"{kind} host"]),
-                   "lean_wall_us_per_block": statistics.median(wall[f"{kind} lean"]),
-                   "host_over_lean": statistics.median(ratios), "wall_host_over_lean": statistics.median(wall_ratios),
-                   "host_ms_saved_per_sdxl_step": saved_ms, "rounds": args.rounds, "versions":
-                   {"torch": torch.__version__}}
+                * per_step / 1000
+            row = dict(base, variant=kind, host_us_per_block=statistics.median(host[f"{kind} host"]),
+                       lean_us_per_block=statistics.median(host[f"{kind} lean"]),
+                       host_wall_us_per_block=statistics.median(wall[f"{kind} host"]),
+                       lean_wall_us_per_block=statistics.median(wall[f"{kind} lean"]),
+                       host_over_lean=statistics.median(ratios), wall_host_over_lean=statistics.median(wall_ratios),
+                       host_ms_saved_per_step=saved_ms)
             rows.append(row)
-            print(f"[{card}] {kind} stack {channels}ch x{depth} @{tokens} tokens: host {row['host_us_per_block']:.1f}"
-                  f" -> lean {row['lean_us_per_block']:.1f} us/block CPU ({row['host_over_lean']:.2f}x), wall "
-                  f"{row['host_wall_us_per_block']:.1f} -> {row['lean_wall_us_per_block']:.1f} us/block "
-                  f"({row['wall_host_over_lean']:.2f}x); {saved_ms:.2f} ms of host time per SDXL step", flush=True)
-        # What issue 13's eager target compares: Octet's stack (lean) against the stock bf16 stack (host forward).
+            print(f"[{card}] {kind} {name}: host {row['host_us_per_block']:.1f} -> lean {row['lean_us_per_block']:.1f}"
+                  f" us/block CPU ({row['host_over_lean']:.2f}x), wall {row['host_wall_us_per_block']:.1f} -> "
+                  f"{row['lean_wall_us_per_block']:.1f} us/block ({row['wall_host_over_lean']:.2f}x); {saved_ms:.2f} "
+                  f"ms of host time per step ({per_step} blocks)", flush=True)
+        # What issue 13's eager target compares: Octet's block (lean) against the stock bf16 block (host forward).
         vs = [a / b for a, b in zip(host["bf16 host"], host["octet lean"])]
         vs_wall = [a / b for a, b in zip(wall["bf16 host"], wall["octet lean"])]
-        rows.append({"card": card, "channels": channels, "heads": heads, "tokens": tokens, "depth": depth,
-                     "stacks_per_step": per_step, "variant": "octet lean vs bf16 host",
-                     "host_over_lean": statistics.median(vs), "wall_host_over_lean": statistics.median(vs_wall),
-                     "rounds": args.rounds, "versions": {"torch": torch.__version__}})
-        print(f"[{card}] octet lean vs stock bf16, stack {channels}ch x{depth}: host {statistics.median(vs):.2f}x, "
+        rows.append(dict(base, variant="octet lean vs bf16 host", host_over_lean=statistics.median(vs),
+                         wall_host_over_lean=statistics.median(vs_wall)))
+        print(f"[{card}] octet lean vs stock bf16, {name}: host {statistics.median(vs):.2f}x, "
               f"wall {statistics.median(vs_wall):.2f}x (per block, paired by round)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "lean_blocks.json")

@@ -1,26 +1,32 @@
-"""A UNet's transformer blocks (SDXL / SD1.5 ``SpatialTransformer``) in an eager step without the host's per-call
-Python bookkeeping: the same module forwards called in the same order on the same tensors, so the same numbers.
+"""A UNet's transformer blocks (SDXL / SD1.5 ``SpatialTransformer``) and SD3's MMDiT joint blocks in an eager step
+without the host's per-call Python bookkeeping: the same module forwards called in the same order on the same
+tensors, so the same numbers.
 
-Why: at batch 1 on an H200 an eager SDXL step is host-bound (the host takes ~50 ms to issue ~26 ms of GPU work,
-docs/BENCHMARKS.md), so every microsecond of Python per block is step time. Per ``BasicTransformerBlock`` call the
-host builds an ``extra_options`` dict from ``transformer_options``, looks up five patch kinds, goes through
-``nn.Module.__call__`` for ~25 submodules (norms, attentions, their q/k/v/out, Sequentials, Dropouts, the
-feed-forward), ``wrap_attn``'s kwargs bookkeeping and ``attention_pytorch``'s lambdas; SDXL runs 70 such blocks per
-step. Measured on this repository's CPU with tiny tensors (``bench/lean_blocks.py``): see docs/BENCHMARKS.md.
+Why: at batch 1 on an H200 an eager SDXL or SD3.5 step is host-bound (the host takes ~50 ms to issue ~26 ms of
+SDXL's GPU work, docs/BENCHMARKS.md), so every microsecond of Python per block is step time. Per
+``BasicTransformerBlock`` call the host builds an ``extra_options`` dict from ``transformer_options``, looks up five
+patch kinds, goes through ``nn.Module.__call__`` for ~25 submodules (norms, attentions, their q/k/v/out,
+Sequentials, Dropouts, the feed-forward), ``wrap_attn``'s kwargs bookkeeping and ``attention_pytorch``'s lambdas;
+SDXL runs 70 such blocks per step. An SD3 joint block makes ~40 module calls and ~80 ``nn.Module.__getattr__``
+reads through ``_block_mixing`` and its dismantled blocks' methods; SD3.5-medium runs 24. Measured on this
+repository's CPU with tiny tensors (``bench/lean_blocks.py``): see docs/BENCHMARKS.md.
 
-What runs instead, per ``SpatialTransformer`` call: the host's ``SpatialTransformer.forward`` /
-``BasicTransformerBlock.forward`` / ``CrossAttention.forward`` / ``attention_pytorch`` written out for the case
-they are in during plain sampling (no attention patches), calling each submodule's ``forward`` directly (its own
-patched forward where Octet or a host object patch set one: deferred LayerNorms, GEGLU kernels, INT8 layers and
-their shared q/k/v GEMM all run as before). A submodule with hooks is called through ``nn.Module.__call__``.
+What runs instead: the host's ``SpatialTransformer.forward`` / ``BasicTransformerBlock.forward`` /
+``CrossAttention.forward`` / ``attention_pytorch`` (and for SD3 ``_block_mixing``, ``DismantledBlock.pre_attention``
+/ ``pre_attention_x`` / ``post_attention`` / ``post_attention_x``, ``SelfAttention.pre_attention`` /
+``post_attention``, ``Mlp.forward``) written out for the case they are in during plain sampling (no attention
+patches), calling each submodule's ``forward`` directly (its own patched forward where Octet or a host object patch
+set one: deferred LayerNorms and QK norms, GEGLU kernels, INT8 layers, their shared q/k/v GEMM and static MLP chains
+all run as before). A submodule with hooks is called through ``nn.Module.__call__``.
 
 The host's forward runs instead (same call, nothing skipped) when: any ``attn1_patch`` / ``attn1_output_patch`` /
 ``middle_patch`` / ``attn2_patch`` / ``attn2_output_patch`` or an ``attn1`` / ``attn2`` replace patch is in
 ``transformer_options`` (IPAdapter, attention couple, ...), autograd records (QAT), torch.compile or TorchScript
-traces, a global module hook is set, or the block is not the plain image block (video blocks, ``ff_in``). Attention
-is written out only for the host's ``attention_pytorch`` without an ``optimized_attention_override``; any other
+traces, a global module hook is set, or the block is not the plain image block (video blocks, ``ff_in``; SD3: a
+checkpointed call, as a ``dit`` replace patch makes, a scale-only modulation, a patched method). Attention is
+written out only for the host's ``attention_pytorch`` without an ``optimized_attention_override``; any other
 attention function (sage, flash, xformers, split) is called as the host calls it. And only the host code these
-forwards were checked against runs lean: the source of the five host functions is fingerprinted when a model is
+forwards were checked against runs lean: the source of the host functions is fingerprinted when a model is
 quantized; another ComfyUI's (a changed block) keeps the host's forwards, said once.
 
 ``OCTET_LEAN_BLOCKS=0`` turns it off (read when the model is quantized or loaded, so two models in one process can
@@ -52,6 +58,20 @@ KNOWN_SOURCES = {
     "FeedForward.forward": {"f93d572e454648e3"},
     "_reshape_qkv_to_heads": {"absent", "6fd08cb2cc72056b"},     # 0.29's attention_pytorch calls it
 }
+# SD3's MMDiT joint block (comfy.ldm.modules.diffusionmodules.mmdit): the same in both hosts. The plain functions
+# it calls (modulate, split_qkv, gate_cat) are called, not written out.
+MMDIT_SOURCES = {
+    "JointBlock.forward": {"7bfbb57aad41b889"},
+    "block_mixing": {"3be6160ed40b34d1"},
+    "_block_mixing": {"1398d391022060a7"},
+    "DismantledBlock.pre_attention": {"f1e7b2fc0f844026"},
+    "DismantledBlock.pre_attention_x": {"f8fa9fd69d1eef10"},
+    "DismantledBlock.post_attention": {"3370e3ea9cd2312f"},
+    "DismantledBlock.post_attention_x": {"f1c862d539dbb96f"},
+    "SelfAttention.pre_attention": {"0233d2df354c76f3"},
+    "SelfAttention.post_attention": {"f5d869bc56d1d424"},
+    "Mlp.forward": {"6dade48223cfc248"},
+}
 
 # Keys of transformer_options["patches"] / ["patches_replace"] the host's block applies itself.
 _BLOCK_PATCHES = ("attn1_patch", "attn1_output_patch", "middle_patch", "attn2_patch", "attn2_output_patch")
@@ -82,27 +102,50 @@ def host_sources(attention) -> dict[str, str]:
                                       if hasattr(attention, "_reshape_qkv_to_heads") else "absent")}
 
 
-_checked: dict[int, bool] = {}
+def mmdit_sources(mmdit) -> dict[str, str]:
+    """{function: source digest} of the MMDiT functions the lean joint block writes out, from ``mmdit`` (the host's
+    comfy.ldm.modules.diffusionmodules.mmdit module)."""
+    return {"JointBlock.forward": _digest(mmdit.JointBlock.forward), "block_mixing": _digest(mmdit.block_mixing),
+            "_block_mixing": _digest(mmdit._block_mixing),
+            **{f"DismantledBlock.{m}": _digest(getattr(mmdit.DismantledBlock, m))
+               for m in ("pre_attention", "pre_attention_x", "post_attention", "post_attention_x")},
+            **{f"SelfAttention.{m}": _digest(getattr(mmdit.SelfAttention, m))
+               for m in ("pre_attention", "post_attention")},
+            "Mlp.forward": _digest(mmdit.Mlp.forward)}
+
+
+_checked: dict[tuple, bool] = {}
+
+
+def _known(kind: str, module, sources, table: dict) -> bool:
+    """Whether ``module``'s functions (``sources(module)``) are the code the lean forwards were checked against
+    (once per host module); said once where not."""
+    key = (kind, id(module))
+    known = _checked.get(key)
+    if known is None:
+        try:
+            found = sources(module)
+        except (OSError, TypeError, AttributeError) as e:       # no source on disk, or a renamed function
+            known, reason = False, f"its source could not be read ({type(e).__name__}: {e})"
+        else:
+            unknown = sorted(k for k, v in found.items() if v not in table[k])
+            known, reason = not unknown, f"{', '.join(unknown)} differ from ComfyUI 0.3.75 / 0.29.0's"
+        if not known:
+            kernels.registry.log_once(f"lean-blocks-unknown-host:{kind}", f"Octet: the host's {kind} run their own "
+                                      f"forwards (no lean eager path): {reason}.", logging.INFO)
+        _checked[key] = known
+    return known
 
 
 def host_known(attention) -> bool:
-    """Whether ``attention``'s block code is the code the lean forward was checked against (once per module)."""
-    known = _checked.get(id(attention))
-    if known is None:
-        try:
-            sources = host_sources(attention)
-        except (OSError, TypeError, AttributeError) as e:       # no source on disk, or a renamed function
-            sources, known = {}, False
-            reason = f"its source could not be read ({type(e).__name__}: {e})"
-        else:
-            unknown = sorted(k for k, v in sources.items() if v not in KNOWN_SOURCES[k])
-            known = not unknown
-            reason = f"{', '.join(unknown)} differ from ComfyUI 0.3.75 / 0.29.0's"
-        if not known:
-            kernels.registry.log_once("lean-blocks-unknown-host", f"Octet: the host's transformer blocks run their "
-                                      f"own forwards (no lean eager path): {reason}.", logging.INFO)
-        _checked[id(attention)] = known
-    return known
+    """Whether ``attention``'s block code (comfy.ldm.modules.attention) is the code the lean forward was checked
+    against."""
+    return _known("transformer blocks", attention, host_sources, KNOWN_SOURCES)
+
+
+def mmdit_known(mmdit) -> bool:
+    """Whether ``mmdit``'s joint-block code is the code the lean joint block was checked against."""
+    return _known("MMDiT joint blocks", mmdit, mmdit_sources, MMDIT_SOURCES)
 
 
 def _host_attention_module(module: nn.Module):
@@ -110,19 +153,28 @@ def _host_attention_module(module: nn.Module):
 
 
 def sites(model: nn.Module) -> dict[str, type]:
-    """{name: forward class}: every plain ``SpatialTransformer`` of ``model`` whose host code is known."""
+    """{name: forward class}: every plain ``SpatialTransformer`` (SDXL, SD1.5) and MMDiT ``JointBlock`` (SD3) of
+    ``model`` whose host code is known."""
     if not enabled():
         return {}
     found = {}
     for name, module in model.named_modules():
-        if type(module).__name__ != "SpatialTransformer" or not type(module).__module__.startswith("comfy."):
+        kind = type(module).__name__
+        if kind not in ("SpatialTransformer", "JointBlock") or not type(module).__module__.startswith("comfy."):
             continue
-        attention = _host_attention_module(module)
-        if attention is None or type(module) is not getattr(attention, "SpatialTransformer", None) \
-                or not host_known(attention):
+        host = _host_attention_module(module)
+        if host is None or type(module) is not getattr(host, kind, None):
             continue
-        found[name] = SpatialTransformerForward
+        if kind == "SpatialTransformer" and host_known(host):
+            found[name] = SpatialTransformerForward
+        elif kind == "JointBlock" and mmdit_known(host) and host_known(_attention_of(host)):
+            found[name] = JointBlockForward
     return found
+
+
+def _attention_of(mmdit):
+    """The comfy.ldm.modules.attention module beside an mmdit module (its attention functions' home)."""
+    return sys.modules.get(mmdit.__name__.rsplit(".diffusionmodules.", 1)[0] + ".attention")
 
 
 def forwards(model: nn.Module) -> dict[str, "SpatialTransformerForward"]:
@@ -188,22 +240,29 @@ def _attention(attention, a: nn.Module, x, context, transformer_options: dict):
         context = x
     k = _call(mods["to_k"], context)
     v = _call(mods["to_v"], context)
-    fn = attention.optimized_attention
+    out = _optimized_attention(attention, attention.optimized_attention, q, k, v, a.heads, transformer_options,
+                               attn_precision=a.attn_precision)
+    return _run(mods["to_out"], out)
+
+
+def _optimized_attention(attention, fn, q, k, v, heads: int, transformer_options: dict, heads_by_name=False,
+                         **kwargs):
+    """``fn(q, k, v, heads, **kwargs, transformer_options=...)`` (no mask) as the host calls it (MMDiT names
+    ``heads=``, which an attention override sees); the host's ``attention_pytorch`` without an override written
+    out: views into heads, the host's SDPA, back to tokens."""
     b = q.shape[0]
     if fn is attention.attention_pytorch and "optimized_attention_override" not in transformer_options \
             and attention.SDP_BATCH_LIMIT >= b:
-        # attention_pytorch without a mask: views into heads, the host's SDPA, back to tokens.
-        heads = a.heads
         dim_head = q.shape[-1] // heads
         q = q.view(b, -1, heads, dim_head).transpose(1, 2)
         k = k.view(b, -1, heads, dim_head).transpose(1, 2)
         v = v.view(b, -1, heads, dim_head).transpose(1, 2)
         out = attention.comfy.ops.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0,
                                                                is_causal=False)
-        out = out.transpose(1, 2).reshape(b, -1, heads * dim_head)
-    else:
-        out = fn(q, k, v, a.heads, attn_precision=a.attn_precision, transformer_options=transformer_options)
-    return _run(mods["to_out"], out)
+        return out.transpose(1, 2).reshape(b, -1, heads * dim_head)
+    if heads_by_name:
+        return fn(q, k, v, heads=heads, **kwargs, transformer_options=transformer_options)
+    return fn(q, k, v, heads, **kwargs, transformer_options=transformer_options)
 
 
 def _block(attention, blk: nn.Module, x, context, transformer_options: dict):
@@ -266,4 +325,129 @@ class SpatialTransformerForward(ModuleForward):
         return x + x_in
 
 
-FORWARDS = (SpatialTransformerForward,)
+def _plain(m: nn.Module, cls, *methods: str) -> bool:
+    """``m`` is exactly ``cls``, with no hooks and none of ``methods`` (or forward) patched on the instance."""
+    return (type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks)
+            and not any(name in m.__dict__ for name in ("forward", *methods)))
+
+
+def _self_attention_pre(mmdit, attn: nn.Module, x):
+    """``SelfAttention.pre_attention``."""
+    mods = attn._modules
+    qkv = _call(mods["qkv"], x)
+    q, k, v = mmdit.split_qkv(qkv, attn.head_dim)
+    q = _call(mods["ln_q"], q).reshape(q.shape[0], q.shape[1], -1)
+    k = _call(mods["ln_k"], k).reshape(q.shape[0], q.shape[1], -1)
+    return (q, k, v)
+
+
+def _self_attention_post(attn: nn.Module, x):
+    """``SelfAttention.post_attention``."""
+    return _run(attn._modules["proj_drop"], _call(attn._modules["proj"], x))
+
+
+def _mlp(mmdit, mlp: nn.Module, x):
+    if not _plain(mlp, mmdit.Mlp):
+        return mlp(x)
+    mods = mlp._modules          # Mlp.forward: fc1, act, drop1, norm, fc2, drop2
+    for name in ("fc1", "act", "drop1", "norm", "fc2", "drop2"):
+        x = _run(mods[name], x)
+    return x
+
+
+def _pre_attention(mmdit, blk: nn.Module, x, c):
+    """``DismantledBlock.pre_attention`` (not scale_mod_only)."""
+    mods = blk._modules
+    modulate = mmdit.modulate
+    if not blk.pre_only:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _run(mods["adaLN_modulation"], c).chunk(
+            6, dim=1)
+        qkv = _self_attention_pre(mmdit, mods["attn"], modulate(_call(mods["norm1"], x), shift_msa, scale_msa))
+        return qkv, (x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
+    shift_msa, scale_msa = _run(mods["adaLN_modulation"], c).chunk(2, dim=1)
+    qkv = _self_attention_pre(mmdit, mods["attn"], modulate(_call(mods["norm1"], x), shift_msa, scale_msa))
+    return qkv, None
+
+
+def _pre_attention_x(mmdit, blk: nn.Module, x, c):
+    """``DismantledBlock.pre_attention_x``."""
+    mods = blk._modules
+    modulate = mmdit.modulate
+    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2,
+     gate_msa2) = _run(mods["adaLN_modulation"], c).chunk(9, dim=1)
+    x_norm = _call(mods["norm1"], x)
+    qkv = _self_attention_pre(mmdit, mods["attn"], modulate(x_norm, shift_msa, scale_msa))
+    qkv2 = _self_attention_pre(mmdit, mods["attn2"], modulate(x_norm, shift_msa2, scale_msa2))
+    return qkv, qkv2, (x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2)
+
+
+def _post_attention(mmdit, blk: nn.Module, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp):
+    """``DismantledBlock.post_attention``."""
+    mods = blk._modules
+    x = x + gate_msa.unsqueeze(1) * _self_attention_post(mods["attn"], attn)
+    return x + gate_mlp.unsqueeze(1) * _mlp(mmdit, mods["mlp"], mmdit.modulate(_call(mods["norm2"], x), shift_mlp,
+                                                                               scale_mlp))
+
+
+def _post_attention_x(mmdit, blk: nn.Module, attn, attn2, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2):
+    """``DismantledBlock.post_attention_x``."""
+    mods = blk._modules
+    attn1 = _self_attention_post(mods["attn"], attn)
+    attn2 = _self_attention_post(mods["attn2"], attn2)
+    x = mmdit.gate_cat(x, gate_msa, gate_msa2, attn1, attn2)
+    return x + gate_mlp.unsqueeze(1) * _mlp(mmdit, mods["mlp"], mmdit.modulate(_call(mods["norm2"], x), shift_mlp,
+                                                                               scale_mlp))
+
+
+_BLOCK_METHODS = ("pre_attention", "pre_attention_x", "post_attention", "post_attention_x")
+
+
+def _joint_lean(mmdit, jb: nn.Module) -> bool:
+    """Whether the joint block's parts are the host's plain classes (none patched, no hooks, no scale-only
+    modulation): what the lean joint block writes out."""
+    cb, xb = jb._modules.get("context_block"), jb._modules.get("x_block")
+    blocks = (cb, xb)
+    if not all(_plain(b, mmdit.DismantledBlock, *_BLOCK_METHODS) and not b.scale_mod_only for b in blocks):
+        return False
+    attns = [b._modules["attn"] for b in blocks] + ([xb._modules["attn2"]] if xb.x_block_self_attn else [])
+    return all(_plain(a, mmdit.SelfAttention, "pre_attention", "post_attention") for a in attns)
+
+
+class JointBlockForward(ModuleForward):
+    """An MMDiT ``JointBlock``'s forward (SD3): ``_block_mixing`` and the dismantled blocks' methods written out,
+    lean when ``lean_ok`` and the call is MMDiT's own (no checkpointing), else the host's."""
+
+    def __call__(self, *args, **kwargs):
+        jb = self.module
+        to = kwargs.get("transformer_options", {})
+        if len(args) != 2 or kwargs.get("use_checkpoint", True) or "c" not in kwargs \
+                or not set(kwargs) <= {"c", "use_checkpoint", "transformer_options"} or not lean_ok(to):
+            return type(jb).forward(jb, *args, **kwargs)
+        mmdit = _host_attention_module(jb)
+        if not _joint_lean(mmdit, jb):
+            return type(jb).forward(jb, *args, **kwargs)
+        context, x = args
+        c = kwargs["c"]
+        cb, xb = jb._modules["context_block"], jb._modules["x_block"]
+        context_qkv, context_intermediates = _pre_attention(mmdit, cb, context, c)
+        if xb.x_block_self_attn:
+            x_qkv, x_qkv2, x_intermediates = _pre_attention_x(mmdit, xb, x, c)
+        else:
+            x_qkv, x_intermediates = _pre_attention(mmdit, xb, x, c)
+        qkv = tuple(torch.cat((context_qkv[t], x_qkv[t]), dim=1) for t in range(3))
+        attention = _attention_of(mmdit)
+        attn = _optimized_attention(attention, mmdit.optimized_attention, *qkv, xb._modules["attn"].num_heads, to,
+                                    heads_by_name=True)
+        n = context_qkv[0].shape[1]
+        context_attn, x_attn = attn[:, :n], attn[:, n:]
+        context = None if cb.pre_only else _post_attention(mmdit, cb, context_attn, *context_intermediates)
+        if xb.x_block_self_attn:
+            attn2 = _optimized_attention(attention, mmdit.optimized_attention, *x_qkv2,
+                                         xb._modules["attn2"].num_heads, to, heads_by_name=True)
+            x = _post_attention_x(mmdit, xb, x_attn, attn2, *x_intermediates)
+        else:
+            x = _post_attention(mmdit, xb, x_attn, *x_intermediates)
+        return context, x
+
+
+FORWARDS = (SpatialTransformerForward, JointBlockForward)

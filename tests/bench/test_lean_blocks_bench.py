@@ -1,5 +1,6 @@
-"""bench/lean_blocks.py on the CPU (the proxy run): it refuses to time a lean stack that differs from the host's
-(bit for bit, float and INT8) and writes one row per stack and variant, plus Octet lean against stock bf16."""
+"""bench/lean_blocks.py on the CPU (the proxy run): it refuses to time a lean block that differs from the host's
+(bit for bit, float and INT8) and writes one row per case (SDXL's two stacks, SD3.5's two joint blocks) and
+variant, plus Octet lean against stock bf16."""
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ def test_lean_blocks_bench_writes_paired_rows(tmp_path):
     data = json.load(open(tmp_path / "lean_blocks.json"))
     assert data["header"].startswith("card: cpu (proxy: tiny widths)")
     rows = data["rows"]
-    assert [(r["depth"], r["variant"]) for r in rows] == [(d, v) for d in (2, 10)
-                                                          for v in ("bf16", "octet", "octet lean vs bf16 host")]
+    cases = ("sdxl 640ch x2", "sdxl 1280ch x10", "sd3.5 joint, x self-attn", "sd3.5 joint")
+    assert [(r["case"], r["variant"]) for r in rows] == [(c, v) for c in cases
+                                                         for v in ("bf16", "octet", "octet lean vs bf16 host")]
     for r in rows:
         assert r["host_over_lean"] > 0 and r["rounds"] == 2
         if r["variant"] != "octet lean vs bf16 host":

@@ -199,3 +199,83 @@ def test_quantize_model_node_patches_the_stacks_forwards(monkeypatch):
     lean = {k for k, v in clone.object_patches.items() if isinstance(v, lean_blocks.FORWARDS)}
     assert result.lean_blocks and lean == {f"diffusion_model.{n}.forward" for n in result.lean_blocks}
     assert "transformer stacks run lean" in result.summary()
+
+
+@pytest.fixture
+def mmdit(attention, monkeypatch):
+    """SD3's mmdit module with the host's CUDA attention, and a count of its _block_mixing calls (the lean joint
+    block makes none)."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as M
+    assert lean_blocks.mmdit_known(M), lean_blocks.mmdit_sources(M)
+    monkeypatch.setattr(M, "optimized_attention", attention.attention_pytorch)
+    calls = []
+    real = M._block_mixing
+    monkeypatch.setattr(M, "_block_mixing", lambda *a, **k: calls.append(1) or real(*a, **k))
+    M.host_calls = calls
+    return M
+
+
+def joint_block(mmdit, pre_only=False, x_block_self_attn=False, seed=0):
+    import comfy.ops
+    torch.manual_seed(seed)
+    jb = mmdit.JointBlock(64, 2, mlp_ratio=4.0, qkv_bias=True, attn_mode="torch", pre_only=pre_only, rmsnorm=False,
+                          scale_mod_only=False, swiglu=False, qk_norm="rms", x_block_self_attn=x_block_self_attn,
+                          dtype=None, device=None, operations=comfy.ops.disable_weight_init).eval()
+    with torch.no_grad():
+        for p in jb.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    g = torch.Generator().manual_seed(seed + 1)
+    return jb, torch.randn(2, 5, 64, generator=g), torch.randn(2, 12, 64, generator=g), torch.randn(2, 64, generator=g)
+
+
+@pytest.mark.parametrize("pre_only, x_self", [(False, False), (False, True), (True, False)])
+def test_lean_joint_block_gives_the_hosts_numbers_bit_for_bit(mmdit, pre_only, x_self):
+    """SD3's joint block: the context and image streams' pre-attention, the joint attention, the post-attention
+    (SD3.5's extra image self-attention, the last block's context-only pre-attention)."""
+    jb, ctx, x, c = joint_block(mmdit, pre_only, x_self)
+    with torch.inference_mode():
+        host = jb(ctx, x, c=c, use_checkpoint=False, transformer_options={})
+        assert len(mmdit.host_calls) == 1
+        assert lean_blocks.install(jb) == [""]
+        lean = jb(ctx, x, c=c, use_checkpoint=False, transformer_options={})
+        assert len(mmdit.host_calls) == 1                      # the lean path ran
+        checkpointed = jb(ctx, x, c=c, transformer_options={})    # a replace patch's call (use_checkpoint default)
+        assert len(mmdit.host_calls) == 2
+    for a, b in zip(lean, host):
+        assert (a is None and b is None) if pre_only and a is None else torch.equal(a, b)
+    assert torch.equal(checkpointed[1], host[1])
+
+
+def test_a_patched_part_of_the_joint_block_runs_the_hosts_forward(mmdit):
+    jb, ctx, x, c = joint_block(mmdit)
+    lean_blocks.install(jb)
+    jb.x_block.pre_attention = lambda *a, **k: type(jb.x_block).pre_attention(jb.x_block, *a, **k)
+    with torch.inference_mode():
+        jb(ctx, x, c=c, use_checkpoint=False, transformer_options={})
+    assert len(mmdit.host_calls) == 1
+
+
+def test_quantized_mmdit_runs_its_joint_blocks_lean_with_the_same_numbers(mmdit, monkeypatch):
+    import copy
+    torch.manual_seed(0)
+    base = rm.build_diffusion_model("mmdit").eval()
+    names = sorted(n for n, m in base.named_modules() if type(m).__name__ == "JointBlock")
+    assert len(names) == 4
+    g = torch.Generator().manual_seed(3)
+    size = rm.spec("mmdit").latent_size
+    x = torch.randn(2, 16, size, size, generator=g)
+    ctx = torch.randn(2, 4, rm.COND_DIM, generator=g)
+    y = torch.randn(2, rm.COND_DIM, generator=g)
+    t = torch.tensor([0.5, 0.5])
+    outs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("OCTET_LEAN_BLOCKS", switch)
+        model = copy.deepcopy(base)
+        result = octet.quantize_(model, octet.DynamicW8A8Config())
+        assert result.lean_blocks == (names if switch == "1" else [])
+        with torch.inference_mode():
+            model(x, t, context=ctx, y=y)
+            calls = len(mmdit.host_calls)
+            outs[switch] = model(x, t, context=ctx, y=y)
+        assert (len(mmdit.host_calls) == calls) == (switch == "1")
+    assert torch.equal(outs["0"], outs["1"])
