@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..kernels import switches
 from ..kernels.backends import triton_support
+from . import host_code
 
 
 def enabled() -> bool:
@@ -605,7 +606,7 @@ class DeferredRMSForward(QKPrepForward):
         return type(module).forward(module, x)
 
 
-# sha256 (16 hex digits, as octet/lean_blocks.py) of the host code WanQKForward writes out: WanSelfAttention.forward
+# Digests (octet/host_code.py) of the host code WanQKForward writes out: WanSelfAttention.forward
 # and comfy.ldm.flux.math.apply_rope1 as ComfyUI 0.3.75 and 0.29.0 ship them (0.29 adds attn1_patch, and its
 # apply_rope1 dispatches to comfy-kitchen, whose kernels compute the same fp32 rotation).
 WAN_SOURCES = {"WanSelfAttention.forward": {"d821b5b8b4f68296", "e57709825263ea24"},
@@ -653,27 +654,10 @@ class WanQKForward(QKPrepForward):
         return host.apply_rope1(norm(y).view(shape), freqs)
 
 
-_wan_known: dict = {}
-
-
-def _wan_host_known(cls: type) -> bool:
-    """Whether ``cls``'s forward and its module's apply_rope1 are the code WanQKForward was written from (once
-    per class: reading source is slow)."""
-    known = _wan_known.get(cls)
-    if known is None:
-        from . import lean_blocks     # its source fingerprints
-        try:
-            host = importlib.import_module(cls.__module__)
-            sources = {"WanSelfAttention.forward": lean_blocks._digest(cls.forward),
-                       "apply_rope1": lean_blocks._digest(host.apply_rope1)}
-            unknown = sorted(k for k, v in sources.items() if v not in WAN_SOURCES[k])
-        except (OSError, TypeError, AttributeError, ImportError) as e:
-            unknown = [f"its source ({type(e).__name__})"]
-        if unknown:
-            kernels.registry.log_once("wan-qk-unknown-host", f"Octet: Wan's self-attention keeps the host's q/k "
-                                      f"preparation: {', '.join(unknown)} differ from ComfyUI 0.3.75 / 0.29.0's.")
-        known = _wan_known[cls] = not unknown
-    return known
+def _wan_sources(cls: type) -> dict:
+    from .host_code import digest
+    return {"WanSelfAttention.forward": digest(cls.forward),
+            "apply_rope1": digest(importlib.import_module(cls.__module__).apply_rope1)}
 
 
 def _is_wan_self_attention(m) -> bool:
@@ -681,7 +665,7 @@ def _is_wan_self_attention(m) -> bool:
     WanQKForward was written from."""
     return (type(m).__name__ == "WanSelfAttention" and type(m).__module__.endswith("ldm.wan.model")
             and isinstance(m._modules.get("norm_q"), nn.RMSNorm) and isinstance(m._modules.get("norm_k"), nn.RMSNorm)
-            and _wan_host_known(type(m)))
+            and host_code.known("Wan self-attentions", type(m), _wan_sources, WAN_SOURCES))
 
 
 def _is_sd3_qk_rms(m) -> bool:

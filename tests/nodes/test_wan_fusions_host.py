@@ -8,7 +8,7 @@ import torch
 
 from comfyui_octet import octet
 from comfyui_octet.kernels.backends import triton_rope, triton_support
-from comfyui_octet.octet import deferred
+from comfyui_octet.octet import deferred, host_code
 
 pytestmark = pytest.mark.skipif(triton_support.unavailable_reason() is not None or not triton_support.interpreting(),
                                 reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
@@ -102,7 +102,7 @@ def test_what_the_kernel_must_not_take_runs_the_hosts_forward(kernel_calls, monk
 
 def test_another_hosts_wan_code_keeps_the_hosts_forward(monkeypatch):
     m, _, _ = attention()
-    monkeypatch.setattr(deferred, "_wan_known", {})
+    monkeypatch.setattr(host_code, "_checked", {})
     monkeypatch.setitem(deferred.WAN_SOURCES, "apply_rope1", {"0" * 16})
     assert deferred.install_qk(m) == []
 
