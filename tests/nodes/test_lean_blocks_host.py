@@ -168,7 +168,6 @@ def test_another_hosts_block_code_keeps_the_hosts_forwards(attention, monkeypatc
 def test_quantized_unet_runs_its_stacks_lean_with_the_same_numbers(pytorch_attention, host_calls, monkeypatch):
     """quantize_ (dynamic W8A8 on the reference UNet's architecture) installs the lean stacks; the INT8 layers,
     their shared q/k/v GEMMs and the deferred forwards inside give the same output as without them."""
-    import copy
     torch.manual_seed(0)
     base = rm.build_diffusion_model("unet").eval()
     names = sorted(n for n, m in base.named_modules() if type(m).__name__ == "SpatialTransformer")
@@ -178,17 +177,24 @@ def test_quantized_unet_runs_its_stacks_lean_with_the_same_numbers(pytorch_atten
     x = torch.randn(2, 4, size, size, generator=g)
     ctx = torch.randn(2, 8, base.input_blocks[1][1].transformer_blocks[0].attn2.to_k.in_features, generator=g)
     t = torch.tensor([500.0, 500.0])
+    quantized_lean_and_not(base, names, lambda m: m(x, t, context=ctx), lambda: host_calls["block"], monkeypatch)
+
+
+def quantized_lean_and_not(base, names, run, host_count, monkeypatch):
+    """``base`` quantized (dynamic W8A8) with the lean forwards off and on: the lean sites are ``names``, the lean
+    model calls none of the host's code ``host_count`` counts, and both give the same output bit for bit."""
+    import copy
     outs = {}
     for switch in ("0", "1"):
         monkeypatch.setenv("OCTET_LEAN_BLOCKS", switch)
         model = copy.deepcopy(base)
         result = octet.quantize_(model, octet.DynamicW8A8Config())
         assert result.lean_blocks == (names if switch == "1" else [])
-        calls = host_calls["block"]
         with torch.inference_mode():
-            model(x, t, context=ctx)                      # plans made
-            outs[switch] = model(x, t, context=ctx)
-        assert (host_calls["block"] == calls) == (switch == "1")
+            run(model)                                    # plans made
+            before = host_count()
+            outs[switch] = run(model)
+        assert (host_count() == before) == (switch == "1")
     assert torch.equal(outs["0"], outs["1"])
 
 
@@ -256,7 +262,6 @@ def test_a_patched_part_of_the_joint_block_runs_the_hosts_forward(mmdit):
 
 
 def test_quantized_mmdit_runs_its_joint_blocks_lean_with_the_same_numbers(mmdit, monkeypatch):
-    import copy
     torch.manual_seed(0)
     base = rm.build_diffusion_model("mmdit").eval()
     names = sorted(n for n, m in base.named_modules() if type(m).__name__ == "JointBlock")
@@ -267,15 +272,5 @@ def test_quantized_mmdit_runs_its_joint_blocks_lean_with_the_same_numbers(mmdit,
     ctx = torch.randn(2, 4, rm.COND_DIM, generator=g)
     y = torch.randn(2, rm.COND_DIM, generator=g)
     t = torch.tensor([0.5, 0.5])
-    outs = {}
-    for switch in ("0", "1"):
-        monkeypatch.setenv("OCTET_LEAN_BLOCKS", switch)
-        model = copy.deepcopy(base)
-        result = octet.quantize_(model, octet.DynamicW8A8Config())
-        assert result.lean_blocks == (names if switch == "1" else [])
-        with torch.inference_mode():
-            model(x, t, context=ctx, y=y)
-            calls = len(mmdit.host_calls)
-            outs[switch] = model(x, t, context=ctx, y=y)
-        assert (len(mmdit.host_calls) == calls) == (switch == "1")
-    assert torch.equal(outs["0"], outs["1"])
+    quantized_lean_and_not(base, names, lambda m: m(x, t, context=ctx, y=y), lambda: len(mmdit.host_calls),
+                           monkeypatch)
