@@ -15,6 +15,8 @@ from typing import Optional
 _DATA = getattr(os.environ, "_data", None)
 _ENCODE = getattr(os.environ, "encodekey", None)
 _DECODE = getattr(os.environ, "decodevalue", None)
+# Where CPython's dict and codecs behind os.environ are there (every CPython); else os.environ is read.
+_FAST = _DATA is not None and _ENCODE is not None and _DECODE is not None
 _KEYS: dict[str, object] = {}
 _OFF = frozenset({b"0", "0"})
 _ONE = frozenset({b"1", "1"})
@@ -30,7 +32,7 @@ def _raw(name: str):
 
 def read(name: str, default: Optional[str] = None) -> Optional[str]:
     """``os.environ.get(name, default)``."""
-    if _DATA is None or _ENCODE is None or _DECODE is None:
+    if not _FAST:
         return os.environ.get(name, default)
     raw = _raw(name)
     return default if raw is None else _DECODE(raw)
@@ -38,13 +40,13 @@ def read(name: str, default: Optional[str] = None) -> Optional[str]:
 
 def on(name: str) -> bool:
     """Whether switch ``name`` is on: unset, or set to anything but "0"."""
-    if _DATA is None or _ENCODE is None:
+    if not _FAST:
         return os.environ.get(name, "1") != "0"
     return _raw(name) not in _OFF
 
 
 def is_one(name: str) -> bool:
     """Whether ``name`` is set to exactly "1" (TRITON_INTERPRET's convention)."""
-    if _DATA is None or _ENCODE is None:
+    if not _FAST:
         return os.environ.get(name, "0") == "1"
     return _raw(name) in _ONE

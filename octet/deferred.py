@@ -626,7 +626,7 @@ class WanQKForward(QKPrepForward):
         module = self.module
         if self._may_defer(x) and type(freqs) is torch.Tensor \
                 and not (transformer_options.get("patches") or {}).get("attn1_patch"):
-            host = importlib.import_module(type(module).__module__)
+            host = host_code.module_of(module)
             mods = module._modules
             params = [_rms_params(mods[name], x) for name in ("norm_q", "norm_k")]
             if all(p is not None and not _tracked(x, p[0]) for p in params):
@@ -655,9 +655,8 @@ class WanQKForward(QKPrepForward):
 
 
 def _wan_sources(cls: type) -> dict:
-    from .host_code import digest
-    return {"WanSelfAttention.forward": digest(cls.forward),
-            "apply_rope1": digest(importlib.import_module(cls.__module__).apply_rope1)}
+    return {"WanSelfAttention.forward": host_code.digest(cls.forward),
+            "apply_rope1": host_code.digest(importlib.import_module(cls.__module__).apply_rope1)}
 
 
 def _is_wan_self_attention(m) -> bool:

@@ -11,9 +11,16 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import sys
 from typing import Callable
 
 from .. import kernels
+
+
+def module_of(obj):
+    """The host module ``obj``'s class is defined in (its functions, e.g. ``optimized_attention``, are read from
+    there at each call, as the host's own code reads them), or None."""
+    return sys.modules.get(type(obj).__module__)
 
 
 def digest(fn) -> str:

@@ -34,8 +34,8 @@ differ: bench/eager_paired.py).
 """
 from __future__ import annotations
 
+import functools
 import inspect
-import logging
 import sys
 
 import torch
@@ -79,7 +79,6 @@ _BLOCK_PATCHES = ("attn1_patch", "attn1_output_patch", "middle_patch", "attn2_pa
 _BLOCK_REPLACES = ("attn1", "attn2")
 
 _nn_module = sys.modules[nn.Module.__module__]
-log = logging.getLogger("octet")
 
 
 def enabled() -> bool:
@@ -122,10 +121,6 @@ def mmdit_known(mmdit) -> bool:
     return host_code.known("MMDiT joint blocks", mmdit, mmdit_sources, MMDIT_SOURCES)
 
 
-def _host_attention_module(module: nn.Module):
-    return sys.modules.get(type(module).__module__)
-
-
 def sites(model: nn.Module) -> dict[str, type]:
     """{name: forward class}: every plain ``SpatialTransformer`` (SDXL, SD1.5) and MMDiT ``JointBlock`` (SD3) of
     ``model`` whose host code is known."""
@@ -136,7 +131,7 @@ def sites(model: nn.Module) -> dict[str, type]:
         kind = type(module).__name__
         if kind not in ("SpatialTransformer", "JointBlock") or not type(module).__module__.startswith("comfy."):
             continue
-        host = _host_attention_module(module)
+        host = host_code.module_of(module)
         if host is None or type(module) is not getattr(host, kind, None):
             continue
         if kind == "SpatialTransformer" and host_known(host):
@@ -146,6 +141,7 @@ def sites(model: nn.Module) -> dict[str, type]:
     return found
 
 
+@functools.cache
 def _attention_of(mmdit):
     """The comfy.ldm.modules.attention module beside an mmdit module (its attention functions' home)."""
     return sys.modules.get(mmdit.__name__.rsplit(".diffusionmodules.", 1)[0] + ".attention")
@@ -274,7 +270,7 @@ class SpatialTransformerForward(ModuleForward):
         st = self.module
         if not lean_ok(transformer_options):
             return type(st).forward(st, x, context=context, transformer_options=transformer_options)
-        attention = _host_attention_module(st)
+        attention = host_code.module_of(st)
         mods = st._modules
         blocks = mods["transformer_blocks"]
         if not isinstance(context, list):
@@ -397,7 +393,7 @@ class JointBlockForward(ModuleForward):
         if len(args) != 2 or kwargs.get("use_checkpoint", True) or "c" not in kwargs \
                 or not set(kwargs) <= {"c", "use_checkpoint", "transformer_options"} or not lean_ok(to):
             return type(jb).forward(jb, *args, **kwargs)
-        mmdit = _host_attention_module(jb)
+        mmdit = host_code.module_of(jb)
         if not _joint_lean(mmdit, jb):
             return type(jb).forward(jb, *args, **kwargs)
         context, x = args

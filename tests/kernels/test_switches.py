@@ -12,7 +12,7 @@ from comfyui_octet.kernels.backends import triton_support
 @pytest.mark.parametrize("fallback", [False, True])
 def test_reads_follow_every_write_through_os_environ(monkeypatch, fallback):
     if fallback:
-        monkeypatch.setattr(switches, "_DATA", None)
+        monkeypatch.setattr(switches, "_FAST", False)
     name = "OCTET_TEST_SWITCH_A"
     monkeypatch.delenv(name, raising=False)
     assert switches.read(name) is None and switches.read(name, "d") == "d"
