@@ -13,7 +13,7 @@ Per variant: host us per block (the calling thread's CPU time to issue one call,
 GPU runs behind) and wall us per block (the same call with a synchronisation: what an eager step pays where it is
 host-bound). Rounds interleave the variants (the lent hosts' CPU speed drifts, bench/eager_paired.py); each ratio
 is host / lean in the same round, median over rounds; and Octet lean against the stock bf16 module (what issue
-13's eager target compares), paired the same way.
+13's eager target compares), paired the same way. Also a switch read (kernels/switches.py) against os.environ.get.
 
 On CUDA: the real widths and token counts (batch 2: cond and uncond), bf16, the host's attention_pytorch. On a CPU
 (no GPU here): the same block structure at tiny widths and token counts, float32, so the Python is most of what is
@@ -103,6 +103,21 @@ def variants(st):
     return out
 
 
+def switch_reads(card: str) -> dict:
+    """A per-call switch read (kernels/switches.py) against os.environ.get, side by side, best of 5 x 200k reads:
+    an eager SDXL step reads switches ~500 times."""
+    import timeit
+    from comfyui_octet.kernels import switches
+    env = {"os.environ.get": lambda: os.environ.get("OCTET_DEFERRED", "1") != "0",
+           "switches.on": lambda: switches.on("OCTET_DEFERRED")}
+    ns = {k: min(timeit.repeat(f, number=200_000, repeat=5)) / 200_000 * 1e9 for k, f in env.items()}
+    row = {"card": card, "case": "switch read", "ns_os_environ_get": ns["os.environ.get"],
+           "ns_switches_on": ns["switches.on"], "ratio": ns["os.environ.get"] / ns["switches.on"]}
+    print(f"[{card}] a switch read: os.environ.get {row['ns_os_environ_get']:.0f} ns, switches.on "
+          f"{row['ns_switches_on']:.0f} ns ({row['ratio']:.1f}x)", flush=True)
+    return row
+
+
 def time_call(fn, sync, reps):
     """(this thread's CPU seconds to issue one call, wall seconds per call with the work finished)."""
     sync()
@@ -182,6 +197,7 @@ def main() -> int:
                          wall_host_over_lean=statistics.median(vs_wall)))
         print(f"[{card}] octet lean vs stock bf16, {name}: host {statistics.median(vs):.2f}x, "
               f"wall {statistics.median(vs_wall):.2f}x (per block, paired by round)", flush=True)
+    rows.append(switch_reads(card))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "lean_blocks.json")
     with open(path, "w") as f:

@@ -20,6 +20,8 @@ def test_lean_blocks_bench_writes_paired_rows(tmp_path):
     assert data["header"].startswith("card: cpu (proxy: tiny widths)")
     rows = data["rows"]
     cases = ("sdxl 640ch x2", "sdxl 1280ch x10", "sd3.5 joint, x self-attn", "sd3.5 joint")
+    switch = rows.pop()
+    assert switch["case"] == "switch read" and switch["ns_os_environ_get"] > 0 and switch["ns_switches_on"] > 0
     assert [(r["case"], r["variant"]) for r in rows] == [(c, v) for c in cases
                                                          for v in ("bf16", "octet", "octet lean vs bf16 host")]
     for r in rows:
