@@ -68,7 +68,7 @@ def _prune(configs, named_args, **kwargs):
     # Tiles no taller than M; with a TMA weight, K steps that never straddle two taps (C % BK == 0).
     m, c = named_args["M"], named_args["C"]
     tma = kwargs.get("W_TMA", named_args.get("W_TMA", False))
-    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
+    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] <= max(16, triton_support.next_power_of_2(m))
             and (not tma or c % cfg.kwargs["BLOCK_K"] == 0)]
     return triton_support.survivors(configs, kept)
 

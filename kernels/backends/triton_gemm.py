@@ -87,7 +87,7 @@ def _prune(configs, named_args, **kwargs):
     keep at least the smallest."""
     m = named_args["M"]
     tma = kwargs.get("USE_TMA", named_args.get("USE_TMA", False))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton_support.next_power_of_2(m))
             and (tma or not c.kwargs["PERSISTENT"])]
     return triton_support.survivors(configs, kept)
 

@@ -118,7 +118,7 @@ def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, silu: boo
     triton_launch.shared(_gn_stats_kernel, "group_norm_stats")(
         (x.dtype, block, chunk, warps) + facts, lambda meta: grid, lambda meta: (x, parts, s, split),
         dict(BLOCK=block, CHUNK=chunk, num_warps=warps))
-    split_p = max(16, triton.next_power_of_2(split))
+    split_p = max(16, triton_support.next_power_of_2(split))
     key = (x.dtype, w.dtype, block, chunk, warps, split_p, affine, silu) + facts \
         + triton_launch.facts(w, b, y, hw, c // groups, groups)
     triton_launch.shared(_gn_apply_kernel, "group_norm_apply")(

@@ -81,9 +81,9 @@ def row_launch_config(k: int) -> tuple[bool, int, int]:
     still go in one tile, where one sweep is one load.
     """
     if k <= 1024:
-        block_k = triton.next_power_of_2(k)
+        block_k = triton_support.next_power_of_2(k)
         return True, block_k, max(1, min(4, block_k // 256))
-    block_k = min(4096, max(1024, triton.next_power_of_2(k) // 4))
+    block_k = min(4096, max(1024, triton_support.next_power_of_2(k) // 4))
     return False, block_k, 4 if block_k <= 1024 else 8
 
 
@@ -273,7 +273,7 @@ class SampleQuantizer:
         block_c, block_hw = 64, 64
         grid = (n, triton_support.cdiv(hw, block_hw), triton_support.cdiv(c, block_c))
         flags = dict(HAS_SMOOTH=has_smooth, STATIC=static, SCALE_BY_RECIPROCAL=x.is_cuda,
-                     BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
+                     BLOCK_CHUNKS=triton_support.next_power_of_2(num_chunks), BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
         key = (x.dtype, static, flags["BLOCK_CHUNKS"]) + triton_launch.facts(x, partial, scales, q, hw, num_chunks)
         self.quantize(key,
                       lambda meta: grid, lambda meta: (x, smooth_arg, partial, scales, q, scales, c, hw, num_chunks),
@@ -356,7 +356,7 @@ def gelu_row_launch_config(k: int) -> tuple[int, int]:
     173.7-266.4 us for every two-sweep (tile, warps) (bench/deferred_kernels.py --sweep, 2026-12-02).
     Shorter rows: two sweeps over tiles of about a quarter of the row, as ``row_launch_config`` measured
     for plain rows."""
-    whole = triton.next_power_of_2(k)
+    whole = triton_support.next_power_of_2(k)
     if 8192 < whole <= 16384:
         return whole, 16
     block_k = min(2048, max(256, whole // 4))
@@ -474,7 +474,7 @@ class NormRowQuantizer:
             raise ValueError(f"smooth has {smooth.numel()} entries, activations have K={k}")
         self.k = k
         self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
-        block_k = triton.next_power_of_2(k)
+        block_k = triton_support.next_power_of_2(k)
         self.num_warps = 4 if block_k <= 1024 else 8 if block_k <= 4096 else 16
         self.block_k = block_k
         self.launcher = triton_launch.Launcher(_quantize_norm_rows_kernel, "quantize_norm_rows")

@@ -30,6 +30,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0, as Triton's), for host-side launch parameters. Not
+    ``triton.next_power_of_2``, a ConstexprFunction like ``triton.cdiv`` (~2 us per call here, paid per launch
+    by the GroupNorm and conv quantizer wrappers)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on CPU through its interpreter (read per call: tests set it)."""
     return switches.is_one("TRITON_INTERPRET")

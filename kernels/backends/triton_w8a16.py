@@ -70,7 +70,7 @@ def _prune(configs_, named_args, **kwargs):
     """Small M keeps the short tiles (a 128-row tile at M=16 wastes 7/8 of each dot), large M the
     large ones; at least one config always survives."""
     m = named_args["M"]
-    cap = max(16, triton.next_power_of_2(m))
+    cap = max(16, triton_support.next_power_of_2(m))
     kept = [c for c in configs_ if c.kwargs["BLOCK_M"] <= cap and (m <= 256 or c.kwargs["BLOCK_M"] >= 64)]
     return triton_support.survivors(configs_, kept)
 
@@ -233,7 +233,7 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, K, BLOCK_K: tl.constexpr):
 
 def _dequantize_config(n: int, k: int):
     """The dequantize kernel's grid function and launch flags for an [N, K] weight (N, K > 0)."""
-    block_k = min(4096, triton.next_power_of_2(k))
+    block_k = min(4096, triton_support.next_power_of_2(k))
     grid = (n, triton_support.cdiv(k, block_k))
     return (lambda meta: grid), dict(BLOCK_K=block_k, num_warps=4 if block_k <= 2048 else 8)
 

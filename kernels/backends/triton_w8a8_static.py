@@ -63,7 +63,7 @@ def configs() -> list:
 
 def _prune(configs_, named_args, **kwargs):
     m = named_args["M"]
-    cap = max(16, triton.next_power_of_2(m))
+    cap = max(16, triton_support.next_power_of_2(m))
     kept = [c for c in configs_ if c.kwargs["BLOCK_M"] <= cap]
     return triton_support.survivors(configs_, kept)
 
