@@ -44,25 +44,33 @@ def _may_fuse(x: torch.Tensor, *params) -> bool:
     return enabled() and kernel_input(x) and not _tracked(x, *params)
 
 
-def _group_norm_fusable(norm: nn.Module, x: torch.Tensor) -> bool:
-    if not isinstance(norm, nn.GroupNorm) or not _may_fuse(x, norm.weight, norm.bias):
-        return False
-    # The host's cast path (lowvram, manual_cast, weight patches) moves or changes the weights per call.
-    if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) \
-            or getattr(norm, "bias_function", None):
-        return False
-    from ..kernels.backends import triton_groupnorm
-    return triton_groupnorm.takes(x, norm.num_groups, norm.weight, norm.bias)
-
-
-def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
-    from ..kernels.backends import triton_groupnorm
-    return triton_groupnorm.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
-
-
 class FusedForward(ModuleForward):
     """A replacement ``forward`` that runs one module's float ops in the fused kernels (held weakly, as every
-    ``ModuleForward``)."""
+    ``ModuleForward``). Each keeps its call site's kernel objects, whose bound calls are this site's (host time:
+    kernels/backends/triton_groupnorm.py ``GroupNorm``)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self._kernels: dict = {}
+
+    def _group_norm(self, norm: nn.Module, x: torch.Tensor, silu: bool):
+        """GroupNorm (+ SiLU) of ``x`` in the kernels, or None where they do not take it (the host's ops then)."""
+        if not isinstance(norm, nn.GroupNorm):
+            return None
+        params = norm._parameters   # not norm.weight: nn.Module.__getattr__ on every call
+        weight, bias = params.get("weight"), params.get("bias")
+        if not _may_fuse(x, weight, bias):
+            return None
+        # The host's cast path (lowvram, manual_cast, weight patches) moves or changes the weights per call.
+        if getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) \
+                or getattr(norm, "bias_function", None):
+            return None
+        key = (norm.num_groups, norm.eps, silu)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            from ..kernels.backends import triton_groupnorm
+            kernel = self._kernels[key] = triton_groupnorm.GroupNorm(norm.num_groups, norm.eps, silu)
+        return kernel(x, weight, bias)
 
 
 class GroupNormForward(FusedForward):
@@ -70,9 +78,8 @@ class GroupNormForward(FusedForward):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.module
-        if _group_norm_fusable(norm, x):
-            return _group_norm(norm, x, silu=False)
-        return type(norm).forward(norm, x)
+        y = self._group_norm(norm, x, silu=False)
+        return y if y is not None else type(norm).forward(norm, x)
 
 
 class GroupNormSiLUForward(FusedForward):
@@ -80,23 +87,28 @@ class GroupNormSiLUForward(FusedForward):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         seq = self.module
-        layers = list(seq)
-        if len(layers) >= 2 and type(layers[1]) is nn.SiLU and _group_norm_fusable(layers[0], x):
-            h = _group_norm(layers[0], x, silu=True)
-            for layer in layers[2:]:
-                h = layer(h)
-            return h
-        return nn.Sequential.forward(seq, x)
+        layers = list(seq._modules.values())
+        h = self._group_norm(layers[0], x, silu=True) if len(layers) >= 2 and type(layers[1]) is nn.SiLU else None
+        if h is None:
+            return nn.Sequential.forward(seq, x)
+        for layer in layers[2:]:
+            h = layer(h)
+        return h
 
 
 class GegluForward(FusedForward):
     """A GEGLU's forward: ``x, gate = proj(h).chunk(2, -1); x * gelu(gate)`` with the gate in one kernel."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels.backends import triton_geglu
         h = self.module.proj(x)
-        if _may_fuse(h) and triton_geglu.takes(h):
-            return triton_geglu.geglu(h)
+        if _may_fuse(h):
+            kernel = self._kernels.get("geglu")
+            if kernel is None:
+                from ..kernels.backends import triton_geglu
+                kernel = self._kernels["geglu"] = triton_geglu.Geglu()
+            out = kernel(h)
+            if out is not None:
+                return out
         x, gate = h.chunk(2, dim=-1)     # the host's GEGLU.forward after its proj
         return x * F.gelu(gate)
 

@@ -181,9 +181,42 @@ class ConvW8A8:
         self.launcher = triton_launch.Launcher(_conv_kernel, "conv2d_w8a8")
         self.weight_descs = triton_launch.WeightDescriptors(self.wq.view(self.oc, self.kh * self.kw * self.c)) \
             if self.w_tma else None
+        self._calls = triton_launch.BoundCalls()   # key -> bound call, or False (``run``)
 
     def __call__(self, x: torch.Tensor, static_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """NCHW (or channels_last) float in, same layout out, per-sample dynamic (or static) scale."""
+        """NCHW (or channels_last) float in, same layout out, per-sample dynamic (or static) scale. From the second
+        call at an input's (shape, dtype, alignment) a bound call (three C launches with their grids and fixed
+        arguments worked out once; triton_groupnorm.GroupNorm says why: host time of an eager UNet step)."""
+        key = (x.shape, x.dtype, x.is_contiguous(), x.data_ptr() % 16 == 0,
+               None if static_scale is None else (static_scale.dtype, static_scale.data_ptr() % 16 == 0))
+        call = self._calls.get(key)
+        if call:
+            y = call(x, static_scale)
+            if y is not None:
+                return y
+        elif call is None:
+            y = self.run(x, static_scale)
+            self._bind(key, x, static_scale)
+            return y
+        return self.run(x, static_scale)
+
+    def _geometry(self, shape: tuple, y_strides: tuple) -> tuple:
+        """(output height, width, M, the kernel's integer arguments) for an input of ``shape``."""
+        nb, c, h, w = shape
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        oh, ow = ConvGeometry.of(stride, padding, dilation).output_size(h, w, self.kh, self.kw)
+        m = nb * oh * ow
+        per_sample = 1 if nb > 1 else 0    # one scale per sample (a static one expanded to N)
+        ints = (m, m_bucket(m), h, w, c, oh, ow, self.oc, stride[0], stride[1], padding[0], padding[1],
+                dilation[0], dilation[1], y_strides[0], y_strides[1], y_strides[3], per_sample)
+        return oh, ow, m, ints
+
+    def _flags(self) -> dict:
+        pointwise = self.kh == 1 and self.kw == 1 and self.stride == (1, 1) and self.padding == (0, 0)
+        return dict(KH=self.kh, KW=self.kw, POINTWISE=pointwise, HAS_BIAS=self.bias is not None, W_TMA=self.w_tma)
+
+    def run(self, x: torch.Tensor, static_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The general path: checks, the quantizer's launches and the conv's through triton_launch."""
         if x.dim() != 4:
             raise ValueError(f"conv2d wants x NCHW and int8 weight [OC, C, KH, KW], got {tuple(x.shape)} "
                              f"and {self.qweight.dtype} {tuple(self.qweight.shape)}")
@@ -191,31 +224,60 @@ class ConvW8A8:
         oc, kh, kw = self.oc, self.kh, self.kw
         if c != self.c:
             raise ValueError(f"weight expects {self.c} input channels, x has {c}")
-        stride, padding, dilation = self.stride, self.padding, self.dilation
-        oh, ow = ConvGeometry.of(stride, padding, dilation).output_size(h, w, kh, kw)
+        oh, ow = ConvGeometry.of(self.stride, self.padding, self.dilation).output_size(h, w, kh, kw)
         if oh <= 0 or ow <= 0:
-            raise ValueError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {padding}")
+            raise ValueError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {self.padding}")
         if max(x.numel(), nb * oc * oh * ow, self.qweight.numel()) > _MAX_INT32:
             raise ValueError("conv2d exceeds 32-bit indexing; split the batch")
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         xq, a_scale = self.quantizer(x, static_scale)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         y = torch.empty((nb, oc, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
-        m = nb * oh * ow
-        pointwise = kh == 1 and kw == 1 and stride == (1, 1) and padding == (0, 0)
+        _, _, m, ints = self._geometry(x.shape, y.stride())
         ws = self.w_scale if self.w_scale.device == x.device else self.w_scale.to(x.device)
         bias_arg = self.bias if self.bias is not None else ws
-        per_sample = 1 if a_scale.numel() > 1 else 0
-        ints = (m, m_bucket(m), h, w, c, oh, ow, oc, stride[0], stride[1], padding[0], padding[1],
-                dilation[0], dilation[1], y.stride(0), y.stride(1), y.stride(3), per_sample)
 
         def grid(meta):
             return (triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(oc, meta["BLOCK_N"]),)
-        flags = dict(KH=kh, KW=kw, POINTWISE=pointwise, HAS_BIAS=self.bias is not None, W_TMA=self.w_tma)
         key = (x.dtype, m_bucket(m)) + triton_launch.facts(xq, y, a_scale, *ints)
         weight = self.weight_descs.get if self.w_tma else lambda meta: self.wq
-        self.launcher(key, grid, lambda meta: (xq, weight(meta), y, a_scale, ws, bias_arg) + ints, flags)
+        self.launcher(key, grid, lambda meta: (xq, weight(meta), y, a_scale, ws, bias_arg) + ints, self._flags())
         return y
+
+    def _bind(self, key, x: torch.Tensor, static_scale) -> None:
+        """After ``run`` at a new key: the bound call there for a contiguous NCHW input (a static scale: fp32 [1]),
+        if the quantizer's and the conv's launches were learned with C launchers on the current device."""
+        if not self._calls.open(key) or not x.is_contiguous() or (
+                static_scale is not None and (static_scale.dtype != torch.float32 or static_scale.numel() != 1)):
+            return
+        shape, dtype, x_aligned, static = x.shape, x.dtype, key[3], static_scale is not None
+        quantize = self.quantizer.bound(shape, dtype, x_aligned, static, static and key[4][1])
+        oh, ow = ConvGeometry.of(self.stride, self.padding, self.dilation).output_size(shape[2], shape[3],
+                                                                                        self.kh, self.kw)
+        y_shape = (shape[0], self.oc, oh, ow)      # contiguous NCHW, as run() makes it for this input
+        _, _, m, ints = self._geometry(shape, (self.oc * oh * ow, oh * ow, ow, 1))
+        # Fresh allocations start 16-byte aligned (codes, output); the scales as the quantizer hands them over.
+        a_aligned = True if not static else (key[4][1] or shape[0] > 1)
+        record = self.launcher.learned((dtype, m_bucket(m), True, True, a_aligned) + triton_launch.facts(*ints))
+        device = self.launcher.current_device() if record is not None else None
+        if quantize is None or record is None or device != x.get_device() or self.w_scale.device != x.device:
+            return
+        gx = (triton_support.cdiv(m, record.meta["BLOCK_M"]) * triton_support.cdiv(self.oc, record.meta["BLOCK_N"]),)
+        weight = self.weight_descs.get(record.meta) if self.w_tma else self.wq
+        ws = self.w_scale
+        bias_arg = self.bias if self.bias is not None else ws
+        c_launch, current, stream_of, where = record.c_launch, self.launcher.current_device, self.launcher.stream, \
+            x.device
+
+        def call(x, static_scale):
+            if current() != device:   # compiled kernels belong to the device they were made on
+                return None
+            stream = stream_of(device)
+            xq, a_scale = quantize(stream, x, static_scale)
+            y = torch.empty(y_shape, dtype=dtype, device=where)
+            c_launch(gx[0], 1, 1, stream, (xq, weight, y, a_scale, ws, bias_arg) + ints)
+            return y
+        self._calls[key] = call
 
 
 def conv2d_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

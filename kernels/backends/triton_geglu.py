@@ -43,13 +43,73 @@ def takes(h: torch.Tensor) -> bool:
 
 def geglu(h: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
     """``x * F.gelu(gate)`` for ``x, gate = h.chunk(2, -1)``; ``h`` as ``takes`` accepts it. Output contiguous,
-    h's dtype, shape [..., D]."""
-    block, warps = config or CONFIG
-    d = h.shape[-1] // 2
-    out = torch.empty(h.shape[:-1] + (d,), dtype=h.dtype, device=h.device)
-    total = out.numel()
-    grid = (triton_support.cdiv(total, block),)
-    key = (h.dtype, block, warps) + triton_launch.facts(h, out, total, d)
-    triton_launch.shared(_geglu_kernel, "geglu")(key, lambda meta: grid, lambda meta: (h, out, total, d),
-                                                 dict(BLOCK=block, num_warps=warps))
-    return out
+    h's dtype, shape [..., D]. One-shot; call sites keep a ``Geglu``."""
+    return Geglu(config).run(h)
+
+
+class Geglu:
+    """One call site's GEGLU gate: its launch, and from the second call at an input's (shape, dtype, alignment) a
+    bound call (the learned C launcher with grid and arguments worked out once; triton_groupnorm.GroupNorm says
+    why: an eager SDXL step makes 70 of these calls, host-bound)."""
+
+    def __init__(self, config: tuple | None = None):
+        self.config = config or CONFIG
+        self._calls = triton_launch.BoundCalls()   # key -> bound call, False (``run``), DECLINED (host ops)
+
+    def __call__(self, h: torch.Tensor):
+        """``run(h)``, or None where the kernel does not take ``h`` (the caller runs the host's ops)."""
+        key = (h.shape, h.dtype, h.is_contiguous(), h.data_ptr() % 16 == 0)
+        call = self._calls.get(key)
+        if call:
+            out = call(h)
+            return out if out is not None else self.run(h)
+        if call is None:
+            if not takes(h):
+                self._calls.decline(key)
+                return None
+            out = self.run(h)
+            self._bind(key, h)
+            return out
+        return None if call is triton_launch.DECLINED else self.run(h)
+
+    def _key(self, h, out_aligned: bool, total: int, d: int) -> tuple:
+        block, warps = self.config
+        return (h.dtype, block, warps, h.data_ptr() % 16 == 0, out_aligned) + triton_launch.facts(total, d)
+
+    def run(self, h: torch.Tensor) -> torch.Tensor:
+        """The general path: the launch through triton_launch (Triton's dispatch at a key's first call)."""
+        block, warps = self.config
+        d = h.shape[-1] // 2
+        out = torch.empty(h.shape[:-1] + (d,), dtype=h.dtype, device=h.device)
+        total = out.numel()
+        grid = (triton_support.cdiv(total, block),)
+        triton_launch.shared(_geglu_kernel, "geglu")(self._key(h, out.data_ptr() % 16 == 0, total, d),
+                                                     lambda meta: grid, lambda meta: (h, out, total, d),
+                                                     dict(BLOCK=block, num_warps=warps))
+        return out
+
+    def _bind(self, key, h) -> None:
+        """After ``run`` at a new key: the bound call there, if the launch was learned with a C launcher on the
+        current device (else ``run`` stays)."""
+        if not self._calls.open(key) or not h.is_contiguous():
+            return
+        launcher = triton_launch.shared(_geglu_kernel, "geglu")
+        d = h.shape[-1] // 2
+        shape = h.shape[:-1] + (d,)
+        total = h.numel() // 2
+        record = launcher.learned(self._key(h, True, total, d))   # fresh allocations start 16-byte aligned
+        if record is None:
+            return
+        device = launcher.current_device()
+        if device != h.get_device():
+            return
+        c_launch, current, stream_of = record.c_launch, launcher.current_device, launcher.stream
+        gx, dtype, where = triton_support.cdiv(total, self.config[0]), h.dtype, h.device
+
+        def call(h):
+            if current() != device:   # the compiled kernel belongs to the device it was made on
+                return None
+            out = torch.empty(shape, dtype=dtype, device=where)
+            c_launch(gx, 1, 1, stream_of(device), (h, out, total, d))
+            return out
+        self._calls[key] = call

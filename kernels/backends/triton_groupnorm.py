@@ -102,27 +102,107 @@ def takes(x: torch.Tensor, groups: int, weight, bias) -> bool:
 def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, silu: bool = False,
                config: tuple | None = None) -> torch.Tensor:
     """``F.group_norm(x, groups, weight, bias, eps)``, followed by ``F.silu`` if ``silu``; ``x`` as ``takes``
-    accepts it. The output has x's shape and dtype (contiguous)."""
-    block, chunk, warps = config or CONFIG
-    n, c = x.shape[:2]
-    rows = n * groups
-    s = x.numel() // rows
-    hw = s // (c // groups)
-    split = triton_support.cdiv(s, chunk)
-    parts = torch.empty((rows, split, 2), dtype=torch.float32, device=x.device)
-    y = torch.empty_like(x)
-    grid = (rows, split)
-    affine = weight is not None
-    w, b = (weight, bias) if affine else (x, x)
-    facts = triton_launch.facts(x, s, split)
-    triton_launch.shared(_gn_stats_kernel, "group_norm_stats")(
-        (x.dtype, block, chunk, warps) + facts, lambda meta: grid, lambda meta: (x, parts, s, split),
-        dict(BLOCK=block, CHUNK=chunk, num_warps=warps))
-    split_p = max(16, triton_support.next_power_of_2(split))
-    key = (x.dtype, w.dtype, block, chunk, warps, split_p, affine, silu) + facts \
-        + triton_launch.facts(w, b, y, hw, c // groups, groups)
-    triton_launch.shared(_gn_apply_kernel, "group_norm_apply")(
-        key, lambda meta: grid,
-        lambda meta: (x, w, b, y, parts, s, hw, c // groups, groups, split, float(eps)),
-        dict(BLOCK=block, CHUNK=chunk, SPLIT_P=split_p, AFFINE=affine, SILU=silu, num_warps=warps))
-    return y
+    accepts it. The output has x's shape and dtype (contiguous). One-shot; call sites keep a ``GroupNorm``."""
+    return GroupNorm(groups, eps, silu, config).run(x, weight, bias)
+
+
+class GroupNorm:
+    """One call site's GroupNorm (+ SiLU): its two launches, and from the second call at an input's (shape, dtype,
+    alignment) and weights (addresses, dtype) a bound call: the learned C launchers (triton_launch) with the grid
+    and every fixed argument worked out once, two allocations and two launches per call. Why: an eager SDXL step
+    makes 46 of these calls and is host-bound; the general path's Python (checks, keys, specialization facts,
+    launch lambdas) cost ~24 us per call on this machine's CPU against ~5 bound, launches not counted
+    (bench/fused_ops_host.py)."""
+
+    def __init__(self, groups: int, eps: float, silu: bool, config: tuple | None = None):
+        self.groups, self.eps, self.silu = groups, float(eps), silu
+        self.config = config or CONFIG
+        self._calls = triton_launch.BoundCalls()   # key -> bound call, False (``run``), DECLINED (host ops)
+
+    def __call__(self, x: torch.Tensor, weight, bias):
+        """``run(x, weight, bias)``, or None where the kernels do not take ``x`` (the caller runs the host's ops)."""
+        # The weights' addresses stand for their device, alignment and layout (a weight moved is a new key).
+        key = (x.shape, x.dtype, x.is_contiguous(), x.data_ptr() % 16 == 0,
+               None if weight is None else (weight.data_ptr(), weight.dtype, None if bias is None else bias.data_ptr()))
+        call = self._calls.get(key)
+        if call:
+            y = call(x, weight, bias)
+            return y if y is not None else self.run(x, weight, bias)
+        if call is None:
+            if not takes(x, self.groups, weight, bias):
+                self._calls.decline(key)
+                return None
+            y = self.run(x, weight, bias)
+            self._bind(key, x, weight, bias)
+            return y
+        return None if call is triton_launch.DECLINED else self.run(x, weight, bias)
+
+    def _geometry(self, x: torch.Tensor) -> tuple:
+        n, c = x.shape[:2]
+        rows = n * self.groups
+        s = x.numel() // rows
+        split = triton_support.cdiv(s, self.config[1])
+        # The apply program adds up its group's SPLIT parts in one block of SPLIT_P lanes.
+        return rows, s, s // (c // self.groups), c // self.groups, split, max(16, triton_support.next_power_of_2(split))
+
+    def _keys(self, x, w, b, y_aligned: bool, geometry: tuple) -> tuple:
+        """The two launches' keys (what Triton specializes on, triton_launch)."""
+        block, chunk, warps = self.config
+        rows, s, hw, cg, split, split_p = geometry
+        facts = triton_launch.facts(x, s, split)
+        return ((x.dtype, block, chunk, warps) + facts,
+                (x.dtype, w.dtype, block, chunk, warps, split_p, w is not x, self.silu) + facts
+                + (w.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0, y_aligned)
+                + triton_launch.facts(hw, cg, self.groups))
+
+    def run(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
+        """The general path: both launches through triton_launch (Triton's dispatch at a key's first call)."""
+        block, chunk, warps = self.config
+        geometry = rows, s, hw, cg, split, split_p = self._geometry(x)
+        parts = torch.empty((rows, split, 2), dtype=torch.float32, device=x.device)
+        y = torch.empty_like(x)
+        grid = (rows, split)
+        affine = weight is not None
+        w, b = (weight, bias) if affine else (x, x)
+        stats_key, apply_key = self._keys(x, w, b, y.data_ptr() % 16 == 0, geometry)
+        groups, eps = self.groups, self.eps
+        triton_launch.shared(_gn_stats_kernel, "group_norm_stats")(
+            stats_key, lambda meta: grid, lambda meta: (x, parts, s, split),
+            dict(BLOCK=block, CHUNK=chunk, num_warps=warps))
+        triton_launch.shared(_gn_apply_kernel, "group_norm_apply")(
+            apply_key, lambda meta: grid, lambda meta: (x, w, b, y, parts, s, hw, cg, groups, split, eps),
+            dict(BLOCK=block, CHUNK=chunk, SPLIT_P=split_p, AFFINE=affine, SILU=self.silu, num_warps=warps))
+        return y
+
+    def _bind(self, key, x, weight, bias) -> None:
+        """After ``run`` at a new key: the bound call there, if both launches were learned with C launchers on the
+        current device (else ``run`` stays: CPU, the interpreter, direct launches off)."""
+        if not self._calls.open(key) or not x.is_contiguous():
+            return
+        stats = triton_launch.shared(_gn_stats_kernel, "group_norm_stats")
+        apply = triton_launch.shared(_gn_apply_kernel, "group_norm_apply")
+        geometry = rows, s, hw, cg, split, _ = self._geometry(x)
+        affine = weight is not None
+        # Fresh allocations (torch.empty) start 16-byte aligned: the key ``run`` saw for y.
+        stats_key, apply_key = self._keys(x, weight if affine else x, bias if affine else x, True, geometry)
+        records = stats.learned(stats_key), apply.learned(apply_key)
+        if None in records:
+            return
+        device = stats.current_device()
+        if device != x.get_device():
+            return
+        c_stats, c_apply = records[0].c_launch, records[1].c_launch
+        current, stream_of = stats.current_device, stats.stream
+        shape, dtype, where, groups, eps = x.shape, x.dtype, x.device, self.groups, self.eps
+
+        def call(x, weight, bias):
+            if current() != device:   # compiled kernels belong to the device they were made on
+                return None
+            stream = stream_of(device)
+            parts = torch.empty((rows, split, 2), dtype=torch.float32, device=where)
+            y = torch.empty(shape, dtype=dtype, device=where)
+            w, b = (weight, bias) if affine else (x, x)
+            c_stats(rows, split, 1, stream, (x, parts, s, split))
+            c_apply(rows, split, 1, stream, (x, w, b, y, parts, s, hw, cg, groups, split, eps))
+            return y
+        self._calls[key] = call

@@ -58,11 +58,25 @@ def binding() -> bool:
     return switches.on("OCTET_BIND")
 
 
+class _Declined:
+    """BoundCalls' mark for a key whose inputs the kernels do not take (the caller runs the host's ops)."""
+
+    def __bool__(self):
+        return False
+
+    def __repr__(self):
+        return "DECLINED"
+
+
+DECLINED = _Declined()
+
+
 class BoundCalls(dict):
-    """One plan's bound calls by input key; False marks a key that takes the general path. A plan looks its key
-    up on every call; after the first call at a new key it calls ``open(key)`` and, where that returns True,
-    may store the bound call it makes. At most 64 keys: a video model's changing lengths start it over rather
-    than grow it. ``binding()`` is read once, when the plan is made."""
+    """One plan's (or call site's) bound calls by input key; False marks a key that takes the general path,
+    DECLINED one the kernels do not take. A plan looks its key up on every call; after the first call at a new
+    key it calls ``open(key)`` and, where that returns True, may store the bound call it makes. At most 64 keys:
+    a video model's changing lengths start it over rather than grow it. ``binding()`` is read once, when the plan
+    is made."""
 
     LIMIT = 64
 
@@ -76,6 +90,11 @@ class BoundCalls(dict):
             self.clear()
         self[key] = False
         return self.enabled
+
+    def decline(self, key) -> None:
+        """Mark ``key`` as one the kernels do not take."""
+        self.open(key)
+        self[key] = DECLINED
 
 
 def _hook_set(hook) -> bool:

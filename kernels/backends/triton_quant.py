@@ -206,7 +206,8 @@ def _sample_absmax_kernel(x_ptr, smooth_ptr, partial_ptr, C, HW, num_chunks,
 def _quantize_nchw_to_nhwc_kernel(x_ptr, smooth_ptr, partial_ptr, static_ptr, q_ptr, scale_ptr,
                                   C, HW, num_chunks,
                                   HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr,
-                                  SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                                  SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, BLOCK_C: tl.constexpr,
+                                  BLOCK_HW: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     pid_hw = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -256,29 +257,77 @@ class SampleQuantizer:
         device = x.device
         q = torch.empty((n, h, w, c), dtype=torch.int8, device=device)
         smooth_arg = self.smooth if self.smooth is not None else x
-        has_smooth = self.smooth is not None
         static = static_scale is not None
         if static:
             scales = static_scale.reshape(1).to(device=device, dtype=torch.float32).expand(n).contiguous()
             partial = scales
-            num_chunks = 1
         else:
             scales = torch.empty((n,), dtype=torch.float32, device=device)
-            block = 8192
-            num_chunks = triton_support.cdiv(c * hw, block)
-            partial = torch.empty((n, num_chunks), dtype=torch.float32, device=device)
-            self.absmax((x.dtype,) + triton_launch.facts(x, partial, hw, num_chunks), lambda meta: (n, num_chunks),
-                        lambda meta: (x, smooth_arg, partial, c, hw, num_chunks),
-                        dict(HAS_SMOOTH=has_smooth, BLOCK=block, num_warps=8))
-        block_c, block_hw = 64, 64
-        grid = (n, triton_support.cdiv(hw, block_hw), triton_support.cdiv(c, block_c))
-        flags = dict(HAS_SMOOTH=has_smooth, STATIC=static, SCALE_BY_RECIPROCAL=x.is_cuda,
-                     BLOCK_CHUNKS=triton_support.next_power_of_2(num_chunks), BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
-        key = (x.dtype, static, flags["BLOCK_CHUNKS"]) + triton_launch.facts(x, partial, scales, q, hw, num_chunks)
-        self.quantize(key,
+            partial = torch.empty((n, self._chunks(c * hw)), dtype=torch.float32, device=device)
+        absmax_key, quantize_key, num_chunks = self._keys(x.dtype, x.data_ptr() % 16 == 0, static,
+                                                          partial.data_ptr() % 16 == 0, hw, c * hw)
+        if not static:
+            self.absmax(absmax_key, lambda meta: (n, num_chunks),
+                        lambda meta: (x, smooth_arg, partial, c, hw, num_chunks), self._absmax_flags)
+        grid = (n, triton_support.cdiv(hw, self.BLOCK_HW), triton_support.cdiv(c, self.BLOCK_C))
+        self.quantize(quantize_key,
                       lambda meta: grid, lambda meta: (x, smooth_arg, partial, scales, q, scales, c, hw, num_chunks),
-                      flags)
+                      self._quantize_flags(static, x.is_cuda, num_chunks))
         return q, scales
+
+    BLOCK, BLOCK_C, BLOCK_HW = 8192, 64, 64     # the absmax pass's chunk; the quantize pass's tile
+
+    @property
+    def _absmax_flags(self) -> dict:
+        return dict(HAS_SMOOTH=self.smooth is not None, BLOCK=self.BLOCK, num_warps=8)
+
+    def _chunks(self, per_sample: int) -> int:
+        return triton_support.cdiv(per_sample, self.BLOCK)
+
+    def _quantize_flags(self, static: bool, cuda: bool, num_chunks: int) -> dict:
+        return dict(HAS_SMOOTH=self.smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=cuda,
+                    BLOCK_CHUNKS=triton_support.next_power_of_2(num_chunks), BLOCK_C=self.BLOCK_C,
+                    BLOCK_HW=self.BLOCK_HW, num_warps=4)
+
+    def _keys(self, dtype, x_aligned: bool, static: bool, scales_aligned: bool, hw: int, per_sample: int) -> tuple:
+        """The two launches' keys (what Triton specializes on, triton_launch) and the chunks per sample. q is a
+        fresh allocation (16-byte aligned); a static scale is both the partial and the scales tensor."""
+        num_chunks = 1 if static else self._chunks(per_sample)
+        facts = (x_aligned, scales_aligned) + triton_launch.facts(hw, num_chunks)
+        return ((dtype,) + facts, (dtype, static, triton_support.next_power_of_2(num_chunks)) + facts
+                + (scales_aligned, True), num_chunks)
+
+    def bound(self, shape: tuple, dtype, x_aligned: bool, static: bool, static_aligned: bool):
+        """``launch(stream, x, static_scale) -> (q, scales)`` for contiguous NCHW CUDA inputs of ``shape`` and
+        ``dtype`` with these alignment facts (a static scale: fp32 on x's device, [1]), through the C launchers
+        Triton's first calls at those keys left; None where there are none. The caller checks the device."""
+        n, c, h, w = shape
+        hw = h * w
+        # A static scale is expanded to [N]: the same tensor at N=1, a fresh (aligned) one above.
+        scales_aligned = (static_aligned or n > 1) if static else True
+        absmax_key, quantize_key, num_chunks = self._keys(dtype, x_aligned, static, scales_aligned, hw, c * hw)
+        absmax = None if static else self.absmax.learned(absmax_key)
+        quantize = self.quantize.learned(quantize_key)
+        if quantize is None or (absmax is None and not static):
+            return None
+        c_quantize, c_absmax = quantize.c_launch, None if static else absmax.c_launch
+        smooth = self.smooth
+        grid = (n, triton_support.cdiv(hw, self.BLOCK_HW), triton_support.cdiv(c, self.BLOCK_C))
+
+        def launch(stream, x, static_scale):
+            device = x.device
+            q = torch.empty((n, h, w, c), dtype=torch.int8, device=device)
+            smooth_arg = smooth if smooth is not None else x
+            if static:
+                scales = partial = static_scale.expand(n).contiguous()
+            else:
+                scales = torch.empty((n,), dtype=torch.float32, device=device)
+                partial = torch.empty((n, num_chunks), dtype=torch.float32, device=device)
+                c_absmax(n, num_chunks, 1, stream, (x, smooth_arg, partial, c, hw, num_chunks))
+            c_quantize(grid[0], grid[1], grid[2], stream,
+                       (x, smooth_arg, partial, scales, q, scales, c, hw, num_chunks))
+            return q, scales
+        return launch
 
 
 def quantize_per_sample_nhwc(x: torch.Tensor, smooth: torch.Tensor | None = None,
