@@ -33,7 +33,8 @@ import octet_pack  # noqa: E402
 from lean_blocks import time_call  # noqa: E402
 
 # (name, kind, channels, spatial or tokens, calls per SDXL step at 1024²)
-CASES = [("GroupNorm+SiLU 320x128x128", "groupnorm", 320, 128, 12), ("GroupNorm+SiLU 640x64x64", "groupnorm", 640, 64, 12),
+CASES = [("GroupNorm+SiLU 320x128x128", "groupnorm", 320, 128, 12),
+         ("GroupNorm+SiLU 640x64x64", "groupnorm", 640, 64, 12),
          ("GroupNorm+SiLU 1280x32x32", "groupnorm", 1280, 32, 22),
          ("GEGLU gate 4096x2x2560", "geglu", 2560, 4096, 10), ("GEGLU gate 1024x2x5120", "geglu", 5120, 1024, 60),
          ("INT8 conv 320x128x128", "conv", 320, 128, 10), ("INT8 conv 640x64x64", "conv", 640, 64, 10),
@@ -129,7 +130,8 @@ def main() -> int:
         deferred._kernels_run_on = lambda t: True
         from comfyui_octet.kernels.backends import triton_geglu, triton_groupnorm
         for kernel, name in ((triton_groupnorm._gn_stats_kernel, "group_norm_stats"),
-                             (triton_groupnorm._gn_apply_kernel, "group_norm_apply"), (triton_geglu._geglu_kernel, "geglu")):
+                             (triton_groupnorm._gn_apply_kernel, "group_norm_apply"),
+                             (triton_geglu._geglu_kernel, "geglu")):
             stand_in(triton_launch.shared(kernel, name))
     card = torch.cuda.get_device_name() if cuda else "cpu (proxy: tiny shapes, stand-in launches)"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -170,7 +172,8 @@ def main() -> int:
                    "host_ms_saved_per_step": (med["octet unbound"] - med["octet bound"]) * per_step / 1000,
                    "bound_minus_host_ms_per_step": (med["octet bound"] - med["host"]) * per_step / 1000}
             rows.append(row)
-            print(f"[{card}] {name}: host us/call: host ops {med['host']:.1f}, Octet unbound {med['octet unbound']:.1f},"
+            print(f"[{card}] {name}: host us/call: host ops {med['host']:.1f}, "
+                  f"Octet unbound {med['octet unbound']:.1f},"
                   f" bound {med['octet bound']:.1f} ({row['unbound_over_bound']:.2f}x); wall us: "
                   + ", ".join(f"{statistics.median(wall_us[v]):.1f}" for v in VARIANTS)
                   + f"; {row['host_ms_saved_per_step']:.2f} ms of host time less per SDXL step ({per_step} calls)",

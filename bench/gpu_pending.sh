@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements built for but not yet run (the twentieth and twenty-first sessions had no device machine
+# The GPU measurements built for but not yet run (the twentieth to twenty-second sessions had no device machine
 # after their first calls / at all): what they change, timed the way docs/BENCHMARKS.md says, each part small
 # enough for one device call (10 minutes). On the device machine, from the repository root:
 #
@@ -29,8 +29,9 @@ case "$part" in
         env -u COMFYUI_PATH python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_octet_qk \
             octet_dynamic --rounds 20 --out "$dest/wan_0375" 2>&1 | quiet
     fi ;;
-  kernels)  # host vs lean per block at the real widths; Wan's q/k kernel against the host's ops, its tiles
+  kernels)  # host vs lean per block at the real widths; bound fused-op / conv sites; Wan's q/k kernel, its tiles
     python3 bench/lean_blocks.py --rounds 30 --out "$dest" 2>&1 | quiet
+    python3 bench/fused_ops_host.py --rounds 30 --out "$dest" 2>&1 | quiet
     python3 bench/deferred_kernels.py --only wan --sweep --out "$dest" 2>&1 | quiet ;;
   lowvram)  # the twentieth session's copies made two calls ahead
     python3 bench/low_vram.py --dynamic-vram --model flux-dev --free-gib 8 \
@@ -39,7 +40,8 @@ case "$part" in
         --variants bf16 octet_no_ahead octet octet_ahead2 --steps 4 --out "$dest" 2>&1 | quiet ;;
   tests)    # the GPU halves of the tests written without a device
     python3 -P -c "import pytest, sys; sys.exit(pytest.main(['-q', '-rfE', '-p', 'no:cacheprovider',
-        'tests/kernels/test_triton_rope.py', 'tests/nodes/test_lean_blocks_host.py',
+        'tests/kernels/test_triton_rope.py', 'tests/kernels/test_bound_site_calls.py',
+        'tests/kernels/test_triton_conv.py', 'tests/nodes/test_lean_blocks_host.py',
         'tests/nodes/test_wan_fusions_host.py', 'tests/nodes/test_dynamic_vram.py']))" 2>&1 | quiet \
         | grep -E "^E |FAILED|passed|failed" ;;
   *) echo "gpu_pending: unknown part '$part' (eager | kernels | lowvram | tests)" >&2; exit 2 ;;

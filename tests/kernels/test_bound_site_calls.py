@@ -19,8 +19,11 @@ from comfyui_octet.kernels import torch_ref
 from comfyui_octet.kernels.backends import triton_launch, triton_support
 from kernel_testing import randn
 
-pytestmark = pytest.mark.skipif(not triton_support.interpreting() or triton_support.unavailable_reason() is not None,
-                                reason="stand-in launchers over Triton's CPU interpreter (TRITON_INTERPRET=1)")
+interpreter_only = pytest.mark.skipif(
+    not triton_support.interpreting() or triton_support.unavailable_reason() is not None,
+    reason="stand-in launchers over Triton's CPU interpreter (TRITON_INTERPRET=1)")
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available() or triton_support.interpreting(),
+                              reason="the compiled launchers: a GPU")
 
 
 def _tensor_ids(args, inputs):
@@ -84,6 +87,7 @@ def _check_bound(site, inputs_of, calls, log, names):
         assert callable(site._calls[next(reversed(site._calls))])
 
 
+@interpreter_only
 def test_a_group_norm_sites_bound_call_launches_what_the_general_path_launches(learning, rng):
     from comfyui_octet.kernels.backends import triton_groupnorm as gn
     make, log = learning
@@ -118,6 +122,7 @@ def test_a_group_norm_sites_bound_call_launches_what_the_general_path_launches(l
     assert ran == [1]
 
 
+@interpreter_only
 def test_a_geglu_sites_bound_call_launches_what_the_general_path_launches(learning, rng):
     from comfyui_octet.kernels.backends import triton_geglu
     make, log = learning
@@ -133,6 +138,7 @@ def test_a_geglu_sites_bound_call_launches_what_the_general_path_launches(learni
     assert site(big[:3 * 5 * 41].view(3, 5, 41)) is None     # odd width: the host's ops
 
 
+@interpreter_only
 @pytest.mark.parametrize("static", [False, True])
 def test_an_int8_convs_bound_call_launches_what_the_general_path_launches(learning, rng, static):
     """Three launches (the per-sample absmax, the quantizer, the conv; a static scale skips the absmax) with their
@@ -166,3 +172,25 @@ def test_an_int8_convs_bound_call_launches_what_the_general_path_launches(learni
     cl = calls[0][0].contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(conv(cl, calls[0][1]), conv.run(calls[0][0], calls[0][1]), rtol=0, atol=0)
     assert conv._calls[next(reversed(conv._calls))] is False
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_sites_bound_calls_give_the_general_paths_numbers_on_changing_inputs(dtype, rng):
+    """On a GPU, with Triton's real compiled launchers: each site's second and later calls at a key take the bound
+    call (checked), on fresh inputs every call, and equal the general path bit for bit; outputs are compared after
+    every call was issued (a bound call that reused a buffer would show)."""
+    from comfyui_octet.kernels.backends import triton_conv, triton_geglu, triton_groupnorm
+    qweight, w_scale = torch_ref.quantize_weight(randn((64, 64 * 9), rng))
+    w, b = 1 + 0.3 * randn((64,), rng, device="cuda"), 0.2 * randn((64,), rng, device="cuda")
+    wd, bd = w.to(dtype), b.to(dtype)     # one weight tensor: a weight's address is part of a site's key
+    sites = [(triton_groupnorm.GroupNorm(32, 1e-5, True), lambda: (randn((2, 64, 16, 12), rng, dtype, "cuda"), wd, bd)),
+             (triton_geglu.Geglu(), lambda: (randn((1, 77, 128), rng, dtype, "cuda"),)),
+             (triton_conv.ConvW8A8(qweight.view(64, 64, 3, 3).cuda(), w_scale.cuda(), b, 1, 1, 1, 1, None),
+              lambda: (randn((2, 64, 16, 12), rng, dtype, "cuda"), None))]
+    for site, make in sites:
+        inputs = [make() for _ in range(4)]
+        outs = [site(*args) for args in inputs]
+        assert sum(callable(call) for call in site._calls.values()) == 1, type(site).__name__
+        for args, out in zip(inputs, outs):
+            assert torch.equal(out, site.run(*args)), type(site).__name__
