@@ -29,8 +29,11 @@ from e2e import octet_pack  # noqa: E402
 # models in one process cannot have them set differently.
 # The lean stacks' switch is read when a model is quantized (octet/lean_blocks.py), so its variants pair too;
 # bf16_octet_qk needs OCTET_DEFERRED on, as every other variant here.
+# octet_dynamic_eager_deferral: its plans take deferred inputs in eager steps too (OCTET_EAGER_DEFERRAL=1 while they
+# are made, in its warm-up: kernels/backends/triton_backend.py deferral_pays), for a GPU-bound host.
 PAIRABLE = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
-            "octet_dynamic_memory", "octet_dynamic_not_lean", "bf16_octet_lean", "bf16_octet_qk")
+            "octet_dynamic_memory", "octet_dynamic_not_lean", "bf16_octet_lean", "bf16_octet_qk",
+            "octet_dynamic_eager_deferral")
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -75,14 +78,18 @@ def main() -> int:
     for variant in args.variants:
         model = e2e.build(args.model, "host_fp8_e4m3fn_fast" if variant == "host_fp8_e4m3fn_fast" else "bf16",
                           dev, tiny)
+        forced = variant.endswith("_eager_deferral")
         if variant.startswith("octet_"):
-            e2e.quantize(model, variant, x, sigma, kw)
+            e2e.quantize(model, variant.removesuffix("_eager_deferral"), x, sigma, kw)
         elif variant == "bf16_octet_lean":
             e2e.lean_install(model.diffusion_model)
         elif variant == "bf16_octet_qk":          # the q/k preparation kernels alone (Flux, SD3, Wan), no INT8
             from comfyui_octet.octet import deferred
             deferred.install_qk(model.diffusion_model)
+        if forced:
+            os.environ["OCTET_EAGER_DEFERRAL"] = "1"
         e2e.time_steps(model, x, sigma, kw, args.warmup, 0)      # plans made, kernels tuned
+        os.environ.pop("OCTET_EAGER_DEFERRAL", None)
         models[variant] = model
         rows[variant] = {"weight_bytes": e2e.weight_bytes(model.diffusion_model)}
     gc.collect()

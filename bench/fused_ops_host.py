@@ -72,6 +72,9 @@ def build(kind, channels, size, device, dtype, bind: bool):
     os.environ["OCTET_BIND"] = "1" if bind else "0"
     if kind == "groupnorm":
         seq = nn.Sequential(ops.GroupNorm(32, channels), nn.SiLU(), nn.Identity()).to(device=device, dtype=dtype)
+        with torch.no_grad():   # comfy.ops leaves weights uninitialised: the same values in every build
+            seq[0].weight.copy_(1 + 0.3 * torch.randn(channels, device=device, generator=g))
+            seq[0].bias.copy_(0.2 * torch.randn(channels, device=device, generator=g))
         x = torch.randn(1, channels, size, size, device=device, dtype=dtype, generator=g)
         site = float_fusions.GroupNormSiLUForward(seq)
         with torch.inference_mode():
@@ -92,6 +95,7 @@ def build(kind, channels, size, device, dtype, bind: bool):
     conv = ops.Conv2d(channels, channels, 3, padding=1).to(device=device, dtype=dtype)
     with torch.no_grad():
         conv.weight.normal_(0, (9 * channels) ** -0.5, generator=g)
+        conv.bias.normal_(0, 0.1, generator=g)
     qweight, scale = torch_ref.quantize_weight(conv.weight.float().reshape(channels, -1))
     site = triton_conv.ConvW8A8(qweight.view(conv.weight.shape), scale, conv.bias, 1, 1, 1, 1, None)
     if device.type != "cuda":

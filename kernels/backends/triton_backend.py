@@ -25,7 +25,7 @@ import torch
 
 import torch.nn.functional as F
 
-from .. import registry
+from .. import registry, switches
 from . import scratch as scratch_buffers
 from . import triton_support
 
@@ -103,9 +103,13 @@ def deferral_pays(req: registry.Request) -> bool:
     """Whether an eager call should take a deferred input (octet/deferred.py) rather than the float op's output:
     where the consumer's own GPU time covers its host time with the deferral's added, so the host stays ahead
     (Flux's qkv and linear2, 240-400 us) and the saved pass shows; not where it is shorter (SD3.5's 50-70 us
-    layers), which makes the step wait for the host. Replays (CUDA graphs) and CPU (the interpreter) always."""
+    layers), which makes the step wait for the host. Replays (CUDA graphs) and CPU (the interpreter) always.
+    ``OCTET_EAGER_DEFERRAL`` (read when a plan is made) overrides the estimate: 1 always, 0 never (benches)."""
     if req.device != "cuda" or not req.eager:
         return True
+    forced = switches.read("OCTET_EAGER_DEFERRAL")
+    if forced is not None:
+        return forced != "0"
     gpu = _gpu_seconds("w8a8", max(req.m, 1), max(req.n, 1), max(req.k, 1), None, False)
     return gpu >= _HOST_S["w8a8"] + _DEFERRED_HOST_S
 

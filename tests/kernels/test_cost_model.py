@@ -50,6 +50,18 @@ def test_eager_calls_take_a_deferred_input_only_where_the_gemm_hides_its_host_ti
     assert triton_backend.deferral_pays(cpu) is True, name                              # the interpreter's tests
 
 
+def test_octet_eager_deferral_overrides_the_eager_estimate_only(monkeypatch):
+    """OCTET_EAGER_DEFERRAL=1 defers SD3.5's 4096x1536x1536 eager layers (a GPU-bound host), =0 none of Flux's;
+    replays and CPU defer whatever it says (the switch is about an eager step's host time)."""
+    small, large = _req(4429, 1536, 1536), _req(4608, 9216, 3072)
+    assert not triton_backend.deferral_pays(small) and triton_backend.deferral_pays(large)
+    monkeypatch.setenv("OCTET_EAGER_DEFERRAL", "1")
+    assert triton_backend.deferral_pays(small) and triton_backend.deferral_pays(large)
+    monkeypatch.setenv("OCTET_EAGER_DEFERRAL", "0")
+    assert not triton_backend.deferral_pays(small) and not triton_backend.deferral_pays(large)
+    assert triton_backend.deferral_pays(_req(4429, 1536, 1536, eager=False))
+
+
 def test_speed_goal_float_path_pays_no_dequantization():
     # The speed goal keeps a float weight, the memory goal dequantizes it per call: the latter's float
     # path is dearer, so INT8 wins more often under the memory goal.
