@@ -47,14 +47,18 @@ def main() -> int:
     made.clear()
     collected = e2e.GcLog()
     times = [t * 1000 for t in e2e.time_steps(model, x, sigma, kw, warmup=0, iters=10, gc_log=collected)]
-    summary = modules.plan_summary(model.diffusion_model)
+    dm = model.diffusion_model
+    summary = modules.plan_summary(dm)
     row = {"model": args.model, "OCTET_DEFERRED": args.deferred, "card": card, "step_ms": statistics.median(times),
            "pending_per_step": {k: v / len(times) for k, v in made.items()},
            "plan_backends": dict(collections.Counter(b for layer in summary["layers"].values()
                                                      for b in layer["backends"])),
            "kept_bytes": summary["extra_bytes"], "versions": {"torch": torch.__version__},
+           # Which layers the eager plans keep in bf16, by name (and their weight's [N, K]): what the cost model chose.
+           "layer_backends": {name: [layer["backends"], list(dm.get_submodule(name).weight.shape[:2])]
+                              for name, layer in summary["layers"].items()},
            "gc_collections": collected.count, "gc_ms_per_step": collected.ms_per_step(len(times))}
-    print(f"[{card}] {json.dumps(row)}", flush=True)
+    print(f"[{card}] {json.dumps({k: v for k, v in row.items() if k != 'layer_backends'})}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.model}_deferred{args.deferred}.json"), "w") as f:
         json.dump(row, f, indent=1)
