@@ -21,7 +21,9 @@ source bench/gpu_host029.sh "$wheels" || exit 1
 quiet() { grep -v "aimdo:" | grep -v "LOW_VRAM_ROW"; }
 
 case "$part" in
-  eager)    # the lean blocks (SDXL, SD3.5) and Wan's q/k kernel in eager steps, paired round by round
+  eager)    # the lean blocks (SDXL, SD3.5) and Wan's q/k kernel in eager steps, paired round by round; whether an
+            # Octet model makes the process's own cuBLAS / allocator calls dearer to issue (bench/linear_host_cost.py)
+    python3 bench/linear_host_cost.py --out "$dest" 2>&1 | quiet
     python3 bench/eager_paired.py --model sdxl --variants bf16 bf16_octet_lean octet_dynamic octet_dynamic_not_lean \
         --rounds 40 --out "$dest" 2>&1 | quiet
     python3 bench/eager_paired.py --model sd3.5-medium --variants bf16 bf16_octet_lean octet_dynamic \
