@@ -189,23 +189,17 @@ class ConvW8A8:
         arguments worked out once; triton_groupnorm.GroupNorm says why: host time of an eager UNet step)."""
         key = (x.shape, x.dtype, x.is_contiguous(), x.data_ptr() % 16 == 0,
                None if static_scale is None else (static_scale.dtype, static_scale.data_ptr() % 16 == 0))
-        call = self._calls.get(key)
-        if call:
-            y = call(x, static_scale)
-            if y is not None:
-                return y
-        elif call is None:
-            y = self.run(x, static_scale)
-            self._bind(key, x, static_scale)
-            return y
-        return self.run(x, static_scale)
+        return self._calls.call(key, self.run, self._bind, (x, static_scale))
 
-    def _geometry(self, shape: tuple, y_strides: tuple) -> tuple:
-        """(output height, width, M, the kernel's integer arguments) for an input of ``shape``."""
+    def _geometry(self, shape: tuple, y_strides: tuple | None = None) -> tuple:
+        """(output height, width, M, the kernel's integer arguments) for an input of ``shape`` and an output of
+        ``y_strides`` (default: contiguous NCHW)."""
         nb, c, h, w = shape
         stride, padding, dilation = self.stride, self.padding, self.dilation
         oh, ow = ConvGeometry.of(stride, padding, dilation).output_size(h, w, self.kh, self.kw)
         m = nb * oh * ow
+        if y_strides is None:
+            y_strides = (self.oc * oh * ow, oh * ow, ow, 1)
         per_sample = 1 if nb > 1 else 0    # one scale per sample (a static one expanded to N)
         ints = (m, m_bucket(m), h, w, c, oh, ow, self.oc, stride[0], stride[1], padding[0], padding[1],
                 dilation[0], dilation[1], y_strides[0], y_strides[1], y_strides[3], per_sample)
@@ -252,10 +246,8 @@ class ConvW8A8:
             return
         shape, dtype, x_aligned, static = x.shape, x.dtype, key[3], static_scale is not None
         quantize = self.quantizer.bound(shape, dtype, x_aligned, static, static and key[4][1])
-        oh, ow = ConvGeometry.of(self.stride, self.padding, self.dilation).output_size(shape[2], shape[3],
-                                                                                        self.kh, self.kw)
+        oh, ow, m, ints = self._geometry(shape)
         y_shape = (shape[0], self.oc, oh, ow)      # contiguous NCHW, as run() makes it for this input
-        _, _, m, ints = self._geometry(shape, (self.oc * oh * ow, oh * ow, ow, 1))
         # Fresh allocations start 16-byte aligned (codes, output); the scales as the quantizer hands them over.
         a_aligned = True if not static else (key[4][1] or shape[0] > 1)
         record = self.launcher.learned((dtype, m_bucket(m), True, True, a_aligned) + triton_launch.facts(*ints))

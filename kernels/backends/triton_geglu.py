@@ -59,18 +59,7 @@ class Geglu:
     def __call__(self, h: torch.Tensor):
         """``run(h)``, or None where the kernel does not take ``h`` (the caller runs the host's ops)."""
         key = (h.shape, h.dtype, h.is_contiguous(), h.data_ptr() % 16 == 0)
-        call = self._calls.get(key)
-        if call:
-            out = call(h)
-            return out if out is not None else self.run(h)
-        if call is None:
-            if not takes(h):
-                self._calls.decline(key)
-                return None
-            out = self.run(h)
-            self._bind(key, h)
-            return out
-        return None if call is triton_launch.DECLINED else self.run(h)
+        return self._calls.call(key, self.run, self._bind, (h,), takes)
 
     def _key(self, h, out_aligned: bool, total: int, d: int) -> tuple:
         block, warps = self.config

@@ -124,18 +124,10 @@ class GroupNorm:
         # The weights' addresses stand for their device, alignment and layout (a weight moved is a new key).
         key = (x.shape, x.dtype, x.is_contiguous(), x.data_ptr() % 16 == 0,
                None if weight is None else (weight.data_ptr(), weight.dtype, None if bias is None else bias.data_ptr()))
-        call = self._calls.get(key)
-        if call:
-            y = call(x, weight, bias)
-            return y if y is not None else self.run(x, weight, bias)
-        if call is None:
-            if not takes(x, self.groups, weight, bias):
-                self._calls.decline(key)
-                return None
-            y = self.run(x, weight, bias)
-            self._bind(key, x, weight, bias)
-            return y
-        return None if call is triton_launch.DECLINED else self.run(x, weight, bias)
+        return self._calls.call(key, self.run, self._bind, (x, weight, bias), self._takes)
+
+    def _takes(self, x: torch.Tensor, weight, bias) -> bool:
+        return takes(x, self.groups, weight, bias)
 
     def _geometry(self, x: torch.Tensor) -> tuple:
         n, c = x.shape[:2]

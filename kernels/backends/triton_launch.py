@@ -96,6 +96,28 @@ class BoundCalls(dict):
         self.open(key)
         self[key] = DECLINED
 
+    def call(self, key, run: Callable, bind: Callable, args: tuple, takes: Optional[Callable] = None):
+        """A call site's call at ``key`` (one protocol for every site: triton_groupnorm.GroupNorm, triton_geglu.Geglu,
+        triton_conv.ConvW8A8): its bound call, or ``run(*args)`` where that returns None (another current device)
+        or where the key takes the general path; at a new key ``run(*args)`` then ``bind(key, *args)``, after
+        ``takes(*args)`` where given: a "no" there is remembered (DECLINED) and answered None, the caller then
+        running the host's ops."""
+        call = self.get(key)
+        if call:
+            out = call(*args)
+            if out is not None:
+                return out
+        elif call is None:
+            if takes is not None and not takes(*args):
+                self.decline(key)
+                return None
+            out = run(*args)
+            bind(key, *args)
+            return out
+        elif call is DECLINED:
+            return None
+        return run(*args)
+
 
 def _hook_set(hook) -> bool:
     # Triton 3.5+ keeps each hook as a HookChain that is never None: set means it holds a call.
