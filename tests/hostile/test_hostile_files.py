@@ -137,8 +137,12 @@ SLOW_WRITER = textwrap.dedent("""
     pack = importlib.util.module_from_spec(spec); sys.modules["comfyui_octet"] = pack; spec.loader.exec_module(pack)
     import torch
     from comfyui_octet.octet import safefile
-    def slow(f, data):
-        print("writing", flush=True); f.write(data[:1]); time.sleep(60)
+    def slow(f, data):   # a write that takes a minute, back in the interpreter every 50 ms as a chunked write is:
+        # a signal the kernel hands to another thread (torch starts some) runs its Python handler only when the
+        # main thread next runs bytecode, so one 60 s sleep could hold SIGTERM's cleanup for the whole minute.
+        print("writing", flush=True); f.write(data[:1])
+        for _ in range(1200):
+            time.sleep(0.05)
     safefile.write_chunks = slow
     if sys.argv[3] == "thread":   # like ComfyUI: the executor thread saves, the main thread leaves (Ctrl+C)
         import threading
