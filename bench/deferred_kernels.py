@@ -3,7 +3,8 @@ float passes it replaces, timed as CUDA-graph replays (no host cost; bench/kerne
 process; and Flux's q/k preparation (QK RMSNorm + RoPE, the double block's cat) as the host's ops vs the
 one kernel (kernels/backends/triton_rope.py); and SDXL's GroupNorm (+ SiLU) and GEGLU gate at 1024² as the
 host's ops vs the kernels (kernels/backends/triton_groupnorm.py, triton_geglu.py; octet/float_fusions.py); and
-Wan 2.1 1.3B's q/k preparation (RMSNorm over the row + RoPE) as the host's ops vs triton_rope.row_norm_rope.
+Wan 2.1 1.3B's q/k preparation (RMSNorm over the row + RoPE) as the host's ops vs triton_rope.row_norm_rope; and
+SD3.5-medium's attention inputs (split_qkv, QK norms, the streams' cats) vs triton_rope.QKVHeads.
 ``--sweep`` also sweeps the GELU quantizer's (tile, warps) for the single block's 15360-wide rows, the q/k
 kernel's, the GroupNorm's and the GEGLU's tiles. Prints a table and writes JSON.
 
@@ -98,6 +99,72 @@ def sd3_rows(add, timer, dev):
         moved)
 
 
+def host_us(fn, calls: int = 200) -> float:
+    """Host time per call in µs (the thread's CPU time to issue it), after warm-up calls; the GPU is synchronized
+    only after the timed calls."""
+    import time
+    import torch
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.thread_time()
+    for _ in range(calls):
+        fn()
+    spent = time.thread_time() - t0
+    torch.cuda.synchronize()
+    return spent / calls * 1e6
+
+
+def sd3_qkv_rows(add, timer, dev, sweep=False):
+    """SD3.5-medium's attention inputs at 1024², batch 2 (cond and uncond), 24 heads of 64: per joint attention the
+    host's split_qkv, ln_q / ln_k on each stream's qkv views and three cats (context 333 + image 4096 tokens) vs
+    triton_rope.QKVHeads (one launch per stream); the image self-attention's q and k (4096 tokens, v stays a view).
+    GPU time (graph replays) and host time per call (QKVHeads through its bound call)."""
+    import torch
+    import torch.nn.functional as F
+    from comfyui_octet.kernels.backends import triton_rope
+    heads, hd, b = 24, 64, 2
+    segments = []
+    for length in (333, 4096):
+        segments.append((torch.randn(b, length, 3 * heads * hd, device=dev, dtype=torch.bfloat16),
+                         1 + 0.1 * torch.randn(hd, device=dev, dtype=torch.bfloat16),
+                         1 + 0.1 * torch.randn(hd, device=dev, dtype=torch.bfloat16), 1e-6, 1e-6))
+    segments = tuple(segments)
+
+    def split(x, wq, wk, eq, ek):
+        q, k, v = x.reshape(x.shape[0], x.shape[1], 3, -1, hd).movedim(2, 0)
+        return (F.rms_norm(q, (hd,), wq, eq).reshape(x.shape[0], x.shape[1], -1),
+                F.rms_norm(k, (hd,), wk, ek).reshape(x.shape[0], x.shape[1], -1), v)
+
+    def host():
+        c, x = split(*segments[0]), split(*segments[1])
+        return tuple(torch.cat((c[t], x[t]), dim=1) for t in range(3))
+
+    def host_self():
+        return split(*segments[1])
+
+    joint, alone = triton_rope.QKVHeads(heads), triton_rope.QKVHeads(heads, with_v=False)
+    ref, out = host(), joint(segments)
+    err = max((a.float() - r.float()).abs().max().item() for a, r in zip(out, ref))
+    moved = 2 * 2 * b * (333 + 4096) * 3 * heads * hd
+    add("SD3.5 joint q/k/v, batch 2: split + ln_q/ln_k x2 + 3 cats (host ops)", timer(host))
+    add(f"SD3.5 joint q/k/v, batch 2: QKVHeads {joint.config} (max |diff| {err:.3g})", timer(lambda: joint(segments)),
+        moved)
+    add("SD3.5 image self-attn q/k, batch 2: split + ln_q + ln_k (host ops)", timer(host_self))
+    add(f"SD3.5 image self-attn q/k, batch 2: QKVHeads {alone.config}", timer(lambda: alone(segments[1:])),
+        2 * 2 * b * 4096 * 2 * heads * hd)
+    add("  host us/call: joint, host ops", host_us(host))
+    add("  host us/call: joint, QKVHeads (bound)", host_us(lambda: joint(segments)))
+    add("  host us/call: self-attn, host ops", host_us(host_self))
+    add("  host us/call: self-attn, QKVHeads (bound)", host_us(lambda: alone(segments[1:])))
+    bound = sum(callable(v) for v in joint._calls.values())
+    add(f"  (joint site bound calls: {bound})", 0.0)
+    configs = [(8, 4, 2), (16, 1, 4), (16, 2, 4), (16, 4, 4), (32, 2, 4), (32, 4, 4), (32, 4, 8), (64, 2, 8)]
+    for config in configs if sweep else ():
+        site = triton_rope.QKVHeads(heads, config=config)
+        add(f"  QKVHeads joint config {config}", timer(lambda site=site: site(segments)), moved)
+
+
 def wan_rows(add, timer, dev, sweep=False):
     """Wan 2.1 1.3B's q (or k) per self-attention at 832x480x33 frames (14,040 tokens, 12 heads of 128), batch 1
     and 2 (cfg): the host's ops (RMSNorm over the 1536-wide row, then 0.3.75's fp32 apply_rope1; 0.29 runs
@@ -175,7 +242,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--only", choices=["unet", "wan"], help="only these rows (unet: GroupNorm, GEGLU; wan: Wan's q/k)")
+    ap.add_argument("--only", choices=["unet", "wan", "sd3"],
+                    help="only these rows (unet: GroupNorm, GEGLU; wan: Wan's q/k; sd3: SD3.5's q/k/v preparation)")
     args = ap.parse_args()
     octet_pack.load(comfy=False)
     import torch
@@ -205,6 +273,9 @@ def main() -> int:
     if args.only == "wan":
         wan_rows(add, graph_us, dev, args.sweep)
         return write(args, header, rows)
+    if args.only == "sd3":
+        sd3_qkv_rows(add, graph_us, dev, args.sweep)
+        return write(args, header, rows)
     if args.only == "unet":
         groupnorm_rows(add, graph_us, dev, args.sweep)
         geglu_rows(add, graph_us, dev, args.sweep)
@@ -231,6 +302,7 @@ def main() -> int:
     add("plain quantize_rows K=3072 (for scale)", graph_us(lambda: rowq[d](x.reshape(m, d))), m * d * 3)
     qk_rows(add, graph_us, dev, args.sweep)
     sd3_rows(add, graph_us, dev)
+    sd3_qkv_rows(add, graph_us, dev, args.sweep)
     wan_rows(add, graph_us, dev, args.sweep)
     groupnorm_rows(add, graph_us, dev, args.sweep)
     geglu_rows(add, graph_us, dev, args.sweep)

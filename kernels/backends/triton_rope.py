@@ -102,6 +102,33 @@ def _row_norm_rope_kernel(x_ptr, w_ptr, f_ptr, o_ptr, L, H, sxb, sxl, sfb, sfl, 
                  mask=mask[:, None])
 
 
+@triton.jit
+def _qkv_heads_kernel(x_ptr, wq_ptr, wk_ptr, o_ptr, L, H, l_offset, sxb, sxl, splane, sob, sol, eps_q, eps_k,
+                      D: tl.constexpr, BLOCK_L: tl.constexpr, HEADS: tl.constexpr, V: tl.constexpr):
+    # SD3's attention inputs from one stream's qkv projection [B, L, 3*H*D]: one program is BLOCK_L tokens of one
+    # batch entry and HEADS heads; each head's q and k RMS-normalised (ln_q / ln_k), v copied (V), written at
+    # tokens l_offset.. of the joint [B, L_total, H*D] outputs (MMDiT's cat of the context and image streams): the
+    # planes of one [2 or 3, B, L_total, H*D] tensor, splane apart.
+    pid_l = tl.program_id(0)
+    h0 = tl.program_id(1) * HEADS
+    b = tl.program_id(2)
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask = rows < L
+    for i in tl.static_range(HEADS):
+        h = h0 + i
+        if h < H:
+            _norm_rope_head(x_ptr, sxb, D, sxl, wq_ptr, eps_q, o_ptr, sob, D, sol, b, h, rows, l_offset, mask,
+                            0.0, 0.0, 0.0, 0.0, D, BLOCK_L, False)
+            _norm_rope_head(x_ptr + H * D, sxb, D, sxl, wk_ptr, eps_k, o_ptr + splane, sob, D, sol, b, h, rows,
+                            l_offset, mask, 0.0, 0.0, 0.0, 0.0, D, BLOCK_L, False)
+            if V:
+                cols = tl.arange(0, D)
+                v = tl.load(x_ptr + 2 * H * D + b * sxb + h * D + rows[:, None] * sxl + cols[None, :],
+                            mask=mask[:, None], other=0.0)
+                tl.store(o_ptr + 2 * splane + b * sob + h * D + (rows + l_offset)[:, None] * sol + cols[None, :], v,
+                         mask=mask[:, None])
+
+
 # (BLOCK_L, HEADS, num_warps). bench/deferred_kernels.py --sweep on an H200 (2026-12-02, Flux 24 x 128 heads):
 # (16, 1, 4) 37.1 us single block / 40.2 us double block; (16, 8, 4) 35.4 / 50.4; (32, 8, 4) 41.0 / 63.9; the
 # first version (32 tokens x 1 head, freqs read in four strided loads) 143 us. The contiguous freqs read is
@@ -194,6 +221,127 @@ def rms_norm_heads(segments: list, dtype: torch.dtype, config: tuple | None = No
                     (triton_support.cdiv(length, config[0]), triton_support.cdiv(h, config[1]), b), d, config, False)
         offset += length
     return out
+
+
+# (BLOCK_L, HEADS, num_warps) of the q/k/v kernel: not measured on a GPU yet (bench/qkv_heads.py sweeps it);
+# under the interpreter 64 tokens a program, as above.
+QKV_CONFIG = (16, 4, 4)
+QKV_INTERPRETER_CONFIG = (64, 4, 4)
+
+
+def takes_qkv(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, heads: int) -> bool:
+    """Whether ``QKVHeads`` can read one stream's qkv projection output ``x`` [B, L, 3*H*D] (unit stride along the
+    row, a float dtype, D a power of two) with ln_q / ln_k weights ``wq``, ``wk`` [D] (contiguous, on x's device)."""
+    if x.dim() != 3 or x.stride(-1) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) \
+            or heads <= 0 or x.shape[-1] % (3 * heads) or x.numel() >= 2**31:
+        return False
+    d = x.shape[-1] // (3 * heads)
+    return not (d < 4 or d & (d - 1)) and all(
+        isinstance(w, torch.Tensor) and w.shape == (d,) and w.device == x.device and w.is_contiguous()
+        and w.dtype.is_floating_point for w in (wq, wk))
+
+
+class QKVHeads:
+    """One attention's q, k and v from its streams' qkv projections, where SD3's host code runs ``split_qkv``, the
+    ln_q / ln_k RMSNorms over each head's 64-wide rows (after a copy of the strided view) and, in a joint block,
+    three cats of the context and image streams: per stream one kernel reads the projection output once and writes
+    normalised q, k and (``with_v``) v straight into the joint layout. An SD3.5-medium step at 1024² spent 4.9 ms of
+    its 34 ms of GPU time in those norms and 1.7 ms in cats (H200, docs/BENCHMARKS.md), and ~0.2 ms of host time per
+    joint block issuing them. Numerics as ``rms_norm_heads`` (the host's: fp32, the weight cast to x's dtype first,
+    one rounding); v is copied. From the second call at a key (the streams' shapes, strides, dtype, alignments) a
+    bound call (triton_launch.BoundCalls: the learned C launchers, grids and fixed arguments worked out once)."""
+
+    def __init__(self, heads: int, with_v: bool = True, config: tuple | None = None):
+        self.heads, self.with_v = heads, with_v
+        self.config = config or (QKV_INTERPRETER_CONFIG if triton_support.interpreting() else QKV_CONFIG)
+        self._calls = triton_launch.BoundCalls()
+
+    def __call__(self, segments: tuple):
+        """(q [B, L, H*D], k [B, L, H*D], v [B, L, H, D] or None) for ``segments`` ((x, wq, wk, eps_q, eps_k), ...) in
+        token order; None where the kernel does not take them (the caller runs the host's ops)."""
+        key = tuple((x.shape, x.stride(0), x.stride(1), x.dtype, x.data_ptr() % 16 == 0, wq.data_ptr() % 16 == 0,
+                     wk.data_ptr() % 16 == 0, eq, ek) for x, wq, wk, eq, ek in segments)
+        return self._calls.call(key, self.run, self._bind, (segments,), self.takes)
+
+    def takes(self, segments: tuple) -> bool:
+        x0 = segments[0][0]
+        return all(takes_qkv(x, wq, wk, self.heads) and x.dtype == x0.dtype and x.shape[0] == x0.shape[0]
+                   and x.shape[2] == x0.shape[2] and x.device == x0.device for x, wq, wk, _, _ in segments) \
+            and (3 if self.with_v else 2) * x0.shape[0] * sum(s[0].shape[1] for s in segments) * x0.shape[2] // 3 < 2**31
+
+    def _plan(self, segments: tuple):
+        """The output's shape and, per stream, its launch key, grid and runtime integers."""
+        block_l, heads_per, warps = self.config
+        x0 = segments[0][0]
+        b, width, h = x0.shape[0], x0.shape[2] // 3, self.heads
+        total = sum(x.shape[1] for x, *_ in segments)
+        shape = (3 if self.with_v else 2, b, total, width)
+        splane, sob, sol = b * total * width, total * width, width
+        launches, offset = [], 0
+        for x, wq, wk, eq, ek in segments:
+            length = x.shape[1]
+            if length:
+                ints = (length, h, offset, x.stride(0), x.stride(1), splane, sob, sol)
+                grid = (triton_support.cdiv(length, block_l), triton_support.cdiv(h, heads_per), b)
+                launches.append((ints, grid, (float(eq), float(ek))))
+            offset += length
+        return shape, launches
+
+    def _flags(self, d: int) -> dict:
+        block_l, heads_per, warps = self.config
+        return dict(D=d, BLOCK_L=block_l, HEADS=heads_per, V=self.with_v, num_warps=warps)
+
+    def _key(self, x, wq, wk, out_aligned: bool, ints: tuple) -> tuple:
+        return (x.dtype, self.with_v, *self.config) + triton_launch.facts(x, wq, wk, *ints) + (out_aligned,)
+
+    def _outputs(self, out: torch.Tensor):
+        q, k, *v = out.unbind(0)
+        return q, k, (v[0].view(*v[0].shape[:2], self.heads, -1) if v else None)
+
+    def run(self, segments: tuple):
+        """The general path: a launch per stream through triton_launch (Triton's dispatch at a key's first call)."""
+        x0 = segments[0][0]
+        shape, launches = self._plan(segments)
+        out = torch.empty(shape, dtype=x0.dtype, device=x0.device)
+        aligned = out.data_ptr() % 16 == 0
+        launcher = triton_launch.shared(_qkv_heads_kernel, "qkv_heads")
+        flags = self._flags(shape[3] // self.heads)
+        for (x, wq, wk, _, _), (ints, grid, eps) in zip((s for s in segments if s[0].shape[1]), launches):
+            launcher(self._key(x, wq, wk, aligned, ints), lambda meta, g=grid: g,
+                     lambda meta, a=(x, wq, wk, out, *ints, *eps): a, flags)
+        return self._outputs(out)
+
+    def _bind(self, key, segments: tuple) -> None:
+        """After ``run`` at a new key: the bound call there, if every launch was learned with a C launcher on the
+        current device (else ``run`` stays)."""
+        if not self._calls.open(key):
+            return
+        launcher = triton_launch.shared(_qkv_heads_kernel, "qkv_heads")
+        shape, launches = self._plan(segments)
+        present = [s for s in segments if s[0].shape[1]]
+        records = [launcher.learned(self._key(x, wq, wk, True, ints))     # fresh allocations start 16-byte aligned
+                   for (x, wq, wk, _, _), (ints, _, _) in zip(present, launches)]
+        if any(r is None for r in records):
+            return
+        device = launcher.current_device()
+        if device != segments[0][0].get_device():
+            return
+        steps = tuple((r.c_launch, grid, ints, eps) for r, (ints, grid, eps) in zip(records, launches))
+        current, stream_of, dtype, where = launcher.current_device, launcher.stream, segments[0][0].dtype, \
+            segments[0][0].device
+        skip = tuple(i for i, s in enumerate(segments) if s[0].shape[1])
+        outputs = self._outputs
+
+        def call(segments):
+            if current() != device:   # the compiled kernels belong to the device they were made on
+                return None
+            out = torch.empty(shape, dtype=dtype, device=where)
+            stream = stream_of(device)
+            for i, (c_launch, (gx, gy, gz), ints, eps) in zip(skip, steps):
+                x, wq, wk, _, _ = segments[i]
+                c_launch(gx, gy, gz, stream, (x, wq, wk, out, *ints, *eps))
+            return outputs(out)
+        self._calls[key] = call
 
 
 # (BLOCK_L, num_warps) of the row kernel: on the GPU not tuned yet (written without a device; a program reads a

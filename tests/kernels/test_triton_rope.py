@@ -3,6 +3,7 @@ ops): exact up to one rounding step of the output dtype where the kernel's rsqrt
 in the last bit."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from comfyui_octet.kernels import torch_ref
 from kernel_testing import randn, requires_triton
@@ -110,6 +111,35 @@ def test_rms_norm_heads_matches_rms_norm_and_cat(dtype, lengths, rng, device):
     err = ulps(out, ref)
     assert err.max() <= (2 if dtype == torch.bfloat16 else 64), err.max()
     assert (err > 0.5).float().mean() < (0.02 if dtype == torch.bfloat16 else 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths, with_v", [((4, 21), True), ((13,), False)])
+def test_qkv_heads_matches_split_rms_norm_and_cat(dtype, lengths, with_v, rng, device):
+    """SD3's joint attention inputs: split_qkv of each stream's projection, ln_q / ln_k (each stream its own
+    weights), the streams' cat; v copied bit for bit."""
+    from comfyui_octet.kernels.backends import triton_rope
+    if dtype == torch.bfloat16 and not str(device).startswith("cuda"):
+        pytest.skip("Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest): bf16 runs on a GPU")
+    b, h, d = 2, 3, 64
+    segments, parts = [], []
+    for length in lengths:
+        qkv = randn((b, length, 3 * h * d), rng, dtype, device, scale=2.0)
+        wq, wk = (1 + 0.3 * randn((d,), rng, dtype, device) for _ in range(2))
+        segments.append((qkv, wq, wk, 1e-6, 1e-5))
+        parts.append(qkv.reshape(b, length, 3, h, d).movedim(2, 0))      # mmdit.split_qkv
+    prep = triton_rope.QKVHeads(h, with_v)
+    assert prep.takes(tuple(segments))
+    for _ in range(2):
+        q, k, v = prep(tuple(segments))
+    ref_q = torch.cat([F.rms_norm(p[0], (d,), s[1], s[3]) for p, s in zip(parts, segments)], 1).flatten(2)
+    ref_k = torch.cat([F.rms_norm(p[1], (d,), s[2], s[4]) for p, s in zip(parts, segments)], 1).flatten(2)
+    for out, ref in ((q, ref_q), (k, ref_k)):
+        assert out.shape == (b, sum(lengths), h * d) and out.dtype == dtype
+        err = ulps(out, ref)
+        assert err.max() <= (2 if dtype == torch.bfloat16 else 64), err.max()
+        assert (err > 0.5).float().mean() < (0.02 if dtype == torch.bfloat16 else 0.5)
+    assert v is None if not with_v else torch.equal(v, torch.cat([p[2] for p in parts], 1))
 
 
 def wan_freqs(batch, length, d, device):

@@ -235,9 +235,11 @@ def joint_block(mmdit, pre_only=False, x_block_self_attn=False, seed=0):
 
 
 @pytest.mark.parametrize("pre_only, x_self", [(False, False), (False, True), (True, False)])
-def test_lean_joint_block_gives_the_hosts_numbers_bit_for_bit(mmdit, pre_only, x_self):
+def test_lean_joint_block_gives_the_hosts_numbers_bit_for_bit(mmdit, pre_only, x_self, monkeypatch):
     """SD3's joint block: the context and image streams' pre-attention, the joint attention, the post-attention
-    (SD3.5's extra image self-attention, the last block's context-only pre-attention)."""
+    (SD3.5's extra image self-attention, the last block's context-only pre-attention). With OCTET_DEFERRED=0 the
+    q/k/v preparation is the host's split, QK norms and cats too (next test: the kernel's)."""
+    monkeypatch.setenv("OCTET_DEFERRED", "0")
     jb, ctx, x, c = joint_block(mmdit, pre_only, x_self)
     with torch.inference_mode():
         host = jb(ctx, x, c=c, use_checkpoint=False, transformer_options={})
@@ -250,6 +252,43 @@ def test_lean_joint_block_gives_the_hosts_numbers_bit_for_bit(mmdit, pre_only, x
     for a, b in zip(lean, host):
         assert (a is None and b is None) if pre_only and a is None else torch.equal(a, b)
     assert torch.equal(checkpointed[1], host[1])
+
+
+@pytest.mark.parametrize("pre_only, x_self", [(False, False), (False, True), (True, False)])
+def test_lean_joint_block_prepares_q_k_v_in_one_kernel_per_stream(mmdit, pre_only, x_self, monkeypatch):
+    """Where the kernels run (here the CPU interpreter), the joint attention's q, k, v (and the image self-attention's
+    q, k) come from triton_rope.QKVHeads, one launch per stream: the host's QK norms never run, and the block's
+    outputs match the host's up to the norms' last bits; a LayerNorm QK norm (not the kernel's) runs the host's."""
+    from comfyui_octet.kernels.backends import triton_support
+    if not triton_support.interpreting() or triton_support.unavailable_reason() is not None:
+        pytest.skip("the q/k/v kernel on CPU: Triton's interpreter (TRITON_INTERPRET=1)")
+    import comfy.ldm.common_dit as common_dit
+    norms = []
+    real_norm = common_dit.rms_norm
+    monkeypatch.setattr(common_dit, "rms_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
+    jb, ctx, x, c = joint_block(mmdit, pre_only, x_self)
+    with torch.inference_mode():
+        host = jb(ctx, x, c=c, use_checkpoint=False, transformer_options={})
+        host_norms = len(norms)
+        assert host_norms == 4 + 2 * x_self
+        lean_blocks.install(jb)
+        lean = jb(ctx, x, c=c, use_checkpoint=False, transformer_options={})
+        assert len(mmdit.host_calls) == 1 and len(norms) == host_norms      # lean, and no host QK norm ran
+        prep = jb.forward._qkv
+        assert sum(callable(v) or v is False for v in prep._calls.values()) == 1
+    for a, b in zip(lean, host):
+        if a is None:
+            assert pre_only and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # A host module the kernel does not stand for: ln_q as a LayerNorm is called as the host calls it.
+    jb.context_block.attn.ln_q = torch.nn.LayerNorm(32, eps=1e-6)
+    with torch.inference_mode():
+        before = len(norms)
+        jb(ctx, x, c=c, use_checkpoint=False, transformer_options={})
+    # The context stream's ln_k and the image stream's two: the joint attention's preparation is the host's; the
+    # image self-attention's (x_self) still the kernel's.
+    assert len(norms) - before == 3
 
 
 def test_a_patched_part_of_the_joint_block_runs_the_hosts_forward(mmdit):
