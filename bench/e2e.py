@@ -378,8 +378,15 @@ def profile_step(model, x, sigma, kw) -> str:
                      key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     calls = "\n".join(f"  {e.key:<40} {e.count:6d} calls  host {e.self_cpu_time_total / 1000:8.2f} ms" for e in runtime)
     cpu_total = sum(e.self_cpu_time_total for e in events) / 1000
+    # Host time per op (own and with its children, per call): where a step's issue time goes, e.g. whether the same
+    # aten::linear costs more host time in one model's step than in another's.
+    host = sorted((e for e in events if e.key.startswith("aten::") or e.key.startswith("octet")),
+                  key=lambda e: e.cpu_time_total, reverse=True)[:20]
+    ops = "\n".join(f"  {e.key:<40} {e.count:6d} calls  host {e.cpu_time_total / 1000:8.2f} ms total "
+                    f"({e.cpu_time_total / max(e.count, 1):6.1f} us/call, own {e.self_cpu_time_total / max(e.count, 1):6.1f})"
+                    for e in host)
     return (f"GPU kernel time in the step: {gpu_total:.1f} ms; host (profiler's own time) {cpu_total:.1f} ms\n{table}\n"
-            f"CUDA runtime calls by host time:\n{calls}")
+            f"CUDA runtime calls by host time:\n{calls}\nATen ops by host time (with children):\n{ops}")
 
 
 def cprofile_steps(model, x, sigma, kw, steps: int = 3, top: int = 25) -> str:
