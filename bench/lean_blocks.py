@@ -81,12 +81,17 @@ def inputs(family, width, tokens, context_tokens, context_dim, device, dtype):
     return lambda m: m(ctx, x, c=c, use_checkpoint=False, transformer_options={})
 
 
-def same(a, b) -> bool:
-    """Bit for bit: a tensor, or a joint block's (context, x) where the last block's context is None."""
+def same(a, b, exact: bool = True) -> bool:
+    """Bit for bit (``exact``), else within the dtype's rounding (SD3's joint block where its q/k/v preparation is
+    the kernel's, triton_rope.QKVHeads: the QK norms' sums in another order): a tensor, or a joint block's
+    (context, x) where the last block's context is None."""
     import torch
     if isinstance(a, tuple):
-        return all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b))
-    return torch.equal(a, b)
+        return all((x is None and y is None) or same(x, y, exact) for x, y in zip(a, b))
+    if exact:
+        return torch.equal(a, b)
+    tol = 2e-2 if a.dtype == torch.bfloat16 else 1e-4
+    return torch.allclose(a, b, rtol=tol, atol=tol)
 
 
 def variants(st):
@@ -141,6 +146,7 @@ def main() -> int:
     octet_pack.load(comfy=True, cpu=not cuda)
     import comfy.ldm.modules.attention as attention
     import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    from comfyui_octet.kernels import switches
     # The host's choice on CUDA (CPU hosts pick split / sub-quadratic attention); mmdit imported it by name.
     attention.optimized_attention = mmdit.optimized_attention = attention.attention_pytorch
     device = torch.device("cuda" if cuda else "cpu")
@@ -159,11 +165,13 @@ def main() -> int:
         call = inputs(family, width, tokens, context_tokens, context_dim, device, dtype)
         models = variants(build(family, width, heads, depth, device, dtype, context_dim))
         calls = {v: (lambda m=m: call(m)) for v, m in models.items()}
+        # SD3's lean joint block prepares q/k/v with one kernel per stream where the kernels run (OCTET_DEFERRED).
+        exact = family == "sdxl" or not switches.on("OCTET_DEFERRED")
         with torch.inference_mode():
-            assert same(calls["bf16 lean"](), calls["bf16 host"]()), f"{name}: lean bf16 differs from the host's"
+            assert same(calls["bf16 lean"](), calls["bf16 host"](), exact), f"{name}: lean bf16 differs from the host's"
             for v in ("octet host", "octet lean"):
                 calls[v]()                            # plans made, kernels tuned
-            assert same(calls["octet lean"](), calls["octet host"]()), f"{name}: lean INT8 differs"
+            assert same(calls["octet lean"](), calls["octet host"](), exact), f"{name}: lean INT8 differs"
             host = {v: [] for v in VARIANTS}
             wall = {v: [] for v in VARIANTS}
             for r in range(args.rounds):
