@@ -366,7 +366,7 @@ def profile_step(model, x, sigma, kw) -> str:
     """Where one step's time goes: CPU-side (launch) vs GPU kernel time, top ops by GPU time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         model.apply_model(x, sigma, **kw)
         sync()
     events = prof.key_averages()
@@ -385,8 +385,13 @@ def profile_step(model, x, sigma, kw) -> str:
     ops = "\n".join(f"  {e.key:<40} {e.count:6d} calls  host {e.cpu_time_total / 1000:8.2f} ms total "
                     f"({e.cpu_time_total / max(e.count, 1):6.1f} us/call, own {e.self_cpu_time_total / max(e.count, 1):6.1f})"
                     for e in host)
+    shaped = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::linear"),
+                    key=lambda e: e.cpu_time_total, reverse=True)[:12]
+    linear = "\n".join(f"  {str(e.input_shapes)[:70]:<70} {e.count:5d} calls {e.cpu_time_total / max(e.count, 1):6.1f} us/call"
+                        for e in shaped)
     return (f"GPU kernel time in the step: {gpu_total:.1f} ms; host (profiler's own time) {cpu_total:.1f} ms\n{table}\n"
-            f"CUDA runtime calls by host time:\n{calls}\nATen ops by host time (with children):\n{ops}")
+            f"CUDA runtime calls by host time:\n{calls}\nATen ops by host time (with children):\n{ops}\n"
+            f"aten::linear by input shapes (host time with children):\n{linear}")
 
 
 def cprofile_steps(model, x, sigma, kw, steps: int = 3, top: int = 25) -> str:

@@ -223,9 +223,11 @@ def rms_norm_heads(segments: list, dtype: torch.dtype, config: tuple | None = No
     return out
 
 
-# (BLOCK_L, HEADS, num_warps) of the q/k/v kernel: not measured on a GPU yet (bench/qkv_heads.py sweeps it);
-# under the interpreter 64 tokens a program, as above.
-QKV_CONFIG = (16, 4, 4)
+# (BLOCK_L, HEADS, num_warps) of the q/k/v kernel. bench/deferred_kernels.py --only sd3 --sweep on an H200
+# (2026-12-05, SD3.5-medium's joint attention at batch 2, 333 + 4096 tokens, 24 heads of 64): (16, 1, 4) 47.3 us
+# (3.45 TB/s), (16, 2, 4) 49.6, (32, 2, 4) 49.8, (64, 2, 8) 49.8, (16, 4, 4) 54.7, (8, 4, 2) 55.7; the host's
+# split, QK norms and cats 447.8 us. Under the interpreter 64 tokens a program, as above.
+QKV_CONFIG = (16, 1, 4)
 QKV_INTERPRETER_CONFIG = (64, 4, 4)
 
 
