@@ -49,6 +49,10 @@ LINEAR_SHAPES = [
     ("sdxl", "ff geglu 1280->10240 @32^2", 1024, 10240, 1280),
     ("sdxl", "ff down 5120->1280 @32^2", 1024, 1280, 5120),
     ("sdxl", "cross-attn k/v 2048->1280", 77, 1280, 2048),
+    # Wan 2.1 1.3B at 832x480, 33 frames (14,040 tokens, batch 1: bench/e2e.py's shape)
+    ("wan2.1-1.3b", "self-attn q/k/v/o 1536->1536", 14040, 1536, 1536),
+    ("wan2.1-1.3b", "ffn up 1536->8960", 14040, 8960, 1536),
+    ("wan2.1-1.3b", "ffn down 8960->1536", 14040, 1536, 8960),
 ]
 # Transformer MLPs fc1 -> GELU(tanh) -> fc2 (model, block, tokens at batch 1, width, hidden):
 # Flux double-block img_mlp at 1024^2, SD3 at 1024^2, Wan 2.1 1.3B at 480x832x81 frames.
@@ -416,6 +420,7 @@ def main():
     ap.add_argument("--reps-ms", type=int, default=60)
     ap.add_argument("--fused-parts", default="w8a16,static,single,crossover",
                     help="with --sections fused: which of w8a16, static, single, crossover to run")
+    ap.add_argument("--models", nargs="+", default=None, help="only the linear/mlp rows of these models")
     ap.add_argument("--sections", default="linear,quant,conv,mlp",
                     help="comma list of linear, quant, conv, mlp (or fused alone: the issue-13 fused kernels); a subset writes kernels_<sections>.json/md")
     args = ap.parse_args()
@@ -435,6 +440,8 @@ def main():
     rows = []
     for batch in batches if "linear" in sections else []:
         for model, layer, m, n, k in LINEAR_SHAPES:
+            if args.models and model not in args.models:
+                continue
             m_b = m * batch if m > 1 or batch == 1 else batch
             if layer.startswith("cross"):
                 m_b = 77 * batch
