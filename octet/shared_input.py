@@ -108,20 +108,25 @@ class Group:
                   len(self._members))
 
     def _lead(self, x: torch.Tensor):
-        members = self.members
         ready = self._ready
         if ready is not None and type(x) is torch.Tensor and not x.requires_grad:
             # The hot path (an eager step is host-bound): what _fusable and _fused_layer checked holds until a
             # member invalidates (set_weight, a move, new scales or mode), except what the host changes
-            # directly: its weight or bias tensor replaced or written in place, a per-call patch added.
+            # directly: its weight or bias tensor replaced or written in place (a version None: an inference
+            # tensor, which has no write counter), a per-call patch added.
             tensors, versions, layer, sizes = ready
-            for m, (w, b), (wv, bv) in zip(members, tensors, versions):
+            members = []
+            for ref, (w, b), (wv, bv) in zip(self._members, tensors, versions):
+                m = ref()
                 params = m._parameters if m is not None else None
                 if params is None or m.weight_function or m.bias_function or params["weight"] is not w \
-                        or params.get("bias") is not b or _version(w) != wv or (b is not None and _version(b) != bv):
+                        or params.get("bias") is not b or (wv is not None and w._version != wv) \
+                        or (bv is not None and b._version != bv):
                     break
+                members.append(m)
             else:
                 return self._run(layer, members, sizes, x)
+        members = self.members
         self._ready = None
         if type(x) is not torch.Tensor or any(m is None for m in members) or not _fusable(members, x):
             return None
@@ -129,7 +134,7 @@ class Group:
         if fused is None:
             return None
         tensors = tuple((m._parameters["weight"], m._parameters.get("bias")) for m in members)
-        self._ready = (tensors, tuple((_version(w), None if b is None else _version(b)) for w, b in tensors), fused,
+        self._ready = (tensors, tuple((_write_count(w), _write_count(b)) for w, b in tensors), fused,
                        [m.out_features for m in members])
         return self._run(fused, members, self._ready[3], x)
 
@@ -183,6 +188,11 @@ class Group:
         own = sum(t.numel() * t.element_size() for t in (layer.weight, layer.weight_scale, layer.bias)
                   if t is not None)
         return own + plan_summary(nn.ModuleDict({"fused": layer}))["extra_bytes"]
+
+
+def _write_count(t: Optional[torch.Tensor]) -> Optional[int]:
+    """A tensor's in-place write counter, None where there is nothing to compare (no tensor, an inference tensor)."""
+    return None if t is None or t.is_inference() else t._version
 
 
 def _room_for_copy(members) -> bool:
