@@ -7,6 +7,13 @@ the loop): before any model ran, after a bf16 SDXL step, after an Octet SDXL ste
 defaults), and after both again; a row per phase. On CPU: tiny shapes (a smoke test).
 
     python3 bench/linear_host_cost.py [--out DIR]
+    python3 bench/linear_host_cost.py --gemm-ways     # ways to issue one bf16 GEMM, by host time (no model)
+
+``--gemm-ways``: host us per call of the ways to issue SDXL's 4096x640x640 bf16 linear (F.linear with its bias:
+cuBLASLt with the bias in its epilogue, which queries Lt's heuristics on every call; without the bias; mm; addmm)
+and of an Octet W8A8 layer's bound call at the same shape, then the same in a child process with
+``DISABLE_ADDMM_CUDA_LT=1`` (PyTorch reads it once): whether the kept-bf16 layers of a host-bound eager step have a
+cheaper way to cuBLAS than the host's.
 """
 from __future__ import annotations
 
@@ -37,7 +44,11 @@ def host_us(fn, sync, reps=200, rounds=7) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(e2e.ROOT, "out", "linear_host_cost"))
+    parser.add_argument("--gemm-ways", action="store_true", help="host time of ways to issue one bf16 GEMM")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.gemm_ways:
+        return gemm_ways(args)
     import torch
     cuda = torch.cuda.is_available()
     octet_pack.load(comfy=True, cpu=not cuda)
@@ -78,6 +89,58 @@ def main() -> int:
     with open(path, "w") as f:
         json.dump({"rows": rows, "versions": {"torch": torch.__version__}}, f, indent=1)
     print(f"wrote {path}")
+    return 0
+
+
+def gemm_ways(args) -> int:
+    import subprocess
+    import torch
+    cuda = torch.cuda.is_available()
+    octet_pack.load(comfy=False, cpu=not cuda)
+    from comfyui_octet import octet
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    m, k, n = (4096, 640, 640) if cuda else (64, 32, 32)
+    x = torch.randn(m, k, device=dev, dtype=dtype)
+    w = torch.randn(n, k, device=dev, dtype=dtype)
+    wt = w.t()
+    b = torch.randn(n, device=dev, dtype=dtype)
+    layer = torch.nn.Sequential(torch.nn.Linear(k, n)).to(dev, dtype)
+    octet.quantize_(layer, octet.DynamicW8A8Config())
+    ql = layer[0]
+    ways = {"F.linear(x, w, b)": lambda: torch.nn.functional.linear(x, w, b),
+            "F.linear(x, w)": lambda: torch.nn.functional.linear(x, w),
+            "torch.mm(x, w.t())": lambda: torch.mm(x, wt),
+            "torch.addmm(b, x, w.t())": lambda: torch.addmm(b, x, wt),
+            "F.linear(x, w).add_(b)": lambda: torch.nn.functional.linear(x, w).add_(b),
+            "torch.empty (the output alone)": lambda: torch.empty((m, n), device=dev, dtype=dtype)}
+    if cuda and not args.child:
+        with torch.inference_mode():
+            ql(x)
+            ql(x)
+        ways["Octet W8A8 layer, bound call"] = lambda: ql(x)
+    env = "DISABLE_ADDMM_CUDA_LT=1" if args.child else "default"
+    with torch.inference_mode():
+        row = {"card": card, "env": env, "shape": [m, k, n], **{what: host_us(fn, sync) for what, fn in ways.items()}}
+    for what, us in row.items():
+        if what not in ("card", "env", "shape"):
+            print(f"[{card}] {env:24s} {what:34s} {us:6.1f} us host per call", flush=True)
+    rows = [row]
+    if not args.child:
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--gemm-ways", "--child", "--out", args.out],
+                               env={**os.environ, "DISABLE_ADDMM_CUDA_LT": "1"}, capture_output=True, text=True)
+        print(child.stdout, end="", flush=True)
+        if child.returncode:
+            print(child.stderr[-2000:], flush=True)
+        else:
+            with open(os.path.join(args.out, "gemm_ways_child.json")) as f:
+                rows.append(json.load(f))
+    os.makedirs(args.out, exist_ok=True)
+    name = "gemm_ways_child.json" if args.child else f"gemm_ways_{'cuda' if cuda else 'cpu'}.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(row if args.child else {"rows": rows, "versions": {"torch": torch.__version__}}, f, indent=1)
     return 0
 
 
