@@ -357,22 +357,33 @@ def _pre_attention_x(mmdit, blk: nn.Module, x, c, raw: bool = False):
     return qkv, qkv2, (x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2)
 
 
-def _post_attention(mmdit, blk: nn.Module, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp):
-    """``DismantledBlock.post_attention``."""
+def _gated(x, gate, y, fused: bool):
+    """The host's gated residual ``x + gate.unsqueeze(1) * y``; ``fused``: one addcmul (one launch and one pass
+    instead of two; x + gate * y rounded once, where the host rounds the product first)."""
+    return torch.addcmul(x, gate.unsqueeze(1), y) if fused else x + gate.unsqueeze(1) * y
+
+
+def _post_attention(mmdit, blk: nn.Module, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fused=False):
+    """``DismantledBlock.post_attention``; ``fused`` as ``_gated``."""
     mods = blk._modules
-    x = x + gate_msa.unsqueeze(1) * _self_attention_post(mods["attn"], attn)
-    return x + gate_mlp.unsqueeze(1) * _mlp(mmdit, mods["mlp"], mmdit.modulate(_call(mods["norm2"], x), shift_mlp,
-                                                                               scale_mlp))
+    x = _gated(x, gate_msa, _self_attention_post(mods["attn"], attn), fused)
+    return _gated(x, gate_mlp, _mlp(mmdit, mods["mlp"], mmdit.modulate(_call(mods["norm2"], x), shift_mlp, scale_mlp)),
+                  fused)
 
 
-def _post_attention_x(mmdit, blk: nn.Module, attn, attn2, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2):
-    """``DismantledBlock.post_attention_x``."""
+def _post_attention_x(mmdit, blk: nn.Module, attn, attn2, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2,
+                      fused=False):
+    """``DismantledBlock.post_attention_x``; ``fused``: gate_cat's two products, stack and sum (five launches) as
+    two addcmuls."""
     mods = blk._modules
     attn1 = _self_attention_post(mods["attn"], attn)
     attn2 = _self_attention_post(mods["attn2"], attn2)
-    x = mmdit.gate_cat(x, gate_msa, gate_msa2, attn1, attn2)
-    return x + gate_mlp.unsqueeze(1) * _mlp(mmdit, mods["mlp"], mmdit.modulate(_call(mods["norm2"], x), shift_mlp,
-                                                                               scale_mlp))
+    if fused:
+        x = _gated(_gated(x, gate_msa, attn1, True), gate_msa2, attn2, True)
+    else:
+        x = mmdit.gate_cat(x, gate_msa, gate_msa2, attn1, attn2)
+    return _gated(x, gate_mlp, _mlp(mmdit, mods["mlp"], mmdit.modulate(_call(mods["norm2"], x), shift_mlp, scale_mlp)),
+                  fused)
 
 
 _BLOCK_METHODS = ("pre_attention", "pre_attention_x", "post_attention", "post_attention_x")
@@ -416,7 +427,8 @@ class JointBlockForward(ModuleForward):
 
     Where the kernels run (a GPU, or the CPU interpreter) and ``OCTET_DEFERRED`` is not 0, each attention's q, k
     and v come from one kernel per stream (``triton_rope.QKVHeads``: the QK RMSNorms and the streams' cat) instead
-    of the host's split, norms and cats: the same math, not the same bits (the norm's sums in another order)."""
+    of the host's split, norms and cats, and each gated residual is one addcmul (``_gated``; SD3.5's gate_cat
+    two): the same math, not the same bits (the norm's sums in another order, products not rounded apart)."""
 
     def __call__(self, *args, **kwargs):
         jb = self.module
@@ -448,16 +460,16 @@ class JointBlockForward(ModuleForward):
                                     heads_by_name=True)
         n = context.shape[1]       # the host's context_qkv[0].shape[1]
         context_attn, x_attn = attn[:, :n], attn[:, n:]
-        context = None if cb.pre_only else _post_attention(mmdit, cb, context_attn, *context_intermediates)
+        context = None if cb.pre_only else _post_attention(mmdit, cb, context_attn, *context_intermediates, raw)
         if xb.x_block_self_attn:
             attn2 = xb._modules["attn2"]
             if raw:
                 x_qkv2 = self._self_qkv(mmdit, attn2, x_qkv2)
             attn2 = _optimized_attention(attention, mmdit.optimized_attention, *x_qkv2, attn2.num_heads, to,
                                          heads_by_name=True)
-            x = _post_attention_x(mmdit, xb, x_attn, attn2, *x_intermediates)
+            x = _post_attention_x(mmdit, xb, x_attn, attn2, *x_intermediates, raw)
         else:
-            x = _post_attention(mmdit, xb, x_attn, *x_intermediates)
+            x = _post_attention(mmdit, xb, x_attn, *x_intermediates, raw)
         return context, x
 
     def _joint_qkv(self, mmdit, attn_c: nn.Module, context_qkv, attn_x: nn.Module, x_qkv):
