@@ -299,6 +299,34 @@ def test_lean_joint_block_prepares_q_k_v_in_one_kernel_per_stream(mmdit, pre_onl
     assert len(norms) - before == 3
 
 
+def test_joint_blocks_compute_the_modulations_silu_once_per_conditioning_vector(mmdit, monkeypatch):
+    """Every joint block of a step modulates from SiLU(c) of the same c: the lean blocks compute it once (bit for bit
+    the host's numbers), again for another c or after an in-place write to it."""
+    monkeypatch.setenv("OCTET_DEFERRED", "0")
+    blocks = [joint_block(mmdit, seed=s) for s in (0, 1)]
+    (jb0, ctx, x, c), (jb1, _, _, _) = blocks
+    with torch.no_grad():
+        host = jb1(*jb0(ctx, x, c=c, use_checkpoint=False, transformer_options={}), c=c, use_checkpoint=False,
+                   transformer_options={})
+        for jb in (jb0, jb1):
+            lean_blocks.install(jb)
+        silu = []
+        real = torch.nn.SiLU.forward
+        monkeypatch.setattr(torch.nn.SiLU, "forward", lambda self, t: silu.append(t) or real(self, t))
+        lean = jb1(*jb0(ctx, x, c=c, use_checkpoint=False, transformer_options={}), c=c, use_checkpoint=False,
+                   transformer_options={})
+        assert len(silu) == 1 and all(torch.equal(a, b) for a, b in zip(lean, host))
+        c2 = c.clone()
+        jb0(ctx, x, c=c2, use_checkpoint=False, transformer_options={})
+        jb1(ctx, x, c=c2, use_checkpoint=False, transformer_options={})
+        assert len(silu) == 2
+        c2.mul_(2)                                   # written in place: its SiLU computed again
+        again = jb0(ctx, x, c=c2, use_checkpoint=False, transformer_options={})
+        assert len(silu) == 3
+        assert torch.equal(again[1], type(jb0).forward(jb0, ctx, x, c=c2, use_checkpoint=False,
+                                                       transformer_options={})[1])
+
+
 def test_a_patched_part_of_the_joint_block_runs_the_hosts_forward(mmdit):
     jb, ctx, x, c = joint_block(mmdit)
     lean_blocks.install(jb)
