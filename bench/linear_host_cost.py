@@ -14,6 +14,10 @@ cuBLASLt with the bias in its epilogue, which queries Lt's heuristics on every c
 and of an Octet W8A8 layer's bound call at the same shape, then the same in a child process with
 ``DISABLE_ADDMM_CUDA_LT=1`` (PyTorch reads it once): whether the kept-bf16 layers of a host-bound eager step have a
 cheaper way to cuBLAS than the host's.
+
+``--attention``: host and GPU us per call of ``F.scaled_dot_product_attention`` through each of PyTorch's backends
+(cuDNN, the host's pick on an H200; flash; memory-efficient) at SDXL's and SD3.5's attention shapes (batch 1),
+with each output's largest difference from cuDNN's: an eager SDXL step makes 140 attention calls, host-bound.
 """
 from __future__ import annotations
 
@@ -46,7 +50,10 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(e2e.ROOT, "out", "linear_host_cost"))
     parser.add_argument("--gemm-ways", action="store_true", help="host time of ways to issue one bf16 GEMM")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--attention", action="store_true", help="host / GPU time of SDPA's backends")
     args = parser.parse_args()
+    if args.attention:
+        return attention_backends(args)
     if args.gemm_ways:
         return gemm_ways(args)
     import torch
@@ -90,6 +97,81 @@ def main() -> int:
         json.dump({"rows": rows, "versions": {"torch": torch.__version__}}, f, indent=1)
     print(f"wrote {path}")
     return 0
+
+
+def attention_backends(args) -> int:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    # (name, batch, heads, query tokens, key tokens, head dim)
+    shapes = [("SDXL self-attn 64x64 latent", 1, 10, 4096, 4096, 64), ("SDXL cross-attn 64x64", 1, 10, 4096, 77, 64),
+              ("SDXL self-attn 32x32 latent", 1, 20, 1024, 1024, 64), ("SDXL cross-attn 32x32", 1, 20, 1024, 77, 64),
+              ("SD3.5 joint attention", 1, 24, 4429, 4429, 64)]
+    if not cuda:
+        shapes = [(n, b, h, min(q, 64), min(k, 64), d) for n, b, h, q, k, d in shapes]
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    rows = []
+    for name, b, h, lq, lk, d in shapes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(b, h, lq, d, device=dev, dtype=dtype, generator=g)
+        k = torch.randn(b, h, lk, d, device=dev, dtype=dtype, generator=g)
+        v = torch.randn(b, h, lk, d, device=dev, dtype=dtype, generator=g)
+        ref = None
+        for backend, which in backends.items():
+            if backend == "math" and cuda:
+                continue
+            try:
+                with sdpa_kernel([which]):
+                    out = F.scaled_dot_product_attention(q, k, v)
+                    host = host_us(lambda: F.scaled_dot_product_attention(q, k, v), sync)
+                    wall = host_us(lambda: F.scaled_dot_product_attention(q, k, v), sync, reps=50) if not cuda \
+                        else _gpu_us(lambda: F.scaled_dot_product_attention(q, k, v))
+            except RuntimeError as exc:
+                print(f"[{card}] {name}: {backend} unavailable ({str(exc).splitlines()[0][:80]})", flush=True)
+                continue
+            ref = out if ref is None else ref
+            _attention_row(rows, card, name, backend, host, wall, out, ref)
+        # The backends' own ops called directly: SDPA's per-call backend selection skipped.
+        aten = torch.ops.aten
+        direct = {"cudnn op": lambda: aten._scaled_dot_product_cudnn_attention.default(q, k, v, None, False)[0],
+                  "flash op": lambda: aten._scaled_dot_product_flash_attention.default(q, k, v)[0]}
+        for backend, fn in direct.items() if cuda and ref is not None else ():
+            try:
+                out = fn()
+            except RuntimeError as exc:
+                print(f"[{card}] {name}: {backend} unavailable ({str(exc).splitlines()[0][:80]})", flush=True)
+                continue
+            _attention_row(rows, card, name, backend, host_us(fn, sync), _gpu_us(fn), out, ref)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"attention_backends_{'cuda' if cuda else 'cpu'}.json"), "w") as f:
+        json.dump({"card": card, "rows": rows, "versions": {"torch": torch.__version__}}, f, indent=1)
+    return 0
+
+
+def _attention_row(rows, card, name, backend, host, wall, out, ref) -> None:
+    diff = (out.float() - ref.float()).abs().max().item()
+    rows.append({"shape": name, "backend": backend, "host_us": host, "gpu_us": wall, "max_diff": diff})
+    print(f"[{card}] {name:30s} {backend:9s} host {host:6.1f} us  GPU {wall:7.1f} us  max |diff| {diff:.3g}", flush=True)
+
+
+def _gpu_us(fn, reps: int = 50) -> float:
+    """GPU time per call: CUDA events around ``reps`` back-to-back calls (the host runs ahead)."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / reps
 
 
 def gemm_ways(args) -> int:
