@@ -130,10 +130,14 @@ SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH"
               "_not_deferred": ("OCTET_DEFERRED",), "_host_float": ("OCTET_FLOAT_FUSIONS",),
               "_pylaunch": ("OCTET_C_LAUNCH", "OCTET_SCRATCH"), "_separate_qkv": ("OCTET_SHARED_INPUT",),
               "_not_lean": ("OCTET_LEAN_BLOCKS",)}
+# octet_dynamic_flash / _cudnn: the lean forwards call PyTorch's flash / cuDNN attention op directly
+# (OCTET_ATTENTION_OP, read when the model is quantized: octet/lean_blocks.py attention_op).
+ATTENTION_OPS = ("_flash", "_cudnn")
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk",
             "bf16_octet_fused", "octet_dynamic_host_float", "octet_dynamic_pylaunch", "octet_dynamic_memory",
-            "octet_dynamic_separate_qkv", "octet_static_separate_qkv", "octet_dynamic_not_lean", "bf16_octet_lean")
+            "octet_dynamic_separate_qkv", "octet_static_separate_qkv", "octet_dynamic_not_lean", "bf16_octet_lean",
+            "octet_dynamic_flash", "octet_dynamic_cudnn")
 
 
 def model_config(name: str, tiny: bool, extra: dict | None = None):
@@ -208,6 +212,11 @@ def quantize(model, variant: str, x, sigma, kw):
     mode = variant[len("octet_"):]
     goal = "memory" if mode.endswith("_memory") else "speed"    # _memory: issue 13's weight-size goal
     mode = mode.removesuffix("_memory")
+    os.environ.pop("OCTET_ATTENTION_OP", None)
+    for suffix in ATTENTION_OPS:
+        if mode.endswith(suffix):
+            os.environ["OCTET_ATTENTION_OP"] = suffix[1:]
+            mode = mode.removesuffix(suffix)
     for suffix, switches in SWITCH_OFF.items():   # every switch on, except those the variant's suffix names
         for switch in switches:
             os.environ[switch] = "0" if mode.endswith(suffix) else "1"
@@ -221,6 +230,7 @@ def quantize(model, variant: str, x, sigma, kw):
     t0 = time.perf_counter()
     with torch.no_grad():
         result = octet.quantize_(dm, octet.config_for_mode(mode, goal=goal), calibration=calibration)
+    os.environ.pop("OCTET_ATTENTION_OP", None)
     sync()
     return result, time.perf_counter() - t0
 

@@ -200,8 +200,9 @@ def lean_ok(transformer_options: dict) -> bool:
             and not _global_hooks() and not _patched(transformer_options))
 
 
-def _attention(attention, a: nn.Module, x, context, transformer_options: dict):
-    """``CrossAttention.forward(x, context)`` (no value, no mask) as the host runs it."""
+def _attention(attention, a: nn.Module, x, context, transformer_options: dict, sdpa=None):
+    """``CrossAttention.forward(x, context)`` (no value, no mask) as the host runs it (``sdpa``: see
+    ``_optimized_attention``)."""
     if "forward" in a.__dict__ or a._forward_hooks or a._forward_pre_hooks \
             or type(a) is not attention.CrossAttention:
         return a(x, context=context, transformer_options=transformer_options)
@@ -212,15 +213,16 @@ def _attention(attention, a: nn.Module, x, context, transformer_options: dict):
     k = _call(mods["to_k"], context)
     v = _call(mods["to_v"], context)
     out = _optimized_attention(attention, attention.optimized_attention, q, k, v, a.heads, transformer_options,
-                               attn_precision=a.attn_precision)
+                               sdpa=sdpa, attn_precision=a.attn_precision)
     return _run(mods["to_out"], out)
 
 
 def _optimized_attention(attention, fn, q, k, v, heads: int, transformer_options: dict, heads_by_name=False,
-                         **kwargs):
+                         sdpa=None, **kwargs):
     """``fn(q, k, v, heads, **kwargs, transformer_options=...)`` (no mask) as the host calls it (MMDiT names
     ``heads=``, which an attention override sees); the host's ``attention_pytorch`` without an override written
-    out: views into heads, the host's SDPA, back to tokens."""
+    out: views into heads, the host's SDPA (or ``sdpa``, one of PyTorch's attention ops called directly: see
+    ``attention_op``), back to tokens."""
     b = q.shape[0]
     if fn is attention.attention_pytorch and "optimized_attention_override" not in transformer_options \
             and attention.SDP_BATCH_LIMIT >= b:
@@ -228,27 +230,30 @@ def _optimized_attention(attention, fn, q, k, v, heads: int, transformer_options
         q = q.view(b, -1, heads, dim_head).transpose(1, 2)
         k = k.view(b, -1, heads, dim_head).transpose(1, 2)
         v = v.view(b, -1, heads, dim_head).transpose(1, 2)
-        out = attention.comfy.ops.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0,
-                                                               is_causal=False)
+        out = sdpa(q, k, v) if sdpa is not None and q.is_cuda else None
+        if out is None:
+            out = attention.comfy.ops.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0,
+                                                                   is_causal=False)
         return out.transpose(1, 2).reshape(b, -1, heads * dim_head)
     if heads_by_name:
         return fn(q, k, v, heads=heads, **kwargs, transformer_options=transformer_options)
     return fn(q, k, v, heads, **kwargs, transformer_options=transformer_options)
 
 
-def _block(attention, blk: nn.Module, x, context, transformer_options: dict):
+def _block(attention, blk: nn.Module, x, context, transformer_options: dict, sdpa=None):
     """``BasicTransformerBlock.forward`` without patches, as the host runs it."""
     if "forward" in blk.__dict__ or blk._forward_hooks or blk._forward_pre_hooks or blk.ff_in \
             or type(blk) is not attention.BasicTransformerBlock:
         return blk(x, context=context, transformer_options=transformer_options)
     mods = blk._modules
     n = _call(mods["norm1"], x)
-    n = _attention(attention, mods["attn1"], n, context if blk.disable_self_attn else None, transformer_options)
+    n = _attention(attention, mods["attn1"], n, context if blk.disable_self_attn else None, transformer_options, sdpa)
     x = n + x
     attn2 = mods.get("attn2")
     if attn2 is not None:
         n = _call(mods["norm2"], x)
-        n = _attention(attention, attn2, n, n if blk.switch_temporal_ca_to_sa else context, transformer_options)
+        n = _attention(attention, attn2, n, n if blk.switch_temporal_ca_to_sa else context, transformer_options,
+                       sdpa)
     x = n + x       # as the host: after attn2's branch, taken or not
     if blk.is_res:
         x_skip = x
@@ -264,7 +269,50 @@ def _block(attention, blk: nn.Module, x, context, transformer_options: dict):
     return x
 
 
-class SpatialTransformerForward(ModuleForward):
+class _AttentionOp:
+    """One of PyTorch's SDPA backends called as its own op (``OCTET_ATTENTION_OP`` = ``flash`` | ``cudnn``, read when
+    a model's lean forwards are made; unset: the host's ``F.scaled_dot_product_attention``, which picks cuDNN on an
+    H100/H200): SDPA's per-call backend selection is skipped, and the backends' own host costs differ
+    (``bench/linear_host_cost.py --attention``). Where the op refuses its inputs (a dtype, a head width), the host's
+    SDPA runs from then on, said once."""
+
+    def __init__(self, name: str):
+        aten = torch.ops.aten
+        self.name = name
+        if name == "flash":
+            op = aten._scaled_dot_product_flash_attention.default
+            self.run = lambda q, k, v: op(q, k, v)[0]
+        else:
+            op = aten._scaled_dot_product_cudnn_attention.default
+            self.run = lambda q, k, v: op(q, k, v, None, False)[0]
+
+    def __call__(self, q, k, v):
+        run = self.run
+        if run is None:
+            return None
+        try:
+            return run(q, k, v)
+        except RuntimeError as exc:
+            self.run = None
+            kernels.registry.log_once(f"attention-op-{self.name}", f"Octet: PyTorch's {self.name} attention op "
+                                      f"refused an input ({str(exc).splitlines()[0][:120]}); the host's SDPA runs "
+                                      f"instead")
+            return None
+
+
+def attention_op():
+    """The lean forwards' attention op (``_AttentionOp``), or None for the host's SDPA."""
+    name = switches.read("OCTET_ATTENTION_OP")
+    return _AttentionOp(name) if name in ("flash", "cudnn") else None
+
+
+class _LeanForward(ModuleForward):
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self.sdpa = attention_op()
+
+
+class SpatialTransformerForward(_LeanForward):
     """A ``SpatialTransformer``'s forward: lean when ``lean_ok``, else the host's."""
 
     def __call__(self, x, context=None, transformer_options={}):    # noqa: B006 - the host's signature
@@ -287,7 +335,7 @@ class SpatialTransformerForward(ModuleForward):
             x = _call(mods["proj_in"], x)
         for i, blk in enumerate(blocks._modules.values()):
             transformer_options["block_index"] = i
-            x = _block(attention, blk, x, context[i], transformer_options)
+            x = _block(attention, blk, x, context[i], transformer_options, self.sdpa)
         if st.use_linear:
             x = _call(mods["proj_out"], x)
         x = x.reshape(x.shape[0], h, w, x.shape[-1]).movedim(3, 1).contiguous()
@@ -445,7 +493,7 @@ def _qkv_segment(mmdit, attn: nn.Module, qkv) -> tuple | None:
     return None if q is None or k is None else (qkv, q[0], k[0], q[1], k[1])
 
 
-class JointBlockForward(ModuleForward):
+class JointBlockForward(_LeanForward):
     """An MMDiT ``JointBlock``'s forward (SD3): ``_block_mixing`` and the dismantled blocks' methods written out,
     lean when ``lean_ok`` and the call is MMDiT's own (no checkpointing), else the host's.
 
@@ -481,7 +529,7 @@ class JointBlockForward(ModuleForward):
             qkv = tuple(torch.cat((context_qkv[t], x_qkv[t]), dim=1) for t in range(3))
         attention = _attention_of(mmdit)
         attn = _optimized_attention(attention, mmdit.optimized_attention, *qkv, attn_x.num_heads, to,
-                                    heads_by_name=True)
+                                    heads_by_name=True, sdpa=self.sdpa)
         n = context.shape[1]       # the host's context_qkv[0].shape[1]
         context_attn, x_attn = attn[:, :n], attn[:, n:]
         context = None if cb.pre_only else _post_attention(mmdit, cb, context_attn, *context_intermediates, raw)
@@ -490,7 +538,7 @@ class JointBlockForward(ModuleForward):
             if raw:
                 x_qkv2 = self._self_qkv(mmdit, attn2, x_qkv2)
             attn2 = _optimized_attention(attention, mmdit.optimized_attention, *x_qkv2, attn2.num_heads, to,
-                                         heads_by_name=True)
+                                         heads_by_name=True, sdpa=self.sdpa)
             x = _post_attention_x(mmdit, xb, x_attn, attn2, *x_intermediates, raw)
         else:
             x = _post_attention(mmdit, xb, x_attn, *x_intermediates, raw)

@@ -352,3 +352,27 @@ def test_quantized_mmdit_runs_its_joint_blocks_lean_with_the_same_numbers(mmdit,
     t = torch.tensor([0.5, 0.5])
     quantized_lean_and_not(base, names, lambda m: m(x, t, context=ctx, y=y), lambda: len(mmdit.host_calls),
                            monkeypatch)
+
+
+def test_attention_op_switch_makes_the_lean_forwards_call_pytorchs_op_or_the_hosts_sdpa(monkeypatch, caplog):
+    """OCTET_ATTENTION_OP (read when the lean forwards are made) picks PyTorch's flash or cuDNN attention op, called
+    directly; an op that refuses its inputs answers None from then on (the host's SDPA runs), said once; unset, the
+    host's SDPA. On a GPU the op's output matches SDPA's within bf16 rounding."""
+    st, x, ctx = stack()
+    monkeypatch.delenv("OCTET_ATTENTION_OP", raising=False)
+    assert lean_blocks.install(st) and st.forward.sdpa is None
+    monkeypatch.setenv("OCTET_ATTENTION_OP", "cudnn")
+    st2, _, _ = stack()
+    lean_blocks.install(st2)
+    op = st2.forward.sdpa
+    assert isinstance(op, lean_blocks._AttentionOp) and op.name == "cudnn"
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    with caplog.at_level(logging.INFO, logger="octet"):
+        assert op(q, k, v) is None and op(q, k, v) is None          # no cuDNN on a CPU
+    assert op.run is None
+    if torch.cuda.is_available():
+        for name in ("flash", "cudnn"):
+            qc, kc, vc = (t.cuda().to(torch.bfloat16) for t in (q, k, v))
+            out = lean_blocks._AttentionOp(name)(qc, kc, vc)
+            ref = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc)
+            torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
