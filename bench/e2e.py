@@ -130,14 +130,15 @@ SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH"
               "_not_deferred": ("OCTET_DEFERRED",), "_host_float": ("OCTET_FLOAT_FUSIONS",),
               "_pylaunch": ("OCTET_C_LAUNCH", "OCTET_SCRATCH"), "_separate_qkv": ("OCTET_SHARED_INPUT",),
               "_not_lean": ("OCTET_LEAN_BLOCKS",)}
-# octet_dynamic_flash / _cudnn: the lean forwards call PyTorch's flash / cuDNN attention op directly
-# (OCTET_ATTENTION_OP, read when the model is quantized: octet/lean_blocks.py attention_op).
-ATTENTION_OPS = ("_flash", "_cudnn")
+# octet_dynamic_sdpa / _flash / _cudnn: the lean forwards call the host's SDPA, or PyTorch's flash / cuDNN attention
+# op directly (OCTET_ATTENTION_OP, read when the model is quantized: octet/lean_blocks.py attention_op; by default a
+# UNet's stacks call flash's, SD3's joint blocks SDPA).
+ATTENTION_OPS = ("_sdpa", "_flash", "_cudnn")
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk",
             "bf16_octet_fused", "octet_dynamic_host_float", "octet_dynamic_pylaunch", "octet_dynamic_memory",
             "octet_dynamic_separate_qkv", "octet_static_separate_qkv", "octet_dynamic_not_lean", "bf16_octet_lean",
-            "octet_dynamic_flash", "octet_dynamic_cudnn")
+            "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn")
 
 
 def model_config(name: str, tiny: bool, extra: dict | None = None):

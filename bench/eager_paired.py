@@ -33,7 +33,7 @@ from e2e import octet_pack  # noqa: E402
 # are made, in its warm-up: kernels/backends/triton_backend.py deferral_pays), for a GPU-bound host.
 PAIRABLE = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_dynamic_memory", "octet_dynamic_not_lean", "bf16_octet_lean", "bf16_octet_qk",
-            "octet_dynamic_eager_deferral", "octet_dynamic_flash", "octet_dynamic_cudnn")
+            "octet_dynamic_eager_deferral", "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn")
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:

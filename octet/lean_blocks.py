@@ -270,11 +270,14 @@ def _block(attention, blk: nn.Module, x, context, transformer_options: dict, sdp
 
 
 class _AttentionOp:
-    """One of PyTorch's SDPA backends called as its own op (``OCTET_ATTENTION_OP`` = ``flash`` | ``cudnn``, read when
-    a model's lean forwards are made; unset: the host's ``F.scaled_dot_product_attention``, which picks cuDNN on an
-    H100/H200): SDPA's per-call backend selection is skipped, and the backends' own host costs differ
-    (``bench/linear_host_cost.py --attention``). Where the op refuses its inputs (a dtype, a head width), the host's
-    SDPA runs from then on, said once."""
+    """One of PyTorch's SDPA backends called as its own op instead of the host's ``F.scaled_dot_product_attention``
+    (which picks cuDNN on an H100/H200). A UNet's stacks call flash attention's: an eager SDXL step at batch 1 is
+    host-bound, and in it (140 attention calls on the fused q/k/v GEMM's column views) SDXL ran 1.14× bf16 with the
+    flash op against 1.09× through SDPA or the cuDNN op, paired in one process (H200, 2026-12-05), though flash's
+    kernels are slower (186 vs 112 us at 4096 tokens; bench/linear_host_cost.py --attention). SD3's joint blocks keep
+    SDPA: at 4429 tokens its step is GPU-bound, and flash would add 3.9 ms of kernels. ``OCTET_ATTENTION_OP`` =
+    ``sdpa`` | ``flash`` | ``cudnn`` (read when a model's lean forwards are made) overrides both. Where the op refuses
+    its inputs (a dtype, a head width), the host's SDPA runs from then on, said once."""
 
     def __init__(self, name: str):
         aten = torch.ops.aten
@@ -300,20 +303,24 @@ class _AttentionOp:
             return None
 
 
-def attention_op():
+def attention_op(default: str | None = None):
     """The lean forwards' attention op (``_AttentionOp``), or None for the host's SDPA."""
-    name = switches.read("OCTET_ATTENTION_OP")
+    name = switches.read("OCTET_ATTENTION_OP") or default
     return _AttentionOp(name) if name in ("flash", "cudnn") else None
 
 
 class _LeanForward(ModuleForward):
+    ATTENTION = None        # the attention op these forwards call by default (``_AttentionOp``); None: SDPA
+
     def __init__(self, module: nn.Module):
         super().__init__(module)
-        self.sdpa = attention_op()
+        self.sdpa = attention_op(self.ATTENTION)
 
 
 class SpatialTransformerForward(_LeanForward):
     """A ``SpatialTransformer``'s forward: lean when ``lean_ok``, else the host's."""
+
+    ATTENTION = "flash"
 
     def __call__(self, x, context=None, transformer_options={}):    # noqa: B006 - the host's signature
         st = self.module

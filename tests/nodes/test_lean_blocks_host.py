@@ -354,13 +354,29 @@ def test_quantized_mmdit_runs_its_joint_blocks_lean_with_the_same_numbers(mmdit,
                            monkeypatch)
 
 
+def joint_block_plain():
+    import comfy.ldm.modules.diffusionmodules.mmdit as M
+    import comfy.ops
+    return M.JointBlock(64, 2, mlp_ratio=4.0, qkv_bias=True, attn_mode="torch", pre_only=False, rmsnorm=False,
+                        scale_mod_only=False, swiglu=False, qk_norm="rms", x_block_self_attn=False, dtype=None,
+                        device=None, operations=comfy.ops.disable_weight_init).eval()
+
+
 def test_attention_op_switch_makes_the_lean_forwards_call_pytorchs_op_or_the_hosts_sdpa(monkeypatch, caplog):
-    """OCTET_ATTENTION_OP (read when the lean forwards are made) picks PyTorch's flash or cuDNN attention op, called
-    directly; an op that refuses its inputs answers None from then on (the host's SDPA runs), said once; unset, the
-    host's SDPA. On a GPU the op's output matches SDPA's within bf16 rounding."""
+    """A UNet's lean stacks call PyTorch's flash attention op directly, SD3's joint blocks the host's SDPA;
+    OCTET_ATTENTION_OP (sdpa | flash | cudnn, read when the lean forwards are made) overrides both. An op that
+    refuses its inputs answers None from then on (the host's SDPA runs), said once. On a GPU the op's output
+    matches SDPA's within bf16 rounding."""
     st, x, ctx = stack()
     monkeypatch.delenv("OCTET_ATTENTION_OP", raising=False)
-    assert lean_blocks.install(st) and st.forward.sdpa is None
+    assert lean_blocks.install(st) and st.forward.sdpa.name == "flash"     # a UNet's stacks: flash's op
+    jb = joint_block_plain()
+    lean_blocks.install(jb)
+    assert jb.forward.sdpa is None                                       # SD3's joint blocks: the host's SDPA
+    monkeypatch.setenv("OCTET_ATTENTION_OP", "sdpa")
+    st1, _, _ = stack()
+    lean_blocks.install(st1)
+    assert st1.forward.sdpa is None
     monkeypatch.setenv("OCTET_ATTENTION_OP", "cudnn")
     st2, _, _ = stack()
     lean_blocks.install(st2)
