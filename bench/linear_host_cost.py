@@ -45,6 +45,22 @@ def host_us(fn, sync, reps=200, rounds=7) -> float:
     return statistics.median(vals)
 
 
+def _setup(comfy):
+    """(cuda, device, dtype, sync, card, (m, k, n), (x, w, b)): SDXL's 4096x640x640 bf16 linear on a GPU, a tiny fp32 one
+    on a CPU (a smoke test); the pack loaded (with the host where ``comfy``; not at all where None)."""
+    import torch
+    cuda = torch.cuda.is_available()
+    if comfy is not None:
+        octet_pack.load(comfy=comfy, cpu=not cuda)
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    m, k, n = (4096, 640, 640) if cuda else (64, 32, 32)
+    tensors = (torch.randn(m, k, device=dev, dtype=dtype), torch.randn(n, k, device=dev, dtype=dtype),
+               torch.randn(n, device=dev, dtype=dtype))
+    return (cuda, dev, dtype, torch.cuda.synchronize if cuda else (lambda: None),
+            torch.cuda.get_device_name() if cuda else "cpu", (m, k, n), tensors)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(e2e.ROOT, "out", "linear_host_cost"))
@@ -57,17 +73,8 @@ def main() -> int:
     if args.gemm_ways:
         return gemm_ways(args)
     import torch
-    cuda = torch.cuda.is_available()
-    octet_pack.load(comfy=True, cpu=not cuda)
+    cuda, dev, dtype, sync, card, (m, k, n), (x, w, b) = _setup(comfy=True)
     from comfyui_octet import octet
-    dev = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    card = torch.cuda.get_device_name() if cuda else "cpu"
-    m, k, n = (4096, 640, 640) if cuda else (64, 32, 32)
-    x = torch.randn(m, k, device=dev, dtype=dtype)
-    w = torch.randn(n, k, device=dev, dtype=dtype)
-    b = torch.randn(n, device=dev, dtype=dtype)
     calls = {f"F.linear {m}x{k}x{n}": lambda: torch.nn.functional.linear(x, w, b),
              f"torch.empty {m}x{k}": lambda: torch.empty((m, k), device=dev, dtype=dtype),
              "x + x": lambda: x + x}
@@ -103,11 +110,7 @@ def attention_backends(args) -> int:
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    card = torch.cuda.get_device_name() if cuda else "cpu"
+    cuda, dev, dtype, sync, card, _, _ = _setup(comfy=None)
     # (name, batch, heads, query tokens, key tokens, head dim)
     shapes = [("SDXL self-attn 64x64 latent", 1, 10, 4096, 4096, 64), ("SDXL cross-attn 64x64", 1, 10, 4096, 77, 64),
               ("SDXL self-attn 32x32 latent", 1, 20, 1024, 1024, 64), ("SDXL cross-attn 32x32", 1, 20, 1024, 77, 64),
@@ -177,18 +180,9 @@ def _gpu_us(fn, reps: int = 50) -> float:
 def gemm_ways(args) -> int:
     import subprocess
     import torch
-    cuda = torch.cuda.is_available()
-    octet_pack.load(comfy=False, cpu=not cuda)
+    cuda, dev, dtype, sync, card, (m, k, n), (x, w, b) = _setup(comfy=False)
     from comfyui_octet import octet
-    dev = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    card = torch.cuda.get_device_name() if cuda else "cpu"
-    m, k, n = (4096, 640, 640) if cuda else (64, 32, 32)
-    x = torch.randn(m, k, device=dev, dtype=dtype)
-    w = torch.randn(n, k, device=dev, dtype=dtype)
     wt = w.t()
-    b = torch.randn(n, device=dev, dtype=dtype)
     layer = torch.nn.Sequential(torch.nn.Linear(k, n)).to(dev, dtype)
     octet.quantize_(layer, octet.DynamicW8A8Config())
     ql = layer[0]
