@@ -29,6 +29,11 @@ attention function (sage, flash, xformers, split) is called as the host calls it
 forwards were checked against runs lean: the source of the host functions is fingerprinted when a model is
 quantized; another ComfyUI's (a changed block) keeps the host's forwards, said once.
 
+Two departures from the host's bits, each the same math rounded differently and each with a switch back: on a GPU a
+UNet's stacks call PyTorch's flash attention op directly instead of SDPA (``_AttentionOp``; ``OCTET_ATTENTION_OP``),
+and SD3's joint blocks prepare q/k/v with one kernel per stream and add each gated residual with one addcmul
+(``JointBlockForward``; ``OCTET_DEFERRED=0``).
+
 ``OCTET_LEAN_BLOCKS=0`` turns it off (read when the model is quantized or loaded, so two models in one process can
 differ: bench/eager_paired.py).
 """
