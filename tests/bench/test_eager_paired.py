@@ -67,3 +67,28 @@ def test_the_lean_variants_build_what_they_name(monkeypatch):
     stacks = [n for n, m in model.diffusion_model.named_modules() if type(m).__name__ == "SpatialTransformer"]
     assert lean == {"octet_dynamic_not_lean": [], "bf16_octet_lean": sorted(stacks), "octet_dynamic": sorted(stacks)}
     assert len(stacks) == 3          # the tiny SDXL: its middle block and two output blocks
+
+
+def test_the_attention_op_variants_build_what_they_name(monkeypatch):
+    """``octet_dynamic_sdpa`` / ``_flash`` / ``_cudnn``: the lean stacks of each model call the attention op its name
+    says (the switch read while that model is quantized, then cleared); plain ``octet_dynamic`` gets the default
+    (flash's op for a UNet's stacks)."""
+    import torch
+    _paired_module()
+    import e2e
+    from comfyui_octet.octet import lean_blocks
+    e2e.octet_pack.load(comfy=True, cpu=True)
+    for name in {n for names in e2e.SWITCH_OFF.values() for n in names}:
+        monkeypatch.setenv(name, "1")
+    monkeypatch.delenv("OCTET_ATTENTION_OP", raising=False)
+    cpu = torch.device("cpu")
+    x, sigma, kw = e2e.inputs("sdxl", cpu, True)
+    ops = {}
+    for variant in ("octet_dynamic_sdpa", "octet_dynamic_cudnn", "octet_dynamic"):
+        model = e2e.build("sdxl", "bf16", cpu, True)
+        assert e2e.quantize(model, variant, x, sigma, kw)[0].lean_blocks
+        found = {getattr(m.forward.sdpa, "name", None) for m in model.diffusion_model.modules()
+                 if isinstance(m.__dict__.get("forward"), lean_blocks.SpatialTransformerForward)}
+        ops[variant] = found
+        assert "OCTET_ATTENTION_OP" not in os.environ
+    assert ops == {"octet_dynamic_sdpa": {None}, "octet_dynamic_cudnn": {"cudnn"}, "octet_dynamic": {"flash"}}
