@@ -4,7 +4,8 @@ process; and Flux's q/k preparation (QK RMSNorm + RoPE, the double block's cat) 
 one kernel (kernels/backends/triton_rope.py); and SDXL's GroupNorm (+ SiLU) and GEGLU gate at 1024² as the
 host's ops vs the kernels (kernels/backends/triton_groupnorm.py, triton_geglu.py; octet/float_fusions.py); and
 Wan 2.1 1.3B's q/k preparation (RMSNorm over the row + RoPE) as the host's ops vs triton_rope.row_norm_rope; and
-SD3.5-medium's attention inputs (split_qkv, QK norms, the streams' cats) vs triton_rope.QKVHeads.
+SD3.5-medium's attention inputs (split_qkv, QK norms, the streams' cats) vs triton_rope.QKVHeads; and an MLP's
+fc1 with the GELU in its GEMM epilogue vs the GEMM and a GELU pass (Wan, Flux, SD3.5 shapes; octet/fusion.py).
 ``--sweep`` also sweeps the GELU quantizer's (tile, warps) for the single block's 15360-wide rows, the q/k
 kernel's, the GroupNorm's and the GEGLU's tiles. Prints a table and writes JSON.
 
@@ -200,6 +201,45 @@ def wan_rows(add, timer, dev, sweep=False):
                 timer(lambda x=x, c=config: triton_rope.row_norm_rope(x, w, 1e-6, freqs, heads, c)), moved)
 
 
+# (tokens, model width, hidden width) of the MLPs whose fc1 applies the GELU in its epilogue (octet/fusion.py), at
+# the e2e bench's sizes: Wan 2.1 1.3B's FFN (832x480x33), Flux-dev's double-block img_mlp (1024²), SD3.5-medium's
+# image-stream Mlp (1024²).
+MLP_SHAPES = {"Wan 2.1 1.3B ffn": (14040, 1536, 8960), "Flux-dev img_mlp": (4096, 3072, 12288),
+              "SD3.5-medium mlp": (4096, 1536, 6144)}
+
+
+def mlp_rows(add, timer, dev, shapes=MLP_SHAPES):
+    """An MLP's fc1 at MLP_SHAPES, dynamic W8A8 from codes already quantized: the GEMM then the host's GELU pass
+    (what runs without the fusion) vs the GEMM with the GELU in its epilogue (triton_gemm.W8A8Gemm gelu=True),
+    and the GEMM alone for scale; values against torch_ref's gemm_epilogue(gelu=True)."""
+    import torch
+    import torch.nn.functional as F
+    from comfyui_octet.kernels import torch_ref
+    from comfyui_octet.kernels.backends import triton_gemm
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for label, (m, d, h) in shapes.items():
+        xq = torch.randint(-127, 128, (m, d), device=dev, dtype=torch.int8, generator=gen)
+        xs = torch.rand(m, device=dev, generator=gen) * 0.01 + 0.005
+        qw = torch.randint(-127, 128, (h, d), device=dev, dtype=torch.int8, generator=gen)
+        ws = torch.rand(h, device=dev, generator=gen) * 1e-4 + 5e-5
+        bias = torch.randn(h, device=dev, dtype=torch.bfloat16, generator=gen)
+        plain = triton_gemm.W8A8Gemm(qw, ws, bias)
+        fused = triton_gemm.W8A8Gemm(qw, ws, bias, gelu=True)
+        rows = slice(0, 256)    # the reference's int matmul on a slice: the full one is seconds
+        ref = torch_ref.gemm_epilogue(torch_ref.int_matmul(xq[rows].cpu(), qw.cpu()), xs[rows].cpu(), ws.cpu(),
+                                      bias.cpu(), torch.bfloat16, gelu=True).float()
+        got = fused.run(xq, xs, torch.bfloat16)[rows].float().cpu()
+        off = ((got - ref).abs() > 1e-2 * ref.abs().clamp_min(1)).float().mean().item()
+        moved = m * h * 2 * 2    # the GELU pass: reads and writes the hidden tensor (bf16)
+        add(f"{label} fc1 {m}x{h}x{d}: GEMM alone", timer(lambda p=plain: p.run(xq, xs, torch.bfloat16)))
+        add(f"{label} fc1: GEMM + host GELU pass",
+            timer(lambda p=plain: F.gelu(p.run(xq, xs, torch.bfloat16), approximate="tanh")))
+        add(f"{label} fc1: GEMM, GELU in the epilogue (values off by >1%: {off:.1e})",
+            timer(lambda f=fused: f.run(xq, xs, torch.bfloat16)))
+        add(f"{label}: host GELU pass alone", timer(lambda: F.gelu(torch.empty(m, h, device=dev,
+                                                                              dtype=torch.bfloat16))), moved)
+
+
 def groupnorm_rows(add, timer, dev, sweep=False):
     """SDXL's GroupNorms at 1024² (batch 1, 32 groups): a ResBlock's GroupNorm + SiLU at each UNet level (and the
     decoder's concatenated inputs), the host's F.group_norm then F.silu vs triton_groupnorm.group_norm."""
@@ -242,8 +282,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--only", choices=["unet", "wan", "sd3"],
-                    help="only these rows (unet: GroupNorm, GEGLU; wan: Wan's q/k; sd3: SD3.5's q/k/v preparation)")
+    ap.add_argument("--only", choices=["unet", "wan", "sd3", "mlp"],
+                    help="only these rows (unet: GroupNorm, GEGLU; wan: Wan's q/k; sd3: SD3.5's q/k/v preparation; "
+                         "mlp: fc1's GELU in the GEMM's epilogue vs a GELU pass)")
     args = ap.parse_args()
     octet_pack.load(comfy=False)
     import torch
@@ -276,6 +317,9 @@ def main() -> int:
     if args.only == "sd3":
         sd3_qkv_rows(add, graph_us, dev, args.sweep)
         return write(args, header, rows)
+    if args.only == "mlp":
+        mlp_rows(add, graph_us, dev)
+        return write(args, header, rows)
     if args.only == "unet":
         groupnorm_rows(add, graph_us, dev, args.sweep)
         geglu_rows(add, graph_us, dev, args.sweep)
@@ -304,6 +348,7 @@ def main() -> int:
     sd3_rows(add, graph_us, dev)
     sd3_qkv_rows(add, graph_us, dev, args.sweep)
     wan_rows(add, graph_us, dev, args.sweep)
+    mlp_rows(add, graph_us, dev)
     groupnorm_rows(add, graph_us, dev, args.sweep)
     geglu_rows(add, graph_us, dev, args.sweep)
     return write(args, header, rows)

@@ -104,7 +104,8 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
                "sd1.5": ((1, 4, 16, 16), {"c_crossattn": (1, 8, 32)}),
                "sd3.5-medium": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1, 32)}),
                "wan2.1-1.3b": ((1, 16, 2, 8, 8), {"c_crossattn": (1, 8, 32)})}
-# octet_static_layers: static W8A8 with the MLP chains off (OCTET_FUSED_MLP=0), each layer on its own.
+# octet_static_layers: static W8A8 with the MLP chains off (OCTET_FUSED_MLP=0), each layer on its own;
+# octet_dynamic_layers: dynamic W8A8 with the host's GELU pass after each MLP's fc1 (no GELU epilogue).
 # octet_dynamic_dispatch: every Triton launch through Triton's own dispatch (OCTET_FAST_LAUNCH=0, see
 # kernels/backends/triton_launch.py), for before/after rows in one call.
 # octet_dynamic_not_deferred: GELUs and LayerNorms computed in float before their INT8 layer (OCTET_DEFERRED=0,
@@ -138,7 +139,7 @@ VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic"
             "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk",
             "bf16_octet_fused", "octet_dynamic_host_float", "octet_dynamic_pylaunch", "octet_dynamic_memory",
             "octet_dynamic_separate_qkv", "octet_static_separate_qkv", "octet_dynamic_not_lean", "bf16_octet_lean",
-            "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn")
+            "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn", "octet_dynamic_layers")
 
 
 def model_config(name: str, tiny: bool, extra: dict | None = None):

@@ -31,9 +31,19 @@ from e2e import octet_pack  # noqa: E402
 # bf16_octet_qk needs OCTET_DEFERRED on, as every other variant here.
 # octet_dynamic_eager_deferral: its plans take deferred inputs in eager steps too (OCTET_EAGER_DEFERRAL=1 while they
 # are made, in its warm-up: kernels/backends/triton_backend.py deferral_pays), for a GPU-bound host.
+# octet_dynamic_layers: the MLPs' fc1 without the GELU in its epilogue (OCTET_FUSED_MLP=0, read per call: set
+# around each of that variant's steps, and to 1 around every other's; PER_CALL).
 PAIRABLE = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_dynamic_memory", "octet_dynamic_not_lean", "bf16_octet_lean", "bf16_octet_qk",
-            "octet_dynamic_eager_deferral", "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn")
+            "octet_dynamic_eager_deferral", "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn",
+            "octet_dynamic_layers")
+PER_CALL = {"_layers": ("OCTET_FUSED_MLP",)}
+
+
+def per_call_switches(variant: str) -> dict[str, str]:
+    """The switches read per call, as ``variant`` runs with them: off where its suffix names them, else on."""
+    return {switch: "0" if variant.endswith(suffix) else "1"
+            for suffix, switches in PER_CALL.items() for switch in switches}
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -88,6 +98,7 @@ def main() -> int:
             deferred.install_qk(model.diffusion_model)
         if forced:
             os.environ["OCTET_EAGER_DEFERRAL"] = "1"
+        os.environ.update(per_call_switches(variant))
         e2e.time_steps(model, x, sigma, kw, args.warmup, 0)      # plans made, kernels tuned
         os.environ.pop("OCTET_EAGER_DEFERRAL", None)
         models[variant] = model
@@ -98,6 +109,7 @@ def main() -> int:
     for r in range(args.rounds):
         k = r % len(args.variants)
         for variant in args.variants[k:] + args.variants[:k]:
+            os.environ.update(per_call_switches(variant))
             times[variant] += e2e.time_steps(models[variant], x, sigma, kw, 0, 1, cpu=cpu[variant])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     versions = {"torch": torch.__version__, "comfyui": e2e.comfy_version()}

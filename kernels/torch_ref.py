@@ -123,21 +123,25 @@ def int_conv2d(xq: torch.Tensor, wq: torch.Tensor, stride, padding, dilation, gr
 
 
 def gemm_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """y = acc * x_scale[m] * w_scale[n] (+ bias) in float32, then cast: what kernels fuse."""
+                  bias: torch.Tensor | None, out_dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
+    """y = acc * x_scale[m] * w_scale[n] (+ bias) in float32 (then GELU, tanh form, with ``gelu``), then cast:
+    what kernels fuse."""
     y = acc.float() * x_scale.float().reshape(-1, 1) * w_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
+    if gelu:
+        y = F.gelu(y, approximate="tanh")
     return y.to(out_dtype)
 
 
 def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                smooth: torch.Tensor | None = None, static_scale: torch.Tensor | None = None) -> torch.Tensor:
+                smooth: torch.Tensor | None = None, static_scale: torch.Tensor | None = None,
+                gelu: bool = False) -> torch.Tensor:
     shape = x.shape
     x2d = x.reshape(-1, shape[-1])
     xq, xs = quantize_rows(x2d, smooth, static_scale)
     acc = int_matmul(xq, qweight)
-    y = gemm_epilogue(acc, xs.expand(x2d.shape[0], 1), w_scale, bias, x.dtype)
+    y = gemm_epilogue(acc, xs.expand(x2d.shape[0], 1), w_scale, bias, x.dtype, gelu)
     return y.reshape(*shape[:-1], qweight.shape[0])
 
 

@@ -33,9 +33,11 @@ class DecidesLayers(Protocol):
 @dataclass
 class QuantResult(QuantReport):
     replacements: dict[str, nn.Module] = field(default_factory=dict)
-    # name -> new forward: MLP containers whose fc1 -> GELU -> fc2 runs as one static INT8 chain
-    # (octet/fusion.py), and GELUs whose INT8 consumer applies them while quantizing (octet/deferred.py).
+    # name -> new forward: MLP containers whose fc1 applies the GELU in its INT8 epilogue, as one static INT8
+    # chain where both layers are static (octet/fusion.py), and GELUs whose INT8 consumer applies them while
+    # quantizing (octet/deferred.py).
     forwards: dict[str, Callable] = field(default_factory=dict)
+    static_chains: list = field(default_factory=list)   # those chains whose fc2's codes fc1's epilogue writes
     # attribute path -> value: other object patches (octet/tables.py: SD3's int8 position table, memory goal)
     attributes: dict[str, object] = field(default_factory=dict)
     # [[layer names]]: linears that read one input and run as one GEMM (octet/shared_input.py: attention q/k/v)
@@ -72,11 +74,14 @@ class QuantResult(QuantReport):
 
     @property
     def chains(self) -> list[str]:
-        """MLP containers run as static INT8 chains (octet/fusion.py)."""
+        """MLP containers whose fc1 applies the GELU in its INT8 epilogue (octet/fusion.py; ``static_chains``:
+        those run as one static INT8 chain)."""
         return sorted(n for n, f in self.forwards.items() if fusion.is_chain_forward(f))
 
     def summary(self) -> str:
-        chains, gelus, norms = len(self.chains), len(self.gelus), len(self.norms)
+        gelus, norms = len(self.gelus), len(self.norms)
+        chains = len(self.static_chains)
+        epilogues = len(self.chains) - chains
         deferred_text = " and ".join(t for t in (f"{gelus} GELUs" if gelus else "", f"{norms} LayerNorms" if norms
                                                  else "") if t)
         qk = len(self.qk_norms)
@@ -86,6 +91,7 @@ class QuantResult(QuantReport):
                                                           float_fusions.GroupNormSiLUForward,
                                                           float_fusions.GegluForward))
         return (super().summary() + (f"; {chains} MLPs run as static INT8 chains" if chains else "")
+                + (f"; {epilogues} MLPs apply their GELU in fc1's INT8 epilogue" if epilogues else "")
                 + (f"; {deferred_text} applied inside the next INT8 layer's quantization" if deferred_text else "")
                 + (f"; {qk} QK norms fused into attention's q/k preparation" if qk else "")
                 + (f"; {len(self.fused_groups)} attention q/k/v groups run as one GEMM each" if self.fused_groups
@@ -235,6 +241,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Decides
             progress(i + 1, len(candidates))
     for name in fusion.chain_sites(model, result.replacements):
         result.forwards[name] = fusion.chain_forward(model.get_submodule(name))
+    result.static_chains = fusion.static_chain_sites(model, result.replacements)
     result.forwards.update(deferred.forwards(model, result.replacements))
     result.forwards.update(float_fusions.forwards(model))
     result.forwards.update(lean_blocks.forwards(model))

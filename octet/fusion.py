@@ -1,4 +1,4 @@
-"""Static MLP chains: fc1 -> GELU(tanh) -> fc2 run as one INT8 chain when both layers are static.
+"""MLP chains: fc1 -> GELU(tanh) -> fc2 with the GELU in fc1's INT8 GEMM epilogue.
 
 Transformer MLPs (Flux's img_mlp/txt_mlp, Wan's ffn: ``nn.Sequential(Linear, GELU(tanh), Linear)``;
 SD3's ``Mlp``: fc1/act/fc2) spend as much memory traffic on the hidden activation (4x the model
@@ -8,10 +8,17 @@ is needed, so fc1's epilogue applies the GELU and writes fc2's int8 codes direct
 (``kernels.static_mlp``). Dynamic per-token scales cannot do this: the row's absmax spans every
 program's columns. This is where static W8A8 is faster than dynamic, not in the per-layer kernel.
 
+Where fc2 quantizes per token (or stays float), or fc1 is static and fc2 is not, fc1's epilogue still applies
+the GELU and writes the activated hidden tensor (``QuantLinear.forward_gelu``): the host's separate GELU pass,
+which reads and writes it (Wan 2.1 1.3B: 14,040 x 8,960 per block, 150 us of an H200's time, 4.7 ms a step),
+is gone, and fc2 quantizes what fc1 wrote. The GELU is computed on fc1's fp32 output before its one rounding
+(the host rounds fc1's output, then the GELU's), so the hidden tensor differs from the host's by that
+rounding. A deferred input to fc1 (Wan's norm2 + modulation) is taken as fc1 alone takes it.
+
 The container keeps its children: only its ``forward`` is replaced, by one that looks its layers
 up at each call and falls back to the container's own forward whenever the chain does not apply
-(a layer swapped for a float or fake-quant module, a LoRA weight function attached, dynamic
-scales). That keeps it correct under everything else that swaps layers (QAT, sensitivity, the
+(a layer swapped for a float or fake-quant module, a LoRA weight function attached, a GELU with
+hooks or its own forward). That keeps it correct under everything else that swaps layers (QAT, sensitivity, the
 host's object patches), and it is installed the way the layers are: in place, or as a host
 object patch on ``<container>.forward``.
 """
@@ -28,7 +35,7 @@ from .modules import QuantLinear
 
 
 def enabled() -> bool:
-    """OCTET_FUSED_MLP=0 runs static chains as separate layers (for comparisons; see bench/e2e.py).
+    """OCTET_FUSED_MLP=0 runs chains as separate layers and the host's GELU (for comparisons; see bench/e2e.py).
     Read per call (a dict lookup), so a bench or test can switch it without reloading modules."""
     return switches.on("OCTET_FUSED_MLP")
 
@@ -57,10 +64,20 @@ def _chainable(layer) -> bool:
             and not layer.weight_function and not layer.bias_function)
 
 
+def _gelu_epilogue(layer) -> bool:
+    """Whether ``layer`` is an fc1 whose GEMM may apply the GELU (QuantLinear.forward_gelu decides per call)."""
+    return type(layer) is QuantLinear and layer.act in ("dynamic", "static")
+
+
+def _plain(module: nn.Module) -> bool:
+    """No hook or per-instance forward that computing the GELU inside fc1 would skip."""
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
 def _chain_forward(self, x):
     parts = chain_parts(self)
     if parts is not None and enabled():
-        fc1, _, fc2, _, _ = parts
+        fc1, act, fc2, _, _ = parts
         if _chainable(fc1) and _chainable(fc2) and fc1.backend == fc2.backend:
             if kernels.ops.compiling():
                 return kernels.ops.static_mlp(x, *_op_args(fc1, x), *_op_args(fc2, x), fc1.backend,
@@ -68,6 +85,10 @@ def _chain_forward(self, x):
             if fc1.weight.device == x.device == fc2.weight.device:   # not under a lowvram per-call move
                 run, s1, s2 = fc1.chain_plan(fc2, x)
                 return run(x, s1, s2)
+        if _gelu_epilogue(fc1) and _plain(act) and _plain(fc1):
+            h = fc1.forward_gelu(x)
+            if h is not None:
+                return fc2(h)
     return type(self).forward(self, x)
 
 
@@ -85,10 +106,11 @@ def is_chain_forward(forward) -> bool:
     return getattr(forward, "__func__", None) is _chain_forward
 
 
-def chain_sites(model: nn.Module, replacements: dict[str, nn.Module]) -> list[str]:
-    """Names of MLP containers in ``model`` whose fc1 and fc2 are (or will be, per ``replacements``)
-    static W8A8 QuantLinears."""
-    sites = []
+def _sites(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, bool]:
+    """{name: static chain?} of the MLP containers in ``model`` whose fc1 and fc2 are (or will be, per
+    ``replacements``) static W8A8 QuantLinears (True), or whose fc1 is a W8A8 QuantLinear (False: the GELU in
+    its epilogue)."""
+    sites = {}
     for name, module in model.named_modules():
         parts = chain_parts(module)
         if parts is None:
@@ -96,13 +118,23 @@ def chain_sites(model: nn.Module, replacements: dict[str, nn.Module]) -> list[st
         prefix = f"{name}." if name else ""
         fc1 = replacements.get(prefix + parts[3], parts[0])
         fc2 = replacements.get(prefix + parts[4], parts[2])
-        if _chainable(fc1) and _chainable(fc2):
-            sites.append(name)
+        if (_chainable(fc1) and _chainable(fc2)) or _gelu_epilogue(fc1):
+            sites[name] = _chainable(fc1) and _chainable(fc2)
     return sites
 
 
+def chain_sites(model: nn.Module, replacements: dict[str, nn.Module]) -> list[str]:
+    """Names of the MLP containers that get the chained forward (static chains and GELU epilogues)."""
+    return list(_sites(model, replacements))
+
+
+def static_chain_sites(model: nn.Module, replacements: dict[str, nn.Module]) -> list[str]:
+    """Those of chain_sites whose two layers are static (fc2's codes written by fc1's epilogue)."""
+    return [name for name, static in _sites(model, replacements).items() if static]
+
+
 def install_chains(model: nn.Module) -> list[str]:
-    """In place: give every static MLP container of ``model`` the chained forward."""
+    """In place: give every chained MLP container of ``model`` (chain_sites) the chained forward."""
     sites = chain_sites(model, {})
     for name in sites:
         container = model.get_submodule(name)

@@ -470,6 +470,30 @@ class QuantLinear(QuantLayer):
         return kernels.ops.linear(x, self.weight, self.current_weight_scale(), self.bias, self.pre_quant_scale,
                                   self._static_scale(x.device), self.act, self.backend, self.goal, self.op_owner)
 
+    def forward_gelu(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """gelu_tanh(self(x)) with the GELU in this layer's GEMM epilogue (an MLP's fc1: octet/fusion.py), the
+        hidden activation written once; a deferred input (Wan's FFN takes its norm2 + modulation pending) goes
+        through the plan's deferred entry as in ``_forward_pending``. None where the plan has no such epilogue
+        (float or weight-only plans, another backend) or the layer is not called as planned (a weight patch, a
+        shared-input group, lowvram's per-call weights, torch.compile): the caller runs the layer, then the GELU."""
+        if self.act == "none" or self.weight_function or self.bias_function or self.fused_group is not None \
+                or _compiling():
+            return None
+        if type(x) is not torch.Tensor and isinstance(x, Pending):
+            plan = self._deferred_plan(x.source, x.ENTRY) if x.computed is None else None
+            if plan is not None and hasattr(plan.run, "with_gelu"):
+                y = x.feed(plan.run.with_gelu(), None if plan.scales is None else plan.scales[self._group()])
+                if y is not None:
+                    return y
+            x = x.materialize()
+        if type(x) is not torch.Tensor or self._parameters["weight"].device != x.device:
+            return None
+        plan = self.plan(x)
+        gelu = getattr(plan.run, "with_gelu", None)
+        if gelu is None:
+            return None
+        return gelu()(x, None if plan.scales is None else plan.scales[self._group()])
+
     def chain_plan(self, fc2: "QuantLinear", x: torch.Tensor):
         """(run, scale1, scale2) for fc2(gelu_tanh(self(x))) with both layers static W8A8
         (octet/fusion.py): cached per signature, and rebuilt whenever either layer's own plan is."""

@@ -222,20 +222,32 @@ class _W8A8Linear:
 
     ``gelu_input`` and ``norm_input`` are the deferred entries (octet/deferred.py): the layer's input is
     cat(head, gelu_tanh(pre)) or gelu_tanh(pre), or shift + layer_norm(x) * mult, and one quantization
-    kernel computes it while it quantizes, instead of float passes before this layer."""
+    kernel computes it while it quantizes, instead of float passes before this layer. ``with_gelu`` is the
+    same plan with GELU (tanh) in the GEMM's epilogue: an MLP's fc1 (octet/fusion.py), every entry alike."""
 
     deferral_pays = True                      # set per plan (deferral_pays above; eager small GEMMs: False)
 
-    def __init__(self, triton_quant, triton_gemm, w):
+    def __init__(self, triton_quant, triton_gemm, w, gelu: bool = False):
         self.k, self.n, self.smooth = w.k, w.n, w.smooth
         self.quantize = triton_quant.RowQuantizer(w.k, w.smooth)
-        self.gemm = triton_gemm.W8A8Gemm(w.qweight, w.scale, w.bias)
+        self.gemm = triton_gemm.W8A8Gemm(w.qweight, w.scale, w.bias, gelu=gelu)
+        self._operands, self._gelu = (triton_quant, triton_gemm, w), None
         self._gelu_quantizers: dict = {}      # head width -> GeluRowQuantizer (one per call site)
         self._make_gelu = triton_quant.GeluRowQuantizer
         self._norm = None                     # NormRowQuantizer, made at the first deferred norm
         self._make_norm = triton_quant.NormRowQuantizer
         from . import triton_launch   # needs triton: imported with the kernels
         self._bound = triton_launch.BoundCalls()   # (shape, dtype, x aligned, static aligned) -> call (_bind)
+
+    def with_gelu(self) -> "_W8A8Linear":
+        """This plan with GELU (tanh) applied in the GEMM's epilogue, made at the first ask: its own kernels'
+        launch records and bound calls (the GELU is a compile-time flag of the GEMM)."""
+        if self._gelu is None:
+            if self.gemm.gelu:
+                return self
+            self._gelu = _W8A8Linear(*self._operands, gelu=True)
+            self._gelu.deferral_pays = self.deferral_pays
+        return self._gelu
 
     def __call__(self, x, static):
         # The layer's own call (octet/modules.py): x is on the plan's device with K columns, and static is

@@ -18,6 +18,7 @@ Ampere/Ada, through masked pointer loads.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -111,8 +112,8 @@ def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr, M, N, stride_cm,
                    stride_as, pid_m, pid_n, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr,
-                   HAS_Q_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Same order as torch_ref.gemm_epilogue: ((acc * sa) * sw) + bias in fp32, then one rounding.
+                   HAS_Q_SMOOTH: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Same order as torch_ref.gemm_epilogue: ((acc * sa) * sw) + bias in fp32, (GELU,) then one rounding.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -131,6 +132,10 @@ def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr,
             y = tl.div_rn(y, tl.load(q_smooth_ptr + offs_n, mask=mask_n, other=1.0)[None, :])
         y = tl.div_rn(y, tl.load(q_scale_ptr))
         y = round_to_grid(y)
+    elif GELU:
+        # An MLP's fc1 with dynamic scales for fc2 (octet/fusion.py): the GELU on the fp32 value, so the hidden
+        # activation is written once, already activated, and no GELU pass reads and writes it again.
+        y = gelu_tanh(y)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -162,13 +167,13 @@ def _w8a8_mainloop(a, b, M, N, K, stride_am, stride_bn, pid_m, pid_n, USE_TMA: t
 
 
 @triton.autotune(configs=w8a8_configs(),
-                 do_bench=triton_support.tuning_bench, key=["M_BUCKET", "N", "K", "USE_TMA", "GELU_QUANT"],
+                 do_bench=triton_support.tuning_bench, key=["M_BUCKET", "N", "K", "USE_TMA", "GELU_QUANT", "GELU"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr,
                  M, N, K, M_BUCKET, NUM_SMS, stride_am, stride_bn, stride_cm, stride_as,
                  HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, GELU_QUANT: tl.constexpr,
-                 HAS_Q_SMOOTH: tl.constexpr,
+                 HAS_Q_SMOOTH: tl.constexpr, GELU: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -189,14 +194,15 @@ def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, 
             tile_c += NUM_SMS
             pid_m_c, pid_n_c = _grouped_tile(tile_c, num_pid_m, num_pid_n, GROUP_M)
             _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr, M, N,
-                           stride_cm, stride_as, pid_m_c, pid_n_c, HAS_BIAS, GELU_QUANT, HAS_Q_SMOOTH,
+                           stride_cm, stride_as, pid_m_c, pid_n_c, HAS_BIAS, GELU_QUANT, HAS_Q_SMOOTH, GELU,
                            BLOCK_M, BLOCK_N)
     else:
         pid_m, pid_n = _grouped_tile(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
         acc = _w8a8_mainloop(a, b, M, N, K, stride_am, stride_bn, pid_m, pid_n, USE_TMA,
                              BLOCK_M, BLOCK_N, BLOCK_K)
         _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr, M, N,
-                       stride_cm, stride_as, pid_m, pid_n, HAS_BIAS, GELU_QUANT, HAS_Q_SMOOTH, BLOCK_M, BLOCK_N)
+                       stride_cm, stride_as, pid_m, pid_n, HAS_BIAS, GELU_QUANT, HAS_Q_SMOOTH, GELU, BLOCK_M,
+                       BLOCK_N)
 
 
 # ---- wrappers ----------------------------------------------------------------------------------
@@ -243,10 +249,12 @@ class W8A8Gemm:
     the config for this M bucket). ``gelu_quant=True`` is the static MLP's fc1: the epilogue applies
     GELU (tanh) and quantizes for the next layer (its smoothing ``q_smooth`` fixed here, its static
     scale passed per call), returning int8 codes; torch_ref.gelu_tanh_quantize is the reference.
+    ``gelu=True`` applies GELU (tanh) to the fp32 output before its one rounding (torch_ref.gemm_epilogue's
+    ``gelu``): an MLP's fc1 whose fc2 quantizes per token.
     """
 
     def __init__(self, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 gelu_quant: bool = False, q_smooth: torch.Tensor | None = None):
+                 gelu_quant: bool = False, q_smooth: torch.Tensor | None = None, gelu: bool = False):
         if qweight.dtype != torch.int8 or qweight.dim() != 2:
             raise ValueError(f"qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
         self.n, self.k = qweight.shape
@@ -257,12 +265,14 @@ class W8A8Gemm:
         self.qweight = qweight.contiguous()
         self.bias = bias
         self.w_scale = _vector(w_scale, device)
-        self.gelu_quant = gelu_quant
+        if gelu and gelu_quant:
+            raise ValueError("gelu and gelu_quant are two epilogues; pick one")
+        self.gelu_quant, self.gelu = gelu_quant, gelu
         self.q_smooth = _vector(q_smooth, device) if q_smooth is not None else None
         self.use_tma = _use_tma(self.k)
         self.sms = triton_support.num_sms(device.index or 0) if qweight.is_cuda else 4
         self.flags = dict(HAS_BIAS=bias is not None, USE_TMA=self.use_tma, GELU_QUANT=gelu_quant,
-                          HAS_Q_SMOOTH=self.q_smooth is not None)
+                          HAS_Q_SMOOTH=self.q_smooth is not None, GELU=gelu)
         self.launcher = triton_launch.Launcher(_w8a8_kernel, "w8a8_gemm")
         self.weight_descs = triton_launch.WeightDescriptors(self.qweight) if self.use_tma else None
 
@@ -298,11 +308,11 @@ class W8A8Gemm:
             return out
         bias = self.bias
         if k == 0:
+            zeros = torch.zeros((m, n), dtype=torch.float32, device=device)
+            h = zeros + bias.float() if bias is not None else zeros
             if self.gelu_quant:
-                zeros = torch.zeros((m, n), dtype=torch.float32, device=device)
-                h = zeros + bias.float() if bias is not None else zeros
                 return gelu_tanh_quantize(h, self.q_smooth, q_scale)
-            return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+            return out.copy_(F.gelu(h, approximate="tanh") if self.gelu else h)
         w_scale = self.w_scale
         sms, per_token = self.sms, 0 if a_scale.numel() == 1 else 1
         bias_arg = bias if bias is not None else w_scale

@@ -118,7 +118,7 @@ def _w8a8_static_kernel(x, w, c_ptr, vec_ptr, scale_ptr, w_scale_ptr, bias_ptr, 
         acc = tl.dot(a_tile, w_tile, acc, out_dtype=tl.int32)
     # The epilogue multiplies by a_scale[m * 0] = the static scale (scale_ptr[0]) for every row.
     _w8a8_epilogue(acc, c_ptr, scale_ptr, w_scale_ptr, bias_ptr, scale_ptr, scale_ptr, M, N, stride_cm, 0,
-                   pid_m, pid_n, HAS_BIAS, False, False, BLOCK_M, BLOCK_N)
+                   pid_m, pid_n, HAS_BIAS, False, False, False, BLOCK_M, BLOCK_N)
 
 
 _tuned_kernel = triton.autotune(configs=configs(), do_bench=triton_support.tuning_bench,

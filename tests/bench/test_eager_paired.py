@@ -92,3 +92,13 @@ def test_the_attention_op_variants_build_what_they_name(monkeypatch):
         ops[variant] = found
         assert "OCTET_ATTENTION_OP" not in os.environ
     assert ops == {"octet_dynamic_sdpa": {None}, "octet_dynamic_cudnn": {"cudnn"}, "octet_dynamic": {"flash"}}
+
+
+def test_per_call_switches_follow_the_variant():
+    """A switch read per call (OCTET_FUSED_MLP) is set around each variant's step: off for the variant whose suffix
+    names it, on for every other, whatever the previous variant's step left."""
+    module = _paired_module()
+    assert "octet_dynamic_layers" in module.PAIRABLE
+    assert module.per_call_switches("octet_dynamic_layers") == {"OCTET_FUSED_MLP": "0"}
+    assert module.per_call_switches("octet_dynamic") == {"OCTET_FUSED_MLP": "1"}
+    assert module.per_call_switches("bf16") == {"OCTET_FUSED_MLP": "1"}

@@ -87,7 +87,7 @@ W8A8_TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
 def w8a8_gemm_pointer_operands():
     for gelu_quant in (False, True):
         _compile(triton_gemm._w8a8_kernel, {"a": "i8", "b": "i8", "c_ptr": "bf16"},
-                 dict(HAS_BIAS=True, USE_TMA=False, GELU_QUANT=gelu_quant, HAS_Q_SMOOTH=gelu_quant, PERSISTENT=False,
+                 dict(HAS_BIAS=True, USE_TMA=False, GELU_QUANT=gelu_quant, HAS_Q_SMOOTH=gelu_quant, GELU=not gelu_quant, PERSISTENT=False,
                       **W8A8_TILE))
 
 
@@ -96,7 +96,7 @@ def w8a8_gemm_tma_operands():
     desc = "tensordesc<i8[128, 128]>"
     for persistent in (False, True):
         _compile(triton_gemm._w8a8_kernel, {"a": desc, "b": desc, "c_ptr": "bf16"},
-                 dict(HAS_BIAS=True, USE_TMA=True, GELU_QUANT=False, HAS_Q_SMOOTH=False, PERSISTENT=persistent,
+                 dict(HAS_BIAS=True, USE_TMA=True, GELU_QUANT=False, HAS_Q_SMOOTH=False, GELU=False, PERSISTENT=persistent,
                       **W8A8_TILE))
 
 

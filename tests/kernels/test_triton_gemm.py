@@ -90,8 +90,8 @@ def test_shape_mismatch_is_rejected(rng, device):
 
 
 @pytest.mark.parametrize("shape", [(70, 130, 48), (33, 64, 96)])
-@pytest.mark.parametrize("gelu_quant", [False, True])
-def test_persistent_tma_variant_is_exact(shape, gelu_quant, rng, device):
+@pytest.mark.parametrize("epilogue", ["plain", "gelu", "gelu_quant"])
+def test_persistent_tma_variant_is_exact(shape, epilogue, rng, device):
     """The persistent (one program per SM, flattened tile loop) variant, launched directly: the
     autotuner only reaches it on Hopper, so CI checks it here, with both epilogues."""
     import triton
@@ -104,6 +104,7 @@ def test_persistent_tma_variant_is_exact(shape, gelu_quant, rng, device):
     a_scale, w_scale = positive(m, rng, device, 0.005, 0.01), positive(n, rng, device, 0.005, 0.01)
     bias = randn(n, rng, device=device)
     acc = torch_ref.int_matmul(a.cpu(), b.cpu())
+    gelu_quant, gelu = epilogue == "gelu_quant", epilogue == "gelu"
     expected = torch_ref.gemm_epilogue(acc, a_scale.cpu(), w_scale.cpu(), bias.cpu(), torch.float32)
     q_smooth = positive(n, rng, device)
     q_scale = (F.gelu(expected, approximate="tanh") / q_smooth.cpu()).abs().amax().reshape(1).to(device) / 120
@@ -114,12 +115,46 @@ def test_persistent_tma_variant_is_exact(shape, gelu_quant, rng, device):
     kernel[(programs,)](TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
                         out, a_scale, w_scale, bias, q_smooth, q_scale, m, n, k, triton_gemm.m_bucket(m), programs,
                         k, k, n, 1, HAS_BIAS=True, USE_TMA=True, GELU_QUANT=gelu_quant, HAS_Q_SMOOTH=gelu_quant,
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, PERSISTENT=True)
+                        GELU=gelu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, PERSISTENT=True)
     if gelu_quant:
         codes = torch_ref.gelu_tanh_quantize(expected, q_smooth.cpu(), q_scale.cpu())
         diff = (out.cpu().int() - codes.int()).abs()
         assert diff.max() <= 1 and diff.float().mean() < 0.01 and codes.float().std() > 5
+    elif gelu:
+        assert_epilogue_close(out.cpu(), F.gelu(expected, approximate="tanh"))
     else:
         assert_epilogue_close(out.cpu(), expected)
     assert triton.cdiv(m, bm) * triton.cdiv(n, bn) > programs
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_gelu_epilogue_matches_reference(shape, dtype, act, rng, device):
+    """An MLP fc1's GEMM with the GELU applied to its fp32 output before the one rounding: torch_ref's
+    gemm_epilogue(gelu=True) within the output's rounding, and (the check that the GELU is there at all) far
+    from the plain GEMM's output wherever that is negative."""
+    from comfyui_octet.kernels.backends import triton_gemm
+    m, n, k = shape
+    x = randn((m, k), rng, dtype, device, scale=2.0)
+    qweight, w_scale = _weights(n, k, rng, device)
+    bias = randn(n, rng, dtype, device)
+    static_scale = positive(1, rng, device, 0.02, 0.06) if act == "static" else None
+    xq, xs = torch_ref.quantize_rows(x.cpu(), None, None if static_scale is None else static_scale.cpu())
+    gemm = triton_gemm.W8A8Gemm(qweight, w_scale, bias, gelu=True)
+    y = gemm(xq.to(device), xs.to(device), dtype)
+    expected = torch_ref.linear_w8a8(x.cpu(), qweight.cpu(), w_scale.cpu(), bias.cpu(), None,
+                                     None if static_scale is None else static_scale.cpu(), gelu=True)
+    assert_epilogue_close(y.cpu(), expected)
+    plain = torch_ref.linear_w8a8(x.cpu(), qweight.cpu(), w_scale.cpu(), bias.cpu(), None,
+                                  None if static_scale is None else static_scale.cpu())
+    negative = plain.float() < -1.0
+    assert negative.any() and (y.cpu().float()[negative] - plain.float()[negative]).abs().min() > 0.5
+
+
+def test_gelu_epilogue_excludes_gelu_quant(rng, device):
+    from comfyui_octet.kernels.backends import triton_gemm
+    qweight, w_scale = _weights(8, 16, rng, device)
+    with pytest.raises(ValueError, match="pick one"):
+        triton_gemm.W8A8Gemm(qweight, w_scale, None, gelu_quant=True, gelu=True)
 

@@ -705,7 +705,7 @@ def test_a_plans_bound_call_does_not_keep_the_plan_alive(monkeypatch):
     quant = SimpleNamespace(RowQuantizer=lambda k, smooth: SimpleNamespace(bound=lambda *a: (lambda *b: None),
                                                                            launcher=launcher),
                             GeluRowQuantizer=None, NormRowQuantizer=None)
-    gemm = SimpleNamespace(W8A8Gemm=lambda q, s, b: SimpleNamespace(bound=lambda *a: (lambda *b: None)))
+    gemm = SimpleNamespace(W8A8Gemm=lambda q, s, b, **kw: SimpleNamespace(bound=lambda *a: (lambda *b: None)))
     weight = torch.zeros(64, 32, dtype=torch.int8)
     ops = SimpleNamespace(k=32, n=64, smooth=None, qweight=weight, scale=torch.ones(64), bias=None)
     x = torch.zeros(4, 32)

@@ -3,6 +3,7 @@ KSampler): the single blocks' cat(attn, GELU(mlp)) -> linear2 and every block's 
 qkv / linear1 / MLP fc1 reach the INT8 kernels as their inputs, and each deferred call matches the same
 layer on the materialized tensor."""
 import pytest
+import torch
 
 from comfyui_octet.fixtures import reference_model as rm
 from comfyui_octet.kernels.backends import triton_support
@@ -50,6 +51,18 @@ def test_flux_blocks_hand_their_gelu_to_the_int8_layers(monkeypatch, sample_dit)
         seen.append((kind, (fused - layered).abs().max().item(), layered.abs().max().item()))
         return fused
     monkeypatch.setattr(modules.QuantLayer, "_forward_pending", checked)
+    # The double blocks' img_mlp / txt_mlp take their norm2 input in fc1 with the GELU in its epilogue
+    # (octet/fusion.py): checked the same way, against the layer and the GELU on the materialized input.
+    real_gelu = modules.QuantLinear.forward_gelu
+
+    def checked_gelu(self, x):
+        pending = isinstance(x, deferred.PendingNorm) and x.computed is None
+        fused = real_gelu(self, x)
+        if pending and fused is not None:
+            layered = torch.nn.functional.gelu(self.forward(x.materialize()), approximate="tanh")
+            seen.append(("norm", (fused - layered).abs().max().item(), layered.abs().max().item()))
+        return fused
+    monkeypatch.setattr(modules.QuantLinear, "forward_gelu", checked_gelu)
     sample_dit(q, STEPS)
     singles = sum(n.endswith("mlp_act") for n in gelus)
     # Every step, the first too (its plans are made where the deferred input arrives), defers every site:

@@ -2,7 +2,7 @@
 WanQKForward, kernels/backends/triton_rope.py row_norm_rope): the host's output up to the kernel's last-bit
 differences from torch's RMSNorm, the kernel run once for q and once for k; the host's own forward (exactly its
 numbers) under an attn1 patch, autograd, the switch, or a host whose code differs. Its FFN input's LayerNorm and
-modulation run inside the FFN's INT8 quantization."""
+modulation run inside the FFN's INT8 quantization, the FFN's GELU in its first layer's GEMM epilogue."""
 import pytest
 import torch
 
@@ -149,10 +149,15 @@ def test_wan_blocks_ffn_input_is_normalised_and_modulated_inside_its_int8_quanti
     # Triton (the interpreter here): the CPU backend takes no deferred input.
     result = octet.quantize_(block, octet.DynamicW8A8Config(backend="triton"))
     assert result.norms == ["norm2"] and result.qk_norms == ["self_attn"]
-    fed = []
+    assert result.chains == ["ffn"]       # and the FFN's GELU in that layer's GEMM epilogue (octet/fusion.py)
+    fed, gelu_gemms = [], []
     real_feed = deferred.PendingNorm.feed
     monkeypatch.setattr(deferred.PendingNorm, "feed", lambda self, run, static: fed.append(1) or real_feed(self, run,
                                                                                                         static))
+    from comfyui_octet.kernels.backends import triton_gemm
+    real_run = triton_gemm.W8A8Gemm.run
+    monkeypatch.setattr(triton_gemm.W8A8Gemm, "run",
+                        lambda self, *a, **k: (self.gelu and gelu_gemms.append(1)) or real_run(self, *a, **k))
     g = torch.Generator().manual_seed(3)
     x, ctx = torch.randn(1, 6, 64, generator=g), torch.randn(1, 5, 64, generator=g)
     e = torch.randn(1, 6, 64, generator=g) * 0.1
@@ -160,7 +165,9 @@ def test_wan_blocks_ffn_input_is_normalised_and_modulated_inside_its_int8_quanti
     with torch.no_grad():
         block(x, e, freqs, ctx)                            # plans made at these shapes
         fused = block(x, e, freqs, ctx)
-        assert len(fed) == 2
+        assert len(fed) == 2 and len(gelu_gemms) == 2
         monkeypatch.setenv("OCTET_DEFERRED", "0")
+        monkeypatch.setenv("OCTET_FUSED_MLP", "0")
         host = block(x, e, freqs, ctx)
+        assert len(gelu_gemms) == 2
     torch.testing.assert_close(fused, host, rtol=0, atol=2e-3 * float(host.abs().max()))

@@ -1,4 +1,5 @@
-"""Static MLP chains installed by quantize_: which containers, same numbers as the layers, fallbacks."""
+"""MLP chains installed by quantize_ (static chains; the GELU in a W8A8 fc1's epilogue): which containers,
+same numbers as the layers, fallbacks."""
 import pytest
 import torch
 import torch.nn as nn
@@ -58,11 +59,17 @@ def test_quantize_installs_chains_only_where_both_layers_are_static_and_gelu_tan
     net = _net(rng)
     cal = _calibrated(net, rng)
     result = octet.quantize_(net, octet.StaticW8A8Config(timestep_groups=True), calibration=cal, inplace=False)
-    assert result.chains == ["img_mlp", "mlp"]
+    assert result.chains == ["img_mlp", "mlp"] and result.static_chains == ["img_mlp", "mlp"]
     assert "2 MLPs run as static INT8 chains" in result.summary()
+    assert "epilogue" not in result.summary()
     assert "forward" not in vars(net.img_mlp)                 # inplace=False leaves the model alone
+    # Dynamic: the same two containers (the GELU in fc1's epilogue), no static chain, no deferred GELU.
     dyn = octet.quantize_(_net(rng), octet.DynamicW8A8Config(), inplace=False)
-    assert dyn.chains == [] and dyn.gelus == []
+    assert dyn.chains == ["img_mlp", "mlp"] and dyn.static_chains == [] and dyn.gelus == []
+    assert "2 MLPs apply their GELU in fc1's INT8 epilogue" in dyn.summary()
+    assert "static INT8 chains" not in dyn.summary()
+    weight_only = octet.quantize_(_net(rng), octet.WeightOnlyConfig(), inplace=False)
+    assert weight_only.chains == []
 
 
 def test_policy_keeping_fc2_float_means_no_chain(rng):
@@ -74,7 +81,8 @@ def test_policy_keeping_fc2_float_means_no_chain(rng):
             return (None, "kept") if name == "img_mlp.2" else (default, "")
 
     result = octet.quantize_(net, octet.StaticW8A8Config(), policy=KeepFc2(), calibration=cal, inplace=False)
-    assert result.chains == ["mlp"]
+    assert result.static_chains == ["mlp"]
+    assert result.chains == ["img_mlp", "mlp"]      # img_mlp's static fc1 still applies the GELU
 
 
 @pytest.mark.parametrize("smooth_alpha", [None, 0.5])
@@ -167,3 +175,97 @@ def test_save_load_reinstalls_chains(tmp_path, rng):
     net.inp.group_selector.select(0.1)   # the loaded copy has no selector here: both in group 0
     with torch.no_grad():
         assert torch.equal(fresh(x), net(x))
+
+
+class WanFfnBlock(nn.Module):
+    """The data flow of Wan's WanAttentionBlock FFN (both hosts): ffn(addcmul(shift, norm2(x), 1 + scale)),
+    then the gated residual."""
+
+    def __init__(self, d=32, h=96):
+        super().__init__()
+        self.norm2 = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, h), nn.GELU(approximate="tanh"), nn.Linear(h, d))
+        self.modulation = nn.Parameter(torch.randn(1, 3, d) * 0.2)
+
+    def forward(self, x):
+        shift, scale, gate = self.modulation.chunk(3, dim=1)
+        return torch.addcmul(x, self.ffn(torch.addcmul(shift, self.norm2(x), 1 + scale)), gate)
+
+
+def _count_gelu_gemms(monkeypatch):
+    from comfyui_octet.kernels.backends import triton_gemm
+    calls = []
+    real = triton_gemm.W8A8Gemm.run
+    monkeypatch.setattr(triton_gemm.W8A8Gemm, "run",
+                        lambda self, *a, **k: (self.gelu and calls.append(1)) or real(self, *a, **k))
+    return calls
+
+
+@pytest.mark.skipif(not triton_support.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dynamic_fc1_applies_the_gelu_in_its_epilogue(dtype, rng, monkeypatch):
+    """Dynamic W8A8 through the Triton kernels (the interpreter): each MLP's fc1 GEMM applies the GELU (two
+    GEMMs with the GELU epilogue per forward, one per MLP) and the model computes what it computes with the
+    host's GELU module (OCTET_FUSED_MLP=0): in fp32 up to the last bits of the GELU's formula (and the odd code
+    of fc2's quantization that flips with them), in bf16 up to the one rounding of fc1's output the host adds."""
+    net = _net(rng).to(dtype)
+    octet.quantize_(net, octet.DynamicW8A8Config(backend="triton"))
+    calls = _count_gelu_gemms(monkeypatch)
+    x = torch.randn(2, 9, 32, generator=rng).to(dtype)
+    with torch.no_grad():
+        fused = net(x).double()
+        assert len(calls) == 2
+        monkeypatch.setenv("OCTET_FUSED_MLP", "0")
+        layered = net(x).double()
+    assert len(calls) == 2
+    rel = float((fused - layered).norm() / layered.norm())
+    assert rel < (1e-3 if dtype == torch.float32 else 2e-2), rel
+    hidden_fused = net.img_mlp[0].forward_gelu(net.inp(x)).double()
+    hidden_host = net.img_mlp[1](net.img_mlp[0](net.inp(x))).double()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert ((hidden_fused - hidden_host).abs() <= tol * (1 + hidden_host.abs())).all()
+
+
+@pytest.mark.skipif(not triton_support.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
+def test_wan_ffn_takes_its_deferred_norm_and_applies_the_gelu_in_fc1(rng, monkeypatch):
+    """Wan's FFN: norm2 + modulation deferred into fc1's quantization (octet/deferred.py) and the GELU in fc1's
+    epilogue, both in the same call: one GELU-epilogue GEMM fed by the norm quantizer, and the block's output
+    as the host's ops with the deferral and the chain off compute it (fp32, within INT8 code flips)."""
+    from comfyui_octet.kernels.backends import triton_quant
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    block = WanFfnBlock()
+    result = octet.quantize_(block, octet.DynamicW8A8Config(backend="triton"))
+    assert result.chains == ["ffn"] and result.norms == ["norm2"]
+    calls = _count_gelu_gemms(monkeypatch)
+    norms = []
+    real_norm = triton_quant.NormRowQuantizer.__call__
+    monkeypatch.setattr(triton_quant.NormRowQuantizer, "__call__",
+                        lambda self, *a, **k: norms.append(1) or real_norm(self, *a, **k))
+    x = torch.randn(2, 11, 32, generator=rng) * 3
+    with torch.no_grad():
+        fused = block(x)
+        assert len(calls) == 1 and len(norms) == 1
+        monkeypatch.setenv("OCTET_FUSED_MLP", "0")
+        monkeypatch.setenv("OCTET_DEFERRED", "0")
+        host = block(x)
+    assert len(calls) == 1 and len(norms) == 1
+    assert float((fused - host).norm() / (host - x).norm()) < 2e-3
+
+
+def test_a_hooked_gelu_or_a_float_fc1_runs_the_container(rng):
+    """Computing the GELU inside fc1 would skip a hook on the GELU module: such a call runs the container's own
+    forward (the hook sees the GELU), as does an fc1 that is not a W8A8 layer any more."""
+    net = _net(rng)
+    octet.quantize_(net, octet.DynamicW8A8Config())
+    assert fusion.is_chain_forward(vars(net.img_mlp)["forward"])
+    seen = []
+    handle = net.img_mlp[1].register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    x = torch.randn(2, 5, 32, generator=rng)
+    with torch.no_grad():
+        net.img_mlp(x)
+    handle.remove()
+    assert seen == [(2, 5, 80)]
+    float_fc1 = nn.Linear(32, 80)
+    net.img_mlp[0] = float_fc1
+    with torch.no_grad():
+        torch.testing.assert_close(net.img_mlp(x), net.img_mlp[2](net.img_mlp[1](float_fc1(x))))
