@@ -199,6 +199,40 @@ def wan_rows(add, timer, dev, sweep=False):
         for config in ((8, 4), (16, 8), (32, 4), (32, 8), (64, 8)) if sweep else ():
             add(f"  row_norm_rope (BLOCK_L, warps)={config}",
                 timer(lambda x=x, c=config: triton_rope.row_norm_rope(x, w, 1e-6, freqs, heads, c)), moved)
+        wan_norm_rows(add, timer, x, sweep)
+
+
+def wan_norm_rows(add, timer, x, sweep=False):
+    """Wan's block inputs at x's shape (e.chunk(6) views for the modulation): the self-attention's
+    addcmul(e0, norm1(x), 1 + e1) as the host's two passes vs triton_layernorm.NormModulate (float out, the q/k/v
+    projections stay bf16), and the FFN's (norm2) as the host's passes + the row quantizer vs
+    triton_quant.NormRowQuantizer (ffn.0 is INT8); ``sweep``: both kernels' (rows per program, warps)."""
+    import torch
+    import torch.nn.functional as F
+    from comfyui_octet.kernels.backends import triton_layernorm, triton_quant
+    batch, length, k = x.shape
+    mod = torch.randn(batch, 6, k, device=x.device, dtype=x.dtype)
+    shift, mult = mod[:, 0:1], 1 + mod[:, 1:2]
+    moved = 2 * x.numel() * x.element_size()
+    add(f"Wan norm1 input, batch {batch}: layer_norm + addcmul (host ops)",
+        timer(lambda: torch.addcmul(shift, F.layer_norm(x, (k,), None, None, 1e-6), mult)))
+    norm = triton_layernorm.NormModulate()
+    add(f"Wan norm1 input, batch {batch}: NormModulate {triton_layernorm.config_for(k)}",
+        timer(lambda: norm(x, 1e-6, mult, shift)), moved)
+    configs = ((1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8))
+    for config in configs if sweep else ():
+        kern = triton_layernorm.NormModulate(config)
+        add(f"  NormModulate (rows, warps)={config}", timer(lambda kern=kern: kern(x, 1e-6, mult, shift)), moved)
+    rowq = triton_quant.RowQuantizer(k)
+    add(f"Wan norm2 input, batch {batch}: layer_norm + addcmul + quantize_rows (host ops + row quantizer)",
+        timer(lambda: rowq(torch.addcmul(shift, F.layer_norm(x, (k,), None, None, 1e-6), mult).reshape(-1, k))))
+    quant = triton_quant.NormRowQuantizer(k)
+    moved_q = x.numel() * (x.element_size() + 1)
+    add(f"Wan norm2 input, batch {batch}: NormRowQuantizer {triton_quant.norm_launch_config(k)}",
+        timer(lambda: quant(x, 1e-6, mult, shift)), moved_q)
+    for config in configs if sweep else ():
+        q = triton_quant.NormRowQuantizer(k, config=config)
+        add(f"  NormRowQuantizer (rows, warps)={config}", timer(lambda q=q: q(x, 1e-6, mult, shift)), moved_q)
 
 
 # (tokens, model width, hidden width) of the MLPs whose fc1 applies the GELU in its epilogue (octet/fusion.py), at

@@ -32,12 +32,13 @@ from e2e import octet_pack  # noqa: E402
 # octet_dynamic_eager_deferral: its plans take deferred inputs in eager steps too (OCTET_EAGER_DEFERRAL=1 while they
 # are made, in its warm-up: kernels/backends/triton_backend.py deferral_pays), for a GPU-bound host.
 # octet_dynamic_layers: the MLPs' fc1 without the GELU in its epilogue (OCTET_FUSED_MLP=0, read per call: set
-# around each of that variant's steps, and to 1 around every other's; PER_CALL).
+# around each of that variant's steps, and to 1 around every other's; PER_CALL); octet_dynamic_host_float: the
+# host's GroupNorms, GEGLUs and Wan's norm1 + modulation passes (OCTET_FLOAT_FUSIONS=0, likewise).
 PAIRABLE = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_dynamic_memory", "octet_dynamic_not_lean", "bf16_octet_lean", "bf16_octet_qk",
             "octet_dynamic_eager_deferral", "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn",
-            "octet_dynamic_layers")
-PER_CALL = {"_layers": ("OCTET_FUSED_MLP",)}
+            "octet_dynamic_layers", "octet_dynamic_host_float")
+PER_CALL = {"_layers": ("OCTET_FUSED_MLP",), "_host_float": ("OCTET_FLOAT_FUSIONS",)}
 
 
 def per_call_switches(variant: str) -> dict[str, str]:

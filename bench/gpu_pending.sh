@@ -34,11 +34,13 @@ case "$part" in
         env -u COMFYUI_PATH python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_octet_qk \
             octet_dynamic --rounds 20 --out "$dest/wan_0375" 2>&1 | quiet
     fi ;;
-  mlp)      # each MLP's GELU in its fc1's GEMM epilogue (twenty-fourth session): the kernel rows (Wan, Flux, SD3.5
-            # shapes), then the steps with and without it, paired round by round
+  mlp)      # each MLP's GELU in its fc1's GEMM epilogue and Wan's norm1 + modulation in one pass (twenty-fourth
+            # session): the kernel rows (MLPs at Wan, Flux, SD3.5 shapes; Wan's norm kernels with their sweeps), then
+            # the steps with and without each, paired round by round
     python3 bench/deferred_kernels.py --only mlp --out "$dest/mlp" 2>&1 | quiet
-    python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 octet_dynamic octet_dynamic_layers --rounds 20 \
-        --out "$dest/wan_mlp" 2>&1 | quiet
+    python3 bench/deferred_kernels.py --only wan --sweep --out "$dest/wan_kernels" 2>&1 | quiet
+    python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 octet_dynamic octet_dynamic_layers \
+        octet_dynamic_host_float --rounds 20 --out "$dest/wan_mlp" 2>&1 | quiet
     python3 bench/eager_paired.py --model sd3.5-medium --variants bf16 octet_dynamic octet_dynamic_layers \
         --rounds 30 --out "$dest/sd35_mlp" 2>&1 | quiet
     python3 bench/eager_paired.py --model flux-dev --variants bf16 octet_dynamic octet_dynamic_layers --rounds 8 \
@@ -58,7 +60,8 @@ case "$part" in
   tests)    # the GPU halves of the tests written without a device
     python3 -P -c "import pytest, sys; sys.exit(pytest.main(['-q', '-rfE', '-p', 'no:cacheprovider',
         'tests/kernels/test_triton_rope.py', 'tests/kernels/test_bound_site_calls.py',
-        'tests/kernels/test_triton_gemm.py',
+        'tests/kernels/test_triton_gemm.py', 'tests/kernels/test_triton_layernorm.py',
+        'tests/kernels/test_triton_quant_norm.py',
         'tests/kernels/test_triton_conv.py', 'tests/nodes/test_lean_blocks_host.py',
         'tests/nodes/test_wan_fusions_host.py', 'tests/nodes/test_dynamic_vram.py']))" 2>&1 | quiet \
         | grep -E "^E |FAILED|passed|failed" ;;

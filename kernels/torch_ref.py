@@ -215,6 +215,19 @@ def modulation_per_batch(t: torch.Tensor, x: torch.Tensor) -> bool:
     return all(d == 1 for d in lead)
 
 
+def norm_modulate(x: torch.Tensor, eps: float, mult: torch.Tensor | None = None,
+                  shift: torch.Tensor | None = None) -> torch.Tensor:
+    """shift + layer_norm(x) * mult (LayerNorm without affine, then the block's modulation) in fp32, rounded once
+    to x's dtype: the fused float kernel (triton_layernorm). ComfyUI rounds after the LayerNorm and again after the
+    modulation."""
+    y = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps)
+    if mult is not None:
+        y = y * mult.float()
+    if shift is not None:
+        y = y + shift.float()
+    return y.to(x.dtype)
+
+
 def norm_quantize_rows(x: torch.Tensor, eps: float, mult: torch.Tensor | None = None,
                        shift: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
                        static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

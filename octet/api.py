@@ -87,9 +87,10 @@ class QuantResult(QuantReport):
         qk = len(self.qk_norms)
         fused = [type(self.forwards[n]) for n in self.float_fusions]
         # Every GroupNorm has its own forward; a Sequential's adds its SiLU.
-        gn, silu, geglu = (fused.count(kind) for kind in (float_fusions.GroupNormForward,
-                                                          float_fusions.GroupNormSiLUForward,
-                                                          float_fusions.GegluForward))
+        gn, silu, geglu, norm = (fused.count(kind) for kind in (float_fusions.GroupNormForward,
+                                                                float_fusions.GroupNormSiLUForward,
+                                                                float_fusions.GegluForward,
+                                                                float_fusions.NormModulateForward))
         return (super().summary() + (f"; {chains} MLPs run as static INT8 chains" if chains else "")
                 + (f"; {epilogues} MLPs apply their GELU in fc1's INT8 epilogue" if epilogues else "")
                 + (f"; {deferred_text} applied inside the next INT8 layer's quantization" if deferred_text else "")
@@ -97,7 +98,8 @@ class QuantResult(QuantReport):
                 + (f"; {len(self.fused_groups)} attention q/k/v groups run as one GEMM each" if self.fused_groups
                    else "")
                 + (f"; {gn} GroupNorms ({silu} with their SiLU) and {geglu} GEGLU gates fused where the Triton "
-                   f"kernels run" if fused else "")
+                   f"kernels run" if gn or geglu else "")
+                + (f"; {norm} LayerNorms fused with their modulation where the Triton kernels run" if norm else "")
                 + (f"; {len(self.lean_blocks)} transformer stacks run lean in eager steps" if self.lean_blocks
                    else "")
                 + (f"; position table int8 ({self.tables_before / 2**20:.1f} MiB -> "

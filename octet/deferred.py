@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import importlib
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -160,19 +160,23 @@ class PendingGelu(Pending):
 
 class PendingNorm(Pending):
     """``layer_norm(x)`` without affine (eps), or ``addcmul(shift, layer_norm(x), mult)`` once the block's
-    modulation has joined it (Flux's apply_mod, SD3's modulate)."""
+    modulation has joined it (Flux's apply_mod, SD3's modulate). With a ``kernel`` (a float consumer's site,
+    octet/float_fusions.py NormModulateForward) computing it is the fused path: one pass of
+    kernels/backends/triton_layernorm.py where the host makes two."""
 
     ENTRY = "norm_input"
     x: torch.Tensor
     eps: float
     mult: Optional[torch.Tensor]
     shift: Optional[torch.Tensor]
+    kernel: Optional[Callable]
 
     @staticmethod
     def __new__(cls, x: torch.Tensor, eps: float, mult: Optional[torch.Tensor] = None,
-                shift: Optional[torch.Tensor] = None):
+                shift: Optional[torch.Tensor] = None, kernel: Optional[Callable] = None):
         t = Pending._wrap(cls, x.shape, x)
-        t.x, t.eps, t.mult, t.shift = x, eps, mult, shift
+        t.x, t.eps, t.mult, t.shift, t.kernel = x, eps, mult, shift, kernel
+        t.FUSED = kernel is not None
         return t
 
     @property
@@ -180,6 +184,10 @@ class PendingNorm(Pending):
         return self.x
 
     def compute(self):
+        if self.kernel is not None:
+            y = self.kernel(self.x, self.eps, self.mult, self.shift)
+            if y is not None:
+                return y
         y = F.layer_norm(self.x, (self.x.shape[-1],), None, None, self.eps)
         return y if self.mult is None else torch.addcmul(self.shift, y, self.mult)
 
@@ -204,7 +212,7 @@ class PendingNorm(Pending):
             return None
         if shift.dtype != x.dtype or mult.dtype != x.dtype or shift.device != x.device or mult.device != x.device:
             return None
-        return PendingNorm(x, pending.eps, mult, shift)
+        return PendingNorm(x, pending.eps, mult, shift, pending.kernel)
 
 
 def _leaves(args, kwargs):
@@ -624,6 +632,10 @@ class WanQKForward(QKPrepForward):
 
     def __call__(self, x, freqs, transformer_options={}):     # noqa: B006 - the host's signature
         module = self.module
+        if type(x) is not torch.Tensor and isinstance(x, Pending):
+            # The block's modulated norm1 (octet/float_fusions.py NormModulateForward): computed here, once, for
+            # the q/k/v projections (a shared-input group's GEMM takes real tensors only).
+            x = x.materialize()
         if self._may_defer(x) and type(freqs) is torch.Tensor \
                 and not (transformer_options.get("patches") or {}).get("attn1_patch"):
             host = host_code.module_of(module)

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import torch_ref
-from . import scratch as scratch_buffers, triton_launch, triton_support
+from . import scratch as scratch_buffers, triton_launch, triton_layernorm, triton_support
+from .triton_layernorm import norm_modulate_tile
 from .triton_math import gelu_tanh, round_to_int8, scale_from_absmax
 
 
@@ -470,47 +470,45 @@ def quantize_rows_cat_gelu(attn: torch.Tensor | None, mlp: torch.Tensor, smooth:
 # ---- A LayerNorm (no affine) and its modulation applied inside the quantization of the next layer ---
 # Flux's and SD3's blocks feed their attention qkv and MLP fc1 with addcmul(shift, layer_norm(x), 1 + scale):
 # a LayerNorm pass and a modulation pass, each reading and writing the activation in float, before the
-# quantization pass reads it again. This kernel normalises the row in fp32, modulates it with the row's
-# batch entry of mult/shift, and writes the int8 row and its scale (octet/deferred.py routes it here).
+# quantization pass reads it again. This kernel normalises BLOCK_M rows in fp32, modulates each with its batch
+# entry of mult/shift (triton_layernorm.norm_modulate_tile, the float kernel's math), and writes the int8 rows and
+# their scales (octet/deferred.py routes it here).
 
 @triton.jit
-def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, L,
+def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, M, K, L,
                                stride_xm, stride_mb, stride_sb, eps,
                                HAS_MULT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                               STATIC: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    batch = row // L
+                               STATIC: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs = tl.arange(0, BLOCK_K)
-    mask = offs < K
-    v = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(v, axis=0) / K
-    d = tl.where(mask, v - mean, 0.0)
-    var = tl.sum(d * d, axis=0) / K
-    y = d * (1.0 / tl.sqrt_rn(var + eps))
-    if HAS_MULT:
-        y = y * tl.load(mult_ptr + batch * stride_mb + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        y = y + tl.load(shift_ptr + batch * stride_sb + offs, mask=mask, other=0.0).to(tl.float32)
+    mask_m, mask_k = rows < M, offs < K
+    y = norm_modulate_tile(x_ptr, mult_ptr, shift_ptr, rows, mask_m, offs, mask_k, K, L, stride_xm, stride_mb,
+                           stride_sb, eps, HAS_MULT, HAS_SHIFT)
     if HAS_SMOOTH:
-        y = tl.div_rn(y, tl.load(smooth_ptr + offs, mask=mask, other=1.0).to(tl.float32))
-    y = tl.where(mask, y, 0.0)
-    _quantize_row_in_registers(y, mask, q_ptr + row * K + offs, static_ptr, scale_ptr, row, STATIC,
-                               SCALE_BY_RECIPROCAL)
+        y = tl.div_rn(y, tl.load(smooth_ptr + offs, mask=mask_k, other=1.0).to(tl.float32)[None, :])
+    # Each row's scale (the static one, or from its absmax, stored), then its codes, as _quantize_row_in_registers.
+    if STATIC:
+        codes = round_to_int8(tl.div_rn(y, tl.load(static_ptr).to(tl.float32)))
+    else:
+        scale = scale_from_absmax(tl.max(tl.abs(y), axis=1), SCALE_BY_RECIPROCAL)
+        tl.store(scale_ptr + rows, scale, mask=mask_m)
+        codes = round_to_int8(tl.div_rn(y, scale[:, None]))
+    tl.store(q_ptr + rows[:, None] * K + offs[None, :], codes, mask=mask_m[:, None] & mask_k[None, :])
 
 
 # One tile per row: the whole row in registers (mean and variance need it twice). Wider rows are left to
 # the float path (NormRowQuantizer.takes).
-NORM_MAX_K = 8192
+NORM_MAX_K = triton_layernorm.MAX_K
 
 
-def _batch_rows(t: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor | None, int] | None:
-    """mult/shift as (tensor, stride between batch entries) if the kernel can read it: a modulation shape
-    (torch_ref.modulation_per_batch) with unit column stride in x's dtype; else None."""
-    if t is None:
-        return None, 0
-    if not torch_ref.modulation_per_batch(t, x) or t.stride(-1) != 1 or t.dtype != x.dtype:
-        return None
-    return t, (t.stride(0) if x.dim() == 3 and t.dim() == 3 and t.shape[0] > 1 else 0)
+def norm_launch_config(k: int) -> tuple[int, int]:
+    """(rows per program, warps) of the norm quantizer: one row, 4 to 16 warps by width, as measured in use since
+    2026-12-02 (75 us at Wan's 14,040 x 1536 on an H200: 0.85 TB/s, 2026-12-05); the float kernel's several rows
+    per program (triton_layernorm.config_for) are the candidate bench/deferred_kernels.py --only wan --sweep times
+    against it."""
+    block_k = triton_support.next_power_of_2(k)
+    return 1, 4 if block_k <= 1024 else 8 if block_k <= 4096 else 16
 
 
 class NormRowQuantizer:
@@ -518,29 +516,24 @@ class NormRowQuantizer:
     of K: prepared once per layer (launch config, direct launcher). Reference: torch_ref.norm_quantize_rows
     (fp32 throughout; ComfyUI rounds the LayerNorm and the modulation to the activation dtype)."""
 
-    def __init__(self, k: int, smooth: torch.Tensor | None = None):
+    def __init__(self, k: int, smooth: torch.Tensor | None = None, config: tuple | None = None):
         if smooth is not None and smooth.numel() != k:
             raise ValueError(f"smooth has {smooth.numel()} entries, activations have K={k}")
         self.k = k
         self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
-        block_k = triton_support.next_power_of_2(k)
-        self.num_warps = 4 if block_k <= 1024 else 8 if block_k <= 4096 else 16
-        self.block_k = block_k
+        self.block_k = triton_support.next_power_of_2(k)
+        self.block_m, self.num_warps = config or norm_launch_config(k)
         self.launcher = triton_launch.Launcher(_quantize_norm_rows_kernel, "quantize_norm_rows")
-
-    @staticmethod
-    def _fits(x: torch.Tensor) -> bool:
-        return 0 < x.shape[-1] <= NORM_MAX_K and x.dim() in (2, 3) and x.stride(-1) == 1
 
     @staticmethod
     def takes(x: torch.Tensor, mult: torch.Tensor | None, shift: torch.Tensor | None) -> bool:
         """Whether this kernel can apply that normalisation + modulation (else the caller computes it in float)."""
-        return NormRowQuantizer._fits(x) and _batch_rows(mult, x) is not None and _batch_rows(shift, x) is not None
+        return triton_layernorm.NormModulate.takes(x, mult, shift)
 
     def __call__(self, x: torch.Tensor, eps: float, mult: torch.Tensor | None, shift: torch.Tensor | None,
                  static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        mult_rows, shift_rows = _batch_rows(mult, x), _batch_rows(shift, x)
-        if x.shape[-1] != self.k or not self._fits(x) or mult_rows is None or shift_rows is None:
+        mult_rows, shift_rows = triton_layernorm.batch_rows(mult, x), triton_layernorm.batch_rows(shift, x)
+        if x.shape[-1] != self.k or not triton_layernorm.fits(x) or mult_rows is None or shift_rows is None:
             raise ValueError(f"this quantizer normalises rows of K={self.k} modulated per batch entry, got x "
                              f"{tuple(x.shape)}, mult {None if mult is None else tuple(mult.shape)}, shift "
                              f"{None if shift is None else tuple(shift.shape)}")
@@ -556,11 +549,13 @@ class NormRowQuantizer:
         smooth_arg = self.smooth if self.smooth is not None else scales
         cuda = x.is_cuda
         key = (static, cuda, x.dtype, mult is not None, shift is not None) + triton_launch.facts(
-            rows, q, scales, sx, tokens, smb, ssb, *(t for t in (mult, shift) if t is not None))
+            rows, q, scales, sx, tokens, m, smb, ssb, *(t for t in (mult, shift) if t is not None))
         flags = dict(HAS_MULT=mult is not None, HAS_SHIFT=shift is not None, HAS_SMOOTH=self.smooth is not None,
-                     STATIC=static, SCALE_BY_RECIPROCAL=cuda, BLOCK_K=self.block_k, num_warps=self.num_warps)
-        self.launcher(key, lambda meta: (m,),
+                     STATIC=static, SCALE_BY_RECIPROCAL=cuda, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
+                     num_warps=self.num_warps)
+        grid = (triton_support.cdiv(m, self.block_m),)
+        self.launcher(key, lambda meta: grid,
                       lambda meta: (rows, mult if mult is not None else rows, shift if shift is not None else rows,
-                                    smooth_arg, scales, q, scales, self.k, tokens, sx, smb, ssb, float(eps)),
+                                    smooth_arg, scales, q, scales, m, self.k, tokens, sx, smb, ssb, float(eps)),
                       flags)
         return q, scales

@@ -32,3 +32,25 @@ def test_mlp_rows_time_each_fc1_variant_and_check_the_epilogue(monkeypatch):
     assert names[2] == "tiny fc1: GEMM, GELU in the epilogue (values off by >1%: 0.0e+00)"
     assert names[3] == "tiny: host GELU pass alone" and rows[3][2] == 40 * 48 * 4
     assert called == [(40, 48)] * 4
+
+
+@pytest.mark.skipif(not triton_support.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
+def test_wan_norm_rows_time_host_ops_and_both_kernels_with_their_sweeps(monkeypatch):
+    import torch
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    sys.modules.pop("deferred_kernels", None)
+    import deferred_kernels
+    rows, shapes = [], []
+
+    def timer(fn):
+        out = fn()
+        shapes.append(tuple((out[0] if isinstance(out, tuple) else out).shape))
+        return 2.0
+
+    x = torch.randn(2, 9, 48)
+    deferred_kernels.wan_norm_rows(lambda name, us, moved=None: rows.append(name), timer, x, sweep=True)
+    assert rows[0].startswith("Wan norm1 input, batch 2: layer_norm + addcmul") and "NormModulate" in rows[1]
+    assert sum(r.startswith("  NormModulate") for r in rows) == 7
+    assert sum(r.startswith("  NormRowQuantizer") for r in rows) == 7
+    assert shapes[:2] == [(2, 9, 48)] * 2 and shapes[-1] == (18, 48)

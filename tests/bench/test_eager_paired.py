@@ -95,10 +95,11 @@ def test_the_attention_op_variants_build_what_they_name(monkeypatch):
 
 
 def test_per_call_switches_follow_the_variant():
-    """A switch read per call (OCTET_FUSED_MLP) is set around each variant's step: off for the variant whose suffix
-    names it, on for every other, whatever the previous variant's step left."""
+    """A switch read per call (OCTET_FUSED_MLP, OCTET_FLOAT_FUSIONS) is set around each variant's step: off for the
+    variant whose suffix names it, on for every other, whatever the previous variant's step left."""
     module = _paired_module()
     assert "octet_dynamic_layers" in module.PAIRABLE
-    assert module.per_call_switches("octet_dynamic_layers") == {"OCTET_FUSED_MLP": "0"}
-    assert module.per_call_switches("octet_dynamic") == {"OCTET_FUSED_MLP": "1"}
-    assert module.per_call_switches("bf16") == {"OCTET_FUSED_MLP": "1"}
+    assert module.per_call_switches("octet_dynamic_layers") == {"OCTET_FUSED_MLP": "0", "OCTET_FLOAT_FUSIONS": "1"}
+    assert module.per_call_switches("octet_dynamic_host_float") == {"OCTET_FUSED_MLP": "1",
+                                                                   "OCTET_FLOAT_FUSIONS": "0"}
+    assert module.per_call_switches("bf16") == {"OCTET_FUSED_MLP": "1", "OCTET_FLOAT_FUSIONS": "1"}

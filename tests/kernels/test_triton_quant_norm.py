@@ -13,7 +13,9 @@ pytestmark = requires_triton
 @pytest.mark.parametrize("shape", [(2, 5, 48), (1, 9, 300), (3, 1, 1024)])
 @pytest.mark.parametrize("modulated", ["addcmul", "none", "shared"])
 @pytest.mark.parametrize("static", [False, True])
-def test_norm_quantizer_matches_reference(shape, modulated, static, rng, device):
+@pytest.mark.parametrize("config", [None, (4, 4)])
+def test_norm_quantizer_matches_reference(shape, modulated, static, config, rng, device):
+    """Also with several rows per program (the float kernel's layout, a sweep candidate): rows past M masked."""
     from comfyui_octet.kernels.backends import triton_quant
     b, l, k = shape
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -27,7 +29,7 @@ def test_norm_quantizer_matches_reference(shape, modulated, static, rng, device)
         mult = shift = None
     smooth = positive(k, rng, device)
     static_scale = torch.tensor([0.02], device=device) if static else None
-    quantizer = triton_quant.NormRowQuantizer(k, smooth)
+    quantizer = triton_quant.NormRowQuantizer(k, smooth, config)
     for _ in range(2):                       # the second call goes through the recorded direct launch on a GPU
         q, s = quantizer(x, 1e-6, mult, shift, static_scale)
     q_ref, s_ref = torch_ref.norm_quantize_rows(x, 1e-6, mult, shift, smooth, static_scale)

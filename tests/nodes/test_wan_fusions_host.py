@@ -171,3 +171,73 @@ def test_wan_blocks_ffn_input_is_normalised_and_modulated_inside_its_int8_quanti
         host = block(x, e, freqs, ctx)
         assert len(gelu_gemms) == 2
     torch.testing.assert_close(fused, host, rtol=0, atol=2e-3 * float(host.abs().max()))
+
+
+def _block(seed=0):
+    import comfy.ops
+    from comfy.ldm.wan.model import WanAttentionBlock
+    torch.manual_seed(seed)
+    block = WanAttentionBlock("t2v_cross_attn", 64, 128, 2, qk_norm=True, cross_attn_norm=True, eps=1e-6,
+                              operation_settings={"operations": comfy.ops.disable_weight_init}).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 and p.numel() == 64 else 0.0))
+    return block
+
+
+def _inputs(tokens=6, seed=3):
+    from comfy.ldm.flux.math import rope
+    g = torch.Generator().manual_seed(seed)
+    x, ctx = torch.randn(1, tokens, 64, generator=g), torch.randn(1, 5, 64, generator=g)
+    e = torch.randn(1, 6, 64, generator=g) * 0.1
+    freqs = rope(torch.arange(tokens, dtype=torch.float32).reshape(1, tokens), 32, 10000).unsqueeze(2)
+    return x, e, freqs, ctx
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_wan_blocks_self_attention_input_is_one_norm_and_modulation_pass(quantized, monkeypatch, caplog):
+    """Wan's ``self_attn(addcmul(e0, norm1(x), 1 + e1))``: norm1's output stays pending through the addcmul and the
+    self-attention computes it in one kernel pass (octet/float_fusions.py NormModulateForward), for a bf16 model
+    (float_fusions.install) and an INT8 one (Quantize Model); the block's output is the host ops' up to their
+    roundings, and nothing logs a deferred input computed in float."""
+    import logging
+    from comfyui_octet.kernels import registry
+    from comfyui_octet.kernels.backends import triton_layernorm
+    from comfyui_octet.octet import float_fusions
+    monkeypatch.setenv("OCTET_FLOAT_FUSIONS", "1")     # off by default under the interpreter (float_fusions.py)
+    block = _block()
+    if quantized:
+        result = octet.quantize_(block, octet.DynamicW8A8Config(backend="triton"))
+        assert "norm1" in result.float_fusions
+        assert "1 LayerNorms fused with their modulation" in result.summary()
+    else:
+        assert float_fusions.install(block) == ["norm1"]
+        deferred.install_qk(block)
+    calls = []
+    real = triton_layernorm.NormModulate.__call__
+    monkeypatch.setattr(triton_layernorm.NormModulate, "__call__",
+                        lambda self, x, eps, mult=None, shift=None: calls.append((mult is None, shift is None))
+                        or real(self, x, eps, mult, shift))
+    x, e, freqs, ctx = _inputs()
+    registry._logged.difference_update({k for k in registry._logged if k.startswith("deferred:")})
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="octet"):
+        fused = block(x, e, freqs, ctx)
+        assert calls == [(False, False)]      # once, with the block's modulation joined
+        monkeypatch.setenv("OCTET_FLOAT_FUSIONS", "0")
+        host = block(x, e, freqs, ctx)
+    assert len(calls) == 1
+    assert not any("computed in float" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(fused, host, rtol=0, atol=(2e-3 if quantized else 1e-5) * float(host.abs().max()))
+
+
+def test_a_pending_norm1_read_by_anything_else_is_the_modulated_norm(rng):
+    """Whatever reads the pending norm (a host patch between norm1 and the self-attention, the self-attention's own
+    forward with the switch off): the same values as the host's LayerNorm then addcmul, up to fp32 rounding."""
+    from comfyui_octet.kernels.backends import triton_layernorm
+    x = torch.randn(2, 7, 64, generator=rng) * 2
+    mod = torch.randn(2, 6, 64, generator=rng) * 0.1
+    p = deferred.PendingNorm(x, 1e-6, kernel=triton_layernorm.NormModulate())
+    joined = torch.addcmul(mod[:, 0:1], p, 1 + mod[:, 1:2])
+    assert type(joined) is deferred.PendingNorm and joined.kernel is p.kernel
+    host = torch.addcmul(mod[:, 0:1], torch.nn.functional.layer_norm(x, (64,), None, None, 1e-6), 1 + mod[:, 1:2])
+    torch.testing.assert_close(joined * 1.0, host, rtol=1e-5, atol=1e-5)
