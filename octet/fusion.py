@@ -48,15 +48,26 @@ def _is_identity(m) -> bool:
     return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0 or not m.training))
 
 
+_MLP_CHILDREN = frozenset(("fc1", "act", "drop1", "norm", "fc2", "drop2"))
+
+
 def chain_parts(module: nn.Module) -> Optional[tuple[nn.Module, nn.Module, nn.Module, str, str]]:
-    """(fc1, act, fc2, fc1 name, fc2 name) if ``module`` is an MLP of the two supported shapes."""
-    if isinstance(module, nn.Sequential) and len(module) == 3 and _is_gelu_tanh(module[1]):
-        return module[0], module[1], module[2], "0", "2"
-    if all(hasattr(module, a) for a in ("fc1", "act", "fc2")) and _is_gelu_tanh(module.act) and \
-            all(_is_identity(getattr(module, a, nn.Identity())) for a in ("drop1", "norm", "drop2")) and \
-            set(dict(module.named_children())) <= {"fc1", "act", "drop1", "norm", "fc2", "drop2"}:
-        return module.fc1, module.act, module.fc2, "fc1", "fc2"
-    return None
+    """(fc1, act, fc2, fc1 name, fc2 name) if ``module`` is an MLP of the two supported shapes. Asked at every
+    call of a chained MLP (its layers may be swapped since): read off ``_modules`` (an SD3 Mlp's check through
+    hasattr / named_children took 21 us of Python, ~1 ms of a host-bound SD3.5 step's 47 MLP calls)."""
+    mods = module._modules
+    if isinstance(module, nn.Sequential):
+        if len(mods) == 3:
+            (n1, fc1), (_, act), (n2, fc2) = mods.items()
+            if _is_gelu_tanh(act):
+                return fc1, act, fc2, n1, n2
+        return None
+    fc1, act, fc2 = mods.get("fc1"), mods.get("act"), mods.get("fc2")
+    if fc1 is None or fc2 is None or not _is_gelu_tanh(act) or not _MLP_CHILDREN.issuperset(mods):
+        return None
+    if not all(_is_identity(mods[a]) for a in ("drop1", "norm", "drop2") if a in mods and mods[a] is not None):
+        return None
+    return fc1, act, fc2, "fc1", "fc2"
 
 
 def _chainable(layer) -> bool:

@@ -269,3 +269,20 @@ def test_a_hooked_gelu_or_a_float_fc1_runs_the_container(rng):
     net.img_mlp[0] = float_fc1
     with torch.no_grad():
         torch.testing.assert_close(net.img_mlp(x), net.img_mlp[2](net.img_mlp[1](float_fc1(x))))
+
+
+def test_chain_parts_reads_the_two_mlp_shapes_and_nothing_else():
+    """What the per-call check accepts: Sequential(Linear, GELU(tanh), Linear) and an SD3 / timm Mlp whose other
+    children are identities; not an Mlp with another child, a live dropout or an exact GELU."""
+    seq = nn.Sequential(nn.Linear(4, 8), nn.GELU(approximate="tanh"), nn.Linear(8, 4))
+    assert fusion.chain_parts(seq) == (seq[0], seq[1], seq[2], "0", "2")
+    mlp = Mlp(4, 8, nn.GELU(approximate="tanh"))
+    assert fusion.chain_parts(mlp) == (mlp.fc1, mlp.act, mlp.fc2, "fc1", "fc2")
+    mlp.drop1 = nn.Dropout(0.5)
+    assert fusion.chain_parts(mlp) is None              # training mode: a live dropout between fc1 and fc2
+    mlp.eval()
+    assert fusion.chain_parts(mlp) is not None
+    mlp.extra = nn.Linear(4, 4)
+    assert fusion.chain_parts(mlp) is None
+    assert fusion.chain_parts(Mlp(4, 8, nn.GELU())) is None
+    assert fusion.chain_parts(nn.Sequential(nn.Linear(4, 8), nn.GELU(approximate="tanh"))) is None
