@@ -24,7 +24,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from comfyui_octet.kernels.backends import triton_conv, triton_gemm, triton_quant, triton_w8a16, triton_w8a8_static  # noqa: E402,E501
+from comfyui_octet.kernels.backends import (triton_conv, triton_geglu, triton_gemm, triton_groupnorm,  # noqa: E402
+                                            triton_layernorm, triton_quant, triton_rope, triton_w8a16,
+                                            triton_w8a8_static)
 
 TARGET = GPUTarget("cuda", 90, 32)
 CASES = []
@@ -35,9 +37,13 @@ def case(fn):
     return fn
 
 
+# Runtime arguments the kernels take as Python floats (Triton types them fp32).
+FLOATS = frozenset(("eps", "eps_q", "eps_k"))
+
+
 def _compile(kernel, pointers: dict, constexprs: dict):
-    """Compile ``kernel`` with pointer args typed by ``pointers`` (name -> dtype, default fp32), every other
-    runtime arg i32, and ``constexprs``."""
+    """Compile ``kernel`` with pointer args typed by ``pointers`` (name -> dtype, default fp32), FLOATS fp32, every
+    other runtime arg i32, and ``constexprs``."""
     fn = kernel
     while not isinstance(fn, triton.runtime.JITFunction):  # autotuned kernels wrap the JITFunction
         fn = fn.fn
@@ -50,6 +56,8 @@ def _compile(kernel, pointers: dict, constexprs: dict):
             sig[p.name] = t if t.startswith(("*", "tensordesc")) else "*" + t
         elif p.name.endswith("_ptr"):
             sig[p.name] = "*fp32"
+        elif p.name in FLOATS:
+            sig[p.name] = "fp32"
         else:
             sig[p.name] = "i32"
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET)
@@ -62,6 +70,39 @@ def quantize_rows():
         for one_tile in (False, True):
             _compile(triton_quant._quantize_rows_kernel, {"x_ptr": "bf16", "q_ptr": "i8"},
                      dict(HAS_SMOOTH=True, STATIC=static, ONE_TILE=one_tile, SCALE_BY_RECIPROCAL=True, BLOCK_K=1024))
+
+
+@case
+def layer_norm_modulation_float_and_quantized():
+    # The float kernel (Wan's self-attention input) and the INT8 one share norm_modulate_tile: several rows per
+    # program (2-D reductions) and one.
+    for block_m in (1, 2):
+        _compile(triton_layernorm._norm_modulate_kernel,
+                 {"x_ptr": "bf16", "mult_ptr": "bf16", "shift_ptr": "bf16", "o_ptr": "bf16"},
+                 dict(HAS_MULT=True, HAS_SHIFT=True, BLOCK_M=block_m, BLOCK_K=2048))
+    for static, block_m in ((False, 1), (True, 1), (False, 4)):
+        _compile(triton_quant._quantize_norm_rows_kernel,
+                 {"x_ptr": "bf16", "mult_ptr": "bf16", "shift_ptr": "bf16", "q_ptr": "i8"},
+                 dict(HAS_MULT=True, HAS_SHIFT=True, HAS_SMOOTH=True, STATIC=static, SCALE_BY_RECIPROCAL=True,
+                      BLOCK_M=block_m, BLOCK_K=2048))
+
+
+@case
+def qk_preparation_rope_and_norms():
+    bf16 = {n: "bf16" for n in ("q_ptr", "k_ptr", "wq_ptr", "wk_ptr", "oq_ptr", "ok_ptr", "x_ptr", "w_ptr", "o_ptr")}
+    for rope in (True, False):
+        _compile(triton_rope._qk_norm_rope_kernel, bf16, dict(D=128, BLOCK_L=16, HEADS=1, ROPE=rope))
+    _compile(triton_rope._row_norm_rope_kernel, bf16, dict(D=128, BLOCK_L=16))
+    for v in (True, False):
+        _compile(triton_rope._qkv_heads_kernel, bf16, dict(D=64, BLOCK_L=16, HEADS=1, V=v))
+
+
+@case
+def group_norm_and_geglu():
+    _compile(triton_groupnorm._gn_stats_kernel, {"x_ptr": "bf16"}, dict(BLOCK=1024, CHUNK=4096))
+    _compile(triton_groupnorm._gn_apply_kernel, {"x_ptr": "bf16", "w_ptr": "bf16", "b_ptr": "bf16", "y_ptr": "bf16"},
+             dict(BLOCK=1024, CHUNK=4096, SPLIT_P=8, AFFINE=True, SILU=True))
+    _compile(triton_geglu._geglu_kernel, {"h_ptr": "bf16", "o_ptr": "bf16"}, dict(BLOCK=1024))
 
 
 @case
