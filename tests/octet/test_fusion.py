@@ -286,3 +286,25 @@ def test_chain_parts_reads_the_two_mlp_shapes_and_nothing_else():
     assert fusion.chain_parts(mlp) is None
     assert fusion.chain_parts(Mlp(4, 8, nn.GELU())) is None
     assert fusion.chain_parts(nn.Sequential(nn.Linear(4, 8), nn.GELU(approximate="tanh"))) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the kernels compiled for it)")
+def test_gelu_epilogue_on_the_gpu_matches_the_layers_and_binds(rng, monkeypatch):
+    """bf16 on a GPU, through Triton's compiled kernels: the GELU-epilogue GEMM runs once per MLP call (its first
+    calls through the general path, later ones through the bound call), and the output stays within bf16 rounding
+    and the odd int8 code of the layered run (the host's GELU module after fc1)."""
+    net = _net(rng).to("cuda", torch.bfloat16)
+    octet.quantize_(net, octet.DynamicW8A8Config(backend="triton"))
+    x = torch.randn(2, 300, 32, generator=rng).to("cuda", torch.bfloat16)
+    from comfyui_octet.kernels.backends import triton_backend
+    made = []
+    real = triton_backend._W8A8Linear.with_gelu
+    monkeypatch.setattr(triton_backend._W8A8Linear, "with_gelu", lambda self: made.append(1) or real(self))
+    with torch.no_grad():
+        outs = [net(x).float() for _ in range(3)]
+        assert len(made) == 6          # two MLPs a call
+        monkeypatch.setenv("OCTET_FUSED_MLP", "0")
+        layered = net(x).float()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])    # the bound call: the same numbers
+    rel = float((outs[0] - layered).norm() / layered.norm())
+    assert rel < 2e-2, rel
