@@ -245,7 +245,8 @@ MLP_SHAPES = {"Wan 2.1 1.3B ffn": (14040, 1536, 8960), "Flux-dev img_mlp": (4096
 def mlp_rows(add, timer, dev, shapes=MLP_SHAPES):
     """An MLP's fc1 at MLP_SHAPES, dynamic W8A8 from codes already quantized: the GEMM then the host's GELU pass
     (what runs without the fusion) vs the GEMM with the GELU in its epilogue (triton_gemm.W8A8Gemm gelu=True),
-    and the GEMM alone for scale; values against torch_ref's gemm_epilogue(gelu=True)."""
+    and the GEMM alone for scale; values against torch_ref's gemm_epilogue(gelu=True). And its fc2 followed by a
+    block's gated residual (Wan's): the GEMM then the host's addcmul vs the residual in the GEMM's epilogue."""
     import torch
     import torch.nn.functional as F
     from comfyui_octet.kernels import torch_ref
@@ -272,6 +273,21 @@ def mlp_rows(add, timer, dev, shapes=MLP_SHAPES):
             timer(lambda f=fused: f.run(xq, xs, torch.bfloat16)))
         add(f"{label}: host GELU pass alone", timer(lambda: F.gelu(torch.empty(m, h, device=dev,
                                                                               dtype=torch.bfloat16))), moved)
+        # fc2 and the block's gated residual (Wan's addcmul(x, ffn(...), e5)): the GEMM then the host's addcmul
+        # vs the residual in the GEMM's epilogue (W8A8Gemm.run_residual).
+        hq = torch.randint(-127, 128, (m, h), device=dev, dtype=torch.int8, generator=gen)
+        qw2 = torch.randint(-127, 128, (d, h), device=dev, dtype=torch.int8, generator=gen)
+        ws2 = torch.rand(d, device=dev, generator=gen) * 1e-4 + 5e-5
+        fc2 = triton_gemm.W8A8Gemm(qw2, ws2, torch.randn(d, device=dev, dtype=torch.bfloat16, generator=gen))
+        res = torch.randn(1, m, d, device=dev, dtype=torch.bfloat16, generator=gen)
+        gate = torch.randn(1, 6, d, device=dev, dtype=torch.bfloat16, generator=gen)[:, 5:6]
+        fused_res = fc2.run_residual(hq, xs, res.view(m, d), gate, m, 6 * d).float()
+        host_res = torch.addcmul(res, fc2.run(hq, xs, torch.bfloat16).view(1, m, d), gate).view(m, d).float()
+        off = ((fused_res - host_res).abs() > 1e-2 * host_res.abs().clamp_min(1)).float().mean().item()
+        add(f"{label} fc2 {m}x{d}x{h}: GEMM + host addcmul (gated residual)",
+            timer(lambda: torch.addcmul(res, fc2.run(hq, xs, torch.bfloat16).view(1, m, d), gate)))
+        add(f"{label} fc2: GEMM, residual in the epilogue (values off the host's by >1%: {off:.1e})",
+            timer(lambda: fc2.run_residual(hq, xs, res.view(m, d), gate, m, 6 * d)))
 
 
 def groupnorm_rows(add, timer, dev, sweep=False):

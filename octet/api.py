@@ -241,8 +241,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Decides
             result.layers.append(LayerRecord(name, kind, params, layer_config.mode, reason, before, after))
         if progress is not None:
             progress(i + 1, len(candidates))
-    for name in fusion.chain_sites(model, result.replacements):
-        result.forwards[name] = fusion.chain_forward(model.get_submodule(name))
+    result.forwards.update(fusion.chain_forwards(model, result.replacements))
     result.static_chains = fusion.static_chain_sites(model, result.replacements)
     result.forwards.update(deferred.forwards(model, result.replacements))
     result.forwards.update(float_fusions.forwards(model))

@@ -215,6 +215,46 @@ class PendingNorm(Pending):
         return PendingNorm(x, pending.eps, mult, shift, pending.kernel)
 
 
+class PendingOutput(Pending):
+    """An INT8 linear's output not computed yet (a Wan block's FFN output, octet/fusion.py): the block's gated
+    residual ``addcmul(res, pending, gate)`` absorbs it and computes ``res + output * gate`` in the GEMM's epilogue
+    (the block's new residual written once; the layer's output never written and read back). Anything else gets
+    the layer's output, as its plan computes it (that is the layer's own path: nothing to log)."""
+
+    ENTRY = ""                          # not an input any layer takes
+    FUSED = True
+    run: Callable
+    x: torch.Tensor
+    static: Optional[torch.Tensor]
+
+    @staticmethod
+    def __new__(cls, run: Callable, x: torch.Tensor, static: Optional[torch.Tensor], n: int):
+        t = Pending._wrap(cls, (*x.shape[:-1], n), x)
+        t.run, t.x, t.static = run, x, static
+        return t
+
+    @property
+    def source(self):
+        return self.x
+
+    def compute(self):
+        return self.run(self.x, self.static)
+
+    def feed(self, run, static):
+        return None
+
+    @classmethod
+    def absorb(cls, func, args, kwargs):
+        if func is not torch.addcmul or kwargs or len(args) != 3:
+            return None
+        res, pending, gate = args
+        if type(pending) is not PendingOutput or pending.computed is not None \
+                or type(res) is not torch.Tensor or type(gate) is not torch.Tensor \
+                or _tracked(res, gate) or not pending.run.takes_residual(pending.x, res, gate):
+            return None
+        return pending.run.residual_output(pending.x, pending.static, res, gate)
+
+
 def _leaves(args, kwargs):
     for a in (*args, *kwargs.values()):
         if isinstance(a, (list, tuple)):

@@ -142,7 +142,7 @@ def _is_geglu(m: nn.Module) -> bool:
             and isinstance(getattr(m, "proj", None), nn.Module))
 
 
-def _is_wan_block(m: nn.Module) -> bool:
+def is_wan_block(m: nn.Module) -> bool:
     """A Wan attention block (its subclasses too) whose norm1 is a LayerNorm without affine."""
     norm = m._modules.get("norm1")
     return (type(m).__module__.endswith("ldm.wan.model") and "self_attn" in m._modules
@@ -155,7 +155,7 @@ def sites(model: nn.Module) -> dict[str, type]:
     and a SiLU, every host GEGLU, every Wan block's norm1."""
     found = {}
     for name, module in model.named_modules():
-        if _is_wan_block(module):
+        if is_wan_block(module):
             found[f"{name}.norm1" if name else "norm1"] = NormModulateForward
         if isinstance(module, nn.GroupNorm):
             found[name] = GroupNormForward

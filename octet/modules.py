@@ -30,7 +30,7 @@ from .. import kernels
 from ..kernels.operands import ConvGeometry, Int8Operands
 from ..kernels.dispatch import planning_for_graph
 from ..kernels.registry import m_bucket
-from .deferred import Pending
+from .deferred import Pending, PendingOutput
 from .layout import Int8Layout
 from . import stream_ahead
 from .timestep import GroupSelector
@@ -493,6 +493,18 @@ class QuantLinear(QuantLayer):
         if gelu is None:
             return None
         return gelu()(x, None if plan.scales is None else plan.scales[self._group()])
+
+    def pending_output(self, x: torch.Tensor) -> Optional[PendingOutput]:
+        """This layer's output as a PendingOutput (octet/deferred.py) where its plan can add a block's gated residual
+        in its GEMM's epilogue (a Wan block's FFN: octet/fusion.py), else None (the caller calls the layer)."""
+        if type(x) is not torch.Tensor or self.act == "none" or self.weight_function or self.bias_function \
+                or self.fused_group is not None or _compiling() or self._parameters["weight"].device != x.device:
+            return None
+        plan = self.plan(x)
+        if not hasattr(plan.run, "residual_output"):
+            return None
+        return PendingOutput(plan.run, x, None if plan.scales is None else plan.scales[self._group()],
+                             self.out_features)
 
     def chain_plan(self, fc2: "QuantLinear", x: torch.Tensor):
         """(run, scale1, scale2) for fc2(gelu_tanh(self(x))) with both layers static W8A8

@@ -321,6 +321,26 @@ class _W8A8Linear:
         xq, xs = quantize(head, pre, static)
         return self.gemm(xq, xs, pre.dtype).reshape(*pre.shape[:-1], self.n)
 
+    def takes_residual(self, x, res, gate) -> bool:
+        """Whether ``residual_output`` can add ``res + output * gate``: res is this layer's output's shape and dtype
+        with unit column stride, gate one row per batch entry (or one for all) in that dtype."""
+        from . import triton_layernorm
+        return (not self.gemm.gelu and res.shape == (*x.shape[:-1], self.n) and res.dtype == x.dtype
+                and res.device == x.device and res.dim() in (2, 3) and res.stride(-1) == 1
+                and triton_layernorm.batch_rows(gate, res) is not None)
+
+    def residual_output(self, x, static, res, gate):
+        """``res + layer(x) * gate`` (a block's gated residual after this layer, as ``torch.addcmul``) with the sum
+        in the GEMM's epilogue (triton_gemm.W8A8Gemm.run_residual); the caller checked ``takes_residual``."""
+        from . import triton_layernorm
+        x2 = x.reshape(-1, self.k)
+        if static is not None and static.dtype != torch.float32:
+            static = static.float()
+        xq, xs = self.quantize.run(x2 if x2.is_contiguous() else x2.contiguous(), static, scratch=True)
+        gate, stride = triton_layernorm.batch_rows(gate, res)
+        tokens = res.shape[1] if res.dim() == 3 else res.shape[0]
+        return self.gemm.run_residual(xq, xs, res.reshape(-1, self.n), gate, tokens, stride).reshape(res.shape)
+
     def takes_norm(self, x, mult, shift) -> bool:
         return x.shape[-1] == self.k and self._make_norm.takes(x, mult, shift)
 

@@ -205,6 +205,43 @@ def _w8a8_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, 
                        BLOCK_N)
 
 
+def _prune_residual(configs, named_args, **kwargs):
+    """The residual kernel has one program per tile (no persistent loop): _prune's tiles, persistent ones dropped."""
+    return _prune([c for c in configs if not c.kwargs["PERSISTENT"]] or configs[:1], named_args, **kwargs)
+
+
+@triton.autotune(configs=w8a8_configs(),
+                 do_bench=triton_support.tuning_bench, key=["M_BUCKET", "N", "K", "USE_TMA"],
+                 prune_configs_by={"early_config_prune": _prune_residual})
+@triton.jit
+def _w8a8_residual_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, gate_ptr,
+                          M, N, K, M_BUCKET, L, stride_am, stride_bn, stride_cm, stride_as, stride_rm, stride_gb,
+                          HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+    # A block's gated residual after its layer, out = res + layer(x) * gate[row // L] (Wan's
+    # ``addcmul(x, ffn(...), e5)``): the layer's output stays in fp32 registers and is never written on its own,
+    # and the residual pass that would read it back is gone. Same GEMM and dequantization as _w8a8_kernel
+    # (torch_ref.gemm_epilogue); the residual, the gate and the sum in fp32, one rounding.
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    acc = _w8a8_mainloop(a, b, M, N, K, stride_am, stride_bn, pid_m, pid_n, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    a_scale = tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    rows = offs_m.to(tl.int64)
+    res = tl.load(res_ptr + rows[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + (rows // L)[:, None] * stride_gb + offs_n[None, :], mask=mask, other=0.0)
+    out = res + y * gate.to(tl.float32)
+    tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
 # ---- wrappers ----------------------------------------------------------------------------------
 
 def _check_weight(qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int):
@@ -274,6 +311,7 @@ class W8A8Gemm:
         self.flags = dict(HAS_BIAS=bias is not None, USE_TMA=self.use_tma, GELU_QUANT=gelu_quant,
                           HAS_Q_SMOOTH=self.q_smooth is not None, GELU=gelu)
         self.launcher = triton_launch.Launcher(_w8a8_kernel, "w8a8_gemm")
+        self._residual_launcher = None        # the residual epilogue's, made at its first call (run_residual)
         self.weight_descs = triton_launch.WeightDescriptors(self.qweight) if self.use_tma else None
 
     def __call__(self, a_q: torch.Tensor, a_scale: torch.Tensor, out_dtype: torch.dtype,
@@ -336,6 +374,52 @@ class W8A8Gemm:
         key = self._key(out_dtype, m, a_q.data_ptr() % 16 == 0, per_token, per_token or a_scale.data_ptr() % 16 == 0,
                         scale_arg.data_ptr() % 16 == 0)
         self.launcher(key, grid, build, self.flags)
+        return out
+
+    def run_residual(self, a_q: torch.Tensor, a_scale: torch.Tensor, res: torch.Tensor, gate: torch.Tensor,
+                     tokens: int, gate_stride: int) -> torch.Tensor:
+        """res + (this GEMM's output) * gate, in res's dtype: res [M, N] with unit column stride, gate rows of N
+        (unit column stride) for batch entry row // tokens, ``gate_stride`` apart (0: one row for all). Codes and
+        scales as ``run`` takes them (a plain plan's: no GELU epilogue). Reference: torch_ref.gemm_epilogue, then
+        ``res.float() + y * gate.float()`` rounded once (tests/kernels/test_triton_gemm.py)."""
+        m, k, n = a_q.shape[0], self.k, self.n
+        if self.gelu or self.gelu_quant:
+            raise ValueError("the residual epilogue is a plain GEMM's")
+        if max(m * k, n * k, m * n) > _MAX_INT32:
+            raise ValueError(f"GEMM {m}x{n}x{k} exceeds 32-bit indexing; split the batch")
+        out = torch.empty((m, n), dtype=res.dtype, device=a_q.device)
+        if m == 0 or n == 0:
+            return out
+        if k == 0:      # the layer's output is its bias (or zeros)
+            y = torch.zeros((m, n), dtype=torch.float32, device=a_q.device)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            batches = torch.as_strided(gate, (triton_support.cdiv(m, tokens), n), (gate_stride, 1))
+            rows = torch.arange(m, device=a_q.device) // tokens
+            return out.copy_(res.float() + y * batches[rows].float())
+        launcher = self._residual_launcher
+        if launcher is None:
+            launcher = self._residual_launcher = triton_launch.Launcher(_w8a8_residual_kernel, "w8a8_residual")
+        w_scale, bias = self.w_scale, self.bias
+        bias_arg = bias if bias is not None else w_scale
+        per_token, bucket, rm = 0 if a_scale.numel() == 1 else 1, m_bucket(m), res.stride(0)
+
+        def build(meta):
+            if self.use_tma:
+                a_arg = TensorDescriptor(a_q, [m, k], [k, 1], [16, 16]) if meta is None \
+                    else triton_launch.Tma(a_q, (m, k), (k, 1), (meta["BLOCK_M"], meta["BLOCK_K"]))
+            else:
+                a_arg = a_q
+            weight = self.weight_descs.get(meta) if self.use_tma else self.qweight
+            return (a_arg, weight, out, a_scale, w_scale, bias_arg, res, gate, m, n, k, bucket, tokens, k, k, n,
+                    per_token, rm, gate_stride)
+
+        def grid(meta):
+            return (triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(n, meta["BLOCK_N"]),)
+
+        key = (res.dtype, gate.dtype, m_bucket(m), a_q.data_ptr() % 16 == 0, per_token,
+               per_token or a_scale.data_ptr() % 16 == 0) + triton_launch.facts(m, tokens, rm, gate_stride, res, gate)
+        launcher(key, grid, build, dict(HAS_BIAS=bias is not None, USE_TMA=self.use_tma))
         return out
 
     def _programs(self, m: int, meta: dict) -> int:

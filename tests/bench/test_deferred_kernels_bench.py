@@ -31,7 +31,9 @@ def test_mlp_rows_time_each_fc1_variant_and_check_the_epilogue(monkeypatch):
     assert names[0] == "tiny fc1 40x48x32: GEMM alone" and names[1] == "tiny fc1: GEMM + host GELU pass"
     assert names[2] == "tiny fc1: GEMM, GELU in the epilogue (values off by >1%: 0.0e+00)"
     assert names[3] == "tiny: host GELU pass alone" and rows[3][2] == 40 * 48 * 4
-    assert called == [(40, 48)] * 4
+    assert names[4] == "tiny fc2 40x32x48: GEMM + host addcmul (gated residual)"
+    assert names[5] == "tiny fc2: GEMM, residual in the epilogue (values off the host's by >1%: 0.0e+00)"
+    assert called == [(40, 48)] * 4 + [(1, 40, 32), (40, 32)]
 
 
 @pytest.mark.skipif(not triton_support.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")

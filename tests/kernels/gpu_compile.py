@@ -133,6 +133,15 @@ def w8a8_gemm_pointer_operands():
 
 
 @case
+def w8a8_gemm_residual_epilogue():
+    for tma in (False, True):
+        desc = "tensordesc<i8[128, 128]>" if tma else "i8"
+        _compile(triton_gemm._w8a8_residual_kernel,
+                 {"a": desc, "b": desc, "c_ptr": "bf16", "res_ptr": "bf16", "gate_ptr": "bf16", "bias_ptr": "bf16"},
+                 dict(HAS_BIAS=True, USE_TMA=tma, PERSISTENT=False, **W8A8_TILE))
+
+
+@case
 def w8a8_gemm_tma_operands():
     desc = "tensordesc<i8[128, 128]>"
     for persistent in (False, True):

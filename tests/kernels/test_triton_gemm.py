@@ -158,3 +158,33 @@ def test_gelu_epilogue_excludes_gelu_quant(rng, device):
     with pytest.raises(ValueError, match="pick one"):
         triton_gemm.W8A8Gemm(qweight, w_scale, None, gelu_quant=True, gelu=True)
 
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 41, 341), (1, 33, 64, 96), (3, 7, 130, 48)])
+@pytest.mark.parametrize("gate_kind", ["per_batch", "shared"])
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_residual_epilogue_matches_reference(shape, gate_kind, act, rng, device):
+    """A block's gated residual in the GEMM's epilogue, res + gemm(x) * gate[batch]: the gate as Wan hands it
+    (a [B, 1, N] chunk of its [B, 6, N] modulation, rows 6N apart) or one row for all; against torch_ref's
+    epilogue and the residual in fp32, within the output's rounding."""
+    from comfyui_octet.kernels.backends import triton_gemm
+    b, l, n, k = shape
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    x = randn((b * l, k), rng, dtype, device, scale=2.0)
+    qweight, w_scale = _weights(n, k, rng, device)
+    bias = randn(n, rng, dtype, device)
+    res = randn((b, l, n), rng, dtype, device, scale=3.0)
+    if gate_kind == "per_batch":
+        gate, stride = randn((b, 6, n), rng, dtype, device)[:, 5:6], 6 * n
+    else:
+        gate, stride = randn((1, 1, n), rng, dtype, device), 0
+    static_scale = positive(1, rng, device, 0.02, 0.06) if act == "static" else None
+    xq, xs = torch_ref.quantize_rows(x.cpu(), None, None if static_scale is None else static_scale.cpu())
+    gemm = triton_gemm.W8A8Gemm(qweight, w_scale, bias)
+    out = gemm.run_residual(xq.to(device), xs.reshape(-1).float().to(device), res.reshape(b * l, n), gate, l, stride)
+    y = torch_ref.gemm_epilogue(torch_ref.int_matmul(xq, qweight.cpu()), xs.expand(b * l, 1), w_scale.cpu(),
+                                bias.cpu(), torch.float32)
+    expected = (res.cpu().float() + y.reshape(b, l, n) * gate.cpu().float()).to(dtype).reshape(b * l, n)
+    assert out.dtype == dtype and out.shape == (b * l, n)
+    assert_epilogue_close(out.cpu(), expected)
+    assert (out.cpu().float() - res.cpu().float().reshape(b * l, n)).abs().max() > 0.1    # the layer is there

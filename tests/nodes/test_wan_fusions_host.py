@@ -2,7 +2,8 @@
 WanQKForward, kernels/backends/triton_rope.py row_norm_rope): the host's output up to the kernel's last-bit
 differences from torch's RMSNorm, the kernel run once for q and once for k; the host's own forward (exactly its
 numbers) under an attn1 patch, autograd, the switch, or a host whose code differs. Its FFN input's LayerNorm and
-modulation run inside the FFN's INT8 quantization, the FFN's GELU in its first layer's GEMM epilogue."""
+modulation run inside the FFN's INT8 quantization, the FFN's GELU in its first layer's GEMM epilogue, the block's
+gated residual in its second's."""
 import pytest
 import torch
 
@@ -136,7 +137,9 @@ def test_quantize_installs_it_for_an_int8_wan():
 def test_wan_blocks_ffn_input_is_normalised_and_modulated_inside_its_int8_quantization(monkeypatch):
     """Wan's ``ffn(addcmul(shift, norm2(x), 1 + scale))``: norm2's output stays pending through the addcmul and
     the FFN's first INT8 layer computes both while quantizing (octet/deferred.py PendingNorm), as for Flux and
-    SD3; the block's output is the one with the float passes up to int8 rounding flips of that layer's input."""
+    SD3, with the GELU in its GEMM's epilogue; the block's ``addcmul(x, ffn(...), e5)`` runs in the second layer's
+    epilogue (PendingOutput). The block's output is the one with the float passes up to int8 rounding flips of
+    that layer's input."""
     import comfy.ops
     from comfy.ldm.flux.math import rope
     from comfy.ldm.wan.model import WanAttentionBlock
@@ -155,9 +158,12 @@ def test_wan_blocks_ffn_input_is_normalised_and_modulated_inside_its_int8_quanti
     monkeypatch.setattr(deferred.PendingNorm, "feed", lambda self, run, static: fed.append(1) or real_feed(self, run,
                                                                                                         static))
     from comfyui_octet.kernels.backends import triton_gemm
-    real_run = triton_gemm.W8A8Gemm.run
+    real_run, real_residual = triton_gemm.W8A8Gemm.run, triton_gemm.W8A8Gemm.run_residual
     monkeypatch.setattr(triton_gemm.W8A8Gemm, "run",
                         lambda self, *a, **k: (self.gelu and gelu_gemms.append(1)) or real_run(self, *a, **k))
+    residuals = []
+    monkeypatch.setattr(triton_gemm.W8A8Gemm, "run_residual",
+                        lambda self, *a, **k: residuals.append(1) or real_residual(self, *a, **k))
     g = torch.Generator().manual_seed(3)
     x, ctx = torch.randn(1, 6, 64, generator=g), torch.randn(1, 5, 64, generator=g)
     e = torch.randn(1, 6, 64, generator=g) * 0.1
@@ -165,11 +171,12 @@ def test_wan_blocks_ffn_input_is_normalised_and_modulated_inside_its_int8_quanti
     with torch.no_grad():
         block(x, e, freqs, ctx)                            # plans made at these shapes
         fused = block(x, e, freqs, ctx)
-        assert len(fed) == 2 and len(gelu_gemms) == 2
+        # per call: the FFN's GELU in ffn.0's epilogue, the gated residual in ffn.2's
+        assert len(fed) == 2 and len(gelu_gemms) == 2 and len(residuals) == 2
         monkeypatch.setenv("OCTET_DEFERRED", "0")
         monkeypatch.setenv("OCTET_FUSED_MLP", "0")
         host = block(x, e, freqs, ctx)
-        assert len(gelu_gemms) == 2
+        assert len(gelu_gemms) == 2 and len(residuals) == 2
     torch.testing.assert_close(fused, host, rtol=0, atol=2e-3 * float(host.abs().max()))
 
 

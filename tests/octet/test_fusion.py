@@ -308,3 +308,29 @@ def test_gelu_epilogue_on_the_gpu_matches_the_layers_and_binds(rng, monkeypatch)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])    # the bound call: the same numbers
     rel = float((outs[0] - layered).norm() / layered.norm())
     assert rel < 2e-2, rel
+
+
+@pytest.mark.skipif(not triton_support.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
+def test_a_pending_output_is_the_layers_output_unless_a_gated_residual_takes_it(rng):
+    """QuantLinear.pending_output: ``addcmul(res, pending, gate)`` with a gate per batch entry computes
+    res + output * gate in the GEMM's epilogue (within fp32 rounding of the layer then addcmul); any other use, a
+    per-token gate included, gets the layer's own output, bit for bit."""
+    from comfyui_octet.octet.deferred import PendingOutput
+    from comfyui_octet.octet.modules import QuantLinear
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    layer = QuantLinear.from_float(nn.Linear(48, 32), "dynamic", backend="triton")
+    x = torch.randn(2, 7, 48, generator=rng)
+    res = torch.randn(2, 7, 32, generator=rng)
+    gate = torch.randn(2, 6, 32, generator=rng)[:, 5:6]
+    with torch.no_grad():
+        y = layer(x)
+        pending = layer.pending_output(x)
+        assert type(pending) is PendingOutput and pending.shape == y.shape
+        fused = torch.addcmul(res, pending, gate)
+        assert type(fused) is torch.Tensor
+        torch.testing.assert_close(fused, torch.addcmul(res, y, gate), rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer.pending_output(x) * 2, y * 2)
+        per_token = torch.randn(2, 7, 32, generator=rng)
+        assert torch.equal(torch.addcmul(res, layer.pending_output(x), per_token), torch.addcmul(res, y, per_token))
+        float_layer = nn.Linear(32, 16)
+        assert torch.equal(float_layer(layer.pending_output(x)), float_layer(y))
