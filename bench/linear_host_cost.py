@@ -8,6 +8,7 @@ defaults), and after both again; a row per phase. On CPU: tiny shapes (a smoke t
 
     python3 bench/linear_host_cost.py [--out DIR]
     python3 bench/linear_host_cost.py --gemm-ways     # ways to issue one bf16 GEMM, by host time (no model)
+    python3 bench/linear_host_cost.py --mlp           # an MLP with the GELU in fc1's epilogue vs the host's forward
 
 ``--gemm-ways``: host us per call of the ways to issue SDXL's 4096x640x640 bf16 linear (F.linear with its bias:
 cuBLASLt with the bias in its epilogue, which queries Lt's heuristics on every call; without the bias; mm; addmm)
@@ -18,6 +19,12 @@ cheaper way to cuBLAS than the host's.
 ``--attention``: host and GPU us per call of ``F.scaled_dot_product_attention`` through each of PyTorch's backends
 (cuDNN, the host's pick on an H200; flash; memory-efficient) at SDXL's and SD3.5's attention shapes (batch 1),
 with each output's largest difference from cuDNN's: an eager SDXL step makes 140 attention calls, host-bound.
+
+``--mlp``: host us (and wall us, synchronised) per call of SD3.5-medium's image-stream ``Mlp`` (4096 tokens,
+1536 -> 6144 -> 1536; fc1, GELU(tanh), dropouts, fc2) quantized dynamic W8A8, through its chained forward (the GELU
+in fc1's GEMM epilogue, octet/fusion.py) and through the host's forward (``OCTET_FUSED_MLP=0``), in alternating
+rounds: an eager SD3.5 step makes 47 such calls, host-bound. On a CPU: tiny shapes, the plans' runs stood in for (a
+preallocated output), so the rows are the Python each path runs.
 """
 from __future__ import annotations
 
@@ -67,9 +74,12 @@ def main() -> int:
     parser.add_argument("--gemm-ways", action="store_true", help="host time of ways to issue one bf16 GEMM")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--attention", action="store_true", help="host / GPU time of SDPA's backends")
+    parser.add_argument("--mlp", action="store_true", help="host time of a chained MLP vs the host's forward")
     args = parser.parse_args()
     if args.attention:
         return attention_backends(args)
+    if args.mlp:
+        return mlp_host(args)
     if args.gemm_ways:
         return gemm_ways(args)
     import torch
@@ -175,6 +185,83 @@ def _gpu_us(fn, reps: int = 50) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1000 / reps
+
+
+class _Mlp:
+    """SD3's ``Mlp`` (comfy.ldm.modules.diffusionmodules.mlp): fc1, act, drop1, norm, fc2, drop2 (made in mlp_host,
+    where torch is imported)."""
+
+    @staticmethod
+    def make(d, h, device, dtype):
+        import torch.nn as nn
+
+        class Mlp(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.act, self.drop1 = nn.Linear(d, h), nn.GELU(approximate="tanh"), nn.Dropout(0.0)
+                self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(h, d), nn.Dropout(0.0)
+
+            def forward(self, x):
+                return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+        return Mlp().to(device, dtype).eval()
+
+
+def mlp_host(args) -> int:
+    import torch
+    if not torch.cuda.is_available():
+        # The CPU proxy plans on Triton's backend, which takes CPU tensors only under its interpreter (read before
+        # the kernels are imported); no kernel runs (the plans' runs are stood in for below).
+        os.environ["TRITON_INTERPRET"] = "1"
+    cuda, dev, dtype, sync, card, _, _ = _setup(comfy=False)
+    from comfyui_octet import octet
+    from comfyui_octet.kernels.backends import triton_backend
+    m, d, h = (4096, 1536, 6144) if cuda else (16, 32, 64)
+    torch.manual_seed(0)
+    mlp = _Mlp.make(d, h, dev, dtype)
+    octet.quantize_(mlp, octet.DynamicW8A8Config(backend="auto" if cuda else "triton"))
+    x = torch.randn(1, m, d, device=dev, dtype=dtype)
+    if not cuda:   # the Python each path runs: the plans' kernels stood in for by a preallocated output
+        outs = {h: torch.randn(1, m, h), d: torch.randn(1, m, d)}
+        triton_backend._W8A8Linear.__call__ = lambda self, x, static: outs[self.n]
+    saved = os.environ.get("OCTET_FUSED_MLP")
+    variants = {"chained (GELU in fc1's epilogue)": "1", "host forward (OCTET_FUSED_MLP=0)": "0"}
+    host = {v: [] for v in variants}
+    wall = {v: [] for v in variants}
+    try:
+        with torch.inference_mode():
+            for value in variants.values():      # plans made, kernels tuned, calls bound
+                os.environ["OCTET_FUSED_MLP"] = value
+                for _ in range(3):
+                    mlp(x)
+            plan = mlp.fc1.plan(x)
+            for r in range(15):
+                for v in list(variants)[r % 2:] + list(variants)[:r % 2]:
+                    os.environ["OCTET_FUSED_MLP"] = variants[v]
+                    host[v].append(host_us(lambda: mlp(x), sync, reps=50, rounds=1))
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(20):
+                        mlp(x)
+                    sync()
+                    wall[v].append((time.perf_counter() - t0) / 20 * 1e6)
+    finally:
+        if saved is None:
+            os.environ.pop("OCTET_FUSED_MLP", None)
+        else:
+            os.environ["OCTET_FUSED_MLP"] = saved
+    row = {"card": card, "shape": [m, d, h], "fc1_plan": getattr(plan.impl, "name", str(plan.impl)),
+           "versions": {"torch": torch.__version__},
+           **{f"host_us {v}": statistics.median(host[v]) for v in variants},
+           **{f"wall_us {v}": statistics.median(wall[v]) for v in variants}}
+    for v in variants:
+        print(f"[{card}] Mlp {m}x{d}->{h} {v:34s} host {row[f'host_us {v}']:7.1f} us, wall {row[f'wall_us {v}']:8.1f} "
+              f"us per call (fc1's plan: {row['fc1_plan']})", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"mlp_host_{'cuda' if cuda else 'cpu'}.json")
+    with open(path, "w") as f:
+        json.dump({"rows": [row]}, f, indent=1)
+    print(f"wrote {path}")
+    return 0
 
 
 def gemm_ways(args) -> int:

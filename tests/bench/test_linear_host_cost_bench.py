@@ -50,3 +50,13 @@ def test_attention_times_each_backend_that_runs_against_the_first(tmp_path):
     rows = json.load(open(tmp_path / "attention_backends_cpu.json"))["rows"]
     assert {r["backend"] for r in rows} == {"flash", "math"} and len(rows) == 10
     assert all(r["host_us"] > 0 and r["max_diff"] < 1e-4 for r in rows)
+
+
+def test_mlp_times_the_chained_forward_and_the_hosts_in_one_row(tmp_path):
+    """--mlp: one row with host and wall us per call for the chained MLP and the host's forward, fc1 planned on
+    Triton's backend (the CPU proxy's stand-in runs)."""
+    _run(tmp_path, "--mlp")
+    rows = json.load(open(tmp_path / "mlp_host_cpu.json"))["rows"]
+    assert len(rows) == 1 and rows[0]["fc1_plan"] == "triton" and rows[0]["shape"] == [16, 32, 64]
+    times = {k: v for k, v in rows[0].items() if k.startswith(("host_us", "wall_us"))}
+    assert len(times) == 4 and all(v > 0 for v in times.values())
