@@ -37,7 +37,7 @@ from e2e import octet_pack  # noqa: E402
 PAIRABLE = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_dynamic_memory", "octet_dynamic_not_lean", "bf16_octet_lean", "bf16_octet_qk",
             "octet_dynamic_eager_deferral", "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn",
-            "octet_dynamic_layers", "octet_dynamic_host_float")
+            "octet_dynamic_layers", "octet_dynamic_host_float", "bf16_octet_fused")
 PER_CALL = {"_layers": ("OCTET_FUSED_MLP",), "_host_float": ("OCTET_FLOAT_FUSIONS",)}
 
 
@@ -45,6 +45,24 @@ def per_call_switches(variant: str) -> dict[str, str]:
     """The switches read per call, as ``variant`` runs with them: off where its suffix names them, else on."""
     return {switch: "0" if variant.endswith(suffix) else "1"
             for suffix, switches in PER_CALL.items() for switch in switches}
+
+
+def build_variant(name: str, variant: str, dev, tiny: bool, x, sigma, kw):
+    """``name``'s model (e2e.build) as ``variant`` runs it: quantized by Octet, or bf16 with some of Octet's float
+    parts installed, or the host's fp8."""
+    model = e2e.build(name, "host_fp8_e4m3fn_fast" if variant == "host_fp8_e4m3fn_fast" else "bf16", dev, tiny)
+    if variant.startswith("octet_"):
+        e2e.quantize(model, variant.removesuffix("_eager_deferral"), x, sigma, kw)
+    elif variant == "bf16_octet_lean":
+        e2e.lean_install(model.diffusion_model)
+    elif variant == "bf16_octet_qk":          # the q/k preparation kernels alone (Flux, SD3, Wan), no INT8
+        from comfyui_octet.octet import deferred
+        deferred.install_qk(model.diffusion_model)
+    elif variant == "bf16_octet_fused":       # every float fusion (q/k preparation, GroupNorm, GEGLU, Wan's norm1 +
+        from comfyui_octet.octet import deferred, float_fusions     # modulation), no INT8
+        deferred.install_qk(model.diffusion_model)
+        float_fusions.install(model.diffusion_model)
+    return model
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -87,16 +105,8 @@ def main() -> int:
     x, sigma, kw = e2e.inputs(args.model, dev, tiny)
     models, rows = {}, {}
     for variant in args.variants:
-        model = e2e.build(args.model, "host_fp8_e4m3fn_fast" if variant == "host_fp8_e4m3fn_fast" else "bf16",
-                          dev, tiny)
+        model = build_variant(args.model, variant, dev, tiny, x, sigma, kw)
         forced = variant.endswith("_eager_deferral")
-        if variant.startswith("octet_"):
-            e2e.quantize(model, variant.removesuffix("_eager_deferral"), x, sigma, kw)
-        elif variant == "bf16_octet_lean":
-            e2e.lean_install(model.diffusion_model)
-        elif variant == "bf16_octet_qk":          # the q/k preparation kernels alone (Flux, SD3, Wan), no INT8
-            from comfyui_octet.octet import deferred
-            deferred.install_qk(model.diffusion_model)
         if forced:
             os.environ["OCTET_EAGER_DEFERRAL"] = "1"
         os.environ.update(per_call_switches(variant))

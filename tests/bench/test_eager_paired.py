@@ -103,3 +103,26 @@ def test_per_call_switches_follow_the_variant():
     assert module.per_call_switches("octet_dynamic_host_float") == {"OCTET_FUSED_MLP": "1",
                                                                    "OCTET_FLOAT_FUSIONS": "0"}
     assert module.per_call_switches("bf16") == {"OCTET_FUSED_MLP": "1", "OCTET_FLOAT_FUSIONS": "1"}
+
+
+def test_the_wan_variants_build_what_they_name(monkeypatch):
+    """On the tiny Wan: ``bf16_octet_fused`` is bf16 with the float fusions (each block's norm1 + modulation, the
+    q/k preparation), ``octet_dynamic`` adds the FFN chain whose fc2 takes the block's gated residual."""
+    import torch
+    module = _paired_module()
+    import e2e
+    from comfyui_octet.octet import float_fusions, fusion
+    e2e.octet_pack.load(comfy=True, cpu=True)
+    for name in {n for names in e2e.SWITCH_OFF.values() for n in names}:
+        monkeypatch.setenv(name, "1")
+    cpu = torch.device("cpu")
+    x, sigma, kw = e2e.inputs("wan2.1-1.3b", cpu, True)
+    found = {}
+    for variant in ("bf16", "bf16_octet_fused", "octet_dynamic"):
+        dm = module.build_variant("wan2.1-1.3b", variant, cpu, True, x, sigma, kw).diffusion_model
+        forwards = {n: m.__dict__["forward"] for n, m in dm.named_modules() if "forward" in m.__dict__}
+        found[variant] = (sorted(n for n, f in forwards.items() if isinstance(f, float_fusions.NormModulateForward)),
+                          sorted(n for n, f in forwards.items() if fusion.is_chain_forward(f)
+                                 and f.__func__ is fusion._chain_forward_residual))
+    assert found == {"bf16": ([], []), "bf16_octet_fused": (["blocks.0.norm1"], []),
+                     "octet_dynamic": (["blocks.0.norm1"], ["blocks.0.ffn"])}
