@@ -39,6 +39,8 @@ case "$part" in
             # Wan's step with and without each, paired round by round
     python3 bench/deferred_kernels.py --only mlp --out "$dest/mlp" 2>&1 | quiet
     python3 bench/deferred_kernels.py --only wan --sweep --out "$dest/wan_kernels" 2>&1 | quiet
+    # Wan's linears, eager and CUDA-graph (GPU alone) columns: does INT8 lose at K = N = 1536 as the cost model says?
+    python3 bench/kernels.py --models wan2.1-1.3b --sections linear --quick --out "$dest/wan_linear" 2>&1 | quiet
     python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_octet_fused octet_dynamic \
         octet_dynamic_layers octet_dynamic_host_float --rounds 20 --out "$dest/wan_mlp" 2>&1 | quiet ;;
   mlp)      # the GELU epilogue in SD3.5's and Flux's steps (their MLPs lose the GELU pass too); its host time
