@@ -248,3 +248,17 @@ def test_a_pending_norm1_read_by_anything_else_is_the_modulated_norm(rng):
     assert type(joined) is deferred.PendingNorm and joined.kernel is p.kernel
     host = torch.addcmul(mod[:, 0:1], torch.nn.functional.layer_norm(x, (64,), None, None, 1e-6), 1 + mod[:, 1:2])
     torch.testing.assert_close(joined * 1.0, host, rtol=1e-5, atol=1e-5)
+
+
+def test_an_int8_wan_block_computes_the_same_under_inference_mode(monkeypatch):
+    """ComfyUI samples under torch.inference_mode: the pending tensors (norm1's, norm2's, the FFN's output) are made
+    and absorbed there as under no_grad, to the same bits."""
+    monkeypatch.setenv("OCTET_FLOAT_FUSIONS", "1")
+    block = _block()
+    octet.quantize_(block, octet.DynamicW8A8Config(backend="triton"))
+    x, e, freqs, ctx = _inputs()
+    with torch.no_grad():
+        expected = block(x, e, freqs, ctx)
+    with torch.inference_mode():
+        got = block(x, e, freqs, ctx)
+    assert torch.equal(got, expected)
