@@ -33,11 +33,12 @@ from e2e import octet_pack  # noqa: E402
 # are made, in its warm-up: kernels/backends/triton_backend.py deferral_pays), for a GPU-bound host.
 # octet_dynamic_layers: the MLPs' fc1 without the GELU in its epilogue (OCTET_FUSED_MLP=0, read per call: set
 # around each of that variant's steps, and to 1 around every other's; PER_CALL); octet_dynamic_host_float: the
-# host's GroupNorms, GEGLUs and Wan's norm1 + modulation passes (OCTET_FLOAT_FUSIONS=0, likewise).
+# host's GroupNorms, GEGLUs and Wan's norm1 + modulation passes (OCTET_FLOAT_FUSIONS=0, likewise);
+# octet_dynamic_all_int8: every W8A8 linear on the INT8 kernels whatever the cost model says (bench/e2e.py).
 PAIRABLE = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_dynamic_memory", "octet_dynamic_not_lean", "bf16_octet_lean", "bf16_octet_qk",
             "octet_dynamic_eager_deferral", "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn",
-            "octet_dynamic_layers", "octet_dynamic_host_float", "bf16_octet_fused")
+            "octet_dynamic_layers", "octet_dynamic_host_float", "bf16_octet_fused", "octet_dynamic_all_int8")
 PER_CALL = {"_layers": ("OCTET_FUSED_MLP",), "_host_float": ("OCTET_FLOAT_FUSIONS",)}
 
 

@@ -42,7 +42,8 @@ case "$part" in
     # Wan's linears, eager and CUDA-graph (GPU alone) columns: does INT8 lose at K = N = 1536 as the cost model says?
     python3 bench/kernels.py --models wan2.1-1.3b --sections linear --quick --out "$dest/wan_linear" 2>&1 | quiet
     python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_octet_fused octet_dynamic \
-        octet_dynamic_layers octet_dynamic_host_float --rounds 20 --out "$dest/wan_mlp" 2>&1 | quiet ;;
+        octet_dynamic_layers octet_dynamic_host_float octet_dynamic_all_int8 --rounds 20 --out "$dest/wan_mlp" \
+        2>&1 | quiet ;;
   mlp)      # the GELU epilogue in SD3.5's and Flux's steps (their MLPs lose the GELU pass too); its host time
     python3 bench/linear_host_cost.py --mlp --out "$dest" 2>&1 | quiet
     python3 bench/eager_paired.py --model sd3.5-medium --variants bf16 octet_dynamic octet_dynamic_layers \

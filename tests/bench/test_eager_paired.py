@@ -107,7 +107,8 @@ def test_per_call_switches_follow_the_variant():
 
 def test_the_wan_variants_build_what_they_name(monkeypatch):
     """On the tiny Wan: ``bf16_octet_fused`` is bf16 with the float fusions (each block's norm1 + modulation, the
-    q/k preparation), ``octet_dynamic`` adds the FFN chain whose fc2 takes the block's gated residual."""
+    q/k preparation), ``octet_dynamic`` adds the FFN chain whose fc2 takes the block's gated residual,
+    ``octet_dynamic_all_int8`` pins every W8A8 linear to the INT8 kernels."""
     import torch
     module = _paired_module()
     import e2e
@@ -126,3 +127,10 @@ def test_the_wan_variants_build_what_they_name(monkeypatch):
                                  and f.__func__ is fusion._chain_forward_residual))
     assert found == {"bf16": ([], []), "bf16_octet_fused": (["blocks.0.norm1"], []),
                      "octet_dynamic": (["blocks.0.norm1"], ["blocks.0.ffn"])}
+    # octet_dynamic_all_int8: every W8A8 linear pinned to Triton's kernels (the cost model overruled), no other change.
+    from comfyui_octet.octet.modules import QuantLinear
+    dm = module.build_variant("wan2.1-1.3b", "octet_dynamic_all_int8", cpu, True, x, sigma, kw).diffusion_model
+    linears = [m for m in dm.modules() if type(m) is QuantLinear]
+    assert linears and {m.backend for m in linears} == {"triton"}
+    plain = module.build_variant("wan2.1-1.3b", "octet_dynamic", cpu, True, x, sigma, kw).diffusion_model
+    assert {m.backend for m in plain.modules() if type(m) is QuantLinear} == {"auto"}
