@@ -262,3 +262,35 @@ def test_an_int8_wan_block_computes_the_same_under_inference_mode(monkeypatch):
     with torch.inference_mode():
         got = block(x, e, freqs, ctx)
     assert torch.equal(got, expected)
+
+
+def test_an_int8_wan_block_compiles_without_graph_breaks(monkeypatch):
+    """Under torch.compile (the host's TorchCompileModel) the patched norm1, the FFN's chain and the self-attention
+    trace as the host's code around the INT8 layers' custom ops: no graph break, and the eager output up to the
+    last bits (eager, norm1 + modulation is the fused kernel's one rounding; traced, the host's two)."""
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.wan.model as wan
+    # The host's CPU attention (sub-quadratic) asks psutil for free memory, which no trace can follow: PyTorch's SDPA,
+    # the attention the host picks on a GPU, keeps the check to Octet's parts.
+    monkeypatch.setattr(wan, "optimized_attention", attention.attention_pytorch)
+    monkeypatch.setenv("OCTET_FLOAT_FUSIONS", "1")
+    block = _block()
+    octet.quantize_(block, octet.DynamicW8A8Config())
+    x, e, freqs, ctx = _inputs()
+
+    class Call(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return self.block(x, e, freqs, ctx)
+    model = Call()
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
