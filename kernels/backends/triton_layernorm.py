@@ -23,10 +23,14 @@ from . import triton_launch, triton_support
 
 
 @triton.jit
-def norm_modulate_tile(x_ptr, mult_ptr, shift_ptr, rows, mask_m, offs, mask_k, K, L, stride_xm, stride_mb, stride_sb,
-                       eps, HAS_MULT: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_K] of addcmul(shift, layer_norm(x), mult) for ``rows`` (whole rows: BLOCK_K >= K; the
-    mean and the variance need the row twice), zero outside the masks. A row's batch entry is row // L."""
+def norm_modulate_rows(x_ptr, mult_ptr, shift_ptr, M, K, L, stride_xm, stride_mb, stride_sb, eps,
+                       HAS_MULT: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's BLOCK_M rows of addcmul(shift, layer_norm(x), mult) in fp32 (whole rows: BLOCK_K >= K; the mean
+    and the variance need the row twice), zero outside the masks, with (rows, offs, mask_m, mask_k) for the caller's
+    store. A row's batch entry is row // L."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs = tl.arange(0, BLOCK_K)
+    mask_m, mask_k = rows < M, offs < K
     mask = mask_m[:, None] & mask_k[None, :]
     v = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(v, axis=1) / K
@@ -38,18 +42,15 @@ def norm_modulate_tile(x_ptr, mult_ptr, shift_ptr, rows, mask_m, offs, mask_k, K
         y = y * tl.load(mult_ptr + batch[:, None] * stride_mb + offs[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         y = y + tl.load(shift_ptr + batch[:, None] * stride_sb + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, y, 0.0)
+    return tl.where(mask, y, 0.0), rows, offs, mask_m, mask_k
 
 
 @triton.jit
 def _norm_modulate_kernel(x_ptr, mult_ptr, shift_ptr, o_ptr, M, K, L, stride_xm, stride_mb, stride_sb, eps,
                           HAS_MULT: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs = tl.arange(0, BLOCK_K)
-    mask_m, mask_k = rows < M, offs < K
-    y = norm_modulate_tile(x_ptr, mult_ptr, shift_ptr, rows, mask_m, offs, mask_k, K, L, stride_xm, stride_mb,
-                           stride_sb, eps, HAS_MULT, HAS_SHIFT)
+    y, rows, offs, mask_m, mask_k = norm_modulate_rows(x_ptr, mult_ptr, shift_ptr, M, K, L, stride_xm, stride_mb,
+                                                       stride_sb, eps, HAS_MULT, HAS_SHIFT, BLOCK_M, BLOCK_K)
     tl.store(o_ptr + rows[:, None] * K + offs[None, :], y.to(o_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import scratch as scratch_buffers, triton_launch, triton_layernorm, triton_support
-from .triton_layernorm import norm_modulate_tile
+from .triton_layernorm import norm_modulate_rows
 from .triton_math import gelu_tanh, round_to_int8, scale_from_absmax
 
 
@@ -471,7 +471,7 @@ def quantize_rows_cat_gelu(attn: torch.Tensor | None, mlp: torch.Tensor, smooth:
 # Flux's and SD3's blocks feed their attention qkv and MLP fc1 with addcmul(shift, layer_norm(x), 1 + scale):
 # a LayerNorm pass and a modulation pass, each reading and writing the activation in float, before the
 # quantization pass reads it again. This kernel normalises BLOCK_M rows in fp32, modulates each with its batch
-# entry of mult/shift (triton_layernorm.norm_modulate_tile, the float kernel's math), and writes the int8 rows and
+# entry of mult/shift (triton_layernorm.norm_modulate_rows, the float kernel's math), and writes the int8 rows and
 # their scales (octet/deferred.py routes it here).
 
 @triton.jit
@@ -480,11 +480,8 @@ def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_pt
                                HAS_MULT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                                STATIC: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs = tl.arange(0, BLOCK_K)
-    mask_m, mask_k = rows < M, offs < K
-    y = norm_modulate_tile(x_ptr, mult_ptr, shift_ptr, rows, mask_m, offs, mask_k, K, L, stride_xm, stride_mb,
-                           stride_sb, eps, HAS_MULT, HAS_SHIFT)
+    y, rows, offs, mask_m, mask_k = norm_modulate_rows(x_ptr, mult_ptr, shift_ptr, M, K, L, stride_xm, stride_mb,
+                                                       stride_sb, eps, HAS_MULT, HAS_SHIFT, BLOCK_M, BLOCK_K)
     if HAS_SMOOTH:
         y = tl.div_rn(y, tl.load(smooth_ptr + offs, mask=mask_k, other=1.0).to(tl.float32)[None, :])
     # Each row's scale (the static one, or from its absmax, stored), then its codes, as _quantize_row_in_registers.

@@ -74,7 +74,7 @@ def quantize_rows():
 
 @case
 def layer_norm_modulation_float_and_quantized():
-    # The float kernel (Wan's self-attention input) and the INT8 one share norm_modulate_tile: several rows per
+    # The float kernel (Wan's self-attention input) and the INT8 one share norm_modulate_rows: several rows per
     # program (2-D reductions) and one.
     for block_m in (1, 2):
         _compile(triton_layernorm._norm_modulate_kernel,
