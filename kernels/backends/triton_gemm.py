@@ -359,13 +359,7 @@ class W8A8Gemm:
         bucket = m_bucket(m)
 
         def build(meta):
-            if self.use_tma:   # Triton's path: a descriptor its autotuner re-boxes; direct: triton_launch.Tma
-                a_arg = TensorDescriptor(a_q, [m, k], [k, 1], [16, 16]) if meta is None \
-                    else triton_launch.Tma(a_q, (m, k), (k, 1), (meta["BLOCK_M"], meta["BLOCK_K"]))
-            else:
-                a_arg = a_q
-            weight = self.weight_descs.get(meta) if self.use_tma else self.qweight
-            return (a_arg, weight, out, a_scale, w_scale, bias_arg, smooth_arg, scale_arg,
+            return (*self._operands(a_q, meta), out, a_scale, w_scale, bias_arg, smooth_arg, scale_arg,
                     m, n, k, bucket, sms, k, k, n, per_token)
 
         def grid(meta):
@@ -405,14 +399,8 @@ class W8A8Gemm:
         per_token, bucket, rm = 0 if a_scale.numel() == 1 else 1, m_bucket(m), res.stride(0)
 
         def build(meta):
-            if self.use_tma:
-                a_arg = TensorDescriptor(a_q, [m, k], [k, 1], [16, 16]) if meta is None \
-                    else triton_launch.Tma(a_q, (m, k), (k, 1), (meta["BLOCK_M"], meta["BLOCK_K"]))
-            else:
-                a_arg = a_q
-            weight = self.weight_descs.get(meta) if self.use_tma else self.qweight
-            return (a_arg, weight, out, a_scale, w_scale, bias_arg, res, gate, m, n, k, bucket, tokens, k, k, n,
-                    per_token, rm, gate_stride)
+            return (*self._operands(a_q, meta), out, a_scale, w_scale, bias_arg, res, gate, m, n, k, bucket, tokens,
+                    k, k, n, per_token, rm, gate_stride)
 
         def grid(meta):
             return (triton_support.cdiv(m, meta["BLOCK_M"]) * triton_support.cdiv(n, meta["BLOCK_N"]),)
@@ -421,6 +409,17 @@ class W8A8Gemm:
                per_token or a_scale.data_ptr() % 16 == 0) + triton_launch.facts(m, tokens, rm, gate_stride, res, gate)
         launcher(key, grid, build, dict(HAS_BIAS=bias is not None, USE_TMA=self.use_tma))
         return out
+
+    def _operands(self, a_q: torch.Tensor, meta: dict | None) -> tuple:
+        """(a, b) as a launch of either kernel takes them: TMA descriptors where the weight's K allows (on Triton's
+        path, meta None, a descriptor its autotuner re-boxes; on a direct launch, triton_launch.Tma at the config's
+        box), else the codes and the weight themselves."""
+        if not self.use_tma:
+            return a_q, self.qweight
+        m, k = a_q.shape
+        a_arg = TensorDescriptor(a_q, [m, k], [k, 1], [16, 16]) if meta is None \
+            else triton_launch.Tma(a_q, (m, k), (k, 1), (meta["BLOCK_M"], meta["BLOCK_K"]))
+        return a_arg, self.weight_descs.get(meta)
 
     def _programs(self, m: int, meta: dict) -> int:
         """The launch grid's size for M rows at a config: one program per output tile, at most one per SM
