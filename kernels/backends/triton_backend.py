@@ -264,14 +264,16 @@ class _W8A8Linear:
                 return y
         return self._run(x, static)
 
-    def _run(self, x, static):
-        two_d = x.dim() == 2
-        x2 = x if two_d and x.is_contiguous() else x.reshape(-1, self.k).contiguous()
+    def _quantized(self, x, static):
+        """x's rows as int8 codes and scales, in the stream's scratch: read only by the GEMM launched next."""
+        x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, self.k).contiguous()
         if static is not None and static.dtype != torch.float32:
             static = static.float()
-        xq, xs = self.quantize.run(x2, static, scratch=True)   # read only by the GEMM launched next
-        y = self.gemm.run(xq, xs, x.dtype)
-        return y if two_d else y.reshape(*x.shape[:-1], self.n)
+        return self.quantize.run(x2, static, scratch=True)
+
+    def _run(self, x, static):
+        y = self.gemm.run(*self._quantized(x, static), x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n)
 
     def _bind(self, key, x, static) -> None:
         """After the first call at ``key`` (Triton's dispatch has chosen and compiled both kernels there), the
@@ -333,10 +335,7 @@ class _W8A8Linear:
         """``res + layer(x) * gate`` (a block's gated residual after this layer, as ``torch.addcmul``) with the sum
         in the GEMM's epilogue (triton_gemm.W8A8Gemm.run_residual); the caller checked ``takes_residual``."""
         from . import triton_layernorm
-        x2 = x.reshape(-1, self.k)
-        if static is not None and static.dtype != torch.float32:
-            static = static.float()
-        xq, xs = self.quantize.run(x2 if x2.is_contiguous() else x2.contiguous(), static, scratch=True)
+        xq, xs = self._quantized(x, static)
         gate, stride = triton_layernorm.batch_rows(gate, res)
         tokens = res.shape[1] if res.dim() == 3 else res.shape[0]
         return self.gemm.run_residual(xq, xs, res.reshape(-1, self.n), gate, tokens, stride).reshape(res.shape)
