@@ -430,14 +430,23 @@ class QuantLayer(nn.Module):
         """Whether a module before this layer may hand over its input instead of its output."""
         return self._deferred_plan(sample, entry) is not None
 
+    def _plan_static(self, plan: Plan) -> Optional[torch.Tensor]:
+        """The static scale ``plan``'s run takes now (the current timestep group's), None for a dynamic plan."""
+        return None if plan.scales is None else plan.scales[self._group()]
+
+    def _fed(self, x: Pending, gelu: bool = False) -> Optional[torch.Tensor]:
+        """This layer's output for the deferred input ``x`` through its plan's deferred entry (``gelu``: the plan's
+        GELU-epilogue twin's), or None where the plan does not take it (the caller then computes ``x``)."""
+        if x.computed is not None or kernels.ops.compiling():
+            return None
+        plan = self._deferred_plan(x.source, x.ENTRY)
+        if plan is None or (gelu and not hasattr(plan.run, "with_gelu")):
+            return None
+        return x.feed(plan.run.with_gelu() if gelu else plan.run, self._plan_static(plan))
+
     def _forward_pending(self, x: Pending) -> torch.Tensor:
-        if x.computed is None and not kernels.ops.compiling():
-            plan = self._deferred_plan(x.source, x.ENTRY)
-            if plan is not None:
-                y = x.feed(plan.run, None if plan.scales is None else plan.scales[self._group()])
-                if y is not None:
-                    return y
-        return self.forward(x.materialize())
+        y = self._fed(x)
+        return y if y is not None else self.forward(x.materialize())
 
     def extra_repr(self) -> str:
         groups = 0 if self.input_scale is None else self.input_scale.numel()
@@ -476,35 +485,34 @@ class QuantLinear(QuantLayer):
         through the plan's deferred entry as in ``_forward_pending``. None where the plan has no such epilogue
         (float or weight-only plans, another backend) or the layer is not called as planned (a weight patch, a
         shared-input group, lowvram's per-call weights, torch.compile): the caller runs the layer, then the GELU."""
-        if self.act == "none" or self.weight_function or self.bias_function or self.fused_group is not None \
-                or _compiling():
+        if not self._runs_as_planned():
             return None
         if type(x) is not torch.Tensor and isinstance(x, Pending):
-            plan = self._deferred_plan(x.source, x.ENTRY) if x.computed is None else None
-            if plan is not None and hasattr(plan.run, "with_gelu"):
-                y = x.feed(plan.run.with_gelu(), None if plan.scales is None else plan.scales[self._group()])
-                if y is not None:
-                    return y
+            y = self._fed(x, gelu=True)
+            if y is not None:
+                return y
             x = x.materialize()
         if type(x) is not torch.Tensor or self._parameters["weight"].device != x.device:
             return None
         plan = self.plan(x)
         gelu = getattr(plan.run, "with_gelu", None)
-        if gelu is None:
-            return None
-        return gelu()(x, None if plan.scales is None else plan.scales[self._group()])
+        return None if gelu is None else gelu()(x, self._plan_static(plan))
 
     def pending_output(self, x: torch.Tensor) -> Optional[PendingOutput]:
         """This layer's output as a PendingOutput (octet/deferred.py) where its plan can add a block's gated residual
         in its GEMM's epilogue (a Wan block's FFN: octet/fusion.py), else None (the caller calls the layer)."""
-        if type(x) is not torch.Tensor or self.act == "none" or self.weight_function or self.bias_function \
-                or self.fused_group is not None or _compiling() or self._parameters["weight"].device != x.device:
+        if type(x) is not torch.Tensor or not self._runs_as_planned() or self._parameters["weight"].device != x.device:
             return None
         plan = self.plan(x)
         if not hasattr(plan.run, "residual_output"):
             return None
-        return PendingOutput(plan.run, x, None if plan.scales is None else plan.scales[self._group()],
-                             self.out_features)
+        return PendingOutput(plan.run, x, self._plan_static(plan), self.out_features)
+
+    def _runs_as_planned(self) -> bool:
+        """Whether a call may go straight to this layer's plan's epilogue entries: INT8 activations, no per-call
+        weight patch, no shared-input group computing it, outside torch.compile (which calls the custom op)."""
+        return not (self.act == "none" or self.weight_function or self.bias_function or self.fused_group is not None
+                    or _compiling())
 
     def chain_plan(self, fc2: "QuantLinear", x: torch.Tensor):
         """(run, scale1, scale2) for fc2(gelu_tanh(self(x))) with both layers static W8A8
