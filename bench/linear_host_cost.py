@@ -20,8 +20,8 @@ cheaper way to cuBLAS than the host's.
 (cuDNN, the host's pick on an H200; flash; memory-efficient) at SDXL's and SD3.5's attention shapes (batch 1),
 with each output's largest difference from cuDNN's: an eager SDXL step makes 140 attention calls, host-bound.
 
-``--mlp``: host us (and wall us, synchronised) per call of SD3.5-medium's image-stream ``Mlp`` (4096 tokens,
-1536 -> 6144 -> 1536; fc1, GELU(tanh), dropouts, fc2) quantized dynamic W8A8, through its chained forward (the GELU
+``--mlp``: host us (and wall us, synchronised) per call of SD3.5-medium's image-stream ``Mlp`` (the host's class,
+4096 tokens, 1536 -> 6144 -> 1536; fc1, GELU(tanh), dropouts, fc2) quantized dynamic W8A8, through its chained forward (the GELU
 in fc1's GEMM epilogue, octet/fusion.py) and through the host's forward (``OCTET_FUSED_MLP=0``), in alternating
 rounds: an eager SD3.5 step makes 47 such calls, host-bound. On a CPU: tiny shapes, the plans' runs stood in for (a
 preallocated output), so the rows are the Python each path runs.
@@ -187,37 +187,25 @@ def _gpu_us(fn, reps: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / reps
 
 
-class _Mlp:
-    """SD3's ``Mlp`` (comfy.ldm.modules.diffusionmodules.mlp): fc1, act, drop1, norm, fc2, drop2 (made in mlp_host,
-    where torch is imported)."""
-
-    @staticmethod
-    def make(d, h, device, dtype):
-        import torch.nn as nn
-
-        class Mlp(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc1, self.act, self.drop1 = nn.Linear(d, h), nn.GELU(approximate="tanh"), nn.Dropout(0.0)
-                self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(h, d), nn.Dropout(0.0)
-
-            def forward(self, x):
-                return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
-        return Mlp().to(device, dtype).eval()
-
-
 def mlp_host(args) -> int:
     import torch
     if not torch.cuda.is_available():
         # The CPU proxy plans on Triton's backend, which takes CPU tensors only under its interpreter (read before
         # the kernels are imported); no kernel runs (the plans' runs are stood in for below).
         os.environ["TRITON_INTERPRET"] = "1"
-    cuda, dev, dtype, sync, card, _, _ = _setup(comfy=False)
+    cuda, dev, dtype, sync, card, _, _ = _setup(comfy=True)
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import Mlp
     from comfyui_octet import octet
     from comfyui_octet.kernels.backends import triton_backend
     m, d, h = (4096, 1536, 6144) if cuda else (16, 32, 64)
     torch.manual_seed(0)
-    mlp = _Mlp.make(d, h, dev, dtype)
+    # The host's own SD3 Mlp, built as its JointBlock builds it (comfy.ops leaves the weights to the loader).
+    mlp = Mlp(in_features=d, hidden_features=h, act_layer=lambda: torch.nn.GELU(approximate="tanh"), drop=0,
+              dtype=dtype, device=dev, operations=comfy.ops.disable_weight_init).eval()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, d ** -0.5)
     octet.quantize_(mlp, octet.DynamicW8A8Config(backend="auto" if cuda else "triton"))
     x = torch.randn(1, m, d, device=dev, dtype=dtype)
     if not cuda:   # the Python each path runs: the plans' kernels stood in for by a preallocated output

@@ -1,5 +1,5 @@
-"""bench/deferred_kernels.py's MLP rows on the CPU (Triton's interpreter, a tiny shape, calls counted instead of
-timed): the three fc1 variants and the GELU pass, and the GELU epilogue's values checked against torch_ref."""
+"""bench/deferred_kernels.py's MLP and Wan norm rows on the CPU (Triton's interpreter, tiny shapes, calls counted
+instead of timed): each variant a row, the epilogues' values checked against torch_ref / the host's ops."""
 from __future__ import annotations
 
 import os
@@ -12,18 +12,29 @@ from comfyui_octet.kernels.backends import triton_support
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.skipif(not triton_support.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
-def test_mlp_rows_time_each_fc1_variant_and_check_the_epilogue(monkeypatch):
+pytestmark = pytest.mark.skipif(not triton_support.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """(bench/deferred_kernels.py freshly imported, a timer that runs each call once and records its output's shape
+    (the first of a tuple's) instead of timing it, the shapes)."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
     monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
     sys.modules.pop("deferred_kernels", None)
     import deferred_kernels
-    rows, called = [], []
+    shapes = []
 
     def timer(fn):
         out = fn()
-        called.append(tuple(out.shape))
+        shapes.append(tuple((out[0] if isinstance(out, tuple) else out).shape))
         return 2.0
+    return deferred_kernels, timer, shapes
+
+
+def test_mlp_rows_time_each_fc1_variant_and_check_the_epilogue(bench):
+    deferred_kernels, timer, called = bench
+    rows = []
 
     deferred_kernels.mlp_rows(lambda name, us, moved=None: rows.append((name, us, moved)), timer, "cpu",
                               {"tiny": (40, 32, 48)})
@@ -36,20 +47,10 @@ def test_mlp_rows_time_each_fc1_variant_and_check_the_epilogue(monkeypatch):
     assert called == [(40, 48)] * 4 + [(1, 40, 32), (40, 32)]
 
 
-@pytest.mark.skipif(not triton_support.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
-def test_wan_norm_rows_time_host_ops_and_both_kernels_with_their_sweeps(monkeypatch):
+def test_wan_norm_rows_time_host_ops_and_both_kernels_with_their_sweeps(bench):
     import torch
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
-    sys.modules.pop("deferred_kernels", None)
-    import deferred_kernels
-    rows, shapes = [], []
-
-    def timer(fn):
-        out = fn()
-        shapes.append(tuple((out[0] if isinstance(out, tuple) else out).shape))
-        return 2.0
-
+    deferred_kernels, timer, shapes = bench
+    rows = []
     x = torch.randn(2, 9, 48)
     deferred_kernels.wan_norm_rows(lambda name, us, moved=None: rows.append(name), timer, x, sweep=True)
     assert rows[0].startswith("Wan norm1 input, batch 2: layer_norm + addcmul") and "NormModulate" in rows[1]
