@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from ..kernels import switches
 from ..kernels.backends import triton_support
-from .deferred import ModuleForward, PendingNorm, _tracked, kernel_input, module_forwards, set_forwards
+from .deferred import (ModuleForward, PendingNorm, _is_plain_layer_norm, _tracked, kernel_input, module_forwards,
+                       set_forwards)
 
 
 def enabled() -> bool:
@@ -144,10 +145,8 @@ def _is_geglu(m: nn.Module) -> bool:
 
 def is_wan_block(m: nn.Module) -> bool:
     """A Wan attention block (its subclasses too) whose norm1 is a LayerNorm without affine."""
-    norm = m._modules.get("norm1")
     return (type(m).__module__.endswith("ldm.wan.model") and "self_attn" in m._modules
-            and isinstance(norm, nn.LayerNorm) and norm.weight is None and norm.bias is None
-            and len(norm.normalized_shape) == 1)
+            and _is_plain_layer_norm(m._modules.get("norm1")))
 
 
 def sites(model: nn.Module) -> dict[str, type]:

@@ -494,11 +494,6 @@ def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_pt
     tl.store(q_ptr + rows[:, None] * K + offs[None, :], codes, mask=mask_m[:, None] & mask_k[None, :])
 
 
-# One tile per row: the whole row in registers (mean and variance need it twice). Wider rows are left to
-# the float path (NormRowQuantizer.takes).
-NORM_MAX_K = triton_layernorm.MAX_K
-
-
 def norm_launch_config(k: int) -> tuple[int, int]:
     """(rows per program, warps) of the norm quantizer: one row, 4 to 16 warps by width, as measured in use since
     2026-12-02 (75 us at Wan's 14,040 x 1536 on an H200: 0.85 TB/s, 2026-12-05); the float kernel's several rows
