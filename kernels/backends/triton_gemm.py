@@ -110,10 +110,10 @@ def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr, M, N, stride_cm,
-                   stride_as, pid_m, pid_n, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr,
-                   HAS_Q_SMOOTH: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Same order as torch_ref.gemm_epilogue: ((acc * sa) * sw) + bias in fp32, (GELU,) then one rounding.
+def _dequantized(acc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_as, pid_m, pid_n, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A tile's fp32 output in torch_ref.gemm_epilogue's order, ((acc * sa) * sw) + bias, with its rows, columns and
+    # their masks: what every epilogue starts from.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -123,6 +123,16 @@ def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr,
     y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return y, offs_m, offs_n, mask_m, mask_n
+
+
+@triton.jit
+def _w8a8_epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, q_smooth_ptr, q_scale_ptr, M, N, stride_cm,
+                   stride_as, pid_m, pid_n, HAS_BIAS: tl.constexpr, GELU_QUANT: tl.constexpr,
+                   HAS_Q_SMOOTH: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The dequantized tile (GELU,) then one rounding.
+    y, offs_m, offs_n, mask_m, mask_n = _dequantized(acc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_as, pid_m,
+                                                     pid_n, HAS_BIAS, BLOCK_M, BLOCK_N)
     if GELU_QUANT:
         # The next layer's static INT8 input, as torch_ref.gelu_tanh_quantize computes it: its
         # scale is known before the call, so no reduction over the row (other programs' columns)
@@ -225,16 +235,9 @@ def _w8a8_residual_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_p
     # (torch_ref.gemm_epilogue); the residual, the gate and the sum in fp32, one rounding.
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     acc = _w8a8_mainloop(a, b, M, N, K, stride_am, stride_bn, pid_m, pid_n, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    y, offs_m, offs_n, mask_m, mask_n = _dequantized(acc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_as, pid_m,
+                                                     pid_n, HAS_BIAS, BLOCK_M, BLOCK_N)
     mask = mask_m[:, None] & mask_n[None, :]
-    a_scale = tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0)
-    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
-    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     rows = offs_m.to(tl.int64)
     res = tl.load(res_ptr + rows[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + (rows // L)[:, None] * stride_gb + offs_n[None, :], mask=mask, other=0.0)
