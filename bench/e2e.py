@@ -135,12 +135,24 @@ SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH"
 # op directly (OCTET_ATTENTION_OP, read when the model is quantized: octet/lean_blocks.py attention_op; by default a
 # UNet's stacks call flash's, SD3's joint blocks SDPA).
 ATTENTION_OPS = ("_sdpa", "_flash", "_cudnn")
+# _int8attn (any variant, bf16 too): the INT8 Attention node's override in the step's transformer_options
+# (octet/attention.py): every attention call with q·kᵀ in int8.
+INT8_ATTENTION = "_int8attn"
 VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_static_layers", "octet_dynamic_dispatch", "octet_dynamic_not_deferred", "bf16_octet_qk",
             "bf16_octet_fused", "octet_dynamic_host_float", "octet_dynamic_pylaunch", "octet_dynamic_memory",
             "octet_dynamic_separate_qkv", "octet_static_separate_qkv", "octet_dynamic_not_lean", "bf16_octet_lean",
             "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn", "octet_dynamic_layers",
-            "octet_dynamic_all_int8")
+            "octet_dynamic_all_int8", "bf16_int8attn", "octet_dynamic_int8attn", "octet_static_int8attn")
+
+
+def attention_kw(variant: str, kw: dict) -> dict:
+    """The step's keyword arguments for ``variant``: with the INT8 attention override if it ends in _int8attn."""
+    if not variant.endswith(INT8_ATTENTION):
+        return kw
+    from comfyui_octet.octet import attention
+    options = dict(kw.get("transformer_options") or {}, **{attention.OPTION: attention.Int8Attention()})
+    return dict(kw, transformer_options=options)
 
 
 def model_config(name: str, tiny: bool, extra: dict | None = None):
@@ -274,7 +286,8 @@ def through_graph_step(patcher, x, sigma, kw, warmup: int, iters: int, load=None
         load(clone)
     model = clone.model
     model.current_patcher = clone
-    options = {"wrappers": pe.copy_nested_dicts(clone.wrappers), "cond_or_uncond": [0], "sigmas": sigma}
+    options = dict(kw.get("transformer_options") or {}, wrappers=pe.copy_nested_dicts(clone.wrappers),
+                   cond_or_uncond=[0], sigmas=sigma)
     graph_kw = dict(kw, transformer_options=options)
     try:
         t0 = time.perf_counter()
@@ -475,6 +488,8 @@ def run_variant(name, variant, device, args) -> list[dict]:
     row = {"model": name, "variant": variant, "mode": "eager", "card": args.card, "versions": args.versions}
     model = build(name, "host_fp8_e4m3fn_fast" if variant == "host_fp8_e4m3fn_fast" else "bf16", device, args.tiny)
     x, sigma, kw = inputs(name, device, args.tiny)
+    kw = attention_kw(variant, kw)
+    variant = variant.removesuffix(INT8_ATTENTION)      # the rest as without it
     if variant.startswith("octet_"):
         result, row["quantize_s"] = quantize(model, variant, x, sigma, kw)
         row["layers_quantized"] = len(result.quantized)

@@ -38,7 +38,8 @@ from e2e import octet_pack  # noqa: E402
 PAIRABLE = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic", "octet_static",
             "octet_dynamic_memory", "octet_dynamic_not_lean", "bf16_octet_lean", "bf16_octet_qk",
             "octet_dynamic_eager_deferral", "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn",
-            "octet_dynamic_layers", "octet_dynamic_host_float", "bf16_octet_fused", "octet_dynamic_all_int8")
+            "octet_dynamic_layers", "octet_dynamic_host_float", "bf16_octet_fused", "octet_dynamic_all_int8",
+            "bf16_int8attn", "octet_dynamic_int8attn", "octet_static_int8attn")
 PER_CALL = {"_layers": ("OCTET_FUSED_MLP",), "_host_float": ("OCTET_FLOAT_FUSIONS",)}
 
 
@@ -51,6 +52,7 @@ def per_call_switches(variant: str) -> dict[str, str]:
 def build_variant(name: str, variant: str, dev, tiny: bool, x, sigma, kw):
     """``name``'s model (e2e.build) as ``variant`` runs it: quantized by Octet, or bf16 with some of Octet's float
     parts installed, or the host's fp8."""
+    variant = variant.removesuffix(e2e.INT8_ATTENTION)     # its override goes in the step's kwargs (main)
     model = e2e.build(name, "host_fp8_e4m3fn_fast" if variant == "host_fp8_e4m3fn_fast" else "bf16", dev, tiny)
     if variant.startswith("octet_"):
         e2e.quantize(model, variant.removesuffix("_eager_deferral"), x, sigma, kw)
@@ -104,14 +106,15 @@ def main() -> int:
     tiny = dev.type == "cpu"
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     x, sigma, kw = e2e.inputs(args.model, dev, tiny)
-    models, rows = {}, {}
+    models, rows, kws = {}, {}, {}
     for variant in args.variants:
         model = build_variant(args.model, variant, dev, tiny, x, sigma, kw)
         forced = variant.endswith("_eager_deferral")
         if forced:
             os.environ["OCTET_EAGER_DEFERRAL"] = "1"
         os.environ.update(per_call_switches(variant))
-        e2e.time_steps(model, x, sigma, kw, args.warmup, 0)      # plans made, kernels tuned
+        kws[variant] = e2e.attention_kw(variant, kw)
+        e2e.time_steps(model, x, sigma, kws[variant], args.warmup, 0)      # plans made, kernels tuned
         os.environ.pop("OCTET_EAGER_DEFERRAL", None)
         models[variant] = model
         rows[variant] = {"weight_bytes": e2e.weight_bytes(model.diffusion_model)}
@@ -122,7 +125,7 @@ def main() -> int:
         k = r % len(args.variants)
         for variant in args.variants[k:] + args.variants[:k]:
             os.environ.update(per_call_switches(variant))
-            times[variant] += e2e.time_steps(models[variant], x, sigma, kw, 0, 1, cpu=cpu[variant])
+            times[variant] += e2e.time_steps(models[variant], x, sigma, kws[variant], 0, 1, cpu=cpu[variant])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     versions = {"torch": torch.__version__, "comfyui": e2e.comfy_version()}
     for variant, stats in paired(times, "bf16").items():

@@ -4,6 +4,7 @@
   octet::conv2d(x, qweight, w_scale, bias?, smooth?, static_scale?, stride, padding, dilation, groups,
                 act, backend, goal) -> x.dtype NCHW
   octet::static_mlp(x, fc1 tensors, fc2 tensors, backend) -> x.dtype [..., N2]: fc2(gelu_tanh(fc1(x)))
+  octet::attention_int8(q, k, v, scale, smooth_k) -> q.dtype [B, SQ, H, D]: attention with int8 q·kᵀ
 
 Each op is declared once with a fake (meta) implementation, so the compiler traces one opaque node
 per quantized layer (no graph break at a Triton launch) and ``torch.library.opcheck`` can verify
@@ -133,3 +134,14 @@ def static_mlp(x: Tensor, q1: Tensor, s1: Tensor, b1: Optional[Tensor], sm1: Opt
         run, _, _ = fc1.chain_plan(fc2, x)
         return run(x, sc1, sc2)
     return dispatch.static_mlp(x, (q1, s1, b1, sm1, sc1), (q2, s2, b2, sm2, sc2), backend=backend)
+
+
+def _attention_int8_fake(q, k, v, scale, smooth_k):
+    return q.new_empty(q.shape)
+
+
+@define_op("octet::attention_int8", _attention_int8_fake)
+def attention_int8(q: Tensor, k: Tensor, v: Tensor, scale: float, smooth_k: bool) -> Tensor:
+    """[B, S, H, D] views in, [B, SQ, H, D] contiguous out (kernels/backends/triton_attention.py)."""
+    from .backends import triton_attention
+    return triton_attention.attention(q, k, v, scale, smooth_k)

@@ -280,3 +280,20 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     """GEGLU's gate as the host computes it after the projection (comfy.ldm.modules.attention.GEGLU)."""
     x, gate = h.chunk(2, dim=-1)
     return x * F.gelu(gate)
+
+
+def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                   smooth_k: bool = True) -> torch.Tensor:
+    """triton_attention.attention's math in float: q and k ([B, S, H, D]) rounded to int8 per token (k minus its
+    mean over tokens first), softmax of the dequantized q·kᵀ · scale in fp32, p rounded to v's dtype, p·v in fp32;
+    output [B, SQ, H, D] in q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kf = k.float()
+    if smooth_k:
+        kf = kf - kf.mean(dim=1, keepdim=True)
+    qq, qs = quantize_rows(q.float().reshape(-1, q.shape[-1]))
+    kq, ks = quantize_rows(kf.reshape(-1, k.shape[-1]))
+    qd = (qq.float() * qs).view(q.shape).transpose(1, 2)          # [B, H, SQ, D]
+    kd = (kq.float() * ks).view(k.shape).transpose(1, 2)
+    p = torch.softmax(qd @ kd.transpose(-1, -2) * scale, dim=-1).to(v.dtype).float()
+    return (p @ v.float().transpose(1, 2)).transpose(1, 2).to(q.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import host_compat
+from .attention_nodes import Int8AttentionNode
 from .attribution_nodes import StaticAttribution
 from .calibrate_nodes import Calibrate, CalibrationPrompts, LoadCalibration, SaveCalibration
 from .checkpoint_nodes import LoadQuantized, SaveQuantized
@@ -18,7 +19,7 @@ from .sampler_nodes import Int8Sampler
 NODES = [QuantizeModel, SaveQuantized, LoadQuantized, ReferenceModel, ReferenceConditioning, MixedPrecisionPolicy,
          SensitivityPolicy, Calibrate, SaveCalibration, LoadCalibration, CalibrationPrompts, Int8Sampler,
          QATFineTune, StaticAttribution,
-         ReferenceLatent, ReferenceDecode, Evaluate, Profile, CudaGraphStep]
+         ReferenceLatent, ReferenceDecode, Evaluate, Profile, CudaGraphStep, Int8AttentionNode]
 
 
 class OctetExtension(ComfyExtension):

@@ -206,6 +206,9 @@ class GraphStep:
             if isinstance(value, torch.Tensor):
                 tensors[name] = value
                 continue
+            if getattr(value, "graph_safe", False):     # octet/attention.py's override: its kernels capture
+                plain.append((name, repr(value)))
+                continue
             try:
                 plain.append((name, signature(flatten(value)[0])))
             except Unkeyable as e:
