@@ -291,6 +291,33 @@ def _int8_sampler(ctx):
     return Scheduled(bridge.quantize_model(ctx.fp, DynamicW8A8Config())[0], ctx.fp, 2, 0)
 
 
+def _bf16(fp):
+    """A bf16 copy of the float MODEL (its own module: the FP reference stays fp32), run in bf16 as ComfyUI runs
+    a bf16 checkpoint on a GPU."""
+    import copy
+    import comfy.model_patcher
+    model = copy.deepcopy(fp.model)
+    model.diffusion_model.to(torch.bfloat16)
+    model.diffusion_model.dtype = torch.bfloat16
+    model.manual_cast_dtype = None
+    return comfy.model_patcher.ModelPatcher(model, load_device=fp.load_device, offload_device=fp.offload_device)
+
+
+@method("bf16 model, host attention")
+def _bf16_host(ctx):
+    return _bf16(ctx.fp)
+
+
+@method("bf16 model + INT8 attention (q·kᵀ int8, k smoothed; under TRITON_INTERPRET=1 on CPU)")
+def _bf16_int8_attention(ctx):
+    from comfyui_octet.octet import attention
+    from comfyui_octet.kernels.backends import triton_support
+    if triton_support.unavailable_reason() is not None:
+        ctx.note = f"n/a: {triton_support.unavailable_reason()}"
+        return None
+    return attention.install(_bf16(ctx.fp))[0]
+
+
 @method("bitsandbytes LLM.int8 (dynamic, threshold 6)")
 def _bnb(ctx):
     try:

@@ -83,7 +83,7 @@ def _attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, H, s
     qs = tl.load(qs_ptr + q_rows, mask=m < SQ, other=0.0)      # padding rows: scale 0, scores 0, no NaN
     k_base = kc_ptr + bh.to(tl.int64) * SK * D
     ks_base = ks_ptr + bh.to(tl.int64) * SK
-    v_base = v_ptr + b.to(tl.int64) * svb + h * svh
+    v_base = v_ptr + b.to(tl.int64) * svb + h * svh       # offsets within one batch entry fit in 32 bits (refusal)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -92,11 +92,11 @@ def _attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, H, s
         if EVEN_K:
             k = tl.load(k_base + n[:, None] * D + d[None, :])
             ks = tl.load(ks_base + n)
-            v = tl.load(v_base + n[:, None].to(tl.int64) * svs + d[None, :])
+            v = tl.load(v_base + n[:, None] * svs + d[None, :])
         else:
             k = tl.load(k_base + n[:, None] * D + d[None, :], mask=(n < SK)[:, None], other=0)
             ks = tl.load(ks_base + n, mask=n < SK, other=0.0)
-            v = tl.load(v_base + n[:, None].to(tl.int64) * svs + d[None, :], mask=(n < SK)[:, None], other=0.0)
+            v = tl.load(v_base + n[:, None] * svs + d[None, :], mask=(n < SK)[:, None], other=0.0)
         # int8 x int8 -> int32 on the tensor cores; the scores in log2 units (q's scale holds sm_scale * log2 e)
         s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * qs[:, None] * ks[None, :]
         if not EVEN_K:
@@ -111,7 +111,7 @@ def _attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, H, s
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(o_ptr + b.to(tl.int64) * sob + m[:, None].to(tl.int64) * sos + h * soh + d[None, :],
+    tl.store(o_ptr + b.to(tl.int64) * sob + m[:, None] * sos + h * soh + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=(m < SQ)[:, None])
 
 
@@ -137,8 +137,10 @@ def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         return f"head_dim {d} (one of {HEAD_DIMS})"
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return "head_dim not contiguous"
-    if max(t.numel() for t in (q, k, v)) >= 2**31:
-        return "more than 2**31 elements"
+    # Offsets within one batch entry are 32-bit in the kernels (a view's extent, not its element count: v may be a
+    # view of a packed qkv tensor)
+    if any(sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31 for t in (q, k, v)):
+        return "a batch entry spans more than 2**31 elements"
     return None
 
 
