@@ -69,12 +69,15 @@ class Int8Attention:
                 return f"q of shape {tuple(q.shape)} with skip_reshape (expected [B, {heads}, S, D])"
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         else:
-            if q.dim() != 3 or q.shape[-1] % heads or k.dim() != 3 or v.dim() != 3:
+            if q.dim() != 3 or q.shape[-1] % heads:
                 return f"q of shape {tuple(q.shape)} for {heads} heads"
             d = q.shape[-1] // heads
-            if k.shape[-1] != heads * d or v.shape[-1] != heads * d:
-                return f"k/v widths {k.shape[-1]}/{v.shape[-1]} for q's {heads}x{d}"
-            q, k, v = (t.unflatten(-1, (heads, d)) for t in (q, k, v))
+            # [B, S, H * D], or [B, S, H, D] already (SD3's joint blocks hand v over so; the host views both alike)
+            split = [t.unflatten(-1, (heads, d)) if t.dim() == 3 and t.shape[-1] == heads * d else
+                     t if t.dim() == 4 and tuple(t.shape[2:]) == (heads, d) else None for t in (q, k, v)]
+            if split[1] is None or split[2] is None:
+                return f"k/v of shapes {tuple(k.shape)}/{tuple(v.shape)} for q's {heads}x{d}"
+            q, k, v = split
         from ..kernels.backends import triton_attention
         why = triton_attention.refusal(q, k, v)
         if why is not None:

@@ -64,10 +64,12 @@ def test_the_hosts_layouts_go_through_the_kernel(host, kernel_calls):
     wan_i2v = host.attention_pytorch(*heads_first, 2, skip_reshape=True, skip_output_reshape=True,
                                      transformer_options=to)                   # [B, H, S, D] out
     assert torch.equal(wan_i2v, out.unflatten(-1, (2, 64)).transpose(1, 2))
+    sd3 = host.attention_pytorch(q, k, v.unflatten(-1, (2, 64)), heads=2, transformer_options=to)  # v [B, S, H, D]
+    assert torch.equal(sd3, out)
     scaled = host.attention_pytorch(q, k, v, 2, scale=0.05, transformer_options=to)
     split = [t.float().unflatten(-1, (2, -1)).transpose(1, 2) for t in (q, k, v)]
     assert _cosine(scaled, F.scaled_dot_product_attention(*split, scale=0.05).transpose(1, 2).flatten(2)) > 0.9995
-    assert len(kernel_calls) == 4
+    assert len(kernel_calls) == 5
 
 
 @pytest.mark.parametrize("case,reason", [
