@@ -24,9 +24,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from comfyui_octet.kernels.backends import (triton_conv, triton_geglu, triton_gemm, triton_groupnorm,  # noqa: E402
-                                            triton_layernorm, triton_quant, triton_rope, triton_w8a16,
-                                            triton_w8a8_static)
+from comfyui_octet.kernels.backends import (triton_attention, triton_conv, triton_geglu,  # noqa: E402
+                                            triton_gemm, triton_groupnorm, triton_layernorm, triton_quant,
+                                            triton_rope, triton_w8a16, triton_w8a8_static)
 
 TARGET = GPUTarget("cuda", 90, 32)
 CASES = []
@@ -38,10 +38,10 @@ def case(fn):
 
 
 # Runtime arguments the kernels take as Python floats (Triton types them fp32).
-FLOATS = frozenset(("eps", "eps_q", "eps_k"))
+FLOATS = frozenset(("eps", "eps_q", "eps_k", "pre"))
 
 
-def _compile(kernel, pointers: dict, constexprs: dict):
+def _compile(kernel, pointers: dict, constexprs: dict, options: dict | None = None):
     """Compile ``kernel`` with pointer args typed by ``pointers`` (name -> dtype, default fp32), FLOATS fp32, every
     other runtime arg i32, and ``constexprs``."""
     fn = kernel
@@ -60,7 +60,8 @@ def _compile(kernel, pointers: dict, constexprs: dict):
             sig[p.name] = "fp32"
         else:
             sig[p.name] = "i32"
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET)
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET,
+                              options=options)
     assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
 
 
@@ -156,6 +157,21 @@ def w8a16_gemm_and_dequantize():
              dict(HAS_BIAS=True, USE_TMA=False, DOT_IN_FP32=False, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=128,
                   BLOCK_K=64, GROUP_M=8, SWAP_AB=False))
     _compile(triton_w8a16._dequantize_kernel, {"q_ptr": "i8", "out_ptr": "bf16"}, dict(BLOCK_K=1024))
+
+
+@case
+def int8_attention_quantizer_and_kernel():
+    # The token quantizer (k smoothed and not), and the attention kernel at every GPU tile config (int8 wgmma for
+    # q·kᵀ, bf16 for p·v), masked and even key counts, head_dim 64 and 128.
+    for mean in (True, False):
+        _compile(triton_attention._quantize_tokens_kernel, {"x_ptr": "bf16", "codes_ptr": "i8"},
+                 dict(HAS_MEAN=mean, SCALE_BY_RECIPROCAL=True, BLOCK_T=64, D=128))
+    pointers = {"qc_ptr": "i8", "kc_ptr": "i8", "v_ptr": "bf16", "o_ptr": "bf16"}
+    for config in triton_attention._attention_kernel.configs:      # the autotuner's list, as a GPU process has it
+        for even, d in ((True, 128), (False, 64)):
+            _compile(triton_attention._attention_kernel, pointers,
+                     dict(EVEN_K=even, FP32_PV=False, D=d, **config.kwargs),
+                     dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
 @case
