@@ -105,8 +105,7 @@ def sweep(triton_attention, q, k, v, card, label) -> dict:
     b, sq, h, d = q.shape
     sk = k.shape[1]
     mean = torch.mean(k, dim=1, dtype=torch.float32)
-    qc, qs = triton_attention._quantize(q, None, d ** -0.5 * triton_attention.LOG2E)
-    kc, ks = triton_attention._quantize(k, mean, 1.0)
+    qc, qs, kc, ks = triton_attention._quantize_qk(q, k, mean, d ** -0.5 * triton_attention.LOG2E)
     o = torch.empty_like(q)
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -114,7 +113,8 @@ def sweep(triton_attention, q, k, v, card, label) -> dict:
         def run():
             kernel.fn[(triton_attention.triton_support.cdiv(sq, bm), b * h)](
                 qc, qs, kc, ks, v, o, sq, sk, h, v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1),
-                o.stride(2), 0, 0, EVEN_K=sk % 128 == 0, FP32_PV=False, D=d, BLOCK_M=bm, BLOCK_N=bn,
+                o.stride(2), 0, 0, EVEN_K=sk % 128 == 0, FP32_PV=False, D=d, BLOCK_D=triton_attention.block_d(d),
+                BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=c.num_warps, num_stages=c.num_stages)
         name = f"{bm}x{bn} w{c.num_warps} s{c.num_stages}"
         try:

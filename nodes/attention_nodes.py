@@ -15,7 +15,7 @@ class Int8AttentionNode(io.ComfyNode):
             category="octet",
             description="Run the model's attention with q·kᵀ in INT8 (per-token scales, k smoothed), softmax and "
                         "p·v in bf16/fp16: any MODEL, quantized or not (Flux, SD3, Wan, SDXL...). Calls it does "
-                        "not take (masks, head_dim not 16/32/64/128, fp32, CPU) run the host's attention, said "
+                        "not take (masks, head_dim over 128, fp32, CPU) run the host's attention, said "
                         "once in the console.",
             inputs=[
                 io.Model.Input("model", tooltip="Any diffusion MODEL. It is not changed."),

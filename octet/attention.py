@@ -5,8 +5,8 @@ UNet's blocks, Octet's own lean blocks and Wan q/k path) runs q·kᵀ in int8 (k
 ComfyUI 0.3.75 and 0.29 both wrap their attention functions in ``wrap_attn``, which calls
 ``transformer_options["optimized_attention_override"](func, *args, **kwargs)`` with ``func`` the attention the
 host chose (SDPA, sage, flash, ...). A call the kernel does not take goes to ``func`` unchanged, logged once with
-the reason: a mask, grouped-query attention, a head_dim outside 16/32/64/128, fp32, a CPU tensor, an argument this
-module does not know. Under torch.compile the kernel is the ``octet::attention_int8`` custom op (one opaque node).
+the reason: a mask, grouped-query attention, a head_dim over 128 or not a multiple of 8, fp32, a CPU tensor, an
+argument this module does not know. Under torch.compile the kernel is the ``octet::attention_int8`` custom op (one opaque node).
 """
 from __future__ import annotations
 

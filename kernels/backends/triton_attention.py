@@ -15,10 +15,11 @@ Accuracy, what each choice buys:
   * p·v stays in v's dtype (bf16/fp16) with an fp32 accumulator: the part where int8 would cost accuracy.
 Reference: torch_ref.attention_int8 (same quantization, float math); tests compare both with exact attention.
 
-The two kernels: ``_quantize_tokens_kernel`` (a [B, S, H, D] view read in place, any token/head/batch strides;
-int8 codes written [B, H, S, D] contiguous, fp32 scales [B, H, S]) and ``_attention_kernel`` (one program per
-BLOCK_M queries of one (batch, head); v read in place; the output written [B, S, H, D], the layout ComfyUI's
-attention returns before its reshape). D is the head dim, a power of two from 16 to 128.
+The two kernels: ``_quantize_qk_kernel`` (q and k in one launch; [B, S, H, D] views read in place, any
+token/head/batch strides; int8 codes written [B, H, S, BLOCK_D] contiguous, zero past D, fp32 scales [B, H, S]) and
+``_attention_kernel`` (one program per BLOCK_M queries of one (batch, head); v read in place; the output written
+[B, S, H, D], the layout ComfyUI's attention returns before its reshape). head_dim is any multiple of 8 up to 128
+(SD1.5's 40/80 too), padded to a power of two of at least 32 (BLOCK_D) inside the kernels.
 """
 from __future__ import annotations
 
@@ -29,27 +30,44 @@ import triton.language as tl
 from . import triton_launch, triton_math, triton_support
 
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)
+MAX_HEAD_DIM = 128     # a [BLOCK_M, head_dim] fp32 accumulator per program; wider heads take the host's attention
 
 
 @triton.jit
-def _quantize_tokens_kernel(x_ptr, mean_ptr, codes_ptr, scales_ptr, S, H, sxb, sxs, sxh, pre,
-                            HAS_MEAN: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_T: tl.constexpr,
-                            D: tl.constexpr):
-    bh = tl.program_id(1)
+def _quantize_tokens(x_ptr, mean_ptr, codes_ptr, scales_ptr, S, H, sxb, sxs, sxh, pre, bh, t0,
+                     HAS_MEAN: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_T: tl.constexpr,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Tokens t0 .. t0 + BLOCK_T of head bh: int8 codes (BLOCK_D wide, zero past D) and scales times ``pre``."""
     b, h = bh // H, bh % H
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.arange(0, D)
-    mask = (t < S)[:, None]
+    t = t0 + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    mask = (t < S)[:, None] & (d < D)[None, :]
     x = tl.load(x_ptr + b.to(tl.int64) * sxb + h * sxh + t[:, None].to(tl.int64) * sxs + d[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     if HAS_MEAN:
-        x = x - tl.load(mean_ptr + bh * D + d)[None, :]
+        x = tl.where(mask, x - tl.load(mean_ptr + bh * D + d, mask=d < D, other=0.0)[None, :], 0.0)
     s = triton_math.scale_from_absmax(tl.max(tl.abs(x), axis=1), SCALE_BY_RECIPROCAL)
     codes = triton_math.round_to_int8(tl.div_rn(x, s[:, None]))
     rows = bh.to(tl.int64) * S + t
-    tl.store(codes_ptr + rows[:, None] * D + d[None, :], codes, mask=mask)
+    tl.store(codes_ptr + rows[:, None] * BLOCK_D + d[None, :], codes, mask=(t < S)[:, None])
     tl.store(scales_ptr + rows, s * pre, mask=t < S)
+
+
+@triton.jit
+def _quantize_qk_kernel(q_ptr, k_ptr, mean_ptr, qc_ptr, kc_ptr, qs_ptr, ks_ptr, SQ, SK, H, sqb, sqs, sqh,
+                        skb, sks, skh, pre, HAS_MEAN: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr,
+                        BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    # q and k in one launch (axis 2): one launch fewer per attention call, which a host-bound step pays for
+    t0 = tl.program_id(0) * BLOCK_T
+    bh = tl.program_id(1)
+    if tl.program_id(2) == 0:
+        if t0 < SQ:
+            _quantize_tokens(q_ptr, mean_ptr, qc_ptr, qs_ptr, SQ, H, sqb, sqs, sqh, pre, bh, t0, False,
+                             SCALE_BY_RECIPROCAL, BLOCK_T, D, BLOCK_D)
+    else:
+        if t0 < SK:
+            _quantize_tokens(k_ptr, mean_ptr, kc_ptr, ks_ptr, SK, H, skb, sks, skh, 1.0, bh, t0, HAS_MEAN,
+                             SCALE_BY_RECIPROCAL, BLOCK_T, D, BLOCK_D)
 
 
 def _configs() -> list:
@@ -73,30 +91,34 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, H, svb, svs, svh, sob, sos, soh,
                       SQ_BUCKET, SK_BUCKET, EVEN_K: tl.constexpr, FP32_PV: tl.constexpr, D: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
+    d = tl.arange(0, BLOCK_D)       # codes are BLOCK_D wide (zero past D); v and the output D
     q_rows = bh.to(tl.int64) * SQ + m
-    q = tl.load(qc_ptr + q_rows[:, None] * D + d[None, :], mask=(m < SQ)[:, None], other=0)
+    q = tl.load(qc_ptr + q_rows[:, None] * BLOCK_D + d[None, :], mask=(m < SQ)[:, None], other=0)
     qs = tl.load(qs_ptr + q_rows, mask=m < SQ, other=0.0)      # padding rows: scale 0, scores 0, no NaN
-    k_base = kc_ptr + bh.to(tl.int64) * SK * D
+    k_base = kc_ptr + bh.to(tl.int64) * SK * BLOCK_D
     ks_base = ks_ptr + bh.to(tl.int64) * SK
     v_base = v_ptr + b.to(tl.int64) * svb + h * svh       # offsets within one batch entry fit in 32 bits (refusal)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, SK, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         if EVEN_K:
-            k = tl.load(k_base + n[:, None] * D + d[None, :])
+            k = tl.load(k_base + n[:, None] * BLOCK_D + d[None, :])
             ks = tl.load(ks_base + n)
-            v = tl.load(v_base + n[:, None] * svs + d[None, :])
+            if BLOCK_D == D:
+                v = tl.load(v_base + n[:, None] * svs + d[None, :])
+            else:
+                v = tl.load(v_base + n[:, None] * svs + d[None, :], mask=(d < D)[None, :], other=0.0)
         else:
-            k = tl.load(k_base + n[:, None] * D + d[None, :], mask=(n < SK)[:, None], other=0)
+            k = tl.load(k_base + n[:, None] * BLOCK_D + d[None, :], mask=(n < SK)[:, None], other=0)
             ks = tl.load(ks_base + n, mask=n < SK, other=0.0)
-            v = tl.load(v_base + n[:, None] * svs + d[None, :], mask=(n < SK)[:, None], other=0.0)
+            v = tl.load(v_base + n[:, None] * svs + d[None, :], mask=(n < SK)[:, None] & (d < D)[None, :],
+                        other=0.0)
         # int8 x int8 -> int32 on the tensor cores; the scores in log2 units (q's scale holds sm_scale * log2 e)
         s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * qs[:, None] * ks[None, :]
         if not EVEN_K:
@@ -112,7 +134,7 @@ def _attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, H, s
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(o_ptr + b.to(tl.int64) * sob + m[:, None] * sos + h * soh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=(m < SQ)[:, None])
+             out.to(o_ptr.dtype.element_ty), mask=(m < SQ)[:, None] & (d < D)[None, :])
 
 
 def _bucket(n: int) -> int:
@@ -133,8 +155,8 @@ def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     b, _, h, d = q.shape
     if k.shape[0] != b or k.shape[2:] != q.shape[2:] or v.shape != k.shape:
         return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (same batch, heads, head_dim)"
-    if d not in HEAD_DIMS:
-        return f"head_dim {d} (one of {HEAD_DIMS})"
+    if not 8 <= d <= MAX_HEAD_DIM or d % 8:
+        return f"head_dim {d} (a multiple of 8 up to {MAX_HEAD_DIM})"
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return "head_dim not contiguous"
     # Offsets within one batch entry are 32-bit in the kernels (a view's extent, not its element count: v may be a
@@ -144,23 +166,30 @@ def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
-def _quantize(x: torch.Tensor, mean: torch.Tensor | None, pre: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token int8 codes [B, H, S, D] and fp32 scales [B, H, S] (times ``pre``) of the [B, S, H, D] view x."""
-    b, s, h, d = x.shape
-    codes = torch.empty((b, h, s, d), dtype=torch.int8, device=x.device)
-    scales = torch.empty((b, h, s), dtype=torch.float32, device=x.device)
-    if s == 0:
-        return codes, scales
-    block = max(1, min(64, 8192 // d))
-    key = (x.dtype, d, mean is not None) + triton_launch.facts(x, s, h, x.stride(0), x.stride(1), x.stride(2))
-    flags = dict(HAS_MEAN=mean is not None, SCALE_BY_RECIPROCAL=x.device.type == "cuda", BLOCK_T=block, D=d,
-                 num_warps=4)
-    grid = (triton_support.cdiv(s, block), b * h)
-    triton_launch.shared(_quantize_tokens_kernel, "attention_quantize")(
+def block_d(d: int) -> int:
+    """The codes' width: head_dim padded to a power of two, at least 32 (an int8 MMA's K step)."""
+    return max(32, triton_support.next_power_of_2(d))
+
+
+def _quantize_qk(q: torch.Tensor, k: torch.Tensor, mean: torch.Tensor | None, pre: float):
+    """Per-token int8 codes [B, H, S, block_d] and fp32 scales [B, H, S] of the [B, S, H, D] views q and k (q's
+    scales times ``pre``; k minus ``mean`` [B, H, D] first if given), in one launch."""
+    b, sq, h, d = q.shape
+    sk, bd = k.shape[1], block_d(d)
+    qc = torch.empty((b, h, sq, bd), dtype=torch.int8, device=q.device)
+    kc = torch.empty((b, h, sk, bd), dtype=torch.int8, device=q.device)
+    qs = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    ks = torch.empty((b, h, sk), dtype=torch.float32, device=q.device)
+    block = max(1, min(64, 8192 // bd))
+    key = (q.dtype, d, mean is not None) + triton_launch.facts(q, k, sq, sk, h, *q.stride()[:3], *k.stride()[:3])
+    flags = dict(HAS_MEAN=mean is not None, SCALE_BY_RECIPROCAL=q.device.type == "cuda", BLOCK_T=block, D=d,
+                 BLOCK_D=bd, num_warps=4)
+    grid = (triton_support.cdiv(max(sq, sk), block), b * h, 2)
+    triton_launch.shared(_quantize_qk_kernel, "attention_quantize")(
         key, lambda meta: grid,
-        lambda meta: (x, mean if mean is not None else scales, codes, scales, s, h, x.stride(0), x.stride(1),
-                      x.stride(2), float(pre)), flags)
-    return codes, scales
+        lambda meta: (q, k, mean if mean is not None else qs, qc, kc, qs, ks, sq, sk, h, *q.stride()[:3],
+                      *k.stride()[:3], float(pre)), flags)
+    return qc, qs, kc, ks
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -176,12 +205,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if sk == 0:
         return out.zero_()
     mean = torch.mean(k, dim=1, dtype=torch.float32) if smooth_k else None     # [B, H, D]
-    qc, qs = _quantize(q, None, scale * LOG2E)
-    kc, ks = _quantize(k, mean, 1.0)
+    qc, qs, kc, ks = _quantize_qk(q, k, mean, scale * LOG2E)
     even = int(sk % 128 == 0)
     key = (q.dtype, d, even, _bucket(sq), _bucket(sk)) + triton_launch.facts(
         v, out, sq, sk, h, v.stride(0), v.stride(1), v.stride(2))
-    flags = dict(EVEN_K=bool(even), FP32_PV=triton_support.interpreting(), D=d)
+    flags = dict(EVEN_K=bool(even), FP32_PV=triton_support.interpreting(), D=d, BLOCK_D=block_d(d))
     triton_launch.shared(_attention_kernel, "attention_int8")(
         key, lambda meta: (triton_support.cdiv(sq, meta["BLOCK_M"]), b * h),
         lambda meta: (qc, qs, kc, ks, v, out, sq, sk, h, v.stride(0), v.stride(1), v.stride(2), out.stride(0),

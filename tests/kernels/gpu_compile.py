@@ -163,14 +163,15 @@ def w8a16_gemm_and_dequantize():
 def int8_attention_quantizer_and_kernel():
     # The token quantizer (k smoothed and not), and the attention kernel at every GPU tile config (int8 wgmma for
     # q·kᵀ, bf16 for p·v), masked and even key counts, head_dim 64 and 128.
-    for mean in (True, False):
-        _compile(triton_attention._quantize_tokens_kernel, {"x_ptr": "bf16", "codes_ptr": "i8"},
-                 dict(HAS_MEAN=mean, SCALE_BY_RECIPROCAL=True, BLOCK_T=64, D=128))
+    for mean, d in ((True, 128), (False, 40)):
+        _compile(triton_attention._quantize_qk_kernel,
+                 {"q_ptr": "bf16", "k_ptr": "bf16", "qc_ptr": "i8", "kc_ptr": "i8"},
+                 dict(HAS_MEAN=mean, SCALE_BY_RECIPROCAL=True, BLOCK_T=64, D=d, BLOCK_D=triton_attention.block_d(d)))
     pointers = {"qc_ptr": "i8", "kc_ptr": "i8", "v_ptr": "bf16", "o_ptr": "bf16"}
     for config in triton_attention._attention_kernel.configs:      # the autotuner's list, as a GPU process has it
-        for even, d in ((True, 128), (False, 64)):
+        for even, d in ((True, 128), (False, 64), (True, 40), (False, 16)):
             _compile(triton_attention._attention_kernel, pointers,
-                     dict(EVEN_K=even, FP32_PV=False, D=d, **config.kwargs),
+                     dict(EVEN_K=even, FP32_PV=False, D=d, BLOCK_D=triton_attention.block_d(d), **config.kwargs),
                      dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
