@@ -656,3 +656,15 @@ def test_gpu_quantize_model_default_replays_through_the_stock_ksampler():
     rel = float((got - want).norm() / want.norm())
     assert torch.equal(same, got) and not torch.equal(other, got), rel
     assert rel < 1e-2, rel
+
+
+def test_the_int8_attention_override_is_captured_not_refused(tiny_model, graphs, caplog):
+    """transformer_options carrying the INT8 Attention node's override (octet/attention.py) is keyed by what it is,
+    not run eager as an unknown object would be; another setting of it is another graph."""
+    from comfyui_octet.octet import attention
+    model, step = graph_step.install(tiny_model, backend=graphs)
+    x, t, ctx = _inputs()
+    with caplog.at_level(logging.INFO, logger="octet"):
+        for smooth in (True, True, False):
+            _call(model, x, t, ctx, more_options={attention.OPTION: attention.Int8Attention(smooth)})
+    assert step.stats["eager"] == 0 and step.stats["captures"] == 2 and step.stats["replays"] == 3, step.report()
