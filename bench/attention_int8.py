@@ -113,7 +113,7 @@ def sweep(triton_attention, q, k, v, card, label) -> dict:
         def run():
             kernel.fn[(triton_attention.triton_support.cdiv(sq, bm), b * h)](
                 qc, qs, kc, ks, v, o, sq, sk, h, v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1),
-                o.stride(2), 0, 0, EVEN_K=sk % 128 == 0, FP32_PV=False, D=d, BLOCK_D=triton_attention.block_d(d),
+                o.stride(2), 0, 0, FP32_PV=False, D=d, BLOCK_D=triton_attention.block_d(d),
                 BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=c.num_warps, num_stages=c.num_stages)
         name = f"{bm}x{bn} w{c.num_warps} s{c.num_stages}"

@@ -86,12 +86,44 @@ def _prune(configs, named_args, **kwargs):
     return triton_support.survivors(configs, [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, sq)])
 
 
+@triton.jit
+def _attend(q, qs, k_base, ks_base, v_base, svs, start, SK, m_i, l_i, acc, d, D: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FP32_PV: tl.constexpr):
+    """One BLOCK_N block of keys from ``start`` folded into the running (max, sum, accumulator); MASKED: the last,
+    partial block (the others load and score without masks)."""
+    n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        k = tl.load(k_base + n[:, None] * BLOCK_D + d[None, :], mask=(n < SK)[:, None], other=0)
+        ks = tl.load(ks_base + n, mask=n < SK, other=0.0)
+        v = tl.load(v_base + n[:, None] * svs + d[None, :], mask=(n < SK)[:, None] & (d < D)[None, :], other=0.0)
+    else:
+        k = tl.load(k_base + n[:, None] * BLOCK_D + d[None, :])
+        ks = tl.load(ks_base + n)
+        if BLOCK_D == D:
+            v = tl.load(v_base + n[:, None] * svs + d[None, :])
+        else:
+            v = tl.load(v_base + n[:, None] * svs + d[None, :], mask=(d < D)[None, :], other=0.0)
+    # int8 x int8 -> int32 on the tensor cores; the scores in log2 units (q's scale holds sm_scale * log2 e)
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * qs[:, None] * ks[None, :]
+    if MASKED:
+        s = tl.where((n < SK)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if FP32_PV:     # the CPU interpreter has no bf16 matmul (numpy): the same rounded p, multiplied in fp32
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None])
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
 @triton.autotune(configs=_configs(), do_bench=triton_support.tuning_bench,
-                 key=["SQ_BUCKET", "SK_BUCKET", "D", "EVEN_K"], prune_configs_by={"early_config_prune": _prune})
+                 key=["SQ_BUCKET", "SK_BUCKET", "D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, H, svb, svs, svh, sob, sos, soh,
-                      SQ_BUCKET, SK_BUCKET, EVEN_K: tl.constexpr, FP32_PV: tl.constexpr, D: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      SQ_BUCKET, SK_BUCKET, FP32_PV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,33 +137,13 @@ def _attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, H, s
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, SK, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        if EVEN_K:
-            k = tl.load(k_base + n[:, None] * BLOCK_D + d[None, :])
-            ks = tl.load(ks_base + n)
-            if BLOCK_D == D:
-                v = tl.load(v_base + n[:, None] * svs + d[None, :])
-            else:
-                v = tl.load(v_base + n[:, None] * svs + d[None, :], mask=(d < D)[None, :], other=0.0)
-        else:
-            k = tl.load(k_base + n[:, None] * BLOCK_D + d[None, :], mask=(n < SK)[:, None], other=0)
-            ks = tl.load(ks_base + n, mask=n < SK, other=0.0)
-            v = tl.load(v_base + n[:, None] * svs + d[None, :], mask=(n < SK)[:, None] & (d < D)[None, :],
-                        other=0.0)
-        # int8 x int8 -> int32 on the tensor cores; the scores in log2 units (q's scale holds sm_scale * log2 e)
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * qs[:, None] * ks[None, :]
-        if not EVEN_K:
-            s = tl.where((n < SK)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if FP32_PV:     # the CPU interpreter has no bf16 matmul (numpy): the same rounded p, multiplied in fp32
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None])
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    full = SK - SK % BLOCK_N
+    for start in range(0, full, BLOCK_N):
+        m_i, l_i, acc = _attend(q, qs, k_base, ks_base, v_base, svs, start, SK, m_i, l_i, acc, d, D, BLOCK_D,
+                                BLOCK_N, False, FP32_PV)
+    if full < SK:
+        m_i, l_i, acc = _attend(q, qs, k_base, ks_base, v_base, svs, full, SK, m_i, l_i, acc, d, D, BLOCK_D,
+                                BLOCK_N, True, FP32_PV)
     out = acc / l_i[:, None]
     tl.store(o_ptr + b.to(tl.int64) * sob + m[:, None] * sos + h * soh + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=(m < SQ)[:, None] & (d < D)[None, :])
@@ -206,10 +218,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         return out.zero_()
     mean = torch.mean(k, dim=1, dtype=torch.float32) if smooth_k else None     # [B, H, D]
     qc, qs, kc, ks = _quantize_qk(q, k, mean, scale * LOG2E)
-    even = int(sk % 128 == 0)
-    key = (q.dtype, d, even, _bucket(sq), _bucket(sk)) + triton_launch.facts(
+    key = (q.dtype, d, _bucket(sq), _bucket(sk)) + triton_launch.facts(
         v, out, sq, sk, h, v.stride(0), v.stride(1), v.stride(2))
-    flags = dict(EVEN_K=bool(even), FP32_PV=triton_support.interpreting(), D=d, BLOCK_D=block_d(d))
+    flags = dict(FP32_PV=triton_support.interpreting(), D=d, BLOCK_D=block_d(d))
     triton_launch.shared(_attention_kernel, "attention_int8")(
         key, lambda meta: (triton_support.cdiv(sq, meta["BLOCK_M"]), b * h),
         lambda meta: (qc, qs, kc, ks, v, out, sq, sk, h, v.stride(0), v.stride(1), v.stride(2), out.stride(0),

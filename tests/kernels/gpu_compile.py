@@ -169,9 +169,9 @@ def int8_attention_quantizer_and_kernel():
                  dict(HAS_MEAN=mean, SCALE_BY_RECIPROCAL=True, BLOCK_T=64, D=d, BLOCK_D=triton_attention.block_d(d)))
     pointers = {"qc_ptr": "i8", "kc_ptr": "i8", "v_ptr": "bf16", "o_ptr": "bf16"}
     for config in triton_attention._attention_kernel.configs:      # the autotuner's list, as a GPU process has it
-        for even, d in ((True, 128), (False, 64), (True, 40), (False, 16)):
+        for d in (128, 64, 40, 16):
             _compile(triton_attention._attention_kernel, pointers,
-                     dict(EVEN_K=even, FP32_PV=False, D=d, BLOCK_D=triton_attention.block_d(d), **config.kwargs),
+                     dict(FP32_PV=False, D=d, BLOCK_D=triton_attention.block_d(d), **config.kwargs),
                      dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
