@@ -161,8 +161,8 @@ def w8a16_gemm_and_dequantize():
 
 @case
 def int8_attention_quantizer_and_kernel():
-    # The token quantizer (k smoothed and not), and the attention kernel at every GPU tile config (int8 wgmma for
-    # q·kᵀ, bf16 for p·v), masked and even key counts, head_dim 64 and 128.
+    # The q/k quantizer (k smoothed and not), and the attention kernel at every GPU tile config (int8 wgmma for
+    # q·kᵀ, bf16 for p·v; its full and its masked last key block), head_dims 128, 64 and padded 40, 16.
     for mean, d in ((True, 128), (False, 40)):
         _compile(triton_attention._quantize_qk_kernel,
                  {"q_ptr": "bf16", "k_ptr": "bf16", "qc_ptr": "i8", "kc_ptr": "i8"},
