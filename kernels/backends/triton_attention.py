@@ -88,9 +88,11 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _attend(q, qs, k_base, ks_base, v_base, svs, start, SK, m_i, l_i, acc, d, D: tl.constexpr,
-            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FP32_PV: tl.constexpr):
+            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FP32_PV: tl.constexpr,
+            QK_INT8: tl.constexpr):
     """One BLOCK_N block of keys from ``start`` folded into the running (max, sum, accumulator); MASKED: the last,
-    partial block (the others load and score without masks)."""
+    partial block (the others load and score without masks). QK_INT8=False: q and k are bf16/fp16 values in the
+    codes' layout (bench/attention_int8.py times the same kernel so, to tell the int8 q·kᵀ from the rest)."""
     n = start + tl.arange(0, BLOCK_N)
     if MASKED:
         k = tl.load(k_base + n[:, None] * BLOCK_D + d[None, :], mask=(n < SK)[:, None], other=0)
@@ -104,7 +106,10 @@ def _attend(q, qs, k_base, ks_base, v_base, svs, start, SK, m_i, l_i, acc, d, D:
         else:
             v = tl.load(v_base + n[:, None] * svs + d[None, :], mask=(d < D)[None, :], other=0.0)
     # int8 x int8 -> int32 on the tensor cores; the scores in log2 units (q's scale holds sm_scale * log2 e)
-    s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * qs[:, None] * ks[None, :]
+    if QK_INT8:
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * qs[:, None] * ks[None, :]
+    else:
+        s = tl.dot(q, tl.trans(k)) * qs[:, None] * ks[None, :]
     if MASKED:
         s = tl.where((n < SK)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -123,7 +128,7 @@ def _attend(q, qs, k_base, ks_base, v_base, svs, start, SK, m_i, l_i, acc, d, D:
 @triton.jit
 def _attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, H, svb, svs, svh, sob, sos, soh,
                       SQ_BUCKET, SK_BUCKET, FP32_PV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QK_INT8: tl.constexpr = True):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -140,10 +145,10 @@ def _attention_kernel(qc_ptr, qs_ptr, kc_ptr, ks_ptr, v_ptr, o_ptr, SQ, SK, H, s
     full = SK - SK % BLOCK_N
     for start in range(0, full, BLOCK_N):
         m_i, l_i, acc = _attend(q, qs, k_base, ks_base, v_base, svs, start, SK, m_i, l_i, acc, d, D, BLOCK_D,
-                                BLOCK_N, False, FP32_PV)
+                                BLOCK_N, False, FP32_PV, QK_INT8)
     if full < SK:
         m_i, l_i, acc = _attend(q, qs, k_base, ks_base, v_base, svs, full, SK, m_i, l_i, acc, d, D, BLOCK_D,
-                                BLOCK_N, True, FP32_PV)
+                                BLOCK_N, True, FP32_PV, QK_INT8)
     out = acc / l_i[:, None]
     tl.store(o_ptr + b.to(tl.int64) * sob + m[:, None] * sos + h * soh + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=(m < SQ)[:, None] & (d < D)[None, :])

@@ -173,6 +173,10 @@ def int8_attention_quantizer_and_kernel():
             _compile(triton_attention._attention_kernel, pointers,
                      dict(FP32_PV=False, D=d, BLOCK_D=triton_attention.block_d(d), **config.kwargs),
                      dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    # bench/attention_int8.py's comparison: the same kernel with q·kᵀ in bf16
+    _compile(triton_attention._attention_kernel, dict(pointers, qc_ptr="bf16", kc_ptr="bf16"),
+             dict(FP32_PV=False, D=128, BLOCK_D=128, BLOCK_M=128, BLOCK_N=64, QK_INT8=False),
+             dict(num_warps=4, num_stages=3))
 
 
 @case
