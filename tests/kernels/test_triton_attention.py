@@ -85,3 +85,25 @@ def test_empty_keys_and_queries(rng, device):
     from comfyui_octet.kernels.backends import triton_attention
     q, k, v = _inputs(1, 0, 8, 2, 64, rng, device)
     assert triton_attention.attention(q, k, v).shape == (1, 0, 2, 64)
+
+
+def test_every_launch_names_all_its_constexprs(rng, device, monkeypatch):
+    """triton_launch's direct path (GPU only) learns a launch from its runtime arguments plus flags + the autotuned
+    config; a constexpr in neither (a default left out) turns direct launches off. Checked here from the calls."""
+    from comfyui_octet.kernels.backends import triton_attention, triton_launch
+    real, seen = triton_launch.shared, []
+
+    def recording(kernel, name):
+        launcher = real(kernel, name)
+
+        def call(key, grid, build, flags):
+            seen.append((launcher.jit, len(build(None)), flags, launcher.autotuned))
+            return launcher(key, grid, build, flags)
+        return call
+    monkeypatch.setattr(triton_launch, "shared", recording)
+    q, k, v = _inputs(1, 8, 8, 2, 64, rng, device)
+    triton_attention.attention(q, k, v)
+    assert len(seen) == 2
+    for jit, n_args, flags, autotuned in seen:
+        config = set(jit.arg_names) & {"BLOCK_M", "BLOCK_N"} if autotuned else set()
+        assert set(jit.arg_names[n_args:]) <= set(flags) | config, (jit.arg_names[n_args:], flags)
