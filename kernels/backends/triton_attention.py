@@ -221,7 +221,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         return out
     if sk == 0:
         return out.zero_()
-    mean = torch.mean(k, dim=1, dtype=torch.float32) if smooth_k else None     # [B, H, D]
+    # [B, H, D], read as contiguous rows of D by the quantizer (torch's reduction gives that; .contiguous() says so)
+    mean = torch.mean(k, dim=1, dtype=torch.float32).contiguous() if smooth_k else None
     qc, qs, kc, ks = _quantize_qk(q, k, mean, scale * LOG2E)
     key = (q.dtype, d, _bucket(sq), _bucket(sk)) + triton_launch.facts(
         v, out, sq, sk, h, v.stride(0), v.stride(1), v.stride(2))
