@@ -172,6 +172,8 @@ def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     b, _, h, d = q.shape
     if k.shape[0] != b or k.shape[2:] != q.shape[2:] or v.shape != k.shape:
         return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (same batch, heads, head_dim)"
+    if b * h > 65535:       # the grid's second axis (CUDA's limit)
+        return f"{b} x {h} batch entries x heads (at most 65535)"
     if not 8 <= d <= MAX_HEAD_DIM or d % 8:
         return f"head_dim {d} (a multiple of 8 up to {MAX_HEAD_DIM})"
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
