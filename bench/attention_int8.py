@@ -122,9 +122,7 @@ def kernel_runs(triton_attention, q, k, v):
         return (triton_attention.triton_support.cdiv(sq, meta["BLOCK_M"]), b * h)
 
     def run(a, a_s, c, c_s, int8):
-        kernel[grid](a, a_s, c, c_s, v, out, sq, sk, h, v.stride(0), v.stride(1), v.stride(2), out.stride(0),
-                     out.stride(1), out.stride(2), triton_attention._bucket(sq), triton_attention._bucket(sk),
-                     QK_INT8=int8, **flags)
+        kernel[grid](*triton_attention.kernel_args(a, a_s, c, c_s, v, out), QK_INT8=int8, **flags)
     return (lambda: run(qc, qs, kc, ks, True)), (lambda: run(qb, qbs, kb, kbs, False))
 
 
@@ -136,18 +134,15 @@ def sweep(triton_attention, q, k, v, card, label) -> dict:
     configs = list(kernel.configs)
     out = {}
     b, sq, h, d = q.shape
-    sk = k.shape[1]
     mean = torch.mean(k, dim=1, dtype=torch.float32)
     qc, qs, kc, ks = triton_attention._quantize_qk(q, k, mean, d ** -0.5 * triton_attention.LOG2E)
-    o = torch.empty_like(q)
+    args = triton_attention.kernel_args(qc, qs, kc, ks, v, torch.empty_like(q))
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
 
         def run():
             kernel.fn[(triton_attention.triton_support.cdiv(sq, bm), b * h)](
-                qc, qs, kc, ks, v, o, sq, sk, h, v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1),
-                o.stride(2), 0, 0, FP32_PV=False, D=d, BLOCK_D=triton_attention.block_d(d),
-                BLOCK_M=bm, BLOCK_N=bn,
+                *args, FP32_PV=False, D=d, BLOCK_D=triton_attention.block_d(d), BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=c.num_warps, num_stages=c.num_stages)
         name = f"{bm}x{bn} w{c.num_warps} s{c.num_stages}"
         try:

@@ -230,9 +230,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         v, out, sq, sk, h, v.stride(0), v.stride(1), v.stride(2))
     # Every constexpr the config does not set, defaults too: triton_launch's direct launches need each one here
     flags = dict(FP32_PV=triton_support.interpreting(), D=d, BLOCK_D=block_d(d), QK_INT8=True)
+    args = kernel_args(qc, qs, kc, ks, v, out)
     triton_launch.shared(_attention_kernel, "attention_int8")(
-        key, lambda meta: (triton_support.cdiv(sq, meta["BLOCK_M"]), b * h),
-        lambda meta: (qc, qs, kc, ks, v, out, sq, sk, h, v.stride(0), v.stride(1), v.stride(2), out.stride(0),
-                      out.stride(1), out.stride(2), _bucket(sq), _bucket(sk)), flags)
+        key, lambda meta: (triton_support.cdiv(sq, meta["BLOCK_M"]), b * h), lambda meta: args, flags)
     return out
+
+
+def kernel_args(qc, qs, kc, ks, v: torch.Tensor, out: torch.Tensor) -> tuple:
+    """``_attention_kernel``'s runtime arguments in its order, for codes/scales from ``_quantize_qk``, the [B, SK, H, D]
+    view v and the [B, SQ, H, D] output (bench/attention_int8.py launches the kernel directly with them too)."""
+    sq, h, sk = out.shape[1], out.shape[2], v.shape[1]
+    return (qc, qs, kc, ks, v, out, sq, sk, h, v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+            out.stride(2), _bucket(sq), _bucket(sk))
 
