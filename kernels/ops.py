@@ -141,7 +141,7 @@ def _attention_int8_fake(q, k, v, scale, smooth_k):
 
 
 @define_op("octet::attention_int8", _attention_int8_fake)
-def attention_int8(q: Tensor, k: Tensor, v: Tensor, scale: float, smooth_k: bool) -> Tensor:
+def attention_int8(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], smooth_k: bool) -> Tensor:
     """[B, S, H, D] views in, [B, SQ, H, D] contiguous out (kernels/backends/triton_attention.py)."""
     from .backends import triton_attention
     return triton_attention.attention(q, k, v, scale, smooth_k)

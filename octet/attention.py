@@ -6,7 +6,8 @@ ComfyUI 0.3.75 and 0.29 both wrap their attention functions in ``wrap_attn``, wh
 ``transformer_options["optimized_attention_override"](func, *args, **kwargs)`` with ``func`` the attention the
 host chose (SDPA, sage, flash, ...). A call the kernel does not take goes to ``func`` unchanged, logged once with
 the reason: a mask, grouped-query attention, a head_dim over 128 or not a multiple of 8, fp32, a CPU tensor, an
-argument this module does not know. Under torch.compile the kernel is the ``octet::attention_int8`` custom op (one opaque node).
+argument this module does not know. Under torch.compile the kernel is the ``octet::attention_int8`` custom op (one
+opaque node).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class Int8Attention:
             registry.log_once(f"attention-int8:{views}", f"Octet INT8 attention: {views}: this call runs the "
                               "host's attention (logged once per reason).")
             return func(*args, **kwargs)
-        q, k, v, heads, scale = views
+        q, k, v, scale = views
         if ops.compiling():
             out = torch.ops.octet.attention_int8(q, k, v, scale, self.smooth_k)
         else:
@@ -50,7 +51,7 @@ class Int8Attention:
 
     @staticmethod
     def _views(args: tuple, kwargs: dict):
-        """(q, k, v as [B, S, H, D] views, heads, scale) or why the kernel does not take this call."""
+        """(q, k, v as [B, S, H, D] views, the call's scale or None) or why the kernel does not take this call."""
         if len(args) < 3 or len(args) + ("heads" in kwargs) < 4 or len(args) > 4:
             return "positional arguments beyond (q, k, v, heads)"
         unknown = set(kwargs) - _KNOWN
@@ -83,7 +84,7 @@ class Int8Attention:
         if why is not None:
             return why
         scale = kwargs.get("scale")
-        return q, k, v, heads, (q.shape[-1] ** -0.5 if scale is None else float(scale))
+        return q, k, v, (None if scale is None else float(scale))     # None: the kernel's 1/sqrt(head_dim)
 
 
 def install(patcher, smooth_k: bool = True):
