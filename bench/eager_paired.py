@@ -40,7 +40,7 @@ PAIRABLE = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic"
             "octet_dynamic_eager_deferral", "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn",
             "octet_dynamic_layers", "octet_dynamic_host_float", "bf16_octet_fused", "octet_dynamic_all_int8",
             "bf16_int8attn", "octet_dynamic_int8attn", "octet_static_int8attn")
-PER_CALL = {"_layers": ("OCTET_FUSED_MLP",), "_host_float": ("OCTET_FLOAT_FUSIONS",)}
+PER_CALL = {suffix: e2e.SWITCH_OFF[suffix] for suffix in ("_layers", "_host_float")}   # e2e's, those read per call
 
 
 def per_call_switches(variant: str) -> dict[str, str]:
