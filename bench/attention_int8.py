@@ -94,11 +94,12 @@ def main() -> int:
         if args.sweep and d == 128:     # the DiT shapes (Flux, Wan): the tile choice that matters most
             row["sweep"] = sweep(triton_attention, q, k, v, card, label)
         rows.append(row)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "attention_int8.json")
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with open(path, "w") as f:
-        json.dump({"header": f"card: {card}; torch {torch.__version__}; {stamp}", "rows": rows}, f, indent=1)
+        # written after every shape: a device call cut off by its time limit keeps the rows it finished
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "attention_int8.json")
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(path, "w") as f:
+            json.dump({"header": f"card: {card}; torch {torch.__version__}; {stamp}", "rows": rows}, f, indent=1)
     print(f"[{card}] wrote {path}")
     return 0
 

