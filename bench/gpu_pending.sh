@@ -39,8 +39,8 @@ case "$part" in
   attention)  # INT8 q·kᵀ attention (twenty-fifth session): its tests on the GPU, the kernel vs SDPA at the models'
             # shapes with the tiles swept, then Wan's eager step with and without it, paired round by round (the
             # deadlines keep what finished inside one device call)
-    python3 -P -c "import pytest, sys; sys.exit(pytest.main(['-q', '-rfE', '-p', 'no:cacheprovider',
-        'tests/kernels/test_triton_attention.py']))" 2>&1 | quiet | grep -E "^E |FAILED|passed|failed"
+    timeout 150 python3 -P -c "import pytest, sys; sys.exit(pytest.main(['-q', '-rfE', '-p', 'no:cacheprovider',
+        'tests/kernels/test_triton_attention.py']))" 2>&1 | quiet | grep -E "^E |FAILED|passed|failed|Timeout"
     timeout 180 python3 bench/attention_int8.py --sweep --out "$dest/attention" 2>&1 | quiet
     python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_int8attn octet_dynamic \
         octet_dynamic_int8attn octet_dynamic_all_int8 --rounds 10 --deadline 200 --out "$dest/wan_attention" \
