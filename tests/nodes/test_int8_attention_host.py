@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from comfyui_octet.kernels.backends import triton_support
 from comfyui_octet.octet import attention as octet_attention
+from compile_checks import assert_compiles_as_eager
 
 pytestmark = pytest.mark.skipif(triton_support.unavailable_reason() is not None or not triton_support.interpreting(),
                                 reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
@@ -131,12 +132,5 @@ def test_a_traced_attention_has_no_graph_break(host):
     class Call(torch.nn.Module):
         def forward(self, q):
             return host.attention_pytorch(q, k, v, 2, transformer_options=to)
-    model = Call()
     with torch.no_grad():
-        eager = model(q)
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(model)(q)
-        assert explained.graph_break_count == 0, explained.break_reasons
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(q)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
-    torch._dynamo.reset()
+        assert_compiles_as_eager(Call(), q)

@@ -10,6 +10,7 @@ import torch
 from comfyui_octet import octet
 from comfyui_octet.kernels.backends import triton_rope, triton_support
 from comfyui_octet.octet import deferred, host_code
+from compile_checks import assert_compiles_as_eager
 
 pytestmark = pytest.mark.skipif(triton_support.unavailable_reason() is not None or not triton_support.interpreting(),
                                 reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
@@ -285,12 +286,5 @@ def test_an_int8_wan_block_compiles_without_graph_breaks(monkeypatch):
 
         def forward(self, x):
             return self.block(x, e, freqs, ctx)
-    model = Call()
     with torch.no_grad():
-        eager = model(x)
-        torch._dynamo.reset()
-        explained = torch._dynamo.explain(model)(x)
-        assert explained.graph_break_count == 0, explained.break_reasons
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    torch._dynamo.reset()
+        assert_compiles_as_eager(Call(), x, rtol=1e-5, atol=1e-5)
