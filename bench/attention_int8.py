@@ -63,7 +63,10 @@ def main() -> int:
         def int8_plain():
             return triton_attention.attention(q, k, v, smooth_k=False)
 
-        kernel_only, bf16_kernel = kernel_runs(triton_attention, q, k, v)
+        # q and k quantized once beforehand, as the kernel-alone timings and the tile sweep read them
+        codes = triton_attention._quantize_qk(q, k, torch.mean(k, dim=1, dtype=torch.float32).contiguous(),
+                                              d ** -0.5 * triton_attention.LOG2E)
+        kernel_only, bf16_kernel = kernel_runs(triton_attention, q, k, v, codes)
 
         exact = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
                                                v.float().transpose(1, 2)).transpose(1, 2)
@@ -92,7 +95,7 @@ def main() -> int:
               f"{row['speedup_eager']:.2f}x eager; cosine vs fp32 SDPA {row['sdpa_acc']['cosine']:.6f}, INT8 "
               f"{row['int8_acc']['cosine']:.6f} (no smoothing {row['int8_plain_acc']['cosine']:.6f})", flush=True)
         if args.sweep and d == 128:     # the DiT shapes (Flux, Wan): the tile choice that matters most
-            row["sweep"] = sweep(triton_attention, q, k, v, card, label)
+            row["sweep"] = sweep(triton_attention, q, v, codes, card, label)
         rows.append(row)
         # written after every shape: a device call cut off by its time limit keeps the rows it finished
         os.makedirs(args.out, exist_ok=True)
@@ -104,47 +107,42 @@ def main() -> int:
     return 0
 
 
-def kernel_runs(triton_attention, q, k, v):
-    """Two calls of the attention kernel through its autotuner: on int8 codes quantized once beforehand, and on bf16
-    q and k in the codes' layout (QK_INT8=False: the scores in bf16, scaled by sm_scale·log2 e only)."""
+def kernel_runs(triton_attention, q, k, v, codes):
+    """Two calls of the attention kernel through its autotuner: on the int8 ``codes`` (``_quantize_qk``'s) of q and
+    k, and on bf16 q and k in the codes' layout (QK_INT8=False: the scores in bf16, scaled by sm_scale·log2 e only)."""
     import torch
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    scale = d ** -0.5 * triton_attention.LOG2E
-    qc, qs, kc, ks = triton_attention._quantize_qk(q, k, torch.mean(k, dim=1, dtype=torch.float32), scale)
     qb, kb = (t.transpose(1, 2).contiguous() for t in (q, k))       # [B, H, S, D]: the codes' layout (D = BLOCK_D)
-    qbs = torch.full((b, h, sq), scale, device=q.device)
+    qbs = torch.full((b, h, sq), d ** -0.5 * triton_attention.LOG2E, device=q.device)
     kbs = torch.ones((b, h, sk), device=q.device)
     out = torch.empty_like(q)
     kernel = triton_attention._attention_kernel
-    flags = dict(FP32_PV=False, D=d, BLOCK_D=triton_attention.block_d(d))
 
     def grid(meta):
         return (triton_attention.triton_support.cdiv(sq, meta["BLOCK_M"]), b * h)
 
     def run(a, a_s, c, c_s, int8):
-        kernel[grid](*triton_attention.kernel_args(a, a_s, c, c_s, v, out), QK_INT8=int8, **flags)
-    return (lambda: run(qc, qs, kc, ks, True)), (lambda: run(qb, qbs, kb, kbs, False))
+        kernel[grid](*triton_attention.kernel_args(a, a_s, c, c_s, v, out), **triton_attention.kernel_flags(d, int8))
+    return (lambda: run(*codes, True)), (lambda: run(qb, qbs, kb, kbs, False))
 
 
-def sweep(triton_attention, q, k, v, card, label) -> dict:
-    """Each tile config of the attention kernel alone (the quantizers' time is the same for all)."""
+def sweep(triton_attention, q, v, codes, card, label) -> dict:
+    """Each tile config of the attention kernel alone on the int8 ``codes`` (the quantizers' time is the same for
+    all)."""
     import torch
     from kernels import bench_graph
     kernel = triton_attention._attention_kernel
-    configs = list(kernel.configs)
     out = {}
     b, sq, h, d = q.shape
-    mean = torch.mean(k, dim=1, dtype=torch.float32)
-    qc, qs, kc, ks = triton_attention._quantize_qk(q, k, mean, d ** -0.5 * triton_attention.LOG2E)
-    args = triton_attention.kernel_args(qc, qs, kc, ks, v, torch.empty_like(q))
-    for c in configs:
+    args = triton_attention.kernel_args(*codes, v, torch.empty_like(q))
+    flags = triton_attention.kernel_flags(d)
+    for c in kernel.configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
 
         def run():
             kernel.fn[(triton_attention.triton_support.cdiv(sq, bm), b * h)](
-                *args, FP32_PV=False, D=d, BLOCK_D=triton_attention.block_d(d), BLOCK_M=bm, BLOCK_N=bn,
-                num_warps=c.num_warps, num_stages=c.num_stages)
+                *args, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=c.num_warps, num_stages=c.num_stages)
         name = f"{bm}x{bn} w{c.num_warps} s{c.num_stages}"
         try:
             out[name] = bench_graph(run, 100) * 1000

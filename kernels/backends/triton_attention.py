@@ -228,12 +228,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     qc, qs, kc, ks = _quantize_qk(q, k, mean, scale * LOG2E)
     key = (q.dtype, d, _bucket(sq), _bucket(sk)) + triton_launch.facts(
         v, out, sq, sk, h, v.stride(0), v.stride(1), v.stride(2))
-    # Every constexpr the config does not set, defaults too: triton_launch's direct launches need each one here
-    flags = dict(FP32_PV=triton_support.interpreting(), D=d, BLOCK_D=block_d(d), QK_INT8=True)
     args = kernel_args(qc, qs, kc, ks, v, out)
     triton_launch.shared(_attention_kernel, "attention_int8")(
-        key, lambda meta: (triton_support.cdiv(sq, meta["BLOCK_M"]), b * h), lambda meta: args, flags)
+        key, lambda meta: (triton_support.cdiv(sq, meta["BLOCK_M"]), b * h), lambda meta: args, kernel_flags(d))
     return out
+
+
+def kernel_flags(d: int, qk_int8: bool = True) -> dict:
+    """``_attention_kernel``'s constexprs that its tile config does not set, defaults too: triton_launch's direct
+    launches need each one named (bench/attention_int8.py launches with them as well)."""
+    return dict(FP32_PV=triton_support.interpreting(), D=d, BLOCK_D=block_d(d), QK_INT8=qk_int8)
 
 
 def kernel_args(qc, qs, kc, ks, v: torch.Tensor, out: torch.Tensor) -> tuple:
