@@ -21,6 +21,11 @@ mkdir -p "$dest"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 source bench/gpu_host029.sh "$wheels" || exit 1
 quiet() { grep -v "aimdo:" | grep -v "LOW_VRAM_ROW"; }
+# pytest on FILES under a time limit (seconds, 0: none), its failures and summary line only
+gpu_tests() { local limit="$1"; shift
+    timeout "$limit" python3 -P -m pytest -q -rfE -p no:cacheprovider "$@" 2>&1 | quiet \
+        | grep -E "^E |FAILED|passed|failed"
+    [ "${PIPESTATUS[0]}" != 124 ] || echo "gpu_tests: stopped at its ${limit} s limit (no summary)"; }
 
 case "$part" in
   eager)    # the lean blocks (SDXL, SD3.5) and Wan's q/k kernel in eager steps, paired round by round; whether an
@@ -39,8 +44,7 @@ case "$part" in
   attention)  # INT8 q·kᵀ attention (twenty-fifth session): its tests on the GPU, the kernel vs SDPA at the models'
             # shapes with the tiles swept, then Wan's eager step with and without it, paired round by round (the
             # deadlines keep what finished inside one device call)
-    timeout 150 python3 -P -c "import pytest, sys; sys.exit(pytest.main(['-q', '-rfE', '-p', 'no:cacheprovider',
-        'tests/kernels/test_triton_attention.py']))" 2>&1 | quiet | grep -E "^E |FAILED|passed|failed|Timeout"
+    gpu_tests 150 tests/kernels/test_triton_attention.py
     timeout 180 python3 bench/attention_int8.py --sweep --out "$dest/attention" 2>&1 | quiet
     python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_int8attn octet_dynamic \
         octet_dynamic_int8attn octet_dynamic_all_int8 --rounds 10 --deadline 200 --out "$dest/wan_attention" \
@@ -80,13 +84,10 @@ case "$part" in
     python3 bench/low_vram.py --dynamic-vram --model sdxl --free-gib 2.5 \
         --variants bf16 octet_no_ahead octet octet_ahead2 --steps 4 --out "$dest" 2>&1 | quiet ;;
   tests)    # the GPU halves of the tests written without a device
-    python3 -P -c "import pytest, sys; sys.exit(pytest.main(['-q', '-rfE', '-p', 'no:cacheprovider',
-        'tests/kernels/test_triton_rope.py', 'tests/kernels/test_bound_site_calls.py',
-        'tests/kernels/test_triton_gemm.py', 'tests/kernels/test_triton_layernorm.py',
-        'tests/kernels/test_triton_quant_norm.py', 'tests/octet/test_fusion.py',
-        'tests/kernels/test_triton_attention.py',
-        'tests/kernels/test_triton_conv.py', 'tests/nodes/test_lean_blocks_host.py',
-        'tests/nodes/test_wan_fusions_host.py', 'tests/nodes/test_dynamic_vram.py']))" 2>&1 | quiet \
-        | grep -E "^E |FAILED|passed|failed" ;;
+    gpu_tests 0 tests/kernels/test_triton_rope.py tests/kernels/test_bound_site_calls.py \
+        tests/kernels/test_triton_gemm.py tests/kernels/test_triton_layernorm.py \
+        tests/kernels/test_triton_quant_norm.py tests/octet/test_fusion.py tests/kernels/test_triton_attention.py \
+        tests/kernels/test_triton_conv.py tests/nodes/test_lean_blocks_host.py tests/nodes/test_wan_fusions_host.py \
+        tests/nodes/test_dynamic_vram.py ;;
   *) echo "gpu_pending: unknown part '$part' ($parts)" >&2; exit 2 ;;
 esac
