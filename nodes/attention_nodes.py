@@ -16,7 +16,9 @@ class Int8AttentionNode(io.ComfyNode):
             description="Run the model's attention with q·kᵀ in INT8 (per-token scales, k smoothed), softmax and "
                         "p·v in bf16/fp16: any MODEL, quantized or not (Flux, SD3, Wan, SDXL...). Calls it does "
                         "not take (masks, head_dim over 128, fp32, CPU) run the host's attention, said "
-                        "once in the console.",
+                        "once in the console. Experimental: on an H100 it is slower than PyTorch's own "
+                        "attention (0.5-0.8x per call at SDXL/SD3.5/Flux/Wan shapes; Wan's step 0.87x), so "
+                        "Quantize Model never turns it on (docs/BENCHMARKS.md).",
             inputs=[
                 io.Model.Input("model", tooltip="Any diffusion MODEL. It is not changed."),
                 io.Boolean.Input("smooth_k", default=True,

@@ -1,0 +1,83 @@
+"""The row quantizer's bandwidth at the big-M shapes (Wan 14,040 tokens, Flux 4,608): today's kernel (one row per
+program, row_launch_config) against a candidate that holds ROWS whole rows per program in registers, every
+(ROWS, warps) timed alone in a CUDA graph; codes and scales checked equal to quantize_rows' first. Prints GB/s
+(bytes read + written) and writes JSON. Why: on an H100 (2026-12-06) quantize_rows moved only 0.5-0.8 TB/s at
+these shapes, and at Wan's FFN down (14040 x 8960) it took 670 us beside a 277 us INT8 GEMM."""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels.backends import triton_quant, triton_support  # noqa: E402
+from kernels.backends.triton_math import round_to_int8, scale_from_absmax  # noqa: E402
+
+
+@triton.jit
+def _rows_in_registers(x_ptr, q_ptr, scale_ptr, M, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SCALE_BY_RECIPROCAL: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offs = tl.arange(0, BLOCK_K)
+    mask = (rows < M)[:, None] & (offs < K)[None, :]
+    v = tl.load(x_ptr + rows[:, None] * K + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = scale_from_absmax(tl.max(tl.abs(v), axis=1), SCALE_BY_RECIPROCAL)
+    tl.store(scale_ptr + rows, scale, mask=rows < M)
+    tl.store(q_ptr + rows[:, None] * K + offs[None, :], round_to_int8(tl.div_rn(v, scale[:, None])), mask=mask)
+
+
+def candidate(x, rows, warps):
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    _rows_in_registers[(triton_support.cdiv(m, rows),)](x, q, s, m, k, ROWS=rows,
+                                                         BLOCK_K=triton_support.next_power_of_2(k),
+                                                         SCALE_BY_RECIPROCAL=x.is_cuda, num_warps=warps)
+    return q, s
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="out/bench")
+    ap.add_argument("--shapes", default="14040x1536,14040x8960,4608x3072,4608x12288,4096x1536")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    card = torch.cuda.get_device_name() if cuda else "cpu (interpreter)"
+    rows_out = []
+    for shape in args.shapes.split(","):
+        m, k = map(int, shape.split("x"))
+        if not cuda:
+            m, k = min(m, 20), min(k, 300)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16) * 3
+        ref_q, ref_s = triton_quant.quantize_rows(x)
+        row = {"M": m, "K": k, "bytes": m * k * 3 + m * 4, "us": {}}
+        variants = {"quantize_rows": lambda: triton_quant.quantize_rows(x)}
+        for rows in (1, 2, 4, 8):
+            for warps in (4, 8):
+                if rows * triton_support.next_power_of_2(k) > 32768:
+                    continue
+                q, s = candidate(x, rows, warps)
+                assert torch.equal(q, ref_q) and torch.equal(s, ref_s), (shape, rows, warps)
+                variants[f"rows{rows}_w{warps}"] = (lambda r=rows, w=warps: candidate(x, r, w))
+        if cuda:
+            for name, fn in variants.items():
+                fn()
+                torch.cuda.synchronize()   # GPU time alone, as bench/kernels.py's bench_graph
+                row["us"][name] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1000
+                print(f"[{card}] quantize {m}x{k} {name:14s} {row['us'][name]:8.1f} us "
+                      f"{row['bytes'] / row['us'][name] / 1e3:6.0f} GB/s", flush=True)
+        rows_out.append(row)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "quant_rows_sweep.json"), "w") as f:
+        json.dump({"card": card, "torch": torch.__version__, "triton": triton.__version__, "rows": rows_out}, f,
+                  indent=1)
+    print("checked equal to quantize_rows:", [f"{r['M']}x{r['K']}" for r in rows_out])
+
+
+if __name__ == "__main__":
+    main()
