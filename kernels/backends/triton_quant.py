@@ -495,12 +495,12 @@ def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_pt
 
 
 def norm_launch_config(k: int) -> tuple[int, int]:
-    """(rows per program, warps) of the norm quantizer: one row, 4 to 16 warps by width, as measured in use since
-    2026-12-02 (75 us at Wan's 14,040 x 1536 on an H200: 0.85 TB/s, 2026-12-05); the float kernel's several rows
-    per program (triton_layernorm.config_for) are the candidate bench/deferred_kernels.py --only wan --sweep times
-    against it."""
+    """(rows per program, warps) of the norm quantizer: one row, 4 to 16 warps by width. Rows up to 2048 wide take 4
+    warps: at Wan's 14,040 x 1536 on an H100 (bench/deferred_kernels.py --only wan --sweep, 2026-12-06) 4 warps ran
+    54.9 us against 8 warps' 65.1 (103.7 vs 126.4 at batch 2), and several rows per program were slower still
+    (74.5-189 us); wider rows keep the widths in use since 2026-12-02 (not swept)."""
     block_k = triton_support.next_power_of_2(k)
-    return 1, 4 if block_k <= 1024 else 8 if block_k <= 4096 else 16
+    return 1, 4 if block_k <= 2048 else 8 if block_k <= 4096 else 16
 
 
 class NormRowQuantizer:
