@@ -1,8 +1,9 @@
-"""The row quantizer's bandwidth at the big-M shapes (Wan 14,040 tokens, Flux 4,608): today's kernel (one row per
-program, row_launch_config) against a candidate that holds ROWS whole rows per program in registers, every
-(ROWS, warps) timed alone in a CUDA graph; codes and scales checked equal to quantize_rows' first. Prints GB/s
-(bytes read + written) and writes JSON. Why: on an H100 (2026-12-06) quantize_rows moved only 0.5-0.8 TB/s at
-these shapes, and at Wan's FFN down (14040 x 8960) it took 670 us beside a 277 us INT8 GEMM."""
+"""The row quantizers' bandwidth at the big-M shapes (Wan 14,040 tokens, Flux 4,608, SD3.5 4,250): quantize_rows
+(row_launch_config) against a candidate that holds ROWS whole rows per program in registers, every (ROWS, warps);
+the GELU row quantizer (an MLP's fc2 input) at its default against the whole row in one tile per warp count. Each
+timed alone in a CUDA graph, codes and scales checked equal to the default's first; prints GB/s (bytes read +
+written) and writes JSON. Why: on an H100 (2026-12-06) quantize_rows, then two sweeps over 1024-wide tiles, moved
+only 0.5-0.8 TB/s at these shapes; one whole row per program ran 2.2-3.5x faster and is now the default."""
 import argparse
 import json
 import os
@@ -44,6 +45,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out/bench")
     ap.add_argument("--shapes", default="14040x1536,14040x8960,4608x3072,4608x12288,4096x1536")
+    ap.add_argument("--gelu-shapes", default="4250x0x6144,14040x0x8960,4608x3072x12288")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -72,11 +74,39 @@ def main():
                 print(f"[{card}] quantize {m}x{k} {name:14s} {row['us'][name]:8.1f} us "
                       f"{row['bytes'] / row['us'][name] / 1e3:6.0f} GB/s", flush=True)
         rows_out.append(row)
+    # The GELU row quantizer (an MLP's fc2 input: SD3.5 6144, Wan 8960; Flux's single block 3072 head + 12288):
+    # its default (two sweeps up to 8192 wide) against the whole row in one tile at 4/8/16 warps
+    for shape in args.gelu_shapes.split(","):
+        m, k1, k2 = map(int, shape.split("x"))
+        if not cuda:
+            m, k1, k2 = min(m, 20), min(k1, 40), min(k2, 300)
+        head = torch.randn(m, k1, device=dev, dtype=torch.bfloat16) if k1 else None
+        pre = torch.randn(m, k2, device=dev, dtype=torch.bfloat16) * 2
+        default = triton_quant.GeluRowQuantizer(k1, k2)
+        ref_q, ref_s = default(head, pre)
+        row = {"M": m, "K1": k1, "K2": k2, "bytes": m * (k1 + k2) * 3 + m * 4, "default":
+               triton_quant.gelu_row_launch_config(k1 + k2), "us": {}}
+        variants = {"gelu default": default}
+        whole = triton_support.next_power_of_2(k1 + k2)
+        for warps in (4, 8, 16):
+            if whole // (warps * 32) <= 128:      # at most 128 fp32 values per thread
+                variants[f"gelu whole w{warps}"] = triton_quant.GeluRowQuantizer(k1, k2, None, (whole, warps))
+        for name, quantizer in variants.items():
+            q, s = quantizer(head, pre)
+            assert torch.equal(q, ref_q) and torch.equal(s, ref_s), (shape, name)
+            if cuda:
+                fn = (lambda qz=quantizer: qz(head, pre))
+                fn()
+                torch.cuda.synchronize()
+                row["us"][name] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1000
+                print(f"[{card}] gelu-quantize {m}x({k1}+{k2}) {name:14s} {row['us'][name]:8.1f} us "
+                      f"{row['bytes'] / row['us'][name] / 1e3:6.0f} GB/s", flush=True)
+        rows_out.append(row)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quant_rows_sweep.json"), "w") as f:
         json.dump({"card": card, "torch": torch.__version__, "triton": triton.__version__, "rows": rows_out}, f,
                   indent=1)
-    print("checked equal to quantize_rows:", [f"{r['M']}x{r['K']}" for r in rows_out])
+    print("checked equal to the default quantizers:", [f"{r['M']}x{r.get('K', r.get('K2'))}" for r in rows_out])
 
 
 if __name__ == "__main__":
