@@ -59,19 +59,6 @@ case "$part" in
         --out "$dest/flux_quant" 2>&1 | quiet
     python3 bench/eager_paired.py --model sd3.5-medium --variants bf16 octet_dynamic --rounds 30 --deadline 100 \
         --out "$dest/sd35_quant" 2>&1 | quiet ;;
-  attention)  # INT8 q·kᵀ attention (twenty-fifth session): its tests on the GPU, the kernel vs SDPA at the models'
-            # shapes with the tiles swept, then Wan's eager step with and without it, paired round by round (the
-            # deadlines keep what finished inside one device call)
-    gpu_tests 150 tests/kernels/test_triton_attention.py
-    timeout 180 python3 bench/attention_int8.py --sweep --out "$dest/attention" 2>&1 | quiet
-    python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_int8attn octet_dynamic \
-        octet_dynamic_int8attn octet_dynamic_all_int8 --rounds 10 --deadline 200 --out "$dest/wan_attention" \
-        2>&1 | quiet ;;
-  quant)    # the row quantizer's bandwidth (0.5-0.8 TB/s on an H100, 2026-12-06) against rows-per-program candidates;
-            # the INT8 GEMM at Wan's / Flux's shapes as a plan calls it, and kernels.py's one-shot column explained
-    python3 bench/quant_rows_sweep.py --out "$dest" 2>&1 | quiet
-    python3 bench/gemm_operands.py 2>&1 | quiet
-    python3 bench/gemm_shapes.py 2>&1 | quiet ;;
   wan)      # each MLP's GELU in its fc1's GEMM epilogue and Wan's norm1 + modulation in one pass (twenty-fourth
             # session): the kernel rows (MLPs at Wan, Flux, SD3.5 shapes; Wan's norm kernels with their sweeps), then
             # Wan's step with and without each, paired round by round

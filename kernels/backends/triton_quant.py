@@ -405,8 +405,9 @@ def gelu_row_launch_config(k: int) -> tuple[int, int]:
     """(tile width, warps) of the GELU row quantizer for rows of k. Rows of 8193..16384: the whole row in
     one tile of 16 warps (the GELU computed once): at Flux's single-block 15360 on an H200 138.7 us against
     173.7-266.4 us for every two-sweep (tile, warps) (bench/deferred_kernels.py --sweep, 2026-12-02).
-    Shorter rows: two sweeps over tiles of about a quarter of the row, as ``row_launch_config`` measured
-    for plain rows."""
+    Shorter rows: two sweeps over tiles of about a quarter of the row, the plain row quantizer's rule until
+    2026-12-06, when its whole-row tile beat it 2.2-3.5x on an H100; bench/quant_rows_sweep.py times this
+    quantizer's whole-row tiles against it (not yet run on a GPU)."""
     whole = triton_support.next_power_of_2(k)
     if 8192 < whole <= 16384:
         return whole, 16
