@@ -33,6 +33,20 @@ def main():
             ("bf16 F.linear", lambda: torch.nn.functional.linear(x, w, bias))]:
         res[name] = graph_ms(fn)
         print(f"[{card}] M={m} N={n} K={k} {name}: {res[name] * 1e3:.1f} us", flush=True)
+    # Which kernels each path launches, and for how long (a different kernel or config would show here)
+    from torch.profiler import ProfilerActivity, profile
+    for name, fn in [("built once", lambda g=triton_gemm.W8A8Gemm(qw, ws, bias): g.run(xq, xs, dt)),
+                     ("one-shot", lambda: triton_gemm.w8a8_gemm(xq, xs, qw, ws, bias, dt))]:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+        kernels_seen = [(e.key, e.count, e.device_time_total / max(e.count, 1))
+                        for e in prof.key_averages() if e.device_time_total > 0]
+        print(f"[{card}] {name}: " + "; ".join(f"{key[:60]} x{count} {us:.1f} us" for key, count, us in kernels_seen),
+              flush=True)
     print("codes |mean| x", xq.float().abs().mean().item(), "w", qw.float().abs().mean().item(),
           "rand", qr.float().abs().mean().item())
     write_json("gemm_operands.json", dict(card=card, torch=torch.__version__,

@@ -53,6 +53,8 @@ case "$part" in
             # configs beside it, then the eager steps where INT8 layers quantize rows (compare with the same card's
             # 2026-12-06 ratios: Wan 1.10-1.13x, Flux 1.45x, SD3.5 1.14x)
     python3 bench/quant_rows_sweep.py --out "$dest" 2>&1 | quiet
+    # a fresh W8A8Gemm per call (streamed layers, the functional API) no longer learns: one launch, not three
+    python3 bench/gemm_operands.py 2>&1 | quiet
     python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 octet_dynamic --rounds 20 --deadline 150 \
         --out "$dest/wan_quant" 2>&1 | quiet
     python3 bench/eager_paired.py --model flux-dev --variants bf16 octet_dynamic --rounds 8 --deadline 150 \

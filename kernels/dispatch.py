@@ -96,15 +96,19 @@ def plan(op: str, act: str, x: Tensor, w: Int8Operands, backend: str = "auto", g
     """(chosen implementation, run(x, static_scale)) for this signature.
 
     ``one_call``: a plan for one call, kept nowhere (a layer streamed from RAM plans at each call on that call's
-    copy of its weight). It is not counted in ``plans_made``: it changes no answer a kept plan could give, and
-    counting it made every deferred LayerNorm / GELU of a streamed model ask its consumers again at every call."""
+    copy of its weight; the functional ``linear`` / ``conv2d``). It is not counted in ``plans_made``: it changes no
+    answer a kept plan could give, and counting it made every deferred LayerNorm / GELU of a streamed model ask its
+    consumers again at every call. Its Triton kernels learn no direct launch (registry.one_call_plans): learning
+    launches a kernel twice more, which only a kept plan's later calls repay."""
     if act not in registry.ACT_MODES:
         raise ValueError(f"act must be one of {registry.ACT_MODES}, got {act!r}")
     req = request(op, act, x, w, _goal(goal, x, w))
     impl = registry.select(req, backend)
     if not one_call:
         _plans_made[0] += 1
-    return impl, impl.prepare(req, w)
+        return impl, impl.prepare(req, w)
+    with registry.one_call_plans():
+        return impl, impl.prepare(req, w)
 
 
 def plan_mlp(x: Tensor, w1: Int8Operands, w2: Int8Operands, backend: str = "auto"):
@@ -133,7 +137,7 @@ def linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
     """y = x @ dequant(qweight).T + bias with INT8 weights (and INT8 activations unless act='none')."""
     check_static(act, static_scale)
     w = Int8Operands.of(qweight, w_scale, bias, smooth, device=x.device)
-    return plan("linear", act, x, w, backend, goal)[1](x, _scale_on(static_scale, act, x))
+    return plan("linear", act, x, w, backend, goal, one_call=True)[1](x, _scale_on(static_scale, act, x))
 
 
 def conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
@@ -142,7 +146,7 @@ def conv2d(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
     check_static(act, static_scale)
     w = Int8Operands.of(qweight, w_scale, bias, smooth, ConvGeometry.of(stride, padding, dilation, groups),
                         device=x.device)
-    return plan("conv2d", act, x, w, backend, goal)[1](x, _scale_on(static_scale, act, x))
+    return plan("conv2d", act, x, w, backend, goal, one_call=True)[1](x, _scale_on(static_scale, act, x))
 
 
 def static_mlp(x: Tensor, fc1: tuple, fc2: tuple, *, backend: str = "auto") -> Tensor:

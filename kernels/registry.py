@@ -11,10 +11,11 @@ plan (``dispatch.plan``). So a changed environment takes effect for every plan m
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 log = logging.getLogger("octet.kernels")
 
@@ -53,6 +54,25 @@ class Request:
     fmt: str = "int8"  # the weight format (a layout's name); every backend here reads int8
     goal: str = "speed"  # where INT8 loses: keep a float weight (speed) or read int8 directly (memory)
     eager: bool = True   # False while planning for a CUDA graph (dispatch.graph_plans): no host cost per call
+
+
+# Whether the plan being prepared now runs once and is dropped (dispatch.plan(one_call=True): a layer streamed from
+# RAM plans at each call; the functional kernels.linear / conv2d): the Triton backends then launch through Triton's
+# own path and learn no direct launch (triton_launch.Launcher), which only a kept plan's later calls would use.
+_one_call = [0]
+
+
+@contextlib.contextmanager
+def one_call_plans() -> Iterator[None]:
+    _one_call[0] += 1
+    try:
+        yield
+    finally:
+        _one_call[0] -= 1
+
+
+def planning_one_call() -> bool:
+    return _one_call[0] > 0
 
 
 # prepare(request, operands) -> run(x, static_scale) -> y: everything that depends only on the weight

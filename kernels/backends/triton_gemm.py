@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .. import registry
 from ..torch_ref import gelu_tanh_quantize
 from ..registry import m_bucket  # noqa: F401  (the one signature bucket; conv imports it from here)
 from . import triton_launch, triton_support
@@ -484,7 +485,10 @@ def w8a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, qweight: torch.Tensor, w
     if a_q.dtype != torch.int8 or a_q.dim() != 2:
         raise ValueError(f"a_q must be int8 [M, K], got {a_q.dtype} {tuple(a_q.shape)}")
     _check_weight(qweight, w_scale, bias, a_q.shape[1])
-    if gelu_quant is None:
-        return W8A8Gemm(qweight, w_scale, bias)(a_q, a_scale, out_dtype)
-    q_smooth, q_scale = gelu_quant
-    return W8A8Gemm(qweight, w_scale, bias, gelu_quant=True, q_smooth=q_smooth)(a_q, a_scale, out_dtype, q_scale)
+    with registry.one_call_plans():     # made for this call: no direct launch to learn (triton_launch.Launcher)
+        if gelu_quant is None:
+            gemm, q_scale = W8A8Gemm(qweight, w_scale, bias), None
+        else:
+            q_smooth, q_scale = gelu_quant
+            gemm = W8A8Gemm(qweight, w_scale, bias, gelu_quant=True, q_smooth=q_smooth)
+    return gemm(a_q, a_scale, out_dtype, q_scale)

@@ -40,7 +40,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import triton
 
-from .. import switches
+from .. import registry, switches
 from . import triton_support
 
 log = logging.getLogger("octet")
@@ -276,7 +276,7 @@ def _c_launcher(compiled, tail: tuple) -> Optional[Callable]:
 class Launcher:
     """One Triton kernel (``@triton.jit``, optionally ``@triton.autotune``d) and its compiled launchers by key."""
 
-    def __init__(self, kernel, name: str):
+    def __init__(self, kernel, name: str, learns: Optional[bool] = None):
         self.kernel = kernel
         self.jit = kernel
         while not _is_jit(self.jit):   # Autotuner / Heuristics wrap the JITFunction in .fn
@@ -284,7 +284,15 @@ class Launcher:
         self.autotuned = self.jit is not kernel
         self.name = name
         self.records: dict = {}
-        self.direct = enabled()
+        # ``learns`` None: unless made for a plan used once (registry.one_call_plans). Learning a key's direct
+        # launch looks the compiled kernel up and launches it twice more (through the direct path and the C
+        # launcher, so that a launcher that cannot take these arguments fails once, early): a kept plan pays
+        # that at its first call per key, a per-call plan (a streamed layer) at every call. Measured on an H100
+        # (bench/gemm_operands.py, 2026-12-06): Wan's FFN up through a fresh W8A8Gemm per call 1108 us on the
+        # GPU against 367 through one built once.
+        if learns is None:
+            learns = not registry.planning_one_call()
+        self.direct = learns and enabled()
         if self.direct:
             active = _driver()
             self._stream, self._device = active.get_current_stream, active.get_current_device
@@ -394,5 +402,5 @@ def shared(kernel, name: str) -> Launcher:
     interpreter) when it is used, not at import."""
     launcher = _shared.get(name)
     if launcher is None:
-        launcher = _shared[name] = Launcher(kernel, name)
+        launcher = _shared[name] = Launcher(kernel, name, learns=True)    # the process's: always worth learning
     return launcher

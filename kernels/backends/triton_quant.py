@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import registry
 from . import scratch as scratch_buffers, triton_launch, triton_layernorm, triton_support
 from .triton_layernorm import norm_modulate_rows
 from .triton_math import gelu_tanh, round_to_int8, scale_from_absmax
@@ -184,7 +185,9 @@ def quantize_rows(x2d: torch.Tensor, smooth: torch.Tensor | None = None,
     if x2d.dim() != 2 or x2d.stride(1) != 1:
         raise ValueError(f"quantize_rows wants a 2-D tensor with contiguous rows, got {tuple(x2d.shape)} "
                          f"strides {x2d.stride()}")
-    return RowQuantizer(x2d.shape[1], smooth)(x2d, static_scale)
+    with registry.one_call_plans():     # made for this call: no direct launch to learn (triton_launch.Launcher)
+        quantizer = RowQuantizer(x2d.shape[1], smooth)
+    return quantizer(x2d, static_scale)
 
 
 # ---- per-sample NCHW -> NHWC --------------------------------------------------------------------
@@ -339,7 +342,9 @@ def quantize_per_sample_nhwc(x: torch.Tensor, smooth: torch.Tensor | None = None
     a ``SampleQuantizer``."""
     if x.dim() != 4:
         raise ValueError(f"quantize_per_sample_nhwc wants NCHW, got shape {tuple(x.shape)}")
-    return SampleQuantizer(x.shape[1], smooth)(x, static_scale)
+    with registry.one_call_plans():     # made for this call: no direct launch to learn (triton_launch.Launcher)
+        quantizer = SampleQuantizer(x.shape[1], smooth)
+    return quantizer(x, static_scale)
 
 
 # ---- A GELU (and Flux's cat) applied inside the quantization of the next layer's input ---------
@@ -467,7 +472,9 @@ def quantize_rows_cat_gelu(attn: torch.Tensor | None, mlp: torch.Tensor, smooth:
     if mlp.dim() != 2 or (attn is not None and (attn.dim() != 2 or attn.shape[0] != mlp.shape[0])):
         raise ValueError(f"attn [M, K1] and mlp [M, K2] must share M, got "
                          f"{None if attn is None else tuple(attn.shape)} and {tuple(mlp.shape)}")
-    return GeluRowQuantizer(0 if attn is None else attn.shape[1], mlp.shape[1], smooth)(attn, mlp, static_scale)
+    with registry.one_call_plans():     # made for this call: no direct launch to learn (triton_launch.Launcher)
+        quantizer = GeluRowQuantizer(0 if attn is None else attn.shape[1], mlp.shape[1], smooth)
+    return quantizer(attn, mlp, static_scale)
 
 
 # ---- A LayerNorm (no affine) and its modulation applied inside the quantization of the next layer ---

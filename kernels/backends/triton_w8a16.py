@@ -253,7 +253,7 @@ def dequantize_weight(qweight: torch.Tensor, w_scale: torch.Tensor, dtype: torch
     w_scale = w_scale.reshape(-1).to(device=qweight.device, dtype=torch.float32).contiguous()
     grid, flags = _dequantize_config(n, k)
     # Key: the output dtype; the weight, its scales and K are the layer's, the output a fresh allocation.
-    triton_launch.Launcher(_dequantize_kernel, "dequantize_weight")(
+    triton_launch.Launcher(_dequantize_kernel, "dequantize_weight", learns=False)(    # one call: see Launcher
         (dtype,), grid, lambda meta: (qweight, w_scale, out, k), flags)
     return out
 

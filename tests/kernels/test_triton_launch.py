@@ -137,6 +137,58 @@ def test_a_launcher_that_rejects_our_call_turns_direct_launches_off_and_says_so(
     assert len(warnings) == 1 and "launcher takes 12 arguments" in warnings[0]
 
 
+def test_a_launcher_made_for_one_call_launches_once_through_triton_and_learns_nothing(direct):
+    """A plan used once (a streamed layer's per-call plan, the functional kernels.linear) gets a fresh launcher per
+    call: learning would launch its kernel twice more at every call (3x a streamed layer's GEMM on the GPU, measured
+    1108 vs 367 us on an H100). Inside registry.one_call_plans its launchers take Triton's path alone; the process's
+    shared launchers, made lazily wherever their first launch happens, learn whatever the context."""
+    from comfyui_octet.kernels import registry
+    with registry.one_call_plans():
+        once = triton_launch.Launcher(FakeAutotuner(), "fake")
+        assert registry.planning_one_call()
+        triton_launch._shared.pop("fake-shared", None)
+        shared = triton_launch.shared(FakeAutotuner(), "fake-shared")
+    assert not registry.planning_one_call()
+    for launcher in (once, shared):
+        for x in (16, 32):
+            launcher(("k1",), lambda meta: (x // meta["BLOCK"],), lambda meta: (x, "out", 3), {"FLAG": True})
+    assert [entry[0] for entry in once.kernel.fn.log] == ["triton", "triton"] and not once.records
+    assert [entry[0] for entry in shared.kernel.fn.log] == ["triton", "compile", "direct", "direct"]
+    triton_launch._shared.pop("fake-shared", None)
+    kept = triton_launch.Launcher(FakeAutotuner(), "fake")     # outside the context: learns, as before
+    assert kept.direct
+
+
+def test_a_plan_for_one_call_makes_launchers_that_do_not_learn_and_a_kept_plan_does(monkeypatch):
+    """kernels.plan(one_call=True) (octet/modules.py plans a streamed layer so at every call) and the functional
+    w8a8_gemm / quantize_rows make their Triton objects inside registry.one_call_plans; a kept plan's learn."""
+    from comfyui_octet import kernels
+    from comfyui_octet.kernels.backends import triton_gemm, triton_quant
+    monkeypatch.setattr(triton_launch, "enabled", lambda: True)
+    monkeypatch.setattr(triton_launch, "_driver", lambda: FakeDriver())
+    made = []
+    for cls in (triton_gemm.W8A8Gemm, triton_quant.RowQuantizer):
+        init = cls.__init__
+
+        def spy(self, *args, _init=init, **kwargs):
+            _init(self, *args, **kwargs)
+            made.append(self.launcher.direct)
+        monkeypatch.setattr(cls, "__init__", spy)
+    g = torch.Generator().manual_seed(0)
+    qweight = torch.randint(-127, 128, (8, 16), dtype=torch.int8, generator=g)
+    ops = kernels.Int8Operands.of(qweight, torch.rand(8, 1, generator=g) + 0.5)
+    x = torch.randn(3, 16, generator=g)
+    kernels.plan("linear", "dynamic", x, ops, "triton", "speed", one_call=True)
+    assert made == [False, False]
+    kernels.plan("linear", "dynamic", x, ops, "triton", "speed")
+    assert made[2:] == [True, True]
+    monkeypatch.setattr(triton_launch.Launcher, "__call__", lambda self, *args: None)    # construction is the point
+    triton_quant.quantize_rows(x.bfloat16())
+    triton_gemm.w8a8_gemm(torch.zeros(3, 16, dtype=torch.int8), torch.ones(3), qweight, torch.ones(8), None,
+                          torch.bfloat16)
+    assert made[4:] == [False, False]
+
+
 def test_no_direct_launch_while_a_launch_hook_is_set(direct, monkeypatch):
     monkeypatch.setattr(triton_launch, "_hooks_set", lambda: True)
     kernel = FakeAutotuner()
