@@ -49,9 +49,9 @@ case "$part" in
     python3 bench/eager_paired.py --model wan2.1-1.3b --variants bf16 bf16_int8attn octet_dynamic \
         octet_dynamic_int8attn octet_dynamic_all_int8 --rounds 10 --deadline 200 --out "$dest/wan_attention" \
         2>&1 | quiet ;;
-  quant)    # the row quantizer now holds whole rows (2.2-3.5x faster kernel, H100 2026-12-06): the GELU row quantizer's
-            # configs beside it, then the eager steps where INT8 layers quantize rows (compare with the same card's
-            # 2026-12-06 ratios: Wan 1.10-1.13x, Flux 1.45x, SD3.5 1.14x)
+  quant)    # the row quantizers built once (rows up to 2048 wide now in one tile: Wan's 1536 35.0 vs 41.2 us, H100
+            # 2026-12-06) against two sweeps and whole-row candidates, the GELU row quantizer's configs, then the eager
+            # steps (compare with the same card's 2026-12-06 ratios: Wan 1.10-1.13x, Flux 1.45x, SD3.5 1.14x)
     python3 bench/quant_rows_sweep.py --out "$dest" 2>&1 | quiet
     # a fresh W8A8Gemm per call (streamed layers, the functional API) no longer learns: one launch, not three
     python3 bench/gemm_operands.py 2>&1 | quiet

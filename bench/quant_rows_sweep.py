@@ -1,9 +1,12 @@
-"""The row quantizers' bandwidth at the big-M shapes (Wan 14,040 tokens, Flux 4,608, SD3.5 4,250): quantize_rows
-(row_launch_config) against a candidate that holds ROWS whole rows per program in registers, every (ROWS, warps);
-the GELU row quantizer (an MLP's fc2 input) at its default against the whole row in one tile per warp count. Each
-timed alone in a CUDA graph, codes and scales checked equal to the default's first; prints GB/s (bytes read +
-written) and writes JSON. Why: on an H100 (2026-12-06) quantize_rows, then two sweeps over 1024-wide tiles, moved
-only 0.5-0.8 TB/s at these shapes; one whole row per program ran 2.2-3.5x faster and is now the default."""
+"""The row quantizers' bandwidth at the big-M shapes (Wan 14,040 tokens, Flux 4,608, SD3.5 4,250): a RowQuantizer
+built once as a plan keeps it (row_launch_config), the same with two sweeps forced, against a candidate that holds
+ROWS whole rows per program in registers, every (ROWS, warps); the GELU row quantizer (an MLP's fc2 input) at its
+default against the whole row in one tile per warp count. Each timed alone in a CUDA graph, codes and scales
+checked equal to the default's first; prints GB/s (bytes read + written) and writes JSON.
+
+The H100 call of 2026-12-06 timed the one-shot quantize_rows here, which then launched its kernel three times per
+call (a fresh launcher learning its direct launch, fixed since: registry.one_call_plans): its 123.6 / 55.1 / 647 us
+are three launches; the candidates' rows were one launch each."""
 import argparse
 import json
 import os
@@ -41,6 +44,12 @@ def candidate(x, rows, warps):
     return q, s
 
 
+def _two_sweeps(k):
+    """row_launch_config's rule for rows over 2048 wide, at any width: tiles of a quarter of the row."""
+    block_k = min(4096, max(1024, triton_support.next_power_of_2(k) // 4))
+    return False, block_k, 4 if block_k <= 1024 else 8
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out/bench")
@@ -58,7 +67,18 @@ def main():
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16) * 3
         ref_q, ref_s = triton_quant.quantize_rows(x)
         row = {"M": m, "K": k, "bytes": m * k * 3 + m * 4, "us": {}}
-        variants = {"quantize_rows": lambda: triton_quant.quantize_rows(x)}
+        plan = triton_quant.RowQuantizer(k)
+        default = triton_quant.row_launch_config
+        triton_quant.row_launch_config = _two_sweeps
+        try:
+            swept = triton_quant.RowQuantizer(k)
+        finally:
+            triton_quant.row_launch_config = default
+        row["default"] = default(k)
+        for quantizer in (plan, swept):
+            q, s = quantizer(x)
+            assert torch.equal(q, ref_q) and torch.equal(s, ref_s), (shape, quantizer.flags)
+        variants = {"plan default": lambda: plan(x), "two sweeps": lambda: swept(x)}
         for rows in (1, 2, 4, 8):
             for warps in (4, 8):
                 if rows * triton_support.next_power_of_2(k) > 32768:

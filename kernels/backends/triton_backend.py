@@ -55,9 +55,9 @@ _HOST_S = {"float": 20e-6, "w8a8": 25e-6, "w8a16": 30e-6, "float_conv": 35e-6, "
 # rate), fitted to bench/kernels.py on an H100 80GB HBM3 (torch 2.11, Triton 3.6, 2026-11-26): the float
 # path pays ~23 bytes per weight element when it dequantizes per call (int8 -> fp32, scale, cast: three
 # torch passes; the speed goal keeps a float copy instead and pays nothing), the W8A8 path ~6 bytes per
-# activation element to quantize (the row kernel with whole rows in registers, 2026-12-06 on an H100: 4.9-5.2
-# bytes' worth at 1536-3072 wide, ~11 at 8960). The weight read decides at small M: 2 bytes per element in bf16,
-# 1 in int8.
+# activation element to quantize (the row kernel measured 3.9-5.1 bytes' worth at 1536-8960 wide on an H100,
+# 2026-12-06, bench/quant_rows_sweep.py). The weight read decides at small M: 2 bytes per element in bf16, 1 in
+# int8.
 _BANDWIDTH = 3.0e12
 _GPU = {
     # path:        (extra bytes per weight elem, per activation elem, weight bytes read, MAC/s * 2)

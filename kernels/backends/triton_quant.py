@@ -6,8 +6,9 @@ Numerics follow ``torch_ref`` bit for bit: smoothing and scaling use IEEE divisi
 half-to-even (triton_math: the scale rule and the INT8 grid, shared with the GEMM kernels).
 
 Two shapes of activation:
-  * rows [M, K] for linear layers: one program per row, the whole row in registers up to 16384
-    wide, longer ones in two sweeps (absmax, then quantize; see ``row_launch_config``);
+  * rows [M, K] for linear layers: one program per row; rows up to 2048 wide in one tile, longer
+    ones in two sweeps (absmax, then quantize; the second re-reads the row from L2), which measured
+    faster than holding a long row in registers (see ``row_launch_config``);
   * NCHW for convolutions: one scale per sample (a per-pixel scale would not factor out of the
     convolution sum), written out as NHWC int8, the layout the implicit-GEMM conv reads.
 """
@@ -72,22 +73,23 @@ def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, st
 
 def row_launch_config(k: int) -> tuple[bool, int, int]:
     """(whole row in one tile?, tile width, warps) for rows of length k. A function so that
-    bench/kernels.py can time the alternatives on the GPU.
+    bench/kernels.py and bench/quant_rows_sweep.py can time the alternatives on the GPU.
 
-    Rows up to 16384 wide are held whole in registers, one row per program: on an H100
-    (bench/quant_rows_sweep.py, 2026-12-06, GPU time in a CUDA graph) that ran Wan's 14,040 x 1536 in
-    35.0 us against 123.6 for two sweeps over 1024-wide tiles (3.5x), Flux's 4608 x 3072 in 24.8 vs 55.1,
-    and Wan's FFN-down input 14,040 x 8960 in 474 (8 warps) vs 647. Several rows per program were slower
-    at every width (46-114 us at 1536). The two-sweep tiles this replaced had measured faster on
-    2026-11-26 (bench/kernels.py's quant variants); in use they moved only 0.5-0.8 TB/s. Longer rows
-    keep two sweeps (absmax, then quantize, the second re-reading the row from L2).
+    Two sweeps over tiles of about a quarter of the row (absmax, then quantize; the second re-reads
+    the row from L2) beat holding a long row in registers, since smaller programs keep more loads in
+    flight: on an H100 (2026-11-26) K=3072 1024-wide/4 warps 2.29 TB/s vs whole row 1.73, K=6144
+    2048/8 2.65 vs 1.88, K=12288 4096/8 2.62 vs 1.60; again on 2026-12-06 (bench/quant_rows_sweep.py,
+    one launch each) Flux's 4608 x 3072 18.4 us vs 24.8 whole, Wan's 14,040 x 8960 216 vs 474. Rows up
+    to 2048 wide go in one tile, where two sweeps would pad a second, mostly empty tile: Wan's 14,040 x
+    1536 whole (2048 lanes, 4 warps) 35.0 us vs 41.2 in two sweeps of 1024.
     """
     block_k = triton_support.next_power_of_2(k)
     if k <= 1024:
         return True, block_k, max(1, min(4, block_k // 256))
-    if block_k <= 16384:
-        return True, block_k, 4 if block_k <= 4096 else 8
-    return False, 4096, 8
+    if k <= 2048:
+        return True, block_k, 4
+    block_k = min(4096, max(1024, block_k // 4))
+    return False, block_k, 4 if block_k <= 1024 else 8
 
 
 def _codes_and_scales(m: int, k: int, device, static_scale: torch.Tensor | None):
@@ -410,9 +412,8 @@ def gelu_row_launch_config(k: int) -> tuple[int, int]:
     """(tile width, warps) of the GELU row quantizer for rows of k. Rows of 8193..16384: the whole row in
     one tile of 16 warps (the GELU computed once): at Flux's single-block 15360 on an H200 138.7 us against
     173.7-266.4 us for every two-sweep (tile, warps) (bench/deferred_kernels.py --sweep, 2026-12-02).
-    Shorter rows: two sweeps over tiles of about a quarter of the row, the plain row quantizer's rule until
-    2026-12-06, when its whole-row tile beat it 2.2-3.5x on an H100; bench/quant_rows_sweep.py times this
-    quantizer's whole-row tiles against it (not yet run on a GPU)."""
+    Shorter rows: two sweeps over tiles of about a quarter of the row, as ``row_launch_config`` measured
+    for plain rows (bench/quant_rows_sweep.py times this quantizer's whole-row tiles against it)."""
     whole = triton_support.next_power_of_2(k)
     if 8192 < whole <= 16384:
         return whole, 16

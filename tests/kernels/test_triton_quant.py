@@ -7,7 +7,7 @@ from kernel_testing import positive, randn, requires_triton
 
 pytestmark = requires_triton
 
-ROW_SHAPES = [(9, 341), (1, 8), (33, 96), (3, 2500), (2, 17000)]  # K > 16384: two sweeps over tiles
+ROW_SHAPES = [(9, 341), (1, 8), (33, 96), (3, 1536), (3, 2500), (2, 17000)]  # 1536: one 2048 tile; > 2048: two sweeps
 
 
 @pytest.mark.parametrize("shape", ROW_SHAPES)
