@@ -7,9 +7,8 @@ custom ops); they prepare on every call, so hot code keeps the plan instead.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -23,20 +22,8 @@ Tensor = torch.Tensor
 # warm-up and capture. A replay has no host cost per layer (Python, allocations, launches), so backends
 # choose by GPU time alone there, while an eager step pays the host cost of every layer and a layer that
 # saves GPU time can still lose. Layers key their plans on it: one plan for eager calls, one for graphs.
-_graph_planning = [0]
-
-
-@contextlib.contextmanager
-def graph_plans() -> Iterator[None]:
-    _graph_planning[0] += 1
-    try:
-        yield
-    finally:
-        _graph_planning[0] -= 1
-
-
-def planning_for_graph() -> bool:
-    return _graph_planning[0] > 0
+graph_plans = registry.PlanningScope()
+planning_for_graph = graph_plans.active
 
 
 # How many plans have been made in this process: what a cached "no" about some layer's plan (octet/deferred.py's

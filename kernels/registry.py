@@ -56,23 +56,33 @@ class Request:
     eager: bool = True   # False while planning for a CUDA graph (dispatch.graph_plans): no host cost per call
 
 
+class PlanningScope:
+    """A process-wide mark on the plans made inside ``with scope():`` (scopes nest), read as ``scope.active()``: what
+    kind of plan is being prepared, for code that sees only the request or less (dispatch.graph_plans,
+    one_call_plans below)."""
+
+    __slots__ = ("_depth",)
+
+    def __init__(self):
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+    def active(self) -> bool:
+        return self._depth > 0
+
+
 # Whether the plan being prepared now runs once and is dropped (dispatch.plan(one_call=True): a layer streamed from
 # RAM plans at each call; the functional kernels.linear / conv2d): the Triton backends then launch through Triton's
 # own path and learn no direct launch (triton_launch.Launcher), which only a kept plan's later calls would use.
-_one_call = [0]
-
-
-@contextlib.contextmanager
-def one_call_plans() -> Iterator[None]:
-    _one_call[0] += 1
-    try:
-        yield
-    finally:
-        _one_call[0] -= 1
-
-
-def planning_one_call() -> bool:
-    return _one_call[0] > 0
+one_call_plans = PlanningScope()
+planning_one_call = one_call_plans.active
 
 
 # prepare(request, operands) -> run(x, static_scale) -> y: everything that depends only on the weight

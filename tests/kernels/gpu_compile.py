@@ -67,13 +67,13 @@ def _compile(kernel, pointers: dict, constexprs: dict, options: dict | None = No
 
 @case
 def quantize_rows():
-    # every (one tile?, width) row_launch_config hands out: the widest register-held row (16384) included
+    # every (one tile?, width, warps) row_launch_config hands out: one 2048 tile, two sweeps of 1024 and of 4096
     for k in (1536, 3072, 8960, 17000):
         one_tile, block_k, warps = triton_quant.row_launch_config(k)
         for static in (False, True):
             _compile(triton_quant._quantize_rows_kernel, {"x_ptr": "bf16", "q_ptr": "i8"},
-                     dict(HAS_SMOOTH=True, STATIC=static, ONE_TILE=one_tile, SCALE_BY_RECIPROCAL=True, BLOCK_K=block_k),
-                     dict(num_warps=warps))
+                     dict(HAS_SMOOTH=True, STATIC=static, ONE_TILE=one_tile, SCALE_BY_RECIPROCAL=True,
+                          BLOCK_K=block_k), dict(num_warps=warps))
 
 
 @case
