@@ -15,11 +15,12 @@ import sys
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.backends import triton_quant, triton_support  # noqa: E402
 from kernels.backends.triton_math import round_to_int8, scale_from_absmax  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gemm_shapes import graph_ms  # noqa: E402  (bench/gemm_shapes.py: GPU time in a CUDA graph)
 
 
 @triton.jit
@@ -42,6 +43,12 @@ def candidate(x, rows, warps):
                                                          BLOCK_K=triton_support.next_power_of_2(k),
                                                          SCALE_BY_RECIPROCAL=x.is_cuda, num_warps=warps)
     return q, s
+
+
+def _time(row: dict, name: str, fn, label: str) -> None:
+    """GPU time of ``fn`` alone (gemm_shapes.graph_ms) into row["us"][name], printed with its GB/s."""
+    row["us"][name] = graph_ms(fn) * 1000
+    print(f"{label} {name:14s} {row['us'][name]:8.1f} us {row['bytes'] / row['us'][name] / 1e3:6.0f} GB/s", flush=True)
 
 
 def _two_sweeps(k):
@@ -88,11 +95,7 @@ def main():
                 variants[f"rows{rows}_w{warps}"] = (lambda r=rows, w=warps: candidate(x, r, w))
         if cuda:
             for name, fn in variants.items():
-                fn()
-                torch.cuda.synchronize()   # GPU time alone, as bench/kernels.py's bench_graph
-                row["us"][name] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1000
-                print(f"[{card}] quantize {m}x{k} {name:14s} {row['us'][name]:8.1f} us "
-                      f"{row['bytes'] / row['us'][name] / 1e3:6.0f} GB/s", flush=True)
+                _time(row, name, fn, f"[{card}] quantize {m}x{k}")
         rows_out.append(row)
     # The GELU row quantizer (an MLP's fc2 input: SD3.5 6144, Wan 8960; Flux's single block 3072 head + 12288):
     # its default (two sweeps up to 8192 wide) against the whole row in one tile at 4/8/16 warps
@@ -115,12 +118,7 @@ def main():
             q, s = quantizer(head, pre)
             assert torch.equal(q, ref_q) and torch.equal(s, ref_s), (shape, name)
             if cuda:
-                fn = (lambda qz=quantizer: qz(head, pre))
-                fn()
-                torch.cuda.synchronize()
-                row["us"][name] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1000
-                print(f"[{card}] gelu-quantize {m}x({k1}+{k2}) {name:14s} {row['us'][name]:8.1f} us "
-                      f"{row['bytes'] / row['us'][name] / 1e3:6.0f} GB/s", flush=True)
+                _time(row, name, lambda qz=quantizer: qz(head, pre), f"[{card}] gelu-quantize {m}x({k1}+{k2})")
         rows_out.append(row)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quant_rows_sweep.json"), "w") as f:
