@@ -9,21 +9,22 @@ keep the run function it returns; ``linear``/``conv2d``/``static_mlp`` are one-s
   operands.py   Int8Operands, ConvGeometry (the one conv output-size formula)
   dispatch.py   plan / plan_mlp and the one-shot entry points
   vram.py       the VRAM reserve Octet's own allocations leave free (the host registers its own)
+  graph_pool.py memory kept past a call, allocated outside torch.compile's CUDA-graph warm-up pool
   ops.py        the torch.compile custom ops (one layer)
   torch_ref.py  the exact reference: every backend is tested against it
   backends/     reference, cpu, float, triton, bitsandbytes
 """
 from __future__ import annotations
 
-from . import registry, torch_ref
+from . import graph_pool, registry, torch_ref
 from .operands import ConvGeometry, Int8Operands, pair
 from .registry import Backend, Implementation, Request
 from . import backends as _backends  # noqa: E402,F401  (registers every backend)
 from . import dispatch, ops  # noqa: E402
 from .dispatch import plan, plan_mlp  # noqa: E402
 
-__all__ = ["Backend", "Implementation", "Request", "Int8Operands", "ConvGeometry", "registry", "torch_ref",
-           "dispatch", "ops", "plan", "plan_mlp", "linear", "conv2d", "static_mlp", "quantize_weight",
+__all__ = ["Backend", "Implementation", "Request", "Int8Operands", "ConvGeometry", "graph_pool", "registry",
+           "torch_ref", "dispatch", "ops", "plan", "plan_mlp", "linear", "conv2d", "static_mlp", "quantize_weight",
            "dequantize_weight", "pair"]
 
 quantize_weight = torch_ref.quantize_weight

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from . import graph_pool
+
 Tensor = torch.Tensor
 
 
@@ -115,7 +117,8 @@ class Int8Operands:
         of buffers shared beyond this operand set: ``free_copies`` frees them)."""
         value = self.memo.get(key)
         if value is None:
-            value = self.memo[key] = make()
+            with graph_pool.outside(self.qweight.device):   # kept: not in a CUDA-graph warm-up's pool
+                value = self.memo[key] = make()
         return value
 
     def float_weight(self, dtype: torch.dtype) -> Tensor:

@@ -334,23 +334,29 @@ class QuantLayer(nn.Module):
         """(implementation, run, static scales per group on x's device) for x's signature: cached."""
         entry = self._cached_plan(x)
         if entry is None:
-            key = self._signature(x)
-            w = self._parameters["weight"]
-            ops = self._shared_operands(x.device, w)
-            backend = self._pinned.get(key, self.backend)
-            impl, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, backend, self.goal)
-            scales = None
-            if self.act == "static":
-                if self.input_scale is None:
-                    raise RuntimeError("This layer is static W8A8 but has no input_scale: quantize it with a "
-                                       "CALIBRATION.")
-                on_device = _on(self.input_scale, x.device)
-                scales = [on_device[g:g + 1] for g in range(on_device.numel())]
-            entry = self._plans[key] = Plan(w, _version(w), run, scales, impl, ops)
-            if impl.name == "float" and self.goal == "speed":
-                kernels.registry.log_once("speed-goal-float-copy", "Octet (goal=speed): layers whose INT8 kernel is "
-                                          "slower than bf16 at their shapes keep a float copy of their weight; "
-                                          "octet.modules.plan_summary(model) lists them and the bytes.")
+            with kernels.graph_pool.outside(x.device):   # kept past this call: not in a CUDA-graph warm-up's pool
+                entry = self._new_plan(x)
+        return entry
+
+    def _new_plan(self, x: torch.Tensor):
+        """``plan``'s cache miss: select, prepare the weight side, and keep the plan for x's signature."""
+        key = self._signature(x)
+        w = self._parameters["weight"]
+        ops = self._shared_operands(x.device, w)
+        backend = self._pinned.get(key, self.backend)
+        impl, run = kernels.plan(self.layout.kernel_op, self.act, x, ops, backend, self.goal)
+        scales = None
+        if self.act == "static":
+            if self.input_scale is None:
+                raise RuntimeError("This layer is static W8A8 but has no input_scale: quantize it with a "
+                                   "CALIBRATION.")
+            on_device = _on(self.input_scale, x.device)
+            scales = [on_device[g:g + 1] for g in range(on_device.numel())]
+        entry = self._plans[key] = Plan(w, _version(w), run, scales, impl, ops)
+        if impl.name == "float" and self.goal == "speed":
+            kernels.registry.log_once("speed-goal-float-copy", "Octet (goal=speed): layers whose INT8 kernel is "
+                                      "slower than bf16 at their shapes keep a float copy of their weight; "
+                                      "octet.modules.plan_summary(model) lists them and the bytes.")
         return entry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -521,7 +527,9 @@ class QuantLinear(QuantLayer):
         key = ("chain", id(fc2)) + self._signature(x)
         entry = self._plans.get(key)
         if entry is None or entry.fc1 is not p1 or entry.fc2 is not p2:
-            entry = self._plans[key] = ChainPlan(p1, p2, kernels.plan_mlp(x, p1.operands, p2.operands, self.backend))
+            with kernels.graph_pool.outside(x.device):
+                entry = self._plans[key] = ChainPlan(p1, p2, kernels.plan_mlp(x, p1.operands, p2.operands,
+                                                                              self.backend))
         return entry.run, p1.scales[self._group()], p2.scales[fc2._group()]
 
 

@@ -29,6 +29,8 @@ import threading
 
 import torch
 
+from .. import graph_pool
+
 LIMIT_BYTES = 64 << 20
 ENABLED = True
 
@@ -78,7 +80,10 @@ def _keep(buf: _Buffer, shape: tuple, views):
 
 
 def _allocate(size: int, rows: int, device: torch.device):
-    return torch.empty(size, dtype=torch.int8, device=device), torch.empty(rows, dtype=torch.float32, device=device)
+    # Outside a CUDA-graph warm-up's pool: the buffer outlives the graph's run (kernels/graph_pool.py).
+    with graph_pool.outside(device):
+        return torch.empty(size, dtype=torch.int8, device=device), torch.empty(rows, dtype=torch.float32,
+                                                                                device=device)
 
 
 def codes_and_scales(m: int, k: int, device: torch.device):
@@ -113,7 +118,8 @@ _weights: dict = {}   # (device, stream, thread, dtype) -> _Buffer whose codes h
 
 
 def _allocate_weight(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.empty(numel, dtype=dtype, device=device)
+    with graph_pool.outside(device):
+        return torch.empty(numel, dtype=dtype, device=device)
 
 
 def weight_on_stream(n: int, k: int, dtype: torch.dtype, where: torch.device, stream: int):

@@ -95,3 +95,43 @@ def test_compiled_layers_run_their_own_cached_plans(rng, monkeypatch):
     y = ops.conv2d(x, weight, scale, twin.conv.bias, None, None, [1, 1], [1, 1], [1, 1], 1, "dynamic", "auto",
                    "speed", number)
     torch.testing.assert_close(y, twin.conv(x), rtol=0, atol=0)
+
+
+class Chain(torch.nn.Module):
+    """Octet layers and nothing else between input and output: a graph of custom ops replays their very kernels."""
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(1024, 2048)
+        self.fc2 = torch.nn.Linear(2048, 1024)
+        self.out = torch.nn.Linear(1024, 64)
+
+    def forward(self, x):
+        return self.out(self.fc2(self.fc1(x)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("eager_first", [False, True], ids=["plans-in-warmup", "plans-before"])
+@pytest.mark.parametrize("how", ["reduce-overhead", "cudagraphs"])
+def test_compiled_with_cuda_graphs_matches_eager(rng, how, eager_first):
+    """torch.compile with CUDA graphs (mode reduce-overhead; ComfyUI's TorchCompileModel, backend cudagraphs)
+    warms each graph up eagerly with this thread's allocations routed to its pool, then rejects any live tensor
+    there that is not an output. A plan built in that run (plans-in-warmup: its float weight copy) or the scratch
+    made for the trees' stream (plans-before) failed it: "Detected 24 tensor(s) in the cudagraph pool not tracked
+    as outputs" (Flux-dev, H100, 2026-12-06). kernels/graph_pool.py keeps them out of the pool."""
+    torch._dynamo.reset()
+    model = Chain().to("cuda", torch.bfloat16).eval()
+    octet.quantize_(model, octet.config_for_mode("dynamic"))
+    model.out.backend = "float"     # a float copy of its weight, made at the plan's first call and kept
+    x = torch.randn(2048, 1024, generator=rng).to("cuda", torch.bfloat16)
+    if eager_first:
+        with torch.no_grad():
+            model(x)
+    compile_args = {"mode": "reduce-overhead"} if how == "reduce-overhead" else {"backend": "cudagraphs"}
+    compiled = torch.compile(model, fullgraph=True, **compile_args)
+    with torch.no_grad():
+        outs = [compiled(x).clone() for _ in range(4)]    # warm-up, record, replays
+        eager = model(x)
+    assert model.out.plan(x).impl.name == "float" and model.fc1.plan(x).impl.name != "float"
+    for y in outs:
+        torch.testing.assert_close(y, eager, rtol=0, atol=0)
+    torch._dynamo.reset()
