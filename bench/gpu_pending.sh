@@ -55,6 +55,7 @@ case "$part" in
             # Its GPU tests (bit-exact against eager), then Flux-dev compiled both ways, Octet first (bf16
             # reduce-overhead was 137.6 ms, compiled default 138.8, Octet compiled default 118.0 on that H100)
     gpu_tests 150 tests/octet/test_compile.py -k cuda_graphs
+    python3 bench/compiled_host_cost.py --out "$dest" 2>&1 | quiet   # the op's host path on this host's CPU
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic bf16 --modes compile \
         --compile-mode reduce-overhead --deadline 200 --out "$dest/reduce_overhead" 2>&1 | quiet
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic bf16 --modes compile --deadline 120 \
