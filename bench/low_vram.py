@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import traceback
@@ -79,6 +80,8 @@ def main() -> int:
     parser.add_argument("--free-gib", type=float, nargs="+", default=[4.0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dynamic-vram", action="store_true")
+    parser.add_argument("--timed-prompts", type=int, default=1,
+                        help="prompts timed after the first (ms/step is their median; each one's is in the row)")
     parser.add_argument("--out", default=os.path.join(e2e.ROOT, "out", "low_vram"))
     parser.add_argument("--memory-history", action="store_true",
                         help="record torch's allocation stacks; on an out-of-memory error, list the live memory by "
@@ -93,7 +96,8 @@ def main() -> int:
     for free_gib in args.free_gib:
         for variant in args.variants:
             command = [sys.executable, os.path.abspath(__file__), "--case", str(free_gib), variant,
-                       "--model", args.model, "--steps", str(args.steps)] + (["--dynamic-vram"] * args.dynamic_vram) \
+                       "--model", args.model, "--steps", str(args.steps), "--timed-prompts", str(args.timed_prompts)] \
+                + (["--dynamic-vram"] * args.dynamic_vram) \
                 + (["--memory-history"] * args.memory_history)
             done = subprocess.run(command, capture_output=True, text=True)
             row = None
@@ -167,8 +171,18 @@ def run_case(args, free_gib: float, variant: str) -> int:
         # The first prompt's peak since the graph step's warm-up, which resets it (octet/cuda_graph.py) if it runs.
         row["first_prompt_peak_gib"] = (torch.cuda.max_memory_allocated() - filler_bytes) / 2**30
         torch.cuda.reset_peak_memory_stats()
-        seconds = workflow.prompt(patcher, name, latent, positive, negative, args.steps, 1)
-        row.update(ok=True, first_prompt_s=first, prompt_s=seconds, ms_per_step=seconds / args.steps * 1e3)
+        before = torch.cuda.memory_stats(device)
+        timed = [workflow.prompt(patcher, name, latent, positive, negative, args.steps, 1 + i)
+                 for i in range(max(1, args.timed_prompts))]
+        seconds = statistics.median(timed)
+        row.update(ok=True, first_prompt_s=first, prompt_s=seconds, ms_per_step=seconds / args.steps * 1e3,
+                   prompts_s=timed)
+        # What the caching allocator did in the timed prompts: retries (an allocation that failed, freed the cache
+        # and synchronized) and cudaMalloc / cudaFree calls tell memory pressure from a slower kernel path.
+        after = torch.cuda.memory_stats(device)
+        row["allocator"] = {key: after.get(key, 0) - before.get(key, 0)
+                            for key in ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc",
+                                        "num_device_free", "num_ooms")}
     except Exception as exc:    # what the user would see in ComfyUI's error dialog, and where it came from
         frames = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
         row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", where=frames[-6:])
@@ -188,7 +202,8 @@ def run_case(args, free_gib: float, variant: str) -> int:
         row["graph_step"] = step.report()
     print(f"[{card}] {stamp} {name} {variant}, {free_now / 2**30:.1f} GiB free: "
           + (f"ran, first prompt {row['first_prompt_s']:.2f} s, second {row['prompt_s']:.2f} s "
-             f"({row['ms_per_step']:.0f} ms/step)" if row["ok"] else row["error"] + f" at {row['where']}")
+             f"({row['ms_per_step']:.0f} ms/step; allocator in the timed prompts: {row['allocator']})"
+             if row["ok"] else row["error"] + f" at {row['where']}")
           + f"; peak allocated by torch beside the filler {row['peak_allocated_gib']:.2f} GiB; "
             f"staged modules {row.get('staged_modules')}; streamed calls with their copy made ahead "
             f"{row['copies_made_ahead']['ahead']} (dropped {row['copies_made_ahead']['missed']})"
