@@ -15,7 +15,10 @@ Octet takes to quantize. Every ratio is against the bf16 baseline measured in th
 
 Modes, per model and variant, on one built (and quantized) model: ``eager`` (stock ComfyUI),
 ``graph`` (through the CUDA Graph Step node), ``compile`` (torch.compile of the diffusion model, the
-host's TorchCompileModel; ``--compile-variants`` picks which variants, compile time is minutes).
+host's TorchCompileModel; ``--compile-variants`` picks which variants, compile time is minutes),
+``compile_graph`` (that compiled model's step through CUDA Graph Step, as TorchCompileModel followed by
+Quantize Model's ``cuda_graph`` or the CUDA Graph Step node runs it: Inductor's fusions without the host in
+the step; implies ``compile``).
 ``--deadline`` stops starting new work after that many seconds and still writes the rows it has
 (the JSON is rewritten after every variant, so a killed run keeps what it measured).
 
@@ -564,6 +567,9 @@ def run_variant(name, variant, device, args) -> list[dict]:
             rows[-1].pop("step_ms", None)
         else:
             rows.append(_compile_row(model, row, x, sigma, kw, device, args))
+            if "compile_graph" in modes and device.type == "cuda":
+                compiled_graph = graph_rows(model, rows[-1], x, sigma, kw, device, args)
+                rows.append(dict(compiled_graph, mode="compile_graph"))
     del model
     gc.collect()    # as ComfyUI does when it drops a model: reference cycles would keep GPU memory
     if device.type == "cuda":
@@ -600,8 +606,8 @@ def merge_rounds(measured: list[dict], variants) -> list[dict]:
 
 
 def markdown(rows, header) -> str:
-    """vs bf16: against bf16 eager (compiled bf16 for compiled rows); vs bf16 graph: against the
-    bf16 row of the same graph step, so the ratio holds only what Octet changes."""
+    """vs bf16: against bf16 eager (compiled bf16 for compiled rows, compiled or not through the graph step);
+    vs bf16 graph: against the bf16 row of the same graph step, so the ratio holds only what Octet changes."""
     lines = [header, "", "| model | variant | mode | step ms | vs bf16 | vs bf16 graph | weights GiB | vs bf16 | "
              "peak VRAM GiB | quantize s | capture / compile s | host CPU ms | GC ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -609,8 +615,10 @@ def markdown(rows, header) -> str:
             if (r["variant"] == "bf16" or r["variant"].startswith("bf16+")) and "step_ms" in r}
     for r in rows:
         mode = r.get("mode", "eager")
-        b = base.get((r["model"], "eager" if mode == "graph" else mode))
-        g = base.get((r["model"], "graph")) if mode == "graph" else None
+        # A compiled graph step's "vs bf16" is against compiled bf16 (issue 13's compiled target), "vs bf16 graph"
+        # against bf16's compiled graph step.
+        b = base.get((r["model"], {"graph": "eager", "compile_graph": "compile"}.get(mode, mode)))
+        g = base.get((r["model"], mode)) if mode in ("graph", "compile_graph") else None
         if "step_ms" not in r:
             lines.append(f"| {r['model']} | {r['variant']} | {mode} | failed: {r.get('error', '?')[:80]} "
                          f"| | | | | | | | | |")
@@ -641,7 +649,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--modes", nargs="+", default=None, choices=("eager", "graph", "compile"),
+    parser.add_argument("--modes", nargs="+", default=None, choices=("eager", "graph", "compile", "compile_graph"),
                         help="what to time per variant (default: eager; --graph adds graph, --compile is compile only)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the diffusion model (= --modes compile)")
     parser.add_argument("--compile-mode", default="default",
@@ -670,6 +678,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.modes is None:
         args.modes = ["compile"] if args.compile else ["eager"] + (["graph"] if args.graph else [])
+    if "compile_graph" in args.modes and "compile" not in args.modes:
+        args.modes.append("compile")
     args.compile = "compile" in args.modes
     args.graph = "graph" in args.modes
     args.compile_variants = args.compile_variants or args.variants

@@ -117,3 +117,22 @@ def test_time_steps_splits_this_threads_cpu_from_the_process():
     assert max(main_cpu) < 0.01                       # the sleeping step used (almost) no CPU itself
     assert min(cpu) > 0.015                           # the spinning thread did, during those 100 ms (a loaded CI
     #                                                   core still gives it far more than 15 ms)
+
+
+def test_a_compiled_graph_step_is_compared_with_compiled_bf16_and_bf16s_compiled_graph_step():
+    """``--modes compile_graph``: issue 13's compiled target is against compiled bf16, so that is its "vs bf16";
+    "vs bf16 graph" is bf16 through the same compiled graph step."""
+    e2e = _e2e()
+    rows = [
+        {"model": "flux-dev", "variant": "bf16", "mode": "eager", "step_ms": 156.0, "weight_bytes": 4},
+        {"model": "flux-dev", "variant": "bf16+compile(default)", "mode": "compile", "step_ms": 140.0,
+         "weight_bytes": 4},
+        {"model": "flux-dev", "variant": "bf16+compile(default)", "mode": "compile_graph", "step_ms": 137.0,
+         "weight_bytes": 4},
+        {"model": "flux-dev", "variant": "octet_dynamic+compile(default)", "mode": "compile_graph", "step_ms": 100.0,
+         "weight_bytes": 2},
+    ]
+    table = e2e.markdown(rows, "header").splitlines()
+    octet_row = next(line for line in table if "octet_dynamic" in line).split("|")
+    assert [c.strip() for c in octet_row[3:7]] == ["compile_graph", "100.0", "1.40x", "1.37x"]
+    assert octet_row[8].strip() == "0.500x"
