@@ -12,6 +12,8 @@ whose plans' run functions are stubbed (an empty output, no kernel), so each row
                       2026-12-06): its autograd wrapper and per-device redispatch, side by side
 
     python3 bench/compiled_host_cost.py [--device cpu|cuda] [--layers 20] [--out out/bench]
+    python3 bench/compiled_host_cost.py --real      # the plans' real kernels, bf16 3072 x 3072 layers at M = 16
+                                                    # (Flux's width; GPU work far shorter than the host's)
 
 Runs on the CPU (TRITON_INTERPRET is not needed: nothing launches); on a GPU host it measures that host's CPU.
 """
@@ -39,6 +41,8 @@ def per_call_us(fn, calls_per_fn: int, reps: int, rounds: int = 5) -> float:
         fn()
     times = []
     for _ in range(rounds):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()   # each round starts with the launch queue empty (--real launches kernels)
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
@@ -52,6 +56,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=20)
     parser.add_argument("--reps", type=int, default=500)
     parser.add_argument("--backends", nargs="+", default=["inductor", "aot_eager"])
+    parser.add_argument("--real", action="store_true",
+                        help="keep the plans' kernels: 3072-wide bf16 layers at M=16 on a GPU (launch costs in)")
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     args = parser.parse_args()
 
@@ -62,12 +68,15 @@ def main() -> int:
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     n = args.layers
-    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(n)]).to(device).eval()
+    width, dtype = (3072, torch.bfloat16) if args.real and device.type == "cuda" else (64, torch.float32)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(n)]).to(device, dtype).eval()
     octet.quantize_(model, octet.config_for_mode("dynamic"))
-    x = torch.randn(4, 64, device=device)
-    torch.set_grad_enabled(False)
-    model(x)                       # plan each layer, then stub the plans' runs: host time only
     for layer in model:
+        layer.backend = "triton" if device.type == "cuda" else layer.backend   # INT8 at M = 16 too
+    x = torch.randn(16 if args.real else 4, width, device=device, dtype=dtype)
+    torch.set_grad_enabled(False)
+    model(x)                       # plan each layer, then (unless --real) stub the plans' runs: host time only
+    for layer in model if not args.real else ():
         plan = layer.plan(x)
         layer._plans[layer._signature(x)] = plan._replace(run=lambda x, static: torch.empty_like(x))
         layer._by_shape.clear()
@@ -92,14 +101,15 @@ def main() -> int:
     as_custom_op.register_fake(lambda x, qweight, *rest: x.new_empty((*x.shape[:-1], qweight.shape[0])))
     rows["op as custom_op"] = per_call_us(lambda: torch.ops.octet_bench.linear.default(*op_args), 1, args.reps * 10)
 
-    header = f"card: {card}; torch {torch.__version__}; {n} layers, plans' runs stubbed; host us per layer call"
+    what = f"{width}-wide {dtype} layers at M={x.shape[0]}, real kernels" if args.real else "plans' runs stubbed"
+    header = f"card: {card}; torch {torch.__version__}; {n} layers, {what}; host us per layer call"
     print(header)
     for name, us in rows.items():
         print(f"[{card}] {name:22s} {us:7.2f} us")
     print(f"[{card}] op as custom_op / op alone: {rows['op as custom_op'] / rows['op alone']:.2f}x; "
           f"compiled inductor / eager: {rows.get('compiled inductor', float('nan')) / rows['eager']:.2f}x")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "compiled_host_cost.json")
+    path = os.path.join(args.out, f"compiled_host_cost{'_real' if args.real else ''}.json")
     with open(path, "w") as f:
         json.dump({"header": header, "card": card, "torch": torch.__version__, "layers": n, "us": rows}, f, indent=1)
     print(f"wrote {path}")

@@ -56,6 +56,7 @@ case "$part" in
             # Octet first (bf16 reduce-overhead was 137.6 ms, compiled default 138.8, Octet compiled 118.0 there)
     gpu_tests 150 tests/octet/test_compile.py -k cuda_graphs
     python3 bench/compiled_host_cost.py --out "$dest" 2>&1 | quiet   # the op's host path on this host's CPU
+    python3 bench/compiled_host_cost.py --real --out "$dest" 2>&1 | quiet   # with its kernels (M = 16, 3072 wide)
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic bf16 --modes compile \
         --compile-mode reduce-overhead --deadline 200 --out "$dest/reduce_overhead" 2>&1 | quiet ;;
   compile_graph)  # Inductor's fusions with the host out of the step: the compiled model through CUDA Graph Step (as
