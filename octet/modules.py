@@ -301,10 +301,10 @@ class QuantLayer(nn.Module):
         return w, b
 
     # -- kernels ---------------------------------------------------------------------------------
-    def operands(self, device: torch.device) -> Int8Operands:
-        """The weight side as kernels take it, on ``device``."""
+    def operands(self, device: torch.device, copy_on: Optional[Callable] = None) -> Int8Operands:
+        """The weight side as kernels take it, on ``device`` (``copy_on``: see ``Int8Operands.of``)."""
         return Int8Operands.of(self.weight, self.current_weight_scale(), self.bias, self.pre_quant_scale,
-                               self.geometry, device=device)
+                               self.geometry, device=device, copy_on=copy_on)
 
     def weight_state(self) -> tuple:
         """(weight tensor, its in-place write counter): what a plan or a copy made from the weight is valid for."""

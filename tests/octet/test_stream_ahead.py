@@ -10,9 +10,15 @@ from comfyui_octet.octet import stream_ahead
 from comfyui_octet.octet.modules import QuantLinear
 
 
+class _Launched(list):
+    """The layers copied ahead, in order; ``waited``: the copies the compute stream waited for before their memory
+    went back (the dropped ones)."""
+    waited: list
+
+
 @pytest.fixture
 def ahead(monkeypatch):
-    launched = []
+    launched = _Launched()
 
     def launch(layer, device):              # a copy, as the copy stream's is: the layer's tensors stay its own
         launched.append(layer)
@@ -28,6 +34,8 @@ def ahead(monkeypatch):
     monkeypatch.setattr(stream_ahead, "_streamed_from_pinned_ram", lambda layer: True)
     monkeypatch.setattr(stream_ahead, "_launch", launch)
     monkeypatch.setattr(stream_ahead, "_await", lambda ops, ready, device: None)
+    monkeypatch.setattr(stream_ahead, "_after_copy", lambda ready, device: launched.waited.append(ready))
+    launched.waited = []
     return launched
 
 
@@ -87,6 +95,8 @@ def test_a_copy_for_another_layer_or_an_older_weight_is_dropped_and_the_call_cop
     # Another order (c after b): the copy of a is dropped, c copies its own; b's successor is now c.
     _same(stream_ahead.operands(c, cpu), c.operands(cpu))
     assert stream_ahead.stats["missed"] == 1 and stream_ahead._successor[b]() is c
+    # The dropped copy's memory (allocated on the compute stream) goes back only after the copy into it is done.
+    assert ahead.waited == ["ready"]
     stream_ahead.operands(b, cpu)                            # copies c ahead (c's successor is not known)
     assert _pending() == [c]
     with torch.no_grad():
@@ -158,3 +168,28 @@ def test_a_call_out_of_order_drops_the_copies_ahead_but_does_not_retry_after_run
     for layer in layers:
         stream_ahead.operands(layer, cpu)
     assert ahead == [b]
+
+
+def test_operands_copied_on_a_side_context_equal_the_plain_copy(rng):
+    """``Int8Operands.of(copy_on=...)`` (a copy made ahead, allocated on the compute stream, copied on the copy
+    stream): the same tensors as ``of``'s plain ``.to``, every copy issued inside the context, tensors already in
+    place (device and dtype) used as they are."""
+    from contextlib import contextmanager
+    layer = _layers(1)[0]
+    layer.set_smoothing(torch.rand(32, generator=rng) + 0.5)
+    inside = []
+
+    @contextmanager
+    def copy_on():
+        inside.append(True)
+        yield
+    cpu = torch.device("cpu")
+    qweight = layer.weight.t().contiguous().t()               # a non-contiguous source: the copy is contiguous
+    scale = layer.current_weight_scale().double()             # converted to fp32 in the copy
+    ops = Int8Operands.of(qweight, scale, layer.bias, layer.pre_quant_scale, None, device=cpu, copy_on=copy_on)
+    want = Int8Operands.of(qweight, scale, layer.bias, layer.pre_quant_scale, None, device=cpu)
+    _same(ops, want)
+    torch.testing.assert_close(ops.smooth, want.smooth, rtol=0, atol=0)
+    assert ops.qweight.is_contiguous() and ops.scale.dtype == torch.float32
+    assert len(inside) == 1                                   # only the fp64 scale needed a copy on the CPU
+    assert ops.bias.data_ptr() == layer.bias.data_ptr()      # already in place: used as it is
