@@ -157,11 +157,17 @@ def test_unloading_an_int8_model_gives_back_a_streamed_layers_copy_made_ahead(ti
     model over to itself) keeps it."""
     import comfy.model_management as mm
     from comfyui_octet.octet import stream_ahead
+    import types
     quantized = bridge.quantize_model(tiny_model, config_for_mode("dynamic"))[0]
-    monkeypatch.setattr(stream_ahead, "_pending", stream_ahead.collections.deque(["a copy made ahead"]))
+    copy = types.SimpleNamespace(ready="its copy's event", device="cuda:0")    # a copy made ahead, stood in for
+    waited = []
+    monkeypatch.setattr(stream_ahead, "_pending", stream_ahead.collections.deque([copy]))
     monkeypatch.setattr(stream_ahead, "stats", {"ahead": 0, "missed": 0})
+    monkeypatch.setattr(stream_ahead, "_after_copy", lambda ready, device: waited.append((ready, device)))
     for _ in range(2):      # the second run's load hands the loaded model over to itself (a detach)
         sample(quantized, steps=1, size=16)
-    assert list(stream_ahead._pending) == ["a copy made ahead"]
+    assert list(stream_ahead._pending) == [copy] and waited == []
     mm.unload_all_models()
     assert not stream_ahead._pending and stream_ahead.stats["missed"] == 1
+    # Its memory (allocated on the compute stream) goes back after the compute stream has waited for the copy.
+    assert waited == [("its copy's event", "cuda:0")]
