@@ -25,7 +25,6 @@ import torch
 _end = getattr(torch._C, "_cuda_endAllocateToPool", None)
 _begin = getattr(torch._C, "_cuda_beginAllocateCurrentThreadToPool", None)
 _release = getattr(torch._C, "_cuda_releasePool", None)
-_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 
 
 def _warmup_pool(index: int):
@@ -44,7 +43,8 @@ def outside(device: torch.device):
     """Allocations in this block go to the caching allocator's default pool, even inside a graph trees'
     warm-up run on ``device``."""
     pool = index = None
-    if device.type == "cuda" and None not in (_end, _begin, _release) and not _capturing():
+    if device.type == "cuda" and None not in (_end, _begin, _release) \
+            and not torch.cuda.is_current_stream_capturing():
         index = device.index if device.index is not None else torch.cuda.current_device()
         pool = _warmup_pool(index)
         if pool is not None:

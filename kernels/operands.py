@@ -91,33 +91,26 @@ class Int8Operands:
         ``copy_on``: a function returning a context (a side stream's) to issue the copies in; the memory is still
         allocated outside it, on the current stream (octet/stream_ahead.py: a streamed layer's weight copied ahead
         of its call is allocated on the compute stream that uses and frees it)."""
-        device = qweight.device if device is None else device
-        if copy_on is not None:
-            return Int8Operands._copied(qweight, scale, bias, smooth, conv, torch.device(device), copy_on)
-        # To a GPU, non_blocking: from pinned RAM (a layer streamed per call) the copy overlaps the host's work;
-        # from pageable RAM torch copies synchronously anyway. Never to the CPU: it would read unfinished copies.
-        nb = torch.device(device).type == "cuda"
-        vec = lambda t: None if t is None else t.reshape(-1).to(device=device, dtype=torch.float32,  # noqa: E731
-                                                                 non_blocking=nb).contiguous()
-        return Int8Operands(qweight.to(device, non_blocking=nb).contiguous(), vec(scale),
-                            None if bias is None else bias.to(device, non_blocking=nb), vec(smooth), conv)
+        device = torch.device(qweight.device if device is None else device)
+        if copy_on is None:
+            # To a GPU, non_blocking: from pinned RAM (a layer streamed per call) the copy overlaps the host's work;
+            # from pageable RAM torch copies synchronously anyway. Never to the CPU: it would read unfinished copies.
+            nb = device.type == "cuda"
 
-    @staticmethod
-    def _copied(qweight, scale, bias, smooth, conv, device: torch.device, copy_on) -> "Int8Operands":
-        """``of`` with each copy allocated here and issued inside ``copy_on()``; tensors already on ``device`` in
-        the right dtype are used as they are (as ``Tensor.to`` would)."""
-        def moved(t: Optional[Tensor], dtype=None) -> Optional[Tensor]:
-            if t is None:
-                return None
-            dtype = t.dtype if dtype is None else dtype
-            if t.device == device and t.dtype == dtype:
-                return t.contiguous()
-            out = torch.empty(t.shape, dtype=dtype, device=device)
-            with copy_on():
-                out.copy_(t, non_blocking=True)
-            return out
-        vec = lambda t: None if t is None else moved(t.reshape(-1), torch.float32)  # noqa: E731
-        return Int8Operands(moved(qweight), vec(scale), moved(bias), vec(smooth), conv)
+            def moved(t: Tensor, dtype=None) -> Tensor:
+                return t.to(device=device, dtype=dtype, non_blocking=nb)
+        else:
+            def moved(t: Tensor, dtype=None) -> Tensor:     # as Tensor.to, each copy issued inside copy_on()
+                dtype = t.dtype if dtype is None else dtype
+                if t.device == device and t.dtype == dtype:
+                    return t
+                out = torch.empty(t.shape, dtype=dtype, device=device)
+                with copy_on():
+                    out.copy_(t, non_blocking=True)
+                return out
+        vec = lambda t: None if t is None else moved(t.reshape(-1), torch.float32).contiguous()  # noqa: E731
+        return Int8Operands(moved(qweight).contiguous(), vec(scale), None if bias is None else moved(bias),
+                            vec(smooth), conv)
 
     def free_copies(self, *keep: Tensor) -> None:
         """Give back now the memory of the tensors ``of`` copied for this operand set and of those derived from

@@ -58,9 +58,9 @@ def define_op(qualname: str, fake):
     it), with ``fake`` as its meta kernel and ``fn`` itself as its one kernel for every device.
 
     Not ``torch.library.custom_op``: a compiled graph calls these ops once per INT8 layer per step, and
-    custom_op's Python wrappers (an autograd layer that redispatches, then a per-device lookup) cost 11.5 us a
-    call where this one ``CompositeExplicitAutograd`` kernel costs 6.3 (the op's own body stubbed, this
-    repository's CPU; the GPU hosts were up to twice as slow): Flux-dev makes 314 calls a step. Inference only:
+    custom_op's Python wrappers (an autograd layer that redispatches, then a per-device lookup) cost 12.4 us a
+    call where this one ``CompositeExplicitAutograd`` kernel costs 6.7 (the op's own body stubbed, this
+    repository's CPU, bench/compiled_host_cost.py; the GPU hosts were up to twice as slow): Flux-dev makes 314 calls a step. Inference only:
     an input that needs grad gets autograd's not-implemented error, as a custom op without a formula did.
 
     ComfyUI may import this pack a second time under another module name (its loader keys modules by

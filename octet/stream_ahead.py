@@ -100,7 +100,7 @@ def _forget() -> None:
         # tensor before the copy into it is done.
         for ahead in _pending:
             _after_copy(ahead.ready, ahead.device)
-    _pending.clear()        # (allocated on the copy stream: their memory is reused there after the copies)
+    _pending.clear()        # (allocated on the copy stream, their memory is reused there after the copies)
 
 
 def _take(layer, device: torch.device, usable: bool) -> Optional[Int8Operands]:
@@ -167,11 +167,9 @@ def _launch(layer, device: torch.device) -> tuple:
     stream = _streams.get(device)
     if stream is None:
         stream = _streams[device] = torch.cuda.Stream(device)
-    # After what the compute stream has queued so far, as the copy in the call was (the one configuration measured):
-    # the operands may read tensors the host's load put on the GPU on that stream (the scales: no copy, but read if
-    # a conversion were needed).
-    # Waited for before the copies are issued: a block the compute stream freed and hands to a copy here may still
-    # be read by its kernels queued so far.
+    # After what the compute stream has queued so far, as the copy in the call was: the operands may read tensors the
+    # host's load put on the GPU on that stream (the scales: no copy, but read if a conversion were needed), and a
+    # block the compute stream freed and hands to a copy here may still be read by its kernels queued so far.
     stream.wait_stream(compute)
     if ALLOCATE_ON_COMPUTE:
         ops = layer.operands(device, copy_on=lambda: torch.cuda.stream(stream))

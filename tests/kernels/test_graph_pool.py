@@ -44,7 +44,7 @@ def allocator(monkeypatch):
     monkeypatch.setattr(graph_pool, "_end", end)
     monkeypatch.setattr(graph_pool, "_begin", begin)
     monkeypatch.setattr(graph_pool, "_release", lambda index, pool: calls.append(("release", index, pool)))
-    monkeypatch.setattr(graph_pool, "_capturing", lambda: state.capturing)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state.capturing)
     state.calls = calls
     return state
 
