@@ -99,15 +99,13 @@ case "$part" in
     python3 bench/deferred_kernels.py --only sd3 --sweep --out "$dest/sd3" 2>&1 | quiet
     python3 bench/linear_host_cost.py --gemm-ways --out "$dest" 2>&1 | quiet
     python3 bench/linear_host_cost.py --attention --out "$dest" 2>&1 | quiet ;;
-  lowvram)  # SDXL at 2.5 GiB free ran slower with its streamed layers copied ahead than in the call (319 vs 190
-            # ms/step, one prompt each, H100 2026-12-06; Flux at 8 GiB gained, 156 vs 216): three timed prompts per
-            # case and the allocator's retries / cudaMalloc calls in them tell memory pressure from noise; the
-            # copies ahead are now allocated on the compute stream (octet), as first built on the copy stream
-            # (octet_copy_stream_alloc): is the allocator's per-stream split what cost SDXL?
+  lowvram)  # dynamic VRAM with streamed layers: the copies made ahead (allocated on the compute stream since
+            # 2026-12-06: Flux-dev 8 GiB 141 vs 153 ms/step allocated on the copy stream, SDXL 2.5 GiB 131 vs 132) vs
+            # copied in the call (SDXL 122: copying ahead gains SDXL nothing; Flux 208), three timed prompts each
     python3 bench/low_vram.py --dynamic-vram --model sdxl --free-gib 2.5 --timed-prompts 3 \
-        --variants bf16 octet_no_ahead octet octet_copy_stream_alloc --steps 4 --out "$dest" 2>&1 | quiet
+        --variants bf16 octet_no_ahead octet --steps 4 --out "$dest" 2>&1 | quiet
     python3 bench/low_vram.py --dynamic-vram --model flux-dev --free-gib 8 --timed-prompts 2 \
-        --variants bf16 octet_no_ahead octet octet_copy_stream_alloc --steps 4 --out "$dest" 2>&1 | quiet ;;
+        --variants bf16 octet_no_ahead octet --steps 4 --out "$dest" 2>&1 | quiet ;;
   tests)    # the GPU halves of the tests written without a device
     gpu_tests 0 tests/kernels/test_triton_rope.py tests/kernels/test_bound_site_calls.py \
         tests/kernels/test_triton_gemm.py tests/kernels/test_triton_layernorm.py \

@@ -36,16 +36,13 @@ def build(name, variant, device, dynamic):
     """workflow.build's MODEL; ``octet_memory``: Quantize Model's defaults with goal memory (int8 weights only);
     ``octet_no_ahead``: the defaults with each streamed layer's copy made in its own call, on the compute stream
     (as before octet/stream_ahead.py), ``octet_ahead2`` with two copies made ahead (the default: one), to
-    measure what copying ahead gains, and ``octet_copy_stream_alloc`` with the copies made ahead allocated on the
-    copy stream (as until 2026-12-06; now on the compute stream: stream_ahead.ALLOCATE_ON_COMPUTE)."""
-    if variant in ("octet_no_ahead", "octet_ahead2", "octet_copy_stream_alloc"):
+    measure what copying ahead gains."""
+    if variant in ("octet_no_ahead", "octet_ahead2"):
         from comfyui_octet.octet import stream_ahead
         if variant == "octet_no_ahead":
             stream_ahead._streams_usable = lambda device: False
-        elif variant == "octet_ahead2":
-            stream_ahead.AHEAD = 2
         else:
-            stream_ahead.ALLOCATE_ON_COMPUTE = False
+            stream_ahead.AHEAD = 2
         variant = "octet"
     if variant != "octet_memory":
         return workflow.build(name, variant, device, False, dynamic)
@@ -79,8 +76,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sdxl", choices=list(e2e.MODELS))
     parser.add_argument("--variants", nargs="+", default=["bf16", "octet", "octet_memory"],
-                        choices=["bf16", "octet", "octet_eager", "octet_memory", "octet_no_ahead", "octet_ahead2",
-                                 "octet_copy_stream_alloc"])
+                        choices=["bf16", "octet", "octet_eager", "octet_memory", "octet_no_ahead", "octet_ahead2"])
     parser.add_argument("--free-gib", type=float, nargs="+", default=[4.0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dynamic-vram", action="store_true")

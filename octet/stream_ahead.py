@@ -40,15 +40,10 @@ from ..kernels.registry import log_once
 
 AHEAD = 1
 AHEAD_BYTES = 256 << 20
-# Where a copy made ahead is allocated. On the copy stream (as first built), its block stays in that stream's share
-# of the caching allocator and, freed on the compute stream (record_stream), comes back only once the compute
-# stream has passed it: the compute stream's own allocations cannot reuse it. SDXL with 2.5 GiB free ran slower with
-# copies ahead than without (319 vs 190 ms/step, H100 2026-12-06, one prompt each), where the allocator's two
-# per-stream pools with no slack would fail allocations, free its cache and synchronize. On the compute stream
-# (where the copy is used and freed, the copy stream waiting for the compute stream's earlier work first) every
-# block is in one pool and comes back in stream order; not yet measured (bench/low_vram.py: octet vs
-# octet_copy_stream_alloc, with the allocator's retries).
-ALLOCATE_ON_COMPUTE = True
+# A copy made ahead is allocated on the compute stream (where it is used and freed) and only copied on the copy
+# stream. Allocated on the copy stream (as first built), its block came back only to that stream's share of the
+# caching allocator: Flux-dev at 8 GiB free 153 vs 141 ms/step, 10 allocation retries vs 1 and 104 vs 29 cudaMallocs
+# in two prompts (SDXL at 2.5 GiB: 132 vs 131; H100 2026-12-06, bench/low_vram.py).
 
 
 @dataclass
@@ -95,12 +90,11 @@ def drop() -> None:
 
 def _forget() -> None:
     stats["missed"] += len(_pending)
-    if ALLOCATE_ON_COMPUTE:
-        # Their memory goes back to the compute stream's pool: the compute stream must not reuse it for a new
-        # tensor before the copy into it is done.
-        for ahead in _pending:
-            _after_copy(ahead.ready, ahead.device)
-    _pending.clear()        # (allocated on the copy stream, their memory is reused there after the copies)
+    # Their memory goes back to the compute stream's pool: the compute stream must not reuse it for a new tensor
+    # before the copy into it is done.
+    for ahead in _pending:
+        _after_copy(ahead.ready, ahead.device)
+    _pending.clear()
 
 
 def _take(layer, device: torch.device, usable: bool) -> Optional[Int8Operands]:
@@ -113,7 +107,7 @@ def _take(layer, device: torch.device, usable: bool) -> Optional[Int8Operands]:
         _forget()       # another order (or a weight changed since): this call copies its own
         return None
     _pending.popleft()
-    _await(ahead.operands, ahead.ready, device)
+    _after_copy(ahead.ready, device)
     stats["ahead"] += 1
     return ahead.operands
 
@@ -171,30 +165,12 @@ def _launch(layer, device: torch.device) -> tuple:
     # host's load put on the GPU on that stream (the scales: no copy, but read if a conversion were needed), and a
     # block the compute stream freed and hands to a copy here may still be read by its kernels queued so far.
     stream.wait_stream(compute)
-    if ALLOCATE_ON_COMPUTE:
-        ops = layer.operands(device, copy_on=lambda: torch.cuda.stream(stream))
-    else:
-        with torch.cuda.stream(stream):
-            ops = layer.operands(device)
+    ops = layer.operands(device, copy_on=lambda: torch.cuda.stream(stream))
     ready = torch.cuda.Event()
     ready.record(stream)
     return ops, ready
 
 
-def _await(ops: Int8Operands, ready, device: torch.device) -> None:
-    _after_copy(ready, device)
-    if not ALLOCATE_ON_COMPUTE:
-        compute = torch.cuda.current_stream(device)
-        for t in _tensors(ops):
-            # Allocated on the copy stream, used and freed on the compute stream: the allocator must not hand the
-            # memory to the next copy before these kernels are done with it.
-            t.record_stream(compute)
-
-
 def _after_copy(ready, device: torch.device) -> None:
     """The compute stream's later work waits for the copy recorded by ``ready``."""
     torch.cuda.current_stream(device).wait_event(ready)
-
-
-def _tensors(ops: Int8Operands) -> list:
-    return [t for t in (ops.qweight, ops.scale, ops.bias, ops.smooth) if t is not None]

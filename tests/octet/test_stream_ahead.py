@@ -11,8 +11,8 @@ from comfyui_octet.octet.modules import QuantLinear
 
 
 class _Launched(list):
-    """The layers copied ahead, in order; ``waited``: the copies the compute stream waited for before their memory
-    went back (the dropped ones)."""
+    """The layers copied ahead, in order; ``waited``: the copies the compute stream waited for (before using a copy
+    taken, or before a dropped one's memory went back)."""
     waited: list
 
 
@@ -33,7 +33,6 @@ def ahead(monkeypatch):
     monkeypatch.setattr(stream_ahead, "_streams_usable", lambda device: True)
     monkeypatch.setattr(stream_ahead, "_streamed_from_pinned_ram", lambda layer: True)
     monkeypatch.setattr(stream_ahead, "_launch", launch)
-    monkeypatch.setattr(stream_ahead, "_await", lambda ops, ready, device: None)
     monkeypatch.setattr(stream_ahead, "_after_copy", lambda ready, device: launched.waited.append(ready))
     launched.waited = []
     return launched
@@ -92,11 +91,12 @@ def test_a_copy_for_another_layer_or_an_older_weight_is_dropped_and_the_call_cop
     for layer in (a, b, a, b):
         stream_ahead.operands(layer, cpu)
     assert _pending() == [a]                                 # b would be next after a: b is the one calling
+    assert ahead.waited == ["ready"]                         # b took its copy: the compute stream waits for it
     # Another order (c after b): the copy of a is dropped, c copies its own; b's successor is now c.
     _same(stream_ahead.operands(c, cpu), c.operands(cpu))
     assert stream_ahead.stats["missed"] == 1 and stream_ahead._successor[b]() is c
     # The dropped copy's memory (allocated on the compute stream) goes back only after the copy into it is done.
-    assert ahead.waited == ["ready"]
+    assert ahead.waited == ["ready", "ready"]
     stream_ahead.operands(b, cpu)                            # copies c ahead (c's successor is not known)
     assert _pending() == [c]
     with torch.no_grad():
