@@ -4,6 +4,9 @@
   octet::conv2d(x, qweight, w_scale, bias?, smooth?, static_scale?, stride, padding, dilation, groups,
                 act, backend, goal) -> x.dtype NCHW
   octet::static_mlp(x, fc1 tensors, fc2 tensors, backend) -> x.dtype [..., N2]: fc2(gelu_tanh(fc1(x)))
+  octet::linear_fused(x, head?, mult?, shift?, eps, input, gelu_out, <linear's arguments>) -> x.dtype [..., N]:
+      a linear on a deferred input and/or with its GELU in the epilogue (octet/compile_pass.py puts it in
+      compiled graphs in place of the host's float ops around octet::linear)
   octet::attention_int8(q, k, v, scale, smooth_k) -> q.dtype [B, SQ, H, D]: attention with int8 q·kᵀ
 
 Each op is declared once with a fake (meta) implementation, so the compiler traces one opaque node
@@ -60,8 +63,9 @@ def define_op(qualname: str, fake):
     Not ``torch.library.custom_op``: a compiled graph calls these ops once per INT8 layer per step, and
     custom_op's Python wrappers (an autograd layer that redispatches, then a per-device lookup) cost 12.4 us a
     call where this one ``CompositeExplicitAutograd`` kernel costs 6.7 (the op's own body stubbed, this
-    repository's CPU, bench/compiled_host_cost.py; the GPU hosts were up to twice as slow): Flux-dev makes 314 calls a step. Inference only:
-    an input that needs grad gets autograd's not-implemented error, as a custom op without a formula did.
+    repository's CPU, bench/compiled_host_cost.py; on an H100 host 25.7 vs 11.3): Flux-dev makes 314 calls a
+    step. Inference only: an input that needs grad gets autograd's not-implemented error, as a custom op without a
+    formula did.
 
     ComfyUI may import this pack a second time under another module name (its loader keys modules by
     folder path); redefining a live op swaps its kernels under references the first copy holds, so a second
@@ -117,6 +121,35 @@ def linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], 
         return layer.plan(x).run(x, static_scale)
     return dispatch.linear(x, qweight, w_scale, bias, act=act, smooth=smooth, static_scale=static_scale,
                            backend=backend, goal=goal)
+
+
+def _linear_fused_fake(x, head, mult, shift, eps, input, gelu_out, qweight, w_scale, bias, smooth, static_scale, act,
+                       backend, goal, owner=-1):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@define_op("octet::linear_fused", _linear_fused_fake)
+def linear_fused(x: Tensor, head: Optional[Tensor], mult: Optional[Tensor], shift: Optional[Tensor], eps: float,
+                 input: str, gelu_out: bool, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                 smooth: Optional[Tensor], static_scale: Optional[Tensor], act: str, backend: str, goal: str,
+                 owner: int = -1) -> Tensor:
+    """``y = linear(input)``, and ``gelu_tanh(y)`` with ``gelu_out``, where ``input`` says what the layer's input is:
+    "plain" ``x``; "gelu" ``cat((head, gelu_tanh(x)), -1)`` (``gelu_tanh(x)`` without a head: Flux's single-block
+    linear2 input); "norm" ``addcmul(shift, layer_norm(x, eps), mult)`` (``layer_norm(x, eps)`` without them: a
+    DiT's modulated LayerNorm). The owner's plans compute it as eager Octet does (octet/deferred.py's inputs,
+    fusion.py's GELU epilogue: QuantLinear.fused_call); without an owner, the host's float ops, then the layer."""
+    layer = owner_of(owner, qweight, x)
+    if layer is not None:
+        return layer.fused_call(x, head, mult, shift, eps, input, gelu_out, static_scale)
+    if input == "gelu":
+        x = torch.nn.functional.gelu(x, approximate="tanh")
+        x = x if head is None else torch.cat((head, x), dim=-1)
+    elif input == "norm":
+        x = torch.nn.functional.layer_norm(x, (x.shape[-1],), None, None, eps)
+        x = x if mult is None else torch.addcmul(shift, x, mult)
+    y = dispatch.linear(x, qweight, w_scale, bias, act=act, smooth=smooth, static_scale=static_scale,
+                        backend=backend, goal=goal)
+    return torch.nn.functional.gelu(y, approximate="tanh") if gelu_out else y
 
 
 def _conv2d_fake(x, qweight, w_scale, bias, smooth, static_scale, stride, padding, dilation, groups, act, backend,

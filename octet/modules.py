@@ -30,9 +30,9 @@ from .. import kernels
 from ..kernels.operands import ConvGeometry, Int8Operands
 from ..kernels.dispatch import planning_for_graph
 from ..kernels.registry import m_bucket
-from .deferred import Pending, PendingOutput
+from .deferred import Pending, PendingGelu, PendingNorm, PendingOutput
 from .layout import Int8Layout
-from . import stream_ahead
+from . import compile_pass, stream_ahead
 from .timestep import GroupSelector
 
 
@@ -467,6 +467,7 @@ class QuantLinear(QuantLayer):
     def __init__(self, qweight, weight_scale, bias, act, backend="auto", goal="speed"):
         super().__init__(qweight, weight_scale, bias, act, backend, goal)
         self.out_features, self.in_features = qweight.shape
+        compile_pass.install()      # torch.compile then fuses its float neighbours as eager does (once a process)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, act: str, backend: str = "auto",
@@ -503,6 +504,33 @@ class QuantLinear(QuantLayer):
         plan = self.plan(x)
         gelu = getattr(plan.run, "with_gelu", None)
         return None if gelu is None else gelu()(x, self._plan_static(plan))
+
+    def fused_call(self, x: torch.Tensor, head, mult, shift, eps: float, input: str, gelu_out: bool,
+                   static: Optional[torch.Tensor]) -> torch.Tensor:
+        """A compiled graph's octet::linear_fused on this layer (octet/compile_pass.py): the deferred input
+        ``input`` describes (PendingGelu / PendingNorm) and the GELU epilogue through the same plan entries as
+        eager's ``_forward_pending`` / ``forward_gelu``, so compiled and eager Octet give the same numbers; where the
+        plan takes neither, the input computed by the host's float ops, the layer's plan, then the GELU."""
+        # The host's own cat / addcmul on pending tensors: they join where eager's would (same checks), else compute
+        # the float tensor as eager does.
+        if input == "gelu":
+            x = PendingGelu(None, x)
+            x = x if head is None else torch.cat((head, x), dim=-1)
+        elif input == "norm":
+            x = PendingNorm(x, eps)
+            x = x if mult is None else torch.addcmul(shift, x, mult)
+        if gelu_out:
+            y = self.forward_gelu(x)
+            if y is not None:
+                return y
+        elif type(x) is not torch.Tensor:
+            y = self._fed(x)
+            if y is not None:
+                return y
+        if type(x) is not torch.Tensor:
+            x = x.materialize()
+        y = self.plan(x).run(x, static)
+        return F.gelu(y, approximate="tanh") if gelu_out else y
 
     def pending_output(self, x: torch.Tensor) -> Optional[PendingOutput]:
         """This layer's output as a PendingOutput (octet/deferred.py) where its plan can add a block's gated residual

@@ -74,3 +74,42 @@ def test_flux_blocks_hand_their_gelu_to_the_int8_layers(monkeypatch, sample_dit)
     # fp32 on CPU: the kernels' fp32 tanh / rsqrt and torch's differ in the last bit; where that moves an
     # int8 code by one at a tie, the output moves by about one quantization step (< 1% of its range).
     assert diffs[len(diffs) // 2] < 1e-5 and diffs[-1] < 1e-2, diffs
+
+
+def test_compiled_flux_blocks_take_the_same_inputs_as_eager(sample_dit):
+    """Under torch.compile (the host's TorchCompileModel wrapper) the real host's Flux code, as traced, has the
+    patterns octet/compile_pass.py rewrites at every site eager Octet defers: each single block's cat + GELU,
+    every qkv / linear1 LayerNorm + modulation, each MLP's fc1 with its norm2 and the GELU of its epilogue (and
+    the final layer's norm_final, which eager leaves to the host). The layers here run the exact torch backend,
+    whose plans take no deferred input: the fused calls compute the host's float ops, so the sample is the
+    unrewritten compiled graph's bit for bit (eager's differs: eager runs Flux's QK norm + RoPE in one kernel)."""
+    import collections
+
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    from comfyui_octet.octet import compile_pass
+    dit = rm.load_reference("dit", "plain")
+    q, result = bridge.quantize_model(dit, DynamicW8A8Config(backend="torch"))
+    kinds = collections.Counter()
+
+    def sample_compiled(rewrite):
+        def backend(gm, example_inputs):
+            if rewrite:
+                compile_pass.rewrite(gm.graph)
+                gm.recompile()
+            kinds.update((n.args[5], n.args[6]) for n in gm.graph.nodes
+                         if n.op == "call_function" and n.target is torch.ops.octet.linear_fused.default)
+            return gm.forward
+        torch._dynamo.reset()
+        try:
+            set_torch_compile_wrapper(q, backend=backend)
+            return sample_dit(q, 1)
+        finally:
+            torch._dynamo.reset()
+    plain = sample_compiled(False)
+    assert not kinds
+    fused = sample_compiled(True)
+    assert len(result.chains) >= 2 and len(result.gelus) >= 1
+    assert kinds == {("gelu", False): len(result.gelus), ("norm", True): len(result.chains),
+                     ("norm", False): len(result.norms) - len(result.chains) + 1}
+    assert torch.equal(fused, plain)

@@ -1,0 +1,201 @@
+"""The compiled graph's counterpart of deferred.py's inputs and fusion.py's GELU epilogue: an Inductor
+pre-grad pass that rewrites the float ops around ``octet::linear`` into one ``octet::linear_fused`` call.
+
+Under torch.compile the deferred inputs do not run (a Pending tensor cannot be traced), so compiled Flux-dev
+ran Inductor's cat + GELU pass before each single block's linear2 (102 us, 38 a step), its LayerNorm +
+modulation passes before every qkv / linear1 / MLP fc1 (then the row quantizer read them again), and the double
+blocks' MLP GELU as a pass of its own (68 us, 19 a step): H100 2026-12-06, GPU-bound at 105.4 ms a step through
+CUDA Graph Step against compiled bf16's 137.0 (docs/BENCHMARKS.md). Eager Octet computes those in its
+quantizers and GEMM epilogues. This pass gives the compiled graph the same kernels, at the level torch.compile
+hands to Inductor (torch functions, before autograd and decompositions, where the host's ops are still
+``torch.cat`` / ``F.gelu`` / ``F.layer_norm`` / ``torch.addcmul`` as its source calls them):
+
+  octet::linear(cat((head, gelu_tanh(pre)), -1))            -> linear_fused(pre, head, input="gelu")
+  octet::linear(addcmul(shift, layer_norm(x), mult))         -> linear_fused(x, mult, shift, input="norm")
+  octet::linear(layer_norm(x))                               -> linear_fused(x, input="norm")
+  gelu_tanh(octet::linear(x)) feeding another octet::linear  -> linear_fused(..., gelu_out=True)
+
+Only where every intermediate has that one consumer (nothing else reads the float tensor), the LayerNorm has no
+affine and normalizes the last dimension, the cat joins two tensors on the last one, and the addcmul has no
+``value``. At run time the layer's plan decides as in eager (QuantLinear.fused_call): a plan that does not take
+the input computes the host's float ops first, so a rewrite can cost speed, never correctness.
+
+Installed into ``torch._inductor.config.pre_grad_custom_pass`` when the first INT8 layer is made (importing
+Inductor's config costs ~0.8 s, not paid by a pack that never quantizes), chained after any pass already there;
+a ``CustomGraphPass`` with a uuid, so Inductor's FX graph cache keys on it. ``OCTET_COMPILE_FUSIONS=0`` turns the
+rewrite off (read at each compile: bench/e2e.py compares both).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import switches
+from ..kernels.registry import log_once
+
+_LAYER_NORMS = (F.layer_norm, torch.layer_norm)
+_GELUS = (F.gelu, torch._C._nn.gelu)
+_installed = False
+
+
+def enabled() -> bool:
+    return switches.on("OCTET_COMPILE_FUSIONS")
+
+
+def _is(node, targets) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def _linear_targets() -> tuple:
+    return (torch.ops.octet.linear.default, torch.ops.octet.linear)
+
+
+def _arg(node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _value(node):
+    """The fake tensor dynamo recorded for ``node`` (its shape and dtype), None if there is none."""
+    meta = getattr(node, "meta", {})
+    return meta.get("example_value", meta.get("val"))
+
+
+def _only_user(node, user) -> bool:
+    return isinstance(node, torch.fx.Node) and len(node.users) == 1 and user in node.users
+
+
+def _is_gelu_tanh(node) -> bool:
+    return _is(node, _GELUS) and len(node.args) == 1 and set(node.kwargs) == {"approximate"} \
+        and node.kwargs["approximate"] == "tanh"
+
+
+def _last_dim(node, dim) -> bool:
+    value = _value(node)
+    return isinstance(dim, int) and value is not None and dim in (-1, value.dim() - 1)
+
+
+def _gelu_input(x, linear) -> Optional[dict]:
+    """``cat((head, gelu_tanh(pre)), -1)`` read only by ``linear``: its parts, else None."""
+    if not (_is(x, (torch.cat,)) and _only_user(x, linear)):
+        return None
+    tensors, dim = _arg(x, 0, "tensors"), _arg(x, 1, "dim", 0)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or set(x.kwargs) - {"tensors", "dim"}:
+        return None
+    head, gelu = tensors
+    if not (isinstance(head, torch.fx.Node) and _is_gelu_tanh(gelu) and _only_user(gelu, x) and _last_dim(x, dim)):
+        return None
+    return {"x": gelu.args[0], "head": head, "input": "gelu", "dead": [x, gelu]}
+
+
+def _norm_input(x, linear) -> Optional[dict]:
+    """``addcmul(shift, layer_norm(y), mult)`` or ``layer_norm(y)`` read only by ``linear``, else None."""
+    mod = None
+    if _is(x, (torch.addcmul,)) and _only_user(x, linear) and len(x.args) == 3 and not x.kwargs:
+        mod, (shift, x, mult) = x, x.args
+        if not (isinstance(shift, torch.fx.Node) and isinstance(mult, torch.fx.Node)):
+            return None
+    if not (_is(x, _LAYER_NORMS) and _only_user(x, mod if mod is not None else linear)):
+        return None
+    y, shape = _arg(x, 0, "input"), _arg(x, 1, "normalized_shape")
+    weight, bias, eps = _arg(x, 2, "weight"), _arg(x, 3, "bias"), _arg(x, 4, "eps", 1e-5)
+    value = _value(y) if isinstance(y, torch.fx.Node) else None
+    if weight is not None or bias is not None or value is None or not isinstance(eps, float) \
+            or tuple(shape) != (value.shape[-1],) or len(x.args) + len(x.kwargs) > 5:
+        return None
+    fused = {"x": y, "eps": eps, "input": "norm", "dead": [x]}
+    if mod is not None:
+        fused.update(mult=mult, shift=shift, dead=[mod, x])
+    return fused
+
+
+def _gelu_output(linear) -> Optional[torch.fx.Node]:
+    """The ``gelu_tanh`` that alone reads ``linear``'s output and feeds another INT8 linear (an MLP's fc1 ->
+    fc2, where fusion.py puts the GELU in fc1's epilogue), else None."""
+    if len(linear.users) != 1:
+        return None
+    gelu = next(iter(linear.users))
+    if not (_is_gelu_tanh(gelu) and len(gelu.users) == 1):
+        return None
+    return gelu if _is(next(iter(gelu.users)), _linear_targets()) else None
+
+
+def rewrite(graph: torch.fx.Graph) -> int:
+    """Rewrite ``graph``'s octet::linear calls and their float neighbours as the module docstring lists;
+    returns how many calls became ``octet::linear_fused``."""
+    targets = _linear_targets()
+    fused_op = torch.ops.octet.linear_fused.default
+    count = 0
+    for linear in list(graph.nodes):
+        if not _is(linear, targets) or linear.kwargs or len(linear.args) < 9:
+            continue
+        x = linear.args[0]
+        found = (_gelu_input(x, linear) or _norm_input(x, linear)) if isinstance(x, torch.fx.Node) else None
+        gelu = _gelu_output(linear)
+        if found is None and gelu is None:
+            continue
+        found = found or {"x": x, "input": "plain", "dead": []}
+        with graph.inserting_before(linear):
+            node = graph.call_function(fused_op, (
+                found["x"], found.get("head"), found.get("mult"), found.get("shift"), found.get("eps", 0.0),
+                found["input"], gelu is not None, *linear.args[1:]))
+        replaced = gelu if gelu is not None else linear
+        node.meta.update(replaced.meta)
+        replaced.replace_all_uses_with(node)
+        for dead in ([gelu] if gelu is not None else []) + [linear] + found["dead"]:
+            graph.erase_node(dead)
+        count += 1
+    return count
+
+
+def _pass_class():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class OctetFusions(CustomGraphPass):
+        """Inductor's pre-grad custom pass: the one before it (if any), then ``rewrite``."""
+
+        def __init__(self, previous=None):
+            self.previous = previous
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            if self.previous is not None:
+                self.previous(graph)
+            if enabled() and any(_is(n, _linear_targets()) for n in graph.nodes):
+                count = rewrite(graph)
+                if count:
+                    log_once("compile-fusions", f"Octet: torch.compile runs {count} INT8 layer(s) with their "
+                             f"LayerNorm / GELU inside the layer's kernels, as eager Octet does "
+                             f"(OCTET_COMPILE_FUSIONS=0 turns this off).", logging.INFO)
+
+        def uuid(self):
+            # Asked at each compile for Inductor's cache key: this file's code and whether the switch is on.
+            with open(__file__, "rb") as f:
+                own = hashlib.sha256(f.read()).hexdigest() + ("on" if enabled() else "off")
+            previous = getattr(self.previous, "uuid", None)
+            return own + ("" if previous is None else str(previous()))
+    return OctetFusions
+
+
+def install() -> None:
+    """Put the pass into Inductor's config once per process (idempotent, cheap after the first call)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    try:
+        import torch._inductor.config as inductor_config
+        cls = _pass_class()
+    except Exception as e:  # noqa: BLE001 - a torch without Inductor: compiled graphs just keep the float ops
+        log_once("compile-fusions-missing", f"Octet: torch.compile will not fuse LayerNorm / GELU into INT8 "
+                 f"layers: Inductor's custom passes are unavailable ({type(e).__name__}: {e}).", logging.INFO)
+        return
+    current = inductor_config.pre_grad_custom_pass
+    if isinstance(current, cls) or type(current).__name__ == cls.__name__:
+        return      # a second copy of the pack (ComfyUI's loader) installed its own already
+    inductor_config.pre_grad_custom_pass = cls(current)
+

@@ -1,0 +1,237 @@
+"""octet/compile_pass.py: under torch.compile, the float ops eager Octet computes inside its INT8 layers (Flux's
+cat + GELU, a DiT's LayerNorm + modulation, an MLP's GELU) become one octet::linear_fused call, with eager
+Octet's numbers; nothing else is rewritten, and a layer that cannot take them gets the host's float ops."""
+import collections
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn as nn
+import torch.nn.functional as F
+
+from comfyui_octet import octet
+from comfyui_octet.kernels.backends import triton_backend
+from comfyui_octet.octet import compile_pass, modules
+from test_deferred import SingleBlock, needs_triton
+
+
+class FluxLike(nn.Module):
+    """A Flux single block, then a double block's MLP on its modulated LayerNorm (img_norm2 -> fc1 -> GELU -> fc2),
+    named as Flux's, where eager Octet defers the same inputs (octet/deferred.py's sites)."""
+
+    def __init__(self, d=24, h=72):
+        super().__init__()
+        self.single = SingleBlock(d, h)
+        self.img_norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mod2 = nn.Linear(d, 2 * d)
+        self.img_mlp = nn.Sequential(nn.Linear(d, h), nn.GELU(approximate="tanh"), nn.Linear(h, d))
+
+    def forward(self, x):
+        x = self.single(x)
+        shift, scale = self.mod2(x.mean(1, keepdim=True)).chunk(2, dim=-1)
+        return x + self.img_mlp(torch.addcmul(shift, self.img_norm2(x), 1 + scale))
+
+
+def _quantized(module, backend, seed=0):
+    torch.manual_seed(seed)
+    net = module().eval()
+    octet.quantize_(net, octet.DynamicW8A8Config(backend=backend))
+    return net
+
+
+def _compiled_with_pass(net, x):
+    """net compiled by dynamo, the graph rewritten by the pass and run as is (no Inductor: the rewrite alone);
+    returns (output, Counter of (input, gelu_out) per fused call, octet::linear calls left)."""
+    kinds, plain = collections.Counter(), []
+
+    def backend(gm, example_inputs):
+        compile_pass.rewrite(gm.graph)
+        gm.recompile()
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is torch.ops.octet.linear_fused.default:
+                kinds[(n.args[5], n.args[6])] += 1
+            elif n.op == "call_function" and n.target in compile_pass._linear_targets():
+                plain.append(n)
+        return gm.forward
+    torch._dynamo.reset()
+    try:
+        y = torch.compile(net, backend=backend, fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+    return y, kinds, len(plain)
+
+
+@needs_triton
+def test_the_flux_patterns_become_fused_calls_with_eager_octets_numbers(rng, monkeypatch):
+    net = _quantized(FluxLike, "triton")
+    x = torch.randn(2, 7, 24, generator=rng)
+    entries = collections.Counter()
+    real_gelu, real_norm = triton_backend._W8A8Linear.gelu_input, triton_backend._W8A8Linear.norm_input
+    monkeypatch.setattr(triton_backend._W8A8Linear, "gelu_input",
+                        lambda self, *a: entries.update(["gelu"]) or real_gelu(self, *a))
+    monkeypatch.setattr(triton_backend._W8A8Linear, "norm_input",
+                        lambda self, *a: entries.update(["norm"]) or real_norm(self, *a))
+    with torch.no_grad():
+        eager = net(x)
+        eager_entries = dict(entries)
+        entries.clear()
+        compiled, kinds, plain = _compiled_with_pass(net, x)
+    # linear1 takes its modulated LayerNorm, linear2 the cat + GELU, the MLP's fc1 its norm2 with the GELU in its
+    # epilogue; left as octet::linear: the two modulations and fc2.
+    assert kinds == {("norm", False): 1, ("gelu", False): 1, ("norm", True): 1} and plain == 3
+    # Through the same kernels as eager (octet/deferred.py's entries, fusion.py's epilogue): the same numbers.
+    assert eager_entries == {"gelu": 1, "norm": 2} and dict(entries) == eager_entries
+    assert torch.equal(compiled, eager)
+
+
+def test_only_float_tensors_nothing_else_reads_are_rewritten(rng, monkeypatch):
+    """A LayerNorm output also read elsewhere, an affine LayerNorm, a cat on another dimension, the exact (erf)
+    GELU, a GELU output that is not an INT8 layer's input: all stay as the host's ops."""
+    class Declined(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.ln = nn.LayerNorm(d, elementwise_affine=False)
+            self.affine = nn.LayerNorm(d)
+            self.a, self.b, self.c = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(2 * d, d)
+            self.d, self.e = nn.Linear(d, d), nn.Linear(d, d)
+
+        def forward(self, x):
+            n = self.ln(x)
+            y = self.a(n) + n                                           # n read twice
+            y = self.b(self.affine(y))                                  # LayerNorm with weight and bias
+            z = self.c(torch.cat((y, F.gelu(x, approximate="tanh")), 1).reshape(x.shape[0], -1, 2 * x.shape[-1]))
+            z = self.d(F.gelu(z))                                       # exact GELU
+            return F.gelu(self.e(z), approximate="tanh") * 2            # the GELU feeds a mul
+    net = _quantized(Declined, "torch")
+    x = torch.randn(2, 6, 16, generator=rng)
+    with torch.no_grad():
+        y, kinds, plain = _compiled_with_pass(net, x)
+        assert not kinds and plain == 5 and torch.equal(y, net(x))
+        # Switched off, the Flux patterns stay too.
+        monkeypatch.setenv("OCTET_COMPILE_FUSIONS", "0")
+        flux = _quantized(FluxLike, "torch")
+        graphs = []
+
+        def capture(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        torch._dynamo.reset()
+        torch.compile(flux, backend=capture, fullgraph=True)(torch.randn(2, 7, 24, generator=rng))
+        torch._dynamo.reset()
+        pass_object = compile_pass._pass_class()()
+        pass_object(graphs[0].graph)
+        assert not any(n.target is torch.ops.octet.linear_fused.default for n in graphs[0].graph.nodes)
+        monkeypatch.setenv("OCTET_COMPILE_FUSIONS", "1")
+        pass_object(graphs[0].graph)
+        assert sum(n.target is torch.ops.octet.linear_fused.default for n in graphs[0].graph.nodes) == 3
+
+
+@pytest.mark.parametrize("input,gelu_out", [("gelu", False), ("norm", False), ("norm", True), ("plain", True)])
+def test_the_fused_op_equals_the_hosts_float_ops_then_the_layer(rng, input, gelu_out):
+    """Without its layer (a graph that outlived its model) the op computes the host's float ops, then the layer as
+    octet::linear does; a plan without the fused entries (the exact torch backend) through the layer gives the same
+    numbers."""
+    layer = modules.QuantLinear.from_float(nn.Linear(40, 12), "dynamic", backend="torch")
+    pre = torch.randn(2, 5, 40 if input != "gelu" else 32, generator=rng)
+    head = torch.randn(2, 5, 8, generator=rng) if input == "gelu" else None
+    mult, shift = (torch.randn(2, 1, 40, generator=rng), torch.randn(2, 1, 40, generator=rng)) \
+        if input == "norm" else (None, None)
+    if input == "gelu":
+        float_input = torch.cat((head, F.gelu(pre, approximate="tanh")), -1)
+    elif input == "norm":
+        float_input = torch.addcmul(shift, F.layer_norm(pre, (40,), None, None, 1e-6), mult)
+    else:
+        float_input = pre
+    args = (layer.weight, layer.current_weight_scale(), layer.bias, None, None, "dynamic", "torch", "speed")
+    expected = torch.ops.octet.linear(float_input, *args)
+    expected = F.gelu(expected, approximate="tanh") if gelu_out else expected
+    fused = torch.ops.octet.linear_fused.default
+    with torch.no_grad():
+        alone = fused(pre, head, mult, shift, 1e-6, input, gelu_out, *args)
+        owned = fused(pre, head, mult, shift, 1e-6, input, gelu_out, *args, layer.op_owner)
+    assert torch.equal(alone, expected) and torch.equal(owned, expected)
+    torch.library.opcheck(fused, (pre, head, mult, shift, 1e-6, input, gelu_out, *args))
+
+
+def test_the_pass_is_installed_once_after_any_pass_already_there(monkeypatch):
+    import torch._inductor.config as inductor_config
+    seen = []
+
+    class Previous:
+        def __call__(self, graph):
+            seen.append(graph)
+
+        def uuid(self):
+            return "previous-1"
+    # Inductor's own patch (its config module is not a plain module: monkeypatch's undo would delete the entry).
+    with inductor_config.patch(pre_grad_custom_pass=Previous()):
+        monkeypatch.setattr(compile_pass, "_installed", False)
+        compile_pass.install()
+        installed = inductor_config.pre_grad_custom_pass
+        monkeypatch.setattr(compile_pass, "_installed", False)    # a second copy of the pack: not installed twice
+        compile_pass.install()
+        assert inductor_config.pre_grad_custom_pass is installed and isinstance(installed.previous, Previous)
+    on = installed.uuid()
+    assert on.endswith("previous-1") and installed.uuid() == on
+    # Inductor's cache keys on it: a compile with the switch off must not reuse a rewritten graph.
+    monkeypatch.setenv("OCTET_COMPILE_FUSIONS", "0")
+    assert installed.uuid() != on
+    graph = torch.fx.Graph()
+    graph.output(None)
+    installed(graph)
+    assert seen == [graph]
+
+
+def test_inductor_runs_the_pass_on_a_compiled_model(rng, monkeypatch):
+    """torch.compile's default backend (the host's TorchCompileModel) applies the installed pass: the fused calls
+    reach the layers, and the output is eager's up to Inductor's own float rounding."""
+    import torch._inductor.config as inductor_config
+    net = _quantized(FluxLike, "torch")       # made a QuantLinear: the pass is installed
+    assert type(inductor_config.pre_grad_custom_pass).__name__ == "OctetFusions"
+    calls = []
+    real = modules.QuantLinear.fused_call
+    monkeypatch.setattr(modules.QuantLinear, "fused_call",
+                        lambda self, x, *a: calls.append((a[4], a[5])) or real(self, x, *a))
+    x = torch.randn(2, 7, 24, generator=rng)
+    with torch.no_grad():
+        eager = net(x)
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(net)(x)
+        finally:
+            torch._dynamo.reset()
+    assert sorted(calls) == [("gelu", False), ("norm", False), ("norm", True)]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU half: Inductor's CUDA code around the kernels")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_on_a_gpu_compiled_layers_take_the_fused_inputs_as_eager_does(rng, monkeypatch, mode):
+    """Flux-like widths in bf16 on the GPU, compiled as TorchCompileModel does (and with CUDA graphs): the fused
+    inputs reach the same plan entries as eager's, and the output is eager's up to Inductor's float rounding of the
+    ops around them (the attention's softmax, the modulations), which can move an int8 code by one step."""
+    torch.manual_seed(0)
+    net = FluxLike(512, 2048).to("cuda", torch.bfloat16).eval()
+    octet.quantize_(net, octet.DynamicW8A8Config(backend="triton"))
+    x = torch.randn(2, 1024, 512, generator=rng).to("cuda", torch.bfloat16)
+    entries = collections.Counter()
+    real_gelu, real_norm = triton_backend._W8A8Linear.gelu_input, triton_backend._W8A8Linear.norm_input
+    monkeypatch.setattr(triton_backend._W8A8Linear, "gelu_input",
+                        lambda self, *a: entries.update(["gelu"]) or real_gelu(self, *a))
+    monkeypatch.setattr(triton_backend._W8A8Linear, "norm_input",
+                        lambda self, *a: entries.update(["norm"]) or real_norm(self, *a))
+    with torch.no_grad():
+        eager = net(x)
+        eager_entries = dict(entries)
+        entries.clear()
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(net, mode=mode, fullgraph=True)
+            outs = [compiled(x).clone() for _ in range(3)]
+        finally:
+            torch._dynamo.reset()
+    assert eager_entries == {"gelu": 1, "norm": 2} and entries == {"gelu": 3, "norm": 6} or \
+        (mode == "reduce-overhead" and entries["gelu"] >= 1 and entries["norm"] >= 2), (eager_entries, entries)
+    for y in outs:
+        err = (y.float() - eager.float()).abs().max().item()
+        assert err <= 2e-2 * eager.float().abs().max().item(), err
