@@ -25,7 +25,7 @@ import torch
 
 import torch.nn.functional as F
 
-from .. import registry, switches
+from .. import graph_pool, registry, switches
 from . import scratch as scratch_buffers
 from . import triton_support
 
@@ -246,9 +246,15 @@ class _W8A8Linear:
         if self._gelu is None:
             if self.gemm.gelu:
                 return self
-            self._gelu = _W8A8Linear(*self._operands, gelu=True)
+            with self._kept():
+                self._gelu = _W8A8Linear(*self._operands, gelu=True)
             self._gelu.deferral_pays = self.deferral_pays
         return self._gelu
+
+    def _kept(self):
+        """For what this plan makes at a first call and keeps (the GELU twin, the deferred entries' quantizers): not
+        in a CUDA-graph warm-up's pool (torch.compile's reduce-overhead runs these calls there: graph_pool.py)."""
+        return graph_pool.outside(self._operands[2].qweight.device)
 
     def __call__(self, x, static):
         # The layer's own call (octet/modules.py): x is on the plan's device with K columns, and static is
@@ -320,7 +326,8 @@ class _W8A8Linear:
         k1 = 0 if head is None else head.shape[-1]
         quantize = self._gelu_quantizers.get(k1)
         if quantize is None:
-            quantize = self._gelu_quantizers[k1] = self._make_gelu(k1, self.k - k1, self.smooth)
+            with self._kept():
+                quantize = self._gelu_quantizers[k1] = self._make_gelu(k1, self.k - k1, self.smooth)
         xq, xs = quantize(head, pre, static)
         return self.gemm(xq, xs, pre.dtype).reshape(*pre.shape[:-1], self.n)
 
@@ -346,7 +353,8 @@ class _W8A8Linear:
 
     def norm_input(self, x, eps, mult, shift, static):
         if self._norm is None:
-            self._norm = self._make_norm(self.k, self.smooth)
+            with self._kept():
+                self._norm = self._make_norm(self.k, self.smooth)
         xq, xs = self._norm(x, eps, mult, shift, static)
         return self.gemm(xq, xs, x.dtype).reshape(*x.shape[:-1], self.n)
 

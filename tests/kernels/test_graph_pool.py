@@ -117,3 +117,26 @@ def test_the_cold_paths_that_keep_memory_run_outside_the_pool(allocator, monkeyp
     assert inside == ["cpu", "cpu"] and allocator.routed
     assert (codes.dtype, codes.numel(), scales.dtype, scales.numel()) == (torch.int8, 64, torch.float32, 4)
     assert (weight.dtype, weight.numel()) == (torch.bfloat16, 32)
+
+
+@pytest.mark.skipif(not __import__("comfyui_octet.kernels.backends.triton_support", fromlist=["x"]).interpreting(),
+                    reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
+def test_a_triton_plans_entries_made_at_their_first_call_run_outside_the_pool(allocator, monkeypatch, rng):
+    """What a W8A8 plan makes at the first call of an entry and keeps (its GELU-epilogue twin, the deferred inputs'
+    quantizers) is made with the routing ended: torch.compile's reduce-overhead warm-up is where a compiled graph's
+    octet::linear_fused calls first reach them (octet/compile_pass.py)."""
+    real_outside = graph_pool.outside
+    monkeypatch.setattr(graph_pool, "outside", lambda device: real_outside(CUDA0))
+    layer = octet.modules.QuantLinear.from_float(torch.nn.Linear(16, 8), "dynamic", backend="triton")
+    x = torch.randn(3, 16, generator=rng)
+    run = layer.plan(x).run
+    del allocator.calls[:]      # the plan's own (test above)
+    routed = []
+    for name in ("_make_gelu", "_make_norm"):
+        made = getattr(run, name)
+        monkeypatch.setattr(run, name, lambda *a, made=made, **k: routed.append(allocator.routed) or made(*a, **k))
+    twin = run.with_gelu()
+    run.gelu_input(torch.randn(3, 4, generator=rng), torch.randn(3, 12, generator=rng), None)
+    run.norm_input(x, 1e-6, None, None, None)
+    assert twin is not run and routed == [False, False] and allocator.routed
+    assert [c[0] for c in allocator.calls] == ["end", "release", "begin"] * 3
