@@ -50,7 +50,7 @@ case "$part" in
         octet_dynamic_int8attn octet_dynamic_all_int8 --rounds 10 --deadline 200 --out "$dest/wan_attention" \
         2>&1 | quiet ;;
   compile_fused)  # compiled graphs with eager Octet's fusions (octet/compile_pass.py: cat + GELU, LayerNorm +
-            # modulation, the MLP GELU inside the INT8 layers' kernels). Compiled Flux-dev through CUDA Graph Step was
+            # modulation, the MLP GELU inside the INT8 layers' kernels; QK norm + RoPE as one kernel). Compiled Flux-dev through CUDA Graph Step was
             # GPU-bound at 105.4 ms vs compiled bf16's 137.0 (1.30x, H100 2026-12-06); >= 1.4x needs <= 97.9. Its GPU
             # tests, then Flux-dev compiled + graph step with and without the pass, bf16 last
     gpu_tests 200 tests/octet/test_compile_pass.py

@@ -7,6 +7,8 @@
   octet::linear_fused(x, head?, mult?, shift?, eps, input, gelu_out, <linear's arguments>) -> x.dtype [..., N]:
       a linear on a deferred input and/or with its GELU in the epilogue (octet/compile_pass.py puts it in
       compiled graphs in place of the host's float ops around octet::linear)
+  octet::qk_norm_rope(qs, ks, q weights, k weights, q eps, k eps, freqs, dtype) -> (q, k) [B, H, sum(L_i), D]:
+      Flux's QK RMSNorm per stream, the streams' cat and the RoPE (octet/compile_pass.py, in compiled graphs)
   octet::attention_int8(q, k, v, scale, smooth_k) -> q.dtype [B, SQ, H, D]: attention with int8 q·kᵀ
 
 Each op is declared once with a fake (meta) implementation, so the compiler traces one opaque node
@@ -150,6 +152,39 @@ def linear_fused(x: Tensor, head: Optional[Tensor], mult: Optional[Tensor], shif
     y = dispatch.linear(x, qweight, w_scale, bias, act=act, smooth=smooth, static_scale=static_scale,
                         backend=backend, goal=goal)
     return torch.nn.functional.gelu(y, approximate="tanh") if gelu_out else y
+
+
+def _qk_norm_rope_fake(qs, ks, wqs, wks, eps_q, eps_k, freqs, dtype):
+    b, h, _, d = qs[0].shape
+    total = sum(q.shape[2] for q in qs)
+    return qs[0].new_empty((b, h, total, d), dtype=dtype), qs[0].new_empty((b, h, total, d), dtype=dtype)
+
+
+@define_op("octet::qk_norm_rope", _qk_norm_rope_fake)
+def qk_norm_rope(qs: list[Tensor], ks: list[Tensor], wqs: list[Tensor], wks: list[Tensor], eps_q: list[float],
+                 eps_k: list[float], freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Flux's attention inputs: per stream i, ``rms_norm(q_i, w_q_i, eps_q_i).to(dtype)`` (and k's), the streams
+    joined along the tokens, then the RoPE with ``freqs`` [B or 1, 1, L, D/2, 2, 2]: one Triton kernel per stream
+    (kernels/backends/triton_rope.py, as eager Octet's deferred QKNorm), else the host's ops (the RoPE as
+    comfy.ldm.flux.math computes it in fp32)."""
+    from .backends import triton_rope, triton_support
+    segments = list(zip(qs, ks, wqs, wks, eps_q, eps_k))
+    q0 = qs[0]
+    runs = q0.is_cuda and triton_support.importable() or triton_support.interpreting() \
+        and triton_support.unavailable_reason() is None
+    if runs and freqs.shape[2] == sum(q.shape[2] for q in qs) and all(
+            q.shape == k.shape and q.dtype == k.dtype and triton_rope.takes(q, wq, freqs)
+            and triton_rope.takes(k, wk, freqs) for q, k, wq, wk, _, _ in segments):
+        return triton_rope.qk_norm_rope(segments, freqs, dtype)
+
+    def prepared(xs, ws, eps):
+        parts = [torch.nn.functional.rms_norm(x, (x.shape[-1],), w, e).to(dtype) for x, w, e in zip(xs, ws, eps)]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        x_ = x.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+        out = freqs[..., 0] * x_[..., 0]
+        out.addcmul_(freqs[..., 1], x_[..., 1])
+        return out.reshape(*x.shape).type_as(x)
+    return prepared(qs, wqs, eps_q), prepared(ks, wks, eps_k)
 
 
 def _conv2d_fake(x, qweight, w_scale, bias, smooth, static_scale, stride, padding, dilation, groups, act, backend,

@@ -14,11 +14,15 @@ hands to Inductor (torch functions, before autograd and decompositions, where th
   octet::linear(addcmul(shift, layer_norm(x), mult))         -> linear_fused(x, mult, shift, input="norm")
   octet::linear(layer_norm(x))                               -> linear_fused(x, input="norm")
   gelu_tanh(octet::linear(x)) feeding another octet::linear  -> linear_fused(..., gelu_out=True)
+  apply_rope(cat(rms_norm(q_i).to(v)), cat(rms_norm(k_i).to(v)), freqs)  -> octet::qk_norm_rope (Flux's QKNorm per
+      stream, the double block's cat, ComfyUI 0.29's comfy_kitchen RoPE: eager's PendingQK kernel, where compiled
+      Flux-dev ran comfy_kitchen's RoPE (3.6 ms a step) after Inductor's RMSNorm kernels (~3.8 ms))
 
 Only where every intermediate has that one consumer (nothing else reads the float tensor), the LayerNorm has no
-affine and normalizes the last dimension, the cat joins two tensors on the last one, and the addcmul has no
-``value``. At run time the layer's plan decides as in eager (QuantLinear.fused_call): a plan that does not take
-the input computes the host's float ops first, so a rewrite can cost speed, never correctness.
+affine and normalizes the last dimension, the cat joins two tensors on the last one (the q/k streams': on the
+tokens), and the addcmul has no ``value``. Only in graphs with INT8 layers: a bf16 model compiles as the host's.
+At run time the layer's plan decides as in eager (QuantLinear.fused_call): a plan that does not take the input
+computes the host's float ops first, so a rewrite can cost speed, never correctness.
 
 Installed into ``torch._inductor.config.pre_grad_custom_pass`` when the first INT8 layer is made (importing
 Inductor's config costs ~0.8 s, not paid by a pack that never quantizes), chained after any pass already there;
@@ -125,6 +129,70 @@ def _gelu_output(linear) -> Optional[torch.fx.Node]:
     return gelu if _is(next(iter(gelu.users)), _linear_targets()) else None
 
 
+def _is_host_rope(node) -> bool:
+    """ComfyUI 0.29's ``apply_rope`` (comfy.ldm.flux.math -> comfy_kitchen's op) as the graph calls it."""
+    return node.op == "call_function" and "comfy_kitchen" in str(node.target) and "apply_rope" in str(node.target) \
+        and len(node.args) == 3 and not node.kwargs
+
+
+def _qk_segments(x, user) -> Optional[list]:
+    """[(x_i, weight_i, eps_i, dead nodes)] if ``x`` (read only by ``user``) is ``rms_norm(x_i, (D,), w_i,
+    eps_i).to(v)`` for one stream, or their ``torch.cat(..., dim=2)`` for several (Flux's QKNorm, then the double
+    block's cat of the text and image streams); else None."""
+    parts, dead = [x], []
+    if _is(x, (torch.cat,)) and _only_user(x, user) and not (set(x.kwargs) - {"dim"}):
+        tensors, dim = _arg(x, 0, "tensors"), _arg(x, 1, "dim", 0)
+        if not isinstance(tensors, (list, tuple)) or dim not in (2, -2):
+            return None
+        parts, dead, user = list(tensors), [x], x
+    segments = []
+    for part in parts:
+        seg_dead = []
+        if isinstance(part, torch.fx.Node) and part.op == "call_method" and part.target == "to" \
+                and len(part.args) == 2 and not part.kwargs and _only_user(part, user):
+            seg_dead, user_of_norm, part = [part], part, part.args[0]
+        else:
+            user_of_norm = user
+        if not (_is(part, (torch.rms_norm, F.rms_norm)) and _only_user(part, user_of_norm)):
+            return None
+        y, shape = _arg(part, 0, "input"), _arg(part, 1, "normalized_shape")
+        weight, eps = _arg(part, 2, "weight"), _arg(part, 3, "eps")
+        value = _value(y) if isinstance(y, torch.fx.Node) else None
+        if value is None or not isinstance(weight, torch.fx.Node) or len(part.args) + len(part.kwargs) > 4 \
+                or tuple(shape) != (value.shape[-1],) or value.dim() != 4:
+            return None
+        eps = torch.finfo(value.dtype).eps if eps is None else eps      # torch's default, as eager's _rms_params
+        segments.append((y, weight, float(eps), seg_dead + [part]))
+    return segments, dead
+
+
+def rewrite_qk(graph: torch.fx.Graph) -> int:
+    """Flux's q/k preparation (QKNorm per stream, the streams' cat, the host's RoPE) -> octet::qk_norm_rope, as
+    eager Octet's deferred QKNorm runs it (octet/deferred.py PendingQK); returns how many attention calls."""
+    count = 0
+    for rope in list(graph.nodes):
+        if not _is_host_rope(rope):
+            continue
+        q, k, freqs = rope.args
+        found_q = _qk_segments(q, rope) if isinstance(q, torch.fx.Node) else None
+        found_k = _qk_segments(k, rope) if isinstance(k, torch.fx.Node) else None
+        value = _value(q) if isinstance(q, torch.fx.Node) else None
+        if found_q is None or found_k is None or value is None or len(found_q[0]) != len(found_k[0]):
+            continue
+        (qs, dead_q), (ks, dead_k) = found_q, found_k
+        with graph.inserting_before(rope):
+            node = graph.call_function(torch.ops.octet.qk_norm_rope.default, (
+                [s[0] for s in qs], [s[0] for s in ks], [s[1] for s in qs], [s[1] for s in ks],
+                [s[2] for s in qs], [s[2] for s in ks], freqs, value.dtype))
+        node.meta.update(rope.meta)
+        rope.replace_all_uses_with(node)
+        graph.erase_node(rope)
+        for dead in dead_q + dead_k + [n for s in qs + ks for n in s[3]]:
+            graph.erase_node(dead)
+        count += 1
+    return count
+
+
 def rewrite(graph: torch.fx.Graph) -> int:
     """Rewrite ``graph``'s octet::linear calls and their float neighbours as the module docstring lists;
     returns how many calls became ``octet::linear_fused``."""
@@ -153,6 +221,11 @@ def rewrite(graph: torch.fx.Graph) -> int:
     return count
 
 
+def apply(graph: torch.fx.Graph) -> tuple[int, int]:
+    """Both rewrites (what the installed pass runs): (INT8 layers fused, attentions' q/k prepared in one op)."""
+    return rewrite(graph), rewrite_qk(graph)
+
+
 def _pass_class():
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -166,11 +239,12 @@ def _pass_class():
             if self.previous is not None:
                 self.previous(graph)
             if enabled() and any(_is(n, _linear_targets()) for n in graph.nodes):
-                count = rewrite(graph)
-                if count:
+                count, attentions = apply(graph)
+                if count or attentions:
                     log_once("compile-fusions", f"Octet: torch.compile runs {count} INT8 layer(s) with their "
-                             f"LayerNorm / GELU inside the layer's kernels, as eager Octet does "
-                             f"(OCTET_COMPILE_FUSIONS=0 turns this off).", logging.INFO)
+                             f"LayerNorm / GELU inside the layer's kernels and {attentions} attention(s)' q/k norm + "
+                             f"RoPE as one kernel, as eager Octet does (OCTET_COMPILE_FUSIONS=0 turns this off).",
+                             logging.INFO)
 
         def uuid(self):
             # Asked at each compile for Inductor's cache key: this file's code and whether the switch is on.

@@ -76,26 +76,36 @@ def test_flux_blocks_hand_their_gelu_to_the_int8_layers(monkeypatch, sample_dit)
     assert diffs[len(diffs) // 2] < 1e-5 and diffs[-1] < 1e-2, diffs
 
 
-def test_compiled_flux_blocks_take_the_same_inputs_as_eager(sample_dit):
+def test_compiled_flux_blocks_take_the_same_inputs_as_eager(sample_dit, monkeypatch):
     """Under torch.compile (the host's TorchCompileModel wrapper) the real host's Flux code, as traced, has the
     patterns octet/compile_pass.py rewrites at every site eager Octet defers: each single block's cat + GELU,
     every qkv / linear1 LayerNorm + modulation, each MLP's fc1 with its norm2 and the GELU of its epilogue (and
-    the final layer's norm_final, which eager leaves to the host). The layers here run the exact torch backend,
-    whose plans take no deferred input: the fused calls compute the host's float ops, so the sample is the
-    unrewritten compiled graph's bit for bit (eager's differs: eager runs Flux's QK norm + RoPE in one kernel)."""
+    the final layer's norm_final, which eager leaves to the host), and on ComfyUI 0.29 (whose apply_rope is
+    comfy_kitchen's op) every attention's QK norm + cat + RoPE. The layers run the exact torch backend, whose plans
+    take no deferred input: their fused calls compute the host's float ops; the q/k op runs eager's kernel. So
+    the sample is eager Octet's bit for bit on 0.29; on 0.3.75 (RoPE traced as the host's fp32 ops, eager's q/k
+    kernel not in the graph) the unrewritten compiled graph's."""
     import collections
 
+    import comfy.ldm.flux.math as flux_math
+    import comfy.ldm.modules.attention as attention
+    import comfy.quant_ops
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     from comfyui_octet.octet import compile_pass
+    # The host's CPU attention asks psutil for free memory, a graph break (one graph per block's halves); PyTorch's
+    # SDPA, what the host picks on a GPU, keeps each step in one graph, as on a GPU.
+    monkeypatch.setattr(flux_math, "optimized_attention", attention.attention_pytorch)
     dit = rm.load_reference("dit", "plain")
     q, result = bridge.quantize_model(dit, DynamicW8A8Config(backend="torch"))
+    dm = dit.model.diffusion_model
+    attentions = len(dm.double_blocks) + len(dm.single_blocks)
     kinds = collections.Counter()
 
     def sample_compiled(rewrite):
         def backend(gm, example_inputs):
             if rewrite:
-                compile_pass.rewrite(gm.graph)
+                kinds["qk"] += compile_pass.apply(gm.graph)[1]
                 gm.recompile()
             kinds.update((n.args[5], n.args[6]) for n in gm.graph.nodes
                          if n.op == "call_function" and n.target is torch.ops.octet.linear_fused.default)
@@ -106,10 +116,12 @@ def test_compiled_flux_blocks_take_the_same_inputs_as_eager(sample_dit):
             return sample_dit(q, 1)
         finally:
             torch._dynamo.reset()
+    eager = sample_dit(q, 1)
     plain = sample_compiled(False)
     assert not kinds
     fused = sample_compiled(True)
     assert len(result.chains) >= 2 and len(result.gelus) >= 1
+    rope_op = hasattr(comfy.quant_ops, "ck")
     assert kinds == {("gelu", False): len(result.gelus), ("norm", True): len(result.chains),
-                     ("norm", False): len(result.norms) - len(result.chains) + 1}
-    assert torch.equal(fused, plain)
+                     ("norm", False): len(result.norms) - len(result.chains) + 1, "qk": attentions if rope_op else 0}
+    assert torch.equal(fused, eager if rope_op else plain)

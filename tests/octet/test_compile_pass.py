@@ -235,3 +235,101 @@ def test_on_a_gpu_compiled_layers_take_the_fused_inputs_as_eager_does(rng, monke
     for y in outs:
         err = (y.float() - eager.float()).abs().max().item()
         assert err <= 2e-2 * eager.float().abs().max().item(), err
+
+
+def _host_rope(x, freqs):
+    """comfy.ldm.flux.math's RoPE in fp32 (what ComfyUI 0.29's comfy_kitchen op computes)."""
+    x_ = x.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    out = freqs[..., 0] * x_[..., 0]
+    out.addcmul_(freqs[..., 1], x_[..., 1])
+    return out.reshape(*x.shape).type_as(x)
+
+
+# A stand-in for 0.29's comfy_kitchen::apply_rope (the pass knows the host's op by its namespace and name).
+_ROPE_LIB = torch.library.Library("comfy_kitchen_octet_test", "FRAGMENT")
+_ROPE_LIB.define("apply_rope(Tensor q, Tensor k, Tensor freqs) -> (Tensor, Tensor)")
+_ROPE_LIB.impl("apply_rope", lambda q, k, f: (_host_rope(q, f), _host_rope(k, f)), "CompositeExplicitAutograd")
+torch.library.register_fake("comfy_kitchen_octet_test::apply_rope", lambda q, k, f: (torch.empty_like(q),
+                                                                                   torch.empty_like(k)), lib=_ROPE_LIB)
+
+
+class DoubleAttention(nn.Module):
+    """Flux's double block from its qkv views to the RoPE: QKNorm per stream (.to(v)), the streams' cat, RoPE."""
+
+    def __init__(self, d=16, share_norm_output=False):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.RMSNorm(d) for _ in range(4))
+        for i, n in enumerate(self.norms):
+            n.weight.data = torch.linspace(0.5, 1.5, d) + i
+        self.share = share_norm_output
+
+    def forward(self, qkv_txt, qkv_img, freqs):
+        streams = []
+        for (q, k, v), (nq, nk) in zip((qkv_txt.unbind(0), qkv_img.unbind(0)), (self.norms[:2], self.norms[2:])):
+            qn, kn = nq(q), nk(k)
+            streams.append((qn.to(v), kn.to(v), v, qn))
+        q = torch.cat((streams[0][0], streams[1][0]), dim=2)
+        k = torch.cat((streams[0][1], streams[1][1]), dim=2)
+        q, k = torch.ops.comfy_kitchen_octet_test.apply_rope(q, k, freqs)
+        out = q + k
+        return out + streams[0][3].sum() if self.share else out
+
+
+def _flux_freqs(length, d, rng):
+    angles = torch.rand(1, 1, length, d // 2, generator=rng) * 6.28
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack((cos, -sin, sin, cos), dim=-1).reshape(1, 1, length, d // 2, 2, 2)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["fused", "norm-output-read-twice"])
+def test_flux_qk_preparation_becomes_one_op_with_the_hosts_numbers(rng, shared):
+    """QKNorm per stream + cat + the host's RoPE -> octet::qk_norm_rope (eager Octet's q/k kernel, or the host's
+    ops where the kernel does not run): the same attention inputs up to the kernel's fp32 rounding; a norm output
+    read elsewhere stays as the host's ops."""
+    module = DoubleAttention(16, shared)
+    qkv_txt, qkv_img = torch.randn(3, 2, 4, 5, 16, generator=rng), torch.randn(3, 2, 4, 11, 16, generator=rng)
+    freqs = _flux_freqs(16, 16, rng)
+    rewritten = []
+
+    def backend(gm, example_inputs):
+        rewritten.append(compile_pass.apply(gm.graph)[1])
+        gm.recompile()
+        return gm.forward
+    with torch.no_grad():
+        eager = module(qkv_txt, qkv_img, freqs)
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(module, backend=backend, fullgraph=True)(qkv_txt, qkv_img, freqs)
+        finally:
+            torch._dynamo.reset()
+    assert rewritten == [0 if shared else 1]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [16, 6], ids=["kernel", "host-ops"])
+def test_the_qk_op_equals_the_hosts_norms_cat_and_rope(rng, monkeypatch, d):
+    qs = [torch.randn(2, 3, n, d, generator=rng) for n in (4, 7)]
+    ks = [torch.randn(2, 3, n, d, generator=rng) for n in (4, 7)]
+    ws = [torch.rand(d, generator=rng) + 0.5 for _ in range(4)]
+    freqs = _flux_freqs(11, d, rng)
+    eps = [1e-6, 1e-5]
+    from comfyui_octet.kernels.backends import triton_rope
+    kernel = triton_rope.qk_norm_rope
+    launched = []
+    monkeypatch.setattr(triton_rope, "qk_norm_rope", lambda *a: launched.append(1) or kernel(*a))
+
+    def host(xs, wl):
+        x = torch.cat([F.rms_norm(x, (d,), w, e) for x, w, e in zip(xs, wl, eps)], dim=2)
+        return _host_rope(x, freqs)
+    op = torch.ops.octet.qk_norm_rope.default
+    args = (qs, ks, ws[:2], ws[2:], eps, eps, freqs, torch.float32)
+    q, k = op(*args)
+    from comfyui_octet.kernels.backends import triton_support
+    kernel_runs = d != 6 and triton_support.interpreting() and triton_support.unavailable_reason() is None
+    assert launched == ([1] if kernel_runs else [])
+    if not kernel_runs:      # D not a power of two (or no Triton): the host's own ops run
+        assert torch.equal(q, host(qs, ws[:2])) and torch.equal(k, host(ks, ws[2:]))
+    else:
+        torch.testing.assert_close(q, host(qs, ws[:2]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k, host(ks, ws[2:]), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(op, args)
