@@ -165,15 +165,15 @@ def qk_norm_rope(qs: list[Tensor], ks: list[Tensor], wqs: list[Tensor], wks: lis
                  eps_k: list[float], freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Flux's attention inputs: per stream i, ``rms_norm(q_i, w_q_i, eps_q_i).to(dtype)`` (and k's), the streams
     joined along the tokens, then the RoPE with ``freqs`` [B or 1, 1, L, D/2, 2, 2]: one Triton kernel per stream
-    (kernels/backends/triton_rope.py, as eager Octet's deferred QKNorm), else the host's ops (the RoPE as
-    comfy.ldm.flux.math computes it in fp32)."""
+    (kernels/backends/triton_rope.py) where eager Octet's deferred QKNorm would use it (weights in q's dtype: see
+    octet/deferred.py _rms_params), else the host's ops (the RoPE as comfy.ldm.flux.math computes it in fp32)."""
     from .backends import triton_rope, triton_support
     segments = list(zip(qs, ks, wqs, wks, eps_q, eps_k))
     q0 = qs[0]
     runs = q0.is_cuda and triton_support.importable() or triton_support.interpreting() \
         and triton_support.unavailable_reason() is None
     if runs and freqs.shape[2] == sum(q.shape[2] for q in qs) and all(
-            q.shape == k.shape and q.dtype == k.dtype and triton_rope.takes(q, wq, freqs)
+            q.shape == k.shape and q.dtype == k.dtype == wq.dtype == wk.dtype and triton_rope.takes(q, wq, freqs)
             and triton_rope.takes(k, wk, freqs) for q, k, wq, wk, _, _ in segments):
         return triton_rope.qk_norm_rope(segments, freqs, dtype)
 
