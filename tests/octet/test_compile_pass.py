@@ -61,16 +61,22 @@ def _compiled_with_pass(net, x):
     return y, kinds, len(plain)
 
 
-@needs_triton
-def test_the_flux_patterns_become_fused_calls_with_eager_octets_numbers(rng, monkeypatch):
-    net = _quantized(FluxLike, "triton")
-    x = torch.randn(2, 7, 24, generator=rng)
-    entries = collections.Counter()
+@pytest.fixture
+def entries(monkeypatch):
+    """Counts of the W8A8 plans' deferred-input entries called ("gelu", "norm"), eager or compiled."""
+    counts = collections.Counter()
     real_gelu, real_norm = triton_backend._W8A8Linear.gelu_input, triton_backend._W8A8Linear.norm_input
     monkeypatch.setattr(triton_backend._W8A8Linear, "gelu_input",
-                        lambda self, *a: entries.update(["gelu"]) or real_gelu(self, *a))
+                        lambda self, *a: counts.update(["gelu"]) or real_gelu(self, *a))
     monkeypatch.setattr(triton_backend._W8A8Linear, "norm_input",
-                        lambda self, *a: entries.update(["norm"]) or real_norm(self, *a))
+                        lambda self, *a: counts.update(["norm"]) or real_norm(self, *a))
+    return counts
+
+
+@needs_triton
+def test_the_flux_patterns_become_fused_calls_with_eager_octets_numbers(rng, entries):
+    net = _quantized(FluxLike, "triton")
+    x = torch.randn(2, 7, 24, generator=rng)
     with torch.no_grad():
         eager = net(x)
         eager_entries = dict(entries)
@@ -206,7 +212,7 @@ def test_inductor_runs_the_pass_on_a_compiled_model(rng, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU half: Inductor's CUDA code around the kernels")
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_on_a_gpu_compiled_layers_take_the_fused_inputs_as_eager_does(rng, monkeypatch, mode):
+def test_on_a_gpu_compiled_layers_take_the_fused_inputs_as_eager_does(rng, entries, mode):
     """Flux-like widths in bf16 on the GPU, compiled as TorchCompileModel does (and with CUDA graphs): the fused
     inputs reach the same plan entries as eager's, and the output is eager's up to Inductor's float rounding of the
     ops around them (the attention's softmax, the modulations), which can move an int8 code by one step."""
@@ -214,12 +220,6 @@ def test_on_a_gpu_compiled_layers_take_the_fused_inputs_as_eager_does(rng, monke
     net = FluxLike(512, 2048).to("cuda", torch.bfloat16).eval()
     octet.quantize_(net, octet.DynamicW8A8Config(backend="triton"))
     x = torch.randn(2, 1024, 512, generator=rng).to("cuda", torch.bfloat16)
-    entries = collections.Counter()
-    real_gelu, real_norm = triton_backend._W8A8Linear.gelu_input, triton_backend._W8A8Linear.norm_input
-    monkeypatch.setattr(triton_backend._W8A8Linear, "gelu_input",
-                        lambda self, *a: entries.update(["gelu"]) or real_gelu(self, *a))
-    monkeypatch.setattr(triton_backend._W8A8Linear, "norm_input",
-                        lambda self, *a: entries.update(["norm"]) or real_norm(self, *a))
     with torch.no_grad():
         eager = net(x)
         eager_entries = dict(entries)
