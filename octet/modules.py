@@ -460,6 +460,23 @@ class QuantLayer(nn.Module):
                 f"smooth={self.pre_quant_scale is not None}")
 
 
+_NORM_KERNEL: list = []
+
+
+def _float_norm_kernel(x: torch.Tensor):
+    """On a GPU, the float ``addcmul(shift, layer_norm(x), mult)`` in one pass (triton_layernorm.NormModulate) for a
+    compiled graph's fused call whose plan declines the norm input (short GEMMs: Flux's text stream, SD3.5): the
+    pass took the LayerNorm and the modulation out of Inductor's one fused kernel, and the host's two ops would be
+    two passes. None elsewhere (CPU: the host's ops, eager's numbers)."""
+    from ..kernels.backends import triton_support
+    if not x.is_cuda or not triton_support.importable():
+        return None
+    if not _NORM_KERNEL:
+        from ..kernels.backends import triton_layernorm
+        _NORM_KERNEL.append(triton_layernorm.NormModulate())
+    return _NORM_KERNEL[0]
+
+
 class QuantLinear(QuantLayer):
     kind = "linear"
     geometry = None
@@ -510,14 +527,15 @@ class QuantLinear(QuantLayer):
         """A compiled graph's octet::linear_fused on this layer (octet/compile_pass.py): the deferred input
         ``input`` describes (PendingGelu / PendingNorm) and the GELU epilogue through the same plan entries as
         eager's ``_forward_pending`` / ``forward_gelu``, so compiled and eager Octet give the same numbers; where the
-        plan takes neither, the input computed by the host's float ops, the layer's plan, then the GELU."""
+        plan takes neither, the input computed by the host's float ops (on a GPU a LayerNorm + modulation in one
+        pass, as Inductor's own kernel would have: _float_norm_kernel), the layer's plan, then the GELU."""
         # The host's own cat / addcmul on pending tensors: they join where eager's would (same checks), else compute
         # the float tensor as eager does.
         if input == "gelu":
             x = PendingGelu(None, x)
             x = x if head is None else torch.cat((head, x), dim=-1)
         elif input == "norm":
-            x = PendingNorm(x, eps)
+            x = PendingNorm(x, eps, kernel=_float_norm_kernel(x))
             x = x if mult is None else torch.addcmul(shift, x, mult)
         if gelu_out:
             y = self.forward_gelu(x)

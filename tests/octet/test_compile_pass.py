@@ -333,3 +333,31 @@ def test_the_qk_op_equals_the_hosts_norms_cat_and_rope(rng, monkeypatch, d):
         torch.testing.assert_close(q, host(qs, ws[:2]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(k, host(ks, ws[2:]), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(op, args)
+
+
+@needs_triton
+def test_a_declined_norm_input_is_computed_in_one_float_pass_on_a_gpu(rng, monkeypatch):
+    """A plan that declines the norm input (here the exact torch backend, which has none; on a GPU, short GEMMs)
+    gets its LayerNorm + modulation from one float kernel pass (what Inductor's fused kernel was) where the kernels
+    run on a GPU, then the layer's plan; the CPU keeps the host's two ops. Stood in here by the interpreter."""
+    from comfyui_octet.kernels.backends import triton_layernorm
+    kernel = triton_layernorm.NormModulate()
+    calls = []
+
+    def on_gpu(x):    # _float_norm_kernel as on a GPU
+        return kernel
+    monkeypatch.setattr(modules, "_float_norm_kernel", on_gpu)
+    real = triton_layernorm.NormModulate.__call__
+    monkeypatch.setattr(triton_layernorm.NormModulate, "__call__",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    layer = modules.QuantLinear.from_float(nn.Linear(32, 12), "dynamic", backend="torch")
+    x, mult, shift = (torch.randn(2, 5, 32, generator=rng), torch.randn(2, 1, 32, generator=rng),
+                      torch.randn(2, 1, 32, generator=rng))
+    args = (layer.weight, layer.current_weight_scale(), layer.bias, None, None, "dynamic", "torch", "speed")
+    with torch.no_grad():
+        y = torch.ops.octet.linear_fused.default(x, None, mult, shift, 1e-6, "norm", False, *args, layer.op_owner)
+        one_pass = real(kernel, x, 1e-6, mult, shift)
+    assert calls == [1]
+    assert torch.equal(y, torch.ops.octet.linear(one_pass, *args))
+    host = torch.addcmul(shift, F.layer_norm(x, (32,), None, None, 1e-6), mult)
+    torch.testing.assert_close(one_pass, host, rtol=1e-5, atol=1e-5)
