@@ -135,10 +135,10 @@ def _is_host_rope(node) -> bool:
         and len(node.args) == 3 and not node.kwargs
 
 
-def _qk_segments(x, user) -> Optional[list]:
-    """[(x_i, weight_i, eps_i, dead nodes)] if ``x`` (read only by ``user``) is ``rms_norm(x_i, (D,), w_i,
-    eps_i).to(v)`` for one stream, or their ``torch.cat(..., dim=2)`` for several (Flux's QKNorm, then the double
-    block's cat of the text and image streams); else None."""
+def _qk_segments(x, user) -> Optional[tuple]:
+    """([(x_i, weight_i, eps_i, its dead nodes)], the cat's dead node) if ``x`` (read only by ``user``) is
+    ``rms_norm(x_i, (D,), w_i, eps_i).to(v)`` for one stream, or their ``torch.cat(..., dim=2)`` for several
+    (Flux's QKNorm, then the double block's cat of the text and image streams); else None."""
     parts, dead = [x], []
     if _is(x, (torch.cat,)) and _only_user(x, user) and not (set(x.kwargs) - {"dim"}):
         tensors, dim = _arg(x, 0, "tensors"), _arg(x, 1, "dim", 0)
