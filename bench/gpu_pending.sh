@@ -59,7 +59,9 @@ case "$part" in
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_not_compile_fused bf16 \
         --modes compile_graph --deadline 420 --out "$dest/compile_fused" 2>&1 | quiet ;;
   compile_fused_profile)  # what is left in compiled Octet Flux-dev's step with the pass: its kernels by GPU time
-            # (torch.profiler, one compiled step; the twenty-eighth session's table is the before)
+            # (torch.profiler, one compiled step; the twenty-eighth session's table is the before); first the GELU
+            # row quantizer's configs with 32 warps added (Flux's single block: 153.9 us at 16, 2.4x its bytes' time)
+    python3 bench/quant_rows_sweep.py --out "$dest" 2>&1 | quiet | grep -i "gelu"
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic --modes compile --profile --deadline 300 \
         --out "$dest/compile_fused_profile" 2>&1 | quiet | grep -v "^\[" | head -80 ;;
   cudagraphs)  # torch.compile with CUDA graphs (reduce-overhead; TorchCompileModel's backend cudagraphs): its GPU

@@ -98,7 +98,9 @@ def main():
                 _time(row, name, fn, f"[{card}] quantize {m}x{k}")
         rows_out.append(row)
     # The GELU row quantizer (an MLP's fc2 input: SD3.5 6144, Wan 8960; Flux's single block 3072 head + 12288):
-    # its default (two sweeps up to 8192 wide) against the whole row in one tile at 4/8/16 warps
+    # its default (two sweeps up to 8192 wide) against the whole row in one tile at 4/8/16/32 warps (Flux's 15,360-wide
+    # rows: 153.9 us at 16 warps on an H100, 2.4x the time its bytes take at the card's bandwidth; one 16-warp
+    # program holds a whole row's registers on an SM, so 32 warps halve each thread's share)
     for shape in args.gelu_shapes.split(","):
         m, k1, k2 = map(int, shape.split("x"))
         if not cuda:
@@ -111,7 +113,7 @@ def main():
                triton_quant.gelu_row_launch_config(k1 + k2), "us": {}}
         variants = {"gelu default": default}
         whole = triton_support.next_power_of_2(k1 + k2)
-        for warps in (4, 8, 16):
+        for warps in (4, 8, 16, 32):
             if whole // (warps * 32) <= 128:      # at most 128 fp32 values per thread
                 variants[f"gelu whole w{warps}"] = triton_quant.GeluRowQuantizer(k1, k2, None, (whole, warps))
         for name, quantizer in variants.items():
