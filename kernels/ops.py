@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
+from .registry import log_once
 from .operands import ConvGeometry
 
 Tensor = torch.Tensor
@@ -176,6 +177,9 @@ def qk_norm_rope(qs: list[Tensor], ks: list[Tensor], wqs: list[Tensor], wks: lis
             q.shape == k.shape and q.dtype == k.dtype == wq.dtype == wk.dtype and triton_rope.takes(q, wq, freqs)
             and triton_rope.takes(k, wk, freqs) for q, k, wq, wk, _, _ in segments):
         return triton_rope.qk_norm_rope(segments, freqs, dtype)
+    log_once("compiled-qk-host", f"Octet: a compiled attention's q/k norm + RoPE ran as the host's ops (the fused "
+             f"kernel takes heads of a power-of-two width with norm weights in q's dtype on a GPU; got "
+             f"{tuple(q0.shape)} {q0.dtype}, weights {wqs[0].dtype}, {'GPU' if q0.is_cuda else 'CPU'}).")
 
     def prepared(xs, ws, eps):
         parts = [torch.nn.functional.rms_norm(x, (x.shape[-1],), w, e).to(dtype) for x, w, e in zip(xs, ws, eps)]

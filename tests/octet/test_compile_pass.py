@@ -2,6 +2,7 @@
 cat + GELU, a DiT's LayerNorm + modulation, an MLP's GELU) become one octet::linear_fused call, with eager
 Octet's numbers; nothing else is rewritten, and a layer that cannot take them gets the host's float ops."""
 import collections
+import logging
 
 import pytest
 import torch
@@ -310,7 +311,7 @@ def test_flux_qk_preparation_becomes_one_op_with_the_hosts_numbers(rng, shared):
 
 
 @pytest.mark.parametrize("d", [16, 6], ids=["kernel", "host-ops"])
-def test_the_qk_op_equals_the_hosts_norms_cat_and_rope(rng, monkeypatch, d):
+def test_the_qk_op_equals_the_hosts_norms_cat_and_rope(rng, monkeypatch, caplog, d):
     qs = [torch.randn(2, 3, n, d, generator=rng) for n in (4, 7)]
     ks = [torch.randn(2, 3, n, d, generator=rng) for n in (4, 7)]
     ws = [torch.rand(d, generator=rng) + 0.5 for _ in range(4)]
@@ -326,11 +327,16 @@ def test_the_qk_op_equals_the_hosts_norms_cat_and_rope(rng, monkeypatch, d):
         return _host_rope(x, freqs)
     op = torch.ops.octet.qk_norm_rope.default
     args = (qs, ks, ws[:2], ws[2:], eps, eps, freqs, torch.float32)
-    q, k = op(*args)
+    from comfyui_octet.kernels import registry
+    registry._logged.discard("compiled-qk-host")     # logged once a process: not this test's order's business
+    with caplog.at_level(logging.INFO, logger="octet"):
+        q, k = op(*args)
     from comfyui_octet.kernels.backends import triton_support
     kernel_runs = d != 6 and triton_support.interpreting() and triton_support.unavailable_reason() is None
     assert launched == ([1] if kernel_runs else [])
-    if not kernel_runs:      # D not a power of two (or no Triton): the host's own ops run
+    logged = [r.getMessage() for r in caplog.records if "q/k norm + RoPE ran as the host's ops" in r.getMessage()]
+    assert len(logged) == (0 if kernel_runs else 1) and all(f"(2, 3, 4, {d})" in m for m in logged)
+    if not kernel_runs:      # D not a power of two (or no Triton): the host's own ops run, said once
         assert torch.equal(q, host(qs, ws[:2])) and torch.equal(k, host(ks, ws[2:]))
     else:
         torch.testing.assert_close(q, host(qs, ws[:2]), rtol=1e-5, atol=1e-5)
