@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from . import dispatch
+from . import dispatch, torch_ref
 from .registry import log_once
 from .operands import ConvGeometry
 
@@ -171,9 +171,7 @@ def qk_norm_rope(qs: list[Tensor], ks: list[Tensor], wqs: list[Tensor], wks: lis
     from .backends import triton_rope, triton_support
     segments = list(zip(qs, ks, wqs, wks, eps_q, eps_k))
     q0 = qs[0]
-    runs = q0.is_cuda and triton_support.importable() or triton_support.interpreting() \
-        and triton_support.unavailable_reason() is None
-    if runs and freqs.shape[2] == sum(q.shape[2] for q in qs) and all(
+    if triton_support.runs_on(q0) and freqs.shape[2] == sum(q.shape[2] for q in qs) and all(
             q.shape == k.shape and q.dtype == k.dtype == wq.dtype == wk.dtype and triton_rope.takes(q, wq, freqs)
             and triton_rope.takes(k, wk, freqs) for q, k, wq, wk, _, _ in segments):
         return triton_rope.qk_norm_rope(segments, freqs, dtype)
@@ -183,11 +181,7 @@ def qk_norm_rope(qs: list[Tensor], ks: list[Tensor], wqs: list[Tensor], wks: lis
 
     def prepared(xs, ws, eps):
         parts = [torch.nn.functional.rms_norm(x, (x.shape[-1],), w, e).to(dtype) for x, w, e in zip(xs, ws, eps)]
-        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        x_ = x.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
-        out = freqs[..., 0] * x_[..., 0]
-        out.addcmul_(freqs[..., 1], x_[..., 1])
-        return out.reshape(*x.shape).type_as(x)
+        return torch_ref.rope(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2), freqs)
     return prepared(qs, wqs, eps_q), prepared(ks, wks, eps_k)
 
 

@@ -249,10 +249,15 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, freqs: torch
     embedding in fp32 with ``freqs`` rows ``offset``.. (freqs [B or 1, 1, L_total, D/2, 2, 2]), rounded back
     to x's dtype. x [B, H, L, D]."""
     y = F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
-    f = freqs[:, :, offset:offset + x.shape[2]]
-    y_ = y.to(f.dtype).reshape(*y.shape[:-1], -1, 1, 2)
-    out = f[..., 0] * y_[..., 0]
-    out.addcmul_(f[..., 1], y_[..., 1])
+    return rope(y, freqs[:, :, offset:offset + x.shape[2]])
+
+
+def rope(y: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The host's rotary embedding (comfy.ldm.flux.math apply_rope1): pairs of y's last dim rotated in fp32 by
+    ``freqs`` [..., D/2, 2, 2] (broadcast against y's leading dims), rounded back to y's dtype."""
+    y_ = y.to(freqs.dtype).reshape(*y.shape[:-1], -1, 1, 2)
+    out = freqs[..., 0] * y_[..., 0]
+    out.addcmul_(freqs[..., 1], y_[..., 1])
     return out.reshape(*y.shape).type_as(y)
 
 
@@ -261,11 +266,7 @@ def row_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, freqs: torc
     RMSNorm over the projection's whole width, output in x's dtype; ``.view(b, s, n, d)``; apply_rope1 in fp32
     with ``freqs`` [B or 1, L, 1, D/2, 2, 2], rounded back to x's dtype). x [B, L, H*D] -> [B, L, H, D]."""
     b, length, width = x.shape
-    y = F.rms_norm(x, (width,), weight.to(x.dtype), eps).view(b, length, heads, width // heads)
-    y_ = y.to(freqs.dtype).reshape(*y.shape[:-1], -1, 1, 2)
-    out = freqs[..., 0] * y_[..., 0]
-    out.addcmul_(freqs[..., 1], y_[..., 1])
-    return out.reshape(*y.shape).type_as(y)
+    return rope(F.rms_norm(x, (width,), weight.to(x.dtype), eps).view(b, length, heads, width // heads), freqs)
 
 
 def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,

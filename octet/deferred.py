@@ -394,13 +394,7 @@ def _host_rms_norms(segments: tuple, dtype: torch.dtype, dim: int) -> torch.Tens
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _kernels_run_on(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels run for tensors on t's device (a GPU, or the CPU interpreter in tests)."""
-    if t.is_cuda:
-        # A CUDA tensor means CUDA is there, so only Triton's import can fail: asked per fused op and deferred
-        # input, the full check (environment read + torch.cuda.is_available, ~1.6 us) was host time per call.
-        return triton_support.importable()
-    return triton_support.interpreting() and triton_support.unavailable_reason() is None
+_kernels_run_on = triton_support.runs_on   # a module global: benches stand it in (bench/fused_ops_host.py)
 
 
 def kernel_input(x) -> bool:

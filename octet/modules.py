@@ -469,7 +469,7 @@ def _float_norm_kernel(x: torch.Tensor):
     pass took the LayerNorm and the modulation out of Inductor's one fused kernel, and the host's two ops would be
     two passes. None elsewhere (CPU: the host's ops, eager's numbers)."""
     from ..kernels.backends import triton_support
-    if not x.is_cuda or not triton_support.importable():
+    if not (x.is_cuda and triton_support.runs_on(x)):
         return None
     if not _NORM_KERNEL:
         from ..kernels.backends import triton_layernorm

@@ -57,6 +57,15 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
+def runs_on(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for tensors on t's device (a GPU, or the CPU interpreter in tests)."""
+    if t.is_cuda:
+        # A CUDA tensor means CUDA is there, so only Triton's import can fail: asked per fused op and deferred
+        # input, the full check (environment read + torch.cuda.is_available, ~1.6 us) was host time per call.
+        return importable()
+    return interpreting() and unavailable_reason() is None
+
+
 @functools.lru_cache(maxsize=None)
 def capability(device_index: int = 0) -> tuple[int, int]:
     """(major, minor) SM version of a CUDA device; (0, 0) when there is none."""
