@@ -228,6 +228,8 @@ def apply(graph: torch.fx.Graph) -> tuple[int, int]:
 
 def _pass_class():
     from torch._inductor.custom_graph_pass import CustomGraphPass
+    with open(__file__, "rb") as f:      # once: the pass's cache key changes with its code
+        source = hashlib.sha256(f.read()).hexdigest()
 
     class OctetFusions(CustomGraphPass):
         """Inductor's pre-grad custom pass: the one before it (if any), then ``rewrite``."""
@@ -248,10 +250,8 @@ def _pass_class():
 
         def uuid(self):
             # Asked at each compile for Inductor's cache key: this file's code and whether the switch is on.
-            with open(__file__, "rb") as f:
-                own = hashlib.sha256(f.read()).hexdigest() + ("on" if enabled() else "off")
             previous = getattr(self.previous, "uuid", None)
-            return own + ("" if previous is None else str(previous()))
+            return source + ("on" if enabled() else "off") + ("" if previous is None else str(previous()))
     return OctetFusions
 
 
@@ -269,7 +269,6 @@ def install() -> None:
                  f"layers: Inductor's custom passes are unavailable ({type(e).__name__}: {e}).", logging.INFO)
         return
     current = inductor_config.pre_grad_custom_pass
-    if isinstance(current, cls) or type(current).__name__ == cls.__name__:
-        return      # a second copy of the pack (ComfyUI's loader) installed its own already
+    if type(current).__name__ == cls.__name__:
+        return      # installed already (by this copy of the pack, or a second one ComfyUI's loader made)
     inductor_config.pre_grad_custom_pass = cls(current)
-

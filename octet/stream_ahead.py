@@ -154,7 +154,7 @@ def _streamed_from_pinned_ram(layer) -> bool:
     return w.device.type == "cpu" and w.is_pinned() and not layer.weight_function and not layer.bias_function
 
 
-# The three points that touch CUDA's streams (tests substitute CPU stand-ins).
+# The two points that touch CUDA's streams (tests substitute CPU stand-ins).
 def _launch(layer, device: torch.device) -> tuple:
     """(operands, event): ``layer``'s operands copied on the copy stream, the event recorded after them."""
     compute = torch.cuda.current_stream(device)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from comfyui_octet import octet
+from comfyui_octet.kernels import torch_ref
 from comfyui_octet.kernels.backends import triton_backend
 from comfyui_octet.octet import compile_pass, modules
 from test_deferred import SingleBlock, needs_triton
@@ -241,18 +242,11 @@ def test_on_a_gpu_compiled_layers_take_the_fused_inputs_as_eager_does(rng, entri
         assert err <= 2e-2 * eager.float().abs().max().item(), err
 
 
-def _host_rope(x, freqs):
-    """comfy.ldm.flux.math's RoPE in fp32 (what ComfyUI 0.29's comfy_kitchen op computes)."""
-    x_ = x.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
-    out = freqs[..., 0] * x_[..., 0]
-    out.addcmul_(freqs[..., 1], x_[..., 1])
-    return out.reshape(*x.shape).type_as(x)
-
-
-# A stand-in for 0.29's comfy_kitchen::apply_rope (the pass knows the host's op by its namespace and name).
+# A stand-in for 0.29's comfy_kitchen::apply_rope (the pass knows the host's op by its namespace and name),
+# computing comfy.ldm.flux.math's fp32 RoPE as that op does.
 _ROPE_LIB = torch.library.Library("comfy_kitchen_octet_test", "FRAGMENT")
 _ROPE_LIB.define("apply_rope(Tensor q, Tensor k, Tensor freqs) -> (Tensor, Tensor)")
-_ROPE_LIB.impl("apply_rope", lambda q, k, f: (_host_rope(q, f), _host_rope(k, f)), "CompositeExplicitAutograd")
+_ROPE_LIB.impl("apply_rope", lambda q, k, f: (torch_ref.rope(q, f), torch_ref.rope(k, f)), "CompositeExplicitAutograd")
 torch.library.register_fake("comfy_kitchen_octet_test::apply_rope", lambda q, k, f: (torch.empty_like(q),
                                                                                    torch.empty_like(k)), lib=_ROPE_LIB)
 
@@ -324,7 +318,7 @@ def test_the_qk_op_equals_the_hosts_norms_cat_and_rope(rng, monkeypatch, caplog,
 
     def host(xs, wl):
         x = torch.cat([F.rms_norm(x, (d,), w, e) for x, w, e in zip(xs, wl, eps)], dim=2)
-        return _host_rope(x, freqs)
+        return torch_ref.rope(x, freqs)
     op = torch.ops.octet.qk_norm_rope.default
     args = (qs, ks, ws[:2], ws[2:], eps, eps, freqs, torch.float32)
     from comfyui_octet.kernels import registry
