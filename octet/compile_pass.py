@@ -252,7 +252,19 @@ def _pass_class():
             # Asked at each compile for Inductor's cache key: this file's code and whether the switch is on.
             previous = getattr(self.previous, "uuid", None)
             return source + ("on" if enabled() else "off") + ("" if previous is None else str(previous()))
+
+        def __reduce__(self):
+            # torch 2.11's FX graph cache pickles the whole Inductor config (this pass in it) to hash it; a class
+            # made in a function does not pickle ("Can't pickle local object", logged at every compile, the
+            # cache bypassed, bf16 models' compiles too): it pickles as its uuid instead.
+            return _installed_pass, (self.uuid(),)
     return OctetFusions
+
+
+def _installed_pass(uuid: str):
+    """What a pickled pass loads as (Inductor pickles its config only to hash it): the pass installed here."""
+    import torch._inductor.config as inductor_config
+    return inductor_config.pre_grad_custom_pass
 
 
 def install() -> None:

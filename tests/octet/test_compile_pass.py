@@ -190,6 +190,23 @@ def test_the_pass_is_installed_once_after_any_pass_already_there(monkeypatch):
     assert seen == [graph]
 
 
+def test_the_installed_pass_pickles_as_its_uuid_for_inductors_cache_key(monkeypatch):
+    """torch 2.11 pickles Inductor's whole config to hash a compile (H100 2026-12-06: "Can't pickle local object
+    '_pass_class.<locals>.OctetFusions'" at every compile, the FX graph cache bypassed, bf16 models' compiles
+    too): the pass pickles as its uuid, so equal switches give equal keys and a flipped switch another key."""
+    import pickle
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(pre_grad_custom_pass=None):
+        monkeypatch.setattr(compile_pass, "_installed", False)
+        compile_pass.install()
+        installed = inductor_config.pre_grad_custom_pass
+        on = pickle.dumps(installed)
+        assert pickle.dumps(installed) == on and installed.uuid().encode() in on
+        assert pickle.loads(on) is installed
+        monkeypatch.setenv("OCTET_COMPILE_FUSIONS", "0")
+        assert pickle.dumps(installed) != on
+
+
 def test_inductor_runs_the_pass_on_a_compiled_model(rng, monkeypatch):
     """torch.compile's default backend (the host's TorchCompileModel) applies the installed pass: the fused calls
     reach the layers, and the output is eager's up to Inductor's own float rounding."""
