@@ -410,13 +410,15 @@ def _rows(t: torch.Tensor, what: str) -> torch.Tensor:
 
 def gelu_row_launch_config(k: int) -> tuple[int, int]:
     """(tile width, warps) of the GELU row quantizer for rows of k. Rows of 8193..16384: the whole row in
-    one tile of 16 warps (the GELU computed once): at Flux's single-block 15360 on an H200 138.7 us against
-    173.7-266.4 us for every two-sweep (tile, warps) (bench/deferred_kernels.py --sweep, 2026-12-02).
+    one tile of 32 warps (the GELU computed once): at Flux's single-block 15360 on an H200 137.2 us (16 warps 138.7)
+    against 173.7-266.4 us for every two-sweep (tile, warps) (bench/deferred_kernels.py --sweep, 2026-12-02); on an
+    H100 145.9 against 16 warps' 152.7, and 520.4 against 548.7 at Wan's 14,040 x 8960 (bench/quant_rows_sweep.py,
+    2026-12-06).
     Shorter rows: two sweeps over tiles of about a quarter of the row, as ``row_launch_config`` measured
     for plain rows (bench/quant_rows_sweep.py times this quantizer's whole-row tiles against it)."""
     whole = triton_support.next_power_of_2(k)
     if 8192 < whole <= 16384:
-        return whole, 16
+        return whole, 32
     block_k = min(2048, max(256, whole // 4))
     return block_k, 4 if block_k <= 1024 else 8
 
@@ -506,12 +508,14 @@ def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_pt
 
 
 def norm_launch_config(k: int) -> tuple[int, int]:
-    """(rows per program, warps) of the norm quantizer: one row, 4 to 16 warps by width. Rows up to 2048 wide take 4
-    warps: at Wan's 14,040 x 1536 on an H100 (bench/deferred_kernels.py --only wan --sweep, 2026-12-06) 4 warps ran
-    54.9 us against 8 warps' 65.1 (103.7 vs 126.4 at batch 2), and several rows per program were slower still
-    (74.5-189 us); wider rows keep the widths in use since 2026-12-02 (not swept)."""
+    """(rows per program, warps) of the norm quantizer: one row, 4 warps up to 4096 wide, 16 beyond. At Wan's
+    14,040 x 1536 on an H100 (bench/deferred_kernels.py --only wan --sweep, 2026-12-06) 4 warps ran 54.9 us against
+    8 warps' 65.1 (103.7 vs 126.4 at batch 2); at Flux's 4608 x 3072 (--only flux_norm --sweep, same day) 38.5
+    against 40.5 (4096 rows: 33.1 vs 35.3; 512 rows: 7.0 vs 6.8), 16 warps 46.0; several rows per program were
+    slower at both (48.9-189 us). Issuing the modulation's loads before the reductions (to overlap the two memory
+    round trips) ran slower too: 48.1 us at 4608 x 3072. Rows wider than 4096 are not swept."""
     block_k = triton_support.next_power_of_2(k)
-    return 1, 4 if block_k <= 2048 else 8 if block_k <= 4096 else 16
+    return 1, 4 if block_k <= 4096 else 16
 
 
 class NormRowQuantizer:
