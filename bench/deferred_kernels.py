@@ -416,7 +416,8 @@ def main() -> int:
         add(f"  GeluRowQuantizer BLOCK_K={block_k} warps={warps}", graph_us(lambda q=q: q(attn, pre)), moved)
     mlp_gelu = triton_quant.GeluRowQuantizer(0, h)
     fc1_out = torch.randn(1, m, h, device=dev, dtype=torch.bfloat16)
-    add("double block MLP: gelu + quantize_rows", graph_us(lambda: rowq[h](F.gelu(fc1_out, approximate="tanh").reshape(m, h))))
+    add("double block MLP: gelu + quantize_rows",
+        graph_us(lambda: rowq[h](F.gelu(fc1_out, approximate="tanh").reshape(m, h))))
     add("double block MLP: GeluRowQuantizer", graph_us(lambda: mlp_gelu(None, fc1_out)), m * h * 3)
     norm = triton_quant.NormRowQuantizer(d)
     add("qkv input: layer_norm + addcmul + quantize_rows",
