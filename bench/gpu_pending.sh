@@ -52,16 +52,18 @@ case "$part" in
         2>&1 | quiet ;;
   compile_fused)  # compiled graphs with eager Octet's fusions (octet/compile_pass.py: cat + GELU, LayerNorm +
             # modulation, the MLP GELU inside the INT8 layers' kernels; QK norm + RoPE as one kernel). Compiled
-            # Flux-dev through CUDA Graph Step was GPU-bound at 105.4 ms vs compiled bf16's 137.0 (1.30x, H100
-            # 2026-12-06); >= 1.4x needs <= 97.9. Its GPU tests, then Flux-dev compiled + graph step with and
-            # without the pass, bf16 last
+            # Flux-dev through CUDA Graph Step, H100 2026-12-06: 99.6 ms with the pass, 105.4 without, bf16 135.9
+            # (1.36x vs 1.29x); 98.0 vs 137.6 (1.40x) after two quantizer configs were retuned. Its GPU tests,
+            # then Flux-dev compiled + graph step with and without the pass, bf16 last
     gpu_tests 200 tests/octet/test_compile_pass.py
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_not_compile_fused bf16 \
         --modes compile_graph --deadline 420 --out "$dest/compile_fused" 2>&1 | quiet ;;
   compile_fused_profile)  # what is left in compiled Octet Flux-dev's step with the pass: its kernels by GPU time
             # (torch.profiler, one compiled step; the twenty-eighth session's table is the before); first the GELU
-            # row quantizer's configs with 32 warps added (Flux's single block: 153.9 us at 16, 2.4x its bytes' time)
+            # row quantizer's configs (32 warps the default since H100 2026-12-06: 145.9 vs 152.7 us) and the norm
+            # quantizer's at Flux's widths (38.5 us at 4608 x 3072 where the plain quantizer takes 18.8)
     python3 bench/quant_rows_sweep.py --out "$dest" 2>&1 | quiet | grep -i "gelu"
+    python3 bench/deferred_kernels.py --only flux_norm --sweep --out "$dest/flux_norm" 2>&1 | quiet
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic --modes compile --profile --deadline 300 \
         --out "$dest/compile_fused_profile" 2>&1 | quiet | grep -v "^\[" | head -80 ;;
   cudagraphs)  # torch.compile with CUDA graphs (reduce-overhead; TorchCompileModel's backend cudagraphs): its GPU
