@@ -4,9 +4,10 @@
   octet::conv2d(x, qweight, w_scale, bias?, smooth?, static_scale?, stride, padding, dilation, groups,
                 act, backend, goal) -> x.dtype NCHW
   octet::static_mlp(x, fc1 tensors, fc2 tensors, backend) -> x.dtype [..., N2]: fc2(gelu_tanh(fc1(x)))
-  octet::linear_fused(x, head?, mult?, shift?, eps, input, gelu_out, <linear's arguments>) -> x.dtype [..., N]:
-      a linear on a deferred input and/or with its GELU in the epilogue (octet/compile_pass.py puts it in
-      compiled graphs in place of the host's float ops around octet::linear)
+  octet::linear_fused(x, head?, mult?, shift?, eps, input, gelu_out, res?, gate?, <linear's arguments>)
+      -> x.dtype [..., N]: a linear on a deferred input and/or with its GELU in the epilogue, or with a block's
+      gated residual added (``res + y * gate``, res's shape and dtype); octet/compile_pass.py puts it in compiled
+      graphs in place of the host's float ops around octet::linear
   octet::qk_norm_rope(qs, ks, q weights, k weights, q eps, k eps, freqs, dtype) -> (q, k) [B, H, sum(L_i), D]:
       Flux's QK RMSNorm per stream, the streams' cat and the RoPE (octet/compile_pass.py, in compiled graphs)
   octet::attention_int8(q, k, v, scale, smooth_k) -> q.dtype [B, SQ, H, D]: attention with int8 q·kᵀ
@@ -126,24 +127,27 @@ def linear(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor], 
                            backend=backend, goal=goal)
 
 
-def _linear_fused_fake(x, head, mult, shift, eps, input, gelu_out, qweight, w_scale, bias, smooth, static_scale, act,
-                       backend, goal, owner=-1):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+def _linear_fused_fake(x, head, mult, shift, eps, input, gelu_out, res, gate, qweight, w_scale, bias, smooth,
+                       static_scale, act, backend, goal, owner=-1):
+    return torch.empty_like(res, memory_format=torch.contiguous_format) if res is not None \
+        else x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 @define_op("octet::linear_fused", _linear_fused_fake)
 def linear_fused(x: Tensor, head: Optional[Tensor], mult: Optional[Tensor], shift: Optional[Tensor], eps: float,
-                 input: str, gelu_out: bool, qweight: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                 smooth: Optional[Tensor], static_scale: Optional[Tensor], act: str, backend: str, goal: str,
-                 owner: int = -1) -> Tensor:
+                 input: str, gelu_out: bool, res: Optional[Tensor], gate: Optional[Tensor], qweight: Tensor,
+                 w_scale: Tensor, bias: Optional[Tensor], smooth: Optional[Tensor], static_scale: Optional[Tensor],
+                 act: str, backend: str, goal: str, owner: int = -1) -> Tensor:
     """``y = linear(input)``, and ``gelu_tanh(y)`` with ``gelu_out``, where ``input`` says what the layer's input is:
     "plain" ``x``; "gelu" ``cat((head, gelu_tanh(x)), -1)`` (``gelu_tanh(x)`` without a head: Flux's single-block
     linear2 input); "norm" ``addcmul(shift, layer_norm(x, eps), mult)`` (``layer_norm(x, eps)`` without them: a
-    DiT's modulated LayerNorm). The owner's plans compute it as eager Octet does (octet/deferred.py's inputs,
-    fusion.py's GELU epilogue: QuantLinear.fused_call); without an owner, the host's float ops, then the layer."""
+    DiT's modulated LayerNorm). With ``res`` (not with ``gelu_out``): ``res + y * gate`` as a new tensor, the
+    host's in-place ``res += y * gate`` without the mutation (the pass only rewrites one that nothing else sees).
+    The owner's plans compute it as eager Octet does (octet/deferred.py's inputs, fusion.py's GELU epilogue:
+    QuantLinear.fused_call); without an owner, the host's float ops, then the layer."""
     layer = owner_of(owner, qweight, x)
     if layer is not None:
-        return layer.fused_call(x, head, mult, shift, eps, input, gelu_out, static_scale)
+        return layer.fused_call(x, head, mult, shift, eps, input, gelu_out, static_scale, res, gate)
     if input == "gelu":
         x = torch.nn.functional.gelu(x, approximate="tanh")
         x = x if head is None else torch.cat((head, x), dim=-1)
@@ -152,7 +156,15 @@ def linear_fused(x: Tensor, head: Optional[Tensor], mult: Optional[Tensor], shif
         x = x if mult is None else torch.addcmul(shift, x, mult)
     y = dispatch.linear(x, qweight, w_scale, bias, act=act, smooth=smooth, static_scale=static_scale,
                         backend=backend, goal=goal)
+    if res is not None:
+        return gated_residual(y, res, gate)
     return torch.nn.functional.gelu(y, approximate="tanh") if gelu_out else y
+
+
+def gated_residual(y: Tensor, res: Tensor, gate: Tensor) -> Tensor:
+    """The host's ``res += y * gate`` (Flux's residual after proj / linear2 / fc2) as a new contiguous tensor (the
+    op's fake says so), the same roundings, ``res`` unchanged."""
+    return (res + y * gate).to(res.dtype).contiguous()
 
 
 def _qk_norm_rope_fake(qs, ks, wqs, wks, eps_q, eps_k, freqs, dtype):

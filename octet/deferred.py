@@ -85,8 +85,9 @@ class Pending(torch.Tensor):
     def compute(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def feed(self, run, static):
-        """The consumer's output through its plan's ``ENTRY``, or None if the plan cannot take this input."""
+    def feed(self, run, static, residual=None):
+        """The consumer's output through its plan's ``ENTRY``, or None if the plan cannot take this input; with
+        ``residual`` (res, gate; the plan's ``takes_residual`` checked) ``res + output * gate`` in its epilogue."""
         raise NotImplementedError
 
     def materialize(self) -> torch.Tensor:
@@ -150,8 +151,8 @@ class PendingGelu(Pending):
         gelu = F.gelu(self.pre, approximate="tanh")
         return gelu if self.head is None else torch.cat((self.head, gelu), dim=-1)
 
-    def feed(self, run, static):
-        return run.gelu_input(self.head, self.pre, static)
+    def feed(self, run, static, residual=None):
+        return run.gelu_input(self.head, self.pre, static, residual)
 
     @classmethod
     def absorb(cls, func, args, kwargs):
@@ -191,10 +192,10 @@ class PendingNorm(Pending):
         y = F.layer_norm(self.x, (self.x.shape[-1],), None, None, self.eps)
         return y if self.mult is None else torch.addcmul(self.shift, y, self.mult)
 
-    def feed(self, run, static):
+    def feed(self, run, static, residual=None):
         if not run.takes_norm(self.x, self.mult, self.shift):
             return None
-        return run.norm_input(self.x, self.eps, self.mult, self.shift, static)
+        return run.norm_input(self.x, self.eps, self.mult, self.shift, static, residual)
 
     @classmethod
     def absorb(cls, func, args, kwargs):
@@ -240,7 +241,7 @@ class PendingOutput(Pending):
     def compute(self):
         return self.run(self.x, self.static)
 
-    def feed(self, run, static):
+    def feed(self, run, static, residual=None):
         return None
 
     @classmethod

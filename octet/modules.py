@@ -440,15 +440,20 @@ class QuantLayer(nn.Module):
         """The static scale ``plan``'s run takes now (the current timestep group's), None for a dynamic plan."""
         return None if plan.scales is None else plan.scales[self._group()]
 
-    def _fed(self, x: Pending, gelu: bool = False) -> Optional[torch.Tensor]:
+    def _fed(self, x: Pending, gelu: bool = False, residual=None) -> Optional[torch.Tensor]:
         """This layer's output for the deferred input ``x`` through its plan's deferred entry (``gelu``: the plan's
-        GELU-epilogue twin's), or None where the plan does not take it (the caller then computes ``x``)."""
+        GELU-epilogue twin's), or None where the plan does not take it (the caller then computes ``x``). With
+        ``residual`` (res, gate): ``res + output * gate``, in the GEMM's epilogue where the plan takes it."""
         if x.computed is not None or kernels.ops.compiling():
             return None
         plan = self._deferred_plan(x.source, x.ENTRY)
         if plan is None or (gelu and not hasattr(plan.run, "with_gelu")):
             return None
-        return x.feed(plan.run.with_gelu() if gelu else plan.run, self._plan_static(plan))
+        run, static = plan.run.with_gelu() if gelu else plan.run, self._plan_static(plan)
+        if residual is None or _takes_residual(run, x.source, *residual):
+            return x.feed(run, static, residual)
+        y = x.feed(run, static)
+        return None if y is None else kernels.ops.gated_residual(y, *residual)
 
     def _forward_pending(self, x: Pending) -> torch.Tensor:
         y = self._fed(x)
@@ -458,6 +463,13 @@ class QuantLayer(nn.Module):
         groups = 0 if self.input_scale is None else self.input_scale.numel()
         return (f"act={self.act}, backend={self.backend}, goal={self.goal}, static_groups={groups}, "
                 f"smooth={self.pre_quant_scale is not None}")
+
+
+def _takes_residual(run, x, res, gate) -> bool:
+    """Whether ``run`` adds a gated residual in its GEMM's epilogue rounded as the host (bf16 / fp16: in fp32 a GPU
+    may contract the host's two roundings into one fused multiply-add)."""
+    return hasattr(run, "takes_residual") and res.dtype in (torch.bfloat16, torch.float16) \
+        and run.takes_residual(x, res, gate)
 
 
 _NORM_KERNEL: list = []
@@ -523,12 +535,17 @@ class QuantLinear(QuantLayer):
         return None if gelu is None else gelu()(x, self._plan_static(plan))
 
     def fused_call(self, x: torch.Tensor, head, mult, shift, eps: float, input: str, gelu_out: bool,
-                   static: Optional[torch.Tensor]) -> torch.Tensor:
+                   static: Optional[torch.Tensor], res: Optional[torch.Tensor] = None,
+                   gate: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A compiled graph's octet::linear_fused on this layer (octet/compile_pass.py): the deferred input
         ``input`` describes (PendingGelu / PendingNorm) and the GELU epilogue through the same plan entries as
         eager's ``_forward_pending`` / ``forward_gelu``, so compiled and eager Octet give the same numbers; where the
         plan takes neither, the input computed by the host's float ops (on a GPU a LayerNorm + modulation in one
-        pass, as Inductor's own kernel would have: _float_norm_kernel), the layer's plan, then the GELU."""
+        pass, as Inductor's own kernel would have: _float_norm_kernel), the layer's plan, then the GELU. With
+        ``res`` (never with ``gelu_out``): the block's gated residual ``res + output * gate`` (Flux's ``x += out *
+        gate``), in the GEMM's epilogue where the plan takes it, rounded as the host's two ops, so the same numbers
+        as eager's host ops."""
+        residual = None if res is None else (res, gate)
         # The host's own cat / addcmul on pending tensors: they join where eager's would (same checks), else compute
         # the float tensor as eager does.
         if input == "gelu":
@@ -542,12 +559,17 @@ class QuantLinear(QuantLayer):
             if y is not None:
                 return y
         elif type(x) is not torch.Tensor:
-            y = self._fed(x)
+            y = self._fed(x, residual=residual)
             if y is not None:
                 return y
         if type(x) is not torch.Tensor:
             x = x.materialize()
-        y = self.plan(x).run(x, static)
+        run = self.plan(x).run
+        if residual is not None:
+            if _takes_residual(run, x, res, gate):
+                return run.residual_output(x, static, res, gate, host_rounding=True)
+            return kernels.ops.gated_residual(run(x, static), res, gate)
+        y = run(x, static)
         return F.gelu(y, approximate="tanh") if gelu_out else y
 
     def pending_output(self, x: torch.Tensor) -> Optional[PendingOutput]:

@@ -322,14 +322,22 @@ class _W8A8Linear:
             return out
         self._bound[key] = call
 
-    def gelu_input(self, head, pre, static):
+    def gelu_input(self, head, pre, static, residual=None):
         k1 = 0 if head is None else head.shape[-1]
         quantize = self._gelu_quantizers.get(k1)
         if quantize is None:
             with self._kept():
                 quantize = self._gelu_quantizers[k1] = self._make_gelu(k1, self.k - k1, self.smooth)
         xq, xs = quantize(head, pre, static)
-        return self.gemm(xq, xs, pre.dtype).reshape(*pre.shape[:-1], self.n)
+        return self._output(xq, xs, pre, residual)
+
+    def _output(self, xq, xs, x, residual=None):
+        """The GEMM of these codes, shaped as x's rows; with ``residual`` (res, gate; ``takes_residual`` checked)
+        ``res + output * gate`` in its epilogue, rounded as the host's ``res += output * gate`` (the compiled graph's
+        gated residual, octet/compile_pass.py)."""
+        if residual is None:
+            return self.gemm(xq, xs, x.dtype).reshape(*x.shape[:-1], self.n)
+        return self.residual_output(None, None, *residual, host_rounding=True, codes=(xq, xs))
 
     def takes_residual(self, x, res, gate) -> bool:
         """Whether ``residual_output`` can add ``res + output * gate``: res is this layer's output's shape and dtype
@@ -339,24 +347,27 @@ class _W8A8Linear:
                 and res.device == x.device and res.dim() in (2, 3) and res.stride(-1) == 1
                 and triton_layernorm.batch_rows(gate, res) is not None)
 
-    def residual_output(self, x, static, res, gate):
-        """``res + layer(x) * gate`` (a block's gated residual after this layer, as ``torch.addcmul``) with the sum
-        in the GEMM's epilogue (triton_gemm.W8A8Gemm.run_residual); the caller checked ``takes_residual``."""
+    def residual_output(self, x, static, res, gate, host_rounding=False, codes=None):
+        """``res + layer(x) * gate`` (a block's gated residual after this layer, as ``torch.addcmul``; with
+        ``host_rounding`` as ``res + layer(x) * gate`` rounds in torch) with the sum in the GEMM's epilogue
+        (triton_gemm.W8A8Gemm.run_residual), of x's codes or of ``codes`` quantized already; the caller checked
+        ``takes_residual``."""
         from . import triton_layernorm
-        xq, xs = self._quantized(x, static)
+        xq, xs = codes if codes is not None else self._quantized(x, static)
         gate, stride = triton_layernorm.batch_rows(gate, res)
         tokens = res.shape[1] if res.dim() == 3 else res.shape[0]
-        return self.gemm.run_residual(xq, xs, res.reshape(-1, self.n), gate, tokens, stride).reshape(res.shape)
+        return self.gemm.run_residual(xq, xs, res.reshape(-1, self.n), gate, tokens, stride,
+                                      host_rounding).reshape(res.shape)
 
     def takes_norm(self, x, mult, shift) -> bool:
         return x.shape[-1] == self.k and self._make_norm.takes(x, mult, shift)
 
-    def norm_input(self, x, eps, mult, shift, static):
+    def norm_input(self, x, eps, mult, shift, static, residual=None):
         if self._norm is None:
             with self._kept():
                 self._norm = self._make_norm(self.k, self.smooth)
         xq, xs = self._norm(x, eps, mult, shift, static)
-        return self.gemm(xq, xs, x.dtype).reshape(*x.shape[:-1], self.n)
+        return self._output(xq, xs, x, residual)
 
 
 def _prepare_conv(req: registry.Request, w):

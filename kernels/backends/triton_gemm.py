@@ -227,13 +227,15 @@ def _prune_residual(configs, named_args, **kwargs):
 @triton.jit
 def _w8a8_residual_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, gate_ptr,
                           M, N, K, M_BUCKET, L, stride_am, stride_bn, stride_cm, stride_as, stride_rm, stride_gb,
-                          HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, HOST_ROUNDING: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
     # A block's gated residual after its layer, out = res + layer(x) * gate[row // L] (Wan's
     # ``addcmul(x, ffn(...), e5)``): the layer's output stays in fp32 registers and is never written on its own,
     # and the residual pass that would read it back is gone. Same GEMM and dequantization as _w8a8_kernel
-    # (torch_ref.gemm_epilogue); the residual, the gate and the sum in fp32, one rounding.
+    # (torch_ref.gemm_epilogue); the residual, the gate and the sum in fp32, one rounding. HOST_ROUNDING rounds as
+    # the host's two ops do (Flux's ``x += out * gate`` in a compiled graph, octet/compile_pass.py): the layer's
+    # output and the product each to the output dtype first, so the result is the host's to the bit.
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     acc = _w8a8_mainloop(a, b, M, N, K, stride_am, stride_bn, pid_m, pid_n, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
     y, offs_m, offs_n, mask_m, mask_n = _dequantized(acc, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_as, pid_m,
@@ -242,7 +244,11 @@ def _w8a8_residual_kernel(a, b, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_p
     rows = offs_m.to(tl.int64)
     res = tl.load(res_ptr + rows[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + (rows // L)[:, None] * stride_gb + offs_n[None, :], mask=mask, other=0.0)
-    out = res + y * gate.to(tl.float32)
+    if HOST_ROUNDING:
+        dtype = c_ptr.dtype.element_ty
+        out = res + (y.to(dtype).to(tl.float32) * gate.to(tl.float32)).to(dtype).to(tl.float32)
+    else:
+        out = res + y * gate.to(tl.float32)
     tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -375,11 +381,12 @@ class W8A8Gemm:
         return out
 
     def run_residual(self, a_q: torch.Tensor, a_scale: torch.Tensor, res: torch.Tensor, gate: torch.Tensor,
-                     tokens: int, gate_stride: int) -> torch.Tensor:
+                     tokens: int, gate_stride: int, host_rounding: bool = False) -> torch.Tensor:
         """res + (this GEMM's output) * gate, in res's dtype: res [M, N] with unit column stride, gate rows of N
         (unit column stride) for batch entry row // tokens, ``gate_stride`` apart (0: one row for all). Codes and
         scales as ``run`` takes them (a plain plan's: no GELU epilogue). Reference: torch_ref.gemm_epilogue, then
-        ``res.float() + y * gate.float()`` rounded once (tests/kernels/test_triton_gemm.py)."""
+        ``res.float() + y * gate.float()`` rounded once, or with ``host_rounding`` ``res + y.to(dtype) * gate`` as
+        torch computes it (tests/kernels/test_triton_gemm.py)."""
         m, k, n = a_q.shape[0], self.k, self.n
         if self.gelu or self.gelu_quant:
             raise ValueError("the residual epilogue is a plain GEMM's")
@@ -394,6 +401,8 @@ class W8A8Gemm:
                 y = y + self.bias.float()
             batches = torch.as_strided(gate, (triton_support.cdiv(m, tokens), n), (gate_stride, 1))
             rows = torch.arange(m, device=a_q.device) // tokens
+            if host_rounding:
+                return out.copy_(res + y.to(res.dtype) * batches[rows])
             return out.copy_(res.float() + y * batches[rows].float())
         launcher = self._residual_launcher
         if launcher is None:
@@ -411,7 +420,8 @@ class W8A8Gemm:
 
         key = (res.dtype, gate.dtype, m_bucket(m), a_q.data_ptr() % 16 == 0, per_token,
                per_token or a_scale.data_ptr() % 16 == 0) + triton_launch.facts(m, tokens, rm, gate_stride, res, gate)
-        launcher(key, grid, build, dict(HAS_BIAS=bias is not None, USE_TMA=self.use_tma))
+        launcher(key + (host_rounding,), grid, build, dict(HAS_BIAS=bias is not None, USE_TMA=self.use_tma,
+                                                          HOST_ROUNDING=host_rounding))
         return out
 
     def _operands(self, a_q: torch.Tensor, meta: dict | None) -> tuple:

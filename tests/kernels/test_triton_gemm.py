@@ -188,3 +188,30 @@ def test_residual_epilogue_matches_reference(shape, gate_kind, act, rng, device)
     assert out.dtype == dtype and out.shape == (b * l, n)
     assert_epilogue_close(out.cpu(), expected)
     assert (out.cpu().float() - res.cpu().float().reshape(b * l, n)).abs().max() > 0.1    # the layer is there
+
+
+@pytest.mark.parametrize("gate_kind", ["per_batch", "shared"])
+def test_residual_epilogue_with_host_rounding_is_the_hosts_two_ops_to_the_bit(gate_kind, rng, device):
+    """Flux's ``x += layer(h) * gate`` in a compiled graph (octet/compile_pass.py): with ``host_rounding`` the
+    epilogue rounds the layer's output and the product to the output dtype as torch does, so it equals the plain
+    GEMM's output followed by torch's mul and add exactly (bf16 on a GPU; fp32 in the CPU interpreter); the default
+    epilogue (one rounding, Wan's) differs from it in bf16."""
+    from comfyui_octet.kernels.backends import triton_gemm
+    b, l, n, k = 2, 9, 41, 341
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    x = randn((b * l, k), rng, dtype, device, scale=2.0)
+    qweight, w_scale = _weights(n, k, rng, device)
+    res = randn((b, l, n), rng, dtype, device, scale=3.0)
+    if gate_kind == "per_batch":
+        gate, stride = randn((b, 6, n), rng, dtype, device)[:, 2:3], 6 * n
+    else:
+        gate, stride = randn((1, 1, n), rng, dtype, device), 0
+    xq, xs = torch_ref.quantize_rows(x.cpu(), None, None)
+    xq, xs = xq.to(device), xs.reshape(-1).float().to(device)
+    gemm = triton_gemm.W8A8Gemm(qweight, w_scale, randn(n, rng, dtype, device))
+    expected = (res + gemm(xq, xs, dtype).reshape(b, l, n) * gate).reshape(b * l, n)
+    out = gemm.run_residual(xq, xs, res.reshape(b * l, n), gate, l, stride, host_rounding=True)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    if dtype == torch.bfloat16:
+        once = gemm.run_residual(xq, xs, res.reshape(b * l, n), gate, l, stride)
+        assert not torch.equal(once, expected)

@@ -80,8 +80,8 @@ def test_compiled_flux_blocks_take_the_same_inputs_as_eager(sample_dit, monkeypa
     """Under torch.compile (the host's TorchCompileModel wrapper) the real host's Flux code, as traced, has the
     patterns octet/compile_pass.py rewrites at every site eager Octet defers: each single block's cat + GELU,
     every qkv / linear1 LayerNorm + modulation, each MLP's fc1 with its norm2 and the GELU of its epilogue (and
-    the final layer's norm_final, which eager leaves to the host), and on ComfyUI 0.29 (whose apply_rope is
-    comfy_kitchen's op) every attention's QK norm + cat + RoPE. The layers run the exact torch backend, whose plans
+    the final layer's norm_final, which eager leaves to the host), every block's gated residual, and on ComfyUI
+    0.29 (whose apply_rope is comfy_kitchen's op) every attention's QK norm + cat + RoPE. The layers run the exact torch backend, whose plans
     take no deferred input: their fused calls compute the host's float ops; the q/k op runs eager's kernel. So
     the sample is eager Octet's bit for bit on 0.29; on 0.3.75 (RoPE traced as the host's fp32 ops, eager's q/k
     kernel not in the graph) the unrewritten compiled graph's."""
@@ -107,7 +107,7 @@ def test_compiled_flux_blocks_take_the_same_inputs_as_eager(sample_dit, monkeypa
             if rewrite:
                 kinds["qk"] += compile_pass.apply(gm.graph)[1]
                 gm.recompile()
-            kinds.update((n.args[5], n.args[6]) for n in gm.graph.nodes
+            kinds.update((n.args[5], n.args[6], n.args[7] is not None) for n in gm.graph.nodes
                          if n.op == "call_function" and n.target is torch.ops.octet.linear_fused.default)
             return gm.forward
         torch._dynamo.reset()
@@ -122,6 +122,9 @@ def test_compiled_flux_blocks_take_the_same_inputs_as_eager(sample_dit, monkeypa
     fused = sample_compiled(True)
     assert len(result.chains) >= 2 and len(result.gelus) >= 1
     rope_op = hasattr(comfy.quant_ops, "ck")
-    assert kinds == {("gelu", False): len(result.gelus), ("norm", True): len(result.chains),
-                     ("norm", False): len(result.norms) - len(result.chains) + 1, "qk": attentions if rope_op else 0}
+    # Every block's gated residual too: x += linear2(...) * gate in each single block (with its cat + GELU input),
+    # img / txt += proj(attn) * gate and += fc2(...) * gate in each double block.
+    assert kinds == {("gelu", False, True): len(result.gelus), ("norm", True, False): len(result.chains),
+                     ("norm", False, False): len(result.norms) - len(result.chains) + 1,
+                     ("plain", False, True): 4 * len(dm.double_blocks), "qk": attentions if rope_op else 0}
     assert torch.equal(fused, eager if rope_op else plain)

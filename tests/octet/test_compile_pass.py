@@ -34,6 +34,40 @@ class FluxLike(nn.Module):
         return x + self.img_mlp(torch.addcmul(shift, self.img_norm2(x), 1 + scale))
 
 
+class GatedFlux(nn.Module):
+    """Flux's residuals as ComfyUI writes them (apply_mod without modulation_dims: ``x += layer(...) * gate``), named
+    as Flux's where eager defers the LayerNorms (octet/deferred.py _NORM_SITES): a double block's image stream
+    (qkv on its modulated LayerNorm, the attention's proj, then the MLP on its modulated LayerNorm), then a single
+    block (linear1 on its modulated LayerNorm, linear2 on the cat + GELU)."""
+
+    def __init__(self, d=24, h=72):
+        super().__init__()
+        self.d, self.h = d, h
+        self.img_in = nn.Linear(d, d)
+        self.mod = nn.Linear(d, 9 * d)
+        self.img_norm1, self.img_norm2, self.pre_norm = (nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+                                                         for _ in "123")
+        self.img_attn = nn.Module()
+        self.img_attn.qkv, self.img_attn.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.img_mlp = nn.Sequential(nn.Linear(d, h), nn.GELU(approximate="tanh"), nn.Linear(h, d))
+        self.linear1 = nn.Linear(d, 3 * d + h)
+        self.linear2 = nn.Linear(d + h, d)
+
+    def attention(self, qkv):
+        q, k, v = qkv.chunk(3, dim=-1)
+        return torch.softmax(q @ k.transpose(1, 2) / self.d ** 0.5, dim=-1) @ v
+
+    def forward(self, x):
+        img = self.img_in(x)
+        s1, c1, g1, s2, c2, g2, s3, c3, g3 = self.mod(x.mean(1, keepdim=True)).chunk(9, dim=-1)
+        img += self.img_attn.proj(self.attention(self.img_attn.qkv(torch.addcmul(s1, self.img_norm1(img), 1 + c1))))\
+            * g1
+        img += self.img_mlp(torch.addcmul(s2, self.img_norm2(img), 1 + c2)) * g2
+        qkv, mlp = torch.split(self.linear1(torch.addcmul(s3, self.pre_norm(img), 1 + c3)), [3 * self.d, self.h], -1)
+        img += self.linear2(torch.cat((self.attention(qkv), F.gelu(mlp, approximate="tanh")), 2)) * g3
+        return img
+
+
 def _quantized(module, backend, seed=0):
     torch.manual_seed(seed)
     net = module().eval()
@@ -47,11 +81,11 @@ def _compiled_with_pass(net, x):
     kinds, plain = collections.Counter(), []
 
     def backend(gm, example_inputs):
-        compile_pass.rewrite(gm.graph)
+        compile_pass.apply(gm.graph)
         gm.recompile()
         for n in gm.graph.nodes:
             if n.op == "call_function" and n.target is torch.ops.octet.linear_fused.default:
-                kinds[(n.args[5], n.args[6])] += 1
+                kinds[(n.args[5], n.args[6]) + (() if n.args[7] is None else ("residual",))] += 1
             elif n.op == "call_function" and n.target in compile_pass._linear_targets():
                 plain.append(n)
         return gm.forward
@@ -90,6 +124,77 @@ def test_the_flux_patterns_become_fused_calls_with_eager_octets_numbers(rng, ent
     # Through the same kernels as eager (octet/deferred.py's entries, fusion.py's epilogue): the same numbers.
     assert eager_entries == {"gelu": 1, "norm": 2} and dict(entries) == eager_entries
     assert torch.equal(compiled, eager)
+
+
+@needs_triton
+def test_flux_gated_residuals_go_into_the_layers_epilogues_with_eager_octets_numbers(rng, monkeypatch):
+    """proj's, fc2's and linear2's ``img += out * gate`` become their layer's residual epilogue (fused with linear2's
+    cat + GELU input), rounded as the host's mul and add: the compiled output is eager's to the bit. Here in fp32
+    (the CPU interpreter), where the layer takes the epilogue only because this test lets it (a GPU may contract
+    fp32's two roundings into one fused multiply-add; on a GPU bf16 takes it: the GPU test below)."""
+    calls = []
+    real = triton_backend._W8A8Linear.residual_output
+    monkeypatch.setattr(triton_backend._W8A8Linear, "residual_output",
+                        lambda self, *a, **kw: calls.append(kw.get("host_rounding")) or real(self, *a, **kw))
+    monkeypatch.setattr(modules, "_takes_residual", lambda run, x, res, gate: run.takes_residual(x, res, gate))
+    net = _quantized(GatedFlux, "triton")
+    x = torch.randn(2, 7, 24, generator=rng)
+    with torch.no_grad():
+        eager = net(x)
+        assert not calls                                        # eager Flux adds its residuals as the host does
+        compiled, kinds, plain = _compiled_with_pass(net, x)
+    assert kinds == {("norm", False): 2, ("plain", False, "residual"): 2, ("norm", True): 1,
+                     ("gelu", False, "residual"): 1} and plain == 2
+    assert calls == [True] * 3
+    assert torch.equal(compiled, eager)
+
+
+def test_a_residual_anything_else_sees_stays_the_hosts_in_place_add(rng):
+    """The sum goes to a new tensor only where nobody could see the difference: not where the residual is read after
+    the add through another name, is the graph's input (the caller sees it change), or is a view of another tensor;
+    the one residual made by an INT8 layer and read by nothing else is rewritten."""
+    class Aliased(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.inp, self.a, self.b, self.c = (nn.Linear(d, d) for _ in "abcd")
+            self.g = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+        def forward(self, x):
+            h = self.inp(x)
+            alias = h
+            h += self.a(h) * self.g                 # read after the add as ``alias``
+            x += self.b(x) * self.g                 # the graph's input
+            v = self.inp(x)[:, 1:]
+            v += self.c(v) * self.g                 # a view
+            w = self.inp(h)
+            w += self.a(w) * self.g                 # rewritten
+            return h + alias + v.sum() + w
+    net = _quantized(Aliased, "torch")
+    x = torch.randn(2, 6, 16, generator=rng)
+    with torch.no_grad():
+        eager_x, compiled_x = x.clone(), x.clone()
+        eager = net(eager_x)
+        compiled, kinds, plain = _compiled_with_pass(net, compiled_x)
+    assert kinds == {("plain", False, "residual"): 1} and plain == 6
+    assert torch.equal(compiled, eager) and torch.equal(compiled_x, eager_x) and not torch.equal(eager_x, x)
+
+
+def test_the_fused_op_with_a_residual_is_the_hosts_in_place_add_without_the_mutation(rng):
+    """``res += linear(x) * gate`` as octet::linear_fused computes it, with its layer or without (a graph that
+    outlived its model): the host's numbers in bf16, as a new tensor, res untouched."""
+    layer = modules.QuantLinear.from_float(nn.Linear(40, 12), "dynamic", backend="torch").to(torch.bfloat16)
+    x = torch.randn(2, 5, 40, generator=rng).to(torch.bfloat16)
+    res = torch.randn(2, 5, 12, generator=rng).to(torch.bfloat16)
+    gate = torch.randn(2, 1, 12, generator=rng).to(torch.bfloat16)
+    args = (layer.weight, layer.current_weight_scale(), layer.bias, None, None, "dynamic", "torch", "speed")
+    before, expected = res.clone(), res.clone()
+    expected += torch.ops.octet.linear(x, *args) * gate
+    fused = torch.ops.octet.linear_fused.default
+    with torch.no_grad():
+        alone = fused(x, None, None, None, 0.0, "plain", False, res, gate, *args)
+        owned = fused(x, None, None, None, 0.0, "plain", False, res, gate, *args, layer.op_owner)
+    assert torch.equal(alone, expected) and torch.equal(owned, expected) and torch.equal(res, before)
+    torch.library.opcheck(fused, (x, None, None, None, 0.0, "plain", False, res, gate, *args))
 
 
 def test_only_float_tensors_nothing_else_reads_are_rewritten(rng, monkeypatch):
@@ -155,10 +260,10 @@ def test_the_fused_op_equals_the_hosts_float_ops_then_the_layer(rng, input, gelu
     expected = F.gelu(expected, approximate="tanh") if gelu_out else expected
     fused = torch.ops.octet.linear_fused.default
     with torch.no_grad():
-        alone = fused(pre, head, mult, shift, 1e-6, input, gelu_out, *args)
-        owned = fused(pre, head, mult, shift, 1e-6, input, gelu_out, *args, layer.op_owner)
+        alone = fused(pre, head, mult, shift, 1e-6, input, gelu_out, None, None, *args)
+        owned = fused(pre, head, mult, shift, 1e-6, input, gelu_out, None, None, *args, layer.op_owner)
     assert torch.equal(alone, expected) and torch.equal(owned, expected)
-    torch.library.opcheck(fused, (pre, head, mult, shift, 1e-6, input, gelu_out, *args))
+    torch.library.opcheck(fused, (pre, head, mult, shift, 1e-6, input, gelu_out, None, None, *args))
 
 
 def test_the_pass_is_installed_once_after_any_pass_already_there(monkeypatch):
@@ -254,6 +359,36 @@ def test_on_a_gpu_compiled_layers_take_the_fused_inputs_as_eager_does(rng, entri
             torch._dynamo.reset()
     assert eager_entries == {"gelu": 1, "norm": 2} and entries == {"gelu": 3, "norm": 6} or \
         (mode == "reduce-overhead" and entries["gelu"] >= 1 and entries["norm"] >= 2), (eager_entries, entries)
+    for y in outs:
+        err = (y.float() - eager.float()).abs().max().item()
+        assert err <= 2e-2 * eager.float().abs().max().item(), err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU half: bf16 through the residual epilogue")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_on_a_gpu_compiled_gated_residuals_run_in_the_epilogue_with_the_hosts_rounding(rng, monkeypatch, mode):
+    """GatedFlux at Flux-like widths in bf16, compiled as TorchCompileModel does: its three gated residuals run in
+    their layers' GEMM epilogues, rounded as the host's (the kernel's bit-exactness: tests/kernels/test_triton_gemm.py),
+    and the output is eager's up to Inductor's float rounding of the other ops."""
+    monkeypatch.setenv("OCTET_EAGER_DEFERRAL", "1")
+    calls = []
+    real = triton_backend._W8A8Linear.residual_output
+    monkeypatch.setattr(triton_backend._W8A8Linear, "residual_output",
+                        lambda self, *a, **kw: calls.append(kw.get("host_rounding")) or real(self, *a, **kw))
+    torch.manual_seed(0)
+    net = GatedFlux(512, 2048).to("cuda", torch.bfloat16).eval()
+    octet.quantize_(net, octet.DynamicW8A8Config(backend="triton"))
+    x = torch.randn(2, 1024, 512, generator=rng).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        eager = net(x.clone())
+        assert not calls
+        torch._dynamo.reset()
+        try:
+            compiled_net = torch.compile(net, mode=mode, fullgraph=True)
+            outs = [compiled_net(x.clone()).clone() for _ in range(3)]    # with CUDA graphs: warm-up, record, replay
+        finally:
+            torch._dynamo.reset()
+    assert calls[:3] == [True] * 3 and set(calls) == {True}
     for y in outs:
         err = (y.float() - eager.float()).abs().max().item()
         assert err <= 2e-2 * eager.float().abs().max().item(), err
@@ -375,7 +510,8 @@ def test_a_declined_norm_input_is_computed_in_one_float_pass_on_a_gpu(rng, monke
                       torch.randn(2, 1, 32, generator=rng))
     args = (layer.weight, layer.current_weight_scale(), layer.bias, None, None, "dynamic", "torch", "speed")
     with torch.no_grad():
-        y = torch.ops.octet.linear_fused.default(x, None, mult, shift, 1e-6, "norm", False, *args, layer.op_owner)
+        y = torch.ops.octet.linear_fused.default(x, None, mult, shift, 1e-6, "norm", False, None, None, *args,
+                                                 layer.op_owner)
         one_pass = real(kernel, x, 1e-6, mult, shift)
     assert calls == [1]
     assert torch.equal(y, torch.ops.octet.linear(one_pass, *args))
