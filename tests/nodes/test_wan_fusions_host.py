@@ -156,8 +156,7 @@ def test_wan_blocks_ffn_input_is_normalised_and_modulated_inside_its_int8_quanti
     assert result.chains == ["ffn"]       # and the FFN's GELU in that layer's GEMM epilogue (octet/fusion.py)
     fed, gelu_gemms = [], []
     real_feed = deferred.PendingNorm.feed
-    monkeypatch.setattr(deferred.PendingNorm, "feed", lambda self, run, static: fed.append(1) or real_feed(self, run,
-                                                                                                        static))
+    monkeypatch.setattr(deferred.PendingNorm, "feed", lambda self, *a: fed.append(1) or real_feed(self, *a))
     from comfyui_octet.kernels.backends import triton_gemm
     real_run, real_residual = triton_gemm.W8A8Gemm.run, triton_gemm.W8A8Gemm.run_residual
     monkeypatch.setattr(triton_gemm.W8A8Gemm, "run",
