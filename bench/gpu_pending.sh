@@ -22,11 +22,15 @@ mkdir -p "$dest"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 source bench/gpu_host029.sh "$wheels" || exit 1
 quiet() { grep -v "aimdo:" | grep -v "LOW_VRAM_ROW"; }
-# pytest on FILES under a time limit (seconds, 0: none), its failures and summary line only
+# pytest on FILES under a time limit (seconds, 0: none), its failures and summary line only, also appended to
+# $dest/gpu_tests.txt: a device call returns only its output's last 12,000 characters, and a bench's warnings after
+# the tests pushed their summary out of it (2026-12-06)
 gpu_tests() { local limit="$1"; shift
+    echo "== $*" >> "$dest/gpu_tests.txt"
     timeout "$limit" python3 -P -m pytest -q -rfE -p no:cacheprovider "$@" 2>&1 | quiet \
-        | grep -E "^E |FAILED|passed|failed"
-    [ "${PIPESTATUS[0]}" != 124 ] || echo "gpu_tests: stopped at its ${limit} s limit (no summary)"; }
+        | grep -E "^E |FAILED|passed|failed" | tee -a "$dest/gpu_tests.txt"
+    [ "${PIPESTATUS[0]}" != 124 ] || echo "gpu_tests: stopped at its ${limit} s limit (no summary)" \
+        | tee -a "$dest/gpu_tests.txt"; }
 
 case "$part" in
   eager)    # the lean blocks (SDXL, SD3.5) and Wan's q/k kernel in eager steps, paired round by round; whether an
