@@ -235,6 +235,16 @@ def _fresh(node) -> bool:
                                            or node.target is torch.ops.octet.linear_fused.default)
 
 
+def _residual_layer(layer, mul) -> bool:
+    """Whether ``layer`` is an INT8 linear (or a fused one without its GELU epilogue or a residual) read only by
+    ``mul``."""
+    if not (isinstance(layer, torch.fx.Node) and _only_user(layer, mul) and not layer.kwargs):
+        return False
+    if _is(layer, _linear_targets()):
+        return len(layer.args) >= 9
+    return _is(layer, (torch.ops.octet.linear_fused.default,)) and layer.args[6] is False and layer.args[7] is None
+
+
 def _residual_site(add, order) -> Optional[tuple]:
     """(res, gate, the layer's node, mul) if ``add`` is ``res += layer(...) * gate`` with ``layer`` an INT8 linear (or
     a fused one without its GELU epilogue) read only by the mul, the mul only by the add, the product of res's shape
@@ -245,17 +255,10 @@ def _residual_site(add, order) -> Optional[tuple]:
     if not (isinstance(res, torch.fx.Node) and _is(mul, (operator.mul, torch.mul)) and _only_user(mul, add)
             and len(mul.args) == 2 and not mul.kwargs):
         return None
-    layer, gate = mul.args
-    if not (isinstance(layer, torch.fx.Node) and _only_user(layer, mul)):
-        layer, gate = gate, layer
-    if not (isinstance(layer, torch.fx.Node) and isinstance(gate, torch.fx.Node) and _only_user(layer, mul)):
-        return None
-    plain = _is(layer, _linear_targets()) and not layer.kwargs and len(layer.args) >= 9
-    fused = layer.op == "call_function" and layer.target is torch.ops.octet.linear_fused.default \
-        and not layer.kwargs and layer.args[6] is False and layer.args[7] is None
+    layer, gate = mul.args if _residual_layer(mul.args[0], mul) else reversed(mul.args)
     value, product = _value(res), _value(mul)
-    if not (plain or fused) or value is None or product is None or value.shape != product.shape \
-            or value.dtype != product.dtype or not _fresh(res):
+    if not (_residual_layer(layer, mul) and isinstance(gate, torch.fx.Node)) or value is None or product is None \
+            or value.shape != product.shape or value.dtype != product.dtype or not _fresh(res):
         return None
     # What else may read res (before the add): ops that keep nothing aliasing it.
     readers = _LAYER_NORMS + _linear_targets() + (torch.ops.octet.linear_fused.default,)

@@ -167,7 +167,7 @@ def test_a_residual_anything_else_sees_stays_the_hosts_in_place_add(rng):
             v = self.inp(x)[:, 1:]
             v += self.c(v) * self.g                 # a view
             w = self.inp(h)
-            w += self.a(w) * self.g                 # rewritten
+            w += (self.g * 1.5) * self.a(w)         # rewritten (the gate first, read only here)
             return h + alias + v.sum() + w
     net = _quantized(Aliased, "torch")
     x = torch.randn(2, 6, 16, generator=rng)
