@@ -197,12 +197,11 @@ def rewrite_qk(graph: torch.fx.Graph) -> int:
     return count
 
 
-def rewrite(graph: torch.fx.Graph) -> int:
-    """Rewrite ``graph``'s octet::linear calls and their float neighbours as the module docstring lists;
-    returns how many calls became ``octet::linear_fused``."""
+def rewrite(graph: torch.fx.Graph) -> None:
+    """Rewrite ``graph``'s octet::linear calls and their float neighbours (inputs, GELU output) as the module
+    docstring lists."""
     targets = _linear_targets()
     fused_op = torch.ops.octet.linear_fused.default
-    count = 0
     for linear in list(graph.nodes):
         if not _is(linear, targets) or linear.kwargs or len(linear.args) < 9:
             continue
@@ -221,8 +220,6 @@ def rewrite(graph: torch.fx.Graph) -> int:
         replaced.replace_all_uses_with(node)
         for dead in ([gelu] if gelu is not None else []) + [linear] + found["dead"]:
             graph.erase_node(dead)
-        count += 1
-    return count
 
 
 # What the gated residual's ``res`` may be made by: ops whose output is a tensor of its own (no view of another, no
@@ -267,13 +264,12 @@ def _residual_site(add, order) -> Optional[tuple]:
     return res, gate, layer, mul
 
 
-def rewrite_residual(graph: torch.fx.Graph) -> int:
+def rewrite_residual(graph: torch.fx.Graph) -> None:
     """``res += layer(...) * gate`` (Flux's residual after proj, the MLP's fc2 and linear2, ComfyUI's apply_mod
     without modulation_dims) -> one octet::linear_fused with ``res`` and ``gate``: the sum in the GEMM's epilogue
     where the plan takes it, rounded as the host's two ops (QuantLinear.fused_call), instead of Inductor's pass
-    over the layer's output (1.7 ms of compiled Flux-dev's step on an H100, 2026-12-06). Returns how many."""
+    over the layer's output (1.7 ms of compiled Flux-dev's step on an H100, 2026-12-06)."""
     fused_op = torch.ops.octet.linear_fused.default
-    count = 0
     order = {n: i for i, n in enumerate(graph.nodes)}
     for add in list(graph.nodes):
         found = _residual_site(add, order)
@@ -285,12 +281,10 @@ def rewrite_residual(graph: torch.fx.Graph) -> int:
         with graph.inserting_before(add):
             node = graph.call_function(fused_op, (*args[:7], res, gate, *args[9:]))
         node.meta.update(add.meta)
-        order[node] = order[add]
+        order[node] = order[add]        # a later residual's readers are compared by position: it stands there
         add.replace_all_uses_with(node)
         for dead in (add, mul, layer):
             graph.erase_node(dead)
-        count += 1
-    return count
 
 
 def apply(graph: torch.fx.Graph) -> tuple[int, int]:
@@ -308,7 +302,7 @@ def _pass_class():
         source = hashlib.sha256(f.read()).hexdigest()
 
     class OctetFusions(CustomGraphPass):
-        """Inductor's pre-grad custom pass: the one before it (if any), then ``rewrite``."""
+        """Inductor's pre-grad custom pass: the one before it (if any), then ``apply``."""
 
         def __init__(self, previous=None):
             self.previous = previous
@@ -321,8 +315,8 @@ def _pass_class():
                 if count or attentions:
                     log_once("compile-fusions", f"Octet: torch.compile runs {count} INT8 layer(s) with their "
                              f"LayerNorm / GELU / gated residual inside the layer's kernels and {attentions} "
-                             f"attention(s)' q/k norm + "
-                             f"RoPE as one kernel, as eager Octet does (OCTET_COMPILE_FUSIONS=0 turns this off).",
+                             f"attention(s)' q/k norm + RoPE as one kernel, as eager Octet does "
+                             f"(OCTET_COMPILE_FUSIONS=0 turns this off).",
                              logging.INFO)
 
         def uuid(self):

@@ -337,7 +337,7 @@ class _W8A8Linear:
         gated residual, octet/compile_pass.py)."""
         if residual is None:
             return self.gemm(xq, xs, x.dtype).reshape(*x.shape[:-1], self.n)
-        return self.residual_output(None, None, *residual, host_rounding=True, codes=(xq, xs))
+        return self._residual(xq, xs, *residual, host_rounding=True)
 
     def takes_residual(self, x, res, gate) -> bool:
         """Whether ``residual_output`` can add ``res + output * gate``: res is this layer's output's shape and dtype
@@ -347,13 +347,14 @@ class _W8A8Linear:
                 and res.device == x.device and res.dim() in (2, 3) and res.stride(-1) == 1
                 and triton_layernorm.batch_rows(gate, res) is not None)
 
-    def residual_output(self, x, static, res, gate, host_rounding=False, codes=None):
+    def residual_output(self, x, static, res, gate, host_rounding=False):
         """``res + layer(x) * gate`` (a block's gated residual after this layer, as ``torch.addcmul``; with
         ``host_rounding`` as ``res + layer(x) * gate`` rounds in torch) with the sum in the GEMM's epilogue
-        (triton_gemm.W8A8Gemm.run_residual), of x's codes or of ``codes`` quantized already; the caller checked
-        ``takes_residual``."""
+        (triton_gemm.W8A8Gemm.run_residual); the caller checked ``takes_residual``."""
+        return self._residual(*self._quantized(x, static), res, gate, host_rounding)
+
+    def _residual(self, xq, xs, res, gate, host_rounding):
         from . import triton_layernorm
-        xq, xs = codes if codes is not None else self._quantized(x, static)
         gate, stride = triton_layernorm.batch_rows(gate, res)
         tokens = res.shape[1] if res.dim() == 3 else res.shape[0]
         return self.gemm.run_residual(xq, xs, res.reshape(-1, self.n), gate, tokens, stride,

@@ -133,9 +133,9 @@ def test_flux_gated_residuals_go_into_the_layers_epilogues_with_eager_octets_num
     (the CPU interpreter), where the layer takes the epilogue only because this test lets it (a GPU may contract
     fp32's two roundings into one fused multiply-add; on a GPU bf16 takes it: the GPU test below)."""
     calls = []
-    real = triton_backend._W8A8Linear.residual_output
-    monkeypatch.setattr(triton_backend._W8A8Linear, "residual_output",
-                        lambda self, *a, **kw: calls.append(kw.get("host_rounding")) or real(self, *a, **kw))
+    real = triton_backend._W8A8Linear._residual        # every residual epilogue's call (host_rounding last)
+    monkeypatch.setattr(triton_backend._W8A8Linear, "_residual",
+                        lambda self, *a, **kw: calls.append(kw.get("host_rounding", a[-1])) or real(self, *a, **kw))
     monkeypatch.setattr(modules, "_takes_residual", lambda run, x, res, gate: run.takes_residual(x, res, gate))
     net = _quantized(GatedFlux, "triton")
     x = torch.randn(2, 7, 24, generator=rng)
@@ -372,9 +372,9 @@ def test_on_a_gpu_compiled_gated_residuals_run_in_the_epilogue_with_the_hosts_ro
     and the output is eager's up to Inductor's float rounding of the other ops."""
     monkeypatch.setenv("OCTET_EAGER_DEFERRAL", "1")
     calls = []
-    real = triton_backend._W8A8Linear.residual_output
-    monkeypatch.setattr(triton_backend._W8A8Linear, "residual_output",
-                        lambda self, *a, **kw: calls.append(kw.get("host_rounding")) or real(self, *a, **kw))
+    real = triton_backend._W8A8Linear._residual        # every residual epilogue's call (host_rounding last)
+    monkeypatch.setattr(triton_backend._W8A8Linear, "_residual",
+                        lambda self, *a, **kw: calls.append(kw.get("host_rounding", a[-1])) or real(self, *a, **kw))
     torch.manual_seed(0)
     net = GatedFlux(512, 2048).to("cuda", torch.bfloat16).eval()
     octet.quantize_(net, octet.DynamicW8A8Config(backend="triton"))
