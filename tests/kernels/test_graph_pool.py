@@ -13,7 +13,7 @@ import torch
 
 from comfyui_octet import kernels, octet
 from comfyui_octet.kernels import graph_pool
-from comfyui_octet.kernels.backends import scratch
+from comfyui_octet.kernels.backends import scratch, triton_support
 
 POOL = (0, 7)
 
@@ -119,8 +119,7 @@ def test_the_cold_paths_that_keep_memory_run_outside_the_pool(allocator, monkeyp
     assert (weight.dtype, weight.numel()) == (torch.bfloat16, 32)
 
 
-@pytest.mark.skipif(not __import__("comfyui_octet.kernels.backends.triton_support", fromlist=["x"]).interpreting(),
-                    reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.skipif(not triton_support.interpreting(), reason="needs Triton (TRITON_INTERPRET=1 on CPU)")
 def test_a_triton_plans_entries_made_at_their_first_call_run_outside_the_pool(allocator, monkeypatch, rng):
     """What a W8A8 plan makes at the first call of an entry and keeps (its GELU-epilogue twin, the deferred inputs'
     quantizers) is made with the routing ended: torch.compile's reduce-overhead warm-up is where a compiled graph's
