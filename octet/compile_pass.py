@@ -30,7 +30,8 @@ computes the host's float ops first, so a rewrite can cost speed, never correctn
 Installed into ``torch._inductor.config.pre_grad_custom_pass`` when the first INT8 layer is made (importing
 Inductor's config costs ~0.8 s, not paid by a pack that never quantizes), chained after any pass already there;
 a ``CustomGraphPass`` with a uuid, so Inductor's FX graph cache keys on it. ``OCTET_COMPILE_FUSIONS=0`` turns the
-rewrite off (read at each compile: bench/e2e.py compares both).
+rewrite off, ``OCTET_COMPILE_RESIDUAL=0`` only the gated residuals' (read at each compile: bench/e2e.py compares
+them).
 """
 from __future__ import annotations
 
@@ -292,7 +293,8 @@ def apply(graph: torch.fx.Graph) -> tuple[int, int]:
     inputs first: a layer whose input was fused can then take its block's residual too."""
     rewrite(graph)
     attentions = rewrite_qk(graph)
-    rewrite_residual(graph)
+    if switches.on("OCTET_COMPILE_RESIDUAL"):
+        rewrite_residual(graph)
     return sum(n.target is torch.ops.octet.linear_fused.default for n in graph.nodes), attentions
 
 
@@ -322,7 +324,8 @@ def _pass_class():
         def uuid(self):
             # Asked at each compile for Inductor's cache key: this file's code and whether the switch is on.
             previous = getattr(self.previous, "uuid", None)
-            return source + ("on" if enabled() else "off") + ("" if previous is None else str(previous()))
+            return (source + ("on" if enabled() else "off") + str(switches.on("OCTET_COMPILE_RESIDUAL"))
+                    + ("" if previous is None else str(previous())))
 
         def __reduce__(self):
             # torch 2.11's FX graph cache pickles the whole Inductor config (this pass in it) to hash it; a class

@@ -147,6 +147,12 @@ def test_flux_gated_residuals_go_into_the_layers_epilogues_with_eager_octets_num
                      ("gelu", False, "residual"): 1} and plain == 2
     assert calls == [True] * 3
     assert torch.equal(compiled, eager)
+    # OCTET_COMPILE_RESIDUAL=0 (bench/e2e.py's _not_residual): the inputs fused, the residuals the host's adds.
+    monkeypatch.setenv("OCTET_COMPILE_RESIDUAL", "0")
+    with torch.no_grad():
+        compiled, kinds, plain = _compiled_with_pass(net, x)
+    assert kinds == {("norm", False): 2, ("norm", True): 1, ("gelu", False): 1} and plain == 4
+    assert calls == [True] * 3 and torch.equal(compiled, eager)
 
 
 def test_a_residual_anything_else_sees_stays_the_hosts_in_place_add(rng):
@@ -308,8 +314,11 @@ def test_the_installed_pass_pickles_as_its_uuid_for_inductors_cache_key(monkeypa
         on = pickle.dumps(installed)
         assert pickle.dumps(installed) == on and installed.uuid().encode() in on
         assert pickle.loads(on) is installed
+        monkeypatch.setenv("OCTET_COMPILE_RESIDUAL", "0")
+        without_residuals = pickle.dumps(installed)
+        assert without_residuals != on
         monkeypatch.setenv("OCTET_COMPILE_FUSIONS", "0")
-        assert pickle.dumps(installed) != on
+        assert pickle.dumps(installed) not in (on, without_residuals)
 
 
 def test_inductor_runs_the_pass_on_a_compiled_model(rng, monkeypatch):
