@@ -68,13 +68,15 @@ case "$part" in
             # H100; norm 38.5 us where the plain quantizer takes 18.8): their GPU tests, the sweeps, then compiled
             # Flux-dev through CUDA Graph Step with them, bf16, without them (OCTET_ROWS_AHEAD=0) and without the
             # gated residual epilogue (OCTET_COMPILE_RESIDUAL=0)
-    gpu_tests 120 tests/kernels/test_triton_quant_cat_gelu.py tests/kernels/test_triton_quant_norm.py \
-        -k "walked or config2"
+    # (the sweeps check every candidate's codes equal the default's; the tests last, device time being short)
     python3 bench/quant_rows_sweep.py --shapes 4608x3072 --gelu-shapes 14040x0x8960,4608x3072x12288 --out "$dest" \
         2>&1 | quiet | grep -i "gelu"
     python3 bench/deferred_kernels.py --only flux_norm --sweep --out "$dest/flux_norm" 2>&1 | quiet
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic bf16 octet_dynamic_not_residual \
-        octet_dynamic_not_ahead --modes compile_graph --deadline 260 --out "$dest/compile_ahead" 2>&1 | quiet ;;
+        octet_dynamic_not_ahead --modes compile_graph --deadline "${E2E_DEADLINE:-260}" --out "$dest/compile_ahead" \
+        2>&1 | quiet
+    gpu_tests 100 tests/kernels/test_triton_quant_cat_gelu.py tests/kernels/test_triton_quant_norm.py \
+        -k "walked or config2" ;;
   compile_fused_profile)  # what is left in compiled Octet Flux-dev's step with the pass: its kernels by GPU time
             # (torch.profiler, one compiled step; the twenty-eighth session's table is the before); first the GELU
             # row quantizer's configs (32 warps the default since H100 2026-12-06: 145.9 vs 152.7 us) and the norm
