@@ -256,12 +256,8 @@ def flux_norm_rows(add, timer, dev, sweep=False):
         quant = triton_quant.NormRowQuantizer(k)
         add(f"Flux {m} x {k}: NormRowQuantizer {triton_quant.norm_launch_config(k)}",
             timer(lambda: quant(x, 1e-6, mult, shift)), moved)
-        codes = quant(x, 1e-6, mult, shift)
-        # (rows, warps) a program, or (1, warps, programs per SM) walking rows with the next row loaded ahead
-        for config in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 16), (1, 4, 2), (1, 4, 3), (1, 4, 4),
-                       (1, 8, 2)) if sweep else ():
+        for config in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 16)) if sweep else ():
             q = triton_quant.NormRowQuantizer(k, config=config)
-            assert all(map(torch.equal, q(x, 1e-6, mult, shift), codes)), f"{config}: other codes than the default's"
             add(f"  NormRowQuantizer (rows, warps)={config}", timer(lambda q=q: q(x, 1e-6, mult, shift)), moved)
 
 

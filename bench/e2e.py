@@ -132,13 +132,12 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
 # model with only those lean stacks (what that part of Octet's eager speed owes to quantization: nothing).
 # octet_dynamic_not_compile_fused: compiled graphs keep the host's float ops around each INT8 layer
 # (OCTET_COMPILE_FUSIONS=0, read at each compile: octet/compile_pass.py); octet_dynamic_not_residual: the pass
-# without its gated residuals in the GEMM epilogue (OCTET_COMPILE_RESIDUAL=0). octet_dynamic_not_ahead: the GELU and
-# norm row quantizers a program per row (OCTET_ROWS_AHEAD=0, read when a layer plans: kernels/backends/triton_quant.py).
+# without its gated residuals in the GEMM epilogue (OCTET_COMPILE_RESIDUAL=0).
 SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH",),
               "_not_deferred": ("OCTET_DEFERRED",), "_host_float": ("OCTET_FLOAT_FUSIONS",),
               "_pylaunch": ("OCTET_C_LAUNCH", "OCTET_SCRATCH"), "_separate_qkv": ("OCTET_SHARED_INPUT",),
               "_not_lean": ("OCTET_LEAN_BLOCKS",), "_not_compile_fused": ("OCTET_COMPILE_FUSIONS",),
-              "_not_residual": ("OCTET_COMPILE_RESIDUAL",), "_not_ahead": ("OCTET_ROWS_AHEAD",)}
+              "_not_residual": ("OCTET_COMPILE_RESIDUAL",)}
 # octet_dynamic_sdpa / _flash / _cudnn: the lean forwards call the host's SDPA, or PyTorch's flash / cuDNN attention
 # op directly (OCTET_ATTENTION_OP, read when the model is quantized: octet/lean_blocks.py attention_op; by default a
 # UNet's stacks call flash's, SD3's joint blocks SDPA).
@@ -152,7 +151,7 @@ VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic"
             "octet_dynamic_separate_qkv", "octet_static_separate_qkv", "octet_dynamic_not_lean", "bf16_octet_lean",
             "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn", "octet_dynamic_layers",
             "octet_dynamic_all_int8", "bf16_int8attn", "octet_dynamic_int8attn", "octet_static_int8attn",
-            "octet_dynamic_not_compile_fused", "octet_dynamic_not_residual", "octet_dynamic_not_ahead")
+            "octet_dynamic_not_compile_fused", "octet_dynamic_not_residual")
 
 
 def attention_kw(variant: str, kw: dict) -> dict:

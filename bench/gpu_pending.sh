@@ -4,7 +4,7 @@
 # enough for one device call (10 minutes). On the device machine, from the repository root:
 #
 #   bash bench/gpu_pending.sh PART [WHEELS_DIR]      # WHEELS_DIR default .whl; PART:
-#       ahead | compile_fused | compile_fused_profile | cudagraphs | compile_graph | quant | attention | wan | mlp | eager
+#       compile_fused | compile_fused_profile | cudagraphs | compile_graph | quant | attention | wan | mlp | eager
 #       | kernels | lowvram | tests | tests_slow
 #
 # Every part runs on ComfyUI 0.29.0 (bench/gpu_host029.sh); `eager` also times Wan on ComfyUI 0.3.75 when
@@ -14,7 +14,7 @@
 # (models/octet_fmnist_*.safetensors, ~20 MB) must stay behind for that call, and `tests` then fails the one test
 # that reads them (test_quantize_model_node_patches_the_stacks_forwards: "Reference model weights not found").
 set -uo pipefail
-parts="ahead|compile_fused|compile_fused_profile|cudagraphs|compile_graph|quant|attention|wan|mlp|eager|kernels|lowvram|tests|tests_slow"
+parts="compile_fused|compile_fused_profile|cudagraphs|compile_graph|quant|attention|wan|mlp|eager|kernels|lowvram|tests|tests_slow"
 part="${1:?usage: bash bench/gpu_pending.sh $parts [WHEELS_DIR]}"
 wheels="${2:-.whl}"
 dest="${OUT:-out}/bench"
@@ -63,20 +63,6 @@ case "$part" in
     gpu_tests 200 tests/octet/test_compile_pass.py
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_not_residual bf16 \
         --modes compile_graph --deadline 420 --out "$dest/compile_fused" 2>&1 | quiet ;;
-  ahead)    # the GELU and norm row quantizers walking rows with the next row loaded ahead (one program filled an SM's
-            # registers and idled its loads while reducing: GELU 145.9 us, 1.45 TB/s, at Flux's single blocks on an
-            # H100; norm 38.5 us where the plain quantizer takes 18.8): their GPU tests, the sweeps, then compiled
-            # Flux-dev through CUDA Graph Step with them, bf16, without them (OCTET_ROWS_AHEAD=0) and without the
-            # gated residual epilogue (OCTET_COMPILE_RESIDUAL=0)
-    # (the sweeps check every candidate's codes equal the default's; the tests last, device time being short)
-    python3 bench/quant_rows_sweep.py --shapes 4608x3072 --gelu-shapes 14040x0x8960,4608x3072x12288 --out "$dest" \
-        2>&1 | quiet | grep -i "gelu"
-    python3 bench/deferred_kernels.py --only flux_norm --sweep --out "$dest/flux_norm" 2>&1 | quiet
-    python3 bench/e2e.py --models flux-dev --variants octet_dynamic bf16 octet_dynamic_not_residual \
-        octet_dynamic_not_ahead --modes compile_graph --deadline "${E2E_DEADLINE:-260}" --out "$dest/compile_ahead" \
-        2>&1 | quiet
-    gpu_tests 100 tests/kernels/test_triton_quant_cat_gelu.py tests/kernels/test_triton_quant_norm.py \
-        -k "walked or config2" ;;
   compile_fused_profile)  # what is left in compiled Octet Flux-dev's step with the pass: its kernels by GPU time
             # (torch.profiler, one compiled step; the twenty-eighth session's table is the before); first the GELU
             # row quantizer's configs (32 warps the default since H100 2026-12-06: 145.9 vs 152.7 us) and the norm

@@ -116,12 +116,6 @@ def main():
         for warps in (4, 8, 16, 32):
             if whole // (warps * 32) <= 128:      # at most 128 fp32 values per thread
                 variants[f"gelu whole w{warps}"] = triton_quant.GeluRowQuantizer(k1, k2, None, (whole, warps))
-        # One program per SM (two at 8 warps) walking rows with the next row's loads issued ahead
-        # (triton_quant._quantize_cat_gelu_ahead_kernel: 64 registers a thread at 32 warps, ptxas sm_90).
-        for warps, per_sm in ((32, 1), (16, 1), (8, 2)):
-            if whole // (warps * 32) <= 128:
-                variants[f"gelu ahead w{warps}x{per_sm}"] = triton_quant.GeluRowQuantizer(k1, k2, None,
-                                                                                          (whole, warps, per_sm))
         for name, quantizer in variants.items():
             q, s = quantizer(head, pre)
             assert torch.equal(q, ref_q) and torch.equal(s, ref_s), (shape, name)

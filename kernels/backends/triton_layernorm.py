@@ -33,16 +33,6 @@ def norm_modulate_rows(x_ptr, mult_ptr, shift_ptr, M, K, L, stride_xm, stride_mb
     mask_m, mask_k = rows < M, offs < K
     mask = mask_m[:, None] & mask_k[None, :]
     v = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = norm_modulate_loaded(v, mask, rows, offs, mult_ptr, shift_ptr, K, L, stride_mb, stride_sb, eps, HAS_MULT,
-                             HAS_SHIFT)
-    return y, rows, offs, mask_m, mask_k
-
-
-@triton.jit
-def norm_modulate_loaded(v, mask, rows, offs, mult_ptr, shift_ptr, K, L, stride_mb, stride_sb, eps,
-                         HAS_MULT: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """addcmul(shift, layer_norm(v), mult) of rows already loaded (fp32 [rows, BLOCK_K], zero outside ``mask``),
-    zero outside it: norm_modulate_rows's math, for kernels that load a row ahead of its use."""
     mean = tl.sum(v, axis=1) / K
     d = tl.where(mask, v - mean[:, None], 0.0)
     var = tl.sum(d * d, axis=1) / K
@@ -52,7 +42,7 @@ def norm_modulate_loaded(v, mask, rows, offs, mult_ptr, shift_ptr, K, L, stride_
         y = y * tl.load(mult_ptr + batch[:, None] * stride_mb + offs[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         y = y + tl.load(shift_ptr + batch[:, None] * stride_sb + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, y, 0.0)
+    return tl.where(mask, y, 0.0), rows, offs, mask_m, mask_k
 
 
 @triton.jit

@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import registry, switches
+from .. import registry
 from . import scratch as scratch_buffers, triton_launch, triton_layernorm, triton_support
-from .triton_layernorm import norm_modulate_loaded, norm_modulate_rows
+from .triton_layernorm import norm_modulate_rows
 from .triton_math import gelu_tanh, round_to_int8, scale_from_absmax
 
 
@@ -399,37 +399,6 @@ def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale
             tl.store(q_row + k0 + offs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
 
 
-@triton.jit
-def _quantize_cat_gelu_ahead_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, M, K1, K2, stride_am,
-                                    stride_gm, HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr,
-                                    SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Whole rows, one program per SM walking rows pid, pid + G, ...: the next row's loads are issued before this
-    # row's GELU, reduction and stores. Why: a 15,360-wide row at 32 warps takes 51 registers a thread (ptxas,
-    # sm_90), so one program fills an SM's register file and a program per row leaves the SM's loads idle while it
-    # reduces and stores (1.45 TB/s at Flux's single blocks on an H100, where the plain quantizer reaches 2.3).
-    G = tl.num_programs(0)
-    offs = tl.arange(0, BLOCK_K)
-    in_a = offs < K1
-    in_g = (offs >= K1) & (offs < K1 + K2)
-    # One load per column from either tensor (one register set to hold ahead, not two masked ones).
-    a_cols = a_ptr + offs
-    g_cols = g_ptr + (offs - K1)
-    row = tl.program_id(0).to(tl.int64)
-    v_in = tl.load(tl.where(in_a, a_cols + row * stride_am, g_cols + row * stride_gm), mask=(in_a | in_g) & (row < M),
-                   other=0.0)
-    for _ in range(tl.program_id(0), M, G):
-        ahead = row + G
-        next_in = tl.load(tl.where(in_a, a_cols + ahead * stride_am, g_cols + ahead * stride_gm),
-                          mask=(in_a | in_g) & (ahead < M), other=0.0)
-        v = v_in.to(tl.float32)
-        v = tl.where(in_a, v, gelu_tanh(v))
-        if HAS_SMOOTH:
-            v = tl.div_rn(v, tl.load(smooth_ptr + offs, mask=in_a | in_g, other=1.0).to(tl.float32))
-        _quantize_row_in_registers(v, in_a | in_g, q_ptr + row * (K1 + K2) + offs, static_ptr, scale_ptr, row,
-                                   STATIC, SCALE_BY_RECIPROCAL)
-        row, v_in = ahead, next_in
-
-
 def _rows(t: torch.Tensor, what: str) -> torch.Tensor:
     """[..., K] -> [M, K] with unit column stride, a view where the strides allow it (a column slice
     of a bigger output stays a strided view: the kernel reads it in place)."""
@@ -449,9 +418,7 @@ def gelu_row_launch_config(k: int) -> tuple[int, int]:
     for plain rows (bench/quant_rows_sweep.py times this quantizer's whole-row tiles against it)."""
     whole = triton_support.next_power_of_2(k)
     if 8192 < whole <= 16384:
-        # One program an SM walking rows, the next row loaded ahead (_quantize_cat_gelu_ahead_kernel; not yet timed
-        # on a GPU, bench/quant_rows_sweep.py); OCTET_ROWS_AHEAD=0: a program per row, as before.
-        return (whole, 32, 1) if switches.on("OCTET_ROWS_AHEAD") else (whole, 32)
+        return whole, 32
     block_k = min(2048, max(256, whole // 4))
     return block_k, 4 if block_k <= 1024 else 8
 
@@ -463,22 +430,17 @@ class GeluRowQuantizer:
     torch_ref.cat_gelu_quantize_rows (GELU in fp32; the kernel's fp32 GELU can differ from torch's in
     the last bit, moving a code by one at a rounding tie)."""
 
-    def __init__(self, k1: int, k2: int, smooth: torch.Tensor | None = None, config: tuple | None = None):
+    def __init__(self, k1: int, k2: int, smooth: torch.Tensor | None = None, config: tuple[int, int] | None = None):
         if smooth is not None and smooth.numel() != k1 + k2:
             raise ValueError(f"smooth has {smooth.numel()} entries, the concatenated row has K={k1 + k2}")
         self.k1, self.k2 = k1, k2
         self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
-        # (tile width, warps[, programs per SM walking rows with the next row's loads ahead, 0: a program per row]);
-        # ``config`` overrides it for bench/quant_rows_sweep.py's sweeps.
-        block_k, num_warps, *ahead = config or gelu_row_launch_config(k1 + k2)
-        self.per_sm = ahead[0] if ahead and block_k >= k1 + k2 else 0
-        flags = dict(HAS_SMOOTH=self.smooth is not None, BLOCK_K=block_k, num_warps=num_warps)
-        if not self.per_sm:
-            flags["ONE_TILE"] = block_k >= k1 + k2
-        self.flags = {(static, cuda): dict(flags, STATIC=static, SCALE_BY_RECIPROCAL=cuda)
+        # (tile width, warps); ``config`` overrides it for bench/kernels.py-style sweeps.
+        block_k, num_warps = config or gelu_row_launch_config(k1 + k2)
+        self.flags = {(static, cuda): dict(HAS_SMOOTH=self.smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=cuda,
+                                           BLOCK_K=block_k, ONE_TILE=block_k >= k1 + k2, num_warps=num_warps)
                       for static in (False, True) for cuda in (False, True)}
-        self.launcher = (triton_launch.Launcher(_quantize_cat_gelu_ahead_kernel, "quantize_cat_gelu_ahead")
-                         if self.per_sm else triton_launch.Launcher(_quantize_cat_gelu_kernel, "quantize_cat_gelu"))
+        self.launcher = triton_launch.Launcher(_quantize_cat_gelu_kernel, "quantize_cat_gelu")
 
     def __call__(self, head: torch.Tensor | None, pre: torch.Tensor, static_scale: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -498,12 +460,6 @@ class GeluRowQuantizer:
         cuda = g.is_cuda
         key = (static, cuda, a.dtype, g.dtype, a.data_ptr() % 16 == 0, g.data_ptr() % 16 == 0,
                static and scales.data_ptr() % 16 == 0, sa == 1, sa % 16 == 0, sg == 1, sg % 16 == 0)
-        if self.per_sm:
-            programs = min(m, self.per_sm * triton_support.num_sms(g.device.index or 0) if cuda else 3)
-            self.launcher(key, lambda meta: (programs,),
-                          lambda meta: (a, g, smooth_arg, scales, q, scales, m, self.k1, self.k2, sa, sg),
-                          self.flags[static, cuda])
-            return q, scales
         self.launcher(key, lambda meta: (m,),
                       lambda meta: (a, g, smooth_arg, scales, q, scales, self.k1, self.k2, sa, sg),
                       self.flags[static, cuda])
@@ -539,38 +495,6 @@ def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_pt
                                BLOCK_K: tl.constexpr):
     y, rows, offs, mask_m, mask_k = norm_modulate_rows(x_ptr, mult_ptr, shift_ptr, M, K, L, stride_xm, stride_mb,
                                                        stride_sb, eps, HAS_MULT, HAS_SHIFT, BLOCK_M, BLOCK_K)
-    _quantize_normed_rows(y, rows, offs, mask_m, mask_k, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, HAS_SMOOTH,
-                          STATIC, SCALE_BY_RECIPROCAL)
-
-
-@triton.jit
-def _quantize_norm_rows_ahead_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, M, K, L,
-                                     stride_xm, stride_mb, stride_sb, eps,
-                                     HAS_MULT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                                     STATIC: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_K: tl.constexpr):
-    # A few programs per SM walking rows pid, pid + G, ..., the next row's x loaded before this row's reductions and
-    # stores (as _quantize_cat_gelu_ahead_kernel): a row per program at 4 warps takes 127 registers a thread (ptxas,
-    # sm_90) and ran at 1.1 TB/s at Flux's 4608 x 3072 on an H100, the plain quantizer at 2.3.
-    G = tl.num_programs(0)
-    offs = tl.arange(0, BLOCK_K)
-    mask_k = offs < K
-    row = tl.program_id(0).to(tl.int64)
-    x_in = tl.load(x_ptr + row * stride_xm + offs, mask=mask_k & (row < M), other=0.0)
-    for _ in range(tl.program_id(0), M, G):
-        ahead = row + G
-        next_in = tl.load(x_ptr + ahead * stride_xm + offs, mask=mask_k & (ahead < M), other=0.0)
-        rows = row + tl.zeros([1], dtype=tl.int64)
-        mask_m = rows < M
-        y = norm_modulate_loaded(x_in.to(tl.float32)[None, :], mask_m[:, None] & mask_k[None, :], rows, offs,
-                                 mult_ptr, shift_ptr, K, L, stride_mb, stride_sb, eps, HAS_MULT, HAS_SHIFT)
-        _quantize_normed_rows(y, rows, offs, mask_m, mask_k, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, HAS_SMOOTH,
-                              STATIC, SCALE_BY_RECIPROCAL)
-        row, x_in = ahead, next_in
-
-
-@triton.jit
-def _quantize_normed_rows(y, rows, offs, mask_m, mask_k, smooth_ptr, static_ptr, q_ptr, scale_ptr, K,
-                          HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr):
     if HAS_SMOOTH:
         y = tl.div_rn(y, tl.load(smooth_ptr + offs, mask=mask_k, other=1.0).to(tl.float32)[None, :])
     # Each row's scale (the static one, or from its absmax, stored), then its codes, as _quantize_row_in_registers.
@@ -591,11 +515,6 @@ def norm_launch_config(k: int) -> tuple[int, int]:
     slower at both (48.9-189 us). Issuing the modulation's loads before the reductions (to overlap the two memory
     round trips) ran slower too: 48.1 us at 4608 x 3072. Rows wider than 4096 are not swept."""
     block_k = triton_support.next_power_of_2(k)
-    if 2048 < block_k <= 4096 and switches.on("OCTET_ROWS_AHEAD"):
-        # Flux's and SD3's widths: three programs an SM walking rows, the next row loaded ahead (168 registers a
-        # thread, ptxas sm_90: three fit); not yet timed on a GPU (bench/deferred_kernels.py --only flux_norm
-        # --sweep). OCTET_ROWS_AHEAD=0: a row per program, as before.
-        return 1, 4, 3
     return 1, 4 if block_k <= 4096 else 16
 
 
@@ -610,11 +529,8 @@ class NormRowQuantizer:
         self.k = k
         self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
         self.block_k = triton_support.next_power_of_2(k)
-        # (rows per program, warps[, programs per SM walking rows with the next row loaded ahead; one row each]).
-        self.block_m, self.num_warps, *ahead = config or norm_launch_config(k)
-        self.per_sm = ahead[0] if ahead else 0
-        self.launcher = (triton_launch.Launcher(_quantize_norm_rows_ahead_kernel, "quantize_norm_rows_ahead")
-                         if self.per_sm else triton_launch.Launcher(_quantize_norm_rows_kernel, "quantize_norm_rows"))
+        self.block_m, self.num_warps = config or norm_launch_config(k)
+        self.launcher = triton_launch.Launcher(_quantize_norm_rows_kernel, "quantize_norm_rows")
 
     @staticmethod
     def takes(x: torch.Tensor, mult: torch.Tensor | None, shift: torch.Tensor | None) -> bool:
@@ -642,12 +558,9 @@ class NormRowQuantizer:
         key = (static, cuda, x.dtype, mult is not None, shift is not None) + triton_launch.facts(
             rows, q, scales, sx, tokens, m, smb, ssb, *(t for t in (mult, shift) if t is not None))
         flags = dict(HAS_MULT=mult is not None, HAS_SHIFT=shift is not None, HAS_SMOOTH=self.smooth is not None,
-                     STATIC=static, SCALE_BY_RECIPROCAL=cuda, BLOCK_K=self.block_k, num_warps=self.num_warps)
-        if self.per_sm:
-            grid = (min(m, self.per_sm * triton_support.num_sms(x.device.index or 0) if cuda else 3),)
-        else:
-            flags["BLOCK_M"] = self.block_m
-            grid = (triton_support.cdiv(m, self.block_m),)
+                     STATIC=static, SCALE_BY_RECIPROCAL=cuda, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
+                     num_warps=self.num_warps)
+        grid = (triton_support.cdiv(m, self.block_m),)
         self.launcher(key, lambda meta: grid,
                       lambda meta: (rows, mult if mult is not None else rows, shift if shift is not None else rows,
                                     smooth_arg, scales, q, scales, m, self.k, tokens, sx, smb, ssb, float(eps)),

@@ -89,11 +89,6 @@ def layer_norm_modulation_float_and_quantized():
                  {"x_ptr": "bf16", "mult_ptr": "bf16", "shift_ptr": "bf16", "q_ptr": "i8"},
                  dict(HAS_MULT=True, HAS_SHIFT=True, HAS_SMOOTH=True, STATIC=static, SCALE_BY_RECIPROCAL=True,
                       BLOCK_M=block_m, BLOCK_K=2048))
-    for static in (False, True):    # programs walking rows, the next one loaded ahead (Flux's 3072 in 4096)
-        _compile(triton_quant._quantize_norm_rows_ahead_kernel,
-                 {"x_ptr": "bf16", "mult_ptr": "bf16", "shift_ptr": "bf16", "q_ptr": "i8"},
-                 dict(HAS_MULT=True, HAS_SHIFT=True, HAS_SMOOTH=static, STATIC=static, SCALE_BY_RECIPROCAL=True,
-                      BLOCK_K=4096), dict(num_warps=4))
 
 
 @case
@@ -128,10 +123,6 @@ def flux_single_block_cat_gelu_quantization():
     for static in (False, True):
         _compile(triton_quant._quantize_cat_gelu_kernel, {"a_ptr": "bf16", "g_ptr": "bf16", "q_ptr": "i8"},
                  dict(HAS_SMOOTH=True, STATIC=static, SCALE_BY_RECIPROCAL=True, BLOCK_K=1024))
-        # Programs walking rows with the next row loaded ahead, at Flux's whole-row width and warps.
-        _compile(triton_quant._quantize_cat_gelu_ahead_kernel, {"a_ptr": "bf16", "g_ptr": "bf16", "q_ptr": "i8"},
-                 dict(HAS_SMOOTH=static, STATIC=static, SCALE_BY_RECIPROCAL=True, BLOCK_K=16384),
-                 dict(num_warps=32))
 
 
 W8A8_TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)

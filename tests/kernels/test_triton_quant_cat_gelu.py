@@ -36,8 +36,7 @@ def test_cat_gelu_quantize_matches_reference(shape, dtype, smoothed, rng, device
 
 @pytest.mark.parametrize("head", [True, False])
 @pytest.mark.parametrize("static", [False, True])
-# the default (one tile for 240, two sweeps for 300), one tile, one tile with programs walking rows (3 on the CPU)
-@pytest.mark.parametrize("config", [None, (512, 4), (512, 4, 1)])
+@pytest.mark.parametrize("config", [None, (512, 4)])    # the default (one tile for 240, two sweeps for 300), one tile
 def test_gelu_quantizer_head_and_static(head, static, config, rng, device):
     """The prepared quantizer an MLP's fc2 (no head) and Flux's linear2 (attn head) use, with dynamic
     and static scales, fed [B, L, K] activations as the model produces them, called twice with
@@ -46,11 +45,8 @@ def test_gelu_quantizer_head_and_static(head, static, config, rng, device):
     k1, k2 = (40, 200) if head else (0, 300)
     smooth = positive(k1 + k2, rng, device)
     quantizer = triton_quant.GeluRowQuantizer(k1, k2, smooth, config)
-    if config is not None and len(config) == 3:
-        assert quantizer.per_sm == 1
-    else:
-        assert quantizer.flags[False, False]["ONE_TILE"] == (config is not None or head)
-    for b, l in ((2, 5), (1, 3), (3, 4)):
+    assert quantizer.flags[False, False]["ONE_TILE"] == (config is not None or head)
+    for b, l in ((2, 5), (1, 3)):
         attn = randn((b, l, k1), rng, torch.bfloat16, device, scale=0.5) if head else None
         wide = randn((b, l, k2 + 9), rng, torch.bfloat16, device, scale=2.0)
         pre = wide[..., 9:]
@@ -62,9 +58,6 @@ def test_gelu_quantizer_head_and_static(head, static, config, rng, device):
         torch.testing.assert_close(s.cpu().reshape(-1), s_ref.reshape(-1).cpu(), rtol=1e-6, atol=0)
         diff = (q.cpu().int() - q_ref.cpu().int()).abs()
         assert diff.max() <= 1 and diff.float().mean() < 0.01
-        if quantizer.per_sm:     # the same math as the default's kernel: its codes exactly
-            q_default, s_default = triton_quant.GeluRowQuantizer(k1, k2, smooth)(attn, pre, static_scale)
-            assert torch.equal(q, q_default) and torch.equal(s, s_default)
         assert q.abs().float().mean() > 1
     with pytest.raises(ValueError, match="head"):
         quantizer(randn((3, k1 + 1), rng, device=device), randn((3, k2), rng, device=device))
@@ -77,19 +70,3 @@ def test_cat_gelu_rejects_mismatched_rows(rng, device):
     with pytest.raises(ValueError, match="smooth has"):
         triton_quant.quantize_rows_cat_gelu(randn((3, 8), rng, device=device), randn((3, 8), rng, device=device),
                                             torch.ones(5, device=device))
-
-
-def test_flux_single_block_rows_are_walked_with_the_next_row_ahead(monkeypatch, rng, device):
-    """At Flux's linear2 width (3072 + 12288) the default quantizer walks rows, the next one loaded ahead;
-    OCTET_ROWS_AHEAD=0 gives a program per row, as before. The codes and scales are the same."""
-    from comfyui_octet.kernels.backends import triton_quant
-    ahead = triton_quant.GeluRowQuantizer(3072, 12288)
-    monkeypatch.setenv("OCTET_ROWS_AHEAD", "0")
-    per_row = triton_quant.GeluRowQuantizer(3072, 12288)
-    assert ahead.per_sm == 1 and per_row.per_sm == 0 and per_row.flags[False, False]["ONE_TILE"]
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    attn = randn((5, 3072), rng, dtype, device, scale=0.5)
-    pre = randn((5, 12288 + 64), rng, dtype, device, scale=2.0)[:, 64:]
-    q, s = ahead(attn, pre)
-    q_row, s_row = per_row(attn, pre)
-    assert torch.equal(q, q_row) and torch.equal(s, s_row) and q.abs().float().mean() > 1
