@@ -58,10 +58,11 @@ case "$part" in
             # modulation, the MLP GELU inside the INT8 layers' kernels; QK norm + RoPE as one kernel). Compiled
             # Flux-dev through CUDA Graph Step, H100 2026-12-06: 99.6 ms with the pass, 105.4 without, bf16 135.9
             # (1.36x vs 1.29x); 98.0 vs 137.6 (1.40x) after two quantizer configs were retuned; the gated residuals
-            # in the GEMM epilogues (91590ef) not yet timed. Its GPU tests, then Flux-dev compiled + graph step with
-            # the pass, with it but the residuals the host's adds (OCTET_COMPILE_RESIDUAL=0), bf16 last
+            # in the GEMM epilogues (91590ef) 102.1 vs 101.4 without, bf16 135.2 (H100 2026-12-06 14:24 UTC, another
+            # call: off by default since). Its GPU tests, then Flux-dev compiled + graph step with the pass, with
+            # the residuals too (OCTET_COMPILE_RESIDUAL=1), bf16 last
     gpu_tests 200 tests/octet/test_compile_pass.py
-    python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_not_residual bf16 \
+    python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_residual bf16 \
         --modes compile_graph --deadline 420 --out "$dest/compile_fused" 2>&1 | quiet ;;
   compile_fused_profile)  # what is left in compiled Octet Flux-dev's step with the pass: its kernels by GPU time
             # (torch.profiler, one compiled step; the twenty-eighth session's table is the before); first the GELU

@@ -30,8 +30,10 @@ computes the host's float ops first, so a rewrite can cost speed, never correctn
 Installed into ``torch._inductor.config.pre_grad_custom_pass`` when the first INT8 layer is made (importing
 Inductor's config costs ~0.8 s, not paid by a pack that never quantizes), chained after any pass already there;
 a ``CustomGraphPass`` with a uuid, so Inductor's FX graph cache keys on it. ``OCTET_COMPILE_FUSIONS=0`` turns the
-rewrite off, ``OCTET_COMPILE_RESIDUAL=0`` only the gated residuals' (read at each compile: bench/e2e.py compares
-them).
+rewrite off (read at each compile: bench/e2e.py compares both). The gated residual rewrite (``rewrite_residual``) is off
+unless ``OCTET_COMPILE_RESIDUAL=1``: it gained nothing where it was built for (compiled Flux-dev through CUDA Graph Step
+on an H100, 2026-12-06: 102.1 ms with it, 101.4 without; the residual kernel has no persistent tile loop, and the
+GEMMs lose what Inductor's adds cost).
 """
 from __future__ import annotations
 
@@ -53,6 +55,11 @@ _installed = False
 
 def enabled() -> bool:
     return switches.on("OCTET_COMPILE_FUSIONS")
+
+
+def residuals_enabled() -> bool:
+    """Whether ``apply`` puts gated residuals into the GEMM epilogue: only with OCTET_COMPILE_RESIDUAL=1 (see above)."""
+    return switches.is_one("OCTET_COMPILE_RESIDUAL")
 
 
 def _is(node, targets) -> bool:
@@ -269,7 +276,8 @@ def rewrite_residual(graph: torch.fx.Graph) -> None:
     """``res += layer(...) * gate`` (Flux's residual after proj, the MLP's fc2 and linear2, ComfyUI's apply_mod
     without modulation_dims) -> one octet::linear_fused with ``res`` and ``gate``: the sum in the GEMM's epilogue
     where the plan takes it, rounded as the host's two ops (QuantLinear.fused_call), instead of Inductor's pass
-    over the layer's output (1.7 ms of compiled Flux-dev's step on an H100, 2026-12-06)."""
+    over the layer's output (1.7 ms of compiled Flux-dev's step on an H100, 2026-12-06). Off by default: the step
+    was no faster with it (module docstring)."""
     fused_op = torch.ops.octet.linear_fused.default
     order = {n: i for i, n in enumerate(graph.nodes)}
     for add in list(graph.nodes):
@@ -293,7 +301,7 @@ def apply(graph: torch.fx.Graph) -> tuple[int, int]:
     inputs first: a layer whose input was fused can then take its block's residual too."""
     rewrite(graph)
     attentions = rewrite_qk(graph)
-    if switches.on("OCTET_COMPILE_RESIDUAL"):
+    if residuals_enabled():
         rewrite_residual(graph)
     return sum(n.target is torch.ops.octet.linear_fused.default for n in graph.nodes), attentions
 
@@ -316,7 +324,7 @@ def _pass_class():
                 count, attentions = apply(graph)
                 if count or attentions:
                     log_once("compile-fusions", f"Octet: torch.compile runs {count} INT8 layer(s) with their "
-                             f"LayerNorm / GELU / gated residual inside the layer's kernels and {attentions} "
+                             f"LayerNorm / GELU{' / gated residual' if residuals_enabled() else ''} inside the layer's kernels and {attentions} "
                              f"attention(s)' q/k norm + RoPE as one kernel, as eager Octet does "
                              f"(OCTET_COMPILE_FUSIONS=0 turns this off).",
                              logging.INFO)
@@ -324,7 +332,7 @@ def _pass_class():
         def uuid(self):
             # Asked at each compile for Inductor's cache key: this file's code and whether the switch is on.
             previous = getattr(self.previous, "uuid", None)
-            return (source + ("on" if enabled() else "off") + str(switches.on("OCTET_COMPILE_RESIDUAL"))
+            return (source + ("on" if enabled() else "off") + str(residuals_enabled())
                     + ("" if previous is None else str(previous())))
 
         def __reduce__(self):

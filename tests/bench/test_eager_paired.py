@@ -51,7 +51,7 @@ def test_the_lean_variants_build_what_they_name(monkeypatch):
     e2e.octet_pack.load(comfy=True, cpu=True)
     # e2e sets the switches in os.environ for the process (as a bench run wants); the tests after this one must
     # not inherit them (OCTET_FLOAT_FUSIONS=1 under the interpreter makes every GroupNorm take a second).
-    for name in {n for names in e2e.SWITCH_OFF.values() for n in names}:
+    for name in e2e.SWITCHES:
         monkeypatch.setenv(name, "1")       # (delenv of an unset variable records nothing to restore)
     cpu = torch.device("cpu")
     x, sigma, kw = e2e.inputs("sdxl", cpu, True)
@@ -78,7 +78,7 @@ def test_the_attention_op_variants_build_what_they_name(monkeypatch):
     import e2e
     from comfyui_octet.octet import lean_blocks
     e2e.octet_pack.load(comfy=True, cpu=True)
-    for name in {n for names in e2e.SWITCH_OFF.values() for n in names}:
+    for name in e2e.SWITCHES:
         monkeypatch.setenv(name, "1")
     monkeypatch.delenv("OCTET_ATTENTION_OP", raising=False)
     cpu = torch.device("cpu")
@@ -114,7 +114,7 @@ def test_the_wan_variants_build_what_they_name(monkeypatch):
     import e2e
     from comfyui_octet.octet import float_fusions, fusion
     e2e.octet_pack.load(comfy=True, cpu=True)
-    for name in {n for names in e2e.SWITCH_OFF.values() for n in names}:
+    for name in e2e.SWITCHES:
         monkeypatch.setenv(name, "1")
     cpu = torch.device("cpu")
     x, sigma, kw = e2e.inputs("wan2.1-1.3b", cpu, True)

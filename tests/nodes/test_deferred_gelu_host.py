@@ -96,6 +96,7 @@ def test_compiled_flux_blocks_take_the_same_inputs_as_eager(sample_dit, monkeypa
     # The host's CPU attention asks psutil for free memory, a graph break (one graph per block's halves); PyTorch's
     # SDPA, what the host picks on a GPU, keeps each step in one graph, as on a GPU.
     monkeypatch.setattr(flux_math, "optimized_attention", attention.attention_pytorch)
+    monkeypatch.setenv("OCTET_COMPILE_RESIDUAL", "1")     # the gated residual rewrite too (off by default)
     dit = rm.load_reference("dit", "plain")
     q, result = bridge.quantize_model(dit, DynamicW8A8Config(backend="torch"))
     dm = dit.model.diffusion_model

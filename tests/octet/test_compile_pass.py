@@ -137,6 +137,7 @@ def test_flux_gated_residuals_go_into_the_layers_epilogues_with_eager_octets_num
     monkeypatch.setattr(triton_backend._W8A8Linear, "_residual",
                         lambda self, *a, **kw: calls.append(kw.get("host_rounding", a[-1])) or real(self, *a, **kw))
     monkeypatch.setattr(modules, "_takes_residual", lambda run, x, res, gate: run.takes_residual(x, res, gate))
+    monkeypatch.setenv("OCTET_COMPILE_RESIDUAL", "1")
     net = _quantized(GatedFlux, "triton")
     x = torch.randn(2, 7, 24, generator=rng)
     with torch.no_grad():
@@ -147,15 +148,15 @@ def test_flux_gated_residuals_go_into_the_layers_epilogues_with_eager_octets_num
                      ("gelu", False, "residual"): 1} and plain == 2
     assert calls == [True] * 3
     assert torch.equal(compiled, eager)
-    # OCTET_COMPILE_RESIDUAL=0 (bench/e2e.py's _not_residual): the inputs fused, the residuals the host's adds.
-    monkeypatch.setenv("OCTET_COMPILE_RESIDUAL", "0")
+    # By default (OCTET_COMPILE_RESIDUAL unset: no faster on an H100) the inputs are fused, the residuals the host's.
+    monkeypatch.delenv("OCTET_COMPILE_RESIDUAL")
     with torch.no_grad():
         compiled, kinds, plain = _compiled_with_pass(net, x)
     assert kinds == {("norm", False): 2, ("norm", True): 1, ("gelu", False): 1} and plain == 4
     assert calls == [True] * 3 and torch.equal(compiled, eager)
 
 
-def test_a_residual_anything_else_sees_stays_the_hosts_in_place_add(rng):
+def test_a_residual_anything_else_sees_stays_the_hosts_in_place_add(rng, monkeypatch):
     """The sum goes to a new tensor only where nobody could see the difference: not where the residual is read after
     the add through another name, is the graph's input (the caller sees it change), or is a view of another tensor;
     the one residual made by an INT8 layer and read by nothing else is rewritten."""
@@ -175,6 +176,7 @@ def test_a_residual_anything_else_sees_stays_the_hosts_in_place_add(rng):
             w = self.inp(h)
             w += (self.g * 1.5) * self.a(w)         # rewritten (the gate first, read only here)
             return h + alias + v.sum() + w
+    monkeypatch.setenv("OCTET_COMPILE_RESIDUAL", "1")
     net = _quantized(Aliased, "torch")
     x = torch.randn(2, 6, 16, generator=rng)
     with torch.no_grad():
@@ -314,11 +316,11 @@ def test_the_installed_pass_pickles_as_its_uuid_for_inductors_cache_key(monkeypa
         on = pickle.dumps(installed)
         assert pickle.dumps(installed) == on and installed.uuid().encode() in on
         assert pickle.loads(on) is installed
-        monkeypatch.setenv("OCTET_COMPILE_RESIDUAL", "0")
-        without_residuals = pickle.dumps(installed)
-        assert without_residuals != on
+        monkeypatch.setenv("OCTET_COMPILE_RESIDUAL", "1")
+        with_residuals = pickle.dumps(installed)
+        assert with_residuals != on
         monkeypatch.setenv("OCTET_COMPILE_FUSIONS", "0")
-        assert pickle.dumps(installed) not in (on, without_residuals)
+        assert pickle.dumps(installed) not in (on, with_residuals)
 
 
 def test_inductor_runs_the_pass_on_a_compiled_model(rng, monkeypatch):
@@ -380,6 +382,7 @@ def test_on_a_gpu_compiled_gated_residuals_run_in_the_epilogue_with_the_hosts_ro
     their layers' GEMM epilogues, rounded as the host's (the kernel's bit-exactness: tests/kernels/test_triton_gemm.py),
     and the output is eager's up to Inductor's float rounding of the other ops."""
     monkeypatch.setenv("OCTET_EAGER_DEFERRAL", "1")
+    monkeypatch.setenv("OCTET_COMPILE_RESIDUAL", "1")
     calls = []
     real = triton_backend._W8A8Linear._residual        # every residual epilogue's call (host_rounding last)
     monkeypatch.setattr(triton_backend._W8A8Linear, "_residual",
