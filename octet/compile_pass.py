@@ -32,8 +32,8 @@ Inductor's config costs ~0.8 s, not paid by a pack that never quantizes), chaine
 a ``CustomGraphPass`` with a uuid, so Inductor's FX graph cache keys on it. ``OCTET_COMPILE_FUSIONS=0`` turns the
 rewrite off (read at each compile: bench/e2e.py compares both). The gated residual rewrite (``rewrite_residual``) is off
 unless ``OCTET_COMPILE_RESIDUAL=1``: it gained nothing where it was built for (compiled Flux-dev through CUDA Graph Step
-on an H100, 2026-12-06: 102.1 ms with it, 101.4 without; the residual kernel has no persistent tile loop, and the
-GEMMs lose what Inductor's adds cost).
+on an H100, 2026-12-06: 102.1 ms with it, 101.4 without; likely because the residual kernel has no persistent tile
+loop, so its GEMMs lose what Inductor's adds cost).
 """
 from __future__ import annotations
 
@@ -323,14 +323,15 @@ def _pass_class():
             if enabled() and any(_is(n, _linear_targets()) for n in graph.nodes):
                 count, attentions = apply(graph)
                 if count or attentions:
+                    residual = " / gated residual" if residuals_enabled() else ""
                     log_once("compile-fusions", f"Octet: torch.compile runs {count} INT8 layer(s) with their "
-                             f"LayerNorm / GELU{' / gated residual' if residuals_enabled() else ''} inside the layer's kernels and {attentions} "
+                             f"LayerNorm / GELU{residual} inside the layer's kernels and {attentions} "
                              f"attention(s)' q/k norm + RoPE as one kernel, as eager Octet does "
                              f"(OCTET_COMPILE_FUSIONS=0 turns this off).",
                              logging.INFO)
 
         def uuid(self):
-            # Asked at each compile for Inductor's cache key: this file's code and whether the switch is on.
+            # Asked at each compile for Inductor's cache key: this file's code and whether the switches are on.
             previous = getattr(self.previous, "uuid", None)
             return (source + ("on" if enabled() else "off") + str(residuals_enabled())
                     + ("" if previous is None else str(previous())))
