@@ -4,7 +4,7 @@
 # enough for one device call (10 minutes). On the device machine, from the repository root:
 #
 #   bash bench/gpu_pending.sh PART [WHEELS_DIR]      # WHEELS_DIR default .whl; PART:
-#       compile_fused | compile_fused_profile | cudagraphs | compile_graph | quant | attention | wan | mlp | eager
+#       recip | compile_fused | compile_fused_profile | cudagraphs | compile_graph | quant | attention | wan | mlp | eager
 #       | kernels | lowvram | tests | tests_slow
 #
 # Every part runs on ComfyUI 0.29.0 (bench/gpu_host029.sh); `eager` also times Wan on ComfyUI 0.3.75 when
@@ -14,7 +14,7 @@
 # (models/octet_fmnist_*.safetensors, ~20 MB) must stay behind for that call, and `tests` then fails the one test
 # that reads them (test_quantize_model_node_patches_the_stacks_forwards: "Reference model weights not found").
 set -uo pipefail
-parts="compile_fused|compile_fused_profile|cudagraphs|compile_graph|quant|attention|wan|mlp|eager|kernels|lowvram|tests|tests_slow"
+parts="recip|compile_fused|compile_fused_profile|cudagraphs|compile_graph|quant|attention|wan|mlp|eager|kernels|lowvram|tests|tests_slow"
 part="${1:?usage: bash bench/gpu_pending.sh $parts [WHEELS_DIR]}"
 wheels="${2:-.whl}"
 dest="${OUT:-out}/bench"
@@ -64,6 +64,12 @@ case "$part" in
     gpu_tests 200 tests/octet/test_compile_pass.py
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_residual bf16 \
         --modes compile_graph --deadline 420 --out "$dest/compile_fused" 2>&1 | quiet ;;
+  recip)    # the GELU row quantizer's codes by the scale's reciprocal (reciprocal_codes; 985 -> 743 SASS instructions a
+            # thread at Flux's 15,360-wide rows, ptxas sm_90: the kernel is issue-bound, ~145M warp instructions in its
+            # 146.8 us on an H100 2026-12-06) against the division, whole rows at 16 and 32 warps; then its GPU tests.
+            # If faster, make it GeluRowQuantizer's default and time compiled Flux-dev (compile_fused)
+    python3 bench/quant_rows_sweep.py --shapes 4608x3072 --out "$dest" 2>&1 | quiet | grep -i "gelu"
+    gpu_tests 150 tests/kernels/test_triton_quant_cat_gelu.py ;;
   compile_fused_profile)  # what is left in compiled Octet Flux-dev's step with the pass: its kernels by GPU time
             # (torch.profiler, one compiled step; the twenty-eighth session's table is the before); first the GELU
             # row quantizer's configs (32 warps the default since H100 2026-12-06: 145.9 vs 152.7 us) and the norm

@@ -375,7 +375,7 @@ def _cat_gelu_tile(a_row, g_row, smooth_ptr, k0, offs, K1, K2, HAS_SMOOTH: tl.co
 @triton.jit
 def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K1, K2, stride_am, stride_gm,
                               HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr,
-                              BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr):
+                              BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, RECIPROCAL_CODES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     a_row = a_ptr + row * stride_am
     g_row = g_ptr + row * stride_gm
@@ -383,7 +383,19 @@ def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale
     offs = tl.arange(0, BLOCK_K)
     if ONE_TILE:   # the whole row in registers: one read, the GELU computed once
         v, mask = _cat_gelu_tile(a_row, g_row, smooth_ptr, 0, offs, K1, K2, HAS_SMOOTH)
-        _quantize_row_in_registers(v, mask, q_row + offs, static_ptr, scale_ptr, row, STATIC, SCALE_BY_RECIPROCAL)
+        if RECIPROCAL_CODES and not STATIC:
+            # Codes from v times the scale's reciprocal, unclamped: the IEEE division (its check and slow-path branch)
+            # and the clamp are a quarter of this kernel's instructions (ptxas sm_90: 978 -> 714 a thread's 16
+            # elements), and at Flux's single blocks it is issue-bound (~145M warp instructions, 146.8 us on an H100).
+            # A code can differ from the division's by one where v / scale is within ~2e-5 of a half (this
+            # quantizer's GELU already differs from torch's in the last bit); |v| <= absmax keeps it within 127.
+            scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
+            tl.store(scale_ptr + row, scale)
+            codes = (v * tl.div_rn(1.0, scale) + 12582912.0) - 12582912.0     # round half to even (triton_math)
+            tl.store(q_row + offs, codes.to(tl.int8), mask=mask)
+        else:
+            _quantize_row_in_registers(v, mask, q_row + offs, static_ptr, scale_ptr, row, STATIC,
+                                       SCALE_BY_RECIPROCAL)
     else:
         if STATIC:
             scale = tl.load(static_ptr).to(tl.float32)
@@ -430,15 +442,19 @@ class GeluRowQuantizer:
     torch_ref.cat_gelu_quantize_rows (GELU in fp32; the kernel's fp32 GELU can differ from torch's in
     the last bit, moving a code by one at a rounding tie)."""
 
-    def __init__(self, k1: int, k2: int, smooth: torch.Tensor | None = None, config: tuple[int, int] | None = None):
+    def __init__(self, k1: int, k2: int, smooth: torch.Tensor | None = None, config: tuple[int, int] | None = None,
+                 reciprocal_codes: bool = False):
         if smooth is not None and smooth.numel() != k1 + k2:
             raise ValueError(f"smooth has {smooth.numel()} entries, the concatenated row has K={k1 + k2}")
         self.k1, self.k2 = k1, k2
         self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
-        # (tile width, warps); ``config`` overrides it for bench/kernels.py-style sweeps.
+        # (tile width, warps); ``config`` overrides it for bench/kernels.py-style sweeps. ``reciprocal_codes``: a
+        # whole-row tile's dynamic codes by the scale's reciprocal (see the kernel; not yet timed on a GPU:
+        # bench/quant_rows_sweep.py's "recip" rows).
         block_k, num_warps = config or gelu_row_launch_config(k1 + k2)
         self.flags = {(static, cuda): dict(HAS_SMOOTH=self.smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=cuda,
-                                           BLOCK_K=block_k, ONE_TILE=block_k >= k1 + k2, num_warps=num_warps)
+                                           BLOCK_K=block_k, ONE_TILE=block_k >= k1 + k2, num_warps=num_warps,
+                                           RECIPROCAL_CODES=reciprocal_codes)
                       for static in (False, True) for cuda in (False, True)}
         self.launcher = triton_launch.Launcher(_quantize_cat_gelu_kernel, "quantize_cat_gelu")
 

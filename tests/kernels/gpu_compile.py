@@ -121,8 +121,10 @@ def conv_activation_quantization():
 @case
 def flux_single_block_cat_gelu_quantization():
     for static in (False, True):
-        _compile(triton_quant._quantize_cat_gelu_kernel, {"a_ptr": "bf16", "g_ptr": "bf16", "q_ptr": "i8"},
-                 dict(HAS_SMOOTH=True, STATIC=static, SCALE_BY_RECIPROCAL=True, BLOCK_K=1024))
+        for one_tile, reciprocal in ((False, False), (True, False), (True, True)):
+            _compile(triton_quant._quantize_cat_gelu_kernel, {"a_ptr": "bf16", "g_ptr": "bf16", "q_ptr": "i8"},
+                     dict(HAS_SMOOTH=True, STATIC=static, SCALE_BY_RECIPROCAL=True, BLOCK_K=1024, ONE_TILE=one_tile,
+                          RECIPROCAL_CODES=reciprocal))
 
 
 W8A8_TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)

@@ -70,3 +70,26 @@ def test_cat_gelu_rejects_mismatched_rows(rng, device):
     with pytest.raises(ValueError, match="smooth has"):
         triton_quant.quantize_rows_cat_gelu(randn((3, 8), rng, device=device), randn((3, 8), rng, device=device),
                                             torch.ones(5, device=device))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_codes_by_the_scales_reciprocal_stay_within_a_code_of_the_division(static, rng, device):
+    """``reciprocal_codes`` (dynamic whole-row tiles): codes from v times 1/scale, unclamped, at Flux's single-block
+    width. The scales are the division's; a code moves by at most one, only where v / scale is near a half; static
+    scales keep the division (and the clamp a static scale needs)."""
+    from comfyui_octet.kernels.backends import triton_quant
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    attn = randn((6, 3072), rng, dtype, device, scale=0.5)
+    pre = randn((6, 12288 + 16), rng, dtype, device, scale=2.0)[:, 16:]
+    static_scale = torch.tensor([0.01], device=device) if static else None     # clamps GELU's tail
+    divided = triton_quant.GeluRowQuantizer(3072, 12288)(attn, pre, static_scale)
+    quantizer = triton_quant.GeluRowQuantizer(3072, 12288, reciprocal_codes=True)
+    assert quantizer.flags[static, False]["RECIPROCAL_CODES"] and quantizer.flags[static, False]["ONE_TILE"]
+    q, s = quantizer(attn, pre, static_scale)
+    q_ref, s_ref = torch_ref.cat_gelu_quantize_rows(attn, pre, None, static_scale)
+    assert torch.equal(s, divided[1]) and q.abs().max() == 127 and (q.abs() == 127).sum() >= 6
+    diff = (q.int() - divided[0].int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 1e-3 and (static is False or diff.max() == 0)
+    ref_diff = (q.cpu().int() - q_ref.cpu().int()).abs()
+    assert ref_diff.max() <= 1 and ref_diff.float().mean() < 0.01
+    torch.testing.assert_close(s.cpu().reshape(-1), s_ref.reshape(-1).cpu(), rtol=1e-6, atol=0)
