@@ -64,10 +64,10 @@ case "$part" in
     gpu_tests 200 tests/octet/test_compile_pass.py
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_residual bf16 \
         --modes compile_graph --deadline 420 --out "$dest/compile_fused" 2>&1 | quiet ;;
-  recip)    # the GELU row quantizer's codes by the scale's reciprocal (reciprocal_codes; 985 -> 743 SASS instructions a
-            # thread at Flux's 15,360-wide rows, ptxas sm_90: the kernel is issue-bound, ~145M warp instructions in its
-            # 146.8 us on an H100 2026-12-06) against the division, whole rows at 16 and 32 warps; then its GPU tests.
-            # If faster, make it GeluRowQuantizer's default and time compiled Flux-dev (compile_fused)
+  recip)    # the GELU row quantizer's codes by the scale's reciprocal (reciprocal_codes; 788 -> 548 SASS instructions a
+            # thread at Flux's 15,360-wide rows, ptxas sm_90: its 116M warp instructions are ~80 % of its 146.8 us on
+            # an H100 2026-12-06 at the card's issue rate) against the division, whole rows at 16 and 32 warps; then
+            # its GPU tests. If faster, make it GeluRowQuantizer's default and time compiled Flux-dev (compile_fused)
     python3 bench/quant_rows_sweep.py --shapes 4608x3072 --out "$dest" 2>&1 | quiet | grep -i "gelu"
     gpu_tests 150 tests/kernels/test_triton_quant_cat_gelu.py ;;
   compile_fused_profile)  # what is left in compiled Octet Flux-dev's step with the pass: its kernels by GPU time
