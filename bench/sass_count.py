@@ -18,6 +18,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("TRITON_INTERPRET") == "1":   # @triton.jit would give interpreter functions, which do not compile
+    sys.exit("bench/sass_count.py compiles for a GPU target: run it without TRITON_INTERPRET=1")
 if "comfyui_octet" not in sys.modules:
     spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
                                                   submodule_search_locations=[ROOT])
