@@ -246,14 +246,12 @@ def quantize(model, variant: str, x, sigma, kw):
         if mode.endswith(suffix):
             os.environ["OCTET_ATTENTION_OP"] = suffix[1:]
             mode = mode.removesuffix(suffix)
-    for suffix, switches in SWITCH_OFF.items():   # every switch on, except those the variant's suffix names
-        for switch in switches:
-            os.environ[switch] = "0" if mode.endswith(suffix) else "1"
-        mode = mode.removesuffix(suffix)
-    for suffix, switches in SWITCH_ON.items():    # and the default-off ones off, except those it names
-        for switch in switches:
-            os.environ[switch] = "1" if mode.endswith(suffix) else "0"
-        mode = mode.removesuffix(suffix)
+    # Every switch at its default (SWITCH_OFF's on, SWITCH_ON's off), except those the variant's suffixes name.
+    for table, named, default in ((SWITCH_OFF, "0", "1"), (SWITCH_ON, "1", "0")):
+        for suffix, switches in table.items():
+            for switch in switches:
+                os.environ[switch] = named if mode.endswith(suffix) else default
+            mode = mode.removesuffix(suffix)
     from comfyui_octet.kernels.backends import scratch
     scratch.read_environment()   # the module reads it at import, not per call
     if mode == "static":

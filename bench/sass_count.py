@@ -10,7 +10,6 @@ main body (up to the first EXIT; the division's slow path is a subroutine it cal
 """
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import re
@@ -20,11 +19,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("TRITON_INTERPRET") == "1":   # @triton.jit would give interpreter functions, which do not compile
     sys.exit("bench/sass_count.py compiles for a GPU target: run it without TRITON_INTERPRET=1")
-if "comfyui_octet" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("comfyui_octet", os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    sys.modules["comfyui_octet"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["comfyui_octet"])
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import octet_pack  # noqa: E402
+
+octet_pack.load()
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
