@@ -70,6 +70,11 @@ def _linear_targets() -> tuple:
     return (torch.ops.octet.linear.default, torch.ops.octet.linear)
 
 
+def _layer_targets() -> tuple:
+    """An INT8 layer's call in a graph: octet::linear, or the octet::linear_fused a rewrite made of one."""
+    return _linear_targets() + (torch.ops.octet.linear_fused.default,)
+
+
 def _arg(node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
@@ -236,8 +241,7 @@ _FRESH = (torch.cat, operator.add, torch.add, F.linear, torch._C._nn.linear)
 
 
 def _fresh(node) -> bool:
-    return node.op == "call_function" and (node.target in _FRESH or node.target in _linear_targets()
-                                           or node.target is torch.ops.octet.linear_fused.default)
+    return node.op == "call_function" and (node.target in _FRESH or node.target in _layer_targets())
 
 
 def _residual_layer(layer, mul) -> bool:
@@ -266,7 +270,7 @@ def _residual_site(add, order) -> Optional[tuple]:
             or value.shape != product.shape or value.dtype != product.dtype or not _fresh(res):
         return None
     # What else may read res (before the add): ops that keep nothing aliasing it.
-    readers = _LAYER_NORMS + _linear_targets() + (torch.ops.octet.linear_fused.default,)
+    readers = _LAYER_NORMS + _layer_targets()
     if any(user is not add and (order[user] > order[add] or not _is(user, readers)) for user in res.users):
         return None
     return res, gate, layer, mul

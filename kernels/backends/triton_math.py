@@ -13,13 +13,18 @@ import triton.language as tl
 
 
 @triton.jit
-def round_to_grid(v):
-    # Clamp to [-QMAX, QMAX], then round half to even with the fp32 magic number: adding and
-    # subtracting 1.5 * 2**23 rounds to the nearest even integer for |v| < 2**22. Clamping first
-    # makes that range hold and gives torch_ref's round-then-clamp result. (libdevice.rint would do
-    # on the GPU, but the CPU interpreter does not implement it, and CI runs these very kernels.)
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+def round_half_even(v):
+    # Round half to even with the fp32 magic number: adding and subtracting 1.5 * 2**23 rounds to the
+    # nearest even integer for |v| < 2**22. (libdevice.rint would do on the GPU, but the CPU
+    # interpreter does not implement it, and CI runs these very kernels.)
     return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def round_to_grid(v):
+    # Clamp to [-QMAX, QMAX], then round half to even: clamping first makes round_half_even's range
+    # hold and gives torch_ref's round-then-clamp result.
+    return round_half_even(tl.minimum(tl.maximum(v, -127.0), 127.0))
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import triton.language as tl
 from .. import registry
 from . import scratch as scratch_buffers, triton_launch, triton_layernorm, triton_support
 from .triton_layernorm import norm_modulate_rows
-from .triton_math import gelu_tanh, round_to_int8, scale_from_absmax
+from .triton_math import gelu_tanh, round_half_even, round_to_int8, scale_from_absmax
 
 
 @triton.jit
@@ -392,8 +392,7 @@ def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale
             # quantizer's GELU already differs from torch's in the last bit); |v| <= absmax keeps it within 127.
             scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
             tl.store(scale_ptr + row, scale)
-            codes = (v * tl.div_rn(1.0, scale) + 12582912.0) - 12582912.0     # round half to even (triton_math)
-            tl.store(q_row + offs, codes.to(tl.int8), mask=mask)
+            tl.store(q_row + offs, round_half_even(v * tl.div_rn(1.0, scale)).to(tl.int8), mask=mask)
         else:
             _quantize_row_in_registers(v, mask, q_row + offs, static_ptr, scale_ptr, row, STATIC,
                                        SCALE_BY_RECIPROCAL)
