@@ -326,8 +326,11 @@ class _W8A8Linear:
         k1 = 0 if head is None else head.shape[-1]
         quantize = self._gelu_quantizers.get(k1)
         if quantize is None:
+            # OCTET_GELU_RECIP=1: codes by the scale's reciprocal (triton_quant.GeluRowQuantizer), read when a call
+            # site's quantizer is made, so bench/e2e.py can time a step with it (octet_dynamic_recip)
             with self._kept():
-                quantize = self._gelu_quantizers[k1] = self._make_gelu(k1, self.k - k1, self.smooth)
+                quantize = self._gelu_quantizers[k1] = self._make_gelu(
+                    k1, self.k - k1, self.smooth, reciprocal_codes=switches.is_one("OCTET_GELU_RECIP"))
         xq, xs = quantize(head, pre, static)
         return self._output(xq, xs, pre, residual)
 

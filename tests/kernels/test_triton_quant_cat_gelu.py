@@ -93,3 +93,24 @@ def test_codes_by_the_scales_reciprocal_stay_within_a_code_of_the_division(stati
     ref_diff = (q.cpu().int() - q_ref.cpu().int()).abs()
     assert ref_diff.max() <= 1 and ref_diff.float().mean() < 0.01
     torch.testing.assert_close(s.cpu().reshape(-1), s_ref.reshape(-1).cpu(), rtol=1e-6, atol=0)
+
+
+def test_the_recip_switch_reaches_a_plans_gelu_quantizer(monkeypatch, rng, device):
+    """OCTET_GELU_RECIP=1 (bench/e2e.py's octet_dynamic_recip) is read when a plan makes a call site's GELU quantizer:
+    that quantizer computes codes by the reciprocal, one made without the switch by the division; the layer's outputs
+    agree to within a code's worth."""
+    import comfyui_octet.octet as octet
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 8).to(device)
+    head, pre = randn((5, 16), rng, device=device, scale=0.5), randn((5, 32), rng, device=device, scale=2.0)
+    outs, flags = [], []
+    for value in ("0", "1"):
+        monkeypatch.setenv("OCTET_GELU_RECIP", value)
+        run = octet.modules.QuantLinear.from_float(linear, "dynamic", backend="triton").plan(head.new_zeros(5, 48)).run
+        outs.append(run.gelu_input(head, pre, None))
+        flags.append(run._gelu_quantizers[16].flags[False, head.is_cuda]["RECIPROCAL_CODES"])
+    assert flags == [False, True]
+    ref = torch.nn.functional.linear(torch.cat([head, torch.nn.functional.gelu(pre, approximate="tanh")], 1),
+                                     linear.weight, linear.bias)
+    step = ref.abs().max().item() / 127
+    assert (outs[0] - outs[1]).abs().max() < 2 * step and (outs[1] - ref).abs().max() < 0.05 * ref.abs().max()
