@@ -138,9 +138,9 @@ SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH"
               "_not_lean": ("OCTET_LEAN_BLOCKS",), "_not_compile_fused": ("OCTET_COMPILE_FUSIONS",)}
 # The variant suffix -> the Octet switches, off by default, it turns on. octet_dynamic_residual: the compile pass with
 # Flux's gated residuals in the GEMM epilogue (OCTET_COMPILE_RESIDUAL=1, read at each compile).
-# octet_dynamic_recip: the GELU row quantizer's codes by the scale's reciprocal (OCTET_GELU_RECIP=1, read when a call
-# site's quantizer is made).
-SWITCH_ON = {"_residual": ("OCTET_COMPILE_RESIDUAL",), "_recip": ("OCTET_GELU_RECIP",)}
+# octet_dynamic_recip: the GELU and norm row quantizers' codes by the scale's reciprocal (OCTET_RECIP_CODES=1, read
+# when a call site's quantizer is made).
+SWITCH_ON = {"_residual": ("OCTET_COMPILE_RESIDUAL",), "_recip": ("OCTET_RECIP_CODES",)}
 SWITCHES = sorted({name for table in (SWITCH_OFF, SWITCH_ON) for names in table.values() for name in names})
 # octet_dynamic_sdpa / _flash / _cudnn: the lean forwards call the host's SDPA, or PyTorch's flash / cuDNN attention
 # op directly (OCTET_ATTENTION_OP, read when the model is quantized: octet/lean_blocks.py attention_op; by default a

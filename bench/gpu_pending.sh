@@ -64,15 +64,16 @@ case "$part" in
     gpu_tests 200 tests/octet/test_compile_pass.py
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_residual bf16 \
         --modes compile_graph --deadline 420 --out "$dest/compile_fused" 2>&1 | quiet ;;
-  recip)    # the GELU row quantizer's codes by the scale's reciprocal (reciprocal_codes; 788 -> 548 SASS instructions a
-            # thread at Flux's 15,360-wide rows, ptxas sm_90: its 116M warp instructions are ~80 % of its 146.8 us on
-            # an H100 2026-12-06 at the card's issue rate) against the division, whole rows at 16 and 32 warps; then
-            # compiled Flux-dev through CUDA Graph Step with it (octet_dynamic_recip: OCTET_GELU_RECIP=1) and without,
-            # bf16 last (the issue's 1.4x line); its GPU tests last (the step matters more if the call runs short)
-    python3 bench/quant_rows_sweep.py --shapes 4608x3072 --out "$dest" 2>&1 | quiet | grep -i "gelu"
+  recip)    # the row quantizers' codes by the scale's reciprocal (reciprocal_codes): the GELU quantizer 788 -> 548 SASS
+            # instructions a thread at Flux's 15,360-wide rows (ptxas sm_90: its 116M warp instructions are ~80 % of
+            # its 146.8 us on an H100 2026-12-06 at the card's issue rate), the norm quantizer 1252 -> 757 at 3072;
+            # each against the division; then compiled Flux-dev through CUDA Graph Step with both (octet_dynamic_recip:
+            # OCTET_RECIP_CODES=1) and without, bf16 last (the issue's 1.4x line); their GPU tests last
+    python3 bench/quant_rows_sweep.py --shapes 4608x3072 --gelu-shapes 4608x3072x12288 --out "$dest" 2>&1 | quiet \
+        | grep -i "gelu\|norm"
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_recip bf16 \
         --modes compile_graph --deadline 300 --out "$dest/recip" 2>&1 | quiet
-    gpu_tests 100 tests/kernels/test_triton_quant_cat_gelu.py ;;
+    gpu_tests 100 tests/kernels/test_triton_quant_cat_gelu.py tests/kernels/test_triton_quant_norm.py ;;
   compile_fused_profile)  # what is left in compiled Octet Flux-dev's step with the pass: its kernels by GPU time
             # (torch.profiler, one compiled step; the twenty-eighth session's table is the before); first the GELU
             # row quantizer's configs (32 warps the default since H100 2026-12-06: 145.9 vs 152.7 us) and the norm

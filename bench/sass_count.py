@@ -74,16 +74,19 @@ def main() -> int:
         "GELU quantizer, Flux 3072 + 12288, reciprocal codes": (
             triton_quant._quantize_cat_gelu_kernel, GELU_SIG,
             dict(common, BLOCK_K=16384, ONE_TILE=True, RECIPROCAL_CODES=True), 32, 16),
-        "norm quantizer, Flux 3072, (1 row, 4 warps)": (
+        "norm quantizer, Flux 3072, (1 row, 4 warps), division": (
             triton_quant._quantize_norm_rows_kernel, NORM_SIG,
-            dict(common, HAS_MULT=True, HAS_SHIFT=True, BLOCK_M=1, BLOCK_K=4096), 4, 32)}
+            dict(common, HAS_MULT=True, HAS_SHIFT=True, BLOCK_M=1, BLOCK_K=4096, RECIPROCAL_CODES=False), 4, 32),
+        "norm quantizer, Flux 3072, (1 row, 4 warps), reciprocal codes": (
+            triton_quant._quantize_norm_rows_kernel, NORM_SIG,
+            dict(common, HAS_MULT=True, HAS_SHIFT=True, BLOCK_M=1, BLOCK_K=4096, RECIPROCAL_CODES=True), 4, 32)}
     rows = []
     for name, (kernel, signature, constexprs, warps, elements) in cases.items():
         ops = sass(kernel, signature, constexprs, warps)
         total = sum(ops.values())
         rows.append({"kernel": name, "warps": warps, "instructions_a_thread": total, "elements_a_thread": elements,
                      "top": dict(ops.most_common(8))})
-        print(f"{name:55s} {total:5d} instructions a thread ({total / elements:.1f} an element)  "
+        print(f"{name:62s} {total:5d} instructions a thread ({total / elements:.1f} an element)  "
               + " ".join(f"{op} {n}" for op, n in ops.most_common(6)))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sass_count.json"), "w") as f:

@@ -508,18 +508,23 @@ def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_pt
                                stride_xm, stride_mb, stride_sb, eps,
                                HAS_MULT: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                                STATIC: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_K: tl.constexpr):
+                               BLOCK_K: tl.constexpr, RECIPROCAL_CODES: tl.constexpr):
     y, rows, offs, mask_m, mask_k = norm_modulate_rows(x_ptr, mult_ptr, shift_ptr, M, K, L, stride_xm, stride_mb,
                                                        stride_sb, eps, HAS_MULT, HAS_SHIFT, BLOCK_M, BLOCK_K)
     if HAS_SMOOTH:
         y = tl.div_rn(y, tl.load(smooth_ptr + offs, mask=mask_k, other=1.0).to(tl.float32)[None, :])
-    # Each row's scale (the static one, or from its absmax, stored), then its codes, as _quantize_row_in_registers.
+    # Each row's scale (the static one, or from its absmax, stored), then its codes, as _quantize_row_in_registers;
+    # RECIPROCAL_CODES: dynamic codes from y times the scale's reciprocal, unclamped, as the GELU quantizer's
+    # (ptxas sm_90 at Flux's 3072-wide rows, 4 warps: 1252 -> 757 instructions a thread; bench/sass_count.py).
     if STATIC:
         codes = round_to_int8(tl.div_rn(y, tl.load(static_ptr).to(tl.float32)))
     else:
         scale = scale_from_absmax(tl.max(tl.abs(y), axis=1), SCALE_BY_RECIPROCAL)
         tl.store(scale_ptr + rows, scale, mask=mask_m)
-        codes = round_to_int8(tl.div_rn(y, scale[:, None]))
+        if RECIPROCAL_CODES:
+            codes = round_half_even(y * tl.div_rn(1.0, scale)[:, None]).to(tl.int8)
+        else:
+            codes = round_to_int8(tl.div_rn(y, scale[:, None]))
     tl.store(q_ptr + rows[:, None] * K + offs[None, :], codes, mask=mask_m[:, None] & mask_k[None, :])
 
 
@@ -539,10 +544,11 @@ class NormRowQuantizer:
     of K: prepared once per layer (launch config, direct launcher). Reference: torch_ref.norm_quantize_rows
     (fp32 throughout; ComfyUI rounds the LayerNorm and the modulation to the activation dtype)."""
 
-    def __init__(self, k: int, smooth: torch.Tensor | None = None, config: tuple | None = None):
+    def __init__(self, k: int, smooth: torch.Tensor | None = None, config: tuple | None = None,
+                 reciprocal_codes: bool = False):
         if smooth is not None and smooth.numel() != k:
             raise ValueError(f"smooth has {smooth.numel()} entries, activations have K={k}")
-        self.k = k
+        self.k, self.reciprocal_codes = k, reciprocal_codes
         self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
         self.block_k = triton_support.next_power_of_2(k)
         self.block_m, self.num_warps = config or norm_launch_config(k)
@@ -575,7 +581,7 @@ class NormRowQuantizer:
             rows, q, scales, sx, tokens, m, smb, ssb, *(t for t in (mult, shift) if t is not None))
         flags = dict(HAS_MULT=mult is not None, HAS_SHIFT=shift is not None, HAS_SMOOTH=self.smooth is not None,
                      STATIC=static, SCALE_BY_RECIPROCAL=cuda, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
-                     num_warps=self.num_warps)
+                     RECIPROCAL_CODES=self.reciprocal_codes, num_warps=self.num_warps)
         grid = (triton_support.cdiv(m, self.block_m),)
         self.launcher(key, lambda meta: grid,
                       lambda meta: (rows, mult if mult is not None else rows, shift if shift is not None else rows,

@@ -96,7 +96,7 @@ def test_codes_by_the_scales_reciprocal_stay_within_a_code_of_the_division(stati
 
 
 def test_the_recip_switch_reaches_a_plans_gelu_quantizer(monkeypatch, rng, device):
-    """OCTET_GELU_RECIP=1 (bench/e2e.py's octet_dynamic_recip) is read when a plan makes a call site's GELU quantizer:
+    """OCTET_RECIP_CODES=1 (bench/e2e.py's octet_dynamic_recip) is read when a plan makes a call site's GELU quantizer:
     that quantizer computes codes by the reciprocal, one made without the switch by the division; the layer's outputs
     agree to within a code's worth."""
     import comfyui_octet.octet as octet
@@ -105,7 +105,7 @@ def test_the_recip_switch_reaches_a_plans_gelu_quantizer(monkeypatch, rng, devic
     head, pre = randn((5, 16), rng, device=device, scale=0.5), randn((5, 32), rng, device=device, scale=2.0)
     outs, flags = [], []
     for value in ("0", "1"):
-        monkeypatch.setenv("OCTET_GELU_RECIP", value)
+        monkeypatch.setenv("OCTET_RECIP_CODES", value)
         run = octet.modules.QuantLinear.from_float(linear, "dynamic", backend="triton").plan(head.new_zeros(5, 48)).run
         outs.append(run.gelu_input(head, pre, None))
         flags.append(run._gelu_quantizers[16].flags[False, head.is_cuda]["RECIPROCAL_CODES"])
