@@ -131,16 +131,17 @@ TINY_SHAPES = {"flux-dev": ((1, 16, 16, 16), {"c_crossattn": (1, 8, 32), "y": (1
 # forwards (OCTET_LEAN_BLOCKS=0, read when the model is quantized: octet/lean_blocks.py); bf16_octet_lean: the bf16
 # model with only those lean stacks (what that part of Octet's eager speed owes to quantization: nothing).
 # octet_dynamic_not_compile_fused: compiled graphs keep the host's float ops around each INT8 layer
-# (OCTET_COMPILE_FUSIONS=0, read at each compile: octet/compile_pass.py).
+# (OCTET_COMPILE_FUSIONS=0, read at each compile: octet/compile_pass.py). octet_dynamic_divided: the GELU and norm
+# row quantizers' codes by the division, not the scale's reciprocal (OCTET_RECIP_CODES=0, read when a call site's
+# quantizer is made).
 SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH",),
               "_not_deferred": ("OCTET_DEFERRED",), "_host_float": ("OCTET_FLOAT_FUSIONS",),
               "_pylaunch": ("OCTET_C_LAUNCH", "OCTET_SCRATCH"), "_separate_qkv": ("OCTET_SHARED_INPUT",),
-              "_not_lean": ("OCTET_LEAN_BLOCKS",), "_not_compile_fused": ("OCTET_COMPILE_FUSIONS",)}
+              "_not_lean": ("OCTET_LEAN_BLOCKS",), "_not_compile_fused": ("OCTET_COMPILE_FUSIONS",),
+              "_divided": ("OCTET_RECIP_CODES",)}
 # The variant suffix -> the Octet switches, off by default, it turns on. octet_dynamic_residual: the compile pass with
 # Flux's gated residuals in the GEMM epilogue (OCTET_COMPILE_RESIDUAL=1, read at each compile).
-# octet_dynamic_recip: the GELU and norm row quantizers' codes by the scale's reciprocal (OCTET_RECIP_CODES=1, read
-# when a call site's quantizer is made).
-SWITCH_ON = {"_residual": ("OCTET_COMPILE_RESIDUAL",), "_recip": ("OCTET_RECIP_CODES",)}
+SWITCH_ON = {"_residual": ("OCTET_COMPILE_RESIDUAL",)}
 SWITCHES = sorted({name for table in (SWITCH_OFF, SWITCH_ON) for names in table.values() for name in names})
 # octet_dynamic_sdpa / _flash / _cudnn: the lean forwards call the host's SDPA, or PyTorch's flash / cuDNN attention
 # op directly (OCTET_ATTENTION_OP, read when the model is quantized: octet/lean_blocks.py attention_op; by default a
@@ -155,7 +156,7 @@ VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic"
             "octet_dynamic_separate_qkv", "octet_static_separate_qkv", "octet_dynamic_not_lean", "bf16_octet_lean",
             "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn", "octet_dynamic_layers",
             "octet_dynamic_all_int8", "bf16_int8attn", "octet_dynamic_int8attn", "octet_static_int8attn",
-            "octet_dynamic_not_compile_fused", "octet_dynamic_residual", "octet_dynamic_recip")
+            "octet_dynamic_not_compile_fused", "octet_dynamic_residual", "octet_dynamic_divided")
 
 
 def attention_kw(variant: str, kw: dict) -> dict:

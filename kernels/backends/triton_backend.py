@@ -326,11 +326,12 @@ class _W8A8Linear:
         k1 = 0 if head is None else head.shape[-1]
         quantize = self._gelu_quantizers.get(k1)
         if quantize is None:
-            # OCTET_RECIP_CODES=1: codes by the scale's reciprocal (triton_quant.GeluRowQuantizer, NormRowQuantizer),
-            # read when a call site's quantizer is made, so bench/e2e.py can time a step with it (octet_dynamic_recip)
+            # OCTET_RECIP_CODES=0: codes by the division instead of the scale's reciprocal (triton_quant's
+            # GeluRowQuantizer, NormRowQuantizer), read when a call site's quantizer is made, so that bench/e2e.py can
+            # time a step without it (octet_dynamic_divided)
             with self._kept():
                 quantize = self._gelu_quantizers[k1] = self._make_gelu(
-                    k1, self.k - k1, self.smooth, reciprocal_codes=switches.is_one("OCTET_RECIP_CODES"))
+                    k1, self.k - k1, self.smooth, reciprocal_codes=switches.on("OCTET_RECIP_CODES"))
         xq, xs = quantize(head, pre, static)
         return self._output(xq, xs, pre, residual)
 
@@ -370,7 +371,7 @@ class _W8A8Linear:
         if self._norm is None:
             with self._kept():
                 self._norm = self._make_norm(self.k, self.smooth,
-                                             reciprocal_codes=switches.is_one("OCTET_RECIP_CODES"))   # see gelu_input
+                                             reciprocal_codes=switches.on("OCTET_RECIP_CODES"))   # see gelu_input
         xq, xs = self._norm(x, eps, mult, shift, static)
         return self._output(xq, xs, x, residual)
 

@@ -387,7 +387,7 @@ def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale
             # Codes from v times the scale's reciprocal, unclamped: the IEEE division (its check and slow-path branch)
             # and the clamp are 30 % of this kernel's instructions (ptxas sm_90, arguments 16-byte aligned as
             # launched: 788 -> 548 for a thread's 16 elements), and at Flux's single blocks its 116M warp
-            # instructions take ~80 % of its 146.8 us on an H100 at the card's issue rate.
+            # instructions take ~80 % of its 146.8 us on an H100 at the card's issue rate (93.2 us so, 16 warps).
             # A code can differ from the division's by one where v / scale is within ~2e-5 of a half (this
             # quantizer's GELU already differs from torch's in the last bit); |v| <= absmax keeps it within 127.
             scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
@@ -422,15 +422,16 @@ def _rows(t: torch.Tensor, what: str) -> torch.Tensor:
 
 def gelu_row_launch_config(k: int) -> tuple[int, int]:
     """(tile width, warps) of the GELU row quantizer for rows of k. Rows of 8193..16384: the whole row in
-    one tile of 32 warps (the GELU computed once): at Flux's single-block 15360 on an H200 137.2 us (16 warps 138.7)
+    one tile of 16 warps (the GELU computed once): at Flux's single-block 15360 on an H200 137.2 us (16 warps 138.7)
     against 173.7-266.4 us for every two-sweep (tile, warps) (bench/deferred_kernels.py --sweep, 2026-12-02); on an
-    H100 145.9 against 16 warps' 152.7, and 520.4 against 548.7 at Wan's 14,040 x 8960 (bench/quant_rows_sweep.py,
-    2026-12-06).
+    H100 32 warps ran 145.9 against 16 warps' 152.7, and 520.4 against 548.7 at Wan's 14,040 x 8960
+    (bench/quant_rows_sweep.py, 2026-12-06); with the codes by the scale's reciprocal (fewer registers a thread) 16
+    warps run 93.2 against 32 warps' 97.2 at Flux's (H100, 2026-12-06 16:33 UTC; Wan's width not yet timed so).
     Shorter rows: two sweeps over tiles of about a quarter of the row, as ``row_launch_config`` measured
     for plain rows (bench/quant_rows_sweep.py times this quantizer's whole-row tiles against it)."""
     whole = triton_support.next_power_of_2(k)
     if 8192 < whole <= 16384:
-        return whole, 32
+        return whole, 16
     block_k = min(2048, max(256, whole // 4))
     return block_k, 4 if block_k <= 1024 else 8
 
@@ -443,14 +444,14 @@ class GeluRowQuantizer:
     the last bit, moving a code by one at a rounding tie)."""
 
     def __init__(self, k1: int, k2: int, smooth: torch.Tensor | None = None, config: tuple[int, int] | None = None,
-                 reciprocal_codes: bool = False):
+                 reciprocal_codes: bool = True):
         if smooth is not None and smooth.numel() != k1 + k2:
             raise ValueError(f"smooth has {smooth.numel()} entries, the concatenated row has K={k1 + k2}")
         self.k1, self.k2 = k1, k2
         self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
         # (tile width, warps); ``config`` overrides it for bench/kernels.py-style sweeps. ``reciprocal_codes``: a
-        # whole-row tile's dynamic codes by the scale's reciprocal (see the kernel; not yet timed on a GPU:
-        # bench/quant_rows_sweep.py's "recip" rows).
+        # whole-row tile's dynamic codes by the scale's reciprocal (see the kernel: at Flux's 4608 x 15,360 on an
+        # H100 93.2 us against the division's 145.9, bench/quant_rows_sweep.py 2026-12-06); False: the division.
         block_k, num_warps = config or gelu_row_launch_config(k1 + k2)
         self.flags = {(static, cuda): dict(HAS_SMOOTH=self.smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=cuda,
                                            BLOCK_K=block_k, ONE_TILE=block_k >= k1 + k2, num_warps=num_warps,
@@ -514,8 +515,10 @@ def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_pt
     if HAS_SMOOTH:
         y = tl.div_rn(y, tl.load(smooth_ptr + offs, mask=mask_k, other=1.0).to(tl.float32)[None, :])
     # Each row's scale (the static one, or from its absmax, stored), then its codes, as _quantize_row_in_registers;
-    # RECIPROCAL_CODES: dynamic codes from y times the scale's reciprocal, unclamped, as the GELU quantizer's
-    # (ptxas sm_90 at Flux's 3072-wide rows, 4 warps: 1252 -> 757 instructions a thread; bench/sass_count.py).
+    # RECIPROCAL_CODES (the default): dynamic codes from y times the scale's reciprocal, unclamped, as the GELU
+    # quantizer's (ptxas sm_90 at Flux's 3072-wide rows, 4 warps: 1252 -> 757 instructions a thread,
+    # bench/sass_count.py; on an H100 20.4 us against the division's 36.0 at Flux's 4608 x 3072, 32.4 against 54.2 at
+    # Wan's 14,040 x 1536: bench/quant_rows_sweep.py, 2026-12-06).
     if STATIC:
         codes = round_to_int8(tl.div_rn(y, tl.load(static_ptr).to(tl.float32)))
     else:
@@ -545,7 +548,7 @@ class NormRowQuantizer:
     (fp32 throughout; ComfyUI rounds the LayerNorm and the modulation to the activation dtype)."""
 
     def __init__(self, k: int, smooth: torch.Tensor | None = None, config: tuple | None = None,
-                 reciprocal_codes: bool = False):
+                 reciprocal_codes: bool = True):
         if smooth is not None and smooth.numel() != k:
             raise ValueError(f"smooth has {smooth.numel()} entries, activations have K={k}")
         self.k, self.reciprocal_codes = k, reciprocal_codes

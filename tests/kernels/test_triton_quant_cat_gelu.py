@@ -74,7 +74,7 @@ def test_cat_gelu_rejects_mismatched_rows(rng, device):
 
 @pytest.mark.parametrize("static", [False, True])
 def test_codes_by_the_scales_reciprocal_stay_within_a_code_of_the_division(static, rng, device):
-    """``reciprocal_codes`` (dynamic whole-row tiles): codes from v times 1/scale, unclamped, at Flux's single-block
+    """``reciprocal_codes`` (the default; dynamic whole-row tiles): codes from v times 1/scale, unclamped, at Flux's single-block
     width. The scales are the division's; a code moves by at most one, only where v / scale is near a half; static
     scales keep the division (and the clamp a static scale needs)."""
     from comfyui_octet.kernels.backends import triton_quant
@@ -82,8 +82,8 @@ def test_codes_by_the_scales_reciprocal_stay_within_a_code_of_the_division(stati
     attn = randn((6, 3072), rng, dtype, device, scale=0.5)
     pre = randn((6, 12288 + 16), rng, dtype, device, scale=2.0)[:, 16:]
     static_scale = torch.tensor([0.01], device=device) if static else None     # clamps GELU's tail
-    divided = triton_quant.GeluRowQuantizer(3072, 12288)(attn, pre, static_scale)
-    quantizer = triton_quant.GeluRowQuantizer(3072, 12288, reciprocal_codes=True)
+    divided = triton_quant.GeluRowQuantizer(3072, 12288, reciprocal_codes=False)(attn, pre, static_scale)
+    quantizer = triton_quant.GeluRowQuantizer(3072, 12288)          # the default
     assert quantizer.flags[static, False]["RECIPROCAL_CODES"] and quantizer.flags[static, False]["ONE_TILE"]
     q, s = quantizer(attn, pre, static_scale)
     q_ref, s_ref = torch_ref.cat_gelu_quantize_rows(attn, pre, None, static_scale)
@@ -95,17 +95,20 @@ def test_codes_by_the_scales_reciprocal_stay_within_a_code_of_the_division(stati
     torch.testing.assert_close(s.cpu().reshape(-1), s_ref.reshape(-1).cpu(), rtol=1e-6, atol=0)
 
 
-def test_the_recip_switch_reaches_a_plans_gelu_quantizer(monkeypatch, rng, device):
-    """OCTET_RECIP_CODES=1 (bench/e2e.py's octet_dynamic_recip) is read when a plan makes a call site's GELU quantizer:
-    that quantizer computes codes by the reciprocal, one made without the switch by the division; the layer's outputs
-    agree to within a code's worth."""
+def test_the_recip_codes_switch_reaches_a_plans_gelu_quantizer(monkeypatch, rng, device):
+    """OCTET_RECIP_CODES=0 (bench/e2e.py's octet_dynamic_divided) is read when a plan makes a call site's GELU
+    quantizer: that quantizer computes codes by the division, one made with the switch unset or on by the reciprocal;
+    the layer's outputs agree to within a code's worth."""
     import comfyui_octet.octet as octet
     torch.manual_seed(0)
     linear = torch.nn.Linear(48, 8).to(device)
     head, pre = randn((5, 16), rng, device=device, scale=0.5), randn((5, 32), rng, device=device, scale=2.0)
     outs, flags = [], []
-    for value in ("0", "1"):
-        monkeypatch.setenv("OCTET_RECIP_CODES", value)
+    for value in ("0", None):
+        if value is None:
+            monkeypatch.delenv("OCTET_RECIP_CODES")
+        else:
+            monkeypatch.setenv("OCTET_RECIP_CODES", value)
         run = octet.modules.QuantLinear.from_float(linear, "dynamic", backend="triton").plan(head.new_zeros(5, 48)).run
         outs.append(run.gelu_input(head, pre, None))
         flags.append(run._gelu_quantizers[16].flags[False, head.is_cuda]["RECIPROCAL_CODES"])

@@ -53,7 +53,7 @@ def test_norm_quantizer_refuses_what_it_cannot_broadcast(rng, device):
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("shape", [(2, 6, 3072), (1, 7, 1536)])
 def test_codes_by_the_scales_reciprocal_stay_within_a_code_of_the_division(shape, static, rng, device):
-    """``reciprocal_codes`` at Flux's and Wan's widths (rows padded to the tile: 3072 of 4096): the scales are the
+    """``reciprocal_codes`` (the default) at Flux's and Wan's widths (rows padded to the tile: 3072 of 4096): the scales are the
     division's; a code moves by at most one, only where y / scale is near a half, and never past 127; static scales
     keep the division (and its clamp)."""
     from comfyui_octet.kernels.backends import triton_quant
@@ -63,8 +63,8 @@ def test_codes_by_the_scales_reciprocal_stay_within_a_code_of_the_division(shape
     mod = randn((b, 1, 3 * k), rng, dtype, device)
     mult, shift = 1 + mod[..., :k], mod[..., 2 * k:]
     static_scale = torch.tensor([0.01], device=device) if static else None     # clamps the tails
-    divided = triton_quant.NormRowQuantizer(k)(x, 1e-6, mult, shift, static_scale)
-    quantizer, launched = triton_quant.NormRowQuantizer(k, reciprocal_codes=True), []
+    divided = triton_quant.NormRowQuantizer(k, reciprocal_codes=False)(x, 1e-6, mult, shift, static_scale)
+    quantizer, launched = triton_quant.NormRowQuantizer(k), []                  # the default
     launch = quantizer.launcher
     quantizer.launcher = lambda key, grid, args, flags: launched.append(flags) or launch(key, grid, args, flags)
     q, s = quantizer(x, 1e-6, mult, shift, static_scale)
