@@ -68,12 +68,13 @@ case "$part" in
             # 16:33 UTC: the GELU quantizer at Flux's 4608 x 15,360 93.2 us at 16 warps against the division's 145.9 at
             # 32; the norm quantizer 20.4 against 36.0 at 4608 x 3072, 32.4 against 54.2 at Wan's 14,040 x 1536;
             # compiled Flux-dev through CUDA Graph Step 96.5 ms against 99.4, bf16 135.8): the quantizers at Flux's
-            # and Wan's widths both ways, compiled Flux-dev at the defaults, by the division (octet_dynamic_divided:
-            # OCTET_RECIP_CODES=0), bf16 last (the 1.4x line); the GPU tests of the quantizers and their callers
+            # and Wan's widths both ways, compiled Flux-dev at the defaults and bf16 (the 1.4x line; add
+            # octet_dynamic_divided, OCTET_RECIP_CODES=0, where a call has the time); the GPU tests of the quantizers
+            # and their callers
     python3 bench/quant_rows_sweep.py --shapes 4608x3072 --gelu-shapes 4608x3072x12288,14040x0x8960 --out "$dest" \
         2>&1 | quiet | grep -i "gelu\|norm"
-    python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_divided bf16 \
-        --modes compile_graph --deadline 300 --out "$dest/recip" 2>&1 | quiet
+    python3 bench/e2e.py --models flux-dev --variants octet_dynamic bf16 --modes compile_graph --deadline 200 \
+        --out "$dest/recip" 2>&1 | quiet
     gpu_tests 100 tests/kernels/test_triton_quant_cat_gelu.py tests/kernels/test_triton_quant_norm.py
     gpu_tests 120 tests/octet/test_compile_pass.py tests/octet/test_deferred.py ;;
   compile_fused_profile)  # what is left in compiled Octet Flux-dev's step with the pass: its kernels by GPU time
