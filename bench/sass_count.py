@@ -68,12 +68,15 @@ def main() -> int:
     args = ap.parse_args()
     common = dict(HAS_SMOOTH=False, STATIC=False, SCALE_BY_RECIPROCAL=True)
     cases = {  # name -> (kernel, signature, constexprs, warps, elements a thread)
-        "GELU quantizer, Flux 3072 + 12288, division": (
+        "GELU quantizer, Flux 3072 + 12288, 32 warps, division": (
             triton_quant._quantize_cat_gelu_kernel, GELU_SIG,
             dict(common, BLOCK_K=16384, ONE_TILE=True, RECIPROCAL_CODES=False), 32, 16),
-        "GELU quantizer, Flux 3072 + 12288, reciprocal codes": (
+        "GELU quantizer, Flux 3072 + 12288, 32 warps, reciprocal codes": (
             triton_quant._quantize_cat_gelu_kernel, GELU_SIG,
             dict(common, BLOCK_K=16384, ONE_TILE=True, RECIPROCAL_CODES=True), 32, 16),
+        "GELU quantizer, Flux 3072 + 12288, 8 warps, reciprocal codes": (   # the default since 2026-12-06
+            triton_quant._quantize_cat_gelu_kernel, GELU_SIG,
+            dict(common, BLOCK_K=16384, ONE_TILE=True, RECIPROCAL_CODES=True), 8, 64),
         "norm quantizer, Flux 3072, (1 row, 4 warps), division": (
             triton_quant._quantize_norm_rows_kernel, NORM_SIG,
             dict(common, HAS_MULT=True, HAS_SHIFT=True, BLOCK_M=1, BLOCK_K=4096, RECIPROCAL_CODES=False), 4, 32),

@@ -387,7 +387,7 @@ def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale
             # Codes from v times the scale's reciprocal, unclamped: the IEEE division (its check and slow-path branch)
             # and the clamp are 30 % of this kernel's instructions (ptxas sm_90, arguments 16-byte aligned as
             # launched: 788 -> 548 for a thread's 16 elements), and at Flux's single blocks its 116M warp
-            # instructions take ~80 % of its 146.8 us on an H100 at the card's issue rate (93.2 us so, 16 warps).
+            # instructions take ~80 % of its 146.8 us on an H100 at the card's issue rate (92.2 us so, 8 warps).
             # A code can differ from the division's by one where v / scale is within ~2e-5 of a half (this
             # quantizer's GELU already differs from torch's in the last bit); |v| <= absmax keeps it within 127.
             scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
@@ -422,16 +422,17 @@ def _rows(t: torch.Tensor, what: str) -> torch.Tensor:
 
 def gelu_row_launch_config(k: int) -> tuple[int, int]:
     """(tile width, warps) of the GELU row quantizer for rows of k. Rows of 8193..16384: the whole row in
-    one tile of 16 warps (the GELU computed once): at Flux's single-block 15360 on an H200 137.2 us (16 warps 138.7)
+    one tile of 8 warps (the GELU computed once): at Flux's single-block 15360 on an H200 137.2 us (16 warps 138.7)
     against 173.7-266.4 us for every two-sweep (tile, warps) (bench/deferred_kernels.py --sweep, 2026-12-02); on an
-    H100 32 warps ran 145.9 against 16 warps' 152.7, and 520.4 against 548.7 at Wan's 14,040 x 8960
-    (bench/quant_rows_sweep.py, 2026-12-06); with the codes by the scale's reciprocal (fewer registers a thread) 16
-    warps run 93.2 against 32 warps' 97.2 at Flux's (H100, 2026-12-06 16:33 UTC; Wan's width not yet timed so).
+    H100 with the codes by the division 32 warps ran 145.9 against 16 warps' 152.7, and 520.4 against 548.7 at Wan's
+    14,040 x 8960 (bench/quant_rows_sweep.py, 2026-12-06); with the codes by the scale's reciprocal (the default since)
+    8 warps ran 92.2 us at Flux's against 93.6 at 16 and 96.6 at 32 (4 warps 120.3), and 260.0 at Wan's against
+    269.6 and 278.4 (H100, 2026-12-06 16:53 UTC, one call).
     Shorter rows: two sweeps over tiles of about a quarter of the row, as ``row_launch_config`` measured
     for plain rows (bench/quant_rows_sweep.py times this quantizer's whole-row tiles against it)."""
     whole = triton_support.next_power_of_2(k)
     if 8192 < whole <= 16384:
-        return whole, 16
+        return whole, 8
     block_k = min(2048, max(256, whole // 4))
     return block_k, 4 if block_k <= 1024 else 8
 
