@@ -67,10 +67,11 @@ case "$part" in
   recip)    # the row quantizers' codes by the scale's reciprocal (reciprocal_codes, the default since H100 2026-12-06
             # 16:33 UTC: the GELU quantizer at Flux's 4608 x 15,360 93.2 us at 16 warps against the division's 145.9 at
             # 32; the norm quantizer 20.4 against 36.0 at 4608 x 3072, 32.4 against 54.2 at Wan's 14,040 x 1536;
-            # compiled Flux-dev through CUDA Graph Step 96.5 ms against 99.4, bf16 135.8): the quantizers at Flux's
-            # and Wan's widths both ways, compiled Flux-dev at the defaults and bf16 (the issue's 1.4x line; add
-            # octet_dynamic_divided, OCTET_RECIP_CODES=0, where a call has the time); the GPU tests of the quantizers
-            # and their callers
+            # compiled Flux-dev through CUDA Graph Step 96.5 ms against 99.4, bf16 135.8; at 16:53 the defaults 97.5
+            # vs 136.8, and the GELU quantizer 92.2 us at 8 warps, its default since, not yet timed in a step): the
+            # quantizers at Flux's and Wan's widths both ways, compiled Flux-dev at the defaults and bf16 (the issue's
+            # 1.4x line; add octet_dynamic_divided, OCTET_RECIP_CODES=0, where a call has the time); the GPU tests of
+            # the quantizers and their callers
     python3 bench/quant_rows_sweep.py --shapes 4608x3072 --gelu-shapes 4608x3072x12288,14040x0x8960 --out "$dest" \
         2>&1 | quiet | grep -i "gelu\|norm"
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic bf16 --modes compile_graph --deadline 200 \
