@@ -452,7 +452,8 @@ class GeluRowQuantizer:
         self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
         # (tile width, warps); ``config`` overrides it for bench/kernels.py-style sweeps. ``reciprocal_codes``: a
         # whole-row tile's dynamic codes by the scale's reciprocal (see the kernel: at Flux's 4608 x 15,360 on an
-        # H100 93.2 us against the division's 145.9, bench/quant_rows_sweep.py 2026-12-06); False: the division.
+        # H100 92.2 us at 8 warps against the division's 146.0 at 32, bench/quant_rows_sweep.py 2026-12-06); False:
+        # the division.
         block_k, num_warps = config or gelu_row_launch_config(k1 + k2)
         self.flags = {(static, cuda): dict(HAS_SMOOTH=self.smooth is not None, STATIC=static, SCALE_BY_RECIPROCAL=cuda,
                                            BLOCK_K=block_k, ONE_TILE=block_k >= k1 + k2, num_warps=num_warps,

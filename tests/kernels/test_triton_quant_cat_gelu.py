@@ -74,9 +74,9 @@ def test_cat_gelu_rejects_mismatched_rows(rng, device):
 
 @pytest.mark.parametrize("static", [False, True])
 def test_codes_by_the_scales_reciprocal_stay_within_a_code_of_the_division(static, rng, device):
-    """``reciprocal_codes`` (the default; dynamic whole-row tiles): codes from v times 1/scale, unclamped, at Flux's single-block
-    width. The scales are the division's; a code moves by at most one, only where v / scale is near a half; static
-    scales keep the division (and the clamp a static scale needs)."""
+    """``reciprocal_codes`` (the default; dynamic whole-row tiles): codes from v times 1/scale, unclamped, at Flux's
+    single-block width. The scales are the division's; a code moves by at most one, only where v / scale is near a
+    half; static scales keep the division (and the clamp a static scale needs)."""
     from comfyui_octet.kernels.backends import triton_quant
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     attn = randn((6, 3072), rng, dtype, device, scale=0.5)

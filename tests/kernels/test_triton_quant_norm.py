@@ -53,9 +53,10 @@ def test_norm_quantizer_refuses_what_it_cannot_broadcast(rng, device):
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("shape", [(2, 6, 3072), (1, 7, 1536)])
 def test_codes_by_the_scales_reciprocal_stay_within_a_code_of_the_division(shape, static, rng, device):
-    """``reciprocal_codes`` (the default) at Flux's and Wan's widths (rows padded to the tile: 3072 of 4096): the scales are the
-    division's; a code moves by at most one, only where y / scale is near a half, and never past 127; static scales
-    keep the division (and its clamp)."""
+    """``reciprocal_codes`` (the default) at Flux's and Wan's widths (rows padded to the tile: 3072 of 4096): the
+    scales are the division's; a code moves by at most one, only where y / scale is near a half, and never past 127;
+    static scales keep the division (and its clamp). On the CPU few codes move (2 of 1.5M at 8 x 64 x 3072), so the
+    test also checks that the launch asked for the reciprocal."""
     from comfyui_octet.kernels.backends import triton_quant
     b, l, k = shape
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -68,7 +69,7 @@ def test_codes_by_the_scales_reciprocal_stay_within_a_code_of_the_division(shape
     launch = quantizer.launcher
     quantizer.launcher = lambda key, grid, args, flags: launched.append(flags) or launch(key, grid, args, flags)
     q, s = quantizer(x, 1e-6, mult, shift, static_scale)
-    assert [f["RECIPROCAL_CODES"] for f in launched] == [True]       # (on the CPU few codes move: 2 of 1.5M at 8 x 64 x 3072)
+    assert [f["RECIPROCAL_CODES"] for f in launched] == [True]
     assert torch.equal(s, divided[1]) and q.abs().max() == 127 and (q.abs() == 127).sum() >= (1 if static else b * l)
     diff = (q.int() - divided[0].int()).abs()
     assert diff.max() <= 1 and diff.float().mean() < 1e-3 and (static is False or diff.max() == 0)
