@@ -4,7 +4,7 @@
 # enough for one device call (10 minutes). On the device machine, from the repository root:
 #
 #   bash bench/gpu_pending.sh PART [WHEELS_DIR]      # WHEELS_DIR default .whl; PART:
-#       recip | compile_fused | compile_fused_profile | cudagraphs | compile_graph | quant | attention | wan | mlp | eager
+#       table | recip | compile_fused | compile_fused_profile | cudagraphs | compile_graph | quant | attention | wan | mlp | eager
 #       | kernels | lowvram | tests | tests_slow
 #
 # Every part runs on ComfyUI 0.29.0 (bench/gpu_host029.sh); `eager` also times Wan on ComfyUI 0.3.75 when
@@ -14,7 +14,7 @@
 # (models/octet_fmnist_*.safetensors, ~20 MB) must stay behind for that call, and `tests` then fails the one test
 # that reads them (test_quantize_model_node_patches_the_stacks_forwards: "Reference model weights not found").
 set -uo pipefail
-parts="recip|compile_fused|compile_fused_profile|cudagraphs|compile_graph|quant|attention|wan|mlp|eager|kernels|lowvram|tests|tests_slow"
+parts="table|recip|compile_fused|compile_fused_profile|cudagraphs|compile_graph|quant|attention|wan|mlp|eager|kernels|lowvram|tests|tests_slow"
 part="${1:?usage: bash bench/gpu_pending.sh $parts [WHEELS_DIR]}"
 wheels="${2:-.whl}"
 dest="${OUT:-out}/bench"
@@ -64,6 +64,13 @@ case "$part" in
     gpu_tests 200 tests/octet/test_compile_pass.py
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_residual bf16 \
         --modes compile_graph --deadline 420 --out "$dest/compile_fused" 2>&1 | quiet ;;
+  table)    # issue 13's "e2e table from one GPU call (eager, graph, compile)" at today's code, one model a call
+            # (TABLE_MODEL, default flux-dev; sdxl, sd3.5-medium, wan2.1-1.3b): bf16, the host's fp8, Octet dynamic and
+            # static, eager and through CUDA Graph Step; compiled + graph step for bf16 and Octet dynamic. Eager ratios
+            # of host-bound models (SDXL, SD3.5, Wan) move between processes: eager_paired.py (part eager) pairs them
+    python3 bench/e2e.py --models "${TABLE_MODEL:-flux-dev}" --variants bf16 host_fp8_e4m3fn_fast octet_dynamic \
+        octet_static --modes eager graph compile_graph --compile-variants bf16 octet_dynamic --deadline 480 \
+        --out "$dest/table_${TABLE_MODEL:-flux-dev}" 2>&1 | quiet | grep -v "^\[" ;;
   recip)    # the row quantizers' codes by the scale's reciprocal (reciprocal_codes, the default since H100 2026-12-06
             # 16:33 UTC: the GELU quantizer at Flux's 4608 x 15,360 93.2 us at 16 warps against the division's 145.9 at
             # 32; the norm quantizer 20.4 against 36.0 at 4608 x 3072, 32.4 against 54.2 at Wan's 14,040 x 1536;
