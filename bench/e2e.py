@@ -141,7 +141,9 @@ SWITCH_OFF = {"_layers": ("OCTET_FUSED_MLP",), "_dispatch": ("OCTET_FAST_LAUNCH"
               "_divided": ("OCTET_RECIP_CODES",)}
 # The variant suffix -> the Octet switches, off by default, it turns on. octet_dynamic_residual: the compile pass with
 # Flux's gated residuals in the GEMM epilogue (OCTET_COMPILE_RESIDUAL=1, read at each compile).
-SWITCH_ON = {"_residual": ("OCTET_COMPILE_RESIDUAL",)}
+# octet_dynamic_rope_table: each EmbedND's RoPE table as eager kernels inside compiled graphs
+# (OCTET_COMPILE_ROPE_TABLE=1, read when the model is quantized: octet/rope_table.py).
+SWITCH_ON = {"_residual": ("OCTET_COMPILE_RESIDUAL",), "_rope_table": ("OCTET_COMPILE_ROPE_TABLE",)}
 SWITCHES = sorted({name for table in (SWITCH_OFF, SWITCH_ON) for names in table.values() for name in names})
 # octet_dynamic_sdpa / _flash / _cudnn: the lean forwards call the host's SDPA, or PyTorch's flash / cuDNN attention
 # op directly (OCTET_ATTENTION_OP, read when the model is quantized: octet/lean_blocks.py attention_op; by default a
@@ -156,7 +158,8 @@ VARIANTS = ("bf16", "host_fp8_e4m3fn_fast", "octet_weight_only", "octet_dynamic"
             "octet_dynamic_separate_qkv", "octet_static_separate_qkv", "octet_dynamic_not_lean", "bf16_octet_lean",
             "octet_dynamic_sdpa", "octet_dynamic_flash", "octet_dynamic_cudnn", "octet_dynamic_layers",
             "octet_dynamic_all_int8", "bf16_int8attn", "octet_dynamic_int8attn", "octet_static_int8attn",
-            "octet_dynamic_not_compile_fused", "octet_dynamic_residual", "octet_dynamic_divided")
+            "octet_dynamic_not_compile_fused", "octet_dynamic_residual", "octet_dynamic_divided",
+            "octet_dynamic_rope_table")
 
 
 def attention_kw(variant: str, kw: dict) -> dict:

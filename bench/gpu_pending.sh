@@ -4,7 +4,7 @@
 # enough for one device call (10 minutes). On the device machine, from the repository root:
 #
 #   bash bench/gpu_pending.sh PART [WHEELS_DIR]      # WHEELS_DIR default .whl; PART:
-#       table | recip | compile_fused | compile_fused_profile | cudagraphs | compile_graph | quant | attention | wan | mlp | eager
+#       table | rope_table | recip | compile_fused | compile_fused_profile | cudagraphs | compile_graph | quant | attention | wan | mlp | eager
 #       | kernels | lowvram | tests | tests_slow
 #
 # Every part runs on ComfyUI 0.29.0 (bench/gpu_host029.sh); `eager` also times Wan on ComfyUI 0.3.75 when
@@ -14,7 +14,7 @@
 # (models/octet_fmnist_*.safetensors, ~20 MB) must stay behind for that call, and `tests` then fails the one test
 # that reads them (test_quantize_model_node_patches_the_stacks_forwards: "Reference model weights not found").
 set -uo pipefail
-parts="table|recip|compile_fused|compile_fused_profile|cudagraphs|compile_graph|quant|attention|wan|mlp|eager|kernels|lowvram|tests|tests_slow"
+parts="table|rope_table|recip|compile_fused|compile_fused_profile|cudagraphs|compile_graph|quant|attention|wan|mlp|eager|kernels|lowvram|tests|tests_slow"
 part="${1:?usage: bash bench/gpu_pending.sh $parts [WHEELS_DIR]}"
 wheels="${2:-.whl}"
 dest="${OUT:-out}/bench"
@@ -71,6 +71,11 @@ case "$part" in
     python3 bench/e2e.py --models "${TABLE_MODEL:-flux-dev}" --variants bf16 host_fp8_e4m3fn_fast octet_dynamic \
         octet_static --modes eager graph compile_graph --compile-variants bf16 octet_dynamic --deadline 480 \
         --out "$dest/table_${TABLE_MODEL:-flux-dev}" 2>&1 | quiet | grep -v "^\[" ;;
+  rope_table)  # Flux's RoPE table as eager kernels inside the compiled graph (octet/rope_table.py,
+            # OCTET_COMPILE_ROPE_TABLE=1: Inductor's one fused float64 kernel took 1.73 ms of the compiled step, the
+            # thirtieth session's profile): compiled Flux-dev through CUDA Graph Step with and without it, bf16 last
+    python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_rope_table bf16 \
+        --modes compile_graph --deadline 300 --out "$dest/rope_table" 2>&1 | quiet | grep -v "^\[" ;;
   recip)    # the row quantizers' codes by the scale's reciprocal (reciprocal_codes, the default since H100 2026-12-06
             # 16:33 UTC: the GELU quantizer at Flux's 4608 x 15,360 93.2 us at 16 warps against the division's 145.9 at
             # 32; the norm quantizer 20.4 against 36.0 at 4608 x 3072, 32.4 against 54.2 at Wan's 14,040 x 1536;

@@ -11,6 +11,8 @@
   octet::qk_norm_rope(qs, ks, q weights, k weights, q eps, k eps, freqs, dtype) -> (q, k) [B, H, sum(L_i), D]:
       Flux's QK RMSNorm per stream, the streams' cat and the RoPE (octet/compile_pass.py, in compiled graphs)
   octet::attention_int8(q, k, v, scale, smooth_k) -> q.dtype [B, SQ, H, D]: attention with int8 q·kᵀ
+  octet::rope_table(ids, theta, axes_dim, owner) -> fp32 [B, 1, N, sum(axes_dim)/2, 2, 2]: a RoPE table (the
+      host's EmbedND) computed by the host module's own forward, opaque to Inductor (octet/rope_table.py)
 
 Each op is declared once with a fake (meta) implementation, so the compiler traces one opaque node
 per quantized layer (no graph break at a Triton launch) and ``torch.library.opcheck`` can verify
@@ -195,6 +197,23 @@ def qk_norm_rope(qs: list[Tensor], ks: list[Tensor], wqs: list[Tensor], wks: lis
         parts = [torch.nn.functional.rms_norm(x, (x.shape[-1],), w, e).to(dtype) for x, w, e in zip(xs, ws, eps)]
         return torch_ref.rope(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2), freqs)
     return prepared(qs, wqs, eps_q), prepared(ks, wks, eps_k)
+
+
+def _rope_table_fake(ids, theta, axes_dim, owner):
+    return ids.new_empty((ids.shape[0], 1, *ids.shape[1:-1], sum(axes_dim) // 2, 2, 2), dtype=torch.float32)
+
+
+@define_op("octet::rope_table", _rope_table_fake)
+def rope_table(ids: Tensor, theta: float, axes_dim: list[int], owner: int) -> Tensor:
+    """The RoPE table of ``ids`` [B, N, axes] as the live EmbedND registered as ``owner`` computes it: its class's
+    own forward (the host's code, its numbers), run as eager kernels. ``theta`` and ``axes_dim`` are that module's,
+    passed for the fake's shape."""
+    ref = _owners.get(owner)
+    module = ref() if ref is not None else None
+    if module is None:
+        raise RuntimeError(f"Octet: a compiled graph asked for the RoPE table of module #{owner}, which no longer "
+                           f"exists (a compiled model outliving its MODEL); compile the MODEL again")
+    return type(module).forward(module, ids)
 
 
 def _conv2d_fake(x, qweight, w_scale, bias, smooth, static_scale, stride, padding, dilation, groups, act, backend,

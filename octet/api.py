@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 import torch.nn as nn
 
-from . import deferred, float_fusions, fusion, lean_blocks, shared_input, tables
+from . import deferred, float_fusions, fusion, lean_blocks, rope_table, shared_input, tables
 from .config import DynamicW8A8Config, QuantConfig, StaticW8A8Config, WeightOnlyConfig
 from .modules import QUANT_TYPES, QuantConv2d, QuantLinear
 from .report import LayerRecord, QuantReport
@@ -246,6 +246,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *, policy: Optional[Decides
     result.forwards.update(deferred.forwards(model, result.replacements))
     result.forwards.update(float_fusions.forwards(model))
     result.forwards.update(lean_blocks.forwards(model))
+    result.forwards.update(rope_table.forwards(model))
     result.fused_groups = shared_input.attach(model, result.replacements)
     if config.goal == "memory":
         result.attributes = tables.patches(model)
