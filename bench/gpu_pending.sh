@@ -74,6 +74,7 @@ case "$part" in
   rope_table)  # Flux's RoPE table as eager kernels inside the compiled graph (octet/rope_table.py,
             # OCTET_COMPILE_ROPE_TABLE=1: Inductor's one fused float64 kernel took 1.73 ms of the compiled step, the
             # thirtieth session's profile): compiled Flux-dev through CUDA Graph Step with and without it, bf16 last
+    python3 bench/rope_table.py --out "$dest" 2>&1 | quiet | grep -v "^W1"      # the table alone, three ways
     python3 bench/e2e.py --models flux-dev --variants octet_dynamic octet_dynamic_rope_table bf16 \
         --modes compile_graph --deadline 300 --out "$dest/rope_table" 2>&1 | quiet | grep -v "^\[" ;;
   recip)    # the row quantizers' codes by the scale's reciprocal (reciprocal_codes, the default since H100 2026-12-06
