@@ -94,8 +94,8 @@ _owner_numbers = itertools.count(1)
 
 
 def register_owner(layer) -> int:
-    """A number for ``layer`` (anything with ``.weight`` and ``.plan(x) -> plan with .run(x, static)``)
-    that the ops below accept as ``owner``; forgotten when the layer is collected."""
+    """A number for ``layer`` (anything with ``.weight`` and ``.plan(x) -> plan with .run(x, static)``; for
+    octet::rope_table, the EmbedND module) that the ops below accept as ``owner``; forgotten when it is collected."""
     number = next(_owner_numbers)
     _owners[number] = weakref.ref(layer, lambda _ref, number=number: _owners.pop(number, None))
     return number
