@@ -33,6 +33,16 @@ def round_to_int8(v):
 
 
 @triton.jit
+def codes_by_reciprocal(v, scale):
+    # Dynamic int8 codes of v (|v| <= the absmax its scale came from) as v times the scale's reciprocal, rounded
+    # half to even, unclamped: no IEEE division per element (its check and slow-path branch) and no clamp, which
+    # were a third or more of the row quantizers' instructions (bench/sass_count.py). A code can differ from
+    # round_to_int8(v / scale)'s by one where v / scale is within ~2e-5 of a half; |v| <= absmax keeps it within
+    # 127. ``scale`` broadcasts against v (a row's scalar, or [rows, 1]).
+    return round_half_even(v * tl.div_rn(1.0, scale)).to(tl.int8)
+
+
+@triton.jit
 def scale_from_absmax(absmax, SCALE_BY_RECIPROCAL: tl.constexpr):
     # torch_ref computes absmax / 127. PyTorch's CUDA kernels divide by a scalar as a multiply by
     # its fp32 reciprocal, its CPU kernels divide; we follow the device so that the scales, and

@@ -21,7 +21,7 @@ import triton.language as tl
 from .. import registry
 from . import scratch as scratch_buffers, triton_launch, triton_layernorm, triton_support
 from .triton_layernorm import norm_modulate_rows
-from .triton_math import gelu_tanh, round_half_even, round_to_int8, scale_from_absmax
+from .triton_math import codes_by_reciprocal, gelu_tanh, round_to_int8, scale_from_absmax
 
 
 @triton.jit
@@ -384,15 +384,14 @@ def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale
     if ONE_TILE:   # the whole row in registers: one read, the GELU computed once
         v, mask = _cat_gelu_tile(a_row, g_row, smooth_ptr, 0, offs, K1, K2, HAS_SMOOTH)
         if RECIPROCAL_CODES and not STATIC:
-            # Codes from v times the scale's reciprocal, unclamped: the IEEE division (its check and slow-path branch)
-            # and the clamp are 30 % of this kernel's instructions (ptxas sm_90, arguments 16-byte aligned as
-            # launched: 788 -> 548 for a thread's 16 elements), and at Flux's single blocks its 116M warp
-            # instructions take ~80 % of its 146.8 us on an H100 at the card's issue rate (92.2 us so, 8 warps).
-            # A code can differ from the division's by one where v / scale is within ~2e-5 of a half (this
-            # quantizer's GELU already differs from torch's in the last bit); |v| <= absmax keeps it within 127.
+            # Codes by the scale's reciprocal (triton_math.codes_by_reciprocal): the division and the clamp are 30 %
+            # of this kernel's instructions (ptxas sm_90, arguments 16-byte aligned as launched: 788 -> 548 for a
+            # thread's 16 elements), and at Flux's single blocks its 116M warp instructions take ~80 % of its
+            # 146.8 us on an H100 at the card's issue rate (92.2 us so, 8 warps). This quantizer's GELU already
+            # differs from torch's in the last bit.
             scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
             tl.store(scale_ptr + row, scale)
-            tl.store(q_row + offs, round_half_even(v * tl.div_rn(1.0, scale)).to(tl.int8), mask=mask)
+            tl.store(q_row + offs, codes_by_reciprocal(v, scale), mask=mask)
         else:
             _quantize_row_in_registers(v, mask, q_row + offs, static_ptr, scale_ptr, row, STATIC,
                                        SCALE_BY_RECIPROCAL)
@@ -517,8 +516,8 @@ def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_pt
     if HAS_SMOOTH:
         y = tl.div_rn(y, tl.load(smooth_ptr + offs, mask=mask_k, other=1.0).to(tl.float32)[None, :])
     # Each row's scale (the static one, or from its absmax, stored), then its codes, as _quantize_row_in_registers;
-    # RECIPROCAL_CODES (the default): dynamic codes from y times the scale's reciprocal, unclamped, as the GELU
-    # quantizer's (ptxas sm_90 at Flux's 3072-wide rows, 4 warps: 1252 -> 757 instructions a thread,
+    # RECIPROCAL_CODES (the default): dynamic codes by the scale's reciprocal (triton_math.codes_by_reciprocal), as
+    # the GELU quantizer's (ptxas sm_90 at Flux's 3072-wide rows, 4 warps: 1252 -> 757 instructions a thread,
     # bench/sass_count.py; on an H100 20.4 us against the division's 36.0 at Flux's 4608 x 3072, 32.4 against 54.2 at
     # Wan's 14,040 x 1536: bench/quant_rows_sweep.py, 2026-12-06).
     if STATIC:
@@ -527,7 +526,7 @@ def _quantize_norm_rows_kernel(x_ptr, mult_ptr, shift_ptr, smooth_ptr, static_pt
         scale = scale_from_absmax(tl.max(tl.abs(y), axis=1), SCALE_BY_RECIPROCAL)
         tl.store(scale_ptr + rows, scale, mask=mask_m)
         if RECIPROCAL_CODES:
-            codes = round_half_even(y * tl.div_rn(1.0, scale)[:, None]).to(tl.int8)
+            codes = codes_by_reciprocal(y, scale[:, None])
         else:
             codes = round_to_int8(tl.div_rn(y, scale[:, None]))
     tl.store(q_ptr + rows[:, None] * K + offs[None, :], codes, mask=mask_m[:, None] & mask_k[None, :])
