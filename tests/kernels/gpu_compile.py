@@ -84,11 +84,12 @@ def layer_norm_modulation_float_and_quantized():
         _compile(triton_layernorm._norm_modulate_kernel,
                  {"x_ptr": "bf16", "mult_ptr": "bf16", "shift_ptr": "bf16", "o_ptr": "bf16"},
                  dict(HAS_MULT=True, HAS_SHIFT=True, BLOCK_M=block_m, BLOCK_K=2048))
-    for static, block_m in ((False, 1), (True, 1), (False, 4)):
+    # Dynamic codes by the scale's reciprocal (the default) and by the division.
+    for static, block_m, reciprocal in ((False, 1, True), (True, 1, True), (False, 4, True), (False, 1, False)):
         _compile(triton_quant._quantize_norm_rows_kernel,
                  {"x_ptr": "bf16", "mult_ptr": "bf16", "shift_ptr": "bf16", "q_ptr": "i8"},
                  dict(HAS_MULT=True, HAS_SHIFT=True, HAS_SMOOTH=True, STATIC=static, SCALE_BY_RECIPROCAL=True,
-                      BLOCK_M=block_m, BLOCK_K=2048))
+                      BLOCK_M=block_m, BLOCK_K=2048, RECIPROCAL_CODES=reciprocal))
 
 
 @case
