@@ -51,6 +51,19 @@ def _time(row: dict, name: str, fn, label: str) -> None:
     print(f"{label} {name:14s} {row['us'][name]:8.1f} us {row['bytes'] / row['us'][name] / 1e3:6.0f} GB/s", flush=True)
 
 
+def _check_and_time(row: dict, variants: dict, run, reference, label: str, cuda: bool) -> None:
+    """Each variant's codes against ``reference`` (q, s): the scales equal, a code within one of it on < 0.1 % of
+    codes (the division's and the reciprocal's codes differ so); then its GPU time (``_time``) on a GPU.
+    ``run(quantizer)`` calls one variant."""
+    ref_q, ref_s = reference
+    for name, quantizer in variants.items():
+        q, s = run(quantizer)
+        moved = (q.int() - ref_q.int()).abs()
+        assert torch.equal(s, ref_s) and moved.max() <= 1 and moved.float().mean() < 1e-3, (label, name)
+        if cuda:
+            _time(row, name, lambda qz=quantizer: run(qz), label)
+
+
 def _two_sweeps(k):
     """row_launch_config's rule for rows over 2048 wide, at any width: tiles of a quarter of the row."""
     block_k = min(4096, max(1024, triton_support.next_power_of_2(k) // 4))
@@ -122,12 +135,8 @@ def main():
                 if warps >= 16:
                     variants[f"gelu whole w{warps} divided"] = triton_quant.GeluRowQuantizer(
                         k1, k2, None, (whole, warps), reciprocal_codes=False)
-        for name, quantizer in variants.items():
-            q, s = quantizer(head, pre)
-            moved = (q.int() - ref_q.int()).abs()
-            assert torch.equal(s, ref_s) and moved.max() <= 1 and moved.float().mean() < 1e-3, (shape, name)
-            if cuda:
-                _time(row, name, lambda qz=quantizer: qz(head, pre), f"[{card}] gelu-quantize {m}x({k1}+{k2})")
+        _check_and_time(row, variants, lambda qz: qz(head, pre), (ref_q, ref_s),
+                        f"[{card}] gelu-quantize {m}x({k1}+{k2})", cuda)
         rows_out.append(row)
     # The norm quantizer (Flux's and SD3's qkv / fc1 input, Wan's norm1 + modulation) with its codes by the scale's
     # reciprocal (the default; ptxas sm_90: 40 % fewer instructions a thread at 3072 wide) and by the division
@@ -139,15 +148,10 @@ def main():
         mod = torch.randn(1, 1, 2 * k, device=dev, dtype=torch.bfloat16)
         mult, shift = 1 + mod[..., :k], mod[..., k:]
         default = triton_quant.NormRowQuantizer(k)
-        ref_q, ref_s = default(x, 1e-6, mult, shift)
         row = {"M": m, "K": k, "norm": True, "bytes": m * k * 3 + m * 4, "us": {}}
-        for name, quantizer in {"norm default": default,
-                                "norm divided": triton_quant.NormRowQuantizer(k, reciprocal_codes=False)}.items():
-            q, s = quantizer(x, 1e-6, mult, shift)
-            moved = (q.int() - ref_q.int()).abs()
-            assert torch.equal(s, ref_s) and moved.max() <= 1 and moved.float().mean() < 1e-3, (shape, name)
-            if cuda:
-                _time(row, name, lambda qz=quantizer: qz(x, 1e-6, mult, shift), f"[{card}] norm-quantize {m}x{k}")
+        variants = {"norm default": default, "norm divided": triton_quant.NormRowQuantizer(k, reciprocal_codes=False)}
+        _check_and_time(row, variants, lambda qz: qz(x, 1e-6, mult, shift), default(x, 1e-6, mult, shift),
+                        f"[{card}] norm-quantize {m}x{k}", cuda)
         rows_out.append(row)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quant_rows_sweep.json"), "w") as f:
