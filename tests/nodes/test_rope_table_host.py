@@ -1,6 +1,9 @@
 """octet/rope_table.py on the real host's EmbedND (Flux's RoPE table): with OCTET_COMPILE_ROPE_TABLE=1 Quantize
 installs its forward, eager calls give the host's table bit for bit, and a traced forward holds one opaque
 octet::rope_table call (no float64 cos / sin for Inductor to fuse) that computes the same table."""
+import importlib.util
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,6 +11,11 @@ import torch.nn as nn
 from comfyui_octet import octet
 from comfyui_octet.kernels import ops
 from comfyui_octet.octet import rope_table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_spec = importlib.util.spec_from_file_location("bench_rope_table", os.path.join(ROOT, "bench", "rope_table.py"))
+bench_rope_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_rope_table)
 
 
 class Embedder(nn.Module):
@@ -24,11 +32,7 @@ class Embedder(nn.Module):
 
 
 def flux_ids(h=3, w=5, txt=4):
-    """Flux's ids: text tokens at 0, then the image's (0, row, column) positions."""
-    img = torch.zeros(h, w, 3)
-    img[..., 1] = torch.arange(h)[:, None]
-    img[..., 2] = torch.arange(w)[None, :]
-    return torch.cat([torch.zeros(1, txt, 3), img.reshape(1, h * w, 3)], dim=1)
+    return bench_rope_table.flux_ids(h, w, txt)       # the bench's layout of Flux's ids, small
 
 
 def test_the_switch_installs_the_forward_and_eager_is_the_hosts_table(monkeypatch):
