@@ -556,6 +556,14 @@ class NormRowQuantizer:
         self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
         self.block_k = triton_support.next_power_of_2(k)
         self.block_m, self.num_warps = config or norm_launch_config(k)
+        # The launch flags of every (static, cuda, mult given, shift given), built here rather than per call: a
+        # learned launch does not read them, and the dict cost host time on every eager step's qkv / fc1 input.
+        self.flags = {(static, cuda, has_mult, has_shift): dict(
+            HAS_MULT=has_mult, HAS_SHIFT=has_shift, HAS_SMOOTH=self.smooth is not None, STATIC=static,
+            SCALE_BY_RECIPROCAL=cuda, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
+            RECIPROCAL_CODES=reciprocal_codes, num_warps=self.num_warps)
+            for static in (False, True) for cuda in (False, True) for has_mult in (False, True)
+            for has_shift in (False, True)}
         self.launcher = triton_launch.Launcher(_quantize_norm_rows_kernel, "quantize_norm_rows")
 
     @staticmethod
@@ -583,9 +591,7 @@ class NormRowQuantizer:
         cuda = x.is_cuda
         key = (static, cuda, x.dtype, mult is not None, shift is not None) + triton_launch.facts(
             rows, q, scales, sx, tokens, m, smb, ssb, *(t for t in (mult, shift) if t is not None))
-        flags = dict(HAS_MULT=mult is not None, HAS_SHIFT=shift is not None, HAS_SMOOTH=self.smooth is not None,
-                     STATIC=static, SCALE_BY_RECIPROCAL=cuda, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
-                     RECIPROCAL_CODES=self.reciprocal_codes, num_warps=self.num_warps)
+        flags = self.flags[static, cuda, mult is not None, shift is not None]
         grid = (triton_support.cdiv(m, self.block_m),)
         self.launcher(key, lambda meta: grid,
                       lambda meta: (rows, mult if mult is not None else rows, shift if shift is not None else rows,
