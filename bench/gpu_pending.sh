@@ -68,6 +68,7 @@ case "$part" in
             # (TABLE_MODEL, default flux-dev; sdxl, sd3.5-medium, wan2.1-1.3b): bf16, the host's fp8, Octet dynamic and
             # static, eager and through CUDA Graph Step; compiled + graph step for bf16 and Octet dynamic. Eager ratios
             # of host-bound models (SDXL, SD3.5, Wan) move between processes: eager_paired.py (part eager) pairs them
+            # (H100 2026-12-06 19:09 UTC at 0685e60: Flux-dev's table in 255 s; SDXL, SD3.5 and Wan do not fit one call)
     python3 bench/e2e.py --models "${TABLE_MODEL:-flux-dev}" --variants bf16 host_fp8_e4m3fn_fast octet_dynamic \
         octet_static --modes eager graph compile_graph --compile-variants bf16 octet_dynamic --deadline 480 \
         --out "$dest/table_${TABLE_MODEL:-flux-dev}" 2>&1 | quiet | grep -v "^\[" ;;
