@@ -26,14 +26,19 @@ from .triton_math import codes_by_reciprocal, gelu_tanh, round_to_int8, scale_fr
 
 @triton.jit
 def _quantize_row_in_registers(v, mask, q_ptrs, static_ptr, scale_ptr, row, STATIC: tl.constexpr,
-                               SCALE_BY_RECIPROCAL: tl.constexpr):
+                               SCALE_BY_RECIPROCAL: tl.constexpr, RECIPROCAL_CODES: tl.constexpr):
     # A whole row held in registers: its scale (the static one, or from its absmax, stored), then its codes.
+    # RECIPROCAL_CODES: dynamic codes by the scale's reciprocal (triton_math.codes_by_reciprocal); static codes
+    # keep the division.
     if STATIC:
         scale = tl.load(static_ptr).to(tl.float32)
     else:
         scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
         tl.store(scale_ptr + row, scale)
-    tl.store(q_ptrs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
+    if RECIPROCAL_CODES and not STATIC:
+        tl.store(q_ptrs, codes_by_reciprocal(v, scale), mask=mask)
+    else:
+        tl.store(q_ptrs, round_to_int8(tl.div_rn(v, scale)), mask=mask)
 
 
 @triton.jit
@@ -49,7 +54,8 @@ def _quantize_rows_kernel(x_ptr, smooth_ptr, static_ptr, q_ptr, scale_ptr, K, st
         v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             v = tl.div_rn(v, tl.load(smooth_ptr + offs, mask=mask, other=1.0).to(tl.float32))
-        _quantize_row_in_registers(v, mask, q_row + offs, static_ptr, scale_ptr, row, STATIC, SCALE_BY_RECIPROCAL)
+        _quantize_row_in_registers(v, mask, q_row + offs, static_ptr, scale_ptr, row, STATIC, SCALE_BY_RECIPROCAL,
+                                   False)   # the plain quantizer keeps the division (not timed with the reciprocal)
     else:
         if STATIC:
             scale = tl.load(static_ptr).to(tl.float32)
@@ -383,18 +389,13 @@ def _quantize_cat_gelu_kernel(a_ptr, g_ptr, smooth_ptr, static_ptr, q_ptr, scale
     offs = tl.arange(0, BLOCK_K)
     if ONE_TILE:   # the whole row in registers: one read, the GELU computed once
         v, mask = _cat_gelu_tile(a_row, g_row, smooth_ptr, 0, offs, K1, K2, HAS_SMOOTH)
-        if RECIPROCAL_CODES and not STATIC:
-            # Codes by the scale's reciprocal (triton_math.codes_by_reciprocal): the division and the clamp are 30 %
-            # of this kernel's instructions (ptxas sm_90, arguments 16-byte aligned as launched: 788 -> 548 for a
-            # thread's 16 elements), and at Flux's single blocks its 116M warp instructions take ~80 % of its
-            # 146.8 us on an H100 at the card's issue rate (92.2 us so, 8 warps). This quantizer's GELU already
-            # differs from torch's in the last bit.
-            scale = scale_from_absmax(tl.max(tl.abs(v), axis=0), SCALE_BY_RECIPROCAL)
-            tl.store(scale_ptr + row, scale)
-            tl.store(q_row + offs, codes_by_reciprocal(v, scale), mask=mask)
-        else:
-            _quantize_row_in_registers(v, mask, q_row + offs, static_ptr, scale_ptr, row, STATIC,
-                                       SCALE_BY_RECIPROCAL)
+        # RECIPROCAL_CODES (the default): dynamic codes by the scale's reciprocal. The division and the clamp are
+        # 30 % of this kernel's instructions (ptxas sm_90, arguments 16-byte aligned as launched: 788 -> 548 for a
+        # thread's 16 elements), and at Flux's single blocks its 116M warp instructions take ~80 % of its 146.8 us
+        # on an H100 at the card's issue rate (92.2 us so, 8 warps). This quantizer's GELU already differs from
+        # torch's in the last bit.
+        _quantize_row_in_registers(v, mask, q_row + offs, static_ptr, scale_ptr, row, STATIC, SCALE_BY_RECIPROCAL,
+                                   RECIPROCAL_CODES)
     else:
         if STATIC:
             scale = tl.load(static_ptr).to(tl.float32)
@@ -552,7 +553,7 @@ class NormRowQuantizer:
                  reciprocal_codes: bool = True):
         if smooth is not None and smooth.numel() != k:
             raise ValueError(f"smooth has {smooth.numel()} entries, activations have K={k}")
-        self.k, self.reciprocal_codes = k, reciprocal_codes
+        self.k = k
         self.smooth = smooth.reshape(-1).contiguous() if smooth is not None else None
         self.block_k = triton_support.next_power_of_2(k)
         self.block_m, self.num_warps = config or norm_launch_config(k)
